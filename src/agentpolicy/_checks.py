@@ -1,0 +1,210 @@
+"""Private validators shared by the value classes: each returns the problems it finds.
+
+Classes call them from ``__attrs_post_init__`` and raise one
+:class:`~agentpolicy.errors.PolicyValidationError` listing every problem, so
+no half-valid object ever exists. Paths are relative (``$.field``); callers
+that nest values move them below their own path.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from agentpolicy.errors import PolicyValidationError, Problem
+
+MAX_TEXT = 1024
+MAX_ID = 256
+MAX_DIGITS = 96
+"""An amount read from input has at most this many digits (a uint256 has 78)."""
+
+_LIMIT = 10**MAX_DIGITS
+
+# CAIP-2: namespace ":" reference (https://chainagnostic.org/CAIPs/caip-2).
+_CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE)
+
+# Control characters, and Unicode whitespace at either end, would let an agent
+# send "0xbad " past a blacklist of "0xbad"; identifiers refuse them outright.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def type_name(value: object) -> str:
+    """Name a JSON-ish type for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple | frozenset | set):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def check_int(value: object, path: str, low: int, high: int) -> list[Problem]:
+    """An integer (never a boolean, float or string) with ``low <= value <= high``."""
+    if type(value) is not int:
+        return [Problem(path, f"must be an integer, not {type_name(value)}")]
+    if not low <= value <= high:
+        return [Problem(path, f"must be between {low} and {high}, got {value}")]
+    return []
+
+
+def check_bool(value: object, path: str) -> list[Problem]:
+    """A boolean, never a number or a string."""
+    if type(value) is not bool:
+        return [Problem(path, f"must be a boolean, not {type_name(value)}")]
+    return []
+
+
+def check_identifier(value: object, path: str, max_len: int = MAX_ID) -> list[Problem]:
+    """A non-empty string without control characters or surrounding whitespace."""
+    if not isinstance(value, str):
+        return [Problem(path, f"must be a string, not {type_name(value)}")]
+    if not value:
+        return [Problem(path, "must not be empty")]
+    if len(value) > max_len:
+        return [Problem(path, f"must be at most {max_len} characters")]
+    if value != value.strip() or _CONTROL.search(value):
+        return [Problem(path, "must not contain control characters or surrounding whitespace")]
+    return []
+
+
+def check_text(value: object, path: str, max_len: int = MAX_TEXT) -> list[Problem]:
+    """Free text (a memo, a reason): a string of bounded length."""
+    if not isinstance(value, str):
+        return [Problem(path, f"must be a string, not {type_name(value)}")]
+    if len(value) > max_len:
+        return [Problem(path, f"must be at most {max_len} characters")]
+    return []
+
+
+def units_problems(raw: object, path: str) -> list[Problem]:
+    """A non-negative count of base units: an ``int`` or a string of ASCII digits."""
+    if type(raw) is int:
+        if raw < 0:
+            return [Problem(path, f"must not be negative, got {raw}")]
+        if raw >= _LIMIT:
+            return [Problem(path, f"must have at most {MAX_DIGITS} digits")]
+        return []
+    if isinstance(raw, str):
+        if not raw:
+            return [Problem(path, "must not be empty")]
+        if not (raw.isascii() and raw.isdigit()):
+            return [Problem(path, f"must be a string of ASCII digits (base units), got {raw!r}")]
+        if len(raw) > MAX_DIGITS:
+            return [Problem(path, f"must have at most {MAX_DIGITS} digits")]
+        return []
+    return [Problem(path, f"must be an integer or a string of digits, not {type_name(raw)}")]
+
+
+def check_network(value: object, path: str) -> list[Problem]:
+    """A CAIP-2 chain id such as ``eip155:8453``."""
+    problems = check_identifier(value, path, 64)
+    if not problems and not _CAIP2.fullmatch(str(value)):
+        problems = [
+            Problem(path, f"must be a CAIP-2 chain id such as 'eip155:8453', got {value!r}")
+        ]
+    return problems
+
+
+def raise_if(problems: Iterable[Problem]) -> None:
+    """Raise one :class:`PolicyValidationError` listing ``problems``, if there are any."""
+    found = list(problems)
+    if found:
+        raise PolicyValidationError(found)
+
+
+Check = Callable[[Any, str], list[Problem]]
+"""A field check: ``(value, path) -> problems``, declared once as field metadata."""
+
+CHECK = "agentpolicy.check"
+
+
+def camel(name: str) -> str:
+    """``per_transaction -> perTransaction``: the JSON key of a Python field."""
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def checked(check: Check, **kwargs: Any) -> Any:
+    """An attrs field whose value ``check`` validates (on construction and in the codec)."""
+    return attrs.field(metadata={CHECK: check}, **kwargs)
+
+
+def optional(check: Check) -> Check:
+    """A check that also accepts ``None``."""
+    return lambda value, path: [] if value is None else check(value, path)
+
+
+@functools.cache
+def _field_checks(cls: type) -> tuple[tuple[str, str, Check], ...]:
+    return tuple(
+        (f.name, f"$.{camel(f.name)}", f.metadata[CHECK])
+        for f in attrs.fields(cls)
+        if CHECK in f.metadata
+    )
+
+
+def field_problems(instance: Any) -> list[Problem]:
+    """Run every field check of an attrs instance, with the fields' JSON paths."""
+    problems: list[Problem] = []
+    cls: type = type(instance)
+    for name, path, check in _field_checks(cls):
+        problems += check(getattr(instance, name), path)
+    return problems
+
+
+def validate(instance: Any, cross: Callable[[], list[Problem]] | None = None) -> None:
+    """Raise one ``PolicyValidationError`` for every field problem, then cross-field ones."""
+    problems = field_problems(instance)
+    if not problems and cross is not None:
+        problems = cross()
+    raise_if(problems)
+
+
+def int_between(low: int, high: int) -> Check:
+    """A check for an integer in ``[low, high]``."""
+    return lambda value, path: check_int(value, path, low, high)
+
+
+def identifier(max_len: int = MAX_ID) -> Check:
+    """A check for an identifier of at most ``max_len`` characters."""
+    return lambda value, path: check_identifier(value, path, max_len)
+
+
+def instance_of(cls: type) -> Check:
+    """A check for an already validated value object of ``cls``."""
+
+    def check(value: Any, path: str) -> list[Problem]:
+        if isinstance(value, cls):
+            return []
+        return [Problem(path, f"must be a {cls.__name__} object, not {type_name(value)}")]
+
+    return check
+
+
+MAX_LIST = 10_000
+
+
+def array_of(item: Check, max_len: int = MAX_LIST) -> Check:
+    """A check for a tuple whose every element passes ``item``."""
+
+    def check(values: Any, path: str) -> list[Problem]:
+        if not isinstance(values, tuple):
+            return [Problem(path, f"must be an array, not {type_name(values)}")]
+        if len(values) > max_len:
+            return [Problem(path, f"must have at most {max_len} entries")]
+        return [p for i, v in enumerate(values) for p in item(v, f"{path}[{i}]")]
+
+    return check

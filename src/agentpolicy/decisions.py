@@ -1,0 +1,97 @@
+"""Decisions: the answer to a payment request, with its stable code and every check that ran."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+import attrs
+
+from agentpolicy.policy import ApprovalThreshold
+from agentpolicy.windows import Period, Window
+
+__all__ = ["Code", "Decision", "Evaluation", "Outcome"]
+
+
+class Code(enum.StrEnum):
+    """Stable decision codes (SEMANTICS section 2); ``decision.code == "DAILY_LIMIT"`` holds."""
+
+    ALLOWED = "ALLOWED"
+    NO_POLICY = "NO_POLICY"
+    POLICY_DISABLED = "POLICY_DISABLED"
+    BLOCKED_PERIOD = "BLOCKED_PERIOD"
+    OUTSIDE_ALLOWED_WINDOW = "OUTSIDE_ALLOWED_WINDOW"
+    RECIPIENT_BLOCKED = "RECIPIENT_BLOCKED"
+    RECIPIENT_NOT_WHITELISTED = "RECIPIENT_NOT_WHITELISTED"
+    NETWORK_BLOCKED = "NETWORK_BLOCKED"
+    NETWORK_NOT_ALLOWED = "NETWORK_NOT_ALLOWED"
+    CATEGORY_REQUIRED = "CATEGORY_REQUIRED"
+    CATEGORY_BLOCKED = "CATEGORY_BLOCKED"
+    CATEGORY_NOT_ALLOWED = "CATEGORY_NOT_ALLOWED"
+    ASSET_MISMATCH = "ASSET_MISMATCH"
+    PER_TRANSACTION_LIMIT = "PER_TRANSACTION_LIMIT"
+    HOURLY_LIMIT = "HOURLY_LIMIT"
+    DAILY_LIMIT = "DAILY_LIMIT"
+    WEEKLY_LIMIT = "WEEKLY_LIMIT"
+    MONTHLY_LIMIT = "MONTHLY_LIMIT"
+    APPROVAL_REQUIRED = "APPROVAL_REQUIRED"
+
+    @classmethod
+    def for_period(cls, period: Period) -> Code:
+        """The code of a window limit: ``Period.DAILY -> Code.DAILY_LIMIT``."""
+        return cls(f"{period.value.upper()}_LIMIT")
+
+
+class Outcome(enum.StrEnum):
+    """How one check ended."""
+
+    PASS = "pass"  # noqa: S105 - not a password
+    FAIL = "fail"
+    SKIP = "skip"
+    """The policy sets nothing for this check, or it could not apply."""
+    APPROVAL = "approval"
+    """Not a denial: the payment needs human approval."""
+
+
+@attrs.frozen
+class Evaluation:
+    """One check that ran: its ``name``, ``outcome``, the ``code`` it would decide, a ``detail``."""
+
+    name: str
+    outcome: Outcome
+    code: Code | None
+    detail: str
+
+    @property
+    def failed(self) -> bool:
+        """Whether this check denies the payment."""
+        return self.outcome is Outcome.FAIL
+
+
+@attrs.frozen
+class Decision:
+    """The answer to a payment request.
+
+    ``allowed`` is true only for code ``ALLOWED``. A payment that needs human
+    approval has ``allowed=False``, ``requires_approval=True`` and code
+    ``APPROVAL_REQUIRED``; ``threshold`` is the approval threshold that
+    matched. ``evaluations`` lists every check that ran, in order.
+    ``windows`` are the spending windows the payment counts in.
+
+    The pure :func:`~agentpolicy.evaluate` leaves the engine's fields
+    (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
+    ``decided_at``) unset; :class:`~agentpolicy.PolicyEngine` fills them in.
+    """
+
+    allowed: bool
+    code: Code
+    reason: str
+    requires_approval: bool = False
+    threshold: ApprovalThreshold | None = None
+    evaluations: tuple[Evaluation, ...] = ()
+    windows: tuple[Window, ...] = ()
+    reservation_id: str | None = None
+    approval_id: str | None = None
+    expires_at: datetime | None = None
+    policy_version: int | None = None
+    decided_at: datetime | None = None

@@ -1,0 +1,98 @@
+"""A payment an agent asks to make."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from agentpolicy._checks import (
+    MAX_ID,
+    MAX_TEXT,
+    check_identifier,
+    check_int,
+    check_network,
+    check_text,
+    raise_if,
+    units_problems,
+)
+from agentpolicy.amounts import (
+    DEFAULT_DECIMALS,
+    DEFAULT_SYMBOL,
+    MAX_DECIMALS,
+    Amount,
+)
+from agentpolicy.errors import Problem
+
+__all__ = ["PaymentRequest"]
+
+
+def _units_or_raw(raw: Any) -> Any:
+    # A valid digit string becomes an int; anything else stays for
+    # __attrs_post_init__ to report together with every other problem.
+    if isinstance(raw, str) and not units_problems(raw, "$"):
+        return int(raw)
+    return raw
+
+
+def _empty_is_none(raw: Any) -> Any:
+    return None if raw == "" else raw
+
+
+@attrs.frozen
+class PaymentRequest:
+    """May ``agent_id`` pay ``amount`` base units of ``symbol`` to ``recipient`` on ``network``?
+
+    ``amount`` is an ``int`` or a string of ASCII digits, at least 1;
+    ``network`` a CAIP-2 chain id (``eip155:8453``); an empty ``category`` is
+    the same as none. Validated on construction: raises
+    :class:`~agentpolicy.PolicyValidationError` listing every problem.
+    ``memo`` is carried along but never decides anything (and is not part of
+    the idempotency comparison).
+    """
+
+    agent_id: str
+    amount: int = attrs.field(converter=_units_or_raw)
+    recipient: str
+    network: str
+    category: str | None = attrs.field(default=None, converter=_empty_is_none)
+    decimals: int = DEFAULT_DECIMALS
+    symbol: str = DEFAULT_SYMBOL
+    memo: str | None = None
+    idempotency_key: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        problems: list[Problem] = check_identifier(self.agent_id, "$.agentId")
+        amount = units_problems(self.amount, "$.amount")
+        if not amount and self.amount == 0:
+            amount = [Problem("$.amount", "must be at least 1 base unit")]
+        problems += amount
+        problems += check_identifier(self.recipient, "$.recipient")
+        problems += check_network(self.network, "$.network")
+        if self.category is not None:
+            problems += check_identifier(self.category, "$.category")
+        problems += check_int(self.decimals, "$.decimals", 0, MAX_DECIMALS)
+        problems += check_identifier(self.symbol, "$.symbol", 32)
+        if self.memo is not None:
+            problems += check_text(self.memo, "$.memo", MAX_TEXT)
+        if self.idempotency_key is not None:
+            problems += check_identifier(self.idempotency_key, "$.idempotencyKey", MAX_ID)
+        raise_if(problems)
+
+    @property
+    def asset_amount(self) -> Amount:
+        """The amount with its decimals and symbol."""
+        return Amount(self.amount, self.decimals, self.symbol)
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """Every field that identifies the payment (all but ``memo``), for idempotency."""
+        return (
+            self.agent_id,
+            self.amount,
+            self.decimals,
+            self.symbol,
+            self.recipient,
+            self.network,
+            self.category,
+            self.idempotency_key,
+        )

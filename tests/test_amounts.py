@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agentpolicy import Amount, PolicyValidationError, parse_units
+from agentpolicy.amounts import (
+    MAX_DIGITS,
+    compare_units,
+    format_units,
+    same_symbol,
+    scale_units,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(0, 0), (1, 1), ("0", 0), ("100000000", 100_000_000), ("007", 7), (10**40, 10**40)],
+)
+def test_parse_units_accepts_integers_and_digit_strings(raw: object, expected: int) -> None:
+    assert parse_units(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [-1, "-1", 1.5, 1.0, "1.5", "1e6", "", " 1", "1 ", "0x10", True, False, None, [], "١٢", "+1"],
+)
+def test_parse_units_refuses_everything_else(raw: object) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        parse_units(raw, "$.amount")
+    assert err.value.code == "INVALID_INPUT"
+    assert err.value.problems[0].path == "$.amount"
+
+
+def test_parse_units_refuses_more_digits_than_the_cap() -> None:
+    assert parse_units("9" * MAX_DIGITS) == 10**MAX_DIGITS - 1
+    for raw in ("1" + "0" * MAX_DIGITS, 10**MAX_DIGITS):
+        with pytest.raises(PolicyValidationError, match="at most"):
+            parse_units(raw)
+
+
+def test_forty_digit_amounts_compare_exactly() -> None:
+    big = 10**39 + 1
+    assert Amount(big).compare(Amount(big - 1)) == 1
+    assert Amount(big).compare(Amount(big)) == 0
+    assert Amount(big - 1).compare(Amount(big)) == -1
+    # a float would see these two as equal
+    assert float(big) == float(big - 1)
+
+
+@given(st.integers(0, 10**40), st.integers(0, 10**40))
+def test_compare_matches_integer_order_at_forty_digits(a: int, b: int) -> None:
+    assert Amount(a).compare(Amount(b)) == (a > b) - (a < b)
+
+
+@given(st.integers(0, 10**40), st.integers(0, 60), st.integers(0, 60))
+def test_scaling_between_decimals_never_rounds(value: int, d1: int, extra: int) -> None:
+    scaled = scale_units(value, d1, d1 + extra)
+    assert scaled == value * 10**extra
+    assert scaled // 10**extra == value
+    assert scaled % 10**extra == 0
+    assert compare_units(value, d1, scaled, d1 + extra) == 0
+
+
+def test_scaling_down_is_refused_since_it_would_round() -> None:
+    with pytest.raises(ValueError, match="round"):
+        scale_units(1, 6, 2)
+
+
+def test_amounts_with_different_decimals_compare_by_scaling_up() -> None:
+    one_usdt_6 = Amount(1_000_000, 6)
+    one_usdt_18 = Amount(10**18, 18)
+    assert one_usdt_6.compare(one_usdt_18) == 0
+    assert Amount(10**18 + 1, 18).compare(one_usdt_6) == 1
+    assert one_usdt_6.plus(Amount(1, 18)) == Amount(10**18 + 1, 18)
+
+
+def test_minus_floor_zero_never_goes_below_zero() -> None:
+    assert Amount(5).minus_floor_zero(Amount(7)) == Amount(0)
+    assert Amount(7).minus_floor_zero(Amount(5)) == Amount(2)
+
+
+@pytest.mark.parametrize(
+    ("value", "decimals", "text"),
+    [(1_500_000, 6, "1.5"), (1, 6, "0.000001"), (500_000_000, 6, "500"), (42, 0, "42")],
+)
+def test_format_units_is_exact(value: int, decimals: int, text: str) -> None:
+    assert format_units(value, decimals) == text
+
+
+def test_human_form_names_the_symbol() -> None:
+    assert Amount(500_000_000).human() == "500 USDT"
+    assert str(Amount(1, 18, "DAI")) == "0.000000000000000001 DAI"
+
+
+def test_symbols_compare_ignoring_case() -> None:
+    assert same_symbol("USDT", "usdt")
+    assert not same_symbol("USDT", "USDC")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "path"),
+    [
+        ({"value": -1}, "$.value"),
+        ({"value": "5"}, "$.value"),
+        ({"value": True}, "$.value"),
+        ({"value": 1, "decimals": 256}, "$.decimals"),
+        ({"value": 1, "decimals": True}, "$.decimals"),
+        ({"value": 1, "symbol": ""}, "$.symbol"),
+        ({"value": 1, "symbol": " USDT"}, "$.symbol"),
+    ],
+)
+def test_amount_validates_on_construction(kwargs: dict[str, object], path: str) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        Amount(**kwargs)  # type: ignore[arg-type]
+    assert [p.path for p in err.value.problems] == [path]
+
+
+def test_amount_defaults_are_the_seeds() -> None:
+    assert Amount(1) == Amount(1, 6, "USDT")

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import attrs
+import pytest
+
+from agentpolicy import (
+    AgentPolicy,
+    Amount,
+    ApprovalConfig,
+    ApprovalThreshold,
+    BlockedPeriod,
+    CategoryRules,
+    MerchantRules,
+    NetworkRules,
+    PolicyValidationError,
+    SpendingLimits,
+    TimeRules,
+    TimeWindow,
+)
+from agentpolicy.policy import normalize_recipient
+
+
+def test_policy_classes_are_frozen_and_hold_tuples_and_frozensets() -> None:
+    window = TimeWindow(days=[1, 2], start_hour=9, end_hour=17)  # type: ignore[arg-type]
+    assert window.days == frozenset({1, 2})
+    rules = MerchantRules(whitelist=["0xa"])  # type: ignore[arg-type]
+    assert rules.whitelist == ("0xa",)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        rules.require_whitelist = True  # type: ignore[misc]
+
+
+def test_direct_construction_validates_like_the_json_form() -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        TimeWindow(days=frozenset({1}), start_hour=10, end_hour=9)
+    assert err.value.problems[0].path == "$.endHour"
+    with pytest.raises(PolicyValidationError):
+        ApprovalThreshold(Amount(1), 2, ("a",))
+    with pytest.raises(PolicyValidationError):
+        TimeRules(timezone="Not/AZone")
+    with pytest.raises(PolicyValidationError):
+        AgentPolicy(limits="nope")  # type: ignore[arg-type]
+    with pytest.raises(PolicyValidationError):
+        NetworkRules(allowed_networks=("eip155",))
+    with pytest.raises(PolicyValidationError):
+        CategoryRules(allowed_categories="abc")  # type: ignore[arg-type]
+    with pytest.raises(PolicyValidationError):
+        ApprovalConfig(timeout=True)  # type: ignore[arg-type]
+
+
+def test_blocked_periods_are_held_in_utc_and_must_be_aware() -> None:
+    start = datetime(2026, 1, 20, 1, tzinfo=timezone(timedelta(hours=1)))
+    period = BlockedPeriod(start, start)
+    assert period.start.tzinfo is UTC
+    assert period.contains(datetime(2026, 1, 20, tzinfo=UTC))
+    with pytest.raises(PolicyValidationError):
+        BlockedPeriod(datetime(2026, 1, 1), datetime(2026, 1, 2))
+
+
+def test_timezone_is_resolved_once() -> None:
+    rules = TimeRules(timezone="Europe/Berlin")
+    assert rules.zone == ZoneInfo("Europe/Berlin")
+    assert rules.zone is rules.zone
+
+
+def test_policy_symbol_is_the_symbol_of_its_amounts() -> None:
+    assert AgentPolicy().symbol is None
+    policy = AgentPolicy(limits=SpendingLimits(daily=Amount(5, symbol="usdc")))
+    assert policy.symbol == "usdc"
+    with pytest.raises(PolicyValidationError) as err:
+        AgentPolicy(
+            limits=SpendingLimits(daily=Amount(5, symbol="USDC")),
+            approval_config=ApprovalConfig(
+                thresholds=(ApprovalThreshold(Amount(1, symbol="DAI"), 1, ("a",)),)
+            ),
+        )
+    assert err.value.problems[0].path == "$.approvalConfig.thresholds[0].amount.symbol"
+
+
+def test_recipients_normalise_only_hex_addresses() -> None:
+    assert normalize_recipient("0xAbC") == "0xabc"
+    assert normalize_recipient("0XAbC") == "0xabc"
+    assert normalize_recipient("So1Base58") == "So1Base58"
+
+
+def test_spending_limits_by_period() -> None:
+    limits = SpendingLimits(hourly=Amount(1), monthly=Amount(2))
+    assert [p.value for p, _ in limits.windowed] == ["hourly", "monthly"]

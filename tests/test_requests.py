@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agentpolicy import Amount, PaymentRequest, PolicyValidationError
+
+
+def make(**kw: Any) -> PaymentRequest:
+    base: dict[str, Any] = {
+        "agent_id": "agent-1",
+        "amount": "500000000",
+        "recipient": "0xvendor",
+        "network": "eip155:8453",
+    }
+    return PaymentRequest(**{**base, **kw})
+
+
+def test_defaults_are_the_seeds_and_digit_strings_become_ints() -> None:
+    r = make()
+    assert (r.amount, r.decimals, r.symbol, r.category, r.memo) == (
+        500_000_000,
+        6,
+        "USDT",
+        None,
+        None,
+    )
+    assert r.asset_amount == Amount(500_000_000, 6, "USDT")
+
+
+def test_an_empty_category_is_no_category() -> None:
+    assert make(category="").category is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("agent_id", "", "$.agentId"),
+        ("agent_id", 5, "$.agentId"),
+        ("agent_id", "a\nb", "$.agentId"),
+        ("amount", 0, "$.amount"),
+        ("amount", "0", "$.amount"),
+        ("amount", -5, "$.amount"),
+        ("amount", 1.0, "$.amount"),
+        ("amount", "1.5", "$.amount"),
+        ("amount", "1e6", "$.amount"),
+        ("amount", True, "$.amount"),
+        ("amount", " 5", "$.amount"),
+        ("amount", "0x10", "$.amount"),
+        ("recipient", "", "$.recipient"),
+        ("recipient", "0xbad ", "$.recipient"),
+        ("network", "base", "$.network"),
+        ("network", "eip155:8453 ", "$.network"),
+        ("category", " x", "$.category"),
+        ("decimals", -1, "$.decimals"),
+        ("decimals", "6", "$.decimals"),
+        ("decimals", 256, "$.decimals"),
+        ("symbol", "", "$.symbol"),
+        ("memo", 5, "$.memo"),
+        ("memo", "x" * 5000, "$.memo"),
+        ("idempotency_key", "", "$.idempotencyKey"),
+    ],
+)
+def test_invalid_fields_are_refused_with_their_path(field: str, value: Any, path: str) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        make(**{field: value})
+    assert [p.path for p in err.value.problems] == [path]
+
+
+def test_every_problem_is_reported_together() -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        make(agent_id="", amount="-1", network="x")
+    assert {p.path for p in err.value.problems} == {"$.agentId", "$.amount", "$.network"}
+
+
+def test_fingerprint_ignores_only_the_memo() -> None:
+    assert make(memo="a").fingerprint() == make(memo="b").fingerprint()
+    assert make(amount=1).fingerprint() != make(amount=2).fingerprint()
+    assert make(category="x").fingerprint() != make().fingerprint()

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.strategies import ZONES, instants
+
+from agentpolicy import Period, PolicyValidationError, load_policy, windows_for
+from agentpolicy.windows import window_at
+
+NY = ZoneInfo("America/New_York")
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def test_hour_window_starts_on_the_hour_and_ends_exclusive() -> None:
+    w = window_at(Period.HOURLY, utc(2026, 1, 19, 10, 59, 59, 999999), UTC)
+    assert (w.start, w.end) == (utc(2026, 1, 19, 10), utc(2026, 1, 19, 11))
+    assert w.contains(utc(2026, 1, 19, 10))
+    assert not w.contains(utc(2026, 1, 19, 11))
+    assert window_at(Period.HOURLY, utc(2026, 1, 19, 11), UTC).start == utc(2026, 1, 19, 11)
+
+
+def test_day_window_is_local_midnight_to_midnight() -> None:
+    w = window_at(Period.DAILY, utc(2026, 1, 19, 4, 59), NY)
+    assert w.start == datetime(2026, 1, 18, tzinfo=NY)
+    assert w.end == datetime(2026, 1, 19, tzinfo=NY)
+    assert w.key == "daily:2026-01-18T00:00:00-05:00"
+    assert window_at(Period.DAILY, utc(2026, 1, 19, 5), NY).start == datetime(
+        2026, 1, 19, tzinfo=NY
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone", "day", "hours"),
+    [
+        (NY, datetime(2026, 3, 8), 23),  # spring forward
+        (NY, datetime(2026, 11, 1), 25),  # fall back
+        (BERLIN, datetime(2026, 3, 29), 23),
+        (BERLIN, datetime(2026, 10, 25), 25),
+    ],
+)
+def test_daylight_saving_days_start_and_end_at_local_midnight(
+    zone: ZoneInfo, day: datetime, hours: int
+) -> None:
+    noon = day.replace(hour=12, tzinfo=zone)
+    w = window_at(Period.DAILY, noon, zone)
+    assert w.start.astimezone(zone).replace(tzinfo=None) == day
+    assert w.end.astimezone(zone).replace(tzinfo=None) == day + timedelta(days=1)
+    assert (w.end - w.start) == timedelta(hours=hours)
+    # the day before and after the change also start at local midnight
+    before = window_at(Period.DAILY, noon - timedelta(days=1), zone)
+    after = window_at(Period.DAILY, w.end + timedelta(hours=1), zone)
+    assert before.end == w.start
+    assert after.start == w.end
+    assert after.start.astimezone(zone).hour == 0
+    assert before.start.astimezone(zone).hour == 0
+
+
+def test_repeated_fall_back_hour_gives_two_distinct_hourly_windows() -> None:
+    first = window_at(Period.HOURLY, utc(2026, 11, 1, 5, 30), NY)  # 01:30 EDT
+    second = window_at(Period.HOURLY, utc(2026, 11, 1, 6, 30), NY)  # 01:30 EST
+    assert first.key != second.key
+    assert first.end == second.start
+    assert first.key.endswith("-04:00")
+    assert second.key.endswith("-05:00")
+
+
+def test_hour_after_spring_forward_gap_starts_at_three() -> None:
+    w = window_at(Period.HOURLY, utc(2026, 3, 8, 7, 10), NY)  # 03:10 EDT
+    assert w.start.astimezone(NY).hour == 3
+    assert w.end - w.start == timedelta(hours=1)
+
+
+def test_month_window_runs_from_the_first_to_the_first() -> None:
+    w = window_at(Period.MONTHLY, utc(2026, 1, 31, 23, 59, 59), UTC)
+    assert (w.start, w.end) == (utc(2026, 1, 1), utc(2026, 2, 1))
+    december = window_at(Period.MONTHLY, utc(2026, 12, 31, 12), UTC)
+    assert december.end == utc(2027, 1, 1)
+    # in New York, 2026-02-01T03:00Z is still January 31st
+    assert window_at(Period.MONTHLY, utc(2026, 2, 1, 3), NY).key.startswith("monthly:2026-01-01")
+
+
+def test_leap_day_is_its_own_day_in_a_29_day_february() -> None:
+    leap = window_at(Period.DAILY, utc(2028, 2, 29, 12), UTC)
+    assert (leap.start, leap.end) == (utc(2028, 2, 29), utc(2028, 3, 1))
+    feb = window_at(Period.MONTHLY, utc(2028, 2, 29, 12), UTC)
+    assert feb.end - feb.start == timedelta(days=29)
+
+
+def test_iso_week_spanning_new_year_starts_on_monday_in_the_old_year() -> None:
+    # 2026-01-01 is a Thursday: its ISO week began on Monday 2025-12-29
+    w = window_at(Period.WEEKLY, utc(2026, 1, 1, 12), UTC)
+    assert (w.start, w.end) == (utc(2025, 12, 29), utc(2026, 1, 5))
+    assert window_at(Period.WEEKLY, utc(2025, 12, 31), UTC) == w
+    assert window_at(Period.WEEKLY, utc(2026, 1, 4, 23, 59), UTC) == w
+    assert window_at(Period.WEEKLY, utc(2026, 1, 5), UTC).start == utc(2026, 1, 5)
+
+
+def test_week_starts_at_local_monday_midnight_across_a_dst_change() -> None:
+    w = window_at(Period.WEEKLY, utc(2026, 3, 30, 12), BERLIN)  # Monday after the change
+    assert w.start == datetime(2026, 3, 30, tzinfo=BERLIN)
+    previous = window_at(Period.WEEKLY, utc(2026, 3, 29, 12), BERLIN)
+    assert previous.end == w.start
+    assert previous.end - previous.start == timedelta(days=7) - timedelta(hours=1)
+
+
+def test_naive_instants_are_refused() -> None:
+    with pytest.raises(ValueError, match="aware"):
+        window_at(Period.DAILY, datetime(2026, 1, 1), UTC)
+    with pytest.raises(PolicyValidationError):
+        windows_for(None, datetime(2026, 1, 1))
+
+
+def test_windows_for_uses_the_policy_timezone_and_every_period() -> None:
+    policy = load_policy({"timeRules": {"timezone": "Europe/Berlin"}})
+    windows = windows_for(policy, utc(2026, 1, 18, 23, 30))  # Monday 00:30 in Berlin
+    assert [w.period for w in windows] == list(Period)
+    daily = windows[1]
+    assert daily.start == datetime(2026, 1, 19, tzinfo=BERLIN)
+    assert windows_for(None, utc(2026, 1, 18, 23, 30))[1].start == utc(2026, 1, 18)
+
+
+@given(instants, st.sampled_from(ZONES), st.sampled_from(list(Period)))
+def test_every_instant_lies_in_exactly_its_window(
+    instant: datetime, zone_name: str, period: Period
+) -> None:
+    zone = ZoneInfo(zone_name)
+    w = window_at(period, instant, zone)
+    assert w.contains(instant)
+    assert window_at(period, w.start, zone) == w
+    assert window_at(period, w.end, zone).start == w.end
+    assert window_at(period, w.end - timedelta(microseconds=1), zone) == w
