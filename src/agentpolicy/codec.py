@@ -11,6 +11,8 @@ optional parts left out. ``load_policy(dump_policy(p)) == p`` always.
 
 from __future__ import annotations
 
+import enum
+import json
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -31,6 +33,7 @@ from dateutil.parser import isoparse
 
 from agentpolicy._checks import CHECK, Check, camel, raise_if, type_name
 from agentpolicy.amounts import Amount, parse_units
+from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError, Problem
 from agentpolicy.policy import (
     AgentPolicy,
@@ -44,12 +47,26 @@ from agentpolicy.policy import (
     TimeRules,
     TimeWindow,
 )
+from agentpolicy.records import (
+    Approval,
+    ApprovalStatus,
+    Budget,
+    Counter,
+    HistoryRecord,
+    PolicyRecord,
+    Reservation,
+    ReservationStatus,
+    Vote,
+    WindowBudget,
+)
+from agentpolicy.requests import PaymentRequest
+from agentpolicy.windows import Period, Window
 
 __all__ = ["dump_policy", "format_instant", "load_policy", "parse_instant"]
 
 T = TypeVar("T")
 
-_CLASSES: tuple[type, ...] = (
+_VALUE_CLASSES: tuple[type, ...] = (
     Amount,
     SpendingLimits,
     TimeWindow,
@@ -61,6 +78,22 @@ _CLASSES: tuple[type, ...] = (
     ApprovalThreshold,
     ApprovalConfig,
     AgentPolicy,
+    PaymentRequest,
+    Window,
+    Evaluation,
+    Decision,
+)
+# Records are the storages' own data; read back, they are checked for shape
+# (unknown keys, missing fields) and their values validate themselves.
+_RECORD_CLASSES: tuple[type, ...] = (
+    PolicyRecord,
+    Counter,
+    Reservation,
+    Vote,
+    Approval,
+    HistoryRecord,
+    WindowBudget,
+    Budget,
 )
 
 
@@ -94,6 +127,17 @@ def format_instant(value: datetime) -> str:
 
 def _is_array(kind: Any) -> bool:
     return get_origin(kind) in (tuple, frozenset)
+
+
+def _enum_hook(kind: type[enum.Enum]) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _: Any) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in kind)
+            raise PolicyValidationError.single("$", f"must be one of {allowed}") from None
+
+    return structure
 
 
 def _passthrough(value: Any, _: Any) -> Any:
@@ -164,8 +208,10 @@ def _unstructure_hook(cls: type, converter: cattrs.Converter) -> Callable[[Any],
         f.name: override(rename=camel(f.name), omit_if_default=f.default is None)
         for f in attrs.fields(cls)
     }
-    if cls is Amount:
-        renames["value"] = override(unstruct_hook=str)
+    if cls in (Amount, PaymentRequest):
+        renames["value" if cls is Amount else "amount"] = override(
+            rename=camel("value" if cls is Amount else "amount"), unstruct_hook=str
+        )
     return make_dict_unstructure_fn(cls, converter, **renames)
 
 
@@ -174,6 +220,9 @@ def _make_converter() -> cattrs.Converter:
     for primitive in (int, str, bool):
         converter.register_structure_hook(primitive, _passthrough)
     converter.register_structure_hook(datetime, lambda v, _: parse_instant(v))
+    # StrEnums subclass str: each gets its own strict hook, more specific than str's.
+    for kind in (Code, Outcome, Period, ReservationStatus, ApprovalStatus):
+        converter.register_structure_hook(kind, _enum_hook(kind))
     converter.register_unstructure_hook(datetime, format_instant)
     converter.register_structure_hook_factory(
         _is_array,
@@ -183,7 +232,7 @@ def _make_converter() -> cattrs.Converter:
         _is_array,
         lambda t: _unstructure_array(t, converter),
     )
-    for cls in _CLASSES:
+    for cls in (*_VALUE_CLASSES, *_RECORD_CLASSES):
         converter.register_structure_hook(cls, _object_hook(cls, converter))
         converter.register_unstructure_hook(cls, _unstructure_hook(cls, converter))
     return converter
@@ -238,6 +287,20 @@ def structure(data: object, cls: type[T]) -> T:
 def unstructure(value: object) -> Any:
     """Write a value class in its camelCase JSON form."""
     return _converter.unstructure(value)
+
+
+def encode(value: object) -> str:
+    """Compact JSON text of a value class or record (for storages)."""
+    return json.dumps(unstructure(value), separators=(",", ":"), sort_keys=True)
+
+
+def decode(text: str | bytes, cls: type[T]) -> T:
+    """Read back what :func:`encode` wrote; raises ``PolicyValidationError`` if it is not."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise PolicyValidationError.single("$", "stored data is not JSON") from None
+    return structure(data, cls)
 
 
 def load_policy(data: Mapping[str, Any]) -> AgentPolicy:

@@ -13,10 +13,15 @@ from collections.abc import Iterable
 import attrs
 
 __all__ = [
+    "ConflictError",
     "ErrorCode",
+    "ForbiddenError",
+    "InternalError",
+    "NotFoundError",
     "PolicyError",
     "PolicyValidationError",
     "Problem",
+    "StorageUnavailableError",
 ]
 
 
@@ -107,3 +112,35 @@ class PolicyValidationError(PolicyError, ValueError):
     def under(self, prefix: str) -> PolicyValidationError:
         """Return the same problems with their paths moved below ``prefix``."""
         return PolicyValidationError(p.under(prefix) for p in self.problems)
+
+
+class NotFoundError(PolicyError):
+    """A reservation, approval or policy that does not exist.
+
+    Codes: ``RESERVATION_NOT_FOUND``, ``APPROVAL_NOT_FOUND``, ``NO_POLICY``.
+    """
+
+
+class ConflictError(PolicyError):
+    """A call that the current state refuses; nothing changed.
+
+    Codes: ``RESERVATION_EXPIRED``, ``RESERVATION_RELEASED``,
+    ``RESERVATION_ALREADY_CONFIRMED``, ``APPROVAL_NOT_PENDING``,
+    ``DUPLICATE_DECISION``, ``IDEMPOTENCY_CONFLICT``.
+    """
+
+
+class ForbiddenError(PolicyError):
+    """The caller may not do this. Codes: ``FORBIDDEN``, ``APPROVER_NOT_AUTHORIZED``."""
+
+
+class StorageUnavailableError(PolicyError):
+    """The storage could not be reached or did not answer in time; nothing was allowed."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+class InternalError(PolicyError):
+    """A bug in agentpolicy: the message says so, and nothing changed."""
+
+    code = ErrorCode.INTERNAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -84,15 +85,18 @@ class PaymentRequest:
         """The amount with its decimals and symbol."""
         return Amount(self.amount, self.decimals, self.symbol)
 
-    def fingerprint(self) -> tuple[object, ...]:
+    def fingerprint(self) -> str:
         """Every field that identifies the payment (all but ``memo``), for idempotency."""
-        return (
-            self.agent_id,
-            self.amount,
-            self.decimals,
-            self.symbol,
-            self.recipient,
-            self.network,
-            self.category,
-            self.idempotency_key,
+        return json.dumps(
+            [
+                self.agent_id,
+                str(self.amount),
+                self.decimals,
+                self.symbol,
+                self.recipient,
+                self.network,
+                self.category,
+                self.idempotency_key,
+            ],
+            separators=(",", ":"),
         )

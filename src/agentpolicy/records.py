@@ -1,0 +1,291 @@
+"""Stored state: policies with versions, usage counters, reservations, approvals, history.
+
+These are plain frozen values. Storages keep them; the engine and the
+approval state machine compute new ones from old ones.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from agentpolicy.amounts import Amount, scale_units
+from agentpolicy.decisions import Code
+from agentpolicy.requests import PaymentRequest
+from agentpolicy.windows import Period, Window
+
+__all__ = [
+    "Approval",
+    "ApprovalStatus",
+    "ApprovalTerms",
+    "AuthorizeOutcome",
+    "AuthorizePlan",
+    "Budget",
+    "Counter",
+    "HistoryRecord",
+    "PolicyRecord",
+    "Reservation",
+    "ReservationStatus",
+    "SweepResult",
+    "Vote",
+    "WindowBudget",
+    "WindowLimit",
+]
+
+
+class ReservationStatus(enum.StrEnum):
+    """Where a reservation is in its life."""
+
+    HELD = "held"
+    """Held for a pending approval; not yet usable by the agent."""
+    RESERVED = "reserved"
+    CONFIRMED = "confirmed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the amount still counts as reserved in its windows."""
+        return self in (ReservationStatus.HELD, ReservationStatus.RESERVED)
+
+
+class ApprovalStatus(enum.StrEnum):
+    """Statuses of an approval (SEMANTICS section 5)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+@attrs.frozen
+class PolicyRecord:
+    """A stored policy: its JSON form, its version (1, 2, ...) and when it was set."""
+
+    agent_id: str
+    version: int
+    policy: dict[str, Any]
+    updated_at: datetime
+
+
+@attrs.frozen
+class Counter:
+    """Usage of one window by one agent: ``spent`` and ``reserved`` in ``decimals``."""
+
+    key: str
+    window_end: datetime
+    decimals: int = 0
+    spent: int = 0
+    reserved: int = 0
+
+    @property
+    def used(self) -> Amount:
+        """Spent plus reserved, the amount a window limit is checked against."""
+        return Amount(self.spent + self.reserved, self.decimals)
+
+    def _aligned(self, amount: Amount) -> tuple[Counter, int]:
+        d = max(self.decimals, amount.decimals)
+        k = 10 ** (d - self.decimals)
+        return (
+            attrs.evolve(self, decimals=d, spent=self.spent * k, reserved=self.reserved * k),
+            scale_units(amount.value, amount.decimals, d),
+        )
+
+    def reserve(self, amount: Amount) -> Counter:
+        """Add ``amount`` to ``reserved``."""
+        c, v = self._aligned(amount)
+        return attrs.evolve(c, reserved=c.reserved + v)
+
+    def unreserve(self, amount: Amount) -> Counter:
+        """Take ``amount`` out of ``reserved``, never below zero."""
+        c, v = self._aligned(amount)
+        return attrs.evolve(c, reserved=max(0, c.reserved - v))
+
+    def settle(self, amount: Amount) -> Counter:
+        """Move ``amount`` from ``reserved`` to ``spent`` (confirm)."""
+        c, v = self._aligned(amount)
+        return attrs.evolve(c, reserved=max(0, c.reserved - v), spent=c.spent + v)
+
+
+@attrs.frozen
+class Reservation:
+    """Budget held for one payment until it is confirmed, released or expires."""
+
+    id: str
+    agent_id: str
+    status: ReservationStatus
+    amount: Amount
+    window_keys: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+    request: PaymentRequest
+    policy_version: int
+    approval_id: str | None = None
+
+    def due(self, now: datetime) -> bool:
+        """Whether the reservation is open and its time is up (``now >= expires_at``)."""
+        return self.status.is_open and now >= self.expires_at
+
+
+@attrs.frozen
+class Vote:
+    """One approver's decision on an approval."""
+
+    approver: str
+    decision: str
+    at: datetime
+    comment: str | None = None
+
+
+@attrs.frozen
+class ApprovalTerms:
+    """What an approval needs, fixed when it is created from the matching threshold."""
+
+    required_approvers: int
+    approvers: tuple[str, ...]
+    expires_at: datetime
+
+
+@attrs.frozen
+class Approval:
+    """A payment waiting for humans; its amount is held in the windows from creation on."""
+
+    id: str
+    agent_id: str
+    status: ApprovalStatus
+    request: PaymentRequest
+    required_approvers: int
+    approvers: tuple[str, ...]
+    votes: tuple[Vote, ...]
+    created_at: datetime
+    expires_at: datetime
+    hold_id: str
+    policy_version: int
+    decided_at: datetime | None = None
+
+    @property
+    def amount(self) -> Amount:
+        """The amount of the payment that waits."""
+        return self.request.asset_amount
+
+    @property
+    def reservation_id(self) -> str | None:
+        """The reservation the agent confirms or releases, once approved."""
+        return self.hold_id if self.status is ApprovalStatus.APPROVED else None
+
+    @property
+    def approvals(self) -> int:
+        """How many approvers approved so far."""
+        return sum(1 for v in self.votes if v.decision == "approve")
+
+
+@attrs.frozen
+class HistoryRecord:
+    """One entry of an agent's audit trail: a decision or a state change.
+
+    ``event`` is ``decision``, ``confirm``, ``release``, ``expire``, ``vote``,
+    ``approval_approved``, ``approval_denied``, ``approval_expired`` or
+    ``policy_set``. A decision records the request, the code, the policy
+    version and the usage it was decided against, which is enough to
+    recompute the full decision.
+    """
+
+    agent_id: str
+    at: datetime
+    event: str
+    code: str | None = None
+    policy_version: int | None = None
+    request: PaymentRequest | None = None
+    reservation_id: str | None = None
+    approval_id: str | None = None
+    expires_at: datetime | None = None
+    usage: dict[str, Amount] | None = None
+    detail: str | None = None
+    seq: int | None = None
+
+
+@attrs.frozen
+class WindowLimit:
+    """A window limit the storage re-checks atomically: ``used + amount > limit`` denies."""
+
+    key: str
+    limit: Amount
+    code: Code
+
+
+@attrs.frozen
+class AuthorizePlan:
+    """What a storage must do, atomically, to authorize one payment.
+
+    The engine has already run every check that does not depend on usage.
+    The storage checks ``policy_version`` (0 = no policy) and the idempotency
+    key, applies due expiries, reads the agent's counters, checks ``limits``
+    in order, and records the outcome: ``on_pass`` when every limit holds
+    (``ALLOWED`` reserves, ``APPROVAL_REQUIRED`` holds and opens an
+    approval), the first failing limit's code otherwise. When ``on_pass`` is
+    any other code the payment is denied whatever the usage.
+    """
+
+    request: PaymentRequest
+    now: datetime
+    policy_version: int
+    windows: tuple[Window, ...]
+    limits: tuple[WindowLimit, ...]
+    on_pass: Code
+    reservation_expires_at: datetime
+    approval: ApprovalTerms | None = None
+    idempotency_ttl_seconds: int = 86_400
+
+
+@attrs.frozen
+class AuthorizeOutcome:
+    """What a storage did with an :class:`AuthorizePlan`.
+
+    ``stale`` means the stored policy version differs from the plan's: the
+    engine re-reads the policy and plans again. Otherwise ``record`` is the
+    decision record (new, or the first one again for a repeated idempotency
+    key, with ``replayed`` set).
+    """
+
+    stale: bool = False
+    record: HistoryRecord | None = None
+    replayed: bool = False
+
+
+@attrs.frozen
+class WindowBudget:
+    """One window of a budget, in the units of its limit.
+
+    ``spent`` and ``reserved`` round up and ``remaining`` rounds down when
+    payments used finer decimals than the limit, so a report never
+    overstates what is left. Without a limit, ``limit`` and ``remaining`` are
+    ``None``.
+    """
+
+    period: Period
+    window: Window
+    limit: Amount | None
+    spent: Amount
+    reserved: Amount
+    remaining: Amount | None
+
+
+@attrs.frozen
+class Budget:
+    """An agent's budget at an instant, per window period."""
+
+    agent_id: str
+    at: datetime
+    periods: dict[Period, WindowBudget]
+
+
+@attrs.frozen
+class SweepResult:
+    """What a sweep expired."""
+
+    reservations: tuple[Reservation, ...] = ()
+    approvals: tuple[Approval, ...] = ()

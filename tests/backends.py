@@ -1,0 +1,50 @@
+"""Storage backends for the contract suite: every test using ``backend`` runs on each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from agentpolicy import PolicyEngine, Storage
+from agentpolicy.storage import MemoryStorage, SQLiteStorage
+from agentpolicy.testing import ManualClock
+
+BACKENDS = ["memory", "sqlite"]
+
+
+@attrs.define
+class Backend:
+    """One storage under test: ``open()`` gives another handle on the same state."""
+
+    name: str
+    open: Callable[[], Storage]
+    opened: list[Storage] = attrs.field(factory=list)
+
+    def handle(self) -> Storage:
+        storage = self.open()
+        self.opened.append(storage)
+        return storage
+
+    def engine(self, clock: ManualClock, **kwargs: object) -> PolicyEngine:
+        return PolicyEngine(storage=self.handle(), clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def make_backend(name: str, tmp_path: Path) -> Backend:
+    if name == "memory":
+        shared = MemoryStorage()
+        return Backend(name, lambda: shared)
+    if name == "sqlite":
+        path = tmp_path / "policies.db"
+        return Backend(name, lambda: SQLiteStorage(path))
+    raise ValueError(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    b = make_backend(request.param, tmp_path)
+    yield b
+    for storage in b.opened:
+        storage.close()
