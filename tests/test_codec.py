@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 from hypothesis import given
-from tests.strategies import policies
 
 from agentpolicy import (
     AgentPolicy,
@@ -19,6 +18,7 @@ from agentpolicy import (
 )
 from agentpolicy.codec import format_instant, parse_instant
 from agentpolicy.examples import SEED_SECTIONS, approval_example_policy, seed_policy
+from tests.strategies import policies
 
 
 @pytest.mark.parametrize("section", sorted(SEED_SECTIONS))

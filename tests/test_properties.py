@@ -7,15 +7,6 @@ from datetime import datetime, timedelta
 import attrs
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from tests.strategies import (
-    CATEGORIES,
-    NETWORKS,
-    RECIPIENTS,
-    instants,
-    policies,
-    requests,
-    usage_amounts,
-)
 
 from agentpolicy import (
     AgentPolicy,
@@ -33,6 +24,15 @@ from agentpolicy import (
     TimeWindow,
     evaluate,
     windows_for,
+)
+from tests.strategies import (
+    CATEGORIES,
+    NETWORKS,
+    RECIPIENTS,
+    instants,
+    policies,
+    requests,
+    usage_amounts,
 )
 
 

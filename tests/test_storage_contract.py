@@ -95,7 +95,8 @@ def test_release_after_confirm_and_confirm_after_release_are_refused(backend: Ba
     engine, _ = setup(backend, DAILY_100)
     a = engine.authorize(payment(USDT)).reservation_id
     b = engine.authorize(payment(USDT)).reservation_id
-    assert a and b
+    assert a
+    assert b
     engine.confirm(a)
     engine.release(b)
     assert code_of(lambda: engine.release(a)) == "RESERVATION_ALREADY_CONFIRMED"
@@ -115,8 +116,7 @@ def test_reservation_expires_at_its_ttl_and_gives_budget_back_lazily(backend: Ba
     d = engine.authorize(payment(60 * USDT))
     assert d.expires_at == clock.now + timedelta(minutes=2)
     assert d.reservation_id is not None
-    clock.advance(minutes=2) - timedelta(microseconds=1)
-    clock.advance(microseconds=-1)
+    clock.advance(minutes=2, microseconds=-1)
     assert daily(engine) == (0, 60 * USDT, 40 * USDT)  # one microsecond before expiry
     clock.advance(microseconds=1)  # now == expiresAt: expired
     assert daily(engine) == (0, 0, 100 * USDT)
@@ -269,7 +269,8 @@ def test_history_is_newest_first_and_records_state_changes(backend: Backend) -> 
     engine, _ = setup(backend, DAILY_100)
     a = engine.authorize(payment(USDT)).reservation_id
     b = engine.authorize(payment(USDT)).reservation_id
-    assert a and b
+    assert a
+    assert b
     engine.confirm(a)
     engine.release(b)
     history = engine.history("agent-1", limit=10)
@@ -509,5 +510,5 @@ def test_bad_input_is_invalid_input_and_changes_nothing(backend: Backend, call: 
 
 
 def test_a_naive_clock_is_an_internal_error(backend: Backend) -> None:
-    engine = PolicyEngine(storage=backend.handle(), clock=lambda: datetime(2026, 1, 1))  # noqa: DTZ001
-    assert code_of(lambda: engine.sweep()) == "INTERNAL"
+    engine = PolicyEngine(storage=backend.handle(), clock=lambda: datetime(2026, 1, 1))
+    assert code_of(engine.sweep) == "INTERNAL"

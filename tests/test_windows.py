@@ -6,10 +6,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.strategies import ZONES, instants
 
 from agentpolicy import Period, PolicyValidationError, load_policy, windows_for
 from agentpolicy.windows import window_at
+from tests.strategies import ZONES, instants
 
 NY = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")
