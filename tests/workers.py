@@ -1,0 +1,70 @@
+"""Code that runs in other processes for the concurrency and crash tests.
+
+Functions here are imported by ``multiprocessing`` (spawn) workers; running the
+module starts the crash worker: ``python -m tests.workers crash DB_PATH``.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Barrier
+
+from agentpolicy import PolicyEngine
+from agentpolicy.storage import SQLiteStorage
+from agentpolicy.testing import ManualClock, payment
+
+FIXED_NOW = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
+
+
+def authorize_many(db_path: str, count: int, barrier: Barrier | None = None) -> list[str]:
+    """Authorize ``count`` payments of 1 USDT; return the reservation ids that were allowed."""
+    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    if barrier is not None:
+        barrier.wait()
+    allowed = []
+    for _ in range(count):
+        d = engine.authorize(payment(1_000_000))
+        if d.allowed:
+            assert d.reservation_id is not None
+            allowed.append(d.reservation_id)
+    engine.close()
+    return allowed
+
+
+def settle(db_path: str, reservation_ids: list[str], action: str) -> list[str]:
+    """Confirm or release reservations made by another process; return their statuses."""
+    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    done = [
+        (engine.confirm(r) if action == "confirm" else engine.release(r)).status.value
+        for r in reservation_ids
+    ]
+    engine.close()
+    return done
+
+
+def vote(db_path: str, approval_id: str, approver: str, barrier: Barrier) -> str:
+    """Approve at the same instant as another process."""
+    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    barrier.wait()
+    status = engine.decide(approval_id, approver, "approve").status.value
+    engine.close()
+    return status
+
+
+def crash_worker(db_path: str) -> None:
+    """Authorize and confirm forever, printing each confirmed id once it is committed."""
+    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    for i in range(1_000_000):
+        d = engine.authorize(payment(1, idempotency_key=f"k{i}"))
+        assert d.reservation_id is not None
+        if i % 3 == 2:
+            continue  # leave every third reservation open, as a crash would
+        engine.confirm(d.reservation_id)
+        sys.stdout.write(f"{d.reservation_id}\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["crash"]:
+        crash_worker(sys.argv[2])
