@@ -65,6 +65,20 @@ def crash_worker(db_path: str) -> None:
         sys.stdout.flush()
 
 
+def hold_for_approval(db_path: str) -> None:
+    """Ask for a payment that needs approval, wait for a human, then pay and confirm it."""
+    engine = PolicyEngine(storage=SQLiteStorage(db_path))
+    d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    sys.stdout.write(f"{d.approval_id}\n")
+    sys.stdout.flush()
+    sys.stdin.readline()  # the test says when the approver has decided
+    assert d.approval_id is not None
+    approval = engine.get_approval(d.approval_id)
+    assert approval.reservation_id is not None, approval.status
+    sys.stdout.write(f"{engine.confirm(approval.reservation_id).status.value}\n")
+    sys.stdout.flush()
+    engine.close()
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["crash"]:
-        crash_worker(sys.argv[2])
+    {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](sys.argv[2])

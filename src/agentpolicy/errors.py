@@ -101,8 +101,9 @@ class PolicyValidationError(PolicyError, ValueError):
         if not self.problems:  # pragma: no cover - a bug in a caller
             raise ValueError("PolicyValidationError needs at least one problem")
         lines = "; ".join(str(p) for p in self.problems)
-        noun = "problem" if len(self.problems) == 1 else "problems"
-        super().__init__(f"{len(self.problems)} {noun}: {lines}", path=self.problems[0].path)
+        if len(self.problems) > 1:
+            lines = f"{len(self.problems)} problems: {lines}"
+        super().__init__(lines, path=self.problems[0].path)
 
     @classmethod
     def single(cls, path: str, message: str) -> PolicyValidationError:

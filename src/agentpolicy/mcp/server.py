@@ -1,0 +1,265 @@
+"""AgentPolicyMcpServer: the ten tools over a PolicyEngine, with roles and agent binding.
+
+The governed agent must not be able to raise its own limits or approve its
+own payments: the ``agent`` role (the default) serves only authorize,
+budget, get, confirm, release, approvals/list and approvals/get, and may be
+bound to one agent id or an organisation prefix. Every call returns a dict,
+``{"success": True, "data": ...}`` or ``{"success": False, "error": {...}}``;
+no exception and no traceback ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from agentpolicy._checks import check_identifier, raise_if
+from agentpolicy.codec import dump_policy
+from agentpolicy.config import ROLES, read_settings
+from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
+from agentpolicy.errors import (
+    ErrorCode,
+    ForbiddenError,
+    PolicyError,
+    PolicyValidationError,
+    Problem,
+)
+from agentpolicy.examples import seed_policy
+from agentpolicy.mcp.tools import (
+    TOOLS,
+    Tool,
+    approval_data,
+    budget_data,
+    decision_data,
+    find_tool,
+    parse_arguments,
+    reservation_data,
+)
+from agentpolicy.requests import PaymentRequest
+from agentpolicy.storage import MemoryStorage, Storage, open_storage
+
+__all__ = ["DEMO_AGENT", "AgentPolicyMcpServer", "create_server_with_redis"]
+
+log = logging.getLogger("agentpolicy.mcp")
+
+DEMO_AGENT = "demo-agent"
+"""The agent that demo mode sets the seed's example policy for."""
+
+
+def _error(code: ErrorCode | str, message: str, path: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": str(code), "message": message}
+    if path is not None:
+        error["path"] = path
+    return {"success": False, "error": error}
+
+
+class AgentPolicyMcpServer:
+    """The agent-policy tools, served to an MCP client (or called directly).
+
+    ``storage`` is a :class:`~agentpolicy.Storage`, a storage URL, or ``None``:
+    ``AGENT_POLICY_REDIS_URL`` if set, else ``AGENT_POLICY_DB`` if set, else a
+    fresh in-memory storage private to this server. ``role`` is ``"agent"``
+    or ``"admin"``; demo mode implies admin and always uses a fresh in-memory
+    storage with the seed's example policy for ``demo-agent``. ``agent_id``
+    or ``org_id`` bind an agent-role server to one agent or to agent ids that
+    start with ``"{org_id}:"``.
+    """
+
+    def __init__(
+        self,
+        demo_mode: bool = False,
+        storage: Storage | str | None = None,
+        role: str = "agent",
+        clock: Callable[[], datetime] | None = None,
+        webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
+        reservation_ttl: timedelta | None = None,
+        *,
+        agent_id: str | None = None,
+        org_id: str | None = None,
+    ) -> None:
+        problems: list[Problem] = []
+        if role not in ROLES:
+            problems += PolicyValidationError.single("$.role", "must be agent or admin").problems
+        for name, value in (("agentId", agent_id), ("orgId", org_id)):
+            if value is not None:
+                problems += check_identifier(value, f"$.{name}")
+        raise_if(problems)
+        self.demo_mode = bool(demo_mode)
+        self.role = "admin" if self.demo_mode else role
+        self.bound_agent = agent_id
+        self.bound_org = org_id
+        self.webhook_endpoints = tuple(webhook_endpoints or ())
+        if self.demo_mode:
+            storage = MemoryStorage()
+        elif storage is None:
+            url = read_settings().storage_url(fallback_to_file=False)
+            storage = open_storage(url) if url else MemoryStorage()
+        self.engine = PolicyEngine(
+            storage=storage,
+            clock=clock,
+            reservation_ttl=reservation_ttl or DEFAULT_RESERVATION_TTL,
+        )
+        if self.demo_mode:
+            self.engine.set_policy(DEMO_AGENT, seed_policy())
+
+    # -- what this server offers -------------------------------------------------------
+
+    def tools(self) -> list[Tool]:
+        """The tools this server's role may call, in the table's order."""
+        return [t for t in TOOLS if self.role == "admin" or not t.admin_only]
+
+    # -- binding ---------------------------------------------------------------------------
+
+    def _may_see(self, agent_id: str) -> bool:
+        if self.bound_agent is not None and agent_id != self.bound_agent:
+            return False
+        return self.bound_org is None or agent_id.startswith(f"{self.bound_org}:")
+
+    def _check_agent(self, agent_id: str) -> None:
+        if not self._may_see(agent_id):
+            raise ForbiddenError(
+                f"this server is bound to {self.bound_agent or self.bound_org + ':*'}"  # type: ignore[operator]
+                f" and serves nothing of agent {agent_id}",
+                code=ErrorCode.FORBIDDEN,
+            )
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def handle_tool_call(
+        self, name: str, arguments: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Call a tool by its MCP or seed name; return the result dict (never raises)."""
+        return self.call(name, arguments)
+
+    def call(self, name: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Synchronous :meth:`handle_tool_call`."""
+        result = self._call(name, arguments)
+        if self.demo_mode:
+            result["demoMode"] = True
+        return result
+
+    def _call(self, name: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
+        tool = find_tool(name)
+        if tool is None:
+            return _error(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")
+        if tool.admin_only and self.role != "admin":
+            return _error(
+                ErrorCode.FORBIDDEN,
+                f"{tool.name} needs the admin role; this server runs as {self.role}",
+            )
+        try:
+            args = parse_arguments(tool, arguments)
+            data = getattr(self, "_" + tool.name.removeprefix("agent_policy_"))(args)
+        except PolicyError as err:
+            return _error(err.code, err.message, err.path)
+        except Exception:
+            log.exception("internal error in %s", tool.name)
+            return _error(
+                ErrorCode.INTERNAL,
+                f"internal error in {tool.name} (a bug in agentpolicy); nothing was changed",
+            )
+        return {"success": True, "data": data}
+
+    # -- the tools ---------------------------------------------------------------------------
+
+    def _authorize(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        request = PaymentRequest(
+            agent_id=a["agentId"],
+            amount=a["amount"],
+            recipient=a["recipient"],
+            network=a["network"],
+            category=a.get("category"),
+            decimals=a.get("decimals", 6),
+            symbol=a.get("symbol", "USDT"),
+            memo=a.get("memo"),
+            idempotency_key=a.get("idempotencyKey"),
+        )
+        return decision_data(self.engine.authorize(request))
+
+    def _budget(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        return budget_data(self.engine.budget(a["agentId"], a.get("period")))
+
+    def _get(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        stored = self.engine.get_policy(a["agentId"])
+        if stored is None:
+            raise PolicyError(
+                f"no policy is set for agent {a['agentId']}", code=ErrorCode.NO_POLICY
+            )
+        return {
+            "agentId": stored.agent_id,
+            "policy": dump_policy(stored.policy),
+            "version": stored.version,
+        }
+
+    def _set(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        version = self.engine.set_policy(a["agentId"], a["policy"])
+        return {"agentId": a["agentId"], "version": version}
+
+    def _list(self, a: dict[str, Any]) -> dict[str, Any]:
+        policies = self.engine.list_policies(a.get("orgId"))
+        return {
+            "policies": [
+                {"agentId": p.agent_id, "enabled": p.policy.enabled, "version": p.version}
+                for p in policies
+                if self._may_see(p.agent_id)
+            ]
+        }
+
+    def _settle(self, reservation_id: str, action: str) -> dict[str, Any]:
+        if self.bound_agent is not None or self.bound_org is not None:
+            self._check_agent(self.engine.get_reservation(reservation_id).agent_id)
+        if action == "confirm":
+            return reservation_data(self.engine.confirm(reservation_id))
+        return reservation_data(self.engine.release(reservation_id))
+
+    def _confirm(self, a: dict[str, Any]) -> dict[str, Any]:
+        return self._settle(a["reservationId"], "confirm")
+
+    def _release(self, a: dict[str, Any]) -> dict[str, Any]:
+        return self._settle(a["reservationId"], "release")
+
+    def _approvals_list(self, a: dict[str, Any]) -> dict[str, Any]:
+        agent_id = a.get("agentId")
+        if agent_id is not None:
+            self._check_agent(agent_id)
+        approvals = self.engine.list_approvals(agent_id)
+        return {"approvals": [approval_data(x) for x in approvals if self._may_see(x.agent_id)]}
+
+    def _approvals_get(self, a: dict[str, Any]) -> dict[str, Any]:
+        approval = self.engine.get_approval(a["approvalId"])
+        self._check_agent(approval.agent_id)
+        return approval_data(approval)
+
+    def _approvals_decide(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(self.engine.get_approval(a["approvalId"]).agent_id)
+        approval = self.engine.decide(
+            a["approvalId"], a["approver"], a["decision"], a.get("comment")
+        )
+        return approval_data(approval)
+
+    def close(self) -> None:
+        """Close the engine's storage."""
+        self.engine.close()
+
+
+def create_server_with_redis(
+    url: str,
+    *,
+    key_prefix: str = "agent-policy:",
+    demo_mode: bool = False,
+    role: str = "agent",
+    webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
+) -> AgentPolicyMcpServer:
+    """A server on Redis storage at ``url`` (needs ``pip install agentpolicy[redis]``)."""
+    del key_prefix, demo_mode, role, webhook_endpoints
+    raise PolicyError(
+        f"Redis storage ({url.rsplit('@', maxsplit=1)[-1]}) is not available yet in this "
+        "version of agentpolicy; install agentpolicy[redis] once it ships",
+        code=ErrorCode.STORAGE_UNAVAILABLE,
+    )
