@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from agentpolicy import PolicyEngine, Storage
 from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.testing import ManualClock
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis", "redis-cluster"]
 
 
 @attrs.define
@@ -32,7 +33,13 @@ class Backend:
         return PolicyEngine(storage=self.handle(), clock=clock, **kwargs)  # type: ignore[arg-type]
 
 
-def make_backend(name: str, tmp_path: Path) -> Backend:
+def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+    if name in ("redis", "redis-cluster"):
+        from agentpolicy.storage.redis import RedisStorage
+
+        url = request.getfixturevalue("redis_url" if name == "redis" else "redis_cluster_url")
+        prefix = f"test-{uuid.uuid4().hex[:12]}:"  # never flush: every test has its own keys
+        return Backend(name, lambda: RedisStorage(url, key_prefix=prefix))
     if name == "memory":
         shared = MemoryStorage()
         return Backend(name, lambda: shared)
@@ -44,7 +51,7 @@ def make_backend(name: str, tmp_path: Path) -> Backend:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    b = make_backend(request.param, tmp_path)
+    b = make_backend(request.param, tmp_path, request)
     yield b
     for storage in b.opened:
         storage.close()

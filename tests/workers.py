@@ -80,5 +80,34 @@ def hold_for_approval(db_path: str) -> None:
     engine.close()
 
 
+def authorize_many_redis(url: str, prefix: str, count: int, barrier: Barrier) -> list[str]:
+    """Like :func:`authorize_many`, on Redis."""
+    from agentpolicy.storage.redis import RedisStorage
+
+    engine = PolicyEngine(
+        storage=RedisStorage(url, key_prefix=prefix), clock=ManualClock(FIXED_NOW)
+    )
+    barrier.wait()
+    allowed = [
+        d.reservation_id
+        for d in (engine.authorize(payment(1_000_000)) for _ in range(count))
+        if d.reservation_id is not None
+    ]
+    engine.close()
+    return allowed
+
+
+def settle_redis(url: str, prefix: str, reservation_ids: list[str], action: str) -> list[str]:
+    """Confirm or release, on Redis, reservations another process made."""
+    from agentpolicy.storage.redis import RedisStorage
+
+    engine = PolicyEngine(
+        storage=RedisStorage(url, key_prefix=prefix), clock=ManualClock(FIXED_NOW)
+    )
+    done = [getattr(engine, action)(r).status.value for r in reservation_ids]
+    engine.close()
+    return done
+
+
 if __name__ == "__main__":
     {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](sys.argv[2])

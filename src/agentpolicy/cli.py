@@ -339,7 +339,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         url = settings.storage_url(fallback_to_file=True)
         assert url is not None  # noqa: S101 - fallback_to_file always gives one
         ttl = settings.reservation_ttl or DEFAULT_RESERVATION_TTL
-        with PolicyEngine(storage=open_storage(url), reservation_ttl=ttl) as engine:
+        storage = open_storage(url, key_prefix=settings.key_prefix)
+        with PolicyEngine(storage=storage, reservation_ttl=ttl) as engine:
             return _run(args, engine, out)
     except PolicyError as err:
         sys.stderr.write(f"agentpolicy: {err.code}: {err.message}\n")

@@ -94,8 +94,9 @@ class AgentPolicyMcpServer:
         if self.demo_mode:
             storage = MemoryStorage()
         elif storage is None:
-            url = read_settings().storage_url(fallback_to_file=False)
-            storage = open_storage(url) if url else MemoryStorage()
+            settings = read_settings()
+            url = settings.storage_url(fallback_to_file=False)
+            storage = open_storage(url, key_prefix=settings.key_prefix) if url else MemoryStorage()
         self.engine = PolicyEngine(
             storage=storage,
             clock=clock,
@@ -256,10 +257,14 @@ def create_server_with_redis(
     role: str = "agent",
     webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
 ) -> AgentPolicyMcpServer:
-    """A server on Redis storage at ``url`` (needs ``pip install agentpolicy[redis]``)."""
-    del key_prefix, demo_mode, role, webhook_endpoints
-    raise PolicyError(
-        f"Redis storage ({url.rsplit('@', maxsplit=1)[-1]}) is not available yet in this "
-        "version of agentpolicy; install agentpolicy[redis] once it ships",
-        code=ErrorCode.STORAGE_UNAVAILABLE,
+    """A server on Redis storage at ``url`` (needs ``pip install agentpolicy[redis]``).
+
+    ``key_prefix`` separates tenants on one Redis. Demo mode ignores Redis.
+    """
+    if demo_mode:
+        return AgentPolicyMcpServer(demo_mode=True, webhook_endpoints=webhook_endpoints)
+    return AgentPolicyMcpServer(
+        storage=open_storage(url, key_prefix=key_prefix),
+        role=role,
+        webhook_endpoints=webhook_endpoints,
     )

@@ -84,7 +84,7 @@ def make_app(settings: Settings) -> AgentPolicyMcpServer:
     url = settings.storage_url(fallback_to_file=True)
     assert url is not None  # noqa: S101 - fallback_to_file always gives one
     return AgentPolicyMcpServer(
-        storage=open_storage(url),
+        storage=open_storage(url, key_prefix=settings.key_prefix),
         role=settings.role,
         reservation_ttl=settings.reservation_ttl,
         agent_id=settings.agent_id,

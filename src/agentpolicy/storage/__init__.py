@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from agentpolicy.errors import PolicyValidationError
+from agentpolicy.errors import ErrorCode, PolicyError, PolicyValidationError
 from agentpolicy.records import (
     Approval,
     AuthorizeOutcome,
@@ -104,11 +104,13 @@ class Storage(Protocol):
         ...
 
 
-def open_storage(url: str) -> Storage:
+def open_storage(url: str, *, key_prefix: str = "agent-policy:") -> Storage:
     """Open a storage by URL.
 
     ``memory://`` (a fresh in-memory storage), ``sqlite:///relative.db``,
-    ``sqlite:////absolute/path.db``. Raises
+    ``sqlite:////absolute/path.db``, ``redis://host:port/db``, ``rediss://...``
+    and ``redis+cluster://host:port`` (the ``redis`` extra; ``key_prefix``
+    separates tenants on one server). Raises
     :class:`~agentpolicy.PolicyValidationError` for any other form.
     """
     if not isinstance(url, str):
@@ -120,12 +122,17 @@ def open_storage(url: str) -> Storage:
         if not path:
             raise PolicyValidationError.single("$.storage", "sqlite:/// needs a file path")
         return SQLiteStorage(Path(path))
-    if url.startswith(("redis://", "rediss://")):
-        raise PolicyValidationError.single(
-            "$.storage", "Redis storage is not available yet (pip install agentpolicy[redis])"
-        )
+    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+        try:
+            from agentpolicy.storage.redis import RedisStorage  # noqa: PLC0415 - the extra
+        except ImportError:
+            raise PolicyError(
+                "Redis storage needs the redis extra: pip install 'agentpolicy[redis]'",
+                code=ErrorCode.STORAGE_UNAVAILABLE,
+            ) from None
+        return RedisStorage(url, key_prefix=key_prefix)
     raise PolicyValidationError.single(
         "$.storage",
-        f"unknown storage URL {url!r}: use memory://, sqlite:///relative.db "
-        "or sqlite:////absolute/path.db",
+        f"unknown storage URL {url!r}: use memory://, sqlite:///relative.db, "
+        "sqlite:////absolute/path.db, redis://host:port/db or redis+cluster://host:port",
     )

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from agentpolicy.records import (
     Reservation,
 )
 from agentpolicy.storage._state import IdempotencyEntry, TransactionalStorage
+from agentpolicy.storage._time import instant, micros
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
 
@@ -98,16 +99,6 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(instant: datetime) -> int:
-    return (instant - _EPOCH) // timedelta(microseconds=1)
-
-
-def _instant(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
-
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
@@ -167,7 +158,7 @@ class _SQLiteTransaction:
         query = "SELECT window_key, window_end, decimals, spent, reserved FROM counters "
         query += f"WHERE agent_id = ? AND window_key IN ({marks})"
         rows = self.c.execute(query, (agent_id, *wanted)).fetchall()
-        return {k: Counter(k, _instant(e), d, int(s), int(r)) for k, e, d, s, r in rows}
+        return {k: Counter(k, instant(e), d, int(s), int(r)) for k, e, d, s, r in rows}
 
     def put_counters(self, agent_id: str, counters: Iterable[Counter]) -> None:
         self.c.executemany(
@@ -175,7 +166,7 @@ class _SQLiteTransaction:
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id, window_key) DO UPDATE SET "
             "decimals = excluded.decimals, spent = excluded.spent, reserved = excluded.reserved",
             [
-                (agent_id, c.key, _micros(c.window_end), c.decimals, str(c.spent), str(c.reserved))
+                (agent_id, c.key, micros(c.window_end), c.decimals, str(c.spent), str(c.reserved))
                 for c in counters
             ],
         )
@@ -183,7 +174,7 @@ class _SQLiteTransaction:
     def prune_counters(self, agent_id: str, now: datetime) -> None:
         self.c.execute(
             "DELETE FROM counters WHERE agent_id = ? AND window_end <= ?",
-            (agent_id, _micros(now)),
+            (agent_id, micros(now)),
         )
 
     def get_reservation(self, reservation_id: str) -> Reservation | None:
@@ -201,7 +192,7 @@ class _SQLiteTransaction:
                 reservation.id,
                 reservation.agent_id,
                 reservation.status.value,
-                _micros(reservation.expires_at),
+                micros(reservation.expires_at),
                 encode(reservation),
             ),
         )
@@ -211,13 +202,13 @@ class _SQLiteTransaction:
             rows = self.c.execute(
                 "SELECT body FROM reservations WHERE status IN ('held', 'reserved') "
                 "AND expires_at <= ? ORDER BY expires_at",
-                (_micros(now),),
+                (micros(now),),
             ).fetchall()
         else:
             rows = self.c.execute(
                 "SELECT body FROM reservations WHERE agent_id = ? "
                 "AND status IN ('held', 'reserved') AND expires_at <= ? ORDER BY expires_at",
-                (agent_id, _micros(now)),
+                (agent_id, micros(now)),
             ).fetchall()
         return [decode(b, Reservation) for (b,) in rows]
 
@@ -234,7 +225,7 @@ class _SQLiteTransaction:
                 approval.id,
                 approval.agent_id,
                 approval.status.value,
-                _micros(approval.created_at),
+                micros(approval.created_at),
                 encode(approval),
             ),
         )
@@ -274,7 +265,7 @@ class _SQLiteTransaction:
         if row is None:
             return None
         return IdempotencyEntry(
-            agent_id, key, row[1], _instant(row[0]), decode(row[2], HistoryRecord)
+            agent_id, key, row[1], instant(row[0]), decode(row[2], HistoryRecord)
         )
 
     def put_idempotency(self, entry: IdempotencyEntry) -> None:
@@ -286,7 +277,7 @@ class _SQLiteTransaction:
             (
                 entry.agent_id,
                 entry.key,
-                _micros(entry.created_at),
+                micros(entry.created_at),
                 entry.fingerprint,
                 encode(entry.record),
             ),

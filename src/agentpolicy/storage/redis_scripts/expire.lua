@@ -1,0 +1,16 @@
+-- Apply due expiries for one agent, then report. ARGV[1] JSON.
+-- With a.counters: return the counters {key, d, s, r, ...}; otherwise the expired ids.
+local a = cjson.decode(ARGV[1])
+local due = expire_due(a.P, a.now_us, a.now_iso, a.agent, a.history_limit)
+if a.counters then
+  local out = {}
+  for _, wk in ipairs(a.counters) do
+    local key = a.P .. "c:" .. wk
+    if redis.call("EXISTS", key) == 1 then
+      local d, s, r = counter(key)
+      out[#out + 1] = wk; out[#out + 1] = tostring(d); out[#out + 1] = s; out[#out + 1] = r
+    end
+  end
+  return out
+end
+return due
