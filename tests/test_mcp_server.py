@@ -299,6 +299,11 @@ def test_bad_constructor_arguments_are_invalid_input() -> None:
         AgentPolicyMcpServer(agent_id=" x")
 
 
-def test_create_server_with_redis_names_what_is_missing() -> None:
-    with pytest.raises(PolicyError, match="redis"):
+def test_without_the_redis_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "agentpolicy.storage.redis", None)  # as if not installed
+    with pytest.raises(PolicyError, match=r"agentpolicy\[redis\]") as caught:
         create_server_with_redis("redis://user:secret@localhost:6379/0")
+    assert caught.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "secret" not in caught.value.message
