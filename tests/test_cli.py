@@ -179,3 +179,27 @@ def test_demo_walks_through_the_approval_example(tmp_path: Path) -> None:
 def test_version_and_help(tmp_path: Path) -> None:
     assert run(tmp_path, "--version").stdout.startswith("agentpolicy ")
     assert "approvals" in run(tmp_path, "--help").stdout
+
+
+def test_webhook_deliveries_are_visible(tmp_path: Path) -> None:
+    from agentpolicy import PolicyEngine
+    from agentpolicy.storage import SQLiteStorage
+    from agentpolicy.testing import ManualClock, payment
+    from tests.receiver import Receiver
+
+    receiver = Receiver(default=400).start()
+    engine = PolicyEngine(
+        storage=SQLiteStorage(tmp_path / "cli.db"), clock=ManualClock(),
+        webhook_endpoints=[{"url": receiver.url, "secret": "s"}],
+    )  # fmt: skip
+    engine.set_policy("agent-123", approval_example_policy())
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert engine.flush_webhooks(10)
+    engine.close()
+    receiver.stop()
+    listed = run(tmp_path, "webhooks", "list", "--status", "failed").stdout
+    assert listed.startswith("failed    approval.created")
+    assert "(HTTP 400)" in listed
+    assert (
+        run(tmp_path, "webhooks", "list", "--status", "pending").stdout == "no webhook deliveries\n"
+    )

@@ -109,5 +109,24 @@ def settle_redis(url: str, prefix: str, reservation_ids: list[str], action: str)
     return done
 
 
+def approvals_with_webhooks(db_path: str, url: str) -> None:
+    """Create approvals (their events wait in the outbox: the receiver is down), then hang."""
+    engine = PolicyEngine(
+        storage=SQLiteStorage(db_path),
+        clock=ManualClock(FIXED_NOW),
+        webhook_endpoints=[{"url": url, "secret": "s3cret", "timeout": 1000}],
+        webhook_backoff=0.01,
+        webhook_backoff_cap=0.05,
+    )
+    for _ in range(3):
+        engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sys.stdin.readline()  # killed before this returns
+
+
 if __name__ == "__main__":
-    {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](sys.argv[2])
+    if sys.argv[1] == "webhooks":
+        approvals_with_webhooks(sys.argv[2], sys.argv[3])
+    else:
+        {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](sys.argv[2])

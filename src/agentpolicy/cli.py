@@ -26,15 +26,15 @@ from agentpolicy.config import Settings, read_settings
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import ErrorCode, NotFoundError, PolicyError, PolicyValidationError
 from agentpolicy.examples import approval_example_policy
-from agentpolicy.mcp.tools import (
+from agentpolicy.requests import PaymentRequest
+from agentpolicy.storage import open_storage
+from agentpolicy.views import (
     approval_data,
     budget_data,
     decision_data,
     history_data,
     reservation_data,
 )
-from agentpolicy.requests import PaymentRequest
-from agentpolicy.storage import open_storage
 
 __all__ = ["main"]
 
@@ -47,6 +47,31 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"agentpolicy: {message} (see --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _add_review_commands(sub: Any) -> None:
+    """Commands for people who review: approvals, history and webhook deliveries."""
+    ap = sub.add_parser("approvals", help="list, show, approve and deny approvals")
+    asub = ap.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    al = asub.add_parser("list", help="pending approvals")
+    al.add_argument("--agent")
+    ash = asub.add_parser("show", help="one approval")
+    ash.add_argument("approval")
+    for verb in ("approve", "deny"):
+        v = asub.add_parser(verb, help=f"{verb} as a named approver")
+        v.add_argument("approval")
+        v.add_argument("--as", dest="approver", required=True, help="the approver's name")
+        v.add_argument("--comment")
+
+    h = sub.add_parser("history", help="an agent's decisions and state changes")
+    h.add_argument("agent")
+    h.add_argument("--limit", type=int, default=50)
+
+    wh = sub.add_parser("webhooks", help="webhook deliveries in the outbox")
+    whsub = wh.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    whl = whsub.add_parser("list", help="deliveries, newest first")
+    whl.add_argument("--status", choices=["pending", "delivered", "failed"])
+    whl.add_argument("--limit", type=int, default=50)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,22 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("agent")
     b.add_argument("--period", choices=["hourly", "daily", "weekly", "monthly"])
 
-    ap = sub.add_parser("approvals", help="list, show, approve and deny approvals")
-    asub = ap.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    al = asub.add_parser("list", help="pending approvals")
-    al.add_argument("--agent")
-    ash = asub.add_parser("show", help="one approval")
-    ash.add_argument("approval")
-    for verb in ("approve", "deny"):
-        v = asub.add_parser(verb, help=f"{verb} as a named approver")
-        v.add_argument("approval")
-        v.add_argument("--as", dest="approver", required=True, help="the approver's name")
-        v.add_argument("--comment")
-
-    h = sub.add_parser("history", help="an agent's decisions and state changes")
-    h.add_argument("agent")
-    h.add_argument("--limit", type=int, default=50)
-
+    _add_review_commands(sub)
     sub.add_parser("sweep", help="expire due reservations and approvals now")
     s = sub.add_parser("serve-mcp", help="serve the MCP tools over stdio")
     s.add_argument("--role", choices=["agent", "admin"], help="default: $AGENT_POLICY_ROLE")
@@ -204,6 +214,17 @@ def _print_history(d: dict[str, Any], out: TextIO) -> None:
         out.write(f"{r['at']}  {r['event']:<17} {r.get('code', ''):<24} {ref}\n")
 
 
+def _print_deliveries(d: dict[str, Any], out: TextIO) -> None:
+    for r in d["deliveries"]:
+        error = f"  ({r['lastError']})" if r["lastError"] else ""
+        out.write(
+            f"{r['status']:<9} {r['event']:<28} {r['approvalId']}  "
+            f"attempts {r['attempts']}{error}\n"
+        )
+    if not d["deliveries"]:
+        out.write("no webhook deliveries\n")
+
+
 def _print_line(template: str) -> Callable[[dict[str, Any], TextIO], None]:
     def write(d: dict[str, Any], out: TextIO) -> None:
         out.write(template.format(**d) + "\n")
@@ -258,6 +279,14 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, out: TextIO) -> int:
     elif cmd == "history":
         rows = [history_data(h) for h in engine.history(args.agent, args.limit)]
         emit({"history": rows}, _print_history)
+    elif cmd == "webhooks":
+        rows = [
+            {"id": w.event_id, "event": w.event, "endpoint": w.endpoint_id,
+             "approvalId": w.approval_id, "status": w.status.value, "attempts": w.attempts,
+             "lastError": w.last_error}
+            for w in engine.webhook_deliveries(args.status, args.limit)
+        ]  # fmt: skip
+        emit({"deliveries": rows}, _print_deliveries)
     elif cmd == "sweep":
         swept = engine.sweep()
         emit({"reservations": [r.id for r in swept.reservations],

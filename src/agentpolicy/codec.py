@@ -52,11 +52,13 @@ from agentpolicy.records import (
     ApprovalStatus,
     Budget,
     Counter,
+    DeliveryStatus,
     HistoryRecord,
     PolicyRecord,
     Reservation,
     ReservationStatus,
     Vote,
+    WebhookDelivery,
     WindowBudget,
 )
 from agentpolicy.requests import PaymentRequest
@@ -94,6 +96,7 @@ _RECORD_CLASSES: tuple[type, ...] = (
     HistoryRecord,
     WindowBudget,
     Budget,
+    WebhookDelivery,
 )
 
 
@@ -221,7 +224,7 @@ def _make_converter() -> cattrs.Converter:
         converter.register_structure_hook(primitive, _passthrough)
     converter.register_structure_hook(datetime, lambda v, _: parse_instant(v))
     # StrEnums subclass str: each gets its own strict hook, more specific than str's.
-    for kind in (Code, Outcome, Period, ReservationStatus, ApprovalStatus):
+    for kind in (Code, Outcome, Period, ReservationStatus, ApprovalStatus, DeliveryStatus):
         converter.register_structure_hook(kind, _enum_hook(kind))
     converter.register_unstructure_hook(datetime, format_instant)
     converter.register_structure_hook_factory(

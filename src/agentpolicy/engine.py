@@ -10,7 +10,7 @@ sharing it can overspend.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -22,10 +22,12 @@ from agentpolicy.amounts import Amount, scale_units
 from agentpolicy.approvals import DECISIONS
 from agentpolicy.codec import dump_policy, load_policy
 from agentpolicy.decisions import Code, Decision
+from agentpolicy.delivery import WebhookDispatcher
 from agentpolicy.errors import (
     ErrorCode,
     InternalError,
     NotFoundError,
+    PolicyError,
     PolicyValidationError,
     StorageUnavailableError,
 )
@@ -44,6 +46,7 @@ from agentpolicy.records import (
 )
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage import Storage, open_storage
+from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
 from agentpolicy.windows import Period
 
 __all__ = ["DEFAULT_RESERVATION_TTL", "PolicyEngine", "StoredPolicy"]
@@ -92,6 +95,12 @@ class PolicyEngine:
     storage. ``clock`` returns the current time as an aware datetime (default:
     the real UTC clock); it is the only clock the engine reads.
 
+    ``webhook_endpoints`` (objects or dicts, see
+    :func:`agentpolicy.webhooks.to_endpoints`) turn on signed approval events:
+    they are written to the storage's outbox in the same transaction as the
+    change and delivered by a background thread; ``webhook_backoff`` and
+    ``webhook_backoff_cap`` (seconds, real time) shape its retries.
+
     Errors that are not decisions raise :class:`~agentpolicy.PolicyError`
     subclasses whose ``.code`` is an :class:`~agentpolicy.ErrorCode`; a
     denied payment is a :class:`~agentpolicy.Decision`, never an exception.
@@ -102,9 +111,14 @@ class PolicyEngine:
         storage: Storage | str | None = None,
         clock: Callable[[], datetime] | None = None,
         reservation_ttl: timedelta = DEFAULT_RESERVATION_TTL,
+        webhook_endpoints: Iterable[WebhookEndpoint | Mapping[str, Any]] | None = None,
+        *,
+        webhook_backoff: float = 1.0,
+        webhook_backoff_cap: float = 3600.0,
     ) -> None:
         if not isinstance(reservation_ttl, timedelta) or reservation_ttl <= timedelta(0):
             raise PolicyValidationError.single("$.reservationTtl", "must be a positive duration")
+        endpoints = to_endpoints(webhook_endpoints)
         if storage is None:
             storage = "memory://"
         self.storage: Storage = open_storage(storage) if isinstance(storage, str) else storage
@@ -113,6 +127,23 @@ class PolicyEngine:
         self._parsed: dict[tuple[str, int], AgentPolicy | None] = {}
         self._current: dict[str, int] = {}
         self._cache_lock = threading.Lock()
+        self.webhooks: WebhookDispatcher | None = None
+        if endpoints:
+            if not hasattr(self.storage, "set_webhook_routes"):
+                raise PolicyError(
+                    f"{type(self.storage).__name__} keeps no webhook outbox: use the memory "
+                    "or SQLite storage for webhooks",
+                    code=ErrorCode.INVALID_INPUT,
+                )
+            self.storage.set_webhook_routes(tuple((e.id, e.events) for e in endpoints))
+            self.webhooks = WebhookDispatcher(
+                self.storage,  # type: ignore[arg-type]
+                endpoints,
+                backoff=webhook_backoff,
+                backoff_cap=webhook_backoff_cap,
+                housekeeping=self.sweep,
+            )
+            self.webhooks.start()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -264,6 +295,8 @@ class PolicyEngine:
             outcome = self.storage.authorize(self._plan(policy, version, request, now))
             if not outcome.stale:
                 assert outcome.record is not None  # noqa: S101 - set whenever not stale
+                if outcome.record.approval_id is not None:
+                    self._wake_webhooks()
                 return self._decision(outcome.record)
             fresh = True  # another process changed the policy: read it again
         raise StorageUnavailableError("the policy changed during every attempt to authorize")
@@ -387,9 +420,11 @@ class PolicyEngine:
         if comment is not None:
             problems += check_text(comment, "$.comment")
         raise_if(problems)
-        return self.storage.vote(
+        approval = self.storage.vote(
             approval_id, approver, decision, comment, self._now(), self.reservation_ttl
         )
+        self._wake_webhooks()
+        return approval
 
     # -- audit and housekeeping ---------------------------------------------------------
 
@@ -402,10 +437,41 @@ class PolicyEngine:
 
     def sweep(self) -> SweepResult:
         """Apply every due expiry now; return the reservations and approvals it expired."""
-        return self.storage.sweep(self._now())
+        result = self.storage.sweep(self._now())
+        if result.approvals:
+            self._wake_webhooks()
+        return result
+
+    # -- webhooks -----------------------------------------------------------------------------
+
+    def _wake_webhooks(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.wake()
+
+    def flush_webhooks(self, timeout: float = 10.0) -> bool:
+        """Wait until the outbox is empty for this engine's endpoints, or ``timeout`` seconds.
+
+        Returns whether it is empty (deliveries recorded as failed count as
+        done). True at once when no endpoints are configured.
+        """
+        if self.webhooks is None:
+            return True
+        return self.webhooks.flush(timeout)
+
+    def webhook_deliveries(self, status: str | None = None, limit: int = 100) -> list[Any]:
+        """Deliveries in the outbox, newest first (``status``: pending, delivered, failed)."""
+        if status is not None and status not in ("pending", "delivered", "failed"):
+            raise PolicyValidationError.single("$.status", "must be pending, delivered or failed")
+        listing = getattr(self.storage, "webhook_deliveries", None)
+        if listing is None:
+            return []
+        result: list[Any] = listing(status, limit)
+        return result
 
     def close(self) -> None:
-        """Close the storage."""
+        """Stop webhook delivery (what is pending stays in the outbox) and close the storage."""
+        if self.webhooks is not None:
+            self.webhooks.close()
         self.storage.close()
 
     def __enter__(self) -> PolicyEngine:

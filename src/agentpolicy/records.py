@@ -25,6 +25,7 @@ __all__ = [
     "AuthorizePlan",
     "Budget",
     "Counter",
+    "DeliveryStatus",
     "HistoryRecord",
     "PolicyRecord",
     "Reservation",
@@ -32,6 +33,7 @@ __all__ = [
     "SweepResult",
     "Vote",
     "WindowBudget",
+    "WebhookDelivery",
     "WindowLimit",
 ]
 
@@ -289,3 +291,35 @@ class SweepResult:
 
     reservations: tuple[Reservation, ...] = ()
     approvals: tuple[Approval, ...] = ()
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Where one webhook delivery is."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class WebhookDelivery:
+    """One event for one endpoint, kept in the storage's outbox until delivered or failed.
+
+    Written in the same transaction as the state change that caused it.
+    ``seq`` orders events as they were created; ``next_attempt_at`` and the
+    back-off run on real time (Unix seconds), not on the engine's clock.
+    """
+
+    id: str
+    event_id: str
+    endpoint_id: str
+    event: str
+    agent_id: str
+    approval_id: str
+    created_at: datetime
+    payload: dict[str, Any]
+    seq: int = 0
+    status: DeliveryStatus = DeliveryStatus.PENDING
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None

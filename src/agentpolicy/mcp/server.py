@@ -11,7 +11,7 @@ no exception and no traceback ever reaches the client.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,18 +27,11 @@ from agentpolicy.errors import (
     Problem,
 )
 from agentpolicy.examples import seed_policy
-from agentpolicy.mcp.tools import (
-    TOOLS,
-    Tool,
-    approval_data,
-    budget_data,
-    decision_data,
-    find_tool,
-    parse_arguments,
-    reservation_data,
-)
+from agentpolicy.mcp.tools import TOOLS, Tool, find_tool, parse_arguments
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
+from agentpolicy.views import approval_data, budget_data, decision_data, reservation_data
+from agentpolicy.webhooks import WebhookEndpoint
 
 __all__ = ["DEMO_AGENT", "AgentPolicyMcpServer", "create_server_with_redis"]
 
@@ -62,7 +55,9 @@ class AgentPolicyMcpServer:
     ``AGENT_POLICY_REDIS_URL`` if set, else ``AGENT_POLICY_DB`` if set, else a
     fresh in-memory storage private to this server. ``role`` is ``"agent"``
     or ``"admin"``; demo mode implies admin and always uses a fresh in-memory
-    storage with the seed's example policy for ``demo-agent``. ``agent_id``
+    storage with the seed's example policy for ``demo-agent``, and sends no
+    webhook. ``webhook_endpoints`` are objects or dicts (see
+    :func:`agentpolicy.webhooks.to_endpoints`). ``agent_id``
     or ``org_id`` bind an agent-role server to one agent or to agent ids that
     start with ``"{org_id}:"``.
     """
@@ -73,7 +68,7 @@ class AgentPolicyMcpServer:
         storage: Storage | str | None = None,
         role: str = "agent",
         clock: Callable[[], datetime] | None = None,
-        webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
+        webhook_endpoints: Iterable[WebhookEndpoint | Mapping[str, Any]] | None = None,
         reservation_ttl: timedelta | None = None,
         *,
         agent_id: str | None = None,
@@ -90,7 +85,6 @@ class AgentPolicyMcpServer:
         self.role = "admin" if self.demo_mode else role
         self.bound_agent = agent_id
         self.bound_org = org_id
-        self.webhook_endpoints = tuple(webhook_endpoints or ())
         if self.demo_mode:
             storage = MemoryStorage()
         elif storage is None:
@@ -101,6 +95,7 @@ class AgentPolicyMcpServer:
             storage=storage,
             clock=clock,
             reservation_ttl=reservation_ttl or DEFAULT_RESERVATION_TTL,
+            webhook_endpoints=None if self.demo_mode else webhook_endpoints,
         )
         if self.demo_mode:
             self.engine.set_policy(DEMO_AGENT, seed_policy())
@@ -244,8 +239,12 @@ class AgentPolicyMcpServer:
         )
         return approval_data(approval)
 
+    def flush_webhooks(self, timeout: float = 10.0) -> bool:
+        """Wait until the webhook outbox is empty or ``timeout`` seconds pass."""
+        return self.engine.flush_webhooks(timeout)
+
     def close(self) -> None:
-        """Close the engine's storage."""
+        """Stop webhook delivery and close the engine's storage."""
         self.engine.close()
 
 
@@ -255,7 +254,7 @@ def create_server_with_redis(
     key_prefix: str = "agent-policy:",
     demo_mode: bool = False,
     role: str = "agent",
-    webhook_endpoints: Sequence[Mapping[str, Any]] | None = None,
+    webhook_endpoints: Iterable[WebhookEndpoint | Mapping[str, Any]] | None = None,
 ) -> AgentPolicyMcpServer:
     """A server on Redis storage at ``url`` (needs ``pip install agentpolicy[redis]``).
 

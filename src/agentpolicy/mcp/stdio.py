@@ -24,6 +24,7 @@ from agentpolicy.config import Settings, read_settings
 from agentpolicy.errors import PolicyError
 from agentpolicy.mcp.server import AgentPolicyMcpServer
 from agentpolicy.storage import open_storage
+from agentpolicy.webhooks import endpoints_from_env
 
 __all__ = ["build_server", "main", "serve", "summary"]
 
@@ -89,6 +90,7 @@ def make_app(settings: Settings) -> AgentPolicyMcpServer:
         reservation_ttl=settings.reservation_ttl,
         agent_id=settings.agent_id,
         org_id=settings.org_id,
+        webhook_endpoints=endpoints_from_env(),
     )
 
 

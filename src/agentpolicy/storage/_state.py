@@ -10,7 +10,8 @@ rolled back if anything raises, so a refused call changes nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -31,7 +32,10 @@ from agentpolicy.records import (
     Reservation,
     ReservationStatus,
     SweepResult,
+    Vote,
+    WebhookDelivery,
 )
+from agentpolicy.views import approval_data, vote_data
 
 __all__ = ["IdempotencyEntry", "Transaction", "TransactionalStorage"]
 
@@ -101,6 +105,69 @@ class Transaction(Protocol):
     def new_id(self, kind: str, agent_id: str) -> str:
         """A new opaque id for a reservation (``res``) or approval (``apr``)."""
 
+    def add_outbox(self, delivery: WebhookDelivery) -> None:
+        """Append a delivery to the outbox, giving it the next ``seq``."""
+
+    def put_outbox(self, delivery: WebhookDelivery) -> None:
+        """Update a delivery (by id)."""
+
+    def pending_outbox(self, endpoint_ids: Iterable[str]) -> list[WebhookDelivery]:
+        """Pending deliveries of these endpoints, in ``seq`` order."""
+
+    def list_outbox(self, status: str | None, limit: int) -> list[WebhookDelivery]:
+        """Deliveries, newest first, optionally of one status."""
+
+
+Route = tuple[str, frozenset[str]]
+"""A webhook endpoint's id and the events it wants (empty: all)."""
+
+
+def _emit(
+    tx: Transaction,
+    routes: tuple[Route, ...],
+    event: str,
+    approval: Approval,
+    now: datetime,
+    decision: Vote | None = None,
+) -> None:
+    """Write ``event`` to the outbox for every endpoint that wants it (same transaction)."""
+    wanting = [endpoint for endpoint, events in routes if not events or event in events]
+    if not wanting:
+        return
+    event_id = f"evt_{uuid.uuid4().hex}"
+    payload: dict[str, Any] = {"id": event_id, "event": event, "approval": approval_data(approval)}
+    if decision is not None:
+        payload["decision"] = vote_data(decision)
+    for endpoint in wanting:
+        tx.add_outbox(
+            WebhookDelivery(
+                id=f"{event_id}.{endpoint}", event_id=event_id, endpoint_id=endpoint,
+                event=event, agent_id=approval.agent_id, approval_id=approval.id,
+                created_at=now, payload=payload,
+            )
+        )  # fmt: skip
+
+
+def claim_outbox(
+    tx: Transaction, endpoint_ids: list[str], now: float, lease: float, limit: int
+) -> list[WebhookDelivery]:
+    """Claim due deliveries: only the oldest pending one per endpoint and approval.
+
+    Claiming pushes ``next_attempt_at`` out by ``lease`` seconds, so no other
+    worker sends the same delivery meanwhile; events of one approval reach an
+    endpoint in the order they were created.
+    """
+    heads: dict[tuple[str, str], WebhookDelivery] = {}
+    for d in tx.pending_outbox(endpoint_ids):
+        heads.setdefault((d.endpoint_id, d.approval_id), d)
+    claimed: list[WebhookDelivery] = []
+    for d in sorted(heads.values(), key=lambda d: d.seq):
+        if d.next_attempt_at <= now and len(claimed) < limit:
+            leased = attrs.evolve(d, next_attempt_at=now + lease)
+            tx.put_outbox(leased)
+            claimed.append(leased)
+    return claimed
+
 
 def _history(tx: Transaction, agent_id: str, at: datetime, event: str, **kw: Any) -> None:
     tx.add_history(HistoryRecord(agent_id=agent_id, at=at, event=event, **kw))
@@ -126,7 +193,9 @@ def _close(
     return closed
 
 
-def expire_due(tx: Transaction, agent_id: str | None, now: datetime) -> SweepResult:
+def expire_due(
+    tx: Transaction, agent_id: str | None, now: datetime, routes: tuple[Route, ...] = ()
+) -> SweepResult:
     """Expire every open reservation whose time is up, and the approvals they held for."""
     expired: list[Reservation] = []
     lapsed: list[Approval] = []
@@ -138,6 +207,7 @@ def expire_due(tx: Transaction, agent_id: str | None, now: datetime) -> SweepRes
                 gone = approvals.expire(approval, now)
                 tx.put_approval(gone)
                 lapsed.append(gone)
+                _emit(tx, routes, "approval.expired", gone, now)
                 _history(tx, r.agent_id, now, "approval_expired", approval_id=approval.id)
     return SweepResult(tuple(expired), tuple(lapsed))
 
@@ -154,7 +224,9 @@ def _check_limits(plan: AuthorizePlan, usage: dict[str, Amount]) -> Code:
     return plan.on_pass
 
 
-def authorize(tx: Transaction, plan: AuthorizePlan) -> AuthorizeOutcome:
+def authorize(
+    tx: Transaction, plan: AuthorizePlan, routes: tuple[Route, ...] = ()
+) -> AuthorizeOutcome:
     """Carry out an :class:`AuthorizePlan` (see there for the steps)."""
     request, now = plan.request, plan.now
     agent = request.agent_id
@@ -174,7 +246,7 @@ def authorize(tx: Transaction, plan: AuthorizePlan) -> AuthorizeOutcome:
                     code=ErrorCode.IDEMPOTENCY_CONFLICT,
                 )
             return AuthorizeOutcome(record=entry.record, replayed=True)
-    expire_due(tx, agent, now)
+    expire_due(tx, agent, now, routes)
     tx.prune_counters(agent, now)
     counters = tx.counters(agent, [w.key for w in plan.windows])
     usage = {k: c.used for k, c in counters.items()}
@@ -188,14 +260,14 @@ def authorize(tx: Transaction, plan: AuthorizePlan) -> AuthorizeOutcome:
             assert plan.approval is not None  # noqa: S101 - the engine sets terms with the code
             approval_id = tx.new_id("apr", agent)
             expires_at = plan.approval.expires_at
-            tx.put_approval(
-                Approval(
-                    id=approval_id, agent_id=agent, status=ApprovalStatus.PENDING,
-                    request=request, required_approvers=plan.approval.required_approvers,
-                    approvers=plan.approval.approvers, votes=(), created_at=now,
-                    expires_at=expires_at, hold_id=hold_id, policy_version=plan.policy_version,
-                )
+            approval = Approval(
+                id=approval_id, agent_id=agent, status=ApprovalStatus.PENDING,
+                request=request, required_approvers=plan.approval.required_approvers,
+                approvers=plan.approval.approvers, votes=(), created_at=now,
+                expires_at=expires_at, hold_id=hold_id, policy_version=plan.policy_version,
             )  # fmt: skip
+            tx.put_approval(approval)
+            _emit(tx, routes, "approval.created", approval, now)
         else:
             reservation_id = hold_id
         amount = request.asset_amount
@@ -277,6 +349,7 @@ def vote(
     comment: str | None,
     now: datetime,
     reservation_ttl: timedelta,
+    routes: tuple[Route, ...] = (),
 ) -> Approval:
     """Record an approver's decision; approving enough turns the hold into a reservation."""
     approval = tx.get_approval(approval_id)
@@ -284,6 +357,7 @@ def vote(
         raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
     decided = approvals.cast_vote(approval, approver, decision, now, comment)
     tx.put_approval(decided)
+    _emit(tx, routes, "approval.decision_submitted", decided, now, decided.votes[-1])
     agent = approval.agent_id
     _history(
         tx, agent, now, "vote", approval_id=approval.id, code=decision,
@@ -295,6 +369,7 @@ def vote(
     if decided.status is ApprovalStatus.DENIED:
         _close(tx, hold, ReservationStatus.RELEASED, now)
         _history(tx, agent, now, "approval_denied", approval_id=approval.id)
+        _emit(tx, routes, "approval.denied", decided, now)
     elif decided.status is ApprovalStatus.APPROVED:
         tx.put_reservation(
             attrs.evolve(
@@ -308,6 +383,7 @@ def vote(
             tx, agent, now, "approval_approved", approval_id=approval.id,
             reservation_id=hold.id, expires_at=now + reservation_ttl,
         )  # fmt: skip
+        _emit(tx, routes, "approval.approved", decided, now)
     return decided
 
 
@@ -319,8 +395,39 @@ class TransactionalStorage:
     raises.
     """
 
+    webhook_routes: tuple[Route, ...] = ()
+
     def _transaction(self, agent_id: str | None = None) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def set_webhook_routes(self, routes: tuple[Route, ...]) -> None:
+        """Which endpoints want which events: approval events go to their outbox from now on."""
+        self.webhook_routes = tuple(routes)
+
+    def claim_webhooks(
+        self, endpoint_ids: list[str], now: float, lease: float, limit: int = 50
+    ) -> list[WebhookDelivery]:
+        """Claim due deliveries for these endpoints (see :func:`claim_outbox`)."""
+        with self._transaction() as tx:
+            return claim_outbox(tx, endpoint_ids, now, lease, limit)
+
+    def finish_webhook(self, delivery: WebhookDelivery) -> None:
+        """Record the outcome of an attempt (delivered, failed, or the next attempt's time)."""
+        with self._transaction() as tx:
+            tx.put_outbox(delivery)
+
+    def pending_webhooks(self, endpoint_ids: list[str]) -> int:
+        """How many deliveries for these endpoints are still pending."""
+        with self._transaction() as tx:
+            return len(tx.pending_outbox(endpoint_ids))
+
+    def webhook_deliveries(
+        self, status: str | None = None, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        """Deliveries in the outbox, newest first, optionally of one status."""
+        with self._transaction() as tx:
+            result: list[WebhookDelivery] = tx.list_outbox(status, limit)
+            return result
 
     def put_policy(self, agent_id: str, policy: dict[str, Any], now: datetime) -> PolicyRecord:
         """Store a new version of an agent's policy (JSON form) and return it."""
@@ -346,7 +453,7 @@ class TransactionalStorage:
     def authorize(self, plan: AuthorizePlan) -> AuthorizeOutcome:
         """Carry out ``plan`` atomically."""
         with self._transaction(plan.request.agent_id) as tx:
-            return authorize(tx, plan)
+            return authorize(tx, plan, self.webhook_routes)
 
     def confirm(self, reservation_id: str, now: datetime) -> Reservation:
         """Confirm a reservation atomically."""
@@ -369,14 +476,17 @@ class TransactionalStorage:
     ) -> Approval:
         """Record an approver's decision atomically."""
         with self._transaction() as tx:
-            return vote(tx, approval_id, approver, decision, comment, now, reservation_ttl)
+            return vote(
+                tx, approval_id, approver, decision, comment, now, reservation_ttl,
+                self.webhook_routes,
+            )  # fmt: skip
 
     def get_reservation(self, reservation_id: str, now: datetime) -> Reservation | None:
         """A reservation, with its expiry applied if its time is up."""
         with self._transaction() as tx:
             r: Reservation | None = tx.get_reservation(reservation_id)
             if r is not None and r.due(now):
-                expire_due(tx, r.agent_id, now)
+                expire_due(tx, r.agent_id, now, self.webhook_routes)
                 r = tx.get_reservation(reservation_id)
             return r
 
@@ -385,21 +495,21 @@ class TransactionalStorage:
         with self._transaction() as tx:
             a: Approval | None = tx.get_approval(approval_id)
             if a is not None and a.status is ApprovalStatus.PENDING and now >= a.expires_at:
-                expire_due(tx, a.agent_id, now)
+                expire_due(tx, a.agent_id, now, self.webhook_routes)
                 a = tx.get_approval(approval_id)
             return a
 
     def list_approvals(self, agent_id: str | None, now: datetime) -> list[Approval]:
         """Pending approvals (of one agent, or all), after applying due expiries."""
         with self._transaction(agent_id) as tx:
-            expire_due(tx, agent_id, now)
+            expire_due(tx, agent_id, now, self.webhook_routes)
             result: list[Approval] = tx.pending_approvals(agent_id)
             return result
 
     def usage(self, agent_id: str, keys: Iterable[str], now: datetime) -> dict[str, Counter]:
         """An agent's counters for these window keys, after applying due expiries."""
         with self._transaction(agent_id) as tx:
-            expire_due(tx, agent_id, now)
+            expire_due(tx, agent_id, now, self.webhook_routes)
             result: dict[str, Counter] = tx.counters(agent_id, keys)
             return result
 
@@ -412,10 +522,4 @@ class TransactionalStorage:
     def sweep(self, now: datetime) -> SweepResult:
         """Expire every due reservation and approval of every agent."""
         with self._transaction() as tx:
-            return expire_due(tx, None, now)
-
-
-def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """Split ``items`` into lists of at most ``size``."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+            return expire_due(tx, None, now, self.webhook_routes)

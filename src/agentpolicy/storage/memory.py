@@ -22,9 +22,11 @@ from agentpolicy.records import (
     Approval,
     ApprovalStatus,
     Counter,
+    DeliveryStatus,
     HistoryRecord,
     PolicyRecord,
     Reservation,
+    WebhookDelivery,
 )
 from agentpolicy.storage._state import IdempotencyEntry, TransactionalStorage
 
@@ -46,6 +48,8 @@ class _Tables:
         self.idempotency: dict[tuple[str, str], IdempotencyEntry] = {}
         self.seq = 0
         self.history_limit = history_limit
+        self.outbox: dict[str, WebhookDelivery] = {}
+        self.outbox_pending: dict[str, None] = {}
 
 
 class _MemoryTransaction:
@@ -164,6 +168,26 @@ class _MemoryTransaction:
 
     def new_id(self, kind: str, agent_id: str) -> str:
         return f"{kind}_{uuid.uuid4().hex}"
+
+    def add_outbox(self, delivery: WebhookDelivery) -> None:
+        self.t.seq += 1
+        self.put_outbox(attrs.evolve(delivery, seq=self.t.seq))
+
+    def put_outbox(self, delivery: WebhookDelivery) -> None:
+        self._set(self.t.outbox, delivery.id, delivery)
+        if delivery.status is DeliveryStatus.PENDING:
+            self._set(self.t.outbox_pending, delivery.id, None)
+        else:
+            self._pop(self.t.outbox_pending, delivery.id)
+
+    def pending_outbox(self, endpoint_ids: Iterable[str]) -> list[WebhookDelivery]:
+        wanted = set(endpoint_ids)
+        found = [self.t.outbox[i] for i in self.t.outbox_pending]
+        return sorted((d for d in found if d.endpoint_id in wanted), key=lambda d: d.seq)
+
+    def list_outbox(self, status: str | None, limit: int) -> list[WebhookDelivery]:
+        found = [d for d in self.t.outbox.values() if status is None or d.status == status]
+        return sorted(found, key=lambda d: d.seq, reverse=True)[:limit]
 
 
 def _drop_last(log: collections.deque[HistoryRecord]) -> None:

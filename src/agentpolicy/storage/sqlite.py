@@ -33,13 +33,14 @@ from agentpolicy.records import (
     HistoryRecord,
     PolicyRecord,
     Reservation,
+    WebhookDelivery,
 )
 from agentpolicy.storage._state import IdempotencyEntry, TransactionalStorage
 from agentpolicy.storage._time import instant, micros
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -97,6 +98,14 @@ CREATE TABLE IF NOT EXISTS idempotency (
     record TEXT NOT NULL,
     PRIMARY KEY (agent_id, key)
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    endpoint_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (endpoint_id, seq) WHERE status = 'pending';
 """
 
 
@@ -286,6 +295,40 @@ class _SQLiteTransaction:
     def new_id(self, kind: str, agent_id: str) -> str:
         return f"{kind}_{uuid.uuid4().hex}"
 
+    def add_outbox(self, delivery: WebhookDelivery) -> None:
+        self.c.execute(
+            "INSERT INTO outbox (id, endpoint_id, status, body) VALUES (?, ?, ?, ?)",
+            (delivery.id, delivery.endpoint_id, delivery.status.value, encode(delivery)),
+        )
+
+    def put_outbox(self, delivery: WebhookDelivery) -> None:
+        self.c.execute(
+            "UPDATE outbox SET status = ?, body = ? WHERE id = ?",
+            (delivery.status.value, encode(delivery), delivery.id),
+        )
+
+    def _outbox(self, rows: list[tuple[int, str]]) -> list[WebhookDelivery]:
+        return [attrs.evolve(decode(b, WebhookDelivery), seq=s) for s, b in rows]
+
+    def pending_outbox(self, endpoint_ids: Iterable[str]) -> list[WebhookDelivery]:
+        ids = list(endpoint_ids)
+        marks = ",".join("?" * len(ids))
+        query = "SELECT seq, body FROM outbox WHERE status = 'pending' "
+        query += f"AND endpoint_id IN ({marks}) ORDER BY seq"
+        return self._outbox(self.c.execute(query, ids).fetchall())
+
+    def list_outbox(self, status: str | None, limit: int) -> list[WebhookDelivery]:
+        if status is None:
+            rows = self.c.execute(
+                "SELECT seq, body FROM outbox ORDER BY seq DESC LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self.c.execute(
+                "SELECT seq, body FROM outbox WHERE status = ? ORDER BY seq DESC LIMIT ?",
+                (status, limit),
+            ).fetchall()
+        return self._outbox(rows)
+
 
 class SQLiteStorage(TransactionalStorage):
     """Storage in one SQLite file (``sqlite:///relative.db``, ``sqlite:////absolute.db``).
@@ -348,6 +391,8 @@ class SQLiteStorage(TransactionalStorage):
             row = tx.c.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 tx.c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] < SCHEMA_VERSION:  # 1 -> 2 added the outbox table, created above
+                tx.c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
                 raise PolicyError(
                     f"{self.path} has schema version {row[0]}; this agentpolicy knows "

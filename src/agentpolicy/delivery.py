@@ -1,0 +1,226 @@
+"""Webhook delivery: a worker that empties the outbox over HTTP, at least once.
+
+Runs on real time (monotonic waits, wall-clock timestamps), never on the
+engine's clock. Never in the way: a decision only writes to the outbox;
+delivery happens in a background thread, and its failures are recorded, not
+raised. Retries with growing back-off and jitter on network errors,
+timeouts, 5xx, 408 and 429; any other status is recorded as failed at once;
+after ``max_attempts`` tries an event is recorded as failed too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import attrs
+
+from agentpolicy.errors import PolicyError
+from agentpolicy.records import DeliveryStatus, WebhookDelivery
+from agentpolicy.webhooks import WebhookEndpoint, sign
+
+__all__ = ["Outbox", "WebhookDispatcher"]
+
+log = logging.getLogger("agentpolicy.webhooks")
+
+_RETRY_STATUSES = frozenset({408, 429})
+
+
+class Outbox(Protocol):
+    """What delivery needs from a storage."""
+
+    def claim_webhooks(
+        self, endpoint_ids: list[str], now: float, lease: float, limit: int = 50
+    ) -> list[WebhookDelivery]:
+        """Claim due deliveries."""
+        ...
+
+    def finish_webhook(self, delivery: WebhookDelivery) -> None:
+        """Record an attempt's outcome."""
+        ...
+
+    def pending_webhooks(self, endpoint_ids: list[str]) -> int:
+        """Deliveries still pending."""
+        ...
+
+
+class _RetryableError(Exception):
+    pass
+
+
+class _FinalError(Exception):
+    pass
+
+
+class WebhookDispatcher:
+    """Delivers the outbox to ``endpoints``; one daemon thread per engine.
+
+    ``backoff`` is the first retry's delay in seconds; each retry doubles it
+    up to ``backoff_cap``, with jitter. ``lease`` is how long a claimed
+    delivery is reserved for this worker (default: the longest endpoint
+    timeout plus 5 seconds), so a worker that dies mid-attempt holds it up
+    no longer than that.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        endpoints: Sequence[WebhookEndpoint],
+        *,
+        backoff: float = 1.0,
+        backoff_cap: float = 3600.0,
+        lease: float | None = None,
+        poll_interval: float = 1.0,
+        housekeeping: Callable[[], object] | None = None,
+        housekeeping_interval: float = 30.0,
+    ) -> None:
+        self.outbox = outbox
+        self.endpoints = {e.id: e for e in endpoints}
+        self.backoff = backoff
+        self.backoff_cap = backoff_cap
+        longest = max((e.timeout.total_seconds() for e in endpoints), default=0.0)
+        self.lease = lease if lease is not None else longest + 5.0
+        self.poll_interval = poll_interval
+        self.housekeeping = housekeeping
+        self.housekeeping_interval = housekeeping_interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- running -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="agentpolicy-webhooks", daemon=True
+            )
+            self._thread.start()
+
+    def wake(self) -> None:
+        """Look at the outbox now rather than at the next poll."""
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; what is still pending stays in the outbox for the next process."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        last_housekeeping = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                due = time.monotonic() - last_housekeeping >= self.housekeeping_interval
+                if self.housekeeping is not None and due:
+                    last_housekeeping = time.monotonic()
+                    self.housekeeping()
+                self.run_once()
+            except PolicyError as err:  # the storage is down: try again later
+                log.warning("webhook delivery paused: %s", err.message)
+            except Exception:  # pragma: no cover - never let the thread die
+                log.exception("webhook worker error")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def run_once(self, limit: int = 50) -> int:
+        """Claim what is due and try each once; return how many were attempted."""
+        with self._lock:
+            claimed = self.outbox.claim_webhooks(
+                list(self.endpoints), time.time(), self.lease, limit
+            )
+            for delivery in claimed:
+                self.outbox.finish_webhook(self._attempt(delivery))
+            return len(claimed)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Deliver until the outbox is empty for these endpoints or ``timeout`` seconds pass.
+
+        Returns whether it is empty. Failed deliveries count as done.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            attempted = self.run_once()
+            if self.outbox.pending_webhooks(list(self.endpoints)) == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            if attempted == 0:
+                time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def _delay(self, attempts: int) -> float:
+        ceiling = min(self.backoff_cap, self.backoff * 2 ** (attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+
+    def _attempt(self, delivery: WebhookDelivery) -> WebhookDelivery:
+        endpoint = self.endpoints[delivery.endpoint_id]
+        attempts = delivery.attempts + 1
+        try:
+            self._post(endpoint, delivery)
+        except _RetryableError as why:
+            if attempts >= endpoint.max_attempts:
+                log.warning("webhook %s to %s failed for good: %s", delivery.id, endpoint.url, why)
+                return attrs.evolve(
+                    delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(why)
+                )
+            return attrs.evolve(
+                delivery,
+                attempts=attempts,
+                next_attempt_at=time.time() + self._delay(attempts),
+                last_error=str(why),
+            )
+        except _FinalError as why:
+            log.warning("webhook %s to %s refused: %s", delivery.id, endpoint.url, why)
+            return attrs.evolve(
+                delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(why)
+            )
+        return attrs.evolve(
+            delivery, status=DeliveryStatus.DELIVERED, attempts=attempts, last_error=None
+        )
+
+    @staticmethod
+    def payload(delivery: WebhookDelivery, timestamp: int) -> bytes:
+        """The exact body of a delivery sent at ``timestamp`` (Unix seconds, real time)."""
+        iso = datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+        body: dict[str, Any] = {**delivery.payload, "timestamp": iso}
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    def _post(self, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> None:
+        timestamp = int(time.time())
+        body = self.payload(delivery, timestamp)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "agentpolicy-webhooks",
+            "X-Webhook-Event": delivery.event,
+            "X-Webhook-Id": delivery.event_id,
+            **sign(body, endpoint.secret, timestamp),
+        }
+        request = urllib.request.Request(  # noqa: S310 - http(s) URLs only, checked
+            endpoint.url, data=body, headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - http(s) URLs only, checked
+                request, timeout=endpoint.timeout.total_seconds()
+            ) as response:
+                response.read(1024)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code >= 500 or exc.code in _RETRY_STATUSES:
+                raise _RetryableError(f"HTTP {exc.code}") from None
+            raise _FinalError(f"HTTP {exc.code}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise _RetryableError(f"network error: {type(reason).__name__}") from None

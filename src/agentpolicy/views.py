@@ -1,0 +1,147 @@
+"""JSON views of decisions, budgets, reservations, approvals and history (camelCase).
+
+Shared by the MCP tools, the command line and webhook payloads. Amounts are
+strings of base units; instants are ISO 8601 in UTC with ``Z``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentpolicy.amounts import Amount
+from agentpolicy.codec import format_instant
+from agentpolicy.decisions import Decision
+from agentpolicy.records import Approval, Budget, HistoryRecord, Reservation, Vote
+
+__all__ = [
+    "approval_data",
+    "budget_data",
+    "decision_data",
+    "history_data",
+    "reservation_data",
+    "vote_data",
+]
+
+
+def _instant(value: Any) -> str | None:
+    return None if value is None else format_instant(value)
+
+
+def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def decision_data(d: Decision) -> dict[str, Any]:
+    """The data of an authorize reply."""
+    return _drop_none(
+        {
+            "allowed": d.allowed,
+            "code": d.code.value,
+            "reason": d.reason,
+            "reservationId": d.reservation_id,
+            "requiresApproval": d.requires_approval,
+            "approvalId": d.approval_id,
+            "expiresAt": _instant(d.expires_at),
+            "policyVersion": d.policy_version,
+            "evaluations": [
+                {
+                    "name": e.name,
+                    "outcome": e.outcome.value,
+                    "code": None if e.code is None else e.code.value,
+                    "detail": e.detail,
+                }
+                for e in d.evaluations
+            ],
+        }
+    )
+
+
+def _amount(a: Amount | None) -> str | None:
+    return None if a is None else str(a.value)
+
+
+def budget_data(b: Budget) -> dict[str, Any]:
+    """The data of a budget reply: every amount in base units of the window's limit."""
+    return {
+        "agentId": b.agent_id,
+        "at": format_instant(b.at),
+        "periods": {
+            period.value: {
+                "limit": _amount(w.limit),
+                "spent": _amount(w.spent),
+                "reserved": _amount(w.reserved),
+                "remaining": _amount(w.remaining),
+                "decimals": w.spent.decimals,
+                "symbol": w.spent.symbol,
+                "windowStart": format_instant(w.window.start),
+                "windowEnd": format_instant(w.window.end),
+            }
+            for period, w in b.periods.items()
+        },
+    }
+
+
+def reservation_data(r: Reservation) -> dict[str, Any]:
+    """The data of a confirm or release reply."""
+    return {
+        "reservationId": r.id,
+        "status": r.status.value,
+        "agentId": r.agent_id,
+        "amount": str(r.amount.value),
+        "expiresAt": format_instant(r.expires_at),
+    }
+
+
+def approval_data(a: Approval) -> dict[str, Any]:
+    """The data of an approval (get, decide, and each entry of list)."""
+    return _drop_none(
+        {
+            "id": a.id,
+            "agentId": a.agent_id,
+            "status": a.status.value,
+            "amount": a.amount.human(),
+            "amountRaw": str(a.amount.value),
+            "decimals": a.amount.decimals,
+            "symbol": a.amount.symbol,
+            "recipient": a.request.recipient,
+            "network": a.request.network,
+            "category": a.request.category,
+            "memo": a.request.memo,
+            "requiredApprovers": a.required_approvers,
+            "approvers": list(a.approvers),
+            "decisions": [vote_data(v) for v in a.votes],
+            "createdAt": format_instant(a.created_at),
+            "expiresAt": format_instant(a.expires_at),
+            "reservationId": a.reservation_id,
+        }
+    )
+
+
+def history_data(h: HistoryRecord) -> dict[str, Any]:
+    """One history record as JSON."""
+    return _drop_none(
+        {
+            "seq": h.seq,
+            "at": format_instant(h.at),
+            "event": h.event,
+            "code": h.code,
+            "policyVersion": h.policy_version,
+            "reservationId": h.reservation_id,
+            "approvalId": h.approval_id,
+            "amount": None if h.request is None else str(h.request.amount),
+            "recipient": None if h.request is None else h.request.recipient,
+            "detail": h.detail,
+        }
+    )
+
+
+def vote_data(v: Vote) -> dict[str, Any]:
+    """One approver's decision."""
+    return _drop_none(
+        {
+            "approver": v.approver,
+            "decision": v.decision,
+            "comment": v.comment,
+            "timestamp": format_instant(v.at),
+        }
+    )

@@ -1,0 +1,230 @@
+"""Signed webhook events about approvals: endpoints, signatures, verification.
+
+Every delivery is a POST whose body is the JSON payload, with these headers:
+
+- ``Content-Type: application/json``
+- ``X-Webhook-Event``: the event name; ``X-Webhook-Id``: the event id (for
+  dropping duplicates: delivery is at least once)
+- ``X-Webhook-Timestamp``: ISO 8601 UTC, equal to the payload's ``timestamp``
+- ``X-Webhook-Signature: sha256=<hex HMAC-SHA256 of the body>`` (what the
+  seed's ``verifyWebhookSignature`` accepts)
+- ``X-Webhook-Signature-Timestamped: t=<unix seconds>,sha256=<hex HMAC-SHA256
+  of "<t>." + body>``, which lets receivers refuse replays: see :func:`verify`.
+
+A receiver in Python needs three lines::
+
+    from agentpolicy.webhooks import verify
+    if not verify(body, request.headers, secret):
+        return 401
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+
+import attrs
+
+from agentpolicy._checks import check_int, type_name
+from agentpolicy.errors import PolicyValidationError, Problem
+
+__all__ = [
+    "EVENTS",
+    "WebhookEndpoint",
+    "endpoints_from_env",
+    "sign",
+    "to_endpoints",
+    "verify",
+]
+
+EVENTS = (
+    "approval.created",
+    "approval.decision_submitted",
+    "approval.approved",
+    "approval.denied",
+    "approval.expired",
+)
+"""Every event name, in the order they can happen to one approval."""
+
+DEFAULT_TOLERANCE = timedelta(minutes=5)
+_URL = re.compile(r"https?://[^\s/?#]+[^\s]*", re.IGNORECASE)
+
+
+def _endpoint_id(url: str) -> str:
+    return "wh_" + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@attrs.frozen
+class WebhookEndpoint:
+    """Where to send events: ``url``, its ``secret``, which ``events`` (empty means all).
+
+    ``timeout`` bounds one HTTP attempt; ``max_attempts`` bounds the tries of
+    one event before it is recorded as failed. The secret never appears in a
+    repr, a log line or an error message.
+    """
+
+    url: str
+    secret: str = attrs.field(repr=False)
+    events: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    timeout: timedelta = timedelta(seconds=5)
+    max_attempts: int = 15
+
+    def __attrs_post_init__(self) -> None:
+        problems: list[Problem] = []
+        if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
+            problems.append(Problem("$.url", "must be an http:// or https:// URL"))
+        if not isinstance(self.secret, str) or not self.secret:
+            problems.append(Problem("$.secret", "must be a non-empty string"))
+        unknown = sorted(e for e in self.events if e not in EVENTS)
+        if unknown:
+            problems.append(Problem("$.events", f"unknown events {unknown}; known: {EVENTS}"))
+        if not isinstance(self.timeout, timedelta) or self.timeout <= timedelta(0):
+            problems.append(Problem("$.timeout", "must be a positive duration"))
+        problems += check_int(self.max_attempts, "$.maxAttempts", 1, 100)
+        if problems:
+            raise PolicyValidationError(problems)
+
+    @property
+    def id(self) -> str:
+        """A stable id for the endpoint (derived from its URL), under which deliveries are kept."""
+        return _endpoint_id(self.url)
+
+    def wants(self, event: str) -> bool:
+        """Whether this endpoint subscribes to ``event``."""
+        return not self.events or event in self.events
+
+
+def _timeout(raw: object, path: str) -> timedelta:
+    # The seed's timeout is in milliseconds; "5s" or "2m" are accepted too.
+    if isinstance(raw, timedelta):
+        return raw
+    if type(raw) is int and raw > 0:
+        return timedelta(milliseconds=raw)
+    if isinstance(raw, str):
+        match = re.fullmatch(r"(\d+)(ms|s|m)?", raw.strip())
+        if match and int(match.group(1)) > 0:
+            unit = {"ms": "milliseconds", "s": "seconds", "m": "minutes", None: "milliseconds"}
+            return timedelta(**{unit[match.group(2)]: int(match.group(1))})
+    raise PolicyValidationError.single(path, f"must be a positive timeout in ms, not {raw!r}")
+
+
+def _endpoint(raw: object, path: str) -> WebhookEndpoint:
+    if isinstance(raw, WebhookEndpoint):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise PolicyValidationError.single(path, f"must be an object, not {type_name(raw)}")
+    known = {"url", "secret", "events", "timeout", "retries", "maxAttempts"}
+    extra = sorted(set(raw) - known)
+    if extra:
+        raise PolicyValidationError.single(f"{path}.{extra[0]}", "is not a known key")
+    events = raw.get("events") or ()
+    if isinstance(events, str):
+        events = [e.strip() for e in events.split(",") if e.strip()]
+    if not isinstance(events, list | tuple | frozenset | set):
+        raise PolicyValidationError.single(f"{path}.events", "must be a list of event names")
+    attempts = raw.get("maxAttempts", 15)
+    if "retries" in raw:
+        retries = raw["retries"]
+        attempts = int(retries) + 1 if str(retries).isdigit() else retries
+    try:
+        return WebhookEndpoint(
+            url=raw.get("url"),  # type: ignore[arg-type]
+            secret=raw.get("secret"),  # type: ignore[arg-type]
+            events=frozenset(events),
+            timeout=_timeout(raw.get("timeout", 5000), f"{path}.timeout"),
+            max_attempts=attempts,
+        )
+    except PolicyValidationError as err:
+        raise err.under(path) from None
+
+
+def to_endpoints(raw: Iterable[object] | None) -> tuple[WebhookEndpoint, ...]:
+    """Endpoints from :class:`WebhookEndpoint` objects or plain dicts (``url``, ``secret``, ...).
+
+    Raises :class:`~agentpolicy.PolicyValidationError` (never showing a
+    secret) for anything invalid, or for two endpoints with the same URL.
+    """
+    endpoints = tuple(_endpoint(e, f"$.webhookEndpoints[{i}]") for i, e in enumerate(raw or ()))
+    urls = [e.url for e in endpoints]
+    if len(set(urls)) != len(urls):
+        raise PolicyValidationError.single("$.webhookEndpoints", "lists one URL twice")
+    return endpoints
+
+
+def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEndpoint, ...]:
+    """Endpoints from the seed's variables.
+
+    ``AGENT_POLICY_WEBHOOKS`` (a JSON list of endpoint objects) and the single
+    endpoint of ``AGENT_POLICY_WEBHOOK_URL``, ``_SECRET``, ``_EVENTS``
+    (comma-separated), ``_TIMEOUT`` (ms) and ``_RETRIES``.
+    """
+    env = os.environ if env is None else env
+    raw: list[object] = []
+    listed = env.get("AGENT_POLICY_WEBHOOKS", "").strip()
+    if listed:
+        try:
+            parsed = json.loads(listed)
+        except ValueError:
+            raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "is not JSON") from None
+        if not isinstance(parsed, list):
+            raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "must be a JSON list")
+        raw += parsed
+    url = env.get("AGENT_POLICY_WEBHOOK_URL", "").strip()
+    if url:
+        single: dict[str, object] = {"url": url, "secret": env.get("AGENT_POLICY_WEBHOOK_SECRET")}
+        for name, key in (("EVENTS", "events"), ("TIMEOUT", "timeout"), ("RETRIES", "retries")):
+            value = env.get(f"AGENT_POLICY_WEBHOOK_{name}", "").strip()
+            if value:
+                single[key] = value
+        raw.append(single)
+    return to_endpoints(raw)
+
+
+def _hmac(secret: str, message: bytes) -> str:
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign(body: bytes, secret: str, timestamp: float | None = None) -> dict[str, str]:
+    """The signature headers for ``body`` (seed-compatible and timestamped).
+
+    ``timestamp`` is Unix seconds of real time (default: now).
+    """
+    t = int(time.time() if timestamp is None else timestamp)
+    return {
+        "X-Webhook-Signature": "sha256=" + _hmac(secret, body),
+        "X-Webhook-Signature-Timestamped": f"t={t},sha256={_hmac(secret, f'{t}.'.encode() + body)}",
+        "X-Webhook-Timestamp": datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def verify(
+    body: bytes,
+    headers: Mapping[str, str],
+    secret: str,
+    *,
+    tolerance: timedelta = DEFAULT_TOLERANCE,
+    now: float | None = None,
+) -> bool:
+    """Whether ``body`` was signed with ``secret`` within ``tolerance`` of ``now`` (real time).
+
+    Checks ``X-Webhook-Signature-Timestamped`` in constant time and refuses a
+    timestamp further than ``tolerance`` from now, so a captured delivery
+    cannot be replayed later. Header names are matched ignoring case.
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    value = lowered.get("x-webhook-signature-timestamped", "")
+    match = re.fullmatch(r"t=(\d{1,12}),sha256=([0-9a-f]{64})", value.strip())
+    if match is None:
+        return False
+    t = int(match.group(1))
+    current = time.time() if now is None else now
+    if abs(current - t) > tolerance.total_seconds():
+        return False
+    expected = _hmac(secret, f"{t}.".encode() + body)
+    return hmac.compare_digest(expected, match.group(2))

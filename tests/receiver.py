@@ -1,0 +1,65 @@
+"""A real HTTP receiver on 127.0.0.1 for the webhook tests, with scripted answers."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import attrs
+
+
+@attrs.frozen
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """Records every POST; answers with the next scripted status (then ``default``)."""
+
+    def __init__(self, statuses: list[int] | None = None, default: int = 200) -> None:
+        self.statuses = list(statuses or [])
+        self.default = default
+        self.received: list[Received] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.port = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.gate.wait(30)
+                with receiver._lock:
+                    status = receiver.statuses.pop(0) if receiver.statuses else receiver.default
+                    if status < 300:
+                        receiver.received.append(
+                            Received(self.path, dict(self.headers.items()), body)
+                        )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,350 @@
+"""Webhooks against a real HTTP receiver on 127.0.0.1: signed, filtered, retried, never lost."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentpolicy import PolicyEngine, PolicyError, PolicyValidationError
+from agentpolicy.storage import MemoryStorage, SQLiteStorage
+from agentpolicy.testing import ManualClock, payment
+from agentpolicy.webhooks import (
+    WebhookEndpoint,
+    endpoints_from_env,
+    sign,
+    to_endpoints,
+    verify,
+)
+from tests import workers
+from tests.receiver import Receiver
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "whsec-test-123"
+POLICY = {
+    "limits": {"daily": {"value": "10000000000"}},
+    "approvalConfig": {
+        "thresholds": [
+            {"amount": {"value": "100000000"}, "requiredApprovers": 2,
+             "approvers": ["admin@company.com", "cfo@company.com"]}
+        ],
+        "timeout": 3_600_000,
+    },
+}  # fmt: skip
+
+
+def seed_verify(payload: str, signature: str, secret: str) -> bool:
+    """The seed's verifyWebhookSignature, line for line."""
+    expected = "sha256=" + hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
+    return signature == expected
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    return MemoryStorage() if request.param == "memory" else SQLiteStorage(tmp_path / "w.db")
+
+
+def engine_for(
+    storage: Any, url: str, clock: ManualClock | None = None, **endpoint: Any
+) -> PolicyEngine:
+    engine = PolicyEngine(
+        storage=storage,
+        clock=clock or ManualClock(),
+        webhook_endpoints=[{"url": url, "secret": SECRET, **endpoint}],
+        webhook_backoff=0.01,
+        webhook_backoff_cap=0.05,
+    )
+    engine.set_policy("agent-123", POLICY)
+    return engine
+
+
+def bodies(receiver: Receiver) -> list[dict[str, Any]]:
+    return [json.loads(r.body) for r in receiver.received]
+
+
+# --- signatures -------------------------------------------------------------------------
+
+
+def test_signatures_match_the_seed_and_the_timestamped_one_refuses_replays() -> None:
+    body = b'{"event":"approval.created"}'
+    headers = sign(body, SECRET, timestamp=1_800_000_000)
+    assert re.fullmatch(r"sha256=[a-f0-9]{64}", headers["X-Webhook-Signature"])
+    assert seed_verify(body.decode(), headers["X-Webhook-Signature"], SECRET)
+    assert headers["X-Webhook-Timestamp"] == "2027-01-15T08:00:00Z"
+    assert verify(body, headers, SECRET, now=1_800_000_100)
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert verify(body, lowered, SECRET, now=1_800_000_000)
+    assert not verify(body, headers, SECRET, now=1_800_000_000 + 301)  # replayed too late
+    assert not verify(body, headers, SECRET, now=1_800_000_000 - 301)
+    assert not verify(body + b" ", headers, SECRET, now=1_800_000_000)
+    assert not verify(body, headers, "other-secret", now=1_800_000_000)
+    assert not verify(body, {}, SECRET)
+    assert not verify(body, {"X-Webhook-Signature-Timestamped": "t=x,sha256=y"}, SECRET)
+
+
+def test_endpoints_validate_and_never_show_their_secret() -> None:
+    endpoint = WebhookEndpoint("http://127.0.0.1:9/x", "topsecret", frozenset({"approval.created"}))
+    assert "topsecret" not in repr(endpoint)
+    assert endpoint.wants("approval.created")
+    assert not endpoint.wants("approval.denied")
+    assert WebhookEndpoint("https://a.example/x", "s").wants("approval.denied")
+    for bad in (
+        {"url": "ftp://x", "secret": "topsecret"},
+        {"url": "http://x", "secret": ""},
+        {"url": "http://x", "secret": "topsecret", "events": ["approval.paid"]},
+        {"url": "http://x", "secret": "topsecret", "color": "red"},
+        {"url": "http://x", "secret": "topsecret", "timeout": -1},
+    ):
+        with pytest.raises(PolicyValidationError) as err:
+            to_endpoints([bad])
+        assert "topsecret" not in str(err.value)
+    with pytest.raises(PolicyValidationError):
+        to_endpoints([{"url": "http://x", "secret": "a"}, {"url": "http://x", "secret": "b"}])
+
+
+def test_endpoints_from_the_seeds_environment_variables() -> None:
+    found = endpoints_from_env({
+        "AGENT_POLICY_WEBHOOKS": json.dumps([{"url": "https://a.example/h", "secret": "a"}]),
+        "AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:8080/h",
+        "AGENT_POLICY_WEBHOOK_SECRET": "b",
+        "AGENT_POLICY_WEBHOOK_EVENTS": "approval.created, approval.denied",
+        "AGENT_POLICY_WEBHOOK_TIMEOUT": "2500",
+        "AGENT_POLICY_WEBHOOK_RETRIES": "3",
+    })  # fmt: skip
+    assert [e.url for e in found] == ["https://a.example/h", "http://127.0.0.1:8080/h"]
+    single = found[1]
+    assert single.events == {"approval.created", "approval.denied"}
+    assert (single.timeout.total_seconds(), single.max_attempts) == (2.5, 4)
+    assert endpoints_from_env({}) == ()
+    with pytest.raises(PolicyValidationError):
+        endpoints_from_env({"AGENT_POLICY_WEBHOOKS": "{not json"})
+    with pytest.raises(PolicyValidationError):
+        endpoints_from_env({"AGENT_POLICY_WEBHOOK_URL": "http://x"})  # no secret
+
+
+# --- delivery -----------------------------------------------------------------------------
+
+
+def test_every_approval_event_is_delivered_signed_with_the_seeds_headers(
+    storage: Any, receiver: Receiver
+) -> None:
+    engine = engine_for(storage, receiver.url)
+    d = engine.authorize(payment(500_000_000, agent_id="agent-123", recipient="0x1234"))
+    assert d.approval_id is not None
+    engine.decide(d.approval_id, "admin@company.com", "approve", "ok")
+    engine.decide(d.approval_id, "cfo@company.com", "approve")
+    assert engine.flush_webhooks(10)
+    events = [b["event"] for b in bodies(receiver)]
+    assert events == ["approval.created", "approval.decision_submitted",
+                      "approval.decision_submitted", "approval.approved"]  # fmt: skip
+    for got in receiver.received:
+        assert got.headers["Content-Type"] == "application/json"
+        assert seed_verify(got.body.decode(), got.headers["X-Webhook-Signature"], SECRET)
+        assert verify(got.body, got.headers, SECRET)
+        payload = json.loads(got.body)
+        assert got.headers["X-Webhook-Event"] == payload["event"]
+        assert got.headers["X-Webhook-Id"] == payload["id"]
+        assert got.headers["X-Webhook-Timestamp"] == payload["timestamp"]
+        approval = payload["approval"]
+        assert {"id", "agentId", "status", "amount", "amountRaw", "recipient", "network"} <= set(
+            approval
+        )
+        assert (approval["amount"], approval["amountRaw"], approval["recipient"]) == (
+            "500 USDT", "500000000", "0x1234",
+        )  # fmt: skip
+    created, first_vote, _, approved = bodies(receiver)
+    assert created["approval"]["status"] == "pending"
+    assert first_vote["decision"] == {
+        "approver": "admin@company.com", "decision": "approve", "comment": "ok",
+        "timestamp": first_vote["decision"]["timestamp"],
+    }  # fmt: skip
+    assert approved["approval"]["status"] == "approved"
+    assert approved["approval"]["reservationId"]
+    assert len({b["id"] for b in bodies(receiver)}) == 4
+    engine.close()
+
+
+def test_the_event_filter_holds(storage: Any, receiver: Receiver) -> None:
+    engine = engine_for(storage, receiver.url, events=["approval.denied"])
+    d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert d.approval_id is not None
+    engine.decide(d.approval_id, "admin@company.com", "deny")
+    assert engine.flush_webhooks(10)
+    assert [b["event"] for b in bodies(receiver)] == ["approval.denied"]
+    engine.close()
+
+
+def test_a_receiver_answering_500_then_200_gets_the_event(storage: Any, receiver: Receiver) -> None:
+    receiver.statuses = [500, 503, 429, 408]
+    engine = engine_for(storage, receiver.url)
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert engine.flush_webhooks(10)
+    assert [b["event"] for b in bodies(receiver)] == ["approval.created"]
+    delivered = engine.webhook_deliveries("delivered")
+    assert [(x.event, x.attempts) for x in delivered] == [("approval.created", 5)]
+    engine.close()
+
+
+def test_a_400_is_given_up_on_and_recorded(storage: Any, receiver: Receiver) -> None:
+    receiver.default = 400
+    engine = engine_for(storage, receiver.url)
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert engine.flush_webhooks(10)
+    failed = engine.webhook_deliveries("failed")
+    assert [(x.event, x.attempts, x.last_error) for x in failed] == [
+        ("approval.created", 1, "HTTP 400"),
+    ]  # fmt: skip
+    assert engine.webhook_deliveries("pending") == []
+    engine.close()
+
+
+def test_retries_stop_after_max_attempts(storage: Any, receiver: Receiver) -> None:
+    receiver.default = 500
+    engine = engine_for(storage, receiver.url, maxAttempts=3)
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert engine.flush_webhooks(10)
+    (failed,) = engine.webhook_deliveries("failed")
+    assert (failed.attempts, failed.last_error) == (3, "HTTP 500")
+    engine.close()
+
+
+def test_a_receiver_down_for_a_while_gets_every_event_in_order_per_approval(
+    storage: Any, receiver: Receiver
+) -> None:
+    port = receiver.port
+    receiver.stop()
+    engine = engine_for(storage, f"http://127.0.0.1:{port}/hooks", maxAttempts=100)
+    ids = []
+    for _ in range(3):
+        d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+        assert d.approval_id is not None
+        ids.append(d.approval_id)
+        engine.decide(d.approval_id, "admin@company.com", "approve")
+    engine.decide(ids[0], "cfo@company.com", "deny")
+    assert not engine.flush_webhooks(0.3)  # nobody listens: nothing can be delivered
+    assert len(engine.webhook_deliveries("pending")) == 8  # 3 created, 4 votes, 1 denied
+    receiver.port = port
+    receiver.start()
+    assert engine.flush_webhooks(20)
+    per_approval: dict[str, list[str]] = {}
+    for b in bodies(receiver):
+        per_approval.setdefault(b["approval"]["id"], []).append(b["event"])
+    assert per_approval[ids[0]] == ["approval.created", "approval.decision_submitted",
+                                    "approval.decision_submitted", "approval.denied"]  # fmt: skip
+    for other in ids[1:]:
+        assert per_approval[other] == ["approval.created", "approval.decision_submitted"]
+    engine.close()
+
+
+def test_delivery_never_blocks_a_decision(storage: Any, receiver: Receiver) -> None:
+    receiver.gate.clear()  # the receiver hangs on every request until released
+    engine = engine_for(storage, receiver.url)
+    d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert d.approval_id is not None
+    approval = engine.decide(d.approval_id, "admin@company.com", "approve")
+    assert approval.status == "pending"  # both calls returned while the receiver hung
+    receiver.gate.set()
+    assert engine.flush_webhooks(15)
+    engine.close()
+
+
+def test_expiry_is_announced_by_a_sweep(storage: Any, receiver: Receiver) -> None:
+    clock = ManualClock()
+    engine = engine_for(storage, receiver.url, clock=clock, events=["approval.expired"])
+    d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    clock.advance(hours=2)
+    engine.sweep()
+    assert engine.flush_webhooks(10)
+    (expired,) = bodies(receiver)
+    assert (expired["event"], expired["approval"]["id"], expired["approval"]["status"]) == (
+        "approval.expired", d.approval_id, "expired",
+    )  # fmt: skip
+    engine.close()
+
+
+def test_the_worker_sweeps_on_a_schedule(receiver: Receiver) -> None:
+    clock = ManualClock()
+    engine = engine_for(MemoryStorage(), receiver.url, clock=clock)
+    assert engine.webhooks is not None
+    engine.webhooks.housekeeping_interval = 0.05
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    clock.advance(hours=2)  # nobody reads the approval again
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "approval.expired" not in [
+        b["event"] for b in bodies(receiver)
+    ]:
+        time.sleep(0.02)  # real time: the worker's schedule runs on real time
+    assert [b["event"] for b in bodies(receiver)] == ["approval.created", "approval.expired"]
+    engine.close()
+
+
+def test_events_left_by_a_killed_process_are_delivered_by_the_next(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    db = tmp_path / "outbox.db"
+    setup = PolicyEngine(storage=SQLiteStorage(db), clock=ManualClock(workers.FIXED_NOW))
+    setup.set_policy("agent-123", POLICY)
+    setup.close()
+    port = receiver.port
+    receiver.stop()  # down while the first process runs
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.workers", "webhooks", str(db), f"http://127.0.0.1:{port}/h"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert child.stdout is not None
+    assert child.stdin is not None
+    assert child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    child.stdin.close()
+    child.stdout.close()
+    receiver.port = port
+    receiver.start()
+    next_process = PolicyEngine(
+        storage=SQLiteStorage(db),
+        clock=ManualClock(workers.FIXED_NOW),
+        webhook_endpoints=[{"url": f"http://127.0.0.1:{port}/h", "secret": "s3cret"}],
+        webhook_backoff=0.01,
+    )
+    assert next_process.flush_webhooks(15)
+    assert [b["event"] for b in bodies(receiver)] == ["approval.created"] * 3
+    next_process.close()
+
+
+def test_webhooks_need_a_storage_with_an_outbox(redis_url: str) -> None:
+    from agentpolicy.storage.redis import RedisStorage
+
+    with pytest.raises(PolicyError, match="outbox"):
+        PolicyEngine(
+            storage=RedisStorage(redis_url, key_prefix="test-nowebhooks:"),
+            webhook_endpoints=[{"url": "http://127.0.0.1:9/h", "secret": "s"}],
+        )
+
+
+def test_no_endpoints_means_nothing_is_written_and_flush_is_immediate() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-123", POLICY)
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert engine.flush_webhooks(0)
+    assert engine.webhook_deliveries() == []
+    with pytest.raises(PolicyValidationError):
+        engine.webhook_deliveries("lost")
