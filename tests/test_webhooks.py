@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentpolicy import PolicyEngine, PolicyError, PolicyValidationError
+from agentpolicy import PolicyEngine, PolicyValidationError
 from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.testing import ManualClock, payment
 from agentpolicy.webhooks import (
@@ -57,8 +58,13 @@ def receiver() -> Iterator[Receiver]:
     r.stop()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "redis":
+        from agentpolicy.storage.redis import RedisStorage
+
+        url = request.getfixturevalue("redis_url")
+        return RedisStorage(url, key_prefix=f"test-{uuid.uuid4().hex[:12]}:")
     return MemoryStorage() if request.param == "memory" else SQLiteStorage(tmp_path / "w.db")
 
 
@@ -328,16 +334,6 @@ def test_events_left_by_a_killed_process_are_delivered_by_the_next(
     assert next_process.flush_webhooks(15)
     assert [b["event"] for b in bodies(receiver)] == ["approval.created"] * 3
     next_process.close()
-
-
-def test_webhooks_need_a_storage_with_an_outbox(redis_url: str) -> None:
-    from agentpolicy.storage.redis import RedisStorage
-
-    with pytest.raises(PolicyError, match="outbox"):
-        PolicyEngine(
-            storage=RedisStorage(redis_url, key_prefix="test-nowebhooks:"),
-            webhook_endpoints=[{"url": "http://127.0.0.1:9/h", "secret": "s"}],
-        )
 
 
 def test_no_endpoints_means_nothing_is_written_and_flush_is_immediate() -> None:

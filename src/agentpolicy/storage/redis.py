@@ -52,14 +52,17 @@ from agentpolicy.records import (
     AuthorizeOutcome,
     AuthorizePlan,
     Counter,
+    DeliveryStatus,
     HistoryRecord,
     PolicyRecord,
     Reservation,
     ReservationStatus,
     SweepResult,
     Vote,
+    WebhookDelivery,
 )
 from agentpolicy.storage._time import instant, micros
+from agentpolicy.views import approval_data, vote_data
 
 __all__ = ["RedisStorage"]
 
@@ -118,8 +121,9 @@ class RedisStorage:
             raise StorageUnavailableError(f"cannot reach Redis: {type(exc).__name__}") from None
         self._scripts = {
             name: self.client.register_script(_script(name))
-            for name in ("authorize", "settle", "vote", "expire", "put_policy")
+            for name in ("authorize", "settle", "vote", "expire", "put_policy", "claim")
         }
+        self.webhook_routes: tuple[tuple[str, frozenset[str]], ...] = ()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -234,6 +238,7 @@ class RedisStorage:
         }
         if request.idempotency_key is not None:
             args["idem_key"] = request.idempotency_key
+        self._add_routes(args)
         held_until = plan.reservation_expires_at
         aid = None
         if plan.approval is not None:
@@ -267,6 +272,9 @@ class RedisStorage:
             )
         )  # fmt: skip
         reply = self._run("authorize", [p + "policy", p + "open"], [json.dumps(args)])
+        if reply.startswith("E"):  # events were written to the agent's outbox
+            self._index_outbox(agent)
+            reply = reply[1:]
         kind, text = reply[:1], reply[1:]
         if kind == "S":
             return AuthorizeOutcome(stale=True)
@@ -330,7 +338,11 @@ class RedisStorage:
         }
         if counters is not None:
             args["counters"] = counters
-        return self._run("expire", [self._p(agent_id) + "open"], [json.dumps(args)])
+        self._add_routes(args)
+        result = self._run("expire", [self._p(agent_id) + "open"], [json.dumps(args)])
+        if self.webhook_routes and counters is None and result:
+            self._index_outbox(agent_id)
+        return result
 
     def _read_reservation(self, reservation_id: str) -> Reservation | None:
         p = self._p_of_id(reservation_id)
@@ -398,7 +410,15 @@ class RedisStorage:
         }  # fmt: skip
         if comment is not None:
             args["comment"] = comment
+        self._add_routes(args)
         outcome = self._run("vote", [p + "a:" + approval_id], [json.dumps(args)])
+        if outcome == "OKE":
+            agent = self._guard(lambda: self.client.hget(p + "a:" + approval_id, "agent"))
+            self._index_outbox(agent)
+            outcome = "OK"
+        elif outcome == "NP" and self.webhook_routes:  # an expiry may have been announced
+            agent = self._guard(lambda: self.client.hget(p + "a:" + approval_id, "agent"))
+            self._index_outbox(agent)
         if outcome == "NF":
             raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
         if outcome == "NP":
@@ -464,6 +484,10 @@ class RedisStorage:
         reservations: list[Reservation] = []
         approvals: list[Approval] = []
         for agent in self._agents():
+            if self.webhook_routes and self._guard(
+                lambda a=agent: self.client.zcard(self._p(a) + "obq")  # type: ignore[misc]
+            ):
+                self._index_outbox(agent)  # re-index what a dead process may have missed
             for rid in self._expire(agent, now):
                 r = self._read_reservation(rid)
                 if r is None:  # pragma: no cover - it was just written
@@ -474,6 +498,114 @@ class RedisStorage:
                     if a is not None and a.status is ApprovalStatus.EXPIRED:
                         approvals.append(a)
         return SweepResult(tuple(reservations), tuple(approvals))
+
+    # -- webhook outbox ----------------------------------------------------------------------
+
+    def set_webhook_routes(self, routes: tuple[tuple[str, frozenset[str]], ...]) -> None:
+        """Which endpoints want which events: approval events go to the outbox from now on."""
+        self.webhook_routes = tuple(routes)
+
+    def _add_routes(self, args: dict[str, Any]) -> None:
+        if self.webhook_routes:
+            args["routes"] = [
+                {"id": endpoint, "events": sorted(events)}
+                for endpoint, events in self.webhook_routes
+            ]
+
+    def _index_outbox(self, agent_id: str) -> None:
+        # The index lives outside the agent's slot, so it is a second command; an agent
+        # missed here (a process dying between the two) is found again by sweep().
+        self._guard(lambda: self.client.sadd(self.key_prefix + "outbox-agents", agent_id))
+
+    def _outbox_agents(self) -> list[str]:
+        return sorted(self._guard(lambda: self.client.smembers(self.key_prefix + "outbox-agents")))
+
+    def _delivery(self, p: str, fields: dict[str, str]) -> WebhookDelivery:
+        approval_id = fields["approvalId"]
+        approval = self._read_approval(approval_id)
+        payload: dict[str, Any] = {"id": fields["eventId"], "event": fields["event"]}
+        if approval is None:  # pragma: no cover - kept 8 days, longer than any delivery
+            payload["approval"] = {"id": approval_id, "agentId": fields["agentId"]}
+        else:
+            decided = fields["adecided"] or None
+            snapshot = attrs.evolve(
+                approval,
+                status=ApprovalStatus(fields["astatus"]),
+                votes=tuple(decode(v, Vote) for v in fields["votes"].split("\n") if v),
+                decided_at=None if decided is None else datetime.fromisoformat(decided),
+            )
+            payload["approval"] = approval_data(snapshot)
+        if fields["decision"]:
+            payload["decision"] = vote_data(decode(fields["decision"], Vote))
+        return WebhookDelivery(
+            id=fields["id"], event_id=fields["eventId"], endpoint_id=fields["endpointId"],
+            event=fields["event"], agent_id=fields["agentId"], approval_id=approval_id,
+            created_at=datetime.fromisoformat(fields["createdAt"]), payload=payload,
+            seq=int(fields["seq"]), status=DeliveryStatus(fields["status"]),
+            attempts=int(fields["attempts"]), next_attempt_at=float(fields["nextAttemptAt"]),
+            last_error=fields["lastError"] or None,
+        )  # fmt: skip
+
+    def claim_webhooks(
+        self, endpoint_ids: list[str], now: float, lease: float, limit: int = 50
+    ) -> list[WebhookDelivery]:
+        """Claim due deliveries (one script per agent with events waiting)."""
+        claimed: list[WebhookDelivery] = []
+        for agent in self._outbox_agents():
+            p = self._p(agent)
+            args = {"P": p, "endpoints": endpoint_ids, "now": repr(now), "lease": lease,
+                    "limit": limit - len(claimed)}  # fmt: skip
+            for flat in self._run("claim", [p + "obq"], [json.dumps(args)]):
+                claimed.append(self._delivery(p, dict(zip(flat[::2], flat[1::2], strict=True))))
+            if len(claimed) >= limit:
+                break
+        return claimed
+
+    def finish_webhook(self, delivery: WebhookDelivery) -> None:
+        """Record an attempt's outcome; a finished delivery leaves the queue."""
+        p = self._p(delivery.agent_id)
+        key = p + "ob:" + delivery.id
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping={
+                "status": delivery.status.value, "attempts": delivery.attempts,
+                "nextAttemptAt": repr(delivery.next_attempt_at),
+                "lastError": delivery.last_error or "",
+            })  # fmt: skip
+            if delivery.status is not DeliveryStatus.PENDING:
+                pipe.zrem(p + "obq", delivery.id)
+                pipe.lpush(p + "obdone", delivery.id)
+                pipe.ltrim(p + "obdone", 0, 999)
+                pipe.pexpire(key, _ms(KEEP))
+            pipe.execute()
+
+        self._guard(write)
+
+    def pending_webhooks(self, endpoint_ids: list[str]) -> int:
+        """How many deliveries for these endpoints are still pending."""
+        total = 0
+        for agent in self._outbox_agents():
+            p = self._p(agent)
+            args = {"P": p, "endpoints": endpoint_ids, "now": "0", "lease": 0, "limit": 0,
+                    "count": True}  # fmt: skip
+            total += int(self._run("claim", [p + "obq"], [json.dumps(args)]))
+        return total
+
+    def webhook_deliveries(
+        self, status: str | None = None, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        """Deliveries, newest first, optionally of one status."""
+        found: list[WebhookDelivery] = []
+        for agent in self._outbox_agents():
+            p = self._p(agent)
+            ids = self._guard(lambda p=p: self.client.zrange(p + "obq", 0, -1))  # type: ignore[misc]
+            ids += self._guard(lambda p=p: self.client.lrange(p + "obdone", 0, -1))  # type: ignore[misc]
+            for some_id in ids:
+                fields = self._guard(lambda i=some_id, p=p: self.client.hgetall(p + "ob:" + i))  # type: ignore[misc]
+                if fields and (status is None or fields["status"] == status):
+                    found.append(self._delivery(p, fields))
+        return sorted(found, key=lambda d: d.seq, reverse=True)[:limit]
 
     def ping(self) -> bool:
         """Whether Redis answers."""

@@ -13,9 +13,9 @@ if plan.idem_key then
     return "R" .. f[3]
   end
 end
-expire_due(P, now, iso, agent, plan.history_limit)
+expire_due(P, now, iso, agent, plan.history_limit, plan.routes)
 
-local usage, counters = {}, {}
+local usage, counters, emitted = {}, {}, 0
 for i, w in ipairs(plan.windows) do
   local key = P .. "c:" .. w.key
   local d, s, r = counter(key)
@@ -52,6 +52,7 @@ if code == "ALLOWED" or code == "APPROVAL_REQUIRED" then
     redis.call("PEXPIRE", akey, plan.keep_ms)
     redis.call("ZADD", P .. "pending", now, plan.aid)
     entry.approvalId = plan.aid
+    emitted = emit(P, plan.routes, "approval.created", plan.aid, agent, iso)
   else
     entry.reservationId = plan.rid
   end
@@ -74,4 +75,4 @@ if idem then
   redis.call("HSET", idem, "fp", plan.fp, "created", now, "record", text)
   redis.call("PEXPIRE", idem, plan.idem_keep_ms)
 end
-return "N" .. text
+return ((emitted > 0) and "E" or "") .. "N" .. text

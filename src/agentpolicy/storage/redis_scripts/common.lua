@@ -93,9 +93,39 @@ local function close_reservation(P, rid, status, now_us, now_iso, agent, limit)
   return f[4]
 end
 
+-- Webhook outbox: one entry per (event, endpoint) that wants it, written with the change.
+-- The approval's state at this moment is kept (status, votes) so the payload shows it.
+local function emit(P, routes, event, aid, agent, iso, decision)
+  if not routes or #routes == 0 then return 0 end
+  local n = 0
+  local eid = nil
+  for _, r in ipairs(routes) do
+    local wanted = #r.events == 0
+    for _, e in ipairs(r.events) do if e == event then wanted = true end end
+    if wanted then
+      if not eid then
+        eid = "evt_" .. string.sub(redis.sha1hex(P .. aid .. event .. redis.call("INCR", P .. "evseq")), 1, 32)
+      end
+      local akey = P .. "a:" .. aid
+      local f = redis.call("HMGET", akey, "status", "decided")
+      local votes = redis.call("LRANGE", akey .. ":v", 0, -1)
+      local id = eid .. "." .. r.id
+      local seq = redis.call("INCR", P .. "seq")
+      redis.call("HSET", P .. "ob:" .. id, "id", id, "eventId", eid, "endpointId", r.id,
+                 "event", event, "agentId", agent, "approvalId", aid, "createdAt", iso,
+                 "astatus", f[1], "adecided", f[2] or "", "votes", table.concat(votes, "\n"),
+                 "decision", decision or "", "status", "pending", "attempts", 0,
+                 "nextAttemptAt", "0", "lastError", "", "seq", seq)
+      redis.call("ZADD", P .. "obq", seq, id)
+      n = n + 1
+    end
+  end
+  return n
+end
+
 -- Expire every open reservation of the agent whose time is up (now >= expiresAt),
 -- and the pending approvals they were held for.
-local function expire_due(P, now_us, now_iso, agent, limit)
+local function expire_due(P, now_us, now_iso, agent, limit, routes)
   local due = redis.call("ZRANGEBYSCORE", P .. "open", "-inf", now_us)
   for _, rid in ipairs(due) do
     local held = redis.call("HGET", P .. "r:" .. rid, "status") == "held"
@@ -107,8 +137,10 @@ local function expire_due(P, now_us, now_iso, agent, limit)
         redis.call("ZREM", P .. "pending", aid)
         history(P, limit, {agentId = agent, at = now_iso, event = "approval_expired",
                            approvalId = aid})
+        emit(P, routes, "approval.expired", aid, agent, now_iso)
       end
     end
   end
   return due
 end
+

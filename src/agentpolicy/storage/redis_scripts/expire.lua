@@ -1,7 +1,7 @@
 -- Apply due expiries for one agent, then report. ARGV[1] JSON.
 -- With a.counters: return the counters {key, d, s, r, ...}; otherwise the expired ids.
 local a = cjson.decode(ARGV[1])
-local due = expire_due(a.P, a.now_us, a.now_iso, a.agent, a.history_limit)
+local due = expire_due(a.P, a.now_us, a.now_iso, a.agent, a.history_limit, a.routes)
 if a.counters then
   local out = {}
   for _, wk in ipairs(a.counters) do

@@ -6,7 +6,7 @@ local status = redis.call("HGET", KEYS[1], "status")
 if not status then return "NF" end
 local agent = redis.call("HGET", KEYS[1], "agent")
 if status == "pending" and tonumber(now) >= tonumber(redis.call("HGET", KEYS[1], "expires")) then
-  expire_due(P, now, iso, agent, a.history_limit)
+  expire_due(P, now, iso, agent, a.history_limit, a.routes)
   return "NP"
 end
 if status ~= "pending" then return "NP" end
@@ -20,6 +20,7 @@ local detail = a.approver .. ": " .. a.decision
 if a.comment then detail = detail .. " (" .. a.comment .. ")" end
 history(P, a.history_limit, {agentId = agent, at = iso, event = "vote", approvalId = a.aid,
                              code = a.decision, detail = detail})
+local emitted = 0
 local hold = redis.call("HGET", KEYS[1], "hold")
 if a.decision == "deny" then
   redis.call("HSET", KEYS[1], "status", "denied", "decided", iso)
@@ -27,10 +28,13 @@ if a.decision == "deny" then
   close_reservation(P, hold, "released", now, iso, agent, a.history_limit)
   history(P, a.history_limit, {agentId = agent, at = iso, event = "approval_denied",
                                approvalId = a.aid})
-  return "OK"
+  emitted = emitted + emit(P, a.routes, "approval.decision_submitted", a.aid, agent, iso, a.vote)
+  emitted = emitted + emit(P, a.routes, "approval.denied", a.aid, agent, iso)
+  return emitted > 0 and "OKE" or "OK"
 end
 local n = redis.call("HINCRBY", KEYS[1], "approvals", 1)
-if n >= tonumber(redis.call("HGET", KEYS[1], "required")) then
+local approved = n >= tonumber(redis.call("HGET", KEYS[1], "required"))
+if approved then
   redis.call("HSET", KEYS[1], "status", "approved", "decided", iso)
   redis.call("ZREM", P .. "pending", a.aid)
   local rkey = P .. "r:" .. hold
@@ -40,4 +44,8 @@ if n >= tonumber(redis.call("HGET", KEYS[1], "required")) then
                                approvalId = a.aid, reservationId = hold,
                                expiresAt = a.r_expires_iso})
 end
-return "OK"
+emitted = emitted + emit(P, a.routes, "approval.decision_submitted", a.aid, agent, iso, a.vote)
+if approved then
+  emitted = emitted + emit(P, a.routes, "approval.approved", a.aid, agent, iso)
+end
+return emitted > 0 and "OKE" or "OK"
