@@ -137,3 +137,12 @@ def test_every_instant_lies_in_exactly_its_window(
     assert window_at(period, w.start, zone) == w
     assert window_at(period, w.end, zone).start == w.end
     assert window_at(period, w.end - timedelta(microseconds=1), zone) == w
+
+
+def test_windows_for_tells_the_two_fall_back_hours_apart() -> None:
+    policy = load_policy({"timeRules": {"timezone": "America/New_York"}})
+    first = windows_for(policy, utc(2026, 11, 1, 5, 30))[0]  # 01:30 EDT
+    second = windows_for(policy, utc(2026, 11, 1, 6, 30))[0]  # 01:30 EST, same wall clock
+    assert first.key != second.key
+    assert first.contains(utc(2026, 11, 1, 5, 30))
+    assert second.contains(utc(2026, 11, 1, 6, 30))

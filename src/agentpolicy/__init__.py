@@ -7,48 +7,8 @@ it a stateful guard over a :class:`Storage` (reservations, approvals,
 history) that no number of processes can talk past.
 """
 
-from agentpolicy.amounts import Amount, parse_units
-from agentpolicy.codec import dump_policy, load_policy
-from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
-from agentpolicy.engine import PolicyEngine, StoredPolicy
-from agentpolicy.errors import (
-    ConflictError,
-    ErrorCode,
-    ForbiddenError,
-    InternalError,
-    NotFoundError,
-    PolicyError,
-    PolicyValidationError,
-    Problem,
-    StorageUnavailableError,
-)
-from agentpolicy.evaluate import evaluate, windows_for
-from agentpolicy.policy import (
-    AgentPolicy,
-    ApprovalConfig,
-    ApprovalThreshold,
-    BlockedPeriod,
-    CategoryRules,
-    MerchantRules,
-    NetworkRules,
-    SpendingLimits,
-    TimeRules,
-    TimeWindow,
-)
-from agentpolicy.records import (
-    Approval,
-    ApprovalStatus,
-    Budget,
-    HistoryRecord,
-    Reservation,
-    ReservationStatus,
-    SweepResult,
-    Vote,
-    WindowBudget,
-)
-from agentpolicy.requests import PaymentRequest
-from agentpolicy.storage import Storage, open_storage
-from agentpolicy.windows import Period, Window
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AgentPolicy",
@@ -99,3 +59,111 @@ __all__ = [
 ]
 
 __version__ = "0.1.0.dev0"
+
+# Names load on first use (PEP 562), so `import agentpolicy` costs next to nothing and
+# a program that only evaluates never imports the engine, the storages or the codec.
+_EXPORTS: dict[str, str] = {
+    "AgentPolicy": "agentpolicy.policy",
+    "Amount": "agentpolicy.amounts",
+    "Approval": "agentpolicy.records",
+    "ApprovalConfig": "agentpolicy.policy",
+    "ApprovalStatus": "agentpolicy.records",
+    "ApprovalThreshold": "agentpolicy.policy",
+    "BlockedPeriod": "agentpolicy.policy",
+    "Budget": "agentpolicy.records",
+    "CategoryRules": "agentpolicy.policy",
+    "Code": "agentpolicy.decisions",
+    "ConflictError": "agentpolicy.errors",
+    "Decision": "agentpolicy.decisions",
+    "ErrorCode": "agentpolicy.errors",
+    "Evaluation": "agentpolicy.decisions",
+    "ForbiddenError": "agentpolicy.errors",
+    "HistoryRecord": "agentpolicy.records",
+    "InternalError": "agentpolicy.errors",
+    "MerchantRules": "agentpolicy.policy",
+    "NetworkRules": "agentpolicy.policy",
+    "NotFoundError": "agentpolicy.errors",
+    "Outcome": "agentpolicy.decisions",
+    "PaymentRequest": "agentpolicy.requests",
+    "Period": "agentpolicy.windows",
+    "PolicyEngine": "agentpolicy.engine",
+    "PolicyError": "agentpolicy.errors",
+    "PolicyValidationError": "agentpolicy.errors",
+    "Problem": "agentpolicy.errors",
+    "Reservation": "agentpolicy.records",
+    "ReservationStatus": "agentpolicy.records",
+    "SpendingLimits": "agentpolicy.policy",
+    "Storage": "agentpolicy.storage",
+    "StorageUnavailableError": "agentpolicy.errors",
+    "StoredPolicy": "agentpolicy.engine",
+    "SweepResult": "agentpolicy.records",
+    "TimeRules": "agentpolicy.policy",
+    "TimeWindow": "agentpolicy.policy",
+    "Vote": "agentpolicy.records",
+    "Window": "agentpolicy.windows",
+    "WindowBudget": "agentpolicy.records",
+    "dump_policy": "agentpolicy.codec",
+    "evaluate": "agentpolicy.rules",
+    "load_policy": "agentpolicy.codec",
+    "open_storage": "agentpolicy.storage",
+    "parse_units": "agentpolicy.amounts",
+    "windows_for": "agentpolicy.rules",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agentpolicy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from agentpolicy.amounts import Amount, parse_units
+    from agentpolicy.codec import dump_policy, load_policy
+    from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
+    from agentpolicy.engine import PolicyEngine, StoredPolicy
+    from agentpolicy.errors import (
+        ConflictError,
+        ErrorCode,
+        ForbiddenError,
+        InternalError,
+        NotFoundError,
+        PolicyError,
+        PolicyValidationError,
+        Problem,
+        StorageUnavailableError,
+    )
+    from agentpolicy.policy import (
+        AgentPolicy,
+        ApprovalConfig,
+        ApprovalThreshold,
+        BlockedPeriod,
+        CategoryRules,
+        MerchantRules,
+        NetworkRules,
+        SpendingLimits,
+        TimeRules,
+        TimeWindow,
+    )
+    from agentpolicy.records import (
+        Approval,
+        ApprovalStatus,
+        Budget,
+        HistoryRecord,
+        Reservation,
+        ReservationStatus,
+        SweepResult,
+        Vote,
+        WindowBudget,
+    )
+    from agentpolicy.requests import PaymentRequest
+    from agentpolicy.rules import evaluate, windows_for
+    from agentpolicy.storage import Storage, open_storage
+    from agentpolicy.windows import Period, Window

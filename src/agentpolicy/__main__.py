@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from agentpolicy.codec import load_policy
-from agentpolicy.evaluate import evaluate
 from agentpolicy.examples import seed_policy
 from agentpolicy.requests import PaymentRequest
+from agentpolicy.rules import evaluate
 
 _MONDAY = datetime(2026, 1, 19, 10, tzinfo=UTC)
 _SAMPLES: tuple[tuple[str, PaymentRequest, datetime], ...] = (

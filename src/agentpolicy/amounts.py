@@ -112,7 +112,20 @@ class Amount:
     symbol: str = checked(identifier(32), default=DEFAULT_SYMBOL)
 
     def __attrs_post_init__(self) -> None:
-        validate(self)
+        # The common case, checked without building problem lists: amounts are made
+        # on every decision. Anything unusual takes the full check with its messages.
+        symbol = self.symbol
+        if not (
+            type(self.value) is int
+            and self.value >= 0
+            and type(self.decimals) is int
+            and 0 <= self.decimals <= MAX_DECIMALS
+            and type(symbol) is str
+            and 0 < len(symbol) <= 32
+            and symbol.isprintable()
+            and symbol == symbol.strip()
+        ):
+            validate(self)
 
     def scaled_to(self, decimals: int) -> int:
         """Return the value in ``decimals`` (which must be at least ``self.decimals``)."""

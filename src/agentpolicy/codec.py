@@ -12,6 +12,7 @@ optional parts left out. ``load_policy(dump_policy(p)) == p`` always.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -29,7 +30,6 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
-from dateutil.parser import isoparse
 
 from agentpolicy._checks import CHECK, Check, camel, raise_if, type_name
 from agentpolicy.amounts import Amount, parse_units
@@ -113,9 +113,16 @@ def parse_instant(raw: object, path: str = "$") -> datetime:
             path, f"must be an ISO 8601 string with a UTC offset, not {type_name(raw)}"
         )
     try:
-        value = isoparse(raw)
-    except (ValueError, OverflowError):
-        raise PolicyValidationError.single(path, f"is not an ISO 8601 instant: {raw!r}") from None
+        value = datetime.fromisoformat(raw)  # fast, and covers what agentpolicy writes
+    except ValueError:
+        try:  # the rest of ISO 8601 (week dates, ordinal dates, ...)
+            from dateutil.parser import isoparse  # noqa: PLC0415 - imported on demand
+
+            value = isoparse(raw)
+        except (ValueError, OverflowError):
+            raise PolicyValidationError.single(
+                path, f"is not an ISO 8601 instant: {raw!r}"
+            ) from None
     if value.tzinfo is None or value.utcoffset() is None:
         raise PolicyValidationError.single(
             path, f"must carry a UTC offset or 'Z' to name an instant: {raw!r}"
@@ -241,7 +248,11 @@ def _make_converter() -> cattrs.Converter:
     return converter
 
 
-_converter = _make_converter()
+@functools.cache
+def _converter() -> cattrs.Converter:
+    # Built on first use, not at import: generating the hooks takes tens of milliseconds.
+    return _make_converter()
+
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -282,14 +293,14 @@ def problems_of(exc: BaseException, path: str = "$") -> list[Problem]:
 def structure(data: object, cls: type[T]) -> T:
     """Read ``data`` (the camelCase JSON form) as ``cls``; raises ``PolicyValidationError``."""
     try:
-        return _converter.structure(data, cls)
+        return _converter().structure(data, cls)
     except cattrs.BaseValidationError as exc:
         raise PolicyValidationError(problems_of(exc)) from None
 
 
 def unstructure(value: object) -> Any:
     """Write a value class in its camelCase JSON form."""
-    return _converter.unstructure(value)
+    return _converter().unstructure(value)
 
 
 def encode(value: object) -> str:

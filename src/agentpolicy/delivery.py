@@ -15,8 +15,6 @@ import logging
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -199,6 +197,9 @@ class WebhookDispatcher:
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
     def _post(self, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> None:
+        import urllib.error  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+        import urllib.request  # noqa: PLC0415
+
         timestamp = int(time.time())
         body = self.payload(delivery, timestamp)
         headers = {

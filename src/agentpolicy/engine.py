@@ -31,7 +31,6 @@ from agentpolicy.errors import (
     PolicyValidationError,
     StorageUnavailableError,
 )
-from agentpolicy.evaluate import evaluate, matching_threshold, windows_for
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import (
     Approval,
@@ -45,6 +44,7 @@ from agentpolicy.records import (
     WindowLimit,
 )
 from agentpolicy.requests import PaymentRequest
+from agentpolicy.rules import Assessment, assess, conclude, windows_for
 from agentpolicy.storage import Storage, open_storage
 from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
 from agentpolicy.windows import Period
@@ -223,45 +223,49 @@ class PolicyEngine:
 
     # -- payments -----------------------------------------------------------------------
 
-    def _plan(
-        self, policy: AgentPolicy | None, version: int, request: PaymentRequest, now: datetime
-    ) -> AuthorizePlan:
-        first = evaluate(policy, request, {}, now)
-        on_pass = first.code
+    def _plan(self, a: Assessment, version: int) -> AuthorizePlan:
+        policy, request, now = a.policy, a.request, a.now
         limits: tuple[WindowLimit, ...] = ()
         terms = None
-        if policy is not None and (on_pass in _PASSING or on_pass in _WINDOW_CODES):
-            threshold = matching_threshold(policy, request.asset_amount)
-            on_pass = Code.ALLOWED if threshold is None else Code.APPROVAL_REQUIRED
+        if a.early is not None:
+            on_pass = a.early.code
+        elif a.blocking is not None:
+            assert a.blocking.code is not None  # noqa: S101 - failures carry codes
+            on_pass = a.blocking.code
+        else:
+            assert policy is not None  # noqa: S101 - no early decision means a policy
+            on_pass = Code.ALLOWED if a.threshold is None else Code.APPROVAL_REQUIRED
             if policy.limits is not None:
                 limits = tuple(
                     WindowLimit(w.key, limit, Code.for_period(w.period))
-                    for w in first.windows
+                    for w in a.windows
                     if (limit := policy.limits.for_period(w.period)) is not None
                 )
-            if threshold is not None:
+            if a.threshold is not None:
                 timeout = policy.approval_config.timeout if policy.approval_config else 0
                 terms = ApprovalTerms(
-                    threshold.required_approvers,
-                    threshold.approvers,
+                    a.threshold.required_approvers,
+                    a.threshold.approvers,
                     now + timedelta(milliseconds=timeout),
                 )
         return AuthorizePlan(
             request=request,
             now=now,
             policy_version=version,
-            windows=first.windows,
+            windows=a.windows,
             limits=limits,
             on_pass=on_pass,
             reservation_expires_at=now + self.reservation_ttl,
             approval=terms,
         )
 
-    def _decision(self, record: HistoryRecord) -> Decision:
+    def _decision(self, record: HistoryRecord, assessment: Assessment | None = None) -> Decision:
         assert record.request is not None  # noqa: S101 - decision records carry their request
         version = record.policy_version or 0
-        policy = self._policy_at(record.agent_id, version)
-        decision = evaluate(policy, record.request, record.usage or {}, record.at)
+        if assessment is None:  # a replayed decision: assess what was asked then
+            policy = self._policy_at(record.agent_id, version)
+            assessment = assess(policy, record.request, record.at)
+        decision = conclude(assessment, record.usage or {})
         if decision.code != record.code:
             raise InternalError(
                 f"the storage decided {record.code} but the policy gives {decision.code}"
@@ -292,12 +296,14 @@ class PolicyEngine:
         fresh = False
         for _ in range(_STALE_RETRIES):
             version, policy = self._current_policy(request.agent_id, fresh=fresh)
-            outcome = self.storage.authorize(self._plan(policy, version, request, now))
+            assessment = assess(policy, request, now)
+            outcome = self.storage.authorize(self._plan(assessment, version))
             if not outcome.stale:
-                assert outcome.record is not None  # noqa: S101 - set whenever not stale
-                if outcome.record.approval_id is not None:
+                record = outcome.record
+                assert record is not None  # noqa: S101 - set whenever not stale
+                if record.approval_id is not None:
                     self._wake_webhooks()
-                return self._decision(outcome.record)
+                return self._decision(record, None if outcome.replayed else assessment)
             fresh = True  # another process changed the policy: read it again
         raise StorageUnavailableError("the policy changed during every attempt to authorize")
 

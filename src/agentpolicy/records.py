@@ -88,28 +88,25 @@ class Counter:
         """Spent plus reserved, the amount a window limit is checked against."""
         return Amount(self.spent + self.reserved, self.decimals)
 
-    def _aligned(self, amount: Amount) -> tuple[Counter, int]:
+    def _aligned(self, amount: Amount) -> tuple[int, int, int, int]:
         d = max(self.decimals, amount.decimals)
-        k = 10 ** (d - self.decimals)
-        return (
-            attrs.evolve(self, decimals=d, spent=self.spent * k, reserved=self.reserved * k),
-            scale_units(amount.value, amount.decimals, d),
-        )
+        k = scale_units(1, self.decimals, d)
+        return d, self.spent * k, self.reserved * k, scale_units(amount.value, amount.decimals, d)
 
     def reserve(self, amount: Amount) -> Counter:
         """Add ``amount`` to ``reserved``."""
-        c, v = self._aligned(amount)
-        return attrs.evolve(c, reserved=c.reserved + v)
+        d, spent, reserved, v = self._aligned(amount)
+        return Counter(self.key, self.window_end, d, spent, reserved + v)
 
     def unreserve(self, amount: Amount) -> Counter:
         """Take ``amount`` out of ``reserved``, never below zero."""
-        c, v = self._aligned(amount)
-        return attrs.evolve(c, reserved=max(0, c.reserved - v))
+        d, spent, reserved, v = self._aligned(amount)
+        return Counter(self.key, self.window_end, d, spent, max(0, reserved - v))
 
     def settle(self, amount: Amount) -> Counter:
         """Move ``amount`` from ``reserved`` to ``spent`` (confirm)."""
-        c, v = self._aligned(amount)
-        return attrs.evolve(c, reserved=max(0, c.reserved - v), spent=c.spent + v)
+        d, spent, reserved, v = self._aligned(amount)
+        return Counter(self.key, self.window_end, d, spent + v, max(0, reserved - v))
 
 
 @attrs.frozen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -80,7 +81,7 @@ class PaymentRequest:
             problems += check_identifier(self.idempotency_key, "$.idempotencyKey", MAX_ID)
         raise_if(problems)
 
-    @property
+    @functools.cached_property
     def asset_amount(self) -> Amount:
         """The amount with its decimals and symbol."""
         return Amount(self.amount, self.decimals, self.symbol)

@@ -60,6 +60,9 @@ class Transaction(Protocol):
     def put_policy(self, record: PolicyRecord) -> None:
         """Make ``record`` the current policy and keep it as a version."""
 
+    def policy_version(self, agent_id: str) -> int:
+        """The current policy's version, 0 when there is none."""
+
     def list_policies(self, prefix: str | None) -> list[PolicyRecord]:
         """Current policies of agents whose id starts with ``prefix``."""
 
@@ -230,8 +233,7 @@ def authorize(
     """Carry out an :class:`AuthorizePlan` (see there for the steps)."""
     request, now = plan.request, plan.now
     agent = request.agent_id
-    current = tx.get_policy(agent)
-    if (current.version if current else 0) != plan.policy_version:
+    if tx.policy_version(agent) != plan.policy_version:
         return AuthorizeOutcome(stale=True)
     key = request.idempotency_key
     fingerprint = request.fingerprint()
@@ -247,8 +249,9 @@ def authorize(
                 )
             return AuthorizeOutcome(record=entry.record, replayed=True)
     expire_due(tx, agent, now, routes)
-    tx.prune_counters(agent, now)
     counters = tx.counters(agent, [w.key for w in plan.windows])
+    if len(counters) < len(plan.windows):  # a window began: drop counters of ended ones
+        tx.prune_counters(agent, now)
     usage = {k: c.used for k, c in counters.items()}
     code = _check_limits(plan, usage)
     reservation_id = approval_id = expires_at = None

@@ -83,6 +83,10 @@ class _MemoryTransaction:
             return self.t.policies.get(agent_id)
         return self.t.versions.get((agent_id, version))
 
+    def policy_version(self, agent_id: str) -> int:
+        record = self.t.policies.get(agent_id)
+        return 0 if record is None else record.version
+
     def put_policy(self, record: PolicyRecord) -> None:
         self._set(self.t.policies, record.agent_id, record)
         self._set(self.t.versions, (record.agent_id, record.version), record)

@@ -136,6 +136,12 @@ class _SQLiteTransaction:
             return None
         return PolicyRecord(agent_id, row[0], json.loads(row[1]), datetime.fromisoformat(row[2]))
 
+    def policy_version(self, agent_id: str) -> int:
+        row = self.c.execute(
+            "SELECT version FROM current_policies WHERE agent_id = ?", (agent_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
     def put_policy(self, record: PolicyRecord) -> None:
         self.c.execute(
             "INSERT INTO policies (agent_id, version, body, updated_at) VALUES (?, ?, ?, ?)",

@@ -7,8 +7,11 @@ reads a clock, a storage or the environment.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime, tzinfo
+
+import attrs
 
 from agentpolicy.amounts import Amount, format_units, same_symbol, scale_units
 from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
@@ -17,7 +20,7 @@ from agentpolicy.policy import AgentPolicy, ApprovalThreshold, normalize_recipie
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.windows import WINDOW_PERIODS, Window, window_at
 
-__all__ = ["evaluate", "policy_zone", "windows_for"]
+__all__ = ["Assessment", "assess", "conclude", "evaluate", "policy_zone", "windows_for"]
 
 Usage = Mapping[str, Amount]
 """Amount already used (spent plus reserved), keyed by :attr:`Window.key`."""
@@ -39,7 +42,16 @@ def windows_for(policy: AgentPolicy | None, now: datetime) -> tuple[Window, ...]
     """
     _check_now(now)
     zone = policy_zone(policy)
-    return tuple(window_at(period, now, zone) for period in WINDOW_PERIODS)
+    local = now.astimezone(zone)
+    # All four windows change only when the local hour does: compute them once per hour.
+    # The key is the hour's start in UTC: two local 01:00s of a fall-back night differ
+    # only by fold, which local datetimes ignore in == and hash.
+    return _windows(zone, local.replace(minute=0, second=0, microsecond=0).astimezone(UTC))
+
+
+@functools.lru_cache(maxsize=4096)
+def _windows(zone: tzinfo, hour: datetime) -> tuple[Window, ...]:
+    return tuple(window_at(period, hour, zone) for period in WINDOW_PERIODS)
 
 
 def _check_now(now: datetime) -> None:
@@ -234,6 +246,106 @@ def _approval(
     return Evaluation(name, Outcome.APPROVAL, Code.APPROVAL_REQUIRED, detail), threshold
 
 
+@attrs.frozen
+class Assessment:
+    """Every check that does not depend on usage, done once; :func:`conclude` adds usage.
+
+    ``early`` is the whole decision when there is no policy or it is disabled.
+    ``checks`` are the usage-independent evaluations in order (policy to
+    per-transaction limit); ``blocking`` is the first of them that failed.
+    """
+
+    policy: AgentPolicy | None
+    request: PaymentRequest
+    now: datetime
+    windows: tuple[Window, ...]
+    early: Decision | None = None
+    checks: tuple[Evaluation, ...] = ()
+    blocking: Evaluation | None = None
+    comparable: bool = False
+    approval: Evaluation | None = None
+    threshold: ApprovalThreshold | None = None
+
+
+def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -> Assessment:
+    """Run every check that does not need usage (see :func:`evaluate`)."""
+    windows = windows_for(policy, now)
+    if policy is None or not policy.enabled:
+        code = Code.NO_POLICY if policy is None else Code.POLICY_DISABLED
+        detail = (
+            f"no policy is set for agent {request.agent_id}"
+            if policy is None
+            else "the policy is disabled: every payment is denied"
+        )
+        early = Decision(
+            allowed=False,
+            code=code,
+            reason=detail,
+            evaluations=(_fail("policy", code, detail),),
+            windows=windows,
+        )
+        return Assessment(policy, request, now, windows, early=early)
+    amount = request.asset_amount
+    asset = _asset(policy, request)
+    comparable = not asset.failed
+    approval, threshold = _approval(policy, amount, comparable)
+    checks = (
+        _ok("policy", "the policy is enabled"),
+        _blocked_periods(policy, now),
+        _allowed_windows(policy, now),
+        _merchant(policy, request),
+        _network(policy, request),
+        _category(policy, request),
+        asset,
+        _per_transaction(policy, amount, comparable),
+    )
+    blocking = next((e for e in checks if e.failed), None)
+    return Assessment(
+        policy, request, now, windows, None, checks, blocking, comparable, approval, threshold
+    )
+
+
+def conclude(assessment: Assessment, usage: Usage) -> Decision:
+    """Finish an :class:`Assessment` with the usage of its windows: the decision."""
+    if assessment.early is not None:
+        return assessment.early
+    policy = assessment.policy
+    assert policy is not None  # noqa: S101 - set whenever there is no early decision
+    assert assessment.approval is not None  # noqa: S101 - likewise
+    windows = assessment.windows
+    limits = _window_limits(
+        policy, assessment.request.asset_amount, windows, usage, assessment.comparable
+    )
+    evaluations = (*assessment.checks, *limits, assessment.approval)
+    failure = assessment.blocking or next((e for e in limits if e.failed), None)
+    if failure is not None:
+        assert failure.code is not None  # noqa: S101 - every failure carries its code
+        return Decision(
+            allowed=False,
+            code=failure.code,
+            reason=failure.detail,
+            evaluations=evaluations,
+            windows=windows,
+        )
+    if assessment.threshold is not None:
+        return Decision(
+            allowed=False,
+            code=Code.APPROVAL_REQUIRED,
+            reason=assessment.approval.detail,
+            requires_approval=True,
+            threshold=assessment.threshold,
+            evaluations=evaluations,
+            windows=windows,
+        )
+    return Decision(
+        allowed=True,
+        code=Code.ALLOWED,
+        reason="every check passed",
+        evaluations=evaluations,
+        windows=windows,
+    )
+
+
 def evaluate(
     policy: AgentPolicy | None,
     request: PaymentRequest,
@@ -246,67 +358,6 @@ def evaluate(
     used in that window; a missing key means nothing was used. ``now`` must be
     timezone-aware (else :class:`~agentpolicy.PolicyValidationError`).
     Returns a :class:`~agentpolicy.Decision`; a denial is a decision, not an
-    exception.
+    exception. Equal to ``conclude(assess(policy, request, now), usage)``.
     """
-    windows = windows_for(policy, now)
-    if policy is None:
-        detail = f"no policy is set for agent {request.agent_id}"
-        return Decision(
-            allowed=False,
-            code=Code.NO_POLICY,
-            reason=detail,
-            evaluations=(_fail("policy", Code.NO_POLICY, detail),),
-            windows=windows,
-        )
-    if not policy.enabled:
-        detail = "the policy is disabled: every payment is denied"
-        return Decision(
-            allowed=False,
-            code=Code.POLICY_DISABLED,
-            reason=detail,
-            evaluations=(_fail("policy", Code.POLICY_DISABLED, detail),),
-            windows=windows,
-        )
-    amount = request.asset_amount
-    asset = _asset(policy, request)
-    comparable = not asset.failed
-    approval, threshold = _approval(policy, amount, comparable)
-    evaluations = (
-        _ok("policy", "the policy is enabled"),
-        _blocked_periods(policy, now),
-        _allowed_windows(policy, now),
-        _merchant(policy, request),
-        _network(policy, request),
-        _category(policy, request),
-        asset,
-        _per_transaction(policy, amount, comparable),
-        *_window_limits(policy, amount, windows, usage, comparable),
-        approval,
-    )
-    failure = next((e for e in evaluations if e.failed), None)
-    if failure is not None:
-        assert failure.code is not None  # noqa: S101 - every failure carries its code
-        return Decision(
-            allowed=False,
-            code=failure.code,
-            reason=failure.detail,
-            evaluations=evaluations,
-            windows=windows,
-        )
-    if threshold is not None:
-        return Decision(
-            allowed=False,
-            code=Code.APPROVAL_REQUIRED,
-            reason=approval.detail,
-            requires_approval=True,
-            threshold=threshold,
-            evaluations=evaluations,
-            windows=windows,
-        )
-    return Decision(
-        allowed=True,
-        code=Code.ALLOWED,
-        reason="every check passed",
-        evaluations=evaluations,
-        windows=windows,
-    )
+    return conclude(assess(policy, request, now), usage)

@@ -1,0 +1,290 @@
+"""The benchmark suite: every figure beside its anchor, measured in the same run.
+
+Run (after ``pip install -e '.[dev,bench]'``)::
+
+    .venv/bin/python benchmarks/run.py            # everything
+    .venv/bin/python benchmarks/run.py --quick    # fewer rounds, 10,000 agents
+
+Redis figures use ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) with a
+key prefix of their own, deleting only their own keys afterwards. Figures are
+medians of several rounds; these machines are noisy, so the ratios are what
+count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agentpolicy import PolicyEngine
+from agentpolicy.examples import seed_policy
+from agentpolicy.storage import MemoryStorage, SQLiteStorage
+from agentpolicy.testing import ManualClock, payment
+
+NOW = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)  # a Monday, inside the seed's 9-17 window
+ROUNDS = 7
+ROWS: list[tuple[str, str, str, str, str]] = []
+
+
+def per_call(fn: Callable[[], object], number: int, rounds: int | None = None) -> float:
+    """Median seconds per call over several rounds."""
+    samples = []
+    for _ in range(rounds or ROUNDS):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return statistics.median(samples)
+
+
+def row(figure: str, value: str, anchor: str, ratio: float | None, target: str) -> None:
+    ROWS.append((figure, value, anchor, "-" if ratio is None else f"{ratio:.2f}x", target))
+    print(f"  {figure}: {value} | {anchor} | {ROWS[-1][3]} | {target}", flush=True)
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us"
+
+
+def full_policy(limit: int = 10**30) -> dict[str, Any]:
+    """The seed's policy (every rule kind, all five limits) with limits nothing reaches."""
+    policy = seed_policy()
+    policy["limits"] = {k: {**v, "value": str(limit)} for k, v in policy["limits"].items()}
+    policy["approvalConfig"]["thresholds"] = [
+        {**t, "amount": {**t["amount"], "value": str(limit)}}
+        for t in policy["approvalConfig"]["thresholds"]
+    ]
+    policy["approvalConfig"]["thresholds"][1]["amount"]["value"] = str(limit + 1)
+    return policy
+
+
+REQUEST = payment(1, recipient="0xaddr1", category="api_usage")
+
+
+def make_engine(storage: Any) -> PolicyEngine:
+    engine = PolicyEngine(storage=storage, clock=ManualClock(NOW))
+    engine.set_policy("agent-1", full_policy())
+    return engine
+
+
+def cycle(engine: PolicyEngine) -> Callable[[], None]:
+    def run() -> None:
+        d = engine.authorize(REQUEST)
+        assert d.reservation_id is not None, d.reason
+        engine.confirm(d.reservation_id)
+
+    return run
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def memory_vs_limits() -> None:
+    from limits import parse, storage, strategies
+
+    limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+    item = parse("1000000/second")
+    anchor = per_call(lambda: limiter.hit(item, "agent-1"), 20_000)
+    engine = make_engine(MemoryStorage())
+    value = per_call(cycle(engine), 2_000)
+    row("authorize+confirm, memory, every rule kind", us(value),
+        f"limits moving-window hit {us(anchor)}", value / anchor, "<= 1.5x")  # fmt: skip
+
+
+def sqlite_anchor(path: Path) -> Callable[[], None]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+
+    def run() -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (body) VALUES ('x')")
+        conn.execute("COMMIT")
+
+    return run
+
+
+def sqlite_figures(tmp: Path, history: int) -> None:
+    anchor = per_call(sqlite_anchor(tmp / "anchor.db"), 3_000)
+    engine = make_engine(SQLiteStorage(tmp / "bench.db"))
+    empty = per_call(cycle(engine), 500)
+    row("authorize+confirm, SQLite file (WAL)", us(empty),
+        f"BEGIN IMMEDIATE;INSERT;COMMIT {us(anchor)}", empty / anchor, "<= 2x")  # fmt: skip
+    run = cycle(engine)
+    for _ in range(history):
+        run()
+    full = per_call(run, 500)
+    row(f"the same after {history:,} recorded payments", us(full),
+        f"at an empty database {us(empty)}", full / empty, "<= 1.1x")  # fmt: skip
+    engine.close()
+
+
+def redis_figures(url: str) -> None:
+    import redis
+
+    from agentpolicy.storage.redis import RedisStorage
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    storage = RedisStorage(url, key_prefix=prefix)
+    engine = make_engine(storage)
+    engine.authorize(REQUEST)
+    ping = per_call(storage.client.ping, 3_000)
+    value = per_call(lambda: engine.authorize(REQUEST), 1_000)
+    probe = redis.Redis.from_url(url)
+    calls = probe.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    for _ in range(200):
+        engine.authorize(REQUEST)
+    per = (probe.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) - calls) / 200
+    row("authorize on Redis", us(value), f"PING, same connection {us(ping)}", value / ping,
+        "<= 1.3x")  # fmt: skip
+    row("Redis commands per authorize (INFO)", f"{per:.2f} EVALSHA", "-", None, "exactly 1")
+    for key in probe.scan_iter(match=prefix + "*"):  # only this run's own keys
+        probe.delete(key)
+    probe.close()
+    engine.close()
+
+
+def _worker(args: tuple[str, str, str, int]) -> tuple[int, float]:
+    kind, where, prefix, count = args
+    if kind == "sqlite":
+        storage: Any = SQLiteStorage(where)
+    else:
+        from agentpolicy.storage.redis import RedisStorage
+
+        storage = RedisStorage(where, key_prefix=prefix)
+    engine = PolicyEngine(storage=storage, clock=ManualClock(NOW))
+    start = time.perf_counter()
+    allowed = sum(engine.authorize(payment(1_000_000)).allowed for _ in range(count))
+    elapsed = time.perf_counter() - start
+    engine.close()
+    return allowed, elapsed
+
+
+def throughput(kind: str, where: str, per_process: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    base = None
+    for processes in (1, 2, 4):
+        prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+        agent_db = where
+        if kind == "sqlite":
+            agent_db = str(Path(where) / f"tp{processes}.db")
+            setup: Any = SQLiteStorage(agent_db)
+        else:
+            from agentpolicy.storage.redis import RedisStorage
+
+            setup = RedisStorage(where, key_prefix=prefix)
+        total = processes * per_process
+        limit = total // 2  # half the requests must be refused: the count is checked exactly
+        engine = PolicyEngine(storage=setup, clock=ManualClock(NOW))
+        engine.set_policy("agent-1", {"limits": {"daily": {"value": str(limit * 1_000_000)}}})
+        start = time.perf_counter()
+        with ctx.Pool(processes) as pool:
+            results = pool.map(_worker, [(kind, agent_db, prefix, per_process)] * processes)
+        wall = time.perf_counter() - start
+        allowed = sum(a for a, _ in results)
+        assert allowed == limit, f"{kind}: {allowed} allowed, expected exactly {limit}"
+        rate = total / max(e for _, e in results)
+        base = base or rate
+        row(f"throughput, {processes} process(es) on one budget, {kind}",
+            f"{rate:,.0f} authorize/s ({allowed} of {total} allowed, exact)",
+            f"1 process {base:,.0f}/s", rate / base, "reported")  # fmt: skip
+        del wall
+        engine.close()
+        if kind == "redis":
+            import redis
+
+            probe = redis.Redis.from_url(where)
+            for key in probe.scan_iter(match=prefix + "*"):
+                probe.delete(key)
+            probe.close()
+
+
+def import_times(runs: int) -> None:
+    def median_import(statement: str) -> float:
+        code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+        times = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+                ).stdout
+            )  # fmt: skip
+            for _ in range(runs)
+        ]
+        return statistics.median(times)
+
+    anchor = median_import("import attrs, cattrs, dateutil")
+    value = median_import("import agentpolicy")
+    row("import agentpolicy", f"{value * 1e3:.1f} ms",
+        f"import attrs, cattrs, dateutil {anchor * 1e3:.1f} ms", value / anchor, "<= 1.2x")  # fmt: skip
+
+
+def memory_per_agent(agents: int) -> None:
+    code = f"""
+import tracemalloc, json
+from datetime import UTC, datetime
+tracemalloc.start()
+from agentpolicy import PolicyEngine
+from agentpolicy.storage import MemoryStorage
+from agentpolicy.testing import ManualClock, payment
+engine = PolicyEngine(storage=MemoryStorage(), clock=ManualClock())
+base = tracemalloc.get_traced_memory()[0]
+policy = {{"limits": {{"daily": {{"value": "100000000"}}, "monthly": {{"value": "900000000"}}}}}}
+for i in range({agents}):
+    agent = f"agent-{{i}}"
+    engine.set_policy(agent, policy)
+    d = engine.authorize(payment(1_000_000, agent_id=agent))
+    engine.confirm(d.reservation_id)
+print(json.dumps((tracemalloc.get_traced_memory()[0] - base) / {agents}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    per = json.loads(done.stdout)
+    row(f"memory per agent, {agents:,} agents in memory", f"{per / 1024:.1f} KiB",
+        "(policy, counters, one confirmed payment, its history)", None, "reported")  # fmt: skip
+
+
+def main() -> None:
+    global ROUNDS  # noqa: PLW0603 - a command-line setting
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    ROUNDS = 3 if args.quick else 7
+    print(f"agentpolicy benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    memory_vs_limits()
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite_figures(Path(tmp), 2_000 if args.quick else 20_000)
+        throughput("sqlite", tmp, 200 if args.quick else 500)
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        import redis
+
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except Exception as exc:
+        print(f"  Redis figures skipped: {url} unreachable ({type(exc).__name__})")
+    else:
+        redis_figures(url)
+        throughput("redis", url, 300 if args.quick else 1_000)
+    import_times(5 if args.quick else 11)
+    memory_per_agent(10_000 if args.quick else 100_000)
+    print("\n| figure | value | anchor, in the same run | ratio | target |")
+    print("|---|---|---|---|---|")
+    for figure, value, anchor, ratio, target in ROWS:
+        print(f"| {figure} | {value} | {anchor} | {ratio} | {target} |")
+
+
+if __name__ == "__main__":
+    main()

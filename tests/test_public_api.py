@@ -1,0 +1,52 @@
+"""The public API: every name loads, is documented, and importing costs no extras."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import agentpolicy
+
+MODULES = [
+    "agentpolicy", "agentpolicy.amounts", "agentpolicy.approvals", "agentpolicy.cli",
+    "agentpolicy.codec", "agentpolicy.config", "agentpolicy.decisions", "agentpolicy.delivery",
+    "agentpolicy.engine", "agentpolicy.errors", "agentpolicy.rules", "agentpolicy.examples",
+    "agentpolicy.mcp", "agentpolicy.mcp.server", "agentpolicy.mcp.stdio", "agentpolicy.mcp.tools",
+    "agentpolicy.policy", "agentpolicy.records", "agentpolicy.requests", "agentpolicy.storage",
+    "agentpolicy.storage.memory", "agentpolicy.storage.redis", "agentpolicy.storage.sqlite",
+    "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_every_public_name_is_documented(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert module.__doc__, module_name
+    for name in getattr(module, "__all__", []):
+        value = getattr(module, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__doc__, f"{module_name}.{name} has no docstring"
+            if inspect.isclass(value):
+                for attr, member in vars(value).items():
+                    if not attr.startswith("_") and inspect.isfunction(member):
+                        assert member.__doc__, f"{module_name}.{name}.{attr} has no docstring"
+
+
+def test_names_load_lazily_and_dir_lists_them() -> None:
+    assert set(agentpolicy.__all__) <= set(dir(agentpolicy))
+    with pytest.raises(AttributeError):
+        agentpolicy.NoSuchThing  # noqa: B018
+
+
+def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
+    code = (
+        "import sys, agentpolicy; agentpolicy.evaluate; agentpolicy.PolicyEngine;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'redis')"
+        " or m == 'urllib.request'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
