@@ -36,6 +36,7 @@ import redis
 import redis.cluster
 import redis.exceptions
 
+from agentpolicy.amounts import Amount
 from agentpolicy.codec import decode, encode, format_instant
 from agentpolicy.errors import (
     ConflictError,
@@ -61,6 +62,7 @@ from agentpolicy.records import (
     Vote,
     WebhookDelivery,
 )
+from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.views import approval_data, vote_data
 
@@ -87,6 +89,27 @@ def agent_tag(agent_id: str) -> str:
     if _SAFE_TAG.fullmatch(agent_id):
         return agent_id
     return "h" + hashlib.sha256(agent_id.encode()).hexdigest()[:32]
+
+
+def _fresh_record(entry: dict[str, Any], request: PaymentRequest, now: datetime) -> HistoryRecord:
+    """The decision record a script just wrote, read without a second decode of the request."""
+    usage = {
+        key: Amount(int(u["value"]), int(u["decimals"]), u["symbol"])
+        for key, u in (entry.get("usage") or {}).items()
+    }
+    expires = entry.get("expiresAt")
+    return HistoryRecord(
+        agent_id=request.agent_id,
+        at=now,
+        event="decision",
+        code=entry["code"],
+        policy_version=int(entry["policyVersion"]),
+        request=request,
+        reservation_id=entry.get("reservationId"),
+        approval_id=entry.get("approvalId"),
+        expires_at=None if expires is None else datetime.fromisoformat(expires),
+        usage=usage,
+    )
 
 
 def _ms(delta: timedelta) -> int:
@@ -239,11 +262,8 @@ class RedisStorage:
         if request.idempotency_key is not None:
             args["idem_key"] = request.idempotency_key
         self._add_routes(args)
-        held_until = plan.reservation_expires_at
-        aid = None
         if plan.approval is not None:
             aid = self._new_id("apr", agent)
-            held_until = plan.approval.expires_at
             args.update(
                 aid=aid,
                 a_expires_us=str(micros(plan.approval.expires_at)),
@@ -261,16 +281,6 @@ class RedisStorage:
                     )
                 ),
             )  # fmt: skip
-        held = plan.on_pass.value == "APPROVAL_REQUIRED"
-        args["r_body"] = encode(
-            Reservation(
-                id=rid, agent_id=agent,
-                status=ReservationStatus.HELD if held else ReservationStatus.RESERVED,
-                amount=amount, window_keys=tuple(w.key for w in plan.windows),
-                created_at=now, expires_at=held_until, updated_at=now, request=request,
-                policy_version=plan.policy_version, approval_id=aid,
-            )
-        )  # fmt: skip
         reply = self._run("authorize", [p + "policy", p + "open"], [json.dumps(args)])
         if reply.startswith("E"):  # events were written to the agent's outbox
             self._index_outbox(agent)
@@ -283,17 +293,26 @@ class RedisStorage:
                 f"idempotency key {request.idempotency_key!r} was used for a different request",
                 code=ErrorCode.IDEMPOTENCY_CONFLICT,
             )
-        return AuthorizeOutcome(record=decode(text, HistoryRecord), replayed=kind == "R")
+        if kind == "R":  # the first decision again, with the request it was made for
+            return AuthorizeOutcome(record=decode(text, HistoryRecord), replayed=True)
+        return AuthorizeOutcome(record=_fresh_record(json.loads(text), request, now))
 
     # -- reservations --------------------------------------------------------------------------
 
-    def _reservation(self, fields: dict[str, str]) -> Reservation:
-        r = decode(fields["body"], Reservation)
-        return attrs.evolve(
-            r,
+    @staticmethod
+    def _reservation(reservation_id: str, fields: dict[str, str]) -> Reservation:
+        return Reservation(
+            id=reservation_id,
+            agent_id=fields["agent"],
             status=ReservationStatus(fields["status"]),
+            amount=Amount(int(fields["v"]), int(fields["d"]), fields["symbol"]),
+            window_keys=tuple(fields["w"].split("|")),
+            created_at=instant(fields["created"]),
             expires_at=instant(fields["expires"]),
             updated_at=instant(fields["updated"]),
+            request=decode(fields["request"], PaymentRequest),
+            policy_version=int(fields["version"]),
+            approval_id=fields["approval"] or None,
         )
 
     def _settle(self, reservation_id: str, action: str, now: datetime) -> Reservation:
@@ -310,7 +329,7 @@ class RedisStorage:
         outcome, flat = reply[0], reply[1:]
         if outcome == "NF":
             raise not_found
-        r = self._reservation(dict(zip(flat[::2], flat[1::2], strict=True)))
+        r = self._reservation(reservation_id, dict(zip(flat[::2], flat[1::2], strict=True)))
         errors = {
             "EX": (ErrorCode.RESERVATION_EXPIRED, f"reservation {r.id} expired"),
             "RL": (ErrorCode.RESERVATION_RELEASED, f"reservation {r.id} was released"),
@@ -349,7 +368,7 @@ class RedisStorage:
         if p is None:
             return None
         fields = self._guard(lambda: self.client.hgetall(p + "r:" + reservation_id))
-        return self._reservation(fields) if fields else None
+        return self._reservation(reservation_id, fields) if fields else None
 
     def get_reservation(self, reservation_id: str, now: datetime) -> Reservation | None:
         """A reservation, expired if its time is up."""

@@ -18,9 +18,9 @@ expire_due(P, now, iso, agent, plan.history_limit, plan.routes)
 local usage, counters, emitted = {}, {}, 0
 for i, w in ipairs(plan.windows) do
   local key = P .. "c:" .. w.key
-  local d, s, r = counter(key)
-  counters[i] = {key = key, exists = redis.call("EXISTS", key) == 1}
-  if counters[i].exists then
+  local d, s, r, exists = counter(key)
+  counters[i] = {key = key}
+  if exists then
     usage[w.key] = {value = add(s, r), decimals = d, symbol = plan.symbol}
   end
 end
@@ -59,8 +59,8 @@ if code == "ALLOWED" or code == "APPROVAL_REQUIRED" then
   entry.expiresAt = expires_iso
   local keys = {}
   for _, w in ipairs(plan.windows) do keys[#keys + 1] = w.key end
-  redis.call("HSET", rkey, "body", plan.r_body, "agent", agent,
-             "status", held and "held" or "reserved",
+  redis.call("HSET", rkey, "request", plan.request, "agent", agent, "created", now,
+             "symbol", plan.symbol, "status", held and "held" or "reserved",
              "expires", expires_us, "updated", now, "v", plan.v, "d", plan.d,
              "w", table.concat(keys, "|"), "approval", plan.aid or "", "version", plan.version)
   redis.call("PEXPIRE", rkey, plan.keep_ms)
@@ -71,8 +71,9 @@ if code == "ALLOWED" or code == "APPROVAL_REQUIRED" then
   end
 end
 local text = history(P, plan.history_limit, entry, plan.request)
+local reply = cjson.encode(entry)  -- without the request, which the caller already has
 if idem then
   redis.call("HSET", idem, "fp", plan.fp, "created", now, "record", text)
   redis.call("PEXPIRE", idem, plan.idem_keep_ms)
 end
-return ((emitted > 0) and "E" or "") .. "N" .. text
+return ((emitted > 0) and "E" or "") .. "N" .. reply

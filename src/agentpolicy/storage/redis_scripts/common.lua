@@ -15,8 +15,12 @@ local function cmp(a, b)
   return (a < b) and -1 or 1
 end
 
+-- Up to 15 digits a double is exact, and so is the sum of two: the common case.
+local function small(a, b) return #a <= 15 and #b <= 15 end
+
 local function add(a, b)
   a = strip(a); b = strip(b)
+  if small(a, b) then return string.format("%.0f", tonumber(a) + tonumber(b)) end
   local out, carry, i, j = {}, 0, #a, #b
   while i > 0 or j > 0 or carry > 0 do
     local s = carry
@@ -32,6 +36,7 @@ end
 local function sub0(a, b)
   a = strip(a); b = strip(b)
   if cmp(a, b) <= 0 then return "0" end
+  if small(a, b) then return string.format("%.0f", tonumber(a) - tonumber(b)) end
   local out, borrow, i, j = {}, 0, #a, #b
   while i > 0 do
     local s = string.byte(a, i) - 48 - borrow; i = i - 1
@@ -47,15 +52,16 @@ local function scale(a, n)
   return a .. string.rep("0", n)
 end
 
+-- decimals, spent, reserved, and whether the counter exists
 local function counter(key)
   local f = redis.call("HMGET", key, "d", "s", "r")
-  return tonumber(f[1] or "0"), f[2] or "0", f[3] or "0"
+  return tonumber(f[1] or "0"), f[2] or "0", f[3] or "0", f[1] ~= false
 end
 
 -- op: reserve | unreserve | settle. Windows already gone (expired) get nothing back.
 local function counter_apply(key, v, d, op)
-  if op ~= "reserve" and redis.call("EXISTS", key) == 0 then return end
-  local cd, s, r = counter(key)
+  local cd, s, r, exists = counter(key)
+  if op ~= "reserve" and not exists then return end
   local D = math.max(cd, d)
   s = scale(s, D - cd); r = scale(r, D - cd)
   local x = scale(v, D - d)

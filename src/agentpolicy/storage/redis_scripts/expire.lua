@@ -5,9 +5,8 @@ local due = expire_due(a.P, a.now_us, a.now_iso, a.agent, a.history_limit, a.rou
 if a.counters then
   local out = {}
   for _, wk in ipairs(a.counters) do
-    local key = a.P .. "c:" .. wk
-    if redis.call("EXISTS", key) == 1 then
-      local d, s, r = counter(key)
+    local d, s, r, exists = counter(a.P .. "c:" .. wk)
+    if exists then
       out[#out + 1] = wk; out[#out + 1] = tostring(d); out[#out + 1] = s; out[#out + 1] = r
     end
   end
