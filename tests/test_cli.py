@@ -203,3 +203,20 @@ def test_webhook_deliveries_are_visible(tmp_path: Path) -> None:
     assert (
         run(tmp_path, "webhooks", "list", "--status", "pending").stdout == "no webhook deliveries\n"
     )
+
+
+def test_a_closed_pipe_is_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from agentpolicy import cli
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+    monkeypatch.setenv("AGENT_POLICY_DB", str(tmp_path / "cli.db"))
+    monkeypatch.delenv("AGENT_POLICY_REDIS_URL", raising=False)
+    assert cli.main(["sweep"], out=ClosedPipe()) == 0  # sweep always prints a line
+    assert capsys.readouterr().err == ""

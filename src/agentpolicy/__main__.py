@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from agentpolicy.cli import silence_stdout
 from agentpolicy.codec import load_policy
 from agentpolicy.examples import seed_policy
 from agentpolicy.requests import PaymentRequest
@@ -68,4 +69,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (| head)
+        silence_stdout()

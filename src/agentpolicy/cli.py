@@ -9,8 +9,10 @@ not (denied, or waiting for approval).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -339,6 +341,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def silence_stdout() -> None:
+    """Point stdout at the null device, so exiting after a closed pipe prints nothing."""
+    with contextlib.suppress(OSError, ValueError):  # no real descriptor: tests, embedding
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
     out = out or sys.stdout
@@ -371,6 +379,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         storage = open_storage(url, key_prefix=settings.key_prefix)
         with PolicyEngine(storage=storage, reservation_ttl=ttl) as engine:
             return _run(args, engine, out)
+    except BrokenPipeError:  # the reader went away (| head): not an error of ours
+        silence_stdout()
+        return 0
     except PolicyError as err:
         sys.stderr.write(f"agentpolicy: {err.code}: {err.message}\n")
         return EXIT_BAD_INPUT if err.code == ErrorCode.INVALID_INPUT else EXIT_ERROR
