@@ -6,9 +6,12 @@ import multiprocessing
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentpolicy import ErrorCode, PolicyEngine, PolicyError, ReservationStatus, open_storage
 from agentpolicy.storage.redis import RedisStorage, agent_tag
@@ -196,3 +199,33 @@ def test_an_unreachable_redis_is_storage_unavailable() -> None:
     with pytest.raises(PolicyError) as err:
         engine.authorize(payment(USDT))
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+
+
+def _lua_math(redis_url: str) -> Any:
+    from importlib import resources
+
+    common = (resources.files("agentpolicy.storage") / "redis_scripts" / "common.lua").read_text()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    return client, client.register_script(
+        common + "\nreturn {add(ARGV[1], ARGV[2]), sub0(ARGV[1], ARGV[2]), "
+        "tostring(cmp(ARGV[1], ARGV[2])), scale(ARGV[1], tonumber(ARGV[3]))}"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=st.one_of(st.integers(0, 10**15), st.integers(0, 10**45)),
+    b=st.one_of(st.integers(0, 10**15), st.integers(0, 10**45)),
+    n=st.integers(0, 30),
+)
+def test_lua_decimal_arithmetic_matches_python_integers(
+    redis_url: str, a: int, b: int, n: int
+) -> None:
+    client, script = _lua_math(redis_url)
+    added, subtracted, compared, scaled = script(keys=[], args=[str(a), str(b), n])
+    client.close()
+    assert int(added) == a + b
+    assert int(subtracted) == max(0, a - b)
+    assert int(compared) == (a > b) - (a < b)
+    assert int(scaled) == a * 10**n
+    assert added == str(a + b)  # no leading zeros, no exponent

@@ -305,7 +305,7 @@ def unstructure(value: object) -> Any:
 
 def encode(value: object) -> str:
     """Compact JSON text of a value class or record (for storages)."""
-    return json.dumps(unstructure(value), separators=(",", ":"), sort_keys=True)
+    return json.dumps(unstructure(value), separators=(",", ":"))
 
 
 def decode(text: str | bytes, cls: type[T]) -> T:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from agentpolicy.codec import format_instant
 from agentpolicy.errors import PolicyError
 from agentpolicy.records import DeliveryStatus, WebhookDelivery
 from agentpolicy.webhooks import WebhookEndpoint, sign
@@ -192,8 +193,8 @@ class WebhookDispatcher:
     @staticmethod
     def payload(delivery: WebhookDelivery, timestamp: int) -> bytes:
         """The exact body of a delivery sent at ``timestamp`` (Unix seconds, real time)."""
-        iso = datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
-        body: dict[str, Any] = {**delivery.payload, "timestamp": iso}
+        stamp = format_instant(datetime.fromtimestamp(timestamp, UTC))
+        body: dict[str, Any] = {**delivery.payload, "timestamp": stamp}
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
     def _post(self, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> None:

@@ -350,7 +350,7 @@ class PolicyEngine:
                     "$.period", "must be one of hourly, daily, weekly, monthly"
                 ) from None
         now = self._now()
-        version, policy = self._current_policy(agent_id, fresh=True)
+        _, policy = self._current_policy(agent_id, fresh=True)
         if policy is None:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
         limits = policy.limits
@@ -387,7 +387,6 @@ class PolicyEngine:
                 Amount(_ceil_to(reserved, value_decimals, d), d, limit.symbol),
                 Amount(_floor_to(left, scale, d), d, limit.symbol),
             )
-        del version
         return Budget(agent_id, now, periods)
 
     # -- approvals ----------------------------------------------------------------------

@@ -83,11 +83,6 @@ class Counter:
     spent: int = 0
     reserved: int = 0
 
-    @property
-    def used(self) -> Amount:
-        """Spent plus reserved, the amount a window limit is checked against."""
-        return Amount(self.spent + self.reserved, self.decimals)
-
     def _aligned(self, amount: Amount) -> tuple[int, int, int, int]:
         d = max(self.decimals, amount.decimals)
         k = scale_units(1, self.decimals, d)

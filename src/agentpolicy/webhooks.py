@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 
 from agentpolicy._checks import check_int, type_name
+from agentpolicy.codec import format_instant
 from agentpolicy.errors import PolicyValidationError, Problem
 
 __all__ = [
@@ -199,7 +200,7 @@ def sign(body: bytes, secret: str, timestamp: float | None = None) -> dict[str, 
     return {
         "X-Webhook-Signature": "sha256=" + _hmac(secret, body),
         "X-Webhook-Signature-Timestamped": f"t={t},sha256={_hmac(secret, f'{t}.'.encode() + body)}",
-        "X-Webhook-Timestamp": datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z"),
+        "X-Webhook-Timestamp": format_instant(datetime.fromtimestamp(t, UTC)),
     }
 
 

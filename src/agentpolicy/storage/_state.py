@@ -252,7 +252,8 @@ def authorize(
     counters = tx.counters(agent, [w.key for w in plan.windows])
     if len(counters) < len(plan.windows):  # a window began: drop counters of ended ones
         tx.prune_counters(agent, now)
-    usage = {k: c.used for k, c in counters.items()}
+    symbol = request.symbol
+    usage = {k: Amount(c.spent + c.reserved, c.decimals, symbol) for k, c in counters.items()}
     code = _check_limits(plan, usage)
     reservation_id = approval_id = expires_at = None
     if code in (Code.ALLOWED, Code.APPROVAL_REQUIRED):
