@@ -182,6 +182,8 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
         ({"AGENT_POLICY_DEMO_MODE": "maybe"}, "AGENT_POLICY_DEMO_MODE"),
         ({"AGENT_POLICY_RESERVATION_TTL": "soon"}, "AGENT_POLICY_RESERVATION_TTL"),
         ({"AGENT_POLICY_REDIS_URL": "http://x"}, "AGENT_POLICY_REDIS_URL"),
+        ({"AGENT_POLICY_WEBHOOKS": "{not json"}, "AGENT_POLICY_WEBHOOKS"),
+        ({"AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:9/h"}, "secret"),
     ],
 )
 def test_a_bad_setting_is_one_line_on_stderr_and_exit_2(

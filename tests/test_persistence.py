@@ -109,3 +109,25 @@ def test_sigkill_mid_stream_loses_nothing_confirmed_and_open_reservations_expire
     confirms = [h for h in engine.history("agent-1", 10_000) if h.event == "confirm"]
     assert window.spent.value == len(confirms) >= len(printed)
     engine.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_idempotency_entries_older_than_a_day_do_not_pile_up(tmp_path: Path, kind: str) -> None:
+    from agentpolicy.storage import MemoryStorage
+
+    storage = MemoryStorage() if kind == "memory" else SQLiteStorage(tmp_path / "i.db")
+    clock = ManualClock()
+    engine = PolicyEngine(storage=storage, clock=clock)
+    engine.set_policy("agent-1", {"limits": {"monthly": {"value": str(10**12)}}})
+    for i in range(5):
+        engine.authorize(payment(1, idempotency_key=f"day0-{i}"))
+    clock.advance(hours=25)
+    engine.authorize(payment(1, idempotency_key="day1"))
+
+    def kept() -> int:
+        if isinstance(storage, MemoryStorage):
+            return len(storage._tables.idempotency["agent-1"])
+        return int(storage._connection().execute("SELECT count(*) FROM idempotency").fetchone()[0])
+
+    assert kept() == 1
+    engine.close()

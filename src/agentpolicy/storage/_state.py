@@ -105,6 +105,9 @@ class Transaction(Protocol):
     def put_idempotency(self, entry: IdempotencyEntry) -> None:
         """Write an idempotency entry."""
 
+    def drop_idempotency(self, agent_id: str, before: datetime) -> None:
+        """Forget an agent's idempotency entries created before ``before``."""
+
     def new_id(self, kind: str, agent_id: str) -> str:
         """A new opaque id for a reservation (``res``) or approval (``apr``)."""
 
@@ -236,7 +239,7 @@ def authorize(
     if tx.policy_version(agent) != plan.policy_version:
         return AuthorizeOutcome(stale=True)
     key = request.idempotency_key
-    fingerprint = request.fingerprint()
+    fingerprint = request.fingerprint() if key is not None else ""
     if key is not None:
         entry = tx.get_idempotency(agent, key)
         if entry is not None and now - entry.created_at < timedelta(
@@ -295,6 +298,7 @@ def authorize(
     )  # fmt: skip
     tx.add_history(record)
     if key is not None:
+        tx.drop_idempotency(agent, now - timedelta(seconds=plan.idempotency_ttl_seconds))
         tx.put_idempotency(IdempotencyEntry(agent, key, fingerprint, now, record))
     return AuthorizeOutcome(record=record)
 

@@ -45,7 +45,7 @@ class _Tables:
         self.approvals: dict[str, Approval] = {}
         self.pending: dict[str, dict[str, None]] = {}  # agent -> pending approvals, in order
         self.history: dict[str, collections.deque[HistoryRecord]] = {}
-        self.idempotency: dict[tuple[str, str], IdempotencyEntry] = {}
+        self.idempotency: dict[str, dict[str, IdempotencyEntry]] = {}  # agent -> key -> entry
         self.seq = 0
         self.history_limit = history_limit
         self.outbox: dict[str, WebhookDelivery] = {}
@@ -165,10 +165,15 @@ class _MemoryTransaction:
         return list(reversed(log))[:limit]
 
     def get_idempotency(self, agent_id: str, key: str) -> IdempotencyEntry | None:
-        return self.t.idempotency.get((agent_id, key))
+        return self.t.idempotency.get(agent_id, {}).get(key)
 
     def put_idempotency(self, entry: IdempotencyEntry) -> None:
-        self._set(self.t.idempotency, (entry.agent_id, entry.key), entry)
+        self._set(self._inner(self.t.idempotency, entry.agent_id), entry.key, entry)
+
+    def drop_idempotency(self, agent_id: str, before: datetime) -> None:
+        mine = self.t.idempotency.get(agent_id, {})
+        for key in [k for k, e in mine.items() if e.created_at < before]:
+            self._pop(mine, key)
 
     def new_id(self, kind: str, agent_id: str) -> str:
         return f"{kind}_{uuid.uuid4().hex}"

@@ -283,6 +283,12 @@ class _SQLiteTransaction:
             agent_id, key, row[1], instant(row[0]), decode(row[2], HistoryRecord)
         )
 
+    def drop_idempotency(self, agent_id: str, before: datetime) -> None:
+        self.c.execute(
+            "DELETE FROM idempotency WHERE agent_id = ? AND created_at < ?",
+            (agent_id, micros(before)),
+        )
+
     def put_idempotency(self, entry: IdempotencyEntry) -> None:
         self.c.execute(
             "INSERT INTO idempotency (agent_id, key, created_at, fingerprint, record) "
