@@ -202,7 +202,7 @@ def parse_arguments(tool: Tool, arguments: object) -> dict[str, Any]:
         elif "enum" in spec and value not in spec["enum"]:
             allowed = ", ".join(spec["enum"])
             problems.append(Problem(f"$.{key}", f"must be one of {allowed}"))
-        elif spec is _ID or spec.get("minLength") == 1:
+        elif spec.get("minLength") == 1:  # an identifier (see _ID)
             problems += check_identifier(value, f"$.{key}")
         elif key == "comment":
             problems += check_text(value, f"$.{key}")

@@ -486,6 +486,8 @@ class RedisStorage:
         out = {}
         for i in range(0, len(flat), 4):
             key, d, s, r = flat[i : i + 4]
+            # The window's end is not stored in Redis (its expiry is); callers of usage()
+            # read only the amounts.
             out[key] = Counter(key, now, int(d), int(s), int(r))
         return out
 
