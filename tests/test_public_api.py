@@ -18,6 +18,7 @@ MODULES = [
     "agentpolicy.mcp", "agentpolicy.mcp.server", "agentpolicy.mcp.stdio", "agentpolicy.mcp.tools",
     "agentpolicy.policy", "agentpolicy.records", "agentpolicy.requests", "agentpolicy.storage",
     "agentpolicy.storage.memory", "agentpolicy.storage.redis", "agentpolicy.storage.sqlite",
+    "agentpolicy.storage.redis_outbox",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
 ]  # fmt: skip
 

@@ -53,25 +53,22 @@ from agentpolicy.records import (
     AuthorizeOutcome,
     AuthorizePlan,
     Counter,
-    DeliveryStatus,
     HistoryRecord,
     PolicyRecord,
     Reservation,
     ReservationStatus,
     SweepResult,
     Vote,
-    WebhookDelivery,
 )
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage._time import instant, micros
-from agentpolicy.views import approval_data, vote_data
+from agentpolicy.storage.redis_outbox import KEEP, RedisOutbox, keep_ms
 
 __all__ = ["RedisStorage"]
 
 T = TypeVar("T")
 
 HISTORY_LIMIT = 10_000
-KEEP = timedelta(days=8)  # closed reservations and decided approvals stay readable this long
 IDEMPOTENCY_KEEP = timedelta(hours=25)
 WINDOW_GRACE = timedelta(hours=1)
 _SAFE_TAG = re.compile(r"[^{}]{1,64}")
@@ -112,11 +109,7 @@ def _fresh_record(entry: dict[str, Any], request: PaymentRequest, now: datetime)
     )
 
 
-def _ms(delta: timedelta) -> int:
-    return max(1, delta // timedelta(milliseconds=1))
-
-
-class RedisStorage:
+class RedisStorage(RedisOutbox):
     """Storage on Redis (``redis://``, ``rediss://``) or Redis Cluster (``redis+cluster://``)."""
 
     def __init__(
@@ -146,7 +139,6 @@ class RedisStorage:
             name: self.client.register_script(_script(name))
             for name in ("authorize", "settle", "vote", "expire", "put_policy", "claim")
         }
-        self.webhook_routes: tuple[tuple[str, frozenset[str]], ...] = ()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -240,8 +232,8 @@ class RedisStorage:
             **self._now(now),
             "fp": request.fingerprint(),
             "idem_ttl_us": str(plan.idempotency_ttl_seconds * 1_000_000),
-            "idem_keep_ms": _ms(IDEMPOTENCY_KEEP),
-            "keep_ms": _ms(KEEP + (plan.reservation_expires_at - now)),
+            "idem_keep_ms": keep_ms(IDEMPOTENCY_KEEP),
+            "keep_ms": keep_ms(KEEP + (plan.reservation_expires_at - now)),
             "history_limit": HISTORY_LIMIT,
             "request": encode(request),
             "v": str(amount.value),
@@ -249,7 +241,7 @@ class RedisStorage:
             "symbol": amount.symbol,
             "on_pass": plan.on_pass.value,
             "windows": [
-                {"key": w.key, "ttl_ms": _ms(w.end - now + WINDOW_GRACE)} for w in plan.windows
+                {"key": w.key, "ttl_ms": keep_ms(w.end - now + WINDOW_GRACE)} for w in plan.windows
             ],
             "limits": [
                 {"key": x.key, "v": str(x.limit.value), "d": x.limit.decimals, "code": x.code.value}
@@ -270,7 +262,7 @@ class RedisStorage:
                 a_expires_iso=format_instant(plan.approval.expires_at),
                 required=plan.approval.required_approvers,
                 approvers="\n".join(a.casefold() for a in plan.approval.approvers),
-                keep_ms=_ms(KEEP + (plan.approval.expires_at - now)),
+                keep_ms=keep_ms(KEEP + (plan.approval.expires_at - now)),
                 a_body=encode(
                     Approval(
                         id=aid, agent_id=agent, status=ApprovalStatus.PENDING, request=request,
@@ -425,7 +417,7 @@ class RedisStorage:
             "P": p, "aid": approval_id, "approver": approver, "folded": approver.casefold(),
             "decision": decision, "vote": encode(Vote(approver, decision, now, comment)),
             "r_expires_us": str(micros(expires)), "r_expires_iso": format_instant(expires),
-            "keep_ms": _ms(KEEP), "history_limit": HISTORY_LIMIT, **self._now(now),
+            "keep_ms": keep_ms(KEEP), "history_limit": HISTORY_LIMIT, **self._now(now),
         }  # fmt: skip
         if comment is not None:
             args["comment"] = comment
@@ -519,114 +511,6 @@ class RedisStorage:
                     if a is not None and a.status is ApprovalStatus.EXPIRED:
                         approvals.append(a)
         return SweepResult(tuple(reservations), tuple(approvals))
-
-    # -- webhook outbox ----------------------------------------------------------------------
-
-    def set_webhook_routes(self, routes: tuple[tuple[str, frozenset[str]], ...]) -> None:
-        """Which endpoints want which events: approval events go to the outbox from now on."""
-        self.webhook_routes = tuple(routes)
-
-    def _add_routes(self, args: dict[str, Any]) -> None:
-        if self.webhook_routes:
-            args["routes"] = [
-                {"id": endpoint, "events": sorted(events)}
-                for endpoint, events in self.webhook_routes
-            ]
-
-    def _index_outbox(self, agent_id: str) -> None:
-        # The index lives outside the agent's slot, so it is a second command; an agent
-        # missed here (a process dying between the two) is found again by sweep().
-        self._guard(lambda: self.client.sadd(self.key_prefix + "outbox-agents", agent_id))
-
-    def _outbox_agents(self) -> list[str]:
-        return sorted(self._guard(lambda: self.client.smembers(self.key_prefix + "outbox-agents")))
-
-    def _delivery(self, p: str, fields: dict[str, str]) -> WebhookDelivery:
-        approval_id = fields["approvalId"]
-        approval = self._read_approval(approval_id)
-        payload: dict[str, Any] = {"id": fields["eventId"], "event": fields["event"]}
-        if approval is None:  # pragma: no cover - kept 8 days, longer than any delivery
-            payload["approval"] = {"id": approval_id, "agentId": fields["agentId"]}
-        else:
-            decided = fields["adecided"] or None
-            snapshot = attrs.evolve(
-                approval,
-                status=ApprovalStatus(fields["astatus"]),
-                votes=tuple(decode(v, Vote) for v in fields["votes"].split("\n") if v),
-                decided_at=None if decided is None else datetime.fromisoformat(decided),
-            )
-            payload["approval"] = approval_data(snapshot)
-        if fields["decision"]:
-            payload["decision"] = vote_data(decode(fields["decision"], Vote))
-        return WebhookDelivery(
-            id=fields["id"], event_id=fields["eventId"], endpoint_id=fields["endpointId"],
-            event=fields["event"], agent_id=fields["agentId"], approval_id=approval_id,
-            created_at=datetime.fromisoformat(fields["createdAt"]), payload=payload,
-            seq=int(fields["seq"]), status=DeliveryStatus(fields["status"]),
-            attempts=int(fields["attempts"]), next_attempt_at=float(fields["nextAttemptAt"]),
-            last_error=fields["lastError"] or None,
-        )  # fmt: skip
-
-    def claim_webhooks(
-        self, endpoint_ids: list[str], now: float, lease: float, limit: int = 50
-    ) -> list[WebhookDelivery]:
-        """Claim due deliveries (one script per agent with events waiting)."""
-        claimed: list[WebhookDelivery] = []
-        for agent in self._outbox_agents():
-            p = self._p(agent)
-            args = {"P": p, "endpoints": endpoint_ids, "now": repr(now), "lease": lease,
-                    "limit": limit - len(claimed)}  # fmt: skip
-            for flat in self._run("claim", [p + "obq"], [json.dumps(args)]):
-                claimed.append(self._delivery(p, dict(zip(flat[::2], flat[1::2], strict=True))))
-            if len(claimed) >= limit:
-                break
-        return claimed
-
-    def finish_webhook(self, delivery: WebhookDelivery) -> None:
-        """Record an attempt's outcome; a finished delivery leaves the queue."""
-        p = self._p(delivery.agent_id)
-        key = p + "ob:" + delivery.id
-
-        def write() -> None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(key, mapping={
-                "status": delivery.status.value, "attempts": delivery.attempts,
-                "nextAttemptAt": repr(delivery.next_attempt_at),
-                "lastError": delivery.last_error or "",
-            })  # fmt: skip
-            if delivery.status is not DeliveryStatus.PENDING:
-                pipe.zrem(p + "obq", delivery.id)
-                pipe.lpush(p + "obdone", delivery.id)
-                pipe.ltrim(p + "obdone", 0, 999)
-                pipe.pexpire(key, _ms(KEEP))
-            pipe.execute()
-
-        self._guard(write)
-
-    def pending_webhooks(self, endpoint_ids: list[str]) -> int:
-        """How many deliveries for these endpoints are still pending."""
-        total = 0
-        for agent in self._outbox_agents():
-            p = self._p(agent)
-            args = {"P": p, "endpoints": endpoint_ids, "now": "0", "lease": 0, "limit": 0,
-                    "count": True}  # fmt: skip
-            total += int(self._run("claim", [p + "obq"], [json.dumps(args)]))
-        return total
-
-    def webhook_deliveries(
-        self, status: str | None = None, limit: int = 100
-    ) -> list[WebhookDelivery]:
-        """Deliveries, newest first, optionally of one status."""
-        found: list[WebhookDelivery] = []
-        for agent in self._outbox_agents():
-            p = self._p(agent)
-            ids = self._guard(lambda p=p: self.client.zrange(p + "obq", 0, -1))  # type: ignore[misc]
-            ids += self._guard(lambda p=p: self.client.lrange(p + "obdone", 0, -1))  # type: ignore[misc]
-            for some_id in ids:
-                fields = self._guard(lambda i=some_id, p=p: self.client.hgetall(p + "ob:" + i))  # type: ignore[misc]
-                if fields and (status is None or fields["status"] == status):
-                    found.append(self._delivery(p, fields))
-        return sorted(found, key=lambda d: d.seq, reverse=True)[:limit]
 
     def ping(self) -> bool:
         """Whether Redis answers."""
