@@ -119,3 +119,23 @@ def test_amount_validates_on_construction(kwargs: dict[str, object], path: str) 
 
 def test_amount_defaults_are_the_seeds() -> None:
     assert Amount(1) == Amount(1, 6, "USDT")
+
+
+@given(
+    st.none() | st.tuples(st.integers(0, 10**40), st.integers(0, 30)),
+    st.tuples(st.integers(0, 10**40), st.integers(0, 30)),
+    st.tuples(st.integers(0, 10**40), st.integers(0, 30)),
+)
+def test_over_limit_is_exact_against_fractions(
+    used: tuple[int, int] | None, amount: tuple[int, int], limit: tuple[int, int]
+) -> None:
+    from fractions import Fraction
+
+    from agentpolicy.amounts import over_limit
+
+    def value(x: tuple[int, int] | None) -> Fraction:
+        return Fraction(0) if x is None else Fraction(x[0], 10 ** x[1])
+
+    expected = value(used) + value(amount) > value(limit)
+    as_amount = None if used is None else Amount(*used)
+    assert over_limit(as_amount, Amount(*amount), Amount(*limit)) is expected

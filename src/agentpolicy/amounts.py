@@ -30,6 +30,7 @@ __all__ = [
     "Amount",
     "compare_units",
     "format_units",
+    "over_limit",
     "parse_units",
     "same_symbol",
     "scale_units",
@@ -74,6 +75,16 @@ def compare_units(a: int, a_decimals: int, b: int, b_decimals: int) -> int:
     x = scale_units(a, a_decimals, d)
     y = scale_units(b, b_decimals, d)
     return (x > y) - (x < y)
+
+
+def over_limit(used: Amount | None, amount: Amount, limit: Amount) -> bool:
+    """Whether ``used + amount > limit``, exactly: the rule of every window limit.
+
+    ``used`` is ``None`` when nothing was used. Symbols are not compared.
+    """
+    used_value, used_decimals = (0, 0) if used is None else (used.value, used.decimals)
+    d = max(used_decimals, amount.decimals, limit.decimals)
+    return scale_units(used_value, used_decimals, d) + amount.scaled_to(d) > limit.scaled_to(d)
 
 
 def same_symbol(a: str, b: str) -> bool:

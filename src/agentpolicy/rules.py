@@ -13,7 +13,7 @@ from datetime import UTC, datetime, tzinfo
 
 import attrs
 
-from agentpolicy.amounts import Amount, format_units, same_symbol, scale_units
+from agentpolicy.amounts import Amount, format_units, over_limit, same_symbol
 from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError
 from agentpolicy.policy import AgentPolicy, ApprovalThreshold, normalize_recipient
@@ -200,14 +200,9 @@ def _window_limits(
             out.append(_skip(name, "not checked: asset mismatch"))
             continue
         used = usage.get(window.key)
-        used_value, used_decimals = (0, 0) if used is None else (used.value, used.decimals)
-        scale = max(used_decimals, amount.decimals, limit.decimals)
-        total = scale_units(used_value, used_decimals, scale) + amount.scaled_to(scale)
-        label = (
-            f"{window.period.value} limit {limit}: used "
-            f"{format_units(used_value, used_decimals)} {limit.symbol} + {amount}"
-        )
-        if total > limit.scaled_to(scale):
+        used_text = "0" if used is None else format_units(used.value, used.decimals)
+        label = f"{window.period.value} limit {limit}: used {used_text} {limit.symbol} + {amount}"
+        if over_limit(used, amount, limit):
             out.append(_fail(name, Code.for_period(window.period), f"{label} would exceed it"))
         else:
             out.append(_ok(name, f"{label} is within it"))

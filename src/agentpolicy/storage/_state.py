@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import attrs
 
 from agentpolicy import approvals
-from agentpolicy.amounts import Amount
+from agentpolicy.amounts import Amount, over_limit
 from agentpolicy.decisions import Code
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
 from agentpolicy.records import (
@@ -223,9 +223,7 @@ def _check_limits(plan: AuthorizePlan, usage: dict[str, Amount]) -> Code:
         return plan.on_pass
     amount = plan.request.asset_amount
     for limit in plan.limits:
-        used = usage.get(limit.key)
-        total = amount if used is None else used.plus(amount)
-        if total.compare(limit.limit) > 0:
+        if over_limit(usage.get(limit.key), amount, limit.limit):
             return limit.code
     return plan.on_pass
 
