@@ -7,6 +7,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from agentpolicy import PolicyEngine
 from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.testing import ManualClock, payment
@@ -22,25 +24,10 @@ def _reserved(engine: PolicyEngine) -> int:
     return w.reserved.value + w.spent.value
 
 
-def test_8_threads_x_50_on_memory_allow_exactly_100() -> None:
-    engine = PolicyEngine(storage=MemoryStorage(), clock=ManualClock(workers.FIXED_NOW))
-    engine.set_policy("agent-1", DAILY_100)
-    start = threading.Barrier(8)
-
-    def run() -> int:
-        start.wait()
-        return sum(engine.authorize(payment(USDT)).allowed for _ in range(50))
-
-    with ThreadPoolExecutor(8) as pool:
-        allowed = sum(pool.map(lambda _: run(), range(8)))
-    assert allowed == 100
-    assert _reserved(engine) == 100 * USDT
-
-
-def test_8_threads_x_50_on_sqlite_allow_exactly_100(tmp_path: Path) -> None:
-    engine = PolicyEngine(
-        storage=SQLiteStorage(tmp_path / "t.db"), clock=ManualClock(workers.FIXED_NOW)
-    )
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_8_threads_x_50_allow_exactly_100(tmp_path: Path, kind: str) -> None:
+    storage = MemoryStorage() if kind == "memory" else SQLiteStorage(tmp_path / "t.db")
+    engine = PolicyEngine(storage=storage, clock=ManualClock(workers.FIXED_NOW))
     engine.set_policy("agent-1", DAILY_100)
     start = threading.Barrier(8)
 
