@@ -162,8 +162,3 @@ class Amount:
 
     def __str__(self) -> str:
         return self.human()
-
-
-def zero(decimals: int = DEFAULT_DECIMALS, symbol: str = DEFAULT_SYMBOL) -> Amount:
-    """An amount of nothing."""
-    return Amount(0, decimals, symbol)

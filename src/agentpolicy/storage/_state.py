@@ -398,12 +398,15 @@ class TransactionalStorage:
 
     Subclasses provide :meth:`_transaction`, a context manager that yields a
     :class:`Transaction`, commits when the block ends and rolls back when it
-    raises.
+    raises. ``write=False`` marks a block that only reads, which a storage
+    may run without taking its write lock.
     """
 
     webhook_routes: tuple[Route, ...] = ()
 
-    def _transaction(self, agent_id: str | None = None) -> contextlib.AbstractContextManager[Any]:
+    def _transaction(
+        self, agent_id: str | None = None, *, write: bool = True
+    ) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
 
     def set_webhook_routes(self, routes: tuple[Route, ...]) -> None:
@@ -424,14 +427,14 @@ class TransactionalStorage:
 
     def pending_webhooks(self, endpoint_ids: list[str]) -> int:
         """How many deliveries for these endpoints are still pending."""
-        with self._transaction() as tx:
+        with self._transaction(write=False) as tx:
             return len(tx.pending_outbox(endpoint_ids))
 
     def webhook_deliveries(
         self, status: str | None = None, limit: int = 100
     ) -> list[WebhookDelivery]:
         """Deliveries in the outbox, newest first, optionally of one status."""
-        with self._transaction() as tx:
+        with self._transaction(write=False) as tx:
             result: list[WebhookDelivery] = tx.list_outbox(status, limit)
             return result
 
@@ -446,13 +449,13 @@ class TransactionalStorage:
 
     def get_policy(self, agent_id: str, version: int | None = None) -> PolicyRecord | None:
         """The current policy, or a given version of it."""
-        with self._transaction(agent_id) as tx:
+        with self._transaction(agent_id, write=False) as tx:
             result: PolicyRecord | None = tx.get_policy(agent_id, version)
             return result
 
     def list_policies(self, prefix: str | None = None) -> list[PolicyRecord]:
         """Current policies of agents whose id starts with ``prefix`` (all when ``None``)."""
-        with self._transaction() as tx:
+        with self._transaction(write=False) as tx:
             result: list[PolicyRecord] = tx.list_policies(prefix)
             return result
 
@@ -521,7 +524,7 @@ class TransactionalStorage:
 
     def history(self, agent_id: str, limit: int = 100) -> list[HistoryRecord]:
         """An agent's history, newest first."""
-        with self._transaction(agent_id) as tx:
+        with self._transaction(agent_id, write=False) as tx:
             result: list[HistoryRecord] = tx.history(agent_id, limit)
             return result
 

@@ -215,7 +215,9 @@ class MemoryStorage(TransactionalStorage):
         self._lock = threading.RLock()
 
     @contextlib.contextmanager
-    def _transaction(self, agent_id: str | None = None) -> Iterator[_MemoryTransaction]:
+    def _transaction(
+        self, agent_id: str | None = None, *, write: bool = True
+    ) -> Iterator[_MemoryTransaction]:
         with self._lock:
             tx = _MemoryTransaction(self._tables)
             try:

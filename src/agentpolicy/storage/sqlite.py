@@ -412,10 +412,13 @@ class SQLiteStorage(TransactionalStorage):
                     code=ErrorCode.STORAGE_UNAVAILABLE,
                 )
 
-    def _begin(self, conn: sqlite3.Connection) -> None:
+    def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
+        # A read-then-write must take the write lock first (BEGIN IMMEDIATE); a block
+        # that only reads runs on a WAL snapshot and waits for no writer.
+        statement = "BEGIN IMMEDIATE" if write else "BEGIN"
         for attempt in range(self._busy_retries + 1):
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(statement)
             except sqlite3.OperationalError as exc:
                 if not _busy(exc) or attempt == self._busy_retries:
                     raise StorageUnavailableError(
@@ -426,9 +429,9 @@ class SQLiteStorage(TransactionalStorage):
                 return
 
     @contextlib.contextmanager
-    def _transaction(self, agent_id: str | None = None) -> Iterator[Any]:
+    def _transaction(self, agent_id: str | None = None, *, write: bool = True) -> Iterator[Any]:
         conn = self._connection()
-        self._begin(conn)
+        self._begin(conn, write)
         try:
             yield _SQLiteTransaction(conn)
         except BaseException:
