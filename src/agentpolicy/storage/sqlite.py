@@ -1,6 +1,7 @@
 """SQLite storage, on the standard library's ``sqlite3`` only.
 
-Every operation is one ``BEGIN IMMEDIATE`` transaction: the write lock is
+Every operation that writes is one ``BEGIN IMMEDIATE`` transaction (pure reads
+run on a WAL snapshot with a plain ``BEGIN``): the write lock is
 taken before the first read, so a read-then-write can never fail halfway
 with ``SQLITE_BUSY_SNAPSHOT`` and two processes can never both spend the same
 budget. The file uses WAL (readers do not block the writer),
@@ -114,7 +115,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 
 
 class _SQLiteTransaction:
-    """Row access inside one ``BEGIN IMMEDIATE`` transaction."""
+    """Row access inside one transaction."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.c = conn
