@@ -10,18 +10,33 @@ import attrs
 import pytest
 
 from agentpolicy import PolicyEngine, Storage
-from agentpolicy.storage import MemoryStorage, SQLiteStorage
+from agentpolicy.storage import MemoryStorage, open_storage
 from agentpolicy.testing import ManualClock
 
 BACKENDS = ["memory", "sqlite", "redis", "redis-cluster"]
+SHARED = ["sqlite", "redis", "redis-cluster"]
+"""Backends that several processes can share (memory is one process: threads stand in)."""
+
+Spec = tuple[str, str]
+"""What another process needs to open the same store: its URL and key prefix."""
+
+
+def open_spec(spec: Spec) -> Storage:
+    """Open the store a :data:`Spec` names (in a worker process)."""
+    url, prefix = spec
+    return open_storage(url, key_prefix=prefix)
 
 
 @attrs.define
 class Backend:
-    """One storage under test: ``open()`` gives another handle on the same state."""
+    """One storage under test: ``open()`` gives another handle on the same state.
+
+    ``spec`` lets another process open the same store; memory has none.
+    """
 
     name: str
     open: Callable[[], Storage]
+    spec: Spec | None = None
     opened: list[Storage] = attrs.field(factory=list)
 
     def handle(self) -> Storage:
@@ -35,22 +50,30 @@ class Backend:
 
 def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
     if name in ("redis", "redis-cluster"):
-        from agentpolicy.storage.redis import RedisStorage
-
         url = request.getfixturevalue("redis_url" if name == "redis" else "redis_cluster_url")
         prefix = f"test-{uuid.uuid4().hex[:12]}:"  # never flush: every test has its own keys
-        return Backend(name, lambda: RedisStorage(url, key_prefix=prefix))
+        spec = (url, prefix)
+        return Backend(name, lambda: open_spec(spec), spec)
     if name == "memory":
         shared = MemoryStorage()
         return Backend(name, lambda: shared)
     if name == "sqlite":
-        path = tmp_path / "policies.db"
-        return Backend(name, lambda: SQLiteStorage(path))
+        spec = (f"sqlite:///{tmp_path / 'policies.db'}", "")
+        return Backend(name, lambda: open_spec(spec), spec)
     raise ValueError(name)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    b = make_backend(request.param, tmp_path, request)
+    yield b
+    for storage in b.opened:
+        storage.close()
+
+
+@pytest.fixture(params=SHARED)
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A backend that several processes can open at once."""
     b = make_backend(request.param, tmp_path, request)
     yield b
     for storage in b.opened:

@@ -12,5 +12,5 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-from tests.backends import backend  # noqa: E402,F401 - the contract-suite fixture
+from tests.backends import backend, shared_backend  # noqa: E402,F401 - the contract-suite fixtures
 from tests.redis_servers import redis_cluster_url, redis_url  # noqa: E402,F401

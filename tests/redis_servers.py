@@ -103,7 +103,7 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         unavailable("redis-server and redis-cli are needed for the cluster tests")
     root = tmp_path_factory.mktemp("cluster")
     nodes = [
-        RedisServer(root / f"n{i}", "--cluster-enabled", "yes",
+        RedisServer(root / f"n{i}", "--cluster-enabled", "yes", "--enable-debug-command", "yes",
                     "--cluster-config-file", str(root / f"n{i}" / "nodes.conf"))
         for i in range(3)
     ]  # fmt: skip

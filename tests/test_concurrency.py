@@ -1,33 +1,60 @@
-"""No overspending under concurrency: real threads and real processes, exact counts."""
+"""No overspending under concurrency, on every store: real threads and processes, exact counts.
+
+Stores that processes can share (SQLite, Redis, Redis Cluster) are driven by real
+processes; the memory store, which lives in one process, by real threads.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from agentpolicy import PolicyEngine
-from agentpolicy.storage import MemoryStorage, SQLiteStorage
+from agentpolicy.storage import MemoryStorage
+from agentpolicy.storage._time import micros
 from agentpolicy.testing import ManualClock, payment
 from tests import workers
+from tests.backends import Backend
 
 USDT = 1_000_000
 DAILY_100 = {"limits": {"daily": {"value": str(100 * USDT)}}}
 
 
-def _reserved(engine: PolicyEngine) -> int:
-    window = engine.budget("agent-1", "daily").periods
+def _used(engine: PolicyEngine, agent: str = "agent-1") -> int:
+    window = engine.budget(agent, "daily").periods
     w = next(iter(window.values()))
     return w.reserved.value + w.spent.value
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_8_threads_x_50_allow_exactly_100(tmp_path: Path, kind: str) -> None:
-    storage = MemoryStorage() if kind == "memory" else SQLiteStorage(tmp_path / "t.db")
-    engine = PolicyEngine(storage=storage, clock=ManualClock(workers.FIXED_NOW))
+def _pool(backend: Backend, n: int) -> tuple[Any, Callable[..., list[Any]], Any]:
+    """Run ``n`` workers as processes (shared stores) or threads (memory)."""
+    if backend.spec is None:
+        storage = backend.handle()
+        barrier: Any = threading.Barrier(n)
+
+        def run_threads(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+            with ThreadPoolExecutor(n) as pool:
+                return list(pool.map(lambda a: fn(storage, *a), args))
+
+        return storage, run_threads, barrier
+    ctx = multiprocessing.get_context("spawn")
+    manager = ctx.Manager()
+
+    def run_processes(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+        with ctx.Pool(n) as pool:
+            return pool.starmap(fn, [(backend.spec, *a) for a in args])
+
+    return backend.spec, run_processes, manager.Barrier(n)
+
+
+def test_8_threads_x_50_on_one_engine_allow_exactly_100(backend: Backend) -> None:
+    engine = backend.engine(ManualClock(workers.FIXED_NOW))
     engine.set_policy("agent-1", DAILY_100)
     start = threading.Barrier(8)
 
@@ -38,87 +65,153 @@ def test_8_threads_x_50_allow_exactly_100(tmp_path: Path, kind: str) -> None:
     with ThreadPoolExecutor(8) as pool:
         allowed = sum(pool.map(lambda _: run(), range(8)))
     assert allowed == 100
-    assert _reserved(engine) == 100 * USDT
-    engine.close()
+    assert _used(engine) == 100 * USDT
 
 
-def test_4_processes_x_60_on_one_sqlite_file_allow_exactly_100(tmp_path: Path) -> None:
-    db = str(tmp_path / "shared.db")
-    setup = PolicyEngine(storage=SQLiteStorage(db), clock=ManualClock(workers.FIXED_NOW))
+def test_4_workers_x_60_allow_exactly_100_and_settle_across_workers(backend: Backend) -> None:
+    setup = backend.engine(ManualClock(workers.FIXED_NOW))
     setup.set_policy("agent-1", DAILY_100)
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Manager().Barrier(4)
-    with ctx.Pool(4) as pool:
-        results = pool.starmap(workers.authorize_many, [(db, 60, barrier)] * 4)
-    ids = [r for chunk in results for r in chunk]
-    assert len(ids) == 100
-    assert len(set(ids)) == 100
-    assert _reserved(setup) == 100 * USDT
-
-    # a reservation made by one process is confirmed or released by another
-    with ctx.Pool(2) as pool:
-        confirmed, released = pool.starmap(
-            workers.settle, [(db, ids[:10], "confirm"), (db, ids[10:20], "release")]
-        )
-    assert confirmed == ["confirmed"] * 10
-    assert released == ["released"] * 10
+    _, run, barrier = _pool(backend, 4)
+    chunks = run(workers.authorize_many, [(60, barrier)] * 4)
+    ids = [r for chunk in chunks for r in chunk]
+    assert len(ids) == len(set(ids)) == 100
+    assert _used(setup) == 100 * USDT
+    # a reservation made by one worker is confirmed or released by another
+    confirmed, released = run(workers.settle, [(ids[:10], "confirm"), (ids[10:20], "release")])
+    assert (confirmed, released) == (["confirmed"] * 10, ["released"] * 10)
     window = next(iter(setup.budget("agent-1", "daily").periods.values()))
     assert (window.spent.value, window.reserved.value) == (10 * USDT, 80 * USDT)
-    setup.close()
 
 
-def test_two_approvers_in_two_processes_at_the_same_instant_are_both_counted(
-    tmp_path: Path,
-) -> None:
-    db = str(tmp_path / "votes.db")
-    engine = PolicyEngine(storage=SQLiteStorage(db), clock=ManualClock(workers.FIXED_NOW))
-    engine.set_policy(
-        "agent-1",
-        {
-            "approvalConfig": {
-                "thresholds": [
-                    {"amount": {"value": "1"}, "requiredApprovers": 2, "approvers": ["a", "b"]}
-                ]
-            }
-        },
+def test_two_agents_hammered_at_once_are_both_exact(backend: Backend) -> None:
+    setup = backend.engine(ManualClock(workers.FIXED_NOW))
+    setup.set_policy("agent-1", DAILY_100)
+    setup.set_policy("agent-2", {"limits": {"daily": {"value": str(50 * USDT)}}})
+    _, run, barrier = _pool(backend, 4)
+    chunks = run(
+        workers.authorize_many,
+        [(40, barrier, "agent-1"), (40, barrier, "agent-2")] * 2,
     )
+    assert sum(len(c) for c in chunks[0::2]) == 80  # agent-1: 80 asked, all fit in 100
+    assert sum(len(c) for c in chunks[1::2]) == 50  # agent-2: exactly its 50
+    assert (_used(setup, "agent-1"), _used(setup, "agent-2")) == (80 * USDT, 50 * USDT)
+
+
+def test_two_approvers_at_the_same_instant_are_both_counted(backend: Backend) -> None:
+    engine = backend.engine(ManualClock(workers.FIXED_NOW))
+    engine.set_policy("agent-1", {"approvalConfig": {"thresholds": [
+        {"amount": {"value": "1"}, "requiredApprovers": 2, "approvers": ["a", "b"]}]}})  # fmt: skip
     approval_id = engine.authorize(payment(USDT)).approval_id
     assert approval_id is not None
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Manager().Barrier(2)
-    with ctx.Pool(2) as pool:
-        statuses = pool.starmap(
-            workers.vote, [(db, approval_id, "a", barrier), (db, approval_id, "b", barrier)]
-        )
+    _, run, _ = _pool(backend, 2)
+    barrier = (threading.Barrier(2) if backend.spec is None
+               else multiprocessing.get_context("spawn").Manager().Barrier(2))  # fmt: skip
+    statuses = run(workers.vote, [(approval_id, "a", barrier), (approval_id, "b", barrier)])
     assert sorted(statuses) == ["approved", "pending"]
     approval = engine.get_approval(approval_id)
     assert approval.status.value == "approved"
     assert sorted(v.approver for v in approval.votes) == ["a", "b"]
-    engine.close()
 
 
-def test_concurrent_votes_on_memory_threads_are_all_counted() -> None:
-    engine = PolicyEngine(storage=MemoryStorage(), clock=ManualClock(workers.FIXED_NOW))
-    approvers = [f"approver-{i}" for i in range(8)]
-    engine.set_policy(
-        "agent-1",
-        {
-            "approvalConfig": {
-                "thresholds": [
-                    {"amount": {"value": "1"}, "requiredApprovers": 8, "approvers": approvers}
-                ]
-            }
-        },
-    )
-    approval_id = engine.authorize(payment(USDT)).approval_id
-    assert approval_id is not None
-    start = threading.Barrier(8)
+class _Shared:
+    value = 0
 
-    def run(who: str) -> None:
-        start.wait()
-        engine.decide(approval_id, who, "approve")
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(run, approvers))
-    approval = engine.get_approval(approval_id)
-    assert (approval.status.value, approval.approvals) == ("approved", 8)
+def test_12_workers_on_the_real_clock_across_an_hour_boundary_never_overspend(
+    backend: Backend,
+) -> None:
+    """The standing race: requests stamped just before the hour, committed just after it.
+
+    Each worker's clock is the real clock moved so that an hour begins 1.5 s after
+    they are released together. A request stamped 59:59.9 may wait for the lock
+    until after the first request of the new hour; it must still see the old
+    hour's usage.
+    """
+    setup = backend.engine(ManualClock(workers.FIXED_NOW))
+    setup.set_policy("agent-1", {"limits": {"hourly": {"value": "100", "decimals": 6}}})
+    n = 12
+    boundary = datetime(2030, 1, 1, tzinfo=UTC)  # any hour
+    stop = micros(boundary) + 700_000
+    if backend.spec is None:
+        storage = backend.handle()
+        barrier: Any = threading.Barrier(n + 1)
+        shared: Any = _Shared()
+        pool = ThreadPoolExecutor(n)
+        pending = [pool.submit(workers.across_the_hour, storage, shared, stop, barrier)
+                   for _ in range(n)]  # fmt: skip
+        collect: Callable[[], list[Any]] = lambda: [f.result() for f in pending]  # noqa: E731
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        manager = ctx.Manager()
+        barrier, shared = manager.Barrier(n + 1), manager.Value("q", 0)
+        procs = ctx.Pool(n)
+        started = procs.starmap_async(
+            workers.across_the_hour, [(backend.spec, shared, stop, barrier)] * n
+        )
+        collect = started.get
+    barrier.wait()  # every worker is up
+    shared.value = _us(boundary - (datetime.now(UTC) + timedelta(seconds=1.5)))
+    barrier.wait()  # go
+    results = collect()
+    if backend.spec is None:
+        pool.shutdown()
+    else:
+        procs.close()
+        procs.join()
+    decisions = [d for chunk in results for d in chunk]
+    before = [allowed for at, allowed in decisions if at < micros(boundary)]
+    after = [allowed for at, allowed in decisions if at >= micros(boundary)]
+    assert len(before) > 100  # the old hour was really contended
+    assert len(after) > 100
+    assert sum(before) == 100  # never more than the limit in the hour that ended
+    assert sum(after) == 100  # and the new hour starts from zero
+
+
+def _us(delta: timedelta) -> int:
+    return delta // timedelta(microseconds=1)
+
+
+def test_two_agents_never_wait_on_each_others_lock() -> None:
+    storage = MemoryStorage()
+    engine = PolicyEngine(storage=storage, clock=ManualClock(workers.FIXED_NOW))
+    engine.set_policy("agent-1", DAILY_100)
+    engine.set_policy("agent-2", DAILY_100)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_agent_1() -> None:
+        with storage.session("agent-1"):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_agent_1)
+    holder.start()
+    held.wait(10)
+    done: list[bool] = []
+    other = threading.Thread(target=lambda: done.append(engine.authorize(
+        payment(USDT, agent_id="agent-2")).allowed))  # fmt: skip
+    other.start()
+    other.join(5)
+    finished = not other.is_alive()
+    release.set()
+    holder.join()
+    other.join()
+    assert finished
+    assert done == [True]
+
+
+def test_open_storage_urls(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentpolicy import PolicyValidationError, open_storage
+    from agentpolicy.storage import SQLiteStorage
+
+    assert isinstance(open_storage("memory://"), MemoryStorage)
+    absolute = open_storage(f"sqlite:///{tmp_path / 'abs.db'}")
+    assert isinstance(absolute, SQLiteStorage)
+    absolute.close()
+    monkeypatch.chdir(tmp_path)
+    relative = open_storage("sqlite:///rel.db")
+    relative.close()
+    assert (tmp_path / "rel.db").exists()
+    for bad in ("postgres://x", "sqlite:///", "", "memory:"):
+        with pytest.raises(PolicyValidationError):
+            open_storage(bad)

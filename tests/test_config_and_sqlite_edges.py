@@ -85,22 +85,6 @@ def test_a_file_from_a_newer_agentpolicy_is_refused(tmp_path: Path) -> None:
     assert "upgrade agentpolicy" in err.value.message
 
 
-def test_a_file_from_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    engine = PolicyEngine(storage=SQLiteStorage(path), clock=ManualClock())
-    engine.set_policy("agent-1", {})
-    engine.close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("DROP TABLE outbox")
-        conn.execute("UPDATE schema_version SET version = 1")
-    storage = SQLiteStorage(path)
-    version = storage._connection().execute("SELECT version FROM schema_version").fetchone()[0]
-    assert version == SCHEMA_VERSION
-    reopened = PolicyEngine(storage=storage, clock=ManualClock())
-    assert reopened.authorize(payment()).allowed
-    reopened.close()
-
-
 def test_an_unopenable_file_is_storage_unavailable(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as err:
         SQLiteStorage(tmp_path / "missing-dir" / "x.db")

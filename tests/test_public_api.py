@@ -18,7 +18,9 @@ MODULES = [
     "agentpolicy.mcp", "agentpolicy.mcp.server", "agentpolicy.mcp.stdio", "agentpolicy.mcp.tools",
     "agentpolicy.policy", "agentpolicy.records", "agentpolicy.requests", "agentpolicy.storage",
     "agentpolicy.storage.memory", "agentpolicy.storage.redis", "agentpolicy.storage.sqlite",
-    "agentpolicy.storage.redis_outbox",
+    "agentpolicy.storage.base", "agentpolicy.ledger.keys", "agentpolicy.ledger.docs",
+    "agentpolicy.ledger.runner", "agentpolicy.ledger.state", "agentpolicy.ledger.operations",
+    "agentpolicy.ledger.outbox",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
 ]  # fmt: skip
 

@@ -512,3 +512,91 @@ def test_bad_input_is_invalid_input_and_changes_nothing(backend: Backend, call: 
 def test_a_naive_clock_is_an_internal_error(backend: Backend) -> None:
     engine = PolicyEngine(storage=backend.handle(), clock=lambda: datetime(2026, 1, 1))
     assert code_of(engine.sweep) == "INTERNAL"
+
+
+# --- time: windows, skew and the horizon ------------------------------------------------
+
+
+def test_a_request_stamped_before_midnight_but_committed_after_sees_that_days_usage(
+    backend: Backend,
+) -> None:
+    """Two engines whose clocks differ by 2 s across midnight (the boundary overspend)."""
+    late = ManualClock(datetime(2026, 1, 19, 23, 59, 59, tzinfo=UTC))
+    early = ManualClock(datetime(2026, 1, 20, 0, 0, 1, tzinfo=UTC))
+    behind, ahead = backend.engine(late), backend.engine(early)
+    behind.set_policy("agent-1", DAILY_100)
+    assert behind.authorize(payment(100 * USDT)).allowed  # the 19th is spent
+    assert ahead.authorize(payment(USDT)).allowed  # the 20th begins (in the other process)
+    refused = behind.authorize(payment(100 * USDT))  # still stamped on the 19th
+    assert refused.code == Code.DAILY_LIMIT
+    assert ahead.authorize(payment(99 * USDT)).allowed  # the 20th has its own 100
+    assert ahead.authorize(payment(USDT)).code == Code.DAILY_LIMIT
+
+
+def test_a_clock_that_steps_back_within_the_grace_still_sees_the_old_window(
+    backend: Backend,
+) -> None:
+    engine, clock = setup(backend, {"limits": {"hourly": {"value": str(10 * USDT)}}})
+    clock.set(datetime(2026, 1, 19, 10, 59, 59, tzinfo=UTC))
+    rid = engine.authorize(payment(10 * USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    clock.set(datetime(2026, 1, 19, 11, 30, tzinfo=UTC))
+    assert engine.authorize(payment(USDT)).allowed  # a new hour
+    clock.set(datetime(2026, 1, 19, 10, 59, 59, 500_000, tzinfo=UTC))  # NTP steps back
+    assert engine.authorize(payment(USDT)).code == Code.HOURLY_LIMIT
+
+
+def test_a_clock_behind_the_dropped_windows_is_refused_not_checked_against_nothing(
+    backend: Backend,
+) -> None:
+    engine, clock = setup(backend, {"limits": {"hourly": {"value": str(10 * USDT)}}})
+    clock.set(datetime(2026, 1, 19, 10, 30, tzinfo=UTC))
+    rid = engine.authorize(payment(10 * USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    clock.set(datetime(2026, 1, 19, 13, 0, tzinfo=UTC))  # the 10:00 hour ended 2 h ago
+    assert engine.authorize(payment(USDT)).allowed  # its counters are dropped now
+    clock.set(datetime(2026, 1, 19, 10, 45, tzinfo=UTC))  # a clock 2 h 15 min behind
+    before = engine.history("agent-1", 100)
+    assert code_of(lambda: engine.authorize(payment(USDT))) == "STORAGE_UNAVAILABLE"
+    assert engine.history("agent-1", 100) == before  # nothing was allowed or written
+
+
+# --- history retention ------------------------------------------------------------------
+
+
+def test_a_flood_of_denials_never_evicts_state_changes(backend: Backend) -> None:
+    engine, _ = setup(backend, DAILY_100, max_denials=50)
+    rid = engine.authorize(payment(USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    for _ in range(300):  # every one denied
+        assert engine.authorize(payment(1000 * USDT)).code == Code.DAILY_LIMIT
+    events = [h.event for h in engine.history("agent-1", 10_000)]
+    assert events.count("decision") <= 50 + 64 + 1  # denials capped (SQLite trims in steps)
+    assert events[-3:] == ["confirm", "decision", "policy_set"]
+
+
+def test_history_is_kept_by_age_when_a_retention_is_set(backend: Backend) -> None:
+    engine, clock = setup(backend, DAILY_100, history_retention=timedelta(days=1))
+    clock.advance(days=2)
+    for _ in range(130):  # enough appends for every store to trim
+        engine.authorize(payment(1))
+    events = [h.event for h in engine.history("agent-1", 10_000)]
+    assert "policy_set" not in events  # two days old: dropped
+    assert events.count("decision") == 130
+
+
+def test_a_flood_of_10001_denials_on_the_defaults_keeps_the_policy_record() -> None:
+    from agentpolicy.storage import MemoryStorage
+
+    engine = PolicyEngine(storage=MemoryStorage(), clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+    for _ in range(10_001):
+        engine.authorize(payment(1000 * USDT))
+    assert all(h.event == "decision" for h in engine.history("agent-1", 10_000))
+    denials = engine.storage.log("agent-1", "hd/agent-1", 20_000)
+    changes = engine.storage.log("agent-1", "hc/agent-1", 20_000)
+    assert len(denials) == 10_000  # the newest 10,000 denials
+    assert [entry["ev"] for _, _, entry in changes] == ["policy_set"]  # never evicted

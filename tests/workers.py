@@ -1,60 +1,101 @@
-"""Code that runs in other processes for the concurrency and crash tests.
+"""Code that runs in other processes (or threads) for the concurrency and crash tests.
 
-Functions here are imported by ``multiprocessing`` (spawn) workers; running the
-module starts the crash worker: ``python -m tests.workers crash DB_PATH``.
+Functions here are imported by ``multiprocessing`` (spawn) workers; each opens
+the store named by a spec (URL and key prefix, see :mod:`tests.backends`).
+Running the module starts a crash worker: ``python -m tests.workers crash URL PREFIX``.
 """
 
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Barrier
+from typing import Any
 
-from agentpolicy import PolicyEngine
-from agentpolicy.storage import SQLiteStorage
+from agentpolicy import PolicyEngine, Storage
+from agentpolicy.storage import open_storage
 from agentpolicy.testing import ManualClock, payment
 
 FIXED_NOW = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
 
 
-def authorize_many(db_path: str, count: int, barrier: Barrier | None = None) -> list[str]:
+def _engine(spec: tuple[str, str] | Storage, clock: Callable[[], datetime] | None = None,
+            **kwargs: Any) -> PolicyEngine:  # fmt: skip
+    storage = spec if not isinstance(spec, tuple) else open_storage(spec[0], key_prefix=spec[1])
+    return PolicyEngine(storage=storage, clock=clock or ManualClock(FIXED_NOW), **kwargs)
+
+
+def authorize_many(
+    spec: Any, count: int, barrier: Any = None, agent_id: str = "agent-1"
+) -> list[str]:
     """Authorize ``count`` payments of 1 USDT; return the reservation ids that were allowed."""
-    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    engine = _engine(spec)
     if barrier is not None:
         barrier.wait()
     allowed = []
     for _ in range(count):
-        d = engine.authorize(payment(1_000_000))
+        d = engine.authorize(payment(1_000_000, agent_id=agent_id))
         if d.allowed:
             assert d.reservation_id is not None
             allowed.append(d.reservation_id)
-    engine.close()
+    if isinstance(spec, tuple):
+        engine.close()
     return allowed
 
 
-def settle(db_path: str, reservation_ids: list[str], action: str) -> list[str]:
+def settle(spec: Any, reservation_ids: list[str], action: str) -> list[str]:
     """Confirm or release reservations made by another process; return their statuses."""
-    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
-    done = [
-        (engine.confirm(r) if action == "confirm" else engine.release(r)).status.value
-        for r in reservation_ids
-    ]
-    engine.close()
+    engine = _engine(spec)
+    done = [getattr(engine, action)(r).status.value for r in reservation_ids]
+    if isinstance(spec, tuple):
+        engine.close()
     return done
 
 
-def vote(db_path: str, approval_id: str, approver: str, barrier: Barrier) -> str:
+def vote(spec: Any, approval_id: str, approver: str, barrier: Barrier) -> str:
     """Approve at the same instant as another process."""
-    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    engine = _engine(spec)
     barrier.wait()
     status = engine.decide(approval_id, approver, "approve").status.value
-    engine.close()
+    if isinstance(spec, tuple):
+        engine.close()
     return status
 
 
-def crash_worker(db_path: str) -> None:
+def across_the_hour(spec: Any, shared: Any, stop_us: int, barrier: Any) -> list[tuple[int, bool]]:
+    """Authorize 1 unit in a loop on the real clock moved by ``shared.value`` us, until ``stop_us``.
+
+    Waits at ``barrier`` twice: when ready, and for the go (the offset is set in
+    between). Returns ``(decision time in microseconds, allowed)`` for every decision.
+    """
+    shift = timedelta(0)
+
+    def clock() -> datetime:
+        return datetime.now(UTC) + shift
+
+    engine = _engine(spec, clock)
+    barrier.wait()
+    barrier.wait()
+    shift = timedelta(microseconds=shared.value)
+    seen: list[tuple[int, bool]] = []
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    while True:
+        d = engine.authorize(payment(1))
+        assert d.decided_at is not None
+        at = (d.decided_at - epoch) // timedelta(microseconds=1)
+        seen.append((at, d.allowed))
+        if at >= stop_us:
+            break
+    if isinstance(spec, tuple):
+        engine.close()
+    return seen
+
+
+def crash_worker(url: str, prefix: str) -> None:
     """Authorize and confirm forever, printing each confirmed id once it is committed."""
-    engine = PolicyEngine(storage=SQLiteStorage(db_path), clock=ManualClock(FIXED_NOW))
+    engine = _engine((url, prefix))
     for i in range(1_000_000):
         d = engine.authorize(payment(1, idempotency_key=f"k{i}"))
         assert d.reservation_id is not None
@@ -65,9 +106,9 @@ def crash_worker(db_path: str) -> None:
         sys.stdout.flush()
 
 
-def hold_for_approval(db_path: str) -> None:
+def hold_for_approval(url: str, prefix: str) -> None:
     """Ask for a payment that needs approval, wait for a human, then pay and confirm it."""
-    engine = PolicyEngine(storage=SQLiteStorage(db_path))
+    engine = PolicyEngine(storage=open_storage(url, key_prefix=prefix))
     d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
     sys.stdout.write(f"{d.approval_id}\n")
     sys.stdout.flush()
@@ -80,41 +121,11 @@ def hold_for_approval(db_path: str) -> None:
     engine.close()
 
 
-def authorize_many_redis(url: str, prefix: str, count: int, barrier: Barrier) -> list[str]:
-    """Like :func:`authorize_many`, on Redis."""
-    from agentpolicy.storage.redis import RedisStorage
-
-    engine = PolicyEngine(
-        storage=RedisStorage(url, key_prefix=prefix), clock=ManualClock(FIXED_NOW)
-    )
-    barrier.wait()
-    allowed = [
-        d.reservation_id
-        for d in (engine.authorize(payment(1_000_000)) for _ in range(count))
-        if d.reservation_id is not None
-    ]
-    engine.close()
-    return allowed
-
-
-def settle_redis(url: str, prefix: str, reservation_ids: list[str], action: str) -> list[str]:
-    """Confirm or release, on Redis, reservations another process made."""
-    from agentpolicy.storage.redis import RedisStorage
-
-    engine = PolicyEngine(
-        storage=RedisStorage(url, key_prefix=prefix), clock=ManualClock(FIXED_NOW)
-    )
-    done = [getattr(engine, action)(r).status.value for r in reservation_ids]
-    engine.close()
-    return done
-
-
-def approvals_with_webhooks(db_path: str, url: str) -> None:
+def approvals_with_webhooks(url: str, prefix: str, hook: str) -> None:
     """Create approvals (their events wait in the outbox: the receiver is down), then hang."""
-    engine = PolicyEngine(
-        storage=SQLiteStorage(db_path),
-        clock=ManualClock(FIXED_NOW),
-        webhook_endpoints=[{"url": url, "secret": "s3cret", "timeout": 1000}],
+    engine = _engine(
+        (url, prefix),
+        webhook_endpoints=[{"url": hook, "secret": "s3cret", "timeout": 1000}],
         webhook_backoff=0.01,
         webhook_backoff_cap=0.05,
     )
@@ -123,10 +134,19 @@ def approvals_with_webhooks(db_path: str, url: str) -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stdin.readline()  # killed before this returns
+    time.sleep(3600)
+
+
+def _store_args(args: list[str]) -> tuple[str, str, list[str]]:
+    """``URL PREFIX rest...``, or a bare SQLite path followed by the rest."""
+    if "://" not in args[0]:
+        return f"sqlite:///{args[0]}", "", args[1:]
+    return args[0], args[1], args[2:]
 
 
 if __name__ == "__main__":
+    url, prefix, rest = _store_args(sys.argv[2:])
     if sys.argv[1] == "webhooks":
-        approvals_with_webhooks(sys.argv[2], sys.argv[3])
+        approvals_with_webhooks(url, prefix, rest[0])
     else:
-        {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](sys.argv[2])
+        {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](url, prefix)

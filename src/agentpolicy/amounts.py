@@ -31,6 +31,7 @@ __all__ = [
     "compare_units",
     "format_units",
     "over_limit",
+    "over_limit_units",
     "parse_units",
     "same_symbol",
     "scale_units",
@@ -82,9 +83,15 @@ def over_limit(used: Amount | None, amount: Amount, limit: Amount) -> bool:
 
     ``used`` is ``None`` when nothing was used. Symbols are not compared.
     """
-    used_value, used_decimals = (0, 0) if used is None else (used.value, used.decimals)
+    if used is None:
+        return over_limit_units(0, 0, amount, limit)
+    return over_limit_units(used.value, used.decimals, amount, limit)
+
+
+def over_limit_units(used: int, used_decimals: int, amount: Amount, limit: Amount) -> bool:
+    """:func:`over_limit` with the used amount as base units and decimals."""
     d = max(used_decimals, amount.decimals, limit.decimals)
-    return scale_units(used_value, used_decimals, d) + amount.scaled_to(d) > limit.scaled_to(d)
+    return scale_units(used, used_decimals, d) + amount.scaled_to(d) > limit.scaled_to(d)
 
 
 def same_symbol(a: str, b: str) -> bool:

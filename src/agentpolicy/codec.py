@@ -51,10 +51,8 @@ from agentpolicy.records import (
     Approval,
     ApprovalStatus,
     Budget,
-    Counter,
     DeliveryStatus,
     HistoryRecord,
-    PolicyRecord,
     Reservation,
     ReservationStatus,
     Vote,
@@ -88,8 +86,6 @@ _VALUE_CLASSES: tuple[type, ...] = (
 # Records are the storages' own data; read back, they are checked for shape
 # (unknown keys, missing fields) and their values validate themselves.
 _RECORD_CLASSES: tuple[type, ...] = (
-    PolicyRecord,
-    Counter,
     Reservation,
     Vote,
     Approval,

@@ -2,9 +2,9 @@
 
 An allowed payment holds its amount in a reservation until the agent
 confirms or releases it (or it expires); a payment above an approval
-threshold holds its amount while named humans decide. The storage re-checks
-every window limit inside its own transaction, so no number of processes
-sharing it can overspend.
+threshold holds its amount while named humans decide. Every change runs as
+one step of the ledger (:mod:`agentpolicy.ledger`), committed atomically by
+the storage, so no number of processes sharing it can overspend.
 """
 
 from __future__ import annotations
@@ -17,35 +17,42 @@ from typing import Any
 
 import attrs
 
-from agentpolicy._checks import check_identifier, check_text, raise_if
+from agentpolicy._checks import check_identifier, check_int, check_text, raise_if
 from agentpolicy.amounts import Amount, scale_units
 from agentpolicy.approvals import DECISIONS
 from agentpolicy.codec import dump_policy, load_policy
-from agentpolicy.decisions import Code, Decision
+from agentpolicy.decisions import Decision
 from agentpolicy.delivery import WebhookDispatcher
 from agentpolicy.errors import (
     ErrorCode,
     InternalError,
     NotFoundError,
-    PolicyError,
     PolicyValidationError,
-    StorageUnavailableError,
 )
+from agentpolicy.ledger import keys, operations
+from agentpolicy.ledger.docs import (
+    Body,
+    approval_record,
+    history_record,
+    reservation_record,
+)
+from agentpolicy.ledger.outbox import LedgerOutbox
+from agentpolicy.ledger.runner import View, run
+from agentpolicy.ledger.state import MAX_SCORE, ClockBehindError, LedgerConfig
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import (
     Approval,
-    ApprovalTerms,
-    AuthorizePlan,
     Budget,
     HistoryRecord,
     Reservation,
     SweepResult,
+    WebhookDelivery,
     WindowBudget,
-    WindowLimit,
 )
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Assessment, assess, conclude, windows_for
 from agentpolicy.storage import Storage, open_storage
+from agentpolicy.storage._time import instant, micros
 from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
 from agentpolicy.windows import Period
 
@@ -54,9 +61,10 @@ __all__ = ["DEFAULT_RESERVATION_TTL", "PolicyEngine", "StoredPolicy"]
 DEFAULT_RESERVATION_TTL = timedelta(minutes=5)
 """How long an allowed payment's reservation waits for confirm or release."""
 
-_PASSING = (Code.ALLOWED, Code.APPROVAL_REQUIRED)
-_WINDOW_CODES = frozenset(Code.for_period(p) for p in Period)
-_STALE_RETRIES = 8
+DEFAULT_COUNTER_GRACE = timedelta(hours=1)
+"""How long counters of a window are kept after it ends (the clock skew tolerated)."""
+
+_CLOCK_RETRIES = 3
 
 
 def utc_now() -> datetime:
@@ -87,6 +95,12 @@ def _floor_to(value: int, decimals: int, to: int) -> int:
     return value // scale_units(1, to, decimals)
 
 
+def _duration(value: object, path: str, *, positive: bool = True) -> int:
+    if not isinstance(value, timedelta) or (positive and value <= timedelta(0)):
+        raise PolicyValidationError.single(path, "must be a positive duration")
+    return value // timedelta(microseconds=1)
+
+
 class PolicyEngine:
     """The stateful guard: policies, reservations, approvals and history over a storage.
 
@@ -97,9 +111,17 @@ class PolicyEngine:
 
     ``webhook_endpoints`` (objects or dicts, see
     :func:`agentpolicy.webhooks.to_endpoints`) turn on signed approval events:
-    they are written to the storage's outbox in the same transaction as the
+    they are written to the storage's outbox in the same commit as the
     change and delivered by a background thread; ``webhook_backoff`` and
     ``webhook_backoff_cap`` (seconds, real time) shape its retries.
+
+    ``history_retention`` keeps history records for that long (``None``: for
+    ever; default: the storage's own default, see ``docs/storage.md``);
+    denied decisions are kept apart, at most ``max_denials`` per agent, so a
+    flood of them never evicts a state change. ``counter_grace`` is how long
+    a window's counters outlive the window: an engine whose clock is further
+    behind than that is refused (``STORAGE_UNAVAILABLE``) rather than
+    checked against a window whose usage is gone.
 
     Errors that are not decisions raise :class:`~agentpolicy.PolicyError`
     subclasses whose ``.code`` is an :class:`~agentpolicy.ErrorCode`; a
@@ -115,29 +137,45 @@ class PolicyEngine:
         *,
         webhook_backoff: float = 1.0,
         webhook_backoff_cap: float = 3600.0,
+        history_retention: timedelta | str | None = "default",
+        max_denials: int = 10_000,
+        counter_grace: timedelta = DEFAULT_COUNTER_GRACE,
     ) -> None:
-        if not isinstance(reservation_ttl, timedelta) or reservation_ttl <= timedelta(0):
-            raise PolicyValidationError.single("$.reservationTtl", "must be a positive duration")
+        ttl = _duration(reservation_ttl, "$.reservationTtl")
+        grace = _duration(counter_grace, "$.counterGrace")
+        raise_if(check_int(max_denials, "$.maxDenials", 1, 10_000_000))
         endpoints = to_endpoints(webhook_endpoints)
         if storage is None:
             storage = "memory://"
-        self.storage: Storage = open_storage(storage) if isinstance(storage, str) else storage
+        if isinstance(storage, str):
+            storage = open_storage(storage)
+        elif not isinstance(storage, Storage):
+            raise PolicyValidationError.single(
+                "$.storage", "must be a Storage, a storage URL such as 'memory://', or None"
+            )
+        self.storage: Storage = storage
+        if history_retention == "default":
+            retention = storage.default_history_retention
+        elif history_retention is None:
+            retention = None
+        else:
+            retention = _duration(history_retention, "$.historyRetention")
         self.clock: Callable[[], datetime] = clock or utc_now
         self.reservation_ttl = reservation_ttl
-        self._parsed: dict[tuple[str, int], AgentPolicy | None] = {}
-        self._current: dict[str, int] = {}
-        self._cache_lock = threading.Lock()
+        self.config = LedgerConfig(
+            reservation_ttl=ttl,
+            counter_grace=grace,
+            history_retention=retention,
+            max_denials=max_denials,
+            routes=tuple((e.id, e.events) for e in endpoints),
+        )
+        self._policies: dict[tuple[str, int], AgentPolicy] = {}
+        self._policies_lock = threading.Lock()
+        self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard)
         self.webhooks: WebhookDispatcher | None = None
         if endpoints:
-            if not hasattr(self.storage, "set_webhook_routes"):
-                raise PolicyError(
-                    f"{type(self.storage).__name__} keeps no webhook outbox: use the memory "
-                    "or SQLite storage for webhooks",
-                    code=ErrorCode.INVALID_INPUT,
-                )
-            self.storage.set_webhook_routes(tuple((e.id, e.events) for e in endpoints))
             self.webhooks = WebhookDispatcher(
-                self.storage,  # type: ignore[arg-type]
+                self.outbox,
                 endpoints,
                 backoff=webhook_backoff,
                 backoff_cap=webhook_backoff_cap,
@@ -153,42 +191,63 @@ class PolicyEngine:
             raise InternalError("the engine's clock must return a timezone-aware datetime")
         return now
 
-    def _policy_at(self, agent_id: str, version: int) -> AgentPolicy | None:
-        key = (agent_id, version)
-        with self._cache_lock:
-            if key in self._parsed:
-                return self._parsed[key]
+    def _now_us(self) -> int:
+        return micros(self._now())
+
+    @staticmethod
+    def _shard(agent_id: str) -> str:
+        """The shard (unit of atomicity) of an agent's state: the agent itself."""
+        return agent_id
+
+    def _shard_of_id(self, some_id: str) -> str:
+        agent = keys.agent_of_id(some_id)
+        return "" if agent is None else self._shard(agent)
+
+    def _policy(self, agent_id: str, version: int, view: View | None = None) -> AgentPolicy | None:
+        """The agent's policy at ``version`` (``None`` for 0), parsed once per process."""
         if version == 0:
-            policy = None
+            return None
+        key = (agent_id, version)
+        found = self._policies.get(key)
+        if found is not None:
+            return found
+        name = keys.policy(agent_id, version)
+        if view is not None:
+            doc = view.doc(name)
         else:
-            record = self.storage.get_policy(agent_id, version)
-            if record is None:
-                raise InternalError(f"policy version {version} of {agent_id} is missing")
-            policy = load_policy(record.policy)
-        with self._cache_lock:
-            if len(self._parsed) > 10_000:
-                self._parsed.clear()
-            self._parsed[key] = policy
+            with self.storage.session(self._shard(agent_id), write=False) as session:
+                doc = View(session).doc(name)
+        if doc is None:
+            raise InternalError(f"policy version {version} of {agent_id} is missing")
+        policy = load_policy(doc["policy"])
+        with self._policies_lock:
+            if len(self._policies) > 10_000:
+                self._policies.clear()
+            self._policies[key] = policy
         return policy
 
-    def _current_policy(self, agent_id: str, *, fresh: bool) -> tuple[int, AgentPolicy | None]:
-        version = None if fresh else self._current.get(agent_id)
-        if version is None:
-            record = self.storage.get_policy(agent_id)
-            version = 0 if record is None else record.version
-            if record is not None:
-                with self._cache_lock:
-                    self._parsed.setdefault((agent_id, version), load_policy(record.policy))
-            self._current[agent_id] = version
-        return version, self._policy_at(agent_id, version)
+    def _read(self, shard: str, names: list[str]) -> list[Any]:
+        with self.storage.session(shard, write=False) as session:
+            view = View(session)
+            view.read(names)
+            return [view.doc(n) for n in names]
+
+    def _expire(self, agent_id: str, now: datetime) -> Body:
+        """Apply the agent's due expiries; return the expire step's result."""
+        shard = self._shard(agent_id)
+        step = operations.expire(self.config, shard, agent_id, now)
+        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now), write=False)
+        if result["lapsed"]:
+            self._wake_webhooks()
+        return result
 
     # -- policies -----------------------------------------------------------------------
 
     def set_policy(self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]) -> int:
         """Store a policy for ``agent_id`` and return its new version (1, 2, ...).
 
-        ``policy`` is an :class:`~agentpolicy.AgentPolicy` or the seed's JSON
-        form; invalid input raises :class:`~agentpolicy.PolicyValidationError`
+        ``policy`` is an :class:`~agentpolicy.AgentPolicy` or its JSON form;
+        invalid input raises :class:`~agentpolicy.PolicyValidationError`
         with paths below ``$.policy`` and stores nothing.
         """
         raise_if(check_identifier(agent_id, "$.agentId"))
@@ -197,86 +256,73 @@ class PolicyEngine:
                 policy = load_policy(policy)
             except PolicyValidationError as err:
                 raise err.under("$.policy") from None
-        record = self.storage.put_policy(agent_id, dump_policy(policy), self._now())
-        with self._cache_lock:
-            self._parsed[(agent_id, record.version)] = policy
-        self._current[agent_id] = record.version
-        return record.version
+        now = self._now()
+        shard = self._shard(agent_id)
+        step = operations.put_policy(self.config, agent_id, dump_policy(policy), now)
+        version: int = run(self.storage, shard, step, int, at=micros(now))
+        with self._policies_lock:
+            self._policies[(agent_id, version)] = policy
+        return version
+
+    def _stored(self, agent_id: str, version: int | None = None) -> StoredPolicy | None:
+        shard = self._shard(agent_id)
+        if version is None:
+            (head,) = self._read(shard, [keys.head(agent_id)])
+            version = 0 if head is None else head["pv"]
+            if not version:
+                return None
+        (doc,) = self._read(shard, [keys.policy(agent_id, version)])
+        if doc is None:
+            return None
+        policy = self._policy(agent_id, version)
+        assert policy is not None  # noqa: S101 - version > 0
+        return StoredPolicy(agent_id, policy, version, instant(doc["at"]))
 
     def get_policy(self, agent_id: str) -> StoredPolicy | None:
         """The agent's current policy and version, or ``None``."""
         raise_if(check_identifier(agent_id, "$.agentId"))
-        record = self.storage.get_policy(agent_id)
-        if record is None:
-            return None
-        return StoredPolicy(agent_id, load_policy(record.policy), record.version, record.updated_at)
+        return self._stored(agent_id)
 
     def list_policies(self, org_id: str | None = None) -> list[StoredPolicy]:
         """Every stored policy, or those of agents whose id starts with ``"{org_id}:"``."""
         if org_id is not None:
             raise_if(check_identifier(org_id, "$.orgId"))
-        records = self.storage.list_policies(None if org_id is None else f"{org_id}:")
-        return [
-            StoredPolicy(r.agent_id, load_policy(r.policy), r.version, r.updated_at)
-            for r in records
-        ]
+        prefix = None if org_id is None else f"{org_id}:"
+        with self.storage.session("@", write=False) as session:
+            agents = sorted(m for m, _ in session.scan(keys.AGENTS, MAX_SCORE, 10_000_000))
+        found = []
+        for agent in agents:
+            if prefix is None or agent.startswith(prefix):
+                stored = self._stored(agent)
+                if stored is not None:
+                    found.append(stored)
+        return found
 
     # -- payments -----------------------------------------------------------------------
 
-    def _plan(self, a: Assessment, version: int) -> AuthorizePlan:
-        policy, request, now = a.policy, a.request, a.now
-        limits: tuple[WindowLimit, ...] = ()
-        terms = None
-        if a.early is not None:
-            on_pass = a.early.code
-        elif a.blocking is not None:
-            assert a.blocking.code is not None  # noqa: S101 - failures carry codes
-            on_pass = a.blocking.code
-        else:
-            assert policy is not None  # noqa: S101 - no early decision means a policy
-            on_pass = Code.ALLOWED if a.threshold is None else Code.APPROVAL_REQUIRED
-            if policy.limits is not None:
-                limits = tuple(
-                    WindowLimit(w.key, limit, Code.for_period(w.period))
-                    for w in a.windows
-                    if (limit := policy.limits.for_period(w.period)) is not None
-                )
-            if a.threshold is not None:
-                timeout = policy.approval_config.timeout if policy.approval_config else 0
-                terms = ApprovalTerms(
-                    a.threshold.required_approvers,
-                    a.threshold.approvers,
-                    now + timedelta(milliseconds=timeout),
-                )
-        return AuthorizePlan(
-            request=request,
-            now=now,
-            policy_version=version,
-            windows=a.windows,
-            limits=limits,
-            on_pass=on_pass,
-            reservation_expires_at=now + self.reservation_ttl,
-            approval=terms,
-        )
-
-    def _decision(self, record: HistoryRecord, assessment: Assessment | None = None) -> Decision:
-        assert record.request is not None  # noqa: S101 - decision records carry their request
-        version = record.policy_version or 0
+    def _decision(
+        self, rec: Body, request: PaymentRequest, assessment: Assessment | None
+    ) -> Decision:
+        version = rec["pv"]
+        at = instant(rec["at"]) if "at" in rec else None
         if assessment is None:  # a replayed decision: assess what was asked then
-            policy = self._policy_at(record.agent_id, version)
-            assessment = assess(policy, record.request, record.at)
-        decision = conclude(assessment, record.usage or {})
-        if decision.code != record.code:
+            assert at is not None  # noqa: S101 - replayed records carry their time
+            policy = self._policy(request.agent_id, version)
+            assessment = assess(policy, request, at)
+        usage = {k: Amount(v, d, request.symbol) for k, (v, d) in rec["use"].items()}
+        decision = conclude(assessment, usage)
+        if decision.code != rec["code"]:
             raise InternalError(
-                f"the storage decided {record.code} but the policy gives {decision.code}"
+                f"the ledger decided {rec['code']} but the policy gives {decision.code}"
             )
+        expires = rec.get("x")
         return attrs.evolve(
             decision,
-            reservation_id=record.reservation_id,
-            approval_id=record.approval_id,
-            expires_at=record.expires_at,
+            reservation_id=rec.get("rid"),
+            approval_id=rec.get("aid"),
+            expires_at=None if expires is None else instant(expires),
             policy_version=version or None,
-            decided_at=record.at,
+            decided_at=at or assessment.now,
         )
 
     def authorize(self, request: PaymentRequest) -> Decision:
@@ -292,20 +338,23 @@ class PolicyEngine:
         """
         if not isinstance(request, PaymentRequest):
             raise PolicyValidationError.single("$", "must be a PaymentRequest")
-        now = self._now()
-        fresh = False
-        for _ in range(_STALE_RETRIES):
-            version, policy = self._current_policy(request.agent_id, fresh=fresh)
-            assessment = assess(policy, request, now)
-            outcome = self.storage.authorize(self._plan(assessment, version))
-            if not outcome.stale:
-                record = outcome.record
-                assert record is not None  # noqa: S101 - set whenever not stale
-                if record.approval_id is not None:
-                    self._wake_webhooks()
-                return self._decision(record, None if outcome.replayed else assessment)
-            fresh = True  # another process changed the policy: read it again
-        raise StorageUnavailableError("the policy changed during every attempt to authorize")
+        shard = self._shard(request.agent_id)
+        for attempt in range(_CLOCK_RETRIES):
+            now = self._now()
+            seen: list[Assessment] = []
+            step = operations.authorize(self.config, shard, request, now, self._policy, seen)
+            try:
+                result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
+            except ClockBehindError:
+                if attempt == _CLOCK_RETRIES - 1:
+                    raise
+                continue
+            rec = result["rec"]
+            if "aid" in rec and not result.get("replayed"):
+                self._wake_webhooks()
+            fresh = seen and not result.get("replayed")
+            return self._decision(rec, request, seen[-1] if fresh else None)
+        raise InternalError("unreachable")  # pragma: no cover
 
     def confirm(self, reservation_id: str) -> Reservation:
         """Turn a reservation into spending; confirming again reports it unchanged.
@@ -313,26 +362,39 @@ class PolicyEngine:
         Raises ``RESERVATION_NOT_FOUND``, ``RESERVATION_RELEASED`` or
         ``RESERVATION_EXPIRED`` (as :class:`~agentpolicy.PolicyError`).
         """
-        raise_if(check_identifier(reservation_id, "$.reservationId"))
-        return self.storage.confirm(reservation_id, self._now())
+        return self._settle(reservation_id, "confirm")
 
     def release(self, reservation_id: str) -> Reservation:
         """Give a reservation's budget back; releasing again, or after expiry, is a no-op.
 
         Raises ``RESERVATION_NOT_FOUND`` or ``RESERVATION_ALREADY_CONFIRMED``.
         """
+        return self._settle(reservation_id, "release")
+
+    def _settle(self, reservation_id: str, action: str) -> Reservation:
         raise_if(check_identifier(reservation_id, "$.reservationId"))
-        return self.storage.release(reservation_id, self._now())
+        now = self._now()
+        step = operations.settle(self.config, reservation_id, action, now)
+        result: Body = run(
+            self.storage, self._shard_of_id(reservation_id), step, lambda r: r, at=micros(now)
+        )
+        return reservation_record(reservation_id, result["doc"])
 
     def get_reservation(self, reservation_id: str) -> Reservation:
         """A reservation by id (``RESERVATION_NOT_FOUND`` if there is none)."""
         raise_if(check_identifier(reservation_id, "$.reservationId"))
-        r = self.storage.get_reservation(reservation_id, self._now())
-        if r is None:
+        now = self._now()
+        shard = self._shard_of_id(reservation_id)
+        name = keys.reservation(reservation_id)
+        (doc,) = self._read(shard, [name])
+        if doc is not None and doc["st"] in ("held", "reserved") and micros(now) >= doc["x"]:
+            self._expire(doc["agent"], now)
+            (doc,) = self._read(shard, [name])
+        if doc is None:
             raise NotFoundError(
                 f"no reservation {reservation_id!r}", code=ErrorCode.RESERVATION_NOT_FOUND
             )
-        return r
+        return reservation_record(reservation_id, doc)
 
     def budget(self, agent_id: str, period: Period | str | None = None) -> Budget:
         """What the agent has spent, reserved and has left in each limited window now.
@@ -350,23 +412,19 @@ class PolicyEngine:
                     "$.period", "must be one of hourly, daily, weekly, monthly"
                 ) from None
         now = self._now()
-        _, policy = self._current_policy(agent_id, fresh=True)
+        head = self._expire(agent_id, now)["head"]
+        policy = self._policy(agent_id, head["pv"])
         if policy is None:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
         limits = policy.limits
-        windows = [
-            w
-            for w in windows_for(policy, now)
-            if (w.period is wanted)
-            or (wanted is None and limits is not None and limits.for_period(w.period) is not None)
-        ]
-        counters = self.storage.usage(agent_id, [w.key for w in windows], now)
+        counters = head["c"]
         periods: dict[Period, WindowBudget] = {}
-        for w in windows:
+        for w in windows_for(policy, now):
             limit = limits.for_period(w.period) if limits else None
+            if not (w.period is wanted or (wanted is None and limit is not None)):
+                continue
             c = counters.get(w.key)
-            value_decimals = c.decimals if c else 0
-            spent, reserved = (c.spent, c.reserved) if c else (0, 0)
+            value_decimals, spent, reserved = (c[1], c[2], c[3]) if c else (0, 0, 0)
             if limit is None:
                 d = value_decimals
                 symbol = policy.symbol or "USDT"
@@ -394,16 +452,37 @@ class PolicyEngine:
     def get_approval(self, approval_id: str) -> Approval:
         """An approval by id, with its expiry applied (``APPROVAL_NOT_FOUND`` if none)."""
         raise_if(check_identifier(approval_id, "$.approvalId"))
-        approval = self.storage.get_approval(approval_id, self._now())
-        if approval is None:
+        now = self._now()
+        shard = self._shard_of_id(approval_id)
+        name = keys.approval(approval_id)
+        (doc,) = self._read(shard, [name])
+        if doc is not None and doc["st"] == "pending" and micros(now) >= doc["x"]:
+            self._expire(doc["agent"], now)
+            (doc,) = self._read(shard, [name])
+        if doc is None:
             raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
-        return approval
+        return approval_record(approval_id, doc)
 
     def list_approvals(self, agent_id: str | None = None) -> list[Approval]:
         """Pending approvals, oldest first, of one agent or of every agent."""
+        now = self._now()
         if agent_id is not None:
             raise_if(check_identifier(agent_id, "$.agentId"))
-        return self.storage.list_approvals(agent_id, self._now())
+            self._expire(agent_id, now)
+            index = keys.pending_index(agent_id)
+        else:
+            self.sweep()
+            index = keys.PENDING
+        with self.storage.session(
+            "@" if agent_id is None else self._shard(agent_id), write=False
+        ) as session:
+            ids = session.scan(index, MAX_SCORE, 1_000_000)
+        found = []
+        for approval_id, _ in ids:
+            (doc,) = self._read(self._shard_of_id(approval_id), [keys.approval(approval_id)])
+            if doc is not None and doc["st"] == "pending":
+                found.append(approval_record(approval_id, doc))
+        return sorted(found, key=lambda a: (a.created_at, a.id))
 
     def decide(
         self, approval_id: str, approver: str, decision: str, comment: str | None = None
@@ -425,11 +504,12 @@ class PolicyEngine:
         if comment is not None:
             problems += check_text(comment, "$.comment")
         raise_if(problems)
-        approval = self.storage.vote(
-            approval_id, approver, decision, comment, self._now(), self.reservation_ttl
-        )
+        now = self._now()
+        shard = self._shard_of_id(approval_id)
+        step = operations.vote(self.config, shard, approval_id, approver, decision, comment, now)
+        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
         self._wake_webhooks()
-        return approval
+        return approval_record(approval_id, result["doc"])
 
     # -- audit and housekeeping ---------------------------------------------------------
 
@@ -438,14 +518,24 @@ class PolicyEngine:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise PolicyValidationError.single("$.limit", "must be an integer from 1 to 10000")
-        return self.storage.history(agent_id, limit)
+        shard = self._shard(agent_id)
+        entries = self.storage.log(shard, keys.changes_log(agent_id), limit)
+        entries += self.storage.log(shard, keys.denials_log(agent_id), limit)
+        entries.sort(key=lambda e: e[0], reverse=True)
+        return [history_record(agent_id, seq, at, entry) for seq, at, entry in entries[:limit]]
 
     def sweep(self) -> SweepResult:
         """Apply every due expiry now; return the reservations and approvals it expired."""
-        result = self.storage.sweep(self._now())
-        if result.approvals:
-            self._wake_webhooks()
-        return result
+        now = self._now()
+        with self.storage.session("@", write=False) as session:
+            due = session.scan(keys.DUE, micros(now), 1_000_000)
+        reservations: list[Reservation] = []
+        lapsed: list[Approval] = []
+        for agent, _ in due:
+            result = self._expire(agent, now)
+            reservations += [reservation_record(i, d) for i, d in result["expired"]]
+            lapsed += [approval_record(i, d) for i, d in result["lapsed"]]
+        return SweepResult(tuple(reservations), tuple(lapsed))
 
     # -- webhooks -----------------------------------------------------------------------------
 
@@ -463,15 +553,17 @@ class PolicyEngine:
             return True
         return self.webhooks.flush(timeout)
 
-    def webhook_deliveries(self, status: str | None = None, limit: int = 100) -> list[Any]:
+    def webhook_deliveries(
+        self, status: str | None = None, limit: int = 100
+    ) -> list[WebhookDelivery]:
         """Deliveries in the outbox, newest first (``status``: pending, delivered, failed)."""
+        problems = check_int(limit, "$.limit", 1, 10_000)
         if status is not None and status not in ("pending", "delivered", "failed"):
-            raise PolicyValidationError.single("$.status", "must be pending, delivered or failed")
-        listing = getattr(self.storage, "webhook_deliveries", None)
-        if listing is None:
-            return []
-        result: list[Any] = listing(status, limit)
-        return result
+            problems += PolicyValidationError.single(
+                "$.status", "must be pending, delivered or failed"
+            ).problems
+        raise_if(problems)
+        return self.outbox.webhook_deliveries(status, limit)
 
     def close(self) -> None:
         """Stop webhook delivery (what is pending stays in the outbox) and close the storage."""

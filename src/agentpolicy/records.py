@@ -12,29 +12,22 @@ from typing import Any
 
 import attrs
 
-from agentpolicy.amounts import Amount, scale_units
-from agentpolicy.decisions import Code
+from agentpolicy.amounts import Amount
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.windows import Period, Window
 
 __all__ = [
     "Approval",
     "ApprovalStatus",
-    "ApprovalTerms",
-    "AuthorizeOutcome",
-    "AuthorizePlan",
     "Budget",
-    "Counter",
     "DeliveryStatus",
     "HistoryRecord",
-    "PolicyRecord",
     "Reservation",
     "ReservationStatus",
     "SweepResult",
     "Vote",
     "WindowBudget",
     "WebhookDelivery",
-    "WindowLimit",
 ]
 
 
@@ -55,53 +48,12 @@ class ReservationStatus(enum.StrEnum):
 
 
 class ApprovalStatus(enum.StrEnum):
-    """Statuses of an approval (SEMANTICS section 5)."""
+    """Statuses of an approval: pending, then approved, denied or expired."""
 
     PENDING = "pending"
     APPROVED = "approved"
     DENIED = "denied"
     EXPIRED = "expired"
-
-
-@attrs.frozen
-class PolicyRecord:
-    """A stored policy: its JSON form, its version (1, 2, ...) and when it was set."""
-
-    agent_id: str
-    version: int
-    policy: dict[str, Any]
-    updated_at: datetime
-
-
-@attrs.frozen
-class Counter:
-    """Usage of one window by one agent: ``spent`` and ``reserved`` in ``decimals``."""
-
-    key: str
-    window_end: datetime
-    decimals: int = 0
-    spent: int = 0
-    reserved: int = 0
-
-    def _aligned(self, amount: Amount) -> tuple[int, int, int, int]:
-        d = max(self.decimals, amount.decimals)
-        k = scale_units(1, self.decimals, d)
-        return d, self.spent * k, self.reserved * k, scale_units(amount.value, amount.decimals, d)
-
-    def reserve(self, amount: Amount) -> Counter:
-        """Add ``amount`` to ``reserved``."""
-        d, spent, reserved, v = self._aligned(amount)
-        return Counter(self.key, self.window_end, d, spent, reserved + v)
-
-    def unreserve(self, amount: Amount) -> Counter:
-        """Take ``amount`` out of ``reserved``, never below zero."""
-        d, spent, reserved, v = self._aligned(amount)
-        return Counter(self.key, self.window_end, d, spent, max(0, reserved - v))
-
-    def settle(self, amount: Amount) -> Counter:
-        """Move ``amount`` from ``reserved`` to ``spent`` (confirm)."""
-        d, spent, reserved, v = self._aligned(amount)
-        return Counter(self.key, self.window_end, d, spent + v, max(0, reserved - v))
 
 
 @attrs.frozen
@@ -133,15 +85,6 @@ class Vote:
     decision: str
     at: datetime
     comment: str | None = None
-
-
-@attrs.frozen
-class ApprovalTerms:
-    """What an approval needs, fixed when it is created from the matching threshold."""
-
-    required_approvers: int
-    approvers: tuple[str, ...]
-    expires_at: datetime
 
 
 @attrs.frozen
@@ -200,54 +143,6 @@ class HistoryRecord:
     usage: dict[str, Amount] | None = None
     detail: str | None = None
     seq: int | None = None
-
-
-@attrs.frozen
-class WindowLimit:
-    """A window limit the storage re-checks atomically: ``used + amount > limit`` denies."""
-
-    key: str
-    limit: Amount
-    code: Code
-
-
-@attrs.frozen
-class AuthorizePlan:
-    """What a storage must do, atomically, to authorize one payment.
-
-    The engine has already run every check that does not depend on usage.
-    The storage checks ``policy_version`` (0 = no policy) and the idempotency
-    key, applies due expiries, reads the agent's counters, checks ``limits``
-    in order, and records the outcome: ``on_pass`` when every limit holds
-    (``ALLOWED`` reserves, ``APPROVAL_REQUIRED`` holds and opens an
-    approval), the first failing limit's code otherwise. When ``on_pass`` is
-    any other code the payment is denied whatever the usage.
-    """
-
-    request: PaymentRequest
-    now: datetime
-    policy_version: int
-    windows: tuple[Window, ...]
-    limits: tuple[WindowLimit, ...]
-    on_pass: Code
-    reservation_expires_at: datetime
-    approval: ApprovalTerms | None = None
-    idempotency_ttl_seconds: int = 86_400
-
-
-@attrs.frozen
-class AuthorizeOutcome:
-    """What a storage did with an :class:`AuthorizePlan`.
-
-    ``stale`` means the stored policy version differs from the plan's: the
-    engine re-reads the policy and plans again. Otherwise ``record`` is the
-    decision record (new, or the first one again for a repeated idempotency
-    key, with ``replayed`` set).
-    """
-
-    stale: bool = False
-    record: HistoryRecord | None = None
-    replayed: bool = False
 
 
 @attrs.frozen

@@ -8,19 +8,27 @@ reads a clock, a storage or the environment.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 
 import attrs
 
-from agentpolicy.amounts import Amount, format_units, over_limit, same_symbol
+from agentpolicy.amounts import Amount, format_units, over_limit, over_limit_units, same_symbol
 from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError
 from agentpolicy.policy import AgentPolicy, ApprovalThreshold, normalize_recipient
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.windows import WINDOW_PERIODS, Window, window_at
 
-__all__ = ["Assessment", "assess", "conclude", "evaluate", "policy_zone", "windows_for"]
+__all__ = [
+    "Assessment",
+    "assess",
+    "conclude",
+    "decide_code",
+    "evaluate",
+    "policy_zone",
+    "windows_for",
+]
 
 Usage = Mapping[str, Amount]
 """Amount already used (spent plus reserved), keyed by :attr:`Window.key`."""
@@ -339,6 +347,32 @@ def conclude(assessment: Assessment, usage: Usage) -> Decision:
         evaluations=evaluations,
         windows=windows,
     )
+
+
+def decide_code(assessment: Assessment, usage: Mapping[str, Sequence[int]]) -> Code:
+    """The code :func:`conclude` decides, without formatting any detail.
+
+    ``usage`` maps window keys to ``(used base units, decimals)``.
+    """
+    if assessment.early is not None:
+        return assessment.early.code
+    if assessment.blocking is not None:
+        assert assessment.blocking.code is not None  # noqa: S101 - failures carry codes
+        return assessment.blocking.code
+    policy = assessment.policy
+    assert policy is not None  # noqa: S101 - set whenever there is no early decision
+    if policy.limits is not None:
+        amount = assessment.request.asset_amount
+        for period, limit in policy.limits.windowed:
+            window = assessment.windows[_PERIOD_INDEX[period]]
+            used = usage.get(window.key)
+            value, decimals = (0, 0) if used is None else (used[0], used[1])
+            if over_limit_units(value, decimals, amount, limit):
+                return Code.for_period(period)
+    return Code.ALLOWED if assessment.threshold is None else Code.APPROVAL_REQUIRED
+
+
+_PERIOD_INDEX = {period: i for i, period in enumerate(WINDOW_PERIODS)}
 
 
 def evaluate(

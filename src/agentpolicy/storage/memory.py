@@ -1,230 +1,217 @@
 """In-memory storage: thread-safe, for one process, tests and demos.
 
-One lock serialises every operation. Each operation keeps an undo journal,
-so an operation that raises halfway leaves nothing behind. History is kept
-per agent up to ``history_limit`` records (the oldest are dropped).
+Each shard (one agent, or one budget tree) has its own lock, held for the
+whole of a session, so a commit never conflicts and two agents never wait on
+each other. Documents are kept as the very values the ledger wrote (nothing
+is serialised); the ledger never changes a value after writing it.
+
+Indexes are heaps with lazy deletion: adding and removing a member cost
+O(log n), and asking for the members due by some score costs
+O(log n) per member returned, so expiry stays cheap with many thousands of
+open reservations. Documents written with a ``ttl`` are forgotten after it
+(measured on the engine's clock, as the commits tell it), which bounds
+memory for closed reservations and approvals.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import heapq
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from datetime import datetime
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import attrs
-
-from agentpolicy.records import (
-    Approval,
-    ApprovalStatus,
-    Counter,
-    DeliveryStatus,
-    HistoryRecord,
-    PolicyRecord,
-    Reservation,
-    WebhookDelivery,
-)
-from agentpolicy.storage._state import IdempotencyEntry, TransactionalStorage
+from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn
 
 __all__ = ["MemoryStorage"]
 
-_MISSING = object()
+
+class _Index:
+    """A sorted set: a heap of ``(score, member)`` plus the current score of each member."""
+
+    __slots__ = ("heap", "scores")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, str]] = []
+        self.scores: dict[str, int] = {}
+
+    def set(self, member: str, score: int | None) -> None:
+        if score is None:
+            self.scores.pop(member, None)
+            return
+        if self.scores.get(member) == score:
+            return
+        self.scores[member] = score
+        heapq.heappush(self.heap, (score, member))
+        if len(self.heap) > 2 * len(self.scores) + 64:  # mostly stale entries: rebuild
+            self.heap = [(s, m) for m, s in self.scores.items()]
+            heapq.heapify(self.heap)
+
+    def upto(self, score: int, limit: int) -> list[tuple[str, int]]:
+        """Members with a score at most ``score``, lowest first (O(log n) per member)."""
+        heap, scores = self.heap, self.scores
+        found: list[tuple[str, int]] = []
+        popped: list[tuple[int, str]] = []
+        while heap and heap[0][0] <= score and len(found) < limit:
+            entry = heapq.heappop(heap)
+            if scores.get(entry[1]) == entry[0]:  # else stale: it stays dropped
+                found.append((entry[1], entry[0]))
+                popped.append(entry)
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return found
 
 
-class _Tables:
-    def __init__(self, history_limit: int) -> None:
-        self.policies: dict[str, PolicyRecord] = {}
-        self.versions: dict[tuple[str, int], PolicyRecord] = {}
-        self.counters: dict[str, dict[str, Counter]] = {}
-        self.reservations: dict[str, Reservation] = {}
-        self.open: dict[str, dict[str, datetime]] = {}  # agent -> open reservation -> expiry
-        self.approvals: dict[str, Approval] = {}
-        self.pending: dict[str, dict[str, None]] = {}  # agent -> pending approvals, in order
-        self.history: dict[str, collections.deque[HistoryRecord]] = {}
-        self.idempotency: dict[str, dict[str, IdempotencyEntry]] = {}  # agent -> key -> entry
-        self.seq = 0
-        self.history_limit = history_limit
-        self.outbox: dict[str, WebhookDelivery] = {}
-        self.outbox_pending: dict[str, None] = {}
+class _Shard:
+    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "ops")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.docs: dict[str, Doc] = {}
+        self.indexes: dict[str, _Index] = {}
+        self.logs: dict[str, collections.deque[tuple[int, int, Any]]] = {}
+        self.ops: dict[str, tuple[int, Any]] = {}  # op id -> (at, result), oldest first
+        self.forget: list[tuple[int, str, int]] = []  # (when, name, version written with a ttl)
+
+    def expire(self, now: int) -> None:
+        """Forget documents whose ttl is up, unless they were written again since."""
+        forget, docs = self.forget, self.docs
+        while forget and forget[0][0] <= now:
+            _, name, version = heapq.heappop(forget)
+            doc = docs.get(name)
+            if doc is not None and doc[0] == version:
+                del docs[name]
 
 
-class _MemoryTransaction:
-    """Row access on the in-memory tables, journaling every change for rollback."""
+class _MemorySession:
+    fresh = True
 
-    def __init__(self, tables: _Tables) -> None:
-        self.t = tables
-        self.undo: list[Callable[[], None]] = []
+    __slots__ = ("shard", "storage")
 
-    def _set(self, table: MutableMapping[Any, Any], key: Any, value: Any) -> None:
-        old = table.get(key, _MISSING)
-        self.undo.append(lambda: table.pop(key) if old is _MISSING else table.update({key: old}))
-        table[key] = value
+    def __init__(self, storage: MemoryStorage, shard: _Shard) -> None:
+        self.storage = storage
+        self.shard = shard
 
-    def _pop(self, table: MutableMapping[Any, Any], key: Any) -> None:
-        if key in table:
-            old = table.pop(key)
-            self.undo.append(lambda: table.update({key: old}))
+    def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
+        docs = self.shard.docs
+        return {n: docs[n] for n in names if n in docs}
 
-    def _inner(self, table: dict[str, Any], agent_id: str) -> Any:
-        if agent_id not in table:
-            self._set(table, agent_id, {})
-        return table[agent_id]
+    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        if index.startswith("@"):
+            return self.storage._scan_global(index, upto, limit)
+        found = self.shard.indexes.get(index)
+        return [] if found is None else found.upto(upto, limit)
 
-    def rollback(self) -> None:
-        while self.undo:
-            self.undo.pop()()
-
-    def get_policy(self, agent_id: str, version: int | None = None) -> PolicyRecord | None:
-        if version is None:
-            return self.t.policies.get(agent_id)
-        return self.t.versions.get((agent_id, version))
-
-    def policy_version(self, agent_id: str) -> int:
-        record = self.t.policies.get(agent_id)
-        return 0 if record is None else record.version
-
-    def put_policy(self, record: PolicyRecord) -> None:
-        self._set(self.t.policies, record.agent_id, record)
-        self._set(self.t.versions, (record.agent_id, record.version), record)
-
-    def list_policies(self, prefix: str | None) -> list[PolicyRecord]:
-        return [
-            r for a, r in sorted(self.t.policies.items()) if prefix is None or a.startswith(prefix)
-        ]
-
-    def counters(self, agent_id: str, keys: Iterable[str]) -> dict[str, Counter]:
-        mine = self.t.counters.get(agent_id, {})
-        return {k: mine[k] for k in keys if k in mine}
-
-    def put_counters(self, agent_id: str, counters: Iterable[Counter]) -> None:
-        mine = self._inner(self.t.counters, agent_id)
-        for c in counters:
-            self._set(mine, c.key, c)
-
-    def prune_counters(self, agent_id: str, now: datetime) -> None:
-        mine = self.t.counters.get(agent_id, {})
-        for key in [k for k, c in mine.items() if c.window_end <= now]:
-            self._pop(mine, key)
-
-    def get_reservation(self, reservation_id: str) -> Reservation | None:
-        return self.t.reservations.get(reservation_id)
-
-    def put_reservation(self, reservation: Reservation) -> None:
-        self._set(self.t.reservations, reservation.id, reservation)
-        mine = self._inner(self.t.open, reservation.agent_id)
-        if reservation.status.is_open:
-            self._set(mine, reservation.id, reservation.expires_at)
-        else:
-            self._pop(mine, reservation.id)
-
-    def due_reservations(self, agent_id: str | None, now: datetime) -> list[Reservation]:
-        agents = list(self.t.open) if agent_id is None else [agent_id]
-        return [
-            self.t.reservations[rid]
-            for agent in agents
-            for rid, expires_at in sorted(
-                self.t.open.get(agent, {}).items(), key=lambda item: item[1]
-            )
-            if now >= expires_at
-        ]
-
-    def get_approval(self, approval_id: str) -> Approval | None:
-        return self.t.approvals.get(approval_id)
-
-    def put_approval(self, approval: Approval) -> None:
-        self._set(self.t.approvals, approval.id, approval)
-        mine = self._inner(self.t.pending, approval.agent_id)
-        if approval.status is ApprovalStatus.PENDING:
-            self._set(mine, approval.id, None)
-        else:
-            self._pop(mine, approval.id)
-
-    def pending_approvals(self, agent_id: str | None) -> list[Approval]:
-        agents = sorted(self.t.pending) if agent_id is None else [agent_id]
-        found = [self.t.approvals[i] for a in agents for i in self.t.pending.get(a, {})]
-        return sorted(found, key=lambda a: (a.created_at, a.id))
-
-    def add_history(self, record: HistoryRecord) -> None:
-        if record.agent_id not in self.t.history:
-            self._set(
-                self.t.history,
-                record.agent_id,
-                collections.deque(maxlen=self.t.history_limit),
-            )
-        log = self.t.history[record.agent_id]
-        self.t.seq += 1
-        log.append(_with_seq(record, self.t.seq))
-        self.undo.append(functools.partial(_drop_last, log))
-
-    def history(self, agent_id: str, limit: int) -> list[HistoryRecord]:
-        log = self.t.history.get(agent_id, ())
-        return list(reversed(log))[:limit]
-
-    def get_idempotency(self, agent_id: str, key: str) -> IdempotencyEntry | None:
-        return self.t.idempotency.get(agent_id, {}).get(key)
-
-    def put_idempotency(self, entry: IdempotencyEntry) -> None:
-        self._set(self._inner(self.t.idempotency, entry.agent_id), entry.key, entry)
-
-    def drop_idempotency(self, agent_id: str, before: datetime) -> None:
-        mine = self.t.idempotency.get(agent_id, {})
-        for key in [k for k, e in mine.items() if e.created_at < before]:
-            self._pop(mine, key)
-
-    def new_id(self, kind: str, agent_id: str) -> str:
-        return f"{kind}_{uuid.uuid4().hex}"
-
-    def add_outbox(self, delivery: WebhookDelivery) -> None:
-        self.t.seq += 1
-        self.put_outbox(attrs.evolve(delivery, seq=self.t.seq))
-
-    def put_outbox(self, delivery: WebhookDelivery) -> None:
-        self._set(self.t.outbox, delivery.id, delivery)
-        if delivery.status is DeliveryStatus.PENDING:
-            self._set(self.t.outbox_pending, delivery.id, None)
-        else:
-            self._pop(self.t.outbox_pending, delivery.id)
-
-    def pending_outbox(self, endpoint_ids: Iterable[str]) -> list[WebhookDelivery]:
-        wanted = set(endpoint_ids)
-        found = [self.t.outbox[i] for i in self.t.outbox_pending]
-        return sorted((d for d in found if d.endpoint_id in wanted), key=lambda d: d.seq)
-
-    def list_outbox(self, status: str | None, limit: int) -> list[WebhookDelivery]:
-        found = [d for d in self.t.outbox.values() if status is None or d.status == status]
-        return sorted(found, key=lambda d: d.seq, reverse=True)[:limit]
+    def commit(self, txn: Txn) -> Outcome:
+        shard = self.shard
+        done = shard.ops.get(txn.op)
+        if done is not None:
+            return Outcome(applied=False, replayed=True, result=done[1])
+        docs = shard.docs
+        for name, version in txn.expect.items():
+            doc = docs.get(name)
+            if (0 if doc is None else doc[0]) != version:
+                return CONFLICT
+        storage = self.storage
+        for name, body in txn.put.items():
+            old = docs.get(name)
+            version = 1 if old is None else old[0] + 1
+            docs[name] = (version, body)
+            ttl = txn.ttl.get(name)
+            if ttl is not None:
+                heapq.heappush(shard.forget, (txn.at + ttl * 1000, name, version))
+        for name in txn.delete:
+            docs.pop(name, None)
+        for index, member, given in txn.index:
+            score = storage._next_seq() if given == NEXT_SEQ else given
+            if index.startswith("@"):
+                storage._set_global(index, member, score)
+            else:
+                found = shard.indexes.get(index)
+                if found is None:
+                    found = shard.indexes[index] = _Index()
+                found.set(member, score)
+        for log, entry, keep_after, max_len in txn.append:
+            lines = shard.logs.get(log)
+            if lines is None:
+                lines = shard.logs[log] = collections.deque()
+            lines.append((storage._next_seq(), txn.at, entry))
+            if keep_after is not None:
+                while lines and lines[0][1] < keep_after:
+                    lines.popleft()
+            if max_len is not None:
+                while len(lines) > max_len:
+                    lines.popleft()
+        ops = shard.ops
+        ops[txn.op] = (txn.at, txn.result)
+        horizon = txn.at - OP_KEEP_US
+        while ops:
+            oldest = next(iter(ops))
+            if ops[oldest][0] >= horizon:
+                break
+            del ops[oldest]
+        shard.expire(txn.at)
+        return Outcome(applied=True, replayed=False, result=txn.result)
 
 
-def _drop_last(log: collections.deque[HistoryRecord]) -> None:
-    log.pop()
-
-
-def _with_seq(record: HistoryRecord, seq: int) -> HistoryRecord:
-    return attrs.evolve(record, seq=seq)
-
-
-class MemoryStorage(TransactionalStorage):
+class MemoryStorage:
     """Thread-safe in-memory storage (``memory://``); its state ends with the process."""
 
-    def __init__(self, history_limit: int = 10_000) -> None:
-        self._tables = _Tables(history_limit)
-        self._lock = threading.RLock()
+    global_indexes_atomic = True
+    default_history_retention: int | None = 90 * 86_400_000_000
+    """Memory keeps 90 days of history by default, so a long-running process stays bounded."""
+
+    def __init__(self) -> None:
+        self._shards: dict[str, _Shard] = {}
+        self._global: dict[str, _Index] = {}
+        self._global_lock = threading.Lock()
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+
+    def _shard(self, shard: str) -> _Shard:
+        found = self._shards.get(shard)
+        if found is None:
+            found = self._shards.setdefault(shard, _Shard())
+        return found
 
     @contextlib.contextmanager
-    def _transaction(
-        self, agent_id: str | None = None, *, write: bool = True
-    ) -> Iterator[_MemoryTransaction]:
-        with self._lock:
-            tx = _MemoryTransaction(self._tables)
-            try:
-                yield tx
-            except BaseException:
-                tx.rollback()
-                raise
+    def session(self, shard: str, *, write: bool = True) -> Iterator[_MemorySession]:
+        """A session holding the shard's lock until it ends."""
+        state = self._shard(shard)
+        with state.lock:
+            yield _MemorySession(self, state)
+
+    def _next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
+
+    def _set_global(self, index: str, member: str, score: int | None) -> None:
+        with self._global_lock:
+            found = self._global.get(index)
+            if found is None:
+                found = self._global[index] = _Index()
+            found.set(member, score)
+
+    def _scan_global(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        with self._global_lock:
+            found = self._global.get(index)
+            return [] if found is None else found.upto(upto, limit)
+
+    def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
+        """The newest ``limit`` entries of a log, newest first."""
+        state = self._shard(shard)
+        with state.lock:
+            lines = state.logs.get(name)
+            if not lines:
+                return []
+            out: list[tuple[int, int, Any]] = []
+            for entry in reversed(lines):
+                if len(out) >= limit:
+                    break
+                out.append(entry)
+            return out
 
     def close(self) -> None:
         """Nothing to close; present so every storage can be closed alike."""

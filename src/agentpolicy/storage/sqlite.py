@@ -1,355 +1,224 @@
 """SQLite storage, on the standard library's ``sqlite3`` only.
 
-Every operation that writes is one ``BEGIN IMMEDIATE`` transaction (pure reads
-run on a WAL snapshot with a plain ``BEGIN``): the write lock is
-taken before the first read, so a read-then-write can never fail halfway
-with ``SQLITE_BUSY_SNAPSHOT`` and two processes can never both spend the same
-budget. The file uses WAL (readers do not block the writer),
-``synchronous=NORMAL``, a busy timeout, and retries when the lock stays
-busy. Each thread has its own connection. A ``schema_version`` table records
-the layout.
+A session that will write is one ``BEGIN IMMEDIATE`` transaction: the write
+lock is taken before the first read, so the step decides on what it read and
+its commit can never conflict. A session that only reads runs on a WAL
+snapshot (``BEGIN``); if it turns out to write after all and another process
+wrote meanwhile, SQLite refuses the upgrade and the runner starts again with a
+write session. The file uses WAL (readers do not block the writer),
+``synchronous=NORMAL``, a busy timeout, and retries when the lock stays busy.
+Each thread has its own connection. A ``schema_version`` table records the
+layout; files of agentpolicy 0.1 (schema 2) are converted when opened.
+
+The file is created readable by its owner only (0600; SQLite gives its
+``-wal`` and ``-shm`` files the same mode).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import attrs
-
-from agentpolicy.codec import decode, encode
 from agentpolicy.errors import ErrorCode, PolicyError, StorageUnavailableError
-from agentpolicy.records import (
-    Approval,
-    Counter,
-    HistoryRecord,
-    PolicyRecord,
-    Reservation,
-    WebhookDelivery,
-)
-from agentpolicy.storage._state import IdempotencyEntry, TransactionalStorage
-from agentpolicy.storage._time import instant, micros
+from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS policies (
-    agent_id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS docs (
+    name TEXT PRIMARY KEY,
     version INTEGER NOT NULL,
     body TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (agent_id, version)
-);
-CREATE TABLE IF NOT EXISTS current_policies (
-    agent_id TEXT PRIMARY KEY,
-    version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    agent_id TEXT NOT NULL,
-    window_key TEXT NOT NULL,
-    window_end INTEGER NOT NULL,
-    decimals INTEGER NOT NULL,
-    spent TEXT NOT NULL,
-    reserved TEXT NOT NULL,
-    PRIMARY KEY (agent_id, window_key)
-);
-CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS reservations_open ON reservations (agent_id, expires_at)
-    WHERE status IN ('held', 'reserved');
-CREATE INDEX IF NOT EXISTS reservations_due ON reservations (expires_at)
-    WHERE status IN ('held', 'reserved');
-CREATE TABLE IF NOT EXISTS approvals (
-    id TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (agent_id, created_at)
-    WHERE status = 'pending';
-CREATE TABLE IF NOT EXISTS history (
+    expires INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS docs_by_expiry ON docs (expires) WHERE expires IS NOT NULL;
+CREATE TABLE IF NOT EXISTS idx (
+    ix TEXT NOT NULL,
+    member TEXT NOT NULL,
+    score INTEGER NOT NULL,
+    PRIMARY KEY (ix, member)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idx_by_score ON idx (ix, score);
+CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    agent_id TEXT NOT NULL,
+    log TEXT NOT NULL,
+    at INTEGER NOT NULL,
     body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS history_agent ON history (agent_id, seq);
-CREATE TABLE IF NOT EXISTS idempotency (
-    agent_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (agent_id, key)
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    endpoint_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (endpoint_id, seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS logs_by_log ON logs (log, seq);
+CREATE TABLE IF NOT EXISTS ops (
+    op TEXT PRIMARY KEY,
+    at INTEGER NOT NULL,
+    result TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ops_by_at ON ops (at);
+CREATE TABLE IF NOT EXISTS sequence (n INTEGER NOT NULL);
 """
 
+_TRIM_EVERY = 64
+_PRUNE_EVERY = 1000
 
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
+
+def _busy(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
-class _SQLiteTransaction:
-    """Row access inside one transaction."""
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.c = conn
 
-    def get_policy(self, agent_id: str, version: int | None = None) -> PolicyRecord | None:
-        if version is None:
-            row = self.c.execute(
-                "SELECT p.version, p.body, p.updated_at FROM current_policies c "
-                "JOIN policies p ON p.agent_id = c.agent_id AND p.version = c.version "
-                "WHERE c.agent_id = ?",
-                (agent_id,),
-            ).fetchone()
+class _SQLiteSession:
+    fresh = True
+
+    __slots__ = ("conn", "read", "storage", "write")
+
+    def __init__(self, storage: SQLiteStorage, conn: sqlite3.Connection, write: bool) -> None:
+        self.storage = storage
+        self.conn = conn
+        self.write = write
+        self.read: dict[str, int] = {}  # versions read in this transaction
+
+    def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
+        if len(names) == 1:
+            rows = self.conn.execute(
+                "SELECT name, version, body FROM docs WHERE name = ?", (names[0],)
+            ).fetchall()
         else:
-            row = self.c.execute(
-                "SELECT version, body, updated_at FROM policies WHERE agent_id = ? AND version = ?",
-                (agent_id, version),
-            ).fetchone()
-        if row is None:
-            return None
-        return PolicyRecord(agent_id, row[0], json.loads(row[1]), datetime.fromisoformat(row[2]))
+            marks = ",".join("?" * len(names))
+            rows = self.conn.execute(
+                f"SELECT name, version, body FROM docs WHERE name IN ({marks})",  # noqa: S608
+                tuple(names),
+            ).fetchall()
+        found = {name: (version, json.loads(body)) for name, version, body in rows}
+        for name in names:
+            self.read[name] = found[name][0] if name in found else 0
+        return found
 
-    def policy_version(self, agent_id: str) -> int:
-        row = self.c.execute(
-            "SELECT version FROM current_policies WHERE agent_id = ?", (agent_id,)
-        ).fetchone()
-        return 0 if row is None else int(row[0])
-
-    def put_policy(self, record: PolicyRecord) -> None:
-        self.c.execute(
-            "INSERT INTO policies (agent_id, version, body, updated_at) VALUES (?, ?, ?, ?)",
-            (
-                record.agent_id,
-                record.version,
-                json.dumps(record.policy, separators=(",", ":")),
-                record.updated_at.isoformat(),
-            ),
-        )
-        self.c.execute(
-            "INSERT INTO current_policies (agent_id, version) VALUES (?, ?) "
-            "ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version",
-            (record.agent_id, record.version),
-        )
-
-    def list_policies(self, prefix: str | None) -> list[PolicyRecord]:
-        rows = self.c.execute(
-            "SELECT c.agent_id, p.version, p.body, p.updated_at FROM current_policies c "
-            "JOIN policies p ON p.agent_id = c.agent_id AND p.version = c.version "
-            "WHERE substr(c.agent_id, 1, ?) = ? ORDER BY c.agent_id",
-            (len(prefix or ""), prefix or ""),
+    def _holds(self, expect: dict[str, int]) -> bool:
+        # Under BEGIN IMMEDIATE nothing read in this transaction can have changed; a read
+        # snapshot that is stale fails at its first write. Only what was not read is queried.
+        unread = {n: v for n, v in expect.items() if self.read.get(n) != v or not self.write}
+        if not unread:
+            return True
+        marks = ",".join("?" * len(unread))
+        rows = self.conn.execute(
+            f"SELECT name, version FROM docs WHERE name IN ({marks})",  # noqa: S608
+            tuple(unread),
         ).fetchall()
-        return [PolicyRecord(a, v, json.loads(b), datetime.fromisoformat(u)) for a, v, b, u in rows]
+        versions = dict(rows)
+        return all(versions.get(n, 0) == v for n, v in unread.items())
 
-    def counters(self, agent_id: str, keys: Iterable[str]) -> dict[str, Counter]:
-        wanted = list(keys)
-        marks = ",".join("?" * len(wanted))
-        query = "SELECT window_key, window_end, decimals, spent, reserved FROM counters "
-        query += f"WHERE agent_id = ? AND window_key IN ({marks})"
-        rows = self.c.execute(query, (agent_id, *wanted)).fetchall()
-        return {k: Counter(k, instant(e), d, int(s), int(r)) for k, e, d, s, r in rows}
-
-    def put_counters(self, agent_id: str, counters: Iterable[Counter]) -> None:
-        self.c.executemany(
-            "INSERT INTO counters (agent_id, window_key, window_end, decimals, spent, reserved) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id, window_key) DO UPDATE SET "
-            "decimals = excluded.decimals, spent = excluded.spent, reserved = excluded.reserved",
-            [
-                (agent_id, c.key, micros(c.window_end), c.decimals, str(c.spent), str(c.reserved))
-                for c in counters
-            ],
-        )
-
-    def prune_counters(self, agent_id: str, now: datetime) -> None:
-        self.c.execute(
-            "DELETE FROM counters WHERE agent_id = ? AND window_end <= ?",
-            (agent_id, micros(now)),
-        )
-
-    def get_reservation(self, reservation_id: str) -> Reservation | None:
-        row = self.c.execute(
-            "SELECT body FROM reservations WHERE id = ?", (reservation_id,)
-        ).fetchone()
-        return None if row is None else decode(row[0], Reservation)
-
-    def put_reservation(self, reservation: Reservation) -> None:
-        self.c.execute(
-            "INSERT INTO reservations (id, agent_id, status, expires_at, body) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-            "expires_at = excluded.expires_at, body = excluded.body",
-            (
-                reservation.id,
-                reservation.agent_id,
-                reservation.status.value,
-                micros(reservation.expires_at),
-                encode(reservation),
-            ),
-        )
-
-    def due_reservations(self, agent_id: str | None, now: datetime) -> list[Reservation]:
-        if agent_id is None:
-            rows = self.c.execute(
-                "SELECT body FROM reservations WHERE status IN ('held', 'reserved') "
-                "AND expires_at <= ? ORDER BY expires_at",
-                (micros(now),),
-            ).fetchall()
-        else:
-            rows = self.c.execute(
-                "SELECT body FROM reservations WHERE agent_id = ? "
-                "AND status IN ('held', 'reserved') AND expires_at <= ? ORDER BY expires_at",
-                (agent_id, micros(now)),
-            ).fetchall()
-        return [decode(b, Reservation) for (b,) in rows]
-
-    def get_approval(self, approval_id: str) -> Approval | None:
-        row = self.c.execute("SELECT body FROM approvals WHERE id = ?", (approval_id,)).fetchone()
-        return None if row is None else decode(row[0], Approval)
-
-    def put_approval(self, approval: Approval) -> None:
-        self.c.execute(
-            "INSERT INTO approvals (id, agent_id, status, created_at, body) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-            "body = excluded.body",
-            (
-                approval.id,
-                approval.agent_id,
-                approval.status.value,
-                micros(approval.created_at),
-                encode(approval),
-            ),
-        )
-
-    def pending_approvals(self, agent_id: str | None) -> list[Approval]:
-        if agent_id is None:
-            rows = self.c.execute(
-                "SELECT body FROM approvals WHERE status = 'pending' ORDER BY created_at, id"
-            ).fetchall()
-        else:
-            rows = self.c.execute(
-                "SELECT body FROM approvals WHERE agent_id = ? AND status = 'pending' "
-                "ORDER BY created_at, id",
-                (agent_id,),
-            ).fetchall()
-        return [decode(b, Approval) for (b,) in rows]
-
-    def add_history(self, record: HistoryRecord) -> None:
-        self.c.execute(
-            "INSERT INTO history (agent_id, body) VALUES (?, ?)",
-            (record.agent_id, encode(record)),
-        )
-
-    def history(self, agent_id: str, limit: int) -> list[HistoryRecord]:
-        rows = self.c.execute(
-            "SELECT seq, body FROM history WHERE agent_id = ? ORDER BY seq DESC LIMIT ?",
-            (agent_id, limit),
+    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        rows = self.conn.execute(
+            "SELECT member, score FROM idx WHERE ix = ? AND score <= ? ORDER BY score, member "
+            "LIMIT ?",
+            (index, upto, limit),
         ).fetchall()
-        return [attrs.evolve(decode(b, HistoryRecord), seq=s) for s, b in rows]
+        return [(m, s) for m, s in rows]
 
-    def get_idempotency(self, agent_id: str, key: str) -> IdempotencyEntry | None:
-        row = self.c.execute(
-            "SELECT created_at, fingerprint, record FROM idempotency "
-            "WHERE agent_id = ? AND key = ?",
-            (agent_id, key),
-        ).fetchone()
-        if row is None:
-            return None
-        return IdempotencyEntry(
-            agent_id, key, row[1], instant(row[0]), decode(row[2], HistoryRecord)
-        )
+    def _next_seq(self) -> int:
+        row = self.conn.execute("UPDATE sequence SET n = n + 1 RETURNING n").fetchone()
+        return int(row[0])
 
-    def drop_idempotency(self, agent_id: str, before: datetime) -> None:
-        self.c.execute(
-            "DELETE FROM idempotency WHERE agent_id = ? AND created_at < ?",
-            (agent_id, micros(before)),
-        )
+    def commit(self, txn: Txn) -> Outcome:
+        c = self.conn
+        if txn.expect and not self._holds(txn.expect):
+            done = c.execute("SELECT result FROM ops WHERE op = ?", (txn.op,)).fetchone()
+            return (
+                CONFLICT
+                if done is None
+                else Outcome(applied=False, replayed=True, result=json.loads(done[0]))
+            )
+        try:
+            result = _dumps(txn.result)
+            inserted = c.execute(
+                "INSERT INTO ops (op, at, result) VALUES (?, ?, ?) ON CONFLICT (op) DO NOTHING",
+                (txn.op, txn.at, result),
+            ).rowcount
+        except sqlite3.OperationalError as exc:
+            if not self.write and _busy(exc):  # a read snapshot that is out of date
+                return CONFLICT
+            raise
+        if not inserted:
+            row = c.execute("SELECT result FROM ops WHERE op = ?", (txn.op,)).fetchone()
+            return Outcome(applied=False, replayed=True, result=json.loads(row[0]))
+        if txn.put:
+            ttl = txn.ttl
+            c.executemany(
+                "INSERT INTO docs (name, version, body, expires) VALUES (?, 1, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET version = version + 1, body = excluded.body, "
+                "expires = excluded.expires",
+                [
+                    (name, _dumps(body), None if name not in ttl else txn.at + ttl[name] * 1000)
+                    for name, body in txn.put.items()
+                ],
+            )
+        if txn.delete:
+            c.executemany("DELETE FROM docs WHERE name = ?", [(n,) for n in txn.delete])
+        for index, member, given in txn.index:
+            if given is None:
+                c.execute("DELETE FROM idx WHERE ix = ? AND member = ?", (index, member))
+                continue
+            score = self._next_seq() if given == NEXT_SEQ else given
+            c.execute(
+                "INSERT INTO idx (ix, member, score) VALUES (?, ?, ?) "
+                "ON CONFLICT (ix, member) DO UPDATE SET score = excluded.score",
+                (index, member, score),
+            )
+        appends = self.storage._appends
+        for log, entry, keep_after, max_len in txn.append:
+            c.execute(
+                "INSERT INTO logs (log, at, body) VALUES (?, ?, ?)", (log, txn.at, _dumps(entry))
+            )
+            if keep_after is None and max_len is None:
+                continue
+            count = appends.get(log, 0) + 1
+            appends[log] = count
+            if count % _TRIM_EVERY == 0:  # trimming costs a query: once per 64 appends
+                self._trim(log, keep_after, max_len)
+        if self.storage._commits_until_prune <= 0:
+            self.storage._commits_until_prune = _PRUNE_EVERY
+            c.execute("DELETE FROM ops WHERE at < ?", (txn.at - OP_KEEP_US,))
+            c.execute("DELETE FROM docs WHERE expires <= ?", (txn.at,))
+        self.storage._commits_until_prune -= 1
+        return Outcome(applied=True, replayed=False, result=txn.result)
 
-    def put_idempotency(self, entry: IdempotencyEntry) -> None:
-        self.c.execute(
-            "INSERT INTO idempotency (agent_id, key, created_at, fingerprint, record) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (agent_id, key) DO UPDATE SET "
-            "created_at = excluded.created_at, fingerprint = excluded.fingerprint, "
-            "record = excluded.record",
-            (
-                entry.agent_id,
-                entry.key,
-                micros(entry.created_at),
-                entry.fingerprint,
-                encode(entry.record),
-            ),
-        )
-
-    def new_id(self, kind: str, agent_id: str) -> str:
-        return f"{kind}_{uuid.uuid4().hex}"
-
-    def add_outbox(self, delivery: WebhookDelivery) -> None:
-        self.c.execute(
-            "INSERT INTO outbox (id, endpoint_id, status, body) VALUES (?, ?, ?, ?)",
-            (delivery.id, delivery.endpoint_id, delivery.status.value, encode(delivery)),
-        )
-
-    def put_outbox(self, delivery: WebhookDelivery) -> None:
-        self.c.execute(
-            "UPDATE outbox SET status = ?, body = ? WHERE id = ?",
-            (delivery.status.value, encode(delivery), delivery.id),
-        )
-
-    def _outbox(self, rows: list[tuple[int, str]]) -> list[WebhookDelivery]:
-        return [attrs.evolve(decode(b, WebhookDelivery), seq=s) for s, b in rows]
-
-    def pending_outbox(self, endpoint_ids: Iterable[str]) -> list[WebhookDelivery]:
-        ids = list(endpoint_ids)
-        marks = ",".join("?" * len(ids))
-        query = "SELECT seq, body FROM outbox WHERE status = 'pending' "
-        query += f"AND endpoint_id IN ({marks}) ORDER BY seq"
-        return self._outbox(self.c.execute(query, ids).fetchall())
-
-    def list_outbox(self, status: str | None, limit: int) -> list[WebhookDelivery]:
-        if status is None:
-            rows = self.c.execute(
-                "SELECT seq, body FROM outbox ORDER BY seq DESC LIMIT ?", (limit,)
-            ).fetchall()
-        else:
-            rows = self.c.execute(
-                "SELECT seq, body FROM outbox WHERE status = ? ORDER BY seq DESC LIMIT ?",
-                (status, limit),
-            ).fetchall()
-        return self._outbox(rows)
+    def _trim(self, log: str, keep_after: int | None, max_len: int | None) -> None:
+        if keep_after is not None:
+            self.conn.execute("DELETE FROM logs WHERE log = ? AND at < ?", (log, keep_after))
+        if max_len is not None:
+            self.conn.execute(
+                "DELETE FROM logs WHERE log = ? AND seq <= (SELECT seq FROM logs WHERE log = ? "
+                "ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (log, log, max_len),
+            )
 
 
-class SQLiteStorage(TransactionalStorage):
+class SQLiteStorage:
     """Storage in one SQLite file (``sqlite:///relative.db``, ``sqlite:////absolute.db``).
 
     Shared safely by threads and by processes on the same machine. Raises
     :class:`~agentpolicy.errors.StorageUnavailableError` when the file cannot
-    be opened or its lock stays busy past ``busy_timeout`` and the retries.
+    be opened, is not a database, or its lock stays busy past
+    ``busy_timeout`` and the retries.
     """
+
+    global_indexes_atomic = True
+    default_history_retention: int | None = None
+    """SQLite keeps every history record by default: it is the audit trail."""
 
     def __init__(
         self,
@@ -364,7 +233,16 @@ class SQLiteStorage(TransactionalStorage):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._commits_until_prune = _PRUNE_EVERY
+        self._appends: dict[str, int] = {}
+        self._create_private()
         self._init_schema()
+
+    def _create_private(self) -> None:
+        if self.path == ":memory:" or Path(self.path).exists():
+            return
+        with contextlib.suppress(OSError):  # a missing folder is reported by connect()
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -396,16 +274,22 @@ class SQLiteStorage(TransactionalStorage):
             try:
                 conn.executescript(_SCHEMA)  # idempotent: every statement is IF NOT EXISTS
                 break
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 if not _busy(exc) or attempt == self._busy_retries:
                     raise StorageUnavailableError(f"cannot set up {self.path}: {exc}") from None
                 time.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
-        with self._transaction() as tx:
-            row = tx.c.execute("SELECT max(version) FROM schema_version").fetchone()
+        with self.session("", write=True) as session:
+            c = session.conn
+            row = c.execute("SELECT max(version) FROM schema_version").fetchone()
+            if c.execute("SELECT count(*) FROM sequence").fetchone()[0] == 0:
+                c.execute("INSERT INTO sequence (n) VALUES (0)")
             if row[0] is None:
-                tx.c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] < SCHEMA_VERSION:  # 1 -> 2 added the outbox table, created above
-                tx.c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] < SCHEMA_VERSION:
+                from agentpolicy.storage._migrate import sqlite_v2_to_v3  # noqa: PLC0415
+
+                sqlite_v2_to_v3(session)
+                c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
                 raise PolicyError(
                     f"{self.path} has schema version {row[0]}; this agentpolicy knows "
@@ -414,8 +298,6 @@ class SQLiteStorage(TransactionalStorage):
                 )
 
     def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
-        # A read-then-write must take the write lock first (BEGIN IMMEDIATE); a block
-        # that only reads runs on a WAL snapshot and waits for no writer.
         statement = "BEGIN IMMEDIATE" if write else "BEGIN"
         for attempt in range(self._busy_retries + 1):
             try:
@@ -430,19 +312,39 @@ class SQLiteStorage(TransactionalStorage):
                 return
 
     @contextlib.contextmanager
-    def _transaction(self, agent_id: str | None = None, *, write: bool = True) -> Iterator[Any]:
+    def session(self, shard: str, *, write: bool = True) -> Iterator[_SQLiteSession]:
+        """One transaction: ``BEGIN IMMEDIATE`` to write, a WAL snapshot to read."""
         conn = self._connection()
         self._begin(conn, write)
         try:
-            yield _SQLiteTransaction(conn)
+            yield _SQLiteSession(self, conn, write)
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise StorageUnavailableError(f"SQLite database {self.path} failed: {exc}") from None
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise StorageUnavailableError(f"commit failed on {self.path}: {exc}") from None
+
+    def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
+        """The newest ``limit`` entries of a log, newest first."""
+        try:
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT seq, at, body FROM logs WHERE log = ? ORDER BY seq DESC LIMIT ?",
+                    (name, limit),
+                )
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StorageUnavailableError(f"SQLite database {self.path} failed: {exc}") from None
+        return [(seq, at, json.loads(body)) for seq, at, body in rows]
 
     def integrity_check(self) -> str:
         """Run ``PRAGMA integrity_check``; ``"ok"`` when the file is sound."""

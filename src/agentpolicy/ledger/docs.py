@@ -1,0 +1,238 @@
+"""The ledger's documents as plain JSON-able dicts, and the public records made from them.
+
+Documents are built and read here only. Times are integer microseconds since
+the epoch; amounts are Python ints (JSON keeps them exact; no store ever
+parses a document). Everything read back is validated again when it becomes
+a public record (a :class:`~agentpolicy.PaymentRequest` checks itself).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from agentpolicy.amounts import Amount
+from agentpolicy.errors import InternalError
+from agentpolicy.records import (
+    Approval,
+    ApprovalStatus,
+    DeliveryStatus,
+    HistoryRecord,
+    Reservation,
+    ReservationStatus,
+    Vote,
+    WebhookDelivery,
+)
+from agentpolicy.requests import PaymentRequest
+from agentpolicy.storage._time import instant
+
+__all__ = [
+    "approval_doc",
+    "approval_record",
+    "delivery_doc",
+    "delivery_record",
+    "history_record",
+    "request_data",
+    "request_of",
+    "reservation_doc",
+    "reservation_record",
+]
+
+Body = dict[str, Any]
+
+
+def request_data(r: PaymentRequest) -> Body:
+    """A request as JSON (the camelCase shape of the public JSON form)."""
+    data: Body = {
+        "agentId": r.agent_id,
+        "amount": str(r.amount),
+        "recipient": r.recipient,
+        "network": r.network,
+        "decimals": r.decimals,
+        "symbol": r.symbol,
+    }
+    if r.category is not None:
+        data["category"] = r.category
+    if r.memo is not None:
+        data["memo"] = r.memo
+    if r.idempotency_key is not None:
+        data["idempotencyKey"] = r.idempotency_key
+    return data
+
+
+def request_of(data: Body) -> PaymentRequest:
+    """The request stored by :func:`request_data` (validated again)."""
+    try:
+        return PaymentRequest(
+            agent_id=data["agentId"],
+            amount=data["amount"],
+            recipient=data["recipient"],
+            network=data["network"],
+            category=data.get("category"),
+            decimals=data.get("decimals", 6),
+            symbol=data.get("symbol", "USDT"),
+            memo=data.get("memo"),
+            idempotency_key=data.get("idempotencyKey"),
+        )
+    except (KeyError, TypeError) as exc:
+        raise InternalError(f"a stored request is damaged ({type(exc).__name__})") from None
+
+
+def _opt_instant(us: int | None) -> datetime | None:
+    return None if us is None else instant(us)
+
+
+def reservation_doc(
+    *,
+    agent: str,
+    status: str,
+    request: Body,
+    windows: list[str],
+    created: int,
+    expires: int,
+    policy_version: int,
+    approval_id: str | None,
+) -> Body:
+    """A new reservation (``held`` for an approval, or ``reserved``)."""
+    return {
+        "agent": agent,
+        "st": status,
+        "req": request,
+        "w": windows,
+        "c": created,
+        "x": expires,
+        "u": created,
+        "pv": policy_version,
+        "apr": approval_id,
+    }
+
+
+def reservation_record(reservation_id: str, doc: Body) -> Reservation:
+    """The public :class:`~agentpolicy.Reservation` of a reservation document."""
+    request = request_of(doc["req"])
+    return Reservation(
+        id=reservation_id,
+        agent_id=doc["agent"],
+        status=ReservationStatus(doc["st"]),
+        amount=request.asset_amount,
+        window_keys=tuple(doc["w"]),
+        created_at=instant(doc["c"]),
+        expires_at=instant(doc["x"]),
+        updated_at=instant(doc["u"]),
+        request=request,
+        policy_version=doc["pv"],
+        approval_id=doc["apr"],
+    )
+
+
+def approval_doc(
+    *,
+    agent: str,
+    request: Body,
+    required: int,
+    approvers: list[str],
+    created: int,
+    expires: int,
+    hold: str,
+    policy_version: int,
+) -> Body:
+    """A new pending approval."""
+    return {
+        "agent": agent,
+        "st": "pending",
+        "req": request,
+        "need": required,
+        "who": approvers,
+        "votes": [],
+        "c": created,
+        "x": expires,
+        "hold": hold,
+        "pv": policy_version,
+        "dec": None,
+    }
+
+
+def approval_record(approval_id: str, doc: Body) -> Approval:
+    """The public :class:`~agentpolicy.Approval` of an approval document."""
+    return Approval(
+        id=approval_id,
+        agent_id=doc["agent"],
+        status=ApprovalStatus(doc["st"]),
+        request=request_of(doc["req"]),
+        required_approvers=doc["need"],
+        approvers=tuple(doc["who"]),
+        votes=tuple(Vote(v[0], v[1], instant(v[2]), v[3]) for v in doc["votes"]),
+        created_at=instant(doc["c"]),
+        expires_at=instant(doc["x"]),
+        hold_id=doc["hold"],
+        policy_version=doc["pv"],
+        decided_at=_opt_instant(doc["dec"]),
+    )
+
+
+def history_record(agent_id: str, seq: int, at: int, entry: Body) -> HistoryRecord:
+    """One history entry as a public :class:`~agentpolicy.HistoryRecord`."""
+    request = entry.get("req")
+    usage = entry.get("use")
+    symbol = request["symbol"] if request is not None else "USDT"
+    return HistoryRecord(
+        agent_id=agent_id,
+        at=instant(entry.get("at", at)),
+        event=entry["ev"],
+        code=entry.get("code"),
+        policy_version=entry.get("pv"),
+        request=None if request is None else request_of(request),
+        reservation_id=entry.get("rid"),
+        approval_id=entry.get("aid"),
+        expires_at=_opt_instant(entry.get("x")),
+        usage=None if usage is None else {k: Amount(v[0], v[1], symbol) for k, v in usage.items()},
+        detail=entry.get("detail"),
+        seq=seq,
+    )
+
+
+def delivery_doc(
+    *,
+    delivery_id: str,
+    event_id: str,
+    endpoint_id: str,
+    event: str,
+    agent: str,
+    approval_id: str,
+    created: int,
+    payload: Body,
+) -> Body:
+    """A new pending webhook delivery."""
+    return {
+        "id": delivery_id,
+        "eid": event_id,
+        "ep": endpoint_id,
+        "ev": event,
+        "agent": agent,
+        "apr": approval_id,
+        "c": created,
+        "payload": payload,
+        "st": "pending",
+        "n": 0,
+        "next": 0.0,
+        "err": None,
+    }
+
+
+def delivery_record(doc: Body, seq: int) -> WebhookDelivery:
+    """The :class:`~agentpolicy.records.WebhookDelivery` of a delivery document."""
+    return WebhookDelivery(
+        id=doc["id"],
+        event_id=doc["eid"],
+        endpoint_id=doc["ep"],
+        event=doc["ev"],
+        agent_id=doc["agent"],
+        approval_id=doc["apr"],
+        created_at=instant(doc["c"]),
+        payload=doc["payload"],
+        seq=seq,
+        status=DeliveryStatus(doc["st"]),
+        attempts=doc["n"],
+        next_attempt_at=float(doc["next"]),
+        last_error=doc["err"],
+    )

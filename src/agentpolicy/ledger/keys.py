@@ -1,0 +1,140 @@
+"""Names of the ledger's documents, indexes and logs, and the ids it hands out.
+
+Every name is an injective function of the ids in it: ``/`` and ``%`` inside
+an id are escaped, so ``"a/b"`` and ``("a", "b")`` never meet. Reservation
+and approval ids carry a tag of their agent (``res_<32 hex>_<tag>``), so a
+lookup by id knows which agent, and which shard, to ask. The tag of an agent
+is its id when that is short and plain, and otherwise ``~`` followed by the
+hex of its UTF-8 bytes; no plain tag starts with ``~``, so two agents never
+share a tag (and, on Redis Cluster, never share keys).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+__all__ = [
+    "AGENTS",
+    "DUE",
+    "OUTBOX",
+    "PENDING",
+    "agent_of_id",
+    "approval",
+    "changes_log",
+    "denials_log",
+    "head",
+    "idempotency",
+    "new_id",
+    "open_index",
+    "outbox_done",
+    "outbox_queue",
+    "pending_index",
+    "policy",
+    "reservation",
+    "tag",
+    "webhook",
+]
+
+AGENTS = "@agents"
+"""Global index: agents that have a policy (score 0)."""
+DUE = "@due"
+"""Global index: agents with something to expire, scored by when (microseconds)."""
+PENDING = "@pending"
+"""Global index: pending approvals of every agent, scored by creation."""
+OUTBOX = "@outbox"
+"""Global index: shards with webhook deliveries (score 0: some waiting, 1: none now)."""
+
+_PLAIN_TAG = re.compile(r"[^{}~][^{}]{0,63}")
+_ID = re.compile(r"(?:res|apr)_[0-9a-f]{32}_(.+)", re.DOTALL)
+
+
+def _esc(part: str) -> str:
+    return part.replace("%", "%25").replace("/", "%2F")
+
+
+def tag(agent_id: str) -> str:
+    """The agent's tag: its id if short and plain, else ``~`` + hex of its UTF-8 bytes."""
+    if _PLAIN_TAG.fullmatch(agent_id):
+        return agent_id
+    return "~" + agent_id.encode().hex()
+
+
+def _untag(value: str) -> str | None:
+    if not value.startswith("~"):
+        return value
+    try:
+        return bytes.fromhex(value[1:]).decode()
+    except ValueError:
+        return None
+
+
+def new_id(kind: str, agent_id: str, token: str | None = None) -> str:
+    """A new opaque id: ``<kind>_<32 hex>_<tag>`` (``token`` reuses the 32 hex digits)."""
+    return f"{kind}_{token or os.urandom(16).hex()}_{tag(agent_id)}"
+
+
+def agent_of_id(some_id: str) -> str | None:
+    """The agent a reservation or approval id belongs to, or ``None`` for an untagged id."""
+    match = _ID.fullmatch(some_id)
+    return None if match is None else _untag(match.group(1))
+
+
+def head(agent_id: str) -> str:
+    """The agent's head: policy version, counters, next expiry, time horizon."""
+    return "h/" + _esc(agent_id)
+
+
+def policy(agent_id: str, version: int) -> str:
+    """One stored version of an agent's policy."""
+    return f"p/{_esc(agent_id)}/{version}"
+
+
+def reservation(reservation_id: str) -> str:
+    """A reservation (or the hold of an approval)."""
+    return "r/" + _esc(reservation_id)
+
+
+def approval(approval_id: str) -> str:
+    """An approval."""
+    return "a/" + _esc(approval_id)
+
+
+def idempotency(agent_id: str, key: str) -> str:
+    """The first decision made under an agent's idempotency key."""
+    return f"i/{_esc(agent_id)}/{_esc(key)}"
+
+
+def webhook(delivery_id: str) -> str:
+    """One webhook delivery in the outbox."""
+    return "w/" + _esc(delivery_id)
+
+
+def open_index(agent_id: str) -> str:
+    """Index of the agent's open reservations and holds, scored by expiry."""
+    return "o/" + _esc(agent_id)
+
+
+def pending_index(agent_id: str) -> str:
+    """Index of the agent's pending approvals, scored by creation."""
+    return "q/" + _esc(agent_id)
+
+
+def outbox_queue(shard: str) -> str:
+    """Index of a shard's pending webhook deliveries, in the order they were written."""
+    return "wq/" + _esc(shard)
+
+
+def outbox_done(shard: str) -> str:
+    """Index of a shard's finished webhook deliveries."""
+    return "wd/" + _esc(shard)
+
+
+def changes_log(agent_id: str) -> str:
+    """The agent's history of state changes (allowed decisions, holds, settlements, votes)."""
+    return "hc/" + _esc(agent_id)
+
+
+def denials_log(agent_id: str) -> str:
+    """The agent's denied decisions, kept apart so a flood of them evicts nothing else."""
+    return "hd/" + _esc(agent_id)

@@ -1,0 +1,135 @@
+"""Run a ledger step atomically over any store: read, decide in Python, commit.
+
+A *step* is a function of a :class:`View` (what it reads) and a
+:class:`~agentpolicy.storage.base.Txn` (what it will write). It reads the
+documents it needs, decides, adds its writes to the transaction and sets the
+transaction's ``result``. :func:`run` commits the transaction with the
+versions of everything the step read as its conditions; if any of them
+changed (only possible on an optimistic store such as Redis), it runs the
+step again on fresh reads. Exclusive stores (memory, SQLite, PostgreSQL)
+never conflict.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from agentpolicy.errors import PolicyError, StorageUnavailableError
+from agentpolicy.storage.base import Doc, Session, Storage, Txn
+
+__all__ = ["View", "new_op", "run"]
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 100
+"""Commits tried before an operation gives up under contention (with back-off)."""
+
+_BACKOFF_BASE = 0.0005
+_BACKOFF_CAP = 0.01
+
+
+def new_op() -> str:
+    """A new operation id."""
+    return os.urandom(12).hex()
+
+
+class View:
+    """The documents one run of a step has read, with their versions.
+
+    Names read with ``guess`` may come from an optimistic store's cache (or be
+    taken as absent); everything read is checked by the commit. A step whose
+    outcome rests on a guess without a commit to check it (an error, or
+    nothing to write) is run again on fresh reads: see :func:`run`.
+    """
+
+    __slots__ = ("guessed", "seen", "session", "trust")
+
+    def __init__(self, session: Session, *, trust: bool = True) -> None:
+        self.session = session
+        self.seen: dict[str, Doc] = {}
+        self.trust = trust
+        self.guessed = False
+
+    def read(self, names: Iterable[str], guess: Iterable[str] = ()) -> None:
+        """Read these documents (those not read yet) in one request to the store."""
+        missing = [n for n in names if n not in self.seen]
+        if not missing:
+            return
+        guesses = frozenset(guess) if self.trust else frozenset()
+        if guesses and not self.session.fresh:
+            self.guessed = True
+        got = self.session.get(missing, guesses)
+        for name in missing:
+            self.seen[name] = got.get(name, (0, None))
+
+    def doc(self, name: str) -> Any:
+        """A document's body, or ``None`` when there is none (reading it if needed)."""
+        found = self.seen.get(name)
+        if found is None:
+            self.read((name,))
+            found = self.seen[name]
+        return found[1]
+
+    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        """Members of an index up to a score (see :meth:`Session.scan`)."""
+        return self.session.scan(index, upto, limit)
+
+    def expected(self) -> dict[str, int]:
+        """Every document read, with the version it had: the commit's conditions."""
+        return {name: doc[0] for name, doc in self.seen.items()}
+
+
+def _writes(txn: Txn) -> bool:
+    return bool(txn.put or txn.delete or txn.index or txn.append)
+
+
+def run(
+    storage: Storage,
+    shard: str,
+    step: Callable[[View, Txn], None],
+    finish: Callable[[Any], T],
+    *,
+    at: int,
+    write: bool = True,
+    op: str | None = None,
+) -> T:
+    """Run ``step`` on ``shard`` until its transaction commits; return ``finish(result)``.
+
+    ``at`` is the engine's time in microseconds. A step that writes nothing
+    commits nothing. A step may raise (a :class:`~agentpolicy.PolicyError`):
+    then nothing is written. Raises
+    :class:`~agentpolicy.errors.StorageUnavailableError` when contention
+    outlasts :data:`MAX_ATTEMPTS` commits.
+    """
+    op = op or new_op()
+    trust = True
+    for attempt in range(MAX_ATTEMPTS):
+        with storage.session(shard, write=write) as session:
+            view = View(session, trust=trust)
+            txn = Txn(op, at)
+            try:
+                step(view, txn)
+            except PolicyError:
+                if view.guessed:  # the error may rest on a stale guess: check it fresh
+                    trust = False
+                    continue
+                raise
+            if not _writes(txn):
+                if view.guessed:
+                    trust = False
+                    continue
+                return finish(txn.result)
+            txn.expect = view.expected()
+            outcome = session.commit(txn)
+        if not outcome.conflict:
+            return finish(outcome.result)
+        write = True
+        ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)
+        time.sleep(random.uniform(0, ceiling))  # noqa: S311 - jitter between retries, real time
+    raise StorageUnavailableError(
+        f"the store stayed too busy for {MAX_ATTEMPTS} attempts; nothing was changed"
+    )

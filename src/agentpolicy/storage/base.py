@@ -1,0 +1,188 @@
+"""The storage primitive: versioned documents, sorted indexes, logs, and one atomic commit.
+
+A store knows nothing of policies, budgets or approvals. It keeps
+
+- **documents**: JSON-able values under string names, each with a version
+  (1, 2, ... ; an absent document has version 0);
+- **indexes**: sorted sets of ``(member, score)`` with integer scores;
+- **logs**: append-only lists of JSON-able entries, each given a sequence
+  number, trimmed by age and length on request;
+
+and offers one atomic operation, :meth:`Session.commit`: *if every document
+named in* ``expect`` *still has the version the caller read, apply every
+write of the* :class:`Txn`, *all or nothing, and remember its result under
+its operation id*; otherwise change nothing and report a conflict. A commit
+whose operation id was already applied changes nothing and answers the
+first result again, so a client may resend a commit whose outcome it did not
+learn (a timeout after sending).
+
+Every name belongs to a **shard** (the unit of atomicity: all documents of
+one commit share it; on Redis Cluster it is the hash tag). Index names
+starting with ``@`` are global (not sharded): stores apply them in the same
+commit where they can, and otherwise as hints right after it (see
+:attr:`Storage.global_indexes_atomic`).
+
+The rules of the ledger live in :mod:`agentpolicy.ledger`, written once over
+this interface; see ``docs/storage.md`` for how to write a new store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "NEXT_SEQ",
+    "OP_KEEP_US",
+    "Doc",
+    "Outcome",
+    "Session",
+    "Storage",
+    "Txn",
+]
+
+Doc = tuple[int, Any]
+"""A document as read: ``(version, body)``; ``body`` is a JSON-able value (a dict)."""
+
+NEXT_SEQ = -(2**63)
+"""An index score meaning "the next number of the store's sequence" (see :class:`Txn`)."""
+
+OP_KEEP_US = 86_400_000_000
+"""How long a store remembers an operation id and its result: one day, in microseconds."""
+
+
+class Txn:
+    """The writes of one atomic commit, and the conditions under which they apply.
+
+    - ``op``: the operation id; a store applies an id at most once.
+    - ``at``: the engine's time of the operation, in microseconds since the
+      epoch (log entries carry it; stores use it to forget old operation ids).
+    - ``expect``: document name -> version it must still have (0: absent).
+    - ``put``: document name -> new body (its version becomes the old one + 1).
+    - ``ttl``: document name -> milliseconds after which a store *may* forget
+      the document (Redis expires it; memory drops it; SQL stores keep it).
+    - ``delete``: document names to remove.
+    - ``index``: ``(index, member, score)``; ``score`` ``None`` removes the
+      member, :data:`NEXT_SEQ` gives it the next number of the sequence.
+    - ``append``: ``(log, entry, keep_after_us, max_len)``: append ``entry``
+      to ``log`` with the next sequence number and time ``at``, then drop
+      entries older than ``keep_after_us`` (when given) and all but the
+      newest ``max_len`` (when given).
+    - ``result``: a JSON-able value kept under ``op`` and answered again to
+      a repeated commit of the same id.
+    """
+
+    __slots__ = ("append", "at", "delete", "expect", "index", "op", "put", "result", "ttl")
+
+    def __init__(self, op: str, at: int) -> None:
+        self.op = op
+        self.at = at
+        self.expect: dict[str, int] = {}
+        self.put: dict[str, Any] = {}
+        self.ttl: dict[str, int] = {}
+        self.delete: list[str] = []
+        self.index: list[tuple[str, str, int | None]] = []
+        self.append: list[tuple[str, Any, int | None, int | None]] = []
+        self.result: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Txn(op={self.op!r}, expect={self.expect!r}, put={sorted(self.put)!r}, "
+            f"index={len(self.index)}, append={len(self.append)})"
+        )
+
+
+class Outcome:
+    """What a commit did: ``applied`` now, ``replayed`` (the id was applied before), or neither.
+
+    Neither means a conflict: a document of ``expect`` had changed, and
+    nothing was written. ``result`` is the commit's result (the first one
+    when replayed).
+    """
+
+    __slots__ = ("applied", "replayed", "result")
+
+    def __init__(self, *, applied: bool, replayed: bool = False, result: Any = None) -> None:
+        self.applied = applied
+        self.replayed = replayed
+        self.result = result
+
+    @property
+    def conflict(self) -> bool:
+        """Whether nothing was written because a document changed since it was read."""
+        return not (self.applied or self.replayed)
+
+
+CONFLICT = Outcome(applied=False)
+
+
+class Session(Protocol):
+    """Reads and one commit on one shard.
+
+    A store may make a session exclusive (memory takes the shard's lock,
+    SQLite ``BEGIN IMMEDIATE``, PostgreSQL locks the rows it reads), in which
+    case its commit never conflicts; or optimistic (Redis), in which case
+    reads may come from a cache and the commit's version checks catch
+    anything stale.
+    """
+
+    fresh: bool
+    """Whether every read reflects the store now, guesses included (exclusive sessions)."""
+
+    def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
+        """The documents of ``names`` that exist, as ``(version, body)``.
+
+        A name in ``guess`` may be answered from what the session already
+        knows (absent when it knows nothing) without asking the server; the
+        commit's check of ``expect`` catches a wrong guess.
+        """
+        ...
+
+    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        """Members of ``index`` with ``score <= upto``, lowest score first, at most ``limit``.
+
+        A scan is not part of what a commit checks: a step that writes on
+        the strength of a scan must also read the document that guards the
+        index (the ledger's agent head), whose version the commit checks.
+        """
+        ...
+
+    def commit(self, txn: Txn) -> Outcome:
+        """Apply ``txn`` atomically if ``txn.expect`` holds (see the module docs)."""
+        ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where the engine keeps its state: sessions per shard, logs, and housekeeping.
+
+    Every method raises :class:`~agentpolicy.errors.StorageUnavailableError`
+    when the backend cannot be reached; a commit whose outcome could not be
+    learned raises it with a message that says so.
+    """
+
+    global_indexes_atomic: bool
+    """Whether ``@`` indexes change in the same commit (else right after it, as hints)."""
+
+    default_history_retention: int | None
+    """How long history is kept unless the engine says otherwise (microseconds; None: always)."""
+
+    def session(
+        self, shard: str, *, write: bool = True
+    ) -> contextlib.AbstractContextManager[Session]:
+        """A session on ``shard``; ``write`` says a commit is likely (a store may lock for it)."""
+        ...
+
+    def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
+        """The newest ``limit`` entries of a log, newest first, as ``(seq, at, entry)``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def check_expect(expect: Mapping[str, int], versions: Mapping[str, int]) -> bool:
+    """Whether every expected version matches ``versions`` (absent names count as 0)."""
+    return all(versions.get(name, 0) == v for name, v in expect.items())

@@ -1,0 +1,148 @@
+"""The storage primitive itself, on every store: what a new store must do (docs/storage.md)."""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import pytest
+
+from agentpolicy.storage import MemoryStorage
+from agentpolicy.storage.base import NEXT_SEQ, Storage, Txn
+from tests.backends import Backend
+
+AT = 1_768_816_800_000_000  # 2026-01-19T10:00Z in microseconds
+
+
+def txn(op: str, **parts: Any) -> Txn:
+    t = Txn(op, parts.pop("at", AT))
+    for name, value in parts.items():
+        setattr(t, name, value)
+    return t
+
+
+def commit(storage: Storage, t: Txn, shard: str = "s1") -> Any:
+    with storage.session(shard) as session:
+        return session.commit(t)
+
+
+def read(storage: Storage, names: list[str], shard: str = "s1") -> dict[str, Any]:
+    with storage.session(shard, write=False) as session:
+        return session.get(names)
+
+
+def test_a_commit_writes_documents_and_counts_versions(backend: Backend) -> None:
+    storage = backend.handle()
+    assert commit(storage, txn("op1", put={"d/a": {"n": 1}, "d/b": {"n": 2}}, result=7)).applied
+    assert read(storage, ["d/a", "d/b", "d/c"]) == {"d/a": (1, {"n": 1}), "d/b": (1, {"n": 2})}
+    assert commit(storage, txn("op2", expect={"d/a": 1}, put={"d/a": {"n": 3}})).applied
+    assert read(storage, ["d/a"]) == {"d/a": (2, {"n": 3})}
+    assert commit(storage, txn("op3", delete=["d/b"])).applied
+    assert read(storage, ["d/b"]) == {}
+
+
+def test_a_stale_expectation_writes_nothing(backend: Backend) -> None:
+    storage = backend.handle()
+    commit(storage, txn("op1", put={"d/a": {"n": 1}}))
+    stale = txn("op2", expect={"d/a": 0, "d/z": 0}, put={"d/a": {"n": 9}, "d/y": {}},
+                index=[("ix", "m", 5)], append=[("log", {"e": 1}, None, None)])  # fmt: skip
+    outcome = commit(storage, stale)
+    assert outcome.conflict
+    assert read(storage, ["d/a", "d/y"]) == {"d/a": (1, {"n": 1})}
+    with storage.session("s1", write=False) as session:
+        assert session.scan("ix", 10**18, 10) == []
+    assert storage.log("s1", "log", 10) == []
+
+
+def test_the_same_operation_id_applies_once_and_answers_its_first_result(
+    backend: Backend,
+) -> None:
+    storage = backend.handle()
+    first = txn("op1", put={"d/a": {"n": 1}}, append=[("log", {"e": 1}, None, None)],
+                result={"answer": 42})  # fmt: skip
+    assert commit(storage, first).result == {"answer": 42}
+    again = txn("op1", put={"d/a": {"n": 2}}, append=[("log", {"e": 2}, None, None)],
+                result={"answer": 0})  # fmt: skip
+    outcome = commit(storage, again)
+    assert (outcome.applied, outcome.replayed, outcome.result) == (False, True, {"answer": 42})
+    assert read(storage, ["d/a"]) == {"d/a": (1, {"n": 1})}
+    assert [e[2] for e in storage.log("s1", "log", 10)] == [{"e": 1}]
+
+
+def test_indexes_scan_by_score_and_take_the_next_sequence_number(backend: Backend) -> None:
+    storage = backend.handle()
+    commit(storage, txn("op1", index=[("ix", "b", 20), ("ix", "a", 10), ("ix", "c", 30),
+                                      ("q", "x", NEXT_SEQ), ("q", "y", NEXT_SEQ)]))  # fmt: skip
+    commit(storage, txn("op2", index=[("ix", "c", None), ("ix", "a", 25)]))
+    with storage.session("s1", write=False) as session:
+        assert session.scan("ix", 100, 10) == [("b", 20), ("a", 25)]
+        assert session.scan("ix", 20, 10) == [("b", 20)]
+        assert session.scan("ix", 100, 1) == [("b", 20)]
+        (x, sx), (y, sy) = session.scan("q", 2**62, 10)
+    assert (x, y) == ("x", "y")
+    assert sx < sy
+
+
+def test_logs_keep_order_and_trim_by_length_and_age(backend: Backend) -> None:
+    storage = backend.handle()
+    for i in range(200):
+        commit(storage, txn(f"op{i}", at=AT + i, append=[("capped", {"i": i}, None, 10),
+                                                          ("aged", {"i": i}, AT + 150, None)]))  # fmt: skip
+    capped = storage.log("s1", "capped", 1000)
+    assert [e[2]["i"] for e in capped][:10] == list(range(199, 189, -1))
+    assert len(capped) <= 10 + 64  # SQL stores trim every 64 appends
+    aged = storage.log("s1", "aged", 1000)
+    assert [e[2]["i"] for e in aged][:50] == list(range(199, 149, -1))
+    assert all(e[1] >= AT + 150 - 64 for e in aged)
+    seqs = [e[0] for e in capped]
+    assert seqs == sorted(seqs, reverse=True)
+
+
+def test_global_indexes_are_shared_by_every_shard(backend: Backend) -> None:
+    storage = backend.handle()
+    commit(storage, txn("op1", index=[("@everyone", "s1", 1)]), shard="s1")
+    commit(storage, txn("op2", index=[("@everyone", "s2", 2)]), shard="s2")
+    with storage.session("@", write=False) as session:
+        assert session.scan("@everyone", 10, 10) == [("s1", 1), ("s2", 2)]
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+def test_memory_forgets_documents_after_their_ttl(kind: str) -> None:
+    storage = MemoryStorage()
+    commit(storage, txn("op1", put={"d/a": {}, "d/b": {}}, ttl={"d/a": 1000}))
+    commit(storage, txn("op2", at=AT + 999_999))
+    assert set(read(storage, ["d/a", "d/b"])) == {"d/a", "d/b"}
+    commit(storage, txn("op3", at=AT + 1_000_000))
+    assert set(read(storage, ["d/a", "d/b"])) == {"d/b"}
+
+
+def test_memory_expiry_looks_at_only_what_is_due_among_14000_open_reservations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import timedelta
+
+    from agentpolicy import PolicyEngine
+    from agentpolicy.storage import memory
+    from agentpolicy.testing import ManualClock, payment
+
+    clock = ManualClock()
+    engine = PolicyEngine(storage=MemoryStorage(), clock=clock, reservation_ttl=timedelta(hours=1))
+    engine.set_policy("agent-1", {})
+    for _ in range(14_000):
+        engine.authorize(payment(1))
+        clock.advance(milliseconds=1)
+    popped: list[Any] = []
+    real_pop = heapq.heappop
+
+    def counting_pop(heap: list[Any]) -> Any:
+        popped.append(1)
+        return real_pop(heap)
+
+    monkeypatch.setattr(memory.heapq, "heappop", counting_pop)
+    for _ in range(100):  # nothing due: no entry looked at
+        engine.authorize(payment(1))
+    assert popped == []
+    clock.set(clock.now - timedelta(milliseconds=14_000) + timedelta(hours=1, milliseconds=10))
+    engine.authorize(payment(1))  # the first ten or so are due now
+    assert 10 <= len(popped) <= 2 * 13  # the due ones, and the next one: O(k log n)
+    assert len(engine.sweep().reservations) == 0
