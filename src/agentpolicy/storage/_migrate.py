@@ -1,0 +1,324 @@
+"""Data written by agentpolicy 0.1, converted to the ledger's documents when a store opens it.
+
+SQLite files of schema 1 and 2 become schema 3 inside one ``BEGIN IMMEDIATE``
+transaction (all or nothing); the old tables are dropped. Redis data of 0.1
+(its keys per agent, listed in ``<prefix>agents``) is converted agent by
+agent, each in one commit, and then deleted; ``<prefix>schema`` records that
+the prefix is done, so the conversion runs once. Policies with their
+versions, counters, reservations, approvals with their votes, history,
+idempotency keys and (from SQLite) undelivered webhook events all carry
+over; ids stay as they were, so a reservation or approval handed out before the upgrade can be
+confirmed, released or decided after it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from agentpolicy.codec import decode
+from agentpolicy.decisions import Code
+from agentpolicy.ledger import keys
+from agentpolicy.ledger.docs import Body, request_data
+from agentpolicy.ledger.runner import View, run
+from agentpolicy.records import (
+    Approval,
+    ApprovalStatus,
+    DeliveryStatus,
+    HistoryRecord,
+    Reservation,
+    ReservationStatus,
+    Vote,
+    WebhookDelivery,
+)
+from agentpolicy.requests import PaymentRequest
+from agentpolicy.storage._time import micros
+from agentpolicy.storage.base import NEXT_SEQ, Storage, Txn
+
+__all__ = ["redis_v01", "sqlite_v2_to_v3"]
+
+_PASSING = (Code.ALLOWED.value, Code.APPROVAL_REQUIRED.value)
+
+
+def _history_entry(h: HistoryRecord) -> tuple[bool, Body]:
+    """An old history record as a new log entry, and whether it is a denial."""
+    entry: Body = {"ev": h.event, "at": micros(h.at)}
+    for field, key in (("code", "code"), ("policy_version", "pv"), ("reservation_id", "rid"),
+                       ("approval_id", "aid"), ("detail", "detail")):  # fmt: skip
+        value = getattr(h, field)
+        if value is not None:
+            entry[key] = value
+    if h.request is not None:
+        entry["req"] = request_data(h.request)
+    if h.expires_at is not None:
+        entry["x"] = micros(h.expires_at)
+    if h.usage is not None:
+        entry["use"] = {k: [a.value, a.decimals] for k, a in h.usage.items()}
+    denial = h.event == "decision" and h.code not in _PASSING
+    return denial, entry
+
+
+def _reservation(r: Reservation) -> Body:
+    return {
+        "agent": r.agent_id,
+        "st": r.status.value,
+        "req": request_data(r.request),
+        "w": list(r.window_keys),
+        "c": micros(r.created_at),
+        "x": micros(r.expires_at),
+        "u": micros(r.updated_at),
+        "pv": r.policy_version,
+        "apr": r.approval_id,
+    }
+
+
+def _approval(a: Approval) -> Body:
+    return {
+        "agent": a.agent_id,
+        "st": a.status.value,
+        "req": request_data(a.request),
+        "need": a.required_approvers,
+        "who": list(a.approvers),
+        "votes": [[v.approver, v.decision, micros(v.at), v.comment] for v in a.votes],
+        "c": micros(a.created_at),
+        "x": micros(a.expires_at),
+        "hold": a.hold_id,
+        "pv": a.policy_version,
+        "dec": None if a.decided_at is None else micros(a.decided_at),
+    }
+
+
+def _delivery(d: WebhookDelivery) -> Body:
+    return {
+        "id": d.id,
+        "eid": d.event_id,
+        "ep": d.endpoint_id,
+        "ev": d.event,
+        "agent": d.agent_id,
+        "apr": d.approval_id,
+        "c": micros(d.created_at),
+        "payload": d.payload,
+        "st": d.status.value,
+        "n": d.attempts,
+        "next": d.next_attempt_at,
+        "err": d.last_error,
+    }
+
+
+class _Agent:
+    """Everything of one agent, gathered before it is written in the new shape."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+        self.version = 0
+        self.policies: dict[int, Body] = {}
+        self.counters: dict[str, list[int]] = {}
+        self.reservations: list[Reservation] = []
+        self.approvals: list[Approval] = []
+        self.history: list[HistoryRecord] = []
+        self.idempotency: list[tuple[str, str, int, HistoryRecord]] = []
+        self.deliveries: list[WebhookDelivery] = []
+
+    def writes(self, txn: Txn) -> None:
+        agent = self.agent
+        due: int | None = None
+        for r in self.reservations:
+            txn.put[keys.reservation(r.id)] = _reservation(r)
+            if r.status.is_open:
+                expires = micros(r.expires_at)
+                txn.index.append((keys.open_index(agent), r.id, expires))
+                due = expires if due is None else min(due, expires)
+        for a in self.approvals:
+            txn.put[keys.approval(a.id)] = _approval(a)
+            if a.status.value == "pending":
+                created = micros(a.created_at)
+                txn.index.append((keys.pending_index(agent), a.id, created))
+                txn.index.append((keys.PENDING, a.id, created))
+        for version, policy in self.policies.items():
+            txn.put[keys.policy(agent, version)] = policy
+        txn.put[keys.head(agent)] = {"pv": self.version, "c": self.counters, "due": due, "hz": 0}
+        if self.version:
+            txn.index.append((keys.AGENTS, agent, 0))
+        if due is not None:
+            txn.index.append((keys.DUE, agent, due))
+        for h in self.history:
+            denial, entry = _history_entry(h)
+            log = keys.denials_log(agent) if denial else keys.changes_log(agent)
+            txn.append.append((log, entry, None, None))
+        for key, fingerprint, created, record in self.idempotency:
+            _, rec = _history_entry(record)
+            txn.put[keys.idempotency(agent, key)] = {"fp": fingerprint, "c": created, "rec": rec}
+        for d in self.deliveries:
+            txn.put[keys.webhook(d.id)] = _delivery(d)
+            queue = (keys.outbox_queue(agent) if d.status is DeliveryStatus.PENDING
+                     else keys.outbox_done(agent))  # fmt: skip
+            txn.index.append((queue, d.id, NEXT_SEQ))
+            txn.index.append((keys.OUTBOX, agent, 0 if d.status is DeliveryStatus.PENDING else 1))
+
+
+def _commit(storage: Storage, gathered: Iterable[_Agent], at: int) -> None:
+    for one in gathered:
+
+        def step(view: View, txn: Txn, one: _Agent = one) -> None:
+            if view.doc(keys.head(one.agent)) is not None:
+                return  # converted already (another process got there first)
+            one.writes(txn)
+
+        run(storage, one.agent, step, lambda _: None, at=at)
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+
+def _agent(found: dict[str, _Agent], agent: str) -> _Agent:
+    if agent not in found:
+        found[agent] = _Agent(agent)
+    return found[agent]
+
+
+def sqlite_v2_to_v3(session: Any) -> None:
+    """Convert the tables of schema 1 or 2 inside ``session`` (an open write transaction)."""
+    c: sqlite3.Connection = session.conn
+    tables = {row[0] for row in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    found: dict[str, _Agent] = {}
+    for agent, version, body, updated in c.execute(
+        "SELECT agent_id, version, body, updated_at FROM policies"
+    ):
+        at = micros(datetime.fromisoformat(updated))
+        _agent(found, agent).policies[version] = {"policy": json.loads(body), "at": at}
+    for agent, version in c.execute("SELECT agent_id, version FROM current_policies"):
+        _agent(found, agent).version = version
+    for agent, key, end, d, spent, reserved in c.execute(
+        "SELECT agent_id, window_key, window_end, decimals, spent, reserved FROM counters"
+    ):
+        _agent(found, agent).counters[key] = [end, d, int(spent), int(reserved)]
+    for (body,) in c.execute("SELECT body FROM reservations"):
+        r = decode(body, Reservation)
+        _agent(found, r.agent_id).reservations.append(r)
+    for (body,) in c.execute("SELECT body FROM approvals"):
+        a = decode(body, Approval)
+        _agent(found, a.agent_id).approvals.append(a)
+    for agent, body in c.execute("SELECT agent_id, body FROM history ORDER BY seq"):
+        _agent(found, agent).history.append(decode(body, HistoryRecord))
+    for agent, key, created, fingerprint, record in c.execute(
+        "SELECT agent_id, key, created_at, fingerprint, record FROM idempotency"
+    ):
+        entry = (key, fingerprint, created, decode(record, HistoryRecord))
+        _agent(found, agent).idempotency.append(entry)
+    if "outbox" in tables:
+        for (body,) in c.execute("SELECT body FROM outbox ORDER BY seq"):
+            d = decode(body, WebhookDelivery)
+            _agent(found, d.agent_id).deliveries.append(d)
+    for table in ("policies", "current_policies", "counters", "reservations", "approvals",
+                  "history", "idempotency", "outbox"):  # fmt: skip
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+    at = micros(datetime.now(UTC))
+    for one in found.values():  # same transaction: a session over the open connection
+        txn = Txn(f"migrate-{one.agent}", at)
+        one.writes(txn)
+        session.commit(txn)
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+_PERIOD_LENGTH = {"hourly": timedelta(hours=1), "daily": timedelta(days=1),
+                  "weekly": timedelta(days=7)}  # fmt: skip
+
+
+def _window_end(key: str) -> int:
+    period, _, start_text = key.partition(":")
+    start = datetime.fromisoformat(start_text)
+    if period == "monthly":
+        end = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    else:
+        end = start + _PERIOD_LENGTH[period]
+    return micros(end)
+
+
+def _old_tag(agent: str) -> str:
+    import hashlib  # noqa: PLC0415
+
+    if 1 <= len(agent) <= 64 and "{" not in agent and "}" not in agent:
+        return agent
+    return "h" + hashlib.sha256(agent.encode()).hexdigest()[:32]
+
+
+def _redis_agent(client: Any, prefix: str, agent: str) -> tuple[_Agent, list[str]]:
+    p = f"{prefix}{{{_old_tag(agent)}}}:"
+    one = _Agent(agent)
+    old = list(client.scan_iter(match=p.replace("[", "\\[").replace("?", "\\?") + "*", count=1000))
+    policy = client.hgetall(p + "policy")
+    if policy:
+        one.version = int(policy["version"])
+    for version, stored in client.hgetall(p + "policy:v").items():
+        body, updated = stored.split("\t")
+        one.policies[int(version)] = {
+            "policy": json.loads(body),
+            "at": micros(datetime.fromisoformat(updated)),
+        }
+    for key in old:
+        rest = key[len(p) :]
+        kind, _, name = rest.partition(":")
+        if kind == "c":
+            f = client.hgetall(key)
+            one.counters[name] = [_window_end(name), int(f["d"]), int(f["s"]), int(f["r"])]
+        elif kind == "r":
+            f = client.hgetall(key)
+            request = decode(f["request"], PaymentRequest)
+            one.reservations.append(
+                Reservation(
+                    id=name, agent_id=agent, status=ReservationStatus(f["status"]),
+                    amount=request.asset_amount,
+                    window_keys=tuple(f["w"].split("|")),
+                    created_at=_instant(f["created"]), expires_at=_instant(f["expires"]),
+                    updated_at=_instant(f["updated"]), request=request,
+                    policy_version=int(f["version"]), approval_id=f["approval"] or None,
+                )
+            )  # fmt: skip
+        elif kind == "a" and not name.endswith(":v"):
+            f = client.hgetall(key)
+            base = decode(f["body"], Approval)
+            votes = tuple(decode(v, Vote) for v in client.lrange(key + ":v", 0, -1))
+            decided = f.get("decided") or None
+            one.approvals.append(
+                Approval(
+                    id=base.id, agent_id=agent, status=ApprovalStatus(f["status"]),
+                    request=base.request,
+                    required_approvers=base.required_approvers, approvers=base.approvers,
+                    votes=votes, created_at=base.created_at, expires_at=base.expires_at,
+                    hold_id=base.hold_id, policy_version=base.policy_version,
+                    decided_at=None if decided is None else datetime.fromisoformat(decided),
+                )
+            )  # fmt: skip
+        elif kind == "idem":
+            f = client.hgetall(key)
+            record = decode(f["record"], HistoryRecord)
+            one.idempotency.append((name, f["fp"], int(f["created"]), record))
+    for line in reversed(client.lrange(p + "h", 0, -1)):
+        data = json.loads(line.split("\t", 1)[1])
+        data.setdefault("agentId", agent)
+        one.history.append(decode(json.dumps(data), HistoryRecord))
+    return one, old
+
+
+def _instant(us: str) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(us))
+
+
+def redis_v01(storage: Any) -> None:
+    """Convert the 0.1 data under the storage's prefix, once (see the module docs)."""
+    client, prefix = storage.client, storage.key_prefix
+    if client.get(prefix + "schema") == "3":
+        return
+    agents = sorted(client.smembers(prefix + "agents"))
+    at = micros(datetime.now(UTC))
+    for agent in agents:
+        one, old = _redis_agent(client, prefix, agent)
+        _commit(storage, [one], at)
+        for key in old:
+            client.delete(key)
+    client.delete(prefix + "agents", prefix + "outbox-agents")
+    client.set(prefix + "schema", "3")
