@@ -33,7 +33,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from agentpolicy._checks import CHECK, Check, camel, raise_if, type_name
 from agentpolicy.amounts import Amount, parse_units
-from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
+from agentpolicy.decisions import Code, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError, Problem
 from agentpolicy.policy import (
     AgentPolicy,
@@ -81,7 +81,6 @@ _VALUE_CLASSES: tuple[type, ...] = (
     PaymentRequest,
     Window,
     Evaluation,
-    Decision,
 )
 # Records are the storages' own data; read back, they are checked for shape
 # (unknown keys, missing fields) and their values validate themselves.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import attrs
 
@@ -39,7 +41,10 @@ class Code(enum.StrEnum):
     @classmethod
     def for_period(cls, period: Period) -> Code:
         """The code of a window limit: ``Period.DAILY -> Code.DAILY_LIMIT``."""
-        return cls(f"{period.value.upper()}_LIMIT")
+        return _PERIOD_CODES[period]
+
+
+_PERIOD_CODES = {p: Code(f"{p.value.upper()}_LIMIT") for p in Period}
 
 
 class Outcome(enum.StrEnum):
@@ -68,6 +73,11 @@ class Evaluation:
         return self.outcome is Outcome.FAIL
 
 
+def _worded(value: Any) -> Any:
+    """A detail given as a function is written out when first compared or read."""
+    return value() if callable(value) else value
+
+
 @attrs.frozen
 class Decision:
     """The answer to a payment request.
@@ -78,6 +88,10 @@ class Decision:
     matched. ``evaluations`` lists every check that ran, in order.
     ``windows`` are the spending windows the payment counts in.
 
+    ``reason`` and ``evaluations`` may be given as functions that write them:
+    they are written on first read, so a decision nobody explains costs no
+    formatting. Either way they read (and compare) as a string and a tuple.
+
     The pure :func:`~agentpolicy.evaluate` leaves the engine's fields
     (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
     ``decided_at``) unset; :class:`~agentpolicy.PolicyEngine` fills them in.
@@ -85,13 +99,40 @@ class Decision:
 
     allowed: bool
     code: Code
-    reason: str
+    _reason: str | Callable[[], str] = attrs.field(alias="reason", eq=_worded, repr=False)
     requires_approval: bool = False
     threshold: ApprovalThreshold | None = None
-    evaluations: tuple[Evaluation, ...] = ()
+    _evaluations: tuple[Evaluation, ...] | Callable[[], tuple[Evaluation, ...]] = attrs.field(
+        alias="evaluations", default=(), eq=_worded, repr=False
+    )
     windows: tuple[Window, ...] = ()
     reservation_id: str | None = None
     approval_id: str | None = None
     expires_at: datetime | None = None
     policy_version: int | None = None
     decided_at: datetime | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why, in words: the detail of the check that decided (may change; codes do not)."""
+        value = self._reason
+        if callable(value):
+            value = value()
+            object.__setattr__(self, "_reason", value)
+        return value
+
+    @property
+    def evaluations(self) -> tuple[Evaluation, ...]:
+        """Every check that ran, in order, with its outcome, code and detail."""
+        value = self._evaluations
+        if callable(value):
+            value = value()
+            object.__setattr__(self, "_evaluations", value)
+        return value
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed!r}, code={self.code!r}, reason={self.reason!r}, "
+            f"reservation_id={self.reservation_id!r}, approval_id={self.approval_id!r}, "
+            f"policy_version={self.policy_version!r})"
+        )

@@ -50,7 +50,7 @@ from agentpolicy.records import (
     WindowBudget,
 )
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.rules import Assessment, assess, conclude, windows_for
+from agentpolicy.rules import assess, conclude, windows_for
 from agentpolicy.storage import Storage, open_storage
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
@@ -300,30 +300,26 @@ class PolicyEngine:
 
     # -- payments -----------------------------------------------------------------------
 
-    def _decision(
-        self, rec: Body, request: PaymentRequest, assessment: Assessment | None
-    ) -> Decision:
+    def _replayed(self, rec: Body, request: PaymentRequest) -> Decision:
+        """The decision a stored record was made with, rebuilt from its policy version."""
         version = rec["pv"]
-        at = instant(rec["at"]) if "at" in rec else None
-        if assessment is None:  # a replayed decision: assess what was asked then
-            assert at is not None  # noqa: S101 - replayed records carry their time
-            policy = self._policy(request.agent_id, version)
-            assessment = assess(policy, request, at)
-        usage = {k: Amount(v, d, request.symbol) for k, (v, d) in rec["use"].items()}
-        decision = conclude(assessment, usage)
-        if decision.code != rec["code"]:
-            raise InternalError(
-                f"the ledger decided {rec['code']} but the policy gives {decision.code}"
-            )
+        at = instant(rec["at"])
+        assessment = assess(self._policy(request.agent_id, version), request, at)
         expires = rec.get("x")
-        return attrs.evolve(
-            decision,
+        decision = conclude(
+            assessment,
+            rec["use"],
             reservation_id=rec.get("rid"),
             approval_id=rec.get("aid"),
             expires_at=None if expires is None else instant(expires),
             policy_version=version or None,
-            decided_at=at or assessment.now,
+            decided_at=at,
         )
+        if decision.code != rec["code"]:
+            raise InternalError(
+                f"the ledger decided {rec['code']} but the policy gives {decision.code}"
+            )
+        return decision
 
     def authorize(self, request: PaymentRequest) -> Decision:
         """Decide a payment; hold its amount when it is allowed or needs approval.
@@ -341,7 +337,7 @@ class PolicyEngine:
         shard = self._shard(request.agent_id)
         for attempt in range(_CLOCK_RETRIES):
             now = self._now()
-            seen: list[Assessment] = []
+            seen: list[Decision] = []
             step = operations.authorize(self.config, shard, request, now, self._policy, seen)
             try:
                 result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
@@ -350,10 +346,11 @@ class PolicyEngine:
                     raise
                 continue
             rec = result["rec"]
-            if "aid" in rec and not result.get("replayed"):
+            if result.get("replayed") or not seen or seen[-1].code != rec["code"]:
+                return self._replayed(rec, request)  # an earlier decision answered again
+            if "aid" in rec:
                 self._wake_webhooks()
-            fresh = seen and not result.get("replayed")
-            return self._decision(rec, request, seen[-1] if fresh else None)
+            return seen[-1]
         raise InternalError("unreachable")  # pragma: no cover
 
     def confirm(self, reservation_id: str) -> Reservation:

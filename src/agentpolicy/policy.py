@@ -137,7 +137,11 @@ class SpendingLimits:
 
     def for_period(self, period: Period) -> Amount | None:
         """The limit of a calendar window, or ``None`` when the policy sets none."""
-        return cast(Amount | None, getattr(self, period.value))
+        return self._by_period[period]
+
+    @functools.cached_property
+    def _by_period(self) -> dict[Period, Amount | None]:
+        return {p: cast(Amount | None, getattr(self, p.value)) for p in Period}
 
     @functools.cached_property
     def windowed(self) -> tuple[tuple[Period, Amount], ...]:
@@ -389,7 +393,7 @@ class AgentPolicy:
                 )
         return problems
 
-    @property
+    @functools.cached_property
     def symbol(self) -> str | None:
         """The token symbol of the policy's limits and thresholds, if it has any."""
         return next((a.symbol for _, a in self.amounts()), None)

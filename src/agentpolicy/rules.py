@@ -1,22 +1,34 @@
 """The pure decision function: (policy, request, usage, now) -> Decision.
 
-Every check runs, in the order of SEMANTICS section 2, and is listed in the
-decision's ``evaluations``; the first failure decides the code. Nothing here
-reads a clock, a storage or the environment.
+Every check runs, in the order of the behaviour contract (docs/decisions.md),
+and is listed in the decision's ``evaluations``; the first failure decides the
+code. Nothing here reads a clock, a storage or the environment.
+
+Each check is written once: it decides its outcome and code, and carries a
+function that words its detail. The words are only written when someone
+reads them (``decision.evaluations`` or ``decision.reason``), so an engine
+deciding thousands of payments a second never formats a sentence it does not
+show.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
+from typing import Any, cast
 
 import attrs
 
-from agentpolicy.amounts import Amount, format_units, over_limit, over_limit_units, same_symbol
+from agentpolicy.amounts import Amount, format_units, over_limit_units, same_symbol
 from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError
-from agentpolicy.policy import AgentPolicy, ApprovalThreshold, normalize_recipient
+from agentpolicy.policy import (
+    AgentPolicy,
+    ApprovalThreshold,
+    BlockedPeriod,
+    normalize_recipient,
+)
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.windows import WINDOW_PERIODS, Window, window_at
 
@@ -24,14 +36,46 @@ __all__ = [
     "Assessment",
     "assess",
     "conclude",
-    "decide_code",
     "evaluate",
+    "matching_threshold",
     "policy_zone",
     "windows_for",
 ]
 
 Usage = Mapping[str, Amount]
 """Amount already used (spent plus reserved), keyed by :attr:`Window.key`."""
+
+UsedUnits = Mapping[str, Sequence[int]]
+"""Usage as ``(base units, decimals)`` by window key: what the engine's ledger keeps."""
+
+Words = Callable[[], str]
+
+
+class _Check:
+    """One check's outcome and code, with its detail still unwritten."""
+
+    __slots__ = ("code", "name", "outcome", "words")
+
+    def __init__(self, name: str, outcome: Outcome, code: Code | None, words: Words) -> None:
+        self.name = name
+        self.outcome = outcome
+        self.code = code
+        self.words = words
+
+    def evaluation(self) -> Evaluation:
+        return Evaluation(self.name, self.outcome, self.code, self.words())
+
+
+def _ok(name: str, words: Words) -> _Check:
+    return _Check(name, Outcome.PASS, None, words)
+
+
+def _fail(name: str, code: Code, words: Words) -> _Check:
+    return _Check(name, Outcome.FAIL, code, words)
+
+
+def _skip(name: str, text: str) -> _Check:
+    return _Check(name, Outcome.SKIP, None, lambda: text)
 
 
 def policy_zone(policy: AgentPolicy | None) -> tzinfo:
@@ -67,101 +111,103 @@ def _check_now(now: datetime) -> None:
         raise PolicyValidationError.single("$.now", "must be a timezone-aware datetime")
 
 
-def _ok(name: str, detail: str) -> Evaluation:
-    return Evaluation(name, Outcome.PASS, None, detail)
-
-
-def _fail(name: str, code: Code, detail: str) -> Evaluation:
-    return Evaluation(name, Outcome.FAIL, code, detail)
-
-
-def _skip(name: str, detail: str) -> Evaluation:
-    return Evaluation(name, Outcome.SKIP, None, detail)
-
-
-def _blocked_periods(policy: AgentPolicy, now: datetime) -> Evaluation:
+def _blocked_periods(policy: AgentPolicy, now: datetime) -> _Check:
     name = "blocked_periods"
     rules = policy.time_rules
     if rules is None or not rules.blocked_periods:
         return _skip(name, "no blocked periods")
     for period in rules.blocked_periods:
         if period.contains(now):
-            why = f" ({period.reason})" if period.reason else ""
-            return _fail(
-                name,
-                Code.BLOCKED_PERIOD,
-                f"payments are blocked from {period.start.isoformat()} "
-                f"to {period.end.isoformat()}{why}",
-            )
-    return _ok(name, "not in a blocked period")
+            return _fail(name, Code.BLOCKED_PERIOD, functools.partial(_blocked_words, period))
+    return _ok(name, lambda: "not in a blocked period")
+
+
+def _blocked_words(period: BlockedPeriod) -> str:
+    why = f" ({period.reason})" if period.reason else ""
+    return f"payments are blocked from {period.start.isoformat()} to {period.end.isoformat()}{why}"
 
 
 _DAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
 
 
-def _allowed_windows(policy: AgentPolicy, now: datetime) -> Evaluation:
+def _allowed_windows(policy: AgentPolicy, now: datetime) -> _Check:
     name = "allowed_windows"
     rules = policy.time_rules
     if rules is None or not rules.allowed_windows:
         return _skip(name, "no time windows: any time is allowed")
     local = now.astimezone(rules.zone)
     day = local.isoweekday() % 7
-    where = f"{_DAY_NAMES[day]} {local:%H:%M} {rules.timezone}"
+
+    def where() -> str:
+        return f"{_DAY_NAMES[day]} {local:%H:%M} {rules.timezone}"
+
     if any(w.matches(day, local.hour) for w in rules.allowed_windows):
-        return _ok(name, f"{where} is inside an allowed window")
-    return _fail(name, Code.OUTSIDE_ALLOWED_WINDOW, f"{where} is outside every allowed window")
+        return _ok(name, lambda: f"{where()} is inside an allowed window")
+    return _fail(
+        name, Code.OUTSIDE_ALLOWED_WINDOW, lambda: f"{where()} is outside every allowed window"
+    )
 
 
-def _merchant(policy: AgentPolicy, request: PaymentRequest) -> Evaluation:
+def _merchant(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     name = "merchant_rules"
     rules = policy.merchant_rules
     if rules is None:
         return _skip(name, "no merchant rules")
     recipient = normalize_recipient(request.recipient)
     if recipient in rules.blacklisted:
-        return _fail(name, Code.RECIPIENT_BLOCKED, f"recipient {request.recipient} is blacklisted")
-    if rules.whitelist_applies and recipient not in rules.whitelisted:
         return _fail(
             name,
-            Code.RECIPIENT_NOT_WHITELISTED,
-            f"recipient {request.recipient} is not on the whitelist",
+            Code.RECIPIENT_BLOCKED,
+            lambda: f"recipient {request.recipient} is blacklisted",
         )
     if rules.whitelist_applies:
-        return _ok(name, "recipient is whitelisted")
-    return _ok(name, "recipient is not blacklisted")
+        if recipient not in rules.whitelisted:
+            return _fail(
+                name,
+                Code.RECIPIENT_NOT_WHITELISTED,
+                lambda: f"recipient {request.recipient} is not on the whitelist",
+            )
+        return _ok(name, lambda: "recipient is whitelisted")
+    return _ok(name, lambda: "recipient is not blacklisted")
 
 
-def _network(policy: AgentPolicy, request: PaymentRequest) -> Evaluation:
+def _network(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     name = "network_rules"
     rules = policy.network_rules
     if rules is None:
         return _skip(name, "no network rules")
     network = request.network.casefold()
     if network in rules.blocked:
-        return _fail(name, Code.NETWORK_BLOCKED, f"network {request.network} is blocked")
+        return _fail(name, Code.NETWORK_BLOCKED, lambda: f"network {request.network} is blocked")
     if rules.allowed and network not in rules.allowed:
-        return _fail(name, Code.NETWORK_NOT_ALLOWED, f"network {request.network} is not allowed")
-    return _ok(name, f"network {request.network} is allowed")
+        return _fail(
+            name, Code.NETWORK_NOT_ALLOWED, lambda: f"network {request.network} is not allowed"
+        )
+    return _ok(name, lambda: f"network {request.network} is allowed")
 
 
-def _category(policy: AgentPolicy, request: PaymentRequest) -> Evaluation:
+def _category(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     name = "category_rules"
     rules = policy.category_rules
     if rules is None:
         return _skip(name, "no category rules")
     if request.category is None:
         if rules.allowed:
-            return _fail(name, Code.CATEGORY_REQUIRED, "a category is required")
-        return _ok(name, "no category given and none required")
+            return _fail(name, Code.CATEGORY_REQUIRED, lambda: "a category is required")
+        return _ok(name, lambda: "no category given and none required")
     category = request.category.casefold()
     if category in rules.blocked:
-        return _fail(name, Code.CATEGORY_BLOCKED, f"category {request.category} is blocked")
+        return _fail(name, Code.CATEGORY_BLOCKED, lambda: f"category {request.category} is blocked")
     if rules.allowed and category not in rules.allowed:
-        return _fail(name, Code.CATEGORY_NOT_ALLOWED, f"category {request.category} is not allowed")
-    return _ok(name, f"category {request.category} is allowed")
+        return _fail(
+            name,
+            Code.CATEGORY_NOT_ALLOWED,
+            lambda: f"category {request.category} is not allowed",
+        )
+    return _ok(name, lambda: f"category {request.category} is allowed")
 
 
-def _asset(policy: AgentPolicy, request: PaymentRequest) -> Evaluation:
+def _asset(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     name = "asset"
     symbol = policy.symbol
     if symbol is None:
@@ -170,12 +216,12 @@ def _asset(policy: AgentPolicy, request: PaymentRequest) -> Evaluation:
         return _fail(
             name,
             Code.ASSET_MISMATCH,
-            f"the policy's limits are in {symbol}, the payment is in {request.symbol}",
+            lambda: f"the policy's limits are in {symbol}, the payment is in {request.symbol}",
         )
-    return _ok(name, f"the payment is in {symbol}, as the policy's limits")
+    return _ok(name, lambda: f"the payment is in {symbol}, as the policy's limits")
 
 
-def _per_transaction(policy: AgentPolicy, amount: Amount, comparable: bool) -> Evaluation:
+def _per_transaction(policy: AgentPolicy, amount: Amount, comparable: bool) -> _Check:
     name = "per_transaction_limit"
     limit = policy.limits.per_transaction if policy.limits else None
     if limit is None:
@@ -184,37 +230,50 @@ def _per_transaction(policy: AgentPolicy, amount: Amount, comparable: bool) -> E
         return _skip(name, "not checked: asset mismatch")
     if amount.compare(limit) > 0:
         return _fail(
-            name, Code.PER_TRANSACTION_LIMIT, f"{amount} exceeds the per-transaction limit {limit}"
+            name,
+            Code.PER_TRANSACTION_LIMIT,
+            lambda: f"{amount} exceeds the per-transaction limit {limit}",
         )
-    return _ok(name, f"{amount} is within the per-transaction limit {limit}")
+    return _ok(name, lambda: f"{amount} is within the per-transaction limit {limit}")
 
 
 def _window_limits(
     policy: AgentPolicy,
     amount: Amount,
     windows: tuple[Window, ...],
-    usage: Usage,
+    usage: UsedUnits,
     comparable: bool,
-) -> list[Evaluation]:
-    out: list[Evaluation] = []
+) -> list[_Check]:
+    out: list[_Check] = []
     limits = policy.limits
     for window in windows:
-        name = f"{window.period.value}_limit"
+        period = window.period.value
+        name = f"{period}_limit"
         limit = limits.for_period(window.period) if limits else None
         if limit is None:
-            out.append(_skip(name, f"no {window.period.value} limit"))
+            out.append(_skip(name, f"no {period} limit"))
             continue
         if not comparable:
             out.append(_skip(name, "not checked: asset mismatch"))
             continue
         used = usage.get(window.key)
-        used_text = "0" if used is None else format_units(used.value, used.decimals)
-        label = f"{window.period.value} limit {limit}: used {used_text} {limit.symbol} + {amount}"
-        if over_limit(used, amount, limit):
-            out.append(_fail(name, Code.for_period(window.period), f"{label} would exceed it"))
+        value, decimals = (0, 0) if used is None else (used[0], used[1])
+
+        over = over_limit_units(value, decimals, amount, limit)
+        words = functools.partial(_limit_words, period, limit, value, decimals, amount, over=over)
+        if over:
+            out.append(_fail(name, Code.for_period(window.period), words))
         else:
-            out.append(_ok(name, f"{label} is within it"))
+            out.append(_ok(name, words))
     return out
+
+
+def _limit_words(
+    period: str, limit: Amount, value: int, decimals: int, amount: Amount, *, over: bool
+) -> str:
+    used_text = format_units(value, decimals) if value else "0"
+    verdict = "would exceed it" if over else "is within it"
+    return f"{period} limit {limit}: used {used_text} {limit.symbol} + {amount} {verdict}"
 
 
 def matching_threshold(policy: AgentPolicy, amount: Amount) -> ApprovalThreshold | None:
@@ -233,7 +292,7 @@ def matching_threshold(policy: AgentPolicy, amount: Amount) -> ApprovalThreshold
 
 def _approval(
     policy: AgentPolicy, amount: Amount, comparable: bool
-) -> tuple[Evaluation, ApprovalThreshold | None]:
+) -> tuple[_Check, ApprovalThreshold | None]:
     name = "approval_threshold"
     if policy.approval_config is None or not policy.approval_config.thresholds:
         return _skip(name, "no approval thresholds"), None
@@ -241,12 +300,15 @@ def _approval(
         return _skip(name, "not checked: asset mismatch"), None
     threshold = matching_threshold(policy, amount)
     if threshold is None:
-        return _ok(name, f"{amount} is below every approval threshold"), None
-    detail = (
-        f"{amount} meets the threshold {threshold.amount}: needs "
-        f"{threshold.required_approvers} of {len(threshold.approvers)} approvers"
-    )
-    return Evaluation(name, Outcome.APPROVAL, Code.APPROVAL_REQUIRED, detail), threshold
+        return _ok(name, lambda: f"{amount} is below every approval threshold"), None
+
+    def words() -> str:
+        return (
+            f"{amount} meets the threshold {threshold.amount}: needs "
+            f"{threshold.required_approvers} of {len(threshold.approvers)} approvers"
+        )
+
+    return _Check(name, Outcome.APPROVAL, Code.APPROVAL_REQUIRED, words), threshold
 
 
 @attrs.frozen
@@ -254,8 +316,8 @@ class Assessment:
     """Every check that does not depend on usage, done once; :func:`conclude` adds usage.
 
     ``early`` is the whole decision when there is no policy or it is disabled.
-    ``checks`` are the usage-independent evaluations in order (policy to
-    per-transaction limit); ``blocking`` is the first of them that failed.
+    ``blocking`` is the code of the first usage-independent check that
+    failed, if any; ``threshold`` the approval threshold the amount meets.
     """
 
     policy: AgentPolicy | None
@@ -263,10 +325,10 @@ class Assessment:
     now: datetime
     windows: tuple[Window, ...]
     early: Decision | None = None
-    checks: tuple[Evaluation, ...] = ()
-    blocking: Evaluation | None = None
+    checks: tuple[_Check, ...] = ()
+    blocking: _Check | None = None
     comparable: bool = False
-    approval: Evaluation | None = None
+    approval: _Check | None = None
     threshold: ApprovalThreshold | None = None
 
 
@@ -284,16 +346,16 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
             allowed=False,
             code=code,
             reason=detail,
-            evaluations=(_fail("policy", code, detail),),
+            evaluations=(Evaluation("policy", Outcome.FAIL, code, detail),),
             windows=windows,
         )
         return Assessment(policy, request, now, windows, early=early)
     amount = request.asset_amount
     asset = _asset(policy, request)
-    comparable = not asset.failed
+    comparable = asset.outcome is not Outcome.FAIL
     approval, threshold = _approval(policy, amount, comparable)
     checks = (
-        _ok("policy", "the policy is enabled"),
+        _ok("policy", lambda: "the policy is enabled"),
         _blocked_periods(policy, now),
         _allowed_windows(policy, now),
         _merchant(policy, request),
@@ -302,77 +364,74 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         asset,
         _per_transaction(policy, amount, comparable),
     )
-    blocking = next((e for e in checks if e.failed), None)
+    blocking = next((c for c in checks if c.outcome is Outcome.FAIL), None)
     return Assessment(
         policy, request, now, windows, None, checks, blocking, comparable, approval, threshold
     )
 
 
-def conclude(assessment: Assessment, usage: Usage) -> Decision:
-    """Finish an :class:`Assessment` with the usage of its windows: the decision."""
+def _units(usage: Usage) -> dict[str, tuple[int, int]]:
+    return {key: (a.value, a.decimals) for key, a in usage.items()}
+
+
+def conclude(assessment: Assessment, usage: Usage | UsedUnits, **engine: Any) -> Decision:
+    """Finish an :class:`Assessment` with the usage of its windows: the decision.
+
+    ``usage`` maps window keys to :class:`~agentpolicy.Amount` (or to
+    ``(base units, decimals)``). ``engine`` sets the fields an engine fills in
+    (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
+    ``decided_at``). Details are worded when read.
+    """
     if assessment.early is not None:
-        return assessment.early
+        return attrs.evolve(assessment.early, **engine) if engine else assessment.early
     policy = assessment.policy
     assert policy is not None  # noqa: S101 - set whenever there is no early decision
-    assert assessment.approval is not None  # noqa: S101 - likewise
-    windows = assessment.windows
-    limits = _window_limits(
-        policy, assessment.request.asset_amount, windows, usage, assessment.comparable
+    approval = assessment.approval
+    assert approval is not None  # noqa: S101 - likewise
+    units = cast(
+        UsedUnits,
+        _units(cast(Usage, usage))
+        if usage and isinstance(next(iter(usage.values())), Amount)
+        else usage,
     )
-    evaluations = (*assessment.checks, *limits, assessment.approval)
-    failure = assessment.blocking or next((e for e in limits if e.failed), None)
+    limits = _window_limits(
+        policy, assessment.request.asset_amount, assessment.windows, units, assessment.comparable
+    )
+    checks = (*assessment.checks, *limits, approval)
+
+    def evaluations() -> tuple[Evaluation, ...]:
+        return tuple(c.evaluation() for c in checks)
+
+    failure = assessment.blocking or next((c for c in limits if c.outcome is Outcome.FAIL), None)
     if failure is not None:
         assert failure.code is not None  # noqa: S101 - every failure carries its code
         return Decision(
             allowed=False,
             code=failure.code,
-            reason=failure.detail,
+            reason=failure.words,
             evaluations=evaluations,
-            windows=windows,
+            windows=assessment.windows,
+            **engine,
         )
     if assessment.threshold is not None:
         return Decision(
             allowed=False,
             code=Code.APPROVAL_REQUIRED,
-            reason=assessment.approval.detail,
+            reason=approval.words,
             requires_approval=True,
             threshold=assessment.threshold,
             evaluations=evaluations,
-            windows=windows,
+            windows=assessment.windows,
+            **engine,
         )
     return Decision(
         allowed=True,
         code=Code.ALLOWED,
         reason="every check passed",
         evaluations=evaluations,
-        windows=windows,
+        windows=assessment.windows,
+        **engine,
     )
-
-
-def decide_code(assessment: Assessment, usage: Mapping[str, Sequence[int]]) -> Code:
-    """The code :func:`conclude` decides, without formatting any detail.
-
-    ``usage`` maps window keys to ``(used base units, decimals)``.
-    """
-    if assessment.early is not None:
-        return assessment.early.code
-    if assessment.blocking is not None:
-        assert assessment.blocking.code is not None  # noqa: S101 - failures carry codes
-        return assessment.blocking.code
-    policy = assessment.policy
-    assert policy is not None  # noqa: S101 - set whenever there is no early decision
-    if policy.limits is not None:
-        amount = assessment.request.asset_amount
-        for period, limit in policy.limits.windowed:
-            window = assessment.windows[_PERIOD_INDEX[period]]
-            used = usage.get(window.key)
-            value, decimals = (0, 0) if used is None else (used[0], used[1])
-            if over_limit_units(value, decimals, amount, limit):
-                return Code.for_period(period)
-    return Code.ALLOWED if assessment.threshold is None else Code.APPROVAL_REQUIRED
-
-
-_PERIOD_INDEX = {period: i for i, period in enumerate(WINDOW_PERIODS)}
 
 
 def evaluate(

@@ -50,6 +50,8 @@ _ID = re.compile(r"(?:res|apr)_[0-9a-f]{32}_(.+)", re.DOTALL)
 
 
 def _esc(part: str) -> str:
+    if "%" not in part and "/" not in part:
+        return part
     return part.replace("%", "%25").replace("/", "%2F")
 
 

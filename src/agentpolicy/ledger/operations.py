@@ -14,8 +14,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import attrs
+
 from agentpolicy import approvals
-from agentpolicy.decisions import Code
+from agentpolicy.decisions import Code, Decision
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
 from agentpolicy.ledger import keys
 from agentpolicy.ledger.docs import (
@@ -37,8 +39,8 @@ from agentpolicy.ledger.state import (
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import ApprovalStatus, Vote
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.rules import Assessment, assess, decide_code
-from agentpolicy.storage._time import micros
+from agentpolicy.rules import Assessment, assess, conclude
+from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 
 __all__ = [
@@ -69,13 +71,13 @@ def authorize(
     request: PaymentRequest,
     now: datetime,
     policies: PolicySource,
-    seen: list[Assessment],
+    seen: list[Decision],
 ) -> Step:
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
     The result is ``{"rec": decision record}`` (with ``"replayed": True``
-    for an idempotency key seen before). The assessment the decision was
-    made with is appended to ``seen``.
+    for an idempotency key seen before). The decision, with its ids, is
+    appended to ``seen`` (its details are worded only when read).
     """
     agent = request.agent_id
     now_us = micros(now)
@@ -106,7 +108,6 @@ def authorize(
                 return
         version = head.body["pv"]
         a = assess(policies(agent, version, view), request, now)
-        seen.append(a)
         expire_due(view, txn, cfg, shard, head, now_us)
         head.prune(now_us, cfg.counter_grace)
         counters = head.counters
@@ -115,7 +116,8 @@ def authorize(
             c = counters.get(w.key)
             if c is not None:
                 usage[w.key] = [c[2] + c[3], c[1]]
-        code = decide_code(a, usage)
+        decision = conclude(a, usage)
+        code = decision.code
         rec: Body = {
             "ev": "decision",
             "at": now_us,
@@ -127,8 +129,13 @@ def authorize(
         if code in _PASSING:
             _hold(txn, cfg, shard, head, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
             record(txn, cfg, agent, rec)
+            decision = attrs.evolve(
+                decision, reservation_id=rec.get("rid"), approval_id=rec.get("aid"),
+                expires_at=instant(rec["x"]),
+            )  # fmt: skip
         else:
             record(txn, cfg, agent, rec, denial=True)
+        seen.append(attrs.evolve(decision, policy_version=version or None, decided_at=now))
         head.write(txn)
         if idem_name is not None:
             txn.put[idem_name] = {"fp": fingerprint, "c": now_us, "rec": rec}

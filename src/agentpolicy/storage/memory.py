@@ -16,10 +16,9 @@ memory for closed reservations and approvals.
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn
@@ -92,6 +91,13 @@ class _MemorySession:
     def __init__(self, storage: MemoryStorage, shard: _Shard) -> None:
         self.storage = storage
         self.shard = shard
+
+    def __enter__(self) -> _MemorySession:
+        self.shard.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shard.lock.release()
 
     def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
         docs = self.shard.docs
@@ -175,12 +181,9 @@ class MemoryStorage:
             found = self._shards.setdefault(shard, _Shard())
         return found
 
-    @contextlib.contextmanager
-    def session(self, shard: str, *, write: bool = True) -> Iterator[_MemorySession]:
-        """A session holding the shard's lock until it ends."""
-        state = self._shard(shard)
-        with state.lock:
-            yield _MemorySession(self, state)
+    def session(self, shard: str, *, write: bool = True) -> _MemorySession:
+        """A session holding the shard's lock until it ends (a context manager)."""
+        return _MemorySession(self, self._shard(shard))
 
     def _next_seq(self) -> int:
         with self._seq_lock:
