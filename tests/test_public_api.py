@@ -51,3 +51,13 @@ def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_exported_name_is_lazy_and_listed() -> None:
+    assert set(agentpolicy._EXPORTS) == set(agentpolicy.__all__)
+    for name in agentpolicy.__all__:
+        module = importlib.import_module(agentpolicy._EXPORTS[name])
+        assert getattr(agentpolicy, name) is getattr(module, name)
+    assert agentpolicy.parse_units("500.25", 6) == 500_250_000
+    assert agentpolicy.parse_base_units("500250000") == 500_250_000
+    assert agentpolicy.format_units(500_250_000, 6) == "500.25"

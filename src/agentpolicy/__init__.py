@@ -53,7 +53,9 @@ __all__ = [
     "dump_policy",
     "evaluate",
     "load_policy",
+    "format_units",
     "open_storage",
+    "parse_base_units",
     "parse_units",
     "windows_for",
 ]
@@ -105,7 +107,9 @@ _EXPORTS: dict[str, str] = {
     "dump_policy": "agentpolicy.codec",
     "evaluate": "agentpolicy.rules",
     "load_policy": "agentpolicy.codec",
+    "format_units": "agentpolicy.amounts",
     "open_storage": "agentpolicy.storage",
+    "parse_base_units": "agentpolicy.amounts",
     "parse_units": "agentpolicy.amounts",
     "windows_for": "agentpolicy.rules",
 }
@@ -125,7 +129,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from agentpolicy.amounts import Amount, parse_units
+    from agentpolicy.amounts import Amount, format_units, parse_base_units, parse_units
     from agentpolicy.codec import dump_policy, load_policy
     from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
     from agentpolicy.engine import PolicyEngine, StoredPolicy

@@ -32,7 +32,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from agentpolicy._checks import CHECK, Check, camel, raise_if, type_name
-from agentpolicy.amounts import Amount, parse_units
+from agentpolicy.amounts import Amount, parse_base_units
 from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError, Problem
 from agentpolicy.policy import (
@@ -210,7 +210,7 @@ def _object_hook(cls: type, converter: cattrs.Converter) -> Callable[[Any, Any],
 
 
 def _units_hook(value: Any, _: Any) -> int:
-    return parse_units(value, "$")
+    return parse_base_units(value, "$")
 
 
 def _unstructure_hook(cls: type, converter: cattrs.Converter) -> Callable[[Any], Any]:
