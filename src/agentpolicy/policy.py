@@ -97,13 +97,28 @@ def _instant(value: Any, path: str) -> list[Problem]:
     return [Problem(path, "must be an instant with a UTC offset")]
 
 
+# Files of the time zone database that are not zones: the host's own zone (which
+# would make a policy mean different things on different machines), the POSIX
+# default rules, and the placeholder zone of unconfigured systems.
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
+
+
 def _zone(name: Any, path: str) -> list[Problem]:
     problems = check_identifier(name, path, 64)
     if problems:
         return problems
+    if name not in _zone_names():
+        return [
+            Problem(path, f"unknown IANA timezone {name!r} (use a zone such as 'Europe/Berlin')")
+        ]
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # pragma: no cover - listed
         return [Problem(path, f"unknown IANA timezone {name!r}")]
     return []
 
