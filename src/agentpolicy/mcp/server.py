@@ -26,7 +26,7 @@ from agentpolicy.errors import (
     PolicyValidationError,
     Problem,
 )
-from agentpolicy.examples import seed_policy
+from agentpolicy.examples import example_policy
 from agentpolicy.mcp.tools import TOOLS, Tool, find_tool, parse_arguments
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
@@ -98,7 +98,7 @@ class AgentPolicyMcpServer:
             webhook_endpoints=None if self.demo_mode else webhook_endpoints,
         )
         if self.demo_mode:
-            self.engine.set_policy(DEMO_AGENT, seed_policy())
+            self.engine.set_policy(DEMO_AGENT, example_policy())
 
     # -- what this server offers -------------------------------------------------------
 
