@@ -172,7 +172,16 @@ class Amount:
     Raises :class:`~agentpolicy.PolicyValidationError` when a field is invalid.
     """
 
-    value: int = checked(_non_negative)
+    value: int = checked(
+        _non_negative,
+        schema={
+            "description": "base units: a string of digits (or a JSON integer)",
+            "anyOf": [
+                {"type": "string", "pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$"},
+                {"type": "integer", "minimum": 0},
+            ],
+        },
+    )
     decimals: int = checked(int_between(0, MAX_DECIMALS), default=DEFAULT_DECIMALS)
     symbol: str = checked(identifier(32), default=DEFAULT_SYMBOL)
 

@@ -27,7 +27,9 @@ from agentpolicy._checks import (
     check_network,
     check_text,
     checked,
+    describe,
     identifier,
+    identifier_schema,
     instance_of,
     int_between,
     optional,
@@ -122,6 +124,21 @@ def _zone(name: Any, path: str) -> list[Problem]:
         return [Problem(path, f"unknown IANA timezone {name!r}")]
     return []
 
+
+describe(
+    _days,
+    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 6},
+     "description": "0 = Sunday to 6 = Saturday"},
+)  # fmt: skip
+describe(
+    _instant,
+    {"type": "string", "format": "date-time", "maxLength": 64,
+     "description": "an ISO 8601 instant with a UTC offset or Z"},
+)  # fmt: skip
+describe(
+    _zone,
+    {**identifier_schema(64), "description": "an IANA timezone key such as Europe/Berlin"},
+)
 
 _names: Check = array_of(identifier())
 _networks: Check = array_of(check_network)
