@@ -60,8 +60,6 @@ __all__ = [
     "windows_for",
 ]
 
-__version__ = "0.1.0.dev0"
-
 # Names load on first use (PEP 562), so `import agentpolicy` costs next to nothing and
 # a program that only evaluates never imports the engine, the storages or the codec.
 _EXPORTS: dict[str, str] = {
@@ -116,6 +114,10 @@ _EXPORTS: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # from the package metadata, read once (agentpolicy._version)
+        from agentpolicy._version import package_version  # noqa: PLC0415
+
+        return package_version()
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'agentpolicy' has no attribute {name!r}")
@@ -129,6 +131,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    __version__: str
     from agentpolicy.amounts import Amount, format_units, parse_base_units, parse_units
     from agentpolicy.codec import dump_policy, load_policy
     from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
