@@ -1,4 +1,4 @@
-"""The seed's camelCase JSON form of a policy, read and written with a cattrs converter.
+"""The camelCase JSON form of a policy file, read and written with a cattrs converter.
 
 :func:`load_policy` is strict: unknown keys, wrong types (``true`` or ``"3"``
 where a number is meant), out-of-range values and inconsistent rules are all
@@ -318,7 +318,7 @@ def decode(text: str | bytes, cls: type[T]) -> T:
 
 
 def load_policy(data: Mapping[str, Any]) -> AgentPolicy:
-    """Read a policy in the seed's camelCase JSON shape, strictly.
+    """Read a policy in its camelCase JSON shape (the policy file's), strictly.
 
     Raises :class:`~agentpolicy.PolicyValidationError` (code ``INVALID_INPUT``)
     listing every problem with its JSON path. Nothing half-valid is returned.

@@ -1,8 +1,8 @@
-"""The policy: immutable classes for every part of the seed's ``AgentPolicy``.
+"""The policy: immutable classes for every part of an ``AgentPolicy`` (the policy file).
 
 Every class validates itself on construction and raises one
 :class:`~agentpolicy.PolicyValidationError` listing every problem, with JSON
-paths in the seed's camelCase (``$.startHour``). Collections are tuples (order
+paths in the policy file's camelCase (``$.startHour``). Collections are tuples (order
 kept, for exact JSON round trips) or frozensets (``days``). Lookup sets that
 evaluation needs are computed once per policy and cached.
 """

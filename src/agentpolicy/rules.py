@@ -1,6 +1,6 @@
 """The pure decision function: (policy, request, usage, now) -> Decision.
 
-Every check runs, in the order of SEMANTICS section 2, and is listed in the
+Every check runs, in the order of docs/semantics.md section 2, and is listed in the
 decision's ``evaluations``; the first failure decides the code. Nothing here
 reads a clock, a storage or the environment.
 """
