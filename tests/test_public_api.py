@@ -20,6 +20,8 @@ MODULES = [
     "agentpolicy.storage.memory", "agentpolicy.storage.redis", "agentpolicy.storage.sqlite",
     "agentpolicy.storage.redis_outbox",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
+    "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
+    "agentpolicy.mcp.command", "agentpolicy._version",
 ]  # fmt: skip
 
 
