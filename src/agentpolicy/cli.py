@@ -168,7 +168,7 @@ def _add_review_commands(commands: _Commands) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="agentpolicy", description=(__doc__ or "").split("\n")[0])
+    p = _Parser(prog="agentpolicy", description=(__doc__ or "").split("\n")[0].replace("``", ""))
     p.add_argument("--version", action="version", version=f"agentpolicy {__version__}")
     _global_options(p, defaults=True)
     commands = _Commands(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
