@@ -22,6 +22,9 @@ class Receiver:
         self.statuses = list(statuses or [])
         self.default = default
         self.received: list[Received] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request
+        self.location: str | None = None  # sent with 3xx answers
+        self.last_headers: dict[str, str] = {}  # of the last POST, whatever its answer
         self.gate = threading.Event()
         self.gate.set()
         self.port = 0
@@ -36,16 +39,27 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with receiver._lock:
+                    receiver.requests.append(("GET", self.path))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.gate.wait(30)
                 with receiver._lock:
+                    receiver.requests.append(("POST", self.path))
+                    receiver.last_headers = dict(self.headers.items())
                     status = receiver.statuses.pop(0) if receiver.statuses else receiver.default
                     if status < 300:
                         receiver.received.append(
                             Received(self.path, dict(self.headers.items()), body)
                         )
                 self.send_response(status)
+                if 300 <= status < 400 and receiver.location is not None:
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentpolicy import Amount, PolicyValidationError, parse_units
+import agentpolicy
+from agentpolicy import Amount, PolicyValidationError, parse_base_units, parse_units
 from agentpolicy.amounts import (
     MAX_DIGITS,
     compare_units,
@@ -18,26 +19,89 @@ from agentpolicy.amounts import (
     ("raw", "expected"),
     [(0, 0), (1, 1), ("0", 0), ("100000000", 100_000_000), ("007", 7), (10**40, 10**40)],
 )
-def test_parse_units_accepts_integers_and_digit_strings(raw: object, expected: int) -> None:
-    assert parse_units(raw) == expected
+def test_parse_base_units_accepts_integers_and_digit_strings(raw: object, expected: int) -> None:
+    assert parse_base_units(raw) == expected
 
 
 @pytest.mark.parametrize(
     "raw",
     [-1, "-1", 1.5, 1.0, "1.5", "1e6", "", " 1", "1 ", "0x10", True, False, None, [], "١٢", "+1"],
 )
-def test_parse_units_refuses_everything_else(raw: object) -> None:
+def test_parse_base_units_refuses_everything_else(raw: object) -> None:
     with pytest.raises(PolicyValidationError) as err:
-        parse_units(raw, "$.amount")
+        parse_base_units(raw, "$.amount")
     assert err.value.code == "INVALID_INPUT"
     assert err.value.problems[0].path == "$.amount"
 
 
-def test_parse_units_refuses_more_digits_than_the_cap() -> None:
-    assert parse_units("9" * MAX_DIGITS) == 10**MAX_DIGITS - 1
+def test_parse_base_units_refuses_more_digits_than_the_cap() -> None:
+    assert parse_base_units("9" * MAX_DIGITS) == 10**MAX_DIGITS - 1
     for raw in ("1" + "0" * MAX_DIGITS, 10**MAX_DIGITS):
         with pytest.raises(PolicyValidationError, match="at most"):
-            parse_units(raw)
+            parse_base_units(raw)
+
+
+@pytest.mark.parametrize(
+    ("text", "decimals", "units"),
+    [
+        ("500.25", 6, 500_250_000),
+        ("500", 6, 500_000_000),
+        ("0.000001", 6, 1),
+        ("1.5", 18, 1_500_000_000_000_000_000),
+        ("007.10", 2, 710),
+        ("42", 0, 42),
+        ("0", 6, 0),
+        ("123456789012345678901234567890.123456789012345678", 18,
+         123456789012345678901234567890_123456789012345678),
+    ],
+)  # fmt: skip
+def test_parse_units_reads_human_amounts_exactly(text: str, decimals: int, units: int) -> None:
+    assert parse_units(text, decimals) == units
+    assert agentpolicy.parse_units is parse_units
+
+
+@pytest.mark.parametrize(
+    ("text", "decimals"),
+    [
+        ("1.0000001", 6), ("0.1", 0), ("-1", 6), ("-0.5", 6), ("1e6", 6), ("1E-6", 6),
+        (" 1", 6), ("1 ", 6), ("1\n", 6), ("", 6), (".5", 6), ("5.", 6), ("1.2.3", 6),
+        ("1,5", 6), ("1_000", 6), ("+1", 6), ("0x10", 6), ("١٢", 6), ("nan", 6), ("inf", 6),
+        (1, 6), (1.5, 6), (None, 6), ("9" * 97, 0),
+    ],
+)  # fmt: skip
+def test_parse_units_refuses_what_is_not_an_exact_decimal(text: object, decimals: int) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        parse_units(text, decimals, "$.amount")
+    assert err.value.code == "INVALID_INPUT"
+    assert err.value.problems[0].path == "$.amount"
+
+
+@pytest.mark.parametrize("decimals", [-1, 256, True, "6"])
+def test_parse_units_refuses_bad_decimals(decimals: object) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        parse_units("1", decimals)  # type: ignore[arg-type]
+    assert err.value.problems[0].path == "$.decimals"
+
+
+@given(st.integers(-(10**40), 10**40), st.integers(0, 40))
+def test_format_then_parse_units_round_trips(value: int, decimals: int) -> None:
+    text = format_units(value, decimals)
+    assert "e" not in text
+    if value >= 0:
+        assert parse_units(text, decimals) == value
+    else:
+        assert text.startswith("-")
+        assert parse_units(text[1:], decimals) == -value
+
+
+def test_format_units_matches_viem_and_ethers() -> None:
+    assert agentpolicy.format_units(500_250_000, 6) == "500.25"
+    assert format_units(-1_500_000, 6) == "-1.5"
+    assert format_units(10**18, 18) == "1"
+    with pytest.raises(PolicyValidationError):
+        format_units(1, -1)
+    with pytest.raises(PolicyValidationError):
+        format_units(1.5, 6)  # type: ignore[arg-type]
 
 
 def test_forty_digit_amounts_compare_exactly() -> None:
@@ -117,7 +181,7 @@ def test_amount_validates_on_construction(kwargs: dict[str, object], path: str) 
     assert [p.path for p in err.value.problems] == [path]
 
 
-def test_amount_defaults_are_the_seeds() -> None:
+def test_amount_defaults_are_6_decimals_of_usdt() -> None:
     assert Amount(1) == Amount(1, 6, "USDT")
 
 

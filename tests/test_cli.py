@@ -16,11 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 EXE = str(Path(sys.executable).with_name("agentpolicy"))
 
 
-def run(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AGENT_POLICY_DB": str(tmp_path / "cli.db"), "AGENT_POLICY_REDIS_URL": ""}
+def run(
+    tmp_path: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_POLICY_")}
+    full = {**clean, "AGENT_POLICY_DB": str(tmp_path / "cli.db"), **(env or {})}
     return subprocess.run(
-        [EXE, *args], check=False, input=stdin, capture_output=True, text=True, timeout=60, env=env
-    )
+        [EXE, *args], check=False, input=stdin, capture_output=True, text=True, timeout=60,
+        env=full,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -220,3 +224,258 @@ def test_a_closed_pipe_is_not_a_traceback(
     monkeypatch.delenv("AGENT_POLICY_REDIS_URL", raising=False)
     assert cli.main(["sweep"], out=ClosedPipe()) == 0  # sweep always prints a line
     assert capsys.readouterr().err == ""
+
+
+# -- webhooks the CLI causes ------------------------------------------------------------------
+
+
+def test_approving_from_the_cli_delivers_the_webhooks_before_it_exits(
+    tmp_path: Path, policy_file: Path
+) -> None:
+    from agentpolicy.webhooks import verify
+    from tests.receiver import Receiver
+
+    receiver = Receiver().start()
+    try:
+        hooks = {"AGENT_POLICY_WEBHOOK_URL": receiver.url, "AGENT_POLICY_WEBHOOK_SECRET": "s3cret"}
+        run(tmp_path, "policy", "set", "agent-123", str(policy_file), env=hooks)
+        asked = run(tmp_path, "--json", "authorize", "agent-123", "500000000", "0xv", "eip155:1",
+                    env=hooks)  # fmt: skip
+        approval_id = json.loads(asked.stdout)["approvalId"]
+        events = [json.loads(r.body)["event"] for r in receiver.received]
+        assert events == ["approval.created"]  # delivered before authorize exited
+        done = run(tmp_path, "approvals", "approve", approval_id, "--as", "admin@company.com",
+                   env=hooks)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        events = [json.loads(r.body)["event"] for r in receiver.received]
+        assert events == ["approval.created", "approval.decision_submitted", "approval.approved"]
+        assert all(verify(r.body, r.headers, "s3cret") for r in receiver.received)
+        listed = run(tmp_path, "webhooks", "list", env=hooks).stdout
+        assert listed.count("delivered") == 3
+        assert receiver.url in listed
+    finally:
+        receiver.stop()
+
+
+def test_undelivered_webhooks_are_reported_and_the_command_still_succeeds(
+    tmp_path: Path, policy_file: Path
+) -> None:
+    from tests.receiver import Receiver
+
+    down = Receiver().start()
+    port = down.port
+    down.stop()  # nobody listens there now
+    hooks = {"AGENT_POLICY_WEBHOOK_URL": f"http://user:pw@127.0.0.1:{port}/h?token=t0k",
+             "AGENT_POLICY_WEBHOOK_SECRET": "s"}  # fmt: skip
+    run(tmp_path, "policy", "set", "agent-123", str(policy_file), env=hooks)
+    asked = run(tmp_path, "authorize", "agent-123", "500000000", "0xv", "eip155:1",
+                "--webhook-wait", "300ms", env=hooks)  # fmt: skip
+    assert asked.returncode == 3  # waiting for approval, as always
+    assert "1 webhook delivery(ies) still pending after 0.3s" in asked.stderr
+    assert "t0k" not in asked.stderr
+    listed = run(tmp_path, "webhooks", "list", "--status", "pending", env=hooks).stdout
+    assert "approval.created" in listed
+    assert f"http://user:***@127.0.0.1:{port}/h?token=***" in listed
+    assert "pw@" not in listed
+    assert "t0k" not in listed
+
+    refusing = Receiver(default=400).start()
+    try:
+        hooks["AGENT_POLICY_WEBHOOK_URL"] = refusing.url
+        asked = run(tmp_path, "authorize", "agent-123", "500000000", "0xv", "eip155:1", env=hooks)
+        assert f"webhook approval.created to {refusing.url} failed: HTTP 400" in asked.stderr
+    finally:
+        refusing.stop()
+
+
+# -- flags, validation, history, where --------------------------------------------------------
+
+
+def test_global_flags_are_accepted_after_the_subcommand(tmp_path: Path, policy_file: Path) -> None:
+    other = tmp_path / "other.db"
+    assert (
+        run(tmp_path, "policy", "set", "bot", str(policy_file), "--db", str(other)).returncode == 0
+    )
+    got = run(tmp_path, "policy", "get", "bot", "--json", "--db", str(other))
+    assert json.loads(got.stdout)["version"] == 1
+    assert run(tmp_path, "policy", "get", "bot").returncode == 1  # not in the default file
+    assert json.loads(run(tmp_path, "--json", "policy", "list", "--db", str(other)).stdout) == {
+        "policies": [{"agentId": "bot", "enabled": True, "version": 1}]
+    }
+    assert json.loads(run(tmp_path, "where", "--json").stdout)["sqlitePath"] == str(
+        tmp_path / "cli.db"
+    )
+
+
+def test_policy_validate_prints_every_problem_and_touches_no_store(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(approval_example_policy()))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"limits": {"daily": {"value": "1.5"}}, "timeRules": {"timezone": "America"},'
+                   ' "extra": 1}')  # fmt: skip
+    env = {"AGENT_POLICY_DB": str(tmp_path / "missing" / "x.db")}
+    ok = run(tmp_path, "policy", "validate", str(good), env=env)
+    assert (ok.returncode, ok.stdout) == (0, f"{good}: valid\n")
+    invalid = run(tmp_path, "policy", "validate", str(bad), env=env)
+    assert invalid.returncode == 2
+    assert invalid.stdout.splitlines() == [
+        f"{bad}: 3 problem(s)",
+        "  $.extra: is not a known key",
+        "  $.limits.daily.value: must be a string of ASCII digits (base units), got '1.5'",
+        "  $.timeRules.timezone: unknown IANA timezone 'America' (use a zone such as "
+        "'Europe/Berlin')",
+    ]
+    as_json = json.loads(run(tmp_path, "--json", "policy", "validate", str(bad), env=env).stdout)
+    assert [p["path"] for p in as_json["problems"]] == [
+        "$.extra", "$.limits.daily.value", "$.timeRules.timezone",
+    ]  # fmt: skip
+    assert run(tmp_path, "policy", "validate", "-", stdin="[]", env=env).returncode == 2
+    assert run(tmp_path, "policy", "validate", str(tmp_path / "nope.json"), env=env).returncode == 2
+    assert not (tmp_path / "missing").exists()
+
+
+def test_history_shows_amount_recipient_and_approver(tmp_path: Path, policy_file: Path) -> None:
+    run(tmp_path, "policy", "set", "agent-123", str(policy_file))
+    d = json.loads(run(tmp_path, "--json", "authorize", "agent-123", "500.25 USDT", "0xvendor",
+                       "eip155:1").stdout)  # fmt: skip
+    run(tmp_path, "approvals", "approve", d["approvalId"], "--as", "admin@company.com",
+        "--comment", "invoice 42")  # fmt: skip
+    lines = run(tmp_path, "history", "agent-123").stdout.splitlines()
+    assert [line.split()[1] for line in lines] == [
+        "approval_approved", "vote", "decision", "policy_set",
+    ]  # fmt: skip
+    assert lines[0].endswith("500.25 USDT  to 0xvendor  by admin@company.com")
+    assert lines[1].endswith("500.25 USDT  to 0xvendor  by admin@company.com  (invoice 42)")
+    assert "APPROVAL_REQUIRED" in lines[2]
+    assert lines[2].endswith("500.25 USDT  to 0xvendor")
+    rows = json.loads(run(tmp_path, "--json", "history", "agent-123").stdout)["history"]
+    assert rows[1]["approver"] == "admin@company.com"
+    assert (rows[2]["amount"], rows[2]["decimals"], rows[2]["symbol"]) == ("500250000", 6, "USDT")
+
+
+def test_an_unknown_agent_is_no_policy_not_empty_output(tmp_path: Path) -> None:
+    for args in (("history", "ghost"), ("budget", "ghost"), ("policy", "get", "ghost")):
+        done = run(tmp_path, *args)
+        assert (done.returncode, done.stdout) == (1, ""), args
+        assert done.stderr.startswith("agentpolicy: NO_POLICY: no policy is set for agent ghost")
+
+
+@pytest.mark.parametrize(
+    ("amount", "flags", "units", "symbol"),
+    [
+        ("500250000", (), 500_250_000, "USDT"),
+        ("500.25", ("--units",), 500_250_000, "USDT"),
+        ("0.5", ("--units", "--decimals", "18", "--symbol", "USDT"), 5 * 10**17, "USDT"),
+        ("500.25 USDT", (), 500_250_000, "USDT"),
+        ("1.5 usdt", (), 1_500_000, "usdt"),
+    ],
+)
+def test_authorize_reads_base_units_or_human_units(
+    tmp_path: Path, policy_file: Path, amount: str, flags: tuple[str, ...], units: int, symbol: str
+) -> None:
+    run(tmp_path, "policy", "set", "agent-123", str(policy_file))
+    done = run(tmp_path, "--json", "authorize", "agent-123", amount, "0xv", "eip155:1", *flags)
+    decision = json.loads(done.stdout)
+    approval_or_reservation = decision.get("approvalId") or decision["reservationId"]
+    assert approval_or_reservation
+    history = json.loads(run(tmp_path, "--json", "history", "agent-123", "--limit", "1").stdout)
+    assert (history["history"][0]["amount"], history["history"][0]["symbol"]) == (
+        str(units), symbol,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("amount", "flags", "path"),
+    [
+        ("500.25", (), "$.amount"),
+        ("500.1234567", ("--units",), "$.amount"),
+        ("5 DAI", (), "$.amount"),  # the policy names no DAI amount: decimals unknown
+        ("5 USDT", ("--symbol", "DAI"), "$.symbol"),
+        ("-5", ("--units",), "$.amount"),
+    ],
+)
+def test_authorize_refuses_amounts_it_cannot_read_exactly(
+    tmp_path: Path, policy_file: Path, amount: str, flags: tuple[str, ...], path: str
+) -> None:
+    run(tmp_path, "policy", "set", "agent-123", str(policy_file))
+    done = run(tmp_path, "authorize", "agent-123", amount, "0xv", "eip155:1", *flags)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"agentpolicy: INVALID_INPUT: {path}")
+
+
+@pytest.mark.parametrize(
+    "args", [("history", "bot", "--limit", str(10**30)), ("webhooks", "list", "--limit", str(10**30)),
+             ("webhooks", "list", "--limit", "0")],
+)  # fmt: skip
+def test_a_huge_limit_is_invalid_input(tmp_path: Path, args: tuple[str, ...]) -> None:
+    done = run(tmp_path, *args)
+    assert done.returncode == 2
+    assert (
+        done.stderr == "agentpolicy: INVALID_INPUT: $.limit: must be an integer from 1 to 10000\n"
+    )
+
+
+def test_where_names_the_store_without_its_password(tmp_path: Path) -> None:
+    here = json.loads(run(tmp_path, "--json", "where").stdout)
+    assert here == {"storage": f"sqlite:///{tmp_path / 'cli.db'}",
+                    "sqlitePath": str(tmp_path / "cli.db"), "exists": False, "keyPrefix": None,
+                    "webhookEndpoints": []}  # fmt: skip
+    assert not (tmp_path / "cli.db").exists()  # where creates nothing
+    run(tmp_path, "sweep")
+    assert f"sqlite file: {tmp_path / 'cli.db'} (exists)" in run(tmp_path, "where").stdout
+    redis = run(
+        tmp_path, "where", env={"AGENT_POLICY_REDIS_URL": "redis://app:hunter2@r.example:6379/0"}
+    )
+    assert redis.stdout.splitlines() == [
+        "storage: redis://app:***@r.example:6379/0",
+        "key prefix: agent-policy:",
+    ]
+    bad = run(tmp_path, "--redis-url", "memcached://u:hunter2@h", "where")
+    assert bad.returncode == 2
+    assert "hunter2" not in bad.stderr
+
+
+def test_verbose_shows_the_traceback_of_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from agentpolicy import PolicyEngine, cli
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("kaput")
+
+    monkeypatch.setenv("AGENT_POLICY_DB", str(tmp_path / "cli.db"))
+    monkeypatch.delenv("AGENT_POLICY_REDIS_URL", raising=False)
+    monkeypatch.setattr(PolicyEngine, "sweep", boom)
+    assert cli.main(["sweep"], out=io.StringIO()) == 1
+    quiet = capsys.readouterr().err
+    assert quiet == "agentpolicy: INTERNAL: RuntimeError: kaput (a bug; -v shows where)\n"
+    assert cli.main(["sweep", "-v"], out=io.StringIO()) == 1
+    loud = capsys.readouterr().err
+    assert loud.startswith("Traceback (most recent call last):")
+    assert "in boom" in loud
+
+
+def test_the_demo_removes_its_folder_even_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import tempfile
+
+    from agentpolicy import PolicyEngine, cli
+
+    folder = tmp_path / "demo"
+
+    def make_folder(**_: object) -> str:
+        folder.mkdir()
+        return str(folder)
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("the payment rail fell over")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", make_folder)
+    monkeypatch.setattr(PolicyEngine, "confirm", boom)
+    assert cli.main(["demo"], out=io.StringIO()) == 1
+    assert not folder.exists()

@@ -17,13 +17,13 @@ from agentpolicy import (
     load_policy,
 )
 from agentpolicy.codec import format_instant, parse_instant
-from agentpolicy.examples import SEED_SECTIONS, approval_example_policy, seed_policy
+from agentpolicy.examples import SECTIONS, approval_example_policy, example_policy, seed_policy
 from tests.strategies import policies
 
 
-@pytest.mark.parametrize("section", sorted(SEED_SECTIONS))
-def test_every_seed_example_section_loads_verbatim(section: str) -> None:
-    policy = load_policy({"enabled": True, section: copy.deepcopy(SEED_SECTIONS[section])})
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_every_example_section_loads_verbatim(section: str) -> None:
+    policy = load_policy({"enabled": True, section: copy.deepcopy(SECTIONS[section])})
     assert getattr(policy, {"limits": "limits"}.get(section, _snake(section))) is not None
 
 
@@ -31,8 +31,8 @@ def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 
-def test_the_whole_seed_policy_and_the_approval_example_load() -> None:
-    policy = load_policy(seed_policy())
+def test_the_whole_example_policy_and_the_approval_example_load() -> None:
+    policy = load_policy(example_policy())
     assert policy.limits is not None
     assert policy.limits.monthly == Amount(10_000_000_000)
     assert policy.time_rules is not None
@@ -48,8 +48,9 @@ def test_dump_of_load_is_the_normalised_input() -> None:
     normalised["limits"]["daily"]["symbol"] = "USDT"
     normalised["approvalConfig"]["thresholds"][0]["amount"]["symbol"] = "USDT"
     assert dump_policy(load_policy(raw)) == normalised
-    seed = seed_policy()
-    assert dump_policy(load_policy(seed)) == seed  # the seed's examples are already normal
+    example = example_policy()
+    assert dump_policy(load_policy(example)) == example  # the examples are already normal
+    assert seed_policy() == example  # the former name
 
 
 def test_normalisation_rules() -> None:

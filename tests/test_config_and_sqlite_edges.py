@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import stat
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -10,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from agentpolicy import ErrorCode, PolicyEngine, PolicyError, PolicyValidationError
-from agentpolicy.config import default_db_path, parse_bool, parse_duration, read_settings
-from agentpolicy.storage import SQLiteStorage
+from agentpolicy.config import (
+    build_engine,
+    default_db_path,
+    open_configured_storage,
+    parse_bool,
+    parse_duration,
+    read_settings,
+)
+from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.storage.sqlite import SCHEMA_VERSION
 from agentpolicy.testing import ManualClock, payment
 
@@ -27,16 +35,18 @@ def test_booleans(raw: str, value: bool) -> None:
     ("raw", "value"),
     [("300", timedelta(seconds=300)), ("300s", timedelta(seconds=300)),
      ("5m", timedelta(minutes=5)), ("1h", timedelta(hours=1)),
-     ("1500ms", timedelta(milliseconds=1500))],
+     ("1500ms", timedelta(milliseconds=1500)), ("5d", timedelta(days=5)),
+     (" 90s ", timedelta(seconds=90))],
 )  # fmt: skip
 def test_durations(raw: str, value: timedelta) -> None:
     assert parse_duration(raw, "X") == value
 
 
-@pytest.mark.parametrize("raw", ["0", "-5", "5d", "soon", "1.5m", ""])
+@pytest.mark.parametrize("raw", ["0", "0s", "-5", "5w", "soon", "1.5m", "", "9" * 16 + "d"])
 def test_bad_durations_and_booleans(raw: str) -> None:
-    with pytest.raises(PolicyValidationError):
+    with pytest.raises(PolicyValidationError) as err:
         parse_duration(raw, "X")
+    assert err.value.problems[0].path == "$X"
     if raw not in ("0", ""):
         with pytest.raises(PolicyValidationError):
             parse_bool(raw, "X")
@@ -56,21 +66,99 @@ def test_redis_wins_over_the_db_and_the_state_dir_is_the_fallback(tmp_path: Path
     )
 
 
-def test_the_state_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
-    assert default_db_path() == tmp_path / "agentpolicy" / "agentpolicy.db"
-    url = read_settings({}).storage_url(fallback_to_file=True)
-    assert url == f"sqlite:///{tmp_path / 'agentpolicy' / 'agentpolicy.db'}"
-    assert (tmp_path / "agentpolicy").is_dir()
+def test_the_state_dir_follows_xdg_and_is_created_0700(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"  # not there yet
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    assert default_db_path() == state / "agentpolicy" / "agentpolicy.db"
+    settings = read_settings({})
+    url = settings.storage_url(fallback_to_file=True)
+    assert url == f"sqlite:///{state / 'agentpolicy' / 'agentpolicy.db'}"
+    assert not state.exists()  # naming the URL creates nothing
+    open_configured_storage(settings).close()
+    for folder in (state, state / "agentpolicy"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert (state / "agentpolicy" / "agentpolicy.db").is_file()
+
+
+def test_the_db_folder_is_created_0700_and_existing_folders_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    tmp_path.chmod(0o755)
+    db = tmp_path / "a" / "b" / "policies.db"
+    engine = build_engine(read_settings({"AGENT_POLICY_DB": str(db)}))
+    engine.set_policy("agent-1", {})
+    engine.close()
+    assert db.is_file()
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+def test_a_folder_that_cannot_be_created_is_storage_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PolicyError) as err:
+        build_engine(read_settings({"AGENT_POLICY_DB": str(tmp_path / "file" / "sub" / "x.db")}))
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "cannot create the folder" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:1/0", "rediss://h:1/0", "redis+cluster://h:1", "rediss+cluster://h:1"]
+)
+def test_every_documented_redis_url_is_accepted(url: str) -> None:
+    assert read_settings({"AGENT_POLICY_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("url", ["http://h", "redis:/h", "sqlite:///x.db", "cluster://h"])
+def test_other_redis_urls_are_refused(url: str) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        read_settings({"AGENT_POLICY_REDIS_URL": url})
+    assert err.value.problems[0].path == "$AGENT_POLICY_REDIS_URL"
+    assert "redis+cluster://" in err.value.problems[0].message
+
+
+def test_build_engine_reads_ttl_prefix_and_webhooks(tmp_path: Path) -> None:
+    settings = read_settings({
+        "AGENT_POLICY_DB": str(tmp_path / "e.db"),
+        "AGENT_POLICY_RESERVATION_TTL": "90s",
+        "AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:9/h",
+        "AGENT_POLICY_WEBHOOK_SECRET": "s",
+        "AGENT_POLICY_WEBHOOK_TIMEOUT": "2s",
+    })  # fmt: skip
+    (endpoint,) = settings.webhook_endpoints
+    assert endpoint.timeout == timedelta(seconds=2)
+    engine = build_engine(settings, clock=ManualClock())
+    try:
+        assert engine.reservation_ttl == timedelta(seconds=90)
+        assert engine.webhooks is not None
+        assert list(engine.webhooks.endpoints) == [endpoint.id]
+        engine.set_policy("agent-1", {})
+        d = engine.authorize(payment())
+        assert d.expires_at == ManualClock().now + timedelta(seconds=90)
+    finally:
+        engine.close()
+    memory = build_engine(read_settings({}), fallback_to_file=False)
+    assert isinstance(memory.storage, MemoryStorage)
+    memory.close()
+
+
+def test_the_storage_url_is_shown_without_its_password() -> None:
+    settings = read_settings({"AGENT_POLICY_REDIS_URL": "redis://default:hunter2@r.example:6379/0"})
+    assert (
+        settings.shown_storage_url(fallback_to_file=True) == "redis://default:***@r.example:6379/0"
+    )
 
 
 def test_every_bad_setting_is_reported_at_once() -> None:
     with pytest.raises(PolicyValidationError) as err:
         read_settings({"AGENT_POLICY_ROLE": "root", "AGENT_POLICY_DEMO_MODE": "maybe",
-                       "AGENT_POLICY_RESERVATION_TTL": "x", "AGENT_POLICY_AGENT_ID": " a"})  # fmt: skip
+                       "AGENT_POLICY_RESERVATION_TTL": "x", "AGENT_POLICY_AGENT_ID": " a",
+                       "AGENT_POLICY_WEBHOOK_URL": "http://h"})  # fmt: skip
     assert {p.path for p in err.value.problems} == {
         "$AGENT_POLICY_ROLE", "$AGENT_POLICY_DEMO_MODE", "$AGENT_POLICY_RESERVATION_TTL",
-        "$AGENT_POLICY_AGENT_ID",
+        "$AGENT_POLICY_AGENT_ID", "$AGENT_POLICY_WEBHOOK_SECRET",
     }  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from agentpolicy import (
     load_policy,
     windows_for,
 )
-from agentpolicy.examples import seed_policy
+from agentpolicy.examples import example_policy
 
 MONDAY_10 = datetime(2026, 1, 19, 10, tzinfo=UTC)
 
@@ -389,8 +389,8 @@ def test_a_denial_wins_over_an_approval_requirement() -> None:
     assert (d.code, d.requires_approval) == (Code.PER_TRANSACTION_LIMIT, False)
 
 
-def test_the_seed_policy_decides_sample_payments() -> None:
-    policy = load_policy(seed_policy())
+def test_the_example_policy_decides_sample_payments() -> None:
+    policy = load_policy(example_policy())
     ok = req(5_000_000, recipient="0xaddr1", category="api_usage")
     assert evaluate(policy, ok, {}, MONDAY_10).code == Code.ALLOWED
     big = req(100_000_000, recipient="0xaddr2", network="eip155:1", category="subscription")

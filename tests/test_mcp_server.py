@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +60,20 @@ def agent(storage: MemoryStorage, admin: AgentPolicyMcpServer) -> AgentPolicyMcp
     return AgentPolicyMcpServer(storage=storage, clock=admin.engine.clock)
 
 
-def test_tool_names_follow_the_mcp_pattern_and_seed_names_map() -> None:
+def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
     import re
 
     assert len(TOOLS) == 10
     for tool in TOOLS:
         assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.name)
-        assert tool.seed_name.startswith("agent-policy/")
+        assert tool.slash_name.startswith("agent-policy/")
         assert tool.input_schema["additionalProperties"] is False
         assert len(tool.description) > 60
 
 
 def test_roles_list_their_tools(admin: AgentPolicyMcpServer, agent: AgentPolicyMcpServer) -> None:
     assert len(admin.tools()) == 10
-    assert [t.seed_name.removeprefix("agent-policy/") for t in agent.tools()] == [
+    assert [t.slash_name.removeprefix("agent-policy/") for t in agent.tools()] == [
         "authorize", "budget", "get", "confirm", "release", "approvals/list", "approvals/get",
     ]  # fmt: skip
 
@@ -247,7 +248,7 @@ def test_a_bound_server_serves_nothing_of_other_agents(storage: MemoryStorage) -
     ]  # fmt: skip
 
 
-def test_demo_mode_is_admin_in_memory_with_the_seed_policy(
+def test_demo_mode_is_admin_in_memory_with_the_example_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENT_POLICY_DB", str(tmp_path / "must-not-exist.db"))
@@ -307,3 +308,125 @@ def test_without_the_redis_extra_the_error_names_it(monkeypatch: pytest.MonkeyPa
         create_server_with_redis("redis://user:secret@localhost:6379/0")
     assert caught.value.code == ErrorCode.STORAGE_UNAVAILABLE
     assert "secret" not in caught.value.message
+
+
+# -- pages ------------------------------------------------------------------------------------
+
+
+def _eight_approvals(agent: AgentPolicyMcpServer) -> list[str]:
+    """Eight pending approvals, a second apart: oldest first is the order they were made in."""
+    clock = agent.engine.clock
+    assert isinstance(clock, ManualClock)
+    ids = []
+    for i in range(8):
+        d = ok(call(agent, "agent_policy_authorize",
+                    {**PAY, "amount": str((100 + i) * USDT), "memo": "x" * 200}))  # fmt: skip
+        ids.append(d["approvalId"])
+        clock.advance(seconds=1)
+    return ids
+
+
+def test_long_approval_lists_come_in_pages(agent: AgentPolicyMcpServer) -> None:
+    ids = _eight_approvals(agent)
+    first = ok(call(agent, "agent_policy_approvals_list", {"limit": 3}))
+    assert [a["id"] for a in first["approvals"]] == ids[:3]
+    second = ok(call(agent, "agent_policy_approvals_list",
+                     {"limit": 3, "cursor": first["nextCursor"]}))  # fmt: skip
+    assert [a["id"] for a in second["approvals"]] == ids[3:6]
+    third = ok(call(agent, "agent_policy_approvals_list",
+                    {"limit": 3, "cursor": second["nextCursor"]}))  # fmt: skip
+    assert [a["id"] for a in third["approvals"]] == ids[6:]
+    assert "nextCursor" not in third
+    everything = ok(call(agent, "agent_policy_approvals_list", {}))
+    assert [a["id"] for a in everything["approvals"]] == ids  # the default page holds 20
+    assert "nextCursor" not in everything
+
+
+def test_a_page_does_not_shift_when_an_entry_is_decided_meanwhile(
+    agent: AgentPolicyMcpServer, admin: AgentPolicyMcpServer
+) -> None:
+    ids = _eight_approvals(agent)
+    first = ok(call(agent, "agent_policy_approvals_list", {"limit": 4}))
+    ok(call(admin, "agent_policy_approvals_decide",
+            {"approvalId": ids[0], "decision": "deny", "approver": "admin@company.com"}))  # fmt: skip
+    rest = ok(call(agent, "agent_policy_approvals_list", {"cursor": first["nextCursor"]}))
+    assert [a["id"] for a in rest["approvals"]] == ids[4:]
+
+
+@pytest.mark.parametrize(
+    ("args", "path"),
+    [({"limit": 0}, "$.limit"), ({"limit": 101}, "$.limit"), ({"limit": 10**30}, "$.limit"),
+     ({"limit": "5"}, "$.limit"), ({"cursor": "nonsense"}, "$.cursor"), ({"cursor": ""}, "$.cursor"),
+     ({"cursor": "WzFd"}, "$.cursor")],
+)  # fmt: skip
+def test_bad_page_arguments_are_invalid_input(
+    agent: AgentPolicyMcpServer, args: dict[str, Any], path: str
+) -> None:
+    e = err(call(agent, "agent_policy_approvals_list", args))
+    assert (e["code"], e["path"]) == ("INVALID_INPUT", path)
+
+
+def test_policy_lists_come_in_pages_too(admin: AgentPolicyMcpServer) -> None:
+    for i in range(5):
+        ok(call(admin, "agent_policy_set", {"agentId": f"acme:a{i}", "policy": {}}))
+    first = ok(call(admin, "agent_policy_list", {"orgId": "acme", "limit": 4}))
+    assert [p["agentId"] for p in first["policies"]] == ["acme:a0", "acme:a1", "acme:a2", "acme:a3"]
+    rest = ok(call(admin, "agent_policy_list", {"orgId": "acme", "cursor": first["nextCursor"]}))
+    assert [p["agentId"] for p in rest["policies"]] == ["acme:a4", "acme:bot"]
+
+
+# -- descriptions and binding -------------------------------------------------------------------
+
+
+def test_a_bound_server_defaults_agent_id_to_its_agent_and_says_so(storage: MemoryStorage) -> None:
+    clock = ManualClock()
+    admin = AgentPolicyMcpServer(storage=storage, role="admin", clock=clock)
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:bot", "policy": POLICY}))
+    bound = AgentPolicyMcpServer(storage=storage, clock=clock, agent_id="acme:bot")
+    pay = {k: v for k, v in PAY.items() if k != "agentId"}
+    assert ok(call(bound, "agent_policy_authorize", pay))["allowed"] is True
+    assert ok(call(bound, "agent_policy_budget", {}))["agentId"] == "acme:bot"
+    assert ok(call(bound, "agent_policy_get", {}))["agentId"] == "acme:bot"
+    for tool in bound.tools():
+        if "agentId" in tool.input_schema["properties"]:
+            assert "agentId" not in tool.input_schema["required"], tool.name
+            assert "acme:bot" in tool.description
+            assert "acme:bot" in tool.input_schema["properties"]["agentId"]["description"]
+    unbound = AgentPolicyMcpServer(storage=storage, clock=clock)
+    assert err(call(unbound, "agent_policy_budget", {}))["path"] == "$.agentId"
+    assert "agentId" in next(t for t in unbound.tools()
+                             if t.name == "agent_policy_budget").input_schema["required"]  # fmt: skip
+
+
+def test_descriptions_speak_to_the_model_and_limits_are_the_enforced_ones(
+    agent: AgentPolicyMcpServer,
+) -> None:
+    from agentpolicy._checks import MAX_TEXT
+
+    for tool in TOOLS:
+        text = json.dumps([tool.description, tool.input_schema]).lower()
+        assert "seed" not in text, tool.name
+        assert "semantics" not in text, tool.name
+        for key, spec in tool.input_schema["properties"].items():
+            assert spec.get("type") in ("string", "integer", "object"), (tool.name, key)
+    authorize = next(t for t in TOOLS if t.name == "agent_policy_authorize")
+    memo_limit = authorize.input_schema["properties"]["memo"]["maxLength"]
+    assert memo_limit == MAX_TEXT == 1024
+    assert ok(call(agent, "agent_policy_authorize", {**PAY, "memo": "m" * memo_limit}))
+    too_long = err(call(agent, "agent_policy_authorize", {**PAY, "memo": "m" * (memo_limit + 1)}))
+    assert (too_long["code"], too_long["path"]) == ("INVALID_INPUT", "$.memo")
+    for tool in TOOLS:
+        a = tool.annotations
+        assert a.title
+        assert a.read_only == (tool.name.split("_")[-1] in ("budget", "get", "list")), tool.name
+
+
+def test_the_storage_folder_of_agent_policy_db_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENT_POLICY_REDIS_URL", raising=False)
+    monkeypatch.setenv("AGENT_POLICY_DB", str(tmp_path / "new" / "folder" / "p.db"))
+    server = AgentPolicyMcpServer(role="admin")
+    ok(call(server, "agent_policy_set", {"agentId": "a", "policy": {}}))
+    server.close()
+    assert (tmp_path / "new" / "folder" / "p.db").is_file()

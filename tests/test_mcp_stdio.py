@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +83,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Stdio:
     """A client speaking newline-delimited JSON-RPC to a real agent-policy-mcp process."""
 
-    def __init__(self, env: dict[str, str], command: list[str] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], command: list[str] | None = None, *, inherit: bool = True
+    ) -> None:
         exe = Path(sys.executable).with_name("agent-policy-mcp")
         self.proc = subprocess.Popen(
             command or [str(exe)],
@@ -89,7 +93,7 @@ class Stdio:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **env},
+            env={**os.environ, **env} if inherit else env,
         )
         self.next_id = 0
 
@@ -183,7 +187,7 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
         ({"AGENT_POLICY_RESERVATION_TTL": "soon"}, "AGENT_POLICY_RESERVATION_TTL"),
         ({"AGENT_POLICY_REDIS_URL": "http://x"}, "AGENT_POLICY_REDIS_URL"),
         ({"AGENT_POLICY_WEBHOOKS": "{not json"}, "AGENT_POLICY_WEBHOOKS"),
-        ({"AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:9/h"}, "secret"),
+        ({"AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:9/h"}, "AGENT_POLICY_WEBHOOK_SECRET"),
     ],
 )
 def test_a_bad_setting_is_one_line_on_stderr_and_exit_2(
@@ -210,3 +214,281 @@ def test_the_cli_serves_mcp_too(tmp_path: Path) -> None:
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
     assert len(server.send("tools/list")["result"]["tools"]) == 10
     assert "Traceback" not in server.close()
+
+
+# -- schemas, annotations, pages ---------------------------------------------------------------
+
+APPROVAL_POLICY = {
+    "limits": {"daily": {"value": "100000000000"}},
+    "approvalConfig": {"thresholds": [{"amount": {"value": "100000000"}, "requiredApprovers": 1,
+                                       "approvers": ["admin@company.com"]}]},
+}  # fmt: skip
+
+
+def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_them() -> None:
+    from jsonschema import Draft202012Validator
+
+    clock = ManualClock()
+    admin = AgentPolicyMcpServer(storage=MemoryStorage(), role="admin", clock=clock)
+    checked: set[str] = set()
+
+    async def run() -> None:
+        async with Client(build_server(admin)) as client:
+            listed = {t.name: t for t in (await client.list_tools()).tools}
+            validators = {}
+            for name, tool in listed.items():
+                assert tool.output_schema is not None, name
+                Draft202012Validator.check_schema(tool.output_schema)
+                validators[name] = Draft202012Validator(tool.output_schema)
+                a = tool.annotations
+                assert a is not None
+                assert a.title
+                assert tool.title == a.title
+                assert isinstance(a.read_only_hint, bool)
+                assert isinstance(a.destructive_hint, bool)
+                assert isinstance(a.idempotent_hint, bool)
+                assert a.open_world_hint is False
+
+            async def check(name: str, args: dict[str, Any]) -> dict[str, Any]:
+                result = await client.call_tool(name, args)  # the SDK validates successes too
+                assert result.structured_content is not None
+                errors = list(validators[name].iter_errors(result.structured_content))
+                assert errors == [], (name, result.structured_content, errors[0].message)
+                checked.add(name)
+                return result.structured_content
+
+            await check("agent_policy_set", {"agentId": "bot", "policy": APPROVAL_POLICY})
+            got = await check("agent_policy_get", {"agentId": "bot"})
+            assert got["data"]["policy"]["approvalConfig"]["timeout"] == 3600000
+            await check("agent_policy_list", {})
+            allowed = await check("agent_policy_authorize", PAY)
+            await check("agent_policy_confirm", {"reservationId": allowed["data"]["reservationId"]})
+            again = await check("agent_policy_authorize", {**PAY, "memo": "second"})
+            await check("agent_policy_release", {"reservationId": again["data"]["reservationId"]})
+            await check("agent_policy_authorize", {**PAY, "amount": "1", "network": "eip155:56",
+                                                   "category": "x", "idempotencyKey": "k"})  # fmt: skip
+            held = await check("agent_policy_authorize", {**PAY, "amount": "500000000"})
+            await check("agent_policy_budget", {"agentId": "bot"})
+            await check("agent_policy_budget", {"agentId": "bot", "period": "hourly"})
+            await check("agent_policy_approvals_list", {"agentId": "bot"})
+            approval_id = held["data"]["approvalId"]
+            await check("agent_policy_approvals_get", {"approvalId": approval_id})
+            decided = await check("agent_policy_approvals_decide", {
+                "approvalId": approval_id, "decision": "approve", "approver": "admin@company.com",
+                "comment": "ok"})  # fmt: skip
+            assert decided["data"]["reservationId"]
+            for name, args in [
+                ("agent_policy_get", {"agentId": "nobody"}),
+                ("agent_policy_authorize", {**PAY, "amount": "1.5"}),
+                ("agent_policy_confirm", {"reservationId": "res_nope"}),
+                ("agent_policy_approvals_decide", {"approvalId": approval_id,
+                                                   "decision": "deny", "approver": "x"}),
+            ]:  # fmt: skip
+                assert (await check(name, args))["success"] is False
+
+    anyio.run(run)
+    assert checked == {t.name for t in admin.tools()}
+
+
+def test_a_long_listing_is_valid_json_and_pages_instead_of_being_cut() -> None:
+    clock = ManualClock()
+    agent = AgentPolicyMcpServer(storage=MemoryStorage(), role="admin", clock=clock)
+    agent.call("agent_policy_set", {"agentId": "bot", "policy": APPROVAL_POLICY})
+    for i in range(8):
+        agent.call("agent_policy_authorize", {**PAY, "amount": str(200_000_000 + i)})
+        clock.advance(seconds=1)
+
+    async def run() -> None:
+        async with Client(build_server(agent)) as client:
+            result = await client.call_tool("agent_policy_approvals_list", {})
+            text = result.content[0].text  # type: ignore[union-attr]
+            assert len(text) > 2000
+            assert len(json.loads(text)["approvals"]) == 8
+            page = await client.call_tool("agent_policy_approvals_list", {"limit": 5})
+            data = json.loads(page.content[0].text)  # type: ignore[union-attr]
+            assert len(data["approvals"]) == 5
+            assert data["nextCursor"]
+
+    anyio.run(run)
+
+
+def test_a_ping_is_answered_while_a_tool_call_waits_on_a_hung_storage() -> None:
+    import threading
+    import time
+    import warnings
+
+    from mcp.shared.exceptions import MCPDeprecationWarning
+
+    class HangingStorage(MemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hang = threading.Event()
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def session(self, shard: str, *, write: bool = True) -> Any:
+            if self.hang.is_set():
+                self.entered_at = time.monotonic()
+                self.entered.set()
+                self.release.wait(5)  # a hung Redis, until its timeout
+            return super().session(shard, write=write)
+
+    storage = HangingStorage()
+    app = AgentPolicyMcpServer(storage=storage, role="admin", clock=ManualClock())
+    app.call("agent_policy_set", {"agentId": "bot", "policy": {}})
+    storage.hang.set()
+    timings: dict[str, float] = {}
+
+    async def run() -> None:
+        # "legacy": the initialize handshake and JSON-RPC, as over stdio, where ping exists
+        async with (
+            Client(build_server(app), mode="legacy") as client,
+            anyio.create_task_group() as tasks,
+        ):
+
+            async def slow_call() -> None:
+                result = await client.call_tool("agent_policy_get", {"agentId": "bot"})
+                timings["call"] = time.monotonic()
+                assert result.is_error is False
+
+            tasks.start_soon(slow_call)
+            with anyio.fail_after(10):
+                while not storage.entered.is_set():
+                    await anyio.sleep(0.01)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MCPDeprecationWarning)  # gone after 2026-07-28
+                await client.send_ping()
+            timings["ping"] = time.monotonic() - storage.entered_at
+            storage.release.set()
+
+    anyio.run(run)
+    assert timings["ping"] < 1.0  # answered while the call still waited on the storage
+    assert timings["call"] - storage.entered_at < 5  # the call finished once released
+
+
+# -- the command --------------------------------------------------------------------------------
+
+MCP_EXE = str(Path(sys.executable).with_name("agent-policy-mcp"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "stream", "start"),
+    [
+        (["--version"], 0, "stdout", "agent-policy-mcp "),
+        (["--help"], 0, "stdout", "usage: agent-policy-mcp"),
+        (["-h"], 0, "stdout", "usage: agent-policy-mcp"),
+        (["--bogus"], 2, "stderr", "agent-policy-mcp: unrecognized arguments: --bogus"),
+        (["serve"], 2, "stderr", "agent-policy-mcp: unrecognized arguments: serve"),
+    ],
+)
+def test_help_and_version_print_and_exit_and_other_arguments_are_refused(
+    tmp_path: Path, argv: list[str], status: int, stream: str, start: str
+) -> None:
+    from agentpolicy import __version__
+
+    done = subprocess.run([MCP_EXE, *argv], check=False, input="", capture_output=True, text=True,
+                          timeout=30, env={**os.environ, **_env(tmp_path, "agent")})  # fmt: skip
+    assert done.returncode == status
+    assert getattr(done, stream).startswith(start)
+    if argv == ["--version"]:
+        assert done.stdout.strip() == f"agent-policy-mcp {__version__}"
+    assert not (tmp_path / "mcp.db").exists()  # nothing was served
+
+
+BLOCK_MCP = """
+import importlib.abc, sys
+
+class NoMcp(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mcp", "mcp_types"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoMcp())
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "start"),
+    [
+        ([MCP_EXE], "agent-policy-mcp: the MCP server needs the mcp extra"),
+        ([sys.executable, "-m", "agentpolicy.mcp"], "agent-policy-mcp: the MCP server needs"),
+        ([str(Path(sys.executable).with_name("agentpolicy")), "serve-mcp"],
+         "agentpolicy: serve-mcp needs the mcp extra"),
+    ],
+)  # fmt: skip
+def test_without_the_mcp_extra_the_commands_say_which_extra_to_install(
+    tmp_path: Path, command: list[str], start: str
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_MCP)
+    env = {**os.environ, **_env(tmp_path, "agent"), "PYTHONPATH": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", "import mcp"], env=env, capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    assert "ModuleNotFoundError" in probe.stderr  # the blocker works
+    done = subprocess.run(command, check=False, input="", capture_output=True, text=True,
+                          timeout=30, env=env)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(start), done.stderr
+    assert "pip install 'agentpolicy[mcp]'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "INTERNAL" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_python_m_agentpolicy_mcp_sends_webhooks_from_the_environment(tmp_path: Path) -> None:
+    import time
+
+    from tests.receiver import Receiver
+
+    receiver = Receiver().start()
+    try:
+        server = Stdio({**_env(tmp_path, "admin"), "AGENT_POLICY_WEBHOOK_URL": receiver.url,
+                        "AGENT_POLICY_WEBHOOK_SECRET": "s"},
+                       [sys.executable, "-m", "agentpolicy.mcp"])  # fmt: skip
+        server.initialize()
+        server.call("agent_policy_set", {"agentId": "bot", "policy": APPROVAL_POLICY})
+        held = server.call("agent_policy_authorize", {**PAY, "amount": "500000000"})
+        assert held["structuredContent"]["data"]["requiresApproval"] is True
+        deadline = time.monotonic() + 15
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.05)  # real time: delivery runs on real time, not the engine's clock
+        assert [json.loads(r.body)["event"] for r in receiver.received] == ["approval.created"]
+        assert "Traceback" not in server.close()
+    finally:
+        receiver.stop()
+
+
+# -- the Claude Desktop configuration of docs/mcp.md, as written -----------------------------------
+
+DOCS_VENV = "/Users/you/agentpolicy/.venv"
+DOCS_STATE = "/Users/you/Library/Application Support/agentpolicy"
+
+
+def claude_desktop_config() -> dict[str, Any]:
+    text = (ROOT / "docs" / "mcp.md").read_text()
+    blocks = [b for b in re.findall(r"```json\n(.*?)```", text, re.DOTALL) if "mcpServers" in b]
+    assert len(blocks) == 1
+    config: dict[str, Any] = json.loads(blocks[0])
+    return config
+
+
+@pytest.mark.parametrize("name", ["agent-policy", "agent-policy-admin"])
+def test_the_documented_claude_desktop_config_starts_on_a_new_machine(
+    tmp_path: Path, name: str
+) -> None:
+    entry = claude_desktop_config()["mcpServers"][name]
+    venv, state = str(Path(sys.executable).parent.parent), str(tmp_path / "App Support" / "ap")
+    command = entry["command"].replace(DOCS_VENV, venv)
+    assert Path(command).is_absolute()  # no PATH needed
+    env = {key: value.replace(DOCS_STATE, state) for key, value in entry["env"].items()}
+    assert not Path(state).exists()  # the folder of AGENT_POLICY_DB does not exist yet
+    # Claude Desktop starts the server with a bare environment: no venv on PATH.
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env}
+    server = Stdio(bare, [command, *entry.get("args", [])], inherit=False)
+    assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
+    tools = server.send("tools/list")["result"]["tools"]
+    assert len(tools) == (10 if name == "agent-policy-admin" else 7)
+    assert all("outputSchema" in t and "annotations" in t for t in tools)
+    assert "Traceback" not in server.close()
+    assert stat.S_IMODE(Path(state).stat().st_mode) == 0o700
+    assert Path(env["AGENT_POLICY_DB"]).is_file()

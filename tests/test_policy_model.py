@@ -88,3 +88,23 @@ def test_recipients_normalise_only_hex_addresses() -> None:
 def test_spending_limits_by_period() -> None:
     limits = SpendingLimits(hourly=Amount(1), monthly=Amount(2))
     assert [p.value for p, _ in limits.windowed] == ["hourly", "monthly"]
+
+
+@pytest.mark.parametrize(
+    "name", ["America", "localtime", "posixrules", "Factory", "Europe", "right/UTC", "posix/UTC",
+             "Europe/Berlin/", "europe/berlin"],
+)  # fmt: skip
+def test_only_real_iana_zone_keys_are_timezones(name: str) -> None:
+    from agentpolicy import load_policy
+
+    with pytest.raises(PolicyValidationError) as err:
+        load_policy({"timeRules": {"timezone": name}})
+    (problem,) = err.value.problems
+    assert problem.path == "$.timeRules.timezone"
+    assert problem.message.startswith("unknown IANA timezone")
+    assert "Error" not in problem.message
+
+
+@pytest.mark.parametrize("name", ["UTC", "Etc/GMT+5", "Australia/Lord_Howe", "US/Eastern"])
+def test_real_zone_keys_are_accepted(name: str) -> None:
+    assert TimeRules(timezone=name).timezone == name

@@ -22,6 +22,8 @@ MODULES = [
     "agentpolicy.ledger.runner", "agentpolicy.ledger.state", "agentpolicy.ledger.operations",
     "agentpolicy.ledger.outbox",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
+    "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
+    "agentpolicy.mcp.command", "agentpolicy._version",
 ]  # fmt: skip
 
 
@@ -53,3 +55,13 @@ def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_exported_name_is_lazy_and_listed() -> None:
+    assert set(agentpolicy._EXPORTS) == set(agentpolicy.__all__)
+    for name in agentpolicy.__all__:
+        module = importlib.import_module(agentpolicy._EXPORTS[name])
+        assert getattr(agentpolicy, name) is getattr(module, name)
+    assert agentpolicy.parse_units("500.25", 6) == 500_250_000
+    assert agentpolicy.parse_base_units("500250000") == 500_250_000
+    assert agentpolicy.format_units(500_250_000, 6) == "500.25"

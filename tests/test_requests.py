@@ -17,7 +17,7 @@ def make(**kw: Any) -> PaymentRequest:
     return PaymentRequest(**{**base, **kw})
 
 
-def test_defaults_are_the_seeds_and_digit_strings_become_ints() -> None:
+def test_defaults_are_usdt_and_digit_strings_become_ints() -> None:
     r = make()
     assert (r.amount, r.decimals, r.symbol, r.category, r.memo) == (
         500_000_000,

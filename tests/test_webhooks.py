@@ -45,8 +45,8 @@ POLICY = {
 }  # fmt: skip
 
 
-def seed_verify(payload: str, signature: str, secret: str) -> bool:
-    """The seed's verifyWebhookSignature, line for line."""
+def design_verify(payload: str, signature: str, secret: str) -> bool:
+    """verifyWebhookSignature of the t402 agent-policy design, line for line."""
     expected = "sha256=" + hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
     return signature == expected
 
@@ -89,11 +89,11 @@ def bodies(receiver: Receiver) -> list[dict[str, Any]]:
 # --- signatures -------------------------------------------------------------------------
 
 
-def test_signatures_match_the_seed_and_the_timestamped_one_refuses_replays() -> None:
+def test_signatures_match_the_design_and_the_timestamped_one_refuses_replays() -> None:
     body = b'{"event":"approval.created"}'
     headers = sign(body, SECRET, timestamp=1_800_000_000)
     assert re.fullmatch(r"sha256=[a-f0-9]{64}", headers["X-Webhook-Signature"])
-    assert seed_verify(body.decode(), headers["X-Webhook-Signature"], SECRET)
+    assert design_verify(body.decode(), headers["X-Webhook-Signature"], SECRET)
     assert headers["X-Webhook-Timestamp"] == "2027-01-15T08:00:00Z"
     assert verify(body, headers, SECRET, now=1_800_000_100)
     lowered = {k.lower(): v for k, v in headers.items()}
@@ -126,7 +126,7 @@ def test_endpoints_validate_and_never_show_their_secret() -> None:
         to_endpoints([{"url": "http://x", "secret": "a"}, {"url": "http://x", "secret": "b"}])
 
 
-def test_endpoints_from_the_seeds_environment_variables() -> None:
+def test_endpoints_from_the_environment_variables() -> None:
     found = endpoints_from_env({
         "AGENT_POLICY_WEBHOOKS": json.dumps([{"url": "https://a.example/h", "secret": "a"}]),
         "AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:8080/h",
@@ -142,14 +142,155 @@ def test_endpoints_from_the_seeds_environment_variables() -> None:
     assert endpoints_from_env({}) == ()
     with pytest.raises(PolicyValidationError):
         endpoints_from_env({"AGENT_POLICY_WEBHOOKS": "{not json"})
-    with pytest.raises(PolicyValidationError):
+    with pytest.raises(PolicyValidationError) as err:
         endpoints_from_env({"AGENT_POLICY_WEBHOOK_URL": "http://x"})  # no secret
+    assert err.value.problems[0].path == "$AGENT_POLICY_WEBHOOK_SECRET"
+    with pytest.raises(PolicyValidationError) as err:
+        endpoints_from_env({"AGENT_POLICY_WEBHOOK_URL": "http://x", "AGENT_POLICY_WEBHOOK_SECRET": "s",
+                            "AGENT_POLICY_WEBHOOK_TIMEOUT": "soon"})  # fmt: skip
+    assert err.value.problems[0].path == "$AGENT_POLICY_WEBHOOK_TIMEOUT"
+    with pytest.raises(PolicyValidationError) as err:
+        endpoints_from_env({"AGENT_POLICY_WEBHOOKS": '[{"url": "http://x"}]'})
+    assert err.value.problems[0].path == "$AGENT_POLICY_WEBHOOKS[0].secret"
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(2500, 2.5), ("2500", 2.5), ("250ms", 0.25), ("5s", 5), ("2m", 120), ("1h", 3600),
+     ("1d", 86400), (" 3s ", 3)],
+)  # fmt: skip
+def test_endpoint_timeouts_use_the_one_duration_syntax(raw: object, seconds: float) -> None:
+    (endpoint,) = to_endpoints([{"url": "http://x", "secret": "s", "timeout": raw}])
+    assert endpoint.timeout.total_seconds() == seconds
+    (from_env,) = endpoints_from_env(
+        {
+            "AGENT_POLICY_WEBHOOK_URL": "http://x",
+            "AGENT_POLICY_WEBHOOK_SECRET": "s",
+            "AGENT_POLICY_WEBHOOK_TIMEOUT": str(raw),
+        }
+    )
+    assert from_env.timeout.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("raw", [0, "0", "-5", "1.5s", "5 s", "soon", True, 2.5, "99999999999999d"])
+def test_bad_endpoint_timeouts_are_refused_with_their_path(raw: object) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        to_endpoints([{"url": "http://x", "secret": "s", "timeout": raw}])
+    assert err.value.problems[0].path == "$.webhookEndpoints[0].timeout"
+
+
+# --- Standard Webhooks ----------------------------------------------------------------------
+
+
+def test_the_standard_webhooks_signature_is_what_the_spec_computes() -> None:
+    import base64
+
+    body = b'{"a":1}'
+    headers = sign(body, "plain-secret", timestamp=1_800_000_000, event_id="evt_1")
+    assert (headers["webhook-id"], headers["webhook-timestamp"]) == ("evt_1", "1800000000")
+    digest = hmac.new(b"plain-secret", b'evt_1.1800000000.{"a":1}', hashlib.sha256).digest()
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(digest).decode()
+    key = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+    whsec = sign(body, "whsec_" + key, timestamp=1_800_000_000, event_id="evt_1")
+    raw = hmac.new(b"0123456789abcdef0123456789abcdef", b'evt_1.1800000000.{"a":1}',
+                   hashlib.sha256).digest()  # fmt: skip
+    assert whsec["webhook-signature"] == "v1," + base64.b64encode(raw).decode()
+    assert "webhook-id" not in sign(body, "plain-secret")  # without an event id: the old three
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_sec$ret", "whsec_a"])
+def test_a_malformed_whsec_secret_is_refused(secret: str) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        to_endpoints([{"url": "http://x", "secret": secret}])
+    assert err.value.problems[0].path == "$.webhookEndpoints[0].secret"
+    assert "sec$ret" not in err.value.message
+
+
+@pytest.mark.parametrize("kind", ["plain", "whsec"])
+def test_standard_webhooks_verifiers_accept_our_deliveries(receiver: Receiver, kind: str) -> None:
+    import base64
+
+    from standardwebhooks import Webhook
+
+    if kind == "whsec":
+        secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+        verifier = Webhook(secret)
+    else:
+        secret = "a plain endpoint secret"
+        verifier = Webhook(secret.encode())
+    engine = PolicyEngine(
+        clock=ManualClock(), webhook_endpoints=[{"url": receiver.url, "secret": secret}]
+    )
+    engine.set_policy("agent-123", POLICY)
+    d = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert d.approval_id is not None
+    engine.decide(d.approval_id, "admin@company.com", "approve")
+    assert engine.flush_webhooks(10)
+    assert len(receiver.received) == 2
+    for got in receiver.received:
+        payload = verifier.verify(got.body, got.headers)
+        lowered = {k.lower(): v for k, v in got.headers.items()}
+        assert payload["id"] == lowered["webhook-id"] == lowered["x-webhook-id"]
+        assert lowered["webhook-timestamp"].isdigit()
+        assert verify(got.body, got.headers, secret)  # the older headers still verify
+        assert design_verify(got.body.decode(), got.headers["X-Webhook-Signature"], secret)
+        tampered = got.body.replace(b"agent-123", b"agent-124")
+        with pytest.raises(Exception, match="signature"):
+            verifier.verify(tampered, got.headers)
+    engine.close()
+
+
+# --- secrets in URLs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pass@hooks.example/h?token=abc&x=1",
+         "https://user:***@hooks.example/h?token=***&x=***"),
+        ("https://tok3n@hooks.example/h", "https://***@hooks.example/h"),
+        ("http://127.0.0.1:8080/h", "http://127.0.0.1:8080/h"),
+        ("redis://:pw@redis.example:6379/0", "redis://:***@redis.example:6379/0"),
+        ("https://h.example/h#frag", "https://h.example/h"),
+        ("not a url", "***"),
+    ],
+)  # fmt: skip
+def test_urls_are_shown_without_credentials_or_query_values(url: str, shown: str) -> None:
+    from agentpolicy.urls import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_an_endpoint_url_with_credentials_is_never_logged_or_shown(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.default = 400
+    url = f"http://user:hunter2@127.0.0.1:{receiver.port}/hooks?token=s3cr3t"
+    endpoint = WebhookEndpoint(url, "s")
+    assert "hunter2" not in repr(endpoint)
+    assert "s3cr3t" not in repr(endpoint)
+    engine = PolicyEngine(clock=ManualClock(), webhook_endpoints=[endpoint])
+    engine.set_policy("agent-123", POLICY)
+    with caplog.at_level("INFO", logger="agentpolicy"):
+        engine.authorize(payment(500_000_000, agent_id="agent-123"))
+        assert engine.flush_webhooks(10)
+    assert receiver.requests == [("POST", "/hooks?token=s3cr3t")]
+    # the URL's credentials travel as HTTP Basic authentication
+    assert receiver.last_headers["Authorization"] == "Basic dXNlcjpodW50ZXIy"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "refused: HTTP 400" in logged
+    assert "user:***@127.0.0.1" in logged
+    assert "hunter2" not in logged
+    assert "s3cr3t" not in logged
+    (failed,) = engine.webhook_deliveries("failed")
+    assert "hunter2" not in str(failed.last_error)
+    engine.close()
 
 
 # --- delivery -----------------------------------------------------------------------------
 
 
-def test_every_approval_event_is_delivered_signed_with_the_seeds_headers(
+def test_every_approval_event_is_delivered_signed_with_every_header(
     storage: Any, receiver: Receiver
 ) -> None:
     engine = engine_for(storage, receiver.url)
@@ -163,7 +304,7 @@ def test_every_approval_event_is_delivered_signed_with_the_seeds_headers(
                       "approval.decision_submitted", "approval.approved"]  # fmt: skip
     for got in receiver.received:
         assert got.headers["Content-Type"] == "application/json"
-        assert seed_verify(got.body.decode(), got.headers["X-Webhook-Signature"], SECRET)
+        assert design_verify(got.body.decode(), got.headers["X-Webhook-Signature"], SECRET)
         assert verify(got.body, got.headers, SECRET)
         payload = json.loads(got.body)
         assert got.headers["X-Webhook-Event"] == payload["event"]
@@ -219,6 +360,22 @@ def test_a_400_is_given_up_on_and_recorded(storage: Any, receiver: Receiver) -> 
         ("approval.created", 1, "HTTP 400"),
     ]  # fmt: skip
     assert engine.webhook_deliveries("pending") == []
+    engine.close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_the_event_is_recorded_failed(
+    storage: Any, receiver: Receiver, status: int
+) -> None:
+    receiver.statuses = [status]
+    receiver.location = f"http://127.0.0.1:{receiver.port}/moved"
+    engine = engine_for(storage, receiver.url)
+    engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    assert engine.flush_webhooks(10)
+    assert receiver.requests == [("POST", "/hooks")]  # no GET to /moved, no second POST
+    assert engine.webhook_deliveries("delivered") == []
+    (failed,) = engine.webhook_deliveries("failed")
+    assert (failed.attempts, failed.last_error) == (1, f"HTTP {status} (redirect not followed)")
     engine.close()
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+import zoneinfo
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -146,3 +148,141 @@ def test_windows_for_tells_the_two_fall_back_hours_apart() -> None:
     assert first.key != second.key
     assert first.contains(utc(2026, 11, 1, 5, 30))
     assert second.contains(utc(2026, 11, 1, 6, 30))
+
+
+# -- every zone: windows contain their instant and tile time -----------------------------------
+
+ALL_ZONES = sorted(zoneinfo.available_timezones() - {"localtime", "posixrules", "Factory"})
+# Zones whose clocks do unusual things: half-hour and quarter-past changes, changes at
+# midnight, a skipped day, two-hour summer time, negative summer time, Ramadan breaks.
+ODD_ZONES = [
+    "Australia/Lord_Howe", "Pacific/Chatham", "America/Sao_Paulo", "America/Santiago",
+    "America/Havana", "Asia/Beirut", "Pacific/Apia", "Antarctica/Troll", "Europe/Dublin",
+    "Africa/Casablanca", "Asia/Tehran", "America/Caracas", "Asia/Pyongyang",
+    "America/New_York", "Europe/Berlin", "Pacific/Norfolk", "America/Adak",
+]  # fmt: skip
+
+
+@functools.cache
+def clock_changes(zone_name: str) -> tuple[datetime, ...]:
+    """Every change of UTC offset from 2005 to 2030, found independently of agentpolicy."""
+    zone = ZoneInfo(zone_name)
+    found = []
+    probe = utc(2005, 1, 1)
+    offset = probe.astimezone(zone).utcoffset()
+    while probe < utc(2030, 1, 1):
+        ahead = probe + timedelta(hours=3)
+        if ahead.astimezone(zone).utcoffset() != offset:
+            low, high = probe, ahead
+            while high - low > timedelta(seconds=1):
+                middle = low + (high - low) / 2
+                if middle.astimezone(zone).utcoffset() == offset:
+                    low = middle
+                else:
+                    high = middle
+            found.append(high.replace(microsecond=0))
+            offset = ahead.astimezone(zone).utcoffset()
+        probe = ahead
+    return tuple(found)
+
+
+@st.composite
+def near_a_clock_change(draw: st.DrawFn) -> tuple[datetime, str]:
+    zone = draw(st.sampled_from(ODD_ZONES))
+    change = draw(st.sampled_from(clock_changes(zone)))
+    return change + timedelta(seconds=draw(st.integers(-3 * 3600, 3 * 3600))), zone
+
+
+anywhere = st.tuples(
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2100, 1, 1),
+                 timezones=st.just(UTC)),
+    st.sampled_from(ALL_ZONES),
+)  # fmt: skip
+
+
+def check_windows(instant: datetime, zone_name: str) -> None:
+    zone = ZoneInfo(zone_name)
+    for period in Period:
+        w = window_at(period, instant, zone)
+        assert w.contains(instant), (period, w)
+        assert w.start < w.end
+        assert window_at(period, w.start, zone) == w
+        assert window_at(period, w.end - timedelta(microseconds=1), zone) == w
+        assert window_at(period, w.end, zone).start == w.end  # the next one starts here
+        assert window_at(period, w.start - timedelta(microseconds=1), zone).end == w.start
+        assert w.key == f"{period}:{w.start.astimezone(zone).isoformat()}"
+
+
+@given(near_a_clock_change() | anywhere)
+def test_every_window_of_every_zone_contains_its_instant_and_windows_tile(
+    case: tuple[datetime, str],
+) -> None:
+    check_windows(*case)
+
+
+@pytest.mark.parametrize(
+    ("instant", "zone"),
+    [
+        (utc(2026, 4, 4, 15, 15), "Australia/Lord_Howe"),  # 01:45 +10:30, second time round
+        (utc(2026, 4, 4, 14, 45), "Australia/Lord_Howe"),  # 01:45 +11:00, first time round
+        (utc(2026, 10, 3, 15, 40), "Australia/Lord_Howe"),  # 02:40 +11:00, after the gap
+        (utc(2026, 9, 26, 14, 5), "Pacific/Chatham"),  # 03:50 +13:45, after 02:45 -> 03:45
+        (utc(2026, 4, 4, 14, 5), "Pacific/Chatham"),  # 02:50 +12:45, after 03:45 -> 02:45
+    ],
+)
+def test_fractional_clock_changes_split_the_hour_at_the_change(
+    instant: datetime, zone: str
+) -> None:
+    check_windows(instant, zone)
+    hour = window_at(Period.HOURLY, instant, ZoneInfo(zone))
+    assert hour.end - hour.start <= timedelta(hours=1)
+
+
+def test_lord_howe_fall_back_gives_three_windows_around_the_change() -> None:
+    zone = ZoneInfo("Australia/Lord_Howe")  # 02:00 +11:00 becomes 01:30 +10:30 at 15:00Z
+    keys = [window_at(Period.HOURLY, utc(2026, 4, 4, 14, 59), zone).key,
+            window_at(Period.HOURLY, utc(2026, 4, 4, 15, 0), zone).key,
+            window_at(Period.HOURLY, utc(2026, 4, 4, 15, 30), zone).key]  # fmt: skip
+    assert keys == [
+        "hourly:2026-04-05T01:00:00+11:00",
+        "hourly:2026-04-05T01:30:00+10:30",
+        "hourly:2026-04-05T02:00:00+10:30",
+    ]
+
+
+def test_keys_of_whole_hour_zones_are_unchanged() -> None:
+    # Stored counters are kept under these keys: they must not move.
+    assert window_at(Period.HOURLY, utc(2026, 11, 1, 5, 30), NY).key == (
+        "hourly:2026-11-01T01:00:00-04:00"
+    )
+    assert window_at(Period.DAILY, utc(2026, 3, 8, 12), NY).key == "daily:2026-03-08T00:00:00-05:00"
+    assert window_at(Period.MONTHLY, utc(2026, 1, 15), BERLIN).key == (
+        "monthly:2026-01-01T00:00:00+01:00"
+    )
+
+
+@pytest.mark.parametrize(
+    "instant",
+    [datetime.max.replace(tzinfo=UTC), utc(9999, 12, 31, 12), datetime.min.replace(tzinfo=UTC)],
+)
+def test_the_end_of_the_calendar_is_a_clear_error(instant: datetime) -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        windows_for(load_policy({"timeRules": {"timezone": "Pacific/Kiritimati"}}), instant)
+    assert err.value.code == "INVALID_INPUT"
+    assert err.value.problems[0].path == "$.now"
+    assert instant.isoformat() in err.value.message
+    assert "calendar" in err.value.message
+
+
+def test_the_engine_refuses_a_clock_at_the_end_of_time_with_invalid_input() -> None:
+    from agentpolicy.mcp import AgentPolicyMcpServer
+    from agentpolicy.testing import ManualClock
+
+    clock = ManualClock(utc(9999, 12, 31, 23, 59))
+    server = AgentPolicyMcpServer(role="admin", storage="memory://", clock=clock)
+    server.call("agent_policy_set", {"agentId": "a", "policy": {}})
+    result = server.call("agent_policy_authorize", {
+        "agentId": "a", "amount": "1", "recipient": "0xv", "network": "eip155:1"})  # fmt: skip
+    assert result["success"] is False
+    assert result["error"]["code"] == "INVALID_INPUT"
+    assert "9999-12-31T23:59:00+00:00" in result["error"]["message"]

@@ -53,12 +53,12 @@ __all__ = [
     "dump_policy",
     "evaluate",
     "load_policy",
+    "format_units",
     "open_storage",
+    "parse_base_units",
     "parse_units",
     "windows_for",
 ]
-
-__version__ = "0.1.0.dev0"
 
 # Names load on first use (PEP 562), so `import agentpolicy` costs next to nothing and
 # a program that only evaluates never imports the engine, the storages or the codec.
@@ -105,13 +105,19 @@ _EXPORTS: dict[str, str] = {
     "dump_policy": "agentpolicy.codec",
     "evaluate": "agentpolicy.rules",
     "load_policy": "agentpolicy.codec",
+    "format_units": "agentpolicy.amounts",
     "open_storage": "agentpolicy.storage",
+    "parse_base_units": "agentpolicy.amounts",
     "parse_units": "agentpolicy.amounts",
     "windows_for": "agentpolicy.rules",
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # from the package metadata, read once (agentpolicy._version)
+        from agentpolicy._version import package_version  # noqa: PLC0415
+
+        return package_version()
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'agentpolicy' has no attribute {name!r}")
@@ -125,7 +131,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from agentpolicy.amounts import Amount, parse_units
+    __version__: str
+    from agentpolicy.amounts import Amount, format_units, parse_base_units, parse_units
     from agentpolicy.codec import dump_policy, load_policy
     from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
     from agentpolicy.engine import PolicyEngine, StoredPolicy

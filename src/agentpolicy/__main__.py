@@ -1,4 +1,4 @@
-"""``python -m agentpolicy``: decide sample payments against the seed's example policy."""
+"""``python -m agentpolicy``: decide sample payments against the example policy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from agentpolicy.cli import silence_stdout
 from agentpolicy.codec import load_policy
-from agentpolicy.examples import seed_policy
+from agentpolicy.examples import example_policy
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import evaluate
 
@@ -57,8 +57,8 @@ _SAMPLES: tuple[tuple[str, PaymentRequest, datetime], ...] = (
 
 def main() -> None:
     """Print the decision for each sample payment."""
-    policy = load_policy(seed_policy())
-    print("agentpolicy: the seed's example policy against sample payments\n")
+    policy = load_policy(example_policy())
+    print("agentpolicy: the example policy against sample payments\n")
     for label, request, now in _SAMPLES:
         decision = evaluate(policy, request, {}, now)
         verdict = (

@@ -129,6 +129,35 @@ Check = Callable[[Any, str], list[Problem]]
 """A field check: ``(value, path) -> problems``, declared once as field metadata."""
 
 CHECK = "agentpolicy.check"
+SCHEMA = "agentpolicy.schema"
+"""Field metadata: the JSON Schema of the field's JSON form, when the check's does not fit."""
+
+_SCHEMAS: dict[Check, dict[str, Any]] = {}
+
+
+def describe(check: Check, schema: dict[str, Any]) -> Check:
+    """Record the JSON Schema that ``check`` enforces (read by :mod:`agentpolicy.schema`)."""
+    _SCHEMAS[check] = schema
+    return check
+
+
+def schema_of(check: Check) -> dict[str, Any] | None:
+    """The JSON Schema recorded for ``check``, if any."""
+    return _SCHEMAS.get(check)
+
+
+_NOT_AT_ENDS = r"[^\s\x00-\x1f\x7f-\x9f]"
+_INSIDE = r"[^\x00-\x1f\x7f-\x9f]"
+
+
+def identifier_schema(max_len: int = MAX_ID) -> dict[str, Any]:
+    """The JSON Schema of :func:`check_identifier`."""
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": max_len,
+        "pattern": f"^{_NOT_AT_ENDS}(?:{_INSIDE}*{_NOT_AT_ENDS})?$",
+    }
 
 
 def camel(name: str) -> str:
@@ -137,14 +166,28 @@ def camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def checked(check: Check, **kwargs: Any) -> Any:
-    """An attrs field whose value ``check`` validates (on construction and in the codec)."""
-    return attrs.field(metadata={CHECK: check}, **kwargs)
+def checked(check: Check, *, schema: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """An attrs field whose value ``check`` validates (on construction and in the codec).
+
+    ``schema`` is the JSON Schema of the field's JSON form when it differs
+    from the one recorded for ``check`` (see :func:`describe`).
+    """
+    metadata: dict[str, Any] = {CHECK: check}
+    if schema is not None:
+        metadata[SCHEMA] = schema
+    return attrs.field(metadata=metadata, **kwargs)
 
 
 def optional(check: Check) -> Check:
     """A check that also accepts ``None``."""
-    return lambda value, path: [] if value is None else check(value, path)
+    inner = schema_of(check)
+
+    def check_optional(value: Any, path: str) -> list[Problem]:
+        return [] if value is None else check(value, path)
+
+    if inner is not None:
+        describe(check_optional, {"anyOf": [inner, {"type": "null"}]})
+    return check_optional
 
 
 @functools.cache
@@ -175,12 +218,17 @@ def validate(instance: Any, cross: Callable[[], list[Problem]] | None = None) ->
 
 def int_between(low: int, high: int) -> Check:
     """A check for an integer in ``[low, high]``."""
-    return lambda value, path: check_int(value, path, low, high)
+    return describe(
+        lambda value, path: check_int(value, path, low, high),
+        {"type": "integer", "minimum": low, "maximum": high},
+    )
 
 
 def identifier(max_len: int = MAX_ID) -> Check:
     """A check for an identifier of at most ``max_len`` characters."""
-    return lambda value, path: check_identifier(value, path, max_len)
+    return describe(
+        lambda value, path: check_identifier(value, path, max_len), identifier_schema(max_len)
+    )
 
 
 def instance_of(cls: type) -> Check:
@@ -191,7 +239,7 @@ def instance_of(cls: type) -> Check:
             return []
         return [Problem(path, f"must be a {cls.__name__} object, not {type_name(value)}")]
 
-    return check
+    return describe(check, {"$ref": f"#/$defs/{cls.__name__}"})
 
 
 MAX_LIST = 10_000
@@ -207,4 +255,15 @@ def array_of(item: Check, max_len: int = MAX_LIST) -> Check:
             return [Problem(path, f"must have at most {max_len} entries")]
         return [p for i, v in enumerate(values) for p in item(v, f"{path}[{i}]")]
 
-    return check
+    schema: dict[str, Any] = {"type": "array", "maxItems": max_len}
+    if (items := schema_of(item)) is not None:
+        schema["items"] = items
+    return describe(check, schema)
+
+
+describe(check_bool, {"type": "boolean"})
+describe(check_text, {"type": "string", "maxLength": MAX_TEXT})
+describe(
+    check_network,
+    {"type": "string", "maxLength": 64, "pattern": "^[-a-zA-Z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}$"},
+)

@@ -7,20 +7,23 @@ and never rounds.
 
 from __future__ import annotations
 
+import re
 from typing import cast
 
 import attrs
 
 from agentpolicy._checks import (
     MAX_DIGITS,
+    check_int,
     checked,
     identifier,
     int_between,
     raise_if,
+    type_name,
     units_problems,
     validate,
 )
-from agentpolicy.errors import Problem
+from agentpolicy.errors import PolicyValidationError, Problem
 
 __all__ = [
     "DEFAULT_DECIMALS",
@@ -32,30 +35,71 @@ __all__ = [
     "format_units",
     "over_limit",
     "over_limit_units",
+    "parse_base_units",
     "parse_units",
     "same_symbol",
     "scale_units",
 ]
 
 DEFAULT_DECIMALS = 6
-"""Decimals of an amount or request that names none (the seed's default)."""
+"""Decimals of an amount or request that names none (as in the t402 agent-policy design)."""
 
 DEFAULT_SYMBOL = "USDT"
-"""Symbol of an amount or request that names none (the seed's default)."""
+"""Symbol of an amount or request that names none (as in the t402 agent-policy design)."""
 
 MAX_DECIMALS = 255
 """ERC-20 ``decimals`` is a uint8, so no real token has more."""
 
 
-def parse_units(raw: object, path: str = "$") -> int:
+def parse_base_units(raw: object, path: str = "$") -> int:
     """Parse a non-negative count of base units from an ``int`` or a string of ASCII digits.
 
-    Raises :class:`~agentpolicy.PolicyValidationError` for negatives, floats,
+    ``parse_base_units("500250000") == 500_250_000``. Raises
+    :class:`~agentpolicy.PolicyValidationError` for negatives, floats,
     booleans, ``"1.5"``, ``"1e6"``, ``""``, whitespace, ``"0x10"`` and more than
     :data:`MAX_DIGITS` digits.
     """
     raise_if(units_problems(raw, path))
     return int(cast(int | str, raw))
+
+
+_HUMAN = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+
+
+def parse_units(text: object, decimals: int, path: str = "$") -> int:
+    """Parse a human amount such as ``"500.25"`` into base units of a token with ``decimals``.
+
+    ``parse_units("500.25", 6) == 500_250_000``, as viem's and ethers'
+    ``parseUnits``. Exact: the digits are shifted, never rounded, and no
+    float or Decimal is involved. Raises
+    :class:`~agentpolicy.PolicyValidationError` for anything but ASCII digits
+    with at most one ``.`` between digits: more fractional digits than
+    ``decimals``, negatives, exponents, whitespace, ``".5"``, ``"5."``,
+    separators, or a result of more than :data:`MAX_DIGITS` digits.
+    """
+    raise_if(check_int(decimals, "$.decimals", 0, MAX_DECIMALS))
+    if not isinstance(text, str):
+        raise PolicyValidationError.single(
+            path, f"must be a decimal string such as '500.25', not {type_name(text)}"
+        )
+    match = _HUMAN.fullmatch(text) if text.isascii() else None
+    if match is None:
+        raise PolicyValidationError.single(
+            path,
+            f"must be digits with an optional '.' and fraction, such as '500.25', got {text!r}",
+        )
+    whole, fraction = match.group(1), match.group(2) or ""
+    if len(fraction) > decimals:
+        raise PolicyValidationError.single(
+            path,
+            f"has {len(fraction)} digits after the point but the token has {decimals} decimals",
+        )
+    digits = (whole + fraction.ljust(decimals, "0")).lstrip("0") or "0"
+    if len(digits) > MAX_DIGITS:
+        raise PolicyValidationError.single(
+            path, f"must have at most {MAX_DIGITS} digits in base units"
+        )
+    return int(digits)
 
 
 def scale_units(value: int, from_decimals: int, to_decimals: int) -> int:
@@ -100,12 +144,22 @@ def same_symbol(a: str, b: str) -> bool:
 
 
 def format_units(value: int, decimals: int) -> str:
-    """Render base units as an exact decimal string: ``1500000, 6 -> "1.5"``."""
+    """Render base units as an exact decimal string, as viem's and ethers' ``formatUnits``.
+
+    ``format_units(500_250_000, 6) == "500.25"``; ``format_units(1, 6) ==
+    "0.000001"``; trailing zeros are dropped and a negative value keeps its
+    sign. :func:`parse_units` reads the result back to ``value``.
+    """
+    if type(value) is not int or type(decimals) is not int or decimals < 0:
+        raise PolicyValidationError.single(
+            "$", "format_units needs an integer value and non-negative integer decimals"
+        )
+    sign, magnitude = ("-", -value) if value < 0 else ("", value)
     if decimals == 0:
-        return str(value)
-    whole, frac = divmod(value, 10**decimals)
+        return f"{sign}{magnitude}"
+    whole, frac = divmod(magnitude, 10**decimals)
     digits = str(frac).rjust(decimals, "0").rstrip("0")
-    return f"{whole}.{digits}" if digits else str(whole)
+    return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
 
 
 def _non_negative(value: object, path: str) -> list[Problem]:
@@ -119,13 +173,22 @@ class Amount:
     """An exact amount of a token: ``value`` base units with ``decimals`` and ``symbol``.
 
     ``Amount(100_000000)`` is 100 USDT (6 decimals). ``value`` must be a
-    non-negative ``int`` of any size; the JSON form (and :func:`parse_units`,
+    non-negative ``int`` of any size; the JSON form (and :func:`parse_base_units`,
     used on every input) also accepts a string of at most :data:`MAX_DIGITS`
     digits.
     Raises :class:`~agentpolicy.PolicyValidationError` when a field is invalid.
     """
 
-    value: int = checked(_non_negative)
+    value: int = checked(
+        _non_negative,
+        schema={
+            "description": "base units: a string of digits (or a JSON integer)",
+            "anyOf": [
+                {"type": "string", "pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$"},
+                {"type": "integer", "minimum": 0},
+            ],
+        },
+    )
     decimals: int = checked(int_between(0, MAX_DECIMALS), default=DEFAULT_DECIMALS)
     symbol: str = checked(identifier(32), default=DEFAULT_SYMBOL)
 

@@ -2,8 +2,11 @@
 
 Human-readable output by default, ``--json`` for scripts. Errors print one
 line on stderr and exit non-zero (2 for bad input, 1 otherwise); never a
-traceback. ``authorize`` exits 0 when the payment is allowed and 3 when it is
-not (denied, or waiting for approval).
+traceback (``-v`` shows the traceback of an internal error). ``authorize``
+exits 0 when the payment is allowed and 3 when it is not (denied, or
+waiting for approval). The storage and webhook endpoints come from the
+same settings as the MCP server's (:func:`agentpolicy.config.build_engine`);
+webhooks a command causes are delivered before it exits.
 """
 
 from __future__ import annotations
@@ -13,23 +16,33 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-import attrs
-
 from agentpolicy import __version__
-from agentpolicy.amounts import format_units
-from agentpolicy.codec import dump_policy
-from agentpolicy.config import Settings, read_settings
-from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
-from agentpolicy.errors import ErrorCode, NotFoundError, PolicyError, PolicyValidationError
+from agentpolicy import cli_output as show
+from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
+from agentpolicy.codec import dump_policy, load_policy
+from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
+from agentpolicy.durations import parse_duration
+from agentpolicy.engine import PolicyEngine
+from agentpolicy.errors import (
+    ErrorCode,
+    NotFoundError,
+    PolicyError,
+    PolicyValidationError,
+    Problem,
+)
 from agentpolicy.examples import approval_example_policy
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.storage import open_storage
+from agentpolicy.urls import redact_url
 from agentpolicy.views import (
     approval_data,
     budget_data,
@@ -38,11 +51,14 @@ from agentpolicy.views import (
     reservation_data,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "silence_stdout"]
 
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_ALLOWED = 3
+MAX_LIMIT = 10_000
+_ALL = 10_000  # deliveries looked at when finding the ones a command caused
+MCP_EXTRA = "pip install 'agentpolicy[mcp]'"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,190 +67,322 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _add_review_commands(sub: Any) -> None:
-    """Commands for people who review: approvals, history and webhook deliveries."""
-    ap = sub.add_parser("approvals", help="list, show, approve and deny approvals")
-    asub = ap.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    al = asub.add_parser("list", help="pending approvals")
-    al.add_argument("--agent")
-    ash = asub.add_parser("show", help="one approval")
-    ash.add_argument("approval")
-    for verb in ("approve", "deny"):
-        v = asub.add_parser(verb, help=f"{verb} as a named approver")
-        v.add_argument("approval")
-        v.add_argument("--as", dest="approver", required=True, help="the approver's name")
-        v.add_argument("--comment")
-
-    h = sub.add_parser("history", help="an agent's decisions and state changes")
-    h.add_argument("agent")
-    h.add_argument("--limit", type=int, default=50)
-
-    wh = sub.add_parser("webhooks", help="webhook deliveries in the outbox")
-    whsub = wh.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    whl = whsub.add_parser("list", help="deliveries, newest first")
-    whl.add_argument("--status", choices=["pending", "delivered", "failed"])
-    whl.add_argument("--limit", type=int, default=50)
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--db, --redis-url, --json, -v: accepted before and after the subcommand."""
+    keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "--db", help="SQLite file (default: $AGENT_POLICY_DB, else the state dir)", **keep
+    )
+    parser.add_argument("--redis-url", help="Redis URL (default: $AGENT_POLICY_REDIS_URL)", **keep)
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts", **keep)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the traceback of an internal error",
+        **keep,
+    )  # fmt: skip
+    parser.add_argument(
+        "--webhook-wait",
+        metavar="DURATION",
+        help="how long to wait for the webhooks a command causes (default 10s)",
+        **keep,
+    )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="agentpolicy", description=__doc__.split("\n")[0])
-    p.add_argument("--version", action="version", version=f"agentpolicy {__version__}")
-    p.add_argument("--db", help="SQLite file (default: $AGENT_POLICY_DB, else the state dir)")
-    p.add_argument("--redis-url", help="Redis URL (default: $AGENT_POLICY_REDIS_URL)")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+class _Commands:
+    """Adds leaf commands that also accept the global options."""
 
-    policy = sub.add_parser("policy", help="set, show and list policies")
-    psub = policy.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    ps = psub.add_parser("set", help="set an agent's policy from a JSON file ('-' for stdin)")
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+
+    def add(self, name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self.sub.add_parser(name, help=help)
+        _global_options(parser, defaults=False)
+        return parser
+
+    def group(self, name: str, help: str) -> _Commands:
+        parser = self.sub.add_parser(name, help=help)
+        return _Commands(parser.add_subparsers(dest="action", required=True, parser_class=_Parser))
+
+
+def _limit(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument("--limit", type=int, default=default, help=f"at most 1 to {MAX_LIMIT}")
+
+
+def _add_policy_commands(commands: _Commands) -> None:
+    policy = commands.group("policy", "set, show, list, validate policies; print their schema")
+    ps = policy.add("set", "set an agent's policy from a JSON file ('-' for stdin)")
     ps.add_argument("agent")
     ps.add_argument("file")
-    pg = psub.add_parser("get", help="show an agent's policy")
+    pg = policy.add("get", "show an agent's policy")
     pg.add_argument("agent")
-    pl = psub.add_parser("list", help="list agents with a policy")
+    pl = policy.add("list", "list agents with a policy")
     pl.add_argument("--org", help="only agents whose id starts with ORG:")
+    pv = policy.add("validate", "check a policy file; print every problem (touches no store)")
+    pv.add_argument("file")
+    policy.add("schema", "print the JSON Schema of a policy file")
 
-    a = sub.add_parser("authorize", help="decide a payment and reserve its amount")
+
+def _add_payment_commands(commands: _Commands) -> None:
+    a = commands.add("authorize", "decide a payment and reserve its amount")
     a.add_argument("agent")
-    a.add_argument("amount", help="base units, e.g. 500000000 for 500 USDT")
+    a.add_argument(
+        "amount",
+        help="base units (500250000), human units with --units (500.25), or human units "
+        "with the token ('500.25 USDT', decimals from the agent's policy)",
+    )
     a.add_argument("recipient")
     a.add_argument("network", help="CAIP-2 chain id, e.g. eip155:8453")
+    a.add_argument("--units", action="store_true", help="AMOUNT is in human units (500.25)")
     a.add_argument("--category")
-    a.add_argument("--decimals", type=int, default=6)
-    a.add_argument("--symbol", default="USDT")
+    a.add_argument(
+        "--decimals", type=int, help=f"the token's decimals (default {DEFAULT_DECIMALS})"
+    )
+    a.add_argument("--symbol", help=f"the token's symbol (default {DEFAULT_SYMBOL})")
     a.add_argument("--memo")
     a.add_argument("--idempotency-key")
-
     for name, text in (("confirm", "confirm a reservation"), ("release", "release one")):
-        c = sub.add_parser(name, help=text)
+        c = commands.add(name, text)
         c.add_argument("reservation")
-
-    b = sub.add_parser("budget", help="spent, reserved and remaining per window")
+    b = commands.add("budget", "spent, reserved and remaining per window")
     b.add_argument("agent")
     b.add_argument("--period", choices=["hourly", "daily", "weekly", "monthly"])
 
-    _add_review_commands(sub)
-    sub.add_parser("sweep", help="expire due reservations and approvals now")
-    s = sub.add_parser("serve-mcp", help="serve the MCP tools over stdio")
+
+def _add_review_commands(commands: _Commands) -> None:
+    approvals = commands.group("approvals", "list, show, approve and deny approvals")
+    al = approvals.add("list", "pending approvals")
+    al.add_argument("--agent")
+    ash = approvals.add("show", "one approval")
+    ash.add_argument("approval")
+    for verb in ("approve", "deny"):
+        v = approvals.add(verb, f"{verb} as a named approver")
+        v.add_argument("approval")
+        v.add_argument("--as", dest="approver", required=True, help="the approver's name")
+        v.add_argument("--comment")
+    h = commands.add("history", "an agent's decisions and state changes")
+    h.add_argument("agent")
+    _limit(h, 50)
+    webhooks = commands.group("webhooks", "webhook deliveries in the outbox")
+    whl = webhooks.add("list", "deliveries, newest first")
+    whl.add_argument("--status", choices=["pending", "delivered", "failed"])
+    _limit(whl, 50)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="agentpolicy", description=(__doc__ or "").split("\n")[0].replace("``", ""))
+    p.add_argument("--version", action="version", version=f"agentpolicy {__version__}")
+    _global_options(p, defaults=True)
+    commands = _Commands(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    _add_policy_commands(commands)
+    _add_payment_commands(commands)
+    _add_review_commands(commands)
+    commands.add("sweep", "expire due reservations and approvals now")
+    commands.add("where", "which storage and SQLite file are in use (touches no store)")
+    s = commands.add("serve-mcp", "serve the MCP tools over stdio")
     s.add_argument("--role", choices=["agent", "admin"], help="default: $AGENT_POLICY_ROLE")
     s.add_argument("--agent-id", help="bind to one agent")
     s.add_argument("--org-id", help="bind to agent ids starting with ORG:")
-    d = sub.add_parser("demo", help="walk through the seed's approval example")
+    d = commands.add("demo", "walk through an approval on a temporary database")
     d.add_argument("--keep", action="store_true", help="keep the temporary database")
     return p
 
 
-# -- output ------------------------------------------------------------------------------------
-
-
-def _bar(used: int, limit: int, width: int = 30) -> str:
-    filled = width if limit == 0 else min(width, (used * width + limit - 1) // limit)
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def _units(value: str | None, decimals: int) -> str:
-    if value is None:
-        return "-"
-    return format_units(int(value), decimals)
-
-
-def _print_budget(data: dict[str, Any], out: TextIO) -> None:
-    out.write(f"budget of {data['agentId']} at {data['at']}\n")
-    for period, w in data["periods"].items():
-        d, sym = w["decimals"], w["symbol"]
-        used = int(w["spent"]) + int(w["reserved"])
-        if w["limit"] is None:
-            out.write(f"  {period:<8} no limit       spent {_units(w['spent'], d)} {sym}\n")
-            continue
-        out.write(
-            f"  {period:<8} {_bar(used, int(w['limit']))} "
-            f"spent {_units(w['spent'], d)} + reserved {_units(w['reserved'], d)} "
-            f"of {_units(w['limit'], d)} {sym}; {_units(w['remaining'], d)} left "
-            f"(until {w['windowEnd']})\n"
-        )
-
-
-def _print_approval(data: dict[str, Any], out: TextIO) -> None:
-    out.write(
-        f"{data['id']}  {data['status']:<8} {data['amount']} to {data['recipient']} on "
-        f"{data['network']} for {data['agentId']}\n"
-        f"    needs {data['requiredApprovers']} of {', '.join(data['approvers'])}; "
-        f"expires {data['expiresAt']}\n"
-    )
-    for v in data["decisions"]:
-        note = f" ({v['comment']})" if "comment" in v else ""
-        out.write(f"    {v['timestamp']} {v['approver']}: {v['decision']}{note}\n")
-    if "reservationId" in data:
-        out.write(f"    reservation {data['reservationId']}: confirm it after paying\n")
-
-
-def _print_decision(data: dict[str, Any], out: TextIO) -> None:
-    if data["allowed"]:
-        out.write(f"ALLOWED  reservation {data['reservationId']} until {data['expiresAt']}\n")
-    elif data.get("requiresApproval"):
-        out.write(f"APPROVAL_REQUIRED  approval {data['approvalId']}: {data['reason']}\n")
-    else:
-        out.write(f"DENIED {data['code']}: {data['reason']}\n")
-
-
-# -- commands ------------------------------------------------------------------------------------
+# -- commands that touch no store -------------------------------------------------------------
 
 
 def _read_policy(file: str) -> Any:
     try:
         text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyValidationError.single(
-            "$.file", f"cannot read {file}: {exc.strerror}"
-        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise PolicyValidationError.single("$.file", f"cannot read {file}: {reason}") from None
     try:
         return json.loads(text)
     except ValueError as exc:
         raise PolicyValidationError.single("$.file", f"{file} is not JSON: {exc}") from None
 
 
-def _print_policy(d: dict[str, Any], out: TextIO) -> None:
-    out.write(f"# {d['agentId']}, version {d['version']}\n{json.dumps(d['policy'], indent=2)}\n")
+def _validate(file: str) -> dict[str, Any]:
+    problems: list[Problem] = []
+    try:
+        document = _read_policy(file)
+        if not isinstance(document, dict):
+            raise PolicyValidationError.single("$", "a policy must be a JSON object")
+        load_policy(document)
+    except PolicyValidationError as err:
+        problems = list(err.problems)
+    return {
+        "file": file,
+        "valid": not problems,
+        "problems": [{"path": p.path, "message": p.message} for p in problems],
+    }
 
 
-def _print_policies(d: dict[str, Any], out: TextIO) -> None:
-    for r in d["policies"]:
-        state = "enabled" if r["enabled"] else "DISABLED"
-        out.write(f"{r['agentId']}  v{r['version']}  {state}\n")
+def _where(settings: Settings) -> dict[str, Any]:
+    path = settings.sqlite_path(fallback_to_file=True)
+    return {
+        "storage": settings.shown_storage_url(fallback_to_file=True),
+        "sqlitePath": None if path is None else str(path),
+        "exists": None if path is None else path.exists(),
+        "keyPrefix": settings.key_prefix if settings.redis_url else None,
+        "webhookEndpoints": [redact_url(e.url) for e in settings.webhook_endpoints],
+    }
 
 
-def _print_approvals(d: dict[str, Any], out: TextIO) -> None:
-    for x in d["approvals"]:
-        _print_approval(x, out)
-    if not d["approvals"]:
-        out.write("no pending approvals\n")
+def _demo(out: TextIO, keep: bool) -> int:
+    folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
+    try:
+        _walk_through(Path(folder) / "demo.db", out)
+    finally:
+        if keep:
+            out.write(f"\nkept {folder}\n")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
 
 
-def _print_history(d: dict[str, Any], out: TextIO) -> None:
-    for r in d["history"]:
-        ref = r.get("reservationId") or r.get("approvalId") or ""
-        out.write(f"{r['at']}  {r['event']:<17} {r.get('code', ''):<24} {ref}\n")
-
-
-def _print_deliveries(d: dict[str, Any], out: TextIO) -> None:
-    for r in d["deliveries"]:
-        error = f"  ({r['lastError']})" if r["lastError"] else ""
+def _walk_through(db: Path, out: TextIO) -> None:
+    out.write(f"agentpolicy demo: an approval, from request to payment, on {db}\n\n")
+    with PolicyEngine(storage=f"sqlite:///{db}") as engine:
+        out.write("1. set a policy for agent-123: 10,000 USDT a day; >= 100 USDT needs "
+                  "admin@company.com\n")  # fmt: skip
+        out.write(f"   version {engine.set_policy('agent-123', approval_example_policy())}\n")
+        out.write("2. the agent asks to pay 500 USDT to 0xvendor on Base\n   ")
+        d = engine.authorize(PaymentRequest("agent-123", "500000000", "0xvendor", "eip155:8453"))
+        show.print_decision(decision_data(d), out)
+        assert d.approval_id is not None  # noqa: S101 - the example policy asks for approval
+        out.write("3. the pending approval, its 500 USDT held against the daily limit\n")
+        show.print_approval(approval_data(engine.get_approval(d.approval_id)), out)
+        out.write("4. admin@company.com approves\n")
+        approval = engine.decide(d.approval_id, "admin@company.com", "approve", "looks right")
+        show.print_approval(approval_data(approval), out)
+        assert approval.reservation_id is not None  # noqa: S101 - approved above
+        out.write("5. the agent pays, then confirms the reservation\n")
         out.write(
-            f"{r['status']:<9} {r['event']:<28} {r['approvalId']}  "
-            f"attempts {r['attempts']}{error}\n"
+            f"   {approval.reservation_id}: {engine.confirm(approval.reservation_id).status}\n"
         )
-    if not d["deliveries"]:
-        out.write("no webhook deliveries\n")
+        out.write("6. the budget now\n")
+        show.print_budget(budget_data(engine.budget("agent-123")), out)
+        out.write("7. a 20 USDT payment needs no approval\n   ")
+        small = engine.authorize(PaymentRequest("agent-123", "20000000", "0xvendor", "eip155:8453"))
+        show.print_decision(decision_data(small), out)
 
 
-def _print_line(template: str) -> Callable[[dict[str, Any], TextIO], None]:
+# -- commands on the engine ----------------------------------------------------------------------
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise PolicyValidationError.single("$.limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    return limit
+
+
+def _payment(args: argparse.Namespace, engine: PolicyEngine) -> PaymentRequest:
+    """The request, reading AMOUNT as base units, human units, or human units with a token."""
+    amount: str | int = args.amount
+    symbol, decimals = args.symbol, args.decimals
+    text, _, token = str(args.amount).strip().partition(" ")
+    if token:  # "500.25 USDT"
+        token = token.strip()
+        if symbol is not None and symbol.casefold() != token.casefold():
+            raise PolicyValidationError.single(
+                "$.symbol", f"--symbol {symbol} contradicts the amount's token {token}"
+            )
+        symbol = token
+        if decimals is None:
+            decimals = _policy_decimals(engine, args.agent, token)
+        amount = parse_units(text, decimals, "$.amount")
+    elif args.units:
+        if decimals is None and symbol is not None:
+            decimals = _policy_decimals(engine, args.agent, symbol)
+        amount = parse_units(text, DEFAULT_DECIMALS if decimals is None else decimals, "$.amount")
+    return PaymentRequest(
+        agent_id=args.agent, amount=amount, recipient=args.recipient, network=args.network,
+        category=args.category, decimals=DEFAULT_DECIMALS if decimals is None else decimals,
+        symbol=symbol or DEFAULT_SYMBOL, memo=args.memo, idempotency_key=args.idempotency_key,
+    )  # fmt: skip
+
+
+def _policy_decimals(engine: PolicyEngine, agent: str, symbol: str) -> int:
+    stored = engine.get_policy(agent)
+    amounts = [] if stored is None else [a for _, a in stored.policy.amounts()]
+    for a in amounts:
+        if a.symbol.casefold() == symbol.casefold():
+            return a.decimals
+    raise PolicyValidationError.single(
+        "$.amount",
+        f"the decimals of {symbol} are not known: the policy of {agent} names no {symbol} "
+        "amount; give --decimals N (with --units) or the amount in base units",
+    )
+
+
+def _history(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
+    records = engine.history(args.agent, _check_limit(args.limit))
+    if not records and engine.get_policy(args.agent) is None:
+        raise NotFoundError(f"no policy is set for agent {args.agent}", code=ErrorCode.NO_POLICY)
+    approvals: dict[str, Any] = {}
+    reservations: dict[str, Any] = {}
+
+    def lookup(table: dict[str, Any], key: str, get: Callable[[str], Any]) -> Any:
+        if key not in table:
+            try:
+                table[key] = get(key)
+            except NotFoundError:
+                table[key] = None
+        return table[key]
+
+    rows = []
+    for h in records:
+        row = history_data(h)
+        request = h.request
+        approval = None
+        if h.approval_id is not None:
+            approval = lookup(approvals, h.approval_id, engine.get_approval)
+        if request is None and h.reservation_id is not None:
+            reservation = lookup(reservations, h.reservation_id, engine.get_reservation)
+            request = None if reservation is None else reservation.request
+        if request is None and approval is not None:
+            request = approval.request
+        if request is not None:
+            row.update(amount=str(request.amount), decimals=request.decimals,
+                       symbol=request.symbol, recipient=request.recipient)  # fmt: skip
+        if approval is not None and h.event == "vote":
+            vote = next((v for v in approval.votes if v.at == h.at and v.decision == h.code), None)
+            if vote is not None:
+                row["approver"] = vote.approver
+                if vote.comment:
+                    row["comment"] = vote.comment
+        elif approval is not None and h.event in ("approval_approved", "approval_denied"):
+            wanted = "approve" if h.event == "approval_approved" else "deny"
+            row["approvers"] = [v.approver for v in approval.votes if v.decision == wanted]
+        rows.append(row)
+    return {"history": rows}
+
+
+def _deliveries(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) -> Any:
+    urls = {e.id: redact_url(e.url) for e in settings.webhook_endpoints}
+    return {"deliveries": [
+        {"id": w.event_id, "event": w.event, "endpoint": w.endpoint_id,
+         "url": urls.get(w.endpoint_id), "approvalId": w.approval_id,
+         "status": w.status.value, "attempts": w.attempts, "lastError": w.last_error}
+        for w in engine.webhook_deliveries(args.status, _check_limit(args.limit))
+    ]}  # fmt: skip
+
+
+def _settle(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
+    reservation = (engine.confirm if args.command == "confirm" else engine.release)(
+        args.reservation
+    )
+    return reservation_data(reservation)
+
+
+def _line(template: str) -> Callable[[dict[str, Any], TextIO], None]:
     def write(d: dict[str, Any], out: TextIO) -> None:
         out.write(template.format(**d) + "\n")
 
     return write
 
 
-def _run(args: argparse.Namespace, engine: PolicyEngine, out: TextIO) -> int:
+def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out: TextIO) -> int:
     def emit(data: Any, human: Callable[[Any, TextIO], None]) -> None:
         if args.json:
             out.write(json.dumps(data, indent=2) + "\n")
@@ -245,100 +393,113 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, out: TextIO) -> int:
     if cmd == "policy" and action == "set":
         version = engine.set_policy(args.agent, _read_policy(args.file))
         emit({"agentId": args.agent, "version": version},
-             _print_line("policy of {agentId} is now version {version}"))  # fmt: skip
+             _line("policy of {agentId} is now version {version}"))  # fmt: skip
     elif cmd == "policy" and action == "get":
         stored = engine.get_policy(args.agent)
         if stored is None:
-            raise NotFoundError(f"no policy is set for {args.agent}", code=ErrorCode.NO_POLICY)
+            raise NotFoundError(
+                f"no policy is set for agent {args.agent}", code=ErrorCode.NO_POLICY
+            )
         emit({"agentId": args.agent, "version": stored.version,
-              "policy": dump_policy(stored.policy)}, _print_policy)  # fmt: skip
+              "policy": dump_policy(stored.policy)}, show.print_policy)  # fmt: skip
     elif cmd == "policy":
         rows = [{"agentId": p.agent_id, "enabled": p.policy.enabled, "version": p.version}
                 for p in engine.list_policies(args.org)]  # fmt: skip
-        emit({"policies": rows}, _print_policies)
+        emit({"policies": rows}, show.print_policies)
     elif cmd == "authorize":
-        request = PaymentRequest(
-            agent_id=args.agent, amount=args.amount, recipient=args.recipient,
-            network=args.network, category=args.category, decimals=args.decimals,
-            symbol=args.symbol, memo=args.memo, idempotency_key=args.idempotency_key,
-        )  # fmt: skip
-        data = decision_data(engine.authorize(request))
-        emit(data, _print_decision)
+        data = decision_data(engine.authorize(_payment(args, engine)))
+        emit(data, show.print_decision)
         return 0 if data["allowed"] else EXIT_NOT_ALLOWED
     elif cmd in ("confirm", "release"):
-        r = getattr(engine, cmd)(args.reservation)
-        emit(reservation_data(r), _print_line("{reservationId}: {status}"))
+        emit(_settle(args, engine), _line("{reservationId}: {status}"))
     elif cmd == "budget":
-        emit(budget_data(engine.budget(args.agent, args.period)), _print_budget)
+        emit(budget_data(engine.budget(args.agent, args.period)), show.print_budget)
     elif cmd == "approvals" and action == "list":
         emit({"approvals": [approval_data(a) for a in engine.list_approvals(args.agent)]},
-             _print_approvals)  # fmt: skip
+             show.print_approvals)  # fmt: skip
     elif cmd == "approvals" and action == "show":
-        emit(approval_data(engine.get_approval(args.approval)), _print_approval)
+        emit(approval_data(engine.get_approval(args.approval)), show.print_approval)
     elif cmd == "approvals":
         a = engine.decide(args.approval, args.approver, str(action), args.comment)
-        emit(approval_data(a), _print_approval)
+        emit(approval_data(a), show.print_approval)
     elif cmd == "history":
-        rows = [history_data(h) for h in engine.history(args.agent, args.limit)]
-        emit({"history": rows}, _print_history)
+        emit(_history(args, engine), show.print_history)
     elif cmd == "webhooks":
-        rows = [
-            {"id": w.event_id, "event": w.event, "endpoint": w.endpoint_id,
-             "approvalId": w.approval_id, "status": w.status.value, "attempts": w.attempts,
-             "lastError": w.last_error}
-            for w in engine.webhook_deliveries(args.status, args.limit)
-        ]  # fmt: skip
-        emit({"deliveries": rows}, _print_deliveries)
+        emit(_deliveries(args, engine, settings), show.print_deliveries)
     elif cmd == "sweep":
         swept = engine.sweep()
         emit({"reservations": [r.id for r in swept.reservations],
               "approvals": [a.id for a in swept.approvals]},
-             lambda d, o: _print_line("expired {r} reservations, {a} approvals")(
+             lambda d, o: _line("expired {r} reservations, {a} approvals")(
                  {"r": len(d["reservations"]), "a": len(d["approvals"])}, o))  # fmt: skip
     return 0
 
 
-def _demo(out: TextIO, keep: bool) -> int:
-    folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
-    db = Path(folder) / "demo.db"
-    out.write(f"agentpolicy demo: the seed's approval walk-through on {db}\n\n")
-    with PolicyEngine(storage=f"sqlite:///{db}") as engine:
-        out.write("1. set a policy for agent-123: 10,000 USDT a day; >= 100 USDT needs "
-                  "admin@company.com\n")  # fmt: skip
-        out.write(f"   version {engine.set_policy('agent-123', approval_example_policy())}\n")
-        out.write("2. the agent asks to pay 500 USDT to 0xvendor on Base\n   ")
-        d = engine.authorize(PaymentRequest("agent-123", "500000000", "0xvendor", "eip155:8453"))
-        _print_decision(decision_data(d), out)
-        assert d.approval_id is not None  # noqa: S101 - the example policy asks for approval
-        out.write("3. the pending approval, its 500 USDT held against the daily limit\n")
-        _print_approval(approval_data(engine.get_approval(d.approval_id)), out)
-        out.write("4. admin@company.com approves\n")
-        approval = engine.decide(d.approval_id, "admin@company.com", "approve", "looks right")
-        _print_approval(approval_data(approval), out)
-        assert approval.reservation_id is not None  # noqa: S101 - approved above
-        out.write("5. the agent pays, then confirms the reservation\n")
-        out.write(
-            f"   {approval.reservation_id}: {engine.confirm(approval.reservation_id).status}\n"
+# -- webhooks a command causes ---------------------------------------------------------------
+
+
+def _delivery_ids(engine: PolicyEngine) -> set[str]:
+    if engine.webhooks is None:
+        return set()
+    return {d.id for d in engine.webhook_deliveries(None, _ALL)}
+
+
+def _deliver_own_webhooks(
+    engine: PolicyEngine, before: set[str], wait: timedelta, settings: Settings
+) -> None:
+    """Deliver the webhooks this command caused, for at most ``wait``; say what is left."""
+    dispatcher = engine.webhooks
+    if dispatcher is None:
+        return
+    deadline = time.monotonic() + wait.total_seconds()
+    while True:
+        mine = [d for d in engine.webhook_deliveries(None, _ALL) if d.id not in before]
+        pending = [d for d in mine if d.status.value == "pending"]
+        if not pending or time.monotonic() >= deadline:
+            break
+        if dispatcher.run_once() == 0:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    urls = {e.id: redact_url(e.url) for e in settings.webhook_endpoints}
+    for d in mine:
+        if d.status.value == "failed":
+            sys.stderr.write(
+                f"agentpolicy: webhook {d.event} to {urls.get(d.endpoint_id, d.endpoint_id)} "
+                f"failed: {d.last_error}\n"
+            )
+    if pending:
+        sys.stderr.write(
+            f"agentpolicy: {len(pending)} webhook delivery(ies) still pending after "
+            f"{wait.total_seconds():g}s; the next agentpolicy command or MCP "
+            "server on this storage with the same endpoints retries them "
+            "(agentpolicy webhooks list --status pending)\n"
         )
-        out.write("6. the budget now\n")
-        _print_budget(budget_data(engine.budget("agent-123")), out)
-        out.write("7. a 20 USDT payment needs no approval\n   ")
-        small = engine.authorize(PaymentRequest("agent-123", "20000000", "0xvendor", "eip155:8453"))
-        _print_decision(decision_data(small), out)
-    if not keep:
-        for path in Path(folder).iterdir():
-            path.unlink()
-        Path(folder).rmdir()
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def _serve_mcp(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        import anyio  # noqa: PLC0415 - the mcp extra: imported only to serve
+
+        from agentpolicy.mcp import stdio  # noqa: PLC0415
+    except ImportError:
+        sys.stderr.write(f"agentpolicy: serve-mcp needs the mcp extra: {MCP_EXTRA}\n")
+        return EXIT_ERROR
+    import attrs  # noqa: PLC0415
+
+    settings = attrs.evolve(
+        settings,
+        role=args.role or settings.role,
+        agent_id=args.agent_id or settings.agent_id,
+        org_id=args.org_id or settings.org_id,
+    )
+    app = stdio.make_app(settings)
+    try:
+        anyio.run(stdio.serve, app)
+    finally:
+        app.close()
     return 0
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = read_settings()
-    if args.redis_url:
-        settings = attrs.evolve(settings, redis_url=args.redis_url)
-    elif args.db:
-        settings = attrs.evolve(settings, db=args.db, redis_url=None)
-    return settings
 
 
 def silence_stdout() -> None:
@@ -347,38 +508,45 @@ def silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    def emit(data: Any, human: Callable[[Any, TextIO], None]) -> None:
+        out.write(json.dumps(data, indent=2) + "\n") if args.json else human(data, out)
+
+    if args.command == "demo":
+        return _demo(out, args.keep)
+    if args.command == "policy" and args.action == "validate":
+        result = _validate(args.file)
+        emit(result, show.print_problems)
+        return 0 if result["valid"] else EXIT_BAD_INPUT
+    if args.command == "policy" and args.action == "schema":
+        from agentpolicy.schema import policy_schema  # noqa: PLC0415
+
+        out.write(json.dumps(policy_schema(), indent=2) + "\n")
+        return 0
+    wait = parse_duration(args.webhook_wait or "10s", "$.webhookWait")
+    settings = with_overrides(read_settings(), db=args.db, redis_url=args.redis_url)
+    if args.command == "where":
+        emit(_where(settings), show.print_where)
+        return 0
+    if args.command == "serve-mcp":
+        return _serve_mcp(args, settings)
+    with build_engine(settings) as engine:
+        before = _delivery_ids(engine)
+        status = _run(args, engine, settings, out)
+        try:
+            _deliver_own_webhooks(engine, before, wait, settings)
+        except PolicyError as err:  # the command itself is done: only say so
+            sys.stderr.write(f"agentpolicy: webhook delivery not checked: {err.message}\n")
+        return status
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
     out = out or sys.stdout
     args = _parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     try:
-        if args.command == "demo":
-            return _demo(out, args.keep)
-        settings = _settings(args)
-        if args.command == "serve-mcp":
-            import anyio  # noqa: PLC0415 - the mcp extra: imported only to serve
-
-            from agentpolicy.mcp import stdio  # noqa: PLC0415
-
-            settings = attrs.evolve(
-                settings,
-                role=args.role or settings.role,
-                agent_id=args.agent_id or settings.agent_id,
-                org_id=args.org_id or settings.org_id,
-            )
-            app = stdio.make_app(settings)
-            try:
-                anyio.run(stdio.serve, app)
-            finally:
-                app.close()
-            return 0
-        url = settings.storage_url(fallback_to_file=True)
-        assert url is not None  # noqa: S101 - fallback_to_file always gives one
-        ttl = settings.reservation_ttl or DEFAULT_RESERVATION_TTL
-        storage = open_storage(url, key_prefix=settings.key_prefix)
-        with PolicyEngine(storage=storage, reservation_ttl=ttl) as engine:
-            return _run(args, engine, out)
+        return _dispatch(args, out)
     except BrokenPipeError:  # the reader went away (| head): not an error of ours
         silence_stdout()
         return 0
@@ -386,6 +554,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         sys.stderr.write(f"agentpolicy: {err.code}: {err.message}\n")
         return EXIT_BAD_INPUT if err.code == ErrorCode.INVALID_INPUT else EXIT_ERROR
     except Exception as exc:
-        logging.getLogger("agentpolicy.cli").debug("internal error", exc_info=True)
-        sys.stderr.write(f"agentpolicy: INTERNAL: {type(exc).__name__}: {exc} (a bug)\n")
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        sys.stderr.write(
+            f"agentpolicy: INTERNAL: {type(exc).__name__}: {exc} (a bug; -v shows where)\n"
+        )
         return EXIT_ERROR

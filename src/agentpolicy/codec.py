@@ -1,4 +1,4 @@
-"""The seed's camelCase JSON form of a policy, read and written with a cattrs converter.
+"""The camelCase JSON form of a policy file, read and written with a cattrs converter.
 
 :func:`load_policy` is strict: unknown keys, wrong types (``true`` or ``"3"``
 where a number is meant), out-of-range values and inconsistent rules are all
@@ -32,7 +32,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from agentpolicy._checks import CHECK, Check, camel, raise_if, type_name
-from agentpolicy.amounts import Amount, parse_units
+from agentpolicy.amounts import Amount, parse_base_units
 from agentpolicy.decisions import Code, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError, Problem
 from agentpolicy.policy import (
@@ -205,7 +205,7 @@ def _object_hook(cls: type, converter: cattrs.Converter) -> Callable[[Any, Any],
 
 
 def _units_hook(value: Any, _: Any) -> int:
-    return parse_units(value, "$")
+    return parse_base_units(value, "$")
 
 
 def _unstructure_hook(cls: type, converter: cattrs.Converter) -> Callable[[Any], Any]:
@@ -313,7 +313,7 @@ def decode(text: str | bytes, cls: type[T]) -> T:
 
 
 def load_policy(data: Mapping[str, Any]) -> AgentPolicy:
-    """Read a policy in the seed's camelCase JSON shape, strictly.
+    """Read a policy in its camelCase JSON shape (the policy file's), strictly.
 
     Raises :class:`~agentpolicy.PolicyValidationError` (code ``INVALID_INPUT``)
     listing every problem with its JSON path. Nothing half-valid is returned.

@@ -1,4 +1,9 @@
-"""Settings read from the environment by the MCP server and the command line.
+"""Settings read from the environment, and the one engine they describe.
+
+The ``agentpolicy`` command, the ``agent-policy-mcp`` server and
+``python -m agentpolicy.mcp`` all read :func:`read_settings` and build their
+engine with :func:`build_engine`: the same storage, key prefix, reservation
+lifetime and webhook endpoints whichever program runs.
 
 Every value is checked when read; a bad one raises
 :class:`~agentpolicy.PolicyValidationError` naming the variable, which the
@@ -8,22 +13,40 @@ programs print as one line before exiting with status 2.
 from __future__ import annotations
 
 import os
-import re
 import sys
-from collections.abc import Mapping
-from datetime import timedelta
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import attrs
 
+from agentpolicy import durations
 from agentpolicy._checks import check_identifier
-from agentpolicy.errors import PolicyValidationError, Problem
+from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
+from agentpolicy.errors import PolicyValidationError, Problem, StorageUnavailableError
+from agentpolicy.storage import MemoryStorage, Storage, open_storage
+from agentpolicy.urls import redact_url
+from agentpolicy.webhooks import WebhookEndpoint, endpoints_from_env
 
-__all__ = ["Settings", "default_db_path", "parse_bool", "parse_duration", "read_settings"]
+__all__ = [
+    "REDIS_SCHEMES",
+    "ROLES",
+    "Settings",
+    "build_engine",
+    "default_db_path",
+    "ensure_folder",
+    "open_configured_storage",
+    "parse_bool",
+    "parse_duration",
+    "read_settings",
+    "with_overrides",
+]
 
 ROLES = ("agent", "admin")
-_DURATION = re.compile(r"(\d+)(ms|s|m|h)?")
-_UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", None: "seconds"}
+"""The roles an MCP server can run as."""
+
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
+"""How a Redis URL may start: plain, TLS, and either on a Redis Cluster."""
 
 
 def parse_bool(raw: str, name: str) -> bool:
@@ -37,13 +60,12 @@ def parse_bool(raw: str, name: str) -> bool:
 
 
 def parse_duration(raw: str, name: str) -> timedelta:
-    """A positive duration: ``300`` (seconds), ``300s``, ``5m``, ``1h``, ``1500ms``."""
-    match = _DURATION.fullmatch(raw.strip())
-    if match is None or int(match.group(1)) <= 0:
-        raise PolicyValidationError.single(
-            f"${name}", f"must be a positive duration such as 300, 300s, 5m or 1h, got {raw!r}"
-        )
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    """A positive duration in the one syntax of every setting (a bare number is seconds).
+
+    ``300``, ``300s``, ``5m``, ``1h``, ``1d``, ``1500ms``: see
+    :mod:`agentpolicy.durations`.
+    """
+    return durations.parse_duration(raw, f"${name}", bare="s")
 
 
 def default_db_path() -> Path:
@@ -55,9 +77,34 @@ def default_db_path() -> Path:
     return base / "agentpolicy" / "agentpolicy.db"
 
 
+def ensure_folder(folder: Path) -> None:
+    """Create ``folder`` and any missing parents, each readable by its owner only (0700).
+
+    Folders that already exist are left as they are. Raises
+    :class:`~agentpolicy.StorageUnavailableError` when one cannot be created.
+    """
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:  # pragma: no cover - the root always exists
+            break
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+            path.chmod(0o700)  # whatever the umask
+        except FileExistsError:  # pragma: no cover - created meanwhile by another process
+            continue
+        except OSError as exc:
+            raise StorageUnavailableError(
+                f"cannot create the folder {path} for the SQLite file: {exc.strerror}"
+            ) from None
+
+
 @attrs.frozen
 class Settings:
-    """What the environment configures."""
+    """What the environment configures (see :func:`read_settings`)."""
 
     demo_mode: bool = False
     role: str = "agent"
@@ -67,22 +114,42 @@ class Settings:
     reservation_ttl: timedelta | None = None
     agent_id: str | None = None
     org_id: str | None = None
+    webhook_endpoints: tuple[WebhookEndpoint, ...] = ()
+
+    def sqlite_path(self, *, fallback_to_file: bool) -> Path | None:
+        """The SQLite file in use, when Redis is not configured."""
+        if self.redis_url:
+            return None
+        if self.db:
+            return Path(self.db).expanduser().absolute()
+        return default_db_path() if fallback_to_file else None
 
     def storage_url(self, *, fallback_to_file: bool) -> str | None:
-        """The storage URL: Redis wins over the DB; else the state-dir file, or ``None``."""
+        """The storage URL: Redis wins over the DB; else the state-dir file, or ``None``.
+
+        Creates nothing: :func:`open_configured_storage` creates the file's folder.
+        """
         if self.redis_url:
             return self.redis_url
-        if self.db:
-            return f"sqlite:///{Path(self.db).expanduser().absolute()}"
-        if fallback_to_file:
-            path = default_db_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{path}"
-        return None
+        path = self.sqlite_path(fallback_to_file=fallback_to_file)
+        return None if path is None else f"sqlite:///{path}"
+
+    def shown_storage_url(self, *, fallback_to_file: bool) -> str | None:
+        """:meth:`storage_url` with any password replaced by ``***``, for people to read."""
+        url = self.storage_url(fallback_to_file=fallback_to_file)
+        if url is None or url.startswith("sqlite:"):
+            return url
+        return redact_url(url)
+
+
+def _redis_url_problems(url: str, path: str) -> list[Problem]:
+    if url.startswith(REDIS_SCHEMES):
+        return []
+    return [Problem(path, "must start with " + ", ".join(REDIS_SCHEMES))]
 
 
 def read_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and check the ``AGENT_POLICY_*`` variables."""
+    """Read and check the ``AGENT_POLICY_*`` variables; report every bad one at once."""
     env = os.environ if env is None else env
     problems: list[Problem] = []
 
@@ -91,15 +158,14 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         return value if value not in (None, "") else None
 
     demo = role = ttl = None
+    endpoints: tuple[WebhookEndpoint, ...] = ()
     try:
         demo = parse_bool(env.get("AGENT_POLICY_DEMO_MODE", ""), "AGENT_POLICY_DEMO_MODE")
     except PolicyValidationError as err:
         problems += err.problems
     role = (get("AGENT_POLICY_ROLE") or "agent").strip().lower()
     if role not in ROLES:
-        problems += PolicyValidationError.single(
-            "$AGENT_POLICY_ROLE", f"must be agent or admin, got {role!r}"
-        ).problems
+        problems.append(Problem("$AGENT_POLICY_ROLE", f"must be agent or admin, got {role!r}"))
     raw_ttl = get("AGENT_POLICY_RESERVATION_TTL")
     if raw_ttl is not None:
         try:
@@ -107,14 +173,16 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         except PolicyValidationError as err:
             problems += err.problems
     redis_url = get("AGENT_POLICY_REDIS_URL")
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://")):
-        problems += PolicyValidationError.single(
-            "$AGENT_POLICY_REDIS_URL", "must start with redis:// or rediss://"
-        ).problems
+    if redis_url is not None:
+        problems += _redis_url_problems(redis_url, "$AGENT_POLICY_REDIS_URL")
     for name in ("AGENT_POLICY_AGENT_ID", "AGENT_POLICY_ORG_ID", "AGENT_POLICY_KEY_PREFIX"):
         value = get(name)
         if value is not None:
             problems += check_identifier(value, f"${name}")
+    try:
+        endpoints = endpoints_from_env(env)
+    except PolicyValidationError as err:
+        problems += err.problems
     if problems:
         raise PolicyValidationError(problems)
     return Settings(
@@ -126,4 +194,59 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         reservation_ttl=ttl,
         agent_id=get("AGENT_POLICY_AGENT_ID"),
         org_id=get("AGENT_POLICY_ORG_ID"),
+        webhook_endpoints=endpoints,
     )
+
+
+def with_overrides(
+    settings: Settings, *, db: str | None = None, redis_url: str | None = None
+) -> Settings:
+    """``settings`` with a command line's ``--redis-url`` or ``--db`` (Redis wins)."""
+    if redis_url:
+        problems = _redis_url_problems(redis_url, "$.redisUrl")
+        if problems:
+            raise PolicyValidationError(problems)
+        return attrs.evolve(settings, redis_url=redis_url)
+    if db:
+        return attrs.evolve(settings, db=db, redis_url=None)
+    return settings
+
+
+def open_configured_storage(settings: Settings, *, fallback_to_file: bool = True) -> Storage:
+    """Open the storage ``settings`` name, creating the SQLite file's folder (0700) if missing.
+
+    Without Redis or a DB file: the file in the state directory when
+    ``fallback_to_file``, else a fresh in-memory storage.
+    """
+    path = settings.sqlite_path(fallback_to_file=fallback_to_file)
+    if path is not None:
+        ensure_folder(path.parent)
+    url = settings.storage_url(fallback_to_file=fallback_to_file)
+    if url is None:
+        return MemoryStorage()
+    return open_storage(url, key_prefix=settings.key_prefix)
+
+
+def build_engine(
+    settings: Settings,
+    *,
+    fallback_to_file: bool = True,
+    clock: Callable[[], datetime] | None = None,
+) -> PolicyEngine:
+    """The engine ``settings`` describe: storage, key prefix, reservation TTL, webhooks.
+
+    Used by the command line, the stdio MCP server and ``python -m
+    agentpolicy.mcp``, so all three act alike. ``demo_mode`` is not read
+    here: the MCP server's demo runs its own in-memory engine.
+    """
+    storage = open_configured_storage(settings, fallback_to_file=fallback_to_file)
+    try:
+        return PolicyEngine(
+            storage=storage,
+            clock=clock,
+            reservation_ttl=settings.reservation_ttl or DEFAULT_RESERVATION_TTL,
+            webhook_endpoints=settings.webhook_endpoints,
+        )
+    except BaseException:
+        storage.close()
+        raise

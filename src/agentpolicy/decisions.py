@@ -16,7 +16,10 @@ __all__ = ["Code", "Decision", "Evaluation", "Outcome"]
 
 
 class Code(enum.StrEnum):
-    """Stable decision codes (SEMANTICS section 2); ``decision.code == "DAILY_LIMIT"`` holds."""
+    """Stable decision codes (docs/semantics.md section 2).
+
+    A ``StrEnum``: ``decision.code == "DAILY_LIMIT"`` holds.
+    """
 
     ALLOWED = "ALLOWED"
     NO_POLICY = "NO_POLICY"

@@ -4,17 +4,22 @@ Runs on real time (monotonic waits, wall-clock timestamps), never on the
 engine's clock. Never in the way: a decision only writes to the outbox;
 delivery happens in a background thread, and its failures are recorded, not
 raised. Retries with growing back-off and jitter on network errors,
-timeouts, 5xx, 408 and 429; any other status is recorded as failed at once;
-after ``max_attempts`` tries an event is recorded as failed too.
+timeouts, 5xx, 408 and 429; any other status is recorded as failed at once,
+redirects (3xx) included, which are never followed; after ``max_attempts``
+tries an event is recorded as failed too. Endpoint URLs are logged only
+redacted (:func:`agentpolicy.urls.redact_url`).
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import logging
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -24,6 +29,7 @@ import attrs
 from agentpolicy.codec import format_instant
 from agentpolicy.errors import PolicyError
 from agentpolicy.records import DeliveryStatus, WebhookDelivery
+from agentpolicy.urls import redact_url
 from agentpolicy.webhooks import WebhookEndpoint, sign
 
 __all__ = ["Outbox", "WebhookDispatcher"]
@@ -49,6 +55,30 @@ class Outbox(Protocol):
     def pending_webhooks(self, endpoint_ids: list[str]) -> int:
         """Deliveries still pending."""
         ...
+
+
+@functools.cache
+def _opener() -> Any:
+    """A urllib opener that never follows a redirect (a 3xx answer is an HTTPError)."""
+    import urllib.request  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # urllib then raises HTTPError with the 3xx status
+
+    return urllib.request.build_opener(NoRedirect)
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``https://user:pass@host/h`` -> (``https://host/h``, the Basic ``Authorization`` value)."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return bare, "Basic " + base64.b64encode(pair).decode()
 
 
 class _RetryableError(Exception):
@@ -171,7 +201,8 @@ class WebhookDispatcher:
             self._post(endpoint, delivery)
         except _RetryableError as why:
             if attempts >= endpoint.max_attempts:
-                log.warning("webhook %s to %s failed for good: %s", delivery.id, endpoint.url, why)
+                where = redact_url(endpoint.url)
+                log.warning("webhook %s to %s failed for good: %s", delivery.id, where, why)
                 return attrs.evolve(
                     delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(why)
                 )
@@ -182,7 +213,7 @@ class WebhookDispatcher:
                 last_error=str(why),
             )
         except _FinalError as why:
-            log.warning("webhook %s to %s refused: %s", delivery.id, endpoint.url, why)
+            log.warning("webhook %s to %s refused: %s", delivery.id, redact_url(endpoint.url), why)
             return attrs.evolve(
                 delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(why)
             )
@@ -208,20 +239,23 @@ class WebhookDispatcher:
             "User-Agent": "agentpolicy-webhooks",
             "X-Webhook-Event": delivery.event,
             "X-Webhook-Id": delivery.event_id,
-            **sign(body, endpoint.secret, timestamp),
+            **sign(body, endpoint.secret, timestamp, delivery.event_id),
         }
+        url, authorization = _split_credentials(endpoint.url)
+        if authorization is not None:
+            headers["Authorization"] = authorization
         request = urllib.request.Request(  # noqa: S310 - http(s) URLs only, checked
-            endpoint.url, data=body, headers=headers, method="POST"
+            url, data=body, headers=headers, method="POST"
         )
         try:
-            with urllib.request.urlopen(  # noqa: S310 - http(s) URLs only, checked
-                request, timeout=endpoint.timeout.total_seconds()
-            ) as response:
+            with _opener().open(request, timeout=endpoint.timeout.total_seconds()) as response:
                 response.read(1024)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code >= 500 or exc.code in _RETRY_STATUSES:
                 raise _RetryableError(f"HTTP {exc.code}") from None
+            if 300 <= exc.code < 400:
+                raise _FinalError(f"HTTP {exc.code} (redirect not followed)") from None
             raise _FinalError(f"HTTP {exc.code}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)

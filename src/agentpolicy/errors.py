@@ -26,7 +26,7 @@ __all__ = [
 
 
 class ErrorCode(enum.StrEnum):
-    """Stable codes of errors (SEMANTICS section 6); the values are public API."""
+    """Stable codes of errors (docs/semantics.md section 6); the values are public API."""
 
     INVALID_INPUT = "INVALID_INPUT"
     UNKNOWN_TOOL = "UNKNOWN_TOOL"

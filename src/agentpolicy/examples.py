@@ -1,7 +1,8 @@
-"""The seed document's example policies, in its JSON shape (for demos, docs and tests).
+"""Example policies in the policy file's JSON shape (for demos, docs and tests).
 
-Each function returns a fresh ``dict`` that :func:`agentpolicy.load_policy`
-reads verbatim; ``new Date(...)`` of the seed is written as its ISO string.
+They are the configuration examples of the t402 agent-policy design. Each
+function returns a fresh ``dict`` that :func:`agentpolicy.load_policy` reads
+verbatim.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["SEED_SECTIONS", "approval_example_policy", "seed_policy"]
+__all__ = ["SECTIONS", "approval_example_policy", "example_policy", "seed_policy"]
 
 _USDT = {"decimals": 6, "symbol": "USDT"}
 
-SEED_SECTIONS: dict[str, dict[str, Any]] = {
+SECTIONS: dict[str, dict[str, Any]] = {
     "limits": {
         "perTransaction": {"value": "100000000", **_USDT},
         "hourly": {"value": "500000000", **_USDT},
@@ -61,16 +62,25 @@ SEED_SECTIONS: dict[str, dict[str, Any]] = {
         "timeout": 3600000,
     },
 }
-"""Each configuration example of the seed, under the policy key it belongs to."""
+"""Each example section, under the policy key it belongs to."""
+
+
+def example_policy() -> dict[str, Any]:
+    """Every example section in one enabled policy (the demo MCP server's policy).
+
+    It allows payments Monday to Friday, 9:00 to 17:00 UTC, to three
+    whitelisted addresses on Base and Ethereum, up to 100 USDT each.
+    """
+    return {"enabled": True, **copy.deepcopy(SECTIONS)}
 
 
 def seed_policy() -> dict[str, Any]:
-    """Every example section of the seed in one enabled policy."""
-    return {"enabled": True, **copy.deepcopy(SEED_SECTIONS)}
+    """The same as :func:`example_policy` (its former name, kept for existing callers)."""
+    return example_policy()
 
 
 def approval_example_policy() -> dict[str, Any]:
-    """The policy of the seed's approval walk-through (``agent-123``, 100 USDT threshold)."""
+    """A policy whose payments of 100 USDT or more need admin@company.com's approval."""
     return {
         "enabled": True,
         "limits": {"daily": {"value": "10000000000", "decimals": 6}},

@@ -1,8 +1,8 @@
-"""The policy: immutable classes for every part of the seed's ``AgentPolicy``.
+"""The policy: immutable classes for every part of an ``AgentPolicy`` (the policy file).
 
 Every class validates itself on construction and raises one
 :class:`~agentpolicy.PolicyValidationError` listing every problem, with JSON
-paths in the seed's camelCase (``$.startHour``). Collections are tuples (order
+paths in the policy file's camelCase (``$.startHour``). Collections are tuples (order
 kept, for exact JSON round trips) or frozensets (``days``). Lookup sets that
 evaluation needs are computed once per policy and cached.
 """
@@ -27,7 +27,9 @@ from agentpolicy._checks import (
     check_network,
     check_text,
     checked,
+    describe,
     identifier,
+    identifier_schema,
     instance_of,
     int_between,
     optional,
@@ -97,16 +99,46 @@ def _instant(value: Any, path: str) -> list[Problem]:
     return [Problem(path, "must be an instant with a UTC offset")]
 
 
+# Files of the time zone database that are not zones: the host's own zone (which
+# would make a policy mean different things on different machines), the POSIX
+# default rules, and the placeholder zone of unconfigured systems.
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
+
+
 def _zone(name: Any, path: str) -> list[Problem]:
     problems = check_identifier(name, path, 64)
     if problems:
         return problems
+    if name not in _zone_names():
+        return [
+            Problem(path, f"unknown IANA timezone {name!r} (use a zone such as 'Europe/Berlin')")
+        ]
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # pragma: no cover - listed
         return [Problem(path, f"unknown IANA timezone {name!r}")]
     return []
 
+
+describe(
+    _days,
+    {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 6},
+     "description": "0 = Sunday to 6 = Saturday"},
+)  # fmt: skip
+describe(
+    _instant,
+    {"type": "string", "format": "date-time", "maxLength": 64,
+     "description": "an ISO 8601 instant with a UTC offset or Z"},
+)  # fmt: skip
+describe(
+    _zone,
+    {**identifier_schema(64), "description": "an IANA timezone key such as Europe/Berlin"},
+)
 
 _names: Check = array_of(identifier())
 _networks: Check = array_of(check_network)

@@ -1,8 +1,8 @@
 """The pure decision function: (policy, request, usage, now) -> Decision.
 
-Every check runs, in the order of the behaviour contract (docs/decisions.md),
-and is listed in the decision's ``evaluations``; the first failure decides the
-code. Nothing here reads a clock, a storage or the environment.
+Every check runs, in the order of docs/semantics.md section 2, and is listed
+in the decision's ``evaluations``; the first failure decides the code. Nothing
+here reads a clock, a storage or the environment.
 
 Each check is written once: it decides its outcome and code, and carries a
 function that words its detail. The words are only written when someone
@@ -30,7 +30,7 @@ from agentpolicy.policy import (
     normalize_recipient,
 )
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.windows import WINDOW_PERIODS, Window, window_at
+from agentpolicy.windows import WINDOW_PERIODS, Period, Window, window_at
 
 __all__ = [
     "Assessment",
@@ -94,16 +94,24 @@ def windows_for(policy: AgentPolicy | None, now: datetime) -> tuple[Window, ...]
     """
     _check_now(now)
     zone = policy_zone(policy)
-    local = now.astimezone(zone)
-    # All four windows change only when the local hour does: compute them once per hour.
-    # The key is the hour's start in UTC: two local 01:00s of a fall-back night differ
-    # only by fold, which local datetimes ignore in == and hash.
-    return _windows(zone, local.replace(minute=0, second=0, microsecond=0).astimezone(UTC))
+    # Windows nest (every day boundary is an hour boundary, and so on up), so all four
+    # are the same throughout one hourly window: compute the longer ones once per hour.
+    hour = _current_hour.get(zone)
+    if hour is None or not hour.contains(now):
+        hour = window_at(Period.HOURLY, now, zone)
+        if len(_current_hour) > 4096:
+            _current_hour.clear()
+        _current_hour[zone] = hour
+    return _windows(zone, hour)
+
+
+# The hourly window last seen per zone: windows tile time, so containing `now` identifies it.
+_current_hour: dict[tzinfo, Window] = {}
 
 
 @functools.lru_cache(maxsize=4096)
-def _windows(zone: tzinfo, hour: datetime) -> tuple[Window, ...]:
-    return tuple(window_at(period, hour, zone) for period in WINDOW_PERIODS)
+def _windows(zone: tzinfo, hour: Window) -> tuple[Window, ...]:
+    return (hour, *(window_at(period, hour.start, zone) for period in WINDOW_PERIODS[1:]))
 
 
 def _check_now(now: datetime) -> None:

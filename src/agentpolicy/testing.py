@@ -22,7 +22,7 @@ from agentpolicy.storage import Storage
 __all__ = ["DEFAULT_START", "ManualClock", "engine_with_policy", "payment"]
 
 DEFAULT_START = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
-"""A Monday, 10:00 UTC: inside the seed's Monday-to-Friday 9-17 window."""
+"""A Monday, 10:00 UTC: inside the example policy's Monday-to-Friday 9-17 window."""
 
 
 class ManualClock:

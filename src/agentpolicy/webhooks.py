@@ -7,9 +7,16 @@ Every delivery is a POST whose body is the JSON payload, with these headers:
   dropping duplicates: delivery is at least once)
 - ``X-Webhook-Timestamp``: ISO 8601 UTC, equal to the payload's ``timestamp``
 - ``X-Webhook-Signature: sha256=<hex HMAC-SHA256 of the body>`` (what the
-  seed's ``verifyWebhookSignature`` accepts)
+  t402 agent-policy design's ``verifyWebhookSignature`` accepts)
 - ``X-Webhook-Signature-Timestamped: t=<unix seconds>,sha256=<hex HMAC-SHA256
   of "<t>." + body>``, which lets receivers refuse replays: see :func:`verify`.
+- The Standard Webhooks headers (https://www.standardwebhooks.com):
+  ``webhook-id`` (the event id), ``webhook-timestamp`` (Unix seconds) and
+  ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``,
+  which the ``standardwebhooks`` package's ``Webhook(key).verify`` accepts.
+  The key is the endpoint secret's bytes: for a ``whsec_<base64>`` secret the
+  decoded base64 (pass the secret as it is to ``Webhook``), for any other
+  secret its UTF-8 bytes (pass ``secret.encode()``); see :func:`signing_key`.
 
 A receiver in Python needs three lines::
 
@@ -20,6 +27,9 @@ A receiver in Python needs three lines::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -33,13 +43,17 @@ import attrs
 
 from agentpolicy._checks import check_int, type_name
 from agentpolicy.codec import format_instant
+from agentpolicy.durations import parse_duration
 from agentpolicy.errors import PolicyValidationError, Problem
+from agentpolicy.urls import redact_url
 
 __all__ = [
     "EVENTS",
     "WebhookEndpoint",
     "endpoints_from_env",
     "sign",
+    "signing_key",
+    "standard_signature",
     "to_endpoints",
     "verify",
 ]
@@ -55,6 +69,28 @@ EVENTS = (
 
 DEFAULT_TOLERANCE = timedelta(minutes=5)
 _URL = re.compile(r"https?://[^\s/?#]+[^\s]*", re.IGNORECASE)
+_WHSEC = "whsec_"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of the Standard Webhooks signature for an endpoint secret.
+
+    ``whsec_<base64>`` (the Standard Webhooks secret format) gives the decoded
+    bytes; any other secret gives its UTF-8 bytes. Raises
+    :class:`~agentpolicy.PolicyValidationError` for a ``whsec_`` secret whose
+    rest is not base64 of at least one byte.
+    """
+    if secret.startswith(_WHSEC):
+        encoded = secret[len(_WHSEC) :]
+        if re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", encoded):
+            with contextlib.suppress(binascii.Error):
+                key = base64.b64decode(encoded + "==")  # unpadded base64 is common
+                if key:
+                    return key
+        raise PolicyValidationError.single(
+            "$.secret", "a whsec_ secret must be whsec_ followed by base64"
+        )
+    return secret.encode()
 
 
 def _endpoint_id(url: str) -> str:
@@ -67,10 +103,11 @@ class WebhookEndpoint:
 
     ``timeout`` bounds one HTTP attempt; ``max_attempts`` bounds the tries of
     one event before it is recorded as failed. The secret never appears in a
-    repr, a log line or an error message.
+    repr, a log line or an error message, and the URL is shown only with its
+    credentials and query values redacted (:func:`agentpolicy.urls.redact_url`).
     """
 
-    url: str
+    url: str = attrs.field(repr=redact_url)
     secret: str = attrs.field(repr=False)
     events: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     timeout: timedelta = timedelta(seconds=5)
@@ -82,6 +119,11 @@ class WebhookEndpoint:
             problems.append(Problem("$.url", "must be an http:// or https:// URL"))
         if not isinstance(self.secret, str) or not self.secret:
             problems.append(Problem("$.secret", "must be a non-empty string"))
+        else:
+            try:
+                signing_key(self.secret)
+            except PolicyValidationError as err:
+                problems += err.problems
         unknown = sorted(e for e in self.events if e not in EVENTS)
         if unknown:
             problems.append(Problem("$.events", f"unknown events {unknown}; known: {EVENTS}"))
@@ -102,17 +144,8 @@ class WebhookEndpoint:
 
 
 def _timeout(raw: object, path: str) -> timedelta:
-    # The seed's timeout is in milliseconds; "5s" or "2m" are accepted too.
-    if isinstance(raw, timedelta):
-        return raw
-    if type(raw) is int and raw > 0:
-        return timedelta(milliseconds=raw)
-    if isinstance(raw, str):
-        match = re.fullmatch(r"(\d+)(ms|s|m)?", raw.strip())
-        if match and int(match.group(1)) > 0:
-            unit = {"ms": "milliseconds", "s": "seconds", "m": "minutes", None: "milliseconds"}
-            return timedelta(**{unit[match.group(2)]: int(match.group(1))})
-    raise PolicyValidationError.single(path, f"must be a positive timeout in ms, not {raw!r}")
+    # A bare number is milliseconds, as in the t402 agent-policy design.
+    return parse_duration(raw, path, bare="ms")
 
 
 def _endpoint(raw: object, path: str) -> WebhookEndpoint:
@@ -138,7 +171,7 @@ def _endpoint(raw: object, path: str) -> WebhookEndpoint:
             url=raw.get("url"),  # type: ignore[arg-type]
             secret=raw.get("secret"),  # type: ignore[arg-type]
             events=frozenset(events),
-            timeout=_timeout(raw.get("timeout", 5000), f"{path}.timeout"),
+            timeout=_timeout(raw.get("timeout", 5000), "$.timeout"),
             max_attempts=attempts,
         )
     except PolicyValidationError as err:
@@ -159,14 +192,15 @@ def to_endpoints(raw: Iterable[object] | None) -> tuple[WebhookEndpoint, ...]:
 
 
 def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEndpoint, ...]:
-    """Endpoints from the seed's variables.
+    """Endpoints from the environment (the variables of the t402 agent-policy design).
 
     ``AGENT_POLICY_WEBHOOKS`` (a JSON list of endpoint objects) and the single
     endpoint of ``AGENT_POLICY_WEBHOOK_URL``, ``_SECRET``, ``_EVENTS``
-    (comma-separated), ``_TIMEOUT`` (ms) and ``_RETRIES``.
+    (comma-separated), ``_TIMEOUT`` (a duration; a bare number is
+    milliseconds) and ``_RETRIES``.
     """
     env = os.environ if env is None else env
-    raw: list[object] = []
+    endpoints: list[WebhookEndpoint] = []
     listed = env.get("AGENT_POLICY_WEBHOOKS", "").strip()
     if listed:
         try:
@@ -175,7 +209,15 @@ def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEnd
             raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "is not JSON") from None
         if not isinstance(parsed, list):
             raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "must be a JSON list")
-        raw += parsed
+        try:
+            endpoints += to_endpoints(parsed)
+        except PolicyValidationError as err:
+            raise PolicyValidationError(
+                Problem(
+                    p.path.replace("$.webhookEndpoints", "$AGENT_POLICY_WEBHOOKS", 1), p.message
+                )
+                for p in err.problems
+            ) from None
     url = env.get("AGENT_POLICY_WEBHOOK_URL", "").strip()
     if url:
         single: dict[str, object] = {"url": url, "secret": env.get("AGENT_POLICY_WEBHOOK_SECRET")}
@@ -183,25 +225,62 @@ def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEnd
             value = env.get(f"AGENT_POLICY_WEBHOOK_{name}", "").strip()
             if value:
                 single[key] = value
-        raw.append(single)
-    return to_endpoints(raw)
+        try:
+            endpoints.append(_endpoint(single, "$"))
+        except PolicyValidationError as err:
+            raise PolicyValidationError(
+                Problem(_SINGLE_VARIABLES.get(p.path, "$AGENT_POLICY_WEBHOOK_URL"), p.message)
+                for p in err.problems
+            ) from None
+    return to_endpoints(endpoints)
+
+
+_SINGLE_VARIABLES = {
+    "$.url": "$AGENT_POLICY_WEBHOOK_URL",
+    "$.secret": "$AGENT_POLICY_WEBHOOK_SECRET",
+    "$.events": "$AGENT_POLICY_WEBHOOK_EVENTS",
+    "$.timeout": "$AGENT_POLICY_WEBHOOK_TIMEOUT",
+    "$.maxAttempts": "$AGENT_POLICY_WEBHOOK_RETRIES",
+}
 
 
 def _hmac(secret: str, message: bytes) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def sign(body: bytes, secret: str, timestamp: float | None = None) -> dict[str, str]:
-    """The signature headers for ``body`` (seed-compatible and timestamped).
+def standard_signature(event_id: str, timestamp: int, body: bytes, secret: str) -> str:
+    """The Standard Webhooks ``webhook-signature`` value: ``v1,<base64 HMAC-SHA256>``.
 
-    ``timestamp`` is Unix seconds of real time (default: now).
+    The HMAC covers ``"{event_id}.{timestamp}.{body}"`` with
+    :func:`signing_key` of ``secret``.
+    """
+    message = f"{event_id}.{timestamp}.".encode() + body
+    digest = hmac.new(signing_key(secret), message, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def sign(
+    body: bytes, secret: str, timestamp: float | None = None, event_id: str | None = None
+) -> dict[str, str]:
+    """The signature headers for ``body``.
+
+    ``X-Webhook-Signature`` (as in the t402 agent-policy design),
+    ``X-Webhook-Signature-Timestamped`` and ``X-Webhook-Timestamp``; with
+    ``event_id`` also the Standard Webhooks ``webhook-id``,
+    ``webhook-timestamp`` and ``webhook-signature``. ``timestamp`` is Unix
+    seconds of real time (default: now).
     """
     t = int(time.time() if timestamp is None else timestamp)
-    return {
+    headers = {
         "X-Webhook-Signature": "sha256=" + _hmac(secret, body),
         "X-Webhook-Signature-Timestamped": f"t={t},sha256={_hmac(secret, f'{t}.'.encode() + body)}",
         "X-Webhook-Timestamp": format_instant(datetime.fromtimestamp(t, UTC)),
     }
+    if event_id is not None:
+        headers["webhook-id"] = event_id
+        headers["webhook-timestamp"] = str(t)
+        headers["webhook-signature"] = standard_signature(event_id, t, body, secret)
+    return headers
 
 
 def verify(

@@ -5,6 +5,17 @@ The hour starts at :00, the day at local midnight, the week on Monday 00:00
 timezone. A daylight-saving change never moves a window off local midnight:
 a day is 23 or 25 hours long when the clocks change.
 
+Formally, a window is a longest stretch of time over which the local
+calendar unit stays the same: the local date and hour *with its UTC offset*
+for ``hourly``, the local date for ``daily``, the ISO week for ``weekly``
+and the month for ``monthly``. So windows tile time (each one starts where
+the previous one ended) and every window contains the instant it was
+computed for, in every zone, including those whose clocks move by half an
+hour (``Australia/Lord_Howe``) or at a quarter to the hour
+(``Pacific/Chatham``). An hour cut by a clock change is split at the change:
+each piece is its own window, as each of the two repeated hours of a
+fall-back night is.
+
 Each window has a stable ``key`` (the period and the local start with its UTC
 offset, such as ``"daily:2026-03-08T00:00:00-05:00"``) under which storages
 keep usage counters. During the repeated hour of a fall-back change the two
@@ -14,9 +25,11 @@ local 01:00 hours have different offsets, hence different keys.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 
 import attrs
+
+from agentpolicy.errors import PolicyValidationError
 
 __all__ = ["WINDOW_PERIODS", "Period", "Window", "window_at"]
 
@@ -33,6 +46,11 @@ class Period(enum.StrEnum):
 WINDOW_PERIODS: tuple[Period, ...] = tuple(Period)
 """The window periods in the order the limits are checked."""
 
+_TICK = timedelta(microseconds=1)
+# Clock changes are looked for at this step, then pinned down to the microsecond. Two
+# changes less than an hour apart that cancel out would be missed; no zone has any.
+_STEP = timedelta(hours=1)
+
 
 @attrs.frozen
 class Window:
@@ -48,40 +66,143 @@ class Window:
         return self.start <= instant < self.end
 
 
-def _day_start(day: date, zone: tzinfo) -> datetime:
-    # fold=0 is the first of two repeated midnights, and inside a gap it
-    # resolves to the instant the clocks jump, which is the day's first instant.
-    return datetime.combine(day, time(0), tzinfo=zone)
+class _Zone:
+    """The arithmetic of one period in one zone, on instants held in UTC."""
 
+    def __init__(self, period: Period, zone: tzinfo) -> None:
+        self.period = period
+        self.zone = zone
+        self.fixed = isinstance(zone, timezone)  # a fixed offset never changes
 
-def _next_month(day: date) -> date:
-    return date(day.year + (day.month == 12), day.month % 12 + 1, 1)
+    def offset(self, instant: datetime) -> timedelta:
+        offset = instant.astimezone(self.zone).utcoffset()
+        assert offset is not None  # noqa: S101 - an aware zone always has one
+        return offset
+
+    def label(self, instant: datetime) -> object:
+        """The local calendar unit of ``instant``: equal labels, same window."""
+        local = instant.astimezone(self.zone)
+        if self.period is Period.HOURLY:
+            return local.replace(minute=0, second=0, microsecond=0, tzinfo=None), local.utcoffset()
+        day = local.date()
+        if self.period is Period.DAILY:
+            return day
+        if self.period is Period.WEEKLY:
+            return day - timedelta(days=day.weekday())
+        return day.year, day.month
+
+    def floor(self, wall: datetime) -> datetime:
+        """The start of the unit of a local wall-clock time (naive)."""
+        if self.period is Period.HOURLY:
+            return wall.replace(minute=0, second=0, microsecond=0)
+        day = wall.date()
+        if self.period is Period.WEEKLY:
+            day -= timedelta(days=day.weekday())
+        elif self.period is Period.MONTHLY:
+            day = day.replace(day=1)
+        return datetime.combine(day, time(0))
+
+    def after(self, start: datetime) -> datetime:
+        """The start of the next unit after the one starting at ``start`` (naive)."""
+        if self.period is Period.HOURLY:
+            return start + timedelta(hours=1)
+        if self.period is Period.DAILY:
+            return start + timedelta(days=1)
+        if self.period is Period.WEEKLY:
+            return start + timedelta(days=7)
+        day = start.date()
+        return datetime.combine(date(day.year + (day.month == 12), day.month % 12 + 1, 1), time(0))
+
+    def pin(self, before: datetime, after: datetime, new: timedelta) -> datetime:
+        """The first instant in ``(before, after]`` whose offset is ``new`` (``after``'s)."""
+        while after - before > _TICK:
+            middle = before + (after - before) // 2
+            if self.offset(middle) == new:
+                after = middle
+            else:
+                before = middle
+        return after
+
+    def first_change(self, low: datetime, high: datetime) -> datetime | None:
+        """The earliest clock change in ``(low, high]``, if any."""
+        if self.fixed:
+            return None
+        old = self.offset(low)
+        probe = low
+        while probe < high:
+            ahead = min(high, probe + _STEP)
+            new = self.offset(ahead)
+            if new != old:
+                # pin() finds where the offset becomes `new`; with `old` on the left
+                # and `new` on the right that is the first change in between.
+                return self.pin(probe, ahead, new)
+            probe = ahead
+        return None
+
+    def last_change(self, low: datetime, high: datetime) -> datetime | None:
+        """The latest clock change in ``(low, high]``, if any."""
+        if self.fixed:
+            return None
+        new = self.offset(high)
+        probe = high
+        while probe > low:
+            behind = max(low, probe - _STEP)
+            if self.offset(behind) != new:
+                return self.pin(behind, probe, new)
+            probe = behind
+        return None
+
+    def boundary(self, instant: datetime) -> bool:
+        """Whether a window starts at ``instant``."""
+        return self.label(instant - _TICK) != self.label(instant)
+
+    def start(self, instant: datetime) -> datetime:
+        current = instant
+        while True:
+            offset = self.offset(current)
+            wall = self.floor((current + offset).replace(tzinfo=None))
+            candidate = (wall - offset).replace(tzinfo=UTC)
+            change = self.last_change(candidate, current)
+            found = candidate if change is None else change
+            if self.boundary(found):
+                return found
+            current = found - _TICK  # a change that keeps the unit: look further back
+
+    def end(self, instant: datetime) -> datetime:
+        current = instant
+        while True:
+            offset = self.offset(current)
+            wall = self.after(self.floor((current + offset).replace(tzinfo=None)))
+            candidate = (wall - offset).replace(tzinfo=UTC)
+            change = self.first_change(current, candidate)
+            found = candidate if change is None else change
+            if self.boundary(found):
+                return found
+            current = found  # a change that keeps the unit: look further ahead
 
 
 def window_at(period: Period, instant: datetime, zone: tzinfo) -> Window:
     """The window of ``period`` that contains ``instant``, in timezone ``zone``.
 
-    Raises :class:`ValueError` if ``instant`` is naive.
+    Raises :class:`ValueError` if ``instant`` is naive, and
+    :class:`~agentpolicy.PolicyValidationError` (``INVALID_INPUT``, path
+    ``$.now``) for an instant whose window would begin before year 1 or end
+    after year 9999, the range of Python's calendar.
     """
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise ValueError("instant must be timezone-aware")
-    local = instant.astimezone(zone)
-    if period is Period.HOURLY:
-        start = local.replace(minute=0, second=0, microsecond=0)
-        end = (start.astimezone(UTC) + timedelta(hours=1)).astimezone(zone)
-    else:
-        day = local.date()
-        if period is Period.DAILY:
-            first, after = day, day + timedelta(days=1)
-        elif period is Period.WEEKLY:
-            first = day - timedelta(days=day.weekday())
-            after = first + timedelta(days=7)
-        else:
-            first = day.replace(day=1)
-            after = _next_month(first)
-        start, end = _day_start(first, zone), _day_start(after, zone)
+    period = Period(period)
+    arithmetic = _Zone(period, zone)
+    try:
+        at = instant.astimezone(UTC)
+        start, end = arithmetic.start(at), arithmetic.end(at)
+        local_start = start.astimezone(zone)
+    except (OverflowError, ValueError):
+        raise PolicyValidationError.single(
+            "$.now",
+            f"{instant.isoformat()} is too close to the end of the calendar (years 1 to 9999): "
+            f"its {period} window in {zone} cannot be computed",
+        ) from None
     # start and end are kept in UTC: Python compares and subtracts two datetimes
     # that share a tzinfo by wall-clock time, which is wrong across a DST change.
-    return Window(
-        period, f"{period}:{start.isoformat()}", start.astimezone(UTC), end.astimezone(UTC)
-    )
+    return Window(period, f"{period}:{local_start.isoformat()}", start, end)

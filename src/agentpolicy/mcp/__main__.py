@@ -1,5 +1,5 @@
-"""``python -m agentpolicy.mcp``: the stdio MCP server."""
+"""``python -m agentpolicy.mcp``: the stdio MCP server (see :mod:`agentpolicy.mcp.command`)."""
 
-from agentpolicy.mcp.stdio import main
+from agentpolicy.mcp.command import main
 
 main()

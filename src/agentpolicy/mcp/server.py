@@ -3,21 +3,26 @@
 The governed agent must not be able to raise its own limits or approve its
 own payments: the ``agent`` role (the default) serves only authorize,
 budget, get, confirm, release, approvals/list and approvals/get, and may be
-bound to one agent id or an organisation prefix. Every call returns a dict,
-``{"success": True, "data": ...}`` or ``{"success": False, "error": {...}}``;
-no exception and no traceback ever reaches the client.
+bound to one agent id (which then is the default ``agentId``) or an
+organisation prefix. Every call returns a dict, ``{"success": True, "data":
+...}`` or ``{"success": False, "error": {...}}``; no exception and no
+traceback ever reaches the client. Long listings come in pages
+(``limit``, ``cursor``, ``nextCursor``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from agentpolicy._checks import check_identifier, raise_if
 from agentpolicy.codec import dump_policy
-from agentpolicy.config import ROLES, read_settings
+from agentpolicy.config import ROLES, open_configured_storage, read_settings
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import (
     ErrorCode,
@@ -26,7 +31,7 @@ from agentpolicy.errors import (
     PolicyValidationError,
     Problem,
 )
-from agentpolicy.examples import seed_policy
+from agentpolicy.examples import example_policy
 from agentpolicy.mcp.tools import TOOLS, Tool, find_tool, parse_arguments
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
@@ -38,7 +43,12 @@ __all__ = ["DEMO_AGENT", "AgentPolicyMcpServer", "create_server_with_redis"]
 log = logging.getLogger("agentpolicy.mcp")
 
 DEMO_AGENT = "demo-agent"
-"""The agent that demo mode sets the seed's example policy for."""
+"""The agent that demo mode sets the example policy for."""
+
+DEFAULT_PAGE = 20
+"""Entries in one page of a listing when the call names no ``limit``."""
+
+T = TypeVar("T")
 
 
 def _error(code: ErrorCode | str, message: str, path: str | None = None) -> dict[str, Any]:
@@ -51,15 +61,19 @@ def _error(code: ErrorCode | str, message: str, path: str | None = None) -> dict
 class AgentPolicyMcpServer:
     """The agent-policy tools, served to an MCP client (or called directly).
 
-    ``storage`` is a :class:`~agentpolicy.Storage`, a storage URL, or ``None``:
-    ``AGENT_POLICY_REDIS_URL`` if set, else ``AGENT_POLICY_DB`` if set, else a
-    fresh in-memory storage private to this server. ``role`` is ``"agent"``
-    or ``"admin"``; demo mode implies admin and always uses a fresh in-memory
-    storage with the seed's example policy for ``demo-agent``, and sends no
+    ``engine`` is a ready :class:`~agentpolicy.PolicyEngine` (as
+    :func:`agentpolicy.config.build_engine` makes); without one, the server
+    builds its own from ``storage``, ``clock``, ``webhook_endpoints`` and
+    ``reservation_ttl``. ``storage`` is a :class:`~agentpolicy.Storage`, a
+    storage URL, or ``None``: ``AGENT_POLICY_REDIS_URL`` if set, else
+    ``AGENT_POLICY_DB`` if set (its folder is created), else a fresh
+    in-memory storage private to this server. ``role`` is ``"agent"`` or
+    ``"admin"``; demo mode implies admin and always uses a fresh in-memory
+    storage with the example policy for ``demo-agent``, and sends no
     webhook. ``webhook_endpoints`` are objects or dicts (see
-    :func:`agentpolicy.webhooks.to_endpoints`). ``agent_id``
-    or ``org_id`` bind an agent-role server to one agent or to agent ids that
-    start with ``"{org_id}:"``.
+    :func:`agentpolicy.webhooks.to_endpoints`). ``agent_id`` or ``org_id``
+    bind an agent-role server to one agent (then ``agentId`` may be left
+    out of every call) or to agent ids that start with ``"{org_id}:"``.
     """
 
     def __init__(
@@ -73,6 +87,7 @@ class AgentPolicyMcpServer:
         *,
         agent_id: str | None = None,
         org_id: str | None = None,
+        engine: PolicyEngine | None = None,
     ) -> None:
         problems: list[Problem] = []
         if role not in ROLES:
@@ -85,12 +100,18 @@ class AgentPolicyMcpServer:
         self.role = "admin" if self.demo_mode else role
         self.bound_agent = agent_id
         self.bound_org = org_id
+        self._tools = [
+            t if agent_id is None else t.bound_to(agent_id)
+            for t in TOOLS
+            if self.role == "admin" or not t.admin_only
+        ]
+        if engine is not None and not self.demo_mode:
+            self.engine = engine
+            return
         if self.demo_mode:
             storage = MemoryStorage()
         elif storage is None:
-            settings = read_settings()
-            url = settings.storage_url(fallback_to_file=False)
-            storage = open_storage(url, key_prefix=settings.key_prefix) if url else MemoryStorage()
+            storage = open_configured_storage(read_settings(), fallback_to_file=False)
         self.engine = PolicyEngine(
             storage=storage,
             clock=clock,
@@ -98,13 +119,19 @@ class AgentPolicyMcpServer:
             webhook_endpoints=None if self.demo_mode else webhook_endpoints,
         )
         if self.demo_mode:
-            self.engine.set_policy(DEMO_AGENT, seed_policy())
+            self.engine.set_policy(DEMO_AGENT, example_policy())
 
     # -- what this server offers -------------------------------------------------------
 
     def tools(self) -> list[Tool]:
-        """The tools this server's role may call, in the table's order."""
-        return [t for t in TOOLS if self.role == "admin" or not t.admin_only]
+        """The tools this server's role may call, in the table's order, as this server offers them.
+
+        On a server bound to one agent, ``agentId`` is optional and says so.
+        """
+        return list(self._tools)
+
+    def _offered(self, tool: Tool) -> Tool:
+        return next((t for t in self._tools if t.name == tool.name), tool)
 
     # -- binding ---------------------------------------------------------------------------
 
@@ -126,7 +153,7 @@ class AgentPolicyMcpServer:
     async def handle_tool_call(
         self, name: str, arguments: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        """Call a tool by its MCP or seed name; return the result dict (never raises)."""
+        """Call a tool by its MCP name or its slash name; return the result dict (never raises)."""
         return self.call(name, arguments)
 
     def call(self, name: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -146,7 +173,9 @@ class AgentPolicyMcpServer:
                 f"{tool.name} needs the admin role; this server runs as {self.role}",
             )
         try:
-            args = parse_arguments(tool, arguments)
+            args = parse_arguments(self._offered(tool), arguments)
+            if self.bound_agent is not None and "agentId" in tool.input_schema["properties"]:
+                args.setdefault("agentId", self.bound_agent)
             data = getattr(self, "_" + tool.name.removeprefix("agent_policy_"))(args)
         except PolicyError as err:
             return _error(err.code, err.message, err.path)
@@ -198,14 +227,14 @@ class AgentPolicyMcpServer:
         return {"agentId": a["agentId"], "version": version}
 
     def _list(self, a: dict[str, Any]) -> dict[str, Any]:
-        policies = self.engine.list_policies(a.get("orgId"))
-        return {
-            "policies": [
-                {"agentId": p.agent_id, "enabled": p.policy.enabled, "version": p.version}
-                for p in policies
-                if self._may_see(p.agent_id)
-            ]
-        }
+        policies = sorted(
+            (p for p in self.engine.list_policies(a.get("orgId")) if self._may_see(p.agent_id)),
+            key=lambda p: p.agent_id,
+        )
+        page, cursor = _page(policies, lambda p: [p.agent_id], a)
+        rows = [{"agentId": p.agent_id, "enabled": p.policy.enabled, "version": p.version}
+                for p in page]  # fmt: skip
+        return _with_cursor({"policies": rows}, cursor)
 
     def _settle(self, reservation_id: str, action: str) -> dict[str, Any]:
         if self.bound_agent is not None or self.bound_org is not None:
@@ -224,8 +253,12 @@ class AgentPolicyMcpServer:
         agent_id = a.get("agentId")
         if agent_id is not None:
             self._check_agent(agent_id)
-        approvals = self.engine.list_approvals(agent_id)
-        return {"approvals": [approval_data(x) for x in approvals if self._may_see(x.agent_id)]}
+        approvals = sorted(
+            (x for x in self.engine.list_approvals(agent_id) if self._may_see(x.agent_id)),
+            key=lambda x: (x.created_at, x.id),
+        )
+        page, cursor = _page(approvals, lambda x: [x.created_at.isoformat(), x.id], a)
+        return _with_cursor({"approvals": [approval_data(x) for x in page]}, cursor)
 
     def _approvals_get(self, a: dict[str, Any]) -> dict[str, Any]:
         approval = self.engine.get_approval(a["approvalId"])
@@ -246,6 +279,46 @@ class AgentPolicyMcpServer:
     def close(self) -> None:
         """Stop webhook delivery and close the engine's storage."""
         self.engine.close()
+
+
+def _page(
+    entries: Sequence[T], key: Callable[[T], list[str]], a: Mapping[str, Any]
+) -> tuple[Sequence[T], str | None]:
+    """One page of ``entries`` (sorted by ``key``) after ``a["cursor"]``, and the next cursor.
+
+    A cursor names the last entry of its page, so an entry that leaves the
+    list between two pages shifts nothing.
+    """
+    limit: int = a.get("limit", DEFAULT_PAGE)
+    start = 0
+    if "cursor" in a:
+        after = _read_cursor(a["cursor"])
+        start = next((i for i, e in enumerate(entries) if key(e) > after), len(entries))
+    page = entries[start : start + limit]
+    more = start + limit < len(entries)
+    return page, (_write_cursor(key(page[-1])) if more and page else None)
+
+
+def _write_cursor(key: list[str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+def _read_cursor(cursor: str) -> list[str]:
+    try:
+        key = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, binascii.Error):
+        key = None
+    if not isinstance(key, list) or not all(isinstance(k, str) for k in key):
+        raise PolicyValidationError.single(
+            "$.cursor", "is not a cursor of this listing: pass the nextCursor of the last page"
+        )
+    return key
+
+
+def _with_cursor(data: dict[str, Any], cursor: str | None) -> dict[str, Any]:
+    if cursor is not None:
+        data["nextCursor"] = cursor
+    return data
 
 
 def create_server_with_redis(

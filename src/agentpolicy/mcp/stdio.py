@@ -1,40 +1,50 @@
-"""The ``agent-policy-mcp`` command: the tools over stdio, on the official MCP Python SDK.
+"""The tools over stdio, on the official MCP Python SDK (the ``mcp`` extra).
 
-stdout carries only protocol messages; logs go to stderr. Configuration is
-read from the environment at start (see :mod:`agentpolicy.config`); a bad
-value prints one line on stderr and exits with status 2. Expired
+stdout carries only protocol messages; logs go to stderr. Every tool call
+runs on a worker thread, so a slow storage never holds up the event loop:
+pings and other requests are answered while a call waits. Expired
 reservations and approvals are swept on a schedule, so expiry happens even
-when nobody reads.
+when nobody reads. :mod:`agentpolicy.mcp.command` is the
+``agent-policy-mcp`` command that starts it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
 from agentpolicy import __version__
-from agentpolicy.config import Settings, read_settings
+from agentpolicy.config import Settings, build_engine
 from agentpolicy.errors import PolicyError
 from agentpolicy.mcp.server import AgentPolicyMcpServer
-from agentpolicy.storage import open_storage
-from agentpolicy.webhooks import endpoints_from_env
 
-__all__ = ["build_server", "main", "serve", "summary"]
+__all__ = ["INSTRUCTIONS", "build_server", "make_app", "serve", "summary"]
 
 log = logging.getLogger("agentpolicy.mcp")
 
 SWEEP_EVERY_SECONDS = 30.0
 
+INSTRUCTIONS = (
+    "Call agent_policy_authorize before every payment and pay only when it answers allowed; "
+    "then confirm the reservation with agent_policy_confirm once paid, or release it with "
+    "agent_policy_release if you did not pay. When approval is required, wait until "
+    "agent_policy_approvals_get shows it approved."
+)
+"""What the server tells the client's model about using it."""
+
 
 def summary(result: dict[str, Any]) -> str:
-    """A short human-readable line for a tool result (the structured content has it all)."""
+    """The text of a tool result: a line for decisions and errors, else the data as JSON.
+
+    JSON is never cut: long listings come in pages instead.
+    """
     if not result["success"]:
         error = result["error"]
         where = f" at {error['path']}" if "path" in error else ""
@@ -46,52 +56,66 @@ def summary(result: dict[str, Any]) -> str:
         if data.get("requiresApproval"):
             return f"APPROVAL_REQUIRED: wait for approval {data['approvalId']}. {data['reason']}"
         return f"DENIED ({data['code']}): {data['reason']}"
-    return json.dumps(data, separators=(",", ":"))[:2000]
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _sdk_tool(tool: Any) -> types.Tool:
+    a = tool.annotations
+    return types.Tool(
+        name=tool.name,
+        title=a.title,
+        description=tool.description,
+        input_schema=tool.input_schema,
+        output_schema=tool.output_schema,
+        annotations=types.ToolAnnotations(
+            title=a.title,
+            read_only_hint=a.read_only,
+            destructive_hint=a.destructive,
+            idempotent_hint=a.idempotent,
+            open_world_hint=False,
+        ),
+    )
 
 
 def build_server(app: AgentPolicyMcpServer) -> Server[Any]:
     """An SDK server whose tools are ``app``'s (only those its role may call)."""
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
-        return types.ListToolsResult(
-            tools=[
-                types.Tool(name=t.name, description=t.description, input_schema=t.input_schema)
-                for t in app.tools()
-            ]
-        )
+        return types.ListToolsResult(tools=[_sdk_tool(t) for t in app.tools()])
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
-        result = await app.handle_tool_call(params.name, params.arguments)
+        # The engine blocks on its storage: run it on a worker thread, never on the loop.
+        result = await anyio.to_thread.run_sync(app.call, params.name, params.arguments)
+        content: list[types.ContentBlock] = [types.TextContent(type="text", text=summary(result))]
+        if not result["success"] or "allowed" in result["data"]:  # the line, then all of it
+            full = json.dumps(result, separators=(",", ":"))
+            content.append(types.TextContent(type="text", text=full))
         return types.CallToolResult(
-            content=[types.TextContent(type="text", text=summary(result))],
-            structured_content=result,
-            is_error=not result["success"],
+            content=content, structured_content=result, is_error=not result["success"]
         )
 
     return Server(
         "agent-policy",
         version=__version__,
-        instructions="Call agent_policy_authorize before every payment; confirm or release "
-        "the reservation afterwards.",
+        title="agentpolicy: spending limits",
+        instructions=INSTRUCTIONS,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
 
 
 def make_app(settings: Settings) -> AgentPolicyMcpServer:
-    """The server the environment describes (a SQLite file in the state dir by default)."""
+    """The server the settings describe, on :func:`~agentpolicy.config.build_engine`'s engine."""
     if settings.demo_mode:
         return AgentPolicyMcpServer(demo_mode=True)
-    url = settings.storage_url(fallback_to_file=True)
-    assert url is not None  # noqa: S101 - fallback_to_file always gives one
-    return AgentPolicyMcpServer(
-        storage=open_storage(url, key_prefix=settings.key_prefix),
-        role=settings.role,
-        reservation_ttl=settings.reservation_ttl,
-        agent_id=settings.agent_id,
-        org_id=settings.org_id,
-        webhook_endpoints=endpoints_from_env(),
-    )
+    engine = build_engine(settings)
+    try:
+        return AgentPolicyMcpServer(
+            role=settings.role, agent_id=settings.agent_id, org_id=settings.org_id, engine=engine
+        )
+    except BaseException:
+        engine.close()
+        raise
 
 
 async def serve(app: AgentPolicyMcpServer) -> None:
@@ -102,7 +126,7 @@ async def serve(app: AgentPolicyMcpServer) -> None:
         while True:
             await anyio.sleep(SWEEP_EVERY_SECONDS)
             try:
-                app.engine.sweep()
+                await anyio.to_thread.run_sync(app.engine.sweep)
             except PolicyError as err:
                 log.warning("sweep failed: %s", err.message)
 
@@ -111,22 +135,3 @@ async def serve(app: AgentPolicyMcpServer) -> None:
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
         tasks.cancel_scope.cancel()
-
-
-def main() -> None:
-    """Entry point of ``agent-policy-mcp`` and ``python -m agentpolicy.mcp``."""
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
-    )
-    try:
-        app = make_app(read_settings())
-    except PolicyError as err:
-        sys.stderr.write(f"agent-policy-mcp: {err.code}: {err.message}\n")
-        raise SystemExit(2) from None
-    log.info("agent-policy-mcp %s serving role %s on stdio", __version__, app.role)
-    try:
-        anyio.run(serve, app)
-    except KeyboardInterrupt:  # pragma: no cover - interactive stop
-        pass
-    finally:
-        app.close()

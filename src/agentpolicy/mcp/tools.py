@@ -1,29 +1,53 @@
-"""The ten tools: names, descriptions, argument schemas, and the JSON their data takes.
+"""The ten tools: names, descriptions, argument and result schemas, and annotations.
 
 Pure and SDK-free: the stdio server and :class:`AgentPolicyMcpServer` share
-this table. Amounts travel as strings of base units; keys are the seed's
-camelCase.
+this table. Amounts travel as strings of base units; keys are camelCase.
+Every tool declares the JSON Schema of its arguments (``input_schema``) and
+of its result (:meth:`Tool.output_schema`: ``{"success": true, "data":
+...}`` or ``{"success": false, "error": {...}}``), and annotations that tell
+a client whether it reads or changes anything.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from agentpolicy._checks import check_identifier, check_int, check_text, type_name
-from agentpolicy.amounts import MAX_DECIMALS
-from agentpolicy.errors import PolicyValidationError, Problem
+from agentpolicy._checks import MAX_ID, MAX_TEXT, check_identifier, check_int, check_text, type_name
+from agentpolicy.amounts import MAX_DECIMALS, MAX_DIGITS
+from agentpolicy.decisions import Code, Outcome
+from agentpolicy.errors import ErrorCode, PolicyValidationError, Problem
+from agentpolicy.windows import Period
 
-__all__ = ["TOOLS", "Tool", "find_tool", "parse_arguments"]
+__all__ = ["MAX_PAGE", "TOOLS", "Tool", "find_tool", "parse_arguments"]
 
-_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+MAX_PAGE = 100
+"""The most entries one page of a listing holds."""
+
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID}
 _AMOUNT = {
     "type": "string",
-    "pattern": "^[0-9]{1,96}$",
-    "description": "Amount in the token's smallest unit, as a string of digits "
-    "('500000000' is 500 USDT with 6 decimals).",
+    "pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$",
+    "description": "Amount in the token's smallest unit, as a string of digits: with 6 "
+    "decimals, '500000000' is 500 USDT and '500250000' is 500.25 USDT.",
+}
+_AGENT = {**_ID, "description": "The agent the payment or budget belongs to."}
+_PAGE = {
+    "limit": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_PAGE,
+        "description": f"At most this many entries (1 to {MAX_PAGE}, default 20).",
+    },
+    "cursor": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 512,
+        "description": "The nextCursor of the previous page, to read the next one.",
+    },
 }
 
 
@@ -37,82 +61,300 @@ def _schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
 
 
 @attrs.frozen
+class Annotations:
+    """What a tool does to the world, for clients that ask before calling (MCP annotations)."""
+
+    title: str
+    read_only: bool
+    destructive: bool = False
+    idempotent: bool = True
+
+
+@attrs.frozen
 class Tool:
-    """One tool: its MCP name, the seed's name, what it does, its argument schema, its role."""
+    """One tool: its MCP name, its slash name, what it does, its schemas, its role.
+
+    ``slash_name`` is the tool's name in the t402 agent-policy design
+    (``agent-policy/authorize``), accepted as well. ``data_schema`` is the
+    JSON Schema of the data of a successful call.
+    """
 
     name: str
-    seed_name: str
+    slash_name: str
     description: str
     input_schema: dict[str, Any]
+    data_schema: dict[str, Any]
+    annotations: Annotations
     admin_only: bool = False
 
+    @property
+    def output_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the whole result (``structuredContent``): success or error."""
+        return _output_schema(self.name)
+
+    def bound_to(self, agent_id: str) -> Tool:
+        """The tool as a server bound to ``agent_id`` offers it: ``agentId`` defaults to it."""
+        props = self.input_schema["properties"]
+        if "agentId" not in props:
+            return self
+        agent = {**props["agentId"], "description": f"Defaults to {agent_id}, the only agent "
+                 "this server serves; any other agent is refused."}  # fmt: skip
+        schema = {
+            **self.input_schema,
+            "properties": {**props, "agentId": agent},
+            "required": [r for r in self.input_schema["required"] if r != "agentId"],
+        }
+        note = f" This server serves agent {agent_id} only; agentId may be left out."
+        return attrs.evolve(self, input_schema=schema, description=self.description + note)
+
+
+# -- result schemas ------------------------------------------------------------------------------
+
+_TEXT = {"type": "string"}
+_INSTANT = {"type": "string", "format": "date-time"}
+_DIGITS = {"type": "string", "pattern": "^[0-9]+$"}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+_DECISION = _object(
+    {
+        "allowed": {"type": "boolean"},
+        "code": {"type": "string", "enum": [c.value for c in Code]},
+        "reason": _TEXT,
+        "reservationId": _TEXT,
+        "requiresApproval": {"type": "boolean"},
+        "approvalId": _TEXT,
+        "expiresAt": _INSTANT,
+        "policyVersion": {"type": "integer", "minimum": 1},
+        "evaluations": {
+            "type": "array",
+            "items": _object(
+                {
+                    "name": _TEXT,
+                    "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
+                    "code": {"type": ["string", "null"]},
+                    "detail": _TEXT,
+                }
+            ),
+        },
+    },
+    ["allowed", "code", "reason", "requiresApproval", "evaluations"],
+)
+_WINDOW = _object(
+    {
+        "limit": {"type": ["string", "null"], "pattern": "^[0-9]+$"},
+        "spent": _DIGITS,
+        "reserved": _DIGITS,
+        "remaining": {"type": ["string", "null"], "pattern": "^[0-9]+$"},
+        "decimals": {"type": "integer", "minimum": 0},
+        "symbol": _TEXT,
+        "windowStart": _INSTANT,
+        "windowEnd": _INSTANT,
+    }
+)
+_BUDGET = _object(
+    {
+        "agentId": _TEXT,
+        "at": _INSTANT,
+        "periods": {
+            "type": "object",
+            "propertyNames": {"enum": [p.value for p in Period]},
+            "additionalProperties": _WINDOW,
+        },
+    }
+)
+_RESERVATION = _object(
+    {
+        "reservationId": _TEXT,
+        "status": {"enum": ["held", "reserved", "confirmed", "released", "expired"]},
+        "agentId": _TEXT,
+        "amount": _DIGITS,
+        "expiresAt": _INSTANT,
+    }
+)
+_VOTE = _object(
+    {
+        "approver": _TEXT,
+        "decision": {"enum": ["approve", "deny"]},
+        "comment": _TEXT,
+        "timestamp": _INSTANT,
+    },
+    ["approver", "decision", "timestamp"],
+)
+_APPROVAL = _object(
+    {
+        "id": _TEXT,
+        "agentId": _TEXT,
+        "status": {"enum": ["pending", "approved", "denied", "expired"]},
+        "amount": {**_TEXT, "description": "human form with the symbol, such as '500 USDT'"},
+        "amountRaw": _DIGITS,
+        "decimals": {"type": "integer", "minimum": 0},
+        "symbol": _TEXT,
+        "recipient": _TEXT,
+        "network": _TEXT,
+        "category": _TEXT,
+        "memo": _TEXT,
+        "requiredApprovers": {"type": "integer", "minimum": 1},
+        "approvers": {"type": "array", "items": _TEXT},
+        "decisions": {"type": "array", "items": _VOTE},
+        "createdAt": _INSTANT,
+        "expiresAt": _INSTANT,
+        "reservationId": _TEXT,
+    },
+    ["id", "agentId", "status", "amount", "amountRaw", "decimals", "symbol", "recipient",
+     "network", "requiredApprovers", "approvers", "decisions", "createdAt", "expiresAt"],
+)  # fmt: skip
+_NEXT = {"nextCursor": {**_TEXT, "description": "Pass as cursor to read the next page."}}
+_VERSION = {"type": "integer", "minimum": 1}
+_POLICY_ROW = _object({"agentId": _TEXT, "enabled": {"type": "boolean"}, "version": _VERSION})
+
+
+@functools.cache
+def _policy_defs() -> dict[str, Any]:
+    from agentpolicy.schema import policy_schema  # noqa: PLC0415 - built on first use
+
+    schema = policy_schema()
+    root = {k: v for k, v in schema.items() if k not in ("$schema", "$defs", "title")}
+    return {**schema["$defs"], "AgentPolicy": root}
+
+
+@functools.cache
+def _output_schema(name: str) -> dict[str, Any]:
+    tool = next(t for t in TOOLS if t.name == name)
+    success = _object({"success": {"const": True}, "data": tool.data_schema,
+                       "demoMode": {"const": True}}, ["success", "data"])  # fmt: skip
+    error = _object(
+        {
+            "success": {"const": False},
+            "error": _object(
+                {"code": {"enum": [c.value for c in ErrorCode]}, "message": _TEXT, "path": _TEXT},
+                ["code", "message"],
+            ),
+            "demoMode": {"const": True},
+        },
+        ["success", "error"],
+    )
+    schema: dict[str, Any] = {"type": "object", "oneOf": [success, error]}
+    if name == "agent_policy_get":
+        schema["$defs"] = _policy_defs()
+    return schema
+
+
+# -- the table -------------------------------------------------------------------------------------
 
 TOOLS: tuple[Tool, ...] = (
     Tool(
         "agent_policy_authorize",
         "agent-policy/authorize",
-        "Ask whether this agent may make a payment now, BEFORE sending it. Returns allowed "
+        "Ask whether the agent may make a payment now, BEFORE sending it. Returns allowed "
         "(true/false), a stable code (ALLOWED, DAILY_LIMIT, RECIPIENT_BLOCKED, "
-        "APPROVAL_REQUIRED, ...) and a reason. When allowed, the amount is reserved: send the "
-        "payment, then call agent_policy_confirm with the reservationId (or "
-        "agent_policy_release if you did not pay); unconfirmed reservations expire after a "
-        "few minutes. When requiresApproval is true, do not pay: humans must approve "
-        "approvalId first; poll agent_policy_approvals_get until it is approved and then "
-        "use its reservationId. Reuse the same idempotencyKey when retrying the same payment.",
+        "APPROVAL_REQUIRED, ...) and a reason. When allowed, the amount is reserved for a few "
+        "minutes (expiresAt): send the payment, then call agent_policy_confirm with the "
+        "reservationId, or agent_policy_release if you did not pay. When requiresApproval is "
+        "true, do not pay yet: people must approve approvalId first; poll "
+        "agent_policy_approvals_get until its status is approved, then pay and confirm its "
+        "reservationId. Denied: do not pay. Amounts are strings of the token's smallest unit. "
+        "When retrying the same payment, send the same idempotencyKey so it counts once.",
         _schema(
             {
-                "agentId": {**_ID, "description": "The agent that wants to pay."},
+                "agentId": _AGENT,
                 "amount": _AMOUNT,
-                "recipient": {**_ID, "description": "The recipient's address."},
+                "recipient": {**_ID, "description": "The address to pay."},
                 "network": {
                     "type": "string",
-                    "description": "CAIP-2 chain id, such as eip155:8453 (Base).",
+                    "maxLength": 64,
+                    "description": "CAIP-2 chain id, such as eip155:8453 (Base) or eip155:1.",
                 },
-                "category": {"type": "string", "description": "What the payment is for."},
-                "decimals": {"type": "integer", "minimum": 0, "maximum": MAX_DECIMALS},
-                "symbol": {"type": "string", "description": "Token symbol (default USDT)."},
-                "memo": {"type": "string"},
-                "idempotencyKey": {**_ID, "description": "Same key, same payment: counted once."},
+                "category": {**_ID, "description": "What the payment is for, e.g. api_usage."},
+                "decimals": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": MAX_DECIMALS,
+                    "description": "The token's decimals (default 6, as USDT).",
+                },
+                "symbol": {
+                    **_ID,
+                    "maxLength": 32,
+                    "description": "The token's symbol (default USDT).",
+                },
+                "memo": {
+                    "type": "string",
+                    "maxLength": MAX_TEXT,
+                    "description": "A note kept with the payment; it decides nothing.",
+                },
+                "idempotencyKey": {
+                    **_ID,
+                    "description": "Same key and same payment within 24 hours: the first "
+                    "answer again, counted once.",
+                },
             },
             ["agentId", "amount", "recipient", "network"],
         ),
+        _DECISION,
+        Annotations("Authorize a payment", read_only=False, idempotent=False),
     ),
     Tool(
         "agent_policy_budget",
         "agent-policy/budget",
         "Show what the agent has spent, has reserved and has left in each limited window "
-        "(hourly, daily, weekly, monthly) right now, in base units of the limit's token. "
-        "Use it to plan payments that will pass.",
+        "(hourly, daily, weekly, monthly) right now, in the smallest unit of the limit's token "
+        "(see decimals and symbol), with each window's end. Use it to plan payments that will "
+        "pass.",
         _schema(
             {
-                "agentId": _ID,
-                "period": {"type": "string", "enum": ["hourly", "daily", "weekly", "monthly"]},
+                "agentId": _AGENT,
+                "period": {
+                    "type": "string",
+                    "enum": [p.value for p in Period],
+                    "description": "Only this window (shown even without a limit).",
+                },
             },
             ["agentId"],
         ),
+        _BUDGET,
+        Annotations("Show the budget", read_only=True),
     ),
     Tool(
         "agent_policy_get",
         "agent-policy/get",
         "Read the agent's current spending policy (limits, time, merchant, network, category "
         "and approval rules) and its version.",
-        _schema({"agentId": _ID}, ["agentId"]),
+        _schema({"agentId": _AGENT}, ["agentId"]),
+        _object({"agentId": _TEXT, "policy": {"$ref": "#/$defs/AgentPolicy"}, "version": _VERSION}),
+        Annotations("Read the policy", read_only=True),
     ),
     Tool(
         "agent_policy_set",
         "agent-policy/set",
-        "Administrators only: replace an agent's spending policy. The policy is the seed's "
-        "JSON shape; it is validated strictly and every problem is reported with its path. "
-        "Returns the new version.",
-        _schema({"agentId": _ID, "policy": {"type": "object"}}, ["agentId", "policy"]),
+        "Administrators only: replace an agent's spending policy. The policy is a JSON object "
+        "(limits, timeRules, merchantRules, networkRules, categoryRules, approvalConfig; see "
+        "agent_policy_get for the shape); it is checked strictly and every problem is reported "
+        "with its path. Returns the new version.",
+        _schema(
+            {"agentId": _AGENT, "policy": {"type": "object", "description": "The new policy."}},
+            ["agentId", "policy"],
+        ),
+        _object({"agentId": _TEXT, "version": _VERSION}),
+        Annotations("Set a policy", read_only=False, destructive=True, idempotent=False),
         admin_only=True,
     ),
     Tool(
         "agent_policy_list",
         "agent-policy/list",
-        "Administrators only: list the agents that have a policy, optionally those of one "
-        "organisation (agent ids that start with 'orgId:').",
-        _schema({"orgId": _ID}, []),
+        "Administrators only: list the agents that have a policy, in order of agent id, "
+        "optionally only those of one organisation (agent ids that start with 'orgId:'). "
+        "Long lists come in pages: pass nextCursor back as cursor.",
+        _schema({"orgId": _ID, **_PAGE}, []),
+        _object({"policies": {"type": "array", "items": _POLICY_ROW}, **_NEXT}, ["policies"]),
+        Annotations("List policies", read_only=True),
         admin_only=True,
     ),
     Tool(
@@ -121,6 +363,8 @@ TOOLS: tuple[Tool, ...] = (
         "Confirm that an authorized payment was sent: its reserved amount becomes spending. "
         "Call it once the payment went through; calling it again is harmless.",
         _schema({"reservationId": _ID}, ["reservationId"]),
+        _RESERVATION,
+        Annotations("Confirm a payment", read_only=False),
     ),
     Tool(
         "agent_policy_release",
@@ -128,12 +372,17 @@ TOOLS: tuple[Tool, ...] = (
         "Give back the budget of an authorized payment that was NOT sent. Calling it again "
         "is harmless; a confirmed payment cannot be released.",
         _schema({"reservationId": _ID}, ["reservationId"]),
+        _RESERVATION,
+        Annotations("Release a reservation", read_only=False),
     ),
     Tool(
         "agent_policy_approvals_list",
         "agent-policy/approvals/list",
-        "List the approvals still waiting for human decisions, optionally of one agent.",
-        _schema({"agentId": _ID}, []),
+        "List the approvals still waiting for people to decide, oldest first, optionally of "
+        "one agent. Long lists come in pages: pass nextCursor back as cursor.",
+        _schema({"agentId": {**_ID, "description": "Only this agent's approvals."}, **_PAGE}, []),
+        _object({"approvals": {"type": "array", "items": _APPROVAL}, **_NEXT}, ["approvals"]),
+        Annotations("List pending approvals", read_only=True),
     ),
     Tool(
         "agent_policy_approvals_get",
@@ -141,38 +390,43 @@ TOOLS: tuple[Tool, ...] = (
         "Read one approval: its status (pending, approved, denied, expired), the decisions so "
         "far, and once approved the reservationId to confirm after paying.",
         _schema({"approvalId": _ID}, ["approvalId"]),
+        _APPROVAL,
+        Annotations("Read an approval", read_only=True),
     ),
     Tool(
         "agent_policy_approvals_decide",
         "agent-policy/approvals/decide",
-        "Approvers only (administrator role): approve or deny a pending approval as a named "
-        "approver. One deny denies the payment; enough approvals approve it.",
+        "Administrators only: approve or deny a pending approval as a named approver. One "
+        "deny denies the payment; enough approvals approve it.",
         _schema(
             {
                 "approvalId": _ID,
                 "decision": {"type": "string", "enum": ["approve", "deny"]},
-                "approver": _ID,
-                "comment": {"type": "string", "maxLength": 1024},
+                "approver": {**_ID, "description": "Who decides: one of the approval's approvers."},
+                "comment": {"type": "string", "maxLength": MAX_TEXT},
             },
             ["approvalId", "decision", "approver"],
         ),
+        _APPROVAL,
+        Annotations("Decide an approval", read_only=False, idempotent=False),
         admin_only=True,
     ),
 )
 
-_BY_NAME = {name: t for t in TOOLS for name in (t.name, t.seed_name)}
+_BY_NAME = {name: t for t in TOOLS for name in (t.name, t.slash_name)}
 
 
 def find_tool(name: object) -> Tool | None:
-    """The tool called ``name`` (its MCP name or the seed's), if any."""
+    """The tool called ``name`` (its MCP name or its slash name), if any."""
     return _BY_NAME.get(name) if isinstance(name, str) else None
 
 
 def parse_arguments(tool: Tool, arguments: object) -> dict[str, Any]:
     """Check ``arguments`` against the tool's schema; raise ``INVALID_INPUT`` with paths.
 
-    Unknown keys and wrong types are refused; values are range-checked by
-    the classes that receive them.
+    Unknown keys and wrong types are refused, and so are strings longer than
+    the schema's ``maxLength``; values are range-checked by the classes that
+    receive them.
     """
     if arguments is None:
         arguments = {}
@@ -190,22 +444,25 @@ def parse_arguments(tool: Tool, arguments: object) -> dict[str, Any]:
             problems.append(Problem(f"$.{key}", "is required"))
     for key, value in arguments.items():
         spec = schema["properties"].get(key)
-        if spec is None:
-            continue
-        kind = spec.get("type")
-        if kind == "string" and not isinstance(value, str):
-            problems.append(Problem(f"$.{key}", f"must be a string, not {type_name(value)}"))
-        elif kind == "integer":
-            problems += check_int(value, f"$.{key}", spec["minimum"], spec["maximum"])
-        elif kind == "object" and not isinstance(value, Mapping):
-            problems.append(Problem(f"$.{key}", f"must be an object, not {type_name(value)}"))
-        elif "enum" in spec and value not in spec["enum"]:
-            allowed = ", ".join(spec["enum"])
-            problems.append(Problem(f"$.{key}", f"must be one of {allowed}"))
-        elif spec.get("minLength") == 1:  # an identifier (see _ID)
-            problems += check_identifier(value, f"$.{key}")
-        elif key == "comment":
-            problems += check_text(value, f"$.{key}")
+        if spec is not None:
+            problems += _value_problems(spec, value, f"$.{key}")
     if problems:
         raise PolicyValidationError(problems)
     return dict(arguments)
+
+
+def _value_problems(spec: dict[str, Any], value: object, path: str) -> list[Problem]:
+    kind = spec.get("type")
+    if kind == "integer":
+        return check_int(value, path, spec["minimum"], spec["maximum"])
+    if kind == "object":
+        return [] if isinstance(value, Mapping) else [
+            Problem(path, f"must be an object, not {type_name(value)}")
+        ]  # fmt: skip
+    if not isinstance(value, str):
+        return [Problem(path, f"must be a string, not {type_name(value)}")]
+    if "enum" in spec and value not in spec["enum"]:
+        return [Problem(path, "must be one of " + ", ".join(spec["enum"]))]
+    if spec.get("minLength") == 1:  # an identifier (see _ID)
+        return check_identifier(value, path, spec["maxLength"])
+    return check_text(value, path, spec.get("maxLength", MAX_TEXT))

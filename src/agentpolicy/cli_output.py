@@ -1,0 +1,155 @@
+"""How the ``agentpolicy`` command shows its results to people (``--json`` prints the data).
+
+Each function writes one kind of result, given the same JSON data the MCP
+tools return, to a text stream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TextIO
+
+from agentpolicy.amounts import format_units
+
+__all__ = [
+    "print_approval",
+    "print_approvals",
+    "print_budget",
+    "print_decision",
+    "print_deliveries",
+    "print_history",
+    "print_policies",
+    "print_policy",
+    "print_problems",
+    "print_where",
+]
+
+
+def _bar(used: int, limit: int, width: int = 30) -> str:
+    filled = width if limit == 0 else min(width, (used * width + limit - 1) // limit)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _units(value: str | None, decimals: int) -> str:
+    if value is None:
+        return "-"
+    return format_units(int(value), decimals)
+
+
+def print_budget(data: dict[str, Any], out: TextIO) -> None:
+    """A bar per window: spent, reserved, limit and what is left."""
+    out.write(f"budget of {data['agentId']} at {data['at']}\n")
+    for period, w in data["periods"].items():
+        d, sym = w["decimals"], w["symbol"]
+        used = int(w["spent"]) + int(w["reserved"])
+        if w["limit"] is None:
+            out.write(f"  {period:<8} no limit       spent {_units(w['spent'], d)} {sym}\n")
+            continue
+        out.write(
+            f"  {period:<8} {_bar(used, int(w['limit']))} "
+            f"spent {_units(w['spent'], d)} + reserved {_units(w['reserved'], d)} "
+            f"of {_units(w['limit'], d)} {sym}; {_units(w['remaining'], d)} left "
+            f"(until {w['windowEnd']})\n"
+        )
+
+
+def print_approval(data: dict[str, Any], out: TextIO) -> None:
+    """One approval with its decisions so far."""
+    out.write(
+        f"{data['id']}  {data['status']:<8} {data['amount']} to {data['recipient']} on "
+        f"{data['network']} for {data['agentId']}\n"
+        f"    needs {data['requiredApprovers']} of {', '.join(data['approvers'])}; "
+        f"expires {data['expiresAt']}\n"
+    )
+    for v in data["decisions"]:
+        note = f" ({v['comment']})" if "comment" in v else ""
+        out.write(f"    {v['timestamp']} {v['approver']}: {v['decision']}{note}\n")
+    if "reservationId" in data:
+        out.write(f"    reservation {data['reservationId']}: confirm it after paying\n")
+
+
+def print_approvals(data: dict[str, Any], out: TextIO) -> None:
+    """Pending approvals, or a line saying there are none."""
+    for x in data["approvals"]:
+        print_approval(x, out)
+    if not data["approvals"]:
+        out.write("no pending approvals\n")
+
+
+def print_decision(data: dict[str, Any], out: TextIO) -> None:
+    """ALLOWED with its reservation, APPROVAL_REQUIRED with its approval, or DENIED and why."""
+    if data["allowed"]:
+        out.write(f"ALLOWED  reservation {data['reservationId']} until {data['expiresAt']}\n")
+    elif data.get("requiresApproval"):
+        out.write(f"APPROVAL_REQUIRED  approval {data['approvalId']}: {data['reason']}\n")
+    else:
+        out.write(f"DENIED {data['code']}: {data['reason']}\n")
+
+
+def print_policy(data: dict[str, Any], out: TextIO) -> None:
+    """An agent's policy as JSON, under a line with its version."""
+    out.write(
+        f"# {data['agentId']}, version {data['version']}\n{json.dumps(data['policy'], indent=2)}\n"
+    )
+
+
+def print_policies(data: dict[str, Any], out: TextIO) -> None:
+    """One line per agent with a policy."""
+    for r in data["policies"]:
+        state = "enabled" if r["enabled"] else "DISABLED"
+        out.write(f"{r['agentId']}  v{r['version']}  {state}\n")
+
+
+def print_history(data: dict[str, Any], out: TextIO) -> None:
+    """One line per event, newest first: what, the amount and recipient, who decided."""
+    for r in data["history"]:
+        ref = r.get("reservationId") or r.get("approvalId") or ""
+        parts = [f"{r['at']}  {r['event']:<17} {r.get('code', ''):<24} {ref}"]
+        if "amount" in r and "decimals" in r:
+            parts.append(f"{format_units(int(r['amount']), r['decimals'])} {r['symbol']}")
+        if "recipient" in r:
+            parts.append(f"to {r['recipient']}")
+        if "approver" in r:
+            parts.append(f"by {r['approver']}")
+        elif r.get("approvers"):
+            parts.append("by " + ", ".join(r["approvers"]))
+        if r.get("comment"):
+            parts.append(f"({r['comment']})")
+        out.write("  ".join(parts).rstrip() + "\n")
+    if not data["history"]:
+        out.write("no history\n")
+
+
+def print_deliveries(data: dict[str, Any], out: TextIO) -> None:
+    """One line per webhook delivery, newest first."""
+    for r in data["deliveries"]:
+        error = f"  ({r['lastError']})" if r["lastError"] else ""
+        where = f"  {r['url']}" if r.get("url") else ""
+        out.write(
+            f"{r['status']:<9} {r['event']:<28} {r['approvalId']}  "
+            f"attempts {r['attempts']}{where}{error}\n"
+        )
+    if not data["deliveries"]:
+        out.write("no webhook deliveries\n")
+
+
+def print_problems(data: dict[str, Any], out: TextIO) -> None:
+    """Whether a policy file is valid, and every problem with its path."""
+    if data["valid"]:
+        out.write(f"{data['file']}: valid\n")
+        return
+    out.write(f"{data['file']}: {len(data['problems'])} problem(s)\n")
+    for p in data["problems"]:
+        out.write(f"  {p['path']}: {p['message']}\n")
+
+
+def print_where(data: dict[str, Any], out: TextIO) -> None:
+    """Which store and file the command uses."""
+    out.write(f"storage: {data['storage']}\n")
+    if data.get("sqlitePath") is not None:
+        state = "exists" if data["exists"] else "does not exist yet"
+        out.write(f"sqlite file: {data['sqlitePath']} ({state})\n")
+    if data.get("keyPrefix") is not None:
+        out.write(f"key prefix: {data['keyPrefix']}\n")
+    for url in data["webhookEndpoints"]:
+        out.write(f"webhook endpoint: {url}\n")
