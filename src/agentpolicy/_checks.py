@@ -22,7 +22,9 @@ MAX_ID = 256
 MAX_DIGITS = 96
 """An amount read from input has at most this many digits (a uint256 has 78)."""
 
-_LIMIT = 10**MAX_DIGITS
+UNITS_LIMIT = 10**MAX_DIGITS
+"""Amounts read from input are below this (at most :data:`MAX_DIGITS` digits)."""
+_LIMIT = UNITS_LIMIT
 
 # CAIP-2: namespace ":" reference (https://chainagnostic.org/CAIPs/caip-2).
 _CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE)
@@ -65,6 +67,21 @@ def check_bool(value: object, path: str) -> list[Problem]:
     if type(value) is not bool:
         return [Problem(path, f"must be a boolean, not {type_name(value)}")]
     return []
+
+
+def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
+    """Whether :func:`check_identifier` would find nothing wrong (a fast test, no messages)."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= max_len
+        and value == value.strip()
+        and not _CONTROL.search(value)
+    )
+
+
+def plain_network(value: object) -> bool:
+    """Whether :func:`check_network` would find nothing wrong (a fast test, no messages)."""
+    return isinstance(value, str) and plain_identifier(value, 64) and bool(_CAIP2.fullmatch(value))
 
 
 def check_identifier(value: object, path: str, max_len: int = MAX_ID) -> list[Problem]:

@@ -134,6 +134,8 @@ def over_limit(used: Amount | None, amount: Amount, limit: Amount) -> bool:
 
 def over_limit_units(used: int, used_decimals: int, amount: Amount, limit: Amount) -> bool:
     """:func:`over_limit` with the used amount as base units and decimals."""
+    if amount.decimals == limit.decimals and (used_decimals == limit.decimals or not used):
+        return used + amount.value > limit.value  # the common case: nothing to scale
     d = max(used_decimals, amount.decimals, limit.decimals)
     return scale_units(used, used_decimals, d) + amount.scaled_to(d) > limit.scaled_to(d)
 
@@ -214,6 +216,9 @@ class Amount:
 
     def compare(self, other: Amount) -> int:
         """Compare exactly with ``other``, ignoring symbols: -1, 0 or 1."""
+        if self.decimals == other.decimals:
+            a, b = self.value, other.value
+            return (a > b) - (a < b)
         return compare_units(self.value, self.decimals, other.value, other.decimals)
 
     def plus(self, other: Amount) -> Amount:

@@ -11,10 +11,13 @@ import attrs
 from agentpolicy._checks import (
     MAX_ID,
     MAX_TEXT,
+    UNITS_LIMIT,
     check_identifier,
     check_int,
     check_network,
     check_text,
+    plain_identifier,
+    plain_network,
     raise_if,
     units_problems,
 )
@@ -64,6 +67,23 @@ class PaymentRequest:
     idempotency_key: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        # The common case is checked without building problem lists (requests are made for
+        # every payment, and read back with every reservation); anything unusual takes the
+        # full check below, with its messages and paths.
+        if (
+            plain_identifier(self.agent_id)
+            and type(self.amount) is int
+            and 0 < self.amount < UNITS_LIMIT
+            and plain_identifier(self.recipient)
+            and plain_network(self.network)
+            and (self.category is None or plain_identifier(self.category))
+            and type(self.decimals) is int
+            and 0 <= self.decimals <= MAX_DECIMALS
+            and plain_identifier(self.symbol, 32)
+            and (self.memo is None or (type(self.memo) is str and len(self.memo) <= MAX_TEXT))
+            and (self.idempotency_key is None or plain_identifier(self.idempotency_key, MAX_ID))
+        ):
+            return
         problems: list[Problem] = check_identifier(self.agent_id, "$.agentId")
         amount = units_problems(self.amount, "$.amount")
         if not amount and self.amount == 0:

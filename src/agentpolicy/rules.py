@@ -34,9 +34,11 @@ from agentpolicy.windows import WINDOW_PERIODS, Period, Window, window_at
 
 __all__ = [
     "Assessment",
+    "Verdict",
     "assess",
     "conclude",
     "evaluate",
+    "judge",
     "matching_threshold",
     "policy_zone",
     "windows_for",
@@ -51,31 +53,26 @@ UsedUnits = Mapping[str, Sequence[int]]
 Words = Callable[[], str]
 
 
-class _Check:
-    """One check's outcome and code, with its detail still unwritten."""
+_Check = tuple[str, Outcome, Code | None, Words]
+"""One check: its name, outcome and code, and its detail still unwritten (plain tuples: fast)."""
 
-    __slots__ = ("code", "name", "outcome", "words")
+_PASS, _FAIL, _SKIP, _APPROVAL = Outcome.PASS, Outcome.FAIL, Outcome.SKIP, Outcome.APPROVAL
 
-    def __init__(self, name: str, outcome: Outcome, code: Code | None, words: Words) -> None:
-        self.name = name
-        self.outcome = outcome
-        self.code = code
-        self.words = words
 
-    def evaluation(self) -> Evaluation:
-        return Evaluation(self.name, self.outcome, self.code, self.words())
+def _evaluation(check: _Check) -> Evaluation:
+    return Evaluation(check[0], check[1], check[2], check[3]())
 
 
 def _ok(name: str, words: Words) -> _Check:
-    return _Check(name, Outcome.PASS, None, words)
+    return (name, _PASS, None, words)
 
 
 def _fail(name: str, code: Code, words: Words) -> _Check:
-    return _Check(name, Outcome.FAIL, code, words)
+    return (name, _FAIL, code, words)
 
 
 def _skip(name: str, text: str) -> _Check:
-    return _Check(name, Outcome.SKIP, None, lambda: text)
+    return (name, _SKIP, None, lambda: text)
 
 
 def policy_zone(policy: AgentPolicy | None) -> tzinfo:
@@ -316,28 +313,45 @@ def _approval(
             f"{threshold.required_approvers} of {len(threshold.approvers)} approvers"
         )
 
-    return _Check(name, Outcome.APPROVAL, Code.APPROVAL_REQUIRED, words), threshold
+    return (name, _APPROVAL, Code.APPROVAL_REQUIRED, words), threshold
 
 
-@attrs.frozen
 class Assessment:
-    """Every check that does not depend on usage, done once; :func:`conclude` adds usage.
+    """Every check that does not depend on usage, done once; :func:`judge` adds usage.
 
     ``early`` is the whole decision when there is no policy or it is disabled.
-    ``blocking`` is the code of the first usage-independent check that
-    failed, if any; ``threshold`` the approval threshold the amount meets.
+    ``blocking`` is the first usage-independent check that failed, if any;
+    ``threshold`` the approval threshold the amount meets.
     """
 
-    policy: AgentPolicy | None
-    request: PaymentRequest
-    now: datetime
-    windows: tuple[Window, ...]
-    early: Decision | None = None
-    checks: tuple[_Check, ...] = ()
-    blocking: _Check | None = None
-    comparable: bool = False
-    approval: _Check | None = None
-    threshold: ApprovalThreshold | None = None
+    __slots__ = (
+        "approval", "blocking", "checks", "comparable", "early", "now", "policy", "request",
+        "threshold", "windows",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        policy: AgentPolicy | None,
+        request: PaymentRequest,
+        now: datetime,
+        windows: tuple[Window, ...],
+        early: Decision | None = None,
+        checks: tuple[_Check, ...] = (),
+        blocking: _Check | None = None,
+        comparable: bool = False,
+        approval: _Check | None = None,
+        threshold: ApprovalThreshold | None = None,
+    ) -> None:
+        self.policy = policy
+        self.request = request
+        self.now = now
+        self.windows = windows
+        self.early = early
+        self.checks = checks
+        self.blocking = blocking
+        self.comparable = comparable
+        self.approval = approval
+        self.threshold = threshold
 
 
 def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -> Assessment:
@@ -360,7 +374,7 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         return Assessment(policy, request, now, windows, early=early)
     amount = request.asset_amount
     asset = _asset(policy, request)
-    comparable = asset.outcome is not Outcome.FAIL
+    comparable = asset[1] is not _FAIL
     approval, threshold = _approval(policy, amount, comparable)
     checks = (
         _ok("policy", lambda: "the policy is enabled"),
@@ -372,7 +386,7 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         asset,
         _per_transaction(policy, amount, comparable),
     )
-    blocking = next((c for c in checks if c.outcome is Outcome.FAIL), None)
+    blocking = next((c for c in checks if c[1] is _FAIL), None)
     return Assessment(
         policy, request, now, windows, None, checks, blocking, comparable, approval, threshold
     )
@@ -382,16 +396,68 @@ def _units(usage: Usage) -> dict[str, tuple[int, int]]:
     return {key: (a.value, a.decimals) for key, a in usage.items()}
 
 
-def conclude(assessment: Assessment, usage: Usage | UsedUnits, **engine: Any) -> Decision:
-    """Finish an :class:`Assessment` with the usage of its windows: the decision.
+class Verdict:
+    """The code a finished assessment decides, with every check it ran (details unwritten)."""
+
+    __slots__ = ("assessment", "checks", "code", "failure")
+
+    def __init__(
+        self, assessment: Assessment, code: Code, failure: _Check | None, checks: tuple[_Check, ...]
+    ) -> None:
+        self.assessment = assessment
+        self.code = code
+        self.failure = failure
+        self.checks = checks
+
+    def decision(self, **engine: Any) -> Decision:
+        """The :class:`~agentpolicy.Decision`, with the engine's fields (ids, version, time)."""
+        a = self.assessment
+        if a.early is not None:
+            return attrs.evolve(a.early, **engine) if engine else a.early
+        checks = self.checks
+
+        def evaluations() -> tuple[Evaluation, ...]:
+            return tuple(_evaluation(c) for c in checks)
+
+        if self.failure is not None:
+            return Decision(
+                allowed=False,
+                code=self.code,
+                reason=self.failure[3],
+                evaluations=evaluations,
+                windows=a.windows,
+                **engine,
+            )
+        if self.code is Code.APPROVAL_REQUIRED:
+            assert a.approval is not None  # noqa: S101 - set whenever there is a policy
+            return Decision(
+                allowed=False,
+                code=Code.APPROVAL_REQUIRED,
+                reason=a.approval[3],
+                requires_approval=True,
+                threshold=a.threshold,
+                evaluations=evaluations,
+                windows=a.windows,
+                **engine,
+            )
+        return Decision(
+            allowed=True,
+            code=Code.ALLOWED,
+            reason="every check passed",
+            evaluations=evaluations,
+            windows=a.windows,
+            **engine,
+        )
+
+
+def judge(assessment: Assessment, usage: Usage | UsedUnits) -> Verdict:
+    """Finish an :class:`Assessment` with the usage of its windows: the verdict.
 
     ``usage`` maps window keys to :class:`~agentpolicy.Amount` (or to
-    ``(base units, decimals)``). ``engine`` sets the fields an engine fills in
-    (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
-    ``decided_at``). Details are worded when read.
+    ``(base units, decimals)``).
     """
     if assessment.early is not None:
-        return attrs.evolve(assessment.early, **engine) if engine else assessment.early
+        return Verdict(assessment, assessment.early.code, None, ())
     policy = assessment.policy
     assert policy is not None  # noqa: S101 - set whenever there is no early decision
     approval = assessment.approval
@@ -406,40 +472,24 @@ def conclude(assessment: Assessment, usage: Usage | UsedUnits, **engine: Any) ->
         policy, assessment.request.asset_amount, assessment.windows, units, assessment.comparable
     )
     checks = (*assessment.checks, *limits, approval)
-
-    def evaluations() -> tuple[Evaluation, ...]:
-        return tuple(c.evaluation() for c in checks)
-
-    failure = assessment.blocking or next((c for c in limits if c.outcome is Outcome.FAIL), None)
+    failure = assessment.blocking or next((c for c in limits if c[1] is _FAIL), None)
     if failure is not None:
-        assert failure.code is not None  # noqa: S101 - every failure carries its code
-        return Decision(
-            allowed=False,
-            code=failure.code,
-            reason=failure.words,
-            evaluations=evaluations,
-            windows=assessment.windows,
-            **engine,
-        )
+        assert failure[2] is not None  # noqa: S101 - every failure carries its code
+        return Verdict(assessment, failure[2], failure, checks)
     if assessment.threshold is not None:
-        return Decision(
-            allowed=False,
-            code=Code.APPROVAL_REQUIRED,
-            reason=approval.words,
-            requires_approval=True,
-            threshold=assessment.threshold,
-            evaluations=evaluations,
-            windows=assessment.windows,
-            **engine,
-        )
-    return Decision(
-        allowed=True,
-        code=Code.ALLOWED,
-        reason="every check passed",
-        evaluations=evaluations,
-        windows=assessment.windows,
-        **engine,
-    )
+        return Verdict(assessment, Code.APPROVAL_REQUIRED, None, checks)
+    return Verdict(assessment, Code.ALLOWED, None, checks)
+
+
+def conclude(assessment: Assessment, usage: Usage | UsedUnits, **engine: Any) -> Decision:
+    """Finish an :class:`Assessment` with the usage of its windows: the decision.
+
+    ``usage`` maps window keys to :class:`~agentpolicy.Amount` (or to
+    ``(base units, decimals)``). ``engine`` sets the fields an engine fills in
+    (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
+    ``decided_at``). Details are worded when read.
+    """
+    return judge(assessment, usage).decision(**engine)
 
 
 def evaluate(

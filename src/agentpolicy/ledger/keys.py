@@ -26,6 +26,7 @@ __all__ = [
     "head",
     "idempotency",
     "new_id",
+    "new_token",
     "open_index",
     "outbox_done",
     "outbox_queue",
@@ -69,6 +70,11 @@ def _untag(value: str) -> str | None:
         return bytes.fromhex(value[1:]).decode()
     except ValueError:
         return None
+
+
+def new_token(at: int) -> str:
+    """32 hex digits: the time (so stores keep new ids together), then 76 random bits."""
+    return f"{max(at, 0):013x}{os.urandom(10).hex()[:19]}"
 
 
 def new_id(kind: str, agent_id: str, token: str | None = None) -> str:

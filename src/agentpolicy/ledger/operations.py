@@ -9,12 +9,9 @@ any of them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
-
-import attrs
 
 from agentpolicy import approvals
 from agentpolicy.decisions import Code, Decision
@@ -39,7 +36,7 @@ from agentpolicy.ledger.state import (
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import ApprovalStatus, Vote
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.rules import Assessment, assess, conclude
+from agentpolicy.rules import Assessment, assess, judge
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 
@@ -59,10 +56,6 @@ PolicySource = Callable[[str, int, View], AgentPolicy | None]
 
 _IDEMPOTENCY_KEEP_MS = 25 * 3_600_000
 _PASSING = (Code.ALLOWED, Code.APPROVAL_REQUIRED)
-
-
-def _ends(a: Assessment) -> list[tuple[str, int]]:
-    return [(w.key, micros(w.end)) for w in a.windows]
 
 
 def authorize(
@@ -116,8 +109,8 @@ def authorize(
             c = counters.get(w.key)
             if c is not None:
                 usage[w.key] = [c[2] + c[3], c[1]]
-        decision = conclude(a, usage)
-        code = decision.code
+        verdict = judge(a, usage)
+        code = verdict.code
         rec: Body = {
             "ev": "decision",
             "at": now_us,
@@ -129,13 +122,13 @@ def authorize(
         if code in _PASSING:
             _hold(txn, cfg, shard, head, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
             record(txn, cfg, agent, rec)
-            decision = attrs.evolve(
-                decision, reservation_id=rec.get("rid"), approval_id=rec.get("aid"),
-                expires_at=instant(rec["x"]),
-            )  # fmt: skip
+            seen.append(verdict.decision(
+                reservation_id=rec.get("rid"), approval_id=rec.get("aid"),
+                expires_at=instant(rec["x"]), policy_version=version or None, decided_at=now,
+            ))  # fmt: skip
         else:
             record(txn, cfg, agent, rec, denial=True)
-        seen.append(attrs.evolve(decision, policy_version=version or None, decided_at=now))
+            seen.append(verdict.decision(policy_version=version or None, decided_at=now))
         head.write(txn)
         if idem_name is not None:
             txn.put[idem_name] = {"fp": fingerprint, "c": now_us, "rec": rec}
@@ -158,7 +151,7 @@ def _hold(
     """Reserve the payment's amount (or hold it for an approval) in every window."""
     request = a.request
     agent = request.agent_id
-    token = os.urandom(16).hex()
+    token = keys.new_token(now)
     rid = keys.new_id("res", agent, token)
     version = rec["pv"]
     approval_id = None
@@ -193,7 +186,7 @@ def _hold(
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
     txn.index.append((keys.open_index(agent), rid, expires))
-    head.reserve(_ends(a), request.amount, request.decimals)
+    head.reserve(a.windows, request.amount, request.decimals)
     head.lower_due(expires)
 
 

@@ -12,16 +12,15 @@ never conflict.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from agentpolicy.errors import PolicyError, StorageUnavailableError
-from agentpolicy.storage.base import Doc, Session, Storage, Txn
+from agentpolicy.storage.base import Doc, Session, Storage, Txn, new_op
 
-__all__ = ["View", "new_op", "run"]
+__all__ = ["View", "run"]
 
 T = TypeVar("T")
 
@@ -30,11 +29,6 @@ MAX_ATTEMPTS = 100
 
 _BACKOFF_BASE = 0.0005
 _BACKOFF_CAP = 0.01
-
-
-def new_op() -> str:
-    """A new operation id."""
-    return os.urandom(12).hex()
 
 
 class View:
@@ -105,7 +99,7 @@ def run(
     :class:`~agentpolicy.errors.StorageUnavailableError` when contention
     outlasts :data:`MAX_ATTEMPTS` commits.
     """
-    op = op or new_op()
+    op = op or new_op(at)
     trust = True
     for attempt in range(MAX_ATTEMPTS):
         with storage.session(shard, write=write) as session:

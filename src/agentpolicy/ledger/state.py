@@ -28,7 +28,9 @@ from agentpolicy.ledger import keys
 from agentpolicy.ledger.docs import Body, approval_record, delivery_doc
 from agentpolicy.ledger.runner import View
 from agentpolicy.records import Vote
+from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import NEXT_SEQ, Txn
+from agentpolicy.windows import Window
 
 __all__ = [
     "MAX_SCORE",
@@ -118,12 +120,14 @@ class Head:
                 continue
             counters[key] = _counter(c, value, decimals, op)
 
-    def reserve(self, windows: Iterable[tuple[str, int]], value: int, decimals: int) -> None:
-        """Add an amount to ``reserved`` in these ``(key, window end)`` windows."""
+    def reserve(self, windows: Iterable[Window], value: int, decimals: int) -> None:
+        """Add an amount to ``reserved`` in these windows (a counter begins with its window)."""
         counters = self._own()["c"]
-        for key, end in windows:
-            c = counters.get(key)
-            counters[key] = _counter([end, 0, 0, 0] if c is None else c, value, decimals, "reserve")
+        for w in windows:
+            c = counters.get(w.key)
+            if c is None:
+                c = [micros(w.end), 0, 0, 0]
+            counters[w.key] = _counter(c, value, decimals, "reserve")
 
     def prune(self, now: int, grace: int) -> None:
         """Drop counters of windows that ended ``grace`` or more ago; move the horizon."""

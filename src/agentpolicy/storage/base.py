@@ -29,11 +29,14 @@ this interface; see ``docs/storage.md`` for how to write a new store.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "NEXT_SEQ",
+    "new_op",
+    "op_prefix",
     "OP_KEEP_US",
     "Doc",
     "Outcome",
@@ -50,6 +53,16 @@ NEXT_SEQ = -(2**63)
 
 OP_KEEP_US = 86_400_000_000
 """How long a store remembers an operation id and its result: one day, in microseconds."""
+
+
+def op_prefix(at: int) -> str:
+    """The first characters of operation ids made at ``at`` (microseconds): they sort by time."""
+    return f"{max(at, 0):014x}"
+
+
+def new_op(at: int) -> str:
+    """A new operation id: its time, then 64 random bits (time first keeps B-trees compact)."""
+    return op_prefix(at) + os.urandom(8).hex()
 
 
 class Txn:
