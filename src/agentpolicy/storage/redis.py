@@ -243,8 +243,9 @@ class RedisStorage:
             return call()
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
-            if text.startswith(_UNAVAILABLE) or "NOSCRIPT" in text:
-                word = text.split(" ", 1)[0]
+            down = isinstance(exc, redis.exceptions.ClusterError)  # CLUSTERDOWN, MASTERDOWN, ...
+            if down or text.startswith(_UNAVAILABLE) or "NOSCRIPT" in text:
+                word = type(exc).__name__ if down else text.split(" ", 1)[0]
                 raise StorageUnavailableError(
                     f"Redis is unavailable ({word}); nothing was allowed or changed"
                 ) from None
