@@ -107,7 +107,7 @@ def _problems(raw: Any) -> dict[str, str]:
     [
         ({"unknown": 1}, "$.unknown"),
         ({"limits": {"daily": {"value": "1", "cents": 2}}}, "$.limits.daily.cents"),
-        ({"limits": {"yearly": {"value": "1"}}}, "$.limits.yearly"),
+        ({"limits": {"quarterly": {"value": "1"}}}, "$.limits.quarterly"),
         ({"enabled": "true"}, "$.enabled"),
         ({"enabled": 1}, "$.enabled"),
         ({"limits": {"daily": {"value": True}}}, "$.limits.daily.value"),

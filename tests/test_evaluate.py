@@ -51,7 +51,8 @@ def test_codes_are_exactly_the_contract_strings() -> None:
         "RECIPIENT_BLOCKED", "RECIPIENT_NOT_WHITELISTED", "NETWORK_BLOCKED",
         "NETWORK_NOT_ALLOWED", "CATEGORY_REQUIRED", "CATEGORY_BLOCKED", "CATEGORY_NOT_ALLOWED",
         "ASSET_MISMATCH", "PER_TRANSACTION_LIMIT", "HOURLY_LIMIT", "DAILY_LIMIT",
-        "WEEKLY_LIMIT", "MONTHLY_LIMIT", "APPROVAL_REQUIRED",
+        "WEEKLY_LIMIT", "MONTHLY_LIMIT", "YEARLY_LIMIT", "LIFETIME_LIMIT", "ROLLING_LIMIT",
+        "COUNT_LIMIT", "SCOPED_LIMIT", "APPROVAL_REQUIRED",
     }  # fmt: skip
     assert {c.value for c in Code} == expected
     assert Code.DAILY_LIMIT == "DAILY_LIMIT"
@@ -71,10 +72,10 @@ def test_an_empty_policy_allows_and_lists_every_check_in_order() -> None:
     assert [e.name for e in d.evaluations] == [
         "policy", "blocked_periods", "allowed_windows", "merchant_rules", "network_rules",
         "category_rules", "asset", "per_transaction_limit", "hourly_limit", "daily_limit",
-        "weekly_limit", "monthly_limit", "approval_threshold",
+        "weekly_limit", "monthly_limit", "yearly_limit", "lifetime_limit", "approval_threshold",
     ]  # fmt: skip
     assert {e.outcome for e in d.evaluations[1:]} == {Outcome.SKIP}
-    assert len(d.windows) == 4
+    assert len(d.windows) == 6
 
 
 def test_every_check_runs_and_the_first_failure_decides() -> None:

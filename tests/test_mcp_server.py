@@ -168,7 +168,7 @@ def test_get_set_and_list(admin: AgentPolicyMcpServer) -> None:
         ("agent_policy_authorize", {**PAY, "decimals": True}, "$.decimals"),
         ("agent_policy_authorize", {**PAY, "surprise": 1}, "$.surprise"),
         ("agent_policy_authorize", {"agentId": "acme:bot"}, "$.amount"),
-        ("agent_policy_budget", {"agentId": "acme:bot", "period": "yearly"}, "$.period"),
+        ("agent_policy_budget", {"agentId": "acme:bot", "period": "quarterly"}, "$.period"),
         ("agent_policy_budget", {"agentId": ""}, "$.agentId"),
         ("agent_policy_get", {}, "$.agentId"),
         (

@@ -27,7 +27,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
     assert SCHEMA["additionalProperties"] is False
     assert set(SCHEMA["properties"]) == {
         "enabled", "limits", "timeRules", "merchantRules", "networkRules", "categoryRules",
-        "approvalConfig",
+        "approvalConfig", "assets", "scopedLimits", "alerts",
     }  # fmt: skip
     assert SCHEMA["$defs"]["Amount"]["required"] == ["value"]
     assert SCHEMA["$defs"]["TimeWindow"]["required"] == ["days", "startHour", "endHour"]
@@ -58,7 +58,7 @@ def test_the_example_policies_validate() -> None:
 @pytest.mark.parametrize(
     "document",
     [
-        {"limits": {"yearly": {"value": "1"}}},
+        {"limits": {"quarterly": {"value": "1"}}},
         {"enabled": "true"},
         {"limits": {"daily": {"value": "1.5"}}},
         {"limits": {"daily": {"value": -1}}},

@@ -485,7 +485,7 @@ def test_budget_reports_limited_windows_or_the_one_asked_for(backend: Backend) -
     weekly = engine.budget("agent-1", "weekly").periods
     w = next(iter(weekly.values()))
     assert (w.limit, w.remaining) == (None, None)
-    assert code_of(lambda: engine.budget("agent-1", "yearly")) == "INVALID_INPUT"
+    assert code_of(lambda: engine.budget("agent-1", "quarterly")) == "INVALID_INPUT"
 
 
 @pytest.mark.parametrize(

@@ -124,12 +124,17 @@ def test_windows_for_uses_the_policy_timezone_and_every_period() -> None:
     policy = load_policy({"timeRules": {"timezone": "Europe/Berlin"}})
     windows = windows_for(policy, utc(2026, 1, 18, 23, 30))  # Monday 00:30 in Berlin
     assert [w.period for w in windows] == list(Period)
+    assert windows[4].key == "yearly:2026-01-01T00:00:00+01:00"
+    assert windows[5].key == "lifetime"
     daily = windows[1]
     assert daily.start == datetime(2026, 1, 19, tzinfo=BERLIN)
     assert windows_for(None, utc(2026, 1, 18, 23, 30))[1].start == utc(2026, 1, 18)
 
 
-@given(instants, st.sampled_from(ZONES), st.sampled_from(list(Period)))
+TILING = [p for p in Period if p is not Period.LIFETIME]  # the lifetime window never ends
+
+
+@given(instants, st.sampled_from(ZONES), st.sampled_from(TILING))
 def test_every_instant_lies_in_exactly_its_window(
     instant: datetime, zone_name: str, period: Period
 ) -> None:
@@ -202,7 +207,8 @@ anywhere = st.tuples(
 
 def check_windows(instant: datetime, zone_name: str) -> None:
     zone = ZoneInfo(zone_name)
-    for period in Period:
+    assert window_at(Period.LIFETIME, instant, zone).contains(instant)
+    for period in TILING:
         w = window_at(period, instant, zone)
         assert w.contains(instant), (period, w)
         assert w.start < w.end
@@ -286,3 +292,19 @@ def test_the_engine_refuses_a_clock_at_the_end_of_time_with_invalid_input() -> N
     assert result["success"] is False
     assert result["error"]["code"] == "INVALID_INPUT"
     assert "9999-12-31T23:59:00+00:00" in result["error"]["message"]
+
+
+def test_a_year_starts_on_the_first_local_day_of_january() -> None:
+    w = window_at(Period.YEARLY, utc(2026, 1, 1, 4, 59), NY)  # still 2025 in New York
+    assert (w.start, w.end) == (utc(2025, 1, 1, 5), utc(2026, 1, 1, 5))
+    assert w.key == "yearly:2025-01-01T00:00:00-05:00"
+    nxt = window_at(Period.YEARLY, utc(2026, 1, 1, 5), NY)
+    assert nxt.start == w.end
+    assert window_at(Period.YEARLY, utc(2026, 7, 1), NY) == nxt  # summer time inside the year
+
+
+def test_the_lifetime_window_contains_every_instant_and_never_ends() -> None:
+    for instant in (utc(1971, 1, 1), utc(2026, 6, 1), utc(2999, 1, 1)):
+        w = window_at(Period.LIFETIME, instant, NY)
+        assert w.contains(instant)
+        assert w.key == "lifetime"

@@ -146,6 +146,7 @@ Check = Callable[[Any, str], list[Problem]]
 """A field check: ``(value, path) -> problems``, declared once as field metadata."""
 
 CHECK = "agentpolicy.check"
+OMIT_EMPTY = "agentpolicy.omit_empty"
 SCHEMA = "agentpolicy.schema"
 """Field metadata: the JSON Schema of the field's JSON form, when the check's does not fit."""
 
@@ -183,15 +184,25 @@ def camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def checked(check: Check, *, schema: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+def checked(
+    check: Check,
+    *,
+    schema: dict[str, Any] | None = None,
+    omit_empty: bool = False,
+    **kwargs: Any,
+) -> Any:
     """An attrs field whose value ``check`` validates (on construction and in the codec).
 
     ``schema`` is the JSON Schema of the field's JSON form when it differs
-    from the one recorded for ``check`` (see :func:`describe`).
+    from the one recorded for ``check`` (see :func:`describe`). ``omit_empty``
+    leaves an empty list out of the JSON form (for sections most policies do
+    not use, so their files stay as they were).
     """
     metadata: dict[str, Any] = {CHECK: check}
     if schema is not None:
         metadata[SCHEMA] = schema
+    if omit_empty:
+        metadata[OMIT_EMPTY] = True
     return attrs.field(metadata=metadata, **kwargs)
 
 

@@ -50,6 +50,7 @@ from agentpolicy.views import (
     history_data,
     reservation_data,
 )
+from agentpolicy.windows import Period
 
 __all__ = ["main", "silence_stdout"]
 
@@ -144,7 +145,7 @@ def _add_payment_commands(commands: _Commands) -> None:
         c.add_argument("reservation")
     b = commands.add("budget", "spent, reserved and remaining per window")
     b.add_argument("agent")
-    b.add_argument("--period", choices=["hourly", "daily", "weekly", "monthly"])
+    b.add_argument("--period", choices=[p.value for p in Period])
 
 
 def _add_review_commands(commands: _Commands) -> None:

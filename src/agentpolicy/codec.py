@@ -31,18 +31,24 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from agentpolicy._checks import CHECK, Check, camel, raise_if, type_name
+from agentpolicy._checks import CHECK, OMIT_EMPTY, Check, camel, raise_if, type_name
 from agentpolicy.amounts import Amount, parse_base_units
 from agentpolicy.decisions import Code, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError, Problem
 from agentpolicy.policy import (
     AgentPolicy,
+    Alert,
     ApprovalConfig,
     ApprovalThreshold,
+    AssetLimits,
     BlockedPeriod,
     CategoryRules,
+    CountLimit,
     MerchantRules,
     NetworkRules,
+    RollingLimit,
+    ScopedLimit,
+    ScopeMatch,
     SpendingLimits,
     TimeRules,
     TimeWindow,
@@ -77,6 +83,12 @@ _VALUE_CLASSES: tuple[type, ...] = (
     CategoryRules,
     ApprovalThreshold,
     ApprovalConfig,
+    RollingLimit,
+    CountLimit,
+    Alert,
+    ScopeMatch,
+    ScopedLimit,
+    AssetLimits,
     AgentPolicy,
     PaymentRequest,
     Window,
@@ -210,7 +222,10 @@ def _units_hook(value: Any, _: Any) -> int:
 
 def _unstructure_hook(cls: type, converter: cattrs.Converter) -> Callable[[Any], Any]:
     renames: dict[str, Any] = {
-        f.name: override(rename=camel(f.name), omit_if_default=f.default is None)
+        f.name: override(
+            rename=camel(f.name),
+            omit_if_default=f.default is None or bool(f.metadata.get(OMIT_EMPTY)),
+        )
         for f in attrs.fields(cls)
     }
     if cls in (Amount, PaymentRequest):

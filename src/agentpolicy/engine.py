@@ -406,7 +406,7 @@ class PolicyEngine:
                 wanted = Period(period)
             except ValueError:
                 raise PolicyValidationError.single(
-                    "$.period", "must be one of hourly, daily, weekly, monthly"
+                    "$.period", "must be one of hourly, daily, weekly, monthly, yearly, lifetime"
                 ) from None
         now = self._now()
         head = self._expire(agent_id, now)["head"]
@@ -415,12 +415,13 @@ class PolicyEngine:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
         limits = policy.limits
         counters = head["c"]
+        token = (policy.symbol or "USDT").casefold()
         periods: dict[Period, WindowBudget] = {}
         for w in windows_for(policy, now):
             limit = limits.for_period(w.period) if limits else None
             if not (w.period is wanted or (wanted is None and limit is not None)):
                 continue
-            c = counters.get(w.key)
+            c = counters.get(f"{token}|{w.key}")
             value_decimals, spent, reserved = (c[1], c[2], c[3]) if c else (0, 0, 0)
             if limit is None:
                 d = value_decimals

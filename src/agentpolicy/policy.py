@@ -10,6 +10,7 @@ evaluation needs are computed once per policy and cached.
 from __future__ import annotations
 
 import functools
+import re
 import zoneinfo
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, tzinfo
@@ -45,14 +46,22 @@ __all__ = [
     "AgentPolicy",
     "ApprovalConfig",
     "ApprovalThreshold",
+    "AssetLimits",
+    "Alert",
     "BlockedPeriod",
     "CategoryRules",
+    "CountLimit",
+    "GROUP_BY",
     "MerchantRules",
     "NetworkRules",
+    "RollingLimit",
+    "ScopeMatch",
+    "ScopedLimit",
     "SpendingLimits",
     "TimeRules",
     "TimeWindow",
     "normalize_recipient",
+    "span_seconds",
 ]
 
 DEFAULT_APPROVAL_TIMEOUT_MS = 3_600_000
@@ -149,23 +158,164 @@ def _folded(values: Iterable[str]) -> frozenset[str]:
     return frozenset(v.casefold() for v in values)
 
 
+MIN_ROLLING_SECONDS = 60
+"""The shortest rolling window: one minute."""
+MAX_ROLLING_SECONDS = 366 * 86_400
+"""The longest rolling window: 366 days."""
+
+_SPAN = re.compile(r"([1-9][0-9]{0,8})(s|m|h|d)")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def span_seconds(text: str) -> int | None:
+    """The seconds of a rolling window such as ``"90s"``, ``"15m"``, ``"24h"``, ``"30d"``.
+
+    ``None`` when ``text`` is not of that form.
+    """
+    match = _SPAN.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    return int(match.group(1)) * _SPAN_SECONDS[match.group(2)]
+
+
+def _rolling(value: Any, path: str) -> list[Problem]:
+    seconds = span_seconds(value)
+    if seconds is None:
+        return [
+            Problem(path, f"must be a duration such as '90s', '15m', '24h' or '30d', got {value!r}")
+        ]
+    if not MIN_ROLLING_SECONDS <= seconds <= MAX_ROLLING_SECONDS:
+        return [Problem(path, f"must be from 1 minute to 366 days, got {value!r}")]
+    return []
+
+
+def _count_window(value: Any, path: str) -> list[Problem]:
+    if isinstance(value, str) and value in _PERIOD_NAMES:
+        return []
+    problems = _rolling(value, path)
+    if problems:
+        names = ", ".join(_PERIOD_NAMES)
+        return [Problem(path, f"must be a calendar window ({names}) or a duration such as "
+                              f"'10m' (1 minute to 366 days), got {value!r}")]  # fmt: skip
+    return []
+
+
+_PERIOD_NAMES = tuple(p.value for p in Period)
+_SPAN_PATTERN = "^[1-9][0-9]{0,8}(s|m|h|d)$"
+describe(
+    _rolling,
+    {"type": "string", "pattern": _SPAN_PATTERN,
+     "description": "a trailing duration: 90s, 15m, 24h, 30d (1 minute to 366 days)"},
+)  # fmt: skip
+describe(
+    _count_window,
+    {"anyOf": [{"enum": list(_PERIOD_NAMES)}, {"type": "string", "pattern": _SPAN_PATTERN}],
+     "description": "a calendar window, or a trailing duration such as 10m"},
+)  # fmt: skip
+
+
+@attrs.frozen
+class RollingLimit:
+    """At most ``amount`` in any trailing ``window`` (``"90s"``, ``"15m"``, ``"24h"``, ``"30d"``).
+
+    A payment counts from its authorize instant until exactly ``window`` later.
+    """
+
+    window: str = checked(_rolling)
+    amount: Amount = checked(instance_of(Amount))
+
+    def __attrs_post_init__(self) -> None:
+        validate(self)
+
+    @functools.cached_property
+    def seconds(self) -> int:
+        """The window's length in seconds."""
+        seconds = span_seconds(self.window)
+        assert seconds is not None  # noqa: S101 - validated
+        return seconds
+
+
+@attrs.frozen
+class CountLimit:
+    """At most ``max`` payments in a calendar window (``"daily"``) or a trailing one (``"10m"``).
+
+    Reserved, held and confirmed payments count; released and expired ones do not.
+    """
+
+    window: str = checked(_count_window)
+    max: int = checked(int_between(1, 10**12))
+
+    def __attrs_post_init__(self) -> None:
+        validate(self)
+
+    @functools.cached_property
+    def period(self) -> Period | None:
+        """The calendar window counted in, or ``None`` for a trailing duration."""
+        return Period(self.window) if self.window in _PERIOD_NAMES else None
+
+    @functools.cached_property
+    def seconds(self) -> int | None:
+        """The trailing duration in seconds, or ``None`` for a calendar window."""
+        return None if self.period is not None else span_seconds(self.window)
+
+
+def _distinct_windows(items: tuple[Any, ...], path: str) -> list[Problem]:
+    seen: dict[Any, int] = {}
+    problems = []
+    for i, item in enumerate(items):
+        key = item.window if isinstance(item, CountLimit) and item.period else item.seconds
+        j = seen.setdefault(key, i)
+        if j != i:
+            problems.append(Problem(f"{path}[{i}].window", f"repeats {path[2:]}[{j}].window"))
+    return problems
+
+
 @attrs.frozen
 class SpendingLimits:
-    """Per-transaction and calendar-window limits; an absent limit does not apply."""
+    """Per-transaction, calendar, rolling and count limits; an absent limit does not apply."""
 
     per_transaction: Amount | None = checked(_amount, default=None)
     hourly: Amount | None = checked(_amount, default=None)
     daily: Amount | None = checked(_amount, default=None)
     weekly: Amount | None = checked(_amount, default=None)
     monthly: Amount | None = checked(_amount, default=None)
+    yearly: Amount | None = checked(_amount, default=None)
+    lifetime: Amount | None = checked(_amount, default=None)
+    rolling: tuple[RollingLimit, ...] = checked(
+        array_of(instance_of(RollingLimit), 16), default=(), converter=_tuple, omit_empty=True
+    )
+    counts: tuple[CountLimit, ...] = checked(
+        array_of(instance_of(CountLimit), 16), default=(), converter=_tuple, omit_empty=True
+    )
 
     def __attrs_post_init__(self) -> None:
-        validate(self)
+        validate(self, self._distinct)
+
+    def _distinct(self) -> list[Problem]:
+        return _distinct_windows(self.rolling, "$.rolling") + _distinct_windows(
+            self.counts, "$.counts"
+        )
 
     def _named(self) -> Iterator[tuple[str, Amount | None]]:
         yield "perTransaction", self.per_transaction
         for period in Period:
             yield period.value, self.for_period(period)
+        for i, r in enumerate(self.rolling):
+            yield f"rolling[{i}].amount", r.amount
+
+    @functools.cached_property
+    def rolling_seconds(self) -> tuple[int, ...]:
+        """Every trailing duration these limits count in (amounts and counts), in order."""
+        found: dict[int, None] = {r.seconds: None for r in self.rolling}
+        for c in self.counts:
+            if c.seconds is not None:
+                found.setdefault(c.seconds, None)
+        return tuple(found)
+
+    @functools.cached_property
+    def symbol(self) -> str | None:
+        """The token of these limits' amounts, if they name any."""
+        return next((a.symbol for _, a in self._named() if a is not None), None)
 
     def for_period(self, period: Period) -> Amount | None:
         """The limit of a calendar window, or ``None`` when the policy sets none."""
@@ -177,7 +327,7 @@ class SpendingLimits:
 
     @functools.cached_property
     def windowed(self) -> tuple[tuple[Period, Amount], ...]:
-        """The window limits that are set, in checking order (hourly to monthly)."""
+        """The window limits that are set, in checking order (hourly to lifetime)."""
         return tuple((p, a) for p in Period if (a := self.for_period(p)) is not None)
 
 
@@ -374,12 +524,142 @@ class ApprovalConfig:
 
 
 @attrs.frozen
+class Alert:
+    """A webhook event when usage of a limit crosses ``percent`` of it (once per window).
+
+    The event is ``budget.threshold_reached``, written with the change that crossed it.
+    """
+
+    percent: int = checked(int_between(1, 100))
+
+    def __attrs_post_init__(self) -> None:
+        validate(self)
+
+
+GROUP_BY = ("recipient", "network", "category")
+"""What a scope's counters may be kept per: each distinct value gets its own."""
+
+
+def _group_by(value: Any, path: str) -> list[Problem]:
+    if value is None or value in GROUP_BY:
+        return []
+    return [Problem(path, f"must be one of {', '.join(GROUP_BY)} (or absent), got {value!r}")]
+
+
+describe(_group_by, {"anyOf": [{"enum": list(GROUP_BY)}, {"type": "null"}]})
+
+
+@attrs.frozen
+class ScopeMatch:
+    """Which payments a scope covers: one that matches every non-empty list (empty matches all)."""
+
+    categories: tuple[str, ...] = checked(_names, default=(), converter=_tuple)
+    recipients: tuple[str, ...] = checked(_names, default=(), converter=_tuple)
+    networks: tuple[str, ...] = checked(_networks, default=(), converter=_tuple)
+
+    def __attrs_post_init__(self) -> None:
+        validate(self)
+
+    @functools.cached_property
+    def _sets(self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        return (
+            _folded(self.categories),
+            frozenset(map(normalize_recipient, self.recipients)),
+            _folded(self.networks),
+        )
+
+    def matches(self, category: str | None, recipient: str, network: str) -> bool:
+        """Whether a payment with these fields is covered (compared as the rules compare)."""
+        categories, recipients, networks = self._sets
+        if categories and (category is None or category.casefold() not in categories):
+            return False
+        if recipients and normalize_recipient(recipient) not in recipients:
+            return False
+        return not networks or network.casefold() in networks
+
+
+@attrs.frozen
+class ScopedLimit:
+    """Limits on the payments a scope matches, in addition to the policy's own.
+
+    With ``group_by`` (``recipient``, ``network`` or ``category``) each distinct
+    value has its own counters; otherwise the scope sums across its matches.
+    Its amounts name one token; a matching payment in another token is limited
+    only by the scope's counts.
+    """
+
+    name: str = checked(identifier(64))
+    limits: SpendingLimits = checked(instance_of(SpendingLimits))
+    match: ScopeMatch = checked(instance_of(ScopeMatch), factory=ScopeMatch)
+    group_by: str | None = checked(_group_by, default=None)
+    alerts: tuple[Alert, ...] = checked(
+        array_of(instance_of(Alert), 16), default=(), converter=_tuple, omit_empty=True
+    )
+
+    def __attrs_post_init__(self) -> None:
+        validate(self, self._one_token)
+
+    def _one_token(self) -> list[Problem]:
+        return _one_token(
+            (f"$.limits.{name}", a) for name, a in self.limits._named() if a is not None
+        )
+
+    def group(self, category: str | None, recipient: str, network: str) -> str:
+        """The group a payment counts in (``"*"`` when the scope is not grouped)."""
+        if self.group_by == "recipient":
+            return normalize_recipient(recipient)
+        if self.group_by == "network":
+            return network.casefold()
+        if self.group_by == "category":
+            return "" if category is None else category.casefold()
+        return "*"
+
+
+@attrs.frozen
+class AssetLimits:
+    """The limits of one more token, for a policy that limits several."""
+
+    symbol: str = checked(identifier(32))
+    limits: SpendingLimits = checked(instance_of(SpendingLimits))
+
+    def __attrs_post_init__(self) -> None:
+        validate(self, self._same_token)
+
+    def _same_token(self) -> list[Problem]:
+        return [
+            Problem(f"$.limits.{name}.symbol",
+                    f"is {a.symbol!r}: the limits of asset {self.symbol!r} must all be in it")
+            for name, a in self.limits._named()
+            if a is not None and a.symbol.casefold() != self.symbol.casefold()
+        ]  # fmt: skip
+
+
+def _one_token(amounts: Iterable[tuple[str, Amount]]) -> list[Problem]:
+    first: tuple[str, Amount] | None = None
+    problems: list[Problem] = []
+    for path, amount in amounts:
+        if first is None:
+            first = (path, amount)
+        elif amount.symbol.casefold() != first[1].symbol.casefold():
+            problems.append(
+                Problem(
+                    f"{path}.symbol",
+                    f"is {amount.symbol!r} but {first[0]} is {first[1].symbol!r}: "
+                    "one block of limits is in one token (see assets for more tokens)",
+                )
+            )
+    return problems
+
+
+@attrs.frozen
 class AgentPolicy:
     """What one agent may spend, when, where and to whom; absent sections do not restrict.
 
-    ``enabled=False`` denies everything. All limits and thresholds must name
-    the same token symbol (a policy mixing symbols could never allow a
-    payment, so it is refused rather than silently denying everything).
+    ``enabled=False`` denies everything. ``limits`` are in one token; a policy
+    that limits several tokens lists the others in ``assets``, each with its
+    own limits. Approval thresholds and scoped limits name tokens the policy
+    limits. A payment in a token the policy names nowhere is denied
+    (``ASSET_MISMATCH``).
     """
 
     enabled: bool = checked(check_bool, default=True)
@@ -395,6 +675,15 @@ class AgentPolicy:
     approval_config: ApprovalConfig | None = checked(
         optional(instance_of(ApprovalConfig)), default=None
     )
+    assets: tuple[AssetLimits, ...] = checked(
+        array_of(instance_of(AssetLimits), 64), default=(), converter=_tuple, omit_empty=True
+    )
+    scoped_limits: tuple[ScopedLimit, ...] = checked(
+        array_of(instance_of(ScopedLimit), 64), default=(), converter=_tuple, omit_empty=True
+    )
+    alerts: tuple[Alert, ...] = checked(
+        array_of(instance_of(Alert), 16), default=(), converter=_tuple, omit_empty=True
+    )
 
     def __attrs_post_init__(self) -> None:
         validate(self, self._symbol_problems)
@@ -405,27 +694,84 @@ class AgentPolicy:
             for name, amount in self.limits._named():
                 if amount is not None:
                     yield f"$.limits.{name}", amount
+        for i, block in enumerate(self.assets):
+            for name, amount in block.limits._named():
+                if amount is not None:
+                    yield f"$.assets[{i}].limits.{name}", amount
         if self.approval_config is not None:
             for i, t in enumerate(self.approval_config.thresholds):
                 yield f"$.approvalConfig.thresholds[{i}].amount", t.amount
+        for i, scope in enumerate(self.scoped_limits):
+            for name, amount in scope.limits._named():
+                if amount is not None:
+                    yield f"$.scopedLimits[{i}].limits.{name}", amount
 
     def _symbol_problems(self) -> list[Problem]:
-        first: tuple[str, Amount] | None = None
-        problems: list[Problem] = []
-        for path, amount in self.amounts():
-            if first is None:
-                first = (path, amount)
-            elif amount.symbol.casefold() != first[1].symbol.casefold():
+        if self.limits is not None:
+            problems = _one_token(
+                (f"$.limits.{n}", a) for n, a in self.limits._named() if a is not None
+            )
+        else:
+            problems = []
+        declared = self._declared()
+        if not declared:  # no blocks of limits: thresholds and scopes share one token
+            return problems + _one_token(
+                (path, a) for path, a in self.amounts() if not path.startswith("$.limits")
+            )
+        seen: dict[str, str] = {}
+        primary = self.limits.symbol if self.limits is not None else None
+        if primary is not None:
+            seen[primary.casefold()] = "$.limits"
+        for i, block in enumerate(self.assets):
+            key = block.symbol.casefold()
+            if key in seen:
                 problems.append(
-                    Problem(
-                        f"{path}.symbol",
-                        f"is {amount.symbol!r} but {first[0]} is {first[1].symbol!r}: "
-                        "all limits and thresholds of a policy must use one token",
-                    )
+                    Problem(f"$.assets[{i}].symbol", f"{block.symbol!r} is limited by {seen[key]}")
                 )
+            seen.setdefault(key, f"$.assets[{i}]")
+        for path, amount in self.amounts():
+            on_block = path.startswith(("$.limits", "$.assets"))
+            if not on_block and amount.symbol.casefold() not in declared:
+                problems.append(Problem(
+                    f"{path}.symbol",
+                    f"{amount.symbol!r} is not a token this policy limits "
+                    f"({', '.join(sorted(declared))}): add its limits under assets",
+                ))  # fmt: skip
+        names: dict[str, int] = {}
+        for i, scope in enumerate(self.scoped_limits):
+            j = names.setdefault(scope.name.casefold(), i)
+            if j != i:
+                problems.append(Problem(f"$.scopedLimits[{i}].name",
+                                        f"repeats scopedLimits[{j}].name"))  # fmt: skip
         return problems
+
+    def _declared(self) -> frozenset[str]:
+        found = {b.symbol.casefold() for b in self.assets}
+        if self.limits is not None and self.limits.symbol is not None:
+            found.add(self.limits.symbol.casefold())
+        return frozenset(found)
 
     @functools.cached_property
     def symbol(self) -> str | None:
-        """The token symbol of the policy's limits and thresholds, if it has any."""
+        """The token of the policy's ``limits`` (else of its first amount), if it names any."""
+        if self.limits is not None and self.limits.symbol is not None:
+            return self.limits.symbol
         return next((a.symbol for _, a in self.amounts()), None)
+
+    @functools.cached_property
+    def symbols(self) -> frozenset[str]:
+        """Every token the policy names (case-folded): a payment in another one is denied."""
+        return frozenset(a.symbol.casefold() for _, a in self.amounts())
+
+    def limits_for(self, symbol: str) -> SpendingLimits | None:
+        """The block of limits of a token (the policy's ``limits`` or one of ``assets``)."""
+        return self._blocks.get(symbol.casefold())
+
+    @functools.cached_property
+    def _blocks(self) -> dict[str, SpendingLimits]:
+        blocks: dict[str, SpendingLimits] = {}
+        if self.limits is not None:
+            blocks[(self.limits.symbol or "").casefold()] = self.limits
+        for block in self.assets:
+            blocks.setdefault(block.symbol.casefold(), block.limits)
+        return blocks

@@ -20,13 +20,15 @@ from typing import Any, cast
 
 import attrs
 
-from agentpolicy.amounts import Amount, format_units, over_limit_units, same_symbol
+from agentpolicy.amounts import Amount, format_units, over_limit_units
 from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError
 from agentpolicy.policy import (
     AgentPolicy,
     ApprovalThreshold,
     BlockedPeriod,
+    ScopedLimit,
+    SpendingLimits,
     normalize_recipient,
 )
 from agentpolicy.requests import PaymentRequest
@@ -34,6 +36,7 @@ from agentpolicy.windows import WINDOW_PERIODS, Period, Window, window_at
 
 __all__ = [
     "Assessment",
+    "Tally",
     "Verdict",
     "assess",
     "conclude",
@@ -48,7 +51,7 @@ Usage = Mapping[str, Amount]
 """Amount already used (spent plus reserved), keyed by :attr:`Window.key`."""
 
 UsedUnits = Mapping[str, Sequence[int]]
-"""Usage as ``(base units, decimals)`` by window key: what the engine's ledger keeps."""
+"""Usage as ``(base units, decimals[, payments])`` by tally key: what the engine's ledger keeps."""
 
 Words = Callable[[], str]
 
@@ -214,21 +217,31 @@ def _category(policy: AgentPolicy, request: PaymentRequest) -> _Check:
 
 def _asset(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     name = "asset"
-    symbol = policy.symbol
-    if symbol is None:
+    symbols = policy.symbols
+    if not symbols:
         return _skip(name, "the policy sets no amounts")
-    if not same_symbol(symbol, request.symbol):
+    if request.symbol.casefold() not in symbols:
         return _fail(
             name,
             Code.ASSET_MISMATCH,
-            lambda: f"the policy's limits are in {symbol}, the payment is in {request.symbol}",
+            lambda: (
+                f"the policy's limits are in {', '.join(_names(policy))}, "
+                f"the payment is in {request.symbol}"
+            ),
         )
-    return _ok(name, lambda: f"the payment is in {symbol}, as the policy's limits")
+    return _ok(name, lambda: f"the payment is in {request.symbol}, a token the policy limits")
 
 
-def _per_transaction(policy: AgentPolicy, amount: Amount, comparable: bool) -> _Check:
+def _names(policy: AgentPolicy) -> list[str]:
+    seen: dict[str, str] = {}
+    for _, amount in policy.amounts():
+        seen.setdefault(amount.symbol.casefold(), amount.symbol)
+    return list(seen.values())
+
+
+def _per_transaction(block: SpendingLimits | None, amount: Amount, comparable: bool) -> _Check:
     name = "per_transaction_limit"
-    limit = policy.limits.per_transaction if policy.limits else None
+    limit = block.per_transaction if block else None
     if limit is None:
         return _skip(name, "no per-transaction limit")
     if not comparable:
@@ -242,52 +255,193 @@ def _per_transaction(policy: AgentPolicy, amount: Amount, comparable: bool) -> _
     return _ok(name, lambda: f"{amount} is within the per-transaction limit {limit}")
 
 
-def _window_limits(
-    policy: AgentPolicy,
-    amount: Amount,
-    windows: tuple[Window, ...],
-    usage: UsedUnits,
-    comparable: bool,
-) -> list[_Check]:
-    out: list[_Check] = []
-    limits = policy.limits
-    for window in windows:
-        period = window.period.value
-        name = f"{period}_limit"
-        limit = limits.for_period(window.period) if limits else None
-        if limit is None:
-            out.append(_skip(name, f"no {period} limit"))
-            continue
-        if not comparable:
-            out.append(_skip(name, "not checked: asset mismatch"))
-            continue
-        used = usage.get(window.key)
-        value, decimals = (0, 0) if used is None else (used[0], used[1])
+class Tally:
+    """A counter a payment counts in: its amount and its count, in one window of one book.
 
-        over = over_limit_units(value, decimals, amount, limit)
-        words = functools.partial(_limit_words, period, limit, value, decimals, amount, over=over)
-        if over:
-            out.append(_fail(name, Code.for_period(window.period), words))
-        else:
-            out.append(_ok(name, words))
-    return out
+    ``book`` is ``None`` for the agent's own counters and ``(scope name,
+    group)`` for a scope's. ``key`` names the counter within its book: the
+    token, then the calendar window's key or ``roll:<seconds>``. ``usage_key``
+    names it among everything the payment counts in (the keys of
+    :func:`judge`'s usage).
+    """
+
+    __slots__ = ("book", "key", "seconds", "usage_key", "window")
+
+    def __init__(
+        self,
+        book: tuple[str, str] | None,
+        key: str,
+        window: Window | None = None,
+        seconds: int | None = None,
+    ) -> None:
+        self.book = book
+        self.key = key
+        self.window = window
+        self.seconds = seconds
+        self.usage_key = key if book is None else f"scope:{book[0]}|{book[1]}|{key}"
+
+    def __repr__(self) -> str:
+        return f"Tally({self.usage_key!r})"
+
+
+def _tallies(
+    book: tuple[str, str] | None,
+    symbol: str,
+    windows: tuple[Window, ...],
+    block: SpendingLimits | None,
+) -> tuple[dict[Period, Tally], dict[int, Tally]]:
+    calendar = {w.period: Tally(book, f"{symbol}|{w.key}", window=w) for w in windows}
+    rolling = {
+        seconds: Tally(book, f"{symbol}|roll:{seconds}", seconds=seconds)
+        for seconds in (block.rolling_seconds if block is not None else ())
+    }
+    return calendar, rolling
+
+
+Used = tuple[int, int, int]
+"""What a tally has used: ``(base units, decimals, number of payments)``."""
+
+
+def _used(usage: UsedUnits, tally: Tally) -> Used:
+    found = usage.get(tally.usage_key)
+    if found is None and tally.book is None and tally.window is not None:
+        found = usage.get(tally.window.key)  # usage keyed as windows_for() names windows
+    if found is None:
+        return (0, 0, 0)
+    return (found[0], found[1], found[2] if len(found) > 2 else 0)
+
+
+def _amount_limit(
+    name: str,
+    code: Code,
+    label: str,
+    limit: Amount,
+    amount: Amount,
+    used: Used,
+) -> _Check:
+    value, decimals, _ = used
+    over = over_limit_units(value, decimals, amount, limit)
+    words = functools.partial(_limit_words, label, limit, value, decimals, amount, over=over)
+    return _fail(name, code, words) if over else _ok(name, words)
 
 
 def _limit_words(
-    period: str, limit: Amount, value: int, decimals: int, amount: Amount, *, over: bool
+    label: str, limit: Amount, value: int, decimals: int, amount: Amount, *, over: bool
 ) -> str:
     used_text = format_units(value, decimals) if value else "0"
     verdict = "would exceed it" if over else "is within it"
-    return f"{period} limit {limit}: used {used_text} {limit.symbol} + {amount} {verdict}"
+    return f"{label} {limit}: used {used_text} {limit.symbol} + {amount} {verdict}"
+
+
+def _count_limit(name: str, code: Code, label: str, limit: int, used: Used) -> _Check:
+    count = used[2]
+    words = functools.partial(_count_words, label, limit, count)
+    return _fail(name, code, words) if count + 1 > limit else _ok(name, words)
+
+
+def _count_words(label: str, limit: int, count: int) -> str:
+    verdict = "would exceed it" if count + 1 > limit else "is within it"
+    return f"{label} of {limit} payments: {count} so far + 1 {verdict}"
+
+
+class _Book:
+    """The limits one book applies (the agent's, or a scope's) and the tallies they read."""
+
+    __slots__ = ("amounts", "block", "calendar", "name", "prefix", "rolling", "scope")
+
+    def __init__(
+        self,
+        block: SpendingLimits | None,
+        calendar: dict[Period, Tally],
+        rolling: dict[int, Tally],
+        amounts: bool,
+        scope: ScopedLimit | None = None,
+        prefix: str = "",
+    ) -> None:
+        self.block = block
+        self.calendar = calendar
+        self.rolling = rolling
+        self.amounts = amounts  # whether its amount limits apply (same token)
+        self.scope = scope
+        self.prefix = prefix
+
+    def checks(self, amount: Amount, usage: UsedUnits) -> list[_Check]:
+        block, prefix = self.block, self.prefix
+        scoped = self.scope is not None
+        out: list[_Check] = []
+        if scoped:
+            out.append(self._per_transaction(amount))
+        for period in WINDOW_PERIODS:
+            name = f"{prefix}{period.value}_limit"
+            limit = block.for_period(period) if block is not None else None
+            if limit is None or not self.amounts:
+                if not scoped:
+                    out.append(_skip(name, f"no {period.value} limit"))
+                continue
+            code = Code.SCOPED_LIMIT if scoped else Code.for_period(period)
+            label = f"{self._label()}{period.value} limit"
+            used = _used(usage, self.calendar[period])
+            out.append(_amount_limit(name, code, label, limit, amount, used))
+        if block is None:
+            return out
+        for r in block.rolling if self.amounts else ():
+            name = f"{prefix}rolling_limit[{r.window}]"
+            code = Code.SCOPED_LIMIT if scoped else Code.ROLLING_LIMIT
+            label = f"{self._label()}rolling {r.window} limit"
+            used = _used(usage, self.rolling[r.seconds])
+            out.append(_amount_limit(name, code, label, r.amount, amount, used))
+        for c in block.counts:
+            name = f"{prefix}count_limit[{c.window}]"
+            code = Code.SCOPED_LIMIT if scoped else Code.COUNT_LIMIT
+            tally = self.calendar[c.period] if c.period else self.rolling[c.seconds or 0]
+            label = f"{self._label()}{c.window} count limit"
+            out.append(_count_limit(name, code, label, c.max, _used(usage, tally)))
+        return out
+
+    def alerting(
+        self, percents: tuple[int, ...]
+    ) -> list[tuple[Tally, Amount, tuple[int, ...], str]]:
+        """Each amount limit of this book with the alert percentages that watch it."""
+        block = self.block
+        if not percents or block is None or not self.amounts:
+            return []
+        found = [(self.calendar[p], limit, percents, p.value) for p, limit in block.windowed]
+        found += [(self.rolling[r.seconds], r.amount, percents, f"rolling {r.window}")
+                  for r in block.rolling]  # fmt: skip
+        return found
+
+    def _label(self) -> str:
+        if self.scope is None:
+            return ""
+        group = next(iter(self.calendar.values())).book
+        shown = f" ({group[1]})" if self.scope.group_by and group is not None else ""
+        return f"scope {self.scope.name}{shown}: "
+
+    def _per_transaction(self, amount: Amount) -> _Check:
+        name = f"{self.prefix}per_transaction_limit"
+        limit = self.block.per_transaction if self.block is not None else None
+        if limit is None or not self.amounts:
+            return _skip(name, "no per-transaction limit in this scope")
+        label = self._label()
+        if amount.compare(limit) > 0:
+            return _fail(
+                name,
+                Code.SCOPED_LIMIT,
+                lambda: f"{label}{amount} exceeds the per-transaction limit {limit}",
+            )
+        return _ok(name, lambda: f"{label}{amount} is within the per-transaction limit {limit}")
 
 
 def matching_threshold(policy: AgentPolicy, amount: Amount) -> ApprovalThreshold | None:
-    """The highest approval threshold that ``amount`` meets or exceeds, if any."""
+    """The highest approval threshold in ``amount``'s token that it meets or exceeds, if any."""
     config = policy.approval_config
     if config is None:
         return None
     best: ApprovalThreshold | None = None
+    symbol = amount.symbol.casefold()
     for threshold in config.thresholds:
+        if threshold.amount.symbol.casefold() != symbol:
+            continue
         if amount.compare(threshold.amount) >= 0 and (
             best is None or threshold.amount.compare(best.amount) > 0
         ):
@@ -321,12 +475,14 @@ class Assessment:
 
     ``early`` is the whole decision when there is no policy or it is disabled.
     ``blocking`` is the first usage-independent check that failed, if any;
-    ``threshold`` the approval threshold the amount meets.
+    ``threshold`` the approval threshold the amount meets. ``tallies`` are
+    every counter the payment counts in (the agent's and its scopes'), which
+    ``judge`` reads from its usage.
     """
 
     __slots__ = (
-        "approval", "blocking", "checks", "comparable", "early", "now", "policy", "request",
-        "threshold", "windows",
+        "approval", "blocking", "books", "checks", "comparable", "early", "now", "policy",
+        "request", "tallies", "threshold", "windows",
     )  # fmt: skip
 
     def __init__(
@@ -341,6 +497,7 @@ class Assessment:
         comparable: bool = False,
         approval: _Check | None = None,
         threshold: ApprovalThreshold | None = None,
+        books: tuple[_Book, ...] = (),
     ) -> None:
         self.policy = policy
         self.request = request
@@ -352,6 +509,36 @@ class Assessment:
         self.comparable = comparable
         self.approval = approval
         self.threshold = threshold
+        self.books = books
+        self.tallies: tuple[Tally, ...] = tuple(
+            t for b in books for t in (*b.calendar.values(), *b.rolling.values())
+        )
+
+    def alerting(self) -> list[tuple[Tally, Amount, tuple[int, ...], str]]:
+        """Every amount limit the payment counts against that alerts watch (policy and scopes)."""
+        if self.policy is None or not self.comparable:
+            return []
+        found = []
+        for book in self.books:
+            alerts = self.policy.alerts if book.scope is None else book.scope.alerts
+            found += book.alerting(tuple(a.percent for a in alerts))
+        return found
+
+
+def _scope_books(
+    policy: AgentPolicy, request: PaymentRequest, windows: tuple[Window, ...], symbol: str
+) -> list[_Book]:
+    books = []
+    for scope in policy.scoped_limits:
+        if not scope.match.matches(request.category, request.recipient, request.network):
+            continue
+        group = scope.group(request.category, request.recipient, request.network)
+        calendar, rolling = _tallies((scope.name, group), symbol, windows, scope.limits)
+        scope_symbol = scope.limits.symbol
+        amounts = scope_symbol is None or scope_symbol.casefold() == symbol
+        books.append(_Book(scope.limits, calendar, rolling, amounts, scope,
+                           f"scope[{scope.name}]."))  # fmt: skip
+    return books
 
 
 def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -> Assessment:
@@ -373,8 +560,10 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         )
         return Assessment(policy, request, now, windows, early=early)
     amount = request.asset_amount
+    symbol = request.symbol.casefold()
     asset = _asset(policy, request)
     comparable = asset[1] is not _FAIL
+    block = policy.limits_for(symbol)
     approval, threshold = _approval(policy, amount, comparable)
     checks = (
         _ok("policy", lambda: "the policy is enabled"),
@@ -384,12 +573,17 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         _network(policy, request),
         _category(policy, request),
         asset,
-        _per_transaction(policy, amount, comparable),
+        _per_transaction(block, amount, comparable),
     )
     blocking = next((c for c in checks if c[1] is _FAIL), None)
+    calendar, rolling = _tallies(None, symbol, windows, block)
+    books = [_Book(block, calendar, rolling, comparable)]
+    if comparable and policy.scoped_limits:
+        books += _scope_books(policy, request, windows, symbol)
     return Assessment(
-        policy, request, now, windows, None, checks, blocking, comparable, approval, threshold
-    )
+        policy, request, now, windows, None, checks, blocking, comparable, approval, threshold,
+        tuple(books),
+    )  # fmt: skip
 
 
 def _units(usage: Usage) -> dict[str, tuple[int, int]]:
@@ -451,10 +645,13 @@ class Verdict:
 
 
 def judge(assessment: Assessment, usage: Usage | UsedUnits) -> Verdict:
-    """Finish an :class:`Assessment` with the usage of its windows: the verdict.
+    """Finish an :class:`Assessment` with what its tallies have used: the verdict.
 
-    ``usage`` maps window keys to :class:`~agentpolicy.Amount` (or to
-    ``(base units, decimals)``).
+    ``usage`` maps each tally's ``usage_key`` to ``(base units, decimals,
+    payments)``; a missing key means nothing was used. For the agent's own
+    calendar windows the window's key (as :func:`windows_for` names it) is
+    accepted too, and so are :class:`~agentpolicy.Amount` values (then the
+    count is 0).
     """
     if assessment.early is not None:
         return Verdict(assessment, assessment.early.code, None, ())
@@ -468,9 +665,13 @@ def judge(assessment: Assessment, usage: Usage | UsedUnits) -> Verdict:
         if usage and isinstance(next(iter(usage.values())), Amount)
         else usage,
     )
-    limits = _window_limits(
-        policy, assessment.request.asset_amount, assessment.windows, units, assessment.comparable
-    )
+    amount = assessment.request.asset_amount
+    limits: list[_Check] = []
+    if assessment.comparable:
+        for book in assessment.books:
+            limits += book.checks(amount, units)
+    else:
+        limits = [_skip(f"{p.value}_limit", "not checked: asset mismatch") for p in WINDOW_PERIODS]
     checks = (*assessment.checks, *limits, approval)
     failure = assessment.blocking or next((c for c in limits if c[1] is _FAIL), None)
     if failure is not None:
@@ -482,12 +683,11 @@ def judge(assessment: Assessment, usage: Usage | UsedUnits) -> Verdict:
 
 
 def conclude(assessment: Assessment, usage: Usage | UsedUnits, **engine: Any) -> Decision:
-    """Finish an :class:`Assessment` with the usage of its windows: the decision.
+    """Finish an :class:`Assessment` with the usage of its tallies: the decision.
 
-    ``usage`` maps window keys to :class:`~agentpolicy.Amount` (or to
-    ``(base units, decimals)``). ``engine`` sets the fields an engine fills in
-    (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
-    ``decided_at``). Details are worded when read.
+    ``usage`` is as for :func:`judge`. ``engine`` sets the fields an engine
+    fills in (``reservation_id``, ``approval_id``, ``expires_at``,
+    ``policy_version``, ``decided_at``). Details are worded when read.
     """
     return judge(assessment, usage).decision(**engine)
 

@@ -1,14 +1,15 @@
 """Calendar spending windows in a policy's timezone.
 
 The hour starts at :00, the day at local midnight, the week on Monday 00:00
-(ISO 8601) and the month on the 1st at 00:00, all in the policy's IANA
-timezone. A daylight-saving change never moves a window off local midnight:
-a day is 23 or 25 hours long when the clocks change.
+(ISO 8601), the month on the 1st at 00:00 and the year on 1 January 00:00,
+all in the policy's IANA timezone; the lifetime window never ends. A
+daylight-saving change never moves a window off local midnight: a day is 23
+or 25 hours long when the clocks change.
 
 Formally, a window is a longest stretch of time over which the local
 calendar unit stays the same: the local date and hour *with its UTC offset*
-for ``hourly``, the local date for ``daily``, the ISO week for ``weekly``
-and the month for ``monthly``. So windows tile time (each one starts where
+for ``hourly``, the local date for ``daily``, the ISO week for ``weekly``,
+the month for ``monthly`` and the year for ``yearly``. So windows tile time (each one starts where
 the previous one ended) and every window contains the instant it was
 computed for, in every zone, including those whose clocks move by half an
 hour (``Australia/Lord_Howe``) or at a quarter to the hour
@@ -31,7 +32,7 @@ import attrs
 
 from agentpolicy.errors import PolicyValidationError
 
-__all__ = ["WINDOW_PERIODS", "Period", "Window", "window_at"]
+__all__ = ["LIFETIME_WINDOW", "WINDOW_PERIODS", "Period", "Window", "window_at"]
 
 
 class Period(enum.StrEnum):
@@ -41,6 +42,8 @@ class Period(enum.StrEnum):
     DAILY = "daily"
     WEEKLY = "weekly"
     MONTHLY = "monthly"
+    YEARLY = "yearly"
+    LIFETIME = "lifetime"
 
 
 WINDOW_PERIODS: tuple[Period, ...] = tuple(Period)
@@ -66,6 +69,15 @@ class Window:
         return self.start <= instant < self.end
 
 
+LIFETIME_WINDOW = Window(
+    Period.LIFETIME,
+    "lifetime",
+    datetime(1, 1, 1, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+)
+"""The one window of a lifetime limit: it never ends (in any zone)."""
+
+
 class _Zone:
     """The arithmetic of one period in one zone, on instants held in UTC."""
 
@@ -89,6 +101,8 @@ class _Zone:
             return day
         if self.period is Period.WEEKLY:
             return day - timedelta(days=day.weekday())
+        if self.period is Period.YEARLY:
+            return day.year
         return day.year, day.month
 
     def floor(self, wall: datetime) -> datetime:
@@ -100,6 +114,8 @@ class _Zone:
             day -= timedelta(days=day.weekday())
         elif self.period is Period.MONTHLY:
             day = day.replace(day=1)
+        elif self.period is Period.YEARLY:
+            day = day.replace(month=1, day=1)
         return datetime.combine(day, time(0))
 
     def after(self, start: datetime) -> datetime:
@@ -111,6 +127,8 @@ class _Zone:
         if self.period is Period.WEEKLY:
             return start + timedelta(days=7)
         day = start.date()
+        if self.period is Period.YEARLY:
+            return datetime.combine(date(day.year + 1, 1, 1), time(0))
         return datetime.combine(date(day.year + (day.month == 12), day.month % 12 + 1, 1), time(0))
 
     def pin(self, before: datetime, after: datetime, new: timedelta) -> datetime:
@@ -181,6 +199,30 @@ class _Zone:
             current = found  # a change that keeps the unit: look further ahead
 
 
+def _year(instant: datetime, zone: tzinfo) -> Window:
+    """The year runs from the first local day of 1 January to that of the next one.
+
+    Built from daily windows (which already handle days that do not start at
+    00:00), so it costs two day computations, not a walk through the year.
+    """
+    try:
+        year = instant.astimezone(zone).year
+        start = window_at(Period.DAILY, _noon(year, zone), zone).start
+        end = window_at(Period.DAILY, _noon(year + 1, zone), zone).start
+        local_start = start.astimezone(zone)
+    except (OverflowError, ValueError):
+        raise PolicyValidationError.single(
+            "$.now",
+            f"{instant.isoformat()} is too close to the end of the calendar (years 1 to 9999): "
+            f"its yearly window in {zone} cannot be computed",
+        ) from None
+    return Window(Period.YEARLY, f"yearly:{local_start.isoformat()}", start, end)
+
+
+def _noon(year: int, zone: tzinfo) -> datetime:
+    return datetime(year, 1, 1, 12, tzinfo=zone).astimezone(UTC)
+
+
 def window_at(period: Period, instant: datetime, zone: tzinfo) -> Window:
     """The window of ``period`` that contains ``instant``, in timezone ``zone``.
 
@@ -192,6 +234,10 @@ def window_at(period: Period, instant: datetime, zone: tzinfo) -> Window:
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise ValueError("instant must be timezone-aware")
     period = Period(period)
+    if period is Period.LIFETIME:
+        return LIFETIME_WINDOW
+    if period is Period.YEARLY:
+        return _year(instant, zone)
     arithmetic = _Zone(period, zone)
     try:
         at = instant.astimezone(UTC)

@@ -87,18 +87,22 @@ def reservation_doc(
     agent: str,
     status: str,
     request: Body,
-    windows: list[str],
+    targets: list[list[Any]],
     created: int,
     expires: int,
     policy_version: int,
     approval_id: str | None,
 ) -> Body:
-    """A new reservation (``held`` for an approval, or ``reserved``)."""
+    """A new reservation (``held`` for an approval, or ``reserved``).
+
+    ``targets`` are the counters it counts in: ``[book, key, "c", 0]`` for a
+    calendar window, ``[book, key, "r", seconds]`` for a rolling one.
+    """
     return {
         "agent": agent,
         "st": status,
         "req": request,
-        "w": windows,
+        "tg": targets,
         "c": created,
         "x": expires,
         "u": created,
@@ -115,7 +119,11 @@ def reservation_record(reservation_id: str, doc: Body) -> Reservation:
         agent_id=doc["agent"],
         status=ReservationStatus(doc["st"]),
         amount=request.asset_amount,
-        window_keys=tuple(doc["w"]),
+        window_keys=tuple(
+            t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0].startswith("h/")
+        )
+        if "tg" in doc
+        else tuple(doc["w"]),
         created_at=instant(doc["c"]),
         expires_at=instant(doc["x"]),
         updated_at=instant(doc["u"]),

@@ -33,6 +33,10 @@ __all__ = [
     "pending_index",
     "policy",
     "reservation",
+    "rolling_grace",
+    "rolling_live",
+    "scope_book",
+    "scope_groups",
     "tag",
     "webhook",
 ]
@@ -111,6 +115,26 @@ def approval(approval_id: str) -> str:
 def idempotency(agent_id: str, key: str) -> str:
     """The first decision made under an agent's idempotency key."""
     return f"i/{_esc(agent_id)}/{_esc(key)}"
+
+
+def scope_book(agent_id: str, scope: str, group: str) -> str:
+    """The counters of one group of one of the agent's scoped limits."""
+    return f"g/{_esc(agent_id)}/{_esc(scope)}/{_esc(group)}"
+
+
+def scope_groups(agent_id: str, scope: str) -> str:
+    """Index of the groups a scope of the agent has counters for (by first use)."""
+    return f"sg/{_esc(agent_id)}/{_esc(scope)}"
+
+
+def rolling_live(book: str, key: str) -> str:
+    """Index of the payments still counting in a rolling counter, by authorize instant."""
+    return f"rl/{_esc(book)}/{_esc(key)}"
+
+
+def rolling_grace(book: str, key: str) -> str:
+    """Index of the payments that left a rolling counter within the grace period."""
+    return f"rg/{_esc(book)}/{_esc(key)}"
 
 
 def webhook(delivery_id: str) -> str:

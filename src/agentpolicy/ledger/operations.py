@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from agentpolicy import approvals
+from agentpolicy.amounts import Amount
+from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
 from agentpolicy.ledger import keys
@@ -26,17 +28,20 @@ from agentpolicy.ledger.docs import (
 )
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import (
-    ClockBehindError,
+    Books,
     Head,
     LedgerConfig,
     emit,
+    emit_approval,
     expire_due,
     record,
+    undo,
 )
+from agentpolicy.ledger.tallies import EMPTY_SCOPE_BOOK
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import ApprovalStatus, Vote
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.rules import Assessment, assess, judge
+from agentpolicy.rules import Assessment, Tally, assess, judge
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 
@@ -56,6 +61,43 @@ PolicySource = Callable[[str, int, View], AgentPolicy | None]
 
 _IDEMPOTENCY_KEEP_MS = 25 * 3_600_000
 _PASSING = (Code.ALLOWED, Code.APPROVAL_REQUIRED)
+
+
+def _book_name(agent: str, book: tuple[str, str] | None) -> str:
+    return keys.head(agent) if book is None else keys.scope_book(agent, *book)
+
+
+def _usage(books: Books, agent: str, a: Assessment, now: int) -> dict[str, list[int]]:
+    """What every tally of the payment has used, as the ledger has it now."""
+    usage: dict[str, list[int]] = {}
+    for t in a.tallies:
+        book = books[_book_name(agent, t.book)]
+        if t.seconds is None:
+            c = book.counters.get(t.key)
+            if c is not None:
+                usage[t.usage_key] = [c[2] + c[3], c[1], c[4] if len(c) > 4 else 0]
+        else:
+            value, decimals, count = book.rolling_used(t.key, now)
+            if value or count:
+                usage[t.usage_key] = [value, decimals, count]
+    return usage
+
+
+def _prepare(
+    view: View, txn: Txn, cfg: LedgerConfig, shard: str, books: Books, a: Assessment, now: int
+) -> None:
+    """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling."""
+    agent = books.head.agent
+    books.need(_book_name(agent, t.book) for t in a.tallies)
+    for book in books.by_name.values():
+        book.check_horizon(now, agent)
+    expire_due(view, txn, cfg, shard, books, now)
+    for book in list(books.by_name.values()):
+        book.prune(now, cfg.counter_grace)
+    for t in a.tallies:
+        if t.seconds is not None:
+            book = books[_book_name(agent, t.book)]
+            book.advance(view, txn, t.key, t.seconds, now, cfg.counter_grace, agent)
 
 
 def authorize(
@@ -83,12 +125,7 @@ def authorize(
     def step(view: View, txn: Txn) -> None:
         view.read(names, guess=names)
         head = Head.read(view, agent)
-        if now_us < head.body["hz"]:
-            raise ClockBehindError(
-                f"this engine's clock ({now.isoformat()}) is behind what agent {agent}'s "
-                "ledger has already seen by more than the counter grace period; nothing "
-                "was allowed or changed"
-            )
+        head.check_horizon(now_us, agent)
         if idem_name is not None:
             entry = view.doc(idem_name)
             if entry is not None and now_us - entry["c"] < cfg.idempotency_ttl:
@@ -101,14 +138,9 @@ def authorize(
                 return
         version = head.body["pv"]
         a = assess(policies(agent, version, view), request, now)
-        expire_due(view, txn, cfg, shard, head, now_us)
-        head.prune(now_us, cfg.counter_grace)
-        counters = head.counters
-        usage: dict[str, list[int]] = {}
-        for w in a.windows:
-            c = counters.get(w.key)
-            if c is not None:
-                usage[w.key] = [c[2] + c[3], c[1]]
+        books = Books(view, head)
+        _prepare(view, txn, cfg, shard, books, a, now_us)
+        usage = _usage(books, agent, a, now_us)
         verdict = judge(a, usage)
         code = verdict.code
         rec: Body = {
@@ -120,7 +152,8 @@ def authorize(
             "use": usage,
         }
         if code in _PASSING:
-            _hold(txn, cfg, shard, head, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
+            _hold(txn, cfg, shard, books, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
+            _alerts(txn, cfg, shard, books, a, usage)
             record(txn, cfg, agent, rec)
             seen.append(verdict.decision(
                 reservation_id=rec.get("rid"), approval_id=rec.get("aid"),
@@ -129,7 +162,7 @@ def authorize(
         else:
             record(txn, cfg, agent, rec, denial=True)
             seen.append(verdict.decision(policy_version=version or None, decided_at=now))
-        head.write(txn)
+        books.write(txn)
         if idem_name is not None:
             txn.put[idem_name] = {"fp": fingerprint, "c": now_us, "rec": rec}
             txn.ttl[idem_name] = _IDEMPOTENCY_KEEP_MS
@@ -142,13 +175,13 @@ def _hold(
     txn: Txn,
     cfg: LedgerConfig,
     shard: str,
-    head: Head,
+    books: Books,
     a: Assessment,
     rec: Body,
     held: bool,
     now: int,
 ) -> None:
-    """Reserve the payment's amount (or hold it for an approval) in every window."""
+    """Reserve the payment's amount (or hold it for an approval) in every tally it counts in."""
     request = a.request
     agent = request.agent_id
     token = keys.new_token(now)
@@ -172,37 +205,113 @@ def _hold(
         txn.ttl[name] = timeout_ms + cfg.keep_closed_ms
         txn.index.append((keys.pending_index(agent), approval_id, now))
         txn.index.append((keys.PENDING, approval_id, now))
-        emit(txn, cfg, shard, "approval.created", approval_id, approval)
+        emit_approval(txn, cfg, shard, "approval.created", approval_id, approval)
         rec["aid"] = approval_id
     else:
         expires = now + cfg.reservation_ttl
         rec["rid"] = rid
     rec["x"] = expires
+    value, decimals = request.amount, request.decimals
+    targets: list[list[Any]] = []
+    for t in a.tallies:
+        name = _book_name(agent, t.book)
+        book = books[name]
+        if t.book is not None and book.body is EMPTY_SCOPE_BOOK:  # a scope's new group
+            txn.index.append((keys.scope_groups(agent, t.book[0]), t.book[1], 0))
+        if t.seconds is None:
+            book.calendar(t.key, t.window, value, decimals, "reserve")
+            targets.append([name, t.key, "c", 0])
+        else:
+            book.rolling(txn, t.key, t.seconds, value, decimals, "reserve", now, rid)
+            targets.append([name, t.key, "r", t.seconds])
     name = keys.reservation(rid)
     txn.put[name] = reservation_doc(
         agent=agent, status="held" if held else "reserved", request=rec["req"],
-        windows=[w.key for w in a.windows], created=now, expires=expires,
-        policy_version=version, approval_id=approval_id,
+        targets=targets, created=now, expires=expires, policy_version=version,
+        approval_id=approval_id,
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
     txn.index.append((keys.open_index(agent), rid, expires))
-    head.reserve(a.windows, request.amount, request.decimals)
-    head.lower_due(expires)
+    books.head.lower_due(expires)
+
+
+def _alerts(
+    txn: Txn,
+    cfg: LedgerConfig,
+    shard: str,
+    books: Books,
+    a: Assessment,
+    usage: dict[str, list[int]],
+) -> None:
+    """Announce every alert threshold this payment's amount carried usage across."""
+    agent = a.request.agent_id
+    amount = a.request.asset_amount
+    for tally, limit, percents, label in a.alerting():
+        before = usage.get(tally.usage_key)
+        used, decimals = (before[0], before[1]) if before else (0, 0)
+        d = max(decimals, amount.decimals, limit.decimals)
+        old = used * 10 ** (d - decimals)
+        new = old + amount.scaled_to(d)
+        cap = limit.scaled_to(d)
+        crossed = [p for p in percents if old * 100 < cap * p <= new * 100]
+        if not crossed:
+            continue
+        book = books[_book_name(agent, tally.book)]
+        fired: list[int] = []
+        if tally.seconds is None:  # once per calendar window
+            counter = book.counters[tally.key]
+            fired = list(counter[5]) if len(counter) > 5 else []
+            crossed = [p for p in crossed if p not in fired]
+            if crossed:
+                book.own()["c"][tally.key] = [*counter[:5], sorted({*fired, *crossed})]
+        for percent in crossed:
+            _budget_event(txn, cfg, shard, agent, tally, label, limit, percent, new, d)
+
+
+def _budget_event(
+    txn: Txn,
+    cfg: LedgerConfig,
+    shard: str,
+    agent: str,
+    tally: Tally,
+    label: str,
+    limit: Amount,
+    percent: int,
+    used: int,
+    decimals: int,
+) -> None:
+    def payload() -> Body:
+        budget: Body = {
+            "agentId": agent,
+            "limit": label,
+            "percent": percent,
+            "limitAmount": str(limit.value),
+            "used": str(used),
+            "usedDecimals": decimals,
+            "decimals": limit.decimals,
+            "symbol": limit.symbol,
+        }
+        if tally.window is not None:
+            budget["windowStart"] = format_instant(tally.window.start)
+            budget["windowEnd"] = format_instant(tally.window.end)
+        if tally.book is not None:
+            budget["scope"], budget["group"] = tally.book
+        return {"budget": budget}
+
+    emit(txn, cfg, shard, "budget.threshold_reached", agent, "", payload)
 
 
 def _close(
     txn: Txn,
     cfg: LedgerConfig,
-    head: Head,
+    books: Books,
     rid: str,
     doc: Body,
     status: str,
     now: int,
 ) -> Body:
-    """Close an open reservation: give its amount back (or spend it) in its windows."""
-    request = doc["req"]
-    op = "settle" if status == "confirmed" else "unreserve"
-    head.apply(doc["w"], int(request["amount"]), request["decimals"], op)
+    """Close an open reservation: give its amount back (or spend it) in its tallies."""
+    undo(books, txn, doc, rid, "settle" if status == "confirmed" else "unreserve")
     closed = {**doc, "st": status, "u": now}
     name = keys.reservation(rid)
     txn.put[name] = closed
@@ -261,9 +370,9 @@ def settle(cfg: LedgerConfig, reservation_id: str, action: str, now: datetime) -
             if status in ("released", "expired"):
                 return
             new_status = "expired" if now_us >= doc["x"] else "released"
-        head = Head.read(view, doc["agent"])
-        txn.result = {"doc": _close(txn, cfg, head, reservation_id, doc, new_status, now_us)}
-        head.write(txn)
+        books = Books(view, Head.read(view, doc["agent"]))
+        txn.result = {"doc": _close(txn, cfg, books, reservation_id, doc, new_status, now_us)}
+        books.write(txn)
 
     return step
 
@@ -307,8 +416,8 @@ def vote(
         }
         txn.put[name] = new
         owner = doc["agent"]
-        emit(txn, cfg, shard, "approval.decision_submitted", approval_id, new,
-             Vote(approver, decision, now, comment))  # fmt: skip
+        emit_approval(txn, cfg, shard, "approval.decision_submitted", approval_id, new,
+                      Vote(approver, decision, now, comment))  # fmt: skip
         detail = f"{approver}: {decision}" + (f" ({comment})" if comment else "")
         record(txn, cfg, owner, {"ev": "vote", "aid": approval_id, "code": decision,
                                  "detail": detail})  # fmt: skip
@@ -322,11 +431,12 @@ def vote(
         hold = view.doc(hold_name)
         if hold is None:  # pragma: no cover - written together with the approval
             raise NotFoundError("the approval's hold is missing", code=ErrorCode.INTERNAL)
-        head = Head.read(view, owner)
+        books = Books(view, Head.read(view, owner))
+        head = books.head
         if decided.status is ApprovalStatus.DENIED:
-            _close(txn, cfg, head, doc["hold"], hold, "released", now_us)
+            _close(txn, cfg, books, doc["hold"], hold, "released", now_us)
             record(txn, cfg, owner, {"ev": "approval_denied", "aid": approval_id})
-            emit(txn, cfg, shard, "approval.denied", approval_id, new)
+            emit_approval(txn, cfg, shard, "approval.denied", approval_id, new)
         else:
             expires = now_us + cfg.reservation_ttl
             txn.put[hold_name] = {**hold, "st": "reserved", "x": expires, "u": now_us}
@@ -335,8 +445,8 @@ def vote(
             head.lower_due(expires)
             record(txn, cfg, owner, {"ev": "approval_approved", "aid": approval_id,
                                      "rid": doc["hold"], "x": expires})  # fmt: skip
-            emit(txn, cfg, shard, "approval.approved", approval_id, new)
-        head.write(txn)
+            emit_approval(txn, cfg, shard, "approval.approved", approval_id, new)
+        books.write(txn)
 
     return step
 
@@ -350,10 +460,10 @@ def expire(cfg: LedgerConfig, shard: str, agent: str, now: datetime) -> Step:
     now_us = micros(now)
 
     def step(view: View, txn: Txn) -> None:
-        head = Head.read(view, agent)
-        expired, lapsed = expire_due(view, txn, cfg, shard, head, now_us)
-        head.write(txn)
-        txn.result = {"head": head.body, "expired": expired, "lapsed": lapsed}
+        books = Books(view, Head.read(view, agent))
+        expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
+        books.write(txn)
+        txn.result = {"head": books.head.body, "expired": expired, "lapsed": lapsed}
 
     return step
 

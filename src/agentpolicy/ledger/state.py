@@ -1,11 +1,11 @@
-"""What every ledger step shares: settings, the agent's head, counters, history, events, expiry.
+"""What every ledger step shares: settings, the agent's head, history, events, expiry.
 
 The **head** of an agent is the one document every change to its budget
 writes, so its version guards everything else of the agent (counters, open
-reservations, pending approvals)::
+reservations, pending approvals, its scope books)::
 
     {"pv": policy version (0: none),
-     "c":  {window key: [window end, decimals, spent, reserved]},
+     "c":  {counter key: counter} (see agentpolicy.ledger.tallies),
      "due": earliest time something of the agent may expire (a lower bound) or None,
      "hz": the horizon: no request stamped before it can be decided}
 
@@ -23,28 +23,31 @@ from typing import Any
 
 import attrs
 
-from agentpolicy.errors import StorageUnavailableError
 from agentpolicy.ledger import keys
 from agentpolicy.ledger.docs import Body, approval_record, delivery_doc
 from agentpolicy.ledger.runner import View
+from agentpolicy.ledger.tallies import (
+    EMPTY_SCOPE_BOOK,
+    MAX_SCORE,
+    Book,
+    ClockBehindError,
+)
 from agentpolicy.records import Vote
-from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import NEXT_SEQ, Txn
-from agentpolicy.windows import Window
 
 __all__ = [
+    "EMPTY_HEAD",
     "MAX_SCORE",
     "ClockBehindError",
     "Head",
     "LedgerConfig",
     "Route",
     "emit",
+    "emit_approval",
     "expire_due",
     "record",
+    "undo",
 ]
-
-MAX_SCORE = 2**62
-"""A score above every instant (microseconds) the ledger writes."""
 
 EXPIRE_BATCH = 200
 """At most this many reservations expire in one step (the rest in the next one)."""
@@ -68,77 +71,22 @@ class LedgerConfig:
     routes: tuple[Route, ...] = ()
 
 
-class ClockBehindError(StorageUnavailableError):
-    """The request's time is before the agent's horizon: the engine's clock is behind."""
-
-
 EMPTY_HEAD: Body = {"pv": 0, "c": {}, "due": None, "hz": 0}
 
 
-class Head:
-    """An agent's head, copied on first change so the document read stays as it was."""
+class Head(Book):
+    """An agent's head: its policy version, its own counters, its next expiry, its horizon."""
 
-    __slots__ = ("agent", "body", "changed", "old_due")
+    __slots__ = ("agent",)
 
     def __init__(self, agent: str, body: Body | None) -> None:
+        super().__init__(keys.head(agent), body, EMPTY_HEAD)
         self.agent = agent
-        self.body: Body = EMPTY_HEAD if body is None else body
-        self.changed = False
-        self.old_due: int | None = self.body["due"]
 
     @classmethod
     def read(cls, view: View, agent: str) -> Head:
         """The agent's head as the view has it (reading it if needed)."""
         return cls(agent, view.doc(keys.head(agent)))
-
-    def _own(self) -> Body:
-        if not self.changed:
-            self.body = {**self.body, "c": dict(self.body["c"])}
-            self.changed = True
-        return self.body
-
-    @property
-    def counters(self) -> dict[str, list[int]]:
-        """Counters by window key: ``[end, decimals, spent, reserved]`` (do not change them)."""
-        counters: dict[str, list[int]] = self.body["c"]
-        return counters
-
-    def set(self, field: str, value: Any) -> None:
-        """Change a top-level field."""
-        if self.body.get(field) != value:
-            self._own()[field] = value
-
-    def apply(self, windows: Iterable[str], value: int, decimals: int, op: str) -> None:
-        """``reserve``, ``unreserve`` or ``settle`` an amount in these windows' counters.
-
-        Windows whose counters were already dropped get nothing back.
-        """
-        counters = self._own()["c"]
-        for key in windows:
-            c = counters.get(key)
-            if c is None:
-                continue
-            counters[key] = _counter(c, value, decimals, op)
-
-    def reserve(self, windows: Iterable[Window], value: int, decimals: int) -> None:
-        """Add an amount to ``reserved`` in these windows (a counter begins with its window)."""
-        counters = self._own()["c"]
-        for w in windows:
-            c = counters.get(w.key)
-            if c is None:
-                c = [micros(w.end), 0, 0, 0]
-            counters[w.key] = _counter(c, value, decimals, "reserve")
-
-    def prune(self, now: int, grace: int) -> None:
-        """Drop counters of windows that ended ``grace`` or more ago; move the horizon."""
-        horizon = self.body["hz"]
-        stale = [k for k, c in self.body["c"].items() if c[0] + grace <= now]
-        if not stale:
-            return
-        counters = self._own()["c"]
-        for key in stale:
-            horizon = max(horizon, counters.pop(key)[0])
-        self.body["hz"] = horizon
 
     def lower_due(self, when: int) -> None:
         """Something of the agent expires at ``when``."""
@@ -150,24 +98,56 @@ class Head:
         """Add the head to the transaction if it changed (and the global ``@due`` index)."""
         if not self.changed:
             return
-        txn.put[keys.head(self.agent)] = self.body
+        txn.put[self.name] = self.body
         due = self.body["due"]
         if due != self.old_due:
             txn.index.append((keys.DUE, self.agent, due))
 
 
-def _counter(c: list[int], value: int, decimals: int, op: str) -> list[int]:
-    end, d, spent, reserved = c
-    if decimals > d:
-        k = 10 ** (decimals - d)
-        spent, reserved, d = spent * k, reserved * k, decimals
-    elif decimals < d:
-        value *= 10 ** (d - decimals)
-    if op == "reserve":
-        return [end, d, spent, reserved + value]
-    if op == "unreserve":
-        return [end, d, spent, max(0, reserved - value)]
-    return [end, d, spent + value, max(0, reserved - value)]
+class Books:
+    """The books one step touches, by name: the head, and scope books read on demand."""
+
+    __slots__ = ("by_name", "head", "view")
+
+    def __init__(self, view: View, head: Head) -> None:
+        self.view = view
+        self.head = head
+        self.by_name: dict[str, Book] = {head.name: head}
+
+    def need(self, names: Iterable[str]) -> None:
+        """Read the books not read yet (in one request)."""
+        missing = [n for n in names if n not in self.by_name]
+        if missing:
+            self.view.read(missing, guess=missing)
+            for name in missing:
+                self.by_name[name] = Book(name, self.view.doc(name), EMPTY_SCOPE_BOOK)
+
+    def __getitem__(self, name: str) -> Book:
+        self.need((name,))
+        return self.by_name[name]
+
+    def write(self, txn: Txn) -> None:
+        """Put every book that changed (the head last: it may change while others are written)."""
+        for name, book in self.by_name.items():
+            if book is not self.head and book.changed:
+                txn.put[name] = book.body
+        self.head.write(txn)
+
+
+def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
+    """Give back (``unreserve``) or spend (``settle``) a reservation in its counters."""
+    request = doc["req"]
+    value, decimals = int(request["amount"]), request["decimals"]
+    targets = doc.get("tg")
+    if targets is None:  # written before scoped and rolling limits: the head's windows
+        targets = [[books.head.name, key, "c", 0] for key in doc["w"]]
+    books.need(t[0] for t in targets)
+    for name, key, kind, extra in targets:
+        book = books[name]
+        if kind == "c":
+            book.calendar(key, None, value, decimals, op)
+        else:
+            book.rolling(txn, key, extra, value, decimals, op, doc["c"], rid)
 
 
 def record(txn: Txn, cfg: LedgerConfig, agent: str, entry: Body, *, denial: bool = False) -> None:
@@ -184,32 +164,51 @@ def emit(
     cfg: LedgerConfig,
     shard: str,
     event: str,
-    approval_id: str,
-    approval: Body,
-    vote: Vote | None = None,
+    agent: str,
+    thread: str,
+    payload: Any,
 ) -> None:
-    """Write ``event`` to the outbox for every endpoint that wants it (same commit)."""
+    """Write ``event`` to the outbox for every endpoint that wants it (same commit).
+
+    ``payload`` is a function returning the event's body (called only when an
+    endpoint wants the event). Events of one ``thread`` (an approval id, or
+    ``""`` for budget events) reach an endpoint in the order they were written.
+    """
     wanting = [endpoint for endpoint, events in cfg.routes if not events or event in events]
     if not wanting:
         return
-    from agentpolicy.views import approval_data, vote_data  # noqa: PLC0415 - formats events only
-
     event_id = "evt_" + os.urandom(16).hex()
-    payload: Body = {
-        "id": event_id,
-        "event": event,
-        "approval": approval_data(approval_record(approval_id, approval)),
-    }
-    if vote is not None:
-        payload["decision"] = vote_data(vote)
+    body: Body = {"id": event_id, "event": event, **payload()}
     for endpoint in wanting:
         delivery_id = f"{event_id}.{endpoint}"
         txn.put[keys.webhook(delivery_id)] = delivery_doc(
             delivery_id=delivery_id, event_id=event_id, endpoint_id=endpoint, event=event,
-            agent=approval["agent"], approval_id=approval_id, created=txn.at, payload=payload,
+            agent=agent, approval_id=thread, created=txn.at, payload=body,
         )  # fmt: skip
         txn.index.append((keys.outbox_queue(shard), delivery_id, NEXT_SEQ))
     txn.index.append((keys.OUTBOX, shard, 0))
+
+
+def emit_approval(
+    txn: Txn,
+    cfg: LedgerConfig,
+    shard: str,
+    event: str,
+    approval_id: str,
+    approval: Body,
+    vote: Vote | None = None,
+) -> None:
+    """Write an approval event (its payload: the approval, and the vote that caused it)."""
+
+    def payload() -> Body:
+        from agentpolicy.views import approval_data, vote_data  # noqa: PLC0415 - events only
+
+        data: Body = {"approval": approval_data(approval_record(approval_id, approval))}
+        if vote is not None:
+            data["decision"] = vote_data(vote)
+        return data
+
+    emit(txn, cfg, shard, event, approval["agent"], approval_id, payload)
 
 
 Closed = list[tuple[str, Body]]
@@ -217,14 +216,15 @@ Closed = list[tuple[str, Body]]
 
 
 def expire_due(
-    view: View, txn: Txn, cfg: LedgerConfig, shard: str, head: Head, now: int
+    view: View, txn: Txn, cfg: LedgerConfig, shard: str, books: Books, now: int
 ) -> tuple[Closed, Closed]:
     """Expire the agent's reservations and holds whose time is up (``now >= expiresAt``).
 
-    Gives their amounts back to the windows they counted in, expires the
+    Gives their amounts back to every counter they counted in, expires the
     approvals the holds were for, and sets the head's next ``due``. Returns
     the reservations and approvals it expired, with their new documents.
     """
+    head = books.head
     due = head.body["due"]
     if due is None or due > now:
         return [], []
@@ -248,8 +248,7 @@ def expire_due(
         closed = {**doc, "st": "expired", "u": now}
         txn.put[name] = closed
         txn.ttl[name] = cfg.keep_closed_ms
-        request = doc["req"]
-        head.apply(doc["w"], int(request["amount"]), request["decimals"], "unreserve")
+        undo(books, txn, doc, rid, "unreserve")
         entry: Body = {"ev": "expire", "rid": rid, "pv": doc["pv"]}
         if doc["apr"] is not None:
             entry["aid"] = doc["apr"]
@@ -270,6 +269,6 @@ def expire_due(
         txn.index.append((keys.pending_index(agent), aid, None))
         txn.index.append((keys.PENDING, aid, None))
         record(txn, cfg, agent, {"ev": "approval_expired", "aid": aid})
-        emit(txn, cfg, shard, "approval.expired", aid, gone)
+        emit_approval(txn, cfg, shard, "approval.expired", aid, gone)
         lapsed.append((aid, gone))
     return expired, lapsed

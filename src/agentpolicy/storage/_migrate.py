@@ -62,11 +62,13 @@ def _history_entry(h: HistoryRecord) -> tuple[bool, Body]:
 
 
 def _reservation(r: Reservation) -> Body:
+    token = r.request.symbol.casefold()
+    head = keys.head(r.agent_id)
     return {
         "agent": r.agent_id,
         "st": r.status.value,
         "req": request_data(r.request),
-        "w": list(r.window_keys),
+        "tg": [[head, f"{token}|{key}", "c", 0] for key in r.window_keys],
         "c": micros(r.created_at),
         "x": micros(r.expires_at),
         "u": micros(r.updated_at),
@@ -139,7 +141,10 @@ class _Agent:
                 txn.index.append((keys.PENDING, a.id, created))
         for version, policy in self.policies.items():
             txn.put[keys.policy(agent, version)] = policy
-        txn.put[keys.head(agent)] = {"pv": self.version, "c": self.counters, "due": due, "hz": 0}
+        policy = self.policies.get(self.version, {}).get("policy", {})
+        token = _token(policy)
+        counters = {f"{token}|{key}": [*c, 0] for key, c in self.counters.items()}
+        txn.put[keys.head(agent)] = {"pv": self.version, "c": counters, "due": due, "hz": 0}
         if self.version:
             txn.index.append((keys.AGENTS, agent, 0))
         if due is not None:
@@ -157,6 +162,17 @@ class _Agent:
                      else keys.outbox_done(agent))  # fmt: skip
             txn.index.append((queue, d.id, NEXT_SEQ))
             txn.index.append((keys.OUTBOX, agent, 0 if d.status is DeliveryStatus.PENDING else 1))
+
+
+def _token(policy: Body) -> str:
+    """The token a 0.1 policy's counters counted (one per policy then), case-folded."""
+    for section in ("limits",):
+        for amount in (policy.get(section) or {}).values():
+            if isinstance(amount, dict) and "symbol" in amount:
+                return str(amount["symbol"]).casefold()
+    for threshold in (policy.get("approvalConfig") or {}).get("thresholds", []):
+        return str(threshold.get("amount", {}).get("symbol", "USDT")).casefold()
+    return "usdt"
 
 
 def _commit(storage: Storage, gathered: Iterable[_Agent], at: int) -> None:

@@ -1,0 +1,286 @@
+"""Books of counters: what an agent (or one group of a scope) has spent, reserved and counted.
+
+A **book** is a document of counters: the agent's head, or one per scope and
+group (``g/AGENT/SCOPE/GROUP``). A payment counts in several counters of
+several books (its :class:`~agentpolicy.rules.Tally` list); the reservation
+records them, so that confirm, release and expiry undo exactly what
+authorize did.
+
+**Calendar counters** are lists ``[end, decimals, spent, reserved, count,
+fired alerts]`` under the window's key; they live until ``counter_grace``
+after the window ends (see :mod:`agentpolicy.ledger.state`).
+
+**Rolling counters** keep every payment exactly: each is a member
+``"<value>:<decimals>:<r|c>:<reservation id>"`` of the counter's live index,
+scored by its authorize instant, and leaves the window exactly ``seconds``
+later. Leaving entries move to a grace index for ``counter_grace`` more, so
+that a request stamped a little in the past (another process, a slower
+clock) is checked against everything that was still counting at its
+instant, plus (conservatively) what left since: never against less. The
+counter is a dict::
+
+    {"w": seconds, "t": latest instant seen, "d": decimals, "s": spent,
+     "r": reserved, "n": count, "gv": value in grace, "gn": count in grace,
+     "o": oldest live score or None, "go": oldest grace score or None,
+     "ev": every entry scored at or before it has left, "pr": likewise pruned,
+     "fa": fired alerts}
+
+Each entry enters and leaves once; what a step moves costs O(log n) per
+entry, and a step looks at an index only when its oldest entry is due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from agentpolicy.errors import StorageUnavailableError
+from agentpolicy.ledger import keys
+from agentpolicy.ledger.docs import Body
+from agentpolicy.ledger.runner import View
+from agentpolicy.storage._time import micros
+from agentpolicy.storage.base import Txn
+from agentpolicy.windows import Window
+
+__all__ = ["MAX_SCORE", "Book", "ClockBehindError", "entry_member", "read_books"]
+
+MAX_SCORE = 2**62
+"""A score above every instant (microseconds) the ledger writes."""
+
+
+class ClockBehindError(StorageUnavailableError):
+    """A request stamped before what the ledger can still decide: the engine's clock is behind."""
+
+
+_SCAN_MAX = 4096
+
+
+def _align(d: int, values: list[int], decimals: int, value: int) -> tuple[int, list[int], int]:
+    """Bring ``values`` (in ``d``) and ``value`` (in ``decimals``) to the finer decimals."""
+    if decimals > d:
+        k = 10 ** (decimals - d)
+        return decimals, [v * k for v in values], value
+    if decimals < d:
+        value *= 10 ** (d - decimals)
+    return d, values, value
+
+
+def entry_member(value: int, decimals: int, status: str, reservation_id: str) -> str:
+    """The member of a rolling entry: amount, status (``r``/``c``), reservation."""
+    return f"{value}:{decimals}:{status}:{reservation_id}"
+
+
+def _parse_member(member: str) -> tuple[int, int, str]:
+    value, decimals, status, _ = member.split(":", 3)
+    return int(value), int(decimals), status
+
+
+class Book:
+    """One document of counters, copied on first change so the document read stays as it was."""
+
+    __slots__ = ("body", "changed", "name", "old_due")
+
+    def __init__(self, name: str, body: Body | None, empty: Body) -> None:
+        self.name = name
+        self.body: Body = empty if body is None else body
+        self.changed = False
+        self.old_due: Any = self.body.get("due")
+
+    def own(self) -> Body:
+        """The body, copied first if it is still the one read."""
+        if not self.changed:
+            self.body = {**self.body, "c": dict(self.body["c"])}
+            self.changed = True
+        return self.body
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """Counters by key (do not change them in place)."""
+        counters: dict[str, Any] = self.body["c"]
+        return counters
+
+    def set(self, field: str, value: Any) -> None:
+        """Change a top-level field."""
+        if self.body.get(field) != value:
+            self.own()[field] = value
+
+    # -- calendar counters ------------------------------------------------------------------
+
+    def calendar(self, key: str, window: Window | None, value: int, decimals: int, op: str) -> None:
+        """``reserve``, ``unreserve`` or ``settle`` an amount (and a payment) in a calendar counter.
+
+        A counter begins with its window (``window`` gives its end); a window
+        whose counter was already dropped gets nothing back.
+        """
+        c = self.counters.get(key)
+        if c is None:
+            if op != "reserve" or window is None:
+                return
+            c = [micros(window.end), 0, 0, 0, 0]
+        end, d, spent, reserved = c[0], c[1], c[2], c[3]
+        count = c[4] if len(c) > 4 else 0
+        d, (spent, reserved), value = _align(d, [spent, reserved], decimals, value)
+        if op == "reserve":
+            reserved += value
+            count += 1
+        elif op == "unreserve":
+            reserved = max(0, reserved - value)
+            count = max(0, count - 1)
+        else:
+            spent += value
+            reserved = max(0, reserved - value)
+        self.own()["c"][key] = [end, d, spent, reserved, count, *c[5:6]]
+
+    def prune(self, now: int, grace: int) -> None:
+        """Drop calendar counters of windows that ended ``grace`` or more ago; move the horizon."""
+        horizon = self.body.get("hz", 0)
+        stale = [k for k, c in self.counters.items() if isinstance(c, list) and c[0] + grace <= now]
+        if not stale:
+            return
+        counters = self.own()["c"]
+        for key in stale:
+            horizon = max(horizon, counters.pop(key)[0])
+        self.body["hz"] = horizon
+
+    def check_horizon(self, now: int, agent: str) -> None:
+        """Refuse a request stamped before what this book can still decide."""
+        if now < self.body.get("hz", 0):
+            raise ClockBehindError(
+                f"this engine's clock is behind what agent {agent}'s ledger has already seen "
+                "by more than the counter grace period; nothing was allowed or changed"
+            )
+
+    # -- rolling counters -------------------------------------------------------------------
+
+    def _rolling(self, key: str, seconds: int) -> dict[str, Any]:
+        found = self.counters.get(key)
+        if found is None:
+            return {"w": seconds, "t": 0, "d": 0, "s": 0, "r": 0, "n": 0, "gv": 0, "gn": 0,
+                    "o": None, "go": None, "ev": -MAX_SCORE, "pr": -MAX_SCORE}  # fmt: skip
+        counter: dict[str, Any] = found
+        return counter
+
+    def advance(
+        self, view: View, txn: Txn, key: str, seconds: int, now: int, grace: int, agent: str
+    ) -> None:
+        """Move the rolling counter to ``now``: entries that left the window go to grace."""
+        c = dict(self._rolling(key, seconds))
+        if now < c["t"]:
+            if now < c["t"] - grace:
+                raise ClockBehindError(
+                    f"this engine's clock is behind the latest payment of agent {agent} by "
+                    "more than the counter grace period; nothing was allowed or changed"
+                )
+            return  # a late request: nothing leaves before the latest instant already seen
+        edge = now - seconds * 1_000_000
+        changed = c["t"] != now
+        c["t"] = now
+        live, held = keys.rolling_live(self.name, key), keys.rolling_grace(self.name, key)
+        if c["o"] is not None and c["o"] <= edge:
+            moved = _due(view, live, edge)
+            for member, score in moved:
+                value, decimals, status = _parse_member(member)
+                _take(c, value, decimals, "s" if status == "c" else "r")
+                added = _scaled(c, value, decimals)
+                c["gv"], c["gn"] = c["gv"] + added, c["gn"] + 1
+                txn.index.append((live, member, None))
+                txn.index.append((held, member, score))
+                c["go"] = score if c["go"] is None else min(c["go"], score)
+            c["ev"] = edge if len(moved) < _SCAN_MAX else moved[-1][1] - 1
+            following = view.scan(live, MAX_SCORE, len(moved) + 1)[len(moved) :]
+            c["o"] = following[0][1] if following else None
+        cutoff = edge - grace
+        if c["go"] is not None and c["go"] <= cutoff:
+            pruned = _due(view, held, cutoff)
+            for member, _ in pruned:
+                value, decimals, _ = _parse_member(member)
+                c["gv"] = max(0, c["gv"] - _scaled(c, value, decimals))
+                c["gn"] = max(0, c["gn"] - 1)
+                txn.index.append((held, member, None))
+            c["pr"] = cutoff if len(pruned) < _SCAN_MAX else pruned[-1][1] - 1
+            following = view.scan(held, MAX_SCORE, len(pruned) + 1)[len(pruned) :]
+            c["go"] = following[0][1] if following else None
+        if changed or key not in self.counters:
+            self.own()["c"][key] = c
+
+    def rolling_used(self, key: str, now: int) -> tuple[int, int, int]:
+        """``(value, decimals, count)`` of a rolling counter for a request at ``now``."""
+        c = self.counters.get(key)
+        if c is None:
+            return (0, 0, 0)
+        if now >= c["t"]:
+            return (c["s"] + c["r"], c["d"], c["n"])
+        return (c["s"] + c["r"] + c["gv"], c["d"], c["n"] + c["gn"])
+
+    def rolling(
+        self,
+        txn: Txn,
+        key: str,
+        seconds: int,
+        value: int,
+        decimals: int,
+        op: str,
+        score: int,
+        reservation_id: str,
+    ) -> None:
+        """``reserve``, ``unreserve`` or ``settle`` one payment's entry in a rolling counter."""
+        c = dict(self._rolling(key, seconds))
+        live, held = keys.rolling_live(self.name, key), keys.rolling_grace(self.name, key)
+        reserved = entry_member(value, decimals, "r", reservation_id)
+        if op == "reserve":
+            d, (s, r, gv), scaled = _align(c["d"], [c["s"], c["r"], c["gv"]], decimals, value)
+            c.update(d=d, s=s, r=r + scaled, gv=gv, n=c["n"] + 1)
+            c["o"] = score if c["o"] is None else min(c["o"], score)
+            c["t"] = max(c["t"], score)
+            txn.index.append((live, reserved, score))
+        elif score > c["ev"]:  # still in the window
+            if op == "unreserve":
+                _take(c, value, decimals, "r")
+                txn.index.append((live, reserved, None))
+            else:
+                d, (s, r), scaled = _align(c["d"], [c["s"], c["r"]], decimals, value)
+                c.update(d=d, s=s + scaled, r=max(0, r - scaled))
+                txn.index.append((live, reserved, None))
+                txn.index.append((live, entry_member(value, decimals, "c", reservation_id), score))
+        elif score > c["pr"] and op == "unreserve":  # in grace: it no longer counts there
+            c["gv"] = max(0, c["gv"] - _scaled(c, value, decimals))
+            c["gn"] = max(0, c["gn"] - 1)
+            txn.index.append((held, reserved, None))
+        else:
+            return
+        self.own()["c"][key] = c
+
+
+def _scaled(c: dict[str, Any], value: int, decimals: int) -> int:
+    """``value`` in the counter's decimals (a counter keeps the finest it has seen)."""
+    d: int = c["d"]
+    if decimals <= d:
+        scaled: int = value * 10 ** (d - decimals)
+        return scaled
+    # finer than the counter: bring the counter up first
+    k = 10 ** (decimals - d)
+    for field in ("s", "r", "gv"):
+        c[field] *= k
+    c["d"] = decimals
+    return value
+
+
+def _take(c: dict[str, Any], value: int, decimals: int, field: str) -> None:
+    scaled = _scaled(c, value, decimals)
+    c[field] = max(0, c[field] - scaled)
+    c["n"] = max(0, c["n"] - 1)
+
+
+def _due(view: View, index: str, edge: int) -> list[tuple[str, int]]:
+    """The members of ``index`` scored at or before ``edge`` (at most a bounded batch)."""
+    return view.scan(index, edge, _SCAN_MAX)
+
+
+EMPTY_SCOPE_BOOK: Body = {"c": {}, "hz": 0}
+
+
+def read_books(view: View, names: Iterable[str], empty: Body) -> dict[str, Book]:
+    """Read several books at once (``empty`` for those that do not exist yet)."""
+    wanted = list(names)
+    view.read(wanted, guess=wanted)
+    return {name: Book(name, view.doc(name), empty) for name in wanted}
