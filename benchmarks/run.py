@@ -71,6 +71,23 @@ def full_policy(limit: int = 10**30) -> dict[str, Any]:
     return policy
 
 
+def every_kind_policy() -> dict[str, Any]:
+    """The full policy plus every limit kind of Limits v2, none of them reached."""
+    policy = full_policy()
+    big = {"value": str(10**30), "decimals": 6, "symbol": "USDT"}
+    policy["limits"].update(
+        yearly=big, lifetime=big, rolling=[{"window": "24h", "amount": big}],
+        counts=[{"window": "daily", "max": 10**9}, {"window": "10m", "max": 10**9}],
+    )  # fmt: skip
+    policy["scopedLimits"] = [{
+        "name": "vendors", "match": {"categories": ["api_usage"]}, "groupBy": "recipient",
+        "limits": {"perTransaction": big, "daily": big, "rolling": [{"window": "1h", "amount": big}],
+                   "counts": [{"window": "hourly", "max": 10**9}]},
+    }]  # fmt: skip
+    policy["alerts"] = [{"percent": 80}]
+    return policy
+
+
 REQUEST = payment(1, recipient="0xaddr1", category="api_usage")
 
 
@@ -102,6 +119,16 @@ def memory_vs_limits() -> None:
     value = per_call(cycle(engine), 2_000)
     row("authorize+confirm, memory, every rule kind", us(value),
         f"limits moving-window hit {us(anchor)}", value / anchor, "<= 6x")  # fmt: skip
+
+
+def every_kind_vs_plain() -> None:
+    plain = per_call(cycle(make_engine(MemoryStorage())), 2_000)
+    engine = PolicyEngine(storage=MemoryStorage(), clock=ManualClock(NOW))
+    engine.set_policy("agent-1", every_kind_policy())
+    value = per_call(cycle(engine), 2_000)
+    row("authorize+confirm, memory, every limit kind (yearly, lifetime, rolling, counts, "
+        "a grouped scope, alerts)", us(value), f"the plain full policy {us(plain)}",
+        value / plain, "reported")  # fmt: skip
 
 
 def sqlite_anchor(path: Path) -> Callable[[], None]:
@@ -265,6 +292,7 @@ def main() -> None:
     ROUNDS = 3 if args.quick else 7
     print(f"agentpolicy benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     memory_vs_limits()
+    every_kind_vs_plain()
     with tempfile.TemporaryDirectory() as tmp:
         sqlite_figures(Path(tmp), 2_000 if args.quick else 20_000)
         throughput("sqlite", tmp, 200 if args.quick else 500)

@@ -479,3 +479,26 @@ def test_the_demo_removes_its_folder_even_when_it_fails(
     monkeypatch.setattr(PolicyEngine, "confirm", boom)
     assert cli.main(["demo"], out=io.StringIO()) == 1
     assert not folder.exists()
+
+
+def test_budget_shows_rolling_count_and_scoped_limits(tmp_path: Path) -> None:
+    policy = {
+        "limits": {"daily": {"value": "100000000"},
+                   "rolling": [{"window": "24h", "amount": {"value": "50000000"}}],
+                   "counts": [{"window": "10m", "max": 5}]},
+        "scopedLimits": [{"name": "vendors", "match": {"recipients": ["0xvendor"]},
+                          "groupBy": "recipient", "limits": {"daily": {"value": "9000000"}}}],
+    }  # fmt: skip
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(policy))
+    assert run(tmp_path, "policy", "set", "bot", str(path)).returncode == 0
+    assert run(tmp_path, "authorize", "bot", "2000000", "0xvendor", "eip155:8453").returncode == 0
+    shown = run(tmp_path, "budget", "bot").stdout
+    assert "daily" in shown
+    assert "24h" in shown
+    assert "spent 0 + reserved 2 of 50 USDT; 48 left" in shown
+    assert "1 of 5 payments; 4 left" in shown
+    assert "vendors (0xvendor) daily" in shown
+    assert "of 9 USDT; 7 left" in shown
+    data = json.loads(run(tmp_path, "--json", "budget", "bot").stdout)
+    assert {x["window"] for x in data["limits"]} == {"daily", "24h", "10m"}

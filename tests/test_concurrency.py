@@ -97,6 +97,30 @@ def test_two_agents_hammered_at_once_are_both_exact(backend: Backend) -> None:
     assert (_used(setup, "agent-1"), _used(setup, "agent-2")) == (80 * USDT, 50 * USDT)
 
 
+NEW_KINDS = {
+    "rolling": {"limits": {"rolling": [{"window": "24h", "amount": {"value": str(100 * USDT)}}]}},
+    "count": {"limits": {"counts": [{"window": "10m", "max": 100}]}},
+    "grouped scope": {"scopedLimits": [{
+        "name": "vendor", "match": {"recipients": ["0xvendor"]}, "groupBy": "recipient",
+        "limits": {"daily": {"value": str(100 * USDT)}}}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(NEW_KINDS))
+def test_4_workers_x_60_against_a_rolling_a_count_and_a_grouped_scope_limit_allow_exactly_100(
+    backend: Backend, kind: str
+) -> None:
+    setup = backend.engine(ManualClock(workers.FIXED_NOW))
+    setup.set_policy("agent-1", NEW_KINDS[kind])
+    _, run, barrier = _pool(backend, 4)
+    chunks = run(workers.authorize_many, [(60, barrier)] * 4)
+    ids = [r for chunk in chunks for r in chunk]
+    assert len(ids) == len(set(ids)) == 100
+    [limit] = setup.budget("agent-1").limits
+    used = limit.count if kind == "count" else limit.reserved.value  # type: ignore[union-attr]
+    assert used == (100 if kind == "count" else 100 * USDT)
+
+
 def test_two_approvers_at_the_same_instant_are_both_counted(backend: Backend) -> None:
     engine = backend.engine(ManualClock(workers.FIXED_NOW))
     engine.set_policy("agent-1", {"approvalConfig": {"thresholds": [

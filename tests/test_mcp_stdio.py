@@ -219,7 +219,11 @@ def test_the_cli_serves_mcp_too(tmp_path: Path) -> None:
 # -- schemas, annotations, pages ---------------------------------------------------------------
 
 APPROVAL_POLICY = {
-    "limits": {"daily": {"value": "100000000000"}},
+    "limits": {"daily": {"value": "100000000000"}, "lifetime": {"value": "900000000000"},
+               "rolling": [{"window": "24h", "amount": {"value": "100000000000"}}],
+               "counts": [{"window": "10m", "max": 50}, {"window": "daily", "max": 500}]},
+    "scopedLimits": [{"name": "vendors", "match": {"recipients": ["0xv"]},
+                      "groupBy": "recipient", "limits": {"daily": {"value": "900000000000"}}}],
     "approvalConfig": {"thresholds": [{"amount": {"value": "100000000"}, "requiredApprovers": 1,
                                        "approvers": ["admin@company.com"]}]},
 }  # fmt: skip
@@ -268,7 +272,11 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
             await check("agent_policy_authorize", {**PAY, "amount": "1", "network": "eip155:56",
                                                    "category": "x", "idempotencyKey": "k"})  # fmt: skip
             held = await check("agent_policy_authorize", {**PAY, "amount": "500000000"})
-            await check("agent_policy_budget", {"agentId": "bot"})
+            budget = await check("agent_policy_budget", {"agentId": "bot"})
+            kinds = {(x["kind"], x["window"], x.get("scope")) for x in budget["data"]["limits"]}
+            assert kinds == {("amount", "daily", None), ("amount", "lifetime", None),
+                             ("amount", "24h", None), ("count", "10m", None),
+                             ("count", "daily", None), ("amount", "daily", "vendors")}  # fmt: skip
             await check("agent_policy_budget", {"agentId": "bot", "period": "hourly"})
             await check("agent_policy_approvals_list", {"agentId": "bot"})
             approval_id = held["data"]["approvalId"]

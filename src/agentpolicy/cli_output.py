@@ -51,6 +51,30 @@ def print_budget(data: dict[str, Any], out: TextIO) -> None:
             f"of {_units(w['limit'], d)} {sym}; {_units(w['remaining'], d)} left "
             f"(until {w['windowEnd']})\n"
         )
+    main = _main_symbol(data)
+    others = [x for x in data.get("limits", []) if x["kind"] != "amount" or "scope" in x
+              or x["window"] not in data["periods"] or x["symbol"] != main]  # fmt: skip
+    for x in others:
+        where = f"{x['scope']} ({x['group']}) " if "scope" in x else ""
+        frees = f" (frees {x['freesAt']})" if "freesAt" in x else ""
+        if x["kind"] == "count":
+            out.write(
+                f"  {where}{x['window']:<8} {_bar(x['count'], x['max'])} "
+                f"{x['count']} of {x['max']} payments; {x['remaining']} left{frees}\n"
+            )
+            continue
+        d, sym = x["decimals"], x["symbol"]
+        used = int(x["spent"]) + int(x["reserved"])
+        out.write(
+            f"  {where}{x['window']:<8} {_bar(used, int(x['limit']))} "
+            f"spent {_units(x['spent'], d)} + reserved {_units(x['reserved'], d)} "
+            f"of {_units(x['limit'], d)} {sym}; {_units(x['remaining'], d)} left{frees}\n"
+        )
+
+
+def _main_symbol(data: dict[str, Any]) -> str | None:
+    periods = list(data["periods"].values())
+    return str(periods[0]["symbol"]) if periods else None
 
 
 def print_approval(data: dict[str, Any], out: TextIO) -> None:

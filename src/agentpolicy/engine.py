@@ -39,11 +39,12 @@ from agentpolicy.ledger.docs import (
 from agentpolicy.ledger.outbox import LedgerOutbox
 from agentpolicy.ledger.runner import View, run
 from agentpolicy.ledger.state import MAX_SCORE, ClockBehindError, LedgerConfig
-from agentpolicy.policy import AgentPolicy
+from agentpolicy.policy import AgentPolicy, SpendingLimits
 from agentpolicy.records import (
     Approval,
     Budget,
     HistoryRecord,
+    LimitBudget,
     Reservation,
     SweepResult,
     WebhookDelivery,
@@ -54,7 +55,7 @@ from agentpolicy.rules import assess, conclude, windows_for
 from agentpolicy.storage import Storage, open_storage
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
-from agentpolicy.windows import Period
+from agentpolicy.windows import Period, Window
 
 __all__ = ["DEFAULT_RESERVATION_TTL", "PolicyEngine", "StoredPolicy"]
 
@@ -93,6 +94,87 @@ def _floor_to(value: int, decimals: int, to: int) -> int:
     if decimals <= to:
         return scale_units(value, decimals, to)
     return value // scale_units(1, to, decimals)
+
+
+def _amounts(counter: Any, limit: Amount) -> tuple[Amount, Amount, Amount]:
+    """Spent, reserved and remaining of a counter, in the limit's units, never overstating."""
+    if counter is None:
+        decimals, spent, reserved = 0, 0, 0
+    elif isinstance(counter, list):
+        decimals, spent, reserved = counter[1], counter[2], counter[3]
+    else:
+        decimals, spent, reserved = counter["d"], counter["s"], counter["r"]
+    d = limit.decimals
+    scale = max(d, decimals)
+    left = max(0, limit.scaled_to(scale) - (spent + reserved) * 10 ** (scale - decimals))
+    return (
+        Amount(_ceil_to(spent, decimals, d), d, limit.symbol),
+        Amount(_ceil_to(reserved, decimals, d), d, limit.symbol),
+        Amount(_floor_to(left, scale, d), d, limit.symbol),
+    )
+
+
+def _window_budget(w: Window, limit: Amount | None, counter: Any, symbol: str) -> WindowBudget:
+    if limit is None:
+        d, spent, reserved = (counter[1], counter[2], counter[3]) if counter else (0, 0, 0)
+        return WindowBudget(
+            w.period, w, None, Amount(spent, d, symbol), Amount(reserved, d, symbol), None
+        )
+    spent_amount, reserved_amount, remaining = _amounts(counter, limit)
+    return WindowBudget(w.period, w, limit, spent_amount, reserved_amount, remaining)
+
+
+def _limit_budgets(
+    block: SpendingLimits,
+    token: str,
+    counters: dict[str, Any],
+    windows: tuple[Window, ...],
+    scope: str | None = None,
+    group: str | None = None,
+) -> list[LimitBudget]:
+    """Every limit of one block of limits, read from the counters of one book."""
+    out: list[LimitBudget] = []
+    by_period = {w.period: w for w in windows}
+
+    def calendar(period: Period) -> tuple[Any, Window]:
+        w = by_period[period]
+        return counters.get(f"{token}|{w.key}"), w
+
+    def rolling(seconds: int) -> tuple[Any, datetime | None]:
+        c = counters.get(f"{token}|roll:{seconds}")
+        oldest = None if c is None else c.get("o")
+        return c, None if oldest is None else instant(oldest + seconds * 1_000_000)
+
+    for period, limit in block.windowed:
+        c, w = calendar(period)
+        spent, reserved, remaining = _amounts(c, limit)
+        out.append(LimitBudget(
+            "amount", period.value, scope, group, limit, spent, reserved, remaining,
+            window_start=w.start, window_end=w.end,
+            frees_at=w.end if spent.value or reserved.value else None,
+        ))  # fmt: skip
+    for r in block.rolling:
+        c, frees = rolling(r.seconds)
+        spent, reserved, remaining = _amounts(c, r.amount)
+        out.append(LimitBudget("amount", r.window, scope, group, r.amount, spent, reserved,
+                               remaining, frees_at=frees))  # fmt: skip
+    for n in block.counts:
+        if n.period is not None:
+            c, w = calendar(n.period)
+            count = 0 if c is None else (c[4] if len(c) > 4 else 0)
+            out.append(LimitBudget(
+                "count", n.window, scope, group, max_count=n.max, count=count,
+                remaining_count=max(0, n.max - count), window_start=w.start, window_end=w.end,
+                frees_at=w.end if count else None,
+            ))  # fmt: skip
+        else:
+            c, frees = rolling(n.seconds or 0)
+            count = 0 if c is None else c["n"]
+            out.append(LimitBudget(
+                "count", n.window, scope, group, max_count=n.max, count=count,
+                remaining_count=max(0, n.max - count), frees_at=frees,
+            ))  # fmt: skip
+    return out
 
 
 def _duration(value: object, path: str, *, positive: bool = True) -> int:
@@ -394,9 +476,12 @@ class PolicyEngine:
         return reservation_record(reservation_id, doc)
 
     def budget(self, agent_id: str, period: Period | str | None = None) -> Budget:
-        """What the agent has spent, reserved and has left in each limited window now.
+        """What the agent has spent, reserved and has left under every limit now.
 
-        With ``period``, only that window (reported even without a limit).
+        ``periods`` has the calendar windows of the policy's main token that
+        it limits (with ``period``, only that window, reported even without a
+        limit); ``limits`` has every limit of every kind: calendar, rolling
+        and count limits of every token, and of every scope and group.
         Raises ``NO_POLICY`` for an agent without a policy.
         """
         raise_if(check_identifier(agent_id, "$.agentId"))
@@ -405,45 +490,43 @@ class PolicyEngine:
             try:
                 wanted = Period(period)
             except ValueError:
-                raise PolicyValidationError.single(
-                    "$.period", "must be one of hourly, daily, weekly, monthly, yearly, lifetime"
-                ) from None
+                names = ", ".join(p.value for p in Period)
+                raise PolicyValidationError.single("$.period", f"must be one of {names}") from None
         now = self._now()
-        head = self._expire(agent_id, now)["head"]
-        policy = self._policy(agent_id, head["pv"])
+        shard = self._shard(agent_id)
+        (head,) = self._read(shard, [keys.head(agent_id)])
+        policy = self._policy(agent_id, 0 if head is None else head["pv"])
         if policy is None:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
-        limits = policy.limits
-        counters = head["c"]
+        blocks = [(b.symbol, b) for b in (policy.limits, *(a.limits for a in policy.assets))
+                  if b is not None]  # fmt: skip
+        rolling = [(f"{b.token}|roll:{sec}", sec) for _, b in blocks for sec in b.rolling_seconds]
+        scopes = {sc.name: [(f"{sc.token}|roll:{sec}", sec) for sec in sc.limits.rolling_seconds]
+                  for sc in policy.scoped_limits}  # fmt: skip
+        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes)
+        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now), write=False)
+        if result["lapsed"]:
+            self._wake_webhooks()
+        books = result["books"]
+        counters = books[keys.head(agent_id)]["c"]
+        windows = windows_for(policy, now)
         token = (policy.symbol or "USDT").casefold()
         periods: dict[Period, WindowBudget] = {}
-        for w in windows_for(policy, now):
-            limit = limits.for_period(w.period) if limits else None
-            if not (w.period is wanted or (wanted is None and limit is not None)):
-                continue
-            c = counters.get(f"{token}|{w.key}")
-            value_decimals, spent, reserved = (c[1], c[2], c[3]) if c else (0, 0, 0)
-            if limit is None:
-                d = value_decimals
-                symbol = policy.symbol or "USDT"
-                periods[w.period] = WindowBudget(
-                    w.period, w, None, Amount(spent, d, symbol), Amount(reserved, d, symbol), None
+        for w in windows:
+            limit = policy.limits.for_period(w.period) if policy.limits else None
+            if w.period is wanted or (wanted is None and limit is not None):
+                periods[w.period] = _window_budget(
+                    w, limit, counters.get(f"{token}|{w.key}"), policy.symbol or "USDT"
                 )
-                continue
-            d = limit.decimals
-            scale = max(d, value_decimals)
-            left = max(
-                0, limit.scaled_to(scale) - (spent + reserved) * 10 ** (scale - value_decimals)
-            )
-            periods[w.period] = WindowBudget(
-                w.period,
-                w,
-                limit,
-                Amount(_ceil_to(spent, value_decimals, d), d, limit.symbol),
-                Amount(_ceil_to(reserved, value_decimals, d), d, limit.symbol),
-                Amount(_floor_to(left, scale, d), d, limit.symbol),
-            )
-        return Budget(agent_id, now, periods)
+        limits: list[LimitBudget] = []
+        for _, block in blocks:
+            limits += _limit_budgets(block, block.token, counters, windows)
+        for name, (scope_name, group) in sorted(result["groups"].items()):
+            scope = next((sc for sc in policy.scoped_limits if sc.name == scope_name), None)
+            if scope is not None:
+                limits += _limit_budgets(scope.limits, scope.token, books[name]["c"], windows,
+                                         scope_name, group)  # fmt: skip
+        return Budget(agent_id, now, periods, tuple(limits))
 
     # -- approvals ----------------------------------------------------------------------
 

@@ -304,6 +304,11 @@ class SpendingLimits:
             yield f"rolling[{i}].amount", r.amount
 
     @functools.cached_property
+    def token(self) -> str:
+        """The key its counters are kept under: its token (case-folded), ``*`` for counts alone."""
+        return "*" if self.symbol is None else self.symbol.casefold()
+
+    @functools.cached_property
     def rolling_seconds(self) -> tuple[int, ...]:
         """Every trailing duration these limits count in (amounts and counts), in order."""
         found: dict[int, None] = {r.seconds: None for r in self.rolling}
@@ -584,8 +589,8 @@ class ScopedLimit:
 
     With ``group_by`` (``recipient``, ``network`` or ``category``) each distinct
     value has its own counters; otherwise the scope sums across its matches.
-    Its amounts name one token; a matching payment in another token is limited
-    only by the scope's counts.
+    Its amounts name one token, and then it covers payments in that token
+    only; a scope of counts alone covers payments in every token.
     """
 
     name: str = checked(identifier(64))
@@ -603,6 +608,18 @@ class ScopedLimit:
         return _one_token(
             (f"$.limits.{name}", a) for name, a in self.limits._named() if a is not None
         )
+
+    @functools.cached_property
+    def token(self) -> str:
+        """The token its counters are kept in: its amounts' (case-folded), or ``*`` (counts)."""
+        symbol = self.limits.symbol
+        return "*" if symbol is None else symbol.casefold()
+
+    def covers(self, request: Any) -> bool:
+        """Whether a payment request is one of this scope's (its token too, when it names one)."""
+        if self.token != "*" and request.symbol.casefold() != self.token:  # noqa: S105
+            return False
+        return self.match.matches(request.category, request.recipient, request.network)
 
     def group(self, category: str | None, recipient: str, network: str) -> str:
         """The group a payment counts in (``"*"`` when the scope is not grouped)."""
@@ -764,8 +781,14 @@ class AgentPolicy:
         return frozenset(a.symbol.casefold() for _, a in self.amounts())
 
     def limits_for(self, symbol: str) -> SpendingLimits | None:
-        """The block of limits of a token (the policy's ``limits`` or one of ``assets``)."""
-        return self._blocks.get(symbol.casefold())
+        """The block of limits of a token: the policy's ``limits``, or one of ``assets``.
+
+        A ``limits`` block that names no token (counts alone) applies to every token.
+        """
+        found = self._blocks.get(symbol.casefold())
+        if found is None and self.limits is not None and self.limits.symbol is None:
+            return self.limits
+        return found
 
     @functools.cached_property
     def _blocks(self) -> dict[str, SpendingLimits]:

@@ -22,6 +22,7 @@ __all__ = [
     "Budget",
     "DeliveryStatus",
     "HistoryRecord",
+    "LimitBudget",
     "Reservation",
     "ReservationStatus",
     "SweepResult",
@@ -164,12 +165,48 @@ class WindowBudget:
 
 
 @attrs.frozen
+class LimitBudget:
+    """One limit of an agent's budget now: what it allows, what is used, what is left.
+
+    ``kind`` is ``amount`` (``limit``, ``spent``, ``reserved`` and
+    ``remaining`` are amounts in the limit's units, rounded as in
+    :class:`WindowBudget`) or ``count`` (``max_count``, ``count`` and
+    ``remaining_count`` are numbers of payments). ``window`` is a calendar
+    period (``daily``, ``lifetime``) or a rolling duration (``24h``);
+    ``scope`` and ``group`` name a scoped limit and its group. A calendar
+    window has ``window_start`` and ``window_end``; ``frees_at`` is when the
+    next payment stops counting (the window's end, or for a rolling window the
+    instant its oldest payment leaves), ``None`` when nothing counts.
+    """
+
+    kind: str
+    window: str
+    scope: str | None = None
+    group: str | None = None
+    limit: Amount | None = None
+    spent: Amount | None = None
+    reserved: Amount | None = None
+    remaining: Amount | None = None
+    max_count: int | None = None
+    count: int | None = None
+    remaining_count: int | None = None
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    frees_at: datetime | None = None
+
+
+@attrs.frozen
 class Budget:
-    """An agent's budget at an instant, per window period."""
+    """An agent's budget at an instant.
+
+    ``periods`` are the calendar windows of the policy's main token (as in
+    0.1); ``limits`` lists every limit of every kind, token and scope group.
+    """
 
     agent_id: str
     at: datetime
     periods: dict[Period, WindowBudget]
+    limits: tuple[LimitBudget, ...] = ()
 
 
 @attrs.frozen

@@ -290,12 +290,24 @@ def _tallies(
     windows: tuple[Window, ...],
     block: SpendingLimits | None,
 ) -> tuple[dict[Period, Tally], dict[int, Tally]]:
+    # The same tallies serve every payment of the hour: kept by the identity of the
+    # (cached) windows and the (cached, per policy version) block of limits.
+    key = (book, symbol, id(windows), id(block))
+    found = _TALLIES.get(key)
+    if found is not None and found[0] is windows and found[1] is block:
+        return found[2], found[3]
     calendar = {w.period: Tally(book, f"{symbol}|{w.key}", window=w) for w in windows}
     rolling = {
         seconds: Tally(book, f"{symbol}|roll:{seconds}", seconds=seconds)
         for seconds in (block.rolling_seconds if block is not None else ())
     }
+    if len(_TALLIES) > 4096:
+        _TALLIES.clear()
+    _TALLIES[key] = (windows, block, calendar, rolling)
     return calendar, rolling
+
+
+_TALLIES: dict[tuple[Any, ...], tuple[Any, Any, dict[Period, Tally], dict[int, Tally]]] = {}
 
 
 Used = tuple[int, int, int]
@@ -530,14 +542,12 @@ def _scope_books(
 ) -> list[_Book]:
     books = []
     for scope in policy.scoped_limits:
-        if not scope.match.matches(request.category, request.recipient, request.network):
+        if not scope.covers(request):
             continue
         group = scope.group(request.category, request.recipient, request.network)
-        calendar, rolling = _tallies((scope.name, group), symbol, windows, scope.limits)
-        scope_symbol = scope.limits.symbol
-        amounts = scope_symbol is None or scope_symbol.casefold() == symbol
-        books.append(_Book(scope.limits, calendar, rolling, amounts, scope,
-                           f"scope[{scope.name}]."))  # fmt: skip
+        calendar, rolling = _tallies((scope.name, group), scope.token, windows, scope.limits)
+        books.append(_Book(scope.limits, calendar, rolling, amounts=True, scope=scope,
+                           prefix=f"scope[{scope.name}]."))  # fmt: skip
     return books
 
 
@@ -576,7 +586,7 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         _per_transaction(block, amount, comparable),
     )
     blocking = next((c for c in checks if c[1] is _FAIL), None)
-    calendar, rolling = _tallies(None, symbol, windows, block)
+    calendar, rolling = _tallies(None, symbol if block is None else block.token, windows, block)
     books = [_Book(block, calendar, rolling, comparable)]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, symbol)

@@ -11,13 +11,14 @@ from typing import Any
 from agentpolicy.amounts import Amount
 from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Decision
-from agentpolicy.records import Approval, Budget, HistoryRecord, Reservation, Vote
+from agentpolicy.records import Approval, Budget, HistoryRecord, LimitBudget, Reservation, Vote
 
 __all__ = [
     "approval_data",
     "budget_data",
     "decision_data",
     "history_data",
+    "limit_data",
     "reservation_data",
     "vote_data",
 ]
@@ -78,7 +79,32 @@ def budget_data(b: Budget) -> dict[str, Any]:
             }
             for period, w in b.periods.items()
         },
+        "limits": [limit_data(x) for x in b.limits],
     }
+
+
+def limit_data(x: LimitBudget) -> dict[str, Any]:
+    """One limit of a budget: amounts in base units of the limit's token, or counts."""
+    data: dict[str, Any] = {"kind": x.kind, "window": x.window}
+    if x.scope is not None:
+        data["scope"] = x.scope
+        data["group"] = x.group
+    if x.kind == "amount" and x.limit is not None:
+        data.update(
+            limit=str(x.limit.value),
+            spent=_amount(x.spent),
+            reserved=_amount(x.reserved),
+            remaining=_amount(x.remaining),
+            decimals=x.limit.decimals,
+            symbol=x.limit.symbol,
+        )
+    else:
+        data.update(max=x.max_count, count=x.count, remaining=x.remaining_count)
+    for key, value in (("windowStart", x.window_start), ("windowEnd", x.window_end),
+                       ("freesAt", x.frees_at)):  # fmt: skip
+        if value is not None:
+            data[key] = format_instant(value)
+    return data
 
 
 def reservation_data(r: Reservation) -> dict[str, Any]:

@@ -64,8 +64,9 @@ EVENTS = (
     "approval.approved",
     "approval.denied",
     "approval.expired",
+    "budget.threshold_reached",
 )
-"""Every event name, in the order they can happen to one approval."""
+"""Every event name: an approval's, in the order they can happen, then budget alerts."""
 
 DEFAULT_TOLERANCE = timedelta(minutes=5)
 _URL = re.compile(r"https?://[^\s/?#]+[^\s]*", re.IGNORECASE)

@@ -37,7 +37,7 @@ from agentpolicy.ledger.state import (
     record,
     undo,
 )
-from agentpolicy.ledger.tallies import EMPTY_SCOPE_BOOK
+from agentpolicy.ledger.tallies import EMPTY_SCOPE_BOOK, MAX_SCORE
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import ApprovalStatus, Vote
 from agentpolicy.requests import PaymentRequest
@@ -50,6 +50,7 @@ __all__ = [
     "authorize",
     "expire",
     "put_policy",
+    "refresh",
     "settle",
     "vote",
 ]
@@ -67,11 +68,18 @@ def _book_name(agent: str, book: tuple[str, str] | None) -> str:
     return keys.head(agent) if book is None else keys.scope_book(agent, *book)
 
 
-def _usage(books: Books, agent: str, a: Assessment, now: int) -> dict[str, list[int]]:
+def _book_names(agent: str, a: Assessment) -> dict[tuple[str, str] | None, str]:
+    """The document of every book the payment's tallies are in."""
+    return {b: _book_name(agent, b) for b in {t.book for t in a.tallies}}
+
+
+def _usage(
+    books: Books, names: dict[tuple[str, str] | None, str], a: Assessment, now: int
+) -> dict[str, list[int]]:
     """What every tally of the payment has used, as the ledger has it now."""
     usage: dict[str, list[int]] = {}
     for t in a.tallies:
-        book = books[_book_name(agent, t.book)]
+        book = books[names[t.book]]
         if t.seconds is None:
             c = book.counters.get(t.key)
             if c is not None:
@@ -84,11 +92,18 @@ def _usage(books: Books, agent: str, a: Assessment, now: int) -> dict[str, list[
 
 
 def _prepare(
-    view: View, txn: Txn, cfg: LedgerConfig, shard: str, books: Books, a: Assessment, now: int
+    view: View,
+    txn: Txn,
+    cfg: LedgerConfig,
+    shard: str,
+    books: Books,
+    a: Assessment,
+    names: dict[tuple[str, str] | None, str],
+    now: int,
 ) -> None:
     """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling."""
     agent = books.head.agent
-    books.need(_book_name(agent, t.book) for t in a.tallies)
+    books.need(names.values())
     for book in books.by_name.values():
         book.check_horizon(now, agent)
     expire_due(view, txn, cfg, shard, books, now)
@@ -96,7 +111,7 @@ def _prepare(
         book.prune(now, cfg.counter_grace)
     for t in a.tallies:
         if t.seconds is not None:
-            book = books[_book_name(agent, t.book)]
+            book = books[names[t.book]]
             book.advance(view, txn, t.key, t.seconds, now, cfg.counter_grace, agent)
 
 
@@ -119,11 +134,11 @@ def authorize(
     head_name = keys.head(agent)
     key = request.idempotency_key
     idem_name = None if key is None else keys.idempotency(agent, key)
-    names = (head_name,) if idem_name is None else (head_name, idem_name)
+    first = (head_name,) if idem_name is None else (head_name, idem_name)
     fingerprint = "" if key is None else request.fingerprint()
 
     def step(view: View, txn: Txn) -> None:
-        view.read(names, guess=names)
+        view.read(first, guess=first)
         head = Head.read(view, agent)
         head.check_horizon(now_us, agent)
         if idem_name is not None:
@@ -139,8 +154,9 @@ def authorize(
         version = head.body["pv"]
         a = assess(policies(agent, version, view), request, now)
         books = Books(view, head)
-        _prepare(view, txn, cfg, shard, books, a, now_us)
-        usage = _usage(books, agent, a, now_us)
+        names = _book_names(agent, a)
+        _prepare(view, txn, cfg, shard, books, a, names, now_us)
+        usage = _usage(books, names, a, now_us)
         verdict = judge(a, usage)
         code = verdict.code
         rec: Body = {
@@ -152,8 +168,9 @@ def authorize(
             "use": usage,
         }
         if code in _PASSING:
-            _hold(txn, cfg, shard, books, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
-            _alerts(txn, cfg, shard, books, a, usage)
+            _hold(txn, cfg, shard, books, names, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
+            if a.policy is not None and (a.policy.alerts or a.policy.scoped_limits):
+                _alerts(txn, cfg, shard, books, a, usage)
             record(txn, cfg, agent, rec)
             seen.append(verdict.decision(
                 reservation_id=rec.get("rid"), approval_id=rec.get("aid"),
@@ -176,6 +193,7 @@ def _hold(
     cfg: LedgerConfig,
     shard: str,
     books: Books,
+    names: dict[tuple[str, str] | None, str],
     a: Assessment,
     rec: Body,
     held: bool,
@@ -214,7 +232,7 @@ def _hold(
     value, decimals = request.amount, request.decimals
     targets: list[list[Any]] = []
     for t in a.tallies:
-        name = _book_name(agent, t.book)
+        name = names[t.book]
         book = books[name]
         if t.book is not None and book.body is EMPTY_SCOPE_BOOK:  # a scope's new group
             txn.index.append((keys.scope_groups(agent, t.book[0]), t.book[1], 0))
@@ -464,6 +482,49 @@ def expire(cfg: LedgerConfig, shard: str, agent: str, now: datetime) -> Step:
         expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
         books.write(txn)
         txn.result = {"head": books.head.body, "expired": expired, "lapsed": lapsed}
+
+    return step
+
+
+def refresh(
+    cfg: LedgerConfig,
+    shard: str,
+    agent: str,
+    now: datetime,
+    rolling: list[tuple[str, int]],
+    scopes: dict[str, list[tuple[str, int]]],
+) -> Step:
+    """Bring the agent's books up to now (expiries, ended windows, rolling windows) and read them.
+
+    ``rolling`` are the head's rolling counters ``(key, seconds)``;
+    ``scopes`` maps each scope name to its rolling counters (the same in
+    every group). The result is ``{"books": {name: body}, "groups": {book:
+    [scope, group]}, "expired": ..., "lapsed": ...}``.
+    """
+    now_us = micros(now)
+
+    def step(view: View, txn: Txn) -> None:
+        head = Head.read(view, agent)
+        books = Books(view, head)
+        owners: dict[str, list[str]] = {}
+        for scope in scopes:
+            for group, _ in view.scan(keys.scope_groups(agent, scope), MAX_SCORE, 100_000):
+                owners[keys.scope_book(agent, scope, group)] = [scope, group]
+        books.need(owners)
+        expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
+        for name, book in list(books.by_name.items()):
+            book.prune(now_us, cfg.counter_grace)
+            counters = rolling if book is head else scopes.get(owners[name][0], [])
+            for key, seconds in counters:
+                if now_us >= book.counters.get(key, {}).get("t", 0):  # a late read moves nothing
+                    book.advance(view, txn, key, seconds, now_us, cfg.counter_grace, agent)
+        books.write(txn)
+        txn.result = {
+            "books": {n: b.body for n, b in books.by_name.items()},
+            "groups": owners,
+            "expired": expired,
+            "lapsed": lapsed,
+        }
 
     return step
 

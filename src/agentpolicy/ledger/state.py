@@ -123,8 +123,11 @@ class Books:
                 self.by_name[name] = Book(name, self.view.doc(name), EMPTY_SCOPE_BOOK)
 
     def __getitem__(self, name: str) -> Book:
-        self.need((name,))
-        return self.by_name[name]
+        found = self.by_name.get(name)
+        if found is None:
+            self.need((name,))
+            found = self.by_name[name]
+        return found
 
     def write(self, txn: Txn) -> None:
         """Put every book that changed (the head last: it may change while others are written)."""

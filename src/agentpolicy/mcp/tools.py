@@ -160,6 +160,27 @@ _WINDOW = _object(
         "windowEnd": _INSTANT,
     }
 )
+_COUNT = {"type": "integer", "minimum": 0}
+_LIMIT = _object(
+    {
+        "kind": {"enum": ["amount", "count"]},
+        "window": _TEXT,
+        "scope": _TEXT,
+        "group": _TEXT,
+        "limit": _DIGITS,
+        "spent": _DIGITS,
+        "reserved": _DIGITS,
+        "remaining": {"anyOf": [_DIGITS, _COUNT]},
+        "decimals": _COUNT,
+        "symbol": _TEXT,
+        "max": _COUNT,
+        "count": _COUNT,
+        "windowStart": _INSTANT,
+        "windowEnd": _INSTANT,
+        "freesAt": _INSTANT,
+    },
+    ["kind", "window", "remaining"],
+)
 _BUDGET = _object(
     {
         "agentId": _TEXT,
@@ -169,6 +190,7 @@ _BUDGET = _object(
             "propertyNames": {"enum": [p.value for p in Period]},
             "additionalProperties": _WINDOW,
         },
+        "limits": {"type": "array", "items": _LIMIT},
     }
 )
 _RESERVATION = _object(
@@ -304,10 +326,11 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "agent_policy_budget",
         "agent-policy/budget",
-        "Show what the agent has spent, has reserved and has left in each limited window "
-        "(hourly, daily, weekly, monthly) right now, in the smallest unit of the limit's token "
-        "(see decimals and symbol), with each window's end. Use it to plan payments that will "
-        "pass.",
+        "Show what the agent has spent, has reserved and has left under every limit right "
+        "now: calendar windows (hourly to yearly, and lifetime), rolling windows (such as "
+        "24h), payment counts, and scoped limits per group (such as per vendor). Amounts are "
+        "in the smallest unit of the limit's token (see decimals and symbol); freesAt says "
+        "when the next payment stops counting. Use it to plan payments that will pass.",
         _schema(
             {
                 "agentId": _AGENT,

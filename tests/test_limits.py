@@ -1,0 +1,371 @@
+"""Limits v2 on every store: yearly, lifetime, rolling, counts, scopes, several assets, alerts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentpolicy import Code, PolicyEngine, PolicyError
+from agentpolicy.testing import ManualClock, payment
+from tests.backends import Backend
+from tests.receiver import Receiver
+
+U = 1_000_000
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+
+def usdt(units: int) -> dict[str, str]:
+    return {"value": str(units * U)}
+
+
+def engine_for(backend: Backend, policy: dict[str, Any], **kw: Any) -> tuple[PolicyEngine, Any]:
+    clock = ManualClock(kw.pop("start", T0))
+    engine = backend.engine(clock, reservation_ttl=kw.pop("ttl", timedelta(days=400)), **kw)
+    engine.set_policy("a", policy)
+    return engine, clock
+
+
+def pay(engine: PolicyEngine, amount: int, *, confirm: bool = True, **kw: Any) -> str:
+    d = engine.authorize(payment(amount, agent_id="a", **kw))
+    if d.allowed and confirm:
+        assert d.reservation_id is not None
+        engine.confirm(d.reservation_id)
+    return str(d.code)
+
+
+# --- yearly and lifetime -----------------------------------------------------------------
+
+
+def test_a_yearly_limit_resets_on_the_first_local_day_of_january(backend: Backend) -> None:
+    policy = {"limits": {"yearly": usdt(100)}, "timeRules": {"timezone": "America/New_York"}}
+    engine, clock = engine_for(backend, policy, start=datetime(2026, 12, 31, 12, tzinfo=UTC))
+    assert pay(engine, 100 * U) == "ALLOWED"
+    clock.set(datetime(2027, 1, 1, 4, 59, tzinfo=UTC))  # still 31 December in New York
+    assert pay(engine, 1) == "YEARLY_LIMIT"
+    clock.set(datetime(2027, 1, 1, 5, 0, tzinfo=UTC))  # midnight in New York: a new year
+    assert pay(engine, 100 * U) == "ALLOWED"
+
+
+def test_a_lifetime_limit_never_resets(backend: Backend) -> None:
+    engine, clock = engine_for(backend, {"limits": {"lifetime": usdt(100), "yearly": usdt(80)}})
+    assert pay(engine, 80 * U) == "ALLOWED"
+    assert pay(engine, 1) == "YEARLY_LIMIT"
+    clock.advance(days=400)
+    assert pay(engine, 20 * U) == "ALLOWED"
+    clock.advance(days=4000)
+    d = engine.authorize(payment(1, agent_id="a"))
+    assert d.code == Code.LIFETIME_LIMIT
+    assert "lifetime limit 100 USDT: used 100 USDT" in d.reason
+
+
+# --- rolling windows ------------------------------------------------------------------------
+
+
+def test_a_payment_counts_in_a_rolling_window_until_exactly_the_window_later(
+    backend: Backend,
+) -> None:
+    engine, clock = engine_for(
+        backend, {"limits": {"rolling": [{"window": "24h", "amount": usdt(300)}]}}
+    )
+    assert pay(engine, 200 * U) == "ALLOWED"
+    clock.advance(hours=1)
+    assert pay(engine, 100 * U) == "ALLOWED"
+    assert pay(engine, 1) == "ROLLING_LIMIT"
+    clock.set(T0 + timedelta(hours=24) - timedelta(microseconds=1))
+    assert pay(engine, 1) == "ROLLING_LIMIT"  # the first payment still counts
+    clock.set(T0 + timedelta(hours=24))  # and now it does not
+    assert pay(engine, 200 * U) == "ALLOWED"
+    assert pay(engine, 1) == "ROLLING_LIMIT"
+    [limit] = engine.budget("a").limits
+    assert (limit.window, limit.spent and limit.spent.value) == ("24h", 300 * U)
+    assert limit.frees_at == T0 + timedelta(hours=25)  # when the 100 of 13:00 leaves
+
+
+def test_release_and_expiry_give_a_rolling_window_back_at_once(backend: Backend) -> None:
+    policy = {"limits": {"rolling": [{"window": "10m", "amount": usdt(10)}]}}
+    engine, clock = engine_for(backend, policy, ttl=timedelta(minutes=2))
+    first = engine.authorize(payment(10 * U, agent_id="a"))
+    assert first.reservation_id is not None
+    assert pay(engine, 1) == "ROLLING_LIMIT"
+    engine.release(first.reservation_id)
+    held = engine.authorize(payment(10 * U, agent_id="a"))
+    assert held.allowed
+    clock.advance(minutes=2)  # its reservation expires unconfirmed
+    assert pay(engine, 10 * U) == "ALLOWED"
+
+
+def test_a_late_request_is_checked_against_everything_still_counting_at_its_instant(
+    backend: Backend,
+) -> None:
+    """A slower clock's request must never see less than was counting at its own instant."""
+    policy = {"limits": {"rolling": [{"window": "1h", "amount": usdt(100)}]}}
+    engine, _ = engine_for(backend, policy)
+    assert pay(engine, 100 * U) == "ALLOWED"  # at 12:00
+    ahead = backend.engine(ManualClock(T0 + timedelta(hours=1, seconds=5)))
+    assert ahead.authorize(payment(1, agent_id="a")).allowed  # 13:00:05: the first one left
+    behind = backend.engine(ManualClock(T0 + timedelta(minutes=59)))  # 12:59, 66 s behind
+    assert behind.authorize(payment(1, agent_id="a")).code == Code.ROLLING_LIMIT
+
+
+# --- counts -------------------------------------------------------------------------------
+
+
+def test_counts_in_calendar_and_trailing_windows(backend: Backend) -> None:
+    policy = {"limits": {"counts": [{"window": "daily", "max": 3}, {"window": "10m", "max": 2}]}}
+    engine, clock = engine_for(backend, policy, ttl=timedelta(minutes=1))
+    assert pay(engine, 1) == "ALLOWED"
+    held = engine.authorize(payment(1, agent_id="a"))
+    assert held.reservation_id is not None
+    d = engine.authorize(payment(1, agent_id="a"))
+    assert d.code == Code.COUNT_LIMIT
+    assert "10m count limit of 2 payments: 2 so far" in d.reason
+    engine.release(held.reservation_id)  # a released payment gives its count back
+    held = engine.authorize(payment(1, agent_id="a"))
+    assert held.allowed
+    clock.advance(minutes=1)  # and so does an expired one
+    assert pay(engine, 1) == "ALLOWED"
+    clock.advance(minutes=10)
+    assert pay(engine, 1) == "ALLOWED"  # the third today
+    assert pay(engine, 1) == "COUNT_LIMIT"  # a fourth would exceed the daily count
+    counts = [x for x in engine.budget("a").limits if x.kind == "count"]
+    assert [(x.window, x.count, x.remaining_count) for x in counts] == [
+        ("daily", 3, 0), ("10m", 1, 1),
+    ]  # fmt: skip
+
+
+# --- scopes --------------------------------------------------------------------------------
+
+
+DATA_VENDORS = {
+    "name": "data vendors",
+    "match": {"categories": ["data"], "networks": ["eip155:8453"]},
+    "groupBy": "recipient",
+    "limits": {"perTransaction": usdt(5), "daily": usdt(10), "counts": [{"window": "daily", "max": 3}]},
+}  # fmt: skip
+
+
+def test_a_grouped_scope_keeps_counters_per_recipient(backend: Backend) -> None:
+    engine, _ = engine_for(backend, {"scopedLimits": [DATA_VENDORS]})
+    data = {"category": "data"}
+    assert pay(engine, 6 * U, recipient="0xv1", **data) == "SCOPED_LIMIT"  # over per-transaction
+    assert pay(engine, 5 * U, recipient="0xv1", **data) == "ALLOWED"
+    assert pay(engine, 5 * U, recipient="0xV1", **data) == "ALLOWED"  # 0x compares any case
+    d = engine.authorize(payment(1, agent_id="a", recipient="0xv1", **data))
+    assert d.code == Code.SCOPED_LIMIT
+    assert "scope data vendors (0xv1): daily limit 10 USDT" in d.reason
+    assert any(e.name == "scope[data vendors].daily_limit" and e.code == Code.SCOPED_LIMIT
+               for e in d.evaluations)  # fmt: skip
+    assert pay(engine, 5 * U, recipient="0xv2", **data) == "ALLOWED"  # its own group
+    assert pay(engine, 50 * U, recipient="0xv1", category="news") == "ALLOWED"  # not matched
+    other_network = {"network": "eip155:1", **data}
+    assert pay(engine, 50 * U, recipient="0xv1", **other_network) == "ALLOWED"
+    groups = {(x.group, x.window, x.kind): x for x in engine.budget("a").limits}
+    assert groups[("0xv1", "daily", "amount")].spent.value == 10 * U  # type: ignore[union-attr]
+    assert groups[("0xv2", "daily", "count")].count == 1
+
+
+def test_an_ungrouped_scope_sums_across_its_matches(backend: Backend) -> None:
+    scope = {**DATA_VENDORS, "groupBy": None, "limits": {"daily": usdt(10)}}
+    engine, _ = engine_for(backend, {"scopedLimits": [scope]})
+    assert pay(engine, 6 * U, recipient="0xv1", category="data") == "ALLOWED"
+    assert pay(engine, 5 * U, recipient="0xv2", category="data") == "SCOPED_LIMIT"
+    assert pay(engine, 4 * U, recipient="0xv2", category="data") == "ALLOWED"
+
+
+def test_a_scope_of_counts_alone_covers_every_token(backend: Backend) -> None:
+    scope = {"name": "few", "limits": {"counts": [{"window": "daily", "max": 2}]}}
+    eth = {"symbol": "ETH", "limits": {"daily": {"value": str(10**18), "decimals": 18,
+                                                 "symbol": "ETH"}}}  # fmt: skip
+    engine, _ = engine_for(backend, {"assets": [eth], "scopedLimits": [scope],
+                                     "limits": {"daily": usdt(100)}})  # fmt: skip
+    assert pay(engine, U) == "ALLOWED"
+    assert pay(engine, 10**15, symbol="ETH", decimals=18) == "ALLOWED"
+    assert pay(engine, U) == "SCOPED_LIMIT"
+
+
+# --- several assets --------------------------------------------------------------------------
+
+
+def test_each_asset_has_its_own_limits_and_an_unknown_one_is_denied(backend: Backend) -> None:
+    policy = {
+        "limits": {"daily": {"value": str(100 * U), "symbol": "USDC"}},
+        "assets": [{"symbol": "ETH", "limits": {
+            "daily": {"value": str(10**18), "decimals": 18, "symbol": "ETH"},
+            "rolling": [{"window": "1h", "amount": {"value": str(5 * 10**17), "decimals": 18,
+                                                   "symbol": "ETH"}}]}}],
+        "approvalConfig": {"thresholds": [{"amount": {"value": str(9 * 10**17), "decimals": 18,
+                                                      "symbol": "ETH"},
+                                           "requiredApprovers": 1, "approvers": ["boss"]}]},
+    }  # fmt: skip
+    engine, _ = engine_for(backend, policy)
+    assert pay(engine, 100 * U, symbol="USDC") == "ALLOWED"
+    assert pay(engine, 1, symbol="USDC") == "DAILY_LIMIT"
+    eth = {"symbol": "ETH", "decimals": 18}
+    assert pay(engine, 5 * 10**17, **eth) == "ALLOWED"  # USDC spent nothing of ETH's budget
+    assert pay(engine, 1, **eth) == "ROLLING_LIMIT"
+    assert pay(engine, 1, symbol="DAI") == "ASSET_MISMATCH"
+    assert pay(engine, 100 * U, symbol="USDC", recipient="0xother") == "DAILY_LIMIT"
+    budgets = {(x.limit.symbol if x.limit else None, x.window) for x in engine.budget("a").limits}
+    assert budgets == {("USDC", "daily"), ("ETH", "daily"), ("ETH", "1h")}
+
+
+def test_a_threshold_applies_to_payments_in_its_own_token(backend: Backend) -> None:
+    policy = {
+        "limits": {"daily": {"value": str(10**30), "symbol": "USDC"}},
+        "assets": [{"symbol": "ETH", "limits": {"daily": {"value": str(10**30), "decimals": 18,
+                                                          "symbol": "ETH"}}}],
+        "approvalConfig": {"thresholds": [{"amount": {"value": "5", "decimals": 18,
+                                                      "symbol": "ETH"},
+                                           "requiredApprovers": 1, "approvers": ["boss"]}]},
+    }  # fmt: skip
+    engine, _ = engine_for(backend, policy)
+    assert pay(engine, 10**12, symbol="USDC") == "ALLOWED"
+    assert pay(engine, 5, symbol="ETH", decimals=18) == "APPROVAL_REQUIRED"
+
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def receiver() -> Any:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+def test_alerts_fire_once_per_window_with_the_change_that_crossed_them(
+    backend: Backend, receiver: Receiver
+) -> None:
+    policy = {"limits": {"daily": usdt(100)}, "alerts": [{"percent": 80}, {"percent": 100}],
+              "scopedLimits": [{"name": "data", "match": {"categories": ["data"]},
+                                "limits": {"daily": usdt(10)}, "alerts": [{"percent": 50}]}]}  # fmt: skip
+    engine, clock = engine_for(
+        backend,
+        policy,
+        webhook_endpoints=[{"url": receiver.url, "secret": "s"}],
+        webhook_backoff=0.01,
+    )
+    assert pay(engine, 70 * U) == "ALLOWED"  # 70%: nothing
+    held = engine.authorize(payment(15 * U, agent_id="a"))  # 85%: 80 crossed
+    assert held.reservation_id is not None
+    engine.release(held.reservation_id)  # back to 70%
+    assert pay(engine, 15 * U) == "ALLOWED"  # 85% again: 80 already fired today
+    assert pay(engine, 15 * U) == "ALLOWED"  # 100%
+    assert pay(engine, 5 * U, category="data") == "DAILY_LIMIT"
+    clock.advance(days=1)
+    assert pay(engine, 6 * U, category="data") == "ALLOWED"  # scope 60%: 50 crossed
+    assert pay(engine, 90 * U) == "ALLOWED"  # a new day: 96%, 80 again
+    assert engine.flush_webhooks(10)
+    events = [json.loads(r.body) for r in receiver.received]
+    crossed = [(e["budget"].get("scope"), e["budget"]["limit"], e["budget"]["percent"])
+               for e in events if e["event"] == "budget.threshold_reached"]  # fmt: skip
+    assert crossed == [(None, "daily", 80), (None, "daily", 100), ("data", "daily", 50),
+                       (None, "daily", 80)]  # fmt: skip
+    first = next(e for e in events if e["event"] == "budget.threshold_reached")
+    assert first["budget"]["used"] == str(85 * U)
+    assert first["budget"]["windowEnd"] == "2026-03-11T00:00:00Z"
+    engine.close()
+
+
+# --- a brute-force model over random sequences, on every store ----------------------------------
+
+MODEL_POLICY = {
+    "limits": {
+        "daily": usdt(100),
+        "rolling": [{"window": "1h", "amount": usdt(40)}],
+        "counts": [{"window": "10m", "max": 3}],
+    },
+    "scopedLimits": [
+        {"name": "vendors", "match": {"categories": ["data"]}, "groupBy": "recipient",
+         "limits": {"daily": usdt(25), "counts": [{"window": "1h", "max": 2}]}},
+    ],
+}  # fmt: skip
+TTL = timedelta(minutes=20)
+
+
+class Model:
+    """What the policy allows, computed from scratch over every payment (no counters)."""
+
+    def __init__(self) -> None:
+        self.payments: list[dict[str, Any]] = []  # t, amount, recipient, data, status
+
+    def live(self, now: datetime) -> list[dict[str, Any]]:
+        return [p for p in self.payments if p["status"] == "confirmed"
+                or (p["status"] == "open" and now < p["t"] + TTL)]  # fmt: skip
+
+    def decide(self, now: datetime, amount: int, recipient: str, data: bool) -> str:
+        live = self.live(now)
+        day = [p for p in live if p["t"].date() == now.date()]
+        hour = [p for p in live if now - timedelta(hours=1) < p["t"] <= now]
+        ten = [p for p in live if now - timedelta(minutes=10) < p["t"] <= now]
+        if sum(p["amount"] for p in day) + amount > 100 * U:
+            return "DAILY_LIMIT"
+        if sum(p["amount"] for p in hour) + amount > 40 * U:
+            return "ROLLING_LIMIT"
+        if len(ten) + 1 > 3:
+            return "COUNT_LIMIT"
+        if data:
+            group = [p for p in live if p["data"] and p["recipient"] == recipient]
+            if sum(p["amount"] for p in group if p["t"].date() == now.date()) + amount > 25 * U:
+                return "SCOPED_LIMIT"
+            if len([p for p in group if now - timedelta(hours=1) < p["t"] <= now]) + 1 > 2:
+                return "SCOPED_LIMIT"
+        return "ALLOWED"
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("pay"), st.integers(1, 30), st.sampled_from(["0xa", "0xb"]), st.booleans()
+        ),
+        st.tuples(st.just("confirm"), st.integers(0, 50)),
+        st.tuples(st.just("release"), st.integers(0, 50)),
+        st.tuples(st.just("wait"), st.integers(1, 5400)),  # seconds: crosses hours and days
+    ),
+    min_size=5,
+    max_size=40,
+)
+_agents = itertools.count()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(operations)
+def test_every_limit_kind_matches_a_brute_force_model(backend: Backend, ops: list[Any]) -> None:
+    agent = f"model-{next(_agents)}"
+    clock = ManualClock(datetime(2026, 3, 10, 22, 30, tzinfo=UTC))
+    engine = backend.engine(clock, reservation_ttl=TTL)
+    engine.set_policy(agent, MODEL_POLICY)
+    model = Model()
+    ids: list[tuple[str, dict[str, Any]]] = []
+    for op in ops:
+        now = clock.now
+        if op[0] == "pay":
+            _, units, recipient, data = op
+            expected = model.decide(now, units * U, recipient, data)
+            d = engine.authorize(payment(units * U, agent_id=agent, recipient=recipient,
+                                         category="data" if data else None))  # fmt: skip
+            assert d.code == expected, (ops, d.reason)
+            if d.allowed:
+                assert d.reservation_id is not None
+                entry = {"t": now, "amount": units * U, "recipient": recipient, "data": data,
+                         "status": "open"}  # fmt: skip
+                model.payments.append(entry)
+                ids.append((d.reservation_id, entry))
+        elif op[0] in ("confirm", "release") and ids:
+            rid, entry = ids[op[1] % len(ids)]
+            expired = entry["status"] == "open" and now >= entry["t"] + TTL
+            try:
+                getattr(engine, op[0])(rid)
+            except PolicyError:
+                continue
+            if entry["status"] == "open" and not expired:
+                entry["status"] = "confirmed" if op[0] == "confirm" else "released"
+        elif op[0] == "wait":
+            clock.advance(seconds=op[1])
