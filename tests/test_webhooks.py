@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from agentpolicy import PolicyEngine, PolicyValidationError
-from agentpolicy.storage import MemoryStorage, SQLiteStorage
+from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock, payment
 from agentpolicy.webhooks import (
     WebhookEndpoint,
@@ -29,6 +28,7 @@ from agentpolicy.webhooks import (
     verify,
 )
 from tests import workers
+from tests.backends import Backend
 from tests.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +58,10 @@ def receiver() -> Iterator[Receiver]:
     r.stop()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "redis":
-        from agentpolicy.storage.redis import RedisStorage
-
-        url = request.getfixturevalue("redis_url")
-        return RedisStorage(url, key_prefix=f"test-{uuid.uuid4().hex[:12]}:")
-    return MemoryStorage() if request.param == "memory" else SQLiteStorage(tmp_path / "w.db")
+@pytest.fixture
+def storage(backend: Backend) -> Any:
+    """Every store of the contract suite (memory, SQLite, Redis, Redis Cluster, ...)."""
+    return backend.handle()
 
 
 def engine_for(
@@ -460,16 +456,17 @@ def test_the_worker_sweeps_on_a_schedule(receiver: Receiver) -> None:
 
 
 def test_events_left_by_a_killed_process_are_delivered_by_the_next(
-    tmp_path: Path, receiver: Receiver
+    shared_backend: Backend, receiver: Receiver
 ) -> None:
-    db = tmp_path / "outbox.db"
-    setup = PolicyEngine(storage=SQLiteStorage(db), clock=ManualClock(workers.FIXED_NOW))
+    assert shared_backend.spec is not None
+    setup = PolicyEngine(storage=shared_backend.open(), clock=ManualClock(workers.FIXED_NOW))
     setup.set_policy("agent-123", POLICY)
     setup.close()
     port = receiver.port
     receiver.stop()  # down while the first process runs
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.workers", "webhooks", str(db), f"http://127.0.0.1:{port}/h"],
+        [sys.executable, "-m", "tests.workers", "webhooks", *shared_backend.spec,
+         f"http://127.0.0.1:{port}/h"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -483,7 +480,7 @@ def test_events_left_by_a_killed_process_are_delivered_by_the_next(
     receiver.port = port
     receiver.start()
     next_process = PolicyEngine(
-        storage=SQLiteStorage(db),
+        storage=shared_backend.handle(),
         clock=ManualClock(workers.FIXED_NOW),
         webhook_endpoints=[{"url": f"http://127.0.0.1:{port}/h", "secret": "s3cret"}],
         webhook_backoff=0.01,
