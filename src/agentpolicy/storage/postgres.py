@@ -370,44 +370,38 @@ class _PostgresSession:
         return Outcome(applied=False, replayed=True, result=json.loads(rows[0][0]))
 
     def _apply(self, txn: Txn) -> None:
-        """Send the operation id, every write and ``COMMIT`` in one round trip."""
+        """Send the operation id, every write and ``COMMIT`` in one round trip.
+
+        Each statement is queued on its own: ``executemany`` would end a
+        pipeline block of its own with a sync, a round trip each. (One
+        statement of arrays for all the writes measured no faster.)
+        """
         conn = self._connection()
         sql = self.sql
         at = txn.at
+        run = conn.execute
         with conn.pipeline():
-            conn.execute(sql.op, (txn.op, at, _dumps(txn.result)))
-            if txn.put:
-                ttl = txn.ttl
-                conn.cursor().executemany(
-                    sql.put,
-                    [
-                        (name, _dumps(body), at + ttl[name] * 1000 if name in ttl else None)
-                        for name, body in txn.put.items()
-                    ],
-                )
+            run(sql.op, (txn.op, at, _dumps(txn.result)))
+            ttl = txn.ttl
+            for name, body in txn.put.items():
+                run(sql.put, (name, _dumps(body), at + ttl[name] * 1000 if name in ttl else None))
             if txn.delete:
-                conn.execute(sql.delete, (list(txn.delete),))
+                run(sql.delete, (list(txn.delete),))
             if txn.index:
                 final: dict[tuple[str, str], int | None] = {}
                 for index, member, score in txn.index:  # the last change of a member counts
                     final.pop((index, member), None)
                     final[(index, member)] = score
-                ups = [
-                    (ix, m, None if score == NEXT_SEQ else score)
-                    for (ix, m), score in final.items()
-                    if score is not None
-                ]
-                downs = [(ix, m) for (ix, m), score in final.items() if score is None]
-                if ups:
-                    conn.cursor().executemany(sql.index, ups)
-                if downs:
-                    conn.cursor().executemany(sql.unindex, downs)
+                for (index, member), score in final.items():
+                    if score is None:
+                        run(sql.unindex, (index, member))
+                    else:
+                        run(sql.index, (index, member, None if score == NEXT_SEQ else score))
+            for log, entry, _, _ in txn.append:
+                run(sql.append, (log, at, _dumps(entry)))
             if txn.append:
-                conn.cursor().executemany(
-                    sql.append, [(log, at, _dumps(entry)) for log, entry, _, _ in txn.append]
-                )
                 self._trims(conn, txn)
-            conn.execute("COMMIT")
+            run("COMMIT")
         self.locked = False
 
     def _trims(self, conn: psycopg.Connection[Any], txn: Txn) -> None:
