@@ -607,3 +607,36 @@ def test_an_outage_fails_closed_then_recovers_without_a_new_engine(
     assert engine.confirm(open_one).status is ReservationStatus.CONFIRMED
     assert used(engine) == (15 * USDT, USDT)  # nothing committed before the outage was lost
     engine.close()
+
+
+def test_an_authorize_is_two_round_trips_in_the_steady_state(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One to begin, lock the agent's row and read; one for every write and COMMIT."""
+    from psycopg import _pipeline_base
+
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(10**20)}}})
+    for _ in range(10):  # warm: the policy is parsed, the statements prepared
+        engine.authorize(payment(1))
+    real = _pipeline_base.BasePipeline._enqueue_sync
+    syncs: list[int] = []
+
+    def counting(self: Any) -> None:
+        syncs.append(1)
+        real(self)
+
+    sent: list[str] = []
+    real_execute = psycopg.Connection.execute
+
+    def outside_pipelines(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is None:
+            sent.append(str(query))
+        return real_execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(_pipeline_base.BasePipeline, "_enqueue_sync", counting)
+    monkeypatch.setattr(psycopg.Connection, "execute", outside_pipelines)
+    for _ in range(25):
+        assert engine.authorize(payment(1)).allowed
+    assert len(syncs) == 2 * 25
+    assert sent == []  # nothing went to the server outside those two round trips
