@@ -470,25 +470,33 @@ def test_a_commit_whose_connection_is_lost_is_resent_and_applied_once(
     assert used(engine) == (0, 0)
 
 
+@pytest.mark.parametrize("resend", ["no connection", "refused"])
 def test_a_lost_commit_that_cannot_be_resent_says_the_outcome_is_unknown(
-    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch, resend: str
 ) -> None:
     storage = PostgresStorage(pg_schema, pool_timeout=timedelta(seconds=1))
     engine = PolicyEngine(storage=storage, clock=ManualClock())
     engine.set_policy("agent-1", DAILY_100)
     _lose_the_answer(monkeypatch, before=False)
-    real_getconn = storage._getconn
-    calls: list[int] = []
+    if resend == "no connection":
+        real_getconn = storage._getconn
+        calls: list[int] = []
 
-    def no_more_connections() -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            return real_getconn()  # the session's own connection
-        from agentpolicy.errors import StorageUnavailableError
+        def no_more_connections() -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                return real_getconn()  # the session's own connection
+            from agentpolicy.errors import StorageUnavailableError
 
-        raise StorageUnavailableError("no connection")
+            raise StorageUnavailableError("no connection")
 
-    monkeypatch.setattr(storage, "_getconn", no_more_connections)
+        monkeypatch.setattr(storage, "_getconn", no_more_connections)
+    else:  # a new connection, but the server refuses the resend (here: cancelled)
+
+        def refused(self: Any, txn: Txn) -> Any:
+            raise psycopg.errors.QueryCanceled("canceling statement due to user request")
+
+        monkeypatch.setattr(postgres._PostgresSession, "_check", refused)
     with pytest.raises(PolicyError) as err:
         engine.authorize(payment(USDT))
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE

@@ -282,9 +282,11 @@ class _PostgresSession:
         return [(member, score) for member, score in rows]
 
     def commit(self, txn: Txn) -> Outcome:
-        sent = False  # whether a COMMIT may have reached the server
+        sent = False  # whether this attempt's COMMIT was sent
+        unknown = False  # whether a connection was lost after a COMMIT was sent
         lost = False
         for _ in range(_ATTEMPTS):
+            sent = False
             try:
                 if not (self.locked and self._verified(txn.expect)):
                     outcome = self._check(txn)
@@ -293,29 +295,26 @@ class _PostgresSession:
                 sent = True
                 self._apply(txn)
             except psycopg.errors.UniqueViolation as exc:
+                self._safely(self._rollback)
                 if exc.diag.constraint_name != "ops_pkey":
-                    self._safely(self._rollback)
                     raise self.storage._error(exc) from None
-                self._safely(self._rollback)
                 return self._replayed(txn)
-            except _RETRYABLE:  # a deadlock or a serialization failure
+            except _RETRYABLE:  # a deadlock or a serialization failure: rolled back
                 self._safely(self._rollback)
-                lost = False
                 continue
             except psycopg.Error as exc:
-                if not self._is_lost():
+                if not self._is_lost():  # the server refused: this attempt was rolled back
                     self._safely(self._rollback)
+                    if unknown:
+                        raise self.storage._unknown() from None
                     raise self.storage._error(exc) from None
                 lost = True
-                self._reconnect(sent)
+                unknown = unknown or sent
+                self._reconnect(unknown)
                 continue
-            except StorageUnavailableError:
-                if sent:
-                    raise self.storage._unknown() from None
-                raise
             self.storage._committed(self._connection(), txn.at)
             return Outcome(applied=True, replayed=False, result=txn.result)
-        if sent:
+        if unknown:
             raise self.storage._unknown()
         if lost:
             raise StorageUnavailableError(
@@ -331,11 +330,11 @@ class _PostgresSession:
             self.locked = False
             self.read = {}
 
-    def _reconnect(self, sent: bool) -> None:
+    def _reconnect(self, unknown: bool) -> None:
         try:
             self._replace()
         except StorageUnavailableError:
-            if sent:
+            if unknown:
                 raise self.storage._unknown() from None
             raise
 
