@@ -648,3 +648,27 @@ def test_an_authorize_is_two_round_trips_in_the_steady_state(
         assert engine.authorize(payment(1)).allowed
     assert len(syncs) == 2 * 25
     assert sent == []  # nothing went to the server outside those two round trips
+
+
+def test_a_pool_whose_connections_all_stay_busy_says_so(pg_schema: str) -> None:
+    storage = PostgresStorage(pg_schema, pool_size=1, pool_timeout=timedelta(milliseconds=500))
+    with storage.session("s1") as session:
+        session.get(["d/a"])  # holds the pool's only connection
+        started = time.monotonic()
+        with pytest.raises(PolicyError) as err, storage.session("s2") as other:
+            other.get(["d/b"])
+        assert time.monotonic() - started < 5
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "busy" in err.value.message
+    storage.close()
+
+
+def test_tables_dropped_while_in_use_are_storage_unavailable(pg_schema: str) -> None:
+    engine = PolicyEngine(storage=PostgresStorage(pg_schema), clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+    sql(pg_schema, "DROP TABLE @s.docs")
+    with pytest.raises(PolicyError) as err:
+        engine.authorize(payment(USDT))
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "missing" in err.value.message
+    engine.close()
