@@ -672,3 +672,70 @@ def test_tables_dropped_while_in_use_are_storage_unavailable(pg_schema: str) -> 
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
     assert "missing" in err.value.message
     engine.close()
+
+
+def test_a_locked_commit_of_an_operation_applied_before_answers_its_first_result(
+    storage: PostgresStorage,
+) -> None:
+    first = Txn("op1", AT)
+    first.put = {"d/a": {"n": 1}}
+    first.result = {"answer": 42}
+    with storage.session("s1") as session:
+        assert session.commit(first).applied
+    with storage.session("s1") as session:
+        seen = session.get(["d/a"])  # under the shard's lock: the commit checks nothing again
+        again = Txn("op1", AT)  # the same id: refused by the ops table's key
+        again.expect = {"d/a": seen["d/a"][0]}
+        again.put = {"d/a": {"n": 2}}
+        again.result = {"answer": 0}
+        outcome = session.commit(again)
+    assert (outcome.applied, outcome.replayed, outcome.result) == (False, True, {"answer": 42})
+    with storage.session("s1", write=False) as session:
+        assert session.get(["d/a"]) == {"d/a": (1, {"n": 1})}
+
+
+def test_a_deadlock_at_every_attempt_is_reported_as_a_conflict(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def deadlocked(self: Any, txn: Txn) -> None:
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    monkeypatch.setattr(postgres._PostgresSession, "_apply", deadlocked)
+    txn = Txn("op1", AT)
+    txn.put = {"d/a": {"n": 1}}
+    with storage.session("s1") as session:
+        assert session.commit(txn).conflict  # the runner runs the step again
+    monkeypatch.undo()
+    with storage.session("s1", write=False) as session:
+        assert session.get(["d/a"]) == {}
+
+
+def test_a_connection_lost_at_every_check_fails_closed_with_nothing_changed(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dropped(self: Any, txn: Txn) -> None:
+        self.conn.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(postgres._PostgresSession, "_check", dropped)
+    txn = Txn("op1", AT)
+    txn.put = {"d/a": {"n": 1}}
+    with pytest.raises(PolicyError) as err, storage.session("s1", write=False) as session:
+        session.commit(txn)  # a read session's commit checks first: nothing was sent
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "nothing was allowed or changed" in err.value.message
+    monkeypatch.undo()
+    with storage.session("s1", write=False) as session:
+        assert session.get(["d/a"]) == {}
+
+
+def test_connection_settings_from_the_url_are_kept_and_bad_sizes_refused() -> None:
+    mine = PostgresStorage("postgresql://u@h/db?connect_timeout=7&application_name=pay")
+    assert "connect_timeout" not in mine._kwargs  # the URL's own value stands
+    assert "application_name" not in mine._kwargs
+    ours = PostgresStorage("postgresql://u@h/db", lock_timeout=timedelta(seconds=4))
+    assert ours._kwargs["connect_timeout"] == 2
+    assert ours._kwargs["application_name"] == "agentpolicy"
+    assert "-c lock_timeout=4000" in ours._kwargs["options"]
+    with pytest.raises(PolicyValidationError):
+        PostgresStorage("postgresql://u@h/db", pool_size=0)
