@@ -33,12 +33,13 @@ nothing was allowed. A pooled connection found dead is replaced and the
 statement sent again, so the storage recovers by itself when the server is
 back.
 
-**Housekeeping.** Documents written with a ``ttl`` are kept until a commit
-whose time (the engine's clock) is past it; every 1,000 commits a storage
-deletes a batch of such documents (by an index on their expiry, skipping
-rows that are locked) and operation ids older than a day (by key range:
-ids begin with their time). History is never dropped unless the engine sets
-a retention.
+**Housekeeping.** A document written with a ``ttl`` expires at its
+commit's time (the engine's clock) plus the ttl. Every 1,000 commits a
+storage deletes, right after a commit and outside its transaction, up to
+5,000 documents that expired before that commit's time (by an index on the
+expiry, skipping rows that are locked) and operation ids older than a day
+(by key range: ids begin with their time). History is never dropped unless
+the engine sets a retention.
 
 **Schema.** Tables live in the schema named by ``?schema=`` (default
 ``agentpolicy``), created on first use under a transaction-scoped advisory
