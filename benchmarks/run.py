@@ -6,7 +6,9 @@ Run (after ``pip install -e '.[dev,bench]'``)::
     .venv/bin/python benchmarks/run.py --quick    # fewer rounds, 10,000 agents
 
 Redis figures use ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) with a
-key prefix of their own, deleting only their own keys afterwards. Figures are
+key prefix of their own, deleting only their own keys afterwards. PostgreSQL
+figures use ``POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``)
+with schemas of their own (``?schema=bench_...``), dropped afterwards. Figures are
 medians of several rounds; these machines are noisy, so the ratios are what
 count.
 """
@@ -284,6 +286,104 @@ print(json.dumps((tracemalloc.get_traced_memory()[0] - base) / {agents}))
         "(policy, counters, one confirmed payment, its history)", None, "reported")  # fmt: skip
 
 
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _pg_schema_url(base: str) -> tuple[str, str]:
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    return f"{base}{'&' if '?' in base else '?'}schema={schema}", schema
+
+
+def _pg_drop(base: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # only this run's own schema
+
+
+def postgres_figures(base: str) -> None:
+    """authorize+confirm beside a bare one-row INSERT transaction on the same connection."""
+    from agentpolicy.storage.postgres import PostgresStorage
+
+    url, schema = _pg_schema_url(base)
+    storage = PostgresStorage(url, pool_size=1)  # one connection: the engine's is the anchor's
+    engine = make_engine(storage)
+    run = cycle(engine)
+    run()
+    conn = storage._pool.getconn()
+    conn.execute(f'CREATE TABLE "{schema}".anchor (id bigserial PRIMARY KEY, body text)')
+    insert = f'INSERT INTO "{schema}".anchor (body) VALUES (%s)'
+
+    def anchor() -> None:
+        conn.execute("BEGIN")
+        conn.execute(insert, ("x",))
+        conn.execute("COMMIT")
+
+    for _ in range(50):
+        anchor()
+    storage._pool.putconn(conn)
+    for _ in range(50):
+        run()
+    anchors, values = [], []
+    for _ in range(ROUNDS):  # alternate, so both see the same server and the same noise
+        conn = storage._pool.getconn()
+        anchors.append(per_call(anchor, 300, rounds=1))
+        storage._pool.putconn(conn)
+        values.append(per_call(run, 150, rounds=1))
+    a, v = statistics.median(anchors), statistics.median(values)
+    row("authorize+confirm, PostgreSQL", us(v),
+        f"BEGIN;INSERT;COMMIT, same connection {us(a)}", v / a, "<= 6x")  # fmt: skip
+    engine.close()
+    _pg_drop(base, schema)
+
+
+def _pg_worker(args: tuple[str, list[str], int]) -> tuple[int, float]:
+    from agentpolicy.storage.postgres import PostgresStorage
+
+    url, agents, count = args
+    engine = PolicyEngine(storage=PostgresStorage(url, pool_size=2), clock=ManualClock(NOW))
+    engine.get_policy(agents[0])  # connects before the clock starts
+    start = time.perf_counter()
+    allowed = sum(
+        engine.authorize(payment(1_000_000, agent_id=agents[i % len(agents)])).allowed
+        for i in range(count)
+    )
+    elapsed = time.perf_counter() - start
+    engine.close()
+    return allowed, elapsed
+
+
+def postgres_throughput(base: str, per_process: int, agents: int) -> None:
+    """authorize/s with 1, 2 and 4 processes on one budget, then spread over many agents."""
+    from agentpolicy.storage.postgres import PostgresStorage
+
+    ctx = multiprocessing.get_context("spawn")
+    for label, names in (("one budget", ["agent-1"]),
+                         (f"{agents} agents", [f"agent-{i}" for i in range(agents)])):  # fmt: skip
+        base_rate = None
+        for processes in (1, 2, 4):
+            url, schema = _pg_schema_url(base)
+            total = processes * per_process
+            each = total // len(names) // 2  # half the requests refused: counted exactly
+            engine = PolicyEngine(storage=PostgresStorage(url), clock=ManualClock(NOW))
+            for name in names:
+                engine.set_policy(name, {"limits": {"daily": {"value": str(each * 1_000_000)}}})
+            engine.close()
+            jobs = [(url, names[i % len(names):] + names[: i % len(names)], per_process)
+                    for i in range(processes)]  # fmt: skip
+            with ctx.Pool(processes) as pool:
+                results = pool.map(_pg_worker, jobs)
+            allowed = sum(a for a, _ in results)
+            expected = each * len(names)
+            assert allowed == expected, f"postgres: {allowed} allowed, expected exactly {expected}"
+            rate = total / max(e for _, e in results)
+            base_rate = base_rate or rate
+            row(f"throughput, {processes} process(es), {label}, PostgreSQL",
+                f"{rate:,.0f} authorize/s ({allowed} of {total} allowed, exact)",
+                f"1 process {base_rate:,.0f}/s", rate / base_rate, "reported")  # fmt: skip
+            _pg_drop(base, schema)
+
+
 def main() -> None:
     global ROUNDS  # noqa: PLW0603 - a command-line setting
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -306,6 +406,16 @@ def main() -> None:
     else:
         redis_figures(url)
         throughput("redis", url, 300 if args.quick else 1_000)
+    pg = os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        import psycopg
+
+        psycopg.connect(pg, connect_timeout=2).close()
+    except Exception as exc:
+        print(f"  PostgreSQL figures skipped: {pg} unreachable ({type(exc).__name__})")
+    else:
+        postgres_figures(pg)
+        postgres_throughput(pg, 400 if args.quick else 1_000, 100)
     import_times(5 if args.quick else 11)
     memory_per_agent(10_000 if args.quick else 100_000)
     print("\n| figure | value | anchor, in the same run | ratio | target |")

@@ -13,8 +13,8 @@ from agentpolicy import PolicyEngine, Storage
 from agentpolicy.storage import MemoryStorage, open_storage
 from agentpolicy.testing import ManualClock
 
-BACKENDS = ["memory", "sqlite", "redis", "redis-cluster"]
-SHARED = ["sqlite", "redis", "redis-cluster"]
+BACKENDS = ["memory", "sqlite", "redis", "redis-cluster", "postgres"]
+SHARED = ["sqlite", "redis", "redis-cluster", "postgres"]
 """Backends that several processes can share (memory is one process: threads stand in)."""
 
 Spec = tuple[str, str]
@@ -53,6 +53,14 @@ def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> B
         url = request.getfixturevalue("redis_url" if name == "redis" else "redis_cluster_url")
         prefix = f"test-{uuid.uuid4().hex[:12]}:"  # never flush: every test has its own keys
         spec = (url, prefix)
+        return Backend(name, lambda: open_spec(spec), spec)
+    if name == "postgres":
+        from tests.postgres_servers import drop_schema, with_schema
+
+        server: str = request.getfixturevalue("postgres_url")
+        schema = f"t_{uuid.uuid4().hex[:16]}"  # every test has its own schema, dropped after it
+        request.addfinalizer(lambda: drop_schema(server, schema))
+        spec = (with_schema(server, schema), "")
         return Backend(name, lambda: open_spec(spec), spec)
     if name == "memory":
         shared = MemoryStorage()

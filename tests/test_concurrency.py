@@ -236,6 +236,6 @@ def test_open_storage_urls(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> No
     relative = open_storage("sqlite:///rel.db")
     relative.close()
     assert (tmp_path / "rel.db").exists()
-    for bad in ("postgres://x", "sqlite:///", "", "memory:"):
+    for bad in ("postgres://x?schema=no-dashes", "mysql://x", "sqlite:///", "", "memory:"):
         with pytest.raises(PolicyValidationError):
             open_storage(bad)

@@ -25,7 +25,11 @@ def blocks(language: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("where", "code"), blocks("python"), ids=lambda v: str(v)[:30])
-def test_python_examples_run(where: str, code: str) -> None:
+def test_python_examples_run(
+    where: str, code: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "AGENT_POLICY_POSTGRES_URL" in code:  # the example reads the server's URL from there
+        monkeypatch.setenv("AGENT_POLICY_POSTGRES_URL", request.getfixturevalue("pg_schema"))
     exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})
 
 

@@ -18,6 +18,7 @@ MODULES = [
     "agentpolicy.mcp", "agentpolicy.mcp.server", "agentpolicy.mcp.stdio", "agentpolicy.mcp.tools",
     "agentpolicy.policy", "agentpolicy.records", "agentpolicy.requests", "agentpolicy.storage",
     "agentpolicy.storage.memory", "agentpolicy.storage.redis", "agentpolicy.storage.sqlite",
+    "agentpolicy.storage.postgres",
     "agentpolicy.storage.base", "agentpolicy.ledger.keys", "agentpolicy.ledger.docs",
     "agentpolicy.ledger.runner", "agentpolicy.ledger.state", "agentpolicy.ledger.operations",
     "agentpolicy.ledger.outbox",
@@ -50,7 +51,8 @@ def test_names_load_lazily_and_dir_lists_them() -> None:
 def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
     code = (
         "import sys, agentpolicy; agentpolicy.evaluate; agentpolicy.PolicyEngine;"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'redis')"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('mcp', 'redis', 'psycopg', 'psycopg_pool')"
         " or m == 'urllib.request'))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

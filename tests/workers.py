@@ -93,6 +93,16 @@ def across_the_hour(spec: Any, shared: Any, stop_us: int, barrier: Any) -> list[
     return seen
 
 
+def open_fresh(spec: Any, agent_id: str, barrier: Any) -> int:
+    """Open a store that may not exist yet at the same instant as others; set a policy."""
+    storage = open_storage(spec[0], key_prefix=spec[1])
+    engine = PolicyEngine(storage=storage, clock=ManualClock(FIXED_NOW))
+    barrier.wait()
+    version = engine.set_policy(agent_id, {"limits": {"daily": {"value": "100"}}})
+    engine.close()
+    return version
+
+
 def crash_worker(url: str, prefix: str) -> None:
     """Authorize and confirm forever, printing each confirmed id once it is committed."""
     engine = _engine((url, prefix))

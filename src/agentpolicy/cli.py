@@ -69,12 +69,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    """--db, --redis-url, --json, -v: accepted before and after the subcommand."""
+    """--db, --redis-url, --postgres-url, --json, -v: accepted before and after the subcommand."""
     keep: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
     parser.add_argument(
         "--db", help="SQLite file (default: $AGENT_POLICY_DB, else the state dir)", **keep
     )
     parser.add_argument("--redis-url", help="Redis URL (default: $AGENT_POLICY_REDIS_URL)", **keep)
+    parser.add_argument(
+        "--postgres-url",
+        metavar="URL",
+        help="PostgreSQL URL, postgresql://user@host:5432/db?schema=NAME "
+        "(default: $AGENT_POLICY_POSTGRES_URL); wins over --redis-url and --db",
+        **keep,
+    )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts", **keep)
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show the traceback of an internal error",
@@ -224,7 +231,9 @@ def _where(settings: Settings) -> dict[str, Any]:
         "storage": settings.shown_storage_url(fallback_to_file=True),
         "sqlitePath": None if path is None else str(path),
         "exists": None if path is None else path.exists(),
-        "keyPrefix": settings.key_prefix if settings.redis_url else None,
+        "keyPrefix": None
+        if settings.postgres_url or not settings.redis_url
+        else settings.key_prefix,
         "webhookEndpoints": [redact_url(e.url) for e in settings.webhook_endpoints],
     }
 
@@ -525,7 +534,9 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         out.write(json.dumps(policy_schema(), indent=2) + "\n")
         return 0
     wait = parse_duration(args.webhook_wait or "10s", "$.webhookWait")
-    settings = with_overrides(read_settings(), db=args.db, redis_url=args.redis_url)
+    settings = with_overrides(
+        read_settings(), db=args.db, redis_url=args.redis_url, postgres_url=args.postgres_url
+    )
     if args.command == "where":
         emit(_where(settings), show.print_where)
         return 0
@@ -546,6 +557,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = _parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    # the pool's reconnection warnings repeat what the one error line of a failed command says
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         return _dispatch(args, out)
     except BrokenPipeError:  # the reader went away (| head): not an error of ours

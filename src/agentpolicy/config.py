@@ -5,6 +5,12 @@ The ``agentpolicy`` command, the ``agent-policy-mcp`` server and
 engine with :func:`build_engine`: the same storage, key prefix, reservation
 lifetime and webhook endpoints whichever program runs.
 
+When several stores are configured, one is used, in this order:
+``AGENT_POLICY_POSTGRES_URL``, then ``AGENT_POLICY_REDIS_URL``, then
+``AGENT_POLICY_DB``, then the SQLite file in the state directory. A command
+line's ``--postgres-url``, ``--redis-url`` or ``--db`` (in that order, when
+several are given) replaces all of them.
+
 Every value is checked when read; a bad one raises
 :class:`~agentpolicy.PolicyValidationError` naming the variable, which the
 programs print as one line before exiting with status 2.
@@ -25,10 +31,12 @@ from agentpolicy._checks import check_identifier
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import PolicyValidationError, Problem, StorageUnavailableError
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
+from agentpolicy.storage._pg_url import POSTGRES_SCHEMES, split_postgres_url
 from agentpolicy.urls import redact_url
 from agentpolicy.webhooks import WebhookEndpoint, endpoints_from_env
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "REDIS_SCHEMES",
     "ROLES",
     "Settings",
@@ -110,6 +118,7 @@ class Settings:
     role: str = "agent"
     db: str | None = None
     redis_url: str | None = None
+    postgres_url: str | None = None
     key_prefix: str = "agent-policy:"
     reservation_ttl: timedelta | None = None
     agent_id: str | None = None
@@ -117,18 +126,20 @@ class Settings:
     webhook_endpoints: tuple[WebhookEndpoint, ...] = ()
 
     def sqlite_path(self, *, fallback_to_file: bool) -> Path | None:
-        """The SQLite file in use, when Redis is not configured."""
-        if self.redis_url:
+        """The SQLite file in use, when neither PostgreSQL nor Redis is configured."""
+        if self.postgres_url or self.redis_url:
             return None
         if self.db:
             return Path(self.db).expanduser().absolute()
         return default_db_path() if fallback_to_file else None
 
     def storage_url(self, *, fallback_to_file: bool) -> str | None:
-        """The storage URL: Redis wins over the DB; else the state-dir file, or ``None``.
+        """The storage URL: PostgreSQL, else Redis, else the DB, else the state-dir file or None.
 
         Creates nothing: :func:`open_configured_storage` creates the file's folder.
         """
+        if self.postgres_url:
+            return self.postgres_url
         if self.redis_url:
             return self.redis_url
         path = self.sqlite_path(fallback_to_file=fallback_to_file)
@@ -146,6 +157,14 @@ def _redis_url_problems(url: str, path: str) -> list[Problem]:
     if url.startswith(REDIS_SCHEMES):
         return []
     return [Problem(path, "must start with " + ", ".join(REDIS_SCHEMES))]
+
+
+def _postgres_url_problems(url: str, path: str) -> list[Problem]:
+    try:
+        split_postgres_url(url, path)
+    except PolicyValidationError as err:
+        return list(err.problems)
+    return []
 
 
 def read_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -175,6 +194,9 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     redis_url = get("AGENT_POLICY_REDIS_URL")
     if redis_url is not None:
         problems += _redis_url_problems(redis_url, "$AGENT_POLICY_REDIS_URL")
+    postgres_url = get("AGENT_POLICY_POSTGRES_URL")
+    if postgres_url is not None:
+        problems += _postgres_url_problems(postgres_url, "$AGENT_POLICY_POSTGRES_URL")
     for name in ("AGENT_POLICY_AGENT_ID", "AGENT_POLICY_ORG_ID", "AGENT_POLICY_KEY_PREFIX"):
         value = get(name)
         if value is not None:
@@ -190,6 +212,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         role=role,
         db=get("AGENT_POLICY_DB"),
         redis_url=redis_url,
+        postgres_url=postgres_url,
         key_prefix=get("AGENT_POLICY_KEY_PREFIX") or "agent-policy:",
         reservation_ttl=ttl,
         agent_id=get("AGENT_POLICY_AGENT_ID"),
@@ -199,23 +222,36 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def with_overrides(
-    settings: Settings, *, db: str | None = None, redis_url: str | None = None
+    settings: Settings,
+    *,
+    db: str | None = None,
+    redis_url: str | None = None,
+    postgres_url: str | None = None,
 ) -> Settings:
-    """``settings`` with a command line's ``--redis-url`` or ``--db`` (Redis wins)."""
+    """``settings`` with a command line's ``--postgres-url``, ``--redis-url`` or ``--db``.
+
+    The one given replaces every store the environment names; when several
+    are given, PostgreSQL wins over Redis, and Redis over the DB file.
+    """
+    if postgres_url:
+        problems = _postgres_url_problems(postgres_url, "$.postgresUrl")
+        if problems:
+            raise PolicyValidationError(problems)
+        return attrs.evolve(settings, postgres_url=postgres_url, redis_url=None)
     if redis_url:
         problems = _redis_url_problems(redis_url, "$.redisUrl")
         if problems:
             raise PolicyValidationError(problems)
-        return attrs.evolve(settings, redis_url=redis_url)
+        return attrs.evolve(settings, redis_url=redis_url, postgres_url=None)
     if db:
-        return attrs.evolve(settings, db=db, redis_url=None)
+        return attrs.evolve(settings, db=db, redis_url=None, postgres_url=None)
     return settings
 
 
 def open_configured_storage(settings: Settings, *, fallback_to_file: bool = True) -> Storage:
     """Open the storage ``settings`` name, creating the SQLite file's folder (0700) if missing.
 
-    Without Redis or a DB file: the file in the state directory when
+    Without PostgreSQL, Redis or a DB file: the file in the state directory when
     ``fallback_to_file``, else a fresh in-memory storage.
     """
     path = settings.sqlite_path(fallback_to_file=fallback_to_file)

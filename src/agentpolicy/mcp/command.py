@@ -28,6 +28,8 @@ _EPILOG = """\
 Configuration comes from the environment: AGENT_POLICY_ROLE (agent or admin),
 AGENT_POLICY_DB (SQLite file; default: agentpolicy/agentpolicy.db in the user's
 state directory), AGENT_POLICY_REDIS_URL, AGENT_POLICY_KEY_PREFIX,
+AGENT_POLICY_POSTGRES_URL (postgresql://user@host:5432/db?schema=NAME; wins over
+Redis and the SQLite file),
 AGENT_POLICY_RESERVATION_TTL (e.g. 5m), AGENT_POLICY_AGENT_ID,
 AGENT_POLICY_ORG_ID, AGENT_POLICY_WEBHOOK_URL / _SECRET / _EVENTS / _TIMEOUT /
 _RETRIES, AGENT_POLICY_WEBHOOKS and AGENT_POLICY_DEMO_MODE.

@@ -4,7 +4,7 @@ A store offers versioned documents, sorted indexes, logs and one atomic,
 idempotent commit (see :mod:`agentpolicy.storage.base`); every rule of the
 ledger lives in :mod:`agentpolicy.ledger`, once. Every backend passes the
 same contract test suite. The memory and SQLite backends use only the
-standard library.
+standard library; Redis and PostgreSQL need their extras.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def open_storage(url: str, *, key_prefix: str = "agent-policy:") -> Storage:
     ``memory://`` (a fresh in-memory storage), ``sqlite:///relative.db``,
     ``sqlite:////absolute/path.db``, ``redis://host:port/db``, ``rediss://...``
     and ``redis+cluster://host:port`` (the ``redis`` extra; ``key_prefix``
-    separates tenants on one server). Raises
+    separates tenants on one server), ``postgresql://user@host:port/dbname``
+    and ``postgres://...`` (the ``postgres`` extra; ``?schema=NAME`` separates
+    stores in one database, ``key_prefix`` is not used). Raises
     :class:`~agentpolicy.PolicyValidationError` for any other form.
     """
     if not isinstance(url, str):
@@ -46,8 +48,18 @@ def open_storage(url: str, *, key_prefix: str = "agent-policy:") -> Storage:
                 code=ErrorCode.STORAGE_UNAVAILABLE,
             ) from None
         return RedisStorage(url, key_prefix=key_prefix)
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from agentpolicy.storage.postgres import PostgresStorage  # noqa: PLC0415 - the extra
+        except ImportError:
+            raise PolicyError(
+                "PostgreSQL storage needs the postgres extra: pip install 'agentpolicy[postgres]'",
+                code=ErrorCode.STORAGE_UNAVAILABLE,
+            ) from None
+        return PostgresStorage(url)
     raise PolicyValidationError.single(
         "$.storage",
         f"unknown storage URL {url!r}: use memory://, sqlite:///relative.db, "
-        "sqlite:////absolute/path.db, redis://host:port/db or redis+cluster://host:port",
+        "sqlite:////absolute/path.db, redis://host:port/db, redis+cluster://host:port or "
+        "postgresql://user@host:port/dbname",
     )

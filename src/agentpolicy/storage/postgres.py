@@ -1,0 +1,653 @@
+"""PostgreSQL storage (the ``postgres`` extra), on psycopg 3 and psycopg_pool.
+
+Every rule stays in Python (:mod:`agentpolicy.ledger`); the database keeps
+documents, indexes, logs and operation ids in five plain tables of one
+schema, and the shards' lock rows in a sixth (see ``docs/postgresql.md``).
+
+**Locking.** A session that will write is one ``READ COMMITTED``
+transaction that first takes its shard's row in ``shards`` with
+``SELECT ... FOR UPDATE`` (sent with ``BEGIN`` and the first read in one
+round trip). Every session that writes a shard holds that row until it
+commits, so two engines deciding for the same agent take turns, and two
+agents never wait on each other: nothing else is locked, no table and no
+advisory lock. What a session reads under its shard's lock cannot change
+before it commits, so its commit checks nothing it read. A session that
+only reads (``write=False``) takes no lock; if it commits after all, its
+commit takes the shard's lock, compares every expected version and
+answers a conflict when one changed.
+
+**Commits.** One pipeline: the operation id, every write, ``COMMIT``. An
+operation id seen before (its row exists) answers the first result and
+writes nothing. A deadlock or serialization failure (40P01, 40001) rolls
+back and is tried again (then reported as a conflict, which the runner
+retries). When the connection is lost during a commit, whether it was
+applied is unknown: the commit is sent again on a new connection, where its
+operation id makes it apply at most once; if no connection can be had
+either, :class:`~agentpolicy.errors.StorageUnavailableError` says that the
+outcome is unknown.
+
+**Failures.** Connecting gives up after ``connect_timeout`` (2 s), waiting
+for a pooled connection after ``pool_timeout`` (3 s), waiting for a shard's
+lock after ``lock_timeout`` (10 s); each is ``STORAGE_UNAVAILABLE``, and
+nothing was allowed. A pooled connection found dead is replaced and the
+statement sent again, so the storage recovers by itself when the server is
+back.
+
+**Housekeeping.** A document written with a ``ttl`` expires at its
+commit's time (the engine's clock) plus the ttl. Every 1,000 commits a
+storage deletes, right after a commit and outside its transaction, up to
+5,000 documents that expired before that commit's time (by an index on the
+expiry, skipping rows that are locked) and operation ids older than a day
+(by key range: ids begin with their time). History is never dropped unless
+the engine sets a retention.
+
+**Schema.** Tables live in the schema named by ``?schema=`` (default
+``agentpolicy``), created on first use under a transaction-scoped advisory
+lock; ``schema_version`` records the layout. An older layout is upgraded in
+one transaction; a newer one is refused (``upgrade agentpolicy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import zlib
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from agentpolicy.errors import InternalError, PolicyValidationError, StorageUnavailableError
+from agentpolicy.storage._pg_url import split_postgres_url
+from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn, op_prefix
+from agentpolicy.urls import redact_url
+
+__all__ = ["SCHEMA_VERSION", "PostgresStorage"]
+
+SCHEMA_VERSION = 1
+"""The layout of the tables this agentpolicy writes (the ``schema_version`` table)."""
+
+_LAYOUT: tuple[str, ...] = (
+    'CREATE TABLE IF NOT EXISTS @s.shards (shard text COLLATE "C" PRIMARY KEY)',
+    'CREATE TABLE IF NOT EXISTS @s.docs (name text COLLATE "C" PRIMARY KEY, '
+    "version bigint NOT NULL, body text NOT NULL, expires bigint) WITH (fillfactor = 80)",
+    "CREATE INDEX IF NOT EXISTS docs_by_expiry ON @s.docs (expires) WHERE expires IS NOT NULL",
+    'CREATE TABLE IF NOT EXISTS @s.idx (ix text COLLATE "C" NOT NULL, '
+    'member text COLLATE "C" NOT NULL, score bigint NOT NULL, PRIMARY KEY (ix, member))',
+    "CREATE INDEX IF NOT EXISTS idx_by_score ON @s.idx (ix, score, member)",
+    'CREATE TABLE IF NOT EXISTS @s.logs (log text COLLATE "C" NOT NULL, seq bigint NOT NULL, '
+    "at bigint NOT NULL, body text NOT NULL, PRIMARY KEY (log, seq))",
+    'CREATE TABLE IF NOT EXISTS @s.ops (op text COLLATE "C" PRIMARY KEY, '
+    "at bigint NOT NULL, result text NOT NULL)",
+    "CREATE SEQUENCE IF NOT EXISTS @s.seq",
+)
+"""The statements that create the current layout in an empty schema."""
+
+_UPGRADES: dict[int, tuple[str, ...]] = {}
+"""The statements that take a layout from version ``n`` to ``n + 1`` (none yet)."""
+
+_LOCK_KEY = 0x61706F6C << 32  # 'apol': the advisory lock of schema setup, plus a schema's crc32
+_TRIM_EVERY = 64
+_PRUNE_EVERY = 1000
+_PRUNE_BATCH = 5000
+_ATTEMPTS = 4  # tries of one statement or commit when a connection is lost or a deadlock hits
+_MAX_APPENDS_KEPT = 100_000
+_RETRYABLE = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.TransactionRollback,
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Statements:
+    """The SQL of one schema, written out once."""
+
+    def __init__(self, schema: str) -> None:
+        q = f'"{schema}"'  # a checked plain identifier: safe to quote as is
+
+        def s(text: str) -> str:
+            return text.replace("@s", q)
+
+        self.schema = q
+        self.begin = "BEGIN ISOLATION LEVEL READ COMMITTED"
+        self.lock = s("SELECT 1 FROM @s.shards WHERE shard = %s FOR UPDATE")
+        self.add_shard = s("INSERT INTO @s.shards (shard) VALUES (%s) ON CONFLICT DO NOTHING")
+        self.get = s("SELECT name, version, body FROM @s.docs WHERE name = ANY(%s)")
+        self.versions = s("SELECT name, version FROM @s.docs WHERE name = ANY(%s)")
+        self.done = s("SELECT result FROM @s.ops WHERE op = %s")
+        self.scan = s(
+            "SELECT member, score FROM @s.idx WHERE ix = %s AND score <= %s::bigint "
+            "ORDER BY score, member LIMIT %s"
+        )
+        self.op = s("INSERT INTO @s.ops (op, at, result) VALUES (%s, %s::bigint, %s)")
+        self.put = s(
+            "INSERT INTO @s.docs AS d (name, version, body, expires) "
+            "VALUES (%s, 1, %s, %s::bigint) ON CONFLICT (name) DO UPDATE "
+            "SET version = d.version + 1, body = excluded.body, expires = excluded.expires"
+        )
+        self.delete = s("DELETE FROM @s.docs WHERE name = ANY(%s)")
+        self.index = s(
+            "INSERT INTO @s.idx (ix, member, score) "
+            "VALUES (%s, %s, coalesce(%s::bigint, nextval('@s.seq'))) "
+            "ON CONFLICT (ix, member) DO UPDATE SET score = excluded.score"
+        )
+        self.unindex = s("DELETE FROM @s.idx WHERE ix = %s AND member = %s")
+        self.append = s(
+            "INSERT INTO @s.logs (log, seq, at, body) "
+            "VALUES (%s, nextval('@s.seq'), %s::bigint, %s)"
+        )
+        self.trim_age = s("DELETE FROM @s.logs WHERE log = %s AND at < %s::bigint")
+        self.trim_len = s(
+            "DELETE FROM @s.logs WHERE log = %s AND seq <= (SELECT seq FROM @s.logs "
+            "WHERE log = %s ORDER BY seq DESC OFFSET %s LIMIT 1)"
+        )
+        self.log = s("SELECT seq, at, body FROM @s.logs WHERE log = %s ORDER BY seq DESC LIMIT %s")
+        self.prune_ops = s(
+            "DELETE FROM @s.ops WHERE op IN (SELECT op FROM @s.ops WHERE op < %s "
+            "LIMIT %s FOR UPDATE SKIP LOCKED)"
+        )
+        self.prune_docs = s(
+            "DELETE FROM @s.docs WHERE name IN (SELECT name FROM @s.docs "
+            "WHERE expires <= %s::bigint LIMIT %s FOR UPDATE SKIP LOCKED)"
+        )
+        self.layout = tuple(s(text) for text in _LAYOUT)
+
+    def upgrade(self, version: int) -> tuple[str, ...]:
+        """The statements from layout ``version`` to the next."""
+        return tuple(text.replace("@s", self.schema) for text in _UPGRADES[version])
+
+
+class _PostgresSession:
+    fresh = True
+
+    __slots__ = ("conn", "locked", "read", "shard", "sql", "storage", "write")
+
+    def __init__(self, storage: PostgresStorage, shard: str, write: bool) -> None:
+        self.storage = storage
+        self.sql = storage.sql
+        self.shard = shard
+        self.write = write
+        self.conn: psycopg.Connection[Any] | None = None
+        self.locked = False  # in a transaction that holds the shard's row
+        self.read: dict[str, int] = {}  # versions read while holding it
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def __enter__(self) -> _PostgresSession:
+        self.conn = self.storage._getconn()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is None:
+            return
+        if self.locked:
+            self.locked = False
+            # a lost connection: the server ends the transaction, the pool replaces it
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        self.storage._putconn(conn)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self.conn
+        if conn is None:
+            raise InternalError("a PostgreSQL session was used outside its with block")
+        return conn
+
+    def _replace(self) -> None:
+        """Drop a dead connection and take another (the lock and what was read go with it)."""
+        conn = self.conn
+        self.conn = None
+        self.locked = False
+        self.read = {}
+        if conn is not None:
+            self.storage._putconn(conn)
+        self.conn = self.storage._getconn()
+
+    def _rollback(self) -> None:
+        self.locked = False
+        self.read = {}
+        self._connection().execute("ROLLBACK")
+
+    def _send(
+        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
+    ) -> list[list[tuple[Any, ...]]]:
+        """Run ``queries`` in one round trip, first taking the shard's lock when ``lock``."""
+        conn = self._connection()
+        sql = self.sql
+        take = lock and not self.locked
+        got = None
+        with conn.pipeline():
+            if take:
+                conn.execute(sql.begin)
+                self.locked = True
+                got = conn.execute(sql.lock, (self.shard,))
+            cursors = [conn.execute(q, p) for q, p in queries]
+        if got is not None and got.fetchone() is None:  # the shard's first session: add its row
+            conn.execute(sql.add_shard, (self.shard,))
+            conn.execute(sql.lock, (self.shard,))
+            with conn.pipeline():
+                cursors = [conn.execute(q, p) for q, p in queries]
+        return [c.fetchall() for c in cursors]
+
+    def _rows(
+        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
+    ) -> list[list[tuple[Any, ...]]]:
+        """:meth:`_send`, on a new connection when the one in hand turns out to be dead.
+
+        A new connection holds no lock and has read nothing: the commit then
+        checks every version it expects.
+        """
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._send(queries, lock=lock)
+            except psycopg.Error as exc:
+                if not self._is_lost() or attempt == _ATTEMPTS - 1:
+                    raise self.storage._error(exc) from None
+            self._replace()
+        raise InternalError("unreachable")  # pragma: no cover
+
+    def _is_lost(self) -> bool:
+        conn = self.conn
+        return conn is None or conn.closed or conn.broken
+
+    # -- the session protocol --------------------------------------------------------------------
+
+    def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
+        (rows,) = self._rows([(self.sql.get, (list(names),))], lock=self.write)
+        found = {name: (version, json.loads(body)) for name, version, body in rows}
+        if self.locked:
+            read = self.read
+            for name in names:
+                doc = found.get(name)
+                read[name] = 0 if doc is None else doc[0]
+        return found
+
+    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        (rows,) = self._rows([(self.sql.scan, (index, upto, limit))], lock=self.write)
+        return [(member, score) for member, score in rows]
+
+    def commit(self, txn: Txn) -> Outcome:
+        sent = False  # whether this attempt's COMMIT was sent
+        unknown = False  # whether a connection was lost after a COMMIT was sent
+        lost = False
+        for _ in range(_ATTEMPTS):
+            sent = False
+            try:
+                if not (self.locked and self._verified(txn.expect)):
+                    outcome = self._check(txn)
+                    if outcome is not None:
+                        return outcome
+                sent = True
+                self._apply(txn)
+            except psycopg.errors.UniqueViolation as exc:
+                self._safely(self._rollback)
+                if exc.diag.constraint_name != "ops_pkey":
+                    raise self.storage._error(exc) from None
+                return self._replayed(txn)
+            except _RETRYABLE:  # a deadlock or a serialization failure: rolled back
+                self._safely(self._rollback)
+                continue
+            except psycopg.Error as exc:
+                if not self._is_lost():  # the server refused: this attempt was rolled back
+                    self._safely(self._rollback)
+                    if unknown:
+                        raise self.storage._unknown() from None
+                    raise self.storage._error(exc) from None
+                lost = True
+                unknown = unknown or sent
+                self._reconnect(unknown)
+                continue
+            self.storage._committed(self._connection(), txn.at)
+            return Outcome(applied=True, replayed=False, result=txn.result)
+        if unknown:
+            raise self.storage._unknown()
+        if lost:
+            raise StorageUnavailableError(
+                f"PostgreSQL at {self.storage.shown_url} kept dropping the connection; "
+                "nothing was allowed or changed"
+            )
+        return CONFLICT  # a deadlock every time: the runner runs the step again
+
+    def _safely(self, action: Any) -> None:
+        try:
+            action()
+        except psycopg.Error:
+            self.locked = False
+            self.read = {}
+
+    def _reconnect(self, unknown: bool) -> None:
+        try:
+            self._replace()
+        except StorageUnavailableError:
+            if unknown:
+                raise self.storage._unknown() from None
+            raise
+
+    def _verified(self, expect: dict[str, int]) -> bool:
+        read = self.read
+        return all(read.get(name) == version for name, version in expect.items())
+
+    def _check(self, txn: Txn) -> Outcome | None:
+        """Take the shard's lock; answer a replay or a conflict, or ``None`` to go on."""
+        names = list(txn.expect)
+        versions, done = self._send(
+            [(self.sql.versions, (names,)), (self.sql.done, (txn.op,))], lock=True
+        )
+        if done:
+            self._rollback()
+            return Outcome(applied=False, replayed=True, result=json.loads(done[0][0]))
+        current = dict(versions)
+        if any(current.get(name, 0) != version for name, version in txn.expect.items()):
+            self._rollback()
+            return CONFLICT
+        self.read = dict(txn.expect)
+        return None
+
+    def _replayed(self, txn: Txn) -> Outcome:
+        """The first result of an operation applied before (its id is taken)."""
+        try:
+            (rows,) = self._rows([(self.sql.done, (txn.op,))], lock=False)
+        except StorageUnavailableError:
+            raise self.storage._unknown() from None
+        if not rows:
+            raise InternalError(f"operation {txn.op} was seen but its result is gone")
+        return Outcome(applied=False, replayed=True, result=json.loads(rows[0][0]))
+
+    def _apply(self, txn: Txn) -> None:
+        """Send the operation id, every write and ``COMMIT`` in one round trip (a pipeline).
+
+        Statements are prepared by psycopg after a few uses. One statement of
+        arrays for all the writes measured no faster, so each write is its own.
+        """
+        conn = self._connection()
+        sql = self.sql
+        at = txn.at
+        run = conn.execute
+        with conn.pipeline():
+            run(sql.op, (txn.op, at, _dumps(txn.result)))
+            ttl = txn.ttl
+            for name, body in txn.put.items():
+                run(sql.put, (name, _dumps(body), at + ttl[name] * 1000 if name in ttl else None))
+            if txn.delete:
+                run(sql.delete, (list(txn.delete),))
+            if txn.index:
+                final: dict[tuple[str, str], int | None] = {}
+                for index, member, score in txn.index:  # the last change of a member counts
+                    final.pop((index, member), None)
+                    final[(index, member)] = score
+                for (index, member), score in final.items():
+                    if score is None:
+                        run(sql.unindex, (index, member))
+                    else:
+                        run(sql.index, (index, member, None if score == NEXT_SEQ else score))
+            for log, entry, _, _ in txn.append:
+                run(sql.append, (log, at, _dumps(entry)))
+            if txn.append:
+                self._trims(conn, txn)
+            run("COMMIT")
+        self.locked = False
+
+    def _trims(self, conn: psycopg.Connection[Any], txn: Txn) -> None:
+        """Trim a log by age and length once every 64 of its appends (in this process)."""
+        appends = self.storage._appends
+        for log, _, keep_after, max_len in txn.append:
+            if keep_after is None and max_len is None:
+                continue
+            count = appends.get(log, 0) + 1
+            if len(appends) > _MAX_APPENDS_KEPT:
+                appends.clear()
+            appends[log] = count
+            if count % _TRIM_EVERY:
+                continue
+            if keep_after is not None:
+                conn.execute(self.sql.trim_age, (log, keep_after))
+            if max_len is not None:
+                conn.execute(self.sql.trim_len, (log, log, max_len))
+
+
+class PostgresStorage:
+    """Storage on PostgreSQL (``postgresql://user@host:5432/db?schema=NAME``, ``postgres://``).
+
+    ``schema`` (from the URL, default ``agentpolicy``) holds the tables, so
+    one database can hold several independent stores. ``pool_size``
+    connections at most; ``connect_timeout``, ``pool_timeout`` and
+    ``lock_timeout`` bound how long a call waits before it fails closed with
+    :class:`~agentpolicy.errors.StorageUnavailableError`. Nothing connects
+    until the first call; the tables are created (or upgraded) then.
+    """
+
+    global_indexes_atomic = True
+    default_history_retention: int | None = None
+    """PostgreSQL keeps every history record by default: it is the audit trail."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: timedelta = timedelta(seconds=2),
+        pool_timeout: timedelta = timedelta(seconds=3),
+        lock_timeout: timedelta = timedelta(seconds=10),
+    ) -> None:
+        conninfo, self.schema = split_postgres_url(url)
+        self.shown_url = redact_url(url)
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            raise PolicyValidationError.single(
+                "$.storage", f"{self.shown_url} is not a PostgreSQL URL that libpq can read"
+            ) from None
+        if pool_size < 1:
+            raise PolicyValidationError.single("$.poolSize", "must be at least 1")
+        ms = timedelta(milliseconds=1)
+        ours = (
+            f"-c lock_timeout={max(1, lock_timeout // ms)} "
+            f"-c idle_in_transaction_session_timeout={max(1, 3 * lock_timeout // ms)}"
+        )
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "options": f"{ours} {params.get('options') or ''}".strip(),
+        }
+        if "connect_timeout" not in params:
+            kwargs["connect_timeout"] = max(1, round(connect_timeout.total_seconds()))
+        if "application_name" not in params:
+            kwargs["application_name"] = "agentpolicy"
+        self._conninfo = conninfo
+        self._kwargs = kwargs
+        self.sql = _Statements(self.schema)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            conninfo,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=pool_timeout.total_seconds(),
+            reconnect_timeout=max(1.0, pool_timeout.total_seconds()),
+            name=f"agentpolicy-{self.schema}",
+            num_workers=2,
+        )
+        self._lock = threading.Lock()
+        self._opened = False
+        self._closed = False
+        self._ready = False
+        self._commits_until_prune = _PRUNE_EVERY
+        self._appends: dict[str, int] = {}
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _getconn(self) -> psycopg.Connection[Any]:
+        if not self._opened:
+            with self._lock:
+                if self._closed:
+                    raise StorageUnavailableError("this PostgreSQL storage was closed")
+                if not self._opened:
+                    self._pool.open(wait=False)
+                    self._opened = True
+        try:
+            conn = self._pool.getconn()
+        except PoolTimeout:
+            raise self._down() from None
+        if not self._ready:
+            try:
+                self._setup(conn)
+            except BaseException:
+                self._pool.putconn(conn)
+                raise
+        return conn
+
+    def _putconn(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            self._pool.putconn(conn)
+        except psycopg.Error:  # pragma: no cover - a pool already closed
+            conn.close()
+
+    def _down(self) -> StorageUnavailableError:
+        """Why no connection came: connect once more to learn the server's own words."""
+        try:
+            psycopg.connect(self._conninfo, **self._kwargs).close()
+        except psycopg.Error as exc:
+            reason = _first_line(exc)
+        else:
+            reason = f"all {self._pool.max_size} connections of the pool stayed busy"
+        return StorageUnavailableError(
+            f"PostgreSQL at {self.shown_url} is unavailable ({reason}); "
+            "nothing was allowed or changed"
+        )
+
+    def _error(self, exc: psycopg.Error) -> StorageUnavailableError | InternalError:
+        """A structured error for a failed statement (nothing was changed)."""
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return StorageUnavailableError(
+                "an agent's rows stayed locked by another session past the lock timeout; "
+                "nothing was allowed or changed"
+            )
+        if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+            return StorageUnavailableError(
+                f"the tables of schema {self.schema} are missing (dropped while in use?): "
+                f"{_first_line(exc)}; nothing was allowed or changed"
+            )
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            return StorageUnavailableError(
+                f"PostgreSQL at {self.shown_url} is unavailable ({_first_line(exc)}); "
+                "nothing was allowed or changed"
+            )
+        sqlstate = getattr(exc, "sqlstate", None) or "?"
+        return InternalError(f"PostgreSQL refused a statement ({sqlstate}): {_first_line(exc)}")
+
+    def _unknown(self) -> StorageUnavailableError:
+        return StorageUnavailableError(
+            f"the connection to PostgreSQL at {self.shown_url} was lost during a commit and "
+            "could not be made again, so whether this change was recorded is unknown: a "
+            "reservation it made expires by itself, and the same idempotency key answers "
+            "the first decision"
+        )
+
+    # -- schema ----------------------------------------------------------------------------------
+
+    def _setup(self, conn: psycopg.Connection[Any]) -> None:
+        """Create, upgrade or refuse the schema's layout (once per storage object)."""
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                if self._version(conn) != SCHEMA_VERSION:
+                    self._migrate(conn)
+            except psycopg.Error as exc:
+                if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                raise self._error(exc) from None
+            self._ready = True
+
+    def _version(self, conn: psycopg.Connection[Any]) -> int | None:
+        found = conn.execute(
+            "SELECT to_regclass(%s)", (f"{self.sql.schema}.schema_version",)
+        ).fetchone()
+        if found is None or found[0] is None:
+            return None
+        row = conn.execute(
+            f"SELECT max(version) FROM {self.sql.schema}.schema_version"  # noqa: S608 - checked name
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        q = self.sql.schema
+        key = _LOCK_KEY | zlib.crc32(self.schema.encode())
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (key,))
+            exists = conn.execute("SELECT to_regnamespace(%s)", (q,)).fetchone()
+            if exists is None or exists[0] is None:
+                conn.execute(f"CREATE SCHEMA {q}")
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {q}.schema_version (version integer NOT NULL)"
+            )
+            row = conn.execute(f"SELECT max(version) FROM {q}.schema_version").fetchone()  # noqa: S608
+            version = None if row is None else row[0]
+            if version is None:
+                for statement in self.sql.layout:
+                    conn.execute(statement)
+                conn.execute(
+                    f"INSERT INTO {q}.schema_version (version) VALUES (%s)",  # noqa: S608
+                    (SCHEMA_VERSION,),
+                )
+                return
+            if version > SCHEMA_VERSION:
+                raise StorageUnavailableError(
+                    f"the PostgreSQL schema {self.schema} has layout version {version}; this "
+                    f"agentpolicy knows {SCHEMA_VERSION}: upgrade agentpolicy"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in self.sql.upgrade(step):
+                    conn.execute(statement)
+            conn.execute(f"UPDATE {q}.schema_version SET version = %s", (SCHEMA_VERSION,))  # noqa: S608
+
+    # -- housekeeping ------------------------------------------------------------------------------
+
+    def _committed(self, conn: psycopg.Connection[Any], at: int) -> None:
+        """Count a commit; every 1,000 delete old operation ids and documents past their ttl."""
+        self._commits_until_prune -= 1
+        if self._commits_until_prune > 0:
+            return
+        self._commits_until_prune = _PRUNE_EVERY
+        try:
+            with conn.pipeline():
+                conn.execute(self.sql.prune_ops, (op_prefix(at - OP_KEEP_US), _PRUNE_BATCH))
+                conn.execute(self.sql.prune_docs, (at, _PRUNE_BATCH))
+        except psycopg.Error:
+            pass  # housekeeping only: the next round tries again
+
+    # -- the storage protocol ----------------------------------------------------------------------
+
+    def session(self, shard: str, *, write: bool = True) -> _PostgresSession:
+        """A session on ``shard``: a transaction holding the shard's row when ``write``."""
+        return _PostgresSession(self, shard, write)
+
+    def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
+        """The newest ``limit`` entries of a log, newest first."""
+        with self.session(shard, write=False) as session:
+            (rows,) = session._rows([(self.sql.log, (name, limit))], lock=False)
+        return [(seq, at, json.loads(body)) for seq, at, body in rows]
+
+    def close(self) -> None:
+        """Close the connection pool (a closed storage refuses further calls)."""
+        with self._lock:
+            self._closed = True
+            if self._opened:
+                self._opened = False
+                self._pool.close(timeout=5)
