@@ -498,3 +498,80 @@ def test_no_endpoints_means_nothing_is_written_and_flush_is_immediate() -> None:
     assert engine.webhook_deliveries() == []
     with pytest.raises(PolicyValidationError):
         engine.webhook_deliveries("lost")
+
+
+@pytest.mark.parametrize("name", ["memory", "redis", "redis-cluster"])
+def test_an_event_queued_while_the_dispatcher_marks_its_shard_idle_is_still_delivered(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest, receiver: Receiver
+) -> None:
+    """The dispatcher finds a shard's queue empty; an event lands before its idle mark does.
+
+    Without a second look after the mark, the shard stays marked idle with an
+    event waiting, and nothing ever delivers it (it happened on Redis Cluster,
+    where the mark is a hint beside the commit).
+    """
+    from tests.backends import make_backend
+
+    backend = make_backend(name, tmp_path, request)
+    clock = ManualClock()
+    engine = engine_for(backend.handle(), receiver.url)
+    emitter = engine_for(backend.handle(), receiver.url, clock)
+    for each in (engine, emitter):  # no background worker: this thread does every claim
+        assert each.webhooks is not None
+        each.webhooks.close()
+    outbox = engine.outbox
+    real = outbox.storage
+    injected: list[str] = []
+
+    class Scanning:
+        """A session whose first empty read of an outbox queue lets an event in."""
+
+        def __init__(self, session: Any) -> None:
+            self.session = session
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self.session, attr)
+
+        def scan(self, index: str, upto: int, limit: int) -> Any:
+            found = self.session.scan(index, upto, limit)
+            if index.startswith("wq/") and not found and not injected:
+                d = emitter.authorize(payment(500_000_000, agent_id="agent-123"))
+                injected.append(d.approval_id or "")
+            return found
+
+    class Racing:
+        """The store, but an event is queued right after the dispatcher reads an empty queue."""
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real, attr)
+
+        def session(self, shard: str, *, write: bool = True) -> Any:
+            inner = real.session(shard, write=write)
+
+            class Session:
+                def __enter__(self) -> Any:
+                    entered = inner.__enter__()
+                    return Scanning(entered) if write else entered  # the claim's session
+
+                def __exit__(self, *exc: object) -> Any:
+                    return inner.__exit__(*exc)
+
+            return Session()
+
+    first = engine.authorize(payment(500_000_000, agent_id="agent-123"))
+    outbox.storage = Racing()  # type: ignore[assignment]
+    try:
+        assert engine.flush_webhooks(10)  # delivers the first event
+        assert engine.webhooks is not None
+        assert engine.webhooks.run_once() == 0  # finds the queue empty: marks the shard idle
+        assert injected, "the race was not staged"
+        outbox.storage = real
+        assert engine.flush_webhooks(10)
+        created = [b for b in bodies(receiver) if b["event"] == "approval.created"]
+        assert [b["approval"]["id"] for b in created] == [first.approval_id, *injected]
+    finally:
+        outbox.storage = real
+        engine.close()
+        emitter.close()
+        for storage in backend.opened:
+            storage.close()

@@ -70,7 +70,8 @@ class LedgerOutbox:
 
             def step(view: View, txn: Txn, shard: str = shard) -> None:
                 queue = self._queue(view, shard)
-                if not queue:
+                idle = not queue
+                if idle:
                     txn.index.append((keys.OUTBOX, shard, 1))  # idle until the next event
                 heads: dict[tuple[str, str], tuple[str, int, Body]] = {}
                 for delivery_id, seq, doc in queue:
@@ -85,11 +86,33 @@ class LedgerOutbox:
                         leased = {**doc, "next": now + lease}
                         txn.put[keys.webhook(delivery_id)] = leased
                         taken.append([leased, seq])
-                txn.result = taken
+                txn.result = {"taken": taken, "idle": idle}
 
-            for doc, seq in run(self.storage, shard, step, list, at=self.clock_us()):
+            result = run(self.storage, shard, step, dict, at=self.clock_us())
+            for doc, seq in result["taken"]:
                 claimed.append(delivery_record(doc, seq))
+            if result["idle"]:
+                self._recheck_idle(shard)
         return claimed
+
+    def _recheck_idle(self, shard: str) -> None:
+        """Undo an idle mark that an event committed meanwhile may have overtaken.
+
+        Where the ``@outbox`` index is only a hint beside the commit (Redis
+        Cluster), or where the queue was read without a lock (Redis), an event
+        can be queued between the read that found the queue empty and the idle
+        mark landing. Reading the queue again after the mark is written closes
+        that gap: an event committed before this read is seen here, and one
+        committed after it writes its own mark later than ours.
+        """
+        with self.storage.session(shard, write=False) as session:
+            if not session.scan(keys.outbox_queue(shard), MAX_SCORE, 1):
+                return
+
+        def step(view: View, txn: Txn) -> None:
+            txn.index.append((keys.OUTBOX, shard, 0))
+
+        run(self.storage, shard, step, lambda _: None, at=self.clock_us())
 
     def finish_webhook(self, delivery: WebhookDelivery) -> None:
         """Record an attempt's outcome; a finished delivery leaves the queue."""
