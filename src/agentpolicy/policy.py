@@ -324,10 +324,11 @@ class SpendingLimits:
 
     def for_period(self, period: Period) -> Amount | None:
         """The limit of a calendar window, or ``None`` when the policy sets none."""
-        return self._by_period[period]
+        return self.by_period[period]
 
     @functools.cached_property
-    def _by_period(self) -> dict[Period, Amount | None]:
+    def by_period(self) -> dict[Period, Amount | None]:
+        """Every calendar window with its limit (``None`` where the policy sets none)."""
         return {p: cast(Amount | None, getattr(self, p.value)) for p in Period}
 
     @functools.cached_property

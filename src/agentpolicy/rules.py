@@ -289,13 +289,13 @@ def _tallies(
     symbol: str,
     windows: tuple[Window, ...],
     block: SpendingLimits | None,
-) -> tuple[dict[Period, Tally], dict[int, Tally]]:
+) -> tuple[dict[Period, Tally], dict[int, Tally], _Items]:
     # The same tallies serve every payment of the hour: kept by the identity of the
     # (cached) windows and the (cached, per policy version) block of limits.
     key = (book, symbol, id(windows), id(block))
     found = _TALLIES.get(key)
     if found is not None and found[0] is windows and found[1] is block:
-        return found[2], found[3]
+        return found[2], found[3], found[4]
     calendar = {w.period: Tally(book, f"{symbol}|{w.key}", window=w) for w in windows}
     rolling = {
         seconds: Tally(book, f"{symbol}|roll:{seconds}", seconds=seconds)
@@ -303,11 +303,15 @@ def _tallies(
     }
     if len(_TALLIES) > 4096:
         _TALLIES.clear()
-    _TALLIES[key] = (windows, block, calendar, rolling)
-    return calendar, rolling
+    items = tuple((t.key, w) for w, t in zip(windows, calendar.values(), strict=True))
+    _TALLIES[key] = (windows, block, calendar, rolling, items)
+    return calendar, rolling, items
 
 
-_TALLIES: dict[tuple[Any, ...], tuple[Any, Any, dict[Period, Tally], dict[int, Tally]]] = {}
+_Items = tuple[tuple[str, Window], ...]
+"""``(key, window)`` of each calendar tally of a book: what the ledger moves."""
+
+_TALLIES: dict[tuple[Any, ...], tuple[Any, Any, dict[Period, Tally], dict[int, Tally], _Items]] = {}
 
 
 Used = tuple[int, int, int]
@@ -356,26 +360,33 @@ def _count_words(label: str, limit: int, count: int) -> str:
     return f"{label} of {limit} payments: {count} so far + 1 {verdict}"
 
 
+_NO_LIMIT = {p: _skip(f"{p.value}_limit", f"no {p.value} limit") for p in WINDOW_PERIODS}
+_WINDOW_CHECK = {
+    p: (f"{p.value}_limit", Code.for_period(p), f"{p.value} limit") for p in WINDOW_PERIODS
+}
+
+
 class _Book:
     """The limits one book applies (the agent's, or a scope's) and the tallies they read."""
 
-    __slots__ = ("amounts", "block", "calendar", "name", "prefix", "rolling", "scope")
+    __slots__ = ("amounts", "block", "calendar", "items", "key", "prefix", "rolling", "scope")
 
     def __init__(
         self,
         block: SpendingLimits | None,
-        calendar: dict[Period, Tally],
-        rolling: dict[int, Tally],
+        tallies: tuple[dict[Period, Tally], dict[int, Tally], _Items],
         amounts: bool,
         scope: ScopedLimit | None = None,
         prefix: str = "",
     ) -> None:
+        calendar, self.rolling, items = tallies
         self.block = block
         self.calendar = calendar
-        self.rolling = rolling
         self.amounts = amounts  # whether its amount limits apply (same token)
         self.scope = scope
         self.prefix = prefix
+        self.key = next(iter(calendar.values())).book
+        self.items = items
 
     def checks(self, amount: Amount, usage: UsedUnits) -> list[_Check]:
         block, prefix = self.block, self.prefix
@@ -383,17 +394,23 @@ class _Book:
         out: list[_Check] = []
         if scoped:
             out.append(self._per_transaction(amount))
-        for period in WINDOW_PERIODS:
-            name = f"{prefix}{period.value}_limit"
-            limit = block.for_period(period) if block is not None else None
-            if limit is None or not self.amounts:
-                if not scoped:
-                    out.append(_skip(name, f"no {period.value} limit"))
-                continue
-            code = Code.SCOPED_LIMIT if scoped else Code.for_period(period)
-            label = f"{self._label()}{period.value} limit"
-            used = _used(usage, self.calendar[period])
-            out.append(_amount_limit(name, code, label, limit, amount, used))
+            if self.amounts and block is not None:
+                label = self._label()
+                for period, limit in block.windowed:
+                    name = f"{prefix}{period.value}_limit"
+                    used = _used(usage, self.calendar[period])
+                    words = f"{label}{period.value} limit"
+                    out.append(_amount_limit(name, Code.SCOPED_LIMIT, words, limit, amount, used))
+        else:
+            by_period = block.by_period if block is not None and self.amounts else None
+            for period in WINDOW_PERIODS:
+                cap = by_period[period] if by_period is not None else None
+                if cap is None:
+                    out.append(_NO_LIMIT[period])
+                    continue
+                name, code, label = _WINDOW_CHECK[period]
+                used = _used(usage, self.calendar[period])
+                out.append(_amount_limit(name, code, label, cap, amount, used))
         if block is None:
             return out
         for r in block.rolling if self.amounts else ():
@@ -545,8 +562,8 @@ def _scope_books(
         if not scope.covers(request):
             continue
         group = scope.group(request.category, request.recipient, request.network)
-        calendar, rolling = _tallies((scope.name, group), scope.token, windows, scope.limits)
-        books.append(_Book(scope.limits, calendar, rolling, amounts=True, scope=scope,
+        tallies = _tallies((scope.name, group), scope.token, windows, scope.limits)
+        books.append(_Book(scope.limits, tallies, amounts=True, scope=scope,
                            prefix=f"scope[{scope.name}]."))  # fmt: skip
     return books
 
@@ -586,8 +603,8 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         _per_transaction(block, amount, comparable),
     )
     blocking = next((c for c in checks if c[1] is _FAIL), None)
-    calendar, rolling = _tallies(None, symbol if block is None else block.token, windows, block)
-    books = [_Book(block, calendar, rolling, comparable)]
+    tallies = _tallies(None, symbol if block is None else block.token, windows, block)
+    books = [_Book(block, tallies, comparable)]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, symbol)
     return Assessment(

@@ -8,6 +8,7 @@ a public record (a :class:`~agentpolicy.PaymentRequest` checks itself).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -87,7 +88,7 @@ def reservation_doc(
     agent: str,
     status: str,
     request: Body,
-    targets: list[list[Any]],
+    targets: Sequence[Sequence[Any]],
     created: int,
     expires: int,
     policy_version: int,

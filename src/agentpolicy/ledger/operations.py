@@ -37,7 +37,7 @@ from agentpolicy.ledger.state import (
     record,
     undo,
 )
-from agentpolicy.ledger.tallies import EMPTY_SCOPE_BOOK, MAX_SCORE
+from agentpolicy.ledger.tallies import MAX_SCORE
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import ApprovalStatus, Vote
 from agentpolicy.requests import PaymentRequest
@@ -75,19 +75,20 @@ def _book_names(agent: str, a: Assessment) -> dict[tuple[str, str] | None, str]:
 
 def _usage(
     books: Books, names: dict[tuple[str, str] | None, str], a: Assessment, now: int
-) -> dict[str, list[int]]:
+) -> dict[str, tuple[int, int, int]]:
     """What every tally of the payment has used, as the ledger has it now."""
-    usage: dict[str, list[int]] = {}
-    for t in a.tallies:
-        book = books[names[t.book]]
-        if t.seconds is None:
-            c = book.counters.get(t.key)
+    usage: dict[str, tuple[int, int, int]] = {}
+    for b in a.books:
+        book = books[names[b.key]]
+        counters = book.counters
+        for t in b.calendar.values():
+            c = counters.get(t.key)
             if c is not None:
-                usage[t.usage_key] = [c[2] + c[3], c[1], c[4] if len(c) > 4 else 0]
-        else:
+                usage[t.usage_key] = (c[2] + c[3], c[1], c[4] if len(c) > 4 else 0)
+        for t in b.rolling.values():
             value, decimals, count = book.rolling_used(t.key, now)
             if value or count:
-                usage[t.usage_key] = [value, decimals, count]
+                usage[t.usage_key] = (value, decimals, count)
     return usage
 
 
@@ -230,22 +231,21 @@ def _hold(
         rec["rid"] = rid
     rec["x"] = expires
     value, decimals = request.amount, request.decimals
-    targets: list[list[Any]] = []
-    for t in a.tallies:
-        name = names[t.book]
+    targets: list[tuple[str, str, str, int]] = []
+    for b in a.books:
+        name = names[b.key]
         book = books[name]
-        if t.book is not None and book.body is EMPTY_SCOPE_BOOK:  # a scope's new group
-            txn.index.append((keys.scope_groups(agent, t.book[0]), t.book[1], 0))
-        if t.seconds is None:
-            book.calendar(t.key, t.window, value, decimals, "reserve")
-            targets.append([name, t.key, "c", 0])
-        else:
-            book.rolling(txn, t.key, t.seconds, value, decimals, "reserve", now, rid)
-            targets.append([name, t.key, "r", t.seconds])
+        if b.key is not None and books.view.doc(name) is None:  # a scope's new group
+            txn.index.append((keys.scope_groups(agent, b.key[0]), b.key[1], 0))
+        book.calendars(b.items, value, decimals, "reserve")
+        targets += [(name, key, "c", 0) for key, _ in b.items]
+        for t in b.rolling.values():
+            book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
+            targets.append((name, t.key, "r", t.seconds or 0))
     name = keys.reservation(rid)
     txn.put[name] = reservation_doc(
         agent=agent, status="held" if held else "reserved", request=rec["req"],
-        targets=targets, created=now, expires=expires, policy_version=version,
+        targets=tuple(targets), created=now, expires=expires, policy_version=version,
         approval_id=approval_id,
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
@@ -259,7 +259,7 @@ def _alerts(
     shard: str,
     books: Books,
     a: Assessment,
-    usage: dict[str, list[int]],
+    usage: dict[str, tuple[int, int, int]],
 ) -> None:
     """Announce every alert threshold this payment's amount carried usage across."""
     agent = a.request.agent_id

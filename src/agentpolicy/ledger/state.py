@@ -144,13 +144,15 @@ def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
     targets = doc.get("tg")
     if targets is None:  # written before scoped and rolling limits: the head's windows
         targets = [[books.head.name, key, "c", 0] for key in doc["w"]]
-    books.need(t[0] for t in targets)
+    books.need({t[0]: None for t in targets})
+    calendars: dict[str, list[tuple[str, None]]] = {}
     for name, key, kind, extra in targets:
-        book = books[name]
         if kind == "c":
-            book.calendar(key, None, value, decimals, op)
+            calendars.setdefault(name, []).append((key, None))
         else:
-            book.rolling(txn, key, extra, value, decimals, op, doc["c"], rid)
+            books[name].rolling(txn, key, extra, value, decimals, op, doc["c"], rid)
+    for name, items in calendars.items():
+        books[name].calendars(items, value, decimals, op)
 
 
 def record(txn: Txn, cfg: LedgerConfig, agent: str, entry: Body, *, denial: bool = False) -> None:

@@ -8,7 +8,9 @@ authorize did.
 
 **Calendar counters** are lists ``[end, decimals, spent, reserved, count,
 fired alerts]`` under the window's key; they live until ``counter_grace``
-after the window ends (see :mod:`agentpolicy.ledger.state`).
+after the window ends (see :mod:`agentpolicy.ledger.state`). A book keeps
+the earliest end of its calendar counters as ``"pe"``, so that pruning looks
+at them only when one is due.
 
 **Rolling counters** keep every payment exactly: each is a member
 ``"<value>:<decimals>:<r|c>:<reservation id>"`` of the counter's live index,
@@ -112,35 +114,72 @@ class Book:
         A counter begins with its window (``window`` gives its end); a window
         whose counter was already dropped gets nothing back.
         """
-        c = self.counters.get(key)
-        if c is None:
-            if op != "reserve" or window is None:
-                return
-            c = [micros(window.end), 0, 0, 0, 0]
-        end, d, spent, reserved = c[0], c[1], c[2], c[3]
-        count = c[4] if len(c) > 4 else 0
-        d, (spent, reserved), value = _align(d, [spent, reserved], decimals, value)
-        if op == "reserve":
-            reserved += value
-            count += 1
-        elif op == "unreserve":
-            reserved = max(0, reserved - value)
-            count = max(0, count - 1)
-        else:
-            spent += value
-            reserved = max(0, reserved - value)
-        self.own()["c"][key] = [end, d, spent, reserved, count, *c[5:6]]
+        self.calendars(((key, window),), value, decimals, op)
+
+    def calendars(
+        self,
+        items: Iterable[tuple[str, Window | None]],
+        value: int,
+        decimals: int,
+        op: str,
+    ) -> None:
+        """:meth:`calendar` for several counters of this book at once: ``(key, window)`` pairs."""
+        counters = self.body["c"]
+        reserve, unreserve = op == "reserve", op == "unreserve"
+        for key, window in items:
+            c = counters.get(key)
+            if c is None:
+                if not reserve or window is None:
+                    continue
+                counters = self.own()["c"]
+                end = micros(window.end)
+                c = [end, 0, 0, 0, 0]
+                earliest = self.body.get("pe")
+                if earliest is not None and end < earliest:
+                    self.body["pe"] = end
+            end, d, spent, reserved = c[0], c[1], c[2], c[3]
+            count = c[4] if len(c) > 4 else 0
+            amount = value
+            if decimals != d:
+                d, (spent, reserved), amount = _align(d, [spent, reserved], decimals, value)
+            if reserve:
+                reserved += amount
+                count += 1
+            elif unreserve:
+                reserved = max(0, reserved - amount)
+                count = max(0, count - 1)
+            else:
+                spent += amount
+                reserved = max(0, reserved - amount)
+            if not self.changed:
+                counters = self.own()["c"]
+            if len(c) > 5:
+                counters[key] = [end, d, spent, reserved, count, c[5]]
+            else:
+                counters[key] = [end, d, spent, reserved, count]
 
     def prune(self, now: int, grace: int) -> None:
-        """Drop calendar counters of windows that ended ``grace`` or more ago; move the horizon."""
-        horizon = self.body.get("hz", 0)
-        stale = [k for k, c in self.counters.items() if isinstance(c, list) and c[0] + grace <= now]
-        if not stale:
+        """Drop calendar counters of windows that ended ``grace`` or more ago; move the horizon.
+
+        The book keeps the earliest end of its calendar counters (``pe``), so
+        a step looks at its counters only when one of them is due.
+        """
+        earliest = self.body.get("pe")
+        if earliest is not None and now < earliest + grace:
             return
-        counters = self.own()["c"]
-        for key in stale:
-            horizon = max(horizon, counters.pop(key)[0])
-        self.body["hz"] = horizon
+        horizon = self.body.get("hz", 0)
+        ends = {k: c[0] for k, c in self.counters.items() if isinstance(c, list)}
+        if not ends and earliest is None:
+            return  # nothing to prune, and nothing worth writing down
+        stale = [k for k, end in ends.items() if end + grace <= now]
+        body = self.own()
+        if stale:
+            counters = body["c"]
+            for key in stale:
+                horizon = max(horizon, counters.pop(key)[0])
+                del ends[key]
+            body["hz"] = horizon
+        body["pe"] = min(ends.values(), default=MAX_SCORE)
 
     def check_horizon(self, now: int, agent: str) -> None:
         """Refuse a request stamped before what this book can still decide."""
