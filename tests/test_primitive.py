@@ -146,3 +146,76 @@ def test_memory_expiry_looks_at_only_what_is_due_among_14000_open_reservations(
     engine.authorize(payment(1))  # the first ten or so are due now
     assert 10 <= len(popped) <= 2 * 13  # the due ones, and the next one: O(k log n)
     assert len(engine.sweep().reservations) == 0
+
+
+# -- the runner under contention -------------------------------------------------------------
+
+
+class Contended(MemoryStorage):
+    """A store whose first ``losses`` commits conflict, as if another engine always won."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__()
+        self.losses = losses
+        self.commits = 0
+
+    def session(self, shard: str, *, write: bool = True) -> Any:
+        outer = self
+        inner = super().session(shard, write=write)
+
+        class Losing:
+            def __enter__(self) -> Any:
+                session = inner.__enter__()
+
+                class Wrapped:
+                    fresh = session.fresh
+                    get = session.get
+                    scan = session.scan
+
+                    def commit(self, t: Txn) -> Any:
+                        outer.commits += 1
+                        if outer.commits <= outer.losses:
+                            from agentpolicy.storage.base import CONFLICT
+
+                            return CONFLICT
+                        return session.commit(t)
+
+                return Wrapped()
+
+            def __exit__(self, *exc: object) -> Any:
+                return inner.__exit__(*exc)
+
+        return Losing()
+
+
+def _write_step(view: Any, t: Txn) -> None:
+    view.read(["d"])
+    t.put["d"] = {"n": 1}
+    t.result = "done"
+
+
+def test_a_commit_that_keeps_losing_retries_past_the_attempt_count_until_the_time_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentpolicy.ledger import runner
+
+    monkeypatch.setattr(runner, "_BACKOFF_BASE", 0.0)
+    storage = Contended(losses=runner.MAX_ATTEMPTS + 50)  # starved past the attempt count
+    assert runner.run(storage, "s1", _write_step, str, at=AT) == "done"
+    assert storage.commits == runner.MAX_ATTEMPTS + 51
+    assert read(storage, ["d"]) == {"d": (1, {"n": 1})}
+
+
+def test_contention_past_both_bounds_fails_closed_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agentpolicy.errors import StorageUnavailableError
+    from agentpolicy.ledger import runner
+
+    monkeypatch.setattr(runner, "_BACKOFF_BASE", 0.0)
+    monkeypatch.setattr(runner, "RETRY_SECONDS", 0.0)
+    storage = Contended(losses=10**9)
+    with pytest.raises(StorageUnavailableError, match="too busy for 100 attempts"):
+        runner.run(storage, "s1", _write_step, str, at=AT)
+    assert storage.commits == runner.MAX_ATTEMPTS
+    assert read(storage, ["d"]) == {}

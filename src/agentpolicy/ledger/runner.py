@@ -20,12 +20,15 @@ from typing import Any, TypeVar
 from agentpolicy.errors import PolicyError, StorageUnavailableError
 from agentpolicy.storage.base import Doc, Session, Storage, Txn, new_op
 
-__all__ = ["View", "run"]
+__all__ = ["MAX_ATTEMPTS", "RETRY_SECONDS", "View", "run"]
 
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 100
-"""Commits tried before an operation gives up under contention (with back-off)."""
+"""Commits tried at least before an operation gives up under contention (with back-off)."""
+
+RETRY_SECONDS = 5.0
+"""And for at least this long (real time): a commit that keeps losing to others is not starved."""
 
 _BACKOFF_BASE = 0.0005
 _BACKOFF_CAP = 0.01
@@ -97,11 +100,13 @@ def run(
     commits nothing. A step may raise (a :class:`~agentpolicy.PolicyError`):
     then nothing is written. Raises
     :class:`~agentpolicy.errors.StorageUnavailableError` when contention
-    outlasts :data:`MAX_ATTEMPTS` commits.
+    outlasts both :data:`MAX_ATTEMPTS` commits and :data:`RETRY_SECONDS`.
     """
     op = op or new_op(at)
     trust = True
-    for attempt in range(MAX_ATTEMPTS):
+    attempt = 0
+    started = time.monotonic()
+    while True:
         with storage.session(shard, write=write) as session:
             view = View(session, trust=trust)
             txn = Txn(op, at)
@@ -121,9 +126,11 @@ def run(
             outcome = session.commit(txn)
         if not outcome.conflict:
             return finish(outcome.result)
+        attempt += 1
+        if attempt >= MAX_ATTEMPTS and time.monotonic() - started >= RETRY_SECONDS:
+            raise StorageUnavailableError(
+                f"the store stayed too busy for {attempt} attempts; nothing was changed"
+            )
         write = True
-        ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)
+        ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt, 16))
         time.sleep(random.uniform(0, ceiling))  # noqa: S311 - jitter between retries, real time
-    raise StorageUnavailableError(
-        f"the store stayed too busy for {MAX_ATTEMPTS} attempts; nothing was changed"
-    )
