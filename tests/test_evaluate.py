@@ -47,7 +47,8 @@ def usage_of(policy: dict[str, Any], now: datetime, **by_period: int) -> dict[st
 
 def test_codes_are_exactly_the_contract_strings() -> None:
     expected = {
-        "ALLOWED", "NO_POLICY", "POLICY_DISABLED", "BLOCKED_PERIOD", "OUTSIDE_ALLOWED_WINDOW",
+        "ALLOWED", "NO_POLICY", "POLICY_DISABLED", "DELEGATION_REVOKED", "DELEGATION_EXPIRED",
+        "BLOCKED_PERIOD", "OUTSIDE_ALLOWED_WINDOW",
         "RECIPIENT_BLOCKED", "RECIPIENT_NOT_WHITELISTED", "NETWORK_BLOCKED",
         "NETWORK_NOT_ALLOWED", "CATEGORY_REQUIRED", "CATEGORY_BLOCKED", "CATEGORY_NOT_ALLOWED",
         "ASSET_MISMATCH", "PER_TRANSACTION_LIMIT", "HOURLY_LIMIT", "DAILY_LIMIT",

@@ -27,7 +27,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
     assert SCHEMA["additionalProperties"] is False
     assert set(SCHEMA["properties"]) == {
         "enabled", "limits", "timeRules", "merchantRules", "networkRules", "categoryRules",
-        "approvalConfig", "assets", "scopedLimits", "alerts",
+        "approvalConfig", "assets", "scopedLimits", "alerts", "parent", "delegation",
     }  # fmt: skip
     assert SCHEMA["$defs"]["Amount"]["required"] == ["value"]
     assert SCHEMA["$defs"]["TimeWindow"]["required"] == ["days", "startHour", "endHour"]

@@ -1,8 +1,9 @@
 """The approval state machine, as pure functions of values.
 
 An approval starts ``pending``. One ``deny`` denies it at once; when the
-approvals reach ``required_approvers`` it is ``approved``; at ``expires_at``
-it is ``expired``. Approvers compare ignoring case and each decides once.
+approvals reach ``required_approvers`` it is ``approved`` (with ``groups``,
+when every group reaches its own count); at ``expires_at`` it is
+``expired``. Approvers compare ignoring case and each decides once.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def cast_vote(
             code=ErrorCode.APPROVAL_NOT_PENDING,
         )
     who = approver.casefold()
-    if who not in {a.casefold() for a in approval.approvers}:
+    listed = approval.approvers if not approval.groups else [
+        a for g in approval.groups for a in g.approvers]  # fmt: skip
+    if who not in {a.casefold() for a in listed}:
         raise ForbiddenError(
             f"{approver} is not an approver of {approval.id}",
             code=ErrorCode.APPROVER_NOT_AUTHORIZED,
@@ -58,9 +61,19 @@ def cast_vote(
     voted = attrs.evolve(approval, votes=(*approval.votes, Vote(approver, decision, now, comment)))
     if decision == "deny":
         return attrs.evolve(voted, status=ApprovalStatus.DENIED, decided_at=now)
-    if voted.approvals >= voted.required_approvers:
+    if _quorum(voted):
         return attrs.evolve(voted, status=ApprovalStatus.APPROVED, decided_at=now)
     return voted
+
+
+def _quorum(approval: Approval) -> bool:
+    """Whether enough approvers approved: every group its own count, when there are groups."""
+    if not approval.groups:
+        return approval.approvals >= approval.required_approvers
+    yes = {v.approver.casefold() for v in approval.votes if v.decision == "approve"}
+    return all(
+        sum(1 for a in g.approvers if a.casefold() in yes) >= g.required for g in approval.groups
+    )
 
 
 def expire(approval: Approval, now: datetime) -> Approval:

@@ -44,6 +44,7 @@ from agentpolicy.policy import (
     BlockedPeriod,
     CategoryRules,
     CountLimit,
+    DelegationRules,
     MerchantRules,
     NetworkRules,
     RollingLimit,
@@ -55,8 +56,10 @@ from agentpolicy.policy import (
 )
 from agentpolicy.records import (
     Approval,
+    ApprovalGroup,
     ApprovalStatus,
     Budget,
+    Delegation,
     DeliveryStatus,
     HistoryRecord,
     Reservation,
@@ -89,6 +92,7 @@ _VALUE_CLASSES: tuple[type, ...] = (
     ScopeMatch,
     ScopedLimit,
     AssetLimits,
+    DelegationRules,
     AgentPolicy,
     PaymentRequest,
     Window,
@@ -99,7 +103,9 @@ _VALUE_CLASSES: tuple[type, ...] = (
 _RECORD_CLASSES: tuple[type, ...] = (
     Reservation,
     Vote,
+    ApprovalGroup,
     Approval,
+    Delegation,
     HistoryRecord,
     WindowBudget,
     Budget,

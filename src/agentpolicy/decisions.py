@@ -24,6 +24,8 @@ class Code(enum.StrEnum):
     ALLOWED = "ALLOWED"
     NO_POLICY = "NO_POLICY"
     POLICY_DISABLED = "POLICY_DISABLED"
+    DELEGATION_REVOKED = "DELEGATION_REVOKED"
+    DELEGATION_EXPIRED = "DELEGATION_EXPIRED"
     BLOCKED_PERIOD = "BLOCKED_PERIOD"
     OUTSIDE_ALLOWED_WINDOW = "OUTSIDE_ALLOWED_WINDOW"
     RECIPIENT_BLOCKED = "RECIPIENT_BLOCKED"
@@ -100,6 +102,11 @@ class Decision:
     they are written on first read, so a decision nobody explains costs no
     formatting. Either way they read (and compare) as a string and a tuple.
 
+    ``budget_id`` names the budget whose rule decided a payment that was not
+    allowed: the agent's own id, or the id of an ancestor budget (a fleet's
+    ``DAILY_LIMIT`` denies with ``budget_id="acme-fleet"``); ``None`` when
+    allowed.
+
     The pure :func:`~agentpolicy.evaluate` leaves the engine's fields
     (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
     ``decided_at``) unset; :class:`~agentpolicy.PolicyEngine` fills them in.
@@ -119,6 +126,7 @@ class Decision:
     expires_at: datetime | None = None
     policy_version: int | None = None
     decided_at: datetime | None = None
+    budget_id: str | None = None
 
     @property
     def reason(self) -> str:

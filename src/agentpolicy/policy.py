@@ -51,7 +51,9 @@ __all__ = [
     "BlockedPeriod",
     "CategoryRules",
     "CountLimit",
+    "DelegationRules",
     "GROUP_BY",
+    "MAX_TREE_DEPTH",
     "MerchantRules",
     "NetworkRules",
     "RollingLimit",
@@ -68,6 +70,9 @@ DEFAULT_APPROVAL_TIMEOUT_MS = 3_600_000
 """An approval expires one hour after it was created unless the policy says otherwise."""
 
 MAX_APPROVAL_TIMEOUT_MS = 366 * 24 * 3_600_000
+
+MAX_TREE_DEPTH = 8
+"""The most budgets one payment passes through: an agent and up to seven ancestors."""
 
 
 def _tuple(value: Any) -> Any:
@@ -670,6 +675,23 @@ def _one_token(amounts: Iterable[tuple[str, Amount]]) -> list[Problem]:
 
 
 @attrs.frozen
+class DelegationRules:
+    """Whether the agent itself may hand parts of its budget to sub-agents (``delegation``).
+
+    Off unless ``allowed``; ``max_depth`` bounds how many levels of delegated
+    budgets may hang below this one (1: children only). An administrator can
+    always delegate; this switch governs the agent (an agent-role MCP server
+    bound to it).
+    """
+
+    allowed: bool = checked(check_bool, default=False)
+    max_depth: int = checked(int_between(1, MAX_TREE_DEPTH - 1), default=1)
+
+    def __attrs_post_init__(self) -> None:
+        validate(self)
+
+
+@attrs.frozen
 class AgentPolicy:
     """What one agent may spend, when, where and to whom; absent sections do not restrict.
 
@@ -678,6 +700,11 @@ class AgentPolicy:
     own limits. Approval thresholds and scoped limits name tokens the policy
     limits. A payment in a token the policy names nowhere is denied
     (``ASSET_MISMATCH``).
+
+    ``parent`` names the budget this one belongs to: a payment must also pass
+    the parent's rules and limits (and its parent's, up to
+    :data:`MAX_TREE_DEPTH` budgets) and counts in all of them.
+    ``delegation`` lets the agent create delegated sub-budgets itself.
     """
 
     enabled: bool = checked(check_bool, default=True)
@@ -701,6 +728,10 @@ class AgentPolicy:
     )
     alerts: tuple[Alert, ...] = checked(
         array_of(instance_of(Alert), 16), default=(), converter=_tuple, omit_empty=True
+    )
+    parent: str | None = checked(optional(identifier()), default=None)
+    delegation: DelegationRules | None = checked(
+        optional(instance_of(DelegationRules)), default=None
     )
 
     def __attrs_post_init__(self) -> None:

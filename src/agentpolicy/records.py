@@ -18,8 +18,10 @@ from agentpolicy.windows import Period, Window
 
 __all__ = [
     "Approval",
+    "ApprovalGroup",
     "ApprovalStatus",
     "Budget",
+    "Delegation",
     "DeliveryStatus",
     "HistoryRecord",
     "LimitBudget",
@@ -89,8 +91,27 @@ class Vote:
 
 
 @attrs.frozen
+class ApprovalGroup:
+    """Approvers of one budget of a tree: ``required`` of ``approvers`` must approve.
+
+    ``name`` is the budget (agent id) whose approval threshold the payment met.
+    """
+
+    name: str
+    required: int
+    approvers: tuple[str, ...]
+
+
+@attrs.frozen
 class Approval:
-    """A payment waiting for humans; its amount is held in the windows from creation on."""
+    """A payment waiting for humans; its amount is held in the windows from creation on.
+
+    ``groups`` is set when more than one budget of a tree asks for approval
+    (the agent's and an ancestor's thresholds both met): each group must reach
+    its own count, an approver in two groups counts in both, and any deny
+    denies. Then ``approvers`` lists everyone in any group and
+    ``required_approvers`` is the sum of the groups' counts.
+    """
 
     id: str
     agent_id: str
@@ -104,6 +125,7 @@ class Approval:
     hold_id: str
     policy_version: int
     decided_at: datetime | None = None
+    groups: tuple[ApprovalGroup, ...] = ()
 
     @property
     def amount(self) -> Amount:
@@ -207,6 +229,31 @@ class Budget:
     at: datetime
     periods: dict[Period, WindowBudget]
     limits: tuple[LimitBudget, ...] = ()
+    ancestors: tuple[Budget, ...] = ()
+    """The budgets above this one (its parent first): a payment must fit each of them too."""
+    delegation: Delegation | None = None
+    """How this budget was delegated, when it was."""
+
+
+@attrs.frozen
+class Delegation:
+    """A budget handed down by its parent (:meth:`~agentpolicy.PolicyEngine.delegate`).
+
+    It stops allowing payments at ``expires_at`` (if set) or once revoked
+    (``revoked_at``); so do the budgets below it.
+    """
+
+    agent_id: str
+    parent_id: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def active(self, now: datetime) -> bool:
+        """Whether the delegation still allows payments at ``now``."""
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now < self.expires_at
 
 
 @attrs.frozen

@@ -31,6 +31,7 @@ from agentpolicy.policy import (
     SpendingLimits,
     normalize_recipient,
 )
+from agentpolicy.records import Delegation
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.windows import WINDOW_PERIODS, Period, Window, window_at
 
@@ -258,14 +259,15 @@ def _per_transaction(block: SpendingLimits | None, amount: Amount, comparable: b
 class Tally:
     """A counter a payment counts in: its amount and its count, in one window of one book.
 
-    ``book`` is ``None`` for the agent's own counters and ``(scope name,
-    group)`` for a scope's. ``key`` names the counter within its book: the
-    token, then the calendar window's key or ``roll:<seconds>``. ``usage_key``
-    names it among everything the payment counts in (the keys of
-    :func:`judge`'s usage).
+    ``owner`` is ``None`` for the paying agent's own books and an ancestor
+    budget's id for that budget's. ``book`` is ``None`` for the owner's own
+    counters and ``(scope name, group)`` for a scope's. ``key`` names the
+    counter within its book: the token, then the calendar window's key or
+    ``roll:<seconds>``. ``usage_key`` names it among everything the payment
+    counts in (the keys of :func:`judge`'s usage).
     """
 
-    __slots__ = ("book", "key", "seconds", "usage_key", "window")
+    __slots__ = ("book", "key", "owner", "seconds", "usage_key", "window")
 
     def __init__(
         self,
@@ -273,15 +275,22 @@ class Tally:
         key: str,
         window: Window | None = None,
         seconds: int | None = None,
+        owner: str | None = None,
     ) -> None:
         self.book = book
         self.key = key
         self.window = window
         self.seconds = seconds
-        self.usage_key = key if book is None else f"scope:{book[0]}|{book[1]}|{key}"
+        self.owner = owner
+        usage_key = key if book is None else f"scope:{book[0]}|{book[1]}|{key}"
+        self.usage_key = usage_key if owner is None else f"@{len(owner)}:{owner}|{usage_key}"
 
     def __repr__(self) -> str:
         return f"Tally({self.usage_key!r})"
+
+
+BookKey = tuple[str | None, tuple[str, str] | None]
+"""Which book a tally is in: ``(owner, scope book)`` (see :class:`Tally`)."""
 
 
 def _tallies(
@@ -289,16 +298,17 @@ def _tallies(
     symbol: str,
     windows: tuple[Window, ...],
     block: SpendingLimits | None,
+    owner: str | None = None,
 ) -> tuple[dict[Period, Tally], dict[int, Tally], _Items]:
     # The same tallies serve every payment of the hour: kept by the identity of the
     # (cached) windows and the (cached, per policy version) block of limits.
-    key = (book, symbol, id(windows), id(block))
+    key = (owner, book, symbol, id(windows), id(block))
     found = _TALLIES.get(key)
     if found is not None and found[0] is windows and found[1] is block:
         return found[2], found[3], found[4]
-    calendar = {w.period: Tally(book, f"{symbol}|{w.key}", window=w) for w in windows}
+    calendar = {w.period: Tally(book, f"{symbol}|{w.key}", w, None, owner) for w in windows}
     rolling = {
-        seconds: Tally(book, f"{symbol}|roll:{seconds}", seconds=seconds)
+        seconds: Tally(book, f"{symbol}|roll:{seconds}", None, seconds, owner)
         for seconds in (block.rolling_seconds if block is not None else ())
     }
     if len(_TALLIES) > 4096:
@@ -385,7 +395,8 @@ class _Book:
         self.amounts = amounts  # whether its amount limits apply (same token)
         self.scope = scope
         self.prefix = prefix
-        self.key = next(iter(calendar.values())).book
+        first = next(iter(calendar.values()))
+        self.key: BookKey = (first.owner, first.book)
         self.items = items
 
     def checks(self, amount: Amount, usage: UsedUnits) -> list[_Check]:
@@ -442,7 +453,7 @@ class _Book:
     def _label(self) -> str:
         if self.scope is None:
             return ""
-        group = next(iter(self.calendar.values())).book
+        group = self.key[1]
         shown = f" ({group[1]})" if self.scope.group_by and group is not None else ""
         return f"scope {self.scope.name}{shown}: "
 
@@ -504,14 +515,18 @@ class Assessment:
 
     ``early`` is the whole decision when there is no policy or it is disabled.
     ``blocking`` is the first usage-independent check that failed, if any;
-    ``threshold`` the approval threshold the amount meets. ``tallies`` are
-    every counter the payment counts in (the agent's and its scopes'), which
-    ``judge`` reads from its usage.
+    ``threshold`` the approval threshold the amount meets. ``books`` are the
+    limits of the agent (or, for an ancestor's assessment, of that budget)
+    with the counters they read.
+
+    ``parents`` are the assessments of the budgets above the agent, its
+    parent first; ``every_book`` and ``tallies`` cover them too: every
+    counter the payment counts in, which ``judge`` reads from its usage.
     """
 
     __slots__ = (
-        "approval", "blocking", "books", "checks", "comparable", "early", "now", "policy",
-        "request", "tallies", "threshold", "windows",
+        "approval", "blocking", "books", "budget_id", "checks", "comparable", "early",
+        "every_book", "now", "parents", "policy", "request", "tallies", "threshold", "windows",
     )  # fmt: skip
 
     def __init__(
@@ -527,6 +542,8 @@ class Assessment:
         approval: _Check | None = None,
         threshold: ApprovalThreshold | None = None,
         books: tuple[_Book, ...] = (),
+        budget_id: str | None = None,
+        parents: tuple[Assessment, ...] = (),
     ) -> None:
         self.policy = policy
         self.request = request
@@ -539,42 +556,107 @@ class Assessment:
         self.approval = approval
         self.threshold = threshold
         self.books = books
+        self.budget_id = request.agent_id if budget_id is None else budget_id
+        self.parents = parents
+        self.every_book: tuple[_Book, ...] = books + tuple(b for p in parents for b in p.books)
         self.tallies: tuple[Tally, ...] = tuple(
-            t for b in books for t in (*b.calendar.values(), *b.rolling.values())
+            t for b in self.every_book for t in (*b.calendar.values(), *b.rolling.values())
         )
 
     def alerting(self) -> list[tuple[Tally, Amount, tuple[int, ...], str]]:
-        """Every amount limit the payment counts against that alerts watch (policy and scopes)."""
-        if self.policy is None or not self.comparable:
-            return []
+        """Every amount limit the payment counts against that alerts watch (every budget)."""
         found = []
-        for book in self.books:
-            alerts = self.policy.alerts if book.scope is None else book.scope.alerts
-            found += book.alerting(tuple(a.percent for a in alerts))
+        for level in (self, *self.parents):
+            if level.policy is None or not level.comparable:
+                continue
+            for book in level.books:
+                alerts = level.policy.alerts if book.scope is None else book.scope.alerts
+                found += book.alerting(tuple(a.percent for a in alerts))
         return found
+
+    def approvals(self) -> list[tuple[str, ApprovalThreshold, AgentPolicy]]:
+        """Every budget whose approval threshold the amount meets, the agent's first."""
+        return [
+            (level.budget_id, level.threshold, level.policy)
+            for level in (self, *self.parents)
+            if level.threshold is not None and level.policy is not None
+        ]
 
 
 def _scope_books(
-    policy: AgentPolicy, request: PaymentRequest, windows: tuple[Window, ...], symbol: str
+    policy: AgentPolicy,
+    request: PaymentRequest,
+    windows: tuple[Window, ...],
+    owner: str | None,
 ) -> list[_Book]:
     books = []
     for scope in policy.scoped_limits:
         if not scope.covers(request):
             continue
         group = scope.group(request.category, request.recipient, request.network)
-        tallies = _tallies((scope.name, group), scope.token, windows, scope.limits)
+        tallies = _tallies((scope.name, group), scope.token, windows, scope.limits, owner)
         books.append(_Book(scope.limits, tallies, amounts=True, scope=scope,
                            prefix=f"scope[{scope.name}]."))  # fmt: skip
     return books
 
 
-def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -> Assessment:
-    """Run every check that does not need usage (see :func:`evaluate`)."""
+Ancestor = tuple[str, AgentPolicy | None, Delegation | None]
+"""A budget above the agent: its id, its policy, and its delegation if it was delegated."""
+
+
+def _delegation(grant: Delegation, now: datetime) -> _Check:
+    name = "delegation"
+    if grant.revoked_at is not None:
+        return _fail(name, Code.DELEGATION_REVOKED,
+                     lambda: f"the budget delegated by {grant.parent_id} was revoked")  # fmt: skip
+    if grant.expires_at is not None and now >= grant.expires_at:
+        return _fail(
+            name,
+            Code.DELEGATION_EXPIRED,
+            lambda: f"the budget delegated by {grant.parent_id} expired at {grant.expires_at}",
+        )
+    return _ok(name, lambda: f"delegated by {grant.parent_id}" + (
+        f" until {grant.expires_at}" if grant.expires_at is not None else ""))  # fmt: skip
+
+
+def assess(
+    policy: AgentPolicy | None,
+    request: PaymentRequest,
+    now: datetime,
+    *,
+    grant: Delegation | None = None,
+    ancestors: Sequence[Ancestor] = (),
+) -> Assessment:
+    """Run every check that does not need usage (see :func:`evaluate`).
+
+    ``grant`` is the agent's delegation, when its budget was delegated (a
+    revoked or expired one denies). ``ancestors`` are the budgets above the
+    agent, its parent first: their rules and limits are checked too, and the
+    payment counts in their windows as well.
+    """
+    own = _assess_level(policy, request, now, None, grant)
+    if not ancestors or own.early is not None:
+        return own
+    parents = tuple(_assess_level(p, request, now, bid, g) for bid, p, g in ancestors)
+    return Assessment(
+        own.policy, request, now, own.windows, None, own.checks, own.blocking, own.comparable,
+        own.approval, own.threshold, own.books, None, parents,
+    )  # fmt: skip
+
+
+def _assess_level(
+    policy: AgentPolicy | None,
+    request: PaymentRequest,
+    now: datetime,
+    owner: str | None,
+    grant: Delegation | None,
+) -> Assessment:
     windows = windows_for(policy, now)
     if policy is None or not policy.enabled:
         code = Code.NO_POLICY if policy is None else Code.POLICY_DISABLED
+        who = request.agent_id if owner is None else owner
         detail = (
-            f"no policy is set for agent {request.agent_id}"
+            f"no policy is set for agent {who}"
             if policy is None
             else "the policy is disabled: every payment is denied"
         )
@@ -584,8 +666,9 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
             reason=detail,
             evaluations=(Evaluation("policy", Outcome.FAIL, code, detail),),
             windows=windows,
+            budget_id=who,
         )
-        return Assessment(policy, request, now, windows, early=early)
+        return Assessment(policy, request, now, windows, early=early, budget_id=owner)
     amount = request.asset_amount
     symbol = request.symbol.casefold()
     asset = _asset(policy, request)
@@ -594,6 +677,7 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
     approval, threshold = _approval(policy, amount, comparable)
     checks = (
         _ok("policy", lambda: "the policy is enabled"),
+        *(() if grant is None else (_delegation(grant, now),)),
         _blocked_periods(policy, now),
         _allowed_windows(policy, now),
         _merchant(policy, request),
@@ -603,13 +687,13 @@ def assess(policy: AgentPolicy | None, request: PaymentRequest, now: datetime) -
         _per_transaction(block, amount, comparable),
     )
     blocking = next((c for c in checks if c[1] is _FAIL), None)
-    tallies = _tallies(None, symbol if block is None else block.token, windows, block)
+    tallies = _tallies(None, symbol if block is None else block.token, windows, block, owner)
     books = [_Book(block, tallies, comparable)]
     if comparable and policy.scoped_limits:
-        books += _scope_books(policy, request, windows, symbol)
+        books += _scope_books(policy, request, windows, owner)
     return Assessment(
         policy, request, now, windows, None, checks, blocking, comparable, approval, threshold,
-        tuple(books),
+        tuple(books), owner,
     )  # fmt: skip
 
 
@@ -618,17 +702,28 @@ def _units(usage: Usage) -> dict[str, tuple[int, int]]:
 
 
 class Verdict:
-    """The code a finished assessment decides, with every check it ran (details unwritten)."""
+    """The code a finished assessment decides, with every check it ran (details unwritten).
 
-    __slots__ = ("assessment", "checks", "code", "failure")
+    ``budget_id`` is the budget whose check decided (``None`` when allowed).
+    """
+
+    __slots__ = ("assessment", "budget_id", "checks", "code", "failure", "threshold")
 
     def __init__(
-        self, assessment: Assessment, code: Code, failure: _Check | None, checks: tuple[_Check, ...]
+        self,
+        assessment: Assessment,
+        code: Code,
+        failure: _Check | None,
+        checks: tuple[_Check, ...],
+        budget_id: str | None = None,
+        threshold: ApprovalThreshold | None = None,
     ) -> None:
         self.assessment = assessment
         self.code = code
         self.failure = failure
         self.checks = checks
+        self.budget_id = budget_id
+        self.threshold = threshold
 
     def decision(self, **engine: Any) -> Decision:
         """The :class:`~agentpolicy.Decision`, with the engine's fields (ids, version, time)."""
@@ -647,18 +742,21 @@ class Verdict:
                 reason=self.failure[3],
                 evaluations=evaluations,
                 windows=a.windows,
+                budget_id=self.budget_id,
                 **engine,
             )
         if self.code is Code.APPROVAL_REQUIRED:
-            assert a.approval is not None  # noqa: S101 - set whenever there is a policy
+            first = next(level for level in (a, *a.parents) if level.threshold is not None)
+            assert first.approval is not None  # noqa: S101 - set whenever there is a policy
             return Decision(
                 allowed=False,
                 code=Code.APPROVAL_REQUIRED,
-                reason=a.approval[3],
+                reason=first.approval[3],
                 requires_approval=True,
-                threshold=a.threshold,
+                threshold=self.threshold,
                 evaluations=evaluations,
                 windows=a.windows,
+                budget_id=self.budget_id,
                 **engine,
             )
         return Decision(
@@ -671,6 +769,31 @@ class Verdict:
         )
 
 
+def _level(a: Assessment, units: UsedUnits) -> tuple[_Check | None, tuple[_Check, ...]]:
+    """One budget's first failing check (if any) and every check it ran."""
+    if a.early is not None:
+        code = a.early.code
+        early = a.early
+        check = ("policy", _FAIL, code, lambda: early.reason)
+        return check, (check,)
+    approval = a.approval
+    assert approval is not None  # noqa: S101 - set whenever there is no early decision
+    amount = a.request.asset_amount
+    limits: list[_Check] = []
+    if a.comparable:
+        for book in a.books:
+            limits += book.checks(amount, units)
+    else:
+        limits = [_skip(f"{p.value}_limit", "not checked: asset mismatch") for p in WINDOW_PERIODS]
+    checks = (*a.checks, *limits, approval)
+    failure = a.blocking or next((c for c in limits if c[1] is _FAIL), None)
+    return failure, checks
+
+
+def _prefixed(prefix: str, checks: tuple[_Check, ...]) -> tuple[_Check, ...]:
+    return tuple((prefix + c[0], c[1], c[2], c[3]) for c in checks)
+
+
 def judge(assessment: Assessment, usage: Usage | UsedUnits) -> Verdict:
     """Finish an :class:`Assessment` with what its tallies have used: the verdict.
 
@@ -679,33 +802,40 @@ def judge(assessment: Assessment, usage: Usage | UsedUnits) -> Verdict:
     calendar windows the window's key (as :func:`windows_for` names it) is
     accepted too, and so are :class:`~agentpolicy.Amount` values (then the
     count is 0).
+
+    With ancestors, the agent's checks come first, then its parent's (their
+    names prefixed ``budget[<id>].``), and so on up: the first failure
+    decides, and names its budget in ``budget_id``.
     """
     if assessment.early is not None:
-        return Verdict(assessment, assessment.early.code, None, ())
-    policy = assessment.policy
-    assert policy is not None  # noqa: S101 - set whenever there is no early decision
-    approval = assessment.approval
-    assert approval is not None  # noqa: S101 - likewise
+        return Verdict(assessment, assessment.early.code, None, (), assessment.budget_id)
     units = cast(
         UsedUnits,
         _units(cast(Usage, usage))
         if usage and isinstance(next(iter(usage.values())), Amount)
         else usage,
     )
-    amount = assessment.request.asset_amount
-    limits: list[_Check] = []
-    if assessment.comparable:
-        for book in assessment.books:
-            limits += book.checks(amount, units)
-    else:
-        limits = [_skip(f"{p.value}_limit", "not checked: asset mismatch") for p in WINDOW_PERIODS]
-    checks = (*assessment.checks, *limits, approval)
-    failure = assessment.blocking or next((c for c in limits if c[1] is _FAIL), None)
+    failure, checks = _level(assessment, units)
+    if failure is not None and not assessment.parents:
+        assert failure[2] is not None  # noqa: S101 - every failure carries its code
+        return Verdict(assessment, failure[2], failure, checks, assessment.budget_id)
+    failed_at = assessment.budget_id if failure is not None else None
+    for parent in assessment.parents:
+        found, more = _level(parent, units)
+        prefix = f"budget[{parent.budget_id}]."
+        checks += _prefixed(prefix, more)
+        if failure is None and found is not None:
+            words, who = found[3], parent.budget_id
+            failure = (prefix + found[0], found[1], found[2],
+                       lambda words=words, who=who: f"budget {who}: {words()}")  # fmt: skip
+            failed_at = who
     if failure is not None:
         assert failure[2] is not None  # noqa: S101 - every failure carries its code
-        return Verdict(assessment, failure[2], failure, checks)
-    if assessment.threshold is not None:
-        return Verdict(assessment, Code.APPROVAL_REQUIRED, None, checks)
+        return Verdict(assessment, failure[2], failure, checks, failed_at)
+    wanted = assessment.approvals()
+    if wanted:
+        budget_id, threshold, _ = wanted[0]
+        return Verdict(assessment, Code.APPROVAL_REQUIRED, None, checks, budget_id, threshold)
     return Verdict(assessment, Code.ALLOWED, None, checks)
 
 
