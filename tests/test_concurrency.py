@@ -121,6 +121,25 @@ def test_4_workers_x_60_against_a_rolling_a_count_and_a_grouped_scope_limit_allo
     assert used == (100 if kind == "count" else 100 * USDT)
 
 
+def test_4_siblings_in_4_workers_draw_on_one_parent_limit_exactly(backend: Backend) -> None:
+    setup = backend.engine(ManualClock(workers.FIXED_NOW))
+    setup.set_policy("fleet", DAILY_100)
+    for i in range(4):  # each sibling alone could take 60
+        setup.set_policy(f"bot-{i}", {"parent": "fleet",
+                                      "limits": {"daily": {"value": str(60 * USDT)}}})  # fmt: skip
+    _, run, barrier = _pool(backend, 4)
+    chunks = run(workers.authorize_many, [(60, barrier, f"bot-{i}") for i in range(4)])
+    ids = [r for chunk in chunks for r in chunk]
+    assert len(ids) == len(set(ids)) == 100
+    assert _used(setup, "fleet") == 100 * USDT
+    assert sum(_used(setup, f"bot-{i}") for i in range(4)) == 100 * USDT
+    # a sibling's reservation released in another worker frees the parent for the others
+    run(workers.settle, [(ids[:30], "release")])
+    more = run(workers.authorize_many, [(60, barrier, f"bot-{i}") for i in range(4)])
+    assert sum(len(c) for c in more) == 30
+    assert _used(setup, "fleet") == 100 * USDT
+
+
 def test_two_approvers_at_the_same_instant_are_both_counted(backend: Backend) -> None:
     engine = backend.engine(ManualClock(workers.FIXED_NOW))
     engine.set_policy("agent-1", {"approvalConfig": {"thresholds": [

@@ -24,25 +24,28 @@ from agentpolicy.codec import dump_policy, load_policy
 from agentpolicy.decisions import Decision
 from agentpolicy.delivery import WebhookDispatcher
 from agentpolicy.errors import (
+    ConflictError,
     ErrorCode,
     InternalError,
     NotFoundError,
     PolicyValidationError,
 )
-from agentpolicy.ledger import keys, operations
+from agentpolicy.ledger import keys, operations, trees
 from agentpolicy.ledger.docs import (
     Body,
     approval_record,
+    delegation_record,
     history_record,
     reservation_record,
 )
 from agentpolicy.ledger.outbox import LedgerOutbox
 from agentpolicy.ledger.runner import View, run
 from agentpolicy.ledger.state import MAX_SCORE, ClockBehindError, LedgerConfig
-from agentpolicy.policy import AgentPolicy, SpendingLimits
+from agentpolicy.policy import MAX_TREE_DEPTH, AgentPolicy, SpendingLimits
 from agentpolicy.records import (
     Approval,
     Budget,
+    Delegation,
     HistoryRecord,
     LimitBudget,
     Reservation,
@@ -252,6 +255,7 @@ class PolicyEngine:
             routes=tuple((e.id, e.events) for e in endpoints),
         )
         self._policies: dict[tuple[str, int], AgentPolicy] = {}
+        self._homes: dict[str, str] = {}
         self._policies_lock = threading.Lock()
         self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard)
         self.webhooks: WebhookDispatcher | None = None
@@ -276,10 +280,28 @@ class PolicyEngine:
     def _now_us(self) -> int:
         return micros(self._now())
 
-    @staticmethod
-    def _shard(agent_id: str) -> str:
-        """The shard (unit of atomicity) of an agent's state: the agent itself."""
-        return agent_id
+    def _shard(self, agent_id: str) -> str:
+        """The shard (unit of atomicity) of an agent's state: its own, or its tree's.
+
+        An agent set up below a parent lives in the parent's tree, as a
+        document in its own shard records (written once, so it is cached for
+        good); an agent with a policy in its own shard lives there for good.
+        """
+        found = self._homes.get(agent_id)
+        if found is not None:
+            return found
+        pointer, head = self._read(agent_id, [keys.home(agent_id), keys.head(agent_id)])
+        if pointer is not None:
+            found = pointer["s"]
+        elif head is not None and head["pv"] > 0:
+            found = agent_id
+        else:
+            return agent_id  # no policy yet: it may still be placed in a tree
+        with self._policies_lock:
+            if len(self._homes) > 100_000:
+                self._homes.clear()
+            self._homes[agent_id] = found
+        return found
 
     def _shard_of_id(self, some_id: str) -> str:
         agent = keys.agent_of_id(some_id)
@@ -338,13 +360,119 @@ class PolicyEngine:
                 policy = load_policy(policy)
             except PolicyValidationError as err:
                 raise err.under("$.policy") from None
+        return self._put_policy(agent_id, policy)
+
+    def _put_policy(
+        self, agent_id: str, policy: AgentPolicy, grant: trees.Grant | None = None
+    ) -> int:
         now = self._now()
-        shard = self._shard(agent_id)
-        step = operations.put_policy(self.config, agent_id, dump_policy(policy), now)
+        shard = self._place(agent_id, policy.parent)
+        step = trees.put_policy(
+            self.config, agent_id, policy, dump_policy(policy), now, self._policy, grant
+        )
         version: int = run(self.storage, shard, step, int, at=micros(now))
         with self._policies_lock:
             self._policies[(agent_id, version)] = policy
+            self._homes[agent_id] = shard  # it has a policy there now: it lives there for good
         return version
+
+    def _place(self, agent_id: str, parent: str | None) -> str:
+        """The shard the agent's policy goes to: with a parent, the parent's tree."""
+        shard = self._shard(agent_id)
+        if parent is None:
+            return shard
+        tree = self._shard(parent)
+        if shard == tree:
+            return shard
+        now = self._now()
+        placed: str = run(self.storage, agent_id, trees.place(agent_id, tree), str, at=micros(now))
+        if placed != tree:
+            raise ConflictError(
+                f"the budget of {agent_id} is kept with another tree than {parent}'s; "
+                "a budget cannot move between trees (set up the agent under a new id, "
+                "or choose a parent in its tree)",
+                code=ErrorCode.BUDGET_CONFLICT,
+            )
+        with self._policies_lock:
+            self._homes[agent_id] = tree
+        return tree
+
+    # -- shared budgets and delegation ---------------------------------------------------
+
+    def delegate(
+        self,
+        parent_id: str,
+        child_id: str,
+        policy: AgentPolicy | Mapping[str, Any],
+        *,
+        expires_at: datetime | None = None,
+        by_parent: bool = False,
+    ) -> Delegation:
+        """Create (or update) a budget for ``child_id`` under ``parent_id``'s own budget.
+
+        The child's payments must pass its own policy and every budget above
+        it, and count in all of them, so a child can never spend more than
+        its parent has left. Its limits may not exceed the parent's (same
+        kind, window and token: ``INVALID_INPUT``), it ends at ``expires_at``
+        (never after its parent's own delegation) and can be revoked
+        (:meth:`revoke`). ``by_parent=True`` when the parent agent itself
+        asks: its policy must allow it (``"delegation": {"allowed": true}``)
+        and no budget above may be deeper than its ``maxDepth`` allows
+        (``FORBIDDEN``). ``child_id`` must be new, or a budget this parent
+        delegated before (``BUDGET_CONFLICT``). Returns the delegation.
+        """
+        problems = check_identifier(parent_id, "$.parentId")
+        problems += check_identifier(child_id, "$.agentId")
+        if expires_at is not None and (
+            not isinstance(expires_at, datetime) or expires_at.utcoffset() is None
+        ):
+            problems += PolicyValidationError.single(
+                "$.expiresAt", "must be a timezone-aware datetime"
+            ).problems
+        raise_if(problems)
+        if not isinstance(policy, AgentPolicy):
+            try:
+                policy = load_policy(policy)
+            except PolicyValidationError as err:
+                raise err.under("$.policy") from None
+        if policy.parent not in (None, parent_id):
+            raise PolicyValidationError.single(
+                "$.policy.parent", f"a budget delegated by {parent_id} has it as parent"
+            )
+        policy = attrs.evolve(policy, parent=parent_id)
+        expires = None if expires_at is None else micros(expires_at)
+        self._put_policy(child_id, policy, trees.Grant(parent_id, expires, by_parent))
+        found = self.delegation(child_id)
+        assert found is not None  # noqa: S101 - just written
+        return found
+
+    def delegation(self, agent_id: str) -> Delegation | None:
+        """How the agent's budget was delegated, or ``None`` if it was not."""
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        (head,) = self._read(self._shard(agent_id), [keys.head(agent_id)])
+        return delegation_record(agent_id, head)
+
+    def revoke(self, agent_id: str, *, by: str | None = None) -> Delegation:
+        """Revoke a delegated budget: it and every budget below it stop allowing payments.
+
+        Their open reservations are released and their held approvals expire,
+        in the same step. ``by`` (when given) must be a budget above it, else
+        ``FORBIDDEN``. Revoking again changes nothing. Raises ``NO_POLICY``
+        or ``DELEGATION_NOT_FOUND`` for a budget that was not delegated.
+        Returns the delegation, with ``revoked_at``.
+        """
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        if by is not None:
+            raise_if(check_identifier(by, "$.by"))
+        now = self._now()
+        shard = self._shard(agent_id)
+        step = trees.revoke(self.config, shard, agent_id, by, now, self._policy)
+        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
+        if result["lapsed"]:
+            self._wake_webhooks()
+        found = delegation_record(agent_id, result["head"])
+        assert found is not None  # noqa: S101 - revoke refuses an undelegated budget
+        return found
 
     def _stored(self, agent_id: str, version: int | None = None) -> StoredPolicy | None:
         shard = self._shard(agent_id)
@@ -386,7 +514,19 @@ class PolicyEngine:
         """The decision a stored record was made with, rebuilt from its policy version."""
         version = rec["pv"]
         at = instant(rec["at"])
-        assessment = assess(self._policy(request.agent_id, version), request, at)
+        grants = rec.get("dg", {})
+        agent = request.agent_id
+        ancestors = [
+            (who, self._policy(who, pv), delegation_record(who, {"dg": grants.get(who)}))
+            for who, pv in rec.get("up", ())
+        ]
+        assessment = assess(
+            self._policy(agent, version),
+            request,
+            at,
+            grant=delegation_record(agent, {"dg": grants.get(agent)}),
+            ancestors=ancestors,
+        )
         expires = rec.get("x")
         decision = conclude(
             assessment,
@@ -482,6 +622,8 @@ class PolicyEngine:
         it limits (with ``period``, only that window, reported even without a
         limit); ``limits`` has every limit of every kind: calendar, rolling
         and count limits of every token, and of every scope and group.
+        ``ancestors`` has the budgets above the agent (its parent first),
+        each with its own windows and limits: a payment must fit every one.
         Raises ``NO_POLICY`` for an agent without a policy.
         """
         raise_if(check_identifier(agent_id, "$.agentId"))
@@ -493,6 +635,19 @@ class PolicyEngine:
                 names = ", ".join(p.value for p in Period)
                 raise PolicyValidationError.single("$.period", f"must be one of {names}") from None
         now = self._now()
+        own, policy = self._budget_of(agent_id, now, wanted)
+        ancestors: list[Budget] = []
+        parent = policy.parent
+        while parent is not None and len(ancestors) < MAX_TREE_DEPTH - 1:
+            found, above = self._budget_of(parent, now, None)
+            ancestors.append(found)
+            parent = above.parent
+        return attrs.evolve(own, ancestors=tuple(ancestors))
+
+    def _budget_of(
+        self, agent_id: str, now: datetime, wanted: Period | None
+    ) -> tuple[Budget, AgentPolicy]:
+        """One budget's own windows and limits (no ancestors), with its policy."""
         shard = self._shard(agent_id)
         (head,) = self._read(shard, [keys.head(agent_id)])
         policy = self._policy(agent_id, 0 if head is None else head["pv"])
@@ -526,7 +681,8 @@ class PolicyEngine:
             if scope is not None:
                 limits += _limit_budgets(scope.limits, scope.token, books[name]["c"], windows,
                                          scope_name, group)  # fmt: skip
-        return Budget(agent_id, now, periods, tuple(limits))
+        delegation = delegation_record(agent_id, books[keys.head(agent_id)])
+        return Budget(agent_id, now, periods, tuple(limits), (), delegation), policy
 
     # -- approvals ----------------------------------------------------------------------
 

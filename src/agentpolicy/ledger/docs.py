@@ -14,9 +14,12 @@ from typing import Any
 
 from agentpolicy.amounts import Amount
 from agentpolicy.errors import InternalError
+from agentpolicy.ledger import keys
 from agentpolicy.records import (
     Approval,
+    ApprovalGroup,
     ApprovalStatus,
+    Delegation,
     DeliveryStatus,
     HistoryRecord,
     Reservation,
@@ -30,9 +33,11 @@ from agentpolicy.storage._time import instant
 __all__ = [
     "approval_doc",
     "approval_record",
+    "delegation_record",
     "delivery_doc",
     "delivery_record",
     "history_record",
+    "levels_of",
     "request_data",
     "request_of",
     "reservation_doc",
@@ -93,13 +98,18 @@ def reservation_doc(
     expires: int,
     policy_version: int,
     approval_id: str | None,
+    levels: Sequence[str] = (),
+    deadline: int | None = None,
 ) -> Body:
     """A new reservation (``held`` for an approval, or ``reserved``).
 
     ``targets`` are the counters it counts in: ``[book, key, "c", 0]`` for a
     calendar window, ``[book, key, "r", seconds]`` for a rolling one.
+    ``levels`` are the budgets whose open-reservation index lists it (the
+    agent, then its ancestors); ``deadline`` the end of the earliest
+    delegation among them, which no reservation outlives.
     """
-    return {
+    doc: Body = {
         "agent": agent,
         "st": status,
         "req": request,
@@ -110,19 +120,29 @@ def reservation_doc(
         "pv": policy_version,
         "apr": approval_id,
     }
+    if len(levels) > 1:
+        doc["lv"] = levels
+    if deadline is not None:
+        doc["dx"] = deadline
+    return doc
+
+
+def levels_of(doc: Body) -> Sequence[str]:
+    """The budgets whose open-reservation index lists a reservation (its agent first)."""
+    levels: Sequence[str] = doc.get("lv") or (doc["agent"],)
+    return levels
 
 
 def reservation_record(reservation_id: str, doc: Body) -> Reservation:
     """The public :class:`~agentpolicy.Reservation` of a reservation document."""
     request = request_of(doc["req"])
+    own = keys.head(doc["agent"])
     return Reservation(
         id=reservation_id,
         agent_id=doc["agent"],
         status=ReservationStatus(doc["st"]),
         amount=request.asset_amount,
-        window_keys=tuple(
-            t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0].startswith("h/")
-        )
+        window_keys=tuple(t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0] == own)
         if "tg" in doc
         else tuple(doc["w"]),
         created_at=instant(doc["c"]),
@@ -144,9 +164,10 @@ def approval_doc(
     expires: int,
     hold: str,
     policy_version: int,
+    groups: Sequence[tuple[str, int, Sequence[str]]] = (),
 ) -> Body:
-    """A new pending approval."""
-    return {
+    """A new pending approval (``groups``: one per budget, when several ask for approval)."""
+    doc: Body = {
         "agent": agent,
         "st": "pending",
         "req": request,
@@ -159,6 +180,9 @@ def approval_doc(
         "pv": policy_version,
         "dec": None,
     }
+    if groups:
+        doc["grp"] = [[name, need, list(who)] for name, need, who in groups]
+    return doc
 
 
 def approval_record(approval_id: str, doc: Body) -> Approval:
@@ -176,6 +200,21 @@ def approval_record(approval_id: str, doc: Body) -> Approval:
         hold_id=doc["hold"],
         policy_version=doc["pv"],
         decided_at=_opt_instant(doc["dec"]),
+        groups=tuple(ApprovalGroup(g[0], g[1], tuple(g[2])) for g in doc.get("grp", ())),
+    )
+
+
+def delegation_record(agent_id: str, head: Body | None) -> Delegation | None:
+    """The delegation an agent's head records (``"dg"``), if its budget was delegated."""
+    dg = None if head is None else head.get("dg")
+    if dg is None:
+        return None
+    return Delegation(
+        agent_id=agent_id,
+        parent_id=dg["by"],
+        created_at=instant(dg["c"]),
+        expires_at=_opt_instant(dg["x"]),
+        revoked_at=_opt_instant(dg["rv"]),
     )
 
 

@@ -22,8 +22,10 @@ __all__ = [
     "agent_of_id",
     "approval",
     "changes_log",
+    "children",
     "denials_log",
     "head",
+    "home",
     "idempotency",
     "new_id",
     "new_token",
@@ -95,6 +97,21 @@ def agent_of_id(some_id: str) -> str | None:
 def head(agent_id: str) -> str:
     """The agent's head: policy version, counters, next expiry, time horizon."""
     return "h/" + _esc(agent_id)
+
+
+def home(agent_id: str) -> str:
+    """Where an agent's state lives when not in its own shard: kept in the agent's own shard.
+
+    ``{"s": shard}``: an agent set up below a parent lives with the parent's
+    tree (one shard for every budget of a tree), and this document, written
+    once, says so.
+    """
+    return "t/" + _esc(agent_id)
+
+
+def children(agent_id: str) -> str:
+    """Index of the budgets whose parent is this agent (score 0)."""
+    return "ch/" + _esc(agent_id)
 
 
 def policy(agent_id: str, version: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from agentpolicy import approvals
 from agentpolicy.amounts import Amount
@@ -23,6 +22,8 @@ from agentpolicy.ledger.docs import (
     Body,
     approval_doc,
     approval_record,
+    delegation_record,
+    levels_of,
     request_data,
     reservation_doc,
 )
@@ -31,17 +32,18 @@ from agentpolicy.ledger.state import (
     Books,
     Head,
     LedgerConfig,
+    close_reservation,
     emit,
     emit_approval,
     expire_due,
     record,
-    undo,
 )
 from agentpolicy.ledger.tallies import MAX_SCORE
-from agentpolicy.policy import AgentPolicy
+from agentpolicy.ledger.trees import Level, PolicySource, chain, grant_deadline
+from agentpolicy.policy import DEFAULT_APPROVAL_TIMEOUT_MS
 from agentpolicy.records import ApprovalStatus, Vote
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.rules import Assessment, Tally, assess, judge
+from agentpolicy.rules import Assessment, BookKey, Tally, Verdict, assess, judge
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 
@@ -49,7 +51,6 @@ __all__ = [
     "PolicySource",
     "authorize",
     "expire",
-    "put_policy",
     "refresh",
     "settle",
     "vote",
@@ -57,28 +58,26 @@ __all__ = [
 
 Step = Callable[[View, Txn], None]
 
-PolicySource = Callable[[str, int, View], AgentPolicy | None]
-"""The engine's parsed policies: ``(agent, version, view) -> policy`` (``None`` for version 0)."""
-
 _IDEMPOTENCY_KEEP_MS = 25 * 3_600_000
 _PASSING = (Code.ALLOWED, Code.APPROVAL_REQUIRED)
 
 
-def _book_name(agent: str, book: tuple[str, str] | None) -> str:
-    return keys.head(agent) if book is None else keys.scope_book(agent, *book)
+def _book_name(agent: str, key: BookKey) -> str:
+    owner = key[0] or agent
+    return keys.head(owner) if key[1] is None else keys.scope_book(owner, *key[1])
 
 
-def _book_names(agent: str, a: Assessment) -> dict[tuple[str, str] | None, str]:
+def _book_names(agent: str, a: Assessment) -> dict[BookKey, str]:
     """The document of every book the payment's tallies are in."""
-    return {b: _book_name(agent, b) for b in {t.book for t in a.tallies}}
+    return {b.key: _book_name(agent, b.key) for b in a.every_book}
 
 
 def _usage(
-    books: Books, names: dict[tuple[str, str] | None, str], a: Assessment, now: int
+    books: Books, names: dict[BookKey, str], a: Assessment, now: int
 ) -> dict[str, tuple[int, int, int]]:
     """What every tally of the payment has used, as the ledger has it now."""
     usage: dict[str, tuple[int, int, int]] = {}
-    for b in a.books:
+    for b in a.every_book:
         book = books[names[b.key]]
         counters = book.counters
         for t in b.calendar.values():
@@ -99,7 +98,8 @@ def _prepare(
     shard: str,
     books: Books,
     a: Assessment,
-    names: dict[tuple[str, str] | None, str],
+    names: dict[BookKey, str],
+    levels: list[Level],
     now: int,
 ) -> None:
     """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling."""
@@ -108,11 +108,13 @@ def _prepare(
     for book in books.by_name.values():
         book.check_horizon(now, agent)
     expire_due(view, txn, cfg, shard, books, now)
+    for level in levels:  # what budgets below an ancestor held in its counters
+        expire_due(view, txn, cfg, shard, books, now, level.head)
     for book in list(books.by_name.values()):
         book.prune(now, cfg.counter_grace)
     for t in a.tallies:
         if t.seconds is not None:
-            book = books[names[t.book]]
+            book = books[names[(t.owner, t.book)]]
             book.advance(view, txn, t.key, t.seconds, now, cfg.counter_grace, agent)
 
 
@@ -153,10 +155,15 @@ def authorize(
                 txn.result = {"rec": entry["rec"], "replayed": True}
                 return
         version = head.body["pv"]
-        a = assess(policies(agent, version, view), request, now)
+        policy = policies(agent, version, view)
         books = Books(view, head)
+        grant = delegation_record(agent, head.body) if "dg" in head.body else None
+        levels = [] if policy is None or policy.parent is None else chain(view, books, policy,
+                                                                           policies)  # fmt: skip
+        ancestors = [(lv.agent, lv.policy, lv.grant) for lv in levels]
+        a = assess(policy, request, now, grant=grant, ancestors=ancestors)
         names = _book_names(agent, a)
-        _prepare(view, txn, cfg, shard, books, a, names, now_us)
+        _prepare(view, txn, cfg, shard, books, a, names, levels, now_us)
         usage = _usage(books, names, a, now_us)
         verdict = judge(a, usage)
         code = verdict.code
@@ -168,10 +175,18 @@ def authorize(
             "req": request_data(request),
             "use": usage,
         }
+        if levels:
+            rec["up"] = [[lv.agent, lv.head.body["pv"]] for lv in levels]
+        grants = [
+            (agent, head.body.get("dg")),
+            *((lv.agent, lv.head.body.get("dg")) for lv in levels),
+        ]
+        if any(dg is not None for _, dg in grants):  # as they were: a replay decides the same
+            rec["dg"] = {who: dg for who, dg in grants if dg is not None}
         if code in _PASSING:
-            _hold(txn, cfg, shard, books, names, a, rec, code is Code.APPROVAL_REQUIRED, now_us)
-            if a.policy is not None and (a.policy.alerts or a.policy.scoped_limits):
-                _alerts(txn, cfg, shard, books, a, usage)
+            deadline = grant_deadline([grant, *(lv.grant for lv in levels)])
+            _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, deadline, now_us)
+            _alerts(txn, cfg, shard, books, a, usage)
             record(txn, cfg, agent, rec)
             seen.append(verdict.decision(
                 reservation_id=rec.get("rid"), approval_id=rec.get("aid"),
@@ -194,63 +209,86 @@ def _hold(
     cfg: LedgerConfig,
     shard: str,
     books: Books,
-    names: dict[tuple[str, str] | None, str],
+    names: dict[BookKey, str],
     a: Assessment,
     rec: Body,
-    held: bool,
+    verdict: Verdict,
+    levels: list[Level],
+    deadline: int | None,
     now: int,
 ) -> None:
-    """Reserve the payment's amount (or hold it for an approval) in every tally it counts in."""
+    """Reserve the payment's amount (or hold it for an approval) in every tally it counts in.
+
+    The reservation is listed under the agent and every budget above it, and
+    never outlives the earliest delegation among them (``deadline``).
+    """
     request = a.request
     agent = request.agent_id
     token = keys.new_token(now)
     rid = keys.new_id("res", agent, token)
     version = rec["pv"]
     approval_id = None
-    if held:
-        assert a.policy is not None  # noqa: S101 - a threshold matched, so there is a policy
-        assert a.threshold is not None  # noqa: S101 - held means a threshold matched
-        config = a.policy.approval_config
-        timeout_ms = config.timeout if config is not None else 0
+    if verdict.code is Code.APPROVAL_REQUIRED:
+        wanted = a.approvals()
+        timeout_ms = min(
+            p.approval_config.timeout if p.approval_config is not None
+            else DEFAULT_APPROVAL_TIMEOUT_MS
+            for _, _, p in wanted
+        )  # fmt: skip
         expires = now + timeout_ms * 1000
+        if deadline is not None:
+            expires = min(expires, deadline)
         approval_id = keys.new_id("apr", agent, token)
+        first = wanted[0][1]
+        groups = [(bid, t.required_approvers, list(t.approvers)) for bid, t, _ in wanted]
+        everyone = list(dict.fromkeys(w for _, _, who in groups for w in who))
         approval = approval_doc(
-            agent=agent, request=rec["req"], required=a.threshold.required_approvers,
-            approvers=list(a.threshold.approvers), created=now, expires=expires, hold=rid,
-            policy_version=version,
+            agent=agent, request=rec["req"],
+            required=first.required_approvers if len(groups) == 1
+            else sum(g[1] for g in groups),
+            approvers=list(first.approvers) if len(groups) == 1 else everyone,
+            created=now, expires=expires, hold=rid, policy_version=version,
+            groups=groups if len(groups) > 1 else (),
         )  # fmt: skip
         name = keys.approval(approval_id)
         txn.put[name] = approval
-        txn.ttl[name] = timeout_ms + cfg.keep_closed_ms
+        txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
         txn.index.append((keys.pending_index(agent), approval_id, now))
         txn.index.append((keys.PENDING, approval_id, now))
         emit_approval(txn, cfg, shard, "approval.created", approval_id, approval)
         rec["aid"] = approval_id
     else:
         expires = now + cfg.reservation_ttl
+        if deadline is not None:
+            expires = min(expires, deadline)
         rec["rid"] = rid
     rec["x"] = expires
     value, decimals = request.amount, request.decimals
     targets: list[tuple[str, str, str, int]] = []
-    for b in a.books:
+    for b in a.every_book:
         name = names[b.key]
         book = books[name]
-        if b.key is not None and books.view.doc(name) is None:  # a scope's new group
-            txn.index.append((keys.scope_groups(agent, b.key[0]), b.key[1], 0))
+        owner, scope = b.key
+        if scope is not None and books.view.doc(name) is None:  # a scope's new group
+            txn.index.append((keys.scope_groups(owner or agent, scope[0]), scope[1], 0))
         book.calendars(b.items, value, decimals, "reserve")
         targets += [(name, key, "c", 0) for key, _ in b.items]
         for t in b.rolling.values():
             book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
             targets.append((name, t.key, "r", t.seconds or 0))
     name = keys.reservation(rid)
+    level_ids = [agent, *(lv.agent for lv in levels)]
     txn.put[name] = reservation_doc(
-        agent=agent, status="held" if held else "reserved", request=rec["req"],
+        agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
         targets=tuple(targets), created=now, expires=expires, policy_version=version,
-        approval_id=approval_id,
+        approval_id=approval_id, levels=level_ids, deadline=deadline,
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
-    txn.index.append((keys.open_index(agent), rid, expires))
+    for level in level_ids:
+        txn.index.append((keys.open_index(level), rid, expires))
     books.head.lower_due(expires)
+    for lv in levels:
+        lv.head.lower_due(expires)
 
 
 def _alerts(
@@ -264,6 +302,9 @@ def _alerts(
     """Announce every alert threshold this payment's amount carried usage across."""
     agent = a.request.agent_id
     amount = a.request.asset_amount
+    levels = [a, *a.parents]
+    if not any(lv.policy and (lv.policy.alerts or lv.policy.scoped_limits) for lv in levels):
+        return
     for tally, limit, percents, label in a.alerting():
         before = usage.get(tally.usage_key)
         used, decimals = (before[0], before[1]) if before else (0, 0)
@@ -274,7 +315,7 @@ def _alerts(
         crossed = [p for p in percents if old * 100 < cap * p <= new * 100]
         if not crossed:
             continue
-        book = books[_book_name(agent, tally.book)]
+        book = books[_book_name(agent, (tally.owner, tally.book))]
         fired: list[int] = []
         if tally.seconds is None:  # once per calendar window
             counter = book.counters[tally.key]
@@ -283,7 +324,8 @@ def _alerts(
             if crossed:
                 book.own()["c"][tally.key] = [*counter[:5], sorted({*fired, *crossed})]
         for percent in crossed:
-            _budget_event(txn, cfg, shard, agent, tally, label, limit, percent, new, d)
+            owner = tally.owner or agent
+            _budget_event(txn, cfg, shard, owner, tally, label, limit, percent, new, d)
 
 
 def _budget_event(
@@ -317,30 +359,6 @@ def _budget_event(
         return {"budget": budget}
 
     emit(txn, cfg, shard, "budget.threshold_reached", agent, "", payload)
-
-
-def _close(
-    txn: Txn,
-    cfg: LedgerConfig,
-    books: Books,
-    rid: str,
-    doc: Body,
-    status: str,
-    now: int,
-) -> Body:
-    """Close an open reservation: give its amount back (or spend it) in its tallies."""
-    undo(books, txn, doc, rid, "settle" if status == "confirmed" else "unreserve")
-    closed = {**doc, "st": status, "u": now}
-    name = keys.reservation(rid)
-    txn.put[name] = closed
-    txn.ttl[name] = cfg.keep_closed_ms
-    txn.index.append((keys.open_index(doc["agent"]), rid, None))
-    event = {"confirmed": "confirm", "released": "release", "expired": "expire"}[status]
-    entry: Body = {"ev": event, "rid": rid, "pv": doc["pv"]}
-    if doc["apr"] is not None:
-        entry["aid"] = doc["apr"]
-    record(txn, cfg, doc["agent"], entry)
-    return closed
 
 
 def settle(cfg: LedgerConfig, reservation_id: str, action: str, now: datetime) -> Step:
@@ -389,7 +407,8 @@ def settle(cfg: LedgerConfig, reservation_id: str, action: str, now: datetime) -
                 return
             new_status = "expired" if now_us >= doc["x"] else "released"
         books = Books(view, Head.read(view, doc["agent"]))
-        txn.result = {"doc": _close(txn, cfg, books, reservation_id, doc, new_status, now_us)}
+        closed = close_reservation(txn, cfg, books, reservation_id, doc, new_status, now_us)
+        txn.result = {"doc": closed}
         books.write(txn)
 
     return step
@@ -450,17 +469,19 @@ def vote(
         if hold is None:  # pragma: no cover - written together with the approval
             raise NotFoundError("the approval's hold is missing", code=ErrorCode.INTERNAL)
         books = Books(view, Head.read(view, owner))
-        head = books.head
         if decided.status is ApprovalStatus.DENIED:
-            _close(txn, cfg, books, doc["hold"], hold, "released", now_us)
+            close_reservation(txn, cfg, books, doc["hold"], hold, "released", now_us)
             record(txn, cfg, owner, {"ev": "approval_denied", "aid": approval_id})
             emit_approval(txn, cfg, shard, "approval.denied", approval_id, new)
         else:
             expires = now_us + cfg.reservation_ttl
+            if hold.get("dx") is not None:
+                expires = min(expires, hold["dx"])
             txn.put[hold_name] = {**hold, "st": "reserved", "x": expires, "u": now_us}
-            txn.ttl[hold_name] = cfg.reservation_ttl // 1000 + cfg.keep_closed_ms
-            txn.index.append((keys.open_index(owner), doc["hold"], expires))
-            head.lower_due(expires)
+            txn.ttl[hold_name] = (expires - now_us) // 1000 + cfg.keep_closed_ms
+            for head in books.heads(levels_of(hold)):
+                txn.index.append((keys.open_index(head.agent), doc["hold"], expires))
+                head.lower_due(expires)
             record(txn, cfg, owner, {"ev": "approval_approved", "aid": approval_id,
                                      "rid": doc["hold"], "x": expires})  # fmt: skip
             emit_approval(txn, cfg, shard, "approval.approved", approval_id, new)
@@ -512,7 +533,8 @@ def refresh(
                 owners[keys.scope_book(agent, scope, group)] = [scope, group]
         books.need(owners)
         expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
-        for name, book in list(books.by_name.items()):
+        for name in [head.name, *owners]:  # (expiry may have touched books of others)
+            book = books[name]
             book.prune(now_us, cfg.counter_grace)
             counters = rolling if book is head else scopes.get(owners[name][0], [])
             for key, seconds in counters:
@@ -520,27 +542,10 @@ def refresh(
                     book.advance(view, txn, key, seconds, now_us, cfg.counter_grace, agent)
         books.write(txn)
         txn.result = {
-            "books": {n: b.body for n, b in books.by_name.items()},
+            "books": {n: books[n].body for n in [head.name, *owners]},
             "groups": owners,
             "expired": expired,
             "lapsed": lapsed,
         }
-
-    return step
-
-
-def put_policy(cfg: LedgerConfig, agent: str, policy: dict[str, Any], now: datetime) -> Step:
-    """Store a new version of the agent's policy (its JSON form); the result is the version."""
-    now_us = micros(now)
-
-    def step(view: View, txn: Txn) -> None:
-        head = Head.read(view, agent)
-        version = head.body["pv"] + 1
-        txn.put[keys.policy(agent, version)] = {"policy": policy, "at": now_us}
-        head.set("pv", version)
-        head.write(txn)
-        txn.index.append((keys.AGENTS, agent, 0))
-        record(txn, cfg, agent, {"ev": "policy_set", "pv": version})
-        txn.result = version
 
     return step

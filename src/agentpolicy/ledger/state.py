@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from agentpolicy.ledger import keys
-from agentpolicy.ledger.docs import Body, approval_record, delivery_doc
+from agentpolicy.ledger.docs import Body, approval_record, delivery_doc, levels_of
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.tallies import (
     EMPTY_SCOPE_BOOK,
@@ -42,9 +42,11 @@ __all__ = [
     "Head",
     "LedgerConfig",
     "Route",
+    "close_reservation",
     "emit",
     "emit_approval",
     "expire_due",
+    "lapse",
     "record",
     "undo",
 ]
@@ -105,7 +107,7 @@ class Head(Book):
 
 
 class Books:
-    """The books one step touches, by name: the head, and scope books read on demand."""
+    """The books one step touches, by name: heads (the agent's first), and others read on demand."""
 
     __slots__ = ("by_name", "head", "view")
 
@@ -113,6 +115,30 @@ class Books:
         self.view = view
         self.head = head
         self.by_name: dict[str, Book] = {head.name: head}
+
+    def add(self, head: Head) -> Head:
+        """Take in another budget's head (an ancestor's), unless it is here already."""
+        found = self.by_name.setdefault(head.name, head)
+        return found if isinstance(found, Head) else head
+
+    def heads(self, agents: Iterable[str]) -> list[Head]:
+        """The heads of these agents (read if needed), as :class:`Head` objects."""
+        agents = list(agents)
+        wanted = [a for a in agents if not isinstance(self.by_name.get(keys.head(a)), Head)]
+        names = [keys.head(a) for a in wanted]
+        self.view.read(names, guess=names)
+        for agent in wanted:
+            old = self.by_name.get(keys.head(agent))
+            head = Head(agent, self.view.doc(keys.head(agent)) if old is None else old.body)
+            if old is not None:
+                head.changed = old.changed
+            self.by_name[head.name] = head
+        found: list[Head] = []
+        for agent in agents:
+            book = self.by_name[keys.head(agent)]
+            assert isinstance(book, Head)  # noqa: S101 - made one just above
+            found.append(book)
+        return found
 
     def need(self, names: Iterable[str]) -> None:
         """Read the books not read yet (in one request)."""
@@ -130,11 +156,12 @@ class Books:
         return found
 
     def write(self, txn: Txn) -> None:
-        """Put every book that changed (the head last: it may change while others are written)."""
+        """Put every book that changed (heads also move the global ``@due`` index)."""
         for name, book in self.by_name.items():
-            if book is not self.head and book.changed:
+            if isinstance(book, Head):
+                book.write(txn)
+            elif book.changed:
                 txn.put[name] = book.body
-        self.head.write(txn)
 
 
 def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
@@ -221,20 +248,28 @@ Closed = list[tuple[str, Body]]
 
 
 def expire_due(
-    view: View, txn: Txn, cfg: LedgerConfig, shard: str, books: Books, now: int
+    view: View,
+    txn: Txn,
+    cfg: LedgerConfig,
+    shard: str,
+    books: Books,
+    now: int,
+    head: Head | None = None,
 ) -> tuple[Closed, Closed]:
-    """Expire the agent's reservations and holds whose time is up (``now >= expiresAt``).
+    """Expire the reservations and holds listed under a head whose time is up (``now >= x``).
 
-    Gives their amounts back to every counter they counted in, expires the
-    approvals the holds were for, and sets the head's next ``due``. Returns
-    the reservations and approvals it expired, with their new documents.
+    ``head`` is the agent's head by default; an ancestor's head lists the
+    open reservations of every budget below it too, so expiring under it
+    frees what they held in its counters. Gives their amounts back to every
+    counter they counted in, expires the approvals the holds were for, and
+    sets the head's next ``due``. Returns the reservations and approvals it
+    expired, with their new documents.
     """
-    head = books.head
+    head = books.head if head is None else head
     due = head.body["due"]
     if due is None or due > now:
         return [], []
-    agent = head.agent
-    index = keys.open_index(agent)
+    index = keys.open_index(head.agent)
     ripe = [member for member, _ in view.scan(index, now, EXPIRE_BATCH)]
     if len(ripe) == EXPIRE_BATCH:
         head.set("due", now)  # more to do: the next step goes on
@@ -250,30 +285,60 @@ def expire_due(
         doc = view.doc(name)
         if doc is None or doc["st"] not in ("held", "reserved"):
             continue  # already closed: the index entry was stale
-        closed = {**doc, "st": "expired", "u": now}
-        txn.put[name] = closed
-        txn.ttl[name] = cfg.keep_closed_ms
-        undo(books, txn, doc, rid, "unreserve")
-        entry: Body = {"ev": "expire", "rid": rid, "pv": doc["pv"]}
-        if doc["apr"] is not None:
-            entry["aid"] = doc["apr"]
-            if doc["st"] == "held":
-                held_for.append(doc["apr"])
-        record(txn, cfg, agent, entry)
+        closed = close_reservation(txn, cfg, books, rid, doc, "expired", now)
+        if doc["apr"] is not None and doc["st"] == "held":
+            held_for.append(doc["apr"])
         expired.append((rid, closed))
+    return expired, lapse(view, txn, cfg, shard, held_for, now)
+
+
+def lapse(
+    view: View, txn: Txn, cfg: LedgerConfig, shard: str, approval_ids: list[str], now: int
+) -> Closed:
+    """Expire the pending approvals whose holds were just closed; return them."""
     lapsed: Closed = []
-    approval_names = [keys.approval(a) for a in held_for]
-    view.read(approval_names)
-    for aid, name in zip(held_for, approval_names, strict=True):
+    names = [keys.approval(a) for a in approval_ids]
+    view.read(names)
+    for aid, name in zip(approval_ids, names, strict=True):
         approval = view.doc(name)
         if approval is None or approval["st"] != "pending":
             continue
         gone = {**approval, "st": "expired", "dec": now}
         txn.put[name] = gone
         txn.ttl[name] = cfg.keep_closed_ms
-        txn.index.append((keys.pending_index(agent), aid, None))
+        txn.index.append((keys.pending_index(approval["agent"]), aid, None))
         txn.index.append((keys.PENDING, aid, None))
-        record(txn, cfg, agent, {"ev": "approval_expired", "aid": aid})
+        record(txn, cfg, approval["agent"], {"ev": "approval_expired", "aid": aid})
         emit_approval(txn, cfg, shard, "approval.expired", aid, gone)
         lapsed.append((aid, gone))
-    return expired, lapsed
+    return lapsed
+
+
+_EVENTS = {"confirmed": "confirm", "released": "release", "expired": "expire"}
+
+
+def close_reservation(
+    txn: Txn,
+    cfg: LedgerConfig,
+    books: Books,
+    rid: str,
+    doc: Body,
+    status: str,
+    now: int,
+) -> Body:
+    """Close an open reservation: give its amount back (or spend it) in every counter.
+
+    It leaves the open-reservation index of every budget that listed it.
+    """
+    undo(books, txn, doc, rid, "settle" if status == "confirmed" else "unreserve")
+    closed = {**doc, "st": status, "u": now}
+    name = keys.reservation(rid)
+    txn.put[name] = closed
+    txn.ttl[name] = cfg.keep_closed_ms
+    for level in levels_of(doc):
+        txn.index.append((keys.open_index(level), rid, None))
+    entry: Body = {"ev": _EVENTS[status], "rid": rid, "pv": doc["pv"]}
+    if doc["apr"] is not None:
+        entry["aid"] = doc["apr"]
+    record(txn, cfg, doc["agent"], entry)
+    return closed

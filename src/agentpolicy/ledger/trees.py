@@ -1,0 +1,399 @@
+"""Budget trees: parents, delegation and revocation, as ledger steps.
+
+A policy may name a ``parent``: a payment by the agent must then pass the
+parent's rules and limits too (and its parent's, up to
+:data:`~agentpolicy.policy.MAX_TREE_DEPTH` budgets), and counts in all of
+their counters in the same commit. Every budget of a tree lives in one shard
+(the shard of the agent it grew from), so that one commit can move them all;
+an agent set up under a parent records where it lives in its own shard
+(:func:`agentpolicy.ledger.keys.home`), written once.
+
+Each budget's head lists, in its open-reservation index, the open
+reservations of every budget below it, so expiring under an ancestor frees
+what its descendants held, and revoking a delegated budget finds every open
+reservation below it in one index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from agentpolicy.errors import (
+    ConflictError,
+    ErrorCode,
+    ForbiddenError,
+    InternalError,
+    NotFoundError,
+    PolicyValidationError,
+    Problem,
+)
+from agentpolicy.ledger import keys
+from agentpolicy.ledger.docs import Body, delegation_record
+from agentpolicy.ledger.runner import View
+from agentpolicy.ledger.state import (
+    Books,
+    Closed,
+    Head,
+    LedgerConfig,
+    close_reservation,
+    lapse,
+    record,
+)
+from agentpolicy.ledger.tallies import MAX_SCORE
+from agentpolicy.policy import MAX_TREE_DEPTH, AgentPolicy, SpendingLimits
+from agentpolicy.records import Delegation
+from agentpolicy.storage._time import micros
+from agentpolicy.storage.base import Txn
+
+__all__ = [
+    "Grant",
+    "Level",
+    "PolicySource",
+    "cap_problems",
+    "chain",
+    "place",
+    "put_policy",
+    "revoke",
+]
+
+Step = Callable[[View, Txn], None]
+
+PolicySource = Callable[[str, int, View], AgentPolicy | None]
+"""The engine's parsed policies: ``(agent, version, view) -> policy`` (``None`` for version 0)."""
+
+_MAX_SUBTREE = 100_000
+_REVOKE_MAX = 1_000_000
+
+
+@attrs.frozen
+class Level:
+    """One budget above an agent: its id, head, policy, and delegation if it was delegated."""
+
+    agent: str
+    head: Head
+    policy: AgentPolicy | None
+    grant: Delegation | None
+
+
+@attrs.frozen
+class Grant:
+    """A delegation being made: by ``parent``, until ``expires`` (microseconds) or for ever.
+
+    ``by_parent`` is true when the parent agent itself asks (an agent-role
+    MCP server): its policy's ``delegation`` switch must allow it.
+    """
+
+    parent: str
+    expires: int | None
+    by_parent: bool = False
+
+
+def chain(
+    view: View, books: Books, policy: AgentPolicy | None, policies: PolicySource
+) -> list[Level]:
+    """The budgets above ``books.head``'s agent, its parent first (their heads join ``books``)."""
+    found: list[Level] = []
+    parent = None if policy is None else policy.parent
+    seen = {books.head.agent}
+    while parent is not None:
+        if len(found) + 1 >= MAX_TREE_DEPTH or parent in seen:
+            raise InternalError(
+                f"the budget tree above {books.head.agent} is deeper than {MAX_TREE_DEPTH} "
+                "budgets or loops; nothing was allowed or changed"
+            )
+        seen.add(parent)
+        (head,) = books.heads((parent,))
+        above = policies(parent, head.body["pv"], view)
+        found.append(Level(parent, head, above, delegation_record(parent, head.body)))
+        parent = None if above is None else above.parent
+    return found
+
+
+def place(agent: str, home: str) -> Step:
+    """Record that ``agent`` lives in shard ``home`` (its tree), unless it already lives somewhere.
+
+    Runs in the agent's own shard. The result is where the agent lives: the
+    recorded shard, its own shard when it already has a policy there, else
+    ``home`` (now recorded).
+    """
+    pointer, head = keys.home(agent), keys.head(agent)
+
+    def step(view: View, txn: Txn) -> None:
+        view.read((pointer, head))
+        found = view.doc(pointer)
+        if found is not None:
+            txn.result = found["s"]
+            return
+        own = view.doc(head)
+        if home == agent or (own is not None and own["pv"] > 0):
+            txn.result = agent
+            return
+        txn.put[pointer] = {"s": home}
+        txn.result = home
+
+    return step
+
+
+def _invalid(path: str, message: str) -> PolicyValidationError:
+    return PolicyValidationError([Problem(path, message)])
+
+
+def _height(view: View, agent: str) -> int:
+    """How many levels of budgets hang from ``agent``, itself included."""
+    level, height, total = [agent], 1, 0
+    while True:
+        below = [m for a in level for m, _ in view.scan(keys.children(a), MAX_SCORE, _MAX_SUBTREE)]
+        total += len(below)
+        if not below:
+            return height
+        if total > _MAX_SUBTREE or height > MAX_TREE_DEPTH:
+            return MAX_TREE_DEPTH + 1
+        level, height = below, height + 1
+
+
+def _check_parent(
+    view: View, books: Books, agent: str, parent: str, policies: PolicySource
+) -> list[Level]:
+    """Refuse a parent that is missing, makes a cycle or makes the tree too deep."""
+    path = "$.policy.parent"
+    levels: list[Level] = []
+    current: str | None = parent
+    while current is not None:
+        if current == agent:
+            raise _invalid(path, f"{parent!r} is {agent} or below it: that would make a cycle")
+        if len(levels) >= MAX_TREE_DEPTH:
+            break  # too deep either way: refused below
+        (head,) = books.heads((current,))
+        above = policies(current, head.body["pv"], view)
+        if above is None and current == parent:
+            raise _invalid(path, f"budget {parent!r} has no policy: set the parent's policy first")
+        levels.append(Level(current, head, above, delegation_record(current, head.body)))
+        current = None if above is None else above.parent
+    if len(levels) + _height(view, agent) > MAX_TREE_DEPTH:
+        raise _invalid(
+            path,
+            f"a payment would pass through more than {MAX_TREE_DEPTH} budgets "
+            "(this agent, the budgets below it and those above the parent)",
+        )
+    return levels
+
+
+def _active(grant: Delegation | None, now: datetime) -> bool:
+    return grant is None or grant.active(now)
+
+
+def _check_grant(
+    grant: Grant, child: Head, policy: AgentPolicy, levels: list[Level], now: datetime
+) -> int | None:
+    """Refuse a delegation its parent cannot make; return when it ends (microseconds)."""
+    parent = levels[0]
+    if policy.parent != grant.parent:
+        raise _invalid("$.policy.parent", f"a budget delegated by {grant.parent} has it as parent")
+    if not all(_active(level.grant, now) for level in levels):
+        raise ConflictError(
+            f"{grant.parent}'s own budget is no longer delegated to it (revoked or expired)",
+            code=ErrorCode.BUDGET_CONFLICT,
+        )
+    dg = child.body.get("dg")
+    if child.body["pv"] > 0 and (dg is None or dg["by"] != grant.parent):
+        raise ConflictError(
+            f"agent {child.agent} already has a budget that {grant.parent} did not delegate",
+            code=ErrorCode.BUDGET_CONFLICT,
+        )
+    if dg is not None and dg["rv"] is not None:
+        raise ConflictError(
+            f"the budget of {child.agent} was revoked; delegate under a new agent id",
+            code=ErrorCode.BUDGET_CONFLICT,
+        )
+    now_us = micros(now)
+    expires = grant.expires
+    if expires is not None and expires <= now_us:
+        raise _invalid("$.expiresAt", "must be in the future")
+    ends = [micros(g.expires_at) for g in (lv.grant for lv in levels) if g and g.expires_at]
+    if ends:
+        if expires is not None and expires > min(ends):
+            raise _invalid("$.expiresAt", "must not be after the parent's own delegation ends")
+        expires = min(ends) if expires is None else expires
+    if grant.by_parent:
+        rules = parent.policy.delegation if parent.policy is not None else None
+        if rules is None or not rules.allowed:
+            raise ForbiddenError(
+                f"{grant.parent}'s policy does not let it delegate "
+                '(set "delegation": {"allowed": true})',
+                code=ErrorCode.FORBIDDEN,
+            )
+        for distance, level in enumerate(levels, start=1):
+            above = level.policy.delegation if level.policy is not None else None
+            if above is not None and above.allowed and distance > above.max_depth:
+                raise ForbiddenError(
+                    f"{level.agent}'s policy allows delegated budgets at most "
+                    f"{above.max_depth} level(s) below it",
+                    code=ErrorCode.FORBIDDEN,
+                )
+    problems = cap_problems(policy, parent.policy)
+    if problems:
+        raise PolicyValidationError(problems)
+    return expires
+
+
+def _limit_pairs(child: SpendingLimits, parent: SpendingLimits) -> list[tuple[str, Any, Any]]:
+    pairs: list[tuple[str, Any, Any]] = [("perTransaction", child.per_transaction,
+                                          parent.per_transaction)]  # fmt: skip
+    pairs += [(p.value, child.by_period[p], parent.by_period[p]) for p in child.by_period]
+    theirs = {r.seconds: r.amount for r in parent.rolling}
+    pairs += [
+        (f"rolling[{i}]", r.amount, theirs.get(r.seconds)) for i, r in enumerate(child.rolling)
+    ]
+    counts = {c.window: c.max for c in parent.counts}
+    pairs += [(f"counts[{i}]", c.max, counts.get(c.window)) for i, c in enumerate(child.counts)]
+    return pairs
+
+
+def cap_problems(child: AgentPolicy, parent: AgentPolicy | None) -> list[Problem]:
+    """Every limit of a delegated budget above the same limit of its parent.
+
+    Limits are compared kind by kind (the same window, the same token);
+    at every payment the parent's limits bind as well, so this only refuses
+    a grant that promises more than the parent has.
+    """
+    if parent is None:
+        return []
+    problems: list[Problem] = []
+    blocks = [("$.policy.limits", child.limits)]
+    blocks += [(f"$.policy.assets[{i}].limits", a.limits) for i, a in enumerate(child.assets)]
+    for path, block in blocks:
+        if block is None:
+            continue
+        theirs = parent.limits_for(block.token) if block.symbol is not None else parent.limits
+        if theirs is None:
+            continue
+        for name, mine, cap in _limit_pairs(block, theirs):
+            if mine is None or cap is None:
+                continue
+            over = mine > cap if isinstance(mine, int) else mine.compare(cap) > 0
+            if over:
+                problems.append(Problem(f"{path}.{name}", f"exceeds the parent's limit ({cap})"))
+    return problems
+
+
+def put_policy(
+    cfg: LedgerConfig,
+    agent: str,
+    policy: AgentPolicy,
+    data: dict[str, Any],
+    now: datetime,
+    policies: PolicySource,
+    grant: Grant | None = None,
+) -> Step:
+    """Store a new version of the agent's policy (its JSON form ``data``); the result: the version.
+
+    With a ``parent``, the parent must have a policy, be no descendant of the
+    agent, and keep every payment within :data:`MAX_TREE_DEPTH` budgets. A
+    delegated budget keeps its delegating parent. With ``grant``, this is a
+    delegation (see :func:`_check_grant`).
+    """
+    now_us = micros(now)
+
+    def step(view: View, txn: Txn) -> None:
+        head = Head.read(view, agent)
+        books = Books(view, head)
+        old = policies(agent, head.body["pv"], view)
+        dg = head.body.get("dg")
+        if grant is None and dg is not None and policy.parent != dg["by"]:
+            raise ConflictError(
+                f"the budget of {agent} was delegated by {dg['by']}, which stays its parent",
+                code=ErrorCode.BUDGET_CONFLICT,
+            )
+        levels = []
+        if policy.parent is not None:
+            levels = _check_parent(view, books, agent, policy.parent, policies)
+        version = head.body["pv"] + 1
+        if grant is not None:
+            expires = _check_grant(grant, head, policy, levels, now)
+            created = now_us if dg is None else dg["c"]
+            head.set("dg", {"by": grant.parent, "c": created, "x": expires, "rv": None})
+            record(txn, cfg, agent, {"ev": "delegate", "pv": version, "by": grant.parent,
+                                     "x": expires})  # fmt: skip
+        txn.put[keys.policy(agent, version)] = {"policy": data, "at": now_us}
+        head.set("pv", version)
+        old_parent = None if old is None else old.parent
+        if old_parent != policy.parent:
+            if old_parent is not None:
+                txn.index.append((keys.children(old_parent), agent, None))
+            if policy.parent is not None:
+                txn.index.append((keys.children(policy.parent), agent, 0))
+        books.write(txn)
+        txn.index.append((keys.AGENTS, agent, 0))
+        record(txn, cfg, agent, {"ev": "policy_set", "pv": version})
+        txn.result = version
+
+    return step
+
+
+def revoke(
+    cfg: LedgerConfig,
+    shard: str,
+    agent: str,
+    by: str | None,
+    now: datetime,
+    policies: PolicySource,
+) -> Step:
+    """Revoke a delegated budget: it and every budget below it stop allowing payments.
+
+    Every open reservation and held approval at or below it is released (the
+    approvals expire). ``by`` (when given) must be a budget above it.
+    Revoking again changes nothing. The result is ``{"head": head,
+    "released": [[id, reservation]], "lapsed": [[id, approval]]}``.
+    """
+    now_us = micros(now)
+
+    def step(view: View, txn: Txn) -> None:
+        head = Head.read(view, agent)
+        if head.body["pv"] == 0:
+            raise NotFoundError(f"no policy is set for agent {agent}", code=ErrorCode.NO_POLICY)
+        dg = head.body.get("dg")
+        if dg is None:
+            raise NotFoundError(
+                f"the budget of {agent} was not delegated", code=ErrorCode.DELEGATION_NOT_FOUND
+            )
+        books = Books(view, head)
+        if by is not None:
+            above = chain(view, books, policies(agent, head.body["pv"], view), policies)
+            if by not in (level.agent for level in above):
+                raise ForbiddenError(
+                    f"{by} is not above {agent}: only a budget above it may revoke it",
+                    code=ErrorCode.FORBIDDEN,
+                )
+        if dg["rv"] is None:
+            head.set("dg", {**dg, "rv": now_us})
+            record(txn, cfg, agent, {"ev": "revoke", "by": by})
+        index = keys.open_index(agent)
+        ids = [rid for rid, _ in view.scan(index, MAX_SCORE, _REVOKE_MAX)]
+        names = [keys.reservation(r) for r in ids]
+        view.read(names)
+        released: Closed = []
+        held_for: list[str] = []
+        for rid, name in zip(ids, names, strict=True):
+            doc = view.doc(name)
+            txn.index.append((index, rid, None))
+            if doc is None or doc["st"] not in ("held", "reserved"):
+                continue
+            released.append((rid, close_reservation(txn, cfg, books, rid, doc, "released", now_us)))
+            if doc["st"] == "held" and doc["apr"] is not None:
+                held_for.append(doc["apr"])
+        lapsed = lapse(view, txn, cfg, shard, held_for, now_us)
+        books.write(txn)
+        result: Body = {"head": head.body, "released": released, "lapsed": lapsed}
+        txn.result = result
+
+    return step
+
+
+def grant_deadline(levels: Sequence[Delegation | None]) -> int | None:
+    """The earliest end among these delegations (microseconds), or ``None``."""
+    ends = [micros(g.expires_at) for g in levels if g is not None and g.expires_at is not None]
+    return min(ends) if ends else None
