@@ -502,3 +502,31 @@ def test_budget_shows_rolling_count_and_scoped_limits(tmp_path: Path) -> None:
     assert "of 9 USDT; 7 left" in shown
     data = json.loads(run(tmp_path, "--json", "budget", "bot").stdout)
     assert {x["window"] for x in data["limits"]} == {"daily", "24h", "10m"}
+
+
+def test_delegate_revoke_and_a_budget_within_its_parents(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.json"
+    fleet.write_text(json.dumps({"limits": {"daily": {"value": "100000000"}}}))
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps({"limits": {"daily": {"value": "5000000"}}}))
+    assert run(tmp_path, "policy", "set", "fleet", str(fleet)).returncode == 0
+    made = run(tmp_path, "delegate", "fleet", "helper", str(sub), "--expires-in", "2h")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("helper: delegated by fleet until ")
+    assert run(tmp_path, "authorize", "helper", "2000000", "0xv", "eip155:8453").returncode == 0
+    shown = run(tmp_path, "budget", "helper").stdout
+    assert "delegated by fleet" in shown
+    assert "within the budget of fleet:" in shown
+    assert "spent 0 + reserved 2 of 100 USDT; 98 left" in shown
+    data = json.loads(run(tmp_path, "--json", "budget", "helper").stdout)
+    assert data["ancestors"][0]["agentId"] == "fleet"
+    over = run(tmp_path, "delegate", "fleet", "greedy", "-", stdin=json.dumps(
+        {"limits": {"daily": {"value": "900000000"}}}))  # fmt: skip
+    assert over.returncode != 0
+    assert "$.policy.limits.daily: exceeds the parent's limit" in over.stderr
+    revoked = run(tmp_path, "--json", "revoke", "helper", "--by", "fleet")
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["revokedAt"]
+    denied = run(tmp_path, "--json", "authorize", "helper", "1", "0xv", "eip155:8453")
+    assert json.loads(denied.stdout)["code"] == "DELEGATION_REVOKED"
+    assert "Traceback" not in denied.stderr + over.stderr

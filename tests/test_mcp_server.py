@@ -63,7 +63,7 @@ def agent(storage: MemoryStorage, admin: AgentPolicyMcpServer) -> AgentPolicyMcp
 def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
     import re
 
-    assert len(TOOLS) == 10
+    assert len(TOOLS) == 12
     for tool in TOOLS:
         assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.name)
         assert tool.slash_name.startswith("agent-policy/")
@@ -72,9 +72,10 @@ def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
 
 
 def test_roles_list_their_tools(admin: AgentPolicyMcpServer, agent: AgentPolicyMcpServer) -> None:
-    assert len(admin.tools()) == 10
+    assert len(admin.tools()) == 12
     assert [t.slash_name.removeprefix("agent-policy/") for t in agent.tools()] == [
         "authorize", "budget", "get", "confirm", "release", "approvals/list", "approvals/get",
+        "delegate", "revoke",
     ]  # fmt: skip
 
 
@@ -430,3 +431,47 @@ def test_the_storage_folder_of_agent_policy_db_is_created(
     ok(call(server, "agent_policy_set", {"agentId": "a", "policy": {}}))
     server.close()
     assert (tmp_path / "new" / "folder" / "p.db").is_file()
+
+
+# -- delegation from an agent-role server ----------------------------------------------------
+
+
+def test_a_bound_agent_delegates_from_its_own_budget_only_when_its_policy_allows(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer
+) -> None:
+    bot = AgentPolicyMcpServer(storage=storage, clock=admin.engine.clock, agent_id="acme:bot")
+    sub = {"childId": "acme:bot/browse", "expiresIn": "1h",
+           "policy": {"limits": {"daily": {"value": str(5 * USDT)}}}}  # fmt: skip
+    refused = err(call(bot, "agent_policy_delegate", sub))
+    assert refused["code"] == "FORBIDDEN"
+    assert "delegation" in refused["message"]
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:bot", "policy": {
+        **POLICY, "delegation": {"allowed": True}}}))  # fmt: skip
+    made = ok(call(bot, "agent_policy_delegate", sub))
+    assert (made["parentId"], made["version"]) == ("acme:bot", 1)
+    assert made["expiresAt"] == "2026-01-19T11:00:00Z"
+    too_much = {**sub, "policy": {"limits": {"daily": {"value": str(5000 * USDT)}}}}
+    assert err(call(bot, "agent_policy_delegate", too_much))["path"] == "$.policy.limits.daily"
+    other = err(call(bot, "agent_policy_delegate", {**sub, "parentId": "acme:other"}))
+    assert other["code"] == "FORBIDDEN"  # a bound server serves no other budget
+    both = err(call(bot, "agent_policy_delegate", {**sub, "expiresAt": "2026-01-19T12:00:00Z"}))
+    assert both["path"] == "$.expiresIn"
+    child = AgentPolicyMcpServer(
+        storage=storage, clock=admin.engine.clock, agent_id="acme:bot/browse"
+    )
+    paid = ok(call(child, "agent_policy_authorize", {**PAY, "agentId": "acme:bot/browse"}))
+    assert paid["allowed"] is True
+    assert err(call(child, "agent_policy_revoke", {"childId": "acme:bot/browse"}))["code"] == (
+        "FORBIDDEN"
+    )  # a budget cannot revoke itself (nor its parent)
+    revoked = ok(call(bot, "agent_policy_revoke", {"childId": "acme:bot/browse"}))
+    assert revoked["revokedAt"] == "2026-01-19T10:00:00Z"
+    denied = ok(call(child, "agent_policy_authorize", {**PAY, "agentId": "acme:bot/browse"}))
+    assert (denied["code"], denied["budgetId"]) == ("DELEGATION_REVOKED", "acme:bot/browse")
+
+
+def test_an_unbound_agent_server_must_say_which_budget_it_delegates_from(
+    agent: AgentPolicyMcpServer,
+) -> None:
+    result = err(call(agent, "agent_policy_delegate", {"childId": "x", "policy": {}}))
+    assert (result["code"], result["path"]) == ("INVALID_INPUT", "$.parentId")

@@ -32,7 +32,7 @@ def test_sdk_client_lists_tools_and_calls_them_with_structured_content() -> None
     async def run() -> None:
         async with Client(build_server(admin)) as client:
             listed = (await client.list_tools()).tools
-            assert len(listed) == 10
+            assert len(listed) == 12
             setter = next(t for t in listed if t.name == "agent_policy_set")
             assert setter.input_schema["required"] == ["agentId", "policy"]
             result = await client.call_tool(
@@ -46,7 +46,7 @@ def test_sdk_client_lists_tools_and_calls_them_with_structured_content() -> None
         async with Client(build_server(agent)) as client:
             names = [t.name for t in (await client.list_tools()).tools]
             assert "agent_policy_set" not in names
-            assert len(names) == 7
+            assert len(names) == 9
             allowed = await client.call_tool("agent_policy_authorize", PAY)
             assert allowed.is_error is False
             assert allowed.structured_content is not None
@@ -148,7 +148,7 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
     init = admin.initialize()
     assert init["result"]["serverInfo"]["name"] == "agent-policy"
     tools = admin.send("tools/list")["result"]["tools"]
-    assert len(tools) == 10
+    assert len(tools) == 12
     assert all("inputSchema" in t and t["description"] for t in tools)
     result = admin.call("agent_policy_set", {"agentId": "bot", "policy": {
         "limits": {"daily": {"value": "100000000"}}}})  # fmt: skip
@@ -162,7 +162,7 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
 
     agent = Stdio(_env(tmp_path, "agent"))
     agent.initialize()
-    assert len(agent.send("tools/list")["result"]["tools"]) == 7
+    assert len(agent.send("tools/list")["result"]["tools"]) == 9
     allowed = agent.call("agent_policy_authorize", PAY)
     assert allowed["structuredContent"]["data"]["allowed"] is True  # the admin's policy persisted
     assert allowed["isError"] is False
@@ -212,7 +212,7 @@ def test_the_cli_serves_mcp_too(tmp_path: Path) -> None:
         [str(exe), "--db", str(tmp_path / "s.db"), "serve-mcp", "--role", "admin"],
     )
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
-    assert len(server.send("tools/list")["result"]["tools"]) == 10
+    assert len(server.send("tools/list")["result"]["tools"]) == 12
     assert "Traceback" not in server.close()
 
 
@@ -285,7 +285,10 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
                 "approvalId": approval_id, "decision": "approve", "approver": "admin@company.com",
                 "comment": "ok"})  # fmt: skip
             assert decided["data"]["reservationId"]
+            await _delegate_and_revoke(check)
             for name, args in [
+                ("agent_policy_revoke", {"childId": "bot"}),
+                ("agent_policy_delegate", {"childId": "x", "policy": {}}),
                 ("agent_policy_get", {"agentId": "nobody"}),
                 ("agent_policy_authorize", {**PAY, "amount": "1.5"}),
                 ("agent_policy_confirm", {"reservationId": "res_nope"}),
@@ -296,6 +299,20 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
 
     anyio.run(run)
     assert checked == {t.name for t in admin.tools()}
+
+
+async def _delegate_and_revoke(check: Any) -> None:
+    sub = await check("agent_policy_delegate", {
+        "parentId": "bot", "childId": "bot-sub", "expiresIn": "1h",
+        "policy": {"limits": {"daily": {"value": "1000000"}}}})  # fmt: skip
+    assert sub["data"]["parentId"] == "bot"
+    assert sub["data"]["expiresAt"] == "2026-01-19T11:00:00Z"
+    child = await check("agent_policy_authorize", {**PAY, "agentId": "bot-sub", "amount": "1000"})
+    assert child["data"]["allowed"] is True
+    nested = await check("agent_policy_budget", {"agentId": "bot-sub"})
+    assert [a["agentId"] for a in nested["data"]["ancestors"]] == ["bot"]
+    gone = await check("agent_policy_revoke", {"childId": "bot-sub"})
+    assert gone["data"]["revokedAt"]
 
 
 def test_a_long_listing_is_valid_json_and_pages_instead_of_being_cut() -> None:
@@ -495,7 +512,7 @@ def test_the_documented_claude_desktop_config_starts_on_a_new_machine(
     server = Stdio(bare, [command, *entry.get("args", [])], inherit=False)
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
     tools = server.send("tools/list")["result"]["tools"]
-    assert len(tools) == (10 if name == "agent-policy-admin" else 7)
+    assert len(tools) == (12 if name == "agent-policy-admin" else 9)
     assert all("outputSchema" in t and "annotations" in t for t in tools)
     assert "Traceback" not in server.close()
     assert stat.S_IMODE(Path(state).stat().st_mode) == 0o700

@@ -29,7 +29,7 @@ from typing import Any, NoReturn, TextIO
 from agentpolicy import __version__
 from agentpolicy import cli_output as show
 from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
-from agentpolicy.codec import dump_policy, load_policy
+from agentpolicy.codec import dump_policy, load_policy, parse_instant
 from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
 from agentpolicy.durations import parse_duration
 from agentpolicy.engine import PolicyEngine
@@ -47,6 +47,7 @@ from agentpolicy.views import (
     approval_data,
     budget_data,
     decision_data,
+    delegation_data,
     history_data,
     reservation_data,
 )
@@ -155,6 +156,19 @@ def _add_payment_commands(commands: _Commands) -> None:
     b.add_argument("--period", choices=[p.value for p in Period])
 
 
+def _add_tree_commands(commands: _Commands) -> None:
+    d = commands.add("delegate", "give a sub-agent a budget carved from a parent's, for a while")
+    d.add_argument("parent")
+    d.add_argument("child")
+    d.add_argument("file", help="the sub-agent's policy, a JSON file ('-' for stdin)")
+    ends = d.add_mutually_exclusive_group()
+    ends.add_argument("--expires-in", metavar="DURATION", help="how long it lasts: 30m, 1h, 7d")
+    ends.add_argument("--expires-at", metavar="INSTANT", help="when it ends (ISO 8601, offset)")
+    r = commands.add("revoke", "revoke a delegated budget (and every budget below it)")
+    r.add_argument("child")
+    r.add_argument("--by", metavar="PARENT", help="revoke as this budget (must be above it)")
+
+
 def _add_review_commands(commands: _Commands) -> None:
     approvals = commands.group("approvals", "list, show, approve and deny approvals")
     al = approvals.add("list", "pending approvals")
@@ -182,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = _Commands(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
     _add_policy_commands(commands)
     _add_payment_commands(commands)
+    _add_tree_commands(commands)
     _add_review_commands(commands)
     commands.add("sweep", "expire due reservations and approvals now")
     commands.add("where", "which storage and SQLite file are in use (touches no store)")
@@ -378,6 +393,18 @@ def _deliveries(args: argparse.Namespace, engine: PolicyEngine, settings: Settin
     ]}  # fmt: skip
 
 
+def _delegate(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
+    expires_at = None
+    if args.expires_at is not None:
+        expires_at = parse_instant(args.expires_at, "$.expiresAt")
+    elif args.expires_in is not None:
+        expires_at = engine.clock() + parse_duration(args.expires_in, "$.expiresIn")
+    delegation = engine.delegate(
+        args.parent, args.child, _read_policy(args.file), expires_at=expires_at
+    )
+    return delegation_data(delegation)
+
+
 def _settle(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
     reservation = (engine.confirm if args.command == "confirm" else engine.release)(
         args.reservation
@@ -424,6 +451,10 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out
         emit(_settle(args, engine), _line("{reservationId}: {status}"))
     elif cmd == "budget":
         emit(budget_data(engine.budget(args.agent, args.period)), show.print_budget)
+    elif cmd == "delegate":
+        emit(_delegate(args, engine), show.print_delegation)
+    elif cmd == "revoke":
+        emit(delegation_data(engine.revoke(args.child, by=args.by)), show.print_delegation)
     elif cmd == "approvals" and action == "list":
         emit({"approvals": [approval_data(a) for a in engine.list_approvals(args.agent)]},
              show.print_approvals)  # fmt: skip

@@ -6,6 +6,7 @@ tools return, to a text stream.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, TextIO
 
@@ -70,6 +71,22 @@ def print_budget(data: dict[str, Any], out: TextIO) -> None:
             f"spent {_units(x['spent'], d)} + reserved {_units(x['reserved'], d)} "
             f"of {_units(x['limit'], d)} {sym}; {_units(x['remaining'], d)} left{frees}\n"
         )
+    if "delegation" in data:
+        out.write("  ")
+        print_delegation(data["delegation"], out)
+    for above in data.get("ancestors", []):
+        out.write(f"within the budget of {above['agentId']}:\n")
+        buffer = io.StringIO()
+        print_budget(above, buffer)
+        out.write("".join(buffer.getvalue().splitlines(keepends=True)[1:]))
+
+
+def print_delegation(data: dict[str, Any], out: TextIO) -> None:
+    """A delegated budget: whose, until when, and whether it was revoked."""
+    until = f" until {data['expiresAt']}" if "expiresAt" in data else ""
+    out.write(f"{data['agentId']}: delegated by {data['parentId']}{until}\n")
+    if "revokedAt" in data:
+        out.write(f"  revoked at {data['revokedAt']}\n")
 
 
 def _main_symbol(data: dict[str, Any]) -> str | None:

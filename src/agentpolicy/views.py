@@ -11,12 +11,21 @@ from typing import Any
 from agentpolicy.amounts import Amount
 from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Decision
-from agentpolicy.records import Approval, Budget, HistoryRecord, LimitBudget, Reservation, Vote
+from agentpolicy.records import (
+    Approval,
+    Budget,
+    Delegation,
+    HistoryRecord,
+    LimitBudget,
+    Reservation,
+    Vote,
+)
 
 __all__ = [
     "approval_data",
     "budget_data",
     "decision_data",
+    "delegation_data",
     "history_data",
     "limit_data",
     "reservation_data",
@@ -44,6 +53,7 @@ def decision_data(d: Decision) -> dict[str, Any]:
             "approvalId": d.approval_id,
             "expiresAt": _instant(d.expires_at),
             "policyVersion": d.policy_version,
+            "budgetId": d.budget_id,
             "evaluations": [
                 {
                     "name": e.name,
@@ -63,7 +73,7 @@ def _amount(a: Amount | None) -> str | None:
 
 def budget_data(b: Budget) -> dict[str, Any]:
     """The data of a budget reply: every amount in base units of the window's limit."""
-    return {
+    data: dict[str, Any] = {
         "agentId": b.agent_id,
         "at": format_instant(b.at),
         "periods": {
@@ -81,6 +91,24 @@ def budget_data(b: Budget) -> dict[str, Any]:
         },
         "limits": [limit_data(x) for x in b.limits],
     }
+    if b.ancestors:
+        data["ancestors"] = [budget_data(a) for a in b.ancestors]
+    if b.delegation is not None:
+        data["delegation"] = delegation_data(b.delegation)
+    return data
+
+
+def delegation_data(d: Delegation) -> dict[str, Any]:
+    """How a budget was delegated: by whom, when, until when, and whether it was revoked."""
+    return _drop_none(
+        {
+            "agentId": d.agent_id,
+            "parentId": d.parent_id,
+            "createdAt": format_instant(d.created_at),
+            "expiresAt": _instant(d.expires_at),
+            "revokedAt": _instant(d.revoked_at),
+        }
+    )
 
 
 def limit_data(x: LimitBudget) -> dict[str, Any]:
@@ -135,6 +163,11 @@ def approval_data(a: Approval) -> dict[str, Any]:
             "memo": a.request.memo,
             "requiredApprovers": a.required_approvers,
             "approvers": list(a.approvers),
+            "groups": [
+                {"name": g.name, "required": g.required, "approvers": list(g.approvers)}
+                for g in a.groups
+            ]
+            or None,
             "decisions": [vote_data(v) for v in a.votes],
             "createdAt": format_instant(a.created_at),
             "expiresAt": format_instant(a.expires_at),

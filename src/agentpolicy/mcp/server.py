@@ -1,8 +1,10 @@
-"""AgentPolicyMcpServer: the ten tools over a PolicyEngine, with roles and agent binding.
+"""AgentPolicyMcpServer: the tools over a PolicyEngine, with roles and agent binding.
 
 The governed agent must not be able to raise its own limits or approve its
 own payments: the ``agent`` role (the default) serves only authorize,
-budget, get, confirm, release, approvals/list and approvals/get, and may be
+budget, get, confirm, release, approvals/list, approvals/get, and delegate
+and revoke (which only carve sub-budgets out of its own budget, when its
+policy allows it), and may be
 bound to one agent id (which then is the default ``agentId``) or an
 organisation prefix. Every call returns a dict, ``{"success": True, "data":
 ...}`` or ``{"success": False, "error": {...}}``; no exception and no
@@ -21,8 +23,9 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from agentpolicy._checks import check_identifier, raise_if
-from agentpolicy.codec import dump_policy
+from agentpolicy.codec import dump_policy, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
+from agentpolicy.durations import parse_duration
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import (
     ErrorCode,
@@ -35,7 +38,13 @@ from agentpolicy.examples import example_policy
 from agentpolicy.mcp.tools import TOOLS, Tool, find_tool, parse_arguments
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
-from agentpolicy.views import approval_data, budget_data, decision_data, reservation_data
+from agentpolicy.views import (
+    approval_data,
+    budget_data,
+    decision_data,
+    delegation_data,
+    reservation_data,
+)
 from agentpolicy.webhooks import WebhookEndpoint
 
 __all__ = ["DEMO_AGENT", "AgentPolicyMcpServer", "create_server_with_redis"]
@@ -271,6 +280,42 @@ class AgentPolicyMcpServer:
             a["approvalId"], a["approver"], a["decision"], a.get("comment")
         )
         return approval_data(approval)
+
+    def _acting_parent(self, a: dict[str, Any]) -> str | None:
+        """The budget a delegate or revoke call acts as (``None``: an administrator, for any)."""
+        parent: str | None = a.get("parentId", self.bound_agent)
+        if parent is not None:
+            self._check_agent(parent)
+        if self.role != "admin" and parent is None:
+            raise PolicyValidationError.single(
+                "$.parentId", "is required: the budget this agent delegates from or revokes as"
+            )
+        return parent
+
+    def _delegate(self, a: dict[str, Any]) -> dict[str, Any]:
+        parent = self._acting_parent(a)
+        if parent is None:
+            raise PolicyValidationError.single("$.parentId", "is required")
+        if "expiresAt" in a and "expiresIn" in a:
+            raise PolicyValidationError.single(
+                "$.expiresIn", "give expiresIn or expiresAt, not both"
+            )
+        expires_at = None
+        if "expiresAt" in a:
+            expires_at = parse_instant(a["expiresAt"], "$.expiresAt")
+        elif "expiresIn" in a:
+            span = parse_duration(a["expiresIn"], "$.expiresIn")
+            expires_at = self.engine.clock() + span
+        delegation = self.engine.delegate(
+            parent, a["childId"], a["policy"], expires_at=expires_at,
+            by_parent=self.role != "admin",
+        )  # fmt: skip
+        stored = self.engine.get_policy(a["childId"])
+        return {**delegation_data(delegation), "version": stored.version if stored else 1}
+
+    def _revoke(self, a: dict[str, Any]) -> dict[str, Any]:
+        parent = self._acting_parent(a)
+        return delegation_data(self.engine.revoke(a["childId"], by=parent))
 
     def flush_webhooks(self, timeout: float = 10.0) -> bool:
         """Wait until the webhook outbox is empty or ``timeout`` seconds pass."""

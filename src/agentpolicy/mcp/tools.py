@@ -1,4 +1,4 @@
-"""The ten tools: names, descriptions, argument and result schemas, and annotations.
+"""The tools: names, descriptions, argument and result schemas, and annotations.
 
 Pure and SDK-free: the stdio server and :class:`AgentPolicyMcpServer` share
 this table. Amounts travel as strings of base units; keys are camelCase.
@@ -134,6 +134,10 @@ _DECISION = _object(
         "approvalId": _TEXT,
         "expiresAt": _INSTANT,
         "policyVersion": {"type": "integer", "minimum": 1},
+        "budgetId": {
+            **_TEXT,
+            "description": "The budget whose rule decided: the agent's own id or an ancestor's.",
+        },
         "evaluations": {
             "type": "array",
             "items": _object(
@@ -181,17 +185,37 @@ _LIMIT = _object(
     },
     ["kind", "window", "remaining"],
 )
-_BUDGET = _object(
+_DELEGATION = _object(
     {
         "agentId": _TEXT,
-        "at": _INSTANT,
-        "periods": {
-            "type": "object",
-            "propertyNames": {"enum": [p.value for p in Period]},
-            "additionalProperties": _WINDOW,
+        "parentId": _TEXT,
+        "createdAt": _INSTANT,
+        "expiresAt": _INSTANT,
+        "revokedAt": _INSTANT,
+    },
+    ["agentId", "parentId", "createdAt"],
+)
+_BUDGET_CORE = {
+    "agentId": _TEXT,
+    "at": _INSTANT,
+    "periods": {
+        "type": "object",
+        "propertyNames": {"enum": [p.value for p in Period]},
+        "additionalProperties": _WINDOW,
+    },
+    "limits": {"type": "array", "items": _LIMIT},
+    "delegation": _DELEGATION,
+}
+_BUDGET = _object(
+    {
+        **_BUDGET_CORE,
+        "ancestors": {
+            "type": "array",
+            "description": "The budgets above this one, its parent first.",
+            "items": _object(_BUDGET_CORE, ["agentId", "at", "periods", "limits"]),
         },
-        "limits": {"type": "array", "items": _LIMIT},
-    }
+    },
+    ["agentId", "at", "periods", "limits"],
 )
 _RESERVATION = _object(
     {
@@ -226,6 +250,16 @@ _APPROVAL = _object(
         "memo": _TEXT,
         "requiredApprovers": {"type": "integer", "minimum": 1},
         "approvers": {"type": "array", "items": _TEXT},
+        "groups": {
+            "type": "array",
+            "items": _object(
+                {
+                    "name": _TEXT,
+                    "required": {"type": "integer", "minimum": 1},
+                    "approvers": {"type": "array", "items": _TEXT},
+                }
+            ),
+        },
         "decisions": {"type": "array", "items": _VOTE},
         "createdAt": _INSTANT,
         "expiresAt": _INSTANT,
@@ -433,6 +467,66 @@ TOOLS: tuple[Tool, ...] = (
         _APPROVAL,
         Annotations("Decide an approval", read_only=False, idempotent=False),
         admin_only=True,
+    ),
+)
+
+_CHILD = {**_ID, "description": "The sub-agent whose budget this is."}
+_PARENT = {**_ID, "description": "The budget it is carved from (defaults to this server's agent)."}
+
+TOOLS += (
+    Tool(
+        "agent_policy_delegate",
+        "agent-policy/delegate",
+        "Hand a sub-agent a budget carved from a parent budget (by default this server's own "
+        "agent), for a while: every payment of the sub-agent must also fit the parent's "
+        "limits and counts in them, so it can never spend more than the parent has left. "
+        "The policy is a JSON object like agent_policy_get's (its limits may not exceed the "
+        "parent's). Give expiresIn (such as '1h', '30m') or expiresAt; the parent's policy "
+        "must allow delegation ('delegation': {'allowed': true}) unless an administrator "
+        "calls. Calling again for the same sub-agent updates its policy.",
+        _schema(
+            {
+                "childId": _CHILD,
+                "parentId": _PARENT,
+                "policy": {"type": "object", "description": "The sub-agent's policy."},
+                "expiresAt": {
+                    **_INSTANT,
+                    "maxLength": 64,
+                    "description": "When the budget ends (ISO 8601 with offset).",
+                },
+                "expiresIn": {
+                    "type": "string",
+                    "maxLength": 32,
+                    "description": "How long from now the budget lasts: '90s', '15m', '1h', '7d'.",
+                },
+            },
+            ["childId", "policy"],
+        ),
+        _object(
+            {**_DELEGATION["properties"], "version": _VERSION},
+            ["agentId", "parentId", "createdAt", "version"],
+        ),
+        Annotations("Delegate a budget", read_only=False, idempotent=False),
+    ),
+    Tool(
+        "agent_policy_revoke",
+        "agent-policy/revoke",
+        "Revoke a sub-agent's delegated budget now: it (and every budget below it) stops "
+        "allowing payments, and its open reservations are released. Only a budget above it "
+        "(by default this server's agent) or an administrator may revoke it. Revoking again "
+        "is harmless.",
+        _schema(
+            {
+                "childId": _CHILD,
+                "parentId": {
+                    **_PARENT,
+                    "description": "Revoke as this budget (defaults to this server's agent).",
+                },
+            },
+            ["childId"],
+        ),
+        _DELEGATION,
+        Annotations("Revoke a delegated budget", read_only=False, destructive=True),
     ),
 )
 
