@@ -86,7 +86,7 @@ def test_a_denied_payment_exits_3(tmp_path: Path) -> None:
         (("policy", "get", "ghost"), 1, "agentpolicy: NO_POLICY"),
         (("policy", "set", "bot", "/does/not/exist.json"), 2, "agentpolicy: INVALID_INPUT: $.file"),
         (("authorize", "bot", "1.5", "0xv", "eip155:1"), 2, "agentpolicy: INVALID_INPUT: $.amount"),
-        (("approvals", "approve", "apr_x"), 2, "agentpolicy: the following arguments"),
+        (("approvals", "approve", "apr_x"), 2, "agentpolicy: INVALID_INPUT: $.approver: give --as"),
         (("frobnicate",), 2, "agentpolicy: argument command"),
         (("history", "bot", "--limit", "0"), 2, "agentpolicy: INVALID_INPUT: $.limit"),
     ],

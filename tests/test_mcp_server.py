@@ -63,7 +63,7 @@ def agent(storage: MemoryStorage, admin: AgentPolicyMcpServer) -> AgentPolicyMcp
 def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
     import re
 
-    assert len(TOOLS) == 12
+    assert len(TOOLS) == 16
     for tool in TOOLS:
         assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.name)
         assert tool.slash_name.startswith("agent-policy/")
@@ -72,7 +72,7 @@ def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
 
 
 def test_roles_list_their_tools(admin: AgentPolicyMcpServer, agent: AgentPolicyMcpServer) -> None:
-    assert len(admin.tools()) == 12
+    assert len(admin.tools()) == 16
     assert [t.slash_name.removeprefix("agent-policy/") for t in agent.tools()] == [
         "authorize", "budget", "get", "confirm", "release", "approvals/list", "approvals/get",
         "delegate", "revoke",
