@@ -189,6 +189,16 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
         ({"AGENT_POLICY_REDIS_URL": "http://x"}, "AGENT_POLICY_REDIS_URL"),
         ({"AGENT_POLICY_WEBHOOKS": "{not json"}, "AGENT_POLICY_WEBHOOKS"),
         ({"AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:9/h"}, "AGENT_POLICY_WEBHOOK_SECRET"),
+        ({"AGENT_POLICY_APPROVER_KEY_FILE": "/x.key"}, "AGENT_POLICY_APPROVER_KEY_FILE"),
+        ({"AGENT_POLICY_LINK_SECRET": "short"}, "AGENT_POLICY_LINK_SECRET"),
+        (
+            {
+                "AGENT_POLICY_ROLE": "admin",
+                "AGENT_POLICY_APPROVER": "alice",
+                "AGENT_POLICY_APPROVER_KEY_FILE": "/no/such.key",
+            },
+            "AGENT_POLICY_APPROVER_KEY_FILE",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_on_stderr_and_exit_2(
@@ -308,8 +318,9 @@ async def _signed_votes_and_the_registry(check: Any, engine: PolicyEngine) -> No
 
     key, later = SigningKey.generate(), SigningKey.generate()
     admin = "admin@company.com"
-    registered = await check("agent_policy_approvers_register", {"name": admin,
-                                                                 "publicKey": key.public_key})
+    registered = await check(
+        "agent_policy_approvers_register", {"name": admin, "publicKey": key.public_key}
+    )
     assert registered["data"]["version"] == 1
     held = await check("agent_policy_authorize", {**PAY, "amount": "600000000", "memo": "signed"})
     approval_id = held["data"]["approvalId"]
@@ -327,8 +338,9 @@ async def _signed_votes_and_the_registry(check: Any, engine: PolicyEngine) -> No
     assert signed["data"]["decisions"][0] == {"approver": admin, "decision": "approve",
                                               "timestamp": "2026-01-19T10:00:00Z",
                                               "via": "signature", "keyVersion": 1}  # fmt: skip
-    rotated = await check("agent_policy_approvers_rotate", {"name": admin,
-                                                            "publicKey": later.public_key})
+    rotated = await check(
+        "agent_policy_approvers_rotate", {"name": admin, "publicKey": later.public_key}
+    )
     assert [k.get("retiredBy") for k in rotated["data"]["keys"]] == ["rotation", None]
     removed = await check("agent_policy_approvers_remove", {"name": admin})
     assert removed["data"]["registered"] is False

@@ -24,7 +24,8 @@ MODULES = [
     "agentpolicy.ledger.outbox",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
     "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
-    "agentpolicy.mcp.command", "agentpolicy._version",
+    "agentpolicy.mcp.command", "agentpolicy._version", "agentpolicy.signing", "agentpolicy.links",
+    "agentpolicy.voting", "agentpolicy.ledger.approvers", "agentpolicy.ledger.trees",
 ]  # fmt: skip
 
 
@@ -52,7 +53,7 @@ def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
     code = (
         "import sys, agentpolicy; agentpolicy.evaluate; agentpolicy.PolicyEngine;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in"
-        " ('mcp', 'redis', 'psycopg', 'psycopg_pool')"
+        " ('mcp', 'redis', 'psycopg', 'psycopg_pool', 'cryptography')"
         " or m == 'urllib.request'))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -64,6 +64,21 @@ def vote(spec: Any, approval_id: str, approver: str, barrier: Barrier) -> str:
     return status
 
 
+def vote_signed(spec: Any, approval_id: str, approver: str, pem: bytes, barrier: Any) -> str:
+    """Approve with a signature made in this process, at the same instant as another one."""
+    from agentpolicy.signing import SigningKey
+
+    engine = _engine(spec)
+    key = SigningKey.from_pem(pem)
+    at = engine.clock()
+    signature = key.sign(engine.vote_message(approval_id, approver, "approve", at))
+    barrier.wait()
+    approval = engine.decide(approval_id, approver, "approve", signature=signature, signed_at=at)
+    if isinstance(spec, tuple):
+        engine.close()
+    return approval.status.value
+
+
 def across_the_hour(spec: Any, shared: Any, stop_us: int, barrier: Any) -> list[tuple[int, bool]]:
     """Authorize 1 unit in a loop on the real clock moved by ``shared.value`` us, until ``stop_us``.
 

@@ -105,7 +105,8 @@ def print_approval(data: dict[str, Any], out: TextIO) -> None:
         f"expires {data['expiresAt']}\n"
     )
     for g in data.get("groups", ()):
-        budget = f" (budget {g['budget']})" if g.get("budget") not in (None, g["name"]) else ""
+        own = (None, g["name"], data["agentId"])
+        budget = f" (budget {g['budget']})" if g.get("budget") not in own else ""
         who = ", ".join(g["approvers"])
         out.write(f"    group {g['name']}{budget}: {g['required']} of {who}\n")
     if "requestedBy" in data:
