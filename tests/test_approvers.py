@@ -373,6 +373,9 @@ def test_groups_and_the_flag_round_trip_and_the_flag_is_left_out_when_off() -> N
     assert threshold["groups"][0] == {"name": "finance", "required": 1,
                                       "approvers": ["fin1@acme.com", "fin2@acme.com"]}  # fmt: skip
     assert "requireSignedVotes" not in dumped["approvalConfig"]
+    grouped = policy.approval_config.thresholds[0]  # type: ignore[union-attr]
+    assert grouped.every_approver == ("fin1@acme.com", "fin2@acme.com", "sec@acme.com")
+    assert grouped.approver_keys == frozenset(grouped.every_approver)
     assert load_policy(dumped) == policy
     signed = dump_policy(load_policy(SIGNED_ONLY))
     assert signed["approvalConfig"]["requireSignedVotes"] is True

@@ -511,11 +511,6 @@ class ApproverGroup:
             ))  # fmt: skip
         return problems
 
-    @functools.cached_property
-    def approver_keys(self) -> frozenset[str]:
-        """Approvers, case-folded, as votes are matched."""
-        return _folded(self.approvers)
-
 
 @attrs.frozen
 class ApprovalThreshold:
@@ -584,13 +579,6 @@ class ApprovalThreshold:
         if not self.groups:
             return self.approvers
         return tuple(a for g in self.groups for a in g.approvers)
-
-    @functools.cached_property
-    def required_total(self) -> int:
-        """Approvals needed: ``required_approvers``, or the sum of the groups' counts."""
-        if self.groups:
-            return sum(g.required for g in self.groups)
-        return self.required_approvers or 0
 
     @functools.cached_property
     def approver_keys(self) -> frozenset[str]:
