@@ -9,16 +9,16 @@ in ``docs/approvals.md``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from agentpolicy._checks import check_identifier, check_text, raise_if
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import format_instant, parse_instant
-from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, PolicyValidationError
+from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, Problem
 from agentpolicy.ledger import approvers as registry
-from agentpolicy.ledger.runner import run
+from agentpolicy.ledger.runner import View, run
 from agentpolicy.links import LinkClaims, mint, read
 from agentpolicy.records import Approval, ApprovalLink, Approver, WebhookDelivery
 from agentpolicy.signing import (
@@ -29,6 +29,7 @@ from agentpolicy.signing import (
 )
 from agentpolicy.storage import Storage
 from agentpolicy.storage._time import instant, micros
+from agentpolicy.storage.base import Txn
 
 __all__ = ["Voting"]
 
@@ -67,7 +68,7 @@ class Voting:
 
     # -- the registry ----------------------------------------------------------------------
 
-    def _registry(self, step: Any) -> Approver:
+    def _registry(self, step: Callable[[View, Txn], None]) -> Approver:
         now = self._now()
         result: Body = run(self.storage, registry.SHARD, step, lambda r: r, at=micros(now))
         return registry.approver_record(result["doc"])
@@ -165,8 +166,7 @@ class Voting:
         problems = check_identifier(approval_id, "$.approvalId")
         problems += check_identifier(approver, "$.approver")
         if decision not in DECISIONS:
-            problems.append(PolicyValidationError.single(
-                "$.decision", "must be 'approve' or 'deny'").problems[0])  # fmt: skip
+            problems.append(Problem("$.decision", "must be 'approve' or 'deny'"))
         if comment is not None:
             problems += check_text(comment, "$.comment")
         raise_if(problems)
@@ -284,7 +284,7 @@ class Voting:
         token was used is recorded in the approval, in the same commit as its
         vote, so it holds across processes and stores.
         """
-        problems: list[Any] = []
+        problems: list[Problem] = []
         if approval_id is not None:
             problems += check_identifier(approval_id, "$.approvalId")
         if comment is not None:
