@@ -550,3 +550,69 @@ def test_settings_name_the_approver_its_key_file_and_the_link_secret() -> None:
     with pytest.raises(PolicyValidationError) as keyless:
         read_settings({"AGENT_POLICY_APPROVER_KEY_FILE": "/k"})
     assert keyless.value.path == "$AGENT_POLICY_APPROVER_KEY_FILE"
+
+
+def test_bad_vote_input_is_refused_with_its_path_and_changes_nothing(engine: PolicyEngine) -> None:
+    from datetime import datetime
+
+    key = SigningKey.generate()
+    engine.register_approver("alice", key.public_key)
+    aid = held(engine)
+    before = state(engine, aid)
+    naive = datetime(2026, 1, 19, 10)
+    signature = key.sign(b"anything")
+    cases = [
+        ({"signature": signature}, "$.signedAt"),
+        ({"signature": signature, "signed_at": naive}, "$.signedAt"),
+        ({"signed_at": engine.clock()}, "$.signedAt"),
+        ({"signature": 42, "signed_at": engine.clock()}, "$.signature"),
+        ({"signature": "A" * 200, "signed_at": engine.clock()}, "$.signature"),
+    ]
+    for kwargs, path in cases:
+        with pytest.raises(PolicyValidationError) as bad:
+            engine.decide(aid, "alice", "approve", **kwargs)
+        assert bad.value.path == path, kwargs
+    for args, path in [(("apr_x", "alice", "maybe", engine.clock()), "$.decision"),
+                       (("apr_x", " alice", "approve", engine.clock()), "$.approver")]:  # fmt: skip
+        with pytest.raises(PolicyValidationError) as bad:
+            engine.vote_message(*args)
+        assert bad.value.path == path
+    with pytest.raises(PolicyValidationError) as naive_message:
+        vote_message(store="s", approval_id="a", approver="b", decision="approve",
+                     signed_at=naive)  # fmt: skip
+    assert naive_message.value.path == "$.signedAt"
+    for text in (42, "ed25519:" + "A" * 600, "ed25519:AAAA", "rsa:" + "A" * 43):
+        with pytest.raises(PolicyValidationError):
+            engine.register_approver("bob", text)  # type: ignore[arg-type]
+    assert state(engine, aid) == before
+
+
+def test_approvals_and_links_in_json() -> None:
+    from agentpolicy.views import approval_data, approver_data, link_data
+
+    engine = PolicyEngine(clock=ManualClock(), link_secret="k" * 32)
+    engine.set_policy("bot", TWO_GROUPS)
+    engine.set_policy("bot", {**TWO_GROUPS, "approvalConfig": {
+        **TWO_GROUPS["approvalConfig"], "requireSignedVotes": True}})  # fmt: skip
+    aid = engine.authorize(payment(500 * U, agent_id="bot"), requested_by="ops").approval_id or ""
+    data = approval_data(engine.get_approval(aid))
+    assert data["groups"] == [
+        {"name": "finance", "required": 1, "approvers": ["fin1@acme.com", "fin2@acme.com"],
+         "budget": "bot"},
+        {"name": "security", "required": 1, "approvers": ["sec@acme.com"], "budget": "bot"},
+    ]  # fmt: skip
+    assert (data["requestedBy"], data["requireSignedVotes"]) == ("ops", True)
+    assert engine.approval_links(aid) == []  # signed votes only: no links
+    engine.set_policy("bot", TWO_GROUPS)
+    other = engine.authorize(payment(500 * U, agent_id="bot")).approval_id or ""
+    link = engine.approval_links(other)[0]
+    assert link_data(link) == {"approvalId": other, "approver": "fin1@acme.com",
+                               "decision": "approve", "expiresAt": "2026-01-19T11:00:00Z",
+                               "token": link.token}  # fmt: skip
+    assert link.token not in repr(link)
+    key = SigningKey.generate()
+    engine.register_approver("fin1@acme.com", key.public_key)
+    shown = approver_data(engine.remove_approver("fin1@acme.com"))
+    assert shown == {"name": "fin1@acme.com", "registered": False, "keys": [
+        {"version": 1, "publicKey": key.public_key, "addedAt": "2026-01-19T10:00:00Z",
+         "retiredAt": "2026-01-19T10:00:00Z", "retiredBy": "removal"}]}  # fmt: skip
