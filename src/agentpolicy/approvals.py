@@ -20,7 +20,7 @@ import attrs
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, PolicyValidationError
 from agentpolicy.records import Approval, ApprovalStatus, Vote
 
-__all__ = ["DECISIONS", "VIA", "VoteProof", "cast_vote"]
+__all__ = ["DECISIONS", "UNSIGNED", "VIA", "VoteProof", "cast_vote"]
 
 DECISIONS = ("approve", "deny")
 """The two decisions an approver can submit."""
@@ -45,6 +45,7 @@ class VoteProof:
 
 
 UNSIGNED = VoteProof()
+"""The proof of an unsigned call by an approver without a registered key: none."""
 
 
 def cast_vote(
