@@ -366,18 +366,35 @@ class PolicyEngine:
         self, agent_id: str, policy: AgentPolicy, grant: trees.Grant | None = None
     ) -> int:
         now = self._now()
-        shard = self._place(agent_id, policy.parent)
-        step = trees.put_policy(
-            self.config, agent_id, policy, dump_policy(policy), now, self._policy, grant
-        )
-        version: int = run(self.storage, shard, step, int, at=micros(now))
+        data = dump_policy(policy)
+
+        def step(shard: str, check_only: bool = False) -> operations.Step:
+            return trees.put_policy(
+                self.config, agent_id, policy, data, now, self._policy, grant,
+                shard=shard, check_only=check_only,
+            )  # fmt: skip
+
+        shard = self._place(agent_id, policy.parent, step)
+        try:
+            version: int = run(self.storage, shard, step(shard), int, at=micros(now))
+        except trees.Relocated as moved:  # placed in a tree by another caller meanwhile
+            with self._policies_lock:
+                self._homes[agent_id] = shard = moved.shard
+            version = run(self.storage, shard, step(shard), int, at=micros(now))
         with self._policies_lock:
             self._policies[(agent_id, version)] = policy
             self._homes[agent_id] = shard  # it has a policy there now: it lives there for good
         return version
 
-    def _place(self, agent_id: str, parent: str | None) -> str:
-        """The shard the agent's policy goes to: with a parent, the parent's tree."""
+    def _place(
+        self, agent_id: str, parent: str | None, step: Callable[[str, bool], operations.Step]
+    ) -> str:
+        """The shard the agent's policy goes to: with a parent, the parent's tree.
+
+        Placing an agent in a tree is written once and for good, so the
+        policy's checks run first (in the tree, writing nothing): a policy
+        refused for its parent leaves the agent where it was.
+        """
         shard = self._shard(agent_id)
         if parent is None:
             return shard
@@ -385,6 +402,7 @@ class PolicyEngine:
         if shard == tree:
             return shard
         now = self._now()
+        run(self.storage, tree, step(tree, True), int, at=micros(now), write=False)
         placed: str = run(self.storage, agent_id, trees.place(agent_id, tree), str, at=micros(now))
         if placed != tree:
             raise ConflictError(

@@ -53,6 +53,7 @@ __all__ = [
     "Grant",
     "Level",
     "PolicySource",
+    "Relocated",
     "cap_problems",
     "chain",
     "place",
@@ -67,6 +68,17 @@ PolicySource = Callable[[str, int, View], AgentPolicy | None]
 
 _MAX_SUBTREE = 100_000
 _REVOKE_MAX = 1_000_000
+
+
+class Relocated(ConflictError):
+    """The agent was placed in another tree's shard meanwhile: run the step there instead."""
+
+    def __init__(self, agent: str, shard: str) -> None:
+        super().__init__(
+            f"the budget of {agent} is kept with the tree of {shard}",
+            code=ErrorCode.BUDGET_CONFLICT,
+        )
+        self.shard = shard
 
 
 @attrs.frozen
@@ -288,17 +300,26 @@ def put_policy(
     now: datetime,
     policies: PolicySource,
     grant: Grant | None = None,
+    *,
+    shard: str,
+    check_only: bool = False,
 ) -> Step:
     """Store a new version of the agent's policy (its JSON form ``data``); the result: the version.
 
     With a ``parent``, the parent must have a policy, be no descendant of the
     agent, and keep every payment within :data:`MAX_TREE_DEPTH` budgets. A
     delegated budget keeps its delegating parent. With ``grant``, this is a
-    delegation (see :func:`_check_grant`).
+    delegation (see :func:`_check_grant`). ``check_only`` runs every check and
+    writes nothing (the result is 0). In the agent's own shard, raises
+    :class:`Relocated` when the agent was placed in a tree meanwhile.
     """
     now_us = micros(now)
 
     def step(view: View, txn: Txn) -> None:
+        if shard == agent:
+            pointer = view.doc(keys.home(agent))
+            if pointer is not None and pointer["s"] != agent:
+                raise Relocated(agent, pointer["s"])
         head = Head.read(view, agent)
         books = Books(view, head)
         old = policies(agent, head.body["pv"], view)
@@ -312,8 +333,11 @@ def put_policy(
         if policy.parent is not None:
             levels = _check_parent(view, books, agent, policy.parent, policies)
         version = head.body["pv"] + 1
+        expires = None if grant is None else _check_grant(grant, head, policy, levels, now)
+        if check_only:
+            txn.result = 0
+            return
         if grant is not None:
-            expires = _check_grant(grant, head, policy, levels, now)
             created = now_us if dg is None else dg["c"]
             head.set("dg", {"by": grant.parent, "c": created, "x": expires, "rv": None})
             record(txn, cfg, agent, {"ev": "delegate", "pv": version, "by": grant.parent,
