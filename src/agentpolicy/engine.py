@@ -374,10 +374,10 @@ class PolicyEngine:
                 shard=shard, check_only=check_only,
             )  # fmt: skip
 
-        shard = self._place(agent_id, policy.parent, step)
+        shard = self._place(agent_id, policy.parent, lambda tree: step(tree, check_only=True))
         try:
             version: int = run(self.storage, shard, step(shard), int, at=micros(now))
-        except trees.Relocated as moved:  # placed in a tree by another caller meanwhile
+        except trees.RelocatedError as moved:  # placed in a tree by another caller meanwhile
             with self._policies_lock:
                 self._homes[agent_id] = shard = moved.shard
             version = run(self.storage, shard, step(shard), int, at=micros(now))
@@ -387,7 +387,7 @@ class PolicyEngine:
         return version
 
     def _place(
-        self, agent_id: str, parent: str | None, step: Callable[[str, bool], operations.Step]
+        self, agent_id: str, parent: str | None, check: Callable[[str], operations.Step]
     ) -> str:
         """The shard the agent's policy goes to: with a parent, the parent's tree.
 
@@ -402,7 +402,7 @@ class PolicyEngine:
         if shard == tree:
             return shard
         now = self._now()
-        run(self.storage, tree, step(tree, True), int, at=micros(now), write=False)
+        run(self.storage, tree, check(tree), int, at=micros(now), write=False)
         placed: str = run(self.storage, agent_id, trees.place(agent_id, tree), str, at=micros(now))
         if placed != tree:
             raise ConflictError(

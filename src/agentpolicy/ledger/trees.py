@@ -53,7 +53,7 @@ __all__ = [
     "Grant",
     "Level",
     "PolicySource",
-    "Relocated",
+    "RelocatedError",
     "cap_problems",
     "chain",
     "place",
@@ -70,7 +70,7 @@ _MAX_SUBTREE = 100_000
 _REVOKE_MAX = 1_000_000
 
 
-class Relocated(ConflictError):
+class RelocatedError(ConflictError):
     """The agent was placed in another tree's shard meanwhile: run the step there instead."""
 
     def __init__(self, agent: str, shard: str) -> None:
@@ -311,7 +311,7 @@ def put_policy(
     delegated budget keeps its delegating parent. With ``grant``, this is a
     delegation (see :func:`_check_grant`). ``check_only`` runs every check and
     writes nothing (the result is 0). In the agent's own shard, raises
-    :class:`Relocated` when the agent was placed in a tree meanwhile.
+    :class:`RelocatedError` when the agent was placed in a tree meanwhile.
     """
     now_us = micros(now)
 
@@ -319,7 +319,7 @@ def put_policy(
         if shard == agent:
             pointer = view.doc(keys.home(agent))
             if pointer is not None and pointer["s"] != agent:
-                raise Relocated(agent, pointer["s"])
+                raise RelocatedError(agent, pointer["s"])
         head = Head.read(view, agent)
         books = Books(view, head)
         old = policies(agent, head.body["pv"], view)
