@@ -120,7 +120,8 @@ class PolicyValidationError(PolicyError, ValueError):
 class NotFoundError(PolicyError):
     """A reservation, approval or policy that does not exist.
 
-    Codes: ``RESERVATION_NOT_FOUND``, ``APPROVAL_NOT_FOUND``, ``NO_POLICY``.
+    Codes: ``RESERVATION_NOT_FOUND``, ``APPROVAL_NOT_FOUND``, ``NO_POLICY``,
+    ``DELEGATION_NOT_FOUND`` (revoking a budget that was not delegated).
     """
 
 
@@ -129,7 +130,9 @@ class ConflictError(PolicyError):
 
     Codes: ``RESERVATION_EXPIRED``, ``RESERVATION_RELEASED``,
     ``RESERVATION_ALREADY_CONFIRMED``, ``APPROVAL_NOT_PENDING``,
-    ``DUPLICATE_DECISION``, ``IDEMPOTENCY_CONFLICT``.
+    ``DUPLICATE_DECISION``, ``IDEMPOTENCY_CONFLICT``, ``BUDGET_CONFLICT`` (a
+    budget tree refuses the change: an agent moving into another tree, a
+    delegated budget changing its parent, a revoked budget delegated again).
     """
 
 
