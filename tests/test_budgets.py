@@ -471,3 +471,33 @@ def test_a_policy_written_to_a_stale_shard_goes_to_the_tree_the_agent_was_placed
     assert second.get_policy("bot").version == 2  # type: ignore[union-attr]
     d = second.authorize(payment(15 * U, agent_id="bot"))
     assert d.allowed
+
+
+def test_a_parents_counts_rolling_window_and_scopes_count_every_childs_payment(
+    backend: Backend,
+) -> None:
+    engine, clock = tree(backend)
+    engine.set_policy("fleet", {
+        "limits": {"counts": [{"window": "daily", "max": 3}],
+                   "rolling": [{"window": "1h", "amount": {"value": str(100 * U)}}]},
+        "scopedLimits": [{"name": "data", "match": {"categories": ["data"]}, "groupBy": "recipient",
+                          "limits": {"daily": {"value": str(10 * U)}}}],
+    })  # fmt: skip
+    for bot in ("a", "b"):
+        engine.set_policy(bot, daily(1000, parent="fleet"))
+    assert engine.authorize(payment(6 * U, agent_id="a", category="data", recipient="0xv")).allowed
+    d = engine.authorize(payment(5 * U, agent_id="b", category="data", recipient="0xv"))
+    assert (d.code, d.budget_id) == (Code.SCOPED_LIMIT, "fleet")  # the fleet's vendor cap
+    assert engine.authorize(payment(5 * U, agent_id="b", category="data", recipient="0xw")).allowed
+    d = engine.authorize(payment(90 * U, agent_id="b"))
+    assert (d.code, d.budget_id) == (Code.ROLLING_LIMIT, "fleet")  # 11 + 90 > 100 in the hour
+    assert engine.authorize(payment(1 * U, agent_id="a")).allowed  # the third payment
+    d = engine.authorize(payment(1 * U, agent_id="b"))
+    assert (d.code, d.budget_id) == (Code.COUNT_LIMIT, "fleet")
+    limits = {(x.kind, x.window, x.group): x for x in engine.budget("b").ancestors[0].limits}
+    assert limits[("count", "daily", None)].count == 3
+    assert (
+        limits[("amount", "daily", "0xv")].spent.value
+        + limits[("amount", "daily", "0xv")].reserved.value
+        == 6 * U
+    )

@@ -475,3 +475,18 @@ def test_an_unbound_agent_server_must_say_which_budget_it_delegates_from(
 ) -> None:
     result = err(call(agent, "agent_policy_delegate", {"childId": "x", "policy": {}}))
     assert (result["code"], result["path"]) == ("INVALID_INPUT", "$.parentId")
+
+
+def test_an_org_bound_agent_server_gives_budgets_only_to_agents_of_its_org(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer
+) -> None:
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:bot", "policy": {
+        **POLICY, "delegation": {"allowed": True}}}))  # fmt: skip
+    org = AgentPolicyMcpServer(storage=storage, clock=admin.engine.clock, org_id="acme")
+    sub = {"parentId": "acme:bot", "policy": {"limits": {"daily": {"value": str(USDT)}}}}
+    refused = err(call(org, "agent_policy_delegate", {**sub, "childId": "other:x"}))
+    assert refused["code"] == "FORBIDDEN"
+    assert err(call(admin, "agent_policy_get", {"agentId": "other:x"}))["code"] == "NO_POLICY"
+    assert ok(call(org, "agent_policy_delegate", {**sub, "childId": "acme:x"}))["parentId"] == (
+        "acme:bot"
+    )

@@ -292,8 +292,18 @@ class AgentPolicyMcpServer:
             )
         return parent
 
+    def _check_child(self, child: str) -> None:
+        """A server bound to an organisation hands budgets only to agents of it."""
+        if self.bound_org is not None and not child.startswith(f"{self.bound_org}:"):
+            raise ForbiddenError(
+                f"this server is bound to {self.bound_org}:* and may not give a budget "
+                f"to agent {child}",
+                code=ErrorCode.FORBIDDEN,
+            )
+
     def _delegate(self, a: dict[str, Any]) -> dict[str, Any]:
         parent = self._acting_parent(a)
+        self._check_child(a["childId"])
         if parent is None:
             raise PolicyValidationError.single("$.parentId", "is required")
         if "expiresAt" in a and "expiresIn" in a:
@@ -315,6 +325,7 @@ class AgentPolicyMcpServer:
 
     def _revoke(self, a: dict[str, Any]) -> dict[str, Any]:
         parent = self._acting_parent(a)
+        self._check_child(a["childId"])
         return delegation_data(self.engine.revoke(a["childId"], by=parent))
 
     def flush_webhooks(self, timeout: float = 10.0) -> bool:
