@@ -476,7 +476,7 @@ def test_a_policy_written_to_a_stale_shard_goes_to_the_tree_the_agent_was_placed
 def test_a_parents_counts_rolling_window_and_scopes_count_every_childs_payment(
     backend: Backend,
 ) -> None:
-    engine, clock = tree(backend)
+    engine, _ = tree(backend)
     engine.set_policy("fleet", {
         "limits": {"counts": [{"window": "daily", "max": 3}],
                    "rolling": [{"window": "1h", "amount": {"value": str(100 * U)}}]},
