@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AgentPolicy",
+    "AsyncPolicyEngine",
     "Amount",
     "Approval",
     "ApprovalConfig",
+    "ApprovalRequired",
     "ApprovalStatus",
     "ApprovalThreshold",
     "BlockedPeriod",
@@ -32,6 +34,7 @@ __all__ = [
     "NetworkRules",
     "NotFoundError",
     "Outcome",
+    "PaymentDenied",
     "PaymentRequest",
     "Period",
     "PolicyEngine",
@@ -64,9 +67,11 @@ __all__ = [
 # a program that only evaluates never imports the engine, the storages or the codec.
 _EXPORTS: dict[str, str] = {
     "AgentPolicy": "agentpolicy.policy",
+    "AsyncPolicyEngine": "agentpolicy.aio",
     "Amount": "agentpolicy.amounts",
     "Approval": "agentpolicy.records",
     "ApprovalConfig": "agentpolicy.policy",
+    "ApprovalRequired": "agentpolicy.guard",
     "ApprovalStatus": "agentpolicy.records",
     "ApprovalThreshold": "agentpolicy.policy",
     "BlockedPeriod": "agentpolicy.policy",
@@ -84,6 +89,7 @@ _EXPORTS: dict[str, str] = {
     "NetworkRules": "agentpolicy.policy",
     "NotFoundError": "agentpolicy.errors",
     "Outcome": "agentpolicy.decisions",
+    "PaymentDenied": "agentpolicy.guard",
     "PaymentRequest": "agentpolicy.requests",
     "Period": "agentpolicy.windows",
     "PolicyEngine": "agentpolicy.engine",
@@ -132,6 +138,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     __version__: str
+    from agentpolicy.aio import AsyncPolicyEngine
     from agentpolicy.amounts import Amount, format_units, parse_base_units, parse_units
     from agentpolicy.codec import dump_policy, load_policy
     from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
@@ -147,6 +154,7 @@ if TYPE_CHECKING:
         Problem,
         StorageUnavailableError,
     )
+    from agentpolicy.guard import ApprovalRequired, PaymentDenied
     from agentpolicy.policy import (
         AgentPolicy,
         ApprovalConfig,
