@@ -224,9 +224,13 @@ def test_a_release_that_fails_keeps_the_blocks_own_exception() -> None:
     store = FaultyStorage()
     engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
     engine.set_policy("agent-1", DAILY_100)
-    with pytest.raises(ValueError, match="seller") as err, engine.payment(payment(30 * USDT)):
+
+    def fail() -> None:
         store.down = True
         raise ValueError("seller down")
+
+    with pytest.raises(ValueError, match="seller") as err, engine.payment(payment(30 * USDT)):
+        fail()
     assert "could not be released" in "\n".join(err.value.__notes__)
 
 
