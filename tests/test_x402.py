@@ -36,6 +36,7 @@ from agentpolicy.x402 import (
     guard_x402,
 )
 from tests.backends import make_backend
+from tests.faulty import FaultyStorage
 from tests.x402_servers import (
     NETWORK,
     PAY_TO,
@@ -362,6 +363,33 @@ def test_a_settlement_whose_confirm_fails_is_kept_for_reconciliation(
     assert lost.transaction.startswith("0x")
     assert lost.request.amount == PRICE
     assert engine.get_reservation(lost.reservation_id).status is ReservationStatus.EXPIRED
+
+
+def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved() -> None:
+    store = FaultyStorage()
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("bot", BUDGET_FOR_5)
+    signer = CountingSigner()
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            client = x402Client()
+            client.register(NETWORK, ExactEvmClientScheme(signer))
+            guard_x402(client, aengine, "bot")
+            store.stall()
+            task = asyncio.create_task(client.create_payment_payload(payment_required()))
+            await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
+            task.cancel()  # the authorize is in the store: it will still commit
+            store.resume()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(10_000):  # the release runs in the background: wait for it
+                if [h.event for h in await aengine.history("bot", 1)] == ["release"]:
+                    break
+
+    asyncio.run(main())
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 0)
 
 
 # --- wiring ----------------------------------------------------------------------------------------

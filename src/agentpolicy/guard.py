@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -33,9 +33,17 @@ if TYPE_CHECKING:
     from agentpolicy.aio import AsyncPolicyEngine
     from agentpolicy.engine import PolicyEngine
 
-__all__ = ["ApprovalRequired", "AsyncPaymentGuard", "PaymentDenied", "PaymentGuard"]
+__all__ = [
+    "ApprovalRequired",
+    "AsyncPaymentGuard",
+    "PaymentDenied",
+    "PaymentGuard",
+    "authorize_shielded",
+    "settle_shielded",
+]
 
 _log = logging.getLogger("agentpolicy.guard")
+_T = TypeVar("_T")
 
 
 class PaymentDenied(PolicyError):  # noqa: N818 - a public name of the issue
@@ -324,28 +332,11 @@ class AsyncPaymentGuard(_Guard):
         super().__init__(request, approval_id)
         self._engine = engine
 
-    async def _authorize(self) -> Decision:
-        engine = self._engine
-        task = asyncio.ensure_future(engine.authorize(self.request))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-
-            def release_late(done: asyncio.Future[Decision]) -> None:
-                if done.cancelled() or done.exception() is not None:
-                    return
-                rid = done.result().reservation_id
-                if rid is not None:
-                    _in_background(lambda: engine.release(rid))
-
-            task.add_done_callback(release_late)
-            raise
-
     async def __aenter__(self) -> AsyncPaymentGuard:
         self._start()
         engine = self._engine
         if self.approval_id is None:
-            decision = await self._authorize()
+            decision = await authorize_shielded(engine.authorize(self.request), engine.release)
             _admit(decision)
             if self.request.idempotency_key is not None:
                 reservation = await engine.get_reservation(decision.reservation_id or "")
@@ -368,7 +359,7 @@ class AsyncPaymentGuard(_Guard):
         rid = self.reservation_id
         if exc is None:
             try:
-                self.reservation = await _to_the_end(self._engine.confirm(rid))
+                self.reservation = await settle_shielded(self._engine.confirm(rid))
             except asyncio.CancelledError:
                 raise  # the confirm goes on; a failure of it is logged
             except BaseException as err:
@@ -376,19 +367,23 @@ class AsyncPaymentGuard(_Guard):
                 raise
             return
         try:
-            self.reservation = await _to_the_end(self._engine.release(rid))
+            self.reservation = await settle_shielded(self._engine.release(rid))
         except Exception as err:
             _note_unreleased(exc, rid, err)
 
 
-async def _to_the_end(call: Awaitable[Reservation]) -> Reservation:
-    """Await ``call``; if the task is cancelled meanwhile, let the call finish regardless."""
+async def settle_shielded(call: Awaitable[_T]) -> _T:
+    """Await a confirm or release; if the task is cancelled meanwhile, let it finish regardless.
+
+    The cancellation is raised once the call is handed over; a failure of
+    the call after that is logged (``agentpolicy.guard``).
+    """
     task = asyncio.ensure_future(call)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
 
-        def report(done: asyncio.Future[Reservation]) -> None:
+        def report(done: asyncio.Future[_T]) -> None:
             if not done.cancelled() and done.exception() is not None:
                 _log.error(
                     "agentpolicy: a confirm or release that went on after its task was "
@@ -397,4 +392,29 @@ async def _to_the_end(call: Awaitable[Reservation]) -> Reservation:
                 )
 
         task.add_done_callback(report)
+        raise
+
+
+async def authorize_shielded(
+    authorize: Awaitable[Decision], release: Callable[[str], Awaitable[Any]]
+) -> Decision:
+    """Await an authorize; if the task is cancelled meanwhile, release what it reserves.
+
+    The authorize is let finish (it may already be in the store); when it
+    allowed the payment, ``release(reservation_id)`` runs in the background,
+    so a cancelled caller never leaves budget held until the TTL.
+    """
+    task = asyncio.ensure_future(authorize)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def release_late(done: asyncio.Future[Decision]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            rid = done.result().reservation_id
+            if rid is not None and done.result().allowed:
+                _in_background(lambda: release(rid))
+
+        task.add_done_callback(release_late)
         raise

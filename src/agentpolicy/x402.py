@@ -58,7 +58,12 @@ from agentpolicy.amounts import MAX_DECIMALS
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import PolicyValidationError, Problem
-from agentpolicy.guard import ApprovalRequired, PaymentDenied
+from agentpolicy.guard import (
+    ApprovalRequired,
+    PaymentDenied,
+    authorize_shielded,
+    settle_shielded,
+)
 from agentpolicy.records import Reservation
 from agentpolicy.requests import PaymentRequest
 
@@ -357,7 +362,10 @@ class X402Guard:
     async def before_async(self, ctx: PaymentCreationContext) -> None:
         """Authorize the selected requirements before anything is signed."""
         request = self._request(ctx)
-        self._admit(ctx, await self._call("authorize", request))
+        authorize = self._call("authorize", request)
+        self._admit(
+            ctx, await authorize_shielded(authorize, lambda rid: self._call("release", rid))
+        )
 
     async def after_async(self, ctx: PaymentCreatedContext) -> None:
         """Remember which reservation the signed payload spends."""
@@ -377,7 +385,7 @@ class X402Guard:
         rid, request = taken
         if self._settled(ctx):
             try:
-                await self._call("confirm", rid)
+                await settle_shielded(self._call("confirm", rid))
             except Exception as err:
                 self._confirm_failed(rid, request, ctx, err)
         else:
@@ -385,7 +393,7 @@ class X402Guard:
 
     async def _quietly_async(self, rid: str) -> None:
         try:
-            await self._call("release", rid)
+            await settle_shielded(self._call("release", rid))
         except Exception as err:
             _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
 
