@@ -322,8 +322,9 @@ class AsyncPaymentGuard(_Guard):
 
     Made by :meth:`AsyncPolicyEngine.payment <agentpolicy.AsyncPolicyEngine.payment>`.
     A task cancelled while entering still lets the authorize finish, then
-    releases what it reserved; confirm and release run to the end even when
-    the task is cancelled meanwhile (the cancellation is raised after them).
+    releases what it reserved; a confirm or release under way when the task
+    is cancelled is carried out all the same (the cancellation goes on at
+    once; the call completes in the background).
     """
 
     def __init__(
