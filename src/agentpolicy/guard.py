@@ -15,7 +15,6 @@ payment may have been made (docs/engine.md, "The payment guard").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -30,6 +29,8 @@ from agentpolicy.records import Approval, ApprovalStatus, Reservation, Reservati
 from agentpolicy.requests import PaymentRequest
 
 if TYPE_CHECKING:
+    import asyncio
+
     from agentpolicy.aio import AsyncPolicyEngine
     from agentpolicy.engine import PolicyEngine
 
@@ -312,6 +313,8 @@ def _in_background(make: Callable[[], Awaitable[Any]]) -> None:
         except Exception:
             _log.exception("agentpolicy: releasing a reservation after a cancelled entry failed")
 
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
     task = asyncio.get_running_loop().create_task(run())
     _background.add(task)
     task.add_done_callback(_background.discard)
@@ -357,6 +360,8 @@ class AsyncPaymentGuard(_Guard):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
         rid = self.reservation_id
         if exc is None:
             try:
@@ -379,6 +384,8 @@ async def settle_shielded(call: Awaitable[_T]) -> _T:
     The cancellation is raised once the call is handed over; a failure of
     the call after that is logged (``agentpolicy.guard``).
     """
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
     task = asyncio.ensure_future(call)
     try:
         return await asyncio.shield(task)
@@ -405,6 +412,8 @@ async def authorize_shielded(
     allowed the payment, ``release(reservation_id)`` runs in the background,
     so a cancelled caller never leaves budget held until the TTL.
     """
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
     task = asyncio.ensure_future(authorize)
     try:
         return await asyncio.shield(task)
