@@ -24,7 +24,8 @@ MODULES = [
     "agentpolicy.ledger.outbox",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
     "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
-    "agentpolicy.mcp.command", "agentpolicy._version",
+    "agentpolicy.mcp.command", "agentpolicy._version", "agentpolicy.aio", "agentpolicy.guard",
+    "agentpolicy.x402", "agentpolicy.pydantic_ai",
 ]  # fmt: skip
 
 
@@ -51,8 +52,10 @@ def test_names_load_lazily_and_dir_lists_them() -> None:
 def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
     code = (
         "import sys, agentpolicy; agentpolicy.evaluate; agentpolicy.PolicyEngine;"
+        " agentpolicy.AsyncPolicyEngine; agentpolicy.PaymentDenied;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in"
-        " ('mcp', 'redis', 'psycopg', 'psycopg_pool')"
+        " ('mcp', 'redis', 'psycopg', 'psycopg_pool', 'x402', 'httpx', 'requests', 'pydantic_ai',"
+        " 'pydantic', 'flask', 'eth_account', 'web3', 'openai', 'agents', 'anyio')"
         " or m == 'urllib.request'))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

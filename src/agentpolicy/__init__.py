@@ -17,6 +17,8 @@ __all__ = [
     "Approval",
     "ApprovalConfig",
     "ApprovalGroup",
+    "AsyncPolicyEngine",
+    "ApprovalRequired",
     "ApprovalStatus",
     "ApprovalThreshold",
     "AssetLimits",
@@ -39,6 +41,7 @@ __all__ = [
     "NetworkRules",
     "NotFoundError",
     "Outcome",
+    "PaymentDenied",
     "PaymentRequest",
     "Period",
     "PolicyEngine",
@@ -81,12 +84,14 @@ _EXPORTS: dict[str, str] = {
     "CountLimit": "agentpolicy.policy",
     "AssetLimits": "agentpolicy.policy",
     "Alert": "agentpolicy.policy",
+    "AsyncPolicyEngine": "agentpolicy.aio",
     "Amount": "agentpolicy.amounts",
     "Approval": "agentpolicy.records",
     "LimitBudget": "agentpolicy.records",
     "Delegation": "agentpolicy.records",
     "ApprovalGroup": "agentpolicy.records",
     "ApprovalConfig": "agentpolicy.policy",
+    "ApprovalRequired": "agentpolicy.guard",
     "ApprovalStatus": "agentpolicy.records",
     "ApprovalThreshold": "agentpolicy.policy",
     "BlockedPeriod": "agentpolicy.policy",
@@ -104,6 +109,7 @@ _EXPORTS: dict[str, str] = {
     "NetworkRules": "agentpolicy.policy",
     "NotFoundError": "agentpolicy.errors",
     "Outcome": "agentpolicy.decisions",
+    "PaymentDenied": "agentpolicy.guard",
     "PaymentRequest": "agentpolicy.requests",
     "Period": "agentpolicy.windows",
     "PolicyEngine": "agentpolicy.engine",
@@ -152,6 +158,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     __version__: str
+    from agentpolicy.aio import AsyncPolicyEngine
     from agentpolicy.amounts import Amount, format_units, parse_base_units, parse_units
     from agentpolicy.codec import dump_policy, load_policy
     from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
@@ -167,6 +174,7 @@ if TYPE_CHECKING:
         Problem,
         StorageUnavailableError,
     )
+    from agentpolicy.guard import ApprovalRequired, PaymentDenied
     from agentpolicy.policy import (
         AgentPolicy,
         Alert,

@@ -30,6 +30,7 @@ from agentpolicy.errors import (
     NotFoundError,
     PolicyValidationError,
 )
+from agentpolicy.guard import PaymentGuard
 from agentpolicy.ledger import keys, operations, trees
 from agentpolicy.ledger.docs import (
     Body,
@@ -607,6 +608,17 @@ class PolicyEngine:
         Raises ``RESERVATION_NOT_FOUND`` or ``RESERVATION_ALREADY_CONFIRMED``.
         """
         return self._settle(reservation_id, "release")
+
+    def payment(self, request: PaymentRequest, approval_id: str | None = None) -> PaymentGuard:
+        """``with engine.payment(request) as p:`` runs the block only for an allowed payment.
+
+        Entering authorizes (raising :class:`~agentpolicy.PaymentDenied` or
+        :class:`~agentpolicy.ApprovalRequired`); with ``approval_id`` it
+        resumes an approved approval on its reservation. Leaving the block
+        confirms; an exception in it releases (and goes on). See
+        :class:`~agentpolicy.guard.PaymentGuard` and docs/engine.md.
+        """
+        return PaymentGuard(self, request, approval_id)
 
     def _settle(self, reservation_id: str, action: str) -> Reservation:
         raise_if(check_identifier(reservation_id, "$.reservationId"))
