@@ -197,6 +197,19 @@ def test_setting_clearing_and_checking_a_shadow(backend: Backend) -> None:
     assert err.value.code == "INVALID_INPUT"
 
 
+def test_a_shadow_whose_parent_no_longer_matches_cannot_be_promoted(backend: Backend) -> None:
+    engine = backend.engine(ManualClock())
+    engine.set_policy("team", daily(100))
+    engine.set_policy("agent-1", daily(50, parent="team"))
+    engine.set_shadow_policy("agent-1", daily(40, parent="team"))
+    engine.set_policy("agent-1", daily(50))  # no parent any more
+    with pytest.raises(PolicyValidationError) as err:
+        engine.promote_shadow_policy("agent-1")
+    assert err.value.path == "$.policy.parent"
+    assert engine.get_policy("agent-1").version == 2  # type: ignore[union-attr]
+    assert engine.get_shadow_policy("agent-1") is not None  # nothing changed
+
+
 def test_the_log_of_differences_is_bounded_like_denials(backend: Backend) -> None:
     engine = backend.engine(ManualClock(), max_denials=10)
     engine.set_policy("agent-1", daily(1000))
