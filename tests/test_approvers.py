@@ -616,3 +616,37 @@ def test_approvals_and_links_in_json() -> None:
     assert shown == {"name": "fin1@acme.com", "registered": False, "keys": [
         {"version": 1, "publicKey": key.public_key, "addedAt": "2026-01-19T10:00:00Z",
          "retiredAt": "2026-01-19T10:00:00Z", "retiredBy": "removal"}]}  # fmt: skip
+
+
+def test_the_async_engine_registers_signs_and_redeems_links() -> None:
+    import asyncio
+
+    from agentpolicy import AsyncPolicyEngine
+
+    async def main() -> None:
+        clock = ManualClock()
+        async with AsyncPolicyEngine(clock=clock, link_secret="k" * 32) as aengine:
+            key = SigningKey.generate()
+            await aengine.register_approver("fin1@acme.com", key.public_key)
+            await aengine.set_policy("bot", TWO_GROUPS)
+            d = await aengine.authorize(payment(500 * U, agent_id="bot"), requested_by="ops")
+            aid = d.approval_id or ""
+            at = clock()
+            message = await aengine.vote_message(aid, "fin1@acme.com", "approve", at)
+            assert message.startswith(
+                b"agentpolicy-vote-v1\nstore:" + (await aengine.store_id()).encode()
+            )
+            signed = await aengine.decide(aid, "fin1@acme.com", "approve",
+                                          signature=key.sign(message), signed_at=at)  # fmt: skip
+            assert signed.votes[0].via == "signature"
+            links = await aengine.approval_links(aid)
+            assert {x.approver for x in links} == {"fin2@acme.com", "sec@acme.com"}
+            sec = next(x for x in links if (x.approver, x.decision) == ("sec@acme.com", "approve"))
+            assert (await aengine.inspect_link(sec.token))[0].approver == "sec@acme.com"
+            assert (await aengine.redeem_link(sec.token, approval_id=aid)).status == "approved"
+            assert [a.name for a in await aengine.list_approvers()] == ["fin1@acme.com"]
+            await aengine.rotate_approver("fin1@acme.com", SigningKey.generate().public_key)
+            assert (await aengine.remove_approver("fin1@acme.com")).current is None
+            assert (await aengine.get_approver("fin1@acme.com")) is not None
+
+    asyncio.run(main())

@@ -439,3 +439,65 @@ def test_limits_of_a_delegation_compare_kind_by_kind() -> None:
     assert [p.path for p in cap_problems(over, parent)] == ["$.policy.limits.daily"]
     finer = AgentPolicy(limits=SpendingLimits(daily=Amount(10 * 10**18 // 10**6 * U, 18)))
     assert cap_problems(finer, parent) == []  # the same amount in finer units
+
+
+# -- placing an agent in a tree -------------------------------------------------------------
+
+
+def test_a_policy_refused_for_its_parent_leaves_the_agent_free_to_join_another_tree(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    with pytest.raises(PolicyValidationError):
+        engine.set_policy("bot", daily(1, parent="team"))  # no such budget yet
+    engine.set_policy("fleet", daily(100))
+    engine.set_policy("team", daily(50, parent="fleet"))  # team lives in fleet's tree
+    engine.set_policy("bot", daily(10, parent="team"))
+    assert engine.authorize(payment(1 * U, agent_id="bot")).allowed
+    assert used(engine, "fleet") == (0, 1 * U)
+
+
+def test_a_policy_written_to_a_stale_shard_goes_to_the_tree_the_agent_was_placed_in(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, clock = tree(backend)
+    second = backend.engine(clock)
+    first.set_policy("fleet", daily(100))
+    stale = first._shard("bot")  # read before another engine places bot in fleet's tree
+    second.set_policy("bot", daily(10, parent="fleet"))
+    monkeypatch.setattr(first, "_shard", lambda agent: stale if agent == "bot" else "fleet")
+    first.set_policy("bot", daily(20))  # no parent: it stays in the tree it was placed in
+    monkeypatch.undo()
+    assert second.get_policy("bot").version == 2  # type: ignore[union-attr]
+    d = second.authorize(payment(15 * U, agent_id="bot"))
+    assert d.allowed
+
+
+def test_a_parents_counts_rolling_window_and_scopes_count_every_childs_payment(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    engine.set_policy("fleet", {
+        "limits": {"counts": [{"window": "daily", "max": 3}],
+                   "rolling": [{"window": "1h", "amount": {"value": str(100 * U)}}]},
+        "scopedLimits": [{"name": "data", "match": {"categories": ["data"]}, "groupBy": "recipient",
+                          "limits": {"daily": {"value": str(10 * U)}}}],
+    })  # fmt: skip
+    for bot in ("a", "b"):
+        engine.set_policy(bot, daily(1000, parent="fleet"))
+    assert engine.authorize(payment(6 * U, agent_id="a", category="data", recipient="0xv")).allowed
+    d = engine.authorize(payment(5 * U, agent_id="b", category="data", recipient="0xv"))
+    assert (d.code, d.budget_id) == (Code.SCOPED_LIMIT, "fleet")  # the fleet's vendor cap
+    assert engine.authorize(payment(5 * U, agent_id="b", category="data", recipient="0xw")).allowed
+    d = engine.authorize(payment(90 * U, agent_id="b"))
+    assert (d.code, d.budget_id) == (Code.ROLLING_LIMIT, "fleet")  # 11 + 90 > 100 in the hour
+    assert engine.authorize(payment(1 * U, agent_id="a")).allowed  # the third payment
+    d = engine.authorize(payment(1 * U, agent_id="b"))
+    assert (d.code, d.budget_id) == (Code.COUNT_LIMIT, "fleet")
+    limits = {(x.kind, x.window, x.group): x for x in engine.budget("b").ancestors[0].limits}
+    assert limits[("count", "daily", None)].count == 3
+    assert (
+        limits[("amount", "daily", "0xv")].spent.value
+        + limits[("amount", "daily", "0xv")].reserved.value
+        == 6 * U
+    )

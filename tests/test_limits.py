@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from agentpolicy import Code, PolicyEngine, PolicyError
@@ -277,7 +277,7 @@ def test_alerts_fire_once_per_window_with_the_change_that_crossed_them(
 
 MODEL_POLICY = {
     "limits": {
-        "daily": usdt(100),
+        "daily": usdt(60),
         "rolling": [{"window": "1h", "amount": usdt(40)}],
         "counts": [{"window": "10m", "max": 3}],
     },
@@ -289,11 +289,17 @@ MODEL_POLICY = {
 TTL = timedelta(minutes=20)
 
 
+CALENDAR_POLICY = {
+    "limits": {"daily": usdt(40), "yearly": usdt(30), "lifetime": usdt(35)},
+}  # the year binds before the day does, then resets at New Year; the lifetime never resets
+
+
 class Model:
     """What the policy allows, computed from scratch over every payment (no counters)."""
 
-    def __init__(self) -> None:
+    def __init__(self, calendar: bool = False) -> None:
         self.payments: list[dict[str, Any]] = []  # t, amount, recipient, data, status
+        self.calendar = calendar
 
     def live(self, now: datetime) -> list[dict[str, Any]]:
         return [p for p in self.payments if p["status"] == "confirmed"
@@ -304,7 +310,16 @@ class Model:
         day = [p for p in live if p["t"].date() == now.date()]
         hour = [p for p in live if now - timedelta(hours=1) < p["t"] <= now]
         ten = [p for p in live if now - timedelta(minutes=10) < p["t"] <= now]
-        if sum(p["amount"] for p in day) + amount > 100 * U:
+        if self.calendar:
+            year = [p for p in live if p["t"].year == now.year]
+            if sum(p["amount"] for p in day) + amount > 40 * U:
+                return "DAILY_LIMIT"
+            if sum(p["amount"] for p in year) + amount > 30 * U:
+                return "YEARLY_LIMIT"
+            if sum(p["amount"] for p in live) + amount > 35 * U:
+                return "LIFETIME_LIMIT"
+            return "ALLOWED"
+        if sum(p["amount"] for p in day) + amount > 60 * U:
             return "DAILY_LIMIT"
         if sum(p["amount"] for p in hour) + amount > 40 * U:
             return "ROLLING_LIMIT"
@@ -319,53 +334,86 @@ class Model:
         return "ALLOWED"
 
 
-operations = st.lists(
-    st.one_of(
-        st.tuples(
-            st.just("pay"), st.integers(1, 30), st.sampled_from(["0xa", "0xb"]), st.booleans()
+_pay = st.tuples(st.just("pay"), st.integers(1, 30), st.sampled_from(["0xa", "0xb"]), st.booleans())
+
+
+def _operations(longest_wait: int) -> st.SearchStrategy[list[Any]]:
+    return st.lists(
+        st.one_of(
+            _pay,
+            _pay,  # payments twice as often: usage reaches every limit in a short sequence
+            st.tuples(st.just("confirm"), st.integers(0, 50)),
+            st.tuples(st.just("confirm"), st.just(-1)),  # the newest payment
+            st.tuples(st.just("release"), st.integers(0, 50)),
+            st.tuples(st.just("wait"), st.integers(1, longest_wait)),  # seconds
         ),
-        st.tuples(st.just("confirm"), st.integers(0, 50)),
-        st.tuples(st.just("release"), st.integers(0, 50)),
-        st.tuples(st.just("wait"), st.integers(1, 5400)),  # seconds: crosses hours and days
-    ),
-    min_size=5,
-    max_size=40,
+        min_size=5,
+        max_size=40,
+    )
+
+
+operations = st.one_of(
+    st.tuples(st.just(False), _operations(5400)),  # crosses hours and days
+    st.tuples(st.just(True), _operations(5400)),  # crosses New Year
 )
 _agents = itertools.count()
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
-@given(operations)
-def test_every_limit_kind_matches_a_brute_force_model(backend: Backend, ops: list[Any]) -> None:
+@given(case=operations)
+@example(
+    case=(
+        True,
+        [
+            ("pay", 20, "0xa", False),
+            ("confirm", -1),
+            ("pay", 15, "0xa", False),
+            ("wait", 3600),
+            ("pay", 10, "0xa", False),
+            ("pay", 10, "0xb", False),
+        ],
+    )
+)
+@example(case=(False, [("pay", 30, "0xa", False), ("wait", 3600), ("pay", 35, "0xa", True),
+                       ("confirm", -1), ("wait", 3600), ("pay", 30, "0xb", False)]))  # fmt: skip
+def test_every_limit_kind_matches_a_brute_force_model(
+    backend: Backend, case: tuple[bool, list[Any]]
+) -> None:
+    calendar, ops = case
     agent = f"model-{next(_agents)}"
-    clock = ManualClock(datetime(2026, 3, 10, 22, 30, tzinfo=UTC))
+    start = datetime(2026, 12, 31, 23, 0) if calendar else datetime(2026, 3, 10, 22, 30)
+    clock = ManualClock(start.replace(tzinfo=UTC))  # hours before midnight (and New Year)
     engine = backend.engine(clock, reservation_ttl=TTL)
-    engine.set_policy(agent, MODEL_POLICY)
-    model = Model()
+    engine.set_policy(agent, CALENDAR_POLICY if calendar else MODEL_POLICY)
+    model = Model(calendar)
     ids: list[tuple[str, dict[str, Any]]] = []
-    for op in ops:
-        now = clock.now
-        if op[0] == "pay":
-            _, units, recipient, data = op
-            expected = model.decide(now, units * U, recipient, data)
-            d = engine.authorize(payment(units * U, agent_id=agent, recipient=recipient,
-                                         category="data" if data else None))  # fmt: skip
-            assert d.code == expected, (ops, d.reason)
-            if d.allowed:
-                assert d.reservation_id is not None
-                entry = {"t": now, "amount": units * U, "recipient": recipient, "data": data,
-                         "status": "open"}  # fmt: skip
-                model.payments.append(entry)
-                ids.append((d.reservation_id, entry))
-        elif op[0] in ("confirm", "release") and ids:
-            rid, entry = ids[op[1] % len(ids)]
-            expired = entry["status"] == "open" and now >= entry["t"] + TTL
-            try:
-                getattr(engine, op[0])(rid)
-            except PolicyError:
-                continue
-            if entry["status"] == "open" and not expired:
-                entry["status"] = "confirmed" if op[0] == "confirm" else "released"
-        elif op[0] == "wait":
-            clock.advance(seconds=op[1])
+    try:
+        for op in ops:
+            now = clock.now
+            if op[0] == "pay":
+                _, units, recipient, data = op
+                expected = model.decide(now, units * U, recipient, data)
+                d = engine.authorize(payment(units * U, agent_id=agent, recipient=recipient,
+                                             category="data" if data else None))  # fmt: skip
+                assert d.code == expected, (ops, d.reason)
+                event(str(d.code))
+                if d.allowed:
+                    assert d.reservation_id is not None
+                    entry = {"t": now, "amount": units * U, "recipient": recipient, "data": data,
+                             "status": "open"}  # fmt: skip
+                    model.payments.append(entry)
+                    ids.append((d.reservation_id, entry))
+            elif op[0] in ("confirm", "release") and ids:
+                rid, entry = ids[op[1] % len(ids)]  # (-1: the newest)
+                expired = entry["status"] == "open" and now >= entry["t"] + TTL
+                try:
+                    getattr(engine, op[0])(rid)
+                except PolicyError:
+                    continue
+                if entry["status"] == "open" and not expired:
+                    entry["status"] = "confirmed" if op[0] == "confirm" else "released"
+            elif op[0] == "wait":
+                clock.advance(seconds=op[1])
+    finally:
+        engine.close()  # a connection per example would exhaust the server

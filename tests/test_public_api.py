@@ -21,11 +21,14 @@ MODULES = [
     "agentpolicy.storage.postgres",
     "agentpolicy.storage.base", "agentpolicy.ledger.keys", "agentpolicy.ledger.docs",
     "agentpolicy.ledger.runner", "agentpolicy.ledger.state", "agentpolicy.ledger.operations",
-    "agentpolicy.ledger.outbox",
+    "agentpolicy.ledger.outbox", "agentpolicy.ledger.rollout", "agentpolicy.ledger.recorded",
+    "agentpolicy.ledger.trees", "agentpolicy.versions", "agentpolicy.shadow",
+    "agentpolicy.simulation",
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
     "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
-    "agentpolicy.mcp.command", "agentpolicy._version", "agentpolicy.signing", "agentpolicy.links",
-    "agentpolicy.voting", "agentpolicy.ledger.approvers", "agentpolicy.ledger.trees",
+    "agentpolicy.mcp.command", "agentpolicy._version", "agentpolicy.aio", "agentpolicy.guard",
+    "agentpolicy.x402", "agentpolicy.pydantic_ai", "agentpolicy.signing", "agentpolicy.links",
+    "agentpolicy.voting", "agentpolicy.ledger.approvers",
 ]  # fmt: skip
 
 
@@ -52,8 +55,10 @@ def test_names_load_lazily_and_dir_lists_them() -> None:
 def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
     code = (
         "import sys, agentpolicy; agentpolicy.evaluate; agentpolicy.PolicyEngine;"
+        " agentpolicy.AsyncPolicyEngine; agentpolicy.PaymentDenied;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in"
-        " ('mcp', 'redis', 'psycopg', 'psycopg_pool', 'cryptography')"
+        " ('mcp', 'redis', 'psycopg', 'psycopg_pool', 'x402', 'httpx', 'requests', 'pydantic_ai',"
+        " 'pydantic', 'flask', 'eth_account', 'web3', 'openai', 'agents', 'anyio', 'cryptography')"
         " or m == 'urllib.request'))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -53,6 +53,7 @@ __all__ = [
     "Grant",
     "Level",
     "PolicySource",
+    "RelocatedError",
     "cap_problems",
     "chain",
     "place",
@@ -67,6 +68,17 @@ PolicySource = Callable[[str, int, View], AgentPolicy | None]
 
 _MAX_SUBTREE = 100_000
 _REVOKE_MAX = 1_000_000
+
+
+class RelocatedError(ConflictError):
+    """The agent was placed in another tree's shard meanwhile: run the step there instead."""
+
+    def __init__(self, agent: str, shard: str) -> None:
+        super().__init__(
+            f"the budget of {agent} is kept with the tree of {shard}",
+            code=ErrorCode.BUDGET_CONFLICT,
+        )
+        self.shard = shard
 
 
 @attrs.frozen
@@ -288,17 +300,30 @@ def put_policy(
     now: datetime,
     policies: PolicySource,
     grant: Grant | None = None,
+    *,
+    origin: dict[str, Any] | None = None,
+    shard: str,
+    check_only: bool = False,
 ) -> Step:
     """Store a new version of the agent's policy (its JSON form ``data``); the result: the version.
 
     With a ``parent``, the parent must have a policy, be no descendant of the
     agent, and keep every payment within :data:`MAX_TREE_DEPTH` budgets. A
     delegated budget keeps its delegating parent. With ``grant``, this is a
-    delegation (see :func:`_check_grant`).
+    delegation (see :func:`_check_grant`). ``origin`` says how the version
+    came to be (``{"op": "rollback", "from": 2}``, ``{"op": "promote"}``):
+    kept with the version and worded in its history entry. ``check_only``
+    runs every check and writes nothing (the result is 0). In the agent's own
+    shard, raises :class:`RelocatedError` when the agent was placed in a tree
+    meanwhile.
     """
     now_us = micros(now)
 
     def step(view: View, txn: Txn) -> None:
+        if shard == agent:
+            pointer = view.doc(keys.home(agent))
+            if pointer is not None and pointer["s"] != agent:
+                raise RelocatedError(agent, pointer["s"])
         head = Head.read(view, agent)
         books = Books(view, head)
         old = policies(agent, head.body["pv"], view)
@@ -312,13 +337,20 @@ def put_policy(
         if policy.parent is not None:
             levels = _check_parent(view, books, agent, policy.parent, policies)
         version = head.body["pv"] + 1
+        expires = None if grant is None else _check_grant(grant, head, policy, levels, now)
+        if check_only:
+            txn.result = 0
+            return
         if grant is not None:
-            expires = _check_grant(grant, head, policy, levels, now)
             created = now_us if dg is None else dg["c"]
             head.set("dg", {"by": grant.parent, "c": created, "x": expires, "rv": None})
             record(txn, cfg, agent, {"ev": "delegate", "pv": version, "by": grant.parent,
                                      "x": expires})  # fmt: skip
-        txn.put[keys.policy(agent, version)] = {"policy": data, "at": now_us}
+        via = origin if origin is not None or grant is None else {"op": "delegate"}
+        stored: Body = {"policy": data, "at": now_us}
+        if via is not None:
+            stored["via"] = via
+        txn.put[keys.policy(agent, version)] = stored
         head.set("pv", version)
         old_parent = None if old is None else old.parent
         if old_parent != policy.parent:
@@ -328,7 +360,12 @@ def put_policy(
                 txn.index.append((keys.children(policy.parent), agent, 0))
         books.write(txn)
         txn.index.append((keys.AGENTS, agent, 0))
-        record(txn, cfg, agent, {"ev": "policy_set", "pv": version})
+        entry: Body = {"ev": "policy_set", "pv": version}
+        if via is not None and via["op"] == "rollback":
+            entry["detail"] = f"rolled back to version {via['from']}"
+        elif via is not None and via["op"] == "promote":
+            entry["detail"] = "the shadow policy promoted"
+        record(txn, cfg, agent, entry)
         txn.result = version
 
     return step

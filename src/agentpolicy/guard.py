@@ -1,0 +1,430 @@
+"""The payment guard: ``with engine.payment(request) as p:`` pays only what the policy allows.
+
+Entering the block authorizes the payment (or, with ``approval_id``, takes
+the reservation of an approved approval); a payment that is not allowed
+raises :class:`PaymentDenied` and one that needs humans
+:class:`ApprovalRequired`, so the block never runs for them. Leaving the
+block normally confirms the reservation; leaving it with an exception (any
+exception, ``KeyboardInterrupt`` and ``asyncio.CancelledError`` included)
+releases it and lets the exception through.
+
+What the guard cannot know it says: when the block completed but the
+confirm failed, the confirm's error is raised with a note saying that the
+payment may have been made (docs/engine.md, "The payment guard").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+from agentpolicy._checks import check_identifier, raise_if
+from agentpolicy.decisions import Code, Decision
+from agentpolicy.errors import ErrorCode, PolicyError, PolicyValidationError
+from agentpolicy.records import Approval, ApprovalStatus, Reservation, ReservationStatus
+from agentpolicy.requests import PaymentRequest
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from agentpolicy.aio import AsyncPolicyEngine
+    from agentpolicy.engine import PolicyEngine
+
+__all__ = [
+    "ApprovalRequired",
+    "AsyncPaymentGuard",
+    "PaymentDenied",
+    "PaymentGuard",
+    "authorize_shielded",
+    "settle_shielded",
+]
+
+_log = logging.getLogger("agentpolicy.guard")
+_T = TypeVar("_T")
+
+
+class PaymentDenied(PolicyError):  # noqa: N818 - a public name of the issue
+    """The guard refused to run the payment block; ``decision`` says why.
+
+    ``code`` is ``PAYMENT_DENIED`` when the policy denied the payment (then
+    ``decision.code`` names the rule, such as ``DAILY_LIMIT``), or, when a
+    payment resumed with ``approval_id`` cannot go ahead,
+    ``APPROVAL_DENIED``, ``APPROVAL_EXPIRED``, ``RESERVATION_EXPIRED``,
+    ``RESERVATION_RELEASED`` or ``RESERVATION_ALREADY_CONFIRMED``.
+    ``approval`` is the approval, when one was involved. Nothing was paid
+    and, for a denial, nothing is held.
+    """
+
+    code = ErrorCode.PAYMENT_DENIED
+
+    def __init__(
+        self,
+        decision: Decision,
+        message: str | None = None,
+        *,
+        code: ErrorCode | None = None,
+        approval: Approval | None = None,
+    ) -> None:
+        self.decision = decision
+        self.approval = approval
+        super().__init__(message or f"{decision.code}: {decision.reason}", code=code)
+
+
+class ApprovalRequired(PolicyError):  # noqa: N818 - a public name of the issue
+    """The payment waits for humans: ``approval_id`` names the approval to decide.
+
+    Its amount is held until the approval is decided or expires. Once it is
+    approved, ``engine.payment(request, approval_id=err.approval_id)`` runs
+    the block on the approval's reservation. ``decision`` is the decision
+    (code ``APPROVAL_REQUIRED``); ``approval`` the approval when it was
+    read (a resume of a still pending approval).
+    """
+
+    code = ErrorCode.APPROVAL_REQUIRED
+
+    def __init__(self, decision: Decision, approval: Approval | None = None) -> None:
+        self.decision = decision
+        self.approval = approval
+        self.approval_id: str = decision.approval_id or ""
+        super().__init__(
+            f"the payment needs approval {self.approval_id}: {decision.reason}; "
+            "once approved, resume with engine.payment(request, approval_id=...)"
+        )
+
+
+# -- the rules of the guard (pure) ------------------------------------------------------------
+
+
+def _check_arguments(request: object, approval_id: object) -> None:
+    if not isinstance(request, PaymentRequest):
+        raise PolicyValidationError.single("$.request", "must be a PaymentRequest")
+    if approval_id is not None:
+        raise_if(check_identifier(approval_id, "$.approvalId"))
+
+
+def _admit(decision: Decision) -> None:
+    """Raise unless ``decision`` lets the block run."""
+    if decision.allowed and decision.reservation_id:
+        return
+    if decision.requires_approval and decision.approval_id:
+        raise ApprovalRequired(decision)
+    raise PaymentDenied(decision)
+
+
+_SPENT = {
+    ReservationStatus.CONFIRMED: ErrorCode.RESERVATION_ALREADY_CONFIRMED,
+    ReservationStatus.RELEASED: ErrorCode.RESERVATION_RELEASED,
+    ReservationStatus.EXPIRED: ErrorCode.RESERVATION_EXPIRED,
+}
+
+
+def _admit_reservation(decision: Decision, reservation: Reservation) -> None:
+    """Raise unless the reservation is still open for this block.
+
+    A decision answered again for a repeated idempotency key, or an approval
+    resumed again, names a reservation that may already be settled: running
+    the block again would pay twice and count once.
+    """
+    code = _SPENT.get(reservation.status)
+    if code is None:
+        return
+    raise PaymentDenied(
+        decision,
+        f"{code}: reservation {reservation.id} is {reservation.status}: this payment was "
+        "already settled (an earlier block with the same idempotency key or approval); "
+        "nothing runs again",
+        code=code,
+    )
+
+
+def _same_payment(a: PaymentRequest, b: PaymentRequest) -> bool:
+    def key(r: PaymentRequest) -> tuple[object, ...]:
+        return (r.agent_id, r.amount, r.decimals, r.symbol.casefold(), r.recipient, r.network,
+                r.category)  # fmt: skip
+
+    return key(a) == key(b)
+
+
+def _approval_decision(approval: Approval, request: PaymentRequest) -> Decision:
+    """The state of an approval read on resume, as a decision; raise unless approved."""
+    if not _same_payment(approval.request, request):
+        raise PolicyValidationError.single(
+            "$.approvalId",
+            f"approval {approval.id} is for another payment "
+            f"({approval.amount} to {approval.request.recipient}); resume with its request",
+        )
+    approvers = ", ".join(v.approver for v in approval.votes if v.decision == "approve")
+    base: dict[str, Any] = {
+        "approval_id": approval.id,
+        "policy_version": approval.policy_version,
+        "decided_at": approval.decided_at,
+    }
+    if approval.status is ApprovalStatus.APPROVED:
+        reason = f"approved by {approvers}"
+        return Decision(
+            allowed=True, code=Code.ALLOWED, reason=reason, reservation_id=approval.hold_id, **base
+        )
+    if approval.status is ApprovalStatus.PENDING:
+        reason = (
+            f"approval {approval.id} is still pending "
+            f"({approval.approvals} of {approval.required_approvers} approvals)"
+        )
+        code = None
+    elif approval.status is ApprovalStatus.DENIED:
+        deniers = ", ".join(v.approver for v in approval.votes if v.decision == "deny")
+        reason = f"approval {approval.id} was denied by {deniers}"
+        code = ErrorCode.APPROVAL_DENIED
+    else:
+        reason = (
+            f"approval {approval.id} expired at {approval.expires_at.isoformat()} "
+            "before enough approvers approved"
+        )
+        code = ErrorCode.APPROVAL_EXPIRED
+    waiting = Decision(
+        allowed=False,
+        code=Code.APPROVAL_REQUIRED,
+        reason=reason,
+        requires_approval=True,
+        expires_at=approval.expires_at,
+        **base,
+    )
+    if code is None:
+        raise ApprovalRequired(waiting, approval)
+    raise PaymentDenied(waiting, f"{code}: {reason}", code=code, approval=approval)
+
+
+def _note_unconfirmed(err: BaseException, reservation_id: str) -> None:
+    err.add_note(
+        f"agentpolicy: the payment block completed, so the payment may have been made, "
+        f"but reservation {reservation_id} was not confirmed. Confirm it with "
+        f"engine.confirm({reservation_id!r}) before it expires; once it has expired its "
+        "amount no longer counts: count the payment again (authorize and confirm it) and "
+        "raise reservation_ttl above the time a payment takes (docs/engine.md)."
+    )
+
+
+def _note_unreleased(err: BaseException, reservation_id: str, cause: BaseException) -> None:
+    err.add_note(
+        f"agentpolicy: reservation {reservation_id} could not be released ({cause}); "
+        "it holds its amount until it expires (reservation_ttl)"
+    )
+
+
+class _Guard:
+    """What both guards share: the request, and what entering decided."""
+
+    def __init__(self, request: PaymentRequest, approval_id: str | None) -> None:
+        _check_arguments(request, approval_id)
+        self.request: PaymentRequest = request
+        self.approval_id: str | None = approval_id
+        self._decision: Decision | None = None
+        self.approval: Approval | None = None
+        """The approval the payment resumed (``approval_id`` given), once entered."""
+        self.reservation: Reservation | None = None
+        """The reservation as the block left it (confirmed or released), once exited."""
+        self._used = False
+
+    @property
+    def decision(self) -> Decision:
+        """The decision that let the block run (on resume: the approval's, as a decision)."""
+        if self._decision is None:
+            raise PolicyValidationError.single("$", "the payment block has not been entered")
+        return self._decision
+
+    @property
+    def reservation_id(self) -> str:
+        """The reservation that the block's payment confirms or releases."""
+        rid = self.decision.reservation_id
+        assert rid is not None  # noqa: S101 - _admit lets no decision without one through
+        return rid
+
+    def _start(self) -> None:
+        if self._used:
+            raise PolicyValidationError.single(
+                "$", "a payment guard runs one block; call engine.payment(...) again"
+            )
+        self._used = True
+
+
+class PaymentGuard(_Guard):
+    """``with engine.payment(request) as p:``: the block runs only for an allowed payment.
+
+    Made by :meth:`PolicyEngine.payment <agentpolicy.PolicyEngine.payment>`;
+    entering authorizes (or resumes ``approval_id``), leaving confirms or
+    releases. ``p.decision`` and ``p.reservation_id`` are set inside the
+    block; ``p.reservation`` after it.
+    """
+
+    def __init__(
+        self, engine: PolicyEngine, request: PaymentRequest, approval_id: str | None = None
+    ) -> None:
+        super().__init__(request, approval_id)
+        self._engine = engine
+
+    def __enter__(self) -> PaymentGuard:
+        self._start()
+        engine = self._engine
+        if self.approval_id is None:
+            decision = engine.authorize(self.request)
+            _admit(decision)
+            if self.request.idempotency_key is not None:  # may be an earlier decision again
+                _admit_reservation(decision, engine.get_reservation(decision.reservation_id or ""))
+        else:
+            self.approval = engine.get_approval(self.approval_id)
+            decision = _approval_decision(self.approval, self.request)
+            reservation = engine.get_reservation(decision.reservation_id or "")
+            _admit_reservation(decision, reservation)
+            decision = attrs.evolve(decision, expires_at=reservation.expires_at)
+        self._decision = decision
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        rid = self.reservation_id
+        if exc is None:
+            try:
+                self.reservation = self._engine.confirm(rid)
+            except BaseException as err:
+                _note_unconfirmed(err, rid)
+                raise
+            return
+        try:
+            self.reservation = self._engine.release(rid)
+        except Exception as err:  # the block's own exception matters more
+            _note_unreleased(exc, rid, err)
+
+
+_background: set[asyncio.Task[Any]] = set()
+"""Releases started after a cancelled entry, kept alive until they finish."""
+
+
+def _in_background(make: Callable[[], Awaitable[Any]]) -> None:
+    async def run() -> None:
+        try:
+            await make()
+        except Exception:
+            _log.exception("agentpolicy: releasing a reservation after a cancelled entry failed")
+
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
+    task = asyncio.get_running_loop().create_task(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class AsyncPaymentGuard(_Guard):
+    """``async with aengine.payment(request) as p:``: the guard of :class:`PaymentGuard`, async.
+
+    Made by :meth:`AsyncPolicyEngine.payment <agentpolicy.AsyncPolicyEngine.payment>`.
+    A task cancelled while entering still lets the authorize finish, then
+    releases what it reserved; a confirm or release under way when the task
+    is cancelled is carried out all the same (the cancellation goes on at
+    once; the call completes in the background).
+    """
+
+    def __init__(
+        self, engine: AsyncPolicyEngine, request: PaymentRequest, approval_id: str | None = None
+    ) -> None:
+        super().__init__(request, approval_id)
+        self._engine = engine
+
+    async def __aenter__(self) -> AsyncPaymentGuard:
+        self._start()
+        engine = self._engine
+        if self.approval_id is None:
+            decision = await authorize_shielded(engine.authorize(self.request), engine.release)
+            _admit(decision)
+            if self.request.idempotency_key is not None:
+                reservation = await engine.get_reservation(decision.reservation_id or "")
+                _admit_reservation(decision, reservation)
+        else:
+            self.approval = await engine.get_approval(self.approval_id)
+            decision = _approval_decision(self.approval, self.request)
+            reservation = await engine.get_reservation(decision.reservation_id or "")
+            _admit_reservation(decision, reservation)
+            decision = attrs.evolve(decision, expires_at=reservation.expires_at)
+        self._decision = decision
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
+        rid = self.reservation_id
+        if exc is None:
+            try:
+                self.reservation = await settle_shielded(self._engine.confirm(rid))
+            except asyncio.CancelledError:
+                raise  # the confirm goes on; a failure of it is logged
+            except BaseException as err:
+                _note_unconfirmed(err, rid)
+                raise
+            return
+        try:
+            self.reservation = await settle_shielded(self._engine.release(rid))
+        except Exception as err:
+            _note_unreleased(exc, rid, err)
+
+
+async def settle_shielded(call: Awaitable[_T]) -> _T:
+    """Await a confirm or release; if the task is cancelled meanwhile, let it finish regardless.
+
+    The cancellation is raised once the call is handed over; a failure of
+    the call after that is logged (``agentpolicy.guard``).
+    """
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def report(done: asyncio.Future[_T]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                _log.error(
+                    "agentpolicy: a confirm or release that went on after its task was "
+                    "cancelled failed: %s",
+                    done.exception(),
+                )
+
+        task.add_done_callback(report)
+        raise
+
+
+async def authorize_shielded(
+    authorize: Awaitable[Decision], release: Callable[[str], Awaitable[Any]]
+) -> Decision:
+    """Await an authorize; if the task is cancelled meanwhile, release what it reserves.
+
+    The authorize is let finish (it may already be in the store); when it
+    allowed the payment, ``release(reservation_id)`` runs in the background,
+    so a cancelled caller never leaves budget held until the TTL.
+    """
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
+    task = asyncio.ensure_future(authorize)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def release_late(done: asyncio.Future[Decision]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            rid = done.result().reservation_id
+            if rid is not None and done.result().allowed:
+                _in_background(lambda: release(rid))
+
+        task.add_done_callback(release_late)
+        raise

@@ -1,0 +1,475 @@
+"""x402: the payments an ``x402Client`` signs are authorized first (``agentpolicy[x402]``).
+
+``guard_x402(client, engine, agent_id)`` registers four hooks on an x402
+client (``x402Client`` with :class:`~agentpolicy.AsyncPolicyEngine` or
+:class:`~agentpolicy.PolicyEngine`; ``x402ClientSync`` with
+:class:`~agentpolicy.PolicyEngine`), so every payment it makes, through the
+x402 httpx or requests wrappers or directly, goes through the policy:
+
+- **before the payment is signed** (``on_before_payment_creation``): the
+  selected payment requirements become a :class:`~agentpolicy.PaymentRequest`
+  (amount, asset, network and payee from the requirements; symbol and
+  decimals from the asset table) and are authorized. A payment that is not
+  allowed is aborted, and nothing is signed: the hook raises
+  :class:`X402PaymentDenied` (a :class:`~agentpolicy.PaymentDenied` and an
+  x402 ``PaymentAbortedError`` whose ``reason`` is the decision's code) or
+  :class:`X402ApprovalRequired`.
+- **when signing fails** (``on_payment_creation_failure``): the reservation
+  is released.
+- **when the seller answers the paid request** (``on_payment_response``):
+  a settlement that succeeded confirms the reservation; a failed settlement
+  or a payment the seller refused (402 again) releases it.
+- **where the outcome is unknown** (the paid request raised, or its answer
+  carries no payment response), the reservation stays held and expires by
+  its TTL (docs/x402.md lists the cases).
+
+An asset the table does not know is denied, never guessed: x402 payment
+requirements name an asset by its contract address and carry no decimals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import attrs
+
+try:
+    from x402 import PaymentAbortedError, x402Client, x402ClientSync
+    from x402.schemas import (
+        PaymentCreatedContext,
+        PaymentCreationContext,
+        PaymentCreationFailureContext,
+        PaymentRequirements,
+        PaymentResponseContext,
+    )
+except ImportError:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "agentpolicy.x402 needs the x402 extra: pip install 'agentpolicy[x402]'"
+    ) from None
+
+from agentpolicy._checks import MAX_TEXT, check_identifier, check_int, raise_if
+from agentpolicy.aio import AsyncPolicyEngine
+from agentpolicy.amounts import MAX_DECIMALS
+from agentpolicy.decisions import Code, Decision
+from agentpolicy.engine import PolicyEngine
+from agentpolicy.errors import PolicyValidationError, Problem
+from agentpolicy.guard import (
+    ApprovalRequired,
+    PaymentDenied,
+    authorize_shielded,
+    settle_shielded,
+)
+from agentpolicy.records import Reservation
+from agentpolicy.requests import PaymentRequest
+
+__all__ = [
+    "KNOWN_ASSETS",
+    "Asset",
+    "UnconfirmedPayment",
+    "X402ApprovalRequired",
+    "X402Guard",
+    "X402PaymentDenied",
+    "guard_x402",
+]
+
+_log = logging.getLogger("agentpolicy.x402")
+_T = TypeVar("_T")
+_MAX_OPEN = 10_000
+
+
+@attrs.frozen
+class Asset:
+    """A token as policies count it: the ``symbol`` limits name and its ``decimals``."""
+
+    symbol: str
+    decimals: int
+
+
+def _asset_key(network: str, address: str) -> tuple[str, str]:
+    """EVM addresses compare ignoring case (checksums); others (Solana's base58) exactly."""
+    return (network, address.lower() if network.startswith("eip155:") else address)
+
+
+_USDC = Asset("USDC", 6)
+
+KNOWN_ASSETS: Mapping[tuple[str, str], Asset] = MappingProxyType({
+    _asset_key(network, address): asset
+    for network, address, asset in [
+        ("eip155:1", "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48", _USDC),  # Ethereum
+        ("eip155:8453", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", _USDC),  # Base
+        ("eip155:84532", "0x036CbD53842c5426634e7929541eC2318f3dCF7e", _USDC),  # Base Sepolia
+        ("eip155:137", "0x3c499c542cEF5E3811e1192ce70d8cC03d5c3359", _USDC),  # Polygon
+        ("eip155:42161", "0xaf88d065e77c8cC2239327C5EDb3A432268e5831", _USDC),  # Arbitrum One
+        ("eip155:421614", "0x75faf114eafb1BDbe2F0316DF893fd58CE46AA4d", _USDC),  # Arb. Sepolia
+        ("eip155:43114", "0xB97EF9Ef8734C71904D8002F8b6Bc66Dd9c48a6E", _USDC),  # Avalanche
+        ("solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp", "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
+         _USDC),  # Solana
+        ("solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1", "4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU",
+         _USDC),  # Solana devnet
+    ]
+})  # fmt: skip
+"""Assets the guard knows without being told: (network, contract address) -> symbol, decimals.
+
+USDC on the networks x402 sellers use most. Pass ``assets=`` to
+:func:`guard_x402` to add tokens (or correct one); anything else is denied.
+"""
+
+
+class X402PaymentDenied(PaymentDenied, PaymentAbortedError):  # noqa: N818 - as PaymentDenied
+    """The policy denied an x402 payment before it was signed.
+
+    A :class:`~agentpolicy.PaymentDenied` (``decision`` says why) and an x402
+    ``PaymentAbortedError`` whose ``reason`` is the decision's code (such as
+    ``DAILY_LIMIT``). The x402 httpx and requests wrappers raise their own
+    ``PaymentError`` with this as its ``__cause__``.
+    """
+
+    def __init__(self, decision: Decision) -> None:
+        PaymentDenied.__init__(self, decision)
+        self.reason = str(decision.code)
+
+
+class X402ApprovalRequired(ApprovalRequired, PaymentAbortedError):  # noqa: N818 - as ApprovalRequired
+    """An x402 payment needs human approval; nothing was signed (``reason`` ``APPROVAL_REQUIRED``).
+
+    The amount is held while the approval waits, as for any approval. The
+    guard does not wait for humans: the x402 call fails, and a later call
+    after the approval asks anew (see docs/x402.md).
+    """
+
+    def __init__(self, decision: Decision) -> None:
+        ApprovalRequired.__init__(self, decision)
+        self.reason = str(decision.code)
+
+
+@attrs.frozen
+class UnconfirmedPayment:
+    """A settlement that succeeded but whose reservation could not be confirmed.
+
+    The seller was paid (``transaction``); the budget may not count it
+    (``error`` says why). Confirm ``reservation_id`` while it is open, or
+    count the payment again (``request``) once it has expired.
+    """
+
+    reservation_id: str
+    request: PaymentRequest
+    transaction: str
+    error: str
+
+
+class X402Guard:
+    """The hooks :func:`guard_x402` registers, and what they know.
+
+    ``unconfirmed`` lists settled payments whose confirm failed (the store
+    was down, or the reservation had expired): reconcile them.
+    """
+
+    def __init__(
+        self,
+        engine: PolicyEngine | AsyncPolicyEngine,
+        agent_id: str,
+        assets: Mapping[tuple[str, str], Asset],
+        category: str | None,
+    ) -> None:
+        self.engine = engine
+        self.agent_id = agent_id
+        self.category = category
+        self._assets = assets
+        self._ttl = int(engine.reservation_ttl.total_seconds())
+        self._lock = threading.Lock()
+        self._creating: dict[int, list[tuple[object, str]]] = {}
+        self._signed: dict[int, tuple[object, str, PaymentRequest]] = {}
+        self.unconfirmed: list[UnconfirmedPayment] = []
+
+    # -- what a payment is -------------------------------------------------------------------
+
+    def payment_request(self, requirements: Any, memo: str | None = None) -> PaymentRequest:
+        """The :class:`~agentpolicy.PaymentRequest` that x402 payment requirements ask for.
+
+        Raises :class:`X402PaymentDenied` (``ASSET_MISMATCH``) for an asset
+        the table does not know, and
+        :class:`~agentpolicy.PolicyValidationError` for requirements the
+        guard cannot judge: x402 version 1, an amount that is not a whole
+        number of base units, or a signed authorization that would outlive
+        the reservation (``maxTimeoutSeconds`` above the engine's
+        ``reservation_ttl``).
+        """
+        if not isinstance(requirements, PaymentRequirements):
+            raise PolicyValidationError.single(
+                "$.x402Version",
+                "only x402 version 2 payments are guarded: version 1 reports no "
+                "settlement to client hooks, so a payment could never be confirmed",
+            )
+        network, address = str(requirements.network), str(requirements.asset)
+        asset = self._assets.get(_asset_key(network, address))
+        if asset is None:
+            raise X402PaymentDenied(
+                Decision(
+                    allowed=False,
+                    code=Code.ASSET_MISMATCH,
+                    reason=f"the asset {address} on {network} is not in the guard's asset "
+                    "table, so its symbol and decimals are unknown: add it with "
+                    "guard_x402(..., assets={(network, address): Asset(symbol, decimals)})",
+                )
+            )
+        if requirements.max_timeout_seconds > self._ttl:
+            raise PolicyValidationError.single(
+                "$.maxTimeoutSeconds",
+                f"the seller's authorization would stay valid for "
+                f"{requirements.max_timeout_seconds} s, longer than a reservation is held "
+                f"({self._ttl} s): a payment whose outcome is unknown could be settled after "
+                "its reservation expired; raise the engine's reservation_ttl",
+            )
+        try:
+            return PaymentRequest(
+                agent_id=self.agent_id,
+                amount=requirements.amount,
+                recipient=requirements.pay_to,
+                network=network,
+                category=self.category,
+                decimals=asset.decimals,
+                symbol=asset.symbol,
+                memo=memo,
+            )
+        except PolicyValidationError as err:
+            raise err.under("$.paymentRequirements") from None
+
+    def _request(self, ctx: PaymentCreationContext) -> PaymentRequest:
+        resource = getattr(ctx.payment_required, "resource", None)
+        url = getattr(resource, "url", None)
+        memo = f"x402 {url}"[:MAX_TEXT] if url else None
+        return self.payment_request(ctx.selected_requirements, memo)
+
+    # -- bookkeeping (no I/O; the lock is never held across a call or an await) --------------
+
+    def _admit(self, ctx: PaymentCreationContext, decision: Decision) -> None:
+        if decision.allowed and decision.reservation_id:
+            with self._lock:
+                key = id(ctx.payment_required)
+                self._creating.setdefault(key, []).append(
+                    (ctx.payment_required, decision.reservation_id)
+                )
+            return
+        if decision.requires_approval and decision.approval_id:
+            raise X402ApprovalRequired(decision)
+        raise X402PaymentDenied(decision)
+
+    def _take_creating(self, ctx: PaymentCreationContext) -> str | None:
+        with self._lock:
+            key = id(ctx.payment_required)
+            entries = self._creating.get(key, [])
+            for i, (required, rid) in enumerate(entries):
+                if required is ctx.payment_required:
+                    del entries[i]
+                    if not entries:
+                        del self._creating[key]
+                    return rid
+        return None
+
+    def _signed_now(self, ctx: PaymentCreatedContext, rid: str) -> None:
+        request = self._request(ctx)
+        with self._lock:
+            if len(self._signed) >= _MAX_OPEN:  # long past their TTL: nobody will answer
+                oldest = next(iter(self._signed))
+                _, lost, _ = self._signed.pop(oldest)
+                _log.warning("agentpolicy: forgot payment %s (no answer came)", lost)
+            self._signed[id(ctx.payment_payload)] = (ctx.payment_payload, rid, request)
+
+    def _take_signed(self, ctx: PaymentResponseContext) -> tuple[str, PaymentRequest] | None:
+        with self._lock:
+            found = self._signed.get(id(ctx.payment_payload))
+            if found is None or found[0] is not ctx.payment_payload:
+                return None
+            del self._signed[id(ctx.payment_payload)]
+            return found[1], found[2]
+
+    def _settled(self, ctx: PaymentResponseContext) -> bool:
+        settle = ctx.settle_response
+        return settle is not None and settle.success
+
+    def _confirm_failed(
+        self, rid: str, request: PaymentRequest, ctx: PaymentResponseContext, err: Exception
+    ) -> None:
+        settle = ctx.settle_response
+        transaction = "" if settle is None else str(settle.transaction)
+        self.unconfirmed.append(UnconfirmedPayment(rid, request, transaction, str(err)))
+        _log.error(
+            "agentpolicy: x402 payment %s was settled (%s) but reservation %s was not "
+            "confirmed: %s",
+            request.amount,
+            transaction,
+            rid,
+            err,
+        )
+
+    # -- the hooks of x402ClientSync ---------------------------------------------------------
+
+    def _sync(self) -> PolicyEngine:
+        assert isinstance(self.engine, PolicyEngine)  # noqa: S101 - checked by guard_x402
+        return self.engine
+
+    def before_sync(self, ctx: PaymentCreationContext) -> None:
+        """Authorize the selected requirements before anything is signed."""
+        request = self._request(ctx)
+        self._admit(ctx, self._sync().authorize(request))
+
+    def after_sync(self, ctx: PaymentCreatedContext) -> None:
+        """Remember which reservation the signed payload spends."""
+        rid = self._take_creating(ctx)
+        if rid is not None:
+            self._signed_now(ctx, rid)
+
+    def failure_sync(self, ctx: PaymentCreationFailureContext) -> None:
+        """Signing failed: give the budget back."""
+        rid = self._take_creating(ctx)
+        if rid is not None:
+            self._quietly(lambda: self._sync().release(rid), rid)
+
+    def response_sync(self, ctx: PaymentResponseContext) -> None:
+        """Confirm a settled payment; release one the seller did not settle."""
+        taken = self._take_signed(ctx)
+        if taken is None:
+            return
+        rid, request = taken
+        if self._settled(ctx):
+            try:
+                self._sync().confirm(rid)
+            except Exception as err:
+                self._confirm_failed(rid, request, ctx, err)
+        else:
+            self._quietly(lambda: self._sync().release(rid), rid)
+
+    def _quietly(self, release: Callable[[], Reservation], rid: str) -> None:
+        try:
+            release()
+        except Exception as err:  # the reservation then expires by its TTL
+            _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
+
+    # -- the hooks of x402Client -------------------------------------------------------------
+
+    async def _call(self, name: str, arg: Any) -> Any:
+        engine = self.engine
+        if isinstance(engine, AsyncPolicyEngine):
+            method: Callable[[Any], Awaitable[Any]] = getattr(engine, name)
+            return await method(arg)
+        return await asyncio.to_thread(getattr(engine, name), arg)
+
+    async def before_async(self, ctx: PaymentCreationContext) -> None:
+        """Authorize the selected requirements before anything is signed."""
+        request = self._request(ctx)
+        authorize = self._call("authorize", request)
+        self._admit(
+            ctx, await authorize_shielded(authorize, lambda rid: self._call("release", rid))
+        )
+
+    async def after_async(self, ctx: PaymentCreatedContext) -> None:
+        """Remember which reservation the signed payload spends."""
+        self.after_sync(ctx)
+
+    async def failure_async(self, ctx: PaymentCreationFailureContext) -> None:
+        """Signing failed: give the budget back."""
+        rid = self._take_creating(ctx)
+        if rid is not None:
+            await self._quietly_async(rid)
+
+    async def response_async(self, ctx: PaymentResponseContext) -> None:
+        """Confirm a settled payment; release one the seller did not settle."""
+        taken = self._take_signed(ctx)
+        if taken is None:
+            return
+        rid, request = taken
+        if self._settled(ctx):
+            try:
+                await settle_shielded(self._call("confirm", rid))
+            except Exception as err:
+                self._confirm_failed(rid, request, ctx, err)
+        else:
+            await self._quietly_async(rid)
+
+    async def _quietly_async(self, rid: str) -> None:
+        try:
+            await settle_shielded(self._call("release", rid))
+        except Exception as err:
+            _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
+
+
+def _check_assets(assets: object) -> dict[tuple[str, str], Asset]:
+    if not isinstance(assets, Mapping):
+        raise PolicyValidationError.single(
+            "$.assets", "must map (network, address) to Asset(symbol, decimals)"
+        )
+    found: dict[tuple[str, str], Asset] = {}
+    problems: list[Problem] = []
+    for i, (key, asset) in enumerate(assets.items()):
+        path = f"$.assets[{i}]"
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+            problems.append(Problem(path, "the key must be a (network, address) pair of strings"))
+            continue
+        if not isinstance(asset, Asset):
+            problems.append(Problem(path, "must be an Asset(symbol, decimals)"))
+            continue
+        problems += check_identifier(asset.symbol, f"{path}.symbol", 32)
+        problems += check_int(asset.decimals, f"{path}.decimals", 0, MAX_DECIMALS)
+        found[_asset_key(*key)] = asset
+    raise_if(problems)
+    return found
+
+
+def guard_x402(
+    client: x402Client | x402ClientSync,
+    engine: PolicyEngine | AsyncPolicyEngine,
+    agent_id: str,
+    *,
+    assets: Mapping[tuple[str, str], Asset] | None = None,
+    category: str | None = None,
+) -> X402Guard:
+    """Make every payment ``client`` signs go through ``engine``'s policy for ``agent_id``.
+
+    ``client`` is an ``x402Client`` (with an :class:`~agentpolicy.AsyncPolicyEngine`,
+    or a :class:`~agentpolicy.PolicyEngine` whose calls then run in a
+    thread) or an ``x402ClientSync`` (with a ``PolicyEngine``). ``assets``
+    adds to :data:`KNOWN_ASSETS`; ``category`` is given to every payment
+    request (for category rules and scopes). Register other
+    ``on_before_payment_creation`` hooks before this one: a hook after it
+    that aborts leaves its reservation to expire by TTL. A client is
+    guarded once. Returns the :class:`X402Guard`.
+    """
+    problems = check_identifier(agent_id, "$.agentId")
+    if category is not None:
+        problems += check_identifier(category, "$.category")
+    raise_if(problems)
+    table = dict(KNOWN_ASSETS)
+    table.update(_check_assets({} if assets is None else assets))
+    if isinstance(client, x402ClientSync):
+        if not isinstance(engine, PolicyEngine):
+            raise PolicyValidationError.single(
+                "$.engine",
+                "an x402ClientSync needs a PolicyEngine "
+                "(an AsyncPolicyEngine goes with x402Client)",
+            )
+    elif not isinstance(client, x402Client):
+        raise PolicyValidationError.single("$.client", "must be an x402Client or x402ClientSync")
+    elif not isinstance(engine, PolicyEngine | AsyncPolicyEngine):
+        raise PolicyValidationError.single(
+            "$.engine", "must be a PolicyEngine or AsyncPolicyEngine"
+        )
+    if getattr(client, "_agentpolicy_guard", None) is not None:
+        raise PolicyValidationError.single("$.client", "this x402 client is already guarded")
+    guard = X402Guard(engine, agent_id, MappingProxyType(table), category)
+    if isinstance(client, x402ClientSync):
+        client.on_before_payment_creation(guard.before_sync)
+        client.on_after_payment_creation(guard.after_sync)
+        client.on_payment_creation_failure(guard.failure_sync)
+        client.on_payment_response(guard.response_sync)
+    else:
+        client.on_before_payment_creation(guard.before_async)
+        client.on_after_payment_creation(guard.after_async)
+        client.on_payment_creation_failure(guard.failure_async)
+        client.on_payment_response(guard.response_async)
+    client._agentpolicy_guard = guard  # type: ignore[union-attr]
+    return guard

@@ -1,0 +1,142 @@
+"""AsyncPolicyEngine: the same interface as PolicyEngine, off the event loop, closed with it."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from typing import Any
+
+import pytest
+
+from agentpolicy import (
+    AsyncPolicyEngine,
+    ErrorCode,
+    PolicyEngine,
+    PolicyError,
+    PolicyValidationError,
+)
+from agentpolicy.guard import AsyncPaymentGuard
+from agentpolicy.testing import ManualClock, payment
+from tests.faulty import FaultyStorage
+
+DAILY_100 = {"limits": {"daily": {"value": "100000000"}}}
+
+
+def public_methods(cls: type) -> dict[str, Any]:
+    """Public functions of a class and its bases (PolicyEngine has Voting's), the nearest first."""
+    found: dict[str, Any] = {}
+    for base in cls.__mro__[:-1]:
+        for n, m in vars(base).items():
+            if not n.startswith("_") and inspect.isfunction(m):
+                found.setdefault(n, m)
+    return found
+
+
+def shape(method: Any) -> list[tuple[str, Any, Any]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+
+
+def test_every_public_method_of_policy_engine_is_a_coroutine_with_the_same_arguments() -> None:
+    sync = public_methods(PolicyEngine)
+    aio = public_methods(AsyncPolicyEngine)
+    missing = sorted(set(sync) - set(aio))
+    assert not missing, f"AsyncPolicyEngine lacks {missing}"
+    for name, method in sync.items():
+        assert shape(aio[name]) == shape(method), name
+        if name == "payment":  # used as `async with`
+            assert not inspect.iscoroutinefunction(aio[name])
+        else:
+            assert inspect.iscoroutinefunction(aio[name]), f"{name} is not a coroutine"
+
+
+def test_the_constructor_takes_every_argument_of_policy_engine() -> None:
+    sync = shape(PolicyEngine.__init__)
+    assert shape(AsyncPolicyEngine.__init__)[: len(sync)] == sync
+
+
+def test_the_event_loop_keeps_running_while_a_call_waits_on_a_stalled_store() -> None:
+    store = FaultyStorage(limit=10)
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("agent-1", DAILY_100)
+    ticks = 0
+
+    async def main() -> None:
+        nonlocal ticks
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            store.stall()
+            call = asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
+            # the store answers only after the loop has ticked 100 times while the
+            # authorize waits in it: a call that blocked the loop would never return
+            # (the stall would fail the call after 10 s)
+            while not store.stalled.is_set():
+                await asyncio.sleep(0)
+            while ticks < 100:
+                ticks += 1
+                await asyncio.sleep(0)
+                assert not call.done()
+            store.resume()
+            assert (await call).allowed
+
+    asyncio.run(main())
+    assert ticks == 100
+    engine.close()
+
+
+def test_close_waits_for_calls_in_flight_and_refuses_calls_after_it() -> None:
+    store = FaultyStorage(limit=10)
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("agent-1", DAILY_100)
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        store.stall()
+        call = asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
+        while not store.stalled.is_set():
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(aengine.close())
+        await asyncio.sleep(0)
+        assert not closing.done()  # the authorize is still in the store
+        store.resume()
+        await closing
+        assert (await call).allowed
+        with pytest.raises(PolicyError) as err:
+            await aengine.budget("agent-1")
+        assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+        await aengine.close()  # again: nothing
+
+    asyncio.run(main())
+    assert engine.history("agent-1", 1)[0].event == "decision"  # a wrapped engine stays open
+
+
+def test_an_engine_made_by_the_async_engine_is_closed_with_it_and_its_threads_stop() -> None:
+    closed = []
+
+    class Store(FaultyStorage):
+        def close(self) -> None:
+            closed.append(1)
+
+    async def main() -> None:
+        async with AsyncPolicyEngine(storage=Store(), clock=ManualClock()) as aengine:  # type: ignore[arg-type]
+            await aengine.set_policy("agent-1", DAILY_100)
+            assert aengine.reservation_ttl.total_seconds() == 300
+            assert isinstance(aengine.payment(payment(1)), AsyncPaymentGuard)
+
+    before = {t.name for t in threading.enumerate() if t.name.startswith("agentpolicy-aio")}
+    asyncio.run(main())
+    assert closed == [1]
+    for t in threading.enumerate():
+        if t.name.startswith("agentpolicy-aio") and t.name not in before:
+            t.join(5)
+            assert not t.is_alive()
+
+
+def test_bad_construction_is_invalid_input() -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        AsyncPolicyEngine.from_engine("memory://")  # type: ignore[arg-type]
+    assert err.value.path == "$.engine"
+    with pytest.raises(PolicyValidationError) as err:
+        AsyncPolicyEngine(max_workers=0)
+    assert err.value.path == "$.maxWorkers"
+    with pytest.raises(PolicyValidationError):
+        AsyncPolicyEngine(storage=42)  # type: ignore[arg-type]

@@ -1,0 +1,460 @@
+"""agentpolicy.x402 end to end on loopback: the x402 package's seller middleware, a facilitator
+stand-in, a throwaway key, and the x402 httpx and requests wrappers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from x402 import PaymentAbortedError, x402Client, x402ClientSync
+from x402.http.clients.httpx import x402AsyncTransport
+from x402.http.clients.requests import x402_requests
+from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
+from x402.mechanisms.evm.exact import ExactEvmClientScheme
+from x402.schemas import PaymentRequired, PaymentRequirements, PaymentResponseContext
+
+from agentpolicy import (
+    AsyncPolicyEngine,
+    ErrorCode,
+    PaymentDenied,
+    PolicyEngine,
+    PolicyValidationError,
+    ReservationStatus,
+)
+from agentpolicy.testing import ManualClock
+from agentpolicy.x402 import (
+    KNOWN_ASSETS,
+    Asset,
+    X402ApprovalRequired,
+    X402PaymentDenied,
+    guard_x402,
+)
+from tests.backends import make_backend
+from tests.faulty import FaultyStorage
+from tests.x402_servers import (
+    NETWORK,
+    PAY_TO,
+    PRICE,
+    UNKNOWN_TOKEN,
+    USDC,
+    CountingSigner,
+    Facilitator,
+    paywall,
+)
+
+BUDGET_FOR_5 = {"limits": {"daily": {"value": str(5 * PRICE), "decimals": 6, "symbol": "USDC"}}}
+
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def seller() -> Iterator[tuple[str, Facilitator]]:
+    with paywall() as found:
+        yield found
+
+
+@pytest.fixture
+def facilitator(seller: tuple[str, Facilitator]) -> Facilitator:
+    f = seller[1]
+    with f.lock:
+        f.verified, f.settled, f.refused, f.fail_settle = 0, [], [], False
+    return f
+
+
+@pytest.fixture
+def url(seller: tuple[str, Facilitator]) -> str:
+    return seller[0]
+
+
+def spent_and_reserved(engine: PolicyEngine, agent: str = "bot") -> tuple[int, int]:
+    window = engine.budget(agent).periods
+    w = next(iter(window.values()))
+    return w.spent.value, w.reserved.value
+
+
+def sync_client(engine: PolicyEngine) -> tuple[x402ClientSync, CountingSigner]:
+    signer = CountingSigner()
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmClientScheme(signer))
+    guard_x402(client, engine, "bot")
+    return client, signer
+
+
+def denial(err: BaseException) -> BaseException | None:
+    while err is not None and not isinstance(err, PaymentDenied | PolicyValidationError):
+        err = err.__cause__  # type: ignore[assignment]
+    return err
+
+
+# --- 8 concurrent paid requests against a budget for 5 ---------------------------------------
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_eight_threads_through_the_requests_wrapper_pay_exactly_five(
+    store: str, url: str, facilitator: Facilitator, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    backend = make_backend(store, tmp_path, request)
+    engine = PolicyEngine(storage=backend.handle(), clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    start = threading.Barrier(8)
+    paid: list[str] = []
+    refused: list[BaseException] = []
+
+    def buy() -> None:
+        session = x402_requests(client)
+        start.wait()
+        try:
+            r = session.get(f"{url}/report", timeout=30)
+            assert r.status_code == 200
+            paid.append(r.json()["report"])
+        except Exception as err:
+            refused.append(err)
+
+    threads = [threading.Thread(target=buy) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert paid == ["paid content"] * 5
+    assert [type(denial(e)) for e in refused] == [X402PaymentDenied] * 3
+    assert {denial(e).reason for e in refused} == {"DAILY_LIMIT"}  # type: ignore[union-attr]
+    assert signer.signatures == 5  # the three denied were never signed
+    assert (facilitator.verified, len(facilitator.settled)) == (5, 5)
+    assert {a["to"] for a in facilitator.settled} == {PAY_TO}
+    assert spent_and_reserved(engine) == (5 * PRICE, 0)
+    assert [h.event for h in engine.history("bot", 100)].count("confirm") == 5
+    engine.close()
+
+
+def test_eight_tasks_through_the_httpx_wrapper_on_an_async_engine_pay_exactly_five(
+    url: str, facilitator: Facilitator
+) -> None:
+    clock = ManualClock()
+
+    async def main() -> tuple[list[httpx.Response], list[BaseException], int]:
+        async with AsyncPolicyEngine(clock=clock) as aengine:
+            await aengine.set_policy("bot", BUDGET_FOR_5)
+            signer = CountingSigner()
+            client = x402Client()
+            client.register(NETWORK, ExactEvmClientScheme(signer))
+            guard_x402(client, aengine, "bot")
+            async with httpx.AsyncClient(transport=x402AsyncTransport(client), timeout=30) as http:
+                results = await asyncio.gather(
+                    *(http.get(f"{url}/report") for _ in range(8)), return_exceptions=True
+                )
+            budget = await aengine.budget("bot")
+            w = next(iter(budget.periods.values()))
+            assert (w.spent.value, w.reserved.value) == (5 * PRICE, 0)
+        ok = [r for r in results if isinstance(r, httpx.Response)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        return ok, failed, signer.signatures
+
+    ok, failed, signatures = asyncio.run(main())
+    assert [r.status_code for r in ok] == [200] * 5
+    assert [denial(e).reason for e in failed] == ["DAILY_LIMIT"] * 3  # type: ignore[union-attr]
+    assert signatures == 5
+    assert (facilitator.verified, len(facilitator.settled)) == (5, 5)
+
+
+# --- settlement outcomes -------------------------------------------------------------------------
+
+
+def test_a_failed_settlement_gives_the_budget_back(url: str, facilitator: Facilitator) -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, _ = sync_client(engine)
+    facilitator.fail_settle = True
+    r = x402_requests(client).get(f"{url}/report", timeout=30)
+    assert r.status_code == 402
+    assert facilitator.refused == ["insufficient_funds"]
+    assert spent_and_reserved(engine) == (0, 0)
+    assert [h.event for h in engine.history("bot", 2)] == ["release", "decision"]
+    facilitator.fail_settle = False
+    assert x402_requests(client).get(f"{url}/report", timeout=30).status_code == 200
+    assert spent_and_reserved(engine) == (PRICE, 0)
+
+
+def test_a_paid_request_that_fails_without_a_payment_response_is_held_until_its_ttl(
+    url: str, facilitator: Facilitator
+) -> None:
+    clock = ManualClock()
+    engine = PolicyEngine(clock=clock)
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    r = x402_requests(client).get(f"{url}/broken", timeout=30)
+    assert r.status_code == 500  # the seller's handler failed; it did not settle
+    assert (signer.signatures, len(facilitator.settled)) == (1, 0)
+    assert spent_and_reserved(engine) == (0, PRICE)  # outcome unknown to the client: held
+    clock.advance(minutes=5)  # the reservation's TTL (and the authorization's validity)
+    assert spent_and_reserved(engine) == (0, 0)
+
+
+def test_a_payment_signed_but_never_answered_is_held_until_its_ttl() -> None:
+    clock = ManualClock()
+    engine = PolicyEngine(clock=clock)
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    client.create_payment_payload(payment_required())  # then the transport raised: no hook runs
+    assert signer.signatures == 1
+    assert spent_and_reserved(engine) == (0, PRICE)
+    clock.advance(minutes=5)
+    assert spent_and_reserved(engine) == (0, 0)
+
+
+def test_a_payment_the_seller_refuses_with_402_again_is_released() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, _ = sync_client(engine)
+    required = payment_required()
+    payload = client.create_payment_payload(required)
+    client.handle_payment_response(
+        PaymentResponseContext(payment_payload=payload, requirements=payload.accepted,
+                               payment_required=required)  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert spent_and_reserved(engine) == (0, 0)
+    assert engine.history("bot", 1)[0].event == "release"
+
+
+# --- what is never signed ------------------------------------------------------------------------
+
+
+def payment_required(
+    asset: str = USDC, amount: str = str(PRICE), timeout: int = 300, network: str = NETWORK
+) -> PaymentRequired:
+    return PaymentRequired(
+        x402_version=2,
+        accepts=[
+            PaymentRequirements(
+                scheme="exact", network=network, asset=asset, amount=amount, pay_to=PAY_TO,
+                max_timeout_seconds=timeout, extra={"name": "USDC", "version": "2"},
+            )
+        ],
+    )  # fmt: skip
+
+
+def test_an_asset_the_table_does_not_know_is_denied_and_never_signed(
+    url: str, facilitator: Facilitator
+) -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", {})  # a policy without amounts would allow any token
+    client, signer = sync_client(engine)
+    client.set_spend_controls(False)  # x402's own controls would refuse it: switch them off
+    with pytest.raises(Exception) as err:  # noqa: PT011 - the wrapper's own PaymentError
+        x402_requests(client).get(f"{url}/odd-token", timeout=30)
+    found = denial(err.value)
+    assert isinstance(found, X402PaymentDenied)
+    assert isinstance(found, PaymentAbortedError)
+    assert found.reason == "ASSET_MISMATCH"
+    assert UNKNOWN_TOKEN in str(found)
+    assert (signer.signatures, facilitator.verified) == (0, 0)
+    assert engine.history("bot", 1)[0].event == "policy_set"  # the engine was never asked
+
+
+def test_an_asset_added_to_the_table_is_counted_in_its_own_symbol_and_decimals() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", {"limits": {"perTransaction": {"value": "5", "decimals": 0,
+                                                             "symbol": "ODD"}}})  # fmt: skip
+    signer = CountingSigner()
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmClientScheme(signer))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": False})
+    guard_x402(client, engine, "bot", assets={(NETWORK, UNKNOWN_TOKEN.upper()): Asset("ODD", 0)})
+    client.create_payment_payload(payment_required(UNKNOWN_TOKEN.lower(), "5"))
+    with pytest.raises(X402PaymentDenied) as err:
+        client.create_payment_payload(payment_required(UNKNOWN_TOKEN, "6"))
+    assert err.value.decision.code == "PER_TRANSACTION_LIMIT"
+    assert signer.signatures == 1
+
+
+def test_the_known_asset_table_agrees_with_the_x402_packages_own() -> None:
+    theirs = {(n, a["asset"].lower()): (a["symbol"], a["decimals"])
+              for n, assets in DEFAULT_ASSETS.items() for a in assets}  # fmt: skip
+    ours = {k: (v.symbol, v.decimals) for k, v in KNOWN_ASSETS.items() if k[0].startswith("eip155")}
+    assert ours
+    assert all(theirs[k] == v for k, v in ours.items())
+    # the Solana constants, read without the Solana packages the svm package needs
+    import importlib.util
+
+    import x402
+
+    path = Path(x402.__file__).parent / "mechanisms" / "svm" / "constants.py"
+    spec = importlib.util.spec_from_file_location("svm_constants", path)
+    assert spec is not None
+    assert spec.loader is not None
+    constants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(constants)
+    solana = {k: v for k, v in KNOWN_ASSETS.items() if k[0].startswith("solana")}
+    assert (constants.SOLANA_MAINNET_CAIP2, constants.USDC_MAINNET_ADDRESS) in solana
+    assert (constants.SOLANA_DEVNET_CAIP2, constants.USDC_DEVNET_ADDRESS) in solana
+    assert {v.decimals for v in solana.values()} == {constants.DEFAULT_DECIMALS}
+
+
+def test_a_payment_that_needs_approval_is_aborted_unsigned_and_held() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", {
+        "limits": {"daily": {"value": "1000000", "decimals": 6, "symbol": "USDC"}},
+        "approvalConfig": {"thresholds": [{"amount": {"value": "5000", "decimals": 6,
+                                                      "symbol": "USDC"},
+                                           "requiredApprovers": 1, "approvers": ["cfo@x.com"]}]},
+    })  # fmt: skip
+    client, signer = sync_client(engine)
+    with pytest.raises(X402ApprovalRequired) as err:
+        client.create_payment_payload(payment_required())
+    assert err.value.reason == "APPROVAL_REQUIRED"
+    assert err.value.approval_id
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, PRICE)  # held while the approval waits
+
+
+def test_requirements_the_guard_cannot_judge_are_refused_before_signing() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    with pytest.raises(PolicyValidationError) as err:
+        client.create_payment_payload(payment_required(timeout=600))  # outlives the 5 min TTL
+    assert err.value.path == "$.maxTimeoutSeconds"
+    with pytest.raises(PolicyValidationError) as err:
+        client.create_payment_payload(payment_required(amount="0.01"))
+    assert err.value.path == "$.paymentRequirements.amount"
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 0)
+
+
+def test_a_signing_failure_releases_the_reservation() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    signer.fail = True
+    with pytest.raises(RuntimeError, match="locked"):
+        client.create_payment_payload(payment_required())
+    assert spent_and_reserved(engine) == (0, 0)
+    assert [h.event for h in engine.history("bot", 2)] == ["release", "decision"]
+
+
+def test_a_settlement_whose_confirm_fails_is_kept_for_reconciliation(
+    url: str, facilitator: Facilitator
+) -> None:
+    clock = ManualClock()
+    engine = PolicyEngine(clock=clock)
+    engine.set_policy("bot", BUDGET_FOR_5)
+    signer = CountingSigner()
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmClientScheme(signer))
+    guard = guard_x402(client, engine, "bot")
+    original = engine.confirm
+
+    def late_confirm(rid: str) -> Any:
+        clock.advance(minutes=5)  # the settlement took longer than the reservation lived
+        return original(rid)
+
+    engine.confirm = late_confirm  # type: ignore[method-assign]
+    r = x402_requests(client).get(f"{url}/report", timeout=30)
+    assert r.status_code == 200  # the content that was paid for is returned
+    assert len(facilitator.settled) == 1
+    (lost,) = guard.unconfirmed
+    assert "RESERVATION" in lost.error or "expired" in lost.error
+    assert lost.transaction.startswith("0x")
+    assert lost.request.amount == PRICE
+    assert engine.get_reservation(lost.reservation_id).status is ReservationStatus.EXPIRED
+
+
+def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved() -> None:
+    store = FaultyStorage()
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("bot", BUDGET_FOR_5)
+    signer = CountingSigner()
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            client = x402Client()
+            client.register(NETWORK, ExactEvmClientScheme(signer))
+            guard_x402(client, aengine, "bot")
+            store.stall()
+            task = asyncio.create_task(client.create_payment_payload(payment_required()))
+            await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
+            task.cancel()  # the authorize is in the store: it will still commit
+            store.resume()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(10_000):  # the release runs in the background: wait for it
+                if [h.event for h in await aengine.history("bot", 1)] == ["release"]:
+                    break
+
+    asyncio.run(main())
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 0)
+
+
+# --- wiring ----------------------------------------------------------------------------------------
+
+
+def test_an_async_client_with_a_sync_engine_runs_the_engine_off_the_loop() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client = x402Client()
+    client.register(NETWORK, ExactEvmClientScheme(CountingSigner()))
+    guard_x402(client, engine, "bot")
+    loop_thread: list[int] = []
+    engine_threads: list[int] = []
+    original = engine.authorize
+
+    def spy(request: Any) -> Any:
+        engine_threads.append(threading.get_ident())
+        return original(request)
+
+    engine.authorize = spy  # type: ignore[method-assign]
+
+    async def main() -> None:
+        loop_thread.append(threading.get_ident())
+        required = payment_required()
+        payload = await client.create_payment_payload(required)
+        settle = {"success": True, "transaction": "0xabc", "network": NETWORK}
+        from x402.schemas import SettleResponse
+
+        await client.handle_payment_response(
+            PaymentResponseContext(payment_payload=payload, requirements=payload.accepted,  # type: ignore[arg-type]
+                                   settle_response=SettleResponse.model_validate(settle))
+        )  # fmt: skip
+
+    asyncio.run(main())
+    assert engine_threads
+    assert loop_thread[0] not in engine_threads
+    assert spent_and_reserved(engine) == (PRICE, 0)
+
+
+def test_wiring_mistakes_are_clear_errors() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+
+    async def sync_client_with_async_engine() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            with pytest.raises(PolicyValidationError) as err:
+                guard_x402(x402ClientSync(), aengine, "bot")
+            assert err.value.path == "$.engine"
+
+    asyncio.run(sync_client_with_async_engine())
+    client = x402ClientSync()
+    guard_x402(client, engine, "bot")
+    with pytest.raises(PolicyValidationError) as err:
+        guard_x402(client, engine, "bot")
+    assert "already guarded" in str(err.value)
+    for kwargs, path in [
+        ({"agent_id": ""}, "$.agentId"),
+        ({"assets": {("eip155:1", "0x1"): Asset("", 256)}}, "$.assets[0].decimals"),
+        ({"assets": {"0x1": Asset("X", 6)}}, "$.assets[0]"),
+        ({"category": " "}, "$.category"),
+    ]:
+        args: dict[str, Any] = {"agent_id": "bot", **kwargs}
+        with pytest.raises(PolicyValidationError) as err:
+            guard_x402(x402ClientSync(), engine, **args)
+        assert path in [p.path for p in err.value.problems]
+    with pytest.raises(PolicyValidationError) as err:
+        guard_x402(object(), engine, "bot")  # type: ignore[arg-type]
+    assert err.value.path == "$.client"
+    assert err.value.code == ErrorCode.INVALID_INPUT
