@@ -650,3 +650,26 @@ def test_the_async_engine_registers_signs_and_redeems_links() -> None:
             assert (await aengine.get_approver("fin1@acme.com")) is not None
 
     asyncio.run(main())
+
+
+def test_a_signed_vote_can_be_verified_again_by_an_audit_from_the_store_alone(
+    engine: PolicyEngine, backend: Backend, clock: ManualClock
+) -> None:
+    alice, later = SigningKey.generate(), SigningKey.generate()
+    engine.register_approver("alice", alice.public_key)
+    aid = held(engine)
+    vote_args = sign(engine, alice, aid, "alice", comment="per invoice 9")
+    clock.advance(seconds=40)  # recorded later than it was signed
+    engine.decide(aid, "alice", "approve", "per invoice 9", **vote_args)
+    engine.rotate_approver(
+        "alice", later.public_key
+    )  # the audit needs the version it was signed with
+    auditor = backend.engine(clock)  # another process, reading the store only
+    vote = auditor.get_approval(aid).votes[0]
+    assert (vote.signed_at, vote.at - vote.signed_at) == (vote_args["signed_at"],
+                                                          timedelta(seconds=40))  # fmt: skip
+    key = auditor.get_approver("alice").keys[vote.key_version - 1]  # type: ignore[union-attr,operator]
+    message = vote_message(store=auditor.store_id(), approval_id=aid, approver=vote.approver,
+                           decision=vote.decision, signed_at=vote.signed_at, comment=vote.comment)  # fmt: skip
+    assert verify_vote(key.public_key, message, vote.signature or "")
+    assert not verify_vote(later.public_key, message, vote.signature or "")

@@ -489,7 +489,7 @@ TWO_APPROVERS = {
 def test_a_server_bound_to_an_approver_votes_only_as_it_and_signs_with_its_key(
     storage: MemoryStorage, tmp_path: Path
 ) -> None:
-    from agentpolicy.signing import SigningKey
+    from agentpolicy.signing import SigningKey, verify_vote
 
     clock = ManualClock()
     setup = AgentPolicyMcpServer(storage=storage, role="admin", clock=clock)
@@ -540,9 +540,12 @@ def test_a_server_bound_to_an_approver_votes_only_as_it_and_signs_with_its_key(
             {"approvalId": other, "decision": "approve", "approver": "Alice", "comment": "fine"},
         )
     )
-    assert voted["decisions"] == [{"approver": "alice", "decision": "approve", "comment": "fine",
-                                   "timestamp": "2026-01-19T10:00:00Z", "via": "signature",
-                                   "keyVersion": 1}]  # fmt: skip
+    vote = voted["decisions"][0]
+    assert vote == {"approver": "alice", "decision": "approve", "comment": "fine",
+                    "timestamp": "2026-01-19T10:00:00Z", "via": "signature", "keyVersion": 1,
+                    "signature": vote["signature"], "signedAt": "2026-01-19T10:00:00Z"}  # fmt: skip
+    message = setup.engine.vote_message(other or "", "alice", "approve", clock(), "fine")
+    assert verify_vote(key.public_key, message, vote["signature"])  # signed by the server's key
     assert (
         err(
             call(

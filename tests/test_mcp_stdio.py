@@ -347,7 +347,9 @@ async def _signed_votes_and_the_registry(check: Any, engine: PolicyEngine) -> No
         "signature": signature, "signedAt": at.isoformat()})  # fmt: skip
     assert signed["data"]["decisions"][0] == {"approver": admin, "decision": "approve",
                                               "timestamp": "2026-01-19T10:00:00Z",
-                                              "via": "signature", "keyVersion": 1}  # fmt: skip
+                                              "via": "signature", "keyVersion": 1,
+                                              "signature": signature,
+                                              "signedAt": "2026-01-19T10:00:00Z"}  # fmt: skip
     rotated = await check(
         "agent_policy_approvers_rotate", {"name": admin, "publicKey": later.public_key}
     )

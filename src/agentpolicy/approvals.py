@@ -37,11 +37,15 @@ class VoteProof:
     ``key_version``), ``"link"`` (a one-time link the engine signed), or
     ``None`` (an unsigned call). ``registered`` is whether the approver had
     a registered key when the vote was checked: then only a signature will do.
+    A signed vote keeps its ``signature`` and ``signed_at``, so anyone can
+    check it again later against the key version that verified it.
     """
 
     via: str | None = None
     key_version: int | None = None
     registered: bool = False
+    signature: str | None = None
+    signed_at: datetime | None = None
 
 
 UNSIGNED = VoteProof()
@@ -93,7 +97,8 @@ def cast_vote(
             code=ErrorCode.DUPLICATE_DECISION,
         )
     _check_proof(approval, approver, proof)
-    vote = Vote(approver, decision, now, comment, proof.via, proof.key_version)
+    vote = Vote(approver, decision, now, comment, proof.via, proof.key_version,
+                proof.signature, proof.signed_at)  # fmt: skip
     voted = attrs.evolve(approval, votes=(*approval.votes, vote))
     if decision == "deny":
         return attrs.evolve(voted, status=ApprovalStatus.DENIED, decided_at=now)

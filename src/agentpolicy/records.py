@@ -91,7 +91,9 @@ class Vote:
     approver's registered key, whose version is ``key_version``),
     ``"link"`` (a one-time approval link the engine signed), or ``None``
     (an unsigned call: it proves only the caller's access to the admin
-    surface; see ``docs/approvals.md``).
+    surface; see ``docs/approvals.md``). A signed vote keeps its
+    ``signature`` and the ``signed_at`` instant it names, so an audit can
+    verify it again (:func:`agentpolicy.signing.verify_vote`).
     """
 
     approver: str
@@ -100,6 +102,8 @@ class Vote:
     comment: str | None = None
     via: str | None = None
     key_version: int | None = None
+    signature: str | None = None
+    signed_at: datetime | None = None
 
 
 @attrs.frozen

@@ -246,6 +246,8 @@ def vote_data(v: Vote) -> dict[str, Any]:
             "timestamp": format_instant(v.at),
             "via": v.via,
             "keyVersion": v.key_version,
+            "signature": v.signature,
+            "signedAt": _instant(v.signed_at),
         }
     )
 

@@ -209,7 +209,8 @@ class Voting:
                 f"{current.version}) for this store, approval, decision, time and comment",
                 code=ErrorCode.APPROVER_NOT_AUTHORIZED,
             )
-        return VoteProof(via="signature", key_version=current.version, registered=True)
+        return VoteProof(via="signature", key_version=current.version, registered=True,
+                         signature=signature, signed_at=signed_at)  # fmt: skip
 
     # -- one-time links --------------------------------------------------------------------
 

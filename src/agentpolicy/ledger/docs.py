@@ -28,7 +28,7 @@ from agentpolicy.records import (
     WebhookDelivery,
 )
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.storage._time import instant
+from agentpolicy.storage._time import instant, micros
 
 __all__ = [
     "approval_doc",
@@ -205,13 +205,16 @@ def vote_entry(vote: Vote, at: int) -> list[Any]:
         proof: Body = {"via": vote.via}
         if vote.key_version is not None:
             proof["kv"] = vote.key_version
+        if vote.signature is not None and vote.signed_at is not None:
+            proof["sig"], proof["sat"] = vote.signature, micros(vote.signed_at)
         entry.append(proof)
     return entry
 
 
 def _vote(v: list[Any]) -> Vote:
     proof: Body = v[4] if len(v) > 4 else {}
-    return Vote(v[0], v[1], instant(v[2]), v[3], proof.get("via"), proof.get("kv"))
+    return Vote(v[0], v[1], instant(v[2]), v[3], proof.get("via"), proof.get("kv"),
+                proof.get("sig"), _opt_instant(proof.get("sat")))  # fmt: skip
 
 
 def _group(g: list[Any]) -> ApprovalGroup:

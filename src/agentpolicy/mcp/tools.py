@@ -289,6 +289,8 @@ _VOTE = _object(
             "one-time link. Absent: an unsigned call.",
         },
         "keyVersion": {"type": "integer", "minimum": 1},
+        "signature": {**_TEXT, "description": "The approver's signature, kept for audits."},
+        "signedAt": _INSTANT,
     },
     ["approver", "decision", "timestamp"],
 )
