@@ -11,6 +11,7 @@ from agentpolicy import (
     Amount,
     ApprovalConfig,
     ApprovalThreshold,
+    ApproverGroup,
     BlockedPeriod,
     CategoryRules,
     MerchantRules,
@@ -67,6 +68,13 @@ def thresholds(draw: st.DrawFn) -> tuple[ApprovalThreshold, ...]:
     out = []
     for v in values:
         approvers = draw(st.lists(st.sampled_from(APPROVERS), min_size=1, unique=True))
+        if len(approvers) > 1 and draw(st.booleans()):  # in groups, each approver in one
+            cut = draw(st.integers(1, len(approvers) - 1))
+            parts = (approvers[:cut], approvers[cut:])
+            groups = tuple(ApproverGroup(f"g{i}", tuple(who), draw(st.integers(1, len(who))))
+                           for i, who in enumerate(parts))  # fmt: skip
+            out.append(ApprovalThreshold(Amount(v), groups=groups))
+            continue
         need = draw(st.integers(1, len(approvers)))
         out.append(ApprovalThreshold(Amount(v), need, tuple(approvers)))
     return tuple(out)
@@ -114,7 +122,14 @@ def policies(draw: st.DrawFn) -> AgentPolicy:
         _opt(st.builds(CategoryRules, allowed_categories=cats, blocked_categories=cats))
     )
     approval = draw(
-        _opt(st.builds(ApprovalConfig, thresholds=thresholds(), timeout=st.integers(1, 10**9)))
+        _opt(
+            st.builds(
+                ApprovalConfig,
+                thresholds=thresholds(),
+                timeout=st.integers(1, 10**9),
+                require_signed_votes=st.booleans(),
+            )
+        )
     )
     return AgentPolicy(
         enabled=draw(st.booleans()),

@@ -24,7 +24,13 @@ DAILY_100 = {"limits": {"daily": {"value": "100000000"}}}
 
 
 def public_methods(cls: type) -> dict[str, Any]:
-    return {n: m for n, m in vars(cls).items() if not n.startswith("_") and inspect.isfunction(m)}
+    """Public functions of a class and its bases (PolicyEngine has Voting's), the nearest first."""
+    found: dict[str, Any] = {}
+    for base in cls.__mro__[:-1]:
+        for n, m in vars(base).items():
+            if not n.startswith("_") and inspect.isfunction(m):
+                found.setdefault(n, m)
+    return found
 
 
 def shape(method: Any) -> list[tuple[str, Any, Any]]:

@@ -86,7 +86,7 @@ def test_a_denied_payment_exits_3(tmp_path: Path) -> None:
         (("policy", "get", "ghost"), 1, "agentpolicy: NO_POLICY"),
         (("policy", "set", "bot", "/does/not/exist.json"), 2, "agentpolicy: INVALID_INPUT: $.file"),
         (("authorize", "bot", "1.5", "0xv", "eip155:1"), 2, "agentpolicy: INVALID_INPUT: $.amount"),
-        (("approvals", "approve", "apr_x"), 2, "agentpolicy: the following arguments"),
+        (("approvals", "approve", "apr_x"), 2, "agentpolicy: INVALID_INPUT: $.approver: give --as"),
         (("frobnicate",), 2, "agentpolicy: argument command"),
         (("history", "bot", "--limit", "0"), 2, "agentpolicy: INVALID_INPUT: $.limit"),
     ],
@@ -530,6 +530,67 @@ def test_delegate_revoke_and_a_budget_within_its_parents(tmp_path: Path) -> None
     denied = run(tmp_path, "--json", "authorize", "helper", "1", "0xv", "eip155:8453")
     assert json.loads(denied.stdout)["code"] == "DELEGATION_REVOKED"
     assert "Traceback" not in denied.stderr + over.stderr
+
+
+def test_approvers_sign_their_votes_from_the_command_line(tmp_path: Path) -> None:
+    import stat
+
+    key_file = tmp_path / "alice.key"
+    made = run(tmp_path, "approver", "keygen", str(key_file))
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    public = made.stdout.split("public key: ")[1].strip()
+    assert public.startswith("ed25519:")
+    again = run(tmp_path, "approver", "keygen", str(key_file))
+    assert (again.returncode, again.stderr.split(":")[1].strip()) == (2, "INVALID_INPUT")
+    assert run(tmp_path, "approver", "register", "alice", public).returncode == 0
+    bob_key = tmp_path / "bob.key"
+    bob = json.loads(run(tmp_path, "--json", "approver", "keygen", str(bob_key)).stdout)
+    listed = run(tmp_path, "--json", "approver", "register", "bob", bob["publicKey"])
+    assert json.loads(listed.stdout)["version"] == 1
+    policy = {"approvalConfig": {"requireSignedVotes": True, "thresholds": [
+        {"amount": {"value": "1"}, "groups": [
+            {"name": "finance", "approvers": ["alice"], "required": 1},
+            {"name": "ops", "approvers": ["bob", "carol"], "required": 1}]}]}}  # fmt: skip
+    run(tmp_path, "policy", "set", "bot", "-", stdin=json.dumps(policy))
+    asked = run(tmp_path, "--json", "authorize", "bot", "5", "0xv", "eip155:1",
+                "--requested-by", "bob")  # fmt: skip
+    aid = json.loads(asked.stdout)["approvalId"]
+    unsigned = run(tmp_path, "approvals", "approve", aid, "--as", "alice")
+    assert unsigned.returncode == 1
+    assert unsigned.stderr.startswith("agentpolicy: APPROVER_NOT_AUTHORIZED: alice is a registered")
+    wrong_key = run(tmp_path, "approvals", "approve", aid, "--as", "alice", "--key", str(bob_key))
+    assert wrong_key.stderr.startswith("agentpolicy: APPROVER_NOT_AUTHORIZED: the signature")
+    requester = run(tmp_path, "approvals", "approve", aid, "--as", "bob", "--key", str(bob_key))
+    assert "asked for the payment" in requester.stderr
+    signed = run(tmp_path, "approvals", "approve", aid, "--key", str(key_file), "--comment", "ok",
+                 env={"AGENT_POLICY_APPROVER": "alice"})  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    assert "alice: approve (ok) [signed, key version 1]" in signed.stdout
+    assert "group finance: 1 of alice" in signed.stdout
+    assert "requested by bob for bot" in signed.stdout
+    shown = json.loads(run(tmp_path, "--json", "approvals", "show", aid).stdout)
+    assert shown["decisions"][0]["via"] == "signature"
+    assert shown["status"] == "pending"
+    carol_key = tmp_path / "carol.key"
+    carol = json.loads(run(tmp_path, "--json", "approver", "keygen", str(carol_key)).stdout)
+    run(tmp_path, "approver", "register", "carol", carol["publicKey"])
+    by_env = run(
+        tmp_path,
+        "--json",
+        "approvals",
+        "approve",
+        aid,
+        env={"AGENT_POLICY_APPROVER": "carol", "AGENT_POLICY_APPROVER_KEY_FILE": str(carol_key)},
+    )
+    assert json.loads(by_env.stdout)["status"] == "approved", by_env.stderr
+    rotated = run(tmp_path, "approver", "rotate", "carol", public)
+    assert rotated.stderr.startswith("agentpolicy: APPROVER_CONFLICT")
+    run(tmp_path, "approver", "remove", "bob")
+    text = run(tmp_path, "approver", "list").stdout
+    assert f"alice  {public}  key version 1" in text
+    assert "bob  -  removed" in text
+    assert "(removal)" in text
 
 
 # -- safe rollout -----------------------------------------------------------------------------------

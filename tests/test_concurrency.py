@@ -156,6 +156,52 @@ def test_two_approvers_at_the_same_instant_are_both_counted(backend: Backend) ->
     assert sorted(v.approver for v in approval.votes) == ["a", "b"]
 
 
+def test_a_two_group_quorum_signed_in_two_workers_approves_once(backend: Backend) -> None:
+    from agentpolicy.signing import SigningKey
+
+    engine = backend.engine(ManualClock(workers.FIXED_NOW))
+    engine.set_policy("agent-1", {"approvalConfig": {"requireSignedVotes": True, "thresholds": [
+        {"amount": {"value": "1"}, "groups": [
+            {"name": "finance", "approvers": ["fin"], "required": 1},
+            {"name": "security", "approvers": ["sec"], "required": 1}]}]}})  # fmt: skip
+    keys = {name: SigningKey.generate() for name in ("fin", "sec")}
+    for name, key in keys.items():
+        engine.register_approver(name, key.public_key)
+    approval_id = engine.authorize(payment(USDT)).approval_id
+    assert approval_id is not None
+    _, run, _ = _pool(backend, 2)
+    barrier = (threading.Barrier(2) if backend.spec is None
+               else multiprocessing.get_context("spawn").Manager().Barrier(2))  # fmt: skip
+    statuses = run(workers.vote_signed, [(approval_id, name, key.pem(), barrier)
+                                         for name, key in keys.items()])  # fmt: skip
+    assert sorted(statuses) == ["approved", "pending"]
+    approval = engine.get_approval(approval_id)
+    assert approval.status.value == "approved"
+    assert sorted((v.approver, v.via, v.key_version) for v in approval.votes) == [
+        ("fin", "signature", 1), ("sec", "signature", 1)]  # fmt: skip
+    events = [h.event for h in engine.history("agent-1")]
+    assert (events.count("vote"), events.count("approval_approved")) == (2, 1)
+    engine.confirm(approval.reservation_id or "")
+
+
+def test_one_link_redeemed_by_three_workers_at_once_casts_one_vote(backend: Backend) -> None:
+    engine = backend.engine(ManualClock(workers.FIXED_NOW), link_secret=workers.LINK_SECRET)
+    engine.set_policy("agent-1", {"approvalConfig": {"thresholds": [
+        {"amount": {"value": "1"}, "requiredApprovers": 2, "approvers": ["a", "b"]}]}})  # fmt: skip
+    approval_id = engine.authorize(payment(USDT)).approval_id
+    assert approval_id is not None
+    token = next(x.token for x in engine.approval_links(approval_id)
+                 if (x.approver, x.decision) == ("a", "approve"))  # fmt: skip
+    _, run, _ = _pool(backend, 3)
+    barrier = (threading.Barrier(3) if backend.spec is None
+               else multiprocessing.get_context("spawn").Manager().Barrier(3))  # fmt: skip
+    outcomes = run(workers.redeem, [(token, barrier)] * 3)
+    assert sorted(outcomes) == ["DUPLICATE_DECISION", "DUPLICATE_DECISION", "pending"]
+    approval = engine.get_approval(approval_id)
+    assert [(v.approver, v.via) for v in approval.votes] == [("a", "link")]
+    assert [h.event for h in engine.history("agent-1")].count("vote") == 1
+
+
 class _Shared:
     value = 0
 

@@ -63,7 +63,7 @@ def agent(storage: MemoryStorage, admin: AgentPolicyMcpServer) -> AgentPolicyMcp
 def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
     import re
 
-    assert len(TOOLS) == 21
+    assert len(TOOLS) == 25
     for tool in TOOLS:
         assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.name)
         assert tool.slash_name.startswith("agent-policy/")
@@ -72,7 +72,7 @@ def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
 
 
 def test_roles_list_their_tools(admin: AgentPolicyMcpServer, agent: AgentPolicyMcpServer) -> None:
-    assert len(admin.tools()) == 21
+    assert len(admin.tools()) == 25
     assert [t.slash_name.removeprefix("agent-policy/") for t in agent.tools()] == [
         "authorize", "budget", "get", "confirm", "release", "approvals/list", "approvals/get",
         "delegate", "revoke", "check",
@@ -476,6 +476,137 @@ def test_an_unbound_agent_server_must_say_which_budget_it_delegates_from(
 ) -> None:
     result = err(call(agent, "agent_policy_delegate", {"childId": "x", "policy": {}}))
     assert (result["code"], result["path"]) == ("INVALID_INPUT", "$.parentId")
+
+
+# -- an admin server bound to one approver --------------------------------------------------------
+
+TWO_APPROVERS = {
+    "approvalConfig": {"thresholds": [{"amount": {"value": "1"}, "requiredApprovers": 2,
+                                       "approvers": ["alice", "bob", "ops"]}]},
+}  # fmt: skip
+
+
+def test_a_server_bound_to_an_approver_votes_only_as_it_and_signs_with_its_key(
+    storage: MemoryStorage, tmp_path: Path
+) -> None:
+    from agentpolicy.signing import SigningKey, verify_vote
+
+    clock = ManualClock()
+    setup = AgentPolicyMcpServer(storage=storage, role="admin", clock=clock)
+    key = SigningKey.generate()
+    ok(
+        call(
+            setup, "agent_policy_approvers_register", {"name": "alice", "publicKey": key.public_key}
+        )
+    )
+    ok(call(setup, "agent_policy_set", {"agentId": "bot", "policy": TWO_APPROVERS}))
+    key.save(tmp_path / "alice.key")
+    bound = AgentPolicyMcpServer(storage=storage, role="admin", clock=clock, approver="alice",
+                                 approver_key=tmp_path / "alice.key")  # fmt: skip
+    names = {t.name for t in bound.tools()}
+    assert "agent_policy_approvers_list" in names
+    assert not names & {"agent_policy_approvers_register", "agent_policy_approvers_rotate",
+                        "agent_policy_approvers_remove"}  # fmt: skip
+    decide = next(t for t in bound.tools() if t.name == "agent_policy_approvals_decide")
+    assert decide.input_schema["required"] == ["approvalId", "decision"]
+    assert "signature" not in decide.input_schema["properties"]
+    asked = ok(call(bound, "agent_policy_authorize", {**PAY, "agentId": "bot"}))
+    aid = asked["approvalId"]
+    assert ok(call(bound, "agent_policy_approvals_get", {"approvalId": aid}))["requestedBy"] == (
+        "alice"
+    )  # it asked, so it may not approve this one
+    assert err(call(bound, "agent_policy_approvals_decide", {
+        "approvalId": aid, "decision": "approve"}))["code"] == "APPROVER_NOT_AUTHORIZED"  # fmt: skip
+    other = setup.engine.authorize(payment_for("bot")).approval_id
+    for name in ("bob", "BOB", "ops"):
+        refused = call(bound, "agent_policy_approvals_decide",
+                       {"approvalId": other, "decision": "approve", "approver": name})  # fmt: skip
+        assert err(refused)["code"] == "FORBIDDEN"
+    assert setup.engine.get_approval(other or "").votes == ()
+    assert (
+        err(
+            call(
+                bound,
+                "agent_policy_approvers_rotate",
+                {"name": "alice", "publicKey": SigningKey.generate().public_key},
+            )
+        )["code"]
+        == "FORBIDDEN"
+    )
+    voted = ok(
+        call(
+            bound,
+            "agent_policy_approvals_decide",
+            {"approvalId": other, "decision": "approve", "approver": "Alice", "comment": "fine"},
+        )
+    )
+    vote = voted["decisions"][0]
+    assert vote == {"approver": "alice", "decision": "approve", "comment": "fine",
+                    "timestamp": "2026-01-19T10:00:00Z", "via": "signature", "keyVersion": 1,
+                    "signature": vote["signature"], "signedAt": "2026-01-19T10:00:00Z"}  # fmt: skip
+    message = setup.engine.vote_message(other or "", "alice", "approve", clock(), "fine")
+    assert verify_vote(key.public_key, message, vote["signature"])  # signed by the server's key
+    assert (
+        err(
+            call(
+                bound,
+                "agent_policy_approvals_decide",
+                {
+                    "approvalId": other,
+                    "decision": "approve",
+                    "signature": "x" * 86,
+                    "signedAt": "2026-01-19T10:00:00Z",
+                },
+            )
+        )["code"]
+        == "INVALID_INPUT"
+    )  # not offered here
+
+
+def payment_for(agent: str) -> Any:
+    from agentpolicy.testing import payment
+
+    return payment(5 * USDT, agent_id=agent)
+
+
+def test_binding_an_approver_needs_the_admin_role_and_a_readable_private_key(
+    storage: MemoryStorage, tmp_path: Path
+) -> None:
+    with pytest.raises(PolicyError) as agent_role:
+        AgentPolicyMcpServer(storage=storage, approver="alice")
+    assert agent_role.value.path == "$.approver"
+    with pytest.raises(PolicyError) as keyless:
+        AgentPolicyMcpServer(storage=storage, role="admin", approver_key=tmp_path / "k")
+    assert keyless.value.path == "$.approverKey"
+    with pytest.raises(PolicyError) as missing:
+        AgentPolicyMcpServer(storage=storage, role="admin", approver="alice",
+                             approver_key=tmp_path / "missing.key")  # fmt: skip
+    assert missing.value.path == "$.approverKey"
+    unsigned = AgentPolicyMcpServer(storage=storage, role="admin", approver="bob")
+    unsigned.engine.set_policy("bot", TWO_APPROVERS)
+    aid = unsigned.engine.authorize(payment_for("bot")).approval_id
+    voted = ok(call(unsigned, "agent_policy_approvals_decide",
+                    {"approvalId": aid, "decision": "deny"}))  # fmt: skip
+    assert voted["status"] == "denied"
+    assert voted["decisions"][0]["approver"] == "bob"
+
+
+def test_the_stdio_app_binds_the_approver_of_the_settings(tmp_path: Path) -> None:
+    from agentpolicy.config import read_settings
+    from agentpolicy.mcp.stdio import make_app
+    from agentpolicy.signing import SigningKey
+
+    SigningKey.generate().save(tmp_path / "a.key")
+    env = {"AGENT_POLICY_DB": str(tmp_path / "s.db"), "AGENT_POLICY_ROLE": "admin",
+           "AGENT_POLICY_APPROVER": "alice",
+           "AGENT_POLICY_APPROVER_KEY_FILE": str(tmp_path / "a.key")}  # fmt: skip
+    app = make_app(read_settings(env))
+    assert (app.bound_approver, app.approver_key is not None) == ("alice", True)
+    app.close()
+    (tmp_path / "a.key").chmod(0o644)
+    with pytest.raises(PolicyError) as open_key:
+        make_app(read_settings(env))
+    assert open_key.value.path == "$AGENT_POLICY_APPROVER_KEY_FILE"
 
 
 def test_an_org_bound_agent_server_gives_budgets_only_to_agents_of_its_org(

@@ -15,6 +15,7 @@ import anyio
 import pytest
 from mcp import Client
 
+from agentpolicy import PolicyEngine
 from agentpolicy.mcp import AgentPolicyMcpServer
 from agentpolicy.mcp.stdio import build_server, summary
 from agentpolicy.storage import MemoryStorage
@@ -32,7 +33,7 @@ def test_sdk_client_lists_tools_and_calls_them_with_structured_content() -> None
     async def run() -> None:
         async with Client(build_server(admin)) as client:
             listed = (await client.list_tools()).tools
-            assert len(listed) == 21
+            assert len(listed) == 25
             setter = next(t for t in listed if t.name == "agent_policy_set")
             assert setter.input_schema["required"] == ["agentId", "policy"]
             result = await client.call_tool(
@@ -157,7 +158,7 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
     init = admin.initialize()
     assert init["result"]["serverInfo"]["name"] == "agent-policy"
     tools = admin.send("tools/list")["result"]["tools"]
-    assert len(tools) == 21
+    assert len(tools) == 25
     assert all("inputSchema" in t and t["description"] for t in tools)
     result = admin.call("agent_policy_set", {"agentId": "bot", "policy": {
         "limits": {"daily": {"value": "100000000"}}}})  # fmt: skip
@@ -197,6 +198,16 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
         ({"AGENT_POLICY_REDIS_URL": "http://x"}, "AGENT_POLICY_REDIS_URL"),
         ({"AGENT_POLICY_WEBHOOKS": "{not json"}, "AGENT_POLICY_WEBHOOKS"),
         ({"AGENT_POLICY_WEBHOOK_URL": "http://127.0.0.1:9/h"}, "AGENT_POLICY_WEBHOOK_SECRET"),
+        ({"AGENT_POLICY_APPROVER_KEY_FILE": "/x.key"}, "AGENT_POLICY_APPROVER_KEY_FILE"),
+        ({"AGENT_POLICY_LINK_SECRET": "short"}, "AGENT_POLICY_LINK_SECRET"),
+        (
+            {
+                "AGENT_POLICY_ROLE": "admin",
+                "AGENT_POLICY_APPROVER": "alice",
+                "AGENT_POLICY_APPROVER_KEY_FILE": "/no/such.key",
+            },
+            "AGENT_POLICY_APPROVER_KEY_FILE",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_on_stderr_and_exit_2(
@@ -221,7 +232,7 @@ def test_the_cli_serves_mcp_too(tmp_path: Path) -> None:
         [str(exe), "--db", str(tmp_path / "s.db"), "serve-mcp", "--role", "admin"],
     )
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
-    assert len(server.send("tools/list")["result"]["tools"]) == 21
+    assert len(server.send("tools/list")["result"]["tools"]) == 25
     assert "Traceback" not in server.close()
 
 
@@ -294,6 +305,7 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
                 "approvalId": approval_id, "decision": "approve", "approver": "admin@company.com",
                 "comment": "ok"})  # fmt: skip
             assert decided["data"]["reservationId"]
+            await _signed_votes_and_the_registry(check, admin.engine)
             await _delegate_and_revoke(check)
             await _roll_out(check)
             for name, args in [
@@ -309,6 +321,41 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
 
     anyio.run(run)
     assert checked == {t.name for t in admin.tools()}
+
+
+async def _signed_votes_and_the_registry(check: Any, engine: PolicyEngine) -> None:
+    from agentpolicy.signing import SigningKey
+
+    key, later = SigningKey.generate(), SigningKey.generate()
+    admin = "admin@company.com"
+    registered = await check(
+        "agent_policy_approvers_register", {"name": admin, "publicKey": key.public_key}
+    )
+    assert registered["data"]["version"] == 1
+    held = await check("agent_policy_authorize", {**PAY, "amount": "600000000", "memo": "signed"})
+    approval_id = held["data"]["approvalId"]
+    listed = await check("agent_policy_approvers_list", {})
+    assert [a["name"] for a in listed["data"]["approvers"]] == [admin]
+    at = engine.clock()
+    signature = key.sign(engine.vote_message(approval_id, admin, "approve", at))
+    forged = await check("agent_policy_approvals_decide", {
+        "approvalId": approval_id, "decision": "deny", "approver": admin,
+        "signature": signature, "signedAt": at.isoformat()})  # fmt: skip
+    assert forged["error"]["code"] == "APPROVER_NOT_AUTHORIZED"
+    signed = await check("agent_policy_approvals_decide", {
+        "approvalId": approval_id, "decision": "approve", "approver": admin,
+        "signature": signature, "signedAt": at.isoformat()})  # fmt: skip
+    assert signed["data"]["decisions"][0] == {"approver": admin, "decision": "approve",
+                                              "timestamp": "2026-01-19T10:00:00Z",
+                                              "via": "signature", "keyVersion": 1,
+                                              "signature": signature,
+                                              "signedAt": "2026-01-19T10:00:00Z"}  # fmt: skip
+    rotated = await check(
+        "agent_policy_approvers_rotate", {"name": admin, "publicKey": later.public_key}
+    )
+    assert [k.get("retiredBy") for k in rotated["data"]["keys"]] == ["rotation", None]
+    removed = await check("agent_policy_approvers_remove", {"name": admin})
+    assert removed["data"]["registered"] is False
 
 
 async def _roll_out(check: Any) -> None:
@@ -572,7 +619,7 @@ def test_the_documented_claude_desktop_config_starts_on_a_new_machine(
     server = Stdio(bare, [command, *entry.get("args", [])], inherit=False)
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
     tools = server.send("tools/list")["result"]["tools"]
-    assert len(tools) == (21 if name == "agent-policy-admin" else 10)
+    assert len(tools) == (25 if name == "agent-policy-admin" else 10)
     assert all("outputSchema" in t and "annotations" in t for t in tools)
     assert "Traceback" not in server.close()
     assert stat.S_IMODE(Path(state).stat().st_mode) == 0o700

@@ -27,7 +27,8 @@ MODULES = [
     "agentpolicy.testing", "agentpolicy.views", "agentpolicy.webhooks", "agentpolicy.windows",
     "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
     "agentpolicy.mcp.command", "agentpolicy._version", "agentpolicy.aio", "agentpolicy.guard",
-    "agentpolicy.x402", "agentpolicy.pydantic_ai",
+    "agentpolicy.x402", "agentpolicy.pydantic_ai", "agentpolicy.signing", "agentpolicy.links",
+    "agentpolicy.voting", "agentpolicy.ledger.approvers",
 ]  # fmt: skip
 
 
@@ -57,7 +58,7 @@ def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
         " agentpolicy.AsyncPolicyEngine; agentpolicy.PaymentDenied;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in"
         " ('mcp', 'redis', 'psycopg', 'psycopg_pool', 'x402', 'httpx', 'requests', 'pydantic_ai',"
-        " 'pydantic', 'flask', 'eth_account', 'web3', 'openai', 'agents', 'anyio')"
+        " 'pydantic', 'flask', 'eth_account', 'web3', 'openai', 'agents', 'anyio', 'cryptography')"
         " or m == 'urllib.request'))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

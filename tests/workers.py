@@ -64,6 +64,39 @@ def vote(spec: Any, approval_id: str, approver: str, barrier: Barrier) -> str:
     return status
 
 
+def vote_signed(spec: Any, approval_id: str, approver: str, pem: bytes, barrier: Any) -> str:
+    """Approve with a signature made in this process, at the same instant as another one."""
+    from agentpolicy.signing import SigningKey
+
+    engine = _engine(spec)
+    key = SigningKey.from_pem(pem)
+    at = engine.clock()
+    signature = key.sign(engine.vote_message(approval_id, approver, "approve", at))
+    barrier.wait()
+    approval = engine.decide(approval_id, approver, "approve", signature=signature, signed_at=at)
+    if isinstance(spec, tuple):
+        engine.close()
+    return approval.status.value
+
+
+LINK_SECRET = "the link secret of the concurrency tests, 40+ chars"
+
+
+def redeem(spec: Any, token: str, barrier: Any) -> str:
+    """Redeem a link at the same instant as others; the approval's status, or the error's code."""
+    from agentpolicy import PolicyError
+
+    engine = _engine(spec, link_secret=LINK_SECRET)
+    barrier.wait()
+    try:
+        outcome = engine.redeem_link(token).status.value
+    except PolicyError as err:
+        outcome = err.code.value
+    if isinstance(spec, tuple):
+        engine.close()
+    return outcome
+
+
 def across_the_hour(spec: Any, shared: Any, stop_us: int, barrier: Any) -> list[tuple[int, bool]]:
     """Authorize 1 unit in a loop on the real clock moved by ``shared.value`` us, until ``stop_us``.
 

@@ -44,6 +44,8 @@ from agentpolicy.guard import AsyncPaymentGuard
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import (
     Approval,
+    ApprovalLink,
+    Approver,
     Budget,
     Delegation,
     HistoryRecord,
@@ -92,6 +94,7 @@ class AsyncPolicyEngine:
         history_retention: timedelta | str | None = "default",
         max_denials: int = 10_000,
         counter_grace: timedelta = DEFAULT_COUNTER_GRACE,
+        link_secret: str | None = None,
         max_workers: int | None = None,
     ) -> None:
         _check_workers(max_workers)
@@ -105,6 +108,7 @@ class AsyncPolicyEngine:
             history_retention=history_retention,
             max_denials=max_denials,
             counter_grace=counter_grace,
+            link_secret=link_secret,
         )
         self._adopt(engine, owned=True, max_workers=max_workers)
 
@@ -247,9 +251,13 @@ class AsyncPolicyEngine:
 
     # -- payments -----------------------------------------------------------------------------
 
-    async def authorize(self, request: PaymentRequest, *, dry_run: bool = False) -> Decision:
+    async def authorize(
+        self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
+    ) -> Decision:
         """Decide a payment; hold its amount when allowed (:meth:`PolicyEngine.authorize`)."""
-        return await self._run(self._engine.authorize, request, dry_run=dry_run)
+        return await self._run(
+            self._engine.authorize, request, dry_run=dry_run, requested_by=requested_by
+        )
 
     async def confirm(self, reservation_id: str) -> Reservation:
         """Turn a reservation into spending (:meth:`PolicyEngine.confirm`)."""
@@ -286,10 +294,75 @@ class AsyncPolicyEngine:
         return await self._run(self._engine.list_approvals, agent_id)
 
     async def decide(
-        self, approval_id: str, approver: str, decision: str, comment: str | None = None
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        comment: str | None = None,
+        *,
+        signature: str | None = None,
+        signed_at: datetime | None = None,
     ) -> Approval:
         """Submit an approver's ``"approve"`` or ``"deny"`` (:meth:`PolicyEngine.decide`)."""
-        return await self._run(self._engine.decide, approval_id, approver, decision, comment)
+        return await self._run(
+            self._engine.decide, approval_id, approver, decision, comment,
+            signature=signature, signed_at=signed_at,
+        )  # fmt: skip
+
+    # -- approvers and links (docs/approvals.md) ----------------------------------------------
+
+    async def register_approver(self, name: str, public_key: str) -> Approver:
+        """Register an approver's public key (:meth:`PolicyEngine.register_approver`)."""
+        return await self._run(self._engine.register_approver, name, public_key)
+
+    async def rotate_approver(self, name: str, public_key: str) -> Approver:
+        """Give an approver a new key (:meth:`PolicyEngine.rotate_approver`)."""
+        return await self._run(self._engine.rotate_approver, name, public_key)
+
+    async def remove_approver(self, name: str) -> Approver:
+        """Retire an approver's key (:meth:`PolicyEngine.remove_approver`)."""
+        return await self._run(self._engine.remove_approver, name)
+
+    async def get_approver(self, name: str) -> Approver | None:
+        """A registered (or removed) approver, or ``None``."""
+        return await self._run(self._engine.get_approver, name)
+
+    async def list_approvers(self) -> list[Approver]:
+        """Every approver ever registered, by name."""
+        return await self._run(self._engine.list_approvers)
+
+    async def store_id(self) -> str:
+        """The store's id, which every signed vote names (:meth:`PolicyEngine.store_id`)."""
+        return await self._run(self._engine.store_id)
+
+    async def vote_message(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        signed_at: datetime,
+        comment: str | None = None,
+    ) -> bytes:
+        """The bytes an approver signs to vote (:meth:`PolicyEngine.vote_message`)."""
+        return await self._run(
+            self._engine.vote_message, approval_id, approver, decision, signed_at, comment
+        )
+
+    async def approval_links(self, approval_id: str) -> list[ApprovalLink]:
+        """An approval's one-time links (:meth:`PolicyEngine.approval_links`)."""
+        return await self._run(self._engine.approval_links, approval_id)
+
+    async def inspect_link(self, token: str) -> tuple[ApprovalLink, Approval]:
+        """What a link token would do, without redeeming it."""
+        return await self._run(self._engine.inspect_link, token)
+
+    async def redeem_link(
+        self, token: str, *, approval_id: str | None = None, comment: str | None = None
+    ) -> Approval:
+        """Cast the vote of a one-time link (:meth:`PolicyEngine.redeem_link`)."""
+        return await self._run(
+            self._engine.redeem_link, token, approval_id=approval_id, comment=comment
+        )
 
     # -- audit and housekeeping ---------------------------------------------------------------
 

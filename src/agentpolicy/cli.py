@@ -42,9 +42,11 @@ from agentpolicy.errors import (
 )
 from agentpolicy.examples import approval_example_policy
 from agentpolicy.requests import PaymentRequest
+from agentpolicy.signing import SigningKey
 from agentpolicy.urls import redact_url
 from agentpolicy.views import (
     approval_data,
+    approver_data,
     budget_data,
     change_data,
     decision_data,
@@ -194,6 +196,10 @@ def _add_payment_commands(commands: _Commands) -> None:
         help="decide as authorize would, reserving and recording nothing; show the headroom "
         "left in every limit",
     )  # fmt: skip
+    a.add_argument(
+        "--requested-by", metavar="NAME",
+        help="who asks for the payment on the agent's behalf (may not vote on it)",
+    )  # fmt: skip
     for name, text in (("confirm", "confirm a reservation"), ("release", "release one")):
         c = commands.add(name, text)
         c.add_argument("reservation")
@@ -224,7 +230,14 @@ def _add_review_commands(commands: _Commands) -> None:
     for verb in ("approve", "deny"):
         v = approvals.add(verb, f"{verb} as a named approver")
         v.add_argument("approval")
-        v.add_argument("--as", dest="approver", required=True, help="the approver's name")
+        v.add_argument(
+            "--as", dest="approver", help="the approver's name (default: $AGENT_POLICY_APPROVER)"
+        )
+        v.add_argument(
+            "--key", metavar="FILE",
+            help="sign the vote with this private key file (default: "
+            "$AGENT_POLICY_APPROVER_KEY_FILE when voting as $AGENT_POLICY_APPROVER)",
+        )  # fmt: skip
         v.add_argument("--comment")
     h = commands.add("history", "an agent's decisions and state changes")
     h.add_argument("agent")
@@ -236,6 +249,22 @@ def _add_review_commands(commands: _Commands) -> None:
     _limit(whl, 50)
 
 
+def _add_approver_commands(commands: _Commands) -> None:
+    approver = commands.group("approver", "approvers' keys: keygen, register, rotate, remove, list")
+    k = approver.add("keygen", "write a new private key file (0600); print its public key")
+    k.add_argument("file", help="where to write the key (never overwritten)")
+    for name, text in (
+        ("register", "register an approver's public key"),
+        ("rotate", "give an approver a new public key; the old one stops now"),
+    ):
+        r = approver.add(name, text)
+        r.add_argument("name")
+        r.add_argument("public_key", metavar="PUBLIC_KEY", help="ed25519:... as keygen prints")
+    rm = approver.add("remove", "retire an approver's key (kept in the list, for the audit)")
+    rm.add_argument("name")
+    approver.add("list", "registered approvers with every key version")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="agentpolicy", description=(__doc__ or "").split("\n")[0].replace("``", ""))
     p.add_argument("--version", action="version", version=f"agentpolicy {__version__}")
@@ -245,6 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_payment_commands(commands)
     _add_tree_commands(commands)
     _add_review_commands(commands)
+    _add_approver_commands(commands)
     commands.add("sweep", "expire due reservations and approvals now")
     commands.add("where", "which storage and SQLite file are in use (touches no store)")
     s = commands.add("serve-mcp", "serve the MCP tools over stdio")
@@ -385,6 +415,50 @@ def _policy_decimals(engine: PolicyEngine, agent: str, symbol: str) -> int:
         f"the decimals of {symbol} are not known: the policy of {agent} names no {symbol} "
         "amount; give --decimals N (with --units) or the amount in base units",
     )
+
+
+def _keygen(file: str) -> dict[str, Any]:
+    key = SigningKey.generate()
+    key.save(file, "$.file")
+    return {"file": file, "publicKey": key.public_key}
+
+
+def _vote(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) -> dict[str, Any]:
+    """Approve or deny; with a key file, sign the vote here (the key never leaves this process)."""
+    approver = args.approver or settings.approver
+    if approver is None:
+        raise PolicyValidationError.single(
+            "$.approver", "give --as NAME (or set AGENT_POLICY_APPROVER)"
+        )
+    key_file = args.key
+    if key_file is None and settings.approver is not None and args.approver in (None, approver):
+        key_file = settings.approver_key_file  # the configured approver's own key only
+    action = str(args.action)
+    if key_file is None:
+        return approval_data(engine.decide(args.approval, approver, action, args.comment))
+    key = SigningKey.load(key_file, "$.key")
+    signed_at = engine.clock()
+    message = engine.vote_message(args.approval, approver, action, signed_at, args.comment)
+    approval = engine.decide(
+        args.approval, approver, action, args.comment,
+        signature=key.sign(message), signed_at=signed_at,
+    )  # fmt: skip
+    return approval_data(approval)
+
+
+def _approvers(args: argparse.Namespace, engine: PolicyEngine) -> tuple[Any, Any]:
+    action = args.action
+    if action == "list":
+        return {"approvers": [approver_data(a) for a in engine.list_approvers()]}, (
+            show.print_approvers
+        )
+    if action == "register":
+        found = engine.register_approver(args.name, args.public_key)
+    elif action == "rotate":
+        found = engine.rotate_approver(args.name, args.public_key)
+    else:
+        found = engine.remove_approver(args.name)
+    return approver_data(found), show.print_approver
 
 
 def _history(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
@@ -550,7 +624,10 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out
                 for p in engine.list_policies(args.org)]  # fmt: skip
         emit({"policies": rows}, show.print_policies)
     elif cmd == "authorize":
-        data = decision_data(engine.authorize(_payment(args, engine), dry_run=args.dry_run))
+        decision = engine.authorize(
+            _payment(args, engine), dry_run=args.dry_run, requested_by=args.requested_by
+        )
+        data = decision_data(decision)
         emit(data, show.print_decision)
         return 0 if data["allowed"] else EXIT_NOT_ALLOWED
     elif cmd in ("confirm", "release"):
@@ -567,8 +644,10 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out
     elif cmd == "approvals" and action == "show":
         emit(approval_data(engine.get_approval(args.approval)), show.print_approval)
     elif cmd == "approvals":
-        a = engine.decide(args.approval, args.approver, str(action), args.comment)
-        emit(approval_data(a), show.print_approval)
+        emit(_vote(args, engine, settings), show.print_approval)
+    elif cmd == "approver":
+        data, human = _approvers(args, engine)
+        emit(data, human)
     elif cmd == "history":
         emit(_history(args, engine), show.print_history)
     elif cmd == "webhooks":
@@ -665,6 +744,10 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         result = _validate(args.file)
         emit(result, show.print_problems)
         return 0 if result["valid"] else EXIT_BAD_INPUT
+    if args.command == "approver" and args.action == "keygen":
+        emit(_keygen(args.file), _line("wrote {file} (mode 0600; keep it private)\n"
+                                       "public key: {publicKey}"))  # fmt: skip
+        return 0
     if args.command == "policy" and args.action == "schema":
         from agentpolicy.schema import policy_schema  # noqa: PLC0415
 

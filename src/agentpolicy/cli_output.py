@@ -15,6 +15,8 @@ from agentpolicy.amounts import format_units
 __all__ = [
     "print_approval",
     "print_approvals",
+    "print_approver",
+    "print_approvers",
     "print_budget",
     "print_decision",
     "print_deliveries",
@@ -106,8 +108,21 @@ def print_approval(data: dict[str, Any], out: TextIO) -> None:
         f"    needs {data['requiredApprovers']} of {', '.join(data['approvers'])}; "
         f"expires {data['expiresAt']}\n"
     )
+    for g in data.get("groups", ()):
+        own = (None, g["name"], data["agentId"])
+        budget = f" (budget {g['budget']})" if g.get("budget") not in own else ""
+        who = ", ".join(g["approvers"])
+        out.write(f"    group {g['name']}{budget}: {g['required']} of {who}\n")
+    if "requestedBy" in data:
+        out.write(f"    requested by {data['requestedBy']} for {data['agentId']}\n")
+    if data.get("requireSignedVotes"):
+        out.write("    votes must be signed\n")
     for v in data["decisions"]:
         note = f" ({v['comment']})" if "comment" in v else ""
+        if v.get("via") == "signature":
+            note += f" [signed, key version {v['keyVersion']}]"
+        elif v.get("via") == "link":
+            note += " [one-time link]"
         out.write(f"    {v['timestamp']} {v['approver']}: {v['decision']}{note}\n")
     if "reservationId" in data:
         out.write(f"    reservation {data['reservationId']}: confirm it after paying\n")
@@ -304,3 +319,20 @@ def print_where(data: dict[str, Any], out: TextIO) -> None:
         out.write(f"key prefix: {data['keyPrefix']}\n")
     for url in data["webhookEndpoints"]:
         out.write(f"webhook endpoint: {url}\n")
+
+
+def print_approver(data: dict[str, Any], out: TextIO) -> None:
+    """An approver: the current key (or that it was removed), then every key version."""
+    state = f"key version {data['version']}" if data["registered"] else "removed"
+    out.write(f"{data['name']}  {data.get('publicKey', '-')}  {state}\n")
+    for k in data["keys"]:
+        until = f" until {k['retiredAt']} ({k['retiredBy']})" if "retiredAt" in k else ""
+        out.write(f"    v{k['version']} {k['publicKey']} from {k['addedAt']}{until}\n")
+
+
+def print_approvers(data: dict[str, Any], out: TextIO) -> None:
+    """Every registered approver, or a line saying there is none."""
+    for a in data["approvers"]:
+        print_approver(a, out)
+    if not data["approvers"]:
+        out.write("no registered approvers\n")

@@ -30,6 +30,7 @@ from agentpolicy import durations
 from agentpolicy._checks import check_identifier
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import PolicyValidationError, Problem, StorageUnavailableError
+from agentpolicy.links import MIN_SECRET_LENGTH
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
 from agentpolicy.storage._pg_url import POSTGRES_SCHEMES, split_postgres_url
 from agentpolicy.urls import redact_url
@@ -124,6 +125,12 @@ class Settings:
     agent_id: str | None = None
     org_id: str | None = None
     webhook_endpoints: tuple[WebhookEndpoint, ...] = ()
+    approver: str | None = None
+    """The approver an admin MCP server (or the command line) votes as."""
+    approver_key_file: str | None = None
+    """The private key file that approver signs votes with."""
+    link_secret: str | None = attrs.field(default=None, repr=False)
+    """The secret one-time approval links are signed with (never shown)."""
 
     def sqlite_path(self, *, fallback_to_file: bool) -> Path | None:
         """The SQLite file in use, when neither PostgreSQL nor Redis is configured."""
@@ -197,10 +204,23 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     postgres_url = get("AGENT_POLICY_POSTGRES_URL")
     if postgres_url is not None:
         problems += _postgres_url_problems(postgres_url, "$AGENT_POLICY_POSTGRES_URL")
-    for name in ("AGENT_POLICY_AGENT_ID", "AGENT_POLICY_ORG_ID", "AGENT_POLICY_KEY_PREFIX"):
+    for name in ("AGENT_POLICY_AGENT_ID", "AGENT_POLICY_ORG_ID", "AGENT_POLICY_KEY_PREFIX",
+                 "AGENT_POLICY_APPROVER"):  # fmt: skip
         value = get(name)
         if value is not None:
             problems += check_identifier(value, f"${name}")
+    key_file = get("AGENT_POLICY_APPROVER_KEY_FILE")
+    if key_file is not None and get("AGENT_POLICY_APPROVER") is None:
+        problems.append(
+            Problem(
+                "$AGENT_POLICY_APPROVER_KEY_FILE",
+                "needs AGENT_POLICY_APPROVER: the approver the key signs for",
+            )
+        )
+    link_secret = get("AGENT_POLICY_LINK_SECRET")
+    if link_secret is not None and len(link_secret) < MIN_SECRET_LENGTH:
+        problems.append(Problem("$AGENT_POLICY_LINK_SECRET",
+                                f"must be at least {MIN_SECRET_LENGTH} characters"))  # fmt: skip
     try:
         endpoints = endpoints_from_env(env)
     except PolicyValidationError as err:
@@ -218,6 +238,9 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         agent_id=get("AGENT_POLICY_AGENT_ID"),
         org_id=get("AGENT_POLICY_ORG_ID"),
         webhook_endpoints=endpoints,
+        approver=get("AGENT_POLICY_APPROVER"),
+        approver_key_file=key_file,
+        link_secret=link_secret,
     )
 
 
@@ -269,7 +292,7 @@ def build_engine(
     fallback_to_file: bool = True,
     clock: Callable[[], datetime] | None = None,
 ) -> PolicyEngine:
-    """The engine ``settings`` describe: storage, key prefix, reservation TTL, webhooks.
+    """The engine ``settings`` describe: storage, key prefix, reservation TTL, webhooks, links.
 
     Used by the command line, the stdio MCP server and ``python -m
     agentpolicy.mcp``, so all three act alike. ``demo_mode`` is not read
@@ -282,6 +305,7 @@ def build_engine(
             clock=clock,
             reservation_ttl=settings.reservation_ttl or DEFAULT_RESERVATION_TTL,
             webhook_endpoints=settings.webhook_endpoints,
+            link_secret=settings.link_secret,
         )
     except BaseException:
         storage.close()

@@ -96,7 +96,9 @@ class WebhookDispatcher:
     up to ``backoff_cap``, with jitter. ``lease`` is how long a claimed
     delivery is reserved for this worker (default: the longest endpoint
     timeout plus 5 seconds), so a worker that dies mid-attempt holds it up
-    no longer than that.
+    no longer than that. ``enrich`` (when given) makes the payload sent from
+    a delivery's stored payload: the engine adds one-time approval links
+    there, so they never rest in the store's outbox.
     """
 
     def __init__(
@@ -110,7 +112,9 @@ class WebhookDispatcher:
         poll_interval: float = 1.0,
         housekeeping: Callable[[], object] | None = None,
         housekeeping_interval: float = 30.0,
+        enrich: Callable[[WebhookDelivery], dict[str, Any]] | None = None,
     ) -> None:
+        self.enrich = enrich
         self.outbox = outbox
         self.endpoints = {e.id: e for e in endpoints}
         self.backoff = backoff
@@ -233,6 +237,11 @@ class WebhookDispatcher:
         import urllib.request  # noqa: PLC0415
 
         timestamp = int(time.time())
+        if self.enrich is not None:
+            try:
+                delivery = attrs.evolve(delivery, payload=self.enrich(delivery))
+            except PolicyError as err:  # the store is down: try again later
+                raise _RetryableError(f"payload not ready: {err.message}") from None
         body = self.payload(delivery, timestamp)
         headers = {
             "Content-Type": "application/json",

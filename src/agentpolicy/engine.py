@@ -19,7 +19,7 @@ import attrs
 
 from agentpolicy._checks import check_identifier, check_int, check_text, raise_if
 from agentpolicy.amounts import Amount, scale_units
-from agentpolicy.approvals import DECISIONS
+from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import dump_policy, load_policy
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.delivery import WebhookDispatcher
@@ -43,6 +43,7 @@ from agentpolicy.ledger.docs import (
 from agentpolicy.ledger.outbox import LedgerOutbox
 from agentpolicy.ledger.runner import View, run
 from agentpolicy.ledger.state import MAX_SCORE, ClockBehindError, LedgerConfig
+from agentpolicy.links import link_key
 from agentpolicy.policy import MAX_TREE_DEPTH, AgentPolicy, SpendingLimits
 from agentpolicy.records import (
     Approval,
@@ -58,10 +59,12 @@ from agentpolicy.records import (
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Assessment, assess, conclude, headroom, judge, windows_for
 from agentpolicy.shadow import ShadowDifference, ShadowPolicy, ShadowReport, tally_pairs
+from agentpolicy.signing import signature_problems
 from agentpolicy.simulation import SimulationReport, replay
 from agentpolicy.storage import Storage, open_storage
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.versions import PolicyChange, PolicyVersion, diff_policies
+from agentpolicy.voting import Voting
 from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
 from agentpolicy.windows import Period, Window
 
@@ -191,7 +194,7 @@ def _duration(value: object, path: str, *, positive: bool = True) -> int:
     return value // timedelta(microseconds=1)
 
 
-class PolicyEngine:
+class PolicyEngine(Voting):
     """The stateful guard: policies, reservations, approvals and history over a storage.
 
     ``storage`` is a :class:`~agentpolicy.storage.Storage`, a URL for
@@ -213,6 +216,11 @@ class PolicyEngine:
     behind than that is refused (``STORAGE_UNAVAILABLE``) rather than
     checked against a window whose usage is gone.
 
+    ``link_secret`` (at least 32 characters; keep it out of the store) turns
+    on one-time approval links: ``approval.created`` events carry them and
+    :meth:`redeem_link` casts their votes. The approver registry, signed
+    votes and links are described in ``docs/approvals.md``.
+
     Errors that are not decisions raise :class:`~agentpolicy.PolicyError`
     subclasses whose ``.code`` is an :class:`~agentpolicy.ErrorCode`; a
     denied payment is a :class:`~agentpolicy.Decision`, never an exception.
@@ -230,7 +238,10 @@ class PolicyEngine:
         history_retention: timedelta | str | None = "default",
         max_denials: int = 10_000,
         counter_grace: timedelta = DEFAULT_COUNTER_GRACE,
+        link_secret: str | None = None,
     ) -> None:
+        self._link_key = None if link_secret is None else link_key(link_secret)
+        self._store: str | None = None
         ttl = _duration(reservation_ttl, "$.reservationTtl")
         grace = _duration(counter_grace, "$.counterGrace")
         raise_if(check_int(max_denials, "$.maxDenials", 1, 10_000_000))
@@ -272,6 +283,7 @@ class PolicyEngine:
                 backoff=webhook_backoff,
                 backoff_cap=webhook_backoff_cap,
                 housekeeping=self.sweep,
+                enrich=None if self._link_key is None else self._with_links,
             )
             self.webhooks.start()
 
@@ -575,7 +587,9 @@ class PolicyEngine:
             )
         return decision
 
-    def authorize(self, request: PaymentRequest, *, dry_run: bool = False) -> Decision:
+    def authorize(
+        self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
+    ) -> Decision:
         """Decide a payment; hold its amount when it is allowed or needs approval.
 
         Returns a :class:`~agentpolicy.Decision`. Allowed: ``reservation_id``
@@ -593,11 +607,17 @@ class PolicyEngine:
         and every budget's above it) with what it would leave there. A
         request whose idempotency key was used before answers that first
         decision, as authorize would (and, counting nothing, no headroom).
+
+        ``requested_by`` names an operator asking on the agent's behalf: it
+        is recorded with the decision and its approval, and neither it nor the
+        agent may vote on that approval.
         """
         if not isinstance(request, PaymentRequest):
             raise PolicyValidationError.single("$", "must be a PaymentRequest")
         if type(dry_run) is not bool:
             raise PolicyValidationError.single("$.dryRun", "must be true or false")
+        if requested_by is not None:
+            raise_if(check_identifier(requested_by, "$.requestedBy"))
         if dry_run:
             return self._dry_run(request)
         shard = self._shard(request.agent_id)
@@ -605,7 +625,14 @@ class PolicyEngine:
             now = self._now()
             seen: list[Decision] = []
             step = operations.authorize(
-                self.config, shard, request, now, self._policy, seen, shadows=self._shadow
+                self.config,
+                shard,
+                request,
+                now,
+                self._policy,
+                seen,
+                shadows=self._shadow,
+                requested_by=requested_by,
             )
             try:
                 result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
@@ -819,15 +846,27 @@ class PolicyEngine:
         return sorted(found, key=lambda a: (a.created_at, a.id))
 
     def decide(
-        self, approval_id: str, approver: str, decision: str, comment: str | None = None
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        comment: str | None = None,
+        *,
+        signature: str | None = None,
+        signed_at: datetime | None = None,
     ) -> Approval:
         """Submit an approver's ``"approve"`` or ``"deny"``; return the approval after it.
 
         One deny denies at once and gives the held budget back; enough
         approvals approve, and the approval then carries a ``reservation_id``
-        whose TTL counts from now. Raises ``APPROVAL_NOT_FOUND``,
-        ``APPROVAL_NOT_PENDING``, ``APPROVER_NOT_AUTHORIZED`` or
-        ``DUPLICATE_DECISION``; nothing changes when it raises.
+        whose TTL counts from now. A registered approver's vote, and every
+        vote on an approval that requires signed votes, needs ``signature``
+        (base64url Ed25519) over :meth:`vote_message` made at ``signed_at``
+        (within 5 minutes of the engine's clock); the agent and whoever
+        asked for the payment may not vote on it. Raises
+        ``APPROVAL_NOT_FOUND``, ``APPROVAL_NOT_PENDING``,
+        ``APPROVER_NOT_AUTHORIZED`` or ``DUPLICATE_DECISION``; nothing
+        changes when it raises.
         """
         problems = check_identifier(approval_id, "$.approvalId")
         problems += check_identifier(approver, "$.approver")
@@ -837,10 +876,37 @@ class PolicyEngine:
             ).problems
         if comment is not None:
             problems += check_text(comment, "$.comment")
+        if signature is not None:
+            problems += signature_problems(signature, "$.signature")
+            if not isinstance(signed_at, datetime) or signed_at.utcoffset() is None:
+                problems += PolicyValidationError.single(
+                    "$.signedAt", "must be the timezone-aware instant the vote was signed at"
+                ).problems
+        elif signed_at is not None:
+            problems += PolicyValidationError.single(
+                "$.signedAt", "is given without a signature"
+            ).problems
         raise_if(problems)
         now = self._now()
+        proof = self._vote_proof(
+            approval_id, approver, decision, comment, signature, signed_at, now
+        )
+        return self._cast(approval_id, approver, decision, comment, proof, now)
+
+    def _cast(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        comment: str | None,
+        proof: VoteProof,
+        now: datetime,
+    ) -> Approval:
+        """Run the vote step with a proof checked before it."""
         shard = self._shard_of_id(approval_id)
-        step = operations.vote(self.config, shard, approval_id, approver, decision, comment, now)
+        step = operations.vote(
+            self.config, shard, approval_id, approver, decision, comment, now, proof
+        )
         result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
         self._wake_webhooks()
         return approval_record(approval_id, result["doc"])

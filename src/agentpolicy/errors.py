@@ -44,6 +44,8 @@ class ErrorCode(enum.StrEnum):
     IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     BUDGET_CONFLICT = "BUDGET_CONFLICT"
     DELEGATION_NOT_FOUND = "DELEGATION_NOT_FOUND"
+    APPROVER_NOT_FOUND = "APPROVER_NOT_FOUND"
+    APPROVER_CONFLICT = "APPROVER_CONFLICT"
     POLICY_VERSION_NOT_FOUND = "POLICY_VERSION_NOT_FOUND"
     SHADOW_NOT_FOUND = "SHADOW_NOT_FOUND"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
@@ -127,7 +129,8 @@ class NotFoundError(PolicyError):
     """A reservation, approval or policy that does not exist.
 
     Codes: ``RESERVATION_NOT_FOUND``, ``APPROVAL_NOT_FOUND``, ``NO_POLICY``,
-    ``DELEGATION_NOT_FOUND`` (revoking a budget that was not delegated).
+    ``DELEGATION_NOT_FOUND`` (revoking a budget that was not delegated),
+    ``APPROVER_NOT_FOUND``.
     """
 
 
@@ -138,7 +141,8 @@ class ConflictError(PolicyError):
     ``RESERVATION_ALREADY_CONFIRMED``, ``APPROVAL_NOT_PENDING``,
     ``DUPLICATE_DECISION``, ``IDEMPOTENCY_CONFLICT``, ``BUDGET_CONFLICT`` (a
     budget tree refuses the change: an agent moving into another tree, a
-    delegated budget changing its parent, a revoked budget delegated again).
+    delegated budget changing its parent, a revoked budget delegated again),
+    ``APPROVER_CONFLICT``.
     """
 
 

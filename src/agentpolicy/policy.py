@@ -46,6 +46,7 @@ __all__ = [
     "AgentPolicy",
     "ApprovalConfig",
     "ApprovalThreshold",
+    "ApproverGroup",
     "AssetLimits",
     "Alert",
     "BlockedPeriod",
@@ -53,6 +54,7 @@ __all__ = [
     "CountLimit",
     "DelegationRules",
     "GROUP_BY",
+    "MAX_APPROVER_GROUPS",
     "MAX_TREE_DEPTH",
     "MerchantRules",
     "NetworkRules",
@@ -474,13 +476,27 @@ class CategoryRules:
         return _folded(self.blocked_categories)
 
 
-@attrs.frozen
-class ApprovalThreshold:
-    """Payments of at least ``amount`` need ``required_approvers`` of ``approvers``."""
+MAX_APPROVER_GROUPS = 16
+"""The most approver groups one threshold may have."""
 
-    amount: Amount = checked(instance_of(Amount))
-    required_approvers: int = checked(int_between(1, MAX_LIST))
+
+def _distinct_names(names: tuple[str, ...], path: str) -> list[Problem]:
+    if len(_folded(names)) != len(names):
+        return [Problem(path, "must not repeat an approver (compared ignoring case)")]
+    return []
+
+
+@attrs.frozen
+class ApproverGroup:
+    """One group of a threshold's approvers: ``required`` of ``approvers`` must approve.
+
+    Every group of a threshold must reach its own count; any deny still
+    denies. Names and approvers compare ignoring case.
+    """
+
+    name: str = checked(identifier(64))
     approvers: tuple[str, ...] = checked(_names, converter=_tuple)
+    required: int = checked(int_between(1, MAX_LIST))
 
     def __attrs_post_init__(self) -> None:
         validate(self, self._quorum)
@@ -488,26 +504,96 @@ class ApprovalThreshold:
     def _quorum(self) -> list[Problem]:
         if not self.approvers:
             return [Problem("$.approvers", "must name at least one approver")]
-        if len(self.approver_keys) != len(self.approvers):
-            return [Problem("$.approvers", "must not repeat an approver (compared ignoring case)")]
-        if self.required_approvers > len(self.approvers):
-            return [
-                Problem(
-                    "$.requiredApprovers",
-                    f"must not exceed the number of approvers ({len(self.approvers)})",
-                )
-            ]
-        return []
+        problems = _distinct_names(self.approvers, "$.approvers")
+        if not problems and self.required > len(self.approvers):
+            problems.append(Problem(
+                "$.required", f"must not exceed the number of approvers ({len(self.approvers)})"
+            ))  # fmt: skip
+        return problems
+
+
+@attrs.frozen
+class ApprovalThreshold:
+    """Payments of at least ``amount`` need ``required_approvers`` of ``approvers``, or ``groups``.
+
+    A threshold names either ``approvers`` with ``required_approvers``, or
+    ``groups`` (:class:`ApproverGroup`): then every group must reach its own
+    count, and an approver may belong to one group of the threshold only (so
+    one person never fills two groups).
+    """
+
+    amount: Amount = checked(instance_of(Amount))
+    required_approvers: int | None = checked(optional(int_between(1, MAX_LIST)), default=None)
+    approvers: tuple[str, ...] = checked(_names, default=(), converter=_tuple, omit_empty=True)
+    groups: tuple[ApproverGroup, ...] = checked(
+        array_of(instance_of(ApproverGroup), MAX_APPROVER_GROUPS),
+        default=(),
+        converter=_tuple,
+        omit_empty=True,
+    )
+
+    def __attrs_post_init__(self) -> None:
+        validate(self, self._quorum)
+
+    def _quorum(self) -> list[Problem]:
+        if self.groups:
+            return self._group_problems()
+        if not self.approvers:
+            return [Problem("$.approvers", "must name at least one approver (or give groups)")]
+        problems = _distinct_names(self.approvers, "$.approvers")
+        if self.required_approvers is None:
+            problems.append(Problem("$.requiredApprovers", "is required with approvers"))
+        elif not problems and self.required_approvers > len(self.approvers):
+            problems.append(Problem(
+                "$.requiredApprovers",
+                f"must not exceed the number of approvers ({len(self.approvers)})",
+            ))  # fmt: skip
+        return problems
+
+    def _group_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        either = "give approvers with requiredApprovers, or groups, not both"
+        if self.approvers:
+            problems.append(Problem("$.approvers", either))
+        if self.required_approvers is not None:
+            problems.append(Problem("$.requiredApprovers", either))
+        names: dict[str, int] = {}
+        members: dict[str, int] = {}
+        for i, group in enumerate(self.groups):
+            j = names.setdefault(group.name.casefold(), i)
+            if j != i:
+                problems.append(Problem(f"$.groups[{i}].name", f"repeats groups[{j}].name"))
+            for who in group.approvers:
+                k = members.setdefault(who.casefold(), i)
+                if k != i:
+                    problems.append(Problem(
+                        f"$.groups[{i}].approvers",
+                        f"{who!r} is in groups[{k}] too: an approver belongs to one group "
+                        "of a threshold",
+                    ))  # fmt: skip
+        return problems
+
+    @functools.cached_property
+    def every_approver(self) -> tuple[str, ...]:
+        """Everyone who may approve: ``approvers``, or every group's, in order."""
+        if not self.groups:
+            return self.approvers
+        return tuple(a for g in self.groups for a in g.approvers)
 
     @functools.cached_property
     def approver_keys(self) -> frozenset[str]:
-        """Approvers, case-folded, as votes are matched."""
-        return _folded(self.approvers)
+        """Approvers (of every group), case-folded, as votes are matched."""
+        return _folded(self.every_approver)
 
 
 @attrs.frozen
 class ApprovalConfig:
-    """Approval thresholds and how long an approval waits (``timeout`` in milliseconds)."""
+    """Approval thresholds and how long an approval waits (``timeout`` in milliseconds).
+
+    ``require_signed_votes``: every vote on this policy's approvals must be
+    signed with the approver's registered key (see ``docs/approvals.md``);
+    an unsigned vote is ``APPROVER_NOT_AUTHORIZED``.
+    """
 
     thresholds: tuple[ApprovalThreshold, ...] = checked(
         array_of(instance_of(ApprovalThreshold)), default=(), converter=_tuple
@@ -515,6 +601,7 @@ class ApprovalConfig:
     timeout: int = checked(
         int_between(1, MAX_APPROVAL_TIMEOUT_MS), default=DEFAULT_APPROVAL_TIMEOUT_MS
     )
+    require_signed_votes: bool = checked(check_bool, default=False, omit_empty=True)
 
     def __attrs_post_init__(self) -> None:
         validate(self, self._distinct)

@@ -19,7 +19,10 @@ from agentpolicy.windows import Period, Window
 __all__ = [
     "Approval",
     "ApprovalGroup",
+    "ApprovalLink",
     "ApprovalStatus",
+    "Approver",
+    "ApproverKeyVersion",
     "Budget",
     "Delegation",
     "DeliveryStatus",
@@ -82,35 +85,58 @@ class Reservation:
 
 @attrs.frozen
 class Vote:
-    """One approver's decision on an approval."""
+    """One approver's decision on an approval.
+
+    ``via`` says what proved who cast it: ``"signature"`` (signed with the
+    approver's registered key, whose version is ``key_version``),
+    ``"link"`` (a one-time approval link the engine signed), or ``None``
+    (an unsigned call: it proves only the caller's access to the admin
+    surface; see ``docs/approvals.md``). A signed vote keeps its
+    ``signature`` and the ``signed_at`` instant it names, so an audit can
+    verify it again (:func:`agentpolicy.signing.verify_vote`).
+    """
 
     approver: str
     decision: str
     at: datetime
     comment: str | None = None
+    via: str | None = None
+    key_version: int | None = None
+    signature: str | None = None
+    signed_at: datetime | None = None
 
 
 @attrs.frozen
 class ApprovalGroup:
-    """Approvers of one budget of a tree: ``required`` of ``approvers`` must approve.
+    """One group of an approval's approvers: ``required`` of ``approvers`` must approve.
 
-    ``name`` is the budget (agent id) whose approval threshold the payment met.
+    ``budget`` is the budget (agent id) whose approval threshold the payment
+    met. A threshold without groups gives one group named after its budget
+    (when several budgets of a tree ask for approval); a threshold with
+    ``groups`` gives one group per group, under its own ``name``.
     """
 
     name: str
     required: int
     approvers: tuple[str, ...]
+    budget: str | None = None
 
 
 @attrs.frozen
 class Approval:
     """A payment waiting for humans; its amount is held in the windows from creation on.
 
-    ``groups`` is set when more than one budget of a tree asks for approval
-    (the agent's and an ancestor's thresholds both met): each group must reach
-    its own count, an approver in two groups counts in both, and any deny
-    denies. Then ``approvers`` lists everyone in any group and
+    ``groups`` is set when the threshold met has approver groups, or when
+    more than one budget of a tree asks for approval (the agent's and an
+    ancestor's thresholds both met): each group must reach its own count,
+    an approver in two budgets' groups counts in both, and any deny denies.
+    Then ``approvers`` lists everyone in any group and
     ``required_approvers`` is the sum of the groups' counts.
+
+    ``requested_by`` is who asked for the payment on the agent's behalf (an
+    operator), if anyone did; neither it nor the agent may vote on it.
+    ``require_signed_votes`` is set when a budget whose threshold was met
+    requires signed votes.
     """
 
     id: str
@@ -126,6 +152,8 @@ class Approval:
     policy_version: int
     decided_at: datetime | None = None
     groups: tuple[ApprovalGroup, ...] = ()
+    requested_by: str | None = None
+    require_signed_votes: bool = False
 
     @property
     def amount(self) -> Amount:
@@ -141,6 +169,80 @@ class Approval:
     def approvals(self) -> int:
         """How many approvers approved so far."""
         return sum(1 for v in self.votes if v.decision == "approve")
+
+    @property
+    def requesters(self) -> tuple[str, ...]:
+        """Who asked for the payment: the agent, and ``requested_by`` if set (never approvers)."""
+        if self.requested_by is None:
+            return (self.agent_id,)
+        return (self.agent_id, self.requested_by)
+
+    @property
+    def every_approver(self) -> tuple[str, ...]:
+        """Everyone who may vote: ``approvers``, or every group's, without repeats."""
+        if not self.groups:
+            return self.approvers
+        return tuple(dict.fromkeys(a for g in self.groups for a in g.approvers))
+
+
+@attrs.frozen
+class ApproverKeyVersion:
+    """One version of an approver's public key in the registry.
+
+    ``retired_at`` is when it stopped verifying votes, and ``retired_by``
+    why: ``"rotation"`` (a newer version replaced it) or ``"removal"``.
+    """
+
+    version: int
+    public_key: str
+    added_at: datetime
+    retired_at: datetime | None = None
+    retired_by: str | None = None
+
+
+@attrs.frozen
+class Approver:
+    """A registered approver: a name and every version of its public key, oldest first.
+
+    The current key (the last, unless retired) verifies the approver's
+    votes; a removed approver has none.
+    """
+
+    name: str
+    keys: tuple[ApproverKeyVersion, ...]
+
+    @property
+    def current(self) -> ApproverKeyVersion | None:
+        """The key that verifies votes now, or ``None`` when the approver was removed."""
+        last = self.keys[-1] if self.keys else None
+        return last if last is not None and last.retired_at is None else None
+
+    @property
+    def public_key(self) -> str | None:
+        """The current public key (``ed25519:...``), or ``None``."""
+        current = self.current
+        return None if current is None else current.public_key
+
+    @property
+    def version(self) -> int | None:
+        """The current key's version (1, 2, ...), or ``None``."""
+        current = self.current
+        return None if current is None else current.version
+
+
+@attrs.frozen
+class ApprovalLink:
+    """A one-time link token: approve or deny ``approval_id`` as ``approver`` until ``expires_at``.
+
+    See :meth:`agentpolicy.PolicyEngine.redeem_link`. The token is a bearer
+    credential: it never appears in a repr.
+    """
+
+    approval_id: str
+    approver: str
+    decision: str
+    expires_at: datetime
+    token: str = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -166,6 +268,8 @@ class HistoryRecord:
     usage: dict[str, Amount] | None = None
     detail: str | None = None
     seq: int | None = None
+    requested_by: str | None = None
+    """Who asked for the payment on the agent's behalf (a decision), when anyone did."""
 
 
 @attrs.frozen

@@ -522,6 +522,10 @@ def _approval(
         return _ok(name, lambda: f"{amount} is below every approval threshold"), None
 
     def words() -> str:
+        if threshold.groups:
+            each = ", ".join(f"{g.name} {g.required} of {len(g.approvers)}"
+                             for g in threshold.groups)  # fmt: skip
+            return f"{amount} meets the threshold {threshold.amount}: needs every group: {each}"
         return (
             f"{amount} meets the threshold {threshold.amount}: needs "
             f"{threshold.required_approvers} of {len(threshold.approvers)} approvers"

@@ -13,6 +13,9 @@ from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Decision, Headroom
 from agentpolicy.records import (
     Approval,
+    ApprovalGroup,
+    ApprovalLink,
+    Approver,
     Budget,
     Delegation,
     HistoryRecord,
@@ -26,6 +29,7 @@ from agentpolicy.versions import PolicyChange, PolicyVersion
 
 __all__ = [
     "approval_data",
+    "approver_data",
     "budget_data",
     "change_data",
     "decision_data",
@@ -33,6 +37,7 @@ __all__ = [
     "headroom_data",
     "history_data",
     "limit_data",
+    "link_data",
     "reservation_data",
     "shadow_data",
     "shadow_report_data",
@@ -195,16 +200,20 @@ def approval_data(a: Approval) -> dict[str, Any]:
             "memo": a.request.memo,
             "requiredApprovers": a.required_approvers,
             "approvers": list(a.approvers),
-            "groups": [
-                {"name": g.name, "required": g.required, "approvers": list(g.approvers)}
-                for g in a.groups
-            ]
-            or None,
+            "groups": [_group_data(g) for g in a.groups] or None,
+            "requestedBy": a.requested_by,
+            "requireSignedVotes": a.require_signed_votes or None,
             "decisions": [vote_data(v) for v in a.votes],
             "createdAt": format_instant(a.created_at),
             "expiresAt": format_instant(a.expires_at),
             "reservationId": a.reservation_id,
         }
+    )
+
+
+def _group_data(g: ApprovalGroup) -> dict[str, Any]:
+    return _drop_none(
+        {"name": g.name, "required": g.required, "approvers": list(g.approvers), "budget": g.budget}
     )
 
 
@@ -222,6 +231,7 @@ def history_data(h: HistoryRecord) -> dict[str, Any]:
             "amount": None if h.request is None else str(h.request.amount),
             "recipient": None if h.request is None else h.request.recipient,
             "detail": h.detail,
+            "requestedBy": h.requested_by,
         }
     )
 
@@ -234,6 +244,34 @@ def vote_data(v: Vote) -> dict[str, Any]:
             "decision": v.decision,
             "comment": v.comment,
             "timestamp": format_instant(v.at),
+            "via": v.via,
+            "keyVersion": v.key_version,
+            "signature": v.signature,
+            "signedAt": _instant(v.signed_at),
+        }
+    )
+
+
+def approver_data(a: Approver) -> dict[str, Any]:
+    """A registered approver: the current public key and every version of it."""
+    return _drop_none(
+        {
+            "name": a.name,
+            "publicKey": a.public_key,
+            "version": a.version,
+            "registered": a.current is not None,
+            "keys": [
+                _drop_none(
+                    {
+                        "version": k.version,
+                        "publicKey": k.public_key,
+                        "addedAt": format_instant(k.added_at),
+                        "retiredAt": _instant(k.retired_at),
+                        "retiredBy": k.retired_by,
+                    }
+                )
+                for k in a.keys
+            ],
         }
     )
 
@@ -261,6 +299,17 @@ def version_data(v: PolicyVersion) -> dict[str, Any]:
             "changes": [change_data(c) for c in v.changes],
         }
     )
+
+
+def link_data(link: ApprovalLink) -> dict[str, Any]:
+    """A one-time approval link: what it does, until when, and its token."""
+    return {
+        "approvalId": link.approval_id,
+        "approver": link.approver,
+        "decision": link.decision,
+        "expiresAt": format_instant(link.expires_at),
+        "token": link.token,
+    }
 
 
 def shadow_data(s: ShadowPolicy) -> dict[str, Any]:

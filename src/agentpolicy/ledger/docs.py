@@ -28,7 +28,7 @@ from agentpolicy.records import (
     WebhookDelivery,
 )
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.storage._time import instant
+from agentpolicy.storage._time import instant, micros
 
 __all__ = [
     "approval_doc",
@@ -42,6 +42,7 @@ __all__ = [
     "request_of",
     "reservation_doc",
     "reservation_record",
+    "vote_entry",
 ]
 
 Body = dict[str, Any]
@@ -164,9 +165,17 @@ def approval_doc(
     expires: int,
     hold: str,
     policy_version: int,
-    groups: Sequence[tuple[str, int, Sequence[str]]] = (),
+    groups: Sequence[tuple[str, int, Sequence[str], str]] = (),
+    requested_by: str | None = None,
+    signed_votes: bool = False,
 ) -> Body:
-    """A new pending approval (``groups``: one per budget, when several ask for approval)."""
+    """A new pending approval.
+
+    ``groups``: ``(name, required, approvers, budget)`` each, when the
+    threshold met has groups or several budgets ask for approval.
+    ``requested_by``: the operator who asked on the agent's behalf.
+    ``signed_votes``: every vote must be signed.
+    """
     doc: Body = {
         "agent": agent,
         "st": "pending",
@@ -181,8 +190,36 @@ def approval_doc(
         "dec": None,
     }
     if groups:
-        doc["grp"] = [[name, need, list(who)] for name, need, who in groups]
+        doc["grp"] = [[name, need, list(who), budget] for name, need, who, budget in groups]
+    if requested_by is not None:
+        doc["by"] = requested_by
+    if signed_votes:
+        doc["sv"] = True
     return doc
+
+
+def vote_entry(vote: Vote, at: int) -> list[Any]:
+    """A vote as the approval document keeps it: ``[approver, decision, at, comment, proof?]``."""
+    entry: list[Any] = [vote.approver, vote.decision, at, vote.comment]
+    if vote.via is not None:
+        proof: Body = {"via": vote.via}
+        if vote.key_version is not None:
+            proof["kv"] = vote.key_version
+        if vote.signature is not None and vote.signed_at is not None:
+            proof["sig"], proof["sat"] = vote.signature, micros(vote.signed_at)
+        entry.append(proof)
+    return entry
+
+
+def _vote(v: list[Any]) -> Vote:
+    proof: Body = v[4] if len(v) > 4 else {}
+    return Vote(v[0], v[1], instant(v[2]), v[3], proof.get("via"), proof.get("kv"),
+                proof.get("sig"), _opt_instant(proof.get("sat")))  # fmt: skip
+
+
+def _group(g: list[Any]) -> ApprovalGroup:
+    # groups written before approver groups had no budget: their name was the budget
+    return ApprovalGroup(g[0], g[1], tuple(g[2]), g[3] if len(g) > 3 else g[0])
 
 
 def approval_record(approval_id: str, doc: Body) -> Approval:
@@ -194,13 +231,15 @@ def approval_record(approval_id: str, doc: Body) -> Approval:
         request=request_of(doc["req"]),
         required_approvers=doc["need"],
         approvers=tuple(doc["who"]),
-        votes=tuple(Vote(v[0], v[1], instant(v[2]), v[3]) for v in doc["votes"]),
+        votes=tuple(_vote(v) for v in doc["votes"]),
         created_at=instant(doc["c"]),
         expires_at=instant(doc["x"]),
         hold_id=doc["hold"],
         policy_version=doc["pv"],
         decided_at=_opt_instant(doc["dec"]),
-        groups=tuple(ApprovalGroup(g[0], g[1], tuple(g[2])) for g in doc.get("grp", ())),
+        groups=tuple(_group(g) for g in doc.get("grp", ())),
+        requested_by=doc.get("by"),
+        require_signed_votes=bool(doc.get("sv")),
     )
 
 
@@ -236,6 +275,7 @@ def history_record(agent_id: str, seq: int, at: int, entry: Body) -> HistoryReco
         usage=None if usage is None else {k: Amount(v[0], v[1], symbol) for k, v in usage.items()},
         detail=entry.get("detail"),
         seq=seq,
+        requested_by=entry.get("by"),
     )
 
 

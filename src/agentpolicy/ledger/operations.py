@@ -26,6 +26,7 @@ from agentpolicy.ledger.docs import (
     levels_of,
     request_data,
     reservation_doc,
+    vote_entry,
 )
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import (
@@ -40,8 +41,8 @@ from agentpolicy.ledger.state import (
 )
 from agentpolicy.ledger.tallies import MAX_SCORE
 from agentpolicy.ledger.trees import Level, PolicySource, chain, grant_deadline
-from agentpolicy.policy import DEFAULT_APPROVAL_TIMEOUT_MS
-from agentpolicy.records import ApprovalStatus, Vote
+from agentpolicy.policy import DEFAULT_APPROVAL_TIMEOUT_MS, AgentPolicy, ApprovalThreshold
+from agentpolicy.records import ApprovalStatus
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Assessment, BookKey, Tally, Verdict, assess, judge
 from agentpolicy.storage._time import instant, micros
@@ -127,6 +128,7 @@ def authorize(
     seen: list[Decision],
     *,
     shadows: rollout.ShadowSource | None = None,
+    requested_by: str | None = None,
 ) -> Step:
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
@@ -135,7 +137,9 @@ def authorize(
     appended to ``seen`` (its details are worded only when read). With
     ``shadows``, a shadow policy of the agent or of a budget above it judges
     the payment too (:func:`rollout.try_shadows`); the live verdict is the
-    one enforced.
+    one enforced. ``requested_by`` (an operator asking on the agent's
+    behalf) is recorded with the decision and the approval, and may not
+    vote on it.
     """
     agent = request.agent_id
     now_us = micros(now)
@@ -178,6 +182,7 @@ def authorize(
             "pv": version,
             "req": request_data(request),
             "use": usage,
+            **({} if requested_by is None else {"by": requested_by}),
         }
         if levels:
             rec["up"] = [[lv.agent, lv.head.body["pv"]] for lv in levels]
@@ -248,16 +253,16 @@ def _hold(
         if deadline is not None:
             expires = min(expires, deadline)
         approval_id = keys.new_id("apr", agent, token)
-        first = wanted[0][1]
-        groups = [(bid, t.required_approvers, list(t.approvers)) for bid, t, _ in wanted]
-        everyone = list(dict.fromkeys(w for _, _, who in groups for w in who))
+        groups = _groups(wanted)
+        everyone = list(dict.fromkeys(w for _, _, who, _ in groups for w in who))
+        signed = any(p.approval_config is not None and p.approval_config.require_signed_votes
+                     for _, _, p in wanted)  # fmt: skip
         approval = approval_doc(
-            agent=agent, request=rec["req"],
-            required=first.required_approvers if len(groups) == 1
-            else sum(g[1] for g in groups),
-            approvers=list(first.approvers) if len(groups) == 1 else everyone,
-            created=now, expires=expires, hold=rid, policy_version=version,
-            groups=groups if len(groups) > 1 else (),
+            agent=agent, request=rec["req"], required=sum(g[1] for g in groups),
+            approvers=everyone, created=now, expires=expires, hold=rid,
+            policy_version=version,
+            groups=groups if len(wanted) > 1 or wanted[0][1].groups else (),
+            requested_by=rec.get("by"), signed_votes=signed,
         )  # fmt: skip
         name = keys.approval(approval_id)
         txn.put[name] = approval
@@ -299,6 +304,23 @@ def _hold(
     books.head.lower_due(expires)
     for lv in levels:
         lv.head.lower_due(expires)
+
+
+def _groups(
+    wanted: list[tuple[str, ApprovalThreshold, AgentPolicy]],
+) -> list[tuple[str, int, list[str], str]]:
+    """The approver groups of an approval: ``(name, required, approvers, budget)`` each.
+
+    A threshold without groups is one group named after its budget; a
+    threshold with groups gives each of its groups, under the group's name.
+    """
+    found: list[tuple[str, int, list[str], str]] = []
+    for budget, t, _ in wanted:
+        if t.groups:
+            found += [(g.name, g.required, list(g.approvers), budget) for g in t.groups]
+        else:
+            found.append((budget, t.required_approvers or 0, list(t.approvers), budget))
+    return found
 
 
 def _alerts(
@@ -432,10 +454,13 @@ def vote(
     decision: str,
     comment: str | None,
     now: datetime,
+    proof: approvals.VoteProof = approvals.UNSIGNED,
 ) -> Step:
     """Record an approver's decision; approving enough turns the hold into a reservation.
 
-    The result is ``{"doc": approval}``. Raises ``APPROVAL_NOT_FOUND``,
+    ``proof`` is what was checked before the step (a verified signature, a
+    one-time link, or nothing); the vote records it. The result is
+    ``{"doc": approval}``. Raises ``APPROVAL_NOT_FOUND``,
     ``APPROVAL_NOT_PENDING``, ``APPROVER_NOT_AUTHORIZED`` or
     ``DUPLICATE_DECISION`` (nothing changes).
     """
@@ -452,20 +477,24 @@ def vote(
         if doc is None:
             raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
         decided = approvals.cast_vote(
-            approval_record(approval_id, doc), approver, decision, now, comment
+            approval_record(approval_id, doc), approver, decision, now, comment, proof
         )
         status = decided.status.value
+        vote = decided.votes[-1]
         new = {
             **doc,
             "st": status,
-            "votes": [*doc["votes"], [approver, decision, now_us, comment]],
+            "votes": [*doc["votes"], vote_entry(vote, now_us)],
             "dec": now_us if decided.decided_at is not None else None,
         }
         txn.put[name] = new
         owner = doc["agent"]
-        emit_approval(txn, cfg, shard, "approval.decision_submitted", approval_id, new,
-                      Vote(approver, decision, now, comment))  # fmt: skip
+        emit_approval(txn, cfg, shard, "approval.decision_submitted", approval_id, new, vote)
         detail = f"{approver}: {decision}" + (f" ({comment})" if comment else "")
+        if vote.via == "signature":
+            detail += f" [signed, key version {vote.key_version}]"
+        elif vote.via == "link":
+            detail += " [one-time link]"
         record(txn, cfg, owner, {"ev": "vote", "aid": approval_id, "code": decision,
                                  "detail": detail})  # fmt: skip
         txn.result = {"doc": new}

@@ -31,8 +31,11 @@ state directory), AGENT_POLICY_REDIS_URL, AGENT_POLICY_KEY_PREFIX,
 AGENT_POLICY_POSTGRES_URL (postgresql://user@host:5432/db?schema=NAME; wins over
 Redis and the SQLite file),
 AGENT_POLICY_RESERVATION_TTL (e.g. 5m), AGENT_POLICY_AGENT_ID,
-AGENT_POLICY_ORG_ID, AGENT_POLICY_WEBHOOK_URL / _SECRET / _EVENTS / _TIMEOUT /
-_RETRIES, AGENT_POLICY_WEBHOOKS and AGENT_POLICY_DEMO_MODE.
+AGENT_POLICY_ORG_ID, AGENT_POLICY_APPROVER and AGENT_POLICY_APPROVER_KEY_FILE
+(an admin server that votes as one approver, signing with its key),
+AGENT_POLICY_LINK_SECRET (one-time approval links), AGENT_POLICY_WEBHOOK_URL /
+_SECRET / _EVENTS / _TIMEOUT / _RETRIES, AGENT_POLICY_WEBHOOKS and
+AGENT_POLICY_DEMO_MODE.
 The server speaks MCP on stdin and stdout; logs go to stderr.
 """
 

@@ -6,10 +6,14 @@ budget, get, confirm, release, approvals/list, approvals/get, and delegate
 and revoke (which only carve sub-budgets out of its own budget, when its
 policy allows it), and may be
 bound to one agent id (which then is the default ``agentId``) or an
-organisation prefix. Every call returns a dict, ``{"success": True, "data":
-...}`` or ``{"success": False, "error": {...}}``; no exception and no
-traceback ever reaches the client. Long listings come in pages
-(``limit``, ``cursor``, ``nextCursor``).
+organisation prefix. An ``admin`` server may be bound to one approver
+(and that approver's key): it then votes as that approver only, signs
+every vote with the key, and never changes the approver registry.
+
+Every call returns a dict, ``{"success": True, "data": ...}`` or
+``{"success": False, "error": {...}}``; no exception and no traceback ever
+reaches the client. Long listings come in pages (``limit``, ``cursor``,
+``nextCursor``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -35,11 +40,13 @@ from agentpolicy.errors import (
     Problem,
 )
 from agentpolicy.examples import example_policy
-from agentpolicy.mcp.tools import TOOLS, Tool, find_tool, parse_arguments
+from agentpolicy.mcp.tools import REGISTRY_CHANGES, TOOLS, Tool, find_tool, parse_arguments
 from agentpolicy.requests import PaymentRequest
+from agentpolicy.signing import SigningKey
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
 from agentpolicy.views import (
     approval_data,
+    approver_data,
     budget_data,
     change_data,
     decision_data,
@@ -88,6 +95,13 @@ class AgentPolicyMcpServer:
     :func:`agentpolicy.webhooks.to_endpoints`). ``agent_id`` or ``org_id``
     bind an agent-role server to one agent (then ``agentId`` may be left
     out of every call) or to agent ids that start with ``"{org_id}:"``.
+
+    ``approver`` binds an admin server to one approver: it votes as that
+    approver only (an ``approver`` argument naming anyone else is
+    ``FORBIDDEN``), payments it authorizes name it as their requester, and
+    it offers no tool that changes the approver registry. ``approver_key``
+    (a :class:`~agentpolicy.signing.SigningKey` or the path of its file)
+    makes it sign every vote with that approver's key.
     """
 
     def __init__(
@@ -102,22 +116,35 @@ class AgentPolicyMcpServer:
         agent_id: str | None = None,
         org_id: str | None = None,
         engine: PolicyEngine | None = None,
+        approver: str | None = None,
+        approver_key: SigningKey | str | os.PathLike[str] | None = None,
     ) -> None:
         problems: list[Problem] = []
         if role not in ROLES:
             problems += PolicyValidationError.single("$.role", "must be agent or admin").problems
-        for name, value in (("agentId", agent_id), ("orgId", org_id)):
+        for name, value in (("agentId", agent_id), ("orgId", org_id), ("approver", approver)):
             if value is not None:
                 problems += check_identifier(value, f"$.{name}")
+        if approver is not None and role != "admin" and not demo_mode:
+            problems.append(Problem("$.approver", "binds an admin server: only it decides"))
+        if approver_key is not None and approver is None:
+            problems.append(Problem("$.approverKey", "needs approver: who the key signs for"))
         raise_if(problems)
         self.demo_mode = bool(demo_mode)
         self.role = "admin" if self.demo_mode else role
         self.bound_agent = agent_id
         self.bound_org = org_id
+        self.bound_approver = approver
+        self.approver_key = (
+            approver_key
+            if approver_key is None or isinstance(approver_key, SigningKey)
+            else SigningKey.load(approver_key, "$.approverKey")
+        )
         self._tools = [
-            t if agent_id is None else t.bound_to(agent_id)
+            self._bind(t)
             for t in TOOLS
-            if self.role == "admin" or not t.admin_only
+            if (self.role == "admin" or not t.admin_only)
+            and not (approver is not None and t.name in REGISTRY_CHANGES)
         ]
         if engine is not None and not self.demo_mode:
             self.engine = engine
@@ -136,6 +163,13 @@ class AgentPolicyMcpServer:
             self.engine.set_policy(DEMO_AGENT, example_policy())
 
     # -- what this server offers -------------------------------------------------------
+
+    def _bind(self, tool: Tool) -> Tool:
+        if self.bound_agent is not None:
+            tool = tool.bound_to(self.bound_agent)
+        if self.bound_approver is not None:
+            tool = tool.bound_to_approver(self.bound_approver, signs=self.approver_key is not None)
+        return tool
 
     def tools(self) -> list[Tool]:
         """The tools this server's role may call, in the table's order, as this server offers them.
@@ -186,6 +220,12 @@ class AgentPolicyMcpServer:
                 ErrorCode.FORBIDDEN,
                 f"{tool.name} needs the admin role; this server runs as {self.role}",
             )
+        if self.bound_approver is not None and tool.name in REGISTRY_CHANGES:
+            return _error(
+                ErrorCode.FORBIDDEN,
+                f"{tool.name} changes the approver registry; this server is bound to approver "
+                f"{self.bound_approver} and never does",
+            )
         try:
             args = parse_arguments(self._offered(tool), arguments)
             if self.bound_agent is not None and "agentId" in tool.input_schema["properties"]:
@@ -216,7 +256,8 @@ class AgentPolicyMcpServer:
             memo=a.get("memo"),
             idempotency_key=a.get("idempotencyKey"),
         )
-        return decision_data(self.engine.authorize(request, dry_run=dry_run))
+        decision = self.engine.authorize(request, dry_run=dry_run, requested_by=self.bound_approver)
+        return decision_data(decision)
 
     def _check(self, a: dict[str, Any]) -> dict[str, Any]:
         return self._authorize(a, dry_run=True)
@@ -286,12 +327,47 @@ class AgentPolicyMcpServer:
         self._check_agent(approval.agent_id)
         return approval_data(approval)
 
+    def _voter(self, a: dict[str, Any]) -> str:
+        """Who votes: the bound approver (and no one else), or the ``approver`` argument."""
+        named: str | None = a.get("approver")
+        bound = self.bound_approver
+        if bound is None:
+            if named is None:
+                raise PolicyValidationError.single("$.approver", "is required")
+            return named
+        if named is not None and named.casefold() != bound.casefold():
+            raise ForbiddenError(
+                f"this server votes as {bound} only, not as {named}", code=ErrorCode.FORBIDDEN
+            )
+        return bound
+
     def _approvals_decide(self, a: dict[str, Any]) -> dict[str, Any]:
+        approver = self._voter(a)
         self._check_agent(self.engine.get_approval(a["approvalId"]).agent_id)
+        approval_id, decision, comment = a["approvalId"], a["decision"], a.get("comment")
+        signature, signed_at = a.get("signature"), None
+        if self.approver_key is not None:  # the tool offers no signature: the server signs
+            signed_at = self.engine.clock()
+            message = self.engine.vote_message(approval_id, approver, decision, signed_at, comment)
+            signature = self.approver_key.sign(message)
+        elif "signedAt" in a:
+            signed_at = parse_instant(a["signedAt"], "$.signedAt")
         approval = self.engine.decide(
-            a["approvalId"], a["approver"], a["decision"], a.get("comment")
+            approval_id, approver, decision, comment, signature=signature, signed_at=signed_at
         )
         return approval_data(approval)
+
+    def _approvers_list(self, a: dict[str, Any]) -> dict[str, Any]:
+        return {"approvers": [approver_data(x) for x in self.engine.list_approvers()]}
+
+    def _approvers_register(self, a: dict[str, Any]) -> dict[str, Any]:
+        return approver_data(self.engine.register_approver(a["name"], a["publicKey"]))
+
+    def _approvers_rotate(self, a: dict[str, Any]) -> dict[str, Any]:
+        return approver_data(self.engine.rotate_approver(a["name"], a["publicKey"]))
+
+    def _approvers_remove(self, a: dict[str, Any]) -> dict[str, Any]:
+        return approver_data(self.engine.remove_approver(a["name"]))
 
     def _acting_parent(self, a: dict[str, Any]) -> str | None:
         """The budget a delegate or revoke call acts as (``None``: an administrator, for any)."""

@@ -24,6 +24,7 @@ from agentpolicy import __version__
 from agentpolicy.config import Settings, build_engine
 from agentpolicy.errors import PolicyError
 from agentpolicy.mcp.server import AgentPolicyMcpServer
+from agentpolicy.signing import SigningKey
 
 __all__ = ["INSTRUCTIONS", "build_server", "make_app", "serve", "summary"]
 
@@ -119,8 +120,11 @@ def make_app(settings: Settings) -> AgentPolicyMcpServer:
     engine = build_engine(settings)
     try:
         return AgentPolicyMcpServer(
-            role=settings.role, agent_id=settings.agent_id, org_id=settings.org_id, engine=engine
-        )
+            role=settings.role, agent_id=settings.agent_id, org_id=settings.org_id, engine=engine,
+            approver=settings.approver,
+            approver_key=None if settings.approver_key_file is None
+            else SigningKey.load(settings.approver_key_file, "$AGENT_POLICY_APPROVER_KEY_FILE"),
+        )  # fmt: skip
     except BaseException:
         engine.close()
         raise

@@ -23,7 +23,7 @@ from agentpolicy.decisions import Code, Outcome
 from agentpolicy.errors import ErrorCode, PolicyValidationError, Problem
 from agentpolicy.windows import Period
 
-__all__ = ["MAX_PAGE", "TOOLS", "Tool", "find_tool", "parse_arguments"]
+__all__ = ["MAX_PAGE", "REGISTRY_CHANGES", "TOOLS", "Tool", "find_tool", "parse_arguments"]
 
 MAX_PAGE = 100
 """The most entries one page of a listing holds."""
@@ -87,6 +87,30 @@ class Tool:
     data_schema: dict[str, Any]
     annotations: Annotations
     admin_only: bool = False
+
+    def bound_to_approver(self, approver: str, *, signs: bool) -> Tool:
+        """The decide tool as a server bound to one approver offers it.
+
+        ``approver`` defaults to the bound one (any other is refused); a
+        server that holds the approver's key signs itself, so it takes no
+        ``signature`` or ``signedAt``.
+        """
+        props = dict(self.input_schema["properties"])
+        if "approver" not in props:
+            return self
+        only = f"Defaults to {approver}, the only approver this server votes as; no other."
+        props["approver"] = {**props["approver"], "description": only}
+        note = f" This server votes as {approver} only"
+        if signs:
+            props.pop("signature", None)
+            props.pop("signedAt", None)
+            note += ", and signs each vote with that approver's key"
+        schema = {
+            **self.input_schema,
+            "properties": props,
+            "required": [r for r in self.input_schema["required"] if r != "approver"],
+        }
+        return attrs.evolve(self, input_schema=schema, description=self.description + note + ".")
 
     @property
     def output_schema(self) -> dict[str, Any]:
@@ -259,6 +283,14 @@ _VOTE = _object(
         "decision": {"enum": ["approve", "deny"]},
         "comment": _TEXT,
         "timestamp": _INSTANT,
+        "via": {
+            "enum": ["signature", "link"],
+            "description": "What proved the approver: a signature by their registered key, or a "
+            "one-time link. Absent: an unsigned call.",
+        },
+        "keyVersion": {"type": "integer", "minimum": 1},
+        "signature": {**_TEXT, "description": "The approver's signature, kept for audits."},
+        "signedAt": _INSTANT,
     },
     ["approver", "decision", "timestamp"],
 )
@@ -284,9 +316,13 @@ _APPROVAL = _object(
                     "name": _TEXT,
                     "required": {"type": "integer", "minimum": 1},
                     "approvers": {"type": "array", "items": _TEXT},
-                }
+                    "budget": _TEXT,
+                },
+                ["name", "required", "approvers"],
             ),
         },
+        "requestedBy": {**_TEXT, "description": "Who asked on the agent's behalf."},
+        "requireSignedVotes": {"const": True},
         "decisions": {"type": "array", "items": _VOTE},
         "createdAt": _INSTANT,
         "expiresAt": _INSTANT,
@@ -492,13 +528,25 @@ TOOLS: tuple[Tool, ...] = (
         "agent_policy_approvals_decide",
         "agent-policy/approvals/decide",
         "Administrators only: approve or deny a pending approval as a named approver. One "
-        "deny denies the payment; enough approvals approve it.",
+        "deny denies the payment; enough approvals approve it. A registered approver's vote "
+        "needs their signature (signature and signedAt).",
         _schema(
             {
                 "approvalId": _ID,
                 "decision": {"type": "string", "enum": ["approve", "deny"]},
                 "approver": {**_ID, "description": "Who decides: one of the approval's approvers."},
                 "comment": {"type": "string", "maxLength": MAX_TEXT},
+                "signature": {
+                    "type": "string",
+                    "maxLength": 128,
+                    "description": "The approver's Ed25519 signature (base64url) of the vote "
+                    "message (see docs/approvals.md).",
+                },
+                "signedAt": {
+                    **_INSTANT,
+                    "maxLength": 64,
+                    "description": "When the vote was signed (ISO 8601 with offset).",
+                },
             },
             ["approvalId", "decision", "approver"],
         ),
@@ -824,6 +872,83 @@ TOOLS += (
         admin_only=True,
     ),
 )
+
+_KEY_VERSION = _object(
+    {
+        "version": {"type": "integer", "minimum": 1},
+        "publicKey": _TEXT,
+        "addedAt": _INSTANT,
+        "retiredAt": _INSTANT,
+        "retiredBy": {"enum": ["rotation", "removal"]},
+    },
+    ["version", "publicKey", "addedAt"],
+)
+_APPROVER = _object(
+    {
+        "name": _TEXT,
+        "publicKey": _TEXT,
+        "version": {"type": "integer", "minimum": 1},
+        "registered": {"type": "boolean"},
+        "keys": {"type": "array", "items": _KEY_VERSION},
+    },
+    ["name", "registered", "keys"],
+)
+_NAME = {**_ID, "description": "The approver's name, as the policies' approver lists name it."}
+_PUBLIC_KEY = {
+    "type": "string",
+    "maxLength": 128,
+    "description": "The approver's Ed25519 public key, 'ed25519:' and base64url (as "
+    "`agentpolicy approver keygen` prints it).",
+}
+
+TOOLS += (
+    Tool(
+        "agent_policy_approvers_list",
+        "agent-policy/approvers/list",
+        "Administrators only: list the registered approvers (removed ones too) with their "
+        "public keys and every key version.",
+        _schema({}, []),
+        _object({"approvers": {"type": "array", "items": _APPROVER}}),
+        Annotations("List approvers", read_only=True),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_approvers_register",
+        "agent-policy/approvers/register",
+        "Administrators only: register an approver's public key. From then on their votes "
+        "count only when signed with the matching private key, which never leaves them.",
+        _schema({"name": _NAME, "publicKey": _PUBLIC_KEY}, ["name", "publicKey"]),
+        _APPROVER,
+        Annotations("Register an approver", read_only=False),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_approvers_rotate",
+        "agent-policy/approvers/rotate",
+        "Administrators only: give a registered approver a new public key; the old one stops "
+        "verifying votes at once and never comes back.",
+        _schema({"name": _NAME, "publicKey": _PUBLIC_KEY}, ["name", "publicKey"]),
+        _APPROVER,
+        Annotations("Rotate an approver's key", read_only=False, destructive=True),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_approvers_remove",
+        "agent-policy/approvers/remove",
+        "Administrators only: retire an approver's key: none of their signed votes verifies "
+        "from now on. The approver stays listed with every key version.",
+        _schema({"name": _NAME}, ["name"]),
+        _APPROVER,
+        Annotations("Remove an approver", read_only=False, destructive=True),
+        admin_only=True,
+    ),
+)
+
+REGISTRY_CHANGES = frozenset(
+    {"agent_policy_approvers_register", "agent_policy_approvers_rotate",
+     "agent_policy_approvers_remove"}
+)  # fmt: skip
+"""Tools that change the approver registry: never offered by a server bound to an approver."""
 
 _BY_NAME = {name: t for t in TOOLS for name in (t.name, t.slash_name)}
 

@@ -308,8 +308,12 @@ class RedisStorage:
         return out
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (on a Cluster, every node's: redis-py leaves them open)."""
+        nodes = self.client.get_nodes() if self.cluster else []
         self.client.close()
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
 
 
 class _Session:

@@ -1,0 +1,326 @@
+"""Who votes: the approver registry, signed votes and one-time links, as engine methods.
+
+:class:`Voting` is a part of :class:`~agentpolicy.PolicyEngine` (which
+inherits it): registering, rotating and removing approvers' public keys,
+checking a signed vote before the vote step, and minting, inspecting and
+redeeming one-time approval links. What these methods decide is written
+in ``docs/approvals.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from agentpolicy._checks import check_identifier, check_text, raise_if
+from agentpolicy.approvals import DECISIONS, VoteProof
+from agentpolicy.codec import format_instant, parse_instant
+from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, Problem
+from agentpolicy.ledger import approvers as registry
+from agentpolicy.ledger.runner import View, run
+from agentpolicy.links import LinkClaims, mint, read
+from agentpolicy.records import Approval, ApprovalLink, Approver, WebhookDelivery
+from agentpolicy.signing import (
+    SIGNATURE_WINDOW,
+    normal_public_key,
+    verify_vote,
+    vote_message,
+)
+from agentpolicy.storage import Storage
+from agentpolicy.storage._time import instant, micros
+from agentpolicy.storage.base import Txn
+
+__all__ = ["Voting"]
+
+Body = dict[str, Any]
+
+
+class Voting:
+    """The approver registry, signed votes and one-time approval links of an engine."""
+
+    storage: Storage
+    _link_key: bytes | None
+    _store: str | None
+
+    # -- provided by the engine -----------------------------------------------------------
+
+    def _now(self) -> datetime:  # pragma: no cover - the engine's
+        raise NotImplementedError
+
+    def _read(self, shard: str, names: list[str]) -> list[Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_approval(self, approval_id: str) -> Approval:  # pragma: no cover - the engine's
+        """An approval by id (see :meth:`agentpolicy.PolicyEngine.get_approval`)."""
+        raise NotImplementedError
+
+    def _cast(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        comment: str | None,
+        proof: VoteProof,
+        now: datetime,
+    ) -> Approval:  # pragma: no cover - the engine's
+        raise NotImplementedError
+
+    # -- the registry ----------------------------------------------------------------------
+
+    def _registry(self, step: Callable[[View, Txn], None]) -> Approver:
+        now = self._now()
+        result: Body = run(self.storage, registry.SHARD, step, lambda r: r, at=micros(now))
+        return registry.approver_record(result["doc"])
+
+    def register_approver(self, name: str, public_key: str) -> Approver:
+        """Register an approver's Ed25519 public key (``ed25519:<base64url>``).
+
+        From then on the approver's votes count only when signed with that
+        key (see :meth:`vote_message`). Registering again with the same key
+        changes nothing; with another key it is ``APPROVER_CONFLICT`` (rotate
+        it instead), and so is a key another approver holds. A key retired
+        before is ``INVALID_INPUT``. A removed approver may be registered
+        again, with a new key. Returns the approver with every key version.
+        """
+        raise_if(check_identifier(name, "$.name"))
+        key = normal_public_key(public_key)
+        return self._registry(registry.register(name, key, micros(self._now())))
+
+    def rotate_approver(self, name: str, public_key: str) -> Approver:
+        """Give a registered approver a new key; the old one stops verifying votes now.
+
+        Raises ``APPROVER_NOT_FOUND`` (never registered, or removed),
+        ``APPROVER_CONFLICT`` (another approver holds the key) or
+        ``INVALID_INPUT`` (a key retired before). Rotating to the current key
+        changes nothing.
+        """
+        raise_if(check_identifier(name, "$.name"))
+        key = normal_public_key(public_key)
+        return self._registry(registry.rotate(name, key, micros(self._now())))
+
+    def remove_approver(self, name: str) -> Approver:
+        """Retire an approver's key: none of their votes verifies from now on.
+
+        The approver is kept, with every key version, for the audit. Then
+        their unsigned votes count again where a policy does not require
+        signed votes. Removing again changes nothing; a name never
+        registered is ``APPROVER_NOT_FOUND``.
+        """
+        raise_if(check_identifier(name, "$.name"))
+        return self._registry(registry.remove(name, micros(self._now())))
+
+    def get_approver(self, name: str) -> Approver | None:
+        """A registered (or removed) approver with every key version, or ``None``."""
+        raise_if(check_identifier(name, "$.name"))
+        (doc,) = self._read(registry.SHARD, [registry.approver_doc_name(name)])
+        return None if doc is None else registry.approver_record(doc)
+
+    def list_approvers(self) -> list[Approver]:
+        """Every approver ever registered (removed ones too), by name ignoring case."""
+        with self.storage.session(registry.SHARD, write=False) as session:
+            names = sorted(m for m, _ in session.scan(registry.INDEX, 0, 10_000_000))
+        docs = self._read(registry.SHARD, [registry.approver_doc_name(n) for n in names])
+        return [registry.approver_record(d) for d in docs if d is not None]
+
+    def _registered(self, names: Iterable[str]) -> dict[str, Approver]:
+        """The approvers among ``names`` that have a current key, by case-folded name."""
+        wanted = list(dict.fromkeys(n.casefold() for n in names))
+        if not wanted:
+            return {}
+        docs = self._read(registry.SHARD, [registry.approver_doc_name(n) for n in wanted])
+        found = {}
+        for name, doc in zip(wanted, docs, strict=True):
+            if doc is not None:
+                approver = registry.approver_record(doc)
+                if approver.current is not None:
+                    found[name] = approver
+        return found
+
+    # -- signed votes ----------------------------------------------------------------------
+
+    def store_id(self) -> str:
+        """The store's id (``sto_<32 hex>``), which every signed vote names; made on first use."""
+        if self._store is None:
+            now = self._now()
+            self._store = run(
+                self.storage, registry.SHARD, registry.ensure_store_id(), str, at=micros(now)
+            )
+        return self._store
+
+    def vote_message(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        signed_at: datetime,
+        comment: str | None = None,
+    ) -> bytes:
+        """The bytes ``approver`` signs to cast ``decision`` on ``approval_id`` at ``signed_at``.
+
+        See :func:`agentpolicy.signing.vote_message` for the form; this fills
+        in the store's id. Sign it with the approver's
+        :class:`~agentpolicy.signing.SigningKey` and pass the signature and
+        ``signed_at`` to :meth:`~agentpolicy.PolicyEngine.decide`.
+        """
+        problems = check_identifier(approval_id, "$.approvalId")
+        problems += check_identifier(approver, "$.approver")
+        if decision not in DECISIONS:
+            problems.append(Problem("$.decision", "must be 'approve' or 'deny'"))
+        if comment is not None:
+            problems += check_text(comment, "$.comment")
+        raise_if(problems)
+        return vote_message(
+            store=self.store_id(), approval_id=approval_id, approver=approver,
+            decision=decision, signed_at=signed_at, comment=comment,
+        )  # fmt: skip
+
+    def _vote_proof(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        comment: str | None,
+        signature: str | None,
+        signed_at: datetime | None,
+        now: datetime,
+    ) -> VoteProof:
+        """Check a vote's signature (if any) against the approver's key registered now."""
+        found = self._registered((approver,)).get(approver.casefold())
+        if signature is None or signed_at is None:
+            return VoteProof(registered=found is not None)
+        if found is None or found.current is None:
+            raise ForbiddenError(
+                f"{approver} has no registered key, so a signed vote cannot be checked",
+                code=ErrorCode.APPROVER_NOT_AUTHORIZED,
+            )
+        if abs(now - signed_at) > SIGNATURE_WINDOW:
+            raise ForbiddenError(
+                f"the vote was signed at {format_instant(signed_at)}, more than "
+                f"{SIGNATURE_WINDOW.total_seconds() / 60:g} minutes from the engine's clock "
+                f"({format_instant(now)}): sign it again",
+                code=ErrorCode.APPROVER_NOT_AUTHORIZED,
+            )
+        message = self.vote_message(approval_id, approver, decision, signed_at, comment)
+        current = found.current
+        if not verify_vote(current.public_key, message, signature):
+            raise ForbiddenError(
+                f"the signature does not verify with {approver}'s registered key (version "
+                f"{current.version}) for this store, approval, decision, time and comment",
+                code=ErrorCode.APPROVER_NOT_AUTHORIZED,
+            )
+        return VoteProof(via="signature", key_version=current.version, registered=True,
+                         signature=signature, signed_at=signed_at)  # fmt: skip
+
+    # -- one-time links --------------------------------------------------------------------
+
+    def _links_key(self) -> bytes:
+        if self._link_key is None:
+            raise ForbiddenError(
+                "approval links are off: give the engine a link secret "
+                "(link_secret, or AGENT_POLICY_LINK_SECRET)",
+                code=ErrorCode.FORBIDDEN,
+            )
+        return self._link_key
+
+    def _link_names(
+        self, approvers: Sequence[str], requesters: Iterable[str | None], signed_only: bool
+    ) -> list[str]:
+        """Who gets links: approvers who may vote unsigned (not requesters, not registered)."""
+        if signed_only:
+            return []
+        asked = {r.casefold() for r in requesters if r is not None}
+        names = [a for a in dict.fromkeys(approvers) if a.casefold() not in asked]
+        registered = self._registered(names)
+        return [a for a in names if a.casefold() not in registered]
+
+    def approval_links(self, approval_id: str) -> list[ApprovalLink]:
+        """The one-time links of an approval: approve and deny, for every approver who gets one.
+
+        Every approver of the approval gets links except those who asked for
+        the payment, those with a registered key (they sign) and everyone
+        when the approval requires signed votes. The same approval always
+        gives the same tokens (they are what ``approval.created`` carries).
+        ``FORBIDDEN`` when the engine has no link secret.
+        """
+        key = self._links_key()
+        approval = self.get_approval(approval_id)
+        names = self._link_names(
+            approval.every_approver, approval.requesters, approval.require_signed_votes
+        )
+        expires = micros(approval.expires_at)
+        return [
+            ApprovalLink(approval.id, name, decision, approval.expires_at,
+                         mint(key, approval.id, name, decision, expires))
+            for name in names
+            for decision in DECISIONS
+        ]  # fmt: skip
+
+    def _claims(self, token: str) -> LinkClaims:
+        return read(self._links_key(), token)
+
+    def inspect_link(self, token: str) -> tuple[ApprovalLink, Approval]:
+        """What a link token would do, and its approval now, without redeeming it.
+
+        Raises ``APPROVER_NOT_AUTHORIZED`` for a token that is not valid, and
+        ``APPROVAL_NOT_FOUND`` when its approval is gone. An expired or used
+        token is still shown (its approval says it is no longer pending, or
+        already has the approver's vote).
+        """
+        claims = self._claims(token)
+        link = ApprovalLink(claims.approval_id, claims.approver, claims.decision,
+                            instant(claims.expires), token)  # fmt: skip
+        return link, self.get_approval(claims.approval_id)
+
+    def redeem_link(
+        self, token: str, *, approval_id: str | None = None, comment: str | None = None
+    ) -> Approval:
+        """Cast the vote a one-time link token carries; return the approval after it.
+
+        Refused, changing nothing: a token that is not valid, or for another
+        approval than ``approval_id`` (when given), or whose approver has a
+        registered key since (``APPROVER_NOT_AUTHORIZED``); an expired token
+        or a decided approval (``APPROVAL_NOT_PENDING``); a token used before,
+        or an approver who voted already (``DUPLICATE_DECISION``). That a
+        token was used is recorded in the approval, in the same commit as its
+        vote, so it holds across processes and stores.
+        """
+        problems: list[Problem] = []
+        if approval_id is not None:
+            problems += check_identifier(approval_id, "$.approvalId")
+        if comment is not None:
+            problems += check_text(comment, "$.comment")
+        raise_if(problems)
+        claims = self._claims(token)
+        if approval_id is not None and approval_id != claims.approval_id:
+            raise ForbiddenError(
+                f"this link is for another approval than {approval_id}",
+                code=ErrorCode.APPROVER_NOT_AUTHORIZED,
+            )
+        now = self._now()
+        if micros(now) >= claims.expires:
+            raise ConflictError(
+                f"this link expired at {format_instant(instant(claims.expires))}",
+                code=ErrorCode.APPROVAL_NOT_PENDING,
+            )
+        registered = claims.approver.casefold() in self._registered((claims.approver,))
+        proof = VoteProof(via="link", registered=registered)
+        return self._cast(claims.approval_id, claims.approver, claims.decision, comment, proof, now)
+
+    def _with_links(self, delivery: WebhookDelivery) -> Body:
+        """An ``approval.created`` payload with its links (added when sent, never stored)."""
+        payload = delivery.payload
+        if delivery.event != "approval.created" or self._link_key is None:
+            return payload
+        a = payload["approval"]
+        names = self._link_names(
+            a["approvers"], (a["agentId"], a.get("requestedBy")), bool(a.get("requireSignedVotes"))
+        )
+        expires = micros(parse_instant(a["expiresAt"]))
+        key = self._link_key
+        links = [
+            {"approver": name, **{d: mint(key, a["id"], name, d, expires) for d in DECISIONS},
+             "expiresAt": a["expiresAt"]}
+            for name in names
+        ]  # fmt: skip
+        return {**payload, "links": links}
