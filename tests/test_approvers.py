@@ -529,7 +529,7 @@ except Exception as err:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env={**os.environ, "PYTHONPATH": "src"})  # fmt: skip
     lines = done.stdout.splitlines()
-    assert lines[0] == ("INTERNAL approvers' keys and signed votes need the signing extra: "
+    assert lines[0] == ("EXTRA_NOT_INSTALLED approvers' keys and signed votes need the signing extra: "
                         "pip install 'agentpolicy[signing]'")  # fmt: skip
     assert lines[1] == "registered"  # registering a public key needs no cryptography library
 

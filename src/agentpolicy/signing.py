@@ -155,7 +155,7 @@ def _crypto() -> Any:
     except ImportError:
         raise PolicyError(
             f"approvers' keys and signed votes need the signing extra: {SIGNING_EXTRA}",
-            code=ErrorCode.INTERNAL,
+            code=ErrorCode.EXTRA_NOT_INSTALLED,
         ) from None
     return ed25519
 
