@@ -18,6 +18,7 @@ __all__ = [
     "ApprovalConfig",
     "ApprovalGroup",
     "AsyncPolicyEngine",
+    "AsyncStorage",
     "ApprovalRequired",
     "ApprovalStatus",
     "ApprovalThreshold",
@@ -67,6 +68,7 @@ __all__ = [
     "evaluate",
     "load_policy",
     "format_units",
+    "open_async_storage",
     "open_storage",
     "parse_base_units",
     "parse_units",
@@ -85,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "AssetLimits": "agentpolicy.policy",
     "Alert": "agentpolicy.policy",
     "AsyncPolicyEngine": "agentpolicy.aio",
+    "AsyncStorage": "agentpolicy.storage",
     "Amount": "agentpolicy.amounts",
     "Approval": "agentpolicy.records",
     "LimitBudget": "agentpolicy.records",
@@ -132,6 +135,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "agentpolicy.rules",
     "load_policy": "agentpolicy.codec",
     "format_units": "agentpolicy.amounts",
+    "open_async_storage": "agentpolicy.storage",
     "open_storage": "agentpolicy.storage",
     "parse_base_units": "agentpolicy.amounts",
     "parse_units": "agentpolicy.amounts",
@@ -210,5 +214,5 @@ if TYPE_CHECKING:
     )
     from agentpolicy.requests import PaymentRequest
     from agentpolicy.rules import evaluate, windows_for
-    from agentpolicy.storage import Storage, open_storage
+    from agentpolicy.storage import AsyncStorage, Storage, open_async_storage, open_storage
     from agentpolicy.windows import Period, Window
