@@ -1025,3 +1025,34 @@ def test_an_unreachable_async_store_fails_closed_quickly() -> None:
         assert time.monotonic() - started < 8
         assert err.code == ErrorCode.STORAGE_UNAVAILABLE
         assert "hunter2" not in err.message
+
+
+def test_a_call_cancelled_while_it_waits_for_a_row_leaves_nothing_behind(pg_schema: str) -> None:
+    """The waiting statement is cancelled on the server, the transaction rolled back and the
+    connection returned to the pool; nothing was written and the next call goes through."""
+    holder = open_storage(pg_schema)
+    clock = ManualClock()
+
+    async def main() -> tuple[dict[str, int], Any]:
+        storage = AsyncPostgresStorage(pg_schema, pool_size=1)  # a leaked connection would show
+        ledger = AsyncLedger(storage, clock)
+        await ledger.set_policy("agent-1", DAILY_100)
+        with holder.session("agent-1") as session:
+            session.get(["h/agent-1"])  # takes agent-1's row
+            call = asyncio.create_task(ledger.authorize(payment(USDT)))
+            await asyncio.sleep(0.3)  # the call waits for the row, on the server
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        stats = storage._pool.get_stats()
+        after = await ledger.authorize(payment(2 * USDT))
+        await storage.aclose()
+        return stats, after
+
+    stats, after = asyncio.run(main())
+    holder.close()
+    assert stats.get("pool_available", 0) == 1  # the one connection is back in the pool
+    assert isinstance(after, Decision)
+    assert after.allowed
+    with PolicyEngine(storage=open_storage(pg_schema), clock=clock) as engine:
+        assert used(engine) == (0, 2 * USDT)  # the cancelled call wrote nothing
