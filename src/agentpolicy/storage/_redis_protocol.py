@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Generator, Sequence
+from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis.exceptions
+from redis.backoff import ExponentialBackoff
 
 from agentpolicy.errors import InternalError, PolicyError, StorageUnavailableError
 from agentpolicy.ledger.keys import tag
@@ -49,6 +51,20 @@ def cluster_url(url: str) -> tuple[bool, str]:
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         return True, url.replace("+cluster", "", 1)
     return False, url
+
+
+def client_options(timeout: timedelta, retry: Any) -> dict[str, Any]:
+    """What both stores give their client: ``timeout`` per command, then two quick retries.
+
+    ``retry`` is the client's ``Retry`` class (redis-py's, or ``redis.asyncio``'s).
+    """
+    seconds = timeout.total_seconds()
+    return {
+        "socket_timeout": seconds,
+        "socket_connect_timeout": seconds,
+        "decode_responses": True,
+        "retry": retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
+    }
 
 
 def unreachable(exc: BaseException) -> StorageUnavailableError:

@@ -37,7 +37,6 @@ from typing import Any, TypeVar
 import redis
 import redis.cluster
 import redis.exceptions
-from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from agentpolicy.storage import _redis_protocol as rp
@@ -89,13 +88,7 @@ class RedisStorage:
         self.cluster, plain = rp.cluster_url(url)
         self.global_indexes_atomic = not self.cluster
         self.keys = rp.Keyspace(key_prefix, cluster=self.cluster)
-        seconds = timeout.total_seconds()
-        options: dict[str, Any] = {
-            "socket_timeout": seconds,
-            "socket_connect_timeout": seconds,
-            "decode_responses": True,
-            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
-        }
+        options = rp.client_options(timeout, Retry)
         try:
             if self.cluster:
                 self.client: Any = redis.cluster.RedisCluster.from_url(plain, **options)

@@ -26,7 +26,6 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.exceptions
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from agentpolicy.storage import _redis_protocol as rp
 from agentpolicy.storage.base import Doc, Outcome, Txn
@@ -103,13 +102,7 @@ class AsyncRedisStorage:
         self.keys = rp.Keyspace(key_prefix, cluster=self.cluster)
         self._url = url
         self._timeout = timeout
-        seconds = timeout.total_seconds()
-        options: dict[str, Any] = {
-            "socket_timeout": seconds,
-            "socket_connect_timeout": seconds,
-            "decode_responses": True,
-            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
-        }
+        options = rp.client_options(timeout, Retry)
         try:
             if self.cluster:
                 self.client: Any = redis.asyncio.cluster.RedisCluster.from_url(plain, **options)
