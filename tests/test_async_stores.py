@@ -1056,3 +1056,54 @@ def test_a_call_cancelled_while_it_waits_for_a_row_leaves_nothing_behind(pg_sche
     assert after.allowed
     with PolicyEngine(storage=open_storage(pg_schema), clock=clock) as engine:
         assert used(engine) == (0, 2 * USDT)  # the cancelled call wrote nothing
+
+
+def test_an_async_commit_deadlocked_at_every_attempt_is_a_conflict_and_writes_nothing(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tries: list[int] = []
+
+    async def deadlocked(self: Any, txn: Txn) -> None:
+        tries.append(1)
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    async def main() -> tuple[Outcome, Any]:
+        storage = AsyncPostgresStorage(pg_schema)
+        txn = Txn("op1", 1)
+        txn.put = {"d/a": {"n": 1}}
+        with monkeypatch.context() as patched:
+            patched.setattr(_AsyncPostgresSession, "_apply", deadlocked)
+            async with storage.session("s1") as session:
+                outcome = await session.commit(txn)  # the runner runs the step again
+        async with storage.session("s1", write=False) as session:
+            found = await session.get(["d/a"])
+        await storage.aclose()
+        return outcome, found
+
+    outcome, found = asyncio.run(main())
+    assert outcome.conflict
+    assert len(tries) == 4  # tried again, as the sync store does
+    assert found == {}
+
+
+def test_the_async_store_prunes_old_operation_ids_and_expired_documents(pg_schema: str) -> None:
+    from tests.test_postgres import sql
+
+    clock = ManualClock()
+
+    async def main() -> None:
+        storage = AsyncPostgresStorage(pg_schema)
+        ledger = AsyncLedger(storage, clock)
+        await ledger.set_policy("agent-1", {"limits": {"monthly": {"value": str(10**12)}}})
+        for i in range(5):
+            await ledger.authorize(payment(1, idempotency_key=f"day0-{i}"))
+        clock.advance(hours=25)
+        await ledger.authorize(payment(1, idempotency_key="day1"))
+        storage._commits_until_prune = 1  # every 1,000 commits: now
+        await ledger.authorize(payment(1))
+        await storage.aclose()
+
+    asyncio.run(main())
+    keys = sql(pg_schema, "SELECT name FROM @s.docs WHERE name LIKE 'i/%%' ORDER BY name")
+    assert keys == [("i/agent-1/day1",)]
+    assert sql(pg_schema, "SELECT count(*) FROM @s.ops")[0][0] == 2  # today's two
