@@ -133,6 +133,21 @@ def every_kind_vs_plain() -> None:
         value / plain, "reported")  # fmt: skip
 
 
+def shadow_vs_none() -> None:
+    plain = per_call(cycle(make_engine(MemoryStorage())), 2_000)
+    same = make_engine(MemoryStorage())
+    same.set_shadow_policy("agent-1", full_policy(10**29))
+    value = per_call(cycle(same), 2_000)
+    row("authorize+confirm, memory, a shadow policy set (the same limit kinds, tighter)",
+        us(value), f"no shadow {us(plain)}", value / plain, "reported")  # fmt: skip
+    more = make_engine(MemoryStorage())
+    more.set_shadow_policy("agent-1", every_kind_policy())
+    value = per_call(cycle(more), 2_000)
+    row("authorize+confirm, memory, a shadow policy with limit kinds the live one has not "
+        "(rolling, counts, a grouped scope)", us(value), f"no shadow {us(plain)}", value / plain,
+        "reported")  # fmt: skip
+
+
 def sqlite_anchor(path: Path) -> Callable[[], None]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -480,6 +495,7 @@ def main() -> None:
     print(f"agentpolicy benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     memory_vs_limits()
     every_kind_vs_plain()
+    shadow_vs_none()
     with tempfile.TemporaryDirectory() as tmp:
         sqlite_figures(Path(tmp), 2_000 if args.quick else 20_000)
         throughput("sqlite", tmp, 200 if args.quick else 500)

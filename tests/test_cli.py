@@ -530,3 +530,87 @@ def test_delegate_revoke_and_a_budget_within_its_parents(tmp_path: Path) -> None
     denied = run(tmp_path, "--json", "authorize", "helper", "1", "0xv", "eip155:8453")
     assert json.loads(denied.stdout)["code"] == "DELEGATION_REVOKED"
     assert "Traceback" not in denied.stderr + over.stderr
+
+
+# -- safe rollout -----------------------------------------------------------------------------------
+
+DAILY_100 = '{"limits": {"daily": {"value": "100000000"}}}'
+DAILY_50 = '{"limits": {"daily": {"value": "50000000"}, "counts": [{"window": "daily", "max": 2}]}}'
+
+
+def test_authorize_dry_run_reserves_and_records_nothing(tmp_path: Path) -> None:
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_100)
+    run(tmp_path, "authorize", "bot", "40000000", "0xv", "eip155:1")
+    done = run(tmp_path, "authorize", "bot", "50 USDT", "0xv", "eip155:1", "--dry-run")
+    assert (done.returncode, done.stdout) == (0, (
+        "WOULD BE ALLOWED (dry run: nothing reserved or recorded)\n"
+        "  daily    used 40 of 100 USDT; 10 left after this payment\n"))  # fmt: skip
+    data = json.loads(run(tmp_path, "--json", "authorize", "bot", "70000000", "0xv", "eip155:1",
+                          "--dry-run").stdout)  # fmt: skip
+    assert (data["dryRun"], data["code"], data["headroom"][0]["fits"]) == (True, "DAILY_LIMIT",
+                                                                           False)  # fmt: skip
+    denied = run(tmp_path, "authorize", "bot", "70000000", "0xv", "eip155:1", "--dry-run")
+    assert denied.returncode == 3
+    assert denied.stdout.startswith("WOULD BE DENIED DAILY_LIMIT (dry run): daily limit")
+    assert "DOES NOT FIT" in denied.stdout
+    history = run(tmp_path, "history", "bot").stdout.splitlines()
+    assert [line.split()[1] for line in history] == ["decision", "policy_set"]  # the real one
+
+
+def test_policy_versions_diff_rollback_and_history_by_version(tmp_path: Path) -> None:
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_100)
+    run(tmp_path, "authorize", "bot", "1", "0xv", "eip155:1")
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_50)
+    back = run(tmp_path, "policy", "rollback", "bot", "1")
+    assert back.stdout == "policy of bot is now version 3 (equal to version 1)\n"
+    listed = run(tmp_path, "policy", "versions", "bot").stdout.splitlines()
+    assert [line.split()[0] for line in listed if line.startswith("v")] == ["v3", "v2", "v1"]
+    assert "rollback of v1  (live)" in listed[0]
+    assert "    limits.daily.value: 50000000 -> 100000000" in listed
+    diff = run(tmp_path, "policy", "diff", "bot", "1", "2")
+    assert diff.stdout == ("limits.daily.value: 100000000 -> 50000000\n"
+                           'limits.counts: (none) -> [{"window": "daily", "max": 2}]\n')  # fmt: skip
+    same = run(tmp_path, "policy", "diff", "bot", "1", "3")
+    assert same.stdout == "versions 1 and 3 are the same\n"
+    old = json.loads(run(tmp_path, "--json", "policy", "get", "bot", "--version", "2").stdout)
+    assert old["policy"]["limits"]["daily"]["value"] == "50000000"
+    v1 = run(tmp_path, "history", "bot", "--version", "1").stdout.splitlines()
+    assert [line.split()[1] for line in v1] == ["decision", "policy_set"]
+    missing = run(tmp_path, "policy", "rollback", "bot", "9")
+    assert (missing.returncode, missing.stderr.split(":")[1].strip()) == (
+        1, "POLICY_VERSION_NOT_FOUND")  # fmt: skip
+
+
+def test_policy_shadow_set_report_promote_clear_and_simulate(tmp_path: Path) -> None:
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_100)
+    shadow = run(tmp_path, "policy", "shadow", "set", "bot", "-", stdin=DAILY_50)
+    assert shadow.stdout.startswith("shadow policy of bot set beside version 1 at ")
+    for _ in range(3):
+        assert run(tmp_path, "authorize", "bot", "20000000", "0xv", "eip155:1").returncode == 0
+    report = run(tmp_path, "policy", "shadow", "report", "bot").stdout.splitlines()
+    assert report[1:4] == [
+        "  live:   3 allowed, 0 approval, 0 denied  (ALLOWED 3)",
+        "  shadow: 2 allowed, 0 approval, 1 denied  (ALLOWED 2, DAILY_LIMIT 1)",
+        "  flips:  allowed->denied 1",
+    ]
+    assert report[5].endswith("bot  20 USDT to 0xv  ALLOWED -> DAILY_LIMIT")
+    candidate = tmp_path / "candidate.json"
+    candidate.write_text(DAILY_50)
+    sim = run(tmp_path, "policy", "simulate", "bot", str(candidate), "--since", "7d")
+    lines = sim.stdout.splitlines()
+    assert lines[0].endswith(": 3 payment(s) replayed")
+    assert "  flips:     allowed->denied 1" in lines
+    assert any("daily" in line and "60 -> 40 USDT of 50 USDT  (3 -> 2 payments)" in line
+               for line in lines)  # fmt: skip
+    data = json.loads(run(tmp_path, "--json", "policy", "simulate", "bot", str(candidate)).stdout)
+    assert data["candidateCodes"] == {"ALLOWED": 2, "DAILY_LIMIT": 1}
+    bad = run(tmp_path, "policy", "simulate", "bot", str(candidate), "--since", "lately")
+    assert (bad.returncode, bad.stderr.split(":")[1].strip()) == (2, "INVALID_INPUT")
+    promoted = run(tmp_path, "policy", "shadow", "promote", "bot")
+    assert promoted.stdout == "shadow policy of bot promoted: it is now version 2\n"
+    gone = run(tmp_path, "policy", "shadow", "clear", "bot")
+    assert (gone.returncode, gone.stderr) == (
+        1, "agentpolicy: SHADOW_NOT_FOUND: agent bot has no shadow policy\n")  # fmt: skip
+    run(tmp_path, "policy", "shadow", "set", "bot", "-", stdin=DAILY_100)
+    cleared = run(tmp_path, "policy", "shadow", "clear", "bot")
+    assert "0 payment(s) judged" in cleared.stdout

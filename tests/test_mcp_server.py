@@ -63,7 +63,7 @@ def agent(storage: MemoryStorage, admin: AgentPolicyMcpServer) -> AgentPolicyMcp
 def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
     import re
 
-    assert len(TOOLS) == 12
+    assert len(TOOLS) == 21
     for tool in TOOLS:
         assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.name)
         assert tool.slash_name.startswith("agent-policy/")
@@ -72,10 +72,10 @@ def test_tool_names_follow_the_mcp_pattern_and_slash_names_map() -> None:
 
 
 def test_roles_list_their_tools(admin: AgentPolicyMcpServer, agent: AgentPolicyMcpServer) -> None:
-    assert len(admin.tools()) == 12
+    assert len(admin.tools()) == 21
     assert [t.slash_name.removeprefix("agent-policy/") for t in agent.tools()] == [
         "authorize", "budget", "get", "confirm", "release", "approvals/list", "approvals/get",
-        "delegate", "revoke",
+        "delegate", "revoke", "check",
     ]  # fmt: skip
 
 
@@ -419,7 +419,8 @@ def test_descriptions_speak_to_the_model_and_limits_are_the_enforced_ones(
     for tool in TOOLS:
         a = tool.annotations
         assert a.title
-        assert a.read_only == (tool.name.split("_")[-1] in ("budget", "get", "list")), tool.name
+        readers = ("budget", "get", "list", "check", "versions", "diff", "report", "simulate")
+        assert a.read_only == (tool.name.split("_")[-1] in readers), tool.name
 
 
 def test_the_storage_folder_of_agent_policy_db_is_created(
@@ -490,3 +491,69 @@ def test_an_org_bound_agent_server_gives_budgets_only_to_agents_of_its_org(
     assert ok(call(org, "agent_policy_delegate", {**sub, "childId": "acme:x"}))["parentId"] == (
         "acme:bot"
     )
+
+
+def test_the_agent_may_check_a_payment_of_its_own_and_nothing_is_reserved(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer
+) -> None:
+    bound = AgentPolicyMcpServer(storage=storage, clock=admin.engine.clock, agent_id="acme:bot")
+    check = next(t for t in bound.tools() if t.name == "agent_policy_check")
+    assert "agentId" not in check.input_schema["required"]
+    d = ok(call(bound, "agent-policy/check", {k: v for k, v in PAY.items() if k != "agentId"}))
+    assert (d["allowed"], d["dryRun"], d["code"]) == (True, True, "ALLOWED")
+    assert "reservationId" not in d
+    assert d["headroom"] == [{
+        "budgetId": "acme:bot", "kind": "amount", "window": "daily", "limit": str(1000 * USDT),
+        "used": "0", "remaining": str(995 * USDT), "decimals": 6, "symbol": "USDT", "fits": True,
+        "windowStart": "2026-01-19T00:00:00Z", "windowEnd": "2026-01-20T00:00:00Z"}]  # fmt: skip
+    held = ok(call(bound, "agent_policy_check", {**PAY, "amount": str(500 * USDT)}))
+    assert (held["code"], held["requiresApproval"], "approvalId" in held) == (
+        "APPROVAL_REQUIRED", True, False)  # fmt: skip
+    assert ok(call(admin, "agent_policy_approvals_list", {}))["approvals"] == []
+    assert ok(call(bound, "agent_policy_budget", {}))["periods"]["daily"]["reserved"] == "0"
+    assert err(call(bound, "agent_policy_check", {**PAY, "agentId": "acme:other"}))[
+        "code"] == "FORBIDDEN"  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [
+    "agent_policy_versions", "agent_policy_diff", "agent_policy_rollback",
+    "agent_policy_shadow_set", "agent_policy_shadow_report", "agent_policy_shadow_promote",
+    "agent_policy_shadow_clear", "agent_policy_simulate", "agent-policy/shadow/promote",
+])  # fmt: skip
+def test_the_agent_role_cannot_see_or_change_versions_shadows_or_simulations(
+    agent: AgentPolicyMcpServer, name: str
+) -> None:
+    assert name not in [t.name for t in agent.tools()]
+    assert err(call(agent, name, {"agentId": "acme:bot"}))["code"] == "FORBIDDEN"
+
+
+def test_rollout_tools_through_the_server(admin: AgentPolicyMcpServer) -> None:
+    tighter = {**POLICY, "limits": {"daily": {"value": str(10 * USDT)}}}
+    shadow = ok(call(admin, "agent_policy_shadow_set", {"agentId": "acme:bot", "policy": tighter}))
+    assert shadow["liveVersion"] == 1
+    for _ in range(3):
+        ok(call(admin, "agent_policy_authorize", PAY))
+    report = ok(call(admin, "agent_policy_shadow_report", {"agentId": "acme:bot", "limit": 1}))
+    assert (report["payments"], report["flips"], len(report["differences"])) == (
+        3, {"allowed->denied": 1}, 1)  # fmt: skip
+    assert report["differences"][0]["flip"] == "allowed->denied"
+    sim = ok(call(admin, "agent_policy_simulate", {"agentId": "acme:bot", "policy": tighter,
+                                                   "since": "2026-01-19T00:00:00Z"}))  # fmt: skip
+    assert (sim["changedTotal"], sim["windows"][0]["candidate"]) == (1, str(10 * USDT))
+    bad = err(call(admin, "agent_policy_simulate", {"agentId": "acme:bot", "policy": tighter,
+                                                    "since": "last week"}))  # fmt: skip
+    assert (bad["code"], bad["path"]) == ("INVALID_INPUT", "$.since")
+    assert ok(call(admin, "agent_policy_shadow_promote", {"agentId": "acme:bot"}))["version"] == 2
+    old = ok(call(admin, "agent_policy_get", {"agentId": "acme:bot", "version": 1}))
+    assert old["policy"]["limits"]["daily"]["value"] == str(1000 * USDT)
+    back = ok(call(admin, "agent_policy_rollback", {"agentId": "acme:bot", "version": 1}))
+    assert back == {"agentId": "acme:bot", "version": 3, "fromVersion": 1}
+    listed = ok(call(admin, "agent_policy_versions", {"agentId": "acme:bot"}))
+    assert [(v["version"], v["origin"], v["current"]) for v in listed["versions"]] == [
+        (3, "rollback", True), (2, "promote", False), (1, "set", False)]  # fmt: skip
+    assert listed["currentVersion"] == 3
+    diff = ok(call(admin, "agent_policy_diff", {"agentId": "acme:bot", "fromVersion": 2,
+                                                "toVersion": 3}))  # fmt: skip
+    assert [c["text"] for c in diff["changes"]] == ["limits.daily.value: 10000000 -> 1000000000"]
+    assert err(call(admin, "agent_policy_diff", {"agentId": "acme:bot", "fromVersion": 0,
+                                                 "toVersion": 1}))["path"] == "$.fromVersion"  # fmt: skip

@@ -32,7 +32,7 @@ def test_sdk_client_lists_tools_and_calls_them_with_structured_content() -> None
     async def run() -> None:
         async with Client(build_server(admin)) as client:
             listed = (await client.list_tools()).tools
-            assert len(listed) == 12
+            assert len(listed) == 21
             setter = next(t for t in listed if t.name == "agent_policy_set")
             assert setter.input_schema["required"] == ["agentId", "policy"]
             result = await client.call_tool(
@@ -46,7 +46,7 @@ def test_sdk_client_lists_tools_and_calls_them_with_structured_content() -> None
         async with Client(build_server(agent)) as client:
             names = [t.name for t in (await client.list_tools()).tools]
             assert "agent_policy_set" not in names
-            assert len(names) == 9
+            assert len(names) == 10
             allowed = await client.call_tool("agent_policy_authorize", PAY)
             assert allowed.is_error is False
             assert allowed.structured_content is not None
@@ -138,6 +138,15 @@ class Stdio:
         return err
 
 
+def test_the_text_of_a_dry_run_says_nothing_was_reserved() -> None:
+    data = {"allowed": True, "code": "ALLOWED", "reason": "every check passed", "dryRun": True,
+            "requiresApproval": False, "evaluations": [], "headroom": []}  # fmt: skip
+    text = summary({"success": True, "data": data})
+    assert text == "WOULD BE ALLOWED, dry run (nothing reserved or recorded): every check passed"
+    denied = {**data, "allowed": False, "code": "DAILY_LIMIT", "reason": "over"}
+    assert summary({"success": True, "data": denied}).startswith("WOULD BE DENIED (DAILY_LIMIT)")
+
+
 def _env(tmp_path: Path, role: str) -> dict[str, str]:
     return {"AGENT_POLICY_DB": str(tmp_path / "mcp.db"), "AGENT_POLICY_ROLE": role,
             "AGENT_POLICY_REDIS_URL": "", "AGENT_POLICY_DEMO_MODE": ""}  # fmt: skip
@@ -148,7 +157,7 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
     init = admin.initialize()
     assert init["result"]["serverInfo"]["name"] == "agent-policy"
     tools = admin.send("tools/list")["result"]["tools"]
-    assert len(tools) == 12
+    assert len(tools) == 21
     assert all("inputSchema" in t and t["description"] for t in tools)
     result = admin.call("agent_policy_set", {"agentId": "bot", "policy": {
         "limits": {"daily": {"value": "100000000"}}}})  # fmt: skip
@@ -162,7 +171,7 @@ def test_stdio_server_for_both_roles_on_one_database(tmp_path: Path) -> None:
 
     agent = Stdio(_env(tmp_path, "agent"))
     agent.initialize()
-    assert len(agent.send("tools/list")["result"]["tools"]) == 9
+    assert len(agent.send("tools/list")["result"]["tools"]) == 10
     allowed = agent.call("agent_policy_authorize", PAY)
     assert allowed["structuredContent"]["data"]["allowed"] is True  # the admin's policy persisted
     assert allowed["isError"] is False
@@ -212,7 +221,7 @@ def test_the_cli_serves_mcp_too(tmp_path: Path) -> None:
         [str(exe), "--db", str(tmp_path / "s.db"), "serve-mcp", "--role", "admin"],
     )
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
-    assert len(server.send("tools/list")["result"]["tools"]) == 12
+    assert len(server.send("tools/list")["result"]["tools"]) == 21
     assert "Traceback" not in server.close()
 
 
@@ -286,6 +295,7 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
                 "comment": "ok"})  # fmt: skip
             assert decided["data"]["reservationId"]
             await _delegate_and_revoke(check)
+            await _roll_out(check)
             for name, args in [
                 ("agent_policy_revoke", {"childId": "bot"}),
                 ("agent_policy_delegate", {"childId": "x", "policy": {}}),
@@ -299,6 +309,56 @@ def test_every_tool_declares_its_schemas_and_annotations_and_its_results_match_t
 
     anyio.run(run)
     assert checked == {t.name for t in admin.tools()}
+
+
+async def _roll_out(check: Any) -> None:
+    """Dry run, shadow, what-if, versions, diff and rollback, with results checked by schema."""
+    dry = (await check("agent_policy_check", {**PAY, "amount": "1000"}))["data"]
+    assert dry["dryRun"] is True
+    assert {(h["kind"], h["window"]) for h in dry["headroom"]} >= {("amount", "24h"),
+                                                                  ("count", "10m")}  # fmt: skip
+    over = (await check("agent_policy_check", {**PAY, "amount": "100000000001"}))["data"]
+    assert over["code"] == "PER_TRANSACTION_LIMIT" or not over["allowed"]
+    tighter = {
+        **APPROVAL_POLICY,
+        "limits": {**APPROVAL_POLICY["limits"], "daily": {"value": "1000"}},
+    }
+    shadow = await check("agent_policy_shadow_set", {"agentId": "bot", "policy": tighter})
+    assert shadow["data"]["policy"]["limits"]["daily"]["value"] == "1000"
+    await check("agent_policy_authorize", {**PAY, "amount": "2000"})
+    report = (await check("agent_policy_shadow_report", {"agentId": "bot"}))["data"]
+    assert report["flips"] == {"allowed->denied": 1}
+    assert report["differences"][0]["shadowCode"] == "DAILY_LIMIT"
+    sim = (await check("agent_policy_simulate", {"agentId": "bot", "policy": tighter,
+                                                  "since": "1d"}))["data"]  # fmt: skip
+    assert sim["changed"]
+    assert sim["windows"]
+    assert (await check("agent_policy_shadow_promote", {"agentId": "bot"}))["data"]["version"] == 2
+    page = (await check("agent_policy_versions", {"agentId": "bot", "limit": 1}))["data"]
+    assert [v["version"] for v in page["versions"]] == [2]
+    rest = await check("agent_policy_versions", {"agentId": "bot", "cursor": page["nextCursor"]})
+    assert [v["version"] for v in rest["data"]["versions"]] == [1]
+    diff = (await check("agent_policy_diff", {"agentId": "bot", "fromVersion": 1,
+                                              "toVersion": 2}))["data"]  # fmt: skip
+    assert [c["text"] for c in diff["changes"]] == ["limits.daily.value: 100000000000 -> 1000"]
+    assert (await check("agent_policy_rollback", {"agentId": "bot", "version": 1}))["data"][
+        "version"] == 3  # fmt: skip
+    old = await check("agent_policy_get", {"agentId": "bot", "version": 2})
+    assert old["data"]["policy"]["limits"]["daily"]["value"] == "1000"
+    await check("agent_policy_shadow_set", {"agentId": "bot", "policy": tighter})
+    cleared = await check("agent_policy_shadow_clear", {"agentId": "bot"})
+    assert cleared["data"]["payments"] == 0
+    for name, args, code in [
+        ("agent_policy_shadow_report", {"agentId": "bot"}, "SHADOW_NOT_FOUND"),
+        ("agent_policy_diff", {"agentId": "bot", "fromVersion": 1, "toVersion": 99},
+         "POLICY_VERSION_NOT_FOUND"),
+        ("agent_policy_simulate", {"agentId": "bot", "policy": tighter, "since": "soon"},
+         "INVALID_INPUT"),
+        ("agent_policy_rollback", {"agentId": "nobody", "version": 1}, "NO_POLICY"),
+        ("agent_policy_shadow_promote", {"agentId": "bot"}, "SHADOW_NOT_FOUND"),
+        ("agent_policy_versions", {"agentId": "bot", "cursor": "eyJ4Ijp9"}, "INVALID_INPUT"),
+    ]:  # fmt: skip
+        assert (await check(name, args))["error"]["code"] == code, name
 
 
 async def _delegate_and_revoke(check: Any) -> None:
@@ -512,7 +572,7 @@ def test_the_documented_claude_desktop_config_starts_on_a_new_machine(
     server = Stdio(bare, [command, *entry.get("args", [])], inherit=False)
     assert server.initialize()["result"]["serverInfo"]["name"] == "agent-policy"
     tools = server.send("tools/list")["result"]["tools"]
-    assert len(tools) == (12 if name == "agent-policy-admin" else 9)
+    assert len(tools) == (21 if name == "agent-policy-admin" else 10)
     assert all("outputSchema" in t and "annotations" in t for t in tools)
     assert "Traceback" not in server.close()
     assert stat.S_IMODE(Path(state).stat().st_mode) == 0o700

@@ -35,6 +35,7 @@ __all__ = [
     "ErrorCode",
     "Evaluation",
     "ForbiddenError",
+    "Headroom",
     "HistoryRecord",
     "InternalError",
     "LimitBudget",
@@ -46,14 +47,19 @@ __all__ = [
     "PaymentRequest",
     "Period",
     "PolicyEngine",
+    "PolicyChange",
     "PolicyError",
     "PolicyValidationError",
+    "PolicyVersion",
     "Problem",
     "Reservation",
     "ReservationStatus",
     "RollingLimit",
     "ScopeMatch",
     "ScopedLimit",
+    "ShadowPolicy",
+    "ShadowReport",
+    "SimulationReport",
     "SpendingLimits",
     "Storage",
     "StorageUnavailableError",
@@ -64,6 +70,7 @@ __all__ = [
     "Vote",
     "Window",
     "WindowBudget",
+    "diff_policies",
     "dump_policy",
     "evaluate",
     "load_policy",
@@ -106,6 +113,7 @@ _EXPORTS: dict[str, str] = {
     "ErrorCode": "agentpolicy.errors",
     "Evaluation": "agentpolicy.decisions",
     "ForbiddenError": "agentpolicy.errors",
+    "Headroom": "agentpolicy.decisions",
     "HistoryRecord": "agentpolicy.records",
     "InternalError": "agentpolicy.errors",
     "MerchantRules": "agentpolicy.policy",
@@ -116,11 +124,16 @@ _EXPORTS: dict[str, str] = {
     "PaymentRequest": "agentpolicy.requests",
     "Period": "agentpolicy.windows",
     "PolicyEngine": "agentpolicy.engine",
+    "PolicyChange": "agentpolicy.versions",
     "PolicyError": "agentpolicy.errors",
     "PolicyValidationError": "agentpolicy.errors",
+    "PolicyVersion": "agentpolicy.versions",
     "Problem": "agentpolicy.errors",
     "Reservation": "agentpolicy.records",
     "ReservationStatus": "agentpolicy.records",
+    "ShadowPolicy": "agentpolicy.shadow",
+    "ShadowReport": "agentpolicy.shadow",
+    "SimulationReport": "agentpolicy.simulation",
     "SpendingLimits": "agentpolicy.policy",
     "Storage": "agentpolicy.storage",
     "StorageUnavailableError": "agentpolicy.errors",
@@ -131,6 +144,7 @@ _EXPORTS: dict[str, str] = {
     "Vote": "agentpolicy.records",
     "Window": "agentpolicy.windows",
     "WindowBudget": "agentpolicy.records",
+    "diff_policies": "agentpolicy.versions",
     "dump_policy": "agentpolicy.codec",
     "evaluate": "agentpolicy.rules",
     "load_policy": "agentpolicy.codec",
@@ -165,7 +179,7 @@ if TYPE_CHECKING:
     from agentpolicy.aio import AsyncPolicyEngine
     from agentpolicy.amounts import Amount, format_units, parse_base_units, parse_units
     from agentpolicy.codec import dump_policy, load_policy
-    from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
+    from agentpolicy.decisions import Code, Decision, Evaluation, Headroom, Outcome
     from agentpolicy.engine import PolicyEngine, StoredPolicy
     from agentpolicy.errors import (
         ConflictError,
@@ -214,5 +228,8 @@ if TYPE_CHECKING:
     )
     from agentpolicy.requests import PaymentRequest
     from agentpolicy.rules import evaluate, windows_for
+    from agentpolicy.shadow import ShadowPolicy, ShadowReport
+    from agentpolicy.simulation import SimulationReport
     from agentpolicy.storage import AsyncStorage, Storage, open_async_storage, open_storage
+    from agentpolicy.versions import PolicyChange, PolicyVersion, diff_policies
     from agentpolicy.windows import Period, Window

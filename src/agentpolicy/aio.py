@@ -52,7 +52,10 @@ from agentpolicy.records import (
     WebhookDelivery,
 )
 from agentpolicy.requests import PaymentRequest
+from agentpolicy.shadow import ShadowPolicy, ShadowReport
+from agentpolicy.simulation import SimulationReport
 from agentpolicy.storage import Storage
+from agentpolicy.versions import PolicyChange, PolicyVersion
 from agentpolicy.webhooks import WebhookEndpoint
 from agentpolicy.windows import Period
 
@@ -159,6 +162,60 @@ class AsyncPolicyEngine:
         """Every stored policy, or those of agents whose id starts with ``"{org_id}:"``."""
         return await self._run(self._engine.list_policies, org_id)
 
+    # -- versions, shadows and what-if ------------------------------------------------------
+
+    async def policy_versions(
+        self, agent_id: str, limit: int = 100, *, before: int | None = None
+    ) -> list[PolicyVersion]:
+        """The agent's policy versions, newest first (:meth:`PolicyEngine.policy_versions`)."""
+        return await self._run(self._engine.policy_versions, agent_id, limit, before=before)
+
+    async def get_policy_version(self, agent_id: str, version: int) -> PolicyVersion:
+        """One version of the agent's policy (``POLICY_VERSION_NOT_FOUND`` if none)."""
+        return await self._run(self._engine.get_policy_version, agent_id, version)
+
+    async def diff_policy_versions(
+        self, agent_id: str, before: int, after: int
+    ) -> tuple[PolicyChange, ...]:
+        """What changed between two versions (:meth:`PolicyEngine.diff_policy_versions`)."""
+        return await self._run(self._engine.diff_policy_versions, agent_id, before, after)
+
+    async def rollback_policy(self, agent_id: str, version: int) -> int:
+        """Make an old version live again as a new version; return the new version."""
+        return await self._run(self._engine.rollback_policy, agent_id, version)
+
+    async def set_shadow_policy(
+        self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]
+    ) -> ShadowPolicy:
+        """Judge a candidate beside the live policy (:meth:`PolicyEngine.set_shadow_policy`)."""
+        return await self._run(self._engine.set_shadow_policy, agent_id, policy)
+
+    async def get_shadow_policy(self, agent_id: str) -> ShadowPolicy | None:
+        """The agent's shadow policy, or ``None``."""
+        return await self._run(self._engine.get_shadow_policy, agent_id)
+
+    async def shadow_report(self, agent_id: str, limit: int = 100) -> ShadowReport:
+        """What the shadow would have decided (:meth:`PolicyEngine.shadow_report`)."""
+        return await self._run(self._engine.shadow_report, agent_id, limit)
+
+    async def promote_shadow_policy(self, agent_id: str) -> int:
+        """Make the shadow the live policy; return the new version."""
+        return await self._run(self._engine.promote_shadow_policy, agent_id)
+
+    async def clear_shadow_policy(self, agent_id: str) -> ShadowReport:
+        """Remove the shadow policy; return its last report."""
+        return await self._run(self._engine.clear_shadow_policy, agent_id)
+
+    async def simulate(
+        self,
+        agent_id: str,
+        candidate: AgentPolicy | Mapping[str, Any],
+        *,
+        since: datetime | timedelta,
+    ) -> SimulationReport:
+        """Replay recorded payments against a candidate (:meth:`PolicyEngine.simulate`)."""
+        return await self._run(self._engine.simulate, agent_id, candidate, since=since)
+
     # -- shared budgets -----------------------------------------------------------------------
 
     async def delegate(
@@ -190,9 +247,9 @@ class AsyncPolicyEngine:
 
     # -- payments -----------------------------------------------------------------------------
 
-    async def authorize(self, request: PaymentRequest) -> Decision:
+    async def authorize(self, request: PaymentRequest, *, dry_run: bool = False) -> Decision:
         """Decide a payment; hold its amount when allowed (:meth:`PolicyEngine.authorize`)."""
-        return await self._run(self._engine.authorize, request)
+        return await self._run(self._engine.authorize, request, dry_run=dry_run)
 
     async def confirm(self, reservation_id: str) -> Reservation:
         """Turn a reservation into spending (:meth:`PolicyEngine.confirm`)."""
@@ -236,9 +293,11 @@ class AsyncPolicyEngine:
 
     # -- audit and housekeeping ---------------------------------------------------------------
 
-    async def history(self, agent_id: str, limit: int = 100) -> list[HistoryRecord]:
+    async def history(
+        self, agent_id: str, limit: int = 100, *, version: int | None = None
+    ) -> list[HistoryRecord]:
         """The agent's decisions and state changes, newest first."""
-        return await self._run(self._engine.history, agent_id, limit)
+        return await self._run(self._engine.history, agent_id, limit, version=version)
 
     async def sweep(self) -> SweepResult:
         """Apply every due expiry now; return what it expired."""

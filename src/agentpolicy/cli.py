@@ -31,7 +31,7 @@ from agentpolicy import cli_output as show
 from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
 from agentpolicy.codec import dump_policy, load_policy, parse_instant
 from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
-from agentpolicy.durations import parse_duration
+from agentpolicy.durations import parse_duration, parse_since
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import (
     ErrorCode,
@@ -46,10 +46,15 @@ from agentpolicy.urls import redact_url
 from agentpolicy.views import (
     approval_data,
     budget_data,
+    change_data,
     decision_data,
     delegation_data,
     history_data,
     reservation_data,
+    shadow_data,
+    shadow_report_data,
+    simulation_data,
+    version_data,
 )
 from agentpolicy.windows import Period
 
@@ -107,9 +112,9 @@ class _Commands:
         _global_options(parser, defaults=False)
         return parser
 
-    def group(self, name: str, help: str) -> _Commands:
+    def group(self, name: str, help: str, dest: str = "action") -> _Commands:
         parser = self.sub.add_parser(name, help=help)
-        return _Commands(parser.add_subparsers(dest="action", required=True, parser_class=_Parser))
+        return _Commands(parser.add_subparsers(dest=dest, required=True, parser_class=_Parser))
 
 
 def _limit(parser: argparse.ArgumentParser, default: int) -> None:
@@ -117,17 +122,53 @@ def _limit(parser: argparse.ArgumentParser, default: int) -> None:
 
 
 def _add_policy_commands(commands: _Commands) -> None:
-    policy = commands.group("policy", "set, show, list, validate policies; print their schema")
+    policy = commands.group(
+        "policy",
+        "set, show, list, validate policies; versions, diff, rollback, shadow, simulate",
+    )
     ps = policy.add("set", "set an agent's policy from a JSON file ('-' for stdin)")
     ps.add_argument("agent")
     ps.add_argument("file")
     pg = policy.add("get", "show an agent's policy")
     pg.add_argument("agent")
+    pg.add_argument("--version", type=int, help="an earlier version (default: the live one)")
     pl = policy.add("list", "list agents with a policy")
     pl.add_argument("--org", help="only agents whose id starts with ORG:")
     pv = policy.add("validate", "check a policy file; print every problem (touches no store)")
     pv.add_argument("file")
     policy.add("schema", "print the JSON Schema of a policy file")
+    _add_rollout_commands(policy)
+
+
+def _add_rollout_commands(policy: _Commands) -> None:
+    pvs = policy.add("versions", "an agent's policy versions, newest first, with what changed")
+    pvs.add_argument("agent")
+    _limit(pvs, 20)
+    pd = policy.add("diff", "what differs between two versions of an agent's policy")
+    pd.add_argument("agent")
+    pd.add_argument("before", type=int, metavar="A", help="the earlier version")
+    pd.add_argument("after", type=int, metavar="B", help="the later version")
+    pr = policy.add("rollback", "make version N live again, as a new version")
+    pr.add_argument("agent")
+    pr.add_argument("version", type=int, metavar="N")
+    shadow = policy.group("shadow", "judge payments by a candidate policy beside the live one",
+                          dest="shadow_action")  # fmt: skip
+    ss = shadow.add("set", "set (or replace) an agent's shadow policy from a JSON file")
+    ss.add_argument("agent")
+    ss.add_argument("file")
+    sr = shadow.add("report", "what the shadow would have decided since it was set")
+    sr.add_argument("agent")
+    _limit(sr, 20)
+    for verb, text in (("promote", "make the shadow the live policy (a new version)"),
+                       ("clear", "remove the shadow; print its last report")):  # fmt: skip
+        shadow.add(verb, text).add_argument("agent")
+    sim = policy.add("simulate", "replay recorded payments against a candidate policy file")
+    sim.add_argument("agent")
+    sim.add_argument("file")
+    sim.add_argument(
+        "--since", default="30d", help="a duration back from now (30d, 12h) or an ISO 8601 "
+        "instant (default 30d)",
+    )  # fmt: skip
 
 
 def _add_payment_commands(commands: _Commands) -> None:
@@ -148,6 +189,11 @@ def _add_payment_commands(commands: _Commands) -> None:
     a.add_argument("--symbol", help=f"the token's symbol (default {DEFAULT_SYMBOL})")
     a.add_argument("--memo")
     a.add_argument("--idempotency-key")
+    a.add_argument(
+        "--dry-run", action="store_true",
+        help="decide as authorize would, reserving and recording nothing; show the headroom "
+        "left in every limit",
+    )  # fmt: skip
     for name, text in (("confirm", "confirm a reservation"), ("release", "release one")):
         c = commands.add(name, text)
         c.add_argument("reservation")
@@ -183,6 +229,7 @@ def _add_review_commands(commands: _Commands) -> None:
     h = commands.add("history", "an agent's decisions and state changes")
     h.add_argument("agent")
     _limit(h, 50)
+    h.add_argument("--version", type=int, help="only records of this policy version")
     webhooks = commands.group("webhooks", "webhook deliveries in the outbox")
     whl = webhooks.add("list", "deliveries, newest first")
     whl.add_argument("--status", choices=["pending", "delivered", "failed"])
@@ -341,7 +388,7 @@ def _policy_decimals(engine: PolicyEngine, agent: str, symbol: str) -> int:
 
 
 def _history(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
-    records = engine.history(args.agent, _check_limit(args.limit))
+    records = engine.history(args.agent, _check_limit(args.limit), version=args.version)
     if not records and engine.get_policy(args.agent) is None:
         raise NotFoundError(f"no policy is set for agent {args.agent}", code=ErrorCode.NO_POLICY)
     approvals: dict[str, Any] = {}
@@ -412,6 +459,59 @@ def _settle(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
     return reservation_data(reservation)
 
 
+Emit = Callable[[Any, Callable[[Any, TextIO], None]], None]
+
+
+def _versions(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
+    found = engine.policy_versions(args.agent, _check_limit(args.limit))
+    emit({"agentId": args.agent, "versions": [version_data(v) for v in found]},
+         show.print_versions)  # fmt: skip
+
+
+def _diff(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
+    changes = engine.diff_policy_versions(args.agent, args.before, args.after)
+    emit({"agentId": args.agent, "fromVersion": args.before, "toVersion": args.after,
+          "changes": [change_data(c) for c in changes]}, show.print_diff)  # fmt: skip
+
+
+def _rollback(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
+    version = engine.rollback_policy(args.agent, args.version)
+    text = "policy of {agentId} is now version {version} (equal to version {fromVersion})"
+    emit({"agentId": args.agent, "version": version, "fromVersion": args.version}, _line(text))
+
+
+def _shadow(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
+    verb = args.shadow_action
+    if verb == "set":
+        found = engine.set_shadow_policy(args.agent, _read_policy(args.file))
+        text = "shadow policy of {agentId} set beside version {liveVersion} at {setAt}"
+        emit(shadow_data(found), _line(text))
+    elif verb == "report":
+        limit = _check_limit(args.limit)
+        emit(shadow_report_data(engine.shadow_report(args.agent, limit)), show.print_shadow_report)
+    elif verb == "promote":
+        version = engine.promote_shadow_policy(args.agent)
+        emit({"agentId": args.agent, "version": version},
+             _line("shadow policy of {agentId} promoted: it is now version {version}"))  # fmt: skip
+    else:
+        emit(shadow_report_data(engine.clear_shadow_policy(args.agent)), show.print_shadow_report)
+
+
+def _simulate(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
+    since = parse_since(args.since, "$.since")
+    report = engine.simulate(args.agent, _read_policy(args.file), since=since)
+    emit(simulation_data(report), show.print_simulation)
+
+
+_ROLLOUT: dict[str, Callable[[argparse.Namespace, PolicyEngine, Emit], None]] = {
+    "versions": _versions,
+    "diff": _diff,
+    "rollback": _rollback,
+    "shadow": _shadow,
+    "simulate": _simulate,
+}
+
+
 def _line(template: str) -> Callable[[dict[str, Any], TextIO], None]:
     def write(d: dict[str, Any], out: TextIO) -> None:
         out.write(template.format(**d) + "\n")
@@ -431,6 +531,12 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out
         version = engine.set_policy(args.agent, _read_policy(args.file))
         emit({"agentId": args.agent, "version": version},
              _line("policy of {agentId} is now version {version}"))  # fmt: skip
+    elif cmd == "policy" and action in _ROLLOUT:
+        _ROLLOUT[action](args, engine, emit)
+    elif cmd == "policy" and action == "get" and args.version is not None:
+        found = engine.get_policy_version(args.agent, args.version)
+        emit({"agentId": args.agent, "version": found.version,
+              "policy": dump_policy(found.policy)}, show.print_policy)  # fmt: skip
     elif cmd == "policy" and action == "get":
         stored = engine.get_policy(args.agent)
         if stored is None:
@@ -444,7 +550,7 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out
                 for p in engine.list_policies(args.org)]  # fmt: skip
         emit({"policies": rows}, show.print_policies)
     elif cmd == "authorize":
-        data = decision_data(engine.authorize(_payment(args, engine)))
+        data = decision_data(engine.authorize(_payment(args, engine), dry_run=args.dry_run))
         emit(data, show.print_decision)
         return 0 if data["allowed"] else EXIT_NOT_ALLOWED
     elif cmd in ("confirm", "release"):

@@ -18,10 +18,14 @@ __all__ = [
     "print_budget",
     "print_decision",
     "print_deliveries",
+    "print_diff",
     "print_history",
     "print_policies",
     "print_policy",
     "print_problems",
+    "print_shadow_report",
+    "print_simulation",
+    "print_versions",
     "print_where",
 ]
 
@@ -118,13 +122,119 @@ def print_approvals(data: dict[str, Any], out: TextIO) -> None:
 
 
 def print_decision(data: dict[str, Any], out: TextIO) -> None:
-    """ALLOWED with its reservation, APPROVAL_REQUIRED with its approval, or DENIED and why."""
-    if data["allowed"]:
+    """ALLOWED with its reservation, APPROVAL_REQUIRED with its approval, or DENIED and why.
+
+    A dry run says what authorize would answer, then the headroom of every limit.
+    """
+    if data.get("dryRun"):
+        _print_dry_run(data, out)
+    elif data["allowed"]:
         out.write(f"ALLOWED  reservation {data['reservationId']} until {data['expiresAt']}\n")
     elif data.get("requiresApproval"):
         out.write(f"APPROVAL_REQUIRED  approval {data['approvalId']}: {data['reason']}\n")
     else:
         out.write(f"DENIED {data['code']}: {data['reason']}\n")
+
+
+def _print_dry_run(data: dict[str, Any], out: TextIO) -> None:
+    if data["allowed"]:
+        out.write("WOULD BE ALLOWED (dry run: nothing reserved or recorded)\n")
+    elif data.get("requiresApproval"):
+        out.write(f"WOULD NEED APPROVAL (dry run): {data['reason']}\n")
+    else:
+        out.write(f"WOULD BE DENIED {data['code']} (dry run): {data['reason']}\n")
+    agent = data["headroom"][0]["budgetId"] if data["headroom"] else None
+    for h in data["headroom"]:
+        where = "" if h["budgetId"] == agent else f"budget {h['budgetId']}: "
+        if "scope" in h:
+            where += f"{h['scope']} ({h['group']}) "
+        fits = "" if h["fits"] else "  DOES NOT FIT"
+        if h["kind"] == "count":
+            out.write(f"  {where}{h['window']:<8} {h['count']} of {h['max']} payments; "
+                      f"{h['remaining']} left after this one{fits}\n")  # fmt: skip
+            continue
+        d, sym = h["decimals"], h["symbol"]
+        out.write(
+            f"  {where}{h['window']:<8} used {_units(h['used'], d)} of {_units(h['limit'], d)} "
+            f"{sym}; {_units(h['remaining'], d)} left after this payment{fits}\n"
+        )
+
+
+def print_versions(data: dict[str, Any], out: TextIO) -> None:
+    """One line per version, newest first, then what changed from the version before."""
+    for v in data["versions"]:
+        how = v["origin"] + (f" of v{v['fromVersion']}" if "fromVersion" in v else "")
+        live = "  (live)" if v["current"] else ""
+        out.write(f"v{v['version']}  {v['setAt']}  {how}{live}\n")
+        for c in v["changes"]:
+            out.write(f"    {c['text']}\n")
+
+
+def print_diff(data: dict[str, Any], out: TextIO) -> None:
+    """Every field that differs between two versions, one per line."""
+    for c in data["changes"]:
+        out.write(c["text"] + "\n")
+    if not data["changes"]:
+        out.write(f"versions {data['fromVersion']} and {data['toVersion']} are the same\n")
+
+
+def _outcomes(counts: dict[str, int]) -> str:
+    return f"{counts['allowed']} allowed, {counts['approval']} approval, {counts['denied']} denied"
+
+
+def _codes(counts: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in sorted(counts.items())) or "none"
+
+
+def _payment_line(p: dict[str, Any], before: str, after: str) -> str:
+    amount = format_units(int(p["amount"]), p["decimals"])
+    return (f"  {p['at']}  {p['agentId']}  {amount} {p['symbol']} to {p['recipient']}  "
+            f"{p[before]} -> {p[after]}\n")  # fmt: skip
+
+
+def print_shadow_report(data: dict[str, Any], out: TextIO) -> None:
+    """Counts by outcome and code, live and shadow; the flips; the payments that differ."""
+    out.write(f"shadow policy of {data['agentId']}, set {data['setAt']} beside version "
+              f"{data['liveVersion']}: {data['payments']} payment(s) judged\n")  # fmt: skip
+    out.write(f"  live:   {_outcomes(data['live'])}  ({_codes(data['liveCodes'])})\n")
+    out.write(f"  shadow: {_outcomes(data['shadow'])}  ({_codes(data['shadowCodes'])})\n")
+    out.write(f"  flips:  {_codes(data['flips'])}\n")
+    if data["differences"]:
+        out.write("  decided differently (newest first):\n")
+    for p in data["differences"]:
+        out.write("  " + _payment_line(p, "liveCode", "shadowCode"))
+
+
+def print_simulation(data: dict[str, Any], out: TextIO) -> None:
+    """Counts, flips, the spend per window and the payments the candidate would change."""
+    out.write(f"simulation of {data['agentId']} from {data['since']} to {data['until']}: "
+              f"{data['payments']} payment(s) replayed\n")  # fmt: skip
+    out.write(f"  live:      {_outcomes(data['live'])}  ({_codes(data['liveCodes'])})\n")
+    out.write(f"  candidate: {_outcomes(data['candidate'])}  "
+              f"({_codes(data['candidateCodes'])})\n")  # fmt: skip
+    out.write(f"  flips:     {_codes(data['flips'])}\n")
+    if data["windows"]:
+        out.write("  spend per window (live -> candidate):\n")
+    for w in data["windows"]:
+        d, sym = w["decimals"], w["symbol"]
+        where = f"{w['scope']} ({w['group']}) " if "scope" in w else ""
+        cap = ""
+        if "limit" in w:
+            cap = f" of {format_units(int(w['limit']), w['limitDecimals'])} {sym}"
+        elif "max" in w:
+            cap = f" of {w['max']} payments"
+        out.write(
+            f"    {where}{w['window']:<8} {w['windowStart']}  {_units(w['live'], d)} -> "
+            f"{_units(w['candidate'], d)} {sym}{cap}  ({w['liveCount']} -> "
+            f"{w['candidateCount']} payments)\n"
+        )
+    if data["changed"]:
+        shown = len(data["changed"])
+        out.write(f"  decided differently ({shown} of {data['changedTotal']}, oldest first):\n")
+    for p in data["changed"]:
+        out.write("  " + _payment_line(p, "liveCode", "candidateCode"))
+    for note in data["notes"]:
+        out.write(f"  note: {note}\n")
 
 
 def print_policy(data: dict[str, Any], out: TextIO) -> None:

@@ -9,10 +9,11 @@ from typing import Any
 
 import attrs
 
+from agentpolicy.amounts import Amount
 from agentpolicy.policy import ApprovalThreshold
 from agentpolicy.windows import Period, Window
 
-__all__ = ["Code", "Decision", "Evaluation", "Outcome"]
+__all__ = ["Code", "Decision", "Evaluation", "Headroom", "Outcome"]
 
 
 class Code(enum.StrEnum):
@@ -83,6 +84,40 @@ class Evaluation:
         return self.outcome is Outcome.FAIL
 
 
+@attrs.frozen
+class Headroom:
+    """One limit a payment counts against, and what the payment would leave in it.
+
+    A dry run (``engine.authorize(request, dry_run=True)``) lists one per
+    limit of every budget the payment counts in: the agent's own and every
+    budget above it (``budget_id``). ``kind`` is ``amount`` or ``count``;
+    ``window`` a calendar period (``daily``, ``lifetime``) or a rolling
+    duration (``24h``); ``scope`` and ``group`` name a scoped limit and its
+    group. For an amount: ``limit``, ``used`` (spent plus reserved before the
+    payment, rounded up to the limit's decimals) and ``remaining`` (what is
+    left once the payment counts, rounded down; zero when it does not fit).
+    For a count: ``max_count``, ``count`` (payments so far) and
+    ``remaining_count`` (after this one). ``fits`` says whether the payment
+    fits this limit. A calendar window has ``window_start`` and
+    ``window_end``.
+    """
+
+    budget_id: str
+    kind: str
+    window: str
+    fits: bool
+    scope: str | None = None
+    group: str | None = None
+    limit: Amount | None = None
+    used: Amount | None = None
+    remaining: Amount | None = None
+    max_count: int | None = None
+    count: int | None = None
+    remaining_count: int | None = None
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+
+
 def _worded(value: Any) -> Any:
     """A detail given as a function is written out when first compared or read."""
     return value() if callable(value) else value
@@ -110,6 +145,10 @@ class Decision:
     The pure :func:`~agentpolicy.evaluate` leaves the engine's fields
     (``reservation_id``, ``approval_id``, ``expires_at``, ``policy_version``,
     ``decided_at``) unset; :class:`~agentpolicy.PolicyEngine` fills them in.
+
+    A dry run (``engine.authorize(request, dry_run=True)``) has ``dry_run``
+    true, no ids, and ``headroom``: every limit the payment counts against
+    with what it would leave there (see :class:`Headroom`).
     """
 
     allowed: bool
@@ -127,6 +166,8 @@ class Decision:
     policy_version: int | None = None
     decided_at: datetime | None = None
     budget_id: str | None = None
+    dry_run: bool = False
+    headroom: tuple[Headroom, ...] = ()
 
     @property
     def reason(self) -> str:

@@ -10,12 +10,12 @@ for ``AGENT_POLICY_RESERVATION_TTL``, milliseconds for a webhook
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from agentpolicy.errors import PolicyValidationError
 
-__all__ = ["UNITS", "parse_duration"]
+__all__ = ["UNITS", "parse_duration", "parse_since"]
 
 UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 """The unit suffixes and what they mean."""
@@ -54,3 +54,23 @@ def _make(number: int, unit: str, path: str) -> timedelta:
         return timedelta(**{UNITS[unit]: number})
     except OverflowError:
         raise PolicyValidationError.single(path, f"is too long: {number}{unit}") from None
+
+
+def parse_since(raw: object, path: str) -> datetime | timedelta:
+    """Read "since when": a duration back from now (``30d``, ``12h``) or an ISO 8601 instant.
+
+    The instant must carry an offset (``2026-01-01T00:00:00Z``). Raises
+    :class:`~agentpolicy.PolicyValidationError` at ``path`` for anything else.
+    """
+    if isinstance(raw, str) and _DURATION.fullmatch(raw.strip()):
+        return parse_duration(raw, path, bare="s")
+    from agentpolicy.codec import parse_instant  # noqa: PLC0415 - the codec loads on demand
+
+    try:
+        return parse_instant(raw, path)
+    except PolicyValidationError:
+        raise PolicyValidationError.single(
+            path,
+            "must be a duration back from now such as 30d or 12h, or an ISO 8601 instant "
+            f"with an offset such as 2026-01-01T00:00:00Z, got {raw!r}",
+        ) from None

@@ -21,7 +21,7 @@ from agentpolicy._checks import check_identifier, check_int, check_text, raise_i
 from agentpolicy.amounts import Amount, scale_units
 from agentpolicy.approvals import DECISIONS
 from agentpolicy.codec import dump_policy, load_policy
-from agentpolicy.decisions import Decision
+from agentpolicy.decisions import Code, Decision
 from agentpolicy.delivery import WebhookDispatcher
 from agentpolicy.errors import (
     ConflictError,
@@ -31,12 +31,13 @@ from agentpolicy.errors import (
     PolicyValidationError,
 )
 from agentpolicy.guard import PaymentGuard
-from agentpolicy.ledger import keys, operations, trees
+from agentpolicy.ledger import keys, operations, recorded, rollout, trees
 from agentpolicy.ledger.docs import (
     Body,
     approval_record,
     delegation_record,
     history_record,
+    request_of,
     reservation_record,
 )
 from agentpolicy.ledger.outbox import LedgerOutbox
@@ -55,9 +56,12 @@ from agentpolicy.records import (
     WindowBudget,
 )
 from agentpolicy.requests import PaymentRequest
-from agentpolicy.rules import assess, conclude, windows_for
+from agentpolicy.rules import Assessment, assess, conclude, headroom, judge, windows_for
+from agentpolicy.shadow import ShadowDifference, ShadowPolicy, ShadowReport, tally_pairs
+from agentpolicy.simulation import SimulationReport, replay
 from agentpolicy.storage import Storage, open_storage
 from agentpolicy.storage._time import instant, micros
+from agentpolicy.versions import PolicyChange, PolicyVersion, diff_policies
 from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
 from agentpolicy.windows import Period, Window
 
@@ -256,6 +260,7 @@ class PolicyEngine:
             routes=tuple((e.id, e.events) for e in endpoints),
         )
         self._policies: dict[tuple[str, int], AgentPolicy] = {}
+        self._shadows: dict[tuple[str, str], AgentPolicy] = {}
         self._homes: dict[str, str] = {}
         self._policies_lock = threading.Lock()
         self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard)
@@ -364,7 +369,11 @@ class PolicyEngine:
         return self._put_policy(agent_id, policy)
 
     def _put_policy(
-        self, agent_id: str, policy: AgentPolicy, grant: trees.Grant | None = None
+        self,
+        agent_id: str,
+        policy: AgentPolicy,
+        grant: trees.Grant | None = None,
+        origin: dict[str, Any] | None = None,
     ) -> int:
         now = self._now()
         data = dump_policy(policy)
@@ -372,7 +381,7 @@ class PolicyEngine:
         def step(shard: str, check_only: bool = False) -> operations.Step:
             return trees.put_policy(
                 self.config, agent_id, policy, data, now, self._policy, grant,
-                shard=shard, check_only=check_only,
+                shard=shard, check_only=check_only, origin=origin,
             )  # fmt: skip
 
         shard = self._place(agent_id, policy.parent, lambda tree: step(tree, check_only=True))
@@ -529,23 +538,27 @@ class PolicyEngine:
 
     # -- payments -----------------------------------------------------------------------
 
-    def _replayed(self, rec: Body, request: PaymentRequest) -> Decision:
-        """The decision a stored record was made with, rebuilt from its policy version."""
-        version = rec["pv"]
-        at = instant(rec["at"])
+    def _assessment(self, rec: Body, request: PaymentRequest, *, chain: bool = True) -> Assessment:
+        """The assessment a stored decision record was made with (``chain``: with its ancestors)."""
         grants = rec.get("dg", {})
         agent = request.agent_id
         ancestors = [
             (who, self._policy(who, pv), delegation_record(who, {"dg": grants.get(who)}))
-            for who, pv in rec.get("up", ())
+            for who, pv in (rec.get("up", ()) if chain else ())
         ]
-        assessment = assess(
-            self._policy(agent, version),
+        return assess(
+            self._policy(agent, rec["pv"]),
             request,
-            at,
+            instant(rec["at"]),
             grant=delegation_record(agent, {"dg": grants.get(agent)}),
             ancestors=ancestors,
         )
+
+    def _replayed(self, rec: Body, request: PaymentRequest) -> Decision:
+        """The decision a stored record was made with, rebuilt from its policy version."""
+        version = rec["pv"]
+        at = instant(rec["at"])
+        assessment = self._assessment(rec, request)
         expires = rec.get("x")
         decision = conclude(
             assessment,
@@ -562,7 +575,7 @@ class PolicyEngine:
             )
         return decision
 
-    def authorize(self, request: PaymentRequest) -> Decision:
+    def authorize(self, request: PaymentRequest, *, dry_run: bool = False) -> Decision:
         """Decide a payment; hold its amount when it is allowed or needs approval.
 
         Returns a :class:`~agentpolicy.Decision`. Allowed: ``reservation_id``
@@ -572,14 +585,28 @@ class PolicyEngine:
         ``idempotency_key`` with the same request returns the first decision
         (counted once); with a different request it raises
         :class:`~agentpolicy.errors.ConflictError` (``IDEMPOTENCY_CONFLICT``).
+
+        ``dry_run=True`` decides exactly as authorize would at this instant
+        and writes nothing: no reservation, hold, history, event or
+        idempotency entry. The decision has ``dry_run`` set, no ids, and
+        ``headroom``: every limit the payment counts against (the agent's
+        and every budget's above it) with what it would leave there. A
+        request whose idempotency key was used before answers that first
+        decision, as authorize would (and, counting nothing, no headroom).
         """
         if not isinstance(request, PaymentRequest):
             raise PolicyValidationError.single("$", "must be a PaymentRequest")
+        if type(dry_run) is not bool:
+            raise PolicyValidationError.single("$.dryRun", "must be true or false")
+        if dry_run:
+            return self._dry_run(request)
         shard = self._shard(request.agent_id)
         for attempt in range(_CLOCK_RETRIES):
             now = self._now()
             seen: list[Decision] = []
-            step = operations.authorize(self.config, shard, request, now, self._policy, seen)
+            step = operations.authorize(
+                self.config, shard, request, now, self._policy, seen, shadows=self._shadow
+            )
             try:
                 result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
             except ClockBehindError:
@@ -593,6 +620,46 @@ class PolicyEngine:
                 self._wake_webhooks()
             return seen[-1]
         raise InternalError("unreachable")  # pragma: no cover
+
+    def _dry_run(self, request: PaymentRequest) -> Decision:
+        """The authorize step on a transaction that is never committed (a reading session)."""
+        shard = self._shard(request.agent_id)
+        for attempt in range(_CLOCK_RETRIES):
+            now = self._now()
+            step = operations.authorize(self.config, shard, request, now, self._policy, [])
+            try:
+                result: Body = run(
+                    self.storage, shard, rollout.dry_run(step), lambda r: r,
+                    at=micros(now), write=False,
+                )  # fmt: skip
+            except ClockBehindError:
+                if attempt == _CLOCK_RETRIES - 1:
+                    raise
+                continue
+            rec = result["rec"]
+            if result.get("replayed"):
+                return attrs.evolve(self._replayed(rec, request), dry_run=True)
+            assessment = self._assessment(rec, request)
+            decision = conclude(assessment, rec["use"], policy_version=rec["pv"] or None,
+                                decided_at=now)  # fmt: skip
+            if decision.code != rec["code"]:
+                raise InternalError(
+                    f"the ledger decided {rec['code']} but the policy gives {decision.code}"
+                )
+            return attrs.evolve(decision, dry_run=True, headroom=headroom(assessment, rec["use"]))
+        raise InternalError("unreachable")  # pragma: no cover
+
+    def _shadow(self, agent_id: str, doc: Body) -> AgentPolicy:
+        """An agent's shadow policy from its document, parsed once per process."""
+        key = (agent_id, doc["id"])
+        found = self._shadows.get(key)
+        if found is None:
+            found = load_policy(doc["policy"])
+            with self._policies_lock:
+                if len(self._shadows) > 10_000:
+                    self._shadows.clear()
+                self._shadows[key] = found
+        return found
 
     def confirm(self, reservation_id: str) -> Reservation:
         """Turn a reservation into spending; confirming again reports it unchanged.
@@ -780,15 +847,33 @@ class PolicyEngine:
 
     # -- audit and housekeeping ---------------------------------------------------------
 
-    def history(self, agent_id: str, limit: int = 100) -> list[HistoryRecord]:
-        """The agent's decisions and state changes, newest first (at most ``limit``)."""
+    def history(
+        self, agent_id: str, limit: int = 100, *, version: int | None = None
+    ) -> list[HistoryRecord]:
+        """The agent's decisions and state changes, newest first (at most ``limit``).
+
+        ``version`` keeps only the records that name that policy version:
+        decisions it made, the confirm, release and expiry of reservations
+        made under it, and the ``policy_set`` (and shadow) records of it.
+        """
         raise_if(check_identifier(agent_id, "$.agentId"))
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise PolicyValidationError.single("$.limit", "must be an integer from 1 to 10000")
+        if version is not None:
+            raise_if(check_int(version, "$.version", 1, MAX_SCORE))
         shard = self._shard(agent_id)
-        entries = self.storage.log(shard, keys.changes_log(agent_id), limit)
-        entries += self.storage.log(shard, keys.denials_log(agent_id), limit)
-        entries.sort(key=lambda e: e[0], reverse=True)
+        names = (keys.changes_log(agent_id), keys.denials_log(agent_id))
+        batch = limit
+        while True:
+            logs = [self.storage.log(shard, name, batch) for name in names]
+            entries = [e for log in logs for e in log
+                       if version is None or e[2].get("pv") == version]  # fmt: skip
+            entries.sort(key=lambda e: e[0], reverse=True)
+            # every log read to its end, or each holds nothing newer than what is kept
+            cut = entries[limit - 1][0] if len(entries) >= limit else None
+            if all(len(log) < batch or (cut is not None and log[-1][0] <= cut) for log in logs):
+                break
+            batch *= 4
         return [history_record(agent_id, seq, at, entry) for seq, at, entry in entries[:limit]]
 
     def sweep(self) -> SweepResult:
@@ -803,6 +888,265 @@ class PolicyEngine:
             reservations += [reservation_record(i, d) for i, d in result["expired"]]
             lapsed += [approval_record(i, d) for i, d in result["lapsed"]]
         return SweepResult(tuple(reservations), tuple(lapsed))
+
+    # -- safe rollout: versions, shadow policies, what-if ----------------------------------
+
+    def _current(self, agent_id: str) -> tuple[str, int]:
+        """The agent's shard and current version (``NO_POLICY`` if it has none)."""
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        shard = self._shard(agent_id)
+        (head,) = self._read(shard, [keys.head(agent_id)])
+        current = 0 if head is None else head["pv"]
+        if not current:
+            raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
+        return shard, current
+
+    def _versions(self, agent_id: str, wanted: list[int]) -> tuple[int, list[PolicyVersion]]:
+        """The versions ``wanted`` (each with its changes) and the current version."""
+        shard, current = self._current(agent_id)
+        missing = [v for v in wanted if not 1 <= v <= current]
+        if missing:
+            raise NotFoundError(
+                f"agent {agent_id} has no policy version {missing[0]} (versions 1 to {current})",
+                code=ErrorCode.POLICY_VERSION_NOT_FOUND,
+            )
+        numbers = sorted({n for v in wanted for n in (v, v - 1) if n >= 1})
+        docs = dict(zip(numbers, self._read(shard, [keys.policy(agent_id, n) for n in numbers]),
+                        strict=True))  # fmt: skip
+        found = []
+        for v in wanted:
+            doc, before = docs[v], docs.get(v - 1)
+            if doc is None:
+                raise InternalError(f"policy version {v} of {agent_id} is missing")
+            via = doc.get("via") or {"op": "set"}
+            policy = self._policy(agent_id, v)
+            assert policy is not None  # noqa: S101 - version >= 1
+            found.append(PolicyVersion(
+                agent_id, v, policy, instant(doc["at"]), via["op"], via.get("from"),
+                v == current, () if before is None else diff_policies(before["policy"],
+                                                                      doc["policy"]),
+            ))  # fmt: skip
+        return current, found
+
+    def policy_versions(
+        self, agent_id: str, limit: int = 100, *, before: int | None = None
+    ) -> list[PolicyVersion]:
+        """The agent's policy versions, newest first: when each was set, how, and what changed.
+
+        At most ``limit`` (1 to 10000) versions older than ``before`` (when
+        given). Each :class:`~agentpolicy.PolicyVersion` lists its changes
+        from the version before it. Raises ``NO_POLICY``.
+        """
+        problems = check_int(limit, "$.limit", 1, 10_000)
+        if before is not None:
+            problems += check_int(before, "$.before", 1, MAX_SCORE)
+        raise_if(problems)
+        _, current = self._current(agent_id)
+        top = current if before is None else min(current, before - 1)
+        return self._versions(agent_id, list(range(top, max(0, top - limit), -1)))[1]
+
+    def get_policy_version(self, agent_id: str, version: int) -> PolicyVersion:
+        """Version ``version`` of the agent's policy (``POLICY_VERSION_NOT_FOUND`` if none)."""
+        raise_if(check_int(version, "$.version", 1, MAX_SCORE))
+        return self._versions(agent_id, [version])[1][0]
+
+    def diff_policy_versions(
+        self, agent_id: str, before: int, after: int
+    ) -> tuple[PolicyChange, ...]:
+        """Every field that differs from version ``before`` to version ``after``, readable.
+
+        ``str(change)`` reads ``limits.daily.value: 1000000000 -> 500000000``.
+        """
+        problems = check_int(before, "$.before", 1, MAX_SCORE)
+        problems += check_int(after, "$.after", 1, MAX_SCORE)
+        raise_if(problems)
+        _, (a, b) = self._versions(agent_id, [before, after])
+        return diff_policies(a.policy, b.policy)
+
+    def rollback_policy(self, agent_id: str, version: int) -> int:
+        """Make version ``version`` live again, as a new version equal to it; return the new one.
+
+        Checked like :meth:`set_policy` (a parent that has no policy, a
+        cycle, a tree too deep, another tree: refused, nothing changes).
+        """
+        old = self.get_policy_version(agent_id, version)
+        return self._put_policy(agent_id, old.policy, origin={"op": "rollback", "from": version})
+
+    def get_shadow_policy(self, agent_id: str) -> ShadowPolicy | None:
+        """The agent's shadow policy, or ``None``."""
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        doc = self._shadow_doc(agent_id)
+        return None if doc is None else self._shadow_record(agent_id, doc)
+
+    def _shadow_doc(self, agent_id: str) -> Body | None:
+        head, doc = self._read(self._shard(agent_id), [keys.head(agent_id), keys.shadow(agent_id)])
+        if head is None or doc is None or head.get("sh") != doc["id"]:
+            return None
+        return dict(doc)
+
+    def _shadow_record(self, agent_id: str, doc: Body) -> ShadowPolicy:
+        return ShadowPolicy(agent_id, self._shadow(agent_id, doc), instant(doc["at"]), doc["pv"])
+
+    def set_shadow_policy(
+        self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]
+    ) -> ShadowPolicy:
+        """Judge every payment of the agent (and of budgets below it) by ``policy`` too.
+
+        The live policy stays the one enforced; the shadow's decisions are
+        tallied beside it, and the payments it would decide differently are
+        logged (:meth:`shadow_report`). Setting a shadow again replaces it
+        and starts its tallies afresh. The shadow keeps the live policy's
+        parent (``INVALID_INPUT`` at ``$.policy.parent`` otherwise). Raises
+        ``NO_POLICY`` for an agent without a live policy.
+        """
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        if not isinstance(policy, AgentPolicy):
+            try:
+                policy = load_policy(policy)
+            except PolicyValidationError as err:
+                raise err.under("$.policy") from None
+        now = self._now()
+        step = rollout.set_shadow(self.config, agent_id, policy, dump_policy(policy), now,
+                                  self._policy)  # fmt: skip
+        doc: Body = run(self.storage, self._shard(agent_id), step, dict, at=micros(now))
+        with self._policies_lock:
+            self._shadows[(agent_id, doc["id"])] = policy
+        return self._shadow_record(agent_id, doc)
+
+    def shadow_report(self, agent_id: str, limit: int = 100) -> ShadowReport:
+        """What the agent's shadow policy would have decided since it was set.
+
+        Counts by code and by outcome (live and shadow), the flips, and the
+        newest ``limit`` (1 to 10000) payments it would have decided
+        differently. Raises ``SHADOW_NOT_FOUND``.
+        """
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        raise_if(check_int(limit, "$.limit", 1, 10_000))
+        doc = self._shadow_doc(agent_id)
+        if doc is None:
+            raise NotFoundError(
+                f"agent {agent_id} has no shadow policy", code=ErrorCode.SHADOW_NOT_FOUND
+            )
+        return self._report(agent_id, doc, limit)
+
+    def _report(self, agent_id: str, doc: Body, limit: int) -> ShadowReport:
+        live, shadow, flips, total = tally_pairs(doc.get("n", {}))
+        entries = self.storage.log(self._shard(agent_id), keys.shadow_log(agent_id), limit)
+        differences = tuple(
+            ShadowDifference(instant(e["at"]), request_of(e["req"]), Code(e["live"]),
+                             Code(e["shadow"]), e.get("pv") or None)
+            for _, _, e in entries if e.get("id") == doc["id"]
+        )  # fmt: skip
+        return ShadowReport(
+            self._shadow_record(agent_id, doc), total, live, shadow, flips, differences
+        )
+
+    def promote_shadow_policy(self, agent_id: str) -> int:
+        """Make the shadow the live policy (a new version) and remove it, in one commit.
+
+        Returns the new version. Checked like :meth:`set_policy`. Raises
+        ``SHADOW_NOT_FOUND``.
+        """
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        now = self._now()
+        shard = self._shard(agent_id)
+        step = rollout.promote_shadow(self.config, shard, agent_id, now, self._policy, self._shadow)
+        result: Body = run(self.storage, shard, step, dict, at=micros(now))
+        version: int = result["version"]
+        with self._policies_lock:
+            self._policies[(agent_id, version)] = self._shadow(agent_id, result["doc"])
+        return version
+
+    def clear_shadow_policy(self, agent_id: str) -> ShadowReport:
+        """Remove the agent's shadow policy; return its last report. Raises ``SHADOW_NOT_FOUND``."""
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        now = self._now()
+        step = rollout.clear_shadow(self.config, agent_id)
+        doc: Body = run(self.storage, self._shard(agent_id), step, dict, at=micros(now))
+        return self._report(agent_id, doc, 100)
+
+    def simulate(
+        self,
+        agent_id: str,
+        candidate: AgentPolicy | Mapping[str, Any],
+        *,
+        since: datetime | timedelta,
+    ) -> SimulationReport:
+        """Replay the agent's recorded payments since ``since`` against ``candidate``.
+
+        ``since`` is an instant or a duration back from now. The payments
+        of the agent and of every budget below it (which count in its
+        budget) are judged by the candidate in time order, with counters of
+        its own; live state is not touched. See
+        :mod:`agentpolicy.simulation` and docs/rollout.md for the rules
+        (what happens to the money of each payment, what history keeps).
+        Raises ``NO_POLICY``.
+        """
+        raise_if(check_identifier(agent_id, "$.agentId"))
+        if not isinstance(candidate, AgentPolicy):
+            try:
+                candidate = load_policy(candidate)
+            except PolicyValidationError as err:
+                raise err.under("$.policy") from None
+        now = self._now()
+        if isinstance(since, timedelta):
+            start = now - since
+        elif isinstance(since, datetime) and since.utcoffset() is not None:
+            start = since
+        else:
+            raise PolicyValidationError.single(
+                "$.since", "must be a timezone-aware datetime or a timedelta"
+            )
+        shard, _ = self._current(agent_id)
+        logs: dict[str, list[recorded.Entry]] = {}
+        notes: list[str] = []
+        retention = self.config.history_retention
+        if retention is not None and micros(start) < micros(now) - retention:
+            notes.append(
+                f"history is kept for {timedelta(microseconds=retention)}: payments before "
+                f"{instant(micros(now) - retention).isoformat()} are gone and not replayed"
+            )
+        for agent in self._subtree(shard, agent_id):
+            changes = self._log_since(shard, keys.changes_log(agent), micros(start))
+            denials = self._log_since(shard, keys.denials_log(agent), micros(start))
+            if len(denials) >= self.config.max_denials:
+                notes.append(
+                    f"only the newest {self.config.max_denials} denied payments of {agent} are "
+                    f"kept: denials before {instant(denials[0][1]).isoformat()} are not replayed"
+                )
+            logs[agent] = changes + denials
+        events = recorded.events_of(agent_id, logs, micros(now), self._level_codes)
+        return replay(agent_id, candidate, events, since=start, until=now, notes=notes)
+
+    def _level_codes(self, rec: Body, request: PaymentRequest) -> list[Code]:
+        """The code each budget of a recorded decision's chain gives, judged alone (payer first)."""
+        usage = rec.get("use", {})
+        own = self._assessment(rec, request, chain=False)
+        codes = [judge(own, usage).code]
+        if own.early is None and rec.get("up"):
+            codes += [judge(p, usage).code for p in self._assessment(rec, request).parents]
+        return codes
+
+    def _subtree(self, shard: str, agent_id: str) -> list[str]:
+        """The agent and every budget below it (they share its shard)."""
+        found, level = [agent_id], [agent_id]
+        with self.storage.session(shard, write=False) as session:
+            while level and len(found) < 100_000:
+                level = [m for a in level
+                         for m, _ in session.scan(keys.children(a), MAX_SCORE, 100_000)
+                         if m not in found]  # fmt: skip
+                found += level
+        return found
+
+    def _log_since(self, shard: str, name: str, since: int) -> list[recorded.Entry]:
+        """A log's entries from ``since`` (microseconds) on, oldest first."""
+        batch = 1_000
+        while True:
+            entries = self.storage.log(shard, name, batch)
+            if len(entries) < batch or entries[-1][1] < since:
+                break
+            batch *= 4
+        return [e for e in reversed(entries) if e[1] >= since]
 
     # -- webhooks -----------------------------------------------------------------------------
 

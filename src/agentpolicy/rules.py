@@ -21,7 +21,7 @@ from typing import Any, cast
 import attrs
 
 from agentpolicy.amounts import Amount, format_units, over_limit_units
-from agentpolicy.decisions import Code, Decision, Evaluation, Outcome
+from agentpolicy.decisions import Code, Decision, Evaluation, Headroom, Outcome
 from agentpolicy.errors import PolicyValidationError
 from agentpolicy.policy import (
     AgentPolicy,
@@ -42,6 +42,7 @@ __all__ = [
     "assess",
     "conclude",
     "evaluate",
+    "headroom",
     "judge",
     "matching_threshold",
     "policy_zone",
@@ -437,6 +438,25 @@ class _Book:
             label = f"{self._label()}{c.window} count limit"
             out.append(_count_limit(name, code, label, c.max, _used(usage, tally)))
         return out
+
+    def limits(self) -> list[tuple[str, str, Amount | int, Tally]]:
+        """Every limit with a usage this book applies: ``(kind, window, limit, tally)``.
+
+        ``kind`` is ``amount`` (``limit`` an :class:`Amount`) or ``count``
+        (``limit`` a number of payments); the same limits :meth:`checks` judges.
+        """
+        block = self.block
+        if block is None:
+            return []
+        found: list[tuple[str, str, Amount | int, Tally]] = []
+        if self.amounts:
+            found += [("amount", p.value, cap, self.calendar[p]) for p, cap in block.windowed]
+            found += [("amount", r.window, r.amount, self.rolling[r.seconds])
+                      for r in block.rolling]  # fmt: skip
+        for c in block.counts:
+            tally = self.calendar[c.period] if c.period else self.rolling[c.seconds or 0]
+            found.append(("count", c.window, c.max, tally))
+        return found
 
     def alerting(
         self, percents: tuple[int, ...]
@@ -864,3 +884,54 @@ def evaluate(
     exception. Equal to ``conclude(assess(policy, request, now), usage)``.
     """
     return conclude(assess(policy, request, now), usage)
+
+
+def _floor_units(value: int, decimals: int, to: int) -> int:
+    step: int = 10 ** abs(to - decimals)
+    return value * step if to >= decimals else value // step
+
+
+def _ceil_units(value: int, decimals: int, to: int) -> int:
+    step: int = 10 ** abs(to - decimals)
+    return value * step if to >= decimals else -(-value // step)
+
+
+def headroom(assessment: Assessment, usage: UsedUnits) -> tuple[Headroom, ...]:
+    """Every limit the payment counts against, with what it would leave there.
+
+    ``usage`` is as for :func:`judge` (base units, decimals, payments per
+    tally). One :class:`~agentpolicy.Headroom` per calendar, rolling and
+    count limit of the agent's budget and of every budget above it, in the
+    order :func:`judge` checks them. A budget whose checks do not apply (no
+    policy, disabled, or a payment in another token) has none.
+    """
+    found: list[Headroom] = []
+    amount = assessment.request.asset_amount
+    for level in (assessment, *assessment.parents):
+        if level.early is not None or not level.comparable:
+            continue
+        for book in level.books:
+            scope, group = book.key[1] or (None, None)
+            for kind, window, limit, tally in book.limits():
+                value, decimals, count = _used(usage, tally)
+                w = tally.window
+                start, end = (None, None) if w is None or w.period is Period.LIFETIME else (
+                    w.start, w.end)  # fmt: skip
+                if isinstance(limit, int):
+                    found.append(Headroom(
+                        level.budget_id, kind, window, count + 1 <= limit, scope, group,
+                        max_count=limit, count=count, remaining_count=max(0, limit - count - 1),
+                        window_start=start, window_end=end,
+                    ))  # fmt: skip
+                    continue
+                d = max(decimals, amount.decimals, limit.decimals)
+                used = value * 10 ** (d - decimals)
+                left = limit.scaled_to(d) - used - amount.scaled_to(d)
+                ld, symbol = limit.decimals, limit.symbol
+                found.append(Headroom(
+                    level.budget_id, kind, window, left >= 0, scope, group, limit=limit,
+                    used=Amount(_ceil_units(used, d, ld), ld, symbol),
+                    remaining=Amount(_floor_units(max(0, left), d, ld), ld, symbol),
+                    window_start=start, window_end=end,
+                ))  # fmt: skip
+    return tuple(found)

@@ -10,7 +10,7 @@ from typing import Any
 
 from agentpolicy.amounts import Amount
 from agentpolicy.codec import format_instant
-from agentpolicy.decisions import Decision
+from agentpolicy.decisions import Decision, Headroom
 from agentpolicy.records import (
     Approval,
     Budget,
@@ -20,15 +20,24 @@ from agentpolicy.records import (
     Reservation,
     Vote,
 )
+from agentpolicy.shadow import ShadowPolicy, ShadowReport
+from agentpolicy.simulation import SimulationReport, WindowSpend
+from agentpolicy.versions import PolicyChange, PolicyVersion
 
 __all__ = [
     "approval_data",
     "budget_data",
+    "change_data",
     "decision_data",
     "delegation_data",
+    "headroom_data",
     "history_data",
     "limit_data",
     "reservation_data",
+    "shadow_data",
+    "shadow_report_data",
+    "simulation_data",
+    "version_data",
     "vote_data",
 ]
 
@@ -42,8 +51,8 @@ def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def decision_data(d: Decision) -> dict[str, Any]:
-    """The data of an authorize reply."""
-    return _drop_none(
+    """The data of an authorize reply (a dry run adds ``dryRun`` and ``headroom``)."""
+    data = _drop_none(
         {
             "allowed": d.allowed,
             "code": d.code.value,
@@ -65,6 +74,29 @@ def decision_data(d: Decision) -> dict[str, Any]:
             ],
         }
     )
+    if d.dry_run:
+        data["dryRun"] = True
+        data["headroom"] = [headroom_data(h) for h in d.headroom]
+    return data
+
+
+def headroom_data(h: Headroom) -> dict[str, Any]:
+    """One limit of a dry run: what it allows, what is used, what the payment would leave."""
+    data: dict[str, Any] = {"budgetId": h.budget_id, "kind": h.kind, "window": h.window}
+    if h.scope is not None:
+        data["scope"] = h.scope
+        data["group"] = h.group
+    if h.limit is not None and h.used is not None and h.remaining is not None:
+        data.update(limit=str(h.limit.value), used=str(h.used.value),
+                    remaining=str(h.remaining.value), decimals=h.limit.decimals,
+                    symbol=h.limit.symbol)  # fmt: skip
+    else:
+        data.update(max=h.max_count, count=h.count, remaining=h.remaining_count)
+    data["fits"] = h.fits
+    for key, value in (("windowStart", h.window_start), ("windowEnd", h.window_end)):
+        if value is not None:
+            data[key] = format_instant(value)
+    return data
 
 
 def _amount(a: Amount | None) -> str | None:
@@ -204,3 +236,120 @@ def vote_data(v: Vote) -> dict[str, Any]:
             "timestamp": format_instant(v.at),
         }
     )
+
+
+def change_data(c: PolicyChange) -> dict[str, Any]:
+    """One field that differs between two policies: path, values before and after, and the line."""
+    data: dict[str, Any] = {"path": c.path, "kind": c.kind}
+    if c.before is not None:
+        data["before"] = c.before
+    if c.after is not None:
+        data["after"] = c.after
+    data["text"] = str(c)
+    return data
+
+
+def version_data(v: PolicyVersion) -> dict[str, Any]:
+    """One version of a policy: when and how it was set, whether it is live, what changed."""
+    return _drop_none(
+        {
+            "version": v.version,
+            "setAt": format_instant(v.set_at),
+            "origin": v.origin,
+            "fromVersion": v.from_version,
+            "current": v.current,
+            "changes": [change_data(c) for c in v.changes],
+        }
+    )
+
+
+def shadow_data(s: ShadowPolicy) -> dict[str, Any]:
+    """An agent's shadow policy (its JSON form), when it was set, and the live version then."""
+    from agentpolicy.codec import dump_policy  # noqa: PLC0415 - the converter loads lazily
+
+    return {
+        "agentId": s.agent_id,
+        "policy": dump_policy(s.policy),
+        "setAt": format_instant(s.set_at),
+        "liveVersion": s.live_version,
+    }
+
+
+def _payment(at: Any, request: Any) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "at": format_instant(at),
+            "agentId": request.agent_id,
+            "amount": str(request.amount),
+            "decimals": request.decimals,
+            "symbol": request.symbol,
+            "recipient": request.recipient,
+            "network": request.network,
+            "category": request.category,
+        }
+    )
+
+
+def shadow_report_data(r: ShadowReport) -> dict[str, Any]:
+    """A shadow report: counts by outcome and code (live and shadow), flips, the differences."""
+    return {
+        "agentId": r.agent_id,
+        "setAt": format_instant(r.shadow.set_at),
+        "liveVersion": r.shadow.live_version,
+        "payments": r.payments,
+        "live": r.live,
+        "shadow": r.shadow_outcomes,
+        "liveCodes": dict(r.live_codes),
+        "shadowCodes": dict(r.shadow_codes),
+        "flips": dict(r.flips),
+        "differences": [
+            {**_payment(x.at, x.request), "liveCode": x.live_code.value,
+             "shadowCode": x.shadow_code.value, "flip": x.flip,
+             **({} if x.policy_version is None else {"policyVersion": x.policy_version})}
+            for x in r.differences
+        ],
+    }  # fmt: skip
+
+
+def simulation_data(r: SimulationReport, limit: int = 100) -> dict[str, Any]:
+    """A what-if report: counts, flips, the first ``limit`` changed payments, spend per window."""
+    return {
+        "agentId": r.agent_id,
+        "since": format_instant(r.since),
+        "until": format_instant(r.until),
+        "payments": r.payments,
+        "live": r.live,
+        "candidate": r.candidate,
+        "liveCodes": dict(r.live_codes),
+        "candidateCodes": dict(r.candidate_codes),
+        "flips": dict(r.flips),
+        "changedTotal": len(r.changed),
+        "changed": [
+            {**_payment(x.at, x.request), "liveCode": x.live_code.value,
+             "candidateCode": x.candidate_code.value, "flip": x.flip}
+            for x in r.changed[:limit]
+        ],
+        "windows": [_spend_data(w) for w in r.windows],
+        "notes": list(r.notes),
+    }  # fmt: skip
+
+
+def _spend_data(w: WindowSpend) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "window": w.window,
+        "windowStart": format_instant(w.start),
+        "windowEnd": format_instant(w.end),
+    }
+    if w.scope is not None:
+        data["scope"] = w.scope
+        data["group"] = w.group
+    data.update(
+        live=str(w.live.value), candidate=str(w.candidate.value), decimals=w.live.decimals,
+        symbol=w.live.symbol, liveCount=w.live_count, candidateCount=w.candidate_count,
+    )  # fmt: skip
+    if w.limit is not None:
+        data["limit"] = str(w.limit.value)
+        data["limitDecimals"] = w.limit.decimals
+    if w.max_count is not None:
+        data["max"] = w.max_count
+    return data

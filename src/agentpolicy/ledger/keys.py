@@ -39,6 +39,9 @@ __all__ = [
     "rolling_live",
     "scope_book",
     "scope_groups",
+    "shadow",
+    "shadow_log",
+    "shadow_scope_book",
     "tag",
     "webhook",
 ]
@@ -152,6 +155,26 @@ def rolling_live(book: str, key: str) -> str:
 def rolling_grace(book: str, key: str) -> str:
     """Index of the payments that left a rolling counter within the grace period."""
     return f"rg/{_esc(book)}/{_esc(key)}"
+
+
+def shadow(agent_id: str) -> str:
+    """The agent's shadow policy: the candidate judged beside the live one, and its tallies.
+
+    ``{"policy": JSON form, "at": set (us), "id": serial, "pv": live version
+    when set, "n": {"LIVE>SHADOW": payments}}``; the head's ``"sh"`` holds
+    the serial while a shadow is set.
+    """
+    return "sp/" + _esc(agent_id)
+
+
+def shadow_log(agent_id: str) -> str:
+    """The payments whose shadow decision differed from the live one (kept like history)."""
+    return "hs/" + _esc(agent_id)
+
+
+def shadow_scope_book(agent_id: str, scope: str, group: str) -> str:
+    """A shadow scope's own counters, when the live policy has a different scope of that name."""
+    return f"gx/{_esc(agent_id)}/{_esc(scope)}/{_esc(group)}"
 
 
 def webhook(delivery_id: str) -> str:

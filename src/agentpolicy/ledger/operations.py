@@ -9,7 +9,7 @@ any of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from agentpolicy import approvals
@@ -17,7 +17,7 @@ from agentpolicy.amounts import Amount
 from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
-from agentpolicy.ledger import keys
+from agentpolicy.ledger import keys, rollout
 from agentpolicy.ledger.docs import (
     Body,
     approval_doc,
@@ -125,12 +125,17 @@ def authorize(
     now: datetime,
     policies: PolicySource,
     seen: list[Decision],
+    *,
+    shadows: rollout.ShadowSource | None = None,
 ) -> Step:
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
     The result is ``{"rec": decision record}`` (with ``"replayed": True``
     for an idempotency key seen before). The decision, with its ids, is
-    appended to ``seen`` (its details are worded only when read).
+    appended to ``seen`` (its details are worded only when read). With
+    ``shadows``, a shadow policy of the agent or of a budget above it judges
+    the payment too (:func:`rollout.try_shadows`); the live verdict is the
+    one enforced.
     """
     agent = request.agent_id
     now_us = micros(now)
@@ -166,11 +171,10 @@ def authorize(
         _prepare(view, txn, cfg, shard, books, a, names, levels, now_us)
         usage = _usage(books, names, a, now_us)
         verdict = judge(a, usage)
-        code = verdict.code
         rec: Body = {
             "ev": "decision",
             "at": now_us,
-            "code": code.value,
+            "code": verdict.code.value,
             "pv": version,
             "req": request_data(request),
             "use": usage,
@@ -183,9 +187,12 @@ def authorize(
         ]
         if any(dg is not None for _, dg in grants):  # as they were: a replay decides the same
             rec["dg"] = {who: dg for who, dg in grants if dg is not None}
-        if code in _PASSING:
+        trials = rollout.try_shadows(shadows, view, txn, cfg, books, a, names, levels, grant,
+                                     now, rec)  # fmt: skip
+        if verdict.code in _PASSING:
             deadline = grant_deadline([grant, *(lv.grant for lv in levels)])
-            _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, deadline, now_us)
+            _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, deadline, now_us,
+                  trials.extra)  # fmt: skip
             _alerts(txn, cfg, shard, books, a, usage)
             record(txn, cfg, agent, rec)
             seen.append(verdict.decision(
@@ -216,11 +223,13 @@ def _hold(
     levels: list[Level],
     deadline: int | None,
     now: int,
+    extra: Iterable[rollout.Extra] = (),
 ) -> None:
     """Reserve the payment's amount (or hold it for an approval) in every tally it counts in.
 
     The reservation is listed under the agent and every budget above it, and
     never outlives the earliest delegation among them (``deadline``).
+    ``extra`` are the counters only shadow policies keep: it counts there too.
     """
     request = a.request
     agent = request.agent_id
@@ -276,6 +285,7 @@ def _hold(
         for t in b.rolling.values():
             book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
             targets.append((name, t.key, "r", t.seconds or 0))
+    targets += rollout.hold_extras(txn, books, extra, value, decimals, now, rid)
     name = keys.reservation(rid)
     level_ids = [agent, *(lv.agent for lv in levels)]
     txn.put[name] = reservation_doc(

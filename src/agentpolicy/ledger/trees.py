@@ -301,6 +301,7 @@ def put_policy(
     policies: PolicySource,
     grant: Grant | None = None,
     *,
+    origin: dict[str, Any] | None = None,
     shard: str,
     check_only: bool = False,
 ) -> Step:
@@ -309,9 +310,12 @@ def put_policy(
     With a ``parent``, the parent must have a policy, be no descendant of the
     agent, and keep every payment within :data:`MAX_TREE_DEPTH` budgets. A
     delegated budget keeps its delegating parent. With ``grant``, this is a
-    delegation (see :func:`_check_grant`). ``check_only`` runs every check and
-    writes nothing (the result is 0). In the agent's own shard, raises
-    :class:`RelocatedError` when the agent was placed in a tree meanwhile.
+    delegation (see :func:`_check_grant`). ``origin`` says how the version
+    came to be (``{"op": "rollback", "from": 2}``, ``{"op": "promote"}``):
+    kept with the version and worded in its history entry. ``check_only``
+    runs every check and writes nothing (the result is 0). In the agent's own
+    shard, raises :class:`RelocatedError` when the agent was placed in a tree
+    meanwhile.
     """
     now_us = micros(now)
 
@@ -342,7 +346,11 @@ def put_policy(
             head.set("dg", {"by": grant.parent, "c": created, "x": expires, "rv": None})
             record(txn, cfg, agent, {"ev": "delegate", "pv": version, "by": grant.parent,
                                      "x": expires})  # fmt: skip
-        txn.put[keys.policy(agent, version)] = {"policy": data, "at": now_us}
+        via = origin if origin is not None or grant is None else {"op": "delegate"}
+        stored: Body = {"policy": data, "at": now_us}
+        if via is not None:
+            stored["via"] = via
+        txn.put[keys.policy(agent, version)] = stored
         head.set("pv", version)
         old_parent = None if old is None else old.parent
         if old_parent != policy.parent:
@@ -352,7 +360,12 @@ def put_policy(
                 txn.index.append((keys.children(policy.parent), agent, 0))
         books.write(txn)
         txn.index.append((keys.AGENTS, agent, 0))
-        record(txn, cfg, agent, {"ev": "policy_set", "pv": version})
+        entry: Body = {"ev": "policy_set", "pv": version}
+        if via is not None and via["op"] == "rollback":
+            entry["detail"] = f"rolled back to version {via['from']}"
+        elif via is not None and via["op"] == "promote":
+            entry["detail"] = "the shadow policy promoted"
+        record(txn, cfg, agent, entry)
         txn.result = version
 
     return step

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from agentpolicy._checks import check_identifier, raise_if
 from agentpolicy.codec import dump_policy, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
-from agentpolicy.durations import parse_duration
+from agentpolicy.durations import parse_duration, parse_since
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import (
     ErrorCode,
@@ -41,9 +41,14 @@ from agentpolicy.storage import MemoryStorage, Storage, open_storage
 from agentpolicy.views import (
     approval_data,
     budget_data,
+    change_data,
     decision_data,
     delegation_data,
     reservation_data,
+    shadow_data,
+    shadow_report_data,
+    simulation_data,
+    version_data,
 )
 from agentpolicy.webhooks import WebhookEndpoint
 
@@ -198,7 +203,7 @@ class AgentPolicyMcpServer:
 
     # -- the tools ---------------------------------------------------------------------------
 
-    def _authorize(self, a: dict[str, Any]) -> dict[str, Any]:
+    def _authorize(self, a: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         self._check_agent(a["agentId"])
         request = PaymentRequest(
             agent_id=a["agentId"],
@@ -211,7 +216,10 @@ class AgentPolicyMcpServer:
             memo=a.get("memo"),
             idempotency_key=a.get("idempotencyKey"),
         )
-        return decision_data(self.engine.authorize(request))
+        return decision_data(self.engine.authorize(request, dry_run=dry_run))
+
+    def _check(self, a: dict[str, Any]) -> dict[str, Any]:
+        return self._authorize(a, dry_run=True)
 
     def _budget(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
@@ -219,6 +227,10 @@ class AgentPolicyMcpServer:
 
     def _get(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
+        if "version" in a:
+            found = self.engine.get_policy_version(a["agentId"], a["version"])
+            return {"agentId": found.agent_id, "policy": dump_policy(found.policy),
+                    "version": found.version}  # fmt: skip
         stored = self.engine.get_policy(a["agentId"])
         if stored is None:
             raise PolicyError(
@@ -327,6 +339,67 @@ class AgentPolicyMcpServer:
         parent = self._acting_parent(a)
         self._check_child(a["childId"])
         return delegation_data(self.engine.revoke(a["childId"], by=parent))
+
+    # -- safe rollout ---------------------------------------------------------------------------
+
+    def _versions(self, a: dict[str, Any]) -> dict[str, Any]:
+        agent = a["agentId"]
+        self._check_agent(agent)
+        limit: int = a.get("limit", DEFAULT_PAGE)
+        before = None
+        if "cursor" in a:
+            after = _read_cursor(a["cursor"])
+            if len(after) != 1 or not after[0].isdigit():
+                raise PolicyValidationError.single(
+                    "$.cursor", "is not a cursor of this listing: pass the last nextCursor"
+                )
+            before = int(after[0])
+        found = self.engine.policy_versions(agent, limit + 1, before=before)
+        stored = self.engine.get_policy(agent)
+        data = {
+            "agentId": agent,
+            "currentVersion": 0 if stored is None else stored.version,
+            "versions": [version_data(v) for v in found[:limit]],
+        }
+        cursor = _write_cursor([str(found[limit - 1].version)]) if len(found) > limit else None
+        return _with_cursor(data, cursor)
+
+    def _diff(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        changes = self.engine.diff_policy_versions(a["agentId"], a["fromVersion"], a["toVersion"])
+        return {
+            "agentId": a["agentId"],
+            "fromVersion": a["fromVersion"],
+            "toVersion": a["toVersion"],
+            "changes": [change_data(c) for c in changes],
+        }
+
+    def _rollback(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        version = self.engine.rollback_policy(a["agentId"], a["version"])
+        return {"agentId": a["agentId"], "version": version, "fromVersion": a["version"]}
+
+    def _shadow_set(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        return shadow_data(self.engine.set_shadow_policy(a["agentId"], a["policy"]))
+
+    def _shadow_report(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        limit = a.get("limit", DEFAULT_PAGE)
+        return shadow_report_data(self.engine.shadow_report(a["agentId"], limit))
+
+    def _shadow_promote(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        return {"agentId": a["agentId"], "version": self.engine.promote_shadow_policy(a["agentId"])}
+
+    def _shadow_clear(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        return shadow_report_data(self.engine.clear_shadow_policy(a["agentId"]))
+
+    def _simulate(self, a: dict[str, Any]) -> dict[str, Any]:
+        self._check_agent(a["agentId"])
+        since = parse_since(a["since"], "$.since")
+        return simulation_data(self.engine.simulate(a["agentId"], a["policy"], since=since))
 
     def flush_webhooks(self, timeout: float = 10.0) -> bool:
         """Wait until the webhook outbox is empty or ``timeout`` seconds pass."""

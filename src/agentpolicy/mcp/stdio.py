@@ -50,6 +50,14 @@ def summary(result: dict[str, Any]) -> str:
         where = f" at {error['path']}" if "path" in error else ""
         return f"Error {error['code']}{where}: {error['message']}"
     data = result["data"]
+    if data.get("dryRun"):
+        if data["allowed"]:
+            verdict = "WOULD BE ALLOWED"
+        elif data.get("requiresApproval"):
+            verdict = "WOULD NEED APPROVAL"
+        else:
+            verdict = f"WOULD BE DENIED ({data['code']})"
+        return f"{verdict}, dry run (nothing reserved or recorded): {data['reason']}"
     if "allowed" in data:
         if data["allowed"]:
             return f"ALLOWED: reserved as {data['reservationId']}; confirm it after paying."

@@ -11,6 +11,7 @@ a client whether it reads or changes anything.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,6 +125,27 @@ def _object(properties: dict[str, Any], required: list[str] | None = None) -> di
     }
 
 
+_COUNT = {"type": "integer", "minimum": 0}
+_HEADROOM = _object(
+    {
+        "budgetId": _TEXT,
+        "kind": {"enum": ["amount", "count"]},
+        "window": _TEXT,
+        "scope": _TEXT,
+        "group": _TEXT,
+        "limit": _DIGITS,
+        "used": _DIGITS,
+        "remaining": {"anyOf": [_DIGITS, _COUNT]},
+        "decimals": _COUNT,
+        "symbol": _TEXT,
+        "max": _COUNT,
+        "count": _COUNT,
+        "fits": {"type": "boolean"},
+        "windowStart": _INSTANT,
+        "windowEnd": _INSTANT,
+    },
+    ["budgetId", "kind", "window", "remaining", "fits"],
+)
 _DECISION = _object(
     {
         "allowed": {"type": "boolean"},
@@ -149,6 +171,12 @@ _DECISION = _object(
                 }
             ),
         },
+        "dryRun": {"const": True, "description": "A dry run: nothing was reserved or recorded."},
+        "headroom": {
+            "type": "array",
+            "description": "A dry run's limits, with what the payment would leave in each.",
+            "items": _HEADROOM,
+        },
     },
     ["allowed", "code", "reason", "requiresApproval", "evaluations"],
 )
@@ -164,7 +192,6 @@ _WINDOW = _object(
         "windowEnd": _INSTANT,
     }
 )
-_COUNT = {"type": "integer", "minimum": 0}
 _LIMIT = _object(
     {
         "kind": {"enum": ["amount", "count"]},
@@ -299,7 +326,7 @@ def _output_schema(name: str) -> dict[str, Any]:
         ["success", "error"],
     )
     schema: dict[str, Any] = {"type": "object", "oneOf": [success, error]}
-    if name == "agent_policy_get":
+    if "#/$defs/AgentPolicy" in json.dumps(tool.data_schema):
         schema["$defs"] = _policy_defs()
     return schema
 
@@ -383,8 +410,19 @@ TOOLS: tuple[Tool, ...] = (
         "agent_policy_get",
         "agent-policy/get",
         "Read the agent's current spending policy (limits, time, merchant, network, category "
-        "and approval rules) and its version.",
-        _schema({"agentId": _AGENT}, ["agentId"]),
+        "and approval rules) and its version, or an earlier version.",
+        _schema(
+            {
+                "agentId": _AGENT,
+                "version": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 2**62,
+                    "description": "An earlier version (default: the live one).",
+                },
+            },
+            ["agentId"],
+        ),
         _object({"agentId": _TEXT, "policy": {"$ref": "#/$defs/AgentPolicy"}, "version": _VERSION}),
         Annotations("Read the policy", read_only=True),
     ),
@@ -527,6 +565,263 @@ TOOLS += (
         ),
         _DELEGATION,
         Annotations("Revoke a delegated budget", read_only=False, destructive=True),
+    ),
+)
+
+# -- safe rollout: dry runs, versions, shadow policies, what-if ----------------------------------
+
+_MAX_VERSION = 2**62
+_VERSION_ARG = {"type": "integer", "minimum": 1, "maximum": _MAX_VERSION}
+_CHANGE = _object(
+    {
+        "path": {**_TEXT, "description": "Where the field is: limits.daily.value"},
+        "kind": {"enum": ["added", "removed", "changed"]},
+        "before": {"description": "The JSON value before (absent when added)."},
+        "after": {"description": "The JSON value after (absent when removed)."},
+        "text": {**_TEXT, "description": "limits.daily.value: 1000000000 -> 500000000"},
+    },
+    ["path", "kind", "text"],
+)
+_VERSION_ROW = _object(
+    {
+        "version": _VERSION,
+        "setAt": _INSTANT,
+        "origin": {"enum": ["set", "delegate", "rollback", "promote"]},
+        "fromVersion": _VERSION,
+        "current": {"type": "boolean"},
+        "changes": {"type": "array", "items": _CHANGE},
+    },
+    ["version", "setAt", "origin", "current", "changes"],
+)
+_CODES = {"type": "object", "additionalProperties": _COUNT}
+_OUTCOMES = _object({"allowed": _COUNT, "approval": _COUNT, "denied": _COUNT})
+_FLIPS = {
+    "type": "object",
+    "description": "Payments whose outcome would change, such as allowed->denied.",
+    "additionalProperties": _COUNT,
+}
+_PAYMENT_CORE = {
+    "at": _INSTANT,
+    "agentId": _TEXT,
+    "amount": _DIGITS,
+    "decimals": _COUNT,
+    "symbol": _TEXT,
+    "recipient": _TEXT,
+    "network": _TEXT,
+    "category": _TEXT,
+    "flip": {"type": ["string", "null"]},
+}
+_PAYMENT_REQUIRED = ["at", "agentId", "amount", "decimals", "symbol", "recipient", "network",
+                     "flip"]  # fmt: skip
+_SHADOW = _object(
+    {
+        "agentId": _TEXT,
+        "policy": {"$ref": "#/$defs/AgentPolicy"},
+        "setAt": _INSTANT,
+        "liveVersion": _VERSION,
+    }
+)
+_SHADOW_REPORT = _object(
+    {
+        "agentId": _TEXT,
+        "setAt": _INSTANT,
+        "liveVersion": _VERSION,
+        "payments": _COUNT,
+        "live": _OUTCOMES,
+        "shadow": _OUTCOMES,
+        "liveCodes": _CODES,
+        "shadowCodes": _CODES,
+        "flips": _FLIPS,
+        "differences": {
+            "type": "array",
+            "description": "Payments the shadow would have decided differently, newest first.",
+            "items": _object(
+                {**_PAYMENT_CORE, "liveCode": _TEXT, "shadowCode": _TEXT,
+                 "policyVersion": _VERSION},
+                [*_PAYMENT_REQUIRED, "liveCode", "shadowCode"],
+            ),
+        },
+    }
+)  # fmt: skip
+_SPEND = _object(
+    {
+        "window": _TEXT,
+        "windowStart": _INSTANT,
+        "windowEnd": _INSTANT,
+        "scope": _TEXT,
+        "group": _TEXT,
+        "live": _DIGITS,
+        "candidate": _DIGITS,
+        "decimals": _COUNT,
+        "symbol": _TEXT,
+        "liveCount": _COUNT,
+        "candidateCount": _COUNT,
+        "limit": _DIGITS,
+        "limitDecimals": _COUNT,
+        "max": _COUNT,
+    },
+    ["window", "windowStart", "windowEnd", "live", "candidate", "decimals", "symbol",
+     "liveCount", "candidateCount"],
+)  # fmt: skip
+_SIMULATION = _object(
+    {
+        "agentId": _TEXT,
+        "since": _INSTANT,
+        "until": _INSTANT,
+        "payments": _COUNT,
+        "live": _OUTCOMES,
+        "candidate": _OUTCOMES,
+        "liveCodes": _CODES,
+        "candidateCodes": _CODES,
+        "flips": _FLIPS,
+        "changedTotal": _COUNT,
+        "changed": {
+            "type": "array",
+            "description": "The first 100 payments the candidate would decide differently.",
+            "items": _object(
+                {**_PAYMENT_CORE, "liveCode": _TEXT, "candidateCode": _TEXT},
+                [*_PAYMENT_REQUIRED, "liveCode", "candidateCode"],
+            ),
+        },
+        "windows": {"type": "array", "items": _SPEND},
+        "notes": {"type": "array", "items": _TEXT},
+    }
+)
+_ADMIN_AGENT = _schema({"agentId": _AGENT}, ["agentId"])
+
+TOOLS += (
+    Tool(
+        "agent_policy_check",
+        "agent-policy/check",
+        "Ask whether a payment WOULD be allowed right now, without reserving or recording "
+        "anything (a dry run): the same answer agent_policy_authorize would give (code, "
+        "reason, every check), plus headroom: for every limit (daily, rolling 24h, counts, "
+        "scopes, and the budgets above this one) what is used and what would be left after "
+        "this payment, and whether it fits. Use it to plan; call agent_policy_authorize to "
+        "actually reserve before paying.",
+        TOOLS[0].input_schema,
+        _DECISION,
+        Annotations("Check a payment (dry run)", read_only=True),
+    ),
+    Tool(
+        "agent_policy_versions",
+        "agent-policy/versions",
+        "Administrators only: the versions of an agent's policy, newest first: when each was "
+        "set, how (set, delegate, rollback, promote), whether it is live, and what changed "
+        "from the version before (field by field). Long lists come in pages.",
+        _schema({"agentId": _AGENT, **_PAGE}, ["agentId"]),
+        _object(
+            {
+                "agentId": _TEXT,
+                "currentVersion": _VERSION,
+                "versions": {"type": "array", "items": _VERSION_ROW},
+                **_NEXT,
+            },
+            ["agentId", "currentVersion", "versions"],
+        ),
+        Annotations("List policy versions", read_only=True),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_diff",
+        "agent-policy/diff",
+        "Administrators only: what differs between two versions of an agent's policy, field "
+        "by field (limits.daily.value: 1000000000 -> 500000000).",
+        _schema(
+            {"agentId": _AGENT, "fromVersion": _VERSION_ARG, "toVersion": _VERSION_ARG},
+            ["agentId", "fromVersion", "toVersion"],
+        ),
+        _object(
+            {
+                "agentId": _TEXT,
+                "fromVersion": _VERSION,
+                "toVersion": _VERSION,
+                "changes": {"type": "array", "items": _CHANGE},
+            }
+        ),
+        Annotations("Compare two policy versions", read_only=True),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_rollback",
+        "agent-policy/rollback",
+        "Administrators only: make an earlier version of an agent's policy live again, as a "
+        "new version equal to it (checked like agent_policy_set). Returns the new version.",
+        _schema({"agentId": _AGENT, "version": _VERSION_ARG}, ["agentId", "version"]),
+        _object({"agentId": _TEXT, "version": _VERSION, "fromVersion": _VERSION}),
+        Annotations("Roll back a policy", read_only=False, destructive=True, idempotent=False),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_shadow_set",
+        "agent-policy/shadow/set",
+        "Administrators only: judge every payment of an agent (and of the budgets below it) "
+        "by a candidate policy too, without enforcing it: the live policy still decides. "
+        "agent_policy_shadow_report then says what the candidate would have allowed, denied "
+        "or sent for approval. Setting it again replaces it and starts counting afresh.",
+        _schema(
+            {"agentId": _AGENT, "policy": {"type": "object", "description": "The candidate."}},
+            ["agentId", "policy"],
+        ),
+        _SHADOW,
+        Annotations("Set a shadow policy", read_only=False, idempotent=False),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_shadow_report",
+        "agent-policy/shadow/report",
+        "Administrators only: what the agent's shadow policy would have decided since it was "
+        "set: payments by outcome and by code, live and shadow, how many would flip "
+        "(allowed->denied, denied->allowed, ->approval), and the newest payments it would "
+        "have decided differently.",
+        _schema({"agentId": _AGENT, "limit": _PAGE["limit"]}, ["agentId"]),
+        _SHADOW_REPORT,
+        Annotations("Report on a shadow policy", read_only=True),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_shadow_promote",
+        "agent-policy/shadow/promote",
+        "Administrators only: make the agent's shadow policy its live policy (a new version) "
+        "and remove the shadow, in one step. Returns the new version.",
+        _ADMIN_AGENT,
+        _object({"agentId": _TEXT, "version": _VERSION}),
+        Annotations("Promote a shadow policy", read_only=False, destructive=True, idempotent=False),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_shadow_clear",
+        "agent-policy/shadow/clear",
+        "Administrators only: remove the agent's shadow policy (the live policy is "
+        "untouched). Returns its last report.",
+        _ADMIN_AGENT,
+        _SHADOW_REPORT,
+        Annotations("Clear a shadow policy", read_only=False, destructive=True, idempotent=False),
+        admin_only=True,
+    ),
+    Tool(
+        "agent_policy_simulate",
+        "agent-policy/simulate",
+        "Administrators only: what-if. Replay the agent's recorded payments since a moment "
+        "(since: a duration back from now such as '30d', or an ISO 8601 instant) against a "
+        "candidate policy, in time order with its own counters, touching nothing live. "
+        "Reports what it would have allowed, denied or sent for approval, the flips versus "
+        "what happened, and the spend per window.",
+        _schema(
+            {
+                "agentId": _AGENT,
+                "policy": {"type": "object", "description": "The candidate policy."},
+                "since": {
+                    "type": "string",
+                    "maxLength": 64,
+                    "description": "'30d', '12h', or an instant such as 2026-01-01T00:00:00Z.",
+                },
+            },
+            ["agentId", "policy", "since"],
+        ),
+        _SIMULATION,
+        Annotations("Simulate a policy", read_only=True),
+        admin_only=True,
     ),
 )
 
