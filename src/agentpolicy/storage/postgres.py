@@ -189,12 +189,16 @@ class _Statements:
 # ``postgres_async`` has the same few lines with ``await`` on an AsyncConnection.
 
 
+_Statement = tuple[str, Sequence[Any] | None]
+"""A statement and its parameters (``None``: none, sent as psycopg sends a bare query)."""
+
+
 class _Pipeline:
     """Send ``statements`` in one round trip (a pipeline); answer their rows (when ``rows``)."""
 
     __slots__ = ("rows", "statements")
 
-    def __init__(self, statements: Sequence[tuple[str, Sequence[Any]]], *, rows: bool) -> None:
+    def __init__(self, statements: Sequence[_Statement], *, rows: bool) -> None:
         self.statements = statements
         self.rows = rows
 
@@ -204,7 +208,7 @@ class _Execute:
 
     __slots__ = ("params", "query")
 
-    def __init__(self, query: str, params: Sequence[Any] = ()) -> None:
+    def __init__(self, query: str, params: Sequence[Any] | None = None) -> None:
         self.query = query
         self.params = params
 
@@ -327,7 +331,7 @@ class _SessionSteps:
             self.read = {}
 
     def _send_steps(
-        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
+        self, queries: Sequence[_Statement], *, lock: bool
     ) -> _Steps[list[list[tuple[Any, ...]]]]:
         """Run ``queries`` in one round trip, first taking the shard's lock when ``lock``."""
         self._connection()
@@ -338,7 +342,7 @@ class _SessionSteps:
             rows = yield _Pipeline(queries, rows=True)
             return rows
         self.locked = True
-        rows = yield _Pipeline([(sql.begin, ()), (sql.lock, (self.shard,)), *queries], rows=True)
+        rows = yield _Pipeline([(sql.begin, None), (sql.lock, (self.shard,)), *queries], rows=True)
         if rows[1]:
             return rows[2:]
         # the shard's first session: add its row, lock it, and read again under the lock
@@ -348,7 +352,7 @@ class _SessionSteps:
         return rows
 
     def _rows_steps(
-        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
+        self, queries: Sequence[_Statement], *, lock: bool
     ) -> _Steps[list[list[tuple[Any, ...]]]]:
         """:meth:`_send_steps`, on a new connection when the one in hand turns out to be dead.
 
@@ -474,7 +478,7 @@ class _SessionSteps:
         self._connection()
         sql = self.sql
         at = txn.at
-        out: list[tuple[str, Sequence[Any]]] = [(sql.op, (txn.op, at, _dumps(txn.result)))]
+        out: list[_Statement] = [(sql.op, (txn.op, at, _dumps(txn.result)))]
         add = out.append
         ttl = txn.ttl
         for name, body in txn.put.items():
@@ -495,14 +499,14 @@ class _SessionSteps:
             add((sql.append, (log, at, _dumps(entry))))
         if txn.append:
             out += self._trims(txn)
-        add(("COMMIT", ()))
+        add(("COMMIT", None))
         yield _Pipeline(out, rows=False)
         self.locked = False
 
-    def _trims(self, txn: Txn) -> list[tuple[str, Sequence[Any]]]:
+    def _trims(self, txn: Txn) -> list[_Statement]:
         """Trim a log by age and length once every 64 of its appends (in this process)."""
         appends = self.storage._appends
-        out: list[tuple[str, Sequence[Any]]] = []
+        out: list[_Statement] = []
         for log, _, keep_after, max_len in txn.append:
             if keep_after is None and max_len is None:
                 continue
@@ -545,9 +549,7 @@ class _PostgresSession(_SessionSteps):
             self.storage._putconn(conn)
         self.conn = self.storage._getconn()
 
-    def _rows(
-        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
-    ) -> list[list[tuple[Any, ...]]]:
+    def _rows(self, queries: Sequence[_Statement], *, lock: bool) -> list[list[tuple[Any, ...]]]:
         return _drive(self._rows_steps(queries, lock=lock), self)
 
     def _check(self, txn: Txn) -> Outcome | None:
