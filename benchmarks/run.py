@@ -202,6 +202,89 @@ def redis_figures(url: str) -> None:
     engine.close()
 
 
+def _ledger_authorize(storage: Any) -> Callable[[], tuple[Any, int]]:
+    """A new authorize step of the ledger (and its time), as an engine makes one per call."""
+    from agentpolicy.codec import load_policy
+    from agentpolicy.ledger import keys, operations
+    from agentpolicy.ledger.state import LedgerConfig
+    from agentpolicy.storage._time import micros
+
+    config = LedgerConfig(history_retention=storage.default_history_retention)
+    parsed: dict[tuple[str, int], Any] = {}
+
+    def policies(agent: str, version: int, view: Any) -> Any:
+        if version == 0:
+            return None
+        if (agent, version) not in parsed:
+            parsed[(agent, version)] = load_policy(view.doc(keys.policy(agent, version))["policy"])
+        return parsed[(agent, version)]
+
+    def step() -> tuple[Any, int]:
+        seen: list[Any] = []
+        return operations.authorize(config, "agent-1", REQUEST, NOW, policies, seen), micros(NOW)
+
+    return step
+
+
+def async_redis_figures(url: str) -> None:
+    """arun(authorize) on AsyncRedisStorage beside run(authorize) on RedisStorage."""
+    import asyncio
+
+    from agentpolicy.ledger.arunner import arun
+    from agentpolicy.ledger.runner import run
+    from agentpolicy.storage.redis import RedisStorage
+    from agentpolicy.storage.redis_async import AsyncRedisStorage
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    make_engine(RedisStorage(url, key_prefix=prefix)).close()  # the full example policy
+    sync = RedisStorage(url, key_prefix=prefix)
+    sync_step = _ledger_authorize(sync)
+
+    def sync_once() -> None:
+        step, at = sync_step()
+        assert run(sync, "agent-1", step, dict, at=at)["rec"]["code"] == "ALLOWED"
+
+    engine = PolicyEngine(storage=RedisStorage(url, key_prefix=prefix), clock=ManualClock(NOW))
+    engine.authorize(REQUEST)
+    sync_once()
+    n = 1_000
+
+    async def measure() -> tuple[list[float], list[float], list[float]]:
+        storage = AsyncRedisStorage(url, key_prefix=prefix)
+        async_step = _ledger_authorize(storage)
+
+        async def once() -> None:
+            step, at = async_step()
+            assert (await arun(storage, "agent-1", step, dict, at=at))["rec"]["code"] == "ALLOWED"
+
+        await once()
+        engines, syncs, asyncs = [], [], []
+        for _ in range(ROUNDS):  # alternate, so all three see the same server and noise
+            engines.append(per_call(lambda: engine.authorize(REQUEST), n, rounds=1))
+            syncs.append(per_call(sync_once, n, rounds=1))
+            start = time.perf_counter()
+            for _ in range(n):
+                await once()
+            asyncs.append((time.perf_counter() - start) / n)
+        await storage.aclose()
+        return engines, syncs, asyncs
+
+    engines, syncs, asyncs = asyncio.run(measure())
+    e, s, a = (statistics.median(x) for x in (engines, syncs, asyncs))
+    row("authorize step on Redis: arun on AsyncRedisStorage", us(a),
+        f"run() on RedisStorage {us(s)}", a / s, "reported")  # fmt: skip
+    row("authorize step on Redis: run() on RedisStorage", us(s),
+        f"PolicyEngine.authorize {us(e)}", s / e, "reported")  # fmt: skip
+    engine.close()
+    sync.close()
+    import redis
+
+    probe = redis.Redis.from_url(url)
+    for key in probe.scan_iter(match=prefix + "*"):  # only this run's own keys
+        probe.delete(key)
+    probe.close()
+
+
 def _worker(args: tuple[str, str, str, int]) -> tuple[int, float]:
     kind, where, prefix, count = args
     if kind == "sqlite":
@@ -403,8 +486,12 @@ def main() -> None:
     global ROUNDS  # noqa: PLW0603 - a command-line setting
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--async-only", action="store_true", help="only the async store figures")
     args = parser.parse_args()
     ROUNDS = 3 if args.quick else 7
+    if args.async_only:
+        async_redis_figures(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+        return
     print(f"agentpolicy benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     memory_vs_limits()
     every_kind_vs_plain()
@@ -421,6 +508,7 @@ def main() -> None:
         print(f"  Redis figures skipped: {url} unreachable ({type(exc).__name__})")
     else:
         redis_figures(url)
+        async_redis_figures(url)
         throughput("redis", url, 300 if args.quick else 1_000)
     pg = os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     try:

@@ -10,12 +10,14 @@ import attrs
 import pytest
 
 from agentpolicy import PolicyEngine, Storage
-from agentpolicy.storage import MemoryStorage, open_storage
+from agentpolicy.storage import MemoryStorage, open_async_storage, open_storage
 from agentpolicy.testing import ManualClock
 
 BACKENDS = ["memory", "sqlite", "redis", "redis-cluster", "postgres"]
 SHARED = ["sqlite", "redis", "redis-cluster", "postgres"]
 """Backends that several processes can share (memory is one process: threads stand in)."""
+ASYNC_BACKENDS = ["redis-async", "redis-cluster-async", "postgres-async"]
+"""The async stores, seen through blocking calls (``tests.async_stores.BlockingStorage``)."""
 
 Spec = tuple[str, str]
 """What another process needs to open the same store: its URL and key prefix."""
@@ -49,6 +51,19 @@ class Backend:
 
 
 def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+    if name.endswith("-async"):  # the same store and spec, opened with open_async_storage
+        from tests.async_stores import BlockingStorage
+
+        sync = make_backend(name.removesuffix("-async"), tmp_path, request)
+        assert sync.spec is not None
+        url, prefix = sync.spec
+
+        def open_async() -> Storage:
+            inner = open_async_storage(url, key_prefix=prefix)
+            assert inner is not None
+            return BlockingStorage(inner)  # type: ignore[return-value]
+
+        return Backend(name, open_async, sync.spec)
     if name in ("redis", "redis-cluster"):
         url = request.getfixturevalue("redis_url" if name == "redis" else "redis_cluster_url")
         prefix = f"test-{uuid.uuid4().hex[:12]}:"  # never flush: every test has its own keys
@@ -71,18 +86,20 @@ def make_backend(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> B
     raise ValueError(name)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    b = make_backend(request.param, tmp_path, request)
+def serve(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """A backend for one test; every storage it opened is closed after it."""
+    b = make_backend(name, tmp_path, request)
     yield b
     for storage in b.opened:
         storage.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield from serve(request.param, tmp_path, request)
 
 
 @pytest.fixture(params=SHARED)
 def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """A backend that several processes can open at once."""
-    b = make_backend(request.param, tmp_path, request)
-    yield b
-    for storage in b.opened:
-        storage.close()
+    yield from serve(request.param, tmp_path, request)

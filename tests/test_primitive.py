@@ -1,15 +1,22 @@
-"""The storage primitive itself, on every store: what a new store must do (docs/storage.md)."""
+"""The storage primitive itself, on every store: what a new store must do (docs/storage.md).
+
+The ``backend`` fixture here adds the async stores (``AsyncRedisStorage`` on
+Redis and Redis Cluster, ``AsyncPostgresStorage``), each awaited through
+blocking calls, so every test below checks them too.
+"""
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentpolicy.storage import MemoryStorage
 from agentpolicy.storage.base import NEXT_SEQ, Storage, Txn
-from tests.backends import Backend
+from tests.backends import ASYNC_BACKENDS, BACKENDS, Backend, serve
 
 AT = 1_768_816_800_000_000  # 2026-01-19T10:00Z in microseconds
 
@@ -29,6 +36,11 @@ def commit(storage: Storage, t: Txn, shard: str = "s1") -> Any:
 def read(storage: Storage, names: list[str], shard: str = "s1") -> dict[str, Any]:
     with storage.session(shard, write=False) as session:
         return session.get(names)
+
+
+@pytest.fixture(params=BACKENDS + ASYNC_BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield from serve(request.param, tmp_path, request)
 
 
 def test_a_commit_writes_documents_and_counts_versions(backend: Backend) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "ApprovalConfig",
     "ApprovalGroup",
     "AsyncPolicyEngine",
+    "AsyncStorage",
     "ApprovalRequired",
     "ApprovalStatus",
     "ApprovalThreshold",
@@ -76,6 +77,7 @@ __all__ = [
     "evaluate",
     "load_policy",
     "format_units",
+    "open_async_storage",
     "open_storage",
     "parse_base_units",
     "parse_units",
@@ -94,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "AssetLimits": "agentpolicy.policy",
     "Alert": "agentpolicy.policy",
     "AsyncPolicyEngine": "agentpolicy.aio",
+    "AsyncStorage": "agentpolicy.storage",
     "Amount": "agentpolicy.amounts",
     "Approval": "agentpolicy.records",
     "LimitBudget": "agentpolicy.records",
@@ -150,6 +153,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "agentpolicy.rules",
     "load_policy": "agentpolicy.codec",
     "format_units": "agentpolicy.amounts",
+    "open_async_storage": "agentpolicy.storage",
     "open_storage": "agentpolicy.storage",
     "parse_base_units": "agentpolicy.amounts",
     "parse_units": "agentpolicy.amounts",
@@ -232,6 +236,6 @@ if TYPE_CHECKING:
     from agentpolicy.rules import evaluate, windows_for
     from agentpolicy.shadow import ShadowPolicy, ShadowReport
     from agentpolicy.simulation import SimulationReport
-    from agentpolicy.storage import Storage, open_storage
+    from agentpolicy.storage import AsyncStorage, Storage, open_async_storage, open_storage
     from agentpolicy.versions import PolicyChange, PolicyVersion, diff_policies
     from agentpolicy.windows import Period, Window

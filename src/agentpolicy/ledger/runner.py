@@ -84,6 +84,66 @@ def _writes(txn: Txn) -> bool:
     return bool(txn.put or txn.delete or txn.index or txn.append)
 
 
+class _Attempts:
+    """Where one run of a step stands: trust in guesses, commits lost, since when.
+
+    Shared by :func:`run` and :func:`agentpolicy.ledger.arunner.arun`, so
+    both decide alike what follows a run of the step and a lost commit.
+    """
+
+    __slots__ = ("conflicts", "started", "trust", "write")
+
+    def __init__(self, write: bool) -> None:
+        self.trust = True
+        self.write = write
+        self.conflicts = 0
+        self.started = time.monotonic()
+
+    def view(self, session: Session) -> View:
+        """A view for the next run of the step (trusting guesses until told otherwise)."""
+        return View(session, trust=self.trust)
+
+    def ran(self, step: Callable[[View, Txn], None], view: View, txn: Txn) -> bool | None:
+        """Run ``step`` once: ``True`` to commit ``txn``, ``False`` when done, ``None``: again.
+
+        ``None`` means that the step's outcome (an error, or nothing to
+        write) rests on a guess that no commit would check: the step must
+        run again on fresh reads, in a new session. A
+        :class:`~agentpolicy.PolicyError` that rests on nothing guessed is
+        raised. ``True`` sets the commit's conditions (``txn.expect``).
+        """
+        try:
+            step(view, txn)
+        except PolicyError:
+            if not view.guessed:
+                raise
+            self.trust = False  # the error may rest on a stale guess: check it fresh
+            return None
+        if not _writes(txn):
+            if view.guessed:
+                self.trust = False
+                return None
+            return False
+        txn.expect = view.expected()
+        return True
+
+    def conflicted(self) -> float:
+        """A commit lost to another: the seconds to wait before the next attempt.
+
+        Raises :class:`~agentpolicy.errors.StorageUnavailableError` once
+        contention outlasts both :data:`MAX_ATTEMPTS` and :data:`RETRY_SECONDS`.
+        """
+        self.conflicts += 1
+        attempt = self.conflicts
+        if attempt >= MAX_ATTEMPTS and time.monotonic() - self.started >= RETRY_SECONDS:
+            raise StorageUnavailableError(
+                f"the store stayed too busy for {attempt} attempts; nothing was changed"
+            )
+        self.write = True
+        ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt, 16))
+        return random.uniform(0, ceiling)  # noqa: S311 - jitter between retries, real time
+
+
 def run(
     storage: Storage,
     shard: str,
@@ -103,34 +163,16 @@ def run(
     outlasts both :data:`MAX_ATTEMPTS` commits and :data:`RETRY_SECONDS`.
     """
     op = op or new_op(at)
-    trust = True
-    attempt = 0
-    started = time.monotonic()
+    attempts = _Attempts(write)
     while True:
-        with storage.session(shard, write=write) as session:
-            view = View(session, trust=trust)
+        with storage.session(shard, write=attempts.write) as session:
             txn = Txn(op, at)
-            try:
-                step(view, txn)
-            except PolicyError:
-                if view.guessed:  # the error may rest on a stale guess: check it fresh
-                    trust = False
-                    continue
-                raise
-            if not _writes(txn):
-                if view.guessed:
-                    trust = False
-                    continue
+            commit = attempts.ran(step, attempts.view(session), txn)
+            if commit is None:
+                continue
+            if not commit:
                 return finish(txn.result)
-            txn.expect = view.expected()
             outcome = session.commit(txn)
         if not outcome.conflict:
             return finish(outcome.result)
-        attempt += 1
-        if attempt >= MAX_ATTEMPTS and time.monotonic() - started >= RETRY_SECONDS:
-            raise StorageUnavailableError(
-                f"the store stayed too busy for {attempt} attempts; nothing was changed"
-            )
-        write = True
-        ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt, 16))
-        time.sleep(random.uniform(0, ceiling))  # noqa: S311 - jitter between retries, real time
+        time.sleep(attempts.conflicted())

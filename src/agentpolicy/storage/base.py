@@ -24,6 +24,11 @@ commit where they can, and otherwise as hints right after it (see
 
 The rules of the ledger live in :mod:`agentpolicy.ledger`, written once over
 this interface; see ``docs/storage.md`` for how to write a new store.
+
+:class:`AsyncSession` and :class:`AsyncStorage` are the same primitive for
+asyncio (Redis on ``redis.asyncio``, PostgreSQL on psycopg's async pool):
+the same contract, with coroutines where the sync one blocks. The same
+ledger steps run on them through :func:`agentpolicy.ledger.arunner.arun`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ __all__ = [
     "new_op",
     "op_prefix",
     "OP_KEEP_US",
+    "AsyncSession",
+    "AsyncStorage",
     "Doc",
     "Outcome",
     "Session",
@@ -193,6 +200,65 @@ class Storage(Protocol):
 
     def close(self) -> None:
         """Release connections and files."""
+        ...
+
+
+class AsyncSession(Protocol):
+    """A :class:`Session` for asyncio: the same reads and commit, as coroutines.
+
+    ``fresh``, :meth:`get`, :meth:`scan` and :meth:`commit` keep exactly the
+    contract of :class:`Session` (exclusive or optimistic, guesses, a
+    commit applied at most once per operation id).
+    """
+
+    fresh: bool
+    """Whether every read reflects the store now, guesses included (exclusive sessions)."""
+
+    async def get(
+        self, names: Sequence[str], guess: frozenset[str] = frozenset()
+    ) -> dict[str, Doc]:
+        """The documents of ``names`` that exist, as ``(version, body)``, as in :class:`Session`."""
+        ...
+
+    async def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        """Members of ``index`` with ``score <= upto``, lowest first (see :meth:`Session.scan`)."""
+        ...
+
+    async def commit(self, txn: Txn) -> Outcome:
+        """Apply ``txn`` atomically if ``txn.expect`` holds (see :meth:`Session.commit`)."""
+        ...
+
+
+@runtime_checkable
+class AsyncStorage(Protocol):
+    """A :class:`Storage` for asyncio: sessions are ``async with``, every call is awaited.
+
+    The contract is :class:`Storage`'s, word for word: every method raises
+    :class:`~agentpolicy.errors.StorageUnavailableError` when the backend
+    cannot be reached, and a commit whose outcome could not be learned
+    raises it with a message that says so. No call blocks the event loop.
+    A storage belongs to the event loop it is first used on (its
+    connections do); close it with :meth:`aclose` on that loop.
+    """
+
+    global_indexes_atomic: bool
+    """Whether ``@`` indexes change in the same commit (else right after it, as hints)."""
+
+    default_history_retention: int | None
+    """How long history is kept unless the engine says otherwise (microseconds; None: always)."""
+
+    def session(
+        self, shard: str, *, write: bool = True
+    ) -> contextlib.AbstractAsyncContextManager[AsyncSession]:
+        """A session on ``shard``, used as ``async with`` (see :meth:`Storage.session`)."""
+        ...
+
+    async def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
+        """The newest ``limit`` entries of a log, newest first, as ``(seq, at, entry)``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections (a closed storage refuses further calls)."""
         ...
 
 

@@ -45,6 +45,13 @@ the engine sets a retention.
 ``agentpolicy``), created on first use under a transaction-scoped advisory
 lock; ``schema_version`` records the layout. An older layout is upgraded in
 one transaction; a newer one is refused (``upgrade agentpolicy``).
+
+**One protocol, two drivers.** What a session sends, in which order, and
+what each error means is written once, as generators that yield requests
+(send these statements, in one pipeline or alone; take a new connection)
+and receive the rows; :class:`PostgresStorage` sends them with psycopg's
+Connection, :class:`~agentpolicy.storage.postgres_async.AsyncPostgresStorage`
+awaits them with its AsyncConnection.
 """
 
 from __future__ import annotations
@@ -53,9 +60,9 @@ import contextlib
 import json
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -68,6 +75,8 @@ from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcom
 from agentpolicy.urls import redact_url
 
 __all__ = ["SCHEMA_VERSION", "PostgresStorage"]
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 """The layout of the tables this agentpolicy writes (the ``schema_version`` table)."""
@@ -171,105 +180,196 @@ class _Statements:
         return tuple(text.replace("@s", self.schema) for text in _UPGRADES[version])
 
 
-class _PostgresSession:
-    fresh = True
+# -- the session's protocol, without I/O ----------------------------------------------------------
+#
+# What a session sends, in which order, and what each error means lives once, here, as
+# generators: they yield requests (below) and receive their answers; an error a request
+# raised is thrown into the generator at the ``yield`` (``gen.throw``), where the same
+# ``except`` clauses decide. :func:`_drive` sends the requests with a psycopg Connection;
+# ``postgres_async`` has the same few lines with ``await`` on an AsyncConnection.
+
+
+_Statement = tuple[str, Sequence[Any] | None]
+"""A statement and its parameters (``None``: none, sent as psycopg sends a bare query)."""
+
+
+class _Pipeline:
+    """Send ``statements`` in one round trip (a pipeline); answer their rows (when ``rows``)."""
+
+    __slots__ = ("rows", "statements")
+
+    def __init__(self, statements: Sequence[_Statement], *, rows: bool) -> None:
+        self.statements = statements
+        self.rows = rows
+
+
+class _Execute:
+    """Send one statement on its own; answer its rows (``[]`` for a statement without rows)."""
+
+    __slots__ = ("params", "query")
+
+    def __init__(self, query: str, params: Sequence[Any] | None = None) -> None:
+        self.query = query
+        self.params = params
+
+
+class _Replace:
+    """Give the connection in hand back to the pool (it is dead) and take another."""
+
+    __slots__ = ()
+
+
+class _Call:
+    """Run the session's method ``name`` (``_check`` or ``_apply``): the seams tests replace."""
+
+    __slots__ = ("args", "name")
+
+    def __init__(self, name: str, *args: Any) -> None:
+        self.name = name
+        self.args = args
+
+
+_REPLACE = _Replace()
+_Request = _Pipeline | _Execute | _Replace | _Call
+_Steps = Generator[_Request, Any, T]
+
+
+def _drive(steps: _Steps[T], owner: Any) -> T:
+    """Run ``steps`` with ``owner.conn``, a psycopg Connection (``owner``: a session)."""
+    answer: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            request = steps.send(answer) if error is None else steps.throw(error)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        error = answer = None
+        try:
+            if isinstance(request, _Pipeline):
+                conn = owner.conn
+                with conn.pipeline():
+                    cursors = [conn.execute(q, p) for q, p in request.statements]
+                if request.rows:
+                    answer = [c.fetchall() if c.description else [] for c in cursors]
+            elif isinstance(request, _Execute):
+                cursor = owner.conn.execute(request.query, request.params)
+                answer = cursor.fetchall() if cursor.description else []
+            elif isinstance(request, _Call):
+                answer = getattr(owner, request.name)(*request.args)
+            else:
+                owner._replace()
+        except Exception as exc:  # thrown into the steps, which decide what it means
+            error = exc
+
+
+class _Holder:
+    """A connection in hand, for steps that run outside a session (schema setup)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+
+class _SessionSteps:
+    """What a PostgreSQL session does, shared by the sync and the async session.
+
+    The attributes are the session's state: its storage, shard, whether it
+    expects to write, the connection in hand, whether that connection's
+    transaction holds the shard's row, and the versions read while it does.
+    """
 
     __slots__ = ("conn", "locked", "read", "shard", "sql", "storage", "write")
 
-    def __init__(self, storage: PostgresStorage, shard: str, write: bool) -> None:
+    fresh = True
+
+    def __init__(self, storage: _PostgresBase, shard: str, write: bool) -> None:
         self.storage = storage
         self.sql = storage.sql
         self.shard = shard
         self.write = write
-        self.conn: psycopg.Connection[Any] | None = None
+        self.conn: Any = None
         self.locked = False  # in a transaction that holds the shard's row
         self.read: dict[str, int] = {}  # versions read while holding it
 
-    # -- plumbing ----------------------------------------------------------------------------
-
-    def __enter__(self) -> _PostgresSession:
-        self.conn = self.storage._getconn()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        conn = self.conn
-        self.conn = None
-        if conn is None:
-            return
-        if self.locked:
-            self.locked = False
-            # a lost connection: the server ends the transaction, the pool replaces it
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-        self.storage._putconn(conn)
-
-    def _connection(self) -> psycopg.Connection[Any]:
+    def _connection(self) -> Any:
         conn = self.conn
         if conn is None:
             raise InternalError("a PostgreSQL session was used outside its with block")
         return conn
 
-    def _replace(self) -> None:
-        """Drop a dead connection and take another (the lock and what was read go with it)."""
+    def _is_lost(self) -> bool:
         conn = self.conn
-        self.conn = None
+        return conn is None or conn.closed or conn.broken
+
+    def _exit_steps(self) -> _Steps[None]:
+        """Before the connection goes back: end a transaction still open (a failed call's)."""
+        if self.locked:
+            self.locked = False
+            # a lost connection: the server ends the transaction, the pool replaces it
+            with contextlib.suppress(psycopg.Error):
+                yield _Execute("ROLLBACK")
+
+    def _replace_steps(self) -> _Steps[None]:
+        """Drop a dead connection and take another (the lock and what was read go with it)."""
         self.locked = False
         self.read = {}
-        if conn is not None:
-            self.storage._putconn(conn)
-        self.conn = self.storage._getconn()
+        yield _REPLACE
 
-    def _rollback(self) -> None:
+    def _rollback_steps(self) -> _Steps[None]:
         self.locked = False
         self.read = {}
-        self._connection().execute("ROLLBACK")
+        self._connection()
+        yield _Execute("ROLLBACK")
 
-    def _send(
-        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
-    ) -> list[list[tuple[Any, ...]]]:
+    def _safe_rollback_steps(self) -> _Steps[None]:
+        try:
+            yield from self._rollback_steps()
+        except psycopg.Error:
+            self.locked = False
+            self.read = {}
+
+    def _send_steps(
+        self, queries: Sequence[_Statement], *, lock: bool
+    ) -> _Steps[list[list[tuple[Any, ...]]]]:
         """Run ``queries`` in one round trip, first taking the shard's lock when ``lock``."""
-        conn = self._connection()
+        self._connection()
         sql = self.sql
         take = lock and not self.locked
-        got = None
-        with conn.pipeline():
-            if take:
-                conn.execute(sql.begin)
-                self.locked = True
-                got = conn.execute(sql.lock, (self.shard,))
-            cursors = [conn.execute(q, p) for q, p in queries]
-        if got is not None and got.fetchone() is None:  # the shard's first session: add its row
-            conn.execute(sql.add_shard, (self.shard,))
-            conn.execute(sql.lock, (self.shard,))
-            with conn.pipeline():
-                cursors = [conn.execute(q, p) for q, p in queries]
-        return [c.fetchall() for c in cursors]
+        rows: list[list[tuple[Any, ...]]]
+        if not take:
+            rows = yield _Pipeline(queries, rows=True)
+            return rows
+        self.locked = True
+        rows = yield _Pipeline([(sql.begin, None), (sql.lock, (self.shard,)), *queries], rows=True)
+        if rows[1]:
+            return rows[2:]
+        # the shard's first session: add its row, lock it, and read again under the lock
+        yield _Execute(sql.add_shard, (self.shard,))
+        yield _Execute(sql.lock, (self.shard,))
+        rows = yield _Pipeline(queries, rows=True)
+        return rows
 
-    def _rows(
-        self, queries: Sequence[tuple[str, Sequence[Any]]], *, lock: bool
-    ) -> list[list[tuple[Any, ...]]]:
-        """:meth:`_send`, on a new connection when the one in hand turns out to be dead.
+    def _rows_steps(
+        self, queries: Sequence[_Statement], *, lock: bool
+    ) -> _Steps[list[list[tuple[Any, ...]]]]:
+        """:meth:`_send_steps`, on a new connection when the one in hand turns out to be dead.
 
         A new connection holds no lock and has read nothing: the commit then
         checks every version it expects.
         """
         for attempt in range(_ATTEMPTS):
             try:
-                return self._send(queries, lock=lock)
+                return (yield from self._send_steps(queries, lock=lock))
             except psycopg.Error as exc:
                 if not self._is_lost() or attempt == _ATTEMPTS - 1:
                     raise self.storage._error(exc) from None
-            self._replace()
+            yield from self._replace_steps()
         raise InternalError("unreachable")  # pragma: no cover
 
-    def _is_lost(self) -> bool:
-        conn = self.conn
-        return conn is None or conn.closed or conn.broken
-
-    # -- the session protocol --------------------------------------------------------------------
-
-    def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
-        (rows,) = self._rows([(self.sql.get, (list(names),))], lock=self.write)
+    def _get_steps(self, names: Sequence[str]) -> _Steps[dict[str, Doc]]:
+        (rows,) = yield from self._rows_steps([(self.sql.get, (list(names),))], lock=self.write)
         found = {name: (version, json.loads(body)) for name, version, body in rows}
         if self.locked:
             read = self.read
@@ -278,62 +378,62 @@ class _PostgresSession:
                 read[name] = 0 if doc is None else doc[0]
         return found
 
-    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
-        (rows,) = self._rows([(self.sql.scan, (index, upto, limit))], lock=self.write)
+    def _scan_steps(self, index: str, upto: int, limit: int) -> _Steps[list[tuple[str, int]]]:
+        (rows,) = yield from self._rows_steps(
+            [(self.sql.scan, (index, upto, limit))], lock=self.write
+        )
         return [(member, score) for member, score in rows]
 
-    def commit(self, txn: Txn) -> Outcome:
+    def _log_steps(self, name: str, limit: int) -> _Steps[list[tuple[int, int, Any]]]:
+        (rows,) = yield from self._rows_steps([(self.sql.log, (name, limit))], lock=False)
+        return [(seq, at, json.loads(body)) for seq, at, body in rows]
+
+    def _commit_steps(self, txn: Txn) -> _Steps[Outcome]:
         sent = False  # whether this attempt's COMMIT was sent
         unknown = False  # whether a connection was lost after a COMMIT was sent
         lost = False
+        storage = self.storage
         for _ in range(_ATTEMPTS):
             sent = False
             try:
                 if not (self.locked and self._verified(txn.expect)):
-                    outcome = self._check(txn)
+                    outcome = yield _Call("_check", txn)
                     if outcome is not None:
-                        return outcome
+                        return outcome  # type: ignore[no-any-return]
                 sent = True
-                self._apply(txn)
+                yield _Call("_apply", txn)
             except psycopg.errors.UniqueViolation as exc:
-                self._safely(self._rollback)
+                yield from self._safe_rollback_steps()
                 if exc.diag.constraint_name != "ops_pkey":
-                    raise self.storage._error(exc) from None
-                return self._replayed(txn)
+                    raise storage._error(exc) from None
+                return (yield from self._replayed_steps(txn))
             except _RETRYABLE:  # a deadlock or a serialization failure: rolled back
-                self._safely(self._rollback)
+                yield from self._safe_rollback_steps()
                 continue
             except psycopg.Error as exc:
                 if not self._is_lost():  # the server refused: this attempt was rolled back
-                    self._safely(self._rollback)
+                    yield from self._safe_rollback_steps()
                     if unknown:
-                        raise self.storage._unknown() from None
-                    raise self.storage._error(exc) from None
+                        raise storage._unknown() from None
+                    raise storage._error(exc) from None
                 lost = True
                 unknown = unknown or sent
-                self._reconnect(unknown)
+                yield from self._reconnect_steps(unknown)
                 continue
-            self.storage._committed(self._connection(), txn.at)
+            yield from storage._committed_steps(txn.at)
             return Outcome(applied=True, replayed=False, result=txn.result)
         if unknown:
-            raise self.storage._unknown()
+            raise storage._unknown()
         if lost:
             raise StorageUnavailableError(
-                f"PostgreSQL at {self.storage.shown_url} kept dropping the connection; "
+                f"PostgreSQL at {storage.shown_url} kept dropping the connection; "
                 "nothing was allowed or changed"
             )
         return CONFLICT  # a deadlock every time: the runner runs the step again
 
-    def _safely(self, action: Any) -> None:
+    def _reconnect_steps(self, unknown: bool) -> _Steps[None]:
         try:
-            action()
-        except psycopg.Error:
-            self.locked = False
-            self.read = {}
-
-    def _reconnect(self, unknown: bool) -> None:
-        try:
-            self._replace()
+            yield from self._replace_steps()
         except StorageUnavailableError:
             if unknown:
                 raise self.storage._unknown() from None
@@ -343,69 +443,70 @@ class _PostgresSession:
         read = self.read
         return all(read.get(name) == version for name, version in expect.items())
 
-    def _check(self, txn: Txn) -> Outcome | None:
+    def _check_steps(self, txn: Txn) -> _Steps[Outcome | None]:
         """Take the shard's lock; answer a replay or a conflict, or ``None`` to go on."""
         names = list(txn.expect)
-        versions, done = self._send(
+        versions, done = yield from self._send_steps(
             [(self.sql.versions, (names,)), (self.sql.done, (txn.op,))], lock=True
         )
         if done:
-            self._rollback()
+            yield from self._rollback_steps()
             return Outcome(applied=False, replayed=True, result=json.loads(done[0][0]))
         current = dict(versions)
         if any(current.get(name, 0) != version for name, version in txn.expect.items()):
-            self._rollback()
+            yield from self._rollback_steps()
             return CONFLICT
         self.read = dict(txn.expect)
         return None
 
-    def _replayed(self, txn: Txn) -> Outcome:
+    def _replayed_steps(self, txn: Txn) -> _Steps[Outcome]:
         """The first result of an operation applied before (its id is taken)."""
         try:
-            (rows,) = self._rows([(self.sql.done, (txn.op,))], lock=False)
+            (rows,) = yield from self._rows_steps([(self.sql.done, (txn.op,))], lock=False)
         except StorageUnavailableError:
             raise self.storage._unknown() from None
         if not rows:
             raise InternalError(f"operation {txn.op} was seen but its result is gone")
         return Outcome(applied=False, replayed=True, result=json.loads(rows[0][0]))
 
-    def _apply(self, txn: Txn) -> None:
+    def _apply_steps(self, txn: Txn) -> _Steps[None]:
         """Send the operation id, every write and ``COMMIT`` in one round trip (a pipeline).
 
         Statements are prepared by psycopg after a few uses. One statement of
         arrays for all the writes measured no faster, so each write is its own.
         """
-        conn = self._connection()
+        self._connection()
         sql = self.sql
         at = txn.at
-        run = conn.execute
-        with conn.pipeline():
-            run(sql.op, (txn.op, at, _dumps(txn.result)))
-            ttl = txn.ttl
-            for name, body in txn.put.items():
-                run(sql.put, (name, _dumps(body), at + ttl[name] * 1000 if name in ttl else None))
-            if txn.delete:
-                run(sql.delete, (list(txn.delete),))
-            if txn.index:
-                final: dict[tuple[str, str], int | None] = {}
-                for index, member, score in txn.index:  # the last change of a member counts
-                    final.pop((index, member), None)
-                    final[(index, member)] = score
-                for (index, member), score in final.items():
-                    if score is None:
-                        run(sql.unindex, (index, member))
-                    else:
-                        run(sql.index, (index, member, None if score == NEXT_SEQ else score))
-            for log, entry, _, _ in txn.append:
-                run(sql.append, (log, at, _dumps(entry)))
-            if txn.append:
-                self._trims(conn, txn)
-            run("COMMIT")
+        out: list[_Statement] = [(sql.op, (txn.op, at, _dumps(txn.result)))]
+        add = out.append
+        ttl = txn.ttl
+        for name, body in txn.put.items():
+            add((sql.put, (name, _dumps(body), at + ttl[name] * 1000 if name in ttl else None)))
+        if txn.delete:
+            add((sql.delete, (list(txn.delete),)))
+        if txn.index:
+            final: dict[tuple[str, str], int | None] = {}
+            for index, member, score in txn.index:  # the last change of a member counts
+                final.pop((index, member), None)
+                final[(index, member)] = score
+            for (index, member), score in final.items():
+                if score is None:
+                    add((sql.unindex, (index, member)))
+                else:
+                    add((sql.index, (index, member, None if score == NEXT_SEQ else score)))
+        for log, entry, _, _ in txn.append:
+            add((sql.append, (log, at, _dumps(entry))))
+        if txn.append:
+            out += self._trims(txn)
+        add(("COMMIT", None))
+        yield _Pipeline(out, rows=False)
         self.locked = False
 
-    def _trims(self, conn: psycopg.Connection[Any], txn: Txn) -> None:
+    def _trims(self, txn: Txn) -> list[_Statement]:
         """Trim a log by age and length once every 64 of its appends (in this process)."""
         appends = self.storage._appends
+        out: list[_Statement] = []
         for log, _, keep_after, max_len in txn.append:
             if keep_after is None and max_len is None:
                 continue
@@ -416,21 +517,61 @@ class _PostgresSession:
             if count % _TRIM_EVERY:
                 continue
             if keep_after is not None:
-                conn.execute(self.sql.trim_age, (log, keep_after))
+                out.append((self.sql.trim_age, (log, keep_after)))
             if max_len is not None:
-                conn.execute(self.sql.trim_len, (log, log, max_len))
+                out.append((self.sql.trim_len, (log, log, max_len)))
+        return out
 
 
-class PostgresStorage:
-    """Storage on PostgreSQL (``postgresql://user@host:5432/db?schema=NAME``, ``postgres://``).
+class _PostgresSession(_SessionSteps):
+    """A session on a psycopg Connection: :class:`_SessionSteps` driven by :func:`_drive`."""
 
-    ``schema`` (from the URL, default ``agentpolicy``) holds the tables, so
-    one database can hold several independent stores. ``pool_size``
-    connections at most; ``connect_timeout``, ``pool_timeout`` and
-    ``lock_timeout`` bound how long a call waits before it fails closed with
-    :class:`~agentpolicy.errors.StorageUnavailableError`. Nothing connects
-    until the first call; the tables are created (or upgraded) then.
-    """
+    __slots__ = ()
+
+    storage: PostgresStorage
+
+    def __enter__(self) -> _PostgresSession:
+        self.conn = self.storage._getconn()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        _drive(self._exit_steps(), self)
+        self.conn = None
+        self.storage._putconn(conn)
+
+    def _replace(self) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            self.storage._putconn(conn)
+        self.conn = self.storage._getconn()
+
+    def _rows(self, queries: Sequence[_Statement], *, lock: bool) -> list[list[tuple[Any, ...]]]:
+        return _drive(self._rows_steps(queries, lock=lock), self)
+
+    def _check(self, txn: Txn) -> Outcome | None:
+        return _drive(self._check_steps(txn), self)
+
+    def _apply(self, txn: Txn) -> None:
+        _drive(self._apply_steps(txn), self)
+
+    # -- the session protocol --------------------------------------------------------------------
+
+    def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
+        return _drive(self._get_steps(names), self)
+
+    def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
+        return _drive(self._scan_steps(index, upto, limit), self)
+
+    def commit(self, txn: Txn) -> Outcome:
+        return _drive(self._commit_steps(txn), self)
+
+
+class _PostgresBase:
+    """What both PostgreSQL stores share: settings, SQL, errors, schema setup, housekeeping."""
 
     global_indexes_atomic = True
     default_history_retention: int | None = None
@@ -440,10 +581,10 @@ class PostgresStorage:
         self,
         url: str,
         *,
-        pool_size: int = 10,
-        connect_timeout: timedelta = timedelta(seconds=2),
-        pool_timeout: timedelta = timedelta(seconds=3),
-        lock_timeout: timedelta = timedelta(seconds=10),
+        pool_size: int,
+        connect_timeout: timedelta,
+        pool_timeout: timedelta,
+        lock_timeout: timedelta,
     ) -> None:
         conninfo, self.schema = split_postgres_url(url)
         self.shown_url = redact_url(url)
@@ -470,65 +611,35 @@ class PostgresStorage:
             kwargs["application_name"] = "agentpolicy"
         self._conninfo = conninfo
         self._kwargs = kwargs
+        self._pool_options: dict[str, Any] = {
+            "min_size": 1,
+            "max_size": pool_size,
+            "open": False,
+            "timeout": pool_timeout.total_seconds(),
+            "reconnect_timeout": max(1.0, pool_timeout.total_seconds()),
+            "name": f"agentpolicy-{self.schema}",
+            "num_workers": 2,
+        }
         self.sql = _Statements(self.schema)
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            conninfo,
-            kwargs=kwargs,
-            min_size=1,
-            max_size=pool_size,
-            open=False,
-            timeout=pool_timeout.total_seconds(),
-            reconnect_timeout=max(1.0, pool_timeout.total_seconds()),
-            name=f"agentpolicy-{self.schema}",
-            num_workers=2,
-        )
-        self._lock = threading.Lock()
         self._opened = False
         self._closed = False
         self._ready = False
         self._commits_until_prune = _PRUNE_EVERY
         self._appends: dict[str, int] = {}
 
-    # -- connections -----------------------------------------------------------------------------
+    # -- errors ----------------------------------------------------------------------------------
 
-    def _getconn(self) -> psycopg.Connection[Any]:
-        if not self._opened:
-            with self._lock:
-                if self._closed:
-                    raise StorageUnavailableError("this PostgreSQL storage was closed")
-                if not self._opened:
-                    self._pool.open(wait=False)
-                    self._opened = True
-        try:
-            conn = self._pool.getconn()
-        except PoolTimeout:
-            raise self._down() from None
-        if not self._ready:
-            try:
-                self._setup(conn)
-            except BaseException:
-                self._pool.putconn(conn)
-                raise
-        return conn
-
-    def _putconn(self, conn: psycopg.Connection[Any]) -> None:
-        try:
-            self._pool.putconn(conn)
-        except psycopg.Error:  # pragma: no cover - a pool already closed
-            conn.close()
-
-    def _down(self) -> StorageUnavailableError:
-        """Why no connection came: connect once more to learn the server's own words."""
-        try:
-            psycopg.connect(self._conninfo, **self._kwargs).close()
-        except psycopg.Error as exc:
-            reason = _first_line(exc)
-        else:
-            reason = f"all {self._pool.max_size} connections of the pool stayed busy"
+    def _down_error(self, reason: str | None) -> StorageUnavailableError:
+        """Why no connection came: the server's own words, or a pool that stayed busy."""
+        if reason is None:
+            reason = f"all {self._pool_options['max_size']} connections of the pool stayed busy"
         return StorageUnavailableError(
             f"PostgreSQL at {self.shown_url} is unavailable ({reason}); "
             "nothing was allowed or changed"
         )
+
+    def _closed_error(self) -> StorageUnavailableError:
+        return StorageUnavailableError("this PostgreSQL storage was closed")
 
     def _error(self, exc: psycopg.Error) -> StorageUnavailableError | InternalError:
         """A structured error for a failed statement (nothing was changed)."""
@@ -560,77 +671,166 @@ class PostgresStorage:
 
     # -- schema ----------------------------------------------------------------------------------
 
-    def _setup(self, conn: psycopg.Connection[Any]) -> None:
-        """Create, upgrade or refuse the schema's layout (once per storage object)."""
-        with self._lock:
-            if self._ready:
-                return
-            try:
-                if self._version(conn) != SCHEMA_VERSION:
-                    self._migrate(conn)
-            except psycopg.Error as exc:
-                if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute("ROLLBACK")
-                raise self._error(exc) from None
-            self._ready = True
+    def _setup_steps(self, conn: Any) -> _Steps[None]:
+        """Create, upgrade or refuse the schema's layout (``conn``: the connection in hand)."""
+        try:
+            if (yield from self._version_steps()) != SCHEMA_VERSION:
+                yield from self._migrate_steps()
+        except psycopg.Error as exc:
+            if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    yield _Execute("ROLLBACK")
+            raise self._error(exc) from None
 
-    def _version(self, conn: psycopg.Connection[Any]) -> int | None:
-        found = conn.execute(
-            "SELECT to_regclass(%s)", (f"{self.sql.schema}.schema_version",)
-        ).fetchone()
-        if found is None or found[0] is None:
+    def _version_steps(self) -> _Steps[int | None]:
+        found = yield _Execute("SELECT to_regclass(%s)", (f"{self.sql.schema}.schema_version",))
+        if not found or found[0][0] is None:
             return None
-        row = conn.execute(
+        rows = yield _Execute(
             f"SELECT max(version) FROM {self.sql.schema}.schema_version"  # noqa: S608 - checked name
-        ).fetchone()
-        return None if row is None else row[0]
+        )
+        return None if not rows else rows[0][0]
 
-    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+    def _migrate_steps(self) -> _Steps[None]:
+        """Create or upgrade the layout in one transaction, under the schema's advisory lock."""
+        yield _Execute("BEGIN")
+        try:
+            version = yield from self._layout_steps()
+        except Exception:
+            yield _Execute("ROLLBACK")  # all or nothing: DDL is transactional
+            raise
+        if version is not None and version > SCHEMA_VERSION:
+            yield _Execute("ROLLBACK")
+            raise StorageUnavailableError(
+                f"the PostgreSQL schema {self.schema} has layout version {version}; this "
+                f"agentpolicy knows {SCHEMA_VERSION}: upgrade agentpolicy"
+            )
+        yield _Execute("COMMIT")
+
+    def _layout_steps(self) -> _Steps[int | None]:
+        """Inside the setup's transaction: create an absent layout, upgrade an older one.
+
+        Answers the version found (``None``: there was none); a newer one is left alone.
+        """
         q = self.sql.schema
         key = _LOCK_KEY | zlib.crc32(self.schema.encode())
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (key,))
-            exists = conn.execute("SELECT to_regnamespace(%s)", (q,)).fetchone()
-            if exists is None or exists[0] is None:
-                conn.execute(f"CREATE SCHEMA {q}")
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {q}.schema_version (version integer NOT NULL)"
+        yield _Execute("SELECT pg_advisory_xact_lock(%s::bigint)", (key,))
+        exists = yield _Execute("SELECT to_regnamespace(%s)", (q,))
+        if not exists or exists[0][0] is None:
+            yield _Execute(f"CREATE SCHEMA {q}")
+        yield _Execute(f"CREATE TABLE IF NOT EXISTS {q}.schema_version (version integer NOT NULL)")
+        row = yield _Execute(f"SELECT max(version) FROM {q}.schema_version")  # noqa: S608
+        version: int | None = None if not row else row[0][0]
+        if version is None:
+            for statement in self.sql.layout:
+                yield _Execute(statement)
+            yield _Execute(
+                f"INSERT INTO {q}.schema_version (version) VALUES (%s)",  # noqa: S608
+                (SCHEMA_VERSION,),
             )
-            row = conn.execute(f"SELECT max(version) FROM {q}.schema_version").fetchone()  # noqa: S608
-            version = None if row is None else row[0]
-            if version is None:
-                for statement in self.sql.layout:
-                    conn.execute(statement)
-                conn.execute(
-                    f"INSERT INTO {q}.schema_version (version) VALUES (%s)",  # noqa: S608
-                    (SCHEMA_VERSION,),
-                )
-                return
-            if version > SCHEMA_VERSION:
-                raise StorageUnavailableError(
-                    f"the PostgreSQL schema {self.schema} has layout version {version}; this "
-                    f"agentpolicy knows {SCHEMA_VERSION}: upgrade agentpolicy"
-                )
+        elif version < SCHEMA_VERSION:
             for step in range(version, SCHEMA_VERSION):
                 for statement in self.sql.upgrade(step):
-                    conn.execute(statement)
-            conn.execute(f"UPDATE {q}.schema_version SET version = %s", (SCHEMA_VERSION,))  # noqa: S608
+                    yield _Execute(statement)
+            yield _Execute(
+                f"UPDATE {q}.schema_version SET version = %s",  # noqa: S608
+                (SCHEMA_VERSION,),
+            )
+        return version
 
     # -- housekeeping ------------------------------------------------------------------------------
 
-    def _committed(self, conn: psycopg.Connection[Any], at: int) -> None:
+    def _committed_steps(self, at: int) -> _Steps[None]:
         """Count a commit; every 1,000 delete old operation ids and documents past their ttl."""
         self._commits_until_prune -= 1
         if self._commits_until_prune > 0:
             return
         self._commits_until_prune = _PRUNE_EVERY
+        with contextlib.suppress(psycopg.Error):  # housekeeping only: the next round tries again
+            yield _Pipeline(
+                [
+                    (self.sql.prune_ops, (op_prefix(at - OP_KEEP_US), _PRUNE_BATCH)),
+                    (self.sql.prune_docs, (at, _PRUNE_BATCH)),
+                ],
+                rows=False,
+            )
+
+
+class PostgresStorage(_PostgresBase):
+    """Storage on PostgreSQL (``postgresql://user@host:5432/db?schema=NAME``, ``postgres://``).
+
+    ``schema`` (from the URL, default ``agentpolicy``) holds the tables, so
+    one database can hold several independent stores. ``pool_size``
+    connections at most; ``connect_timeout``, ``pool_timeout`` and
+    ``lock_timeout`` bound how long a call waits before it fails closed with
+    :class:`~agentpolicy.errors.StorageUnavailableError`. Nothing connects
+    until the first call; the tables are created (or upgraded) then.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: timedelta = timedelta(seconds=2),
+        pool_timeout: timedelta = timedelta(seconds=3),
+        lock_timeout: timedelta = timedelta(seconds=10),
+    ) -> None:
+        super().__init__(
+            url,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+            pool_timeout=pool_timeout,
+            lock_timeout=lock_timeout,
+        )
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self._conninfo, kwargs=self._kwargs, **self._pool_options
+        )
+        self._lock = threading.Lock()
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _getconn(self) -> psycopg.Connection[Any]:
+        if not self._opened:
+            with self._lock:
+                if self._closed:
+                    raise self._closed_error()
+                if not self._opened:
+                    self._pool.open(wait=False)
+                    self._opened = True
         try:
-            with conn.pipeline():
-                conn.execute(self.sql.prune_ops, (op_prefix(at - OP_KEEP_US), _PRUNE_BATCH))
-                conn.execute(self.sql.prune_docs, (at, _PRUNE_BATCH))
-        except psycopg.Error:
-            pass  # housekeeping only: the next round tries again
+            conn = self._pool.getconn()
+        except PoolTimeout:
+            raise self._down() from None
+        if not self._ready:
+            try:
+                self._setup(conn)
+            except BaseException:
+                self._pool.putconn(conn)
+                raise
+        return conn
+
+    def _putconn(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            self._pool.putconn(conn)
+        except psycopg.Error:  # pragma: no cover - a pool already closed
+            conn.close()
+
+    def _down(self) -> StorageUnavailableError:
+        """Why no connection came: connect once more to learn the server's own words."""
+        try:
+            psycopg.connect(self._conninfo, **self._kwargs).close()
+        except psycopg.Error as exc:
+            return self._down_error(_first_line(exc))
+        return self._down_error(None)
+
+    def _setup(self, conn: psycopg.Connection[Any]) -> None:
+        """Create, upgrade or refuse the schema's layout (once per storage object)."""
+        with self._lock:
+            if self._ready:
+                return
+            _drive(self._setup_steps(conn), _Holder(conn))
+            self._ready = True
 
     # -- the storage protocol ----------------------------------------------------------------------
 
@@ -641,8 +841,7 @@ class PostgresStorage:
     def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
         """The newest ``limit`` entries of a log, newest first."""
         with self.session(shard, write=False) as session:
-            (rows,) = session._rows([(self.sql.log, (name, limit))], lock=False)
-        return [(seq, at, json.loads(body)) for seq, at, body in rows]
+            return _drive(session._log_steps(name, limit), session)
 
     def close(self) -> None:
         """Close the connection pool (a closed storage refuses further calls)."""

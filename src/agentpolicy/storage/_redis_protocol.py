@@ -1,0 +1,309 @@
+"""What both Redis stores do, without I/O: key names, the commit's KEYS and ARGV, its reply.
+
+:class:`~agentpolicy.storage.redis.RedisStorage` (redis-py) and
+:class:`~agentpolicy.storage.redis_async.AsyncRedisStorage`
+(``redis.asyncio``) keep the same keys and run the same script, so data
+written by one is read by the other. Everything they decide is here, once:
+each operation is a generator that yields the requests it needs sent
+(:class:`Read`, :class:`Scan`, :class:`Eval`, :class:`Hints`,
+:class:`Lines`) and receives their answers; a store only sends them, with
+its client, and turns Redis failures into structured errors with
+:func:`failure`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Sequence
+from datetime import timedelta
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.exceptions
+from redis.backoff import ExponentialBackoff
+
+from agentpolicy.errors import InternalError, PolicyError, StorageUnavailableError
+from agentpolicy.ledger.keys import tag
+from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn
+
+T = TypeVar("T")
+
+CACHE_SIZE = 50_000
+"""Documents a store keeps in its cache before it starts again from nothing."""
+
+_UNAVAILABLE = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "BUSY ")
+
+GlobalOps = list[tuple[str, str, int | None]]
+
+
+def script() -> str:
+    """The text of ``redis_commit.lua``."""
+    return (resources.files("agentpolicy.storage") / "redis_commit.lua").read_text("utf-8")
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON (amounts stay integers in text, never Lua numbers)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def cluster_url(url: str) -> tuple[bool, str]:
+    """Whether ``url`` names a Cluster, and the URL the client takes (``+cluster`` dropped)."""
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        return True, url.replace("+cluster", "", 1)
+    return False, url
+
+
+def client_options(timeout: timedelta, retry: Any) -> dict[str, Any]:
+    """What both stores give their client: ``timeout`` per command, then two quick retries.
+
+    ``retry`` is the client's ``Retry`` class (redis-py's, or ``redis.asyncio``'s).
+    """
+    seconds = timeout.total_seconds()
+    return {
+        "socket_timeout": seconds,
+        "socket_connect_timeout": seconds,
+        "decode_responses": True,
+        "retry": retry(ExponentialBackoff(cap=0.2, base=0.05), 2),
+    }
+
+
+def unreachable(exc: BaseException) -> StorageUnavailableError:
+    """A client that could not even be made (a bad URL or host)."""
+    return StorageUnavailableError(f"cannot reach Redis: {type(exc).__name__}")
+
+
+def failure(exc: redis.exceptions.RedisError, *, writing: bool) -> PolicyError:
+    """The structured error for a Redis failure (``writing``: a commit may have been sent)."""
+    if isinstance(exc, redis.exceptions.ResponseError):
+        text = str(exc)
+        down = isinstance(exc, redis.exceptions.ClusterError)  # CLUSTERDOWN, MASTERDOWN, ...
+        if down or text.startswith(_UNAVAILABLE) or "NOSCRIPT" in text:
+            word = type(exc).__name__ if down else text.split(" ", 1)[0]
+            return StorageUnavailableError(
+                f"Redis is unavailable ({word}); nothing was allowed or changed"
+            )
+        return InternalError(f"Redis refused a command: {text}")
+    if writing and isinstance(
+        exc, redis.exceptions.TimeoutError | redis.exceptions.ConnectionError
+    ):
+        return StorageUnavailableError(
+            f"Redis did not answer ({type(exc).__name__}), so whether this change was "
+            "recorded is unknown: a reservation it made expires by itself, and the "
+            "same idempotency key answers the first decision"
+        )
+    return StorageUnavailableError(
+        f"Redis is unavailable ({type(exc).__name__}); nothing was allowed or changed"
+    )
+
+
+# -- requests a store sends --------------------------------------------------------------------
+
+
+class Read:
+    """``HMGET key v b`` for each key (pipelined when several): answers ``[[v, b], ...]``."""
+
+    __slots__ = ("keys",)
+    writing = False
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+
+class Scan:
+    """``ZRANGEBYSCORE key -inf upto LIMIT 0 limit WITHSCORES``: answers ``[(member, score)]``."""
+
+    __slots__ = ("key", "limit", "upto")
+    writing = False
+
+    def __init__(self, key: str, upto: int, limit: int) -> None:
+        self.key = key
+        self.upto = upto
+        self.limit = limit
+
+
+class Eval:
+    """The commit script with these ``KEYS`` and ``ARGV`` (``EVALSHA``): answers its reply."""
+
+    __slots__ = ("args", "keys")
+    writing = True
+
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys = keys
+        self.args = args
+
+
+class Hints:
+    """Global index entries ``(key, member, score)`` written outside a commit (Cluster only).
+
+    ``ZADD`` each, or ``ZREM`` when ``score`` is ``None``; they are hints.
+    """
+
+    __slots__ = ("ops",)
+    writing = False
+
+    def __init__(self, ops: GlobalOps) -> None:
+        self.ops = ops
+
+
+class Lines:
+    """``LRANGE key 0 limit-1``: answers the lines of a log, newest first."""
+
+    __slots__ = ("key", "limit")
+    writing = False
+
+    def __init__(self, key: str, limit: int) -> None:
+        self.key = key
+        self.limit = limit
+
+
+Request = Read | Scan | Eval | Hints | Lines
+Steps = Generator[Request, Any, T]
+"""An operation: yields requests, receives their answers, returns its result."""
+
+
+# -- the operations ----------------------------------------------------------------------------
+
+
+class Keyspace:
+    """One store's keys and cache of documents, and its operations as :data:`Steps`.
+
+    ``key_prefix`` separates tenants; on a Cluster (``cluster``) global
+    indexes live outside every shard's slot and are written as hints.
+    """
+
+    __slots__ = ("cache", "inline_globals", "key_prefix")
+
+    def __init__(self, key_prefix: str, *, cluster: bool) -> None:
+        self.key_prefix = key_prefix
+        self.inline_globals = not cluster
+        self.cache: dict[str, Doc] = {}
+
+    def shard_prefix(self, shard: str) -> str:
+        """The prefix of every key of ``shard``: its hash tag, so one slot holds them all."""
+        return f"{self.key_prefix}{{{tag(shard)}}}:"
+
+    def key(self, prefix: str, name: str) -> str:
+        """The key of ``name`` in the shard of ``prefix`` (global indexes live outside it)."""
+        if name.startswith("@"):
+            return self.key_prefix + name
+        return prefix + name
+
+    def remember(self, key: str, doc: Doc) -> None:
+        """Keep a document this process has seen (bounded)."""
+        cache = self.cache
+        if len(cache) >= CACHE_SIZE:
+            cache.clear()
+        cache[key] = doc
+
+    def get(
+        self, prefix: str, names: Sequence[str], guess: frozenset[str]
+    ) -> Steps[dict[str, Doc]]:
+        """Documents of ``names``; those in ``guess`` from the cache (absent when not there)."""
+        cache = self.cache
+        found: dict[str, Doc] = {}
+        fetch: list[tuple[str, str]] = []
+        for name in names:
+            key = self.key(prefix, name)
+            if name in guess:
+                cached = cache.get(key)
+                if cached is not None and cached[0]:
+                    found[name] = cached
+                continue
+            fetch.append((name, key))
+        if fetch:
+            rows = yield Read([key for _, key in fetch])
+            for (name, key), (version, body) in zip(fetch, rows, strict=True):
+                if version is None:
+                    cache.pop(key, None)
+                    continue
+                doc = (int(version), json.loads(body))
+                self.remember(key, doc)
+                found[name] = doc
+        return found
+
+    def scan(self, prefix: str, index: str, upto: int, limit: int) -> Steps[list[tuple[str, int]]]:
+        """Members of an index up to a score, lowest first."""
+        rows = yield Scan(self.key(prefix, index), upto, limit)
+        return [(member, int(score)) for member, score in rows]
+
+    def log(self, shard: str, name: str, limit: int) -> Steps[list[tuple[int, int, Any]]]:
+        """The newest ``limit`` entries of a log, newest first."""
+        lines = yield Lines(self.shard_prefix(shard) + name, limit)
+        out = []
+        for line in lines:
+            seq, at, entry = line.split("\t", 2)
+            out.append((int(seq), int(at), json.loads(entry)))
+        return out
+
+    def commit(self, prefix: str, txn: Txn) -> Steps[Outcome]:
+        """One script call; on a Cluster, global hints added before it and written after it."""
+        keys_: list[str] = [prefix + "#op:" + txn.op, prefix + "#seq"]
+        position: dict[str, int] = {}
+
+        def ref(key: str) -> str:
+            found = position.get(key)
+            if found is None:
+                keys_.append(key)
+                found = position[key] = len(keys_)
+            return str(found)
+
+        args: list[Any] = [OP_KEEP_US // 1000, dumps(txn.result), txn.at, len(txn.expect)]
+        for name, version in txn.expect.items():
+            args += [ref(self.key(prefix, name)), version]
+        args.append(len(txn.put))
+        put_keys = []
+        for name, body in txn.put.items():
+            key = self.key(prefix, name)
+            put_keys.append((key, body))
+            expected = txn.expect.get(name)
+            args += [
+                ref(key),
+                dumps(body),
+                txn.ttl.get(name, 0),
+                "" if expected is None else expected + 1,
+            ]
+        args.append(len(txn.delete))
+        args += [ref(self.key(prefix, name)) for name in txn.delete]
+        inline = self.inline_globals
+        here = [op for op in txn.index if inline or not op[0].startswith("@")]
+        later = [op for op in txn.index if not (inline or not op[0].startswith("@"))]
+        args.append(len(here))
+        for index, member, score in here:
+            code = "" if score is None else "s" if score == NEXT_SEQ else score
+            args += [ref(self.key(prefix, index)), member, code]
+        args.append(len(txn.append))
+        for log, entry, keep_after, max_len in txn.append:
+            args += [
+                ref(self.key(prefix, log)),
+                dumps(entry),
+                "" if keep_after is None else keep_after,
+                "" if max_len is None else max_len,
+            ]
+        if later:  # hints outside the shard's slot: add before, so a crash loses none
+            yield Hints(self.hint_keys([op for op in later if op[2] is not None]))
+        reply = yield Eval(keys_, args)
+        cache = self.cache
+        kind = reply[0]
+        if kind == "R":
+            for key, _ in put_keys:
+                cache.pop(key, None)
+            return Outcome(applied=False, replayed=True, result=json.loads(reply[1]))
+        if kind == "C":
+            for j in range(1, len(reply), 3):
+                key, version, body = reply[j], int(reply[j + 1]), reply[j + 2]
+                if version:
+                    self.remember(key, (version, json.loads(body)))
+                else:
+                    cache.pop(key, None)
+            return CONFLICT
+        for (key, body), version in zip(put_keys, reply[1:], strict=True):
+            self.remember(key, (int(version), body))
+        for name in txn.delete:
+            cache.pop(self.key(prefix, name), None)
+        if later:
+            yield Hints(self.hint_keys(later))
+        return Outcome(applied=True, replayed=False, result=txn.result)
+
+    def hint_keys(self, ops: GlobalOps) -> GlobalOps:
+        """Global index operations ``(index, member, score)`` with their keys for :class:`Hints`."""
+        return [(self.key_prefix + index, member, score) for index, member, score in ops]
