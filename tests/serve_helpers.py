@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+import anyio
+import httpx2
 import uvicorn
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from agentpolicy import PolicyEngine
 from agentpolicy.serve.app import create_app
@@ -61,3 +67,22 @@ class Served:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def mcp(
+    url: str, token: str | None, work: Callable[[Client], Awaitable[Any]], *, mode: str = "auto"
+) -> Any:
+    """Run ``work(client)`` with the official MCP client over Streamable HTTP, bearing ``token``.
+
+    It runs in a thread of its own, so it works beside Playwright's sync API.
+    """
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+
+    async def run() -> Any:
+        async with httpx2.AsyncClient(headers=headers) as http:
+            transport = streamable_http_client(url + "/mcp", http_client=http)
+            async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+                return await work(client)
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, run).result(timeout=60)

@@ -156,13 +156,15 @@ def _bars(limits: Iterable[LimitBudget]) -> list[dict[str, Any]]:
     return bars
 
 
+def _budget_view(budget: Budget, what: str) -> dict[str, Any]:
+    return {"title": f"{budget.agent_id} ({what})", "agent_id": budget.agent_id,
+            "bars": _bars(budget.limits), "note": None}  # fmt: skip
+
+
 def budget_views(budget: Budget, now: datetime) -> list[dict[str, Any]]:
     """The agent's own limits, then each budget above it, each with its bars."""
-    views = [{"title": f"{budget.agent_id} (this agent)", "agent_id": budget.agent_id,
-              "bars": _bars(budget.limits), "note": None}]  # fmt: skip
-    for above in budget.ancestors:
-        views.append({"title": f"{above.agent_id} (a budget above it)",
-                      "agent_id": above.agent_id, "bars": _bars(above.limits), "note": None})  # fmt: skip
+    views = [_budget_view(budget, "this agent")]
+    views += [_budget_view(above, "a budget above it") for above in budget.ancestors]
     if budget.delegation is not None:
         d = budget.delegation
         ends = "no end" if d.expires_at is None else f"until {when(d.expires_at)}"

@@ -237,6 +237,7 @@ class Service:
                 "voter": approver,
                 "link": token,
                 "csrf": await self.csrf("l:" + token_hash(token)),
+                "blocked": None,
             }
         if caller is None or caller.session is None or caller.voter is None:
             return None
@@ -254,7 +255,8 @@ class Service:
                 f"{voter}'s vote must be signed with {voter}'s key, which this service never "
                 f"holds: run agentpolicy approvals approve {approval.id} --as {voter} "
                 "--key KEY_FILE (or approvals deny) where the key is.")}  # fmt: skip
-        return {"voter": voter, "link": None, "csrf": await self.csrf("s:" + caller.session.key)}
+        csrf = await self.csrf("s:" + caller.session.key)
+        return {"voter": voter, "link": None, "csrf": csrf, "blocked": None}
 
     async def visible_approvals(self, caller: Caller) -> list[Approval]:
         token = caller.token

@@ -4,7 +4,7 @@
   var list = document.getElementById("pending");
   var status = document.getElementById("status");
   if (!list || !window.fetch) { return; }
-  var every = Math.max(2, parseInt(list.getAttribute("data-every"), 10) || 5) * 1000;
+  var every = Math.max(1, parseInt(list.getAttribute("data-every"), 10) || 5) * 1000;
   var url = list.getAttribute("data-refresh");
   var waiting = null;
 
