@@ -10,8 +10,10 @@ Access logs never show a one-time link: the ``t`` query value is written
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -81,6 +83,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host.strip("[]"), port))
+    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     return sock
 
 
@@ -106,6 +109,7 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
         session_ttl=args.session_ttl,
     )
     logging.getLogger("uvicorn.access").addFilter(_RedactLinks())
+    logging.getLogger("agentpolicy").setLevel(logging.INFO)  # votes and sign-ins are logged
     sock = _bind(args.host, args.port)
     engine = build_engine(settings)
     try:
@@ -121,7 +125,11 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
         store = settings.shown_storage_url(fallback_to_file=True)
         say(f"agentpolicy serve: listening on {'https' if tls else 'http'}://{shown}:{port} "
             f"(store {store}); approvals at /approvals, MCP at /mcp")  # fmt: skip
-        server.run(sockets=[sock])
+        # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again: both
+        # end here as KeyboardInterrupt, and the command exits 0
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
     finally:
         sock.close()
         engine.close()
