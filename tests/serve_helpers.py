@@ -36,7 +36,7 @@ class Served:
         self.engine = engine
         self.app = create_app(engine, options or ServeOptions(sweep_seconds=3600.0))
         self.tokens = TokenStore(engine.storage, engine.clock)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
