@@ -73,6 +73,7 @@ class ToolServers:
     def __init__(self, engine: PolicyEngine) -> None:
         self.engine = engine
         self._made: dict[tuple[Any, ...], AgentPolicyMcpServer] = {}
+        self._listed: dict[tuple[Any, ...], list[types.Tool]] = {}
         self._lock = threading.Lock()
 
     def for_token(self, token: AccessToken) -> AgentPolicyMcpServer:
@@ -100,6 +101,22 @@ class ToolServers:
         """The tools listed to this token."""
         return [t for t in self.for_token(token).tools() if not self.refused(token, t.name)]
 
+    def listed(self, token: AccessToken) -> list[types.Tool]:
+        """The tools as the SDK lists them to this token, made once per binding.
+
+        The SDK asks for them on every call too (to check the arguments), so
+        they are not rebuilt each time.
+        """
+        key = (token.role, token.agent_id, token.org_id, token.approver)
+        found = self._listed.get(key)
+        if found is None:
+            found = [sdk_tool(t) for t in self.tools(token)]
+            with self._lock:
+                if len(self._listed) > 10_000:
+                    self._listed.clear()
+                self._listed[key] = found
+        return found
+
 
 def _token_of(ctx: Any) -> AccessToken:
     request = getattr(ctx, "request", None)
@@ -115,7 +132,7 @@ def build_sdk_server(servers: ToolServers, metrics: Metrics) -> Server[Any]:
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         token = _token_of(ctx)
-        return types.ListToolsResult(tools=[sdk_tool(t) for t in servers.tools(token)])
+        return types.ListToolsResult(tools=list(servers.listed(token)))
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         token = _token_of(ctx)

@@ -68,6 +68,11 @@ class Metrics:
         with self._lock:
             self._requests[(route, f"{status // 100}xx")] += 1
 
+    def authorize_seconds(self) -> tuple[float, int]:
+        """The authorize latency histogram's sum (seconds) and count so far."""
+        with self._lock:
+            return self._sum, self._count
+
     def decisions(self) -> dict[str, int]:
         """Decisions counted so far, by code."""
         with self._lock:

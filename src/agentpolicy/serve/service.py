@@ -122,14 +122,17 @@ class Service:
     # -- helpers --------------------------------------------------------------------------
 
     async def sync(self, call: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking call (a token check, a store read) on a worker thread."""
         return await anyio.to_thread.run_sync(call, *args)
 
     async def csrf(self, binding: str) -> str:
+        """The CSRF token of a form bound to ``binding`` (a session, a link, a sign-in nonce)."""
         if self._csrf is None:
             self._csrf = await self.sync(self.tokens.csrf_key)
         return b64(hmac.new(self._csrf, binding.encode(), hashlib.sha256).digest())
 
     async def check_csrf(self, request: Request, binding: str, presented: object) -> None:
+        """Refuse a POST from another site, or whose CSRF token is not the one ``binding`` gives."""
         origin = request.headers.get("origin")
         if origin and urlsplit(origin).netloc != request.headers.get("host"):
             raise Denied(403, "Refused", "This form was sent from another site.")
@@ -141,6 +144,7 @@ class Service:
             raise Denied(403, "Refused", "This form has expired: reload the page and try again.")
 
     def cookie(self, response: Response, name: str, value: str, max_age: int | None) -> None:
+        """Set one of our cookies: HttpOnly, SameSite=Strict, Secure when served over TLS."""
         response.set_cookie(
             name, value, max_age=max_age, path="/", httponly=True,
             secure=self.options.secure_cookies, samesite="strict",
@@ -173,6 +177,7 @@ class Service:
         return Caller(session.token, session)
 
     async def require(self, request: Request, roles: tuple[str, ...]) -> Caller:
+        """The caller, who must have one of ``roles`` (else 401, or 403)."""
         caller = await self.caller(request)
         if caller is None:
             raise Denied(401, "Sign in", "Sign in to see this page.", signin=True)
@@ -182,6 +187,7 @@ class Service:
         return caller
 
     async def page_values(self, caller: Caller | None) -> dict[str, Any]:
+        """What the page header shows: who is signed in, the links, the sign-out form."""
         if caller is None:
             return {"who": None}
         t = caller.token
@@ -227,6 +233,7 @@ class Service:
     async def vote_form(
         self, approval: Approval, caller: Caller | None, link: tuple[str, str] | None
     ) -> dict[str, Any] | None:
+        """The vote form of a card: for a link, for a signed-in voter, or why none."""
         if approval.status.value != "pending":
             return None
         if link is not None:
@@ -259,6 +266,7 @@ class Service:
         return {"voter": voter, "link": None, "csrf": csrf, "blocked": None}
 
     async def visible_approvals(self, caller: Caller) -> list[Approval]:
+        """The pending approvals this caller may see (an approver: those it may vote on)."""
         token = caller.token
         pending = await self.aengine.list_approvals()
         found = [a for a in pending if token.may_see(a.agent_id)]
@@ -277,6 +285,7 @@ class Unauthorized(Exception):  # noqa: N818 - an answer, not a bug
 
 
 def wants_html(request: Request) -> bool:
+    """Whether the request comes from a browser (it accepts HTML)."""
     return "text/html" in request.headers.get("accept", "")
 
 
@@ -288,4 +297,5 @@ def local_path(target: str | None, default: str) -> str:
 
 
 def html(text: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+    """A page as a response."""
     return HTMLResponse(text, status_code=status, headers=headers)

@@ -83,6 +83,7 @@ class Pages:
                                       signin=False, who=None), 503)  # fmt: skip
 
     async def approvals(self, request: Request) -> Response:
+        """``GET /approvals``: the caller's pending approvals (``?fragment=1``: the list only)."""
         caller = await self.s.require(request, PAGE_ROLES)
         shown = await self.s.visible_approvals(caller)
         cards = [await self.s.card(a, caller, None) for a in shown[:MAX_CARDS]]
@@ -100,6 +101,7 @@ class Pages:
         ))  # fmt: skip
 
     async def approval(self, request: Request) -> Response:
+        """``GET /approvals/{id}``: one approval, by a one-time link (``?t=``) or signed in."""
         approval_id = request.path_params["approval_id"]
         token = request.query_params.get("t")
         if token:
@@ -138,6 +140,7 @@ class Pages:
         return found
 
     async def vote(self, request: Request) -> Response:
+        """``POST /approvals/{id}/vote``: approve or deny, by a link or signed in as an approver."""
         approval_id = request.path_params["approval_id"]
         form = await request.form()
         decision = form.get("decision")
@@ -215,6 +218,7 @@ class Pages:
     # -- budgets ----------------------------------------------------------------------------
 
     async def agents(self, request: Request) -> Response:
+        """``GET /agents``: the agents with a policy this caller may see."""
         caller = await self.s.require(request, BUDGET_ROLES)
         stored = await self.s.aengine.list_policies(caller.token.org_id)
         rows = [{"id": p.agent_id, "url": pages.agent_url(p.agent_id), "version": p.version,
@@ -225,6 +229,7 @@ class Pages:
                                   **await self.s.page_values(caller)))  # fmt: skip
 
     async def agent(self, request: Request) -> Response:
+        """``GET /agents/{id}``: limits with bars, budgets above, recent decisions, the policy."""
         agent_id = request.path_params["agent_id"]
         caller = await self.s.require(request, BUDGET_ROLES)
         if not caller.token.may_see(agent_id):
@@ -248,6 +253,7 @@ class Pages:
     # -- sessions ---------------------------------------------------------------------------
 
     async def signin(self, request: Request) -> Response:
+        """``GET /signin`` shows the form; ``POST /signin`` turns a token into a session cookie."""
         if request.method == "GET":
             nonce = b64(os.urandom(24))
             response = html(pages.render(
@@ -292,6 +298,7 @@ class Pages:
         return token
 
     async def signout(self, request: Request) -> Response:
+        """``POST /signout``: forget the session and its cookie."""
         form = await request.form()
         secret = request.cookies.get(self.s.session_cookie)
         caller = await self.s.caller(request, bearer=False)
