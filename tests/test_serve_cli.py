@@ -180,3 +180,20 @@ def test_the_serve_extra_is_named_when_it_is_missing(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 1
     assert "pip install 'agentpolicy[serve]'" in done.stderr
+
+
+def test_the_service_socket_is_tcp_so_answers_are_not_held_back() -> None:
+    import socket
+
+    from agentpolicy.serve.command import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:  # asyncio sets TCP_NODELAY on accepted sockets only when the listener says IPPROTO_TCP
+        assert sock.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(sock.getsockname())
+        accepted, _ = sock.accept()
+        assert accepted.proto == socket.IPPROTO_TCP
+        client.close()
+        accepted.close()
+    finally:
+        sock.close()

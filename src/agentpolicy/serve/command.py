@@ -28,7 +28,7 @@ from agentpolicy.errors import PolicyValidationError
 from agentpolicy.serve.app import ServeOptions, create_app
 from agentpolicy.serve.binding import bind_problem, is_loopback
 
-__all__ = ["ServeArgs", "redact_links", "serve"]
+__all__ = ["ServeArgs", "bind_socket", "redact_links", "serve"]
 
 _LINK = re.compile(r"([?&]t=)[^&\s]*")
 
@@ -78,7 +78,8 @@ def _check(args: ServeArgs) -> None:
         raise PolicyValidationError.single("$.host", problem)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (made as IPPROTO_TCP: see the comment)."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
     # without it every answer on a kept-alive connection waits about 40 ms (delayed ACKs)
@@ -112,7 +113,7 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
     )
     logging.getLogger("uvicorn.access").addFilter(_RedactLinks())
     logging.getLogger("agentpolicy").setLevel(logging.INFO)  # votes and sign-ins are logged
-    sock = _bind(args.host, args.port)
+    sock = bind_socket(args.host, args.port)
     engine = build_engine(settings)
     try:
         app = create_app(engine, options)

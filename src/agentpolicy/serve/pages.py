@@ -103,6 +103,7 @@ def bar_view(name: str, limit: Amount, spent: Amount, reserved: Amount,
     return {
         "name": name,
         "text": text,
+        "used": "spent",
         "spent": spent.human(),
         "reserved": reserved.human(),
         "remaining": remaining.human(),
@@ -122,6 +123,7 @@ def _count_bar(name: str, count: int, most: int) -> dict[str, Any]:
     return {
         "name": name,
         "text": f"{count} of {most} payments used, {left} left",
+        "used": "used",
         "spent": f"{count} payments",
         "reserved": None,
         "remaining": f"{left} payments",
