@@ -326,6 +326,10 @@ class AsyncPolicyEngine:
         """
         return AsyncPaymentGuard(self, request, approval_id)
 
+    async def claim(self, reservation_id: str, holder: str) -> Reservation:
+        """Take the right to make a reservation's payment (:meth:`PolicyEngine.claim`)."""
+        return await self._flow(self._engine._claim, reservation_id, holder)
+
     async def get_reservation(self, reservation_id: str) -> Reservation:
         """A reservation by id (``RESERVATION_NOT_FOUND`` if there is none)."""
         return await self._flow(self._engine._get_reservation, reservation_id)

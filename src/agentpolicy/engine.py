@@ -31,7 +31,7 @@ from agentpolicy.errors import (
     PolicyValidationError,
 )
 from agentpolicy.guard import PaymentGuard
-from agentpolicy.ledger import keys, operations, recorded, rollout, trees
+from agentpolicy.ledger import claims, keys, operations, recorded, rollout, trees
 from agentpolicy.ledger.docs import (
     Body,
     approval_record,
@@ -770,6 +770,31 @@ class PolicyEngine(Voting):
         now = self._now()
         step = operations.settle(self.config, reservation_id, action, now)
         shard = yield from self._shard_of_id(reservation_id)
+        result: Body = yield Run(shard, step, at=micros(now))
+        return reservation_record(reservation_id, result["doc"])
+
+    def claim(self, reservation_id: str, holder: str) -> Reservation:
+        """Take the right to make a reservation's payment, for ``holder`` alone.
+
+        A reservation id can reach more than one caller (a repeated
+        idempotency key answers the first decision again; anyone may resume
+        an approved approval): whoever is about to pay claims it first, and
+        of two claimants exactly one succeeds, in any number of processes.
+        Claiming again as the same ``holder`` (an opaque id of the caller)
+        changes nothing. Raises ``RESERVATION_CLAIMED`` (another holder has
+        it), ``RESERVATION_NOT_FOUND``, ``RESERVATION_ALREADY_CONFIRMED``,
+        ``RESERVATION_RELEASED`` or ``RESERVATION_EXPIRED``. The payment
+        guard (:meth:`payment`) claims for you. Returns the reservation.
+        """
+        return self._drive(self._claim(reservation_id, holder))
+
+    def _claim(self, reservation_id: str, holder: str) -> Flow[Reservation]:
+        problems = check_identifier(reservation_id, "$.reservationId")
+        problems += check_identifier(holder, "$.holder")
+        raise_if(problems)
+        now = self._now()
+        shard = yield from self._shard_of_id(reservation_id)
+        step = claims.claim(self.config, reservation_id, holder, now)
         result: Body = yield Run(shard, step, at=micros(now))
         return reservation_record(reservation_id, result["doc"])
 
