@@ -4,7 +4,8 @@ The tests below are the contract suite's own (imported from
 ``test_storage_contract``): this module overrides the ``backend`` fixture so
 that ``backend.engine(...)`` hands them an :class:`AsyncPolicyEngine` built
 with the same arguments, driven to the end of each coroutine on a private
-event loop. They cover authorize, confirm, release, expiry, sweep,
+event loop: natively on async clients for Redis, Redis Cluster and
+PostgreSQL, in threads for memory and SQLite. They cover authorize, confirm, release, expiry, sweep,
 approvals, idempotency, budgets, policies and history.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from agentpolicy import AsyncPolicyEngine, Storage
+from agentpolicy.storage import open_async_storage
 from agentpolicy.testing import ManualClock
 from tests.backends import Backend
 from tests.test_storage_contract import (  # noqa: F401 - collected here, through the fixture below
@@ -81,7 +83,14 @@ class AsyncBackend:
         return self.inner.handle()
 
     def engine(self, clock: ManualClock, **kwargs: Any) -> Blocking:
-        made = Blocking(AsyncPolicyEngine(storage=self.inner.open(), clock=clock, **kwargs))
+        native = None
+        if self.inner.spec is not None:  # None for SQLite: it has no async client
+            native = open_async_storage(self.inner.spec[0], key_prefix=self.inner.spec[1])
+        aengine = AsyncPolicyEngine(
+            storage=self.inner.open(), clock=clock, async_storage=native, **kwargs
+        )
+        assert aengine.native == (native is not None)
+        made = Blocking(aengine)
         self.engines.append(made)
         return made
 

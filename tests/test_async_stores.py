@@ -540,7 +540,7 @@ def test_a_payment_in_a_budget_tree_reads_in_rounds_and_asks_the_store_once_per_
     engine = store.engine(clock)
     engine.set_policy("fleet", {"limits": {"daily": {"value": str(100 * USDT)}}})
     engine.set_policy("bot", {"parent": "fleet", "limits": {"daily": {"value": str(30 * USDT)}}})
-    tree = engine._shard("bot")
+    tree = engine._shard_now("bot")
 
     async def main() -> tuple[int, int, int, list[Decision]]:
         async_ = open_async(store)

@@ -463,9 +463,14 @@ def test_a_policy_written_to_a_stale_shard_goes_to_the_tree_the_agent_was_placed
     first, clock = tree(backend)
     second = backend.engine(clock)
     first.set_policy("fleet", daily(100))
-    stale = first._shard("bot")  # read before another engine places bot in fleet's tree
+    stale = first._shard_now("bot")  # read before another engine places bot in fleet's tree
     second.set_policy("bot", daily(10, parent="fleet"))
-    monkeypatch.setattr(first, "_shard", lambda agent: stale if agent == "bot" else "fleet")
+
+    def shard(agent: str) -> Any:
+        return stale if agent == "bot" else "fleet"
+        yield  # a flow that asks the store nothing
+
+    monkeypatch.setattr(first, "_shard", shard)
     first.set_policy("bot", daily(20))  # no parent: it stays in the tree it was placed in
     monkeypatch.undo()
     assert second.get_policy("bot").version == 2  # type: ignore[union-attr]

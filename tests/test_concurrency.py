@@ -304,3 +304,17 @@ def test_open_storage_urls(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> No
     for bad in ("postgres://x?schema=no-dashes", "mysql://x", "sqlite:///", "", "memory:"):
         with pytest.raises(PolicyValidationError):
             open_storage(bad)
+
+
+def test_two_workers_resuming_one_approved_approval_pay_exactly_once(backend: Backend) -> None:
+    engine = backend.engine(ManualClock(workers.FIXED_NOW))
+    engine.set_policy("agent-1", {**DAILY_100, "approvalConfig": {"thresholds": [
+        {"amount": {"value": str(50 * USDT)}, "requiredApprovers": 1, "approvers": ["a@x"]}]}})  # fmt: skip
+    request = payment(60 * USDT, agent_id="agent-1")
+    held = engine.authorize(request)
+    engine.decide(held.approval_id or "", "a@x", "approve")
+    _, run, barrier = _pool(backend, 2)
+    ran = run(workers.resume_and_pay, [(held.approval_id, request, barrier)] * 2)
+    assert sorted(ran) == [False, True]  # one block paid; the other was refused before paying
+    approval = engine.get_approval(held.approval_id or "")
+    assert engine.get_reservation(approval.reservation_id or "").status == "confirmed"

@@ -15,6 +15,7 @@ from agentpolicy import (
     Code,
     ConflictError,
     ErrorCode,
+    NotFoundError,
     PaymentDenied,
     PolicyEngine,
     PolicyError,
@@ -23,6 +24,7 @@ from agentpolicy import (
     StorageUnavailableError,
 )
 from agentpolicy.testing import ManualClock, payment
+from tests.backends import Backend
 from tests.faulty import FaultyStorage
 
 USDT = 1_000_000
@@ -387,3 +389,37 @@ def test_a_task_cancelled_during_the_confirm_still_confirms() -> None:
 
     run(main())  # closing the async engine waits for the confirm
     assert daily(engine) == (30 * USDT, 0)
+
+
+def test_a_reservation_is_claimed_by_one_holder_and_closed_ones_cannot_be(
+    backend: Backend,
+) -> None:
+    engine = backend.engine(ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
+    d = engine.authorize(payment(USDT, agent_id="agent-1"))
+    rid = d.reservation_id or ""
+    assert engine.claim(rid, "one").status == "reserved"
+    assert engine.claim(rid, "one").status == "reserved"  # again, by the same holder
+    with pytest.raises(ConflictError) as taken:
+        engine.claim(rid, "two")
+    assert taken.value.code == ErrorCode.RESERVATION_CLAIMED
+    engine.confirm(rid)  # a claim does not stand in the way of confirm or release
+    with pytest.raises(ConflictError) as done:
+        engine.claim(rid, "one")
+    assert done.value.code == ErrorCode.RESERVATION_ALREADY_CONFIRMED
+    with pytest.raises(NotFoundError):
+        engine.claim("res_" + "0" * 32 + "_agent-1", "one")
+
+
+def test_a_repeated_idempotency_key_in_two_blocks_at_once_runs_one_block(
+    backend: Backend,
+) -> None:
+    engine = backend.engine(ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
+    request = payment(USDT, agent_id="agent-1", idempotency_key="order-7")
+    with engine.payment(request) as first:
+        with pytest.raises(PaymentDenied) as second, engine.payment(request):
+            pytest.fail("the same payment ran twice")
+        assert second.value.code == ErrorCode.RESERVATION_CLAIMED
+        assert first.reservation_id == second.value.decision.reservation_id
+    assert engine.get_reservation(first.reservation_id).status == "confirmed"

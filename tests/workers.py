@@ -193,3 +193,20 @@ if __name__ == "__main__":
         approvals_with_webhooks(url, prefix, rest[0])
     else:
         {"crash": crash_worker, "hold": hold_for_approval}[sys.argv[1]](url, prefix)
+
+
+def resume_and_pay(spec: Any, approval_id: str, request: Any, barrier: Any) -> bool:
+    """Resume an approved approval through the payment guard; whether the block ran."""
+    from agentpolicy import PaymentDenied
+
+    engine = _engine(spec)
+    barrier.wait()
+    try:
+        with engine.payment(request, approval_id=approval_id):
+            time.sleep(0.05)  # the payment takes a moment: the other worker is entering now
+            ran = True
+    except PaymentDenied:
+        ran = False
+    if isinstance(spec, tuple):
+        engine.close()
+    return ran

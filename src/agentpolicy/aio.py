@@ -1,22 +1,29 @@
 """AsyncPolicyEngine: the methods of :class:`~agentpolicy.PolicyEngine` as coroutines.
 
 Agent frameworks are async; a guard that blocks the event loop while a store
-answers stalls every other task of the agent. Each call of an
-:class:`AsyncPolicyEngine` runs off the event loop: today, the
-:class:`~agentpolicy.PolicyEngine` call runs in a thread pool that belongs
-to this engine (its size bounds how many calls run at once), so every store
-works (memory, SQLite, Redis, PostgreSQL) with the same ledger, the same
-atomicity and the same answers. The event loop only awaits.
+answers stalls every other task of the agent. Every call of
+:class:`~agentpolicy.PolicyEngine` that touches the store is a *flow*
+(:mod:`agentpolicy.ledger.flows`): a generator of storage requests. An
+:class:`AsyncPolicyEngine` runs the very same flows:
 
-Every method is one line that hands its call to :meth:`AsyncPolicyEngine._run`
-(the execution); the interface and its tests do not depend on how a call is
-executed, so stores can move to native async clients (``redis.asyncio``,
-psycopg's async pool) behind the same methods.
+- on Redis and PostgreSQL, natively: each request is awaited on an async
+  client (``redis.asyncio``, psycopg's async pool; see
+  :func:`~agentpolicy.storage.open_async_storage`), and ledger steps run
+  through :func:`~agentpolicy.ledger.arunner.arun`;
+- on memory and SQLite, which have no async client, in a thread pool that
+  belongs to this engine (its size bounds how many calls run at once).
+
+Either way the rules, checks and answers are those of the sync engine, and
+no call blocks the event loop. A sync twin of the store stays open beside
+the async one for what runs in the background (webhook delivery, the
+outbox) and for the calls that are not flows.
 
 A call whose task is cancelled while it runs in the pool still completes
 there (an ``authorize`` may reserve; its reservation then expires by its
-TTL); one that has not started yet does not start. ``async with
-aengine.payment(request)`` releases what a cancelled entry reserved (see
+TTL); one that has not started yet does not start. A native call cancelled
+while it awaits the store stops there: a commit already sent may or may not
+apply, as after a timeout. ``async with aengine.payment(request)`` releases
+what a cancelled entry reserved (see
 :class:`~agentpolicy.guard.AsyncPaymentGuard`).
 """
 
@@ -41,6 +48,7 @@ from agentpolicy.engine import (
 )
 from agentpolicy.errors import PolicyValidationError, StorageUnavailableError
 from agentpolicy.guard import AsyncPaymentGuard
+from agentpolicy.ledger.flows import Flow, adrive, drive
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.records import (
     Approval,
@@ -56,7 +64,7 @@ from agentpolicy.records import (
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.shadow import ShadowPolicy, ShadowReport
 from agentpolicy.simulation import SimulationReport
-from agentpolicy.storage import Storage
+from agentpolicy.storage import AsyncStorage, Storage, open_async_storage
 from agentpolicy.versions import PolicyChange, PolicyVersion
 from agentpolicy.webhooks import WebhookEndpoint
 from agentpolicy.windows import Period
@@ -71,9 +79,13 @@ class AsyncPolicyEngine:
     """The stateful guard of :class:`~agentpolicy.PolicyEngine`, for asyncio.
 
     Takes the same arguments as :class:`~agentpolicy.PolicyEngine` (and
-    ``max_workers``, the most calls that run at once; default: as
-    :class:`~concurrent.futures.ThreadPoolExecutor`); or wrap an engine
-    you have with :meth:`from_engine`. Every method of ``PolicyEngine`` is
+    ``max_workers``, the most calls that run at once in threads; default:
+    as :class:`~concurrent.futures.ThreadPoolExecutor`); or wrap an engine
+    you have with :meth:`from_engine`. Given a Redis or PostgreSQL URL, its
+    calls run natively on an async client of the same store; given a
+    :class:`~agentpolicy.storage.Storage` object, pass ``async_storage``
+    (an :class:`~agentpolicy.storage.AsyncStorage` of the same store) for
+    that, else its calls run in threads. Every method of ``PolicyEngine`` is
     here as a coroutine with the same arguments, answers and errors, and
     none blocks the event loop. ``payment(request)`` is used as ``async
     with``. Close it with ``await aengine.close()`` or ``async with
@@ -96,8 +108,13 @@ class AsyncPolicyEngine:
         counter_grace: timedelta = DEFAULT_COUNTER_GRACE,
         link_secret: str | None = None,
         max_workers: int | None = None,
+        async_storage: AsyncStorage | None = None,
     ) -> None:
         _check_workers(max_workers)
+        _check_async_storage(async_storage)
+        if async_storage is None and isinstance(storage, str):
+            async_storage = open_async_storage(storage)
+        owned_async = async_storage is not None  # closed with this engine, as the storage is
         engine = PolicyEngine(
             storage,
             clock,
@@ -111,21 +128,32 @@ class AsyncPolicyEngine:
             link_secret=link_secret,
         )
         self._adopt(engine, owned=True, max_workers=max_workers)
+        self._astorage = async_storage
+        self._owns_astorage = owned_async
 
     @classmethod
     def from_engine(
-        cls, engine: PolicyEngine, *, max_workers: int | None = None
+        cls,
+        engine: PolicyEngine,
+        *,
+        max_workers: int | None = None,
+        async_storage: AsyncStorage | None = None,
     ) -> AsyncPolicyEngine:
         """Run the calls of an existing engine off the event loop.
 
-        Closing the async engine stops its threads but leaves ``engine``
-        open: it is yours to close.
+        ``async_storage`` (an async client of the engine's own store, such as
+        ``open_async_storage(url)``) makes the calls native; it stays yours
+        to close, as ``engine`` does. Closing the async engine stops its
+        threads.
         """
         if not isinstance(engine, PolicyEngine):
             raise PolicyValidationError.single("$.engine", "must be a PolicyEngine")
         _check_workers(max_workers)
+        _check_async_storage(async_storage)
         self = cls.__new__(cls)
         self._adopt(engine, owned=False, max_workers=max_workers)
+        self._astorage = async_storage
+        self._owns_astorage = False
         return self
 
     def _adopt(self, engine: PolicyEngine, *, owned: bool, max_workers: int | None) -> None:
@@ -134,8 +162,31 @@ class AsyncPolicyEngine:
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="agentpolicy-aio")
         self._running: set[Future[Any]] = set()
         self._closed = False
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def native(self) -> bool:
+        """Whether calls run on an async client of the store (else in threads)."""
+        return self._astorage is not None
 
     # -- execution --------------------------------------------------------------------------
+
+    async def _flow(
+        self, make: Callable[_P, Flow[_T]], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run one of the engine's flows: natively on the async store, else in a thread."""
+        if self._astorage is None:
+            return await self._run(_drive_in_thread, self._engine.storage, make, *args, **kwargs)
+        if self._closed:
+            raise StorageUnavailableError("this AsyncPolicyEngine is closed")
+        self._inflight += 1
+        try:
+            return await adrive(self._astorage, make(*args, **kwargs))
+        finally:
+            self._inflight -= 1
+            if not self._inflight and self._idle is not None:
+                self._idle.set()
 
     async def _run(self, call: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one engine call off the event loop and await its answer."""
@@ -156,15 +207,15 @@ class AsyncPolicyEngine:
 
     async def set_policy(self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]) -> int:
         """Store a policy and return its new version (:meth:`PolicyEngine.set_policy`)."""
-        return await self._run(self._engine.set_policy, agent_id, policy)
+        return await self._flow(self._engine._set_policy, agent_id, policy)
 
     async def get_policy(self, agent_id: str) -> StoredPolicy | None:
         """The agent's current policy and version, or ``None``."""
-        return await self._run(self._engine.get_policy, agent_id)
+        return await self._flow(self._engine._get_policy, agent_id)
 
     async def list_policies(self, org_id: str | None = None) -> list[StoredPolicy]:
         """Every stored policy, or those of agents whose id starts with ``"{org_id}:"``."""
-        return await self._run(self._engine.list_policies, org_id)
+        return await self._flow(self._engine._list_policies, org_id)
 
     # -- versions, shadows and what-if ------------------------------------------------------
 
@@ -172,43 +223,43 @@ class AsyncPolicyEngine:
         self, agent_id: str, limit: int = 100, *, before: int | None = None
     ) -> list[PolicyVersion]:
         """The agent's policy versions, newest first (:meth:`PolicyEngine.policy_versions`)."""
-        return await self._run(self._engine.policy_versions, agent_id, limit, before=before)
+        return await self._flow(self._engine._policy_versions, agent_id, limit, before=before)
 
     async def get_policy_version(self, agent_id: str, version: int) -> PolicyVersion:
         """One version of the agent's policy (``POLICY_VERSION_NOT_FOUND`` if none)."""
-        return await self._run(self._engine.get_policy_version, agent_id, version)
+        return await self._flow(self._engine._get_policy_version, agent_id, version)
 
     async def diff_policy_versions(
         self, agent_id: str, before: int, after: int
     ) -> tuple[PolicyChange, ...]:
         """What changed between two versions (:meth:`PolicyEngine.diff_policy_versions`)."""
-        return await self._run(self._engine.diff_policy_versions, agent_id, before, after)
+        return await self._flow(self._engine._diff_policy_versions, agent_id, before, after)
 
     async def rollback_policy(self, agent_id: str, version: int) -> int:
         """Make an old version live again as a new version; return the new version."""
-        return await self._run(self._engine.rollback_policy, agent_id, version)
+        return await self._flow(self._engine._rollback_policy, agent_id, version)
 
     async def set_shadow_policy(
         self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]
     ) -> ShadowPolicy:
         """Judge a candidate beside the live policy (:meth:`PolicyEngine.set_shadow_policy`)."""
-        return await self._run(self._engine.set_shadow_policy, agent_id, policy)
+        return await self._flow(self._engine._set_shadow_policy, agent_id, policy)
 
     async def get_shadow_policy(self, agent_id: str) -> ShadowPolicy | None:
         """The agent's shadow policy, or ``None``."""
-        return await self._run(self._engine.get_shadow_policy, agent_id)
+        return await self._flow(self._engine._get_shadow_policy, agent_id)
 
     async def shadow_report(self, agent_id: str, limit: int = 100) -> ShadowReport:
         """What the shadow would have decided (:meth:`PolicyEngine.shadow_report`)."""
-        return await self._run(self._engine.shadow_report, agent_id, limit)
+        return await self._flow(self._engine._shadow_report, agent_id, limit)
 
     async def promote_shadow_policy(self, agent_id: str) -> int:
         """Make the shadow the live policy; return the new version."""
-        return await self._run(self._engine.promote_shadow_policy, agent_id)
+        return await self._flow(self._engine._promote_shadow_policy, agent_id)
 
     async def clear_shadow_policy(self, agent_id: str) -> ShadowReport:
         """Remove the shadow policy; return its last report."""
-        return await self._run(self._engine.clear_shadow_policy, agent_id)
+        return await self._flow(self._engine._clear_shadow_policy, agent_id)
 
     async def simulate(
         self,
@@ -218,7 +269,7 @@ class AsyncPolicyEngine:
         since: datetime | timedelta,
     ) -> SimulationReport:
         """Replay recorded payments against a candidate (:meth:`PolicyEngine.simulate`)."""
-        return await self._run(self._engine.simulate, agent_id, candidate, since=since)
+        return await self._flow(self._engine._simulate, agent_id, candidate, since=since)
 
     # -- shared budgets -----------------------------------------------------------------------
 
@@ -232,8 +283,8 @@ class AsyncPolicyEngine:
         by_parent: bool = False,
     ) -> Delegation:
         """Create or update a budget under a parent's (:meth:`PolicyEngine.delegate`)."""
-        return await self._run(
-            self._engine.delegate,
+        return await self._flow(
+            self._engine._delegate,
             parent_id,
             child_id,
             policy,
@@ -243,11 +294,11 @@ class AsyncPolicyEngine:
 
     async def delegation(self, agent_id: str) -> Delegation | None:
         """How the agent's budget was delegated, or ``None``."""
-        return await self._run(self._engine.delegation, agent_id)
+        return await self._flow(self._engine._delegation, agent_id)
 
     async def revoke(self, agent_id: str, *, by: str | None = None) -> Delegation:
         """Revoke a delegated budget (:meth:`PolicyEngine.revoke`)."""
-        return await self._run(self._engine.revoke, agent_id, by=by)
+        return await self._flow(self._engine._revoke, agent_id, by=by)
 
     # -- payments -----------------------------------------------------------------------------
 
@@ -255,17 +306,17 @@ class AsyncPolicyEngine:
         self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
     ) -> Decision:
         """Decide a payment; hold its amount when allowed (:meth:`PolicyEngine.authorize`)."""
-        return await self._run(
-            self._engine.authorize, request, dry_run=dry_run, requested_by=requested_by
+        return await self._flow(
+            self._engine._authorize, request, dry_run=dry_run, requested_by=requested_by
         )
 
     async def confirm(self, reservation_id: str) -> Reservation:
         """Turn a reservation into spending (:meth:`PolicyEngine.confirm`)."""
-        return await self._run(self._engine.confirm, reservation_id)
+        return await self._flow(self._engine._settle, reservation_id, "confirm")
 
     async def release(self, reservation_id: str) -> Reservation:
         """Give a reservation's budget back (:meth:`PolicyEngine.release`)."""
-        return await self._run(self._engine.release, reservation_id)
+        return await self._flow(self._engine._settle, reservation_id, "release")
 
     def payment(self, request: PaymentRequest, approval_id: str | None = None) -> AsyncPaymentGuard:
         """``async with aengine.payment(request) as p:`` runs the block only if allowed.
@@ -275,23 +326,27 @@ class AsyncPolicyEngine:
         """
         return AsyncPaymentGuard(self, request, approval_id)
 
+    async def claim(self, reservation_id: str, holder: str) -> Reservation:
+        """Take the right to make a reservation's payment (:meth:`PolicyEngine.claim`)."""
+        return await self._flow(self._engine._claim, reservation_id, holder)
+
     async def get_reservation(self, reservation_id: str) -> Reservation:
         """A reservation by id (``RESERVATION_NOT_FOUND`` if there is none)."""
-        return await self._run(self._engine.get_reservation, reservation_id)
+        return await self._flow(self._engine._get_reservation, reservation_id)
 
     async def budget(self, agent_id: str, period: Period | str | None = None) -> Budget:
         """What the agent has spent, reserved and has left (:meth:`PolicyEngine.budget`)."""
-        return await self._run(self._engine.budget, agent_id, period)
+        return await self._flow(self._engine._budget, agent_id, period)
 
     # -- approvals ----------------------------------------------------------------------------
 
     async def get_approval(self, approval_id: str) -> Approval:
         """An approval by id, with its expiry applied."""
-        return await self._run(self._engine.get_approval, approval_id)
+        return await self._flow(self._engine._get_approval, approval_id)
 
     async def list_approvals(self, agent_id: str | None = None) -> list[Approval]:
         """Pending approvals, oldest first, of one agent or of every agent."""
-        return await self._run(self._engine.list_approvals, agent_id)
+        return await self._flow(self._engine._list_approvals, agent_id)
 
     async def decide(
         self,
@@ -304,8 +359,8 @@ class AsyncPolicyEngine:
         signed_at: datetime | None = None,
     ) -> Approval:
         """Submit an approver's ``"approve"`` or ``"deny"`` (:meth:`PolicyEngine.decide`)."""
-        return await self._run(
-            self._engine.decide, approval_id, approver, decision, comment,
+        return await self._flow(
+            self._engine._decide, approval_id, approver, decision, comment,
             signature=signature, signed_at=signed_at,
         )  # fmt: skip
 
@@ -313,27 +368,27 @@ class AsyncPolicyEngine:
 
     async def register_approver(self, name: str, public_key: str) -> Approver:
         """Register an approver's public key (:meth:`PolicyEngine.register_approver`)."""
-        return await self._run(self._engine.register_approver, name, public_key)
+        return await self._flow(self._engine._register_approver, name, public_key)
 
     async def rotate_approver(self, name: str, public_key: str) -> Approver:
         """Give an approver a new key (:meth:`PolicyEngine.rotate_approver`)."""
-        return await self._run(self._engine.rotate_approver, name, public_key)
+        return await self._flow(self._engine._rotate_approver, name, public_key)
 
     async def remove_approver(self, name: str) -> Approver:
         """Retire an approver's key (:meth:`PolicyEngine.remove_approver`)."""
-        return await self._run(self._engine.remove_approver, name)
+        return await self._flow(self._engine._remove_approver, name)
 
     async def get_approver(self, name: str) -> Approver | None:
         """A registered (or removed) approver, or ``None``."""
-        return await self._run(self._engine.get_approver, name)
+        return await self._flow(self._engine._get_approver, name)
 
     async def list_approvers(self) -> list[Approver]:
         """Every approver ever registered, by name."""
-        return await self._run(self._engine.list_approvers)
+        return await self._flow(self._engine._list_approvers)
 
     async def store_id(self) -> str:
         """The store's id, which every signed vote names (:meth:`PolicyEngine.store_id`)."""
-        return await self._run(self._engine.store_id)
+        return await self._flow(self._engine._store_id)
 
     async def vote_message(
         self,
@@ -344,24 +399,24 @@ class AsyncPolicyEngine:
         comment: str | None = None,
     ) -> bytes:
         """The bytes an approver signs to vote (:meth:`PolicyEngine.vote_message`)."""
-        return await self._run(
-            self._engine.vote_message, approval_id, approver, decision, signed_at, comment
+        return await self._flow(
+            self._engine._vote_message, approval_id, approver, decision, signed_at, comment
         )
 
     async def approval_links(self, approval_id: str) -> list[ApprovalLink]:
         """An approval's one-time links (:meth:`PolicyEngine.approval_links`)."""
-        return await self._run(self._engine.approval_links, approval_id)
+        return await self._flow(self._engine._approval_links, approval_id)
 
     async def inspect_link(self, token: str) -> tuple[ApprovalLink, Approval]:
         """What a link token would do, without redeeming it."""
-        return await self._run(self._engine.inspect_link, token)
+        return await self._flow(self._engine._inspect_link, token)
 
     async def redeem_link(
         self, token: str, *, approval_id: str | None = None, comment: str | None = None
     ) -> Approval:
         """Cast the vote of a one-time link (:meth:`PolicyEngine.redeem_link`)."""
-        return await self._run(
-            self._engine.redeem_link, token, approval_id=approval_id, comment=comment
+        return await self._flow(
+            self._engine._redeem_link, token, approval_id=approval_id, comment=comment
         )
 
     # -- audit and housekeeping ---------------------------------------------------------------
@@ -370,11 +425,11 @@ class AsyncPolicyEngine:
         self, agent_id: str, limit: int = 100, *, version: int | None = None
     ) -> list[HistoryRecord]:
         """The agent's decisions and state changes, newest first."""
-        return await self._run(self._engine.history, agent_id, limit, version=version)
+        return await self._flow(self._engine._history, agent_id, limit, version=version)
 
     async def sweep(self) -> SweepResult:
         """Apply every due expiry now; return what it expired."""
-        return await self._run(self._engine.sweep)
+        return await self._flow(self._engine._sweep)
 
     async def flush_webhooks(self, timeout: float = 10.0) -> bool:
         """Wait (off the loop) until the webhook outbox is empty, or ``timeout`` seconds."""
@@ -397,7 +452,12 @@ class AsyncPolicyEngine:
         running = list(self._running)
         if running:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in running), return_exceptions=True)
+        if self._inflight:  # native calls in flight on other tasks
+            self._idle = asyncio.Event()
+            await self._idle.wait()
         try:
+            if self._owns_astorage and self._astorage is not None:
+                await self._astorage.aclose()
             if self._owned:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._pool, self._engine.close)
@@ -414,6 +474,19 @@ class AsyncPolicyEngine:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _drive_in_thread(
+    storage: Storage, make: Callable[..., Flow[_T]], /, *args: Any, **kwargs: Any
+) -> _T:
+    return drive(storage, make(*args, **kwargs))
+
+
+def _check_async_storage(async_storage: object) -> None:
+    if async_storage is not None and not isinstance(async_storage, AsyncStorage):
+        raise PolicyValidationError.single(
+            "$.asyncStorage", "must be an AsyncStorage (see open_async_storage)"
+        )
 
 
 def _check_workers(max_workers: object) -> None:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -31,7 +31,7 @@ from agentpolicy.errors import (
     PolicyValidationError,
 )
 from agentpolicy.guard import PaymentGuard
-from agentpolicy.ledger import keys, operations, recorded, rollout, trees
+from agentpolicy.ledger import claims, keys, operations, recorded, rollout, trees
 from agentpolicy.ledger.docs import (
     Body,
     approval_record,
@@ -40,8 +40,9 @@ from agentpolicy.ledger.docs import (
     request_of,
     reservation_record,
 )
+from agentpolicy.ledger.flows import Flow, Log, Read, Run, Scan, drive
 from agentpolicy.ledger.outbox import LedgerOutbox
-from agentpolicy.ledger.runner import View, run
+from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import MAX_SCORE, ClockBehindError, LedgerConfig
 from agentpolicy.links import link_key
 from agentpolicy.policy import MAX_TREE_DEPTH, AgentPolicy, SpendingLimits
@@ -69,6 +70,8 @@ from agentpolicy.webhooks import WebhookEndpoint, to_endpoints
 from agentpolicy.windows import Period, Window
 
 __all__ = ["DEFAULT_RESERVATION_TTL", "PolicyEngine", "StoredPolicy"]
+
+T = TypeVar("T")
 
 DEFAULT_RESERVATION_TTL = timedelta(minutes=5)
 """How long an allowed payment's reservation waits for confirm or release."""
@@ -274,7 +277,7 @@ class PolicyEngine(Voting):
         self._shadows: dict[tuple[str, str], AgentPolicy] = {}
         self._homes: dict[str, str] = {}
         self._policies_lock = threading.Lock()
-        self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard)
+        self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard_now)
         self.webhooks: WebhookDispatcher | None = None
         if endpoints:
             self.webhooks = WebhookDispatcher(
@@ -298,7 +301,15 @@ class PolicyEngine(Voting):
     def _now_us(self) -> int:
         return micros(self._now())
 
-    def _shard(self, agent_id: str) -> str:
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run one of the engine's flows on its (sync) store."""
+        return drive(self.storage, flow)
+
+    def _shard_now(self, agent_id: str) -> str:
+        """:meth:`_shard`, driven at once (for the webhook worker)."""
+        return self._drive(self._shard(agent_id))
+
+    def _shard(self, agent_id: str) -> Flow[str]:
         """The shard (unit of atomicity) of an agent's state: its own, or its tree's.
 
         An agent set up below a parent lives in the parent's tree, as a
@@ -308,7 +319,7 @@ class PolicyEngine(Voting):
         found = self._homes.get(agent_id)
         if found is not None:
             return found
-        pointer, head = self._read(agent_id, [keys.home(agent_id), keys.head(agent_id)])
+        pointer, head = yield Read(agent_id, [keys.home(agent_id), keys.head(agent_id)])
         if pointer is not None:
             found = pointer["s"]
         elif head is not None and head["pv"] > 0:
@@ -321,44 +332,48 @@ class PolicyEngine(Voting):
             self._homes[agent_id] = found
         return found
 
-    def _shard_of_id(self, some_id: str) -> str:
+    def _shard_of_id(self, some_id: str) -> Flow[str]:
         agent = keys.agent_of_id(some_id)
-        return "" if agent is None else self._shard(agent)
+        if agent is None:
+            return ""
+        return (yield from self._shard(agent))
 
-    def _policy(self, agent_id: str, version: int, view: View | None = None) -> AgentPolicy | None:
+    def _policy(self, agent_id: str, version: int, view: View) -> AgentPolicy | None:
         """The agent's policy at ``version`` (``None`` for 0), parsed once per process."""
         if version == 0:
             return None
-        key = (agent_id, version)
-        found = self._policies.get(key)
+        found = self._policies.get((agent_id, version))
         if found is not None:
             return found
-        name = keys.policy(agent_id, version)
-        if view is not None:
-            doc = view.doc(name)
-        else:
-            with self.storage.session(self._shard(agent_id), write=False) as session:
-                doc = View(session).doc(name)
+        return self._parsed(agent_id, version, view.doc(keys.policy(agent_id, version)))
+
+    def _parsed(self, agent_id: str, version: int, doc: Body | None) -> AgentPolicy:
+        """A stored policy version, parsed and kept."""
         if doc is None:
             raise InternalError(f"policy version {version} of {agent_id} is missing")
         policy = load_policy(doc["policy"])
         with self._policies_lock:
             if len(self._policies) > 10_000:
                 self._policies.clear()
-            self._policies[key] = policy
+            self._policies[(agent_id, version)] = policy
         return policy
 
-    def _read(self, shard: str, names: list[str]) -> list[Any]:
-        with self.storage.session(shard, write=False) as session:
-            view = View(session)
-            view.read(names)
-            return [view.doc(n) for n in names]
+    def _load_policy(self, agent_id: str, version: int) -> Flow[AgentPolicy | None]:
+        """:meth:`_policy`, reading the version from the store when this process has not."""
+        if version == 0:
+            return None
+        found = self._policies.get((agent_id, version))
+        if found is not None:
+            return found
+        shard = yield from self._shard(agent_id)
+        (doc,) = yield Read(shard, [keys.policy(agent_id, version)])
+        return self._parsed(agent_id, version, doc)
 
-    def _expire(self, agent_id: str, now: datetime) -> Body:
+    def _expire(self, agent_id: str, now: datetime) -> Flow[Body]:
         """Apply the agent's due expiries; return the expire step's result."""
-        shard = self._shard(agent_id)
+        shard = yield from self._shard(agent_id)
         step = operations.expire(self.config, shard, agent_id, now)
-        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now), write=False)
+        result: Body = yield Run(shard, step, at=micros(now), write=False)
         if result["lapsed"]:
             self._wake_webhooks()
         return result
@@ -372,13 +387,16 @@ class PolicyEngine(Voting):
         invalid input raises :class:`~agentpolicy.PolicyValidationError`
         with paths below ``$.policy`` and stores nothing.
         """
+        return self._drive(self._set_policy(agent_id, policy))
+
+    def _set_policy(self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]) -> Flow[int]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if not isinstance(policy, AgentPolicy):
             try:
                 policy = load_policy(policy)
             except PolicyValidationError as err:
                 raise err.under("$.policy") from None
-        return self._put_policy(agent_id, policy)
+        return (yield from self._put_policy(agent_id, policy))
 
     def _put_policy(
         self,
@@ -386,7 +404,7 @@ class PolicyEngine(Voting):
         policy: AgentPolicy,
         grant: trees.Grant | None = None,
         origin: dict[str, Any] | None = None,
-    ) -> int:
+    ) -> Flow[int]:
         now = self._now()
         data = dump_policy(policy)
 
@@ -396,13 +414,15 @@ class PolicyEngine(Voting):
                 shard=shard, check_only=check_only, origin=origin,
             )  # fmt: skip
 
-        shard = self._place(agent_id, policy.parent, lambda tree: step(tree, check_only=True))
+        shard = yield from self._place(
+            agent_id, policy.parent, lambda tree: step(tree, check_only=True)
+        )
         try:
-            version: int = run(self.storage, shard, step(shard), int, at=micros(now))
+            version: int = yield Run(shard, step(shard), at=micros(now))
         except trees.RelocatedError as moved:  # placed in a tree by another caller meanwhile
             with self._policies_lock:
                 self._homes[agent_id] = shard = moved.shard
-            version = run(self.storage, shard, step(shard), int, at=micros(now))
+            version = yield Run(shard, step(shard), at=micros(now))
         with self._policies_lock:
             self._policies[(agent_id, version)] = policy
             self._homes[agent_id] = shard  # it has a policy there now: it lives there for good
@@ -410,22 +430,22 @@ class PolicyEngine(Voting):
 
     def _place(
         self, agent_id: str, parent: str | None, check: Callable[[str], operations.Step]
-    ) -> str:
+    ) -> Flow[str]:
         """The shard the agent's policy goes to: with a parent, the parent's tree.
 
         Placing an agent in a tree is written once and for good, so the
         policy's checks run first (in the tree, writing nothing): a policy
         refused for its parent leaves the agent where it was.
         """
-        shard = self._shard(agent_id)
+        shard = yield from self._shard(agent_id)
         if parent is None:
             return shard
-        tree = self._shard(parent)
+        tree = yield from self._shard(parent)
         if shard == tree:
             return shard
         now = self._now()
-        run(self.storage, tree, check(tree), int, at=micros(now), write=False)
-        placed: str = run(self.storage, agent_id, trees.place(agent_id, tree), str, at=micros(now))
+        yield Run(tree, check(tree), at=micros(now), write=False)
+        placed: str = yield Run(agent_id, trees.place(agent_id, tree), at=micros(now))
         if placed != tree:
             raise ConflictError(
                 f"the budget of {agent_id} is kept with another tree than {parent}'s; "
@@ -461,6 +481,19 @@ class PolicyEngine(Voting):
         (``FORBIDDEN``). ``child_id`` must be new, or a budget this parent
         delegated before (``BUDGET_CONFLICT``). Returns the delegation.
         """
+        return self._drive(
+            self._delegate(parent_id, child_id, policy, expires_at=expires_at, by_parent=by_parent)
+        )
+
+    def _delegate(
+        self,
+        parent_id: str,
+        child_id: str,
+        policy: AgentPolicy | Mapping[str, Any],
+        *,
+        expires_at: datetime | None = None,
+        by_parent: bool = False,
+    ) -> Flow[Delegation]:
         problems = check_identifier(parent_id, "$.parentId")
         problems += check_identifier(child_id, "$.agentId")
         if expires_at is not None and (
@@ -481,15 +514,19 @@ class PolicyEngine(Voting):
             )
         policy = attrs.evolve(policy, parent=parent_id)
         expires = None if expires_at is None else micros(expires_at)
-        self._put_policy(child_id, policy, trees.Grant(parent_id, expires, by_parent))
-        found = self.delegation(child_id)
+        yield from self._put_policy(child_id, policy, trees.Grant(parent_id, expires, by_parent))
+        found = yield from self._delegation(child_id)
         assert found is not None  # noqa: S101 - just written
         return found
 
     def delegation(self, agent_id: str) -> Delegation | None:
         """How the agent's budget was delegated, or ``None`` if it was not."""
+        return self._drive(self._delegation(agent_id))
+
+    def _delegation(self, agent_id: str) -> Flow[Delegation | None]:
         raise_if(check_identifier(agent_id, "$.agentId"))
-        (head,) = self._read(self._shard(agent_id), [keys.head(agent_id)])
+        shard = yield from self._shard(agent_id)
+        (head,) = yield Read(shard, [keys.head(agent_id)])
         return delegation_record(agent_id, head)
 
     def revoke(self, agent_id: str, *, by: str | None = None) -> Delegation:
@@ -501,76 +538,87 @@ class PolicyEngine(Voting):
         or ``DELEGATION_NOT_FOUND`` for a budget that was not delegated.
         Returns the delegation, with ``revoked_at``.
         """
+        return self._drive(self._revoke(agent_id, by=by))
+
+    def _revoke(self, agent_id: str, *, by: str | None = None) -> Flow[Delegation]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if by is not None:
             raise_if(check_identifier(by, "$.by"))
         now = self._now()
-        shard = self._shard(agent_id)
+        shard = yield from self._shard(agent_id)
         step = trees.revoke(self.config, shard, agent_id, by, now, self._policy)
-        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
+        result: Body = yield Run(shard, step, at=micros(now))
         if result["lapsed"]:
             self._wake_webhooks()
         found = delegation_record(agent_id, result["head"])
         assert found is not None  # noqa: S101 - revoke refuses an undelegated budget
         return found
 
-    def _stored(self, agent_id: str, version: int | None = None) -> StoredPolicy | None:
-        shard = self._shard(agent_id)
+    def _stored(self, agent_id: str, version: int | None = None) -> Flow[StoredPolicy | None]:
+        shard = yield from self._shard(agent_id)
         if version is None:
-            (head,) = self._read(shard, [keys.head(agent_id)])
+            (head,) = yield Read(shard, [keys.head(agent_id)])
             version = 0 if head is None else head["pv"]
             if not version:
                 return None
-        (doc,) = self._read(shard, [keys.policy(agent_id, version)])
+        (doc,) = yield Read(shard, [keys.policy(agent_id, version)])
         if doc is None:
             return None
-        policy = self._policy(agent_id, version)
-        assert policy is not None  # noqa: S101 - version > 0
+        policy = self._policies.get((agent_id, version)) or self._parsed(agent_id, version, doc)
         return StoredPolicy(agent_id, policy, version, instant(doc["at"]))
 
     def get_policy(self, agent_id: str) -> StoredPolicy | None:
         """The agent's current policy and version, or ``None``."""
+        return self._drive(self._get_policy(agent_id))
+
+    def _get_policy(self, agent_id: str) -> Flow[StoredPolicy | None]:
         raise_if(check_identifier(agent_id, "$.agentId"))
-        return self._stored(agent_id)
+        return (yield from self._stored(agent_id))
 
     def list_policies(self, org_id: str | None = None) -> list[StoredPolicy]:
         """Every stored policy, or those of agents whose id starts with ``"{org_id}:"``."""
+        return self._drive(self._list_policies(org_id))
+
+    def _list_policies(self, org_id: str | None = None) -> Flow[list[StoredPolicy]]:
         if org_id is not None:
             raise_if(check_identifier(org_id, "$.orgId"))
         prefix = None if org_id is None else f"{org_id}:"
-        with self.storage.session("@", write=False) as session:
-            agents = sorted(m for m, _ in session.scan(keys.AGENTS, MAX_SCORE, 10_000_000))
+        members = yield Scan("@", keys.AGENTS, MAX_SCORE, 10_000_000)
+        agents = sorted(m for m, _ in members)
         found = []
         for agent in agents:
             if prefix is None or agent.startswith(prefix):
-                stored = self._stored(agent)
+                stored = yield from self._stored(agent)
                 if stored is not None:
                     found.append(stored)
         return found
 
     # -- payments -----------------------------------------------------------------------
 
-    def _assessment(self, rec: Body, request: PaymentRequest, *, chain: bool = True) -> Assessment:
+    def _assessment(
+        self, rec: Body, request: PaymentRequest, *, chain: bool = True
+    ) -> Flow[Assessment]:
         """The assessment a stored decision record was made with (``chain``: with its ancestors)."""
         grants = rec.get("dg", {})
         agent = request.agent_id
-        ancestors = [
-            (who, self._policy(who, pv), delegation_record(who, {"dg": grants.get(who)}))
-            for who, pv in (rec.get("up", ()) if chain else ())
-        ]
+        ancestors = []
+        for who, pv in rec.get("up", ()) if chain else ():
+            above = yield from self._load_policy(who, pv)
+            ancestors.append((who, above, delegation_record(who, {"dg": grants.get(who)})))
+        policy = yield from self._load_policy(agent, rec["pv"])
         return assess(
-            self._policy(agent, rec["pv"]),
+            policy,
             request,
             instant(rec["at"]),
             grant=delegation_record(agent, {"dg": grants.get(agent)}),
             ancestors=ancestors,
         )
 
-    def _replayed(self, rec: Body, request: PaymentRequest) -> Decision:
+    def _replayed(self, rec: Body, request: PaymentRequest) -> Flow[Decision]:
         """The decision a stored record was made with, rebuilt from its policy version."""
         version = rec["pv"]
         at = instant(rec["at"])
-        assessment = self._assessment(rec, request)
+        assessment = yield from self._assessment(rec, request)
         expires = rec.get("x")
         decision = conclude(
             assessment,
@@ -612,6 +660,11 @@ class PolicyEngine(Voting):
         is recorded with the decision and its approval, and neither it nor the
         agent may vote on that approval.
         """
+        return self._drive(self._authorize(request, dry_run=dry_run, requested_by=requested_by))
+
+    def _authorize(
+        self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
+    ) -> Flow[Decision]:
         if not isinstance(request, PaymentRequest):
             raise PolicyValidationError.single("$", "must be a PaymentRequest")
         if type(dry_run) is not bool:
@@ -619,8 +672,8 @@ class PolicyEngine(Voting):
         if requested_by is not None:
             raise_if(check_identifier(requested_by, "$.requestedBy"))
         if dry_run:
-            return self._dry_run(request)
-        shard = self._shard(request.agent_id)
+            return (yield from self._dry_run(request))
+        shard = yield from self._shard(request.agent_id)
         for attempt in range(_CLOCK_RETRIES):
             now = self._now()
             seen: list[Decision] = []
@@ -635,38 +688,36 @@ class PolicyEngine(Voting):
                 requested_by=requested_by,
             )
             try:
-                result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
+                result: Body = yield Run(shard, step, at=micros(now))
             except ClockBehindError:
                 if attempt == _CLOCK_RETRIES - 1:
                     raise
                 continue
             rec = result["rec"]
             if result.get("replayed") or not seen or seen[-1].code != rec["code"]:
-                return self._replayed(rec, request)  # an earlier decision answered again
+                return (yield from self._replayed(rec, request))  # an earlier decision again
             if "aid" in rec:
                 self._wake_webhooks()
             return seen[-1]
         raise InternalError("unreachable")  # pragma: no cover
 
-    def _dry_run(self, request: PaymentRequest) -> Decision:
+    def _dry_run(self, request: PaymentRequest) -> Flow[Decision]:
         """The authorize step on a transaction that is never committed (a reading session)."""
-        shard = self._shard(request.agent_id)
+        shard = yield from self._shard(request.agent_id)
         for attempt in range(_CLOCK_RETRIES):
             now = self._now()
             step = operations.authorize(self.config, shard, request, now, self._policy, [])
             try:
-                result: Body = run(
-                    self.storage, shard, rollout.dry_run(step), lambda r: r,
-                    at=micros(now), write=False,
-                )  # fmt: skip
+                result: Body = yield Run(shard, rollout.dry_run(step), at=micros(now), write=False)
             except ClockBehindError:
                 if attempt == _CLOCK_RETRIES - 1:
                     raise
                 continue
             rec = result["rec"]
             if result.get("replayed"):
-                return attrs.evolve(self._replayed(rec, request), dry_run=True)
-            assessment = self._assessment(rec, request)
+                first = yield from self._replayed(rec, request)
+                return attrs.evolve(first, dry_run=True)
+            assessment = yield from self._assessment(rec, request)
             decision = conclude(assessment, rec["use"], policy_version=rec["pv"] or None,
                                 decided_at=now)  # fmt: skip
             if decision.code != rec["code"]:
@@ -694,14 +745,14 @@ class PolicyEngine(Voting):
         Raises ``RESERVATION_NOT_FOUND``, ``RESERVATION_RELEASED`` or
         ``RESERVATION_EXPIRED`` (as :class:`~agentpolicy.PolicyError`).
         """
-        return self._settle(reservation_id, "confirm")
+        return self._drive(self._settle(reservation_id, "confirm"))
 
     def release(self, reservation_id: str) -> Reservation:
         """Give a reservation's budget back; releasing again, or after expiry, is a no-op.
 
         Raises ``RESERVATION_NOT_FOUND`` or ``RESERVATION_ALREADY_CONFIRMED``.
         """
-        return self._settle(reservation_id, "release")
+        return self._drive(self._settle(reservation_id, "release"))
 
     def payment(self, request: PaymentRequest, approval_id: str | None = None) -> PaymentGuard:
         """``with engine.payment(request) as p:`` runs the block only for an allowed payment.
@@ -714,25 +765,52 @@ class PolicyEngine(Voting):
         """
         return PaymentGuard(self, request, approval_id)
 
-    def _settle(self, reservation_id: str, action: str) -> Reservation:
+    def _settle(self, reservation_id: str, action: str) -> Flow[Reservation]:
         raise_if(check_identifier(reservation_id, "$.reservationId"))
         now = self._now()
         step = operations.settle(self.config, reservation_id, action, now)
-        result: Body = run(
-            self.storage, self._shard_of_id(reservation_id), step, lambda r: r, at=micros(now)
-        )
+        shard = yield from self._shard_of_id(reservation_id)
+        result: Body = yield Run(shard, step, at=micros(now))
+        return reservation_record(reservation_id, result["doc"])
+
+    def claim(self, reservation_id: str, holder: str) -> Reservation:
+        """Take the right to make a reservation's payment, for ``holder`` alone.
+
+        A reservation id can reach more than one caller (a repeated
+        idempotency key answers the first decision again; anyone may resume
+        an approved approval): whoever is about to pay claims it first, and
+        of two claimants exactly one succeeds, in any number of processes.
+        Claiming again as the same ``holder`` (an opaque id of the caller)
+        changes nothing. Raises ``RESERVATION_CLAIMED`` (another holder has
+        it), ``RESERVATION_NOT_FOUND``, ``RESERVATION_ALREADY_CONFIRMED``,
+        ``RESERVATION_RELEASED`` or ``RESERVATION_EXPIRED``. The payment
+        guard (:meth:`payment`) claims for you. Returns the reservation.
+        """
+        return self._drive(self._claim(reservation_id, holder))
+
+    def _claim(self, reservation_id: str, holder: str) -> Flow[Reservation]:
+        problems = check_identifier(reservation_id, "$.reservationId")
+        problems += check_identifier(holder, "$.holder")
+        raise_if(problems)
+        now = self._now()
+        shard = yield from self._shard_of_id(reservation_id)
+        step = claims.claim(self.config, reservation_id, holder, now)
+        result: Body = yield Run(shard, step, at=micros(now))
         return reservation_record(reservation_id, result["doc"])
 
     def get_reservation(self, reservation_id: str) -> Reservation:
         """A reservation by id (``RESERVATION_NOT_FOUND`` if there is none)."""
+        return self._drive(self._get_reservation(reservation_id))
+
+    def _get_reservation(self, reservation_id: str) -> Flow[Reservation]:
         raise_if(check_identifier(reservation_id, "$.reservationId"))
         now = self._now()
-        shard = self._shard_of_id(reservation_id)
+        shard = yield from self._shard_of_id(reservation_id)
         name = keys.reservation(reservation_id)
-        (doc,) = self._read(shard, [name])
+        (doc,) = yield Read(shard, [name])
         if doc is not None and doc["st"] in ("held", "reserved") and micros(now) >= doc["x"]:
-            self._expire(doc["agent"], now)
-            (doc,) = self._read(shard, [name])
+            yield from self._expire(doc["agent"], now)
+            (doc,) = yield Read(shard, [name])
         if doc is None:
             raise NotFoundError(
                 f"no reservation {reservation_id!r}", code=ErrorCode.RESERVATION_NOT_FOUND
@@ -750,6 +828,9 @@ class PolicyEngine(Voting):
         each with its own windows and limits: a payment must fit every one.
         Raises ``NO_POLICY`` for an agent without a policy.
         """
+        return self._drive(self._budget(agent_id, period))
+
+    def _budget(self, agent_id: str, period: Period | str | None = None) -> Flow[Budget]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         wanted = None
         if period is not None:
@@ -759,22 +840,22 @@ class PolicyEngine(Voting):
                 names = ", ".join(p.value for p in Period)
                 raise PolicyValidationError.single("$.period", f"must be one of {names}") from None
         now = self._now()
-        own, policy = self._budget_of(agent_id, now, wanted)
+        own, policy = yield from self._budget_of(agent_id, now, wanted)
         ancestors: list[Budget] = []
         parent = policy.parent
         while parent is not None and len(ancestors) < MAX_TREE_DEPTH - 1:
-            found, above = self._budget_of(parent, now, None)
+            found, above = yield from self._budget_of(parent, now, None)
             ancestors.append(found)
             parent = above.parent
         return attrs.evolve(own, ancestors=tuple(ancestors))
 
     def _budget_of(
         self, agent_id: str, now: datetime, wanted: Period | None
-    ) -> tuple[Budget, AgentPolicy]:
+    ) -> Flow[tuple[Budget, AgentPolicy]]:
         """One budget's own windows and limits (no ancestors), with its policy."""
-        shard = self._shard(agent_id)
-        (head,) = self._read(shard, [keys.head(agent_id)])
-        policy = self._policy(agent_id, 0 if head is None else head["pv"])
+        shard = yield from self._shard(agent_id)
+        (head,) = yield Read(shard, [keys.head(agent_id)])
+        policy = yield from self._load_policy(agent_id, 0 if head is None else head["pv"])
         if policy is None:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
         blocks = [(b.symbol, b) for b in (policy.limits, *(a.limits for a in policy.assets))
@@ -783,7 +864,7 @@ class PolicyEngine(Voting):
         scopes = {sc.name: [(f"{sc.token}|roll:{sec}", sec) for sec in sc.limits.rolling_seconds]
                   for sc in policy.scoped_limits}  # fmt: skip
         step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes)
-        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now), write=False)
+        result: Body = yield Run(shard, step, at=micros(now), write=False)
         if result["lapsed"]:
             self._wake_webhooks()
         books = result["books"]
@@ -812,35 +893,40 @@ class PolicyEngine(Voting):
 
     def get_approval(self, approval_id: str) -> Approval:
         """An approval by id, with its expiry applied (``APPROVAL_NOT_FOUND`` if none)."""
+        return self._drive(self._get_approval(approval_id))
+
+    def _get_approval(self, approval_id: str) -> Flow[Approval]:
         raise_if(check_identifier(approval_id, "$.approvalId"))
         now = self._now()
-        shard = self._shard_of_id(approval_id)
+        shard = yield from self._shard_of_id(approval_id)
         name = keys.approval(approval_id)
-        (doc,) = self._read(shard, [name])
+        (doc,) = yield Read(shard, [name])
         if doc is not None and doc["st"] == "pending" and micros(now) >= doc["x"]:
-            self._expire(doc["agent"], now)
-            (doc,) = self._read(shard, [name])
+            yield from self._expire(doc["agent"], now)
+            (doc,) = yield Read(shard, [name])
         if doc is None:
             raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
         return approval_record(approval_id, doc)
 
     def list_approvals(self, agent_id: str | None = None) -> list[Approval]:
         """Pending approvals, oldest first, of one agent or of every agent."""
+        return self._drive(self._list_approvals(agent_id))
+
+    def _list_approvals(self, agent_id: str | None = None) -> Flow[list[Approval]]:
         now = self._now()
         if agent_id is not None:
             raise_if(check_identifier(agent_id, "$.agentId"))
-            self._expire(agent_id, now)
+            yield from self._expire(agent_id, now)
             index = keys.pending_index(agent_id)
+            shard = yield from self._shard(agent_id)
         else:
-            self.sweep()
-            index = keys.PENDING
-        with self.storage.session(
-            "@" if agent_id is None else self._shard(agent_id), write=False
-        ) as session:
-            ids = session.scan(index, MAX_SCORE, 1_000_000)
+            yield from self._sweep()
+            index, shard = keys.PENDING, "@"
+        ids = yield Scan(shard, index, MAX_SCORE, 1_000_000)
         found = []
         for approval_id, _ in ids:
-            (doc,) = self._read(self._shard_of_id(approval_id), [keys.approval(approval_id)])
+            where = yield from self._shard_of_id(approval_id)
+            (doc,) = yield Read(where, [keys.approval(approval_id)])
             if doc is not None and doc["st"] == "pending":
                 found.append(approval_record(approval_id, doc))
         return sorted(found, key=lambda a: (a.created_at, a.id))
@@ -868,6 +954,22 @@ class PolicyEngine(Voting):
         ``APPROVER_NOT_AUTHORIZED`` or ``DUPLICATE_DECISION``; nothing
         changes when it raises.
         """
+        return self._drive(
+            self._decide(
+                approval_id, approver, decision, comment, signature=signature, signed_at=signed_at
+            )
+        )
+
+    def _decide(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        comment: str | None = None,
+        *,
+        signature: str | None = None,
+        signed_at: datetime | None = None,
+    ) -> Flow[Approval]:
         problems = check_identifier(approval_id, "$.approvalId")
         problems += check_identifier(approver, "$.approver")
         if decision not in DECISIONS:
@@ -888,10 +990,10 @@ class PolicyEngine(Voting):
             ).problems
         raise_if(problems)
         now = self._now()
-        proof = self._vote_proof(
+        proof = yield from self._vote_proof(
             approval_id, approver, decision, comment, signature, signed_at, now
         )
-        return self._cast(approval_id, approver, decision, comment, proof, now)
+        return (yield from self._cast(approval_id, approver, decision, comment, proof, now))
 
     def _cast(
         self,
@@ -901,13 +1003,13 @@ class PolicyEngine(Voting):
         comment: str | None,
         proof: VoteProof,
         now: datetime,
-    ) -> Approval:
+    ) -> Flow[Approval]:
         """Run the vote step with a proof checked before it."""
-        shard = self._shard_of_id(approval_id)
+        shard = yield from self._shard_of_id(approval_id)
         step = operations.vote(
             self.config, shard, approval_id, approver, decision, comment, now, proof
         )
-        result: Body = run(self.storage, shard, step, lambda r: r, at=micros(now))
+        result: Body = yield Run(shard, step, at=micros(now))
         self._wake_webhooks()
         return approval_record(approval_id, result["doc"])
 
@@ -922,16 +1024,23 @@ class PolicyEngine(Voting):
         decisions it made, the confirm, release and expiry of reservations
         made under it, and the ``policy_set`` (and shadow) records of it.
         """
+        return self._drive(self._history(agent_id, limit, version=version))
+
+    def _history(
+        self, agent_id: str, limit: int = 100, *, version: int | None = None
+    ) -> Flow[list[HistoryRecord]]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise PolicyValidationError.single("$.limit", "must be an integer from 1 to 10000")
         if version is not None:
             raise_if(check_int(version, "$.version", 1, MAX_SCORE))
-        shard = self._shard(agent_id)
+        shard = yield from self._shard(agent_id)
         names = (keys.changes_log(agent_id), keys.denials_log(agent_id))
         batch = limit
         while True:
-            logs = [self.storage.log(shard, name, batch) for name in names]
+            logs = []
+            for name in names:
+                logs.append((yield Log(shard, name, batch)))
             entries = [e for log in logs for e in log
                        if version is None or e[2].get("pv") == version]  # fmt: skip
             entries.sort(key=lambda e: e[0], reverse=True)
@@ -944,32 +1053,34 @@ class PolicyEngine(Voting):
 
     def sweep(self) -> SweepResult:
         """Apply every due expiry now; return the reservations and approvals it expired."""
+        return self._drive(self._sweep())
+
+    def _sweep(self) -> Flow[SweepResult]:
         now = self._now()
-        with self.storage.session("@", write=False) as session:
-            due = session.scan(keys.DUE, micros(now), 1_000_000)
+        due = yield Scan("@", keys.DUE, micros(now), 1_000_000)
         reservations: list[Reservation] = []
         lapsed: list[Approval] = []
         for agent, _ in due:
-            result = self._expire(agent, now)
+            result = yield from self._expire(agent, now)
             reservations += [reservation_record(i, d) for i, d in result["expired"]]
             lapsed += [approval_record(i, d) for i, d in result["lapsed"]]
         return SweepResult(tuple(reservations), tuple(lapsed))
 
     # -- safe rollout: versions, shadow policies, what-if ----------------------------------
 
-    def _current(self, agent_id: str) -> tuple[str, int]:
+    def _current(self, agent_id: str) -> Flow[tuple[str, int]]:
         """The agent's shard and current version (``NO_POLICY`` if it has none)."""
         raise_if(check_identifier(agent_id, "$.agentId"))
-        shard = self._shard(agent_id)
-        (head,) = self._read(shard, [keys.head(agent_id)])
+        shard = yield from self._shard(agent_id)
+        (head,) = yield Read(shard, [keys.head(agent_id)])
         current = 0 if head is None else head["pv"]
         if not current:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
         return shard, current
 
-    def _versions(self, agent_id: str, wanted: list[int]) -> tuple[int, list[PolicyVersion]]:
+    def _versions(self, agent_id: str, wanted: list[int]) -> Flow[tuple[int, list[PolicyVersion]]]:
         """The versions ``wanted`` (each with its changes) and the current version."""
-        shard, current = self._current(agent_id)
+        shard, current = yield from self._current(agent_id)
         missing = [v for v in wanted if not 1 <= v <= current]
         if missing:
             raise NotFoundError(
@@ -977,16 +1088,15 @@ class PolicyEngine(Voting):
                 code=ErrorCode.POLICY_VERSION_NOT_FOUND,
             )
         numbers = sorted({n for v in wanted for n in (v, v - 1) if n >= 1})
-        docs = dict(zip(numbers, self._read(shard, [keys.policy(agent_id, n) for n in numbers]),
-                        strict=True))  # fmt: skip
+        read = yield Read(shard, [keys.policy(agent_id, n) for n in numbers])
+        docs = dict(zip(numbers, read, strict=True))
         found = []
         for v in wanted:
             doc, before = docs[v], docs.get(v - 1)
             if doc is None:
                 raise InternalError(f"policy version {v} of {agent_id} is missing")
             via = doc.get("via") or {"op": "set"}
-            policy = self._policy(agent_id, v)
-            assert policy is not None  # noqa: S101 - version >= 1
+            policy = self._policies.get((agent_id, v)) or self._parsed(agent_id, v, doc)
             found.append(PolicyVersion(
                 agent_id, v, policy, instant(doc["at"]), via["op"], via.get("from"),
                 v == current, () if before is None else diff_policies(before["policy"],
@@ -1003,18 +1113,28 @@ class PolicyEngine(Voting):
         given). Each :class:`~agentpolicy.PolicyVersion` lists its changes
         from the version before it. Raises ``NO_POLICY``.
         """
+        return self._drive(self._policy_versions(agent_id, limit, before=before))
+
+    def _policy_versions(
+        self, agent_id: str, limit: int = 100, *, before: int | None = None
+    ) -> Flow[list[PolicyVersion]]:
         problems = check_int(limit, "$.limit", 1, 10_000)
         if before is not None:
             problems += check_int(before, "$.before", 1, MAX_SCORE)
         raise_if(problems)
-        _, current = self._current(agent_id)
+        _, current = yield from self._current(agent_id)
         top = current if before is None else min(current, before - 1)
-        return self._versions(agent_id, list(range(top, max(0, top - limit), -1)))[1]
+        _, found = yield from self._versions(agent_id, list(range(top, max(0, top - limit), -1)))
+        return found
 
     def get_policy_version(self, agent_id: str, version: int) -> PolicyVersion:
         """Version ``version`` of the agent's policy (``POLICY_VERSION_NOT_FOUND`` if none)."""
+        return self._drive(self._get_policy_version(agent_id, version))
+
+    def _get_policy_version(self, agent_id: str, version: int) -> Flow[PolicyVersion]:
         raise_if(check_int(version, "$.version", 1, MAX_SCORE))
-        return self._versions(agent_id, [version])[1][0]
+        _, found = yield from self._versions(agent_id, [version])
+        return found[0]
 
     def diff_policy_versions(
         self, agent_id: str, before: int, after: int
@@ -1023,10 +1143,15 @@ class PolicyEngine(Voting):
 
         ``str(change)`` reads ``limits.daily.value: 1000000000 -> 500000000``.
         """
+        return self._drive(self._diff_policy_versions(agent_id, before, after))
+
+    def _diff_policy_versions(
+        self, agent_id: str, before: int, after: int
+    ) -> Flow[tuple[PolicyChange, ...]]:
         problems = check_int(before, "$.before", 1, MAX_SCORE)
         problems += check_int(after, "$.after", 1, MAX_SCORE)
         raise_if(problems)
-        _, (a, b) = self._versions(agent_id, [before, after])
+        _, (a, b) = yield from self._versions(agent_id, [before, after])
         return diff_policies(a.policy, b.policy)
 
     def rollback_policy(self, agent_id: str, version: int) -> int:
@@ -1035,17 +1160,25 @@ class PolicyEngine(Voting):
         Checked like :meth:`set_policy` (a parent that has no policy, a
         cycle, a tree too deep, another tree: refused, nothing changes).
         """
-        old = self.get_policy_version(agent_id, version)
-        return self._put_policy(agent_id, old.policy, origin={"op": "rollback", "from": version})
+        return self._drive(self._rollback_policy(agent_id, version))
+
+    def _rollback_policy(self, agent_id: str, version: int) -> Flow[int]:
+        old = yield from self._get_policy_version(agent_id, version)
+        origin = {"op": "rollback", "from": version}
+        return (yield from self._put_policy(agent_id, old.policy, origin=origin))
 
     def get_shadow_policy(self, agent_id: str) -> ShadowPolicy | None:
         """The agent's shadow policy, or ``None``."""
+        return self._drive(self._get_shadow_policy(agent_id))
+
+    def _get_shadow_policy(self, agent_id: str) -> Flow[ShadowPolicy | None]:
         raise_if(check_identifier(agent_id, "$.agentId"))
-        doc = self._shadow_doc(agent_id)
+        doc = yield from self._shadow_doc(agent_id)
         return None if doc is None else self._shadow_record(agent_id, doc)
 
-    def _shadow_doc(self, agent_id: str) -> Body | None:
-        head, doc = self._read(self._shard(agent_id), [keys.head(agent_id), keys.shadow(agent_id)])
+    def _shadow_doc(self, agent_id: str) -> Flow[Body | None]:
+        shard = yield from self._shard(agent_id)
+        head, doc = yield Read(shard, [keys.head(agent_id), keys.shadow(agent_id)])
         if head is None or doc is None or head.get("sh") != doc["id"]:
             return None
         return dict(doc)
@@ -1065,6 +1198,11 @@ class PolicyEngine(Voting):
         parent (``INVALID_INPUT`` at ``$.policy.parent`` otherwise). Raises
         ``NO_POLICY`` for an agent without a live policy.
         """
+        return self._drive(self._set_shadow_policy(agent_id, policy))
+
+    def _set_shadow_policy(
+        self, agent_id: str, policy: AgentPolicy | Mapping[str, Any]
+    ) -> Flow[ShadowPolicy]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if not isinstance(policy, AgentPolicy):
             try:
@@ -1074,7 +1212,8 @@ class PolicyEngine(Voting):
         now = self._now()
         step = rollout.set_shadow(self.config, agent_id, policy, dump_policy(policy), now,
                                   self._policy)  # fmt: skip
-        doc: Body = run(self.storage, self._shard(agent_id), step, dict, at=micros(now))
+        shard = yield from self._shard(agent_id)
+        doc: Body = dict((yield Run(shard, step, at=micros(now))))
         with self._policies_lock:
             self._shadows[(agent_id, doc["id"])] = policy
         return self._shadow_record(agent_id, doc)
@@ -1086,18 +1225,22 @@ class PolicyEngine(Voting):
         newest ``limit`` (1 to 10000) payments it would have decided
         differently. Raises ``SHADOW_NOT_FOUND``.
         """
+        return self._drive(self._shadow_report(agent_id, limit))
+
+    def _shadow_report(self, agent_id: str, limit: int = 100) -> Flow[ShadowReport]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         raise_if(check_int(limit, "$.limit", 1, 10_000))
-        doc = self._shadow_doc(agent_id)
+        doc = yield from self._shadow_doc(agent_id)
         if doc is None:
             raise NotFoundError(
                 f"agent {agent_id} has no shadow policy", code=ErrorCode.SHADOW_NOT_FOUND
             )
-        return self._report(agent_id, doc, limit)
+        return (yield from self._report(agent_id, doc, limit))
 
-    def _report(self, agent_id: str, doc: Body, limit: int) -> ShadowReport:
+    def _report(self, agent_id: str, doc: Body, limit: int) -> Flow[ShadowReport]:
         live, shadow, flips, total = tally_pairs(doc.get("n", {}))
-        entries = self.storage.log(self._shard(agent_id), keys.shadow_log(agent_id), limit)
+        shard = yield from self._shard(agent_id)
+        entries = yield Log(shard, keys.shadow_log(agent_id), limit)
         differences = tuple(
             ShadowDifference(instant(e["at"]), request_of(e["req"]), Code(e["live"]),
                              Code(e["shadow"]), e.get("pv") or None)
@@ -1113,11 +1256,14 @@ class PolicyEngine(Voting):
         Returns the new version. Checked like :meth:`set_policy`. Raises
         ``SHADOW_NOT_FOUND``.
         """
+        return self._drive(self._promote_shadow_policy(agent_id))
+
+    def _promote_shadow_policy(self, agent_id: str) -> Flow[int]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         now = self._now()
-        shard = self._shard(agent_id)
+        shard = yield from self._shard(agent_id)
         step = rollout.promote_shadow(self.config, shard, agent_id, now, self._policy, self._shadow)
-        result: Body = run(self.storage, shard, step, dict, at=micros(now))
+        result: Body = yield Run(shard, step, at=micros(now))
         version: int = result["version"]
         with self._policies_lock:
             self._policies[(agent_id, version)] = self._shadow(agent_id, result["doc"])
@@ -1125,11 +1271,15 @@ class PolicyEngine(Voting):
 
     def clear_shadow_policy(self, agent_id: str) -> ShadowReport:
         """Remove the agent's shadow policy; return its last report. Raises ``SHADOW_NOT_FOUND``."""
+        return self._drive(self._clear_shadow_policy(agent_id))
+
+    def _clear_shadow_policy(self, agent_id: str) -> Flow[ShadowReport]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         now = self._now()
         step = rollout.clear_shadow(self.config, agent_id)
-        doc: Body = run(self.storage, self._shard(agent_id), step, dict, at=micros(now))
-        return self._report(agent_id, doc, 100)
+        shard = yield from self._shard(agent_id)
+        doc: Body = dict((yield Run(shard, step, at=micros(now))))
+        return (yield from self._report(agent_id, doc, 100))
 
     def simulate(
         self,
@@ -1148,6 +1298,15 @@ class PolicyEngine(Voting):
         (what happens to the money of each payment, what history keeps).
         Raises ``NO_POLICY``.
         """
+        return self._drive(self._simulate(agent_id, candidate, since=since))
+
+    def _simulate(
+        self,
+        agent_id: str,
+        candidate: AgentPolicy | Mapping[str, Any],
+        *,
+        since: datetime | timedelta,
+    ) -> Flow[SimulationReport]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if not isinstance(candidate, AgentPolicy):
             try:
@@ -1163,7 +1322,7 @@ class PolicyEngine(Voting):
             raise PolicyValidationError.single(
                 "$.since", "must be a timezone-aware datetime or a timedelta"
             )
-        shard, _ = self._current(agent_id)
+        shard, _ = yield from self._current(agent_id)
         logs: dict[str, list[recorded.Entry]] = {}
         notes: list[str] = []
         retention = self.config.history_retention
@@ -1172,43 +1331,57 @@ class PolicyEngine(Voting):
                 f"history is kept for {timedelta(microseconds=retention)}: payments before "
                 f"{instant(micros(now) - retention).isoformat()} are gone and not replayed"
             )
-        for agent in self._subtree(shard, agent_id):
-            changes = self._log_since(shard, keys.changes_log(agent), micros(start))
-            denials = self._log_since(shard, keys.denials_log(agent), micros(start))
+        for agent in (yield from self._subtree(shard, agent_id)):
+            changes = yield from self._log_since(shard, keys.changes_log(agent), micros(start))
+            denials = yield from self._log_since(shard, keys.denials_log(agent), micros(start))
             if len(denials) >= self.config.max_denials:
                 notes.append(
                     f"only the newest {self.config.max_denials} denied payments of {agent} are "
                     f"kept: denials before {instant(denials[0][1]).isoformat()} are not replayed"
                 )
             logs[agent] = changes + denials
+        yield from self._load_chains(logs)
         events = recorded.events_of(agent_id, logs, micros(now), self._level_codes)
         return replay(agent_id, candidate, events, since=start, until=now, notes=notes)
+
+    def _load_chains(self, logs: dict[str, list[recorded.Entry]]) -> Flow[None]:
+        """Read every policy version the recorded decisions name (then judged without I/O)."""
+        wanted: set[tuple[str, int]] = set()
+        for agent, entries in logs.items():
+            for _, _, entry in entries:
+                if "pv" in entry:
+                    wanted.add((agent, entry["pv"]))
+                wanted.update((who, pv) for who, pv in entry.get("up", ()))
+        for who, pv in sorted(wanted):
+            yield from self._load_policy(who, pv)
 
     def _level_codes(self, rec: Body, request: PaymentRequest) -> list[Code]:
         """The code each budget of a recorded decision's chain gives, judged alone (payer first)."""
         usage = rec.get("use", {})
-        own = self._assessment(rec, request, chain=False)
+        own = self._drive(self._assessment(rec, request, chain=False))  # policies are loaded
         codes = [judge(own, usage).code]
         if own.early is None and rec.get("up"):
-            codes += [judge(p, usage).code for p in self._assessment(rec, request).parents]
+            chain = self._drive(self._assessment(rec, request))
+            codes += [judge(p, usage).code for p in chain.parents]
         return codes
 
-    def _subtree(self, shard: str, agent_id: str) -> list[str]:
+    def _subtree(self, shard: str, agent_id: str) -> Flow[list[str]]:
         """The agent and every budget below it (they share its shard)."""
         found, level = [agent_id], [agent_id]
-        with self.storage.session(shard, write=False) as session:
-            while level and len(found) < 100_000:
-                level = [m for a in level
-                         for m, _ in session.scan(keys.children(a), MAX_SCORE, 100_000)
-                         if m not in found]  # fmt: skip
-                found += level
+        while level and len(found) < 100_000:
+            below = []
+            for a in level:
+                members = yield Scan(shard, keys.children(a), MAX_SCORE, 100_000)
+                below += [m for m, _ in members if m not in found]
+            level = below
+            found += level
         return found
 
-    def _log_since(self, shard: str, name: str, since: int) -> list[recorded.Entry]:
+    def _log_since(self, shard: str, name: str, since: int) -> Flow[list[recorded.Entry]]:
         """A log's entries from ``since`` (microseconds) on, oldest first."""
         batch = 1_000
         while True:
-            entries = self.storage.log(shard, name, batch)
+            entries = yield Log(shard, name, batch)
             if len(entries) < batch or entries[-1][1] < since:
                 break
             batch *= 4

@@ -50,6 +50,7 @@ class ErrorCode(enum.StrEnum):
     SHADOW_NOT_FOUND = "SHADOW_NOT_FOUND"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     EXTRA_NOT_INSTALLED = "EXTRA_NOT_INSTALLED"
+    RESERVATION_CLAIMED = "RESERVATION_CLAIMED"
     PAYMENT_DENIED = "PAYMENT_DENIED"
     APPROVAL_REQUIRED = "APPROVAL_REQUIRED"
     APPROVAL_DENIED = "APPROVAL_DENIED"
@@ -143,7 +144,8 @@ class ConflictError(PolicyError):
     ``DUPLICATE_DECISION``, ``IDEMPOTENCY_CONFLICT``, ``BUDGET_CONFLICT`` (a
     budget tree refuses the change: an agent moving into another tree, a
     delegated budget changing its parent, a revoked budget delegated again),
-    ``APPROVER_CONFLICT``.
+    ``APPROVER_CONFLICT``, ``RESERVATION_CLAIMED`` (another caller claimed
+    the reservation to make its payment).
     """
 
 

@@ -16,6 +16,7 @@ payment may have been made (docs/engine.md, "The payment guard").
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,8 +25,8 @@ import attrs
 
 from agentpolicy._checks import check_identifier, raise_if
 from agentpolicy.decisions import Code, Decision
-from agentpolicy.errors import ErrorCode, PolicyError, PolicyValidationError
-from agentpolicy.records import Approval, ApprovalStatus, Reservation, ReservationStatus
+from agentpolicy.errors import ConflictError, ErrorCode, PolicyError, PolicyValidationError
+from agentpolicy.records import Approval, ApprovalStatus, Reservation
 from agentpolicy.requests import PaymentRequest
 
 if TYPE_CHECKING:
@@ -115,29 +116,36 @@ def _admit(decision: Decision) -> None:
     raise PaymentDenied(decision)
 
 
-_SPENT = {
-    ReservationStatus.CONFIRMED: ErrorCode.RESERVATION_ALREADY_CONFIRMED,
-    ReservationStatus.RELEASED: ErrorCode.RESERVATION_RELEASED,
-    ReservationStatus.EXPIRED: ErrorCode.RESERVATION_EXPIRED,
+_REFUSED = {
+    ErrorCode.RESERVATION_ALREADY_CONFIRMED: "confirmed",
+    ErrorCode.RESERVATION_RELEASED: "released",
+    ErrorCode.RESERVATION_EXPIRED: "expired",
+    ErrorCode.RESERVATION_CLAIMED: "claimed by another payment block",
 }
 
 
-def _admit_reservation(decision: Decision, reservation: Reservation) -> None:
-    """Raise unless the reservation is still open for this block.
+def _holder() -> str:
+    """An opaque id of one guard, for claiming its reservation."""
+    return "guard_" + os.urandom(12).hex()
+
+
+def _refuse(decision: Decision, err: ConflictError) -> PaymentDenied:
+    """The refusal of a reservation this block may not pay with.
 
     A decision answered again for a repeated idempotency key, or an approval
-    resumed again, names a reservation that may already be settled: running
-    the block again would pay twice and count once.
+    resumed again, names a reservation that may already be settled, or that
+    another block (in any process) is paying with right now: running the
+    block would pay twice and count once.
     """
-    code = _SPENT.get(reservation.status)
-    if code is None:
-        return
-    raise PaymentDenied(
+    state = _REFUSED.get(err.code)
+    if state is None:
+        raise err
+    return PaymentDenied(
         decision,
-        f"{code}: reservation {reservation.id} is {reservation.status}: this payment was "
-        "already settled (an earlier block with the same idempotency key or approval); "
-        "nothing runs again",
-        code=code,
+        f"{err.code}: reservation {decision.reservation_id} is {state}: this payment was "
+        "already made or is being made (an earlier block with the same idempotency key "
+        "or approval); nothing runs again",
+        code=err.code,
     )
 
 
@@ -227,6 +235,7 @@ class _Guard:
         self.reservation: Reservation | None = None
         """The reservation as the block left it (confirmed or released), once exited."""
         self._used = False
+        self._holder = _holder()
 
     @property
     def decision(self) -> Decision:
@@ -272,15 +281,20 @@ class PaymentGuard(_Guard):
             decision = engine.authorize(self.request)
             _admit(decision)
             if self.request.idempotency_key is not None:  # may be an earlier decision again
-                _admit_reservation(decision, engine.get_reservation(decision.reservation_id or ""))
+                self._claim(decision)
         else:
             self.approval = engine.get_approval(self.approval_id)
             decision = _approval_decision(self.approval, self.request)
-            reservation = engine.get_reservation(decision.reservation_id or "")
-            _admit_reservation(decision, reservation)
+            reservation = self._claim(decision)
             decision = attrs.evolve(decision, expires_at=reservation.expires_at)
         self._decision = decision
         return self
+
+    def _claim(self, decision: Decision) -> Reservation:
+        try:
+            return self._engine.claim(decision.reservation_id or "", self._holder)
+        except ConflictError as err:
+            raise _refuse(decision, err) from None
 
     def __exit__(
         self,
@@ -343,16 +357,20 @@ class AsyncPaymentGuard(_Guard):
             decision = await authorize_shielded(engine.authorize(self.request), engine.release)
             _admit(decision)
             if self.request.idempotency_key is not None:
-                reservation = await engine.get_reservation(decision.reservation_id or "")
-                _admit_reservation(decision, reservation)
+                await self._claim(decision)
         else:
             self.approval = await engine.get_approval(self.approval_id)
             decision = _approval_decision(self.approval, self.request)
-            reservation = await engine.get_reservation(decision.reservation_id or "")
-            _admit_reservation(decision, reservation)
+            reservation = await self._claim(decision)
             decision = attrs.evolve(decision, expires_at=reservation.expires_at)
         self._decision = decision
         return self
+
+    async def _claim(self, decision: Decision) -> Reservation:
+        try:
+            return await self._engine.claim(decision.reservation_id or "", self._holder)
+        except ConflictError as err:
+            raise _refuse(decision, err) from None
 
     async def __aexit__(
         self,

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from agentpolicy._checks import check_identifier, check_text, raise_if
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import format_instant, parse_instant
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, Problem
 from agentpolicy.ledger import approvers as registry
-from agentpolicy.ledger.runner import View, run
+from agentpolicy.ledger.flows import Flow, Read, Run, Scan
+from agentpolicy.ledger.runner import View
 from agentpolicy.links import LinkClaims, mint, read
 from agentpolicy.records import Approval, ApprovalLink, Approver, WebhookDelivery
 from agentpolicy.signing import (
@@ -32,6 +33,8 @@ from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 
 __all__ = ["Voting"]
+
+T = TypeVar("T")
 
 Body = dict[str, Any]
 
@@ -48,11 +51,10 @@ class Voting:
     def _now(self) -> datetime:  # pragma: no cover - the engine's
         raise NotImplementedError
 
-    def _read(self, shard: str, names: list[str]) -> list[Any]:  # pragma: no cover
+    def _drive(self, flow: Flow[T]) -> T:  # pragma: no cover - the engine's
         raise NotImplementedError
 
-    def get_approval(self, approval_id: str) -> Approval:  # pragma: no cover - the engine's
-        """An approval by id (see :meth:`agentpolicy.PolicyEngine.get_approval`)."""
+    def _get_approval(self, approval_id: str) -> Flow[Approval]:  # pragma: no cover
         raise NotImplementedError
 
     def _cast(
@@ -63,14 +65,14 @@ class Voting:
         comment: str | None,
         proof: VoteProof,
         now: datetime,
-    ) -> Approval:  # pragma: no cover - the engine's
+    ) -> Flow[Approval]:  # pragma: no cover - the engine's
         raise NotImplementedError
 
     # -- the registry ----------------------------------------------------------------------
 
-    def _registry(self, step: Callable[[View, Txn], None]) -> Approver:
+    def _registry(self, step: Callable[[View, Txn], None]) -> Flow[Approver]:
         now = self._now()
-        result: Body = run(self.storage, registry.SHARD, step, lambda r: r, at=micros(now))
+        result: Body = yield Run(registry.SHARD, step, at=micros(now))
         return registry.approver_record(result["doc"])
 
     def register_approver(self, name: str, public_key: str) -> Approver:
@@ -83,9 +85,12 @@ class Voting:
         before is ``INVALID_INPUT``. A removed approver may be registered
         again, with a new key. Returns the approver with every key version.
         """
+        return self._drive(self._register_approver(name, public_key))
+
+    def _register_approver(self, name: str, public_key: str) -> Flow[Approver]:
         raise_if(check_identifier(name, "$.name"))
         key = normal_public_key(public_key)
-        return self._registry(registry.register(name, key, micros(self._now())))
+        return (yield from self._registry(registry.register(name, key, micros(self._now()))))
 
     def rotate_approver(self, name: str, public_key: str) -> Approver:
         """Give a registered approver a new key; the old one stops verifying votes now.
@@ -95,9 +100,12 @@ class Voting:
         ``INVALID_INPUT`` (a key retired before). Rotating to the current key
         changes nothing.
         """
+        return self._drive(self._rotate_approver(name, public_key))
+
+    def _rotate_approver(self, name: str, public_key: str) -> Flow[Approver]:
         raise_if(check_identifier(name, "$.name"))
         key = normal_public_key(public_key)
-        return self._registry(registry.rotate(name, key, micros(self._now())))
+        return (yield from self._registry(registry.rotate(name, key, micros(self._now()))))
 
     def remove_approver(self, name: str) -> Approver:
         """Retire an approver's key: none of their votes verifies from now on.
@@ -107,28 +115,37 @@ class Voting:
         signed votes. Removing again changes nothing; a name never
         registered is ``APPROVER_NOT_FOUND``.
         """
+        return self._drive(self._remove_approver(name))
+
+    def _remove_approver(self, name: str) -> Flow[Approver]:
         raise_if(check_identifier(name, "$.name"))
-        return self._registry(registry.remove(name, micros(self._now())))
+        return (yield from self._registry(registry.remove(name, micros(self._now()))))
 
     def get_approver(self, name: str) -> Approver | None:
         """A registered (or removed) approver with every key version, or ``None``."""
+        return self._drive(self._get_approver(name))
+
+    def _get_approver(self, name: str) -> Flow[Approver | None]:
         raise_if(check_identifier(name, "$.name"))
-        (doc,) = self._read(registry.SHARD, [registry.approver_doc_name(name)])
+        (doc,) = yield Read(registry.SHARD, [registry.approver_doc_name(name)])
         return None if doc is None else registry.approver_record(doc)
 
     def list_approvers(self) -> list[Approver]:
         """Every approver ever registered (removed ones too), by name ignoring case."""
-        with self.storage.session(registry.SHARD, write=False) as session:
-            names = sorted(m for m, _ in session.scan(registry.INDEX, 0, 10_000_000))
-        docs = self._read(registry.SHARD, [registry.approver_doc_name(n) for n in names])
+        return self._drive(self._list_approvers())
+
+    def _list_approvers(self) -> Flow[list[Approver]]:
+        members = yield Scan(registry.SHARD, registry.INDEX, 0, 10_000_000)
+        names = sorted(m for m, _ in members)
+        docs = yield Read(registry.SHARD, [registry.approver_doc_name(n) for n in names])
         return [registry.approver_record(d) for d in docs if d is not None]
 
-    def _registered(self, names: Iterable[str]) -> dict[str, Approver]:
+    def _registered(self, names: Iterable[str]) -> Flow[dict[str, Approver]]:
         """The approvers among ``names`` that have a current key, by case-folded name."""
         wanted = list(dict.fromkeys(n.casefold() for n in names))
         if not wanted:
             return {}
-        docs = self._read(registry.SHARD, [registry.approver_doc_name(n) for n in wanted])
+        docs = yield Read(registry.SHARD, [registry.approver_doc_name(n) for n in wanted])
         found = {}
         for name, doc in zip(wanted, docs, strict=True):
             if doc is not None:
@@ -141,11 +158,12 @@ class Voting:
 
     def store_id(self) -> str:
         """The store's id (``sto_<32 hex>``), which every signed vote names; made on first use."""
+        return self._drive(self._store_id())
+
+    def _store_id(self) -> Flow[str]:
         if self._store is None:
             now = self._now()
-            self._store = run(
-                self.storage, registry.SHARD, registry.ensure_store_id(), str, at=micros(now)
-            )
+            self._store = yield Run(registry.SHARD, registry.ensure_store_id(), at=micros(now))
         return self._store
 
     def vote_message(
@@ -163,6 +181,16 @@ class Voting:
         :class:`~agentpolicy.signing.SigningKey` and pass the signature and
         ``signed_at`` to :meth:`~agentpolicy.PolicyEngine.decide`.
         """
+        return self._drive(self._vote_message(approval_id, approver, decision, signed_at, comment))
+
+    def _vote_message(
+        self,
+        approval_id: str,
+        approver: str,
+        decision: str,
+        signed_at: datetime,
+        comment: str | None = None,
+    ) -> Flow[bytes]:
         problems = check_identifier(approval_id, "$.approvalId")
         problems += check_identifier(approver, "$.approver")
         if decision not in DECISIONS:
@@ -170,8 +198,9 @@ class Voting:
         if comment is not None:
             problems += check_text(comment, "$.comment")
         raise_if(problems)
+        store = yield from self._store_id()
         return vote_message(
-            store=self.store_id(), approval_id=approval_id, approver=approver,
+            store=store, approval_id=approval_id, approver=approver,
             decision=decision, signed_at=signed_at, comment=comment,
         )  # fmt: skip
 
@@ -184,9 +213,9 @@ class Voting:
         signature: str | None,
         signed_at: datetime | None,
         now: datetime,
-    ) -> VoteProof:
+    ) -> Flow[VoteProof]:
         """Check a vote's signature (if any) against the approver's key registered now."""
-        found = self._registered((approver,)).get(approver.casefold())
+        found = (yield from self._registered((approver,))).get(approver.casefold())
         if signature is None or signed_at is None:
             return VoteProof(registered=found is not None)
         if found is None or found.current is None:
@@ -201,7 +230,7 @@ class Voting:
                 f"({format_instant(now)}): sign it again",
                 code=ErrorCode.APPROVER_NOT_AUTHORIZED,
             )
-        message = self.vote_message(approval_id, approver, decision, signed_at, comment)
+        message = yield from self._vote_message(approval_id, approver, decision, signed_at, comment)
         current = found.current
         if not verify_vote(current.public_key, message, signature):
             raise ForbiddenError(
@@ -225,13 +254,13 @@ class Voting:
 
     def _link_names(
         self, approvers: Sequence[str], requesters: Iterable[str | None], signed_only: bool
-    ) -> list[str]:
+    ) -> Flow[list[str]]:
         """Who gets links: approvers who may vote unsigned (not requesters, not registered)."""
         if signed_only:
             return []
         asked = {r.casefold() for r in requesters if r is not None}
         names = [a for a in dict.fromkeys(approvers) if a.casefold() not in asked]
-        registered = self._registered(names)
+        registered = yield from self._registered(names)
         return [a for a in names if a.casefold() not in registered]
 
     def approval_links(self, approval_id: str) -> list[ApprovalLink]:
@@ -243,9 +272,12 @@ class Voting:
         gives the same tokens (they are what ``approval.created`` carries).
         ``FORBIDDEN`` when the engine has no link secret.
         """
+        return self._drive(self._approval_links(approval_id))
+
+    def _approval_links(self, approval_id: str) -> Flow[list[ApprovalLink]]:
         key = self._links_key()
-        approval = self.get_approval(approval_id)
-        names = self._link_names(
+        approval = yield from self._get_approval(approval_id)
+        names = yield from self._link_names(
             approval.every_approver, approval.requesters, approval.require_signed_votes
         )
         expires = micros(approval.expires_at)
@@ -267,10 +299,14 @@ class Voting:
         token is still shown (its approval says it is no longer pending, or
         already has the approver's vote).
         """
+        return self._drive(self._inspect_link(token))
+
+    def _inspect_link(self, token: str) -> Flow[tuple[ApprovalLink, Approval]]:
         claims = self._claims(token)
         link = ApprovalLink(claims.approval_id, claims.approver, claims.decision,
                             instant(claims.expires), token)  # fmt: skip
-        return link, self.get_approval(claims.approval_id)
+        approval = yield from self._get_approval(claims.approval_id)
+        return link, approval
 
     def redeem_link(
         self, token: str, *, approval_id: str | None = None, comment: str | None = None
@@ -285,6 +321,11 @@ class Voting:
         token was used is recorded in the approval, in the same commit as its
         vote, so it holds across processes and stores.
         """
+        return self._drive(self._redeem_link(token, approval_id=approval_id, comment=comment))
+
+    def _redeem_link(
+        self, token: str, *, approval_id: str | None = None, comment: str | None = None
+    ) -> Flow[Approval]:
         problems: list[Problem] = []
         if approval_id is not None:
             problems += check_identifier(approval_id, "$.approvalId")
@@ -303,9 +344,13 @@ class Voting:
                 f"this link expired at {format_instant(instant(claims.expires))}",
                 code=ErrorCode.APPROVAL_NOT_PENDING,
             )
-        registered = claims.approver.casefold() in self._registered((claims.approver,))
+        registered = claims.approver.casefold() in (yield from self._registered((claims.approver,)))
         proof = VoteProof(via="link", registered=registered)
-        return self._cast(claims.approval_id, claims.approver, claims.decision, comment, proof, now)
+        return (
+            yield from self._cast(
+                claims.approval_id, claims.approver, claims.decision, comment, proof, now
+            )
+        )
 
     def _with_links(self, delivery: WebhookDelivery) -> Body:
         """An ``approval.created`` payload with its links (added when sent, never stored)."""
@@ -313,8 +358,12 @@ class Voting:
         if delivery.event != "approval.created" or self._link_key is None:
             return payload
         a = payload["approval"]
-        names = self._link_names(
-            a["approvers"], (a["agentId"], a.get("requestedBy")), bool(a.get("requireSignedVotes"))
+        names = self._drive(
+            self._link_names(
+                a["approvers"],
+                (a["agentId"], a.get("requestedBy")),
+                bool(a.get("requireSignedVotes")),
+            )
         )
         expires = micros(parse_instant(a["expiresAt"]))
         key = self._link_key

@@ -1,0 +1,71 @@
+"""Claiming a reservation: the right to make its payment, held by one caller at a time.
+
+A reservation id can reach more than one caller: the same idempotency key
+answers the first decision again, and anyone may resume an approved
+approval. Whoever is about to pay with a reservation claims it first; the
+claim is written in the reservation's own document, so of two callers
+(threads, processes, machines) exactly one wins, and the other is refused
+before it pays. Confirm and release are not affected: they need no claim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
+from agentpolicy.ledger import keys
+from agentpolicy.ledger.runner import View
+from agentpolicy.ledger.state import LedgerConfig
+from agentpolicy.storage._time import micros
+from agentpolicy.storage.base import Txn
+
+__all__ = ["claim"]
+
+_CLOSED = {
+    "confirmed": ("is already confirmed", ErrorCode.RESERVATION_ALREADY_CONFIRMED),
+    "released": ("was released", ErrorCode.RESERVATION_RELEASED),
+    "expired": ("expired", ErrorCode.RESERVATION_EXPIRED),
+}
+
+
+def claim(
+    cfg: LedgerConfig, reservation_id: str, holder: str, now: datetime
+) -> Callable[[View, Txn], None]:
+    """Claim an open reservation for ``holder``; the result is ``{"doc": reservation}``.
+
+    Claiming again by the same holder changes nothing. Raises
+    ``RESERVATION_NOT_FOUND`` (also for the hold of a pending approval),
+    ``RESERVATION_CLAIMED`` (another holder has it),
+    ``RESERVATION_ALREADY_CONFIRMED``, ``RESERVATION_RELEASED`` or
+    ``RESERVATION_EXPIRED``; then nothing changes.
+    """
+    now_us = micros(now)
+    name = keys.reservation(reservation_id)
+
+    def step(view: View, txn: Txn) -> None:
+        doc = view.doc(name)
+        if doc is None or doc["st"] == "held":
+            raise NotFoundError(
+                f"no reservation {reservation_id!r}", code=ErrorCode.RESERVATION_NOT_FOUND
+            )
+        status = "expired" if doc["st"] == "reserved" and now_us >= doc["x"] else doc["st"]
+        if status in _CLOSED:
+            words, code = _CLOSED[status]
+            raise ConflictError(f"reservation {reservation_id} {words}", code=code)
+        txn.result = {"doc": doc}
+        taken = doc.get("cl")
+        if taken == holder:
+            return
+        if taken is not None:
+            raise ConflictError(
+                f"reservation {reservation_id} is claimed by another caller, which is "
+                "making (or made) its payment",
+                code=ErrorCode.RESERVATION_CLAIMED,
+            )
+        claimed = {**doc, "cl": holder}
+        txn.put[name] = claimed
+        txn.ttl[name] = max(0, doc["x"] - now_us) // 1000 + cfg.keep_closed_ms
+        txn.result = {"doc": claimed}
+
+    return step
