@@ -85,7 +85,7 @@ def main() -> None:
                     page.goto(served.url + "/signin")
                     page.get_by_label("Access token").fill(token)
                     page.get_by_role("button", name="Sign in").click()
-                    page.wait_for_load_state()
+                    page.wait_for_url(lambda url: "/signin" not in url)
                 page.goto(url)
                 page.screenshot(path=str(OUT / name), full_page=True)
                 print(f"wrote docs/img/{name}")
@@ -98,7 +98,7 @@ def main() -> None:
                               None, viewport=PHONE, is_mobile=True, device_scale_factor=1)  # fmt: skip
             page.get_by_label("Comment (optional)").fill("ok, budgeted for Q1")
             page.get_by_role("button", name="Approve 450.25 USDT").click()
-            page.wait_for_load_state()
+            page.wait_for_url("**/vote")
             page.screenshot(path=str(OUT / "serve-approved-phone.png"), full_page=True)
             print("wrote docs/img/serve-approved-phone.png")
             ctx.close()

@@ -145,6 +145,7 @@ def test_an_approver_opens_the_webhook_link_approves_and_the_agent_confirms(
                                      "remaining 549.75 USDT of 1000 USDT")  # fmt: skip
             assert daily.count() == 1
             page.get_by_role("button", name="Approve 450.25 USDT").click()
+            page.wait_for_url(f"{served.url}/approvals/{approval_id}/vote")
             assert page.get_by_role("heading", level=1).inner_text() == "You approved this payment"
             assert (
                 "It is approved: the agent may pay now." in page.get_by_role("status").inner_text()
@@ -224,7 +225,7 @@ def test_sign_in_and_approve_with_the_keyboard_only(
             outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
             assert outline == "solid"  # the focus is visible
             page.keyboard.press("Enter")
-            page.wait_for_load_state()
+            page.wait_for_url(f"{served.url}/approvals/{d.approval_id}/vote")
             assert page.get_by_role("heading", level=1).inner_text() == "You approved this payment"
             assert engine.get_approval(d.approval_id).status.value == "approved"
             vote = engine.get_approval(d.approval_id).votes[0]
@@ -284,7 +285,9 @@ def test_an_admin_reads_a_budget_page(browser: Any, world: tuple[PolicyEngine, R
             page.goto(served.url + "/signin?next=/agents")
             page.get_by_label("Access token").fill(token)
             page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(served.url + "/agents")
             page.get_by_role("link", name="bot").click()
+            page.wait_for_url(served.url + "/agents/bot")
             assert page.get_by_role("heading", level=1).inner_text() == "Budget of bot"
             bar = page.get_by_role("img", name="daily: spent 50 USDT, reserved 0 USDT, remaining "
                                    "1950 USDT of 2000 USDT")  # fmt: skip
