@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -207,3 +209,61 @@ def test_healthz_is_503_when_the_store_is_down() -> None:
             storage.down = False
     finally:
         engine.close()
+
+
+def _form_value(page: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]+)"', page)
+    assert match is not None, f"no {name} in the page"
+    return html.unescape(match.group(1))
+
+
+def _signed_in(served: Served, token: str) -> httpx2.Client:
+    client = httpx2.Client(base_url=served.url, headers={"Accept": "text/html"})
+    form = client.get("/signin")
+    answer = client.post("/signin", data={"token": token, "csrf": _form_value(form.text, "csrf"),
+                                          "next": "/approvals"})  # fmt: skip
+    assert answer.status_code == 303
+    return client
+
+
+def test_a_link_decides_either_way_once_and_only_from_its_own_site(served: Served) -> None:
+    d = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    approve = next(x.token for x in served.engine.approval_links(d.approval_id)  # type: ignore[arg-type]
+                   if x.decision == "approve")  # fmt: skip
+    page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={approve}")
+    csrf = _form_value(page.text, "csrf")
+    vote = f"{served.url}/approvals/{d.approval_id}/vote"
+    form = {"t": approve, "csrf": csrf, "decision": "deny", "comment": "not this quarter"}
+    elsewhere = httpx2.post(vote, data=form, headers={"Origin": "https://evil.example"})
+    assert elsewhere.status_code == 403
+    assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
+    denied = httpx2.post(vote, data=form, headers={"Origin": served.url})
+    assert denied.status_code == 200
+    assert "You denied this payment" in denied.text
+    approval = served.engine.get_approval(d.approval_id)  # type: ignore[arg-type]
+    assert approval.status.value == "denied"
+    assert [(v.approver, v.decision, v.via, v.comment) for v in approval.votes] == [
+        ("alice", "deny", "link", "not this quarter")]  # fmt: skip
+    again = httpx2.post(vote, data={**form, "decision": "approve"})
+    assert again.status_code == 409  # the link voted once; nothing changes
+    assert served.engine.get_approval(d.approval_id).status.value == "denied"  # type: ignore[arg-type]
+
+
+def test_a_registered_approver_gets_no_buttons_and_the_command_instead(served: Served) -> None:
+    from agentpolicy.signing import SigningKey
+
+    served.engine.register_approver("alice", SigningKey.generate().public_key)
+    d = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    browser = _signed_in(served, served.token("approver", approver="alice"))
+    try:
+        page = browser.get("/approvals")
+        assert page.status_code == 200
+        assert f"agentpolicy approvals approve {d.approval_id} --as alice" in page.text
+        assert 'value="approve"' not in page.text
+        signout = _form_value(page.text, "csrf")  # the header's sign-out form
+        unsigned = browser.post(f"/approvals/{d.approval_id}/vote",
+                                data={"decision": "approve", "csrf": signout})  # fmt: skip
+        assert unsigned.status_code == 403  # APPROVER_NOT_AUTHORIZED: nothing changes
+        assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
+    finally:
+        browser.close()
