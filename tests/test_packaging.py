@@ -38,6 +38,9 @@ def test_the_wheel_carries_the_licence_the_schema_and_the_metadata(built: Path) 
         assert "agentpolicy developers" in archive.read(licence).decode()
     assert "agentpolicy/policy.schema.json" in names
     assert "agentpolicy/py.typed" in names
+    assert "agentpolicy/serve/templates/approvals.html" in names  # the pages are package data
+    assert "agentpolicy/serve/static/app.js" in names
+    assert "Provides-Extra: serve" in text
     assert "License-Expression: MIT" in text
     assert "Classifier: Programming Language :: Python :: 3.13" in text
     assert "Project-URL: Homepage, " in text

@@ -29,7 +29,11 @@ MODULES = [
     "agentpolicy.cli_output", "agentpolicy.durations", "agentpolicy.urls", "agentpolicy.schema",
     "agentpolicy.mcp.command", "agentpolicy._version", "agentpolicy.aio", "agentpolicy.guard",
     "agentpolicy.x402", "agentpolicy.pydantic_ai", "agentpolicy.signing", "agentpolicy.links",
-    "agentpolicy.voting", "agentpolicy.ledger.approvers",
+    "agentpolicy.voting", "agentpolicy.ledger.approvers", "agentpolicy.serve",
+    "agentpolicy.serve.app", "agentpolicy.serve.binding", "agentpolicy.serve.command",
+    "agentpolicy.serve.gaps", "agentpolicy.serve.mcp_http", "agentpolicy.serve.metrics",
+    "agentpolicy.serve.pages", "agentpolicy.serve.service", "agentpolicy.serve.tokens",
+    "agentpolicy.serve.web",
 ]  # fmt: skip
 
 
@@ -59,8 +63,9 @@ def test_import_agentpolicy_loads_no_extra_and_no_engine() -> None:
         " agentpolicy.AsyncPolicyEngine; agentpolicy.PaymentDenied;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in"
         " ('mcp', 'redis', 'psycopg', 'psycopg_pool', 'x402', 'httpx', 'requests', 'pydantic_ai',"
-        " 'pydantic', 'flask', 'eth_account', 'web3', 'openai', 'agents', 'anyio', 'cryptography')"
-        " or m == 'urllib.request'))"
+        " 'pydantic', 'flask', 'eth_account', 'web3', 'openai', 'agents', 'anyio', 'cryptography',"
+        " 'starlette', 'uvicorn', 'jinja2', 'multipart', 'python_multipart', 'sse_starlette')"
+        " or m == 'urllib.request' or m.startswith('agentpolicy.serve')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -68,6 +68,7 @@ EXIT_NOT_ALLOWED = 3
 MAX_LIMIT = 10_000
 _ALL = 10_000  # deliveries looked at when finding the ones a command caused
 MCP_EXTRA = "pip install 'agentpolicy[mcp]'"
+SERVE_EXTRA = "pip install 'agentpolicy[serve]'"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -265,6 +266,58 @@ def _add_approver_commands(commands: _Commands) -> None:
     approver.add("list", "registered approvers with every key version")
 
 
+def _add_serve_commands(commands: _Commands) -> None:
+    sv = commands.add("serve", "serve MCP over HTTP, the approvals and budget pages, metrics")
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default "
+        "127.0.0.1; another than loopback needs TLS, see docs/serve.md)",
+    )
+    sv.add_argument("--port", type=int, default=8402, help="port (default 8402; 0: any free)")
+    sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    sv.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    sv.add_argument(
+        "--behind-tls-proxy",
+        action="store_true",
+        help="a TLS-terminating proxy is in front: cookies are Secure, "
+        "X-Forwarded-* is trusted from --forwarded-allow-ips",
+    )
+    sv.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        metavar="IPS",
+        help="the proxies whose X-Forwarded-* headers count (default 127.0.0.1)",
+    )
+    sv.add_argument(
+        "--insecure-bind",
+        action="store_true",
+        help="serve plain HTTP on a non-loopback address anyway",
+    )
+    sv.add_argument(
+        "--session-ttl",
+        default="12h",
+        metavar="DURATION",
+        help="how long a browser sign-in lasts (default 12h)",
+    )
+    token = commands.group("token", "access tokens of agentpolicy serve: create, list, revoke")
+    tc = token.add("create", "make a token; it is printed once (the store keeps its hash)")
+    tc.add_argument("--role", required=True, choices=["agent", "admin", "approver", "metrics"])
+    tc.add_argument("--agent", help="the one agent an agent token acts for")
+    tc.add_argument("--org", help="bind to agent ids starting with ORG:")
+    tc.add_argument(
+        "--approver", metavar="NAME", help="the approver an approver (or admin) token votes as"
+    )
+    tc.add_argument("--label", help="a note for token list (who holds it, what for)")
+    ends = tc.add_mutually_exclusive_group()
+    ends.add_argument("--expires-in", metavar="DURATION", help="it stops working after: 30d, 12h")
+    ends.add_argument("--expires-at", metavar="INSTANT", help="it stops working at (ISO 8601)")
+    tl = token.add("list", "tokens (never the tokens themselves): id, role, binding, expiry")
+    tl.add_argument("--all", action="store_true", help="also revoked and expired tokens")
+    tr = token.add("revoke", "revoke a token now (and its browser sessions)")
+    tr.add_argument("token_id", metavar="ID", help="the id token list shows")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="agentpolicy", description=(__doc__ or "").split("\n")[0].replace("``", ""))
     p.add_argument("--version", action="version", version=f"agentpolicy {__version__}")
@@ -281,6 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--role", choices=["agent", "admin"], help="default: $AGENT_POLICY_ROLE")
     s.add_argument("--agent-id", help="bind to one agent")
     s.add_argument("--org-id", help="bind to agent ids starting with ORG:")
+    _add_serve_commands(commands)
     d = commands.add("demo", "walk through an approval on a temporary database")
     d.add_argument("--keep", action="store_true", help="keep the temporary database")
     return p
@@ -645,8 +699,8 @@ def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out
         emit(approval_data(engine.get_approval(args.approval)), show.print_approval)
     elif cmd == "approvals":
         emit(_vote(args, engine, settings), show.print_approval)
-    elif cmd == "approver":
-        data, human = _approvers(args, engine)
+    elif cmd in ("approver", "token"):
+        data, human = (_approvers if cmd == "approver" else _tokens)(args, engine)
         emit(data, human)
     elif cmd == "history":
         emit(_history(args, engine), show.print_history)
@@ -728,6 +782,43 @@ def _serve_mcp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from agentpolicy.serve import command  # noqa: PLC0415 - the serve extra
+    except ImportError:
+        sys.stderr.write(f"agentpolicy: serve needs the serve extra: {SERVE_EXTRA}\n")
+        return EXIT_ERROR
+    ttl = parse_duration(args.session_ttl, "$.sessionTtl")
+    flags = command.ServeArgs(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        behind_tls_proxy=args.behind_tls_proxy, forwarded_allow_ips=args.forwarded_allow_ips,
+        insecure_bind=args.insecure_bind, session_ttl=ttl,
+    )  # fmt: skip
+    return command.serve(flags, settings)
+
+
+def _tokens(args: argparse.Namespace, engine: PolicyEngine) -> tuple[Any, Any]:
+    from agentpolicy.serve.tokens import TokenStore  # noqa: PLC0415 - only for these commands
+
+    store = TokenStore(engine.storage, engine.clock)
+    if args.action == "create":
+        expires_at = None
+        if args.expires_at is not None:
+            expires_at = parse_instant(args.expires_at, "$.expiresAt")
+        elif args.expires_in is not None:
+            expires_at = engine.clock() + parse_duration(args.expires_in, "$.expiresIn")
+        token, secret = store.create(
+            args.role, agent_id=args.agent, org_id=args.org, approver=args.approver,
+            label=args.label, expires_at=expires_at,
+        )  # fmt: skip
+        return {**show.token_data(token, engine.clock()), "token": secret}, show.print_new_token
+    if args.action == "revoke":
+        return show.token_data(store.revoke(args.token_id), engine.clock()), show.print_token
+    now = engine.clock()
+    found = store.list_tokens(include_inactive=args.all)
+    return {"tokens": [show.token_data(t, now) for t in found]}, show.print_tokens
+
+
 def silence_stdout() -> None:
     """Point stdout at the null device, so exiting after a closed pipe prints nothing."""
     with contextlib.suppress(OSError, ValueError):  # no real descriptor: tests, embedding
@@ -762,6 +853,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if args.command == "serve-mcp":
         return _serve_mcp(args, settings)
+    if args.command == "serve":
+        return _serve(args, settings)
     with build_engine(settings) as engine:
         before = _delivery_ids(engine)
         status = _run(args, engine, settings, out)

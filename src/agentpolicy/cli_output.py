@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, TextIO
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agentpolicy.amounts import format_units
+from agentpolicy.codec import format_instant
+
+if TYPE_CHECKING:
+    from agentpolicy.serve.tokens import AccessToken
 
 __all__ = [
+    "print_new_token",
+    "print_token",
+    "print_tokens",
+    "token_data",
     "print_approval",
     "print_approvals",
     "print_approver",
@@ -336,3 +345,50 @@ def print_approvers(data: dict[str, Any], out: TextIO) -> None:
         print_approver(a, out)
     if not data["approvers"]:
         out.write("no registered approvers\n")
+
+
+def token_data(t: AccessToken, now: datetime) -> dict[str, Any]:
+    """A token's record as JSON (never the token itself): id, role, binding, times, status."""
+    data: dict[str, Any] = {"id": t.id, "role": t.role, "status": t.status(now)}
+    data.update({key: value for key, value in (("agentId", t.agent_id), ("orgId", t.org_id),
+                                               ("approver", t.approver), ("label", t.label))
+                 if value is not None})  # fmt: skip
+    data["createdAt"] = format_instant(t.created_at)
+    for key, when in (("expiresAt", t.expires_at), ("revokedAt", t.revoked_at)):
+        if when is not None:
+            data[key] = format_instant(when)
+    return data
+
+
+def _token_line(d: dict[str, Any]) -> str:
+    binding = (
+        ", ".join(
+            f"{word} {d[key]}{':*' if key == 'orgId' else ''}"
+            for key, word in (("agentId", "agent"), ("orgId", "org"), ("approver", "approver"))
+            if key in d
+        )
+        or "all agents"
+    )
+    ends = f"expires {d['expiresAt']}" if "expiresAt" in d else "no expiry"
+    label = f"  ({d['label']})" if "label" in d else ""
+    return f"{d['id']}  {d['role']:<8} {binding}  {d['status']}, {ends}{label}"
+
+
+def print_token(data: dict[str, Any], out: TextIO) -> None:
+    """One token's record."""
+    out.write(_token_line(data) + "\n")
+
+
+def print_new_token(data: dict[str, Any], out: TextIO) -> None:
+    """A new token: its record, then the token on a line of its own, shown this once."""
+    out.write(_token_line(data) + "\n")
+    out.write(data["token"] + "\n")
+    out.write("keep it now: it is shown only this once (the store keeps only its SHA-256)\n")
+
+
+def print_tokens(data: dict[str, Any], out: TextIO) -> None:
+    """Tokens, oldest first."""
+    if not data["tokens"]:
+        out.write("no tokens\n")
+    for d in data["tokens"]:
+        out.write(_token_line(d) + "\n")

@@ -26,7 +26,15 @@ from agentpolicy.errors import PolicyError
 from agentpolicy.mcp.server import AgentPolicyMcpServer
 from agentpolicy.signing import SigningKey
 
-__all__ = ["INSTRUCTIONS", "build_server", "make_app", "serve", "summary"]
+__all__ = [
+    "INSTRUCTIONS",
+    "build_server",
+    "call_result",
+    "make_app",
+    "sdk_tool",
+    "serve",
+    "summary",
+]
 
 log = logging.getLogger("agentpolicy.mcp")
 
@@ -68,7 +76,8 @@ def summary(result: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def _sdk_tool(tool: Any) -> types.Tool:
+def sdk_tool(tool: Any) -> types.Tool:
+    """A tool of the table as the SDK lists it (also used by ``agentpolicy serve``)."""
     a = tool.annotations
     return types.Tool(
         name=tool.name,
@@ -86,22 +95,30 @@ def _sdk_tool(tool: Any) -> types.Tool:
     )
 
 
+def call_result(result: dict[str, Any]) -> types.CallToolResult:
+    """The SDK's result of a call: the summary line (then, for decisions and errors, all of it).
+
+    ``structuredContent`` is ``result``; ``isError`` is true exactly when it failed.
+    """
+    content: list[types.ContentBlock] = [types.TextContent(type="text", text=summary(result))]
+    if not result["success"] or "allowed" in result["data"]:  # the line, then all of it
+        full = json.dumps(result, separators=(",", ":"))
+        content.append(types.TextContent(type="text", text=full))
+    return types.CallToolResult(
+        content=content, structured_content=result, is_error=not result["success"]
+    )
+
+
 def build_server(app: AgentPolicyMcpServer) -> Server[Any]:
     """An SDK server whose tools are ``app``'s (only those its role may call)."""
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=[_sdk_tool(t) for t in app.tools()])
+        return types.ListToolsResult(tools=[sdk_tool(t) for t in app.tools()])
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         # The engine blocks on its storage: run it on a worker thread, never on the loop.
         result = await anyio.to_thread.run_sync(app.call, params.name, params.arguments)
-        content: list[types.ContentBlock] = [types.TextContent(type="text", text=summary(result))]
-        if not result["success"] or "allowed" in result["data"]:  # the line, then all of it
-            full = json.dumps(result, separators=(",", ":"))
-            content.append(types.TextContent(type="text", text=full))
-        return types.CallToolResult(
-            content=content, structured_content=result, is_error=not result["success"]
-        )
+        return call_result(result)
 
     return Server(
         "agent-policy",

@@ -1,0 +1,223 @@
+"""MCP over Streamable HTTP at ``/mcp``: the stdio tools, each call under its caller's token.
+
+The official SDK's Streamable HTTP transport runs **stateless** with JSON
+responses: every POST carries its own bearer token and is answered on its
+own, so any process of the service can answer any request (no session is
+held per client, nothing breaks behind a load balancer), and revoking a
+token stops its next request. The tools are those of
+:class:`~agentpolicy.mcp.AgentPolicyMcpServer`, one per binding of a token
+(role, agent or org, approver), sharing one engine; the token decides which
+tools are listed and what each may touch, exactly as the stdio server's
+settings do.
+
+``agent`` and ``admin`` tokens may call ``/mcp``; an ``approver`` or
+``metrics`` token is refused (403). An admin token bound to an org may not
+change the approver registry, which every org shares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import mcp_types as types
+from mcp.server.lowlevel import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.types import Receive, Scope, Send
+
+from agentpolicy import __version__
+from agentpolicy.engine import PolicyEngine
+from agentpolicy.errors import ErrorCode, StorageUnavailableError
+from agentpolicy.mcp.server import AgentPolicyMcpServer
+from agentpolicy.mcp.stdio import INSTRUCTIONS, call_result, sdk_tool
+from agentpolicy.mcp.tools import REGISTRY_CHANGES, Tool, find_tool
+from agentpolicy.serve.metrics import Metrics
+from agentpolicy.serve.tokens import AccessToken, TokenRejected, TokenStore
+
+__all__ = [
+    "MCP_ROLES",
+    "TOKEN_KEY",
+    "McpEndpoint",
+    "ToolServers",
+    "build_sdk_server",
+    "challenge",
+    "new_session_manager",
+]
+
+log = logging.getLogger("agentpolicy.serve")
+
+MCP_ROLES = ("agent", "admin")
+"""The roles whose tokens may call ``/mcp``."""
+
+TOKEN_KEY = "agentpolicy.token"  # noqa: S105 - a key of the scope, not a secret
+"""Where the checked token of a request is kept in its ASGI scope's ``state``."""
+
+_AUTHORIZE = "agent_policy_authorize"
+
+
+def challenge(error: str | None = None) -> str:
+    """The ``WWW-Authenticate`` value of a 401: ``Bearer realm="agentpolicy"`` (and why)."""
+    value = 'Bearer realm="agentpolicy"'
+    return value if error is None else f'{value}, error="{error}"'
+
+
+class ToolServers:
+    """One :class:`AgentPolicyMcpServer` per token binding, all on one engine (made once each)."""
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        self.engine = engine
+        self._made: dict[tuple[Any, ...], AgentPolicyMcpServer] = {}
+        self._listed: dict[tuple[Any, ...], list[types.Tool]] = {}
+        self._lock = threading.Lock()
+
+    def for_token(self, token: AccessToken) -> AgentPolicyMcpServer:
+        """The server whose role and binding are the token's."""
+        key = (token.role, token.agent_id, token.org_id, token.approver)
+        with self._lock:
+            found = self._made.get(key)
+            if found is None:
+                if len(self._made) > 10_000:
+                    self._made.clear()
+                found = AgentPolicyMcpServer(
+                    role=token.role, agent_id=token.agent_id, org_id=token.org_id,
+                    approver=token.approver, engine=self.engine,
+                )  # fmt: skip
+                self._made[key] = found
+            return found
+
+    @staticmethod
+    def refused(token: AccessToken, name: str) -> bool:
+        """Whether the token may not call this tool although its role has it."""
+        tool = find_tool(name)
+        return token.org_id is not None and tool is not None and tool.name in REGISTRY_CHANGES
+
+    def tools(self, token: AccessToken) -> list[Tool]:
+        """The tools listed to this token."""
+        return [t for t in self.for_token(token).tools() if not self.refused(token, t.name)]
+
+    def listed(self, token: AccessToken) -> list[types.Tool]:
+        """The tools as the SDK lists them to this token, made once per binding.
+
+        The SDK asks for them on every call too (to check the arguments), so
+        they are not rebuilt each time.
+        """
+        key = (token.role, token.agent_id, token.org_id, token.approver)
+        found = self._listed.get(key)
+        if found is None:
+            found = [sdk_tool(t) for t in self.tools(token)]
+            with self._lock:
+                if len(self._listed) > 10_000:
+                    self._listed.clear()
+                self._listed[key] = found
+        return found
+
+
+def _token_of(ctx: Any) -> AccessToken:
+    request = getattr(ctx, "request", None)
+    state = None if request is None else request.scope.get("state", {})
+    token = None if state is None else state.get(TOKEN_KEY)
+    if not isinstance(token, AccessToken):  # only reachable through /mcp, which sets it
+        raise StorageUnavailableError("this call carries no checked token")
+    return token
+
+
+def build_sdk_server(servers: ToolServers, metrics: Metrics) -> Server[Any]:
+    """The SDK server of ``/mcp``: the tools of each call's token, counted in ``metrics``."""
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        token = _token_of(ctx)
+        return types.ListToolsResult(tools=list(servers.listed(token)))
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        token = _token_of(ctx)
+        if servers.refused(token, params.name):
+            result: dict[str, Any] = {"success": False, "error": {
+                "code": str(ErrorCode.FORBIDDEN),
+                "message": f"{params.name} changes the approver registry, which every org "
+                f"shares; this token is bound to {token.org_id}:* and may not",
+            }}  # fmt: skip
+            return call_result(result)
+        app = servers.for_token(token)
+        started = time.perf_counter()
+        result = await anyio.to_thread.run_sync(app.call, params.name, params.arguments)
+        tool = find_tool(params.name)
+        if tool is not None and tool.name == _AUTHORIZE:
+            code = result["data"]["code"] if result["success"] else result["error"]["code"]
+            metrics.decided(code, time.perf_counter() - started)
+        return call_result(result)
+
+    return Server(
+        "agent-policy",
+        version=__version__,
+        title="agentpolicy: spending limits",
+        instructions=INSTRUCTIONS,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+def new_session_manager(server: Server[Any]) -> StreamableHTTPSessionManager:
+    """The SDK's transport for ``/mcp``: stateless, JSON responses (see the module docs)."""
+    return StreamableHTTPSessionManager(server, stateless=True, json_response=True)
+
+
+async def _answer(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    raw = json.dumps(body).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    head += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def _rpc_error(message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": message}}
+
+
+class McpEndpoint:
+    """The ASGI app of ``/mcp``: checks the bearer token, then hands the request to the SDK.
+
+    No token, a malformed, unknown, revoked or expired one: 401 with
+    ``WWW-Authenticate: Bearer``; a token whose role may not call MCP: 403;
+    the store unreachable: 503. Nothing is called in any of these cases.
+    """
+
+    def __init__(
+        self, tokens: TokenStore, manager: Callable[[], StreamableHTTPSessionManager]
+    ) -> None:
+        self.tokens = tokens
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request to ``/mcp``."""
+        header = ""
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                header = value.decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            await _answer(send, 401, _rpc_error("a bearer token is required"),
+                          {"www-authenticate": challenge()})  # fmt: skip
+            return
+        try:
+            token = await anyio.to_thread.run_sync(self.tokens.verify, presented.strip())
+        except TokenRejected as rejected:
+            log.info("refused a %s token on /mcp", rejected.reason)
+            await _answer(send, 401, _rpc_error("the token is not valid (unknown, revoked or "
+                                                "expired)"),
+                          {"www-authenticate": challenge("invalid_token")})  # fmt: skip
+            return
+        except StorageUnavailableError as err:
+            await _answer(send, 503, _rpc_error(f"the store is unavailable: {err.message}"), {})
+            return
+        if token.role not in MCP_ROLES:
+            await _answer(send, 403, _rpc_error(f"a {token.role} token may not call /mcp: it is "
+                                                "for the pages"), {})  # fmt: skip
+            return
+        scope.setdefault("state", {})[TOKEN_KEY] = token
+        await self.manager().handle_request(scope, receive, send)

@@ -1,0 +1,269 @@
+"""agentpolicy serve over real HTTP: MCP with the official client, tokens, pages, health, metrics."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import Client
+
+from agentpolicy import PaymentRequest, PolicyEngine
+from agentpolicy.serve.app import CSP
+from agentpolicy.serve.service import ServeOptions
+from agentpolicy.testing import ManualClock
+from tests.faulty import FaultyStorage
+from tests.serve_helpers import LINK_SECRET, Served, mcp
+
+PAY = {"amount": "5000000", "recipient": "0xv", "network": "eip155:8453"}
+POLICY = {"limits": {"daily": {"value": "1000000000"}},
+          "approvalConfig": {"thresholds": [{"amount": {"value": "100000000"},
+                                             "requiredApprovers": 1, "approvers": ["alice"]}]}}  # fmt: skip
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    engine = PolicyEngine(clock=ManualClock(), link_secret=LINK_SECRET)
+    engine.set_policy("bot", POLICY)
+    engine.set_policy("other", POLICY)
+    engine.set_policy("acme:bot", POLICY)
+    try:
+        with Served(engine) as s:
+            yield s
+    finally:
+        engine.close()
+
+
+def test_the_official_client_lists_the_roles_tools_and_authorizes(served: Served) -> None:
+    agent = served.token("agent", agent_id="bot")
+    admin = served.token("admin")
+    org_admin = served.token("admin", org_id="acme")
+
+    async def names(client: Client) -> list[str]:
+        return [t.name for t in (await client.list_tools()).tools]
+
+    assert len(mcp(served.url, agent, names)) == 10
+    assert len(mcp(served.url, admin, names)) == 25
+    org_tools = mcp(served.url, org_admin, names)
+    assert len(org_tools) == 22
+    assert "agent_policy_approvers_register" not in org_tools
+
+    async def pay(client: Client) -> Any:
+        bound = next(t for t in (await client.list_tools()).tools if t.name ==
+                     "agent_policy_authorize")  # fmt: skip
+        assert "agentId" not in bound.input_schema["required"]  # bound: it defaults to bot
+        return (await client.call_tool("agent_policy_authorize", PAY)).structured_content
+
+    for mode in ("auto", "legacy"):  # the 2026 per-request era and the initialize handshake
+        result = mcp(served.url, agent, pay, mode=mode)
+        assert result["success"]
+        assert result["data"]["allowed"] is True
+    assert served.engine.budget("bot").periods["daily"].reserved.value == 10_000_000
+
+
+def test_a_token_outside_its_binding_gets_forbidden_and_nothing_changes(served: Served) -> None:
+    agent = served.token("agent", agent_id="bot")
+    org_admin = served.token("admin", org_id="acme")
+    before = served.engine.history("other")
+
+    async def calls(client: Client) -> list[Any]:
+        out = []
+        for name, args in (
+            ("agent_policy_authorize", {**PAY, "agentId": "other"}),
+            ("agent_policy_budget", {"agentId": "other"}),
+            ("agent_policy_set", {"agentId": "bot", "policy": {}}),
+        ):
+            result = await client.call_tool(name, args)
+            out.append((result.is_error, result.structured_content["error"]["code"]))  # type: ignore[index]
+        return out
+
+    assert mcp(served.url, agent, calls) == [(True, "FORBIDDEN")] * 3
+
+    async def registry(client: Client) -> Any:
+        r = await client.call_tool("agent_policy_approvers_register",
+                                   {"name": "mallory", "publicKey": "ed25519:" + "A" * 43})  # fmt: skip
+        s = await client.call_tool("agent_policy_set", {"agentId": "other", "policy": {}})
+        return r.structured_content, s.structured_content
+
+    registered, other = mcp(served.url, org_admin, registry)
+    assert registered["error"]["code"] == other["error"]["code"] == "FORBIDDEN"
+    assert served.engine.history("other") == before
+    assert served.engine.list_approvers() == []
+    assert served.engine.get_policy("other").version == 1  # type: ignore[union-attr]
+
+
+def test_no_token_a_wrong_revoked_or_expired_token_is_401_and_changes_nothing(
+    served: Served,
+) -> None:
+    good, secret = served.tokens.create("agent", agent_id="bot")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "agent_policy_authorize", "arguments": PAY}}  # fmt: skip
+    headers = {"Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2025-06-18"}  # fmt: skip
+    revoked, revoked_secret = served.tokens.create("agent", agent_id="bot")
+    served.tokens.revoke(revoked.id)
+    clock = served.engine.clock
+    assert isinstance(clock, ManualClock)
+    expiring = served.tokens.create("agent", agent_id="bot",
+                                    expires_at=clock() + timedelta(minutes=1))[1]  # fmt: skip
+    clock.advance(minutes=1)
+    answers = []
+    for auth in (None, "Basic dXNlcjpwYXNz", "Bearer nothing", f"Bearer {secret[:-2]}xx",
+                 f"Bearer {revoked_secret}", f"Bearer {expiring}"):  # fmt: skip
+        sent = dict(headers) if auth is None else {**headers, "Authorization": auth}
+        r = httpx2.post(served.url + "/mcp", json=body, headers=sent)
+        answers.append((r.status_code, r.headers.get("www-authenticate", "").split(",")[0]))
+    assert answers == [(401, 'Bearer realm="agentpolicy"')] * 6
+    assert served.engine.history("bot")[0].event == "policy_set"  # no decision was made
+    approver = served.token("approver", approver="alice")
+    r = httpx2.post(served.url + "/mcp", json=body,
+                    headers={**headers, "Authorization": f"Bearer {approver}"})  # fmt: skip
+    assert r.status_code == 403
+    r = httpx2.post(served.url + "/mcp", json=body, headers={**headers,
+                    "Authorization": f"Bearer {secret}"})  # fmt: skip
+    assert r.status_code == 200
+    assert r.json()["result"]["structuredContent"]["success"]
+    assert good.id in secret
+
+
+def test_budget_pages_with_bearer_tokens_and_the_xss_memo_is_escaped(served: Served) -> None:
+    memo = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    served.engine.authorize(PaymentRequest("bot", "200000000", "0x<b>v</b>", "eip155:8453",
+                                           memo=memo))  # fmt: skip
+    agent = served.token("agent", agent_id="bot")
+    admin = served.token("admin")
+
+    def get(path: str, token: str | None, accept: str = "text/html") -> httpx2.Response:
+        headers = {"Accept": accept}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx2.get(served.url + path, headers=headers, follow_redirects=False)
+
+    own = get("/agents/bot", agent)
+    assert own.status_code == 200
+    assert "Budget of" in own.text
+    assert own.headers["content-security-policy"] == CSP
+    assert own.headers["x-frame-options"] == "DENY"
+    assert own.headers["cache-control"] == "no-store"
+    assert get("/agents/other", agent).status_code == 403
+    assert get("/agents/bot", "apt_0000000000000000_" + "A" * 43).status_code == 401
+    assert get("/agents/nobody", admin).status_code == 404
+    page = get("/approvals", admin)
+    assert page.status_code == 200
+    assert "<script>alert" not in page.text
+    assert "onerror=alert" not in page.text.replace("onerror=alert(1)&gt;", "")
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
+    assert "0x&lt;b&gt;v&lt;/b&gt;" in page.text
+    assert get("/approvals", agent).status_code == 403  # an agent token does not see approvals
+    assert get("/approvals", None).status_code == 303  # a browser: to the sign-in page
+    assert get("/approvals", None).headers["location"] == "/signin?next=/approvals"
+    assert get("/approvals", None, accept="application/json").status_code == 401
+
+
+def test_healthz_metrics_and_the_loopback_host_check(served: Served) -> None:
+    admin = served.token("admin")
+    agent = served.token("agent", agent_id="bot")
+    watcher = served.token("metrics")
+    assert httpx2.get(served.url + "/healthz").json() == {"status": "ok"}
+
+    async def pay(client: Client) -> None:
+        await client.call_tool("agent_policy_authorize", PAY)
+        await client.call_tool("agent_policy_authorize", {**PAY, "amount": "200000000"})
+        await client.call_tool("agent_policy_authorize", {**PAY, "amount": "900000000"})
+
+    mcp(served.url, agent, pay)
+    r = httpx2.get(served.url + "/metrics", headers={"Authorization": f"Bearer {watcher}"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = set(r.text.splitlines())
+    assert {'agentpolicy_decisions_total{code="ALLOWED"} 1',
+            'agentpolicy_decisions_total{code="APPROVAL_REQUIRED"} 1',
+            'agentpolicy_decisions_total{code="DAILY_LIMIT"} 1',
+            'agentpolicy_authorize_seconds_bucket{le="+Inf"} 3',
+            "agentpolicy_authorize_seconds_count 3", "agentpolicy_open_reservations 2",
+            "agentpolicy_pending_approvals 1", "agentpolicy_webhook_backlog 0",
+            "agentpolicy_store_up 1"} <= lines  # fmt: skip
+    assert httpx2.get(served.url + "/metrics").status_code == 401
+    assert httpx2.get(served.url + "/metrics",
+                      headers={"Authorization": f"Bearer {agent}"}).status_code == 403  # fmt: skip
+    assert httpx2.get(served.url + "/metrics",
+                      headers={"Authorization": f"Bearer {admin}"}).status_code == 200  # fmt: skip
+    rebound = httpx2.get(served.url + "/healthz", headers={"Host": "evil.example:8402"})
+    assert rebound.status_code == 421  # DNS rebinding: a loopback bind answers loopback names only
+
+
+def test_healthz_is_503_when_the_store_is_down() -> None:
+    storage = FaultyStorage()
+    engine = PolicyEngine(storage=storage, clock=ManualClock())  # type: ignore[arg-type]
+    try:
+        with Served(engine, ServeOptions(sweep_seconds=3600.0)) as s:
+            assert httpx2.get(s.url + "/healthz").status_code == 200
+            storage.down = True
+            down = httpx2.get(s.url + "/healthz")
+            assert down.status_code == 503
+            assert down.json()["status"] == "unavailable"
+            storage.down = False
+    finally:
+        engine.close()
+
+
+def _form_value(page: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]+)"', page)
+    assert match is not None, f"no {name} in the page"
+    return html.unescape(match.group(1))
+
+
+def _signed_in(served: Served, token: str) -> httpx2.Client:
+    client = httpx2.Client(base_url=served.url, headers={"Accept": "text/html"})
+    form = client.get("/signin")
+    answer = client.post("/signin", data={"token": token, "csrf": _form_value(form.text, "csrf"),
+                                          "next": "/approvals"})  # fmt: skip
+    assert answer.status_code == 303
+    return client
+
+
+def test_a_link_decides_either_way_once_and_only_from_its_own_site(served: Served) -> None:
+    d = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    approve = next(x.token for x in served.engine.approval_links(d.approval_id)  # type: ignore[arg-type]
+                   if x.decision == "approve")  # fmt: skip
+    page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={approve}")
+    csrf = _form_value(page.text, "csrf")
+    vote = f"{served.url}/approvals/{d.approval_id}/vote"
+    form = {"t": approve, "csrf": csrf, "decision": "deny", "comment": "not this quarter"}
+    elsewhere = httpx2.post(vote, data=form, headers={"Origin": "https://evil.example"})
+    assert elsewhere.status_code == 403
+    assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
+    denied = httpx2.post(vote, data=form, headers={"Origin": served.url})
+    assert denied.status_code == 200
+    assert "You denied this payment" in denied.text
+    approval = served.engine.get_approval(d.approval_id)  # type: ignore[arg-type]
+    assert approval.status.value == "denied"
+    assert [(v.approver, v.decision, v.via, v.comment) for v in approval.votes] == [
+        ("alice", "deny", "link", "not this quarter")]  # fmt: skip
+    again = httpx2.post(vote, data={**form, "decision": "approve"})
+    assert again.status_code == 409  # the link voted once; nothing changes
+    assert served.engine.get_approval(d.approval_id).status.value == "denied"  # type: ignore[arg-type]
+
+
+def test_a_registered_approver_gets_no_buttons_and_the_command_instead(served: Served) -> None:
+    from agentpolicy.signing import SigningKey
+
+    served.engine.register_approver("alice", SigningKey.generate().public_key)
+    d = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    browser = _signed_in(served, served.token("approver", approver="alice"))
+    try:
+        page = browser.get("/approvals")
+        assert page.status_code == 200
+        assert f"agentpolicy approvals approve {d.approval_id} --as alice" in page.text
+        assert 'value="approve"' not in page.text
+        signout = _form_value(page.text, "csrf")  # the header's sign-out form
+        unsigned = browser.post(f"/approvals/{d.approval_id}/vote",
+                                data={"decision": "approve", "csrf": signout})  # fmt: skip
+        assert unsigned.status_code == 403  # APPROVER_NOT_AUTHORIZED: nothing changes
+        assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
+    finally:
+        browser.close()
