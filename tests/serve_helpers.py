@@ -19,6 +19,7 @@ from agentpolicy import PolicyEngine
 from agentpolicy.serve.app import create_app
 from agentpolicy.serve.service import ServeOptions
 from agentpolicy.serve.tokens import TokenStore
+from agentpolicy.storage import AsyncStorage
 
 LINK_SECRET = "a test link secret of at least 32 characters!"
 
@@ -32,9 +33,14 @@ class Served:
     async engine); the engine stays the caller's to close.
     """
 
-    def __init__(self, engine: PolicyEngine, options: ServeOptions | None = None) -> None:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        options: ServeOptions | None = None,
+        async_storage: AsyncStorage | None = None,
+    ) -> None:
         self.engine = engine
-        self.app = create_app(engine, options or ServeOptions(sweep_seconds=3600.0))
+        self.app = create_app(engine, options or ServeOptions(sweep_seconds=3600.0), async_storage)
         self.tokens = TokenStore(engine.storage, engine.clock)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))

@@ -673,3 +673,20 @@ def test_a_signed_vote_can_be_verified_again_by_an_audit_from_the_store_alone(
                            decision=vote.decision, signed_at=vote.signed_at, comment=vote.comment)  # fmt: skip
     assert verify_vote(key.public_key, message, vote.signature or "")
     assert not verify_vote(later.public_key, message, vote.signature or "")
+
+
+def test_listing_approvals_without_expiry_leaves_out_those_whose_time_is_up_and_writes_nothing(
+    backend: Backend,
+) -> None:
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    engine.set_policy("bot", {"approvalConfig": {"timeout": 60_000, "thresholds": [
+        {"amount": {"value": "1"}, "requiredApprovers": 1, "approvers": ["a"]}]}})  # fmt: skip
+    d = engine.authorize(payment(5, agent_id="bot"))
+    assert [a.id for a in engine.list_approvals(expire=False)] == [d.approval_id]
+    clock.advance(minutes=2)
+    assert engine.list_approvals(expire=False) == []
+    assert engine.list_approvals("bot", expire=False) == []
+    assert "approval_expired" not in {h.event for h in engine.history("bot", 10)}
+    assert engine.list_approvals() == []  # this one expires it
+    assert "approval_expired" in {h.event for h in engine.history("bot", 10)}

@@ -506,3 +506,19 @@ def test_a_parents_counts_rolling_window_and_scopes_count_every_childs_payment(
         + limits[("amount", "daily", "0xv")].reserved.value
         == 6 * U
     )
+
+
+def test_open_reservations_counts_each_open_reservation_once_across_a_tree(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    engine.set_policy("fleet", daily(100))
+    engine.set_policy("bot", daily(50, parent="fleet"))
+    engine.set_policy("loner", daily(50))
+    assert engine.open_reservations() == 0
+    kept = engine.authorize(payment(1 * U, agent_id="bot"))  # listed under bot and fleet
+    engine.authorize(payment(1 * U, agent_id="bot"))
+    engine.authorize(payment(1 * U, agent_id="loner"))
+    assert engine.open_reservations() == 3
+    engine.confirm(kept.reservation_id or "")
+    assert engine.open_reservations() == 2

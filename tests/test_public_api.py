@@ -31,7 +31,7 @@ MODULES = [
     "agentpolicy.x402", "agentpolicy.pydantic_ai", "agentpolicy.signing", "agentpolicy.links",
     "agentpolicy.voting", "agentpolicy.ledger.approvers", "agentpolicy.serve",
     "agentpolicy.serve.app", "agentpolicy.serve.binding", "agentpolicy.serve.command",
-    "agentpolicy.serve.gaps", "agentpolicy.serve.mcp_http", "agentpolicy.serve.metrics",
+    "agentpolicy.serve.mcp_http", "agentpolicy.serve.metrics",
     "agentpolicy.serve.pages", "agentpolicy.serve.service", "agentpolicy.serve.tokens",
     "agentpolicy.serve.web",
 ]  # fmt: skip

@@ -267,3 +267,32 @@ def test_a_registered_approver_gets_no_buttons_and_the_command_instead(served: S
         assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
     finally:
         browser.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_the_pages_run_natively_on_an_async_client_of_a_server_store(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    from agentpolicy.storage import open_async_storage
+    from tests.backends import serve
+
+    backends = serve(kind, tmp_path, request)
+    backend = next(backends)
+    request.addfinalizer(lambda: next(backends, None))  # closes and drops what it made
+    assert backend.spec is not None
+    engine = PolicyEngine(storage=backend.handle(), clock=ManualClock(), link_secret=LINK_SECRET)
+    engine.set_policy("bot", POLICY)
+    engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    native = open_async_storage(backend.spec[0], key_prefix=backend.spec[1])
+    try:
+        with Served(engine, async_storage=native) as s:
+            assert s.app.state.service.aengine.native
+            page = httpx2.get(s.url + "/approvals",
+                              headers={"Authorization": f"Bearer {s.token('admin')}"})  # fmt: skip
+            assert page.status_code == 200
+            assert "200 USDT to" in page.text
+            metrics = httpx2.get(s.url + "/metrics",
+                                 headers={"Authorization": f"Bearer {s.token('metrics')}"})  # fmt: skip
+            assert "agentpolicy_open_reservations 1" in metrics.text.splitlines()
+    finally:
+        engine.close()

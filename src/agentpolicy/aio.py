@@ -344,9 +344,15 @@ class AsyncPolicyEngine:
         """An approval by id, with its expiry applied."""
         return await self._flow(self._engine._get_approval, approval_id)
 
-    async def list_approvals(self, agent_id: str | None = None) -> list[Approval]:
-        """Pending approvals, oldest first, of one agent or of every agent."""
-        return await self._flow(self._engine._list_approvals, agent_id)
+    async def list_approvals(
+        self, agent_id: str | None = None, *, expire: bool = True
+    ) -> list[Approval]:
+        """Pending approvals, oldest first (:meth:`PolicyEngine.list_approvals`)."""
+        return await self._flow(self._engine._list_approvals, agent_id, expire=expire)
+
+    async def open_reservations(self, limit: int = 100_000) -> int:
+        """How many reservations and holds are open now (:meth:`PolicyEngine.open_reservations`)."""
+        return await self._flow(self._engine._open_reservations, limit)
 
     async def decide(
         self,

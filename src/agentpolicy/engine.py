@@ -908,28 +908,59 @@ class PolicyEngine(Voting):
             raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
         return approval_record(approval_id, doc)
 
-    def list_approvals(self, agent_id: str | None = None) -> list[Approval]:
-        """Pending approvals, oldest first, of one agent or of every agent."""
-        return self._drive(self._list_approvals(agent_id))
+    def list_approvals(self, agent_id: str | None = None, *, expire: bool = True) -> list[Approval]:
+        """Pending approvals, oldest first, of one agent or of every agent.
 
-    def _list_approvals(self, agent_id: str | None = None) -> Flow[list[Approval]]:
+        Approvals whose time is up are expired first (a write, giving their
+        held budget back); with ``expire=False`` they are left alone and
+        left out, and nothing is written (for a page or a metric that polls).
+        """
+        return self._drive(self._list_approvals(agent_id, expire=expire))
+
+    def _list_approvals(
+        self, agent_id: str | None = None, *, expire: bool = True
+    ) -> Flow[list[Approval]]:
+        if type(expire) is not bool:
+            raise PolicyValidationError.single("$.expire", "must be true or false")
         now = self._now()
         if agent_id is not None:
             raise_if(check_identifier(agent_id, "$.agentId"))
-            yield from self._expire(agent_id, now)
+            if expire:
+                yield from self._expire(agent_id, now)
             index = keys.pending_index(agent_id)
             shard = yield from self._shard(agent_id)
         else:
-            yield from self._sweep()
+            if expire:
+                yield from self._sweep()
             index, shard = keys.PENDING, "@"
         ids = yield Scan(shard, index, MAX_SCORE, 1_000_000)
         found = []
         for approval_id, _ in ids:
             where = yield from self._shard_of_id(approval_id)
             (doc,) = yield Read(where, [keys.approval(approval_id)])
-            if doc is not None and doc["st"] == "pending":
+            if doc is not None and doc["st"] == "pending" and micros(now) < doc["x"]:
                 found.append(approval_record(approval_id, doc))
         return sorted(found, key=lambda a: (a.created_at, a.id))
+
+    def open_reservations(self, limit: int = 100_000) -> int:
+        """How many reservations and approval holds are open now, over the whole store.
+
+        Read only (what is due to expire still counts until something
+        expires it). At most ``limit`` (1 to 1,000,000) agents with something
+        open are looked at; a reservation counts once, also in a budget tree
+        (where it is listed under the agent and every budget above it).
+        """
+        return self._drive(self._open_reservations(limit))
+
+    def _open_reservations(self, limit: int = 100_000) -> Flow[int]:
+        raise_if(check_int(limit, "$.limit", 1, 1_000_000))
+        agents = yield Scan("@", keys.DUE, MAX_SCORE, limit)
+        found: set[str] = set()
+        for agent, _ in agents:
+            shard = yield from self._shard(agent)
+            members = yield Scan(shard, keys.open_index(agent), MAX_SCORE, 10_000_000)
+            found.update(m for m, _ in members)
+        return len(found)
 
     def decide(
         self,

@@ -32,12 +32,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import PolicyError
-from agentpolicy.serve import gaps
 from agentpolicy.serve.binding import is_loopback
 from agentpolicy.serve.mcp_http import McpEndpoint, challenge
 from agentpolicy.serve.metrics import Metrics
 from agentpolicy.serve.service import ServeOptions, Service
 from agentpolicy.serve.web import Pages
+from agentpolicy.storage import AsyncStorage
 
 __all__ = ["CSP", "ServeOptions", "create_app"]
 
@@ -52,10 +52,19 @@ CSP = (
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
-def create_app(engine: PolicyEngine, options: ServeOptions | None = None) -> Starlette:
-    """The service on ``engine`` (see the module docs); ``engine`` stays the caller's to close."""
+def create_app(
+    engine: PolicyEngine,
+    options: ServeOptions | None = None,
+    async_storage: AsyncStorage | None = None,
+) -> Starlette:
+    """The service on ``engine`` (see the module docs); ``engine`` stays the caller's to close.
+
+    ``async_storage``, an async client of the engine's own store (see
+    :func:`~agentpolicy.storage.open_async_storage`), makes the pages' calls
+    native; the service closes it when it stops.
+    """
     options = options or ServeOptions()
-    s = Service(engine, options)
+    s = Service(engine, options, async_storage)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -76,8 +85,8 @@ def create_app(engine: PolicyEngine, options: ServeOptions | None = None) -> Sta
                                      status_code=403)  # fmt: skip
         figures: dict[str, int | None] = {}
         for name, read in (
-            ("open_reservations", lambda: gaps.open_reservations(engine)),
-            ("pending_approvals", lambda: len(engine.list_approvals())),
+            ("open_reservations", engine.open_reservations),
+            ("pending_approvals", lambda: len(engine.list_approvals(expire=False))),
             ("webhook_backlog", lambda: len(engine.webhook_deliveries("pending", 10_000))),
         ):
             try:
@@ -118,6 +127,8 @@ def create_app(engine: PolicyEngine, options: ServeOptions | None = None) -> Sta
             finally:
                 tasks.cancel_scope.cancel()
         await s.aengine.close()
+        if async_storage is not None:
+            await async_storage.aclose()
 
     web = Pages(s)
 

@@ -27,6 +27,7 @@ from agentpolicy.config import Settings, build_engine
 from agentpolicy.errors import PolicyValidationError
 from agentpolicy.serve.app import ServeOptions, create_app
 from agentpolicy.serve.binding import bind_problem, is_loopback
+from agentpolicy.storage import open_async_storage
 
 __all__ = ["ServeArgs", "bind_socket", "redact_links", "serve"]
 
@@ -116,7 +117,9 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
     sock = bind_socket(args.host, args.port)
     engine = build_engine(settings)
     try:
-        app = create_app(engine, options)
+        url = settings.storage_url(fallback_to_file=True)
+        native = None if url is None else open_async_storage(url, key_prefix=settings.key_prefix)
+        app = create_app(engine, options, native)  # native on Redis and PostgreSQL
         config = uvicorn.Config(
             app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
             proxy_headers=args.behind_tls_proxy, forwarded_allow_ips=args.forwarded_allow_ips,

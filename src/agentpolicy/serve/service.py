@@ -31,6 +31,7 @@ from agentpolicy.serve import pages
 from agentpolicy.serve.mcp_http import ToolServers, build_sdk_server, new_session_manager
 from agentpolicy.serve.metrics import Metrics
 from agentpolicy.serve.tokens import AccessToken, SignedIn, TokenRejected, TokenStore, token_hash
+from agentpolicy.storage import AsyncStorage
 
 __all__ = [
     "BUDGET_ROLES",
@@ -105,10 +106,16 @@ def b64(raw: bytes) -> str:
 class Service:
     """What the routes share: the engine (sync and async), tokens, metrics, options."""
 
-    def __init__(self, engine: PolicyEngine, options: ServeOptions) -> None:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        options: ServeOptions,
+        async_storage: AsyncStorage | None = None,
+    ) -> None:
         self.engine = engine
         self.options = options
-        self.aengine = AsyncPolicyEngine.from_engine(engine)
+        self.async_storage = async_storage
+        self.aengine = AsyncPolicyEngine.from_engine(engine, async_storage=async_storage)
         self.tokens = TokenStore(engine.storage, engine.clock)
         self.metrics = Metrics()
         self.servers = ToolServers(engine)
@@ -268,7 +275,7 @@ class Service:
     async def visible_approvals(self, caller: Caller) -> list[Approval]:
         """The pending approvals this caller may see (an approver: those it may vote on)."""
         token = caller.token
-        pending = await self.aengine.list_approvals()
+        pending = await self.aengine.list_approvals(expire=False)
         found = [a for a in pending if token.may_see(a.agent_id)]
         if token.role == "approver":
             me = (token.approver or "").casefold()
