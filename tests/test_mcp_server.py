@@ -619,9 +619,10 @@ def test_an_org_bound_agent_server_gives_budgets_only_to_agents_of_its_org(
     refused = err(call(org, "agent_policy_delegate", {**sub, "childId": "other:x"}))
     assert refused["code"] == "FORBIDDEN"
     assert err(call(admin, "agent_policy_get", {"agentId": "other:x"}))["code"] == "NO_POLICY"
-    assert ok(call(org, "agent_policy_delegate", {**sub, "childId": "acme:x"}))["parentId"] == (
-        "acme:bot"
-    )
+    squat = err(call(org, "agent_policy_delegate", {**sub, "childId": "acme:x"}))
+    assert squat["code"] == "FORBIDDEN"  # an agent delegates only below its own id
+    assert ok(call(org, "agent_policy_delegate", {**sub, "childId": "acme:bot/x"}))[
+        "parentId"] == "acme:bot"  # fmt: skip
 
 
 def test_the_agent_may_check_a_payment_of_its_own_and_nothing_is_reserved(
@@ -688,3 +689,27 @@ def test_rollout_tools_through_the_server(admin: AgentPolicyMcpServer) -> None:
     assert [c["text"] for c in diff["changes"]] == ["limits.daily.value: 10000000 -> 1000000000"]
     assert err(call(admin, "agent_policy_diff", {"agentId": "acme:bot", "fromVersion": 0,
                                                  "toVersion": 1}))["path"] == "$.fromVersion"  # fmt: skip
+
+
+def test_an_org_bound_admin_stays_in_its_org_for_parents_and_never_touches_the_registry(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer
+) -> None:
+    ok(call(admin, "agent_policy_set", {"agentId": "globex:fleet", "policy": POLICY}))
+    acme = AgentPolicyMcpServer(storage=storage, clock=admin.engine.clock, role="admin",
+                                org_id="acme")  # fmt: skip
+    under = {"agentId": "acme:new", "policy": {**POLICY, "parent": "globex:fleet"}}
+    assert err(call(acme, "agent_policy_set", under))["code"] == "FORBIDDEN"
+    assert err(call(admin, "agent_policy_get", {"agentId": "acme:new"}))["code"] == "NO_POLICY"
+    assert err(call(acme, "agent_policy_shadow_set", under))["code"] == "FORBIDDEN"
+    ok(call(acme, "agent_policy_set", {"agentId": "acme:fleet", "policy": POLICY}))
+    ok(call(acme, "agent_policy_set", {"agentId": "acme:new", "policy": {
+        **POLICY, "parent": "acme:fleet"}}))  # fmt: skip
+    ok(call(admin, "agent_policy_set", {**under, "agentId": "acme:b2"}))  # an unbound admin may
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:b2", "policy": POLICY}))
+    assert err(call(acme, "agent_policy_rollback", {"agentId": "acme:b2", "version": 1}))[
+        "code"] == "FORBIDDEN"  # version 1 hangs below another org  # fmt: skip
+    names = {t.name for t in acme.tools()}
+    assert not names & {"agent_policy_approvers_list", "agent_policy_approvers_register",
+                        "agent_policy_approvers_rotate", "agent_policy_approvers_remove"}  # fmt: skip
+    for tool in ("agent_policy_approvers_list", "agent_policy_approvers_remove"):
+        assert err(call(acme, tool, {"name": "cfo"}))["code"] == "FORBIDDEN"

@@ -145,7 +145,7 @@ def test_an_approver_opens_the_webhook_link_approves_and_the_agent_confirms(
                                      "remaining 549.75 USDT of 1000 USDT")  # fmt: skip
             assert daily.count() == 1
             page.get_by_role("button", name="Approve 450.25 USDT").click()
-            page.wait_for_url(f"{served.url}/approvals/{approval_id}/vote")
+            page.wait_for_url(f"{served.url}/approvals/vote")
             assert page.get_by_role("heading", level=1).inner_text() == "You approved this payment"
             assert (
                 "It is approved: the agent may pay now." in page.get_by_role("status").inner_text()
@@ -188,8 +188,8 @@ def test_a_link_cannot_be_replayed_by_a_post_without_its_form(
             page = person.page
             page.goto(f"{served.url}/approvals/{d.approval_id}?t={token}")  # GET changes nothing
             assert engine.get_approval(d.approval_id).status.value == "pending"
-            answer = page.request.post(f"{served.url}/approvals/{d.approval_id}/vote",
-                                       form={"t": token, "decision": "approve", "csrf": "forged"})  # fmt: skip
+            answer = page.request.post(f"{served.url}/approvals/vote", form={
+                "approval": d.approval_id, "t": token, "decision": "approve", "csrf": "forged"})  # fmt: skip
             assert answer.status == 403
             assert engine.get_approval(d.approval_id).status.value == "pending"
         finally:
@@ -225,7 +225,7 @@ def test_sign_in_and_approve_with_the_keyboard_only(
             outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
             assert outline == "solid"  # the focus is visible
             page.keyboard.press("Enter")
-            page.wait_for_url(f"{served.url}/approvals/{d.approval_id}/vote")
+            page.wait_for_url(f"{served.url}/approvals/vote")
             assert page.get_by_role("heading", level=1).inner_text() == "You approved this payment"
             assert engine.get_approval(d.approval_id).status.value == "approved"
             vote = engine.get_approval(d.approval_id).votes[0]

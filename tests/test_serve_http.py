@@ -49,8 +49,9 @@ def test_the_official_client_lists_the_roles_tools_and_authorizes(served: Served
     assert len(mcp(served.url, agent, names)) == 10
     assert len(mcp(served.url, admin, names)) == 25
     org_tools = mcp(served.url, org_admin, names)
-    assert len(org_tools) == 22
+    assert len(org_tools) == 21
     assert "agent_policy_approvers_register" not in org_tools
+    assert "agent_policy_approvers_list" not in org_tools  # the registry is every org's
 
     async def pay(client: Client) -> Any:
         bound = next(t for t in (await client.list_tools()).tools if t.name ==
@@ -211,8 +212,8 @@ def test_healthz_is_503_when_the_store_is_down() -> None:
         engine.close()
 
 
-def _form_value(page: str, name: str) -> str:
-    match = re.search(rf'name="{name}" value="([^"]+)"', page)
+def _form_value(page: str, name: str, after: str = "") -> str:
+    match = re.search(rf'name="{name}" value="([^"]+)"', page[page.find(after) :])
     assert match is not None, f"no {name} in the page"
     return html.unescape(match.group(1))
 
@@ -232,8 +233,9 @@ def test_a_link_decides_either_way_once_and_only_from_its_own_site(served: Serve
                    if x.decision == "approve")  # fmt: skip
     page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={approve}")
     csrf = _form_value(page.text, "csrf")
-    vote = f"{served.url}/approvals/{d.approval_id}/vote"
-    form = {"t": approve, "csrf": csrf, "decision": "deny", "comment": "not this quarter"}
+    vote = f"{served.url}/approvals/vote"
+    form = {"approval": d.approval_id, "t": approve, "csrf": csrf, "decision": "deny",
+            "comment": "not this quarter"}  # fmt: skip
     elsewhere = httpx2.post(vote, data=form, headers={"Origin": "https://evil.example"})
     assert elsewhere.status_code == 403
     assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
@@ -261,8 +263,8 @@ def test_a_registered_approver_gets_no_buttons_and_the_command_instead(served: S
         assert f"agentpolicy approvals approve {d.approval_id} --as alice" in page.text
         assert 'value="approve"' not in page.text
         signout = _form_value(page.text, "csrf")  # the header's sign-out form
-        unsigned = browser.post(f"/approvals/{d.approval_id}/vote",
-                                data={"decision": "approve", "csrf": signout})  # fmt: skip
+        unsigned = browser.post("/approvals/vote", data={
+            "approval": d.approval_id, "decision": "approve", "csrf": signout})  # fmt: skip
         assert unsigned.status_code == 403  # APPROVER_NOT_AUTHORIZED: nothing changes
         assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
     finally:
@@ -296,3 +298,54 @@ def test_the_pages_run_natively_on_an_async_client_of_a_server_store(
             assert "agentpolicy_open_reservations 1" in metrics.text.splitlines()
     finally:
         engine.close()
+
+
+def test_a_vote_form_votes_only_on_the_approval_it_shows_whatever_the_agent_id(
+    served: Served,
+) -> None:
+    served.engine.set_policy("bot/../sub", POLICY)  # an id with a slash and a dot segment
+    small = served.engine.authorize(PaymentRequest("bot/../sub", "100000000", "0xv", "eip155:8453"))
+    big = served.engine.authorize(PaymentRequest("bot", "900000000", "0xv", "eip155:8453"))
+    browser = _signed_in(served, served.token("approver", approver="alice"))
+    try:
+        page = browser.get("/approvals")  # (its own URL would lose its dot segment in a client)
+        assert page.status_code == 200
+        assert 'action="/approvals/vote"' in page.text  # no id in the path for a browser to resolve
+        mine = f'name="approval" value="{html.escape(small.approval_id or "")}"'
+        assert mine in page.text
+        csrf = _form_value(page.text, "csrf", after=mine)
+        other = browser.post("/approvals/vote", data={
+            "approval": big.approval_id, "csrf": csrf, "decision": "approve"})  # fmt: skip
+        assert other.status_code == 403  # a form made for one approval cannot vote on another
+        assert served.engine.get_approval(big.approval_id or "").status.value == "pending"
+        own = browser.post("/approvals/vote", data={
+            "approval": small.approval_id, "csrf": csrf, "decision": "approve"})  # fmt: skip
+        assert own.status_code == 200
+        assert served.engine.get_approval(small.approval_id or "").status.value == "approved"
+    finally:
+        browser.close()
+
+
+def test_a_link_page_is_reached_by_its_token_alone_and_sends_no_referrer_path(
+    served: Served,
+) -> None:
+    served.engine.set_policy("research/browse", POLICY)
+    d = served.engine.authorize(
+        PaymentRequest("research/browse", "200000000", "0xv", "eip155:8453")
+    )
+    token = next(x.token for x in served.engine.approval_links(d.approval_id or "")
+                 if x.decision == "approve")  # fmt: skip
+    page = httpx2.get(f"{served.url}/approvals/link", params={"t": token})
+    assert page.status_code == 200
+    assert page.headers.get_list("referrer-policy") == ["origin"]
+    assert f'value="{html.escape(d.approval_id or "")}"' in page.text
+    metrics = served.token("metrics")
+    for i in range(5):
+        httpx2.get(f"{served.url}/x{i}")
+    lines = httpx2.get(served.url + "/metrics",
+                       headers={"Authorization": f"Bearer {metrics}"}).text  # fmt: skip
+    assert 'route="/x0"' not in lines  # a fixed set of labels
+    assert 'route="other"' in lines
+    org_admin = served.token("admin", org_id="acme")
+    bound = httpx2.get(served.url + "/metrics", headers={"Authorization": f"Bearer {org_admin}"})
+    assert bound.status_code == 403  # the figures are the whole store's

@@ -41,6 +41,7 @@ from agentpolicy.errors import (
 )
 from agentpolicy.examples import example_policy
 from agentpolicy.mcp.tools import REGISTRY_CHANGES, TOOLS, Tool, find_tool, parse_arguments
+from agentpolicy.policy import AgentPolicy
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.signing import SigningKey
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
@@ -58,6 +59,8 @@ from agentpolicy.views import (
     version_data,
 )
 from agentpolicy.webhooks import WebhookEndpoint
+
+_REGISTRY = REGISTRY_CHANGES | {"agent_policy_approvers_list"}
 
 __all__ = ["DEMO_AGENT", "AgentPolicyMcpServer", "create_server_with_redis"]
 
@@ -145,6 +148,7 @@ class AgentPolicyMcpServer:
             for t in TOOLS
             if (self.role == "admin" or not t.admin_only)
             and not (approver is not None and t.name in REGISTRY_CHANGES)
+            and not (self._scoped and t.name in _REGISTRY)
         ]
         if engine is not None and not self.demo_mode:
             self.engine = engine
@@ -220,6 +224,12 @@ class AgentPolicyMcpServer:
                 ErrorCode.FORBIDDEN,
                 f"{tool.name} needs the admin role; this server runs as {self.role}",
             )
+        if self._scoped and tool.name in _REGISTRY:
+            return _error(
+                ErrorCode.FORBIDDEN,
+                f"{tool.name} reads or changes the approver registry, which every agent and "
+                "organisation of the store shares; this server is bound and never does",
+            )
         if self.bound_approver is not None and tool.name in REGISTRY_CHANGES:
             return _error(
                 ErrorCode.FORBIDDEN,
@@ -283,8 +293,25 @@ class AgentPolicyMcpServer:
             "version": stored.version,
         }
 
+    @property
+    def _scoped(self) -> bool:
+        """Whether this server is bound to one agent or one organisation."""
+        return self.bound_agent is not None or self.bound_org is not None
+
+    def _check_parent(self, policy: object) -> None:
+        """A bound server puts no budget below a budget outside its binding."""
+        parent = policy.parent if isinstance(policy, AgentPolicy) else (
+            policy.get("parent") if isinstance(policy, Mapping) else None)  # fmt: skip
+        if isinstance(parent, str) and not self._may_see(parent):
+            raise ForbiddenError(
+                f"this server is bound to {self.bound_agent or self.bound_org + ':*'} and "  # type: ignore[operator]
+                f"may not put a budget below {parent}",
+                code=ErrorCode.FORBIDDEN,
+            )
+
     def _set(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
+        self._check_parent(a["policy"])
         version = self.engine.set_policy(a["agentId"], a["policy"])
         return {"agentId": a["agentId"], "version": version}
 
@@ -392,6 +419,12 @@ class AgentPolicyMcpServer:
     def _delegate(self, a: dict[str, Any]) -> dict[str, Any]:
         parent = self._acting_parent(a)
         self._check_child(a["childId"])
+        if self.role != "admin" and not a["childId"].startswith(f"{parent}/"):
+            raise ForbiddenError(
+                f"an agent names the budgets it delegates below its own id: "
+                f"{parent}/<name>, not {a['childId']}",
+                code=ErrorCode.FORBIDDEN,
+            )
         if parent is None:
             raise PolicyValidationError.single("$.parentId", "is required")
         if "expiresAt" in a and "expiresIn" in a:
@@ -452,11 +485,14 @@ class AgentPolicyMcpServer:
 
     def _rollback(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
+        if self._scoped:
+            self._check_parent(self.engine.get_policy_version(a["agentId"], a["version"]).policy)
         version = self.engine.rollback_policy(a["agentId"], a["version"])
         return {"agentId": a["agentId"], "version": version, "fromVersion": a["version"]}
 
     def _shadow_set(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
+        self._check_parent(a["policy"])
         return shadow_data(self.engine.set_shadow_policy(a["agentId"], a["policy"]))
 
     def _shadow_report(self, a: dict[str, Any]) -> dict[str, Any]:

@@ -569,7 +569,8 @@ TOOLS += (
         "The policy is a JSON object like agent_policy_get's (its limits may not exceed the "
         "parent's). Give expiresIn (such as '1h', '30m') or expiresAt; the parent's policy "
         "must allow delegation ('delegation': {'allowed': true}) unless an administrator "
-        "calls. Calling again for the same sub-agent updates its policy.",
+        "calls, and an agent names the sub-agent below its own id ('<parent>/<name>'). "
+        "Calling again for the same sub-agent updates its policy.",
         _schema(
             {
                 "childId": _CHILD,

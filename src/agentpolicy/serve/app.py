@@ -83,6 +83,9 @@ def create_app(
         if caller.token.role not in ("admin", "metrics"):
             return PlainTextResponse(f"a {caller.token.role} token may not read metrics\n",
                                      status_code=403)  # fmt: skip
+        if caller.token.org_id is not None:  # the figures are the whole store's
+            return PlainTextResponse("a token bound to an organisation may not read the "
+                                     "store-wide metrics\n", status_code=403)  # fmt: skip
         figures: dict[str, int | None] = {}
         for name, read in (
             ("open_reservations", engine.open_reservations),
@@ -144,8 +147,9 @@ def create_app(
         Route("/", home),
         Route("/mcp", McpEndpoint(s.tokens, lambda: s.manager)),
         Route("/approvals", routed(web.approvals)),
-        Route("/approvals/{approval_id}", routed(web.approval)),
-        Route("/approvals/{approval_id}/vote", routed(web.vote), methods=["POST"]),
+        Route("/approvals/vote", routed(web.vote), methods=["POST"]),
+        Route("/approvals/link", routed(web.link)),
+        Route("/approvals/{approval_id:path}", routed(web.approval)),
         Route("/agents", routed(web.agents)),
         Route("/agents/{agent_id:path}", routed(web.agent)),
         Route("/signin", routed(web.signin), methods=["GET", "POST"]),
@@ -175,6 +179,8 @@ class _Guard:
             return
         path: str = scope.get("path", "")
         route = "/" + path.strip("/").split("/")[0]
+        if route not in _ROUTES:  # a fixed set of labels, whatever paths callers send
+            route = "other"
         if self.options.loopback_hosts and not _loopback_host(scope):
             await PlainTextResponse("this service answers only on loopback host names\n",
                                     status_code=421)(scope, receive, send)  # fmt: skip
@@ -186,11 +192,9 @@ class _Guard:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
-                extra = [
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin"),
-                    (b"x-frame-options", b"DENY"),
-                ]
+                extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+                if b"referrer-policy" not in names:  # a link's page sets its own, stricter one
+                    extra.append((b"referrer-policy", b"same-origin"))
                 if any(k == b"content-type" and v.startswith(b"text/html") for k, v in headers):
                     extra.append((b"content-security-policy", CSP.encode()))
                 if b"cache-control" not in names:
@@ -202,6 +206,13 @@ class _Guard:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+_ROUTES = frozenset(
+    ("/", "/mcp", "/approvals", "/agents", "/signin", "/signout", "/healthz", "/metrics",
+     "/static", "/favicon.ico")
+)  # fmt: skip
+"""The first path segments that count as routes in the request metrics."""
 
 
 def _loopback_host(scope: Scope) -> bool:

@@ -98,6 +98,11 @@ class Caller:
         return self.token.approver if self.token.role in PAGE_ROLES else None
 
 
+def vote_binding(session_key: str, approval_id: str) -> str:
+    """What a signed-in vote form's CSRF token is bound to: the session and that one approval."""
+    return f"v:{session_key}:{approval_id}"
+
+
 def b64(raw: bytes) -> str:
     """Bytes as unpadded base64url."""
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -269,7 +274,7 @@ class Service:
                 f"{voter}'s vote must be signed with {voter}'s key, which this service never "
                 f"holds: run agentpolicy approvals approve {approval.id} --as {voter} "
                 "--key KEY_FILE (or approvals deny) where the key is.")}  # fmt: skip
-        csrf = await self.csrf("s:" + caller.session.key)
+        csrf = await self.csrf(vote_binding(caller.session.key, approval.id))
         return {"voter": voter, "link": None, "csrf": csrf, "blocked": None}
 
     async def visible_approvals(self, caller: Caller) -> list[Approval]:

@@ -37,6 +37,7 @@ from agentpolicy.serve.service import (
     b64,
     html,
     local_path,
+    vote_binding,
     wants_html,
 )
 from agentpolicy.serve.tokens import AccessToken, TokenRejected, token_hash
@@ -100,27 +101,19 @@ class Pages:
             summary=summary, every=self.s.options.refresh_seconds, **values,
         ))  # fmt: skip
 
+    async def link(self, request: Request) -> Response:
+        """``GET /approvals/link?t=TOKEN``: the approval a one-time link names, to decide."""
+        token = request.query_params.get("t")
+        if not token:
+            raise Denied(400, "This link does not work", "The link has no token.")
+        return await self._by_link(token, None)
+
     async def approval(self, request: Request) -> Response:
         """``GET /approvals/{id}``: one approval, by a one-time link (``?t=``) or signed in."""
         approval_id = request.path_params["approval_id"]
         token = request.query_params.get("t")
         if token:
-            try:
-                link, found = await self.s.aengine.inspect_link(token)
-            except PolicyError as err:
-                raise Denied(403, "This link does not work",
-                              "This approval link is not valid: it was altered, or the service's "
-                              f"link secret changed ({err.code}).") from None  # fmt: skip
-            if link.approval_id != approval_id:
-                raise Denied(403, "This link does not work",
-                              "This link is for another approval.")  # fmt: skip
-            card = await self.s.card(found, None, (token, link.approver))
-            return html(pages.render(
-                "approval.html", title=f"Approval for {found.agent_id}",
-                heading=f"{found.agent_id} asks to pay {found.amount.human()}",
-                intro=f"You decide as {link.approver}, with the one-time link sent to you.",
-                approval=card, who=None,
-            ))  # fmt: skip
+            return await self._by_link(token, approval_id)
         caller = await self.s.require(request, PAGE_ROLES)
         shown = await self._shown(caller, approval_id)
         card = await self.s.card(shown, caller, None)
@@ -129,6 +122,27 @@ class Pages:
             heading=f"{shown.agent_id} asks to pay {shown.amount.human()}", intro=None,
             approval=card, **await self.s.page_values(caller),
         ))  # fmt: skip
+
+    async def _by_link(self, token: str, approval_id: str | None) -> Response:
+        """The page of a one-time link (for ``approval_id`` when the URL names one)."""
+        try:
+            link, found = await self.s.aengine.inspect_link(token)
+        except PolicyError as err:
+            raise Denied(403, "This link does not work",
+                          "This approval link is not valid: it was altered, or the service's "
+                          f"link secret changed ({err.code}).") from None  # fmt: skip
+        if approval_id is not None and link.approval_id != approval_id:
+            raise Denied(403, "This link does not work",
+                          "This link is for another approval.")  # fmt: skip
+        card = await self.s.card(found, None, (token, link.approver))
+        page = html(pages.render(
+            "approval.html", title=f"Approval for {found.agent_id}",
+            heading=f"{found.agent_id} asks to pay {found.amount.human()}",
+            intro=f"You decide as {link.approver}, with the one-time link sent to you.",
+            approval=card, who=None,
+        ))  # fmt: skip
+        page.headers["Referrer-Policy"] = "origin"  # the token stays out of every Referer
+        return page
 
     async def _shown(self, caller: Caller, approval_id: str) -> Approval:
         try:
@@ -140,9 +154,16 @@ class Pages:
         return found
 
     async def vote(self, request: Request) -> Response:
-        """``POST /approvals/{id}/vote``: approve or deny, by a link or signed in as an approver."""
-        approval_id = request.path_params["approval_id"]
+        """``POST /approvals/vote``: approve or deny, by a link or signed in as an approver.
+
+        The approval is a form field (never a part of the path, which a
+        browser would resolve), and a signed-in voter's CSRF token is bound to
+        it: a form can only vote on the approval it was made for.
+        """
         form = await request.form()
+        approval_id = form.get("approval")
+        if not isinstance(approval_id, str) or not approval_id:
+            raise Denied(400, "Refused", "The form names no approval.")
         decision = form.get("decision")
         if decision not in ("approve", "deny"):
             raise Denied(400, "Refused", "Choose Approve or Deny.")
@@ -206,7 +227,7 @@ class Pages:
         caller = await self.s.caller(request, bearer=False)
         if caller is None or caller.session is None:
             raise Denied(401, "Sign in", "Sign in to vote.", signin=True)
-        await self.s.check_csrf(request, "s:" + caller.session.key, csrf)
+        await self.s.check_csrf(request, vote_binding(caller.session.key, approval_id), csrf)
         if not caller.voter:
             raise Denied(403, "Refused", "This sign-in may look at approvals but votes as no "
                          "approver.")  # fmt: skip
