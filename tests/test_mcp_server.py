@@ -713,3 +713,20 @@ def test_an_org_bound_admin_stays_in_its_org_for_parents_and_never_touches_the_r
                         "agent_policy_approvers_rotate", "agent_policy_approvers_remove"}  # fmt: skip
     for tool in ("agent_policy_approvers_list", "agent_policy_approvers_remove"):
         assert err(call(acme, tool, {"name": "cfo"}))["code"] == "FORBIDDEN"
+
+
+@pytest.mark.parametrize(("tool", "args", "path"), [
+    ("agent_policy_delegate", {"parentId": "acme:bot", "childId": "acme:bot/c", "policy": {},
+                               "expiresIn": "99999999d"}, "$.expiresIn"),
+    ("agent_policy_delegate", {"parentId": "acme:bot", "childId": "acme:bot/c", "policy": {},
+                               "expiresAt": "9999-12-31T23:59:59-23:59"}, "$.expiresAt"),
+    ("agent_policy_simulate", {"agentId": "acme:bot", "policy": {}, "since": "99999999d"},
+     "$.since"),
+])  # fmt: skip
+def test_dates_and_durations_past_the_calendar_are_invalid_input_and_change_nothing(
+    admin: AgentPolicyMcpServer, tool: str, args: dict[str, Any], path: str
+) -> None:
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:bot", "policy": POLICY}))
+    refused = err(call(admin, tool, args))
+    assert (refused["code"], refused["path"]) == ("INVALID_INPUT", path)
+    assert err(call(admin, "agent_policy_get", {"agentId": "acme:bot/c"}))["code"] == "NO_POLICY"

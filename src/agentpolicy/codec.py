@@ -122,7 +122,7 @@ def parse_instant(raw: object, path: str = "$") -> datetime:
     including a local time without an offset, which would be ambiguous.
     """
     if isinstance(raw, datetime) and raw.tzinfo is not None:
-        return raw.astimezone(UTC)
+        return _in_utc(raw, path)
     if not isinstance(raw, str) or len(raw) > 64:
         raise PolicyValidationError.single(
             path, f"must be an ISO 8601 string with a UTC offset, not {type_name(raw)}"
@@ -142,7 +142,16 @@ def parse_instant(raw: object, path: str = "$") -> datetime:
         raise PolicyValidationError.single(
             path, f"must carry a UTC offset or 'Z' to name an instant: {raw!r}"
         )
-    return value.astimezone(UTC)
+    return _in_utc(value, path)
+
+
+def _in_utc(value: datetime, path: str) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59-01:00 is past the end of the calendar in UTC
+        raise PolicyValidationError.single(
+            path, f"is past the end of the calendar in UTC: {value.isoformat()}"
+        ) from None
 
 
 def format_instant(value: datetime) -> str:

@@ -15,7 +15,10 @@ from typing import Literal
 
 from agentpolicy.errors import PolicyValidationError
 
-__all__ = ["UNITS", "parse_duration", "parse_since"]
+__all__ = ["MAX_DURATION", "UNITS", "parse_duration", "parse_since"]
+
+MAX_DURATION = timedelta(days=36525)
+"""The longest duration any setting or argument takes: a hundred years."""
 
 UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 """The unit suffixes and what they mean."""
@@ -28,8 +31,8 @@ def parse_duration(raw: object, path: str, *, bare: Literal["ms", "s"] = "s") ->
 
     An ``int`` or a bare number of digits is in ``bare`` units. Surrounding
     whitespace is ignored. Raises :class:`~agentpolicy.PolicyValidationError`
-    at ``path`` for anything else, for zero, and for a duration too long for
-    a ``timedelta``.
+    at ``path`` for anything else, for zero, and for more than
+    :data:`MAX_DURATION`.
     """
     value: timedelta | None = None
     if isinstance(raw, timedelta):
@@ -40,6 +43,8 @@ def parse_duration(raw: object, path: str, *, bare: Literal["ms", "s"] = "s") ->
         match = _DURATION.fullmatch(raw.strip())
         if match is not None:
             value = _make(int(match.group(1)), match.group(2) or bare, path)
+    if value is not None and value > MAX_DURATION:
+        raise PolicyValidationError.single(path, f"is too long: {raw!r} (at most 36525d)")
     if value is None or value <= timedelta(0):
         raise PolicyValidationError.single(
             path,

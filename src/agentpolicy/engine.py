@@ -23,6 +23,7 @@ from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import dump_policy, load_policy
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.delivery import WebhookDispatcher
+from agentpolicy.durations import MAX_DURATION
 from agentpolicy.errors import (
     ConflictError,
     ErrorCode,
@@ -1346,6 +1347,10 @@ class PolicyEngine(Voting):
                 raise err.under("$.policy") from None
         now = self._now()
         if isinstance(since, timedelta):
+            if not timedelta(0) <= since <= MAX_DURATION:
+                raise PolicyValidationError.single(
+                    "$.since", "must be a duration from zero to 36525 days back"
+                )
             start = now - since
         elif isinstance(since, datetime) and since.utcoffset() is not None:
             start = since
