@@ -403,12 +403,56 @@ def test_a_reservation_is_claimed_by_one_holder_and_closed_ones_cannot_be(
     with pytest.raises(ConflictError) as taken:
         engine.claim(rid, "two")
     assert taken.value.code == ErrorCode.RESERVATION_CLAIMED
-    engine.confirm(rid)  # a claim does not stand in the way of confirm or release
+    for settle in (engine.confirm, engine.release):  # only the holder settles it
+        with pytest.raises(ConflictError) as other:
+            settle(rid)
+        assert other.value.code == ErrorCode.RESERVATION_CLAIMED
+    engine.confirm(rid, holder="one")
     with pytest.raises(ConflictError) as done:
         engine.claim(rid, "one")
     assert done.value.code == ErrorCode.RESERVATION_ALREADY_CONFIRMED
     with pytest.raises(NotFoundError):
         engine.claim("res_" + "0" * 32 + "_agent-1", "one")
+
+
+def test_a_claimed_reservation_expired_is_released_by_anyone(backend: Backend) -> None:
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
+    rid = engine.authorize(payment(USDT, agent_id="agent-1")).reservation_id or ""
+    engine.claim(rid, "one")
+    clock.advance(timedelta(hours=1))  # past the TTL: the holder's outcome no longer counts
+    assert engine.release(rid).status == "expired"
+
+
+def test_the_agent_cannot_release_a_payment_a_guarded_block_is_making(backend: Backend) -> None:
+    engine = backend.engine(ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
+    request = payment(60 * USDT, agent_id="agent-1", idempotency_key="order-9")
+    with engine.payment(request) as p:
+        for settle in (engine.release, engine.confirm):  # e.g. the agent's own MCP tools
+            with pytest.raises(ConflictError) as refused:
+                settle(p.reservation_id)
+            assert refused.value.code == ErrorCode.RESERVATION_CLAIMED
+        again = engine.authorize(payment(60 * USDT, agent_id="agent-1"))
+        assert again.code is Code.DAILY_LIMIT  # the 60 still count while the block pays
+    assert engine.get_reservation(p.reservation_id).status == "confirmed"
+
+
+def test_the_async_guard_settles_its_claimed_reservation() -> None:
+    engine, _ = make()
+    request = payment(60 * USDT, idempotency_key="order-10")
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            async with aengine.payment(request) as p:
+                with pytest.raises(ConflictError) as refused:
+                    await aengine.release(p.reservation_id)
+                assert refused.value.code == ErrorCode.RESERVATION_CLAIMED
+            assert p.reservation is not None
+            assert p.reservation.status is ReservationStatus.CONFIRMED
+
+    run(main())
 
 
 def test_a_repeated_idempotency_key_in_two_blocks_at_once_runs_one_block(

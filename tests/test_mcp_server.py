@@ -112,6 +112,17 @@ def test_authorize_confirm_release_and_budget(agent: AgentPolicyMcpServer) -> No
     assert list(daily_only["periods"]) == ["daily"]
 
 
+def test_the_agent_cannot_settle_a_reservation_its_framework_is_paying_with(
+    agent: AgentPolicyMcpServer,
+) -> None:
+    d = ok(call(agent, "agent_policy_authorize", {**PAY, "idempotencyKey": "order-1"}))
+    agent.engine.claim(d["reservationId"], "guard_1")  # a payment block is paying with it
+    for tool in ("agent_policy_release", "agent_policy_confirm"):
+        refused = err(call(agent, tool, {"reservationId": d["reservationId"]}))
+        assert refused["code"] == "RESERVATION_CLAIMED"
+    assert agent.engine.get_reservation(d["reservationId"]).status == "reserved"
+
+
 def test_a_denial_is_a_success_whose_data_says_not_allowed(agent: AgentPolicyMcpServer) -> None:
     d = ok(call(agent, "agent_policy_authorize", {**PAY, "amount": str(2000 * USDT)}))
     assert (d["allowed"], d["code"]) == (False, "DAILY_LIMIT")

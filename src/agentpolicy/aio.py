@@ -310,13 +310,13 @@ class AsyncPolicyEngine:
             self._engine._authorize, request, dry_run=dry_run, requested_by=requested_by
         )
 
-    async def confirm(self, reservation_id: str) -> Reservation:
+    async def confirm(self, reservation_id: str, *, holder: str | None = None) -> Reservation:
         """Turn a reservation into spending (:meth:`PolicyEngine.confirm`)."""
-        return await self._flow(self._engine._settle, reservation_id, "confirm")
+        return await self._flow(self._engine._settle, reservation_id, "confirm", holder)
 
-    async def release(self, reservation_id: str) -> Reservation:
+    async def release(self, reservation_id: str, *, holder: str | None = None) -> Reservation:
         """Give a reservation's budget back (:meth:`PolicyEngine.release`)."""
-        return await self._flow(self._engine._settle, reservation_id, "release")
+        return await self._flow(self._engine._settle, reservation_id, "release", holder)
 
     def payment(self, request: PaymentRequest, approval_id: str | None = None) -> AsyncPaymentGuard:
         """``async with aengine.payment(request) as p:`` runs the block only if allowed.

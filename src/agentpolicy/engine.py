@@ -740,20 +740,23 @@ class PolicyEngine(Voting):
                 self._shadows[key] = found
         return found
 
-    def confirm(self, reservation_id: str) -> Reservation:
+    def confirm(self, reservation_id: str, *, holder: str | None = None) -> Reservation:
         """Turn a reservation into spending; confirming again reports it unchanged.
 
         Raises ``RESERVATION_NOT_FOUND``, ``RESERVATION_RELEASED`` or
-        ``RESERVATION_EXPIRED`` (as :class:`~agentpolicy.PolicyError`).
+        ``RESERVATION_EXPIRED`` (as :class:`~agentpolicy.PolicyError`); and
+        ``RESERVATION_CLAIMED`` for a reservation another caller claimed
+        (:meth:`claim`) unless ``holder`` is that caller.
         """
-        return self._drive(self._settle(reservation_id, "confirm"))
+        return self._drive(self._settle(reservation_id, "confirm", holder))
 
-    def release(self, reservation_id: str) -> Reservation:
+    def release(self, reservation_id: str, *, holder: str | None = None) -> Reservation:
         """Give a reservation's budget back; releasing again, or after expiry, is a no-op.
 
-        Raises ``RESERVATION_NOT_FOUND`` or ``RESERVATION_ALREADY_CONFIRMED``.
+        Raises ``RESERVATION_NOT_FOUND`` or ``RESERVATION_ALREADY_CONFIRMED``;
+        ``RESERVATION_CLAIMED`` as :meth:`confirm` does.
         """
-        return self._drive(self._settle(reservation_id, "release"))
+        return self._drive(self._settle(reservation_id, "release", holder))
 
     def payment(self, request: PaymentRequest, approval_id: str | None = None) -> PaymentGuard:
         """``with engine.payment(request) as p:`` runs the block only for an allowed payment.
@@ -766,10 +769,15 @@ class PolicyEngine(Voting):
         """
         return PaymentGuard(self, request, approval_id)
 
-    def _settle(self, reservation_id: str, action: str) -> Flow[Reservation]:
-        raise_if(check_identifier(reservation_id, "$.reservationId"))
+    def _settle(
+        self, reservation_id: str, action: str, holder: str | None = None
+    ) -> Flow[Reservation]:
+        problems = check_identifier(reservation_id, "$.reservationId")
+        if holder is not None:
+            problems += check_identifier(holder, "$.holder")
+        raise_if(problems)
         now = self._now()
-        step = operations.settle(self.config, reservation_id, action, now)
+        step = operations.settle(self.config, reservation_id, action, now, holder)
         shard = yield from self._shard_of_id(reservation_id)
         result: Body = yield Run(shard, step, at=micros(now))
         return reservation_record(reservation_id, result["doc"])

@@ -305,13 +305,13 @@ class PaymentGuard(_Guard):
         rid = self.reservation_id
         if exc is None:
             try:
-                self.reservation = self._engine.confirm(rid)
+                self.reservation = self._engine.confirm(rid, holder=self._holder)
             except BaseException as err:
                 _note_unconfirmed(err, rid)
                 raise
             return
         try:
-            self.reservation = self._engine.release(rid)
+            self.reservation = self._engine.release(rid, holder=self._holder)
         except Exception as err:  # the block's own exception matters more
             _note_unreleased(exc, rid, err)
 
@@ -383,7 +383,9 @@ class AsyncPaymentGuard(_Guard):
         rid = self.reservation_id
         if exc is None:
             try:
-                self.reservation = await settle_shielded(self._engine.confirm(rid))
+                self.reservation = await settle_shielded(
+                    self._engine.confirm(rid, holder=self._holder)
+                )
             except asyncio.CancelledError:
                 raise  # the confirm goes on; a failure of it is logged
             except BaseException as err:
@@ -391,7 +393,7 @@ class AsyncPaymentGuard(_Guard):
                 raise
             return
         try:
-            self.reservation = await settle_shielded(self._engine.release(rid))
+            self.reservation = await settle_shielded(self._engine.release(rid, holder=self._holder))
         except Exception as err:
             _note_unreleased(exc, rid, err)
 

@@ -393,13 +393,21 @@ def _budget_event(
     emit(txn, cfg, shard, "budget.threshold_reached", agent, "", payload)
 
 
-def settle(cfg: LedgerConfig, reservation_id: str, action: str, now: datetime) -> Step:
+def settle(
+    cfg: LedgerConfig,
+    reservation_id: str,
+    action: str,
+    now: datetime,
+    holder: str | None = None,
+) -> Step:
     """Confirm (``action="confirm"``) or release a reservation.
 
     Confirming again, or releasing again (or after expiry), changes nothing
     and reports the reservation. The result is ``{"doc": reservation}``.
     Raises ``RESERVATION_NOT_FOUND``, ``RESERVATION_RELEASED``,
-    ``RESERVATION_EXPIRED`` or ``RESERVATION_ALREADY_CONFIRMED``.
+    ``RESERVATION_EXPIRED`` or ``RESERVATION_ALREADY_CONFIRMED``; and
+    ``RESERVATION_CLAIMED`` for an open reservation another ``holder``
+    claimed (see ``agentpolicy.ledger.claims``): only its holder settles it.
     """
     now_us = micros(now)
     name = keys.reservation(reservation_id)
@@ -415,6 +423,12 @@ def settle(cfg: LedgerConfig, reservation_id: str, action: str, now: datetime) -
             )
         status = doc["st"]
         txn.result = {"doc": doc}
+        if status == "reserved" and now_us < doc["x"] and doc.get("cl") not in (None, holder):
+            raise ConflictError(
+                f"reservation {reservation_id} is claimed by the caller making its payment: "
+                "only that caller confirms or releases it (or it expires)",
+                code=ErrorCode.RESERVATION_CLAIMED,
+            )
         if action == "confirm":
             if status == "confirmed":
                 return
