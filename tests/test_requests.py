@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from agentpolicy import Amount, PaymentRequest, PolicyValidationError
+from agentpolicy import AgentPolicy, Amount, MerchantRules, PaymentRequest, PolicyValidationError
 
 
 def make(**kw: Any) -> PaymentRequest:
@@ -27,6 +27,29 @@ def test_defaults_are_usdt_and_digit_strings_become_ints() -> None:
         None,
     )
     assert r.asset_amount == Amount(500_000_000, 6, "USDT")
+
+
+@pytest.mark.parametrize(
+    "invisible",
+    ["\u200b", "\u200d", "\u00ad", "\ufeff", "\u202e", "\u2066", "\u00a0", "\u2028", "\ue000"],
+)
+def test_identifiers_refuse_invisible_characters_that_would_pass_a_blacklist(
+    invisible: str,
+) -> None:
+    """Zero-width, soft hyphen, BOM, bidi controls, odd spaces: "0x\u200bbad" is not "0xbad"."""
+    for field, path in (("recipient", "$.recipient"), ("agent_id", "$.agentId")):
+        with pytest.raises(PolicyValidationError) as err:
+            make(**{field: "0x" + invisible + "bad"})
+        assert [p.path for p in err.value.problems] == [path]
+        assert f"U+{ord(invisible):04X}" in err.value.problems[0].message
+    with pytest.raises(PolicyValidationError):  # nor can a policy list one
+        AgentPolicy(merchant_rules=MerchantRules(whitelist=("0x" + invisible + "ok",)))
+
+
+def test_identifiers_keep_inner_spaces_and_printable_unicode() -> None:
+    assert make(category="office supplies", recipient="café-Zürich-東京").category == (
+        "office supplies"
+    )
 
 
 def test_an_empty_category_is_no_category() -> None:

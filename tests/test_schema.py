@@ -111,3 +111,19 @@ def test_the_cli_prints_the_schema(tmp_path: Path) -> None:
     done = subprocess.run([exe, "policy", "schema"], capture_output=True, text=True, check=True,
                           timeout=60, cwd=tmp_path)  # fmt: skip
     assert json.loads(done.stdout) == SCHEMA
+
+
+def test_the_identifier_pattern_refuses_what_the_code_refuses_in_the_bmp() -> None:
+    """Every assigned BMP character: the schema and ``check_identifier`` agree on it."""
+    import re
+    import unicodedata
+
+    from agentpolicy._checks import check_identifier, identifier_schema
+
+    pattern = re.compile(identifier_schema()["pattern"])
+    for point in range(0x10000):
+        c = chr(point)
+        if unicodedata.category(c) in ("Cn", "Cs"):
+            continue  # the code refuses these too; the schema cannot list them
+        value = "a" + c + "b"
+        assert bool(pattern.match(value)) == (check_identifier(value, "$") == []), hex(point)

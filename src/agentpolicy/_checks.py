@@ -29,9 +29,13 @@ _LIMIT = UNITS_LIMIT
 # CAIP-2: namespace ":" reference (https://chainagnostic.org/CAIPs/caip-2).
 _CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE)
 
-# Control characters, and Unicode whitespace at either end, would let an agent
-# send "0xbad " past a blacklist of "0xbad"; identifiers refuse them outright.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, invisible format characters (zero-width spaces and
+# joiners, soft hyphens, byte-order marks, bidirectional overrides), Unicode
+# spaces other than " " and whitespace at either end would let an agent send
+# "0xbad " or "0x\u200bbad" past a blacklist of "0xbad", or show an approver
+# one name while paying another; identifiers refuse them outright. Python's
+# ``str.isprintable`` is exactly "no character of the categories C* or Z*
+# except the ASCII space".
 
 
 def type_name(value: object) -> str:
@@ -74,8 +78,8 @@ def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
     return (
         type(value) is str
         and 0 < len(value) <= max_len
+        and value.isprintable()
         and value == value.strip()
-        and not _CONTROL.search(value)
     )
 
 
@@ -85,15 +89,28 @@ def plain_network(value: object) -> bool:
 
 
 def check_identifier(value: object, path: str, max_len: int = MAX_ID) -> list[Problem]:
-    """A non-empty string without control characters or surrounding whitespace."""
+    """A non-empty string of printable characters without surrounding whitespace.
+
+    Not printable: control and format characters (zero-width, soft hyphen,
+    byte-order mark, bidirectional controls), separators other than the
+    ASCII space, surrogates, private-use and unassigned code points.
+    """
     if not isinstance(value, str):
         return [Problem(path, f"must be a string, not {type_name(value)}")]
     if not value:
         return [Problem(path, "must not be empty")]
     if len(value) > max_len:
         return [Problem(path, f"must be at most {max_len} characters")]
-    if value != value.strip() or _CONTROL.search(value):
-        return [Problem(path, "must not contain control characters or surrounding whitespace")]
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        return [
+            Problem(
+                path,
+                f"must not contain invisible or control characters (found U+{ord(bad):04X})",
+            )
+        ]
+    if value != value.strip():
+        return [Problem(path, "must not have whitespace at either end")]
     return []
 
 
@@ -164,8 +181,17 @@ def schema_of(check: Check) -> dict[str, Any] | None:
     return _SCHEMAS.get(check)
 
 
-_NOT_AT_ENDS = r"[^\s\x00-\x1f\x7f-\x9f]"
-_INSIDE = r"[^\x00-\x1f\x7f-\x9f]"
+# The characters of the Basic Multilingual Plane that ``str.isprintable`` refuses
+# and that are assigned (controls, format characters, separators but " ",
+# private use), as a JSON Schema class. The schema cannot list unassigned code
+# points or those beyond the BMP; the code refuses those too.
+_UNPRINTABLE = (
+    r"\x00-\x1f\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    r"\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000"
+    r"\ue000-\uf8ff\ufeff\ufff9-\ufffb"
+)
+_NOT_AT_ENDS = rf"[^\s{_UNPRINTABLE}]"
+_INSIDE = rf"[^{_UNPRINTABLE}]"
 
 
 def identifier_schema(max_len: int = MAX_ID) -> dict[str, Any]:
