@@ -149,8 +149,13 @@ def test_approval_flow_across_roles(
         "comment": "fine"}))  # fmt: skip
     assert decided["status"] == "approved"
     assert decided["decisions"][0]["comment"] == "fine"
+    assert "reservation" not in got  # pending: nothing reserved for the agent to pay with yet
+    approved = ok(call(agent, "agent_policy_approvals_get", {"approvalId": d["approvalId"]}))
+    assert approved["reservation"] == {"status": "reserved", "expiresAt": "2026-01-19T10:05:00Z"}
     confirmed = ok(call(agent, "agent_policy_confirm", {"reservationId": decided["reservationId"]}))
     assert confirmed["status"] == "confirmed"
+    paid = ok(call(agent, "agent_policy_approvals_get", {"approvalId": d["approvalId"]}))
+    assert paid["reservation"]["status"] == "confirmed"
     again = err(call(admin, "agent_policy_approvals_decide", {
         "approvalId": d["approvalId"], "decision": "deny", "approver": "admin@company.com"}))  # fmt: skip
     assert again["code"] == "APPROVAL_NOT_PENDING"

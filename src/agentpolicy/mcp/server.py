@@ -28,13 +28,14 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from agentpolicy._checks import check_identifier, raise_if
-from agentpolicy.codec import dump_policy, parse_instant
+from agentpolicy.codec import dump_policy, format_instant, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
 from agentpolicy.durations import parse_duration, parse_since
 from agentpolicy.engine import DEFAULT_RESERVATION_TTL, PolicyEngine
 from agentpolicy.errors import (
     ErrorCode,
     ForbiddenError,
+    NotFoundError,
     PolicyError,
     PolicyValidationError,
     Problem,
@@ -352,7 +353,18 @@ class AgentPolicyMcpServer:
     def _approvals_get(self, a: dict[str, Any]) -> dict[str, Any]:
         approval = self.engine.get_approval(a["approvalId"])
         self._check_agent(approval.agent_id)
-        return approval_data(approval)
+        data = approval_data(approval)
+        rid = approval.reservation_id
+        if rid is not None:  # approved: how long the agent has to pay, and whether it did
+            try:
+                reservation = self.engine.get_reservation(rid)
+            except NotFoundError:  # pruned long after it closed
+                return data
+            data["reservation"] = {
+                "status": reservation.status.value,
+                "expiresAt": format_instant(reservation.expires_at),
+            }
+        return data
 
     def _voter(self, a: dict[str, Any]) -> str:
         """Who votes: the bound approver (and no one else), or the ``approver`` argument."""
