@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from agentpolicy import ErrorCode, PolicyError
 from agentpolicy.mcp import TOOLS, AgentPolicyMcpServer, create_server_with_redis
+from agentpolicy.mcp.tools import find_tool
 from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock
 
@@ -28,7 +30,12 @@ PAY = {"agentId": "acme:bot", "amount": str(5 * USDT), "recipient": "0xv", "netw
 
 
 def call(server: AgentPolicyMcpServer, name: str, args: Any = None) -> dict[str, Any]:
-    return asyncio.run(server.handle_tool_call(name, args))
+    """Call a tool; a known tool's result must match its declared output schema."""
+    result: dict[str, Any] = asyncio.run(server.handle_tool_call(name, args))
+    tool = find_tool(name)
+    if tool is not None:
+        Draft202012Validator(tool.output_schema).validate(result)
+    return result
 
 
 def ok(result: dict[str, Any]) -> dict[str, Any]:

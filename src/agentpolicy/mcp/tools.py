@@ -327,6 +327,15 @@ _APPROVAL = _object(
         "createdAt": _INSTANT,
         "expiresAt": _INSTANT,
         "reservationId": _TEXT,
+        "reservation": {
+            **_object(
+                {"status": {"enum": ["reserved", "confirmed", "released", "expired"]},
+                 "expiresAt": _INSTANT},
+                ["status", "expiresAt"],
+            ),
+            "description": "Approved (approvals_get only): the reservation to pay with, and by "
+            "when the payment must be confirmed.",
+        },
     },
     ["id", "agentId", "status", "amount", "amountRaw", "decimals", "symbol", "recipient",
      "network", "requiredApprovers", "approvers", "decisions", "createdAt", "expiresAt"],
@@ -519,7 +528,8 @@ TOOLS: tuple[Tool, ...] = (
         "agent_policy_approvals_get",
         "agent-policy/approvals/get",
         "Read one approval: its status (pending, approved, denied, expired), the decisions so "
-        "far, and once approved the reservationId to confirm after paying.",
+        "far, and once approved the reservationId to confirm after paying and the "
+        "reservation's expiresAt, by when to pay.",
         _schema({"approvalId": _ID}, ["approvalId"]),
         _APPROVAL,
         Annotations("Read an approval", read_only=True),
