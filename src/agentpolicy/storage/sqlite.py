@@ -37,6 +37,7 @@ from agentpolicy.storage.base import (
     Doc,
     Outcome,
     Txn,
+    dumps,
     op_prefix,
 )
 
@@ -83,8 +84,7 @@ def _busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = dumps
 
 
 class _SQLiteSession:
