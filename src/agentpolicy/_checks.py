@@ -71,12 +71,11 @@ def check_bool(value: object, path: str) -> list[Problem]:
 
 def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
     """Whether :func:`check_identifier` would find nothing wrong (a fast test, no messages)."""
-    return (
-        type(value) is str
-        and 0 < len(value) <= max_len
-        and value == value.strip()
-        and not _CONTROL.search(value)
-    )
+    if type(value) is not str or not 0 < len(value) <= max_len:
+        return False
+    if value.isprintable():  # no control character, and no whitespace but the ASCII space
+        return value[0] != " " and value[-1] != " "
+    return value == value.strip() and not _CONTROL.search(value)
 
 
 def plain_network(value: object) -> bool:
