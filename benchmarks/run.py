@@ -482,15 +482,40 @@ def postgres_throughput(base: str, per_process: int, agents: int) -> None:
             _pg_drop(base, schema)
 
 
+def _sqlite_only(quick: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite_figures(Path(tmp), 2_000 if quick else 20_000)
+
+
+def _postgres_only(quick: bool) -> None:
+    postgres_figures(
+        os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
+
+
+ONLY: dict[str, Callable[[bool], None]] = {
+    "memory": lambda quick: memory_vs_limits(),
+    "sqlite": _sqlite_only,
+    "redis": lambda quick: redis_figures(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
+    "postgres": _postgres_only,
+    "import": lambda quick: import_times(5 if quick else 11),
+}
+"""Groups of figures for ``--only NAME``: one figure and its anchor, without the rest."""
+
+
 def main() -> None:
     global ROUNDS  # noqa: PLW0603 - a command-line setting
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--async-only", action="store_true", help="only the async store figures")
+    parser.add_argument("--only", choices=sorted(ONLY), help="one group of figures")
     args = parser.parse_args()
     ROUNDS = 3 if args.quick else 7
     if args.async_only:
         async_redis_figures(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+        return
+    if args.only:
+        ONLY[args.only](args.quick)
         return
     print(f"agentpolicy benchmarks on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     memory_vs_limits()

@@ -75,11 +75,13 @@ def check_bool(value: object, path: str) -> list[Problem]:
 
 def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
     """Whether :func:`check_identifier` would find nothing wrong (a fast test, no messages)."""
+    # a printable string holds no whitespace but the ASCII space: only its ends need a look
     return (
         type(value) is str
         and 0 < len(value) <= max_len
         and value.isprintable()
-        and value == value.strip()
+        and value[0] != " "
+        and value[-1] != " "
     )
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 
+from agentpolicy.storage.base import serial_random
+
 __all__ = [
     "AGENTS",
     "DUE",
@@ -82,8 +84,11 @@ def _untag(value: str) -> str | None:
 
 
 def new_token(at: int) -> str:
-    """32 hex digits: the time (so stores keep new ids together), then 76 random bits."""
-    return f"{max(at, 0):013x}{os.urandom(10).hex()[:19]}"
+    """32 hex digits: the time, a counter of this process, then 56 random bits.
+
+    Time and counter first: stores keep new ids together, in the order they were made.
+    """
+    return f"{max(at, 0):013x}{serial_random()}"
 
 
 def new_id(kind: str, agent_id: str, token: str | None = None) -> str:

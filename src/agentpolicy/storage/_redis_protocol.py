@@ -25,6 +25,7 @@ from redis.backoff import ExponentialBackoff
 from agentpolicy.errors import InternalError, PolicyError, StorageUnavailableError
 from agentpolicy.ledger.keys import tag
 from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn
+from agentpolicy.storage.base import dumps as _dumps
 
 T = TypeVar("T")
 
@@ -41,9 +42,8 @@ def script() -> str:
     return (resources.files("agentpolicy.storage") / "redis_commit.lua").read_text("utf-8")
 
 
-def dumps(value: Any) -> str:
-    """Compact JSON (amounts stay integers in text, never Lua numbers)."""
-    return json.dumps(value, separators=(",", ":"))
+dumps = _dumps
+"""Compact JSON (amounts stay integers in text, never Lua numbers)."""
 
 
 def cluster_url(url: str) -> tuple[bool, str]:

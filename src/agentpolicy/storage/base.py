@@ -34,13 +34,17 @@ ledger steps run on them through :func:`agentpolicy.ledger.arunner.arun`.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "NEXT_SEQ",
+    "dumps",
     "new_op",
+    "serial_random",
     "op_prefix",
     "OP_KEEP_US",
     "AsyncSession",
@@ -67,9 +71,72 @@ def op_prefix(at: int) -> str:
     return f"{max(at, 0):014x}"
 
 
+def _unencodable(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+try:
+    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - CPython always has the accelerator
+    _c_make_encoder = None
+
+if _c_make_encoder is not None:
+    # markers (no circular check), default, string encoder, indent, key and item
+    # separators, sort_keys, skipkeys, allow_nan: what json.dumps passes for these options
+    _compact = _c_make_encoder(
+        None, _unencodable, json.encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, True,  # noqa: FBT003
+    )  # fmt: skip
+
+    def dumps(value: Any) -> str:
+        """Compact JSON, as ``json.dumps(value, separators=(",", ":"))`` writes it.
+
+        Calls the standard library's C encoder directly: ``json.dumps`` with
+        any argument builds a new encoder per call.
+        """
+        return "".join(_compact(value, 0))
+
+else:  # pragma: no cover
+
+    def dumps(value: Any) -> str:
+        """Compact JSON, as ``json.dumps(value, separators=(",", ":"))`` writes it."""
+        return json.dumps(value, separators=(",", ":"))
+
+
+_serial = itertools.count()  # next() is atomic under the GIL
+_random: list[str] = []
+
+
+def _reset_after_fork() -> None:
+    _random.clear()  # a child must not hand out the random bits its parent will
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def serial_random() -> str:
+    """19 hex digits: a counter of this process (5), then 56 random bits (14).
+
+    After the time, ids made in one process sort in the order they were made,
+    even when the clock stands still (a manual clock, or many ids in one
+    microsecond), so B-trees receive new ids at their end. The random bits
+    come from ``os.urandom``, drawn 256 ids at a time (one system call).
+    """
+    try:
+        tail = _random.pop()
+    except IndexError:
+        pool = os.urandom(7 * 256).hex()
+        _random.extend(pool[i : i + 14] for i in range(0, len(pool), 14))
+        tail = _random.pop()
+    return f"{next(_serial) & 0xFFFFF:05x}{tail}"
+
+
 def new_op(at: int) -> str:
-    """A new operation id: its time, then 64 random bits (time first keeps B-trees compact)."""
-    return op_prefix(at) + os.urandom(8).hex()
+    """A new operation id: its time, a counter of this process, 56 random bits.
+
+    Time first, then the counter, keeps B-trees compact: new ids land at the end.
+    """
+    return op_prefix(at) + serial_random()
 
 
 class Txn:

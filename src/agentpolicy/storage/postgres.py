@@ -71,7 +71,16 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from agentpolicy.errors import InternalError, PolicyValidationError, StorageUnavailableError
 from agentpolicy.storage._pg_url import split_postgres_url
-from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn, op_prefix
+from agentpolicy.storage.base import (
+    CONFLICT,
+    NEXT_SEQ,
+    OP_KEEP_US,
+    Doc,
+    Outcome,
+    Txn,
+    dumps,
+    op_prefix,
+)
 from agentpolicy.urls import redact_url
 
 __all__ = ["SCHEMA_VERSION", "PostgresStorage"]
@@ -113,8 +122,7 @@ _RETRYABLE = (
 )
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = dumps
 
 
 def _first_line(exc: BaseException) -> str:

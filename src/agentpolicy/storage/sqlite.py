@@ -6,8 +6,12 @@ its commit can never conflict. A session that only reads runs on a WAL
 snapshot (``BEGIN``); if it turns out to write after all and another process
 wrote meanwhile, SQLite refuses the upgrade and the runner starts again with a
 write session. The file uses WAL (readers do not block the writer),
-``synchronous=NORMAL``, a checkpoint every 10,000 WAL pages, a busy timeout,
-and retries when the lock stays busy.
+``synchronous=NORMAL``, a busy timeout, and retries when the lock stays busy.
+Checkpoints run on a thread of their own (:class:`_Checkpointer`), so copying
+pages back into the database leaves the commit path. The WAL can start over
+only once a checkpoint has caught up with every commit, which a checkpoint
+beside busy writers rarely does; so at 10,000 WAL pages (as before) a commit
+still checkpoints, and finds only the few pages the thread has not copied.
 Each thread has its own connection. A ``schema_version`` table records the
 layout; files of agentpolicy 0.1 (schema 2) are converted when opened.
 
@@ -37,6 +41,7 @@ from agentpolicy.storage.base import (
     Doc,
     Outcome,
     Txn,
+    dumps,
     op_prefix,
 )
 
@@ -76,6 +81,10 @@ CREATE TABLE IF NOT EXISTS sequence (n INTEGER NOT NULL);
 
 _TRIM_EVERY = 64
 _PRUNE_EVERY = 10_000
+_CHECKPOINT_EVERY = 100
+"""Commits (of this storage object) between two wake-ups of the checkpoint thread."""
+_FALLBACK_AUTOCHECKPOINT = 10_000
+"""WAL pages past which a commit checkpoints (what is left) and the WAL starts over."""
 
 
 def _busy(exc: sqlite3.Error) -> bool:
@@ -83,8 +92,7 @@ def _busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = dumps
 
 
 class _SQLiteSession:
@@ -217,6 +225,53 @@ class _SQLiteSession:
             )
 
 
+class _Checkpointer:
+    """A daemon thread that checkpoints the WAL when commits wake it.
+
+    A ``PASSIVE`` checkpoint copies committed pages from the WAL into the
+    database without taking the write lock, so writers go on meanwhile; once
+    it has copied everything, the next writer starts the WAL from its
+    beginning again. Durability is SQLite's own (WAL, ``synchronous=NORMAL``):
+    a checkpoint only moves pages that are already committed. The thread has
+    its own connection, releases the GIL while SQLite works, and is stopped
+    by :meth:`stop` (``SQLiteStorage.close``); being a daemon, it never holds
+    a process open.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.wake = threading.Event()
+        self.stopping = False
+        self.checkpoints = 0
+        self.thread = threading.Thread(target=self._run, name="agentpolicy-sqlite-checkpoint",
+                                       daemon=True)  # fmt: skip
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:  # pragma: no cover - the storage opened the same file just now
+            return
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")  # a busy checkpoint is skipped, not awaited
+            while True:
+                self.wake.wait()
+                self.wake.clear()
+                if self.stopping:
+                    return
+                with contextlib.suppress(sqlite3.Error):  # busy: the next wake-up tries again
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Stop the thread, waiting for a checkpoint under way to finish."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
+
+
 class SQLiteStorage:
     """Storage in one SQLite file (``sqlite:///relative.db``, ``sqlite:////absolute.db``).
 
@@ -245,6 +300,9 @@ class SQLiteStorage:
         self._all_lock = threading.Lock()
         self._commits_until_prune = _PRUNE_EVERY
         self._appends: dict[str, int] = {}
+        self._commits = 0
+        self._checkpointer: _Checkpointer | None = None
+        self._checkpointer_pid = 0
         self._create_private()
         self._init_schema()
 
@@ -269,10 +327,9 @@ class SQLiteStorage:
                 )
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
-                # Commits rewrite the same few hot pages; checkpointing every 10,000 WAL
-                # pages (about 40 MB) copies each once per checkpoint rather than once per
-                # 1,000 pages, which halves what checkpoints cost a commit on average.
-                conn.execute("PRAGMA wal_autocheckpoint = 10000")
+                # The checkpoint thread copies pages as commits come; at 10,000 WAL pages
+                # (about 40 MB) a commit copies what is left, and the WAL starts over.
+                conn.execute(f"PRAGMA wal_autocheckpoint = {_FALLBACK_AUTOCHECKPOINT}")
             except sqlite3.Error as exc:
                 raise StorageUnavailableError(
                     f"cannot open SQLite database {self.path}: {exc}"
@@ -344,6 +401,22 @@ class SQLiteStorage:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StorageUnavailableError(f"commit failed on {self.path}: {exc}") from None
+        if write:
+            self._committed()
+
+    def _committed(self) -> None:
+        """Count a write transaction; every so often wake the checkpoint thread."""
+        self._commits += 1
+        if self._commits % _CHECKPOINT_EVERY or self.path == ":memory:":
+            return
+        checkpointer = self._checkpointer
+        if checkpointer is None or self._checkpointer_pid != os.getpid():
+            with self._all_lock:  # started on first need, and again in a forked child
+                if self._checkpointer is None or self._checkpointer_pid != os.getpid():
+                    self._checkpointer = _Checkpointer(self.path)
+                    self._checkpointer_pid = os.getpid()
+                checkpointer = self._checkpointer
+        checkpointer.wake.set()
 
     def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
         """The newest ``limit`` entries of a log, newest first."""
@@ -366,7 +439,11 @@ class SQLiteStorage:
         return str(row[0])
 
     def close(self) -> None:
-        """Close every connection this storage opened."""
+        """Stop the checkpoint thread; close every connection this storage opened."""
+        with self._all_lock:
+            checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None and self._checkpointer_pid == os.getpid():
+            checkpointer.stop()
         with self._all_lock:
             for conn in self._all:
                 conn.close()
