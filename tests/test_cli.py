@@ -571,6 +571,8 @@ def test_approvers_sign_their_votes_from_the_command_line(tmp_path: Path) -> Non
     assert "requested by bob for bot" in signed.stdout
     shown = json.loads(run(tmp_path, "--json", "approvals", "show", aid).stdout)
     assert shown["decisions"][0]["via"] == "signature"
+    history = run(tmp_path, "history", "bot")
+    assert "by alice  (ok)  [signed, key version 1]" in history.stdout
     assert shown["status"] == "pending"
     carol_key = tmp_path / "carol.key"
     carol = json.loads(run(tmp_path, "--json", "approver", "keygen", str(carol_key)).stdout)

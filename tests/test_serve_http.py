@@ -338,6 +338,7 @@ def test_a_link_page_is_reached_by_its_token_alone_and_sends_no_referrer_path(
     page = httpx2.get(f"{served.url}/approvals/link", params={"t": token})
     assert page.status_code == 200
     assert page.headers.get_list("referrer-policy") == ["origin"]
+    assert '<meta name="referrer" content="origin">' in page.text  # a meta would override it
     assert f'value="{html.escape(d.approval_id or "")}"' in page.text
     metrics = served.token("metrics")
     for i in range(5):

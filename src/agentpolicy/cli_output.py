@@ -290,6 +290,11 @@ def print_history(data: dict[str, Any], out: TextIO) -> None:
             parts.append("by " + ", ".join(r["approvers"]))
         if r.get("comment"):
             parts.append(f"({r['comment']})")
+        detail = r.get("detail") or ""
+        if r["event"] != "vote":
+            parts.append(detail)  # a rollback, a promoted or set shadow policy
+        elif detail.endswith("]") and " [" in detail:  # what proved the vote shown above
+            parts.append("[" + detail.rpartition(" [")[2])
         out.write("  ".join(parts).rstrip() + "\n")
     if not data["history"]:
         out.write("no history\n")

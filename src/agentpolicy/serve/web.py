@@ -139,9 +139,11 @@ class Pages:
             "approval.html", title=f"Approval for {found.agent_id}",
             heading=f"{found.agent_id} asks to pay {found.amount.human()}",
             intro=f"You decide as {link.approver}, with the one-time link sent to you.",
-            approval=card, who=None,
+            approval=card, who=None, referrer="origin",
         ))  # fmt: skip
-        page.headers["Referrer-Policy"] = "origin"  # the token stays out of every Referer
+        # the token stays out of every Referer, our own form's POST included (the page's
+        # <meta name="referrer"> says the same: a meta would otherwise override the header)
+        page.headers["Referrer-Policy"] = "origin"
         return page
 
     async def _shown(self, caller: Caller, approval_id: str) -> Approval:
