@@ -304,10 +304,10 @@ def test_the_agent_may_delegate_only_when_its_policy_allows_and_only_so_deep(
         engine.set_policy("child", daily(1))  # a delegated budget keeps its parent
 
 
-def test_revoking_releases_every_open_reservation_below_and_stops_every_payment_below(
+def test_revoking_stops_every_payment_below_and_keeps_payments_under_way_counted(
     backend: Backend,
 ) -> None:
-    engine, _ = tree(backend)
+    engine, clock = tree(backend)
     research(engine)
     engine.set_policy("research", daily(20, delegation={"allowed": True, "maxDepth": 3},
                                         approvalConfig={"thresholds": [
@@ -323,10 +323,14 @@ def test_revoking_releases_every_open_reservation_below_and_stops_every_payment_
         engine.revoke("browse", by="tab")  # only a budget above may revoke
     revoked = engine.revoke("browse", by="research")
     assert revoked.revoked_at == T0
-    for d in (open_child, open_grandchild):
-        assert engine.get_reservation(d.reservation_id or "").status == "released"
+    for d in (open_child, open_grandchild):  # told to pay before the revocation: still counted
+        assert engine.get_reservation(d.reservation_id or "").status == "reserved"
     assert engine.get_approval(held.approval_id or "").status == "expired"
-    assert used(engine, "research") == (0, 0)
+    assert used(engine, "research") == (0, 5 * U)
+    engine.confirm(open_child.reservation_id or "")  # the payment made counts
+    assert used(engine, "research") == (3 * U, 2 * U)
+    clock.advance(timedelta(minutes=6))  # the other was never paid: it expires, as any other
+    assert used(engine, "research") == (3 * U, 0)
     for agent in ("browse", "tab"):
         d = engine.authorize(payment(1, agent_id=agent))
         assert (d.code, d.budget_id) == (Code.DELEGATION_REVOKED, "browse")
@@ -336,7 +340,7 @@ def test_revoking_releases_every_open_reservation_below_and_stops_every_payment_
     with pytest.raises(NotFoundError) as not_delegated:
         engine.revoke("research")
     assert not_delegated.value.code == ErrorCode.DELEGATION_NOT_FOUND
-    assert {"revoke", "release"} <= {h.event for h in engine.history("browse", 10)}
+    assert {"revoke", "confirm"} <= {h.event for h in engine.history("browse", 10)}
 
 
 def test_an_idempotent_retry_after_a_revocation_answers_the_first_decision(

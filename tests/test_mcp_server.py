@@ -753,3 +753,29 @@ def test_dates_and_durations_past_the_calendar_are_invalid_input_and_change_noth
     refused = err(call(admin, tool, args))
     assert (refused["code"], refused["path"]) == ("INVALID_INPUT", path)
     assert err(call(admin, "agent_policy_get", {"agentId": "acme:bot/c"}))["code"] == "NO_POLICY"
+
+
+def test_the_longest_agent_ids_get_reservations_and_approvals_that_can_be_settled() -> None:
+    """An id of 256 four-byte characters is tagged as 2,049 characters: its ids still work."""
+    from agentpolicy._checks import MAX_ID, MAX_RECORD_ID
+
+    clock = ManualClock()
+    admin = AgentPolicyMcpServer(storage=MemoryStorage(), role="admin", clock=clock)
+    for agent_id in ("\U0001f4b0" * MAX_ID, "支払い" * (MAX_ID // 3), "a" * MAX_ID):
+        ok(call(admin, "agent_policy_set", {"agentId": agent_id, "policy": POLICY}))
+        agent = AgentPolicyMcpServer(engine=admin.engine, agent_id=agent_id)
+        d = ok(call(agent, "agent_policy_authorize", {**PAY, "agentId": agent_id}))
+        assert len(d["reservationId"]) <= MAX_RECORD_ID
+        confirmed = ok(call(agent, "agent_policy_confirm", {"reservationId": d["reservationId"]}))
+        assert confirmed["status"] == "confirmed"
+        big = {**PAY, "agentId": agent_id, "amount": str(500 * USDT)}
+        aid = ok(call(agent, "agent_policy_authorize", big))["approvalId"]
+        assert ok(call(agent, "agent_policy_approvals_get", {"approvalId": aid}))["id"] == aid
+        decided = ok(call(admin, "agent_policy_approvals_decide", {
+            "approvalId": aid, "decision": "approve", "approver": "admin@company.com"}))  # fmt: skip
+        paid = ok(call(agent, "agent_policy_confirm", {"reservationId": decided["reservationId"]}))
+        assert paid["status"] == "confirmed"
+        budget = ok(call(agent, "agent_policy_budget", {"agentId": agent_id}))
+        assert budget["periods"]["daily"]["spent"] == str(505 * USDT)
+    longest = "res_" + "0" * 32 + "_~" + ("\U0001f4b0" * MAX_ID).encode().hex()
+    assert len(longest) == MAX_RECORD_ID

@@ -116,6 +116,21 @@ def check_identifier(value: object, path: str, max_len: int = MAX_ID) -> list[Pr
     return []
 
 
+MAX_RECORD_ID = len("res_") + 32 + len("_~") + 2 * 4 * MAX_ID
+"""The longest reservation or approval id the engine makes.
+
+``res_`` (or ``apr_``), 32 hex digits, ``_``, then the agent's tag: its id,
+or ``~`` and the hex of its UTF-8 bytes (up to 4 per character of an id of
+:data:`MAX_ID` characters). A bound below this would refuse ids the engine
+handed out, and a payment that cannot be confirmed stops counting at its TTL.
+"""
+
+
+def check_record_id(value: object, path: str) -> list[Problem]:
+    """A reservation or approval id: an identifier of up to :data:`MAX_RECORD_ID` characters."""
+    return check_identifier(value, path, MAX_RECORD_ID)
+
+
 def check_text(value: object, path: str, max_len: int = MAX_TEXT) -> list[Problem]:
     """Free text (a memo, a reason): a string of bounded length."""
     if not isinstance(value, str):

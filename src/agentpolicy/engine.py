@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from agentpolicy._checks import check_identifier, check_int, check_text, raise_if
+from agentpolicy._checks import check_identifier, check_int, check_record_id, check_text, raise_if
 from agentpolicy.amounts import Amount, scale_units
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import dump_policy, load_policy
@@ -533,10 +533,11 @@ class PolicyEngine(Voting):
     def revoke(self, agent_id: str, *, by: str | None = None) -> Delegation:
         """Revoke a delegated budget: it and every budget below it stop allowing payments.
 
-        Their open reservations are released and their held approvals expire,
-        in the same step. ``by`` (when given) must be a budget above it, else
-        ``FORBIDDEN``. Revoking again changes nothing. Raises ``NO_POLICY``
-        or ``DELEGATION_NOT_FOUND`` for a budget that was not delegated.
+        Their held approvals expire in the same step; reservations already
+        handed out (payments under way) count until confirmed or expired.
+        ``by`` (when given) must be a budget above it, else ``FORBIDDEN``.
+        Revoking again changes nothing. Raises ``NO_POLICY`` or
+        ``DELEGATION_NOT_FOUND`` for a budget that was not delegated.
         Returns the delegation, with ``revoked_at``.
         """
         return self._drive(self._revoke(agent_id, by=by))
@@ -772,7 +773,7 @@ class PolicyEngine(Voting):
     def _settle(
         self, reservation_id: str, action: str, holder: str | None = None
     ) -> Flow[Reservation]:
-        problems = check_identifier(reservation_id, "$.reservationId")
+        problems = check_record_id(reservation_id, "$.reservationId")
         if holder is not None:
             problems += check_identifier(holder, "$.holder")
         raise_if(problems)
@@ -798,7 +799,7 @@ class PolicyEngine(Voting):
         return self._drive(self._claim(reservation_id, holder))
 
     def _claim(self, reservation_id: str, holder: str) -> Flow[Reservation]:
-        problems = check_identifier(reservation_id, "$.reservationId")
+        problems = check_record_id(reservation_id, "$.reservationId")
         problems += check_identifier(holder, "$.holder")
         raise_if(problems)
         now = self._now()
@@ -812,7 +813,7 @@ class PolicyEngine(Voting):
         return self._drive(self._get_reservation(reservation_id))
 
     def _get_reservation(self, reservation_id: str) -> Flow[Reservation]:
-        raise_if(check_identifier(reservation_id, "$.reservationId"))
+        raise_if(check_record_id(reservation_id, "$.reservationId"))
         now = self._now()
         shard = yield from self._shard_of_id(reservation_id)
         name = keys.reservation(reservation_id)
@@ -905,7 +906,7 @@ class PolicyEngine(Voting):
         return self._drive(self._get_approval(approval_id))
 
     def _get_approval(self, approval_id: str) -> Flow[Approval]:
-        raise_if(check_identifier(approval_id, "$.approvalId"))
+        raise_if(check_record_id(approval_id, "$.approvalId"))
         now = self._now()
         shard = yield from self._shard_of_id(approval_id)
         name = keys.approval(approval_id)
@@ -1010,7 +1011,7 @@ class PolicyEngine(Voting):
         signature: str | None = None,
         signed_at: datetime | None = None,
     ) -> Flow[Approval]:
-        problems = check_identifier(approval_id, "$.approvalId")
+        problems = check_record_id(approval_id, "$.approvalId")
         problems += check_identifier(approver, "$.approver")
         if decision not in DECISIONS:
             problems += PolicyValidationError.single(

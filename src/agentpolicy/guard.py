@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from agentpolicy._checks import check_identifier, raise_if
+from agentpolicy._checks import check_record_id, raise_if
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.errors import ConflictError, ErrorCode, PolicyError, PolicyValidationError
 from agentpolicy.records import Approval, ApprovalStatus, Reservation
@@ -104,7 +104,7 @@ def _check_arguments(request: object, approval_id: object) -> None:
     if not isinstance(request, PaymentRequest):
         raise PolicyValidationError.single("$.request", "must be a PaymentRequest")
     if approval_id is not None:
-        raise_if(check_identifier(approval_id, "$.approvalId"))
+        raise_if(check_record_id(approval_id, "$.approvalId"))
 
 
 def _admit(decision: Decision) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from agentpolicy._checks import check_identifier, check_text, raise_if
+from agentpolicy._checks import check_identifier, check_record_id, check_text, raise_if
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import format_instant, parse_instant
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, Problem
@@ -191,7 +191,7 @@ class Voting:
         signed_at: datetime,
         comment: str | None = None,
     ) -> Flow[bytes]:
-        problems = check_identifier(approval_id, "$.approvalId")
+        problems = check_record_id(approval_id, "$.approvalId")
         problems += check_identifier(approver, "$.approver")
         if decision not in DECISIONS:
             problems.append(Problem("$.decision", "must be 'approve' or 'deny'"))
@@ -328,7 +328,7 @@ class Voting:
     ) -> Flow[Approval]:
         problems: list[Problem] = []
         if approval_id is not None:
-            problems += check_identifier(approval_id, "$.approvalId")
+            problems += check_record_id(approval_id, "$.approvalId")
         if comment is not None:
             problems += check_text(comment, "$.comment")
         raise_if(problems)

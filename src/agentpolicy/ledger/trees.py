@@ -381,8 +381,11 @@ def revoke(
 ) -> Step:
     """Revoke a delegated budget: it and every budget below it stop allowing payments.
 
-    Every open reservation and held approval at or below it is released (the
-    approvals expire). ``by`` (when given) must be a budget above it.
+    Every held approval at or below it is released (the approvals expire).
+    Reservations already handed out stay open until confirmed or expired:
+    their payments may be under way (the agent was told to pay), and
+    releasing them would give back budget that is being spent. ``by`` (when
+    given) must be a budget above it.
     Revoking again changes nothing. The result is ``{"head": head,
     "released": [[id, reservation]], "lapsed": [[id, approval]]}``.
     """
@@ -416,8 +419,10 @@ def revoke(
         held_for: list[str] = []
         for rid, name in zip(ids, names, strict=True):
             doc = view.doc(name)
+            if doc is not None and doc["st"] == "reserved":
+                continue  # a payment under way: confirmed by its payer, or it expires
             txn.index.append((index, rid, None))
-            if doc is None or doc["st"] not in ("held", "reserved"):
+            if doc is None or doc["st"] != "held":
                 continue
             released.append((rid, close_reservation(txn, cfg, books, rid, doc, "released", now_us)))
             if doc["st"] == "held" and doc["apr"] is not None:

@@ -17,7 +17,15 @@ from typing import Any
 
 import attrs
 
-from agentpolicy._checks import MAX_ID, MAX_TEXT, check_identifier, check_int, check_text, type_name
+from agentpolicy._checks import (
+    MAX_ID,
+    MAX_RECORD_ID,
+    MAX_TEXT,
+    check_identifier,
+    check_int,
+    check_text,
+    type_name,
+)
 from agentpolicy.amounts import MAX_DECIMALS, MAX_DIGITS
 from agentpolicy.decisions import Code, Outcome
 from agentpolicy.errors import ErrorCode, PolicyValidationError, Problem
@@ -29,6 +37,7 @@ MAX_PAGE = 100
 """The most entries one page of a listing holds."""
 
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID}
+_RECORD_ID = {"type": "string", "minLength": 1, "maxLength": MAX_RECORD_ID}
 _AMOUNT = {
     "type": "string",
     "pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$",
@@ -502,7 +511,7 @@ TOOLS: tuple[Tool, ...] = (
         "agent-policy/confirm",
         "Confirm that an authorized payment was sent: its reserved amount becomes spending. "
         "Call it once the payment went through; calling it again is harmless.",
-        _schema({"reservationId": _ID}, ["reservationId"]),
+        _schema({"reservationId": _RECORD_ID}, ["reservationId"]),
         _RESERVATION,
         Annotations("Confirm a payment", read_only=False),
     ),
@@ -511,7 +520,7 @@ TOOLS: tuple[Tool, ...] = (
         "agent-policy/release",
         "Give back the budget of an authorized payment that was NOT sent. Calling it again "
         "is harmless; a confirmed payment cannot be released.",
-        _schema({"reservationId": _ID}, ["reservationId"]),
+        _schema({"reservationId": _RECORD_ID}, ["reservationId"]),
         _RESERVATION,
         Annotations("Release a reservation", read_only=False),
     ),
@@ -530,7 +539,7 @@ TOOLS: tuple[Tool, ...] = (
         "Read one approval: its status (pending, approved, denied, expired), the decisions so "
         "far, and once approved the reservationId to confirm after paying and the "
         "reservation's expiresAt, by when to pay.",
-        _schema({"approvalId": _ID}, ["approvalId"]),
+        _schema({"approvalId": _RECORD_ID}, ["approvalId"]),
         _APPROVAL,
         Annotations("Read an approval", read_only=True),
     ),
@@ -542,7 +551,7 @@ TOOLS: tuple[Tool, ...] = (
         "needs their signature (signature and signedAt).",
         _schema(
             {
-                "approvalId": _ID,
+                "approvalId": _RECORD_ID,
                 "decision": {"type": "string", "enum": ["approve", "deny"]},
                 "approver": {**_ID, "description": "Who decides: one of the approval's approvers."},
                 "comment": {"type": "string", "maxLength": MAX_TEXT},
@@ -609,7 +618,8 @@ TOOLS += (
         "agent_policy_revoke",
         "agent-policy/revoke",
         "Revoke a sub-agent's delegated budget now: it (and every budget below it) stops "
-        "allowing payments, and its open reservations are released. Only a budget above it "
+        "allowing payments and its pending approvals expire (payments already allowed count "
+        "until confirmed or expired). Only a budget above it "
         "(by default this server's agent) or an administrator may revoke it. Revoking again "
         "is harmless.",
         _schema(
