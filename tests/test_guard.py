@@ -209,7 +209,10 @@ def test_a_confirm_that_fails_after_the_block_raises_its_error_with_what_to_do()
     assert "may have been made" in notes
     store.down = False
     assert daily(engine) == (0, 30 * USDT)  # still held until its TTL
-    engine.confirm(p.reservation_id)  # what the note says to do
+    assert f"holder={p.holder!r}" in notes
+    with pytest.raises(ConflictError):  # the block's claim stands: only it settles
+        engine.confirm(p.reservation_id)
+    engine.confirm(p.reservation_id, holder=p.holder)  # what the note says to do
     assert daily(engine) == (30 * USDT, 0)
 
 
@@ -415,6 +418,22 @@ def test_a_reservation_is_claimed_by_one_holder_and_closed_ones_cannot_be(
         engine.claim("res_" + "0" * 32 + "_agent-1", "one")
 
 
+def test_authorize_with_a_holder_claims_the_reservation_as_it_is_made(backend: Backend) -> None:
+    engine = backend.engine(ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
+    rid = engine.authorize(payment(USDT, agent_id="agent-1"), holder="one").reservation_id or ""
+    with pytest.raises(ConflictError) as taken:
+        engine.claim(rid, "two")
+    assert taken.value.code == ErrorCode.RESERVATION_CLAIMED
+    with pytest.raises(ConflictError) as other:
+        engine.release(rid)
+    assert other.value.code == ErrorCode.RESERVATION_CLAIMED
+    assert engine.release(rid, holder="one").status == "released"
+    with pytest.raises(PolicyValidationError) as bad:
+        engine.authorize(payment(USDT, agent_id="agent-1"), holder=" x")
+    assert [p.path for p in bad.value.problems] == ["$.holder"]
+
+
 def test_a_claimed_reservation_expired_is_released_by_anyone(backend: Backend) -> None:
     clock = ManualClock()
     engine = backend.engine(clock)
@@ -425,10 +444,14 @@ def test_a_claimed_reservation_expired_is_released_by_anyone(backend: Backend) -
     assert engine.release(rid).status == "expired"
 
 
-def test_the_agent_cannot_release_a_payment_a_guarded_block_is_making(backend: Backend) -> None:
+@pytest.mark.parametrize("key", [None, "order-9"])
+def test_the_agent_cannot_release_a_payment_a_guarded_block_is_making(
+    backend: Backend, key: str | None
+) -> None:
+    """With or without an idempotency key: the id may be seen (history, pages) by the agent."""
     engine = backend.engine(ManualClock())
     engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
-    request = payment(60 * USDT, agent_id="agent-1", idempotency_key="order-9")
+    request = payment(60 * USDT, agent_id="agent-1", idempotency_key=key)
     with engine.payment(request) as p:
         for settle in (engine.release, engine.confirm):  # e.g. the agent's own MCP tools
             with pytest.raises(ConflictError) as refused:
@@ -439,9 +462,10 @@ def test_the_agent_cannot_release_a_payment_a_guarded_block_is_making(backend: B
     assert engine.get_reservation(p.reservation_id).status == "confirmed"
 
 
-def test_the_async_guard_settles_its_claimed_reservation() -> None:
+@pytest.mark.parametrize("key", [None, "order-10"])
+def test_the_async_guard_settles_its_claimed_reservation(key: str | None) -> None:
     engine, _ = make()
-    request = payment(60 * USDT, idempotency_key="order-10")
+    request = payment(60 * USDT, idempotency_key=key)
 
     async def main() -> None:
         async with AsyncPolicyEngine.from_engine(engine) as aengine:

@@ -74,6 +74,8 @@ def test_an_empty_category_is_no_category() -> None:
         ("recipient", "", "$.recipient"),
         ("recipient", "0xbad ", "$.recipient"),
         ("network", "base", "$.network"),
+        ("network", "b\u0131p122:000000000019d6689c085ae165831e93", "$.network"),
+        ("network", "eip155:\u212a", "$.network"),
         ("network", "eip155:8453 ", "$.network"),
         ("category", " x", "$.category"),
         ("decimals", -1, "$.decimals"),

@@ -21,6 +21,7 @@ from x402.schemas import PaymentRequired, PaymentRequirements, PaymentResponseCo
 
 from agentpolicy import (
     AsyncPolicyEngine,
+    ConflictError,
     ErrorCode,
     PaymentDenied,
     PolicyEngine,
@@ -208,6 +209,20 @@ def test_a_payment_signed_but_never_answered_is_held_until_its_ttl() -> None:
     assert spent_and_reserved(engine) == (0, 0)
 
 
+def test_the_agent_cannot_release_a_payment_the_x402_guard_signed() -> None:
+    """The guard's reservation is claimed as it is made; the id may be seen in history."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, _ = sync_client(engine)
+    client.create_payment_payload(payment_required())  # signed, the request under way
+    rid = engine.history("bot", 1)[0].reservation_id or ""
+    for settle in (engine.release, engine.confirm):  # e.g. the agent's own MCP tools
+        with pytest.raises(ConflictError) as refused:
+            settle(rid)
+        assert refused.value.code == ErrorCode.RESERVATION_CLAIMED
+    assert spent_and_reserved(engine) == (0, PRICE)
+
+
 def test_a_payment_the_seller_refuses_with_402_again_is_released() -> None:
     engine = PolicyEngine(clock=ManualClock())
     engine.set_policy("bot", BUDGET_FOR_5)
@@ -350,9 +365,9 @@ def test_a_settlement_whose_confirm_fails_is_kept_for_reconciliation(
     guard = guard_x402(client, engine, "bot")
     original = engine.confirm
 
-    def late_confirm(rid: str) -> Any:
+    def late_confirm(rid: str, **kw: Any) -> Any:
         clock.advance(minutes=5)  # the settlement took longer than the reservation lived
-        return original(rid)
+        return original(rid, **kw)
 
     engine.confirm = late_confirm  # type: ignore[method-assign]
     r = x402_requests(client).get(f"{url}/report", timeout=30)
@@ -405,9 +420,9 @@ def test_an_async_client_with_a_sync_engine_runs_the_engine_off_the_loop() -> No
     engine_threads: list[int] = []
     original = engine.authorize
 
-    def spy(request: Any) -> Any:
+    def spy(request: Any, **kw: Any) -> Any:
         engine_threads.append(threading.get_ident())
-        return original(request)
+        return original(request, **kw)
 
     engine.authorize = spy  # type: ignore[method-assign]
 

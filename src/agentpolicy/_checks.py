@@ -27,7 +27,7 @@ UNITS_LIMIT = 10**MAX_DIGITS
 _LIMIT = UNITS_LIMIT
 
 # CAIP-2: namespace ":" reference (https://chainagnostic.org/CAIPs/caip-2).
-_CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE)
+_CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE | re.ASCII)
 
 # Control characters, invisible format characters (zero-width spaces and
 # joiners, soft hyphens, byte-order marks, bidirectional overrides), Unicode

@@ -303,11 +303,20 @@ class AsyncPolicyEngine:
     # -- payments -----------------------------------------------------------------------------
 
     async def authorize(
-        self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
+        self,
+        request: PaymentRequest,
+        *,
+        dry_run: bool = False,
+        requested_by: str | None = None,
+        holder: str | None = None,
     ) -> Decision:
         """Decide a payment; hold its amount when allowed (:meth:`PolicyEngine.authorize`)."""
         return await self._flow(
-            self._engine._authorize, request, dry_run=dry_run, requested_by=requested_by
+            self._engine._authorize,
+            request,
+            dry_run=dry_run,
+            requested_by=requested_by,
+            holder=holder,
         )
 
     async def confirm(self, reservation_id: str, *, holder: str | None = None) -> Reservation:

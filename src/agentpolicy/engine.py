@@ -638,7 +638,12 @@ class PolicyEngine(Voting):
         return decision
 
     def authorize(
-        self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
+        self,
+        request: PaymentRequest,
+        *,
+        dry_run: bool = False,
+        requested_by: str | None = None,
+        holder: str | None = None,
     ) -> Decision:
         """Decide a payment; hold its amount when it is allowed or needs approval.
 
@@ -661,11 +666,25 @@ class PolicyEngine(Voting):
         ``requested_by`` names an operator asking on the agent's behalf: it
         is recorded with the decision and its approval, and neither it nor the
         agent may vote on that approval.
+
+        ``holder`` claims the reservation of an allowed payment as it is made
+        (as :meth:`claim` would, in the same atomic step): while it is open,
+        only ``confirm``/``release`` with that ``holder`` settle it. The
+        payment guard and the x402 guard pass their own, so nobody else (the
+        governed agent's own tools included) can release a payment they are
+        making.
         """
-        return self._drive(self._authorize(request, dry_run=dry_run, requested_by=requested_by))
+        return self._drive(
+            self._authorize(request, dry_run=dry_run, requested_by=requested_by, holder=holder)
+        )
 
     def _authorize(
-        self, request: PaymentRequest, *, dry_run: bool = False, requested_by: str | None = None
+        self,
+        request: PaymentRequest,
+        *,
+        dry_run: bool = False,
+        requested_by: str | None = None,
+        holder: str | None = None,
     ) -> Flow[Decision]:
         if not isinstance(request, PaymentRequest):
             raise PolicyValidationError.single("$", "must be a PaymentRequest")
@@ -673,6 +692,8 @@ class PolicyEngine(Voting):
             raise PolicyValidationError.single("$.dryRun", "must be true or false")
         if requested_by is not None:
             raise_if(check_identifier(requested_by, "$.requestedBy"))
+        if holder is not None:
+            raise_if(check_identifier(holder, "$.holder"))
         if dry_run:
             return (yield from self._dry_run(request))
         shard = yield from self._shard(request.agent_id)
@@ -688,6 +709,7 @@ class PolicyEngine(Voting):
                 seen,
                 shadows=self._shadow,
                 requested_by=requested_by,
+                holder=holder,
             )
             try:
                 result: Body = yield Run(shard, step, at=micros(now))

@@ -205,11 +205,12 @@ def _approval_decision(approval: Approval, request: PaymentRequest) -> Decision:
     raise PaymentDenied(waiting, f"{code}: {reason}", code=code, approval=approval)
 
 
-def _note_unconfirmed(err: BaseException, reservation_id: str) -> None:
+def _note_unconfirmed(err: BaseException, reservation_id: str, holder: str) -> None:
     err.add_note(
         f"agentpolicy: the payment block completed, so the payment may have been made, "
         f"but reservation {reservation_id} was not confirmed. Confirm it with "
-        f"engine.confirm({reservation_id!r}) before it expires; once it has expired its "
+        f"engine.confirm({reservation_id!r}, holder={holder!r}) (the block's claim on it) "
+        "before it expires; once it has expired its "
         "amount no longer counts: count the payment again (authorize and confirm it) and "
         "raise reservation_ttl above the time a payment takes (docs/engine.md)."
     )
@@ -236,6 +237,11 @@ class _Guard:
         """The reservation as the block left it (confirmed or released), once exited."""
         self._used = False
         self._holder = _holder()
+
+    @property
+    def holder(self) -> str:
+        """The id this block claims its reservation with: only it confirms or releases it."""
+        return self._holder
 
     @property
     def decision(self) -> Decision:
@@ -278,7 +284,7 @@ class PaymentGuard(_Guard):
         self._start()
         engine = self._engine
         if self.approval_id is None:
-            decision = engine.authorize(self.request)
+            decision = engine.authorize(self.request, holder=self._holder)
             _admit(decision)
             if self.request.idempotency_key is not None:  # may be an earlier decision again
                 self._claim(decision)
@@ -307,7 +313,7 @@ class PaymentGuard(_Guard):
             try:
                 self.reservation = self._engine.confirm(rid, holder=self._holder)
             except BaseException as err:
-                _note_unconfirmed(err, rid)
+                _note_unconfirmed(err, rid, self._holder)
                 raise
             return
         try:
@@ -354,7 +360,10 @@ class AsyncPaymentGuard(_Guard):
         self._start()
         engine = self._engine
         if self.approval_id is None:
-            decision = await authorize_shielded(engine.authorize(self.request), engine.release)
+            decision = await authorize_shielded(
+                engine.authorize(self.request, holder=self._holder),
+                lambda rid: engine.release(rid, holder=self._holder),
+            )
             _admit(decision)
             if self.request.idempotency_key is not None:
                 await self._claim(decision)
@@ -389,7 +398,7 @@ class AsyncPaymentGuard(_Guard):
             except asyncio.CancelledError:
                 raise  # the confirm goes on; a failure of it is logged
             except BaseException as err:
-                _note_unconfirmed(err, rid)
+                _note_unconfirmed(err, rid, self._holder)
                 raise
             return
         try:

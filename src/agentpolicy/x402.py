@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -152,14 +153,17 @@ class UnconfirmedPayment:
     """A settlement that succeeded but whose reservation could not be confirmed.
 
     The seller was paid (``transaction``); the budget may not count it
-    (``error`` says why). Confirm ``reservation_id`` while it is open, or
-    count the payment again (``request``) once it has expired.
+    (``error`` says why). Confirm ``reservation_id`` while it is open (as
+    ``holder``, the guard's claim on it: ``engine.confirm(reservation_id,
+    holder=holder)``), or count the payment again (``request``) once it has
+    expired.
     """
 
     reservation_id: str
     request: PaymentRequest
     transaction: str
     error: str
+    holder: str | None = None
 
 
 class X402Guard:
@@ -185,6 +189,9 @@ class X402Guard:
         self._creating: dict[int, list[tuple[object, str]]] = {}
         self._signed: dict[int, tuple[object, str, PaymentRequest]] = {}
         self.unconfirmed: list[UnconfirmedPayment] = []
+        # every reservation of this guard is claimed by it as it is made: nobody else (the
+        # governed agent's own tools included) can release a payment it is making
+        self._holder = "x402_" + os.urandom(12).hex()
 
     # -- what a payment is -------------------------------------------------------------------
 
@@ -297,7 +304,9 @@ class X402Guard:
     ) -> None:
         settle = ctx.settle_response
         transaction = "" if settle is None else str(settle.transaction)
-        self.unconfirmed.append(UnconfirmedPayment(rid, request, transaction, str(err)))
+        self.unconfirmed.append(
+            UnconfirmedPayment(rid, request, transaction, str(err), holder=self._holder)
+        )
         _log.error(
             "agentpolicy: x402 payment %s was settled (%s) but reservation %s was not "
             "confirmed: %s",
@@ -316,7 +325,7 @@ class X402Guard:
     def before_sync(self, ctx: PaymentCreationContext) -> None:
         """Authorize the selected requirements before anything is signed."""
         request = self._request(ctx)
-        self._admit(ctx, self._sync().authorize(request))
+        self._admit(ctx, self._sync().authorize(request, holder=self._holder))
 
     def after_sync(self, ctx: PaymentCreatedContext) -> None:
         """Remember which reservation the signed payload spends."""
@@ -328,7 +337,7 @@ class X402Guard:
         """Signing failed: give the budget back."""
         rid = self._take_creating(ctx)
         if rid is not None:
-            self._quietly(lambda: self._sync().release(rid), rid)
+            self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
 
     def response_sync(self, ctx: PaymentResponseContext) -> None:
         """Confirm a settled payment; release one the seller did not settle."""
@@ -338,11 +347,11 @@ class X402Guard:
         rid, request = taken
         if self._settled(ctx):
             try:
-                self._sync().confirm(rid)
+                self._sync().confirm(rid, holder=self._holder)
             except Exception as err:
                 self._confirm_failed(rid, request, ctx, err)
         else:
-            self._quietly(lambda: self._sync().release(rid), rid)
+            self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
 
     def _quietly(self, release: Callable[[], Reservation], rid: str) -> None:
         try:
@@ -353,11 +362,12 @@ class X402Guard:
     # -- the hooks of x402Client -------------------------------------------------------------
 
     async def _call(self, name: str, arg: Any) -> Any:
+        """``authorize``, ``confirm`` or ``release``, as this guard's holder."""
         engine = self.engine
         if isinstance(engine, AsyncPolicyEngine):
-            method: Callable[[Any], Awaitable[Any]] = getattr(engine, name)
-            return await method(arg)
-        return await asyncio.to_thread(getattr(engine, name), arg)
+            method: Callable[..., Awaitable[Any]] = getattr(engine, name)
+            return await method(arg, holder=self._holder)
+        return await asyncio.to_thread(getattr(engine, name), arg, holder=self._holder)
 
     async def before_async(self, ctx: PaymentCreationContext) -> None:
         """Authorize the selected requirements before anything is signed."""

@@ -101,6 +101,7 @@ def reservation_doc(
     approval_id: str | None,
     levels: Sequence[str] = (),
     deadline: int | None = None,
+    holder: str | None = None,
 ) -> Body:
     """A new reservation (``held`` for an approval, or ``reserved``).
 
@@ -108,7 +109,8 @@ def reservation_doc(
     calendar window, ``[book, key, "r", seconds]`` for a rolling one.
     ``levels`` are the budgets whose open-reservation index lists it (the
     agent, then its ancestors); ``deadline`` the end of the earliest
-    delegation among them, which no reservation outlives.
+    delegation among them, which no reservation outlives; ``holder`` the
+    caller that claims it as it is made (``cl``, see ``ledger/claims.py``).
     """
     doc: Body = {
         "agent": agent,
@@ -125,6 +127,8 @@ def reservation_doc(
         doc["lv"] = levels
     if deadline is not None:
         doc["dx"] = deadline
+    if holder is not None:
+        doc["cl"] = holder
     return doc
 
 

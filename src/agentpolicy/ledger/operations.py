@@ -129,6 +129,7 @@ def authorize(
     *,
     shadows: rollout.ShadowSource | None = None,
     requested_by: str | None = None,
+    holder: str | None = None,
 ) -> Step:
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
@@ -139,7 +140,9 @@ def authorize(
     the payment too (:func:`rollout.try_shadows`); the live verdict is the
     one enforced. ``requested_by`` (an operator asking on the agent's
     behalf) is recorded with the decision and the approval, and may not
-    vote on it.
+    vote on it. ``holder`` claims the new reservation of an allowed payment
+    in the same step (see ``agentpolicy.ledger.claims``): only the holder
+    settles it while it is open.
     """
     agent = request.agent_id
     now_us = micros(now)
@@ -197,7 +200,7 @@ def authorize(
         if verdict.code in _PASSING:
             deadline = grant_deadline([grant, *(lv.grant for lv in levels)])
             _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, deadline, now_us,
-                  trials.extra)  # fmt: skip
+                  trials.extra, holder)  # fmt: skip
             _alerts(txn, cfg, shard, books, a, usage)
             record(txn, cfg, agent, rec)
             seen.append(verdict.decision(
@@ -229,6 +232,7 @@ def _hold(
     deadline: int | None,
     now: int,
     extra: Iterable[rollout.Extra] = (),
+    holder: str | None = None,
 ) -> None:
     """Reserve the payment's amount (or hold it for an approval) in every tally it counts in.
 
@@ -297,6 +301,7 @@ def _hold(
         agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
         targets=tuple(targets), created=now, expires=expires, policy_version=version,
         approval_id=approval_id, levels=level_ids, deadline=deadline,
+        holder=None if approval_id else holder,
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
     for level in level_ids:
