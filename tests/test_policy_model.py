@@ -13,12 +13,15 @@ from agentpolicy import (
     ApprovalThreshold,
     BlockedPeriod,
     CategoryRules,
+    Code,
     MerchantRules,
     NetworkRules,
+    PaymentRequest,
     PolicyValidationError,
     SpendingLimits,
     TimeRules,
     TimeWindow,
+    evaluate,
 )
 from agentpolicy.policy import normalize_recipient
 
@@ -83,6 +86,41 @@ def test_recipients_normalise_only_hex_addresses() -> None:
     assert normalize_recipient("0xAbC") == "0xabc"
     assert normalize_recipient("0XAbC") == "0xabc"
     assert normalize_recipient("So1Base58") == "So1Base58"
+
+
+@pytest.mark.parametrize(
+    ("given", "compared"),
+    [
+        (
+            "BC1QAR0SRRR7XFKVY5L643LYDNW9RE59GTZZWF5MDQ",
+            "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq",
+        ),
+        (
+            "COSMOS1QYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPAPJQ8D",
+            "cosmos1qyqszqgpqyqszqgpqyqszqgpqyqszqgpapjq8d",
+        ),
+        ("EVIL.eth", "evil.eth"),
+        ("Vendor.Example.COM", "vendor.example.com"),
+        # case is significant: base58, and a mixed-case string that is no valid bech32
+        (
+            "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV",
+            "7EcDhSYGxXyscszYEp35KHN8vvw3svAuLKTzXwCFLtV",
+        ),
+        (
+            "Bc1QAR0SRRR7XFKVY5L643LYDNW9RE59GTZZWF5MDQ",
+            "Bc1QAR0SRRR7XFKVY5L643LYDNW9RE59GTZZWF5MDQ",
+        ),
+    ],
+)
+def test_case_insensitive_address_forms_compare_in_lower_case(given: str, compared: str) -> None:
+    """A blacklist of bc1q... or evil.eth also stops BC1Q... and EVIL.eth (the same payee)."""
+    assert normalize_recipient(given) == compared
+    policy = AgentPolicy(merchant_rules=MerchantRules(blacklist=(compared,)))
+    monday = datetime(2026, 1, 19, tzinfo=UTC)
+    for written in (given, given.lower(), given.upper()):
+        code = evaluate(policy, PaymentRequest("a", 1, written, "eip155:1"), {}, monday).code
+        same = normalize_recipient(written) == compared  # another payee when case matters
+        assert code == (Code.RECIPIENT_BLOCKED if same else Code.ALLOWED), written
 
 
 def test_spending_limits_by_period() -> None:

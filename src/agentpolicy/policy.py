@@ -92,13 +92,28 @@ def _utc(value: Any) -> Any:
     return value
 
 
-def normalize_recipient(address: str) -> str:
-    """The form recipients are compared in: ``0x`` addresses case-insensitively, others exactly.
+_BECH32 = re.compile(r"[a-z]{1,83}1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{6,}", re.ASCII)
+_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z][a-z0-9-]*", re.ASCII)
 
-    Hex (EVM) addresses are case-insensitive; base58 and other forms are not,
-    so they are left as they are.
+
+def normalize_recipient(address: str) -> str:
+    """The form recipients are compared in: each address form by its own case rule.
+
+    Case-insensitive forms are lower-cased: hex (EVM) addresses (``0x``),
+    bech32 addresses (``bc1q...``, ``cosmos1...``; one case throughout, as
+    BIP-173 requires, so ``BC1Q...`` is ``bc1q...``) and ASCII domain names
+    (ENS ``vendor.eth``, DNS). Base58 and other forms, whose case is
+    significant, are left as they are.
     """
-    return address.lower() if address[:2] in ("0x", "0X") else address
+    if address[:2] in ("0x", "0X"):
+        return address.lower()
+    lower = address.lower()
+    if lower == address or address.upper() == address:  # one case throughout
+        if _BECH32.fullmatch(lower) or _DOMAIN.fullmatch(lower):
+            return lower
+    elif _DOMAIN.fullmatch(lower):  # a domain name's case never matters
+        return lower
+    return address
 
 
 def _days(value: Any, path: str) -> list[Problem]:
