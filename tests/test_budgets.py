@@ -343,6 +343,29 @@ def test_revoking_stops_every_payment_below_and_keeps_payments_under_way_counted
     assert {"revoke", "confirm"} <= {h.event for h in engine.history("browse", 10)}
 
 
+def test_revoking_releases_an_approved_payment_no_block_has_claimed(backend: Backend) -> None:
+    """Approved before the revocation but not yet under way: the approval no longer pays."""
+    engine, _ = tree(backend)
+    research(engine)
+    engine.set_policy("research", daily(20, delegation={"allowed": True},
+                                        approvalConfig={"thresholds": [
+        {"amount": {"value": str(4 * U)}, "requiredApprovers": 1, "approvers": ["boss"]}]}))  # fmt: skip
+    engine.delegate("research", "browse", daily(10))
+    unclaimed = engine.authorize(payment(4 * U, agent_id="browse"))
+    claimed = engine.authorize(payment(5 * U, agent_id="browse"))
+    for d in (unclaimed, claimed):
+        engine.decide(d.approval_id or "", "boss", "approve")
+    claimed_rid = engine.get_approval(claimed.approval_id or "").reservation_id or ""
+    engine.claim(claimed_rid, "block-1")  # a block resumed it: under way
+    engine.revoke("browse", by="research")
+    unclaimed_rid = engine.get_approval(unclaimed.approval_id or "").reservation_id or ""
+    assert engine.get_reservation(unclaimed_rid).status == "released"
+    assert engine.get_reservation(claimed_rid).status == "reserved"
+    assert used(engine, "research") == (0, 5 * U)
+    with pytest.raises(ConflictError):
+        engine.claim(unclaimed_rid, "block-2")
+
+
 def test_an_idempotent_retry_after_a_revocation_answers_the_first_decision(
     backend: Backend,
 ) -> None:

@@ -46,6 +46,23 @@ def test_policy_set_get_list(tmp_path: Path, policy_file: Path) -> None:
     assert "other  v1  enabled" in run(tmp_path, "policy", "list").stdout
 
 
+def test_an_operator_confirms_a_claimed_reservation_with_its_holder(
+    tmp_path: Path, policy_file: Path
+) -> None:
+    """A payment block's confirm failed: the operator settles it with the block's holder."""
+    from agentpolicy import PolicyEngine, open_storage
+    from agentpolicy.testing import payment
+
+    run(tmp_path, "policy", "set", "agent-123", str(policy_file))
+    engine = PolicyEngine(storage=open_storage(f"sqlite:///{tmp_path / 'cli.db'}"))
+    rid = engine.authorize(payment(20_000_000, agent_id="agent-123"), holder="guard_1")
+    engine.close()
+    refused = run(tmp_path, "confirm", rid.reservation_id or "")
+    assert refused.stderr.startswith("agentpolicy: RESERVATION_CLAIMED")
+    done = run(tmp_path, "confirm", rid.reservation_id or "", "--holder", "guard_1")
+    assert done.stdout == f"{rid.reservation_id}: confirmed\n", done.stderr
+
+
 def test_authorize_confirm_release_budget_history(tmp_path: Path, policy_file: Path) -> None:
     run(tmp_path, "policy", "set", "agent-123", str(policy_file))
     allowed = run(tmp_path, "--json", "authorize", "agent-123", "20000000", "0xv", "eip155:8453")

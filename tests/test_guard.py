@@ -125,6 +125,29 @@ def test_approval_required_then_resume_once_approved_and_never_twice() -> None:
     assert daily(engine) == (150 * USDT, 0)
 
 
+def test_an_approval_a_block_asked_for_is_settled_only_by_the_block_that_resumes_it(
+    backend: Backend,
+) -> None:
+    """Between approval and resume the agent reads the reservation id, but cannot settle it."""
+    engine = backend.engine(ManualClock())
+    engine.set_policy("agent-1", APPROVALS)
+    request = payment(150 * USDT, agent_id="agent-1")
+    with pytest.raises(ApprovalRequired) as err, engine.payment(request):
+        pytest.fail("the block must not run before approval")
+    aid = err.value.approval_id
+    rid = engine.decide(aid, "admin@company.com", "approve").reservation_id or ""
+    for settle in (engine.release, engine.confirm):  # e.g. the agent's own MCP tools
+        with pytest.raises(ConflictError) as refused:
+            settle(rid)
+        assert refused.value.code == ErrorCode.RESERVATION_CLAIMED
+    with engine.payment(request, approval_id=aid) as p:  # a new block, in any process
+        assert p.reservation_id == rid
+    assert engine.get_reservation(rid).status == "confirmed"
+    plain = engine.authorize(payment(150 * USDT, agent_id="agent-1"))  # asked for outside a block
+    unblocked = engine.decide(plain.approval_id or "", "admin@company.com", "approve")
+    assert engine.release(unblocked.reservation_id or "").status == "released"
+
+
 def test_resuming_a_denied_or_expired_approval_is_payment_denied_with_its_code() -> None:
     engine, clock = make(APPROVALS)
     request = payment(150 * USDT)
@@ -362,6 +385,45 @@ def test_a_task_cancelled_while_entering_releases_what_the_authorize_reserved() 
     run(main())
     assert daily(engine) == (0, 0)
     assert [h.event for h in engine.history("agent-1", 2)] == ["release", "decision"]
+
+
+def test_a_task_cancelled_while_claiming_a_resumed_approval_releases_what_it_claimed() -> None:
+    engine, _ = make(APPROVALS)
+    request = payment(150 * USDT)
+    with pytest.raises(ApprovalRequired) as err, engine.payment(request):
+        pytest.fail("the block must not run before approval")
+    aid = err.value.approval_id
+    engine.decide(aid, "admin@company.com", "approve")
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            claiming, go = asyncio.Event(), asyncio.Event()
+            real_claim = aengine.claim
+
+            async def slow_claim(rid: str, holder: str) -> Any:
+                claiming.set()
+                await go.wait()  # the claim is on its way to the store
+                return await real_claim(rid, holder)
+
+            aengine.claim = slow_claim  # type: ignore[method-assign]
+
+            async def pay() -> None:
+                async with aengine.payment(request, approval_id=aid):
+                    pytest.fail("a cancelled entry never runs the block")
+
+            task = asyncio.create_task(pay())
+            await claiming.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go.set()  # the claim completes after the cancellation: its budget is given back
+            for _ in range(10_000):
+                if [h.event for h in await aengine.history("agent-1", 1)] == ["release"]:
+                    break
+                await asyncio.sleep(0)
+
+    run(main())
+    assert daily(engine) == (0, 0)
 
 
 def test_a_task_cancelled_during_the_confirm_still_confirms() -> None:

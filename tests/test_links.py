@@ -111,7 +111,7 @@ def test_a_link_for_another_approval_or_altered_or_from_another_secret_is_refuse
     genuine = mint(link_key(SECRET), aid, "alice", "approve", claims["x"])
     assert engine.redeem_link(genuine).votes[0].approver == "alice"
     with pytest.raises(PolicyValidationError):
-        engine.redeem_link("x" * 5000)
+        engine.redeem_link("x" * 9000)  # longer than any token minted
 
 
 def test_links_leave_out_requesters_registered_approvers_and_signed_only_approvals(
@@ -172,3 +172,19 @@ def test_approval_created_carries_the_links_added_when_sent_never_stored(
     assert all("links" not in d.payload for d in stored)
     assert engine.redeem_link(created["links"][1]["approve"]).status == "approved"  # bob's
     engine.close()
+
+
+def test_the_longest_ids_make_tokens_that_are_read_back() -> None:
+    """An approval of the longest agent id, for an approver of the longest name, gets a link."""
+    from agentpolicy._checks import MAX_ID, MAX_RECORD_ID
+    from agentpolicy.links import read
+
+    key = b"k" * 32
+    approval_id = "apr_" + "0" * 32 + "_~" + ("\U0001f4b0" * MAX_ID).encode().hex()
+    assert len(approval_id) == MAX_RECORD_ID
+    approver = "\U0001f4b0" * MAX_ID
+    token = mint(key, approval_id, approver, "approve", 10**16)
+    claims = read(key, token)
+    assert (claims.approval_id, claims.approver, claims.decision) == (
+        approval_id, approver, "approve",
+    )  # fmt: skip

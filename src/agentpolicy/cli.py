@@ -204,6 +204,11 @@ def _add_payment_commands(commands: _Commands) -> None:
     for name, text in (("confirm", "confirm a reservation"), ("release", "release one")):
         c = commands.add(name, text)
         c.add_argument("reservation")
+        c.add_argument(
+            "--holder",
+            help="the claim a payment block holds on it (p.holder, UnconfirmedPayment.holder): "
+            "a claimed reservation is settled only with it",
+        )
     b = commands.add("budget", "spent, reserved and remaining per window")
     b.add_argument("agent")
     b.add_argument("--period", choices=[p.value for p in Period])
@@ -582,7 +587,7 @@ def _delegate(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
 
 def _settle(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
     reservation = (engine.confirm if args.command == "confirm" else engine.release)(
-        args.reservation
+        args.reservation, holder=args.holder
     )
     return reservation_data(reservation)
 

@@ -142,9 +142,9 @@ def _refuse(decision: Decision, err: ConflictError) -> PaymentDenied:
         raise err
     return PaymentDenied(
         decision,
-        f"{err.code}: reservation {decision.reservation_id} is {state}: this payment was "
-        "already made or is being made (an earlier block with the same idempotency key "
-        "or approval); nothing runs again",
+        f"{err.code}: reservation {decision.reservation_id} is {state}: it was settled, or "
+        "another block (the same idempotency key or approval) is paying with it; nothing "
+        "runs again",
         code=err.code,
     )
 
@@ -376,10 +376,28 @@ class AsyncPaymentGuard(_Guard):
         return self
 
     async def _claim(self, decision: Decision) -> Reservation:
+        """Claim the reservation; if the task is cancelled meanwhile, release what it claimed.
+
+        The claim is let finish (it may already be in the store); once it is
+        this block's, a cancelled entry gives the budget back in the
+        background rather than leaving it claimed by no one until the TTL.
+        """
+        import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
+        rid, holder, engine = decision.reservation_id or "", self._holder, self._engine
+        task = asyncio.ensure_future(engine.claim(rid, holder))
         try:
-            return await self._engine.claim(decision.reservation_id or "", self._holder)
+            return await asyncio.shield(task)
         except ConflictError as err:
             raise _refuse(decision, err) from None
+        except asyncio.CancelledError:
+
+            def release_late(done: asyncio.Future[Reservation]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    _in_background(lambda: engine.release(rid, holder=holder))
+
+            task.add_done_callback(release_late)
+            raise
 
     async def __aexit__(
         self,

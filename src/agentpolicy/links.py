@@ -37,7 +37,9 @@ MIN_SECRET_LENGTH = 32
 """The shortest link secret accepted, in characters (use 32 random bytes, base64)."""
 
 _DOMAIN = b"agentpolicy-link-v1"
-_MAX_TOKEN = 2048
+_MAX_TOKEN = 8192
+# The longest token minted: an approval id of MAX_RECORD_ID characters and an approver of
+# MAX_ID four-byte characters (12 JSON characters each), in base64: about 7,100 characters.
 
 
 @attrs.frozen

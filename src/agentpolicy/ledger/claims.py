@@ -57,7 +57,7 @@ def claim(
         taken = doc.get("cl")
         if taken == holder:
             return
-        if taken is not None:
+        if taken:  # "" (an approval asked for by a block): kept for whichever block resumes it
             raise ConflictError(
                 f"reservation {reservation_id} is claimed by another caller, which is "
                 "making (or made) its payment",

@@ -219,6 +219,14 @@ def authorize(
     return step
 
 
+_FOR_A_BLOCK = ""
+"""The claim of an approval's hold asked for by a payment block: kept for a block to claim.
+
+No caller's holder is empty, so nobody settles it until a block (resuming the
+approval) claims it for itself; the governed agent's own tools cannot.
+"""
+
+
 def _hold(
     txn: Txn,
     cfg: LedgerConfig,
@@ -301,7 +309,7 @@ def _hold(
         agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
         targets=tuple(targets), created=now, expires=expires, policy_version=version,
         approval_id=approval_id, levels=level_ids, deadline=deadline,
-        holder=None if approval_id else holder,
+        holder=holder if not approval_id else None if holder is None else _FOR_A_BLOCK,
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
     for level in level_ids:
@@ -430,8 +438,9 @@ def settle(
         txn.result = {"doc": doc}
         if status == "reserved" and now_us < doc["x"] and doc.get("cl") not in (None, holder):
             raise ConflictError(
-                f"reservation {reservation_id} is claimed by the caller making its payment: "
-                "only that caller confirms or releases it (or it expires)",
+                f"reservation {reservation_id} is claimed by a payment block (the caller making "
+                "its payment, or the one resuming its approval): only that caller confirms or "
+                "releases it (or it expires)",
                 code=ErrorCode.RESERVATION_CLAIMED,
             )
         if action == "confirm":

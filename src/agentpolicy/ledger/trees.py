@@ -381,10 +381,11 @@ def revoke(
 ) -> Step:
     """Revoke a delegated budget: it and every budget below it stop allowing payments.
 
-    Every held approval at or below it is released (the approvals expire).
-    Reservations already handed out stay open until confirmed or expired:
-    their payments may be under way (the agent was told to pay), and
-    releasing them would give back budget that is being spent. ``by`` (when
+    Every held approval at or below it is released (the approvals expire),
+    and so is an approved one that no payment block has claimed yet.
+    Reservations handed out by an allowed authorize, or claimed by a block,
+    stay open until confirmed or expired: their payments may be under way,
+    and releasing them would give back budget that is being spent. ``by`` (when
     given) must be a budget above it.
     Revoking again changes nothing. The result is ``{"head": head,
     "released": [[id, reservation]], "lapsed": [[id, approval]]}``.
@@ -419,10 +420,11 @@ def revoke(
         held_for: list[str] = []
         for rid, name in zip(ids, names, strict=True):
             doc = view.doc(name)
-            if doc is not None and doc["st"] == "reserved":
+            under_way = doc is not None and doc["st"] == "reserved"
+            if under_way and (doc.get("apr") is None or doc.get("cl")):
                 continue  # a payment under way: confirmed by its payer, or it expires
             txn.index.append((index, rid, None))
-            if doc is None or doc["st"] != "held":
+            if doc is None or doc["st"] not in ("held", "reserved"):
                 continue
             released.append((rid, close_reservation(txn, cfg, books, rid, doc, "released", now_us)))
             if doc["st"] == "held" and doc["apr"] is not None:
