@@ -127,7 +127,17 @@ def test_the_agent_cannot_settle_a_reservation_its_framework_is_paying_with(
     for tool in ("agent_policy_release", "agent_policy_confirm"):
         refused = err(call(agent, tool, {"reservationId": d["reservationId"]}))
         assert refused["code"] == "RESERVATION_CLAIMED"
+        guessed = err(call(agent, tool, {"reservationId": d["reservationId"], "holder": "guard_1"}))
+        assert (guessed["code"], guessed["path"]) == ("INVALID_INPUT", "$.holder")  # admins only
+    offered = {t.name: t.input_schema["properties"] for t in agent.tools()}
+    assert "holder" not in offered["agent_policy_release"]
     assert agent.engine.get_reservation(d["reservationId"]).status == "reserved"
+    admin = AgentPolicyMcpServer(engine=agent.engine, role="admin")  # settling a block's by hand
+    assert "holder" in {t.name: t for t in admin.tools()}["agent_policy_confirm"].input_schema[
+        "properties"]  # fmt: skip
+    done = ok(call(admin, "agent_policy_confirm",
+                   {"reservationId": d["reservationId"], "holder": "guard_1"}))  # fmt: skip
+    assert done["status"] == "confirmed"
 
 
 def test_a_denial_is_a_success_whose_data_says_not_allowed(agent: AgentPolicyMcpServer) -> None:

@@ -170,6 +170,8 @@ class AgentPolicyMcpServer:
     # -- what this server offers -------------------------------------------------------
 
     def _bind(self, tool: Tool) -> Tool:
+        if self.role != "admin":  # only an administrator settles a block's claimed payment
+            tool = tool.without("holder")
         if self.bound_agent is not None:
             tool = tool.bound_to(self.bound_agent)
         if self.bound_approver is not None:
@@ -326,18 +328,18 @@ class AgentPolicyMcpServer:
                 for p in page]  # fmt: skip
         return _with_cursor({"policies": rows}, cursor)
 
-    def _settle(self, reservation_id: str, action: str) -> dict[str, Any]:
+    def _settle(self, reservation_id: str, action: str, holder: str | None) -> dict[str, Any]:
         if self.bound_agent is not None or self.bound_org is not None:
             self._check_agent(self.engine.get_reservation(reservation_id).agent_id)
         if action == "confirm":
-            return reservation_data(self.engine.confirm(reservation_id))
-        return reservation_data(self.engine.release(reservation_id))
+            return reservation_data(self.engine.confirm(reservation_id, holder=holder))
+        return reservation_data(self.engine.release(reservation_id, holder=holder))
 
     def _confirm(self, a: dict[str, Any]) -> dict[str, Any]:
-        return self._settle(a["reservationId"], "confirm")
+        return self._settle(a["reservationId"], "confirm", a.get("holder"))
 
     def _release(self, a: dict[str, Any]) -> dict[str, Any]:
-        return self._settle(a["reservationId"], "release")
+        return self._settle(a["reservationId"], "release", a.get("holder"))
 
     def _approvals_list(self, a: dict[str, Any]) -> dict[str, Any]:
         agent_id = a.get("agentId")

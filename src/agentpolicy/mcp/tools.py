@@ -38,6 +38,11 @@ MAX_PAGE = 100
 
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID}
 _RECORD_ID = {"type": "string", "minLength": 1, "maxLength": MAX_RECORD_ID}
+_HOLDER = {
+    **_ID,
+    "description": "Administrators only: the claim of the payment block that holds the "
+    "reservation (its holder), for settling by hand a payment whose block could not.",
+}
 _AMOUNT = {
     "type": "string",
     "pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$",
@@ -96,6 +101,17 @@ class Tool:
     data_schema: dict[str, Any]
     annotations: Annotations
     admin_only: bool = False
+
+    def without(self, *names: str) -> Tool:
+        """The tool with these arguments left out (a role that may not pass them)."""
+        props = self.input_schema["properties"]
+        if not any(n in props for n in names):
+            return self
+        kept = {k: v for k, v in props.items() if k not in names}
+        required = [r for r in self.input_schema["required"] if r not in names]
+        return attrs.evolve(
+            self, input_schema={**self.input_schema, "properties": kept, "required": required}
+        )
 
     def bound_to_approver(self, approver: str, *, signs: bool) -> Tool:
         """The decide tool as a server bound to one approver offers it.
@@ -511,7 +527,7 @@ TOOLS: tuple[Tool, ...] = (
         "agent-policy/confirm",
         "Confirm that an authorized payment was sent: its reserved amount becomes spending. "
         "Call it once the payment went through; calling it again is harmless.",
-        _schema({"reservationId": _RECORD_ID}, ["reservationId"]),
+        _schema({"reservationId": _RECORD_ID, "holder": _HOLDER}, ["reservationId"]),
         _RESERVATION,
         Annotations("Confirm a payment", read_only=False),
     ),
@@ -520,7 +536,7 @@ TOOLS: tuple[Tool, ...] = (
         "agent-policy/release",
         "Give back the budget of an authorized payment that was NOT sent. Calling it again "
         "is harmless; a confirmed payment cannot be released.",
-        _schema({"reservationId": _RECORD_ID}, ["reservationId"]),
+        _schema({"reservationId": _RECORD_ID, "holder": _HOLDER}, ["reservationId"]),
         _RESERVATION,
         Annotations("Release a reservation", read_only=False),
     ),
