@@ -382,22 +382,13 @@ class AsyncPaymentGuard(_Guard):
         this block's, a cancelled entry gives the budget back in the
         background rather than leaving it claimed by no one until the TTL.
         """
-        import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
-
         rid, holder, engine = decision.reservation_id or "", self._holder, self._engine
-        task = asyncio.ensure_future(engine.claim(rid, holder))
         try:
-            return await asyncio.shield(task)
+            return await _undone_if_cancelled(
+                engine.claim(rid, holder), lambda _: engine.release(rid, holder=holder)
+            )
         except ConflictError as err:
             raise _refuse(decision, err) from None
-        except asyncio.CancelledError:
-
-            def release_late(done: asyncio.Future[Reservation]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    _in_background(lambda: engine.release(rid, holder=holder))
-
-            task.add_done_callback(release_late)
-            raise
 
     async def __aexit__(
         self,
@@ -459,19 +450,36 @@ async def authorize_shielded(
     allowed the payment, ``release(reservation_id)`` runs in the background,
     so a cancelled caller never leaves budget held until the TTL.
     """
+    return await _undone_if_cancelled(
+        authorize,
+        lambda d: release(d.reservation_id or ""),
+        needed=lambda d: d.allowed and d.reservation_id is not None,
+    )
+
+
+async def _undone_if_cancelled(
+    call: Awaitable[_T],
+    undo: Callable[[_T], Awaitable[Any]],
+    needed: Callable[[_T], bool] = lambda _: True,
+) -> _T:
+    """Await ``call``; if the caller is cancelled meanwhile, let it finish, then undo it.
+
+    Once the call has succeeded after all, ``undo(result)`` runs in the
+    background (when ``needed(result)``).
+    """
     import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
 
-    task = asyncio.ensure_future(authorize)
+    task = asyncio.ensure_future(call)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
 
-        def release_late(done: asyncio.Future[Decision]) -> None:
+        def undo_late(done: asyncio.Future[_T]) -> None:
             if done.cancelled() or done.exception() is not None:
                 return
-            rid = done.result().reservation_id
-            if rid is not None and done.result().allowed:
-                _in_background(lambda: release(rid))
+            result = done.result()
+            if needed(result):
+                _in_background(lambda: undo(result))
 
-        task.add_done_callback(release_late)
+        task.add_done_callback(undo_late)
         raise

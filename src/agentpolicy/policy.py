@@ -105,13 +105,10 @@ def normalize_recipient(address: str) -> str:
     (ENS ``vendor.eth``, DNS). Base58 and other forms, whose case is
     significant, are left as they are.
     """
-    if address[:2] in ("0x", "0X"):
-        return address.lower()
     lower = address.lower()
-    if lower == address or address.upper() == address:  # one case throughout
-        if _BECH32.fullmatch(lower) or _DOMAIN.fullmatch(lower):
-            return lower
-    elif _DOMAIN.fullmatch(lower):  # a domain name's case never matters
+    if lower == address or address[:2] in ("0x", "0X"):
+        return lower
+    if _DOMAIN.fullmatch(lower) or (address.upper() == address and _BECH32.fullmatch(lower)):
         return lower
     return address
 

@@ -309,7 +309,7 @@ def _hold(
         agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
         targets=tuple(targets), created=now, expires=expires, policy_version=version,
         approval_id=approval_id, levels=level_ids, deadline=deadline,
-        holder=holder if not approval_id else None if holder is None else _FOR_A_BLOCK,
+        holder=_FOR_A_BLOCK if approval_id and holder is not None else holder,
     )  # fmt: skip
     txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
     for level in level_ids:

@@ -420,8 +420,8 @@ def revoke(
         held_for: list[str] = []
         for rid, name in zip(ids, names, strict=True):
             doc = view.doc(name)
-            under_way = doc is not None and doc["st"] == "reserved"
-            if under_way and (doc.get("apr") is None or doc.get("cl")):
+            reserved = doc is not None and doc["st"] == "reserved"
+            if reserved and (doc.get("apr") is None or doc.get("cl")):
                 continue  # a payment under way: confirmed by its payer, or it expires
             txn.index.append((index, rid, None))
             if doc is None or doc["st"] not in ("held", "reserved"):

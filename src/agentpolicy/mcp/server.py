@@ -198,8 +198,7 @@ class AgentPolicyMcpServer:
     def _check_agent(self, agent_id: str) -> None:
         if not self._may_see(agent_id):
             raise ForbiddenError(
-                f"this server is bound to {self.bound_agent or self.bound_org + ':*'}"  # type: ignore[operator]
-                f" and serves nothing of agent {agent_id}",
+                f"this server is bound to {self._binding} and serves nothing of agent {agent_id}",
                 code=ErrorCode.FORBIDDEN,
             )
 
@@ -297,6 +296,11 @@ class AgentPolicyMcpServer:
         }
 
     @property
+    def _binding(self) -> str:
+        """What this bound server serves: its agent, or its organisation's agents."""
+        return self.bound_agent or f"{self.bound_org}:*"
+
+    @property
     def _scoped(self) -> bool:
         """Whether this server is bound to one agent or one organisation."""
         return self.bound_agent is not None or self.bound_org is not None
@@ -307,8 +311,7 @@ class AgentPolicyMcpServer:
             policy.get("parent") if isinstance(policy, Mapping) else None)  # fmt: skip
         if isinstance(parent, str) and not self._may_see(parent):
             raise ForbiddenError(
-                f"this server is bound to {self.bound_agent or self.bound_org + ':*'} and "  # type: ignore[operator]
-                f"may not put a budget below {parent}",
+                f"this server is bound to {self._binding} and may not put a budget below {parent}",
                 code=ErrorCode.FORBIDDEN,
             )
 

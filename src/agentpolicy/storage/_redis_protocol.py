@@ -24,8 +24,7 @@ from redis.backoff import ExponentialBackoff
 
 from agentpolicy.errors import InternalError, PolicyError, StorageUnavailableError
 from agentpolicy.ledger.keys import tag
-from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn
-from agentpolicy.storage.base import dumps as _dumps
+from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn, dumps
 
 T = TypeVar("T")
 
@@ -40,10 +39,6 @@ GlobalOps = list[tuple[str, str, int | None]]
 def script() -> str:
     """The text of ``redis_commit.lua``."""
     return (resources.files("agentpolicy.storage") / "redis_commit.lua").read_text("utf-8")
-
-
-dumps = _dumps
-"""Compact JSON (amounts stay integers in text, never Lua numbers)."""
 
 
 def cluster_url(url: str) -> tuple[bool, str]:

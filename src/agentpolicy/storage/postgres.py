@@ -122,9 +122,6 @@ _RETRYABLE = (
 )
 
 
-_dumps = dumps
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -486,11 +483,11 @@ class _SessionSteps:
         self._connection()
         sql = self.sql
         at = txn.at
-        out: list[_Statement] = [(sql.op, (txn.op, at, _dumps(txn.result)))]
+        out: list[_Statement] = [(sql.op, (txn.op, at, dumps(txn.result)))]
         add = out.append
         ttl = txn.ttl
         for name, body in txn.put.items():
-            add((sql.put, (name, _dumps(body), at + ttl[name] * 1000 if name in ttl else None)))
+            add((sql.put, (name, dumps(body), at + ttl[name] * 1000 if name in ttl else None)))
         if txn.delete:
             add((sql.delete, (list(txn.delete),)))
         if txn.index:
@@ -504,7 +501,7 @@ class _SessionSteps:
                 else:
                     add((sql.index, (index, member, None if score == NEXT_SEQ else score)))
         for log, entry, _, _ in txn.append:
-            add((sql.append, (log, at, _dumps(entry))))
+            add((sql.append, (log, at, dumps(entry))))
         if txn.append:
             out += self._trims(txn)
         add(("COMMIT", None))

@@ -92,9 +92,6 @@ def _busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-_dumps = dumps
-
-
 class _SQLiteSession:
     fresh = True
 
@@ -158,7 +155,7 @@ class _SQLiteSession:
                 else Outcome(applied=False, replayed=True, result=json.loads(done[0]))
             )
         try:
-            result = _dumps(txn.result)
+            result = dumps(txn.result)
             inserted = c.execute(
                 "INSERT INTO ops (op, at, result) VALUES (?, ?, ?) ON CONFLICT (op) DO NOTHING",
                 (txn.op, txn.at, result),
@@ -177,7 +174,7 @@ class _SQLiteSession:
                 "ON CONFLICT (name) DO UPDATE SET version = version + 1, body = excluded.body, "
                 "expires = excluded.expires",
                 [
-                    (name, _dumps(body), None if name not in ttl else txn.at + ttl[name] * 1000)
+                    (name, dumps(body), None if name not in ttl else txn.at + ttl[name] * 1000)
                     for name, body in txn.put.items()
                 ],
             )
@@ -196,7 +193,7 @@ class _SQLiteSession:
         appends = self.storage._appends
         for log, entry, keep_after, max_len in txn.append:
             c.execute(
-                "INSERT INTO logs (log, at, body) VALUES (?, ?, ?)", (log, txn.at, _dumps(entry))
+                "INSERT INTO logs (log, at, body) VALUES (?, ?, ?)", (log, txn.at, dumps(entry))
             )
             if keep_after is None and max_len is None:
                 continue
