@@ -39,7 +39,7 @@ def _memory(storage: Any) -> Any:
             })  # fmt: skip
     with storage._global_lock:
         indexes = {k: dict(v.scores) for k, v in storage._global.items()}
-    return {"shards": shards, "global": indexes, "seq": storage._seq}
+    return {"shards": shards, "global": indexes, "seq": repr(storage._seq)}  # count(n): next n
 
 
 def _sqlite(path: str) -> Any:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agentpolicy.storage import MemoryStorage
-from agentpolicy.storage.base import NEXT_SEQ, Storage, Txn
+from agentpolicy.storage.base import NEXT_SEQ, OP_KEEP_US, Encoded, Storage, Txn, dumps
 from tests.backends import ASYNC_BACKENDS, BACKENDS, Backend, serve
 
 AT = 1_768_816_800_000_000  # 2026-01-19T10:00Z in microseconds
@@ -231,3 +233,55 @@ def test_contention_past_both_bounds_fails_closed_and_writes_nothing(
         runner.run(storage, "s1", _write_step, str, at=AT)
     assert storage.commits == runner.MAX_ATTEMPTS
     assert read(storage, ["d"]) == {}
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    bodies=st.lists(st.dictionaries(st.text(max_size=5), _json, max_size=4), max_size=3),
+    entries=st.lists(st.dictionaries(st.text(max_size=5), _json, max_size=4), max_size=3),
+    picks=st.lists(st.tuples(st.text(max_size=5), st.integers(0, 9), _json), max_size=4),
+    plain=st.booleans(),
+)
+def test_a_transaction_is_encoded_as_dumps_writes_each_part(
+    bodies: list[dict[str, Any]],
+    entries: list[dict[str, Any]],
+    picks: list[tuple[str, int, Any]],
+    plain: bool,
+) -> None:
+    # a result holding the very documents and entries of its transaction reuses their text;
+    # every text is the one dumps writes
+    txn = Txn("op", 1)
+    for i, body in enumerate(bodies):
+        txn.put[f"d{i}"] = body
+    for entry in entries:
+        txn.append.append(("log", entry, None, None))
+    held = [*bodies, *entries]
+    result: Any = {k: held[i % len(held)] if held and i < 7 else v for k, i, v in picks}
+    txn.result = picks[0][2] if plain and picks else result
+    text = Encoded(txn)
+    assert text.result == dumps(txn.result)
+    assert text.put == {name: dumps(body) for name, body in txn.put.items()}
+    assert text.append == [dumps(entry) for entry in entries]
+
+
+def test_memory_forgets_operation_ids_a_day_old_and_keeps_the_rest() -> None:
+    storage = MemoryStorage()
+    commit(storage, txn("old", at=AT, result=1))
+    commit(storage, txn("mid", at=AT + 10, result=2))
+    later = AT + OP_KEEP_US + 5
+    assert commit(storage, txn("new", at=later, result=3)).applied
+    assert commit(storage, txn("old", at=later, result=4)).applied  # forgotten: applied anew
+    replay = commit(storage, txn("mid", at=later, result=5))
+    assert (replay.replayed, replay.result) == (True, 2)  # within its day: answered again
+    hour = 3_600_000_000
+    for i in range(200):  # one commit an hour: a day's worth are remembered, no more
+        commit(storage, txn(f"h{i}", at=later + i * hour))
+    assert 24 <= len(storage._shards["s1"].ops) <= 25

@@ -81,6 +81,24 @@ def test_confirm_twice_is_a_no_op_reporting_the_same_reservation(backend: Backen
     assert daily(engine) == (30 * USDT, 0, 70 * USDT)
 
 
+def test_settling_reports_the_request_that_was_authorized(backend: Backend) -> None:
+    # the authorizing engine reports the caller's own request; another engine on the same
+    # store reads it back from the ledger: both report the same request, every field kept
+    engine, clock = setup(backend, DAILY_100)
+    other = backend.engine(clock)
+    first = payment(30 * USDT, category="api_usage", memo="invoice 7", idempotency_key="k-1")
+    second = payment(20 * USDT, recipient="0xother", memo="invoice 8")
+    a, b = engine.authorize(first), engine.authorize(second)
+    assert a.reservation_id is not None
+    assert b.reservation_id is not None
+    confirmed = engine.confirm(a.reservation_id)
+    released = other.release(b.reservation_id)
+    assert (confirmed.request, confirmed.amount) == (first, first.asset_amount)
+    assert (released.request, released.amount) == (second, second.asset_amount)
+    assert other.confirm(a.reservation_id) == confirmed
+    assert engine.release(b.reservation_id) == released
+
+
 def test_release_gives_budget_back_and_twice_is_a_no_op(backend: Backend) -> None:
     engine, _ = setup(backend, DAILY_100)
     rid = engine.authorize(payment(30 * USDT)).reservation_id

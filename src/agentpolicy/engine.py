@@ -81,6 +81,7 @@ DEFAULT_COUNTER_GRACE = timedelta(hours=1)
 """How long counters of a window are kept after it ends (the clock skew tolerated)."""
 
 _CLOCK_RETRIES = 3
+_HANDOFFS = 10_000  # requests kept for reservations not yet settled here
 
 
 def utc_now() -> datetime:
@@ -277,6 +278,9 @@ class PolicyEngine(Voting):
         self._policies: dict[tuple[str, int], AgentPolicy] = {}
         self._shadows: dict[tuple[str, str], AgentPolicy] = {}
         self._homes: dict[str, str] = {}
+        # reservation id -> (its stored request, the request it was authorized for): confirm
+        # and release report the caller's own request instead of validating a copy again
+        self._requests: dict[str, tuple[Body, PaymentRequest]] = {}
         self._policies_lock = threading.Lock()
         self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard_now)
         self.webhooks: WebhookDispatcher | None = None
@@ -722,6 +726,10 @@ class PolicyEngine(Voting):
                 return (yield from self._replayed(rec, request))  # an earlier decision again
             if "aid" in rec:
                 self._wake_webhooks()
+            elif "rid" in rec and type(request) is PaymentRequest:
+                if len(self._requests) >= _HANDOFFS:
+                    self._requests.clear()  # reservations never settled here: start again
+                self._requests[rec["rid"]] = (rec["req"], request)
             return seen[-1]
         raise InternalError("unreachable")  # pragma: no cover
 
@@ -800,10 +808,12 @@ class PolicyEngine(Voting):
             problems += check_identifier(holder, "$.holder")
         raise_if(problems)
         now = self._now()
-        step = operations.settle(self.config, reservation_id, action, now, holder)
-        shard = yield from self._shard_of_id(reservation_id)
+        agent = keys.agent_of_id(reservation_id)
+        step = operations.settle(self.config, reservation_id, action, now, holder, agent)
+        shard = "" if agent is None else (yield from self._shard(agent))
         result: Body = yield Run(shard, step, at=micros(now))
-        return reservation_record(reservation_id, result["doc"])
+        return reservation_record(reservation_id, result["doc"],
+                                  self._requests.pop(reservation_id, None))  # fmt: skip
 
     def claim(self, reservation_id: str, holder: str) -> Reservation:
         """Take the right to make a reservation's payment, for ``holder`` alone.

@@ -138,16 +138,28 @@ def levels_of(doc: Body) -> Sequence[str]:
     return levels
 
 
-def reservation_record(reservation_id: str, doc: Body) -> Reservation:
-    """The public :class:`~agentpolicy.Reservation` of a reservation document."""
-    request = request_of(doc["req"])
+def reservation_record(
+    reservation_id: str, doc: Body, known: tuple[Body, PaymentRequest] | None = None
+) -> Reservation:
+    """The public :class:`~agentpolicy.Reservation` of a reservation document.
+
+    ``known``: the request as stored and the request it was made from, when
+    the caller has them: used when the document holds that very request.
+    """
+    stored = doc["req"]
+    if known is not None and (known[0] is stored or known[0] == stored):
+        request = known[1]
+    else:
+        request = request_of(stored)
     own = keys.head(doc["agent"])
     return Reservation(
         id=reservation_id,
         agent_id=doc["agent"],
         status=ReservationStatus(doc["st"]),
         amount=request.asset_amount,
-        window_keys=tuple(t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0] == own)
+        window_keys=tuple(
+            [t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0] == own]
+        )
         if "tg" in doc
         else tuple(doc["w"]),
         created_at=instant(doc["c"]),

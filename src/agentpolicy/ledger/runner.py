@@ -56,10 +56,14 @@ class View:
         missing = [n for n in names if n not in self.seen]
         if not missing:
             return
-        guesses = frozenset(guess) if self.trust else frozenset()
-        if guesses and not self.session.fresh:
-            self.guessed = True
-        got = self.session.get(missing, guesses)
+        session = self.session
+        if session.fresh or not self.trust:  # an exclusive store has nothing to guess from
+            got = session.get(missing)
+        else:
+            guesses = frozenset(guess)
+            if guesses:
+                self.guessed = True
+            got = session.get(missing, guesses)
         for name in missing:
             self.seen[name] = got.get(name, (0, None))
 
@@ -97,7 +101,7 @@ class _Attempts:
         self.trust = True
         self.write = write
         self.conflicts = 0
-        self.started = time.monotonic()
+        self.started = 0.0  # set by the first lost commit (an exclusive store never loses one)
 
     def view(self, session: Session) -> View:
         """A view for the next run of the step (trusting guesses until told otherwise)."""
@@ -135,6 +139,8 @@ class _Attempts:
         """
         self.conflicts += 1
         attempt = self.conflicts
+        if attempt == 1:
+            self.started = time.monotonic()
         if attempt >= MAX_ATTEMPTS and time.monotonic() - self.started >= RETRY_SECONDS:
             raise StorageUnavailableError(
                 f"the store stayed too busy for {attempt} attempts; nothing was changed"

@@ -24,7 +24,15 @@ from redis.backoff import ExponentialBackoff
 
 from agentpolicy.errors import InternalError, PolicyError, StorageUnavailableError
 from agentpolicy.ledger.keys import tag
-from agentpolicy.storage.base import CONFLICT, NEXT_SEQ, OP_KEEP_US, Doc, Outcome, Txn, dumps
+from agentpolicy.storage.base import (
+    CONFLICT,
+    NEXT_SEQ,
+    OP_KEEP_US,
+    Doc,
+    Encoded,
+    Outcome,
+    Txn,
+)
 
 T = TypeVar("T")
 
@@ -242,7 +250,8 @@ class Keyspace:
                 found = position[key] = len(keys_)
             return str(found)
 
-        args: list[Any] = [OP_KEEP_US // 1000, dumps(txn.result), txn.at, len(txn.expect)]
+        text = Encoded(txn)
+        args: list[Any] = [OP_KEEP_US // 1000, text.result, txn.at, len(txn.expect)]
         for name, version in txn.expect.items():
             args += [ref(self.key(prefix, name)), version]
         args.append(len(txn.put))
@@ -253,7 +262,7 @@ class Keyspace:
             expected = txn.expect.get(name)
             args += [
                 ref(key),
-                dumps(body),
+                text.put[name],
                 txn.ttl.get(name, 0),
                 "" if expected is None else expected + 1,
             ]
@@ -267,10 +276,10 @@ class Keyspace:
             code = "" if score is None else "s" if score == NEXT_SEQ else score
             args += [ref(self.key(prefix, index)), member, code]
         args.append(len(txn.append))
-        for log, entry, keep_after, max_len in txn.append:
+        for (log, _, keep_after, max_len), entry in zip(txn.append, text.append, strict=True):
             args += [
                 ref(self.key(prefix, log)),
-                dumps(entry),
+                entry,
                 "" if keep_after is None else keep_after,
                 "" if max_len is None else max_len,
             ]

@@ -42,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "NEXT_SEQ",
+    "Encoded",
     "dumps",
     "new_op",
     "serial_random",
@@ -101,6 +102,36 @@ else:  # pragma: no cover
     def dumps(value: Any) -> str:
         """Compact JSON, as ``json.dumps(value, separators=(",", ":"))`` writes it."""
         return json.dumps(value, separators=(",", ":"))
+
+
+class Encoded:
+    """A transaction's documents, log entries and result as JSON, each encoded once.
+
+    ``put`` maps each document's name to its text, ``append`` lists each log
+    entry's text in order, and ``result`` is the result's text. A result that
+    holds a document or a log entry of the same transaction (an authorize's
+    decision record, a confirm's reservation) is written with that value's
+    text instead of encoding it again: the same text ``dumps`` would write.
+    """
+
+    __slots__ = ("append", "put", "result")
+
+    def __init__(self, txn: Txn) -> None:
+        known: dict[int, str] = {}  # id() of values the transaction holds (all alive meanwhile)
+        self.put: dict[str, str] = {}
+        for name, body in txn.put.items():
+            self.put[name] = known[id(body)] = dumps(body)
+        self.append: list[str] = []
+        for _, entry, _, _ in txn.append:
+            text = known[id(entry)] = dumps(entry)
+            self.append.append(text)
+        result = txn.result
+        if type(result) is dict and any(id(v) in known for v in result.values()):
+            self.result = "{" + ",".join(
+                f"{dumps(k)}:{known.get(id(v)) or dumps(v)}" for k, v in result.items()
+            ) + "}"  # fmt: skip
+        else:
+            self.result = dumps(result)
 
 
 _serial = itertools.count()  # next() is atomic under the GIL

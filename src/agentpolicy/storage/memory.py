@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -63,14 +64,17 @@ class _Index:
 
 
 class _Shard:
-    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "ops")
+    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "op_order", "ops")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.docs: dict[str, Doc] = {}
         self.indexes: dict[str, _Index] = {}
         self.logs: dict[str, collections.deque[tuple[int, int, Any]]] = {}
-        self.ops: dict[str, tuple[int, Any]] = {}  # op id -> (at, result), oldest first
+        self.ops: dict[str, tuple[int, Any]] = {}  # op id -> (at, result)
+        # (at, op id) in the order applied: forgetting the oldest is O(1), where taking the
+        # first key of `ops` would step over every key deleted since the dict last resized
+        self.op_order: collections.deque[tuple[int, str]] = collections.deque()
         self.forget: list[tuple[int, str, int]] = []  # (when, name, version written with a ttl)
 
     def expire(self, now: int) -> None:
@@ -149,14 +153,12 @@ class _MemorySession:
             if max_len is not None:
                 while len(lines) > max_len:
                     lines.popleft()
-        ops = shard.ops
+        ops, order = shard.ops, shard.op_order
         ops[txn.op] = (txn.at, txn.result)
+        order.append((txn.at, txn.op))
         horizon = txn.at - OP_KEEP_US
-        while ops:
-            oldest = next(iter(ops))
-            if ops[oldest][0] >= horizon:
-                break
-            del ops[oldest]
+        while order[0][0] < horizon:
+            del ops[order.popleft()[1]]
         shard.expire(txn.at)
         return Outcome(applied=True, replayed=False, result=txn.result)
 
@@ -172,8 +174,7 @@ class MemoryStorage:
         self._shards: dict[str, _Shard] = {}
         self._global: dict[str, _Index] = {}
         self._global_lock = threading.Lock()
-        self._seq = 0
-        self._seq_lock = threading.Lock()
+        self._seq = itertools.count(1)  # next() is atomic under the GIL
 
     def _shard(self, shard: str) -> _Shard:
         found = self._shards.get(shard)
@@ -186,9 +187,7 @@ class MemoryStorage:
         return _MemorySession(self, self._shard(shard))
 
     def _next_seq(self) -> int:
-        with self._seq_lock:
-            self._seq += 1
-            return self._seq
+        return next(self._seq)
 
     def _set_global(self, index: str, member: str, score: int | None) -> None:
         with self._global_lock:

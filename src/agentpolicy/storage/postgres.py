@@ -76,9 +76,9 @@ from agentpolicy.storage.base import (
     NEXT_SEQ,
     OP_KEEP_US,
     Doc,
+    Encoded,
     Outcome,
     Txn,
-    dumps,
     op_prefix,
 )
 from agentpolicy.urls import redact_url
@@ -483,11 +483,12 @@ class _SessionSteps:
         self._connection()
         sql = self.sql
         at = txn.at
-        out: list[_Statement] = [(sql.op, (txn.op, at, dumps(txn.result)))]
+        text = Encoded(txn)
+        out: list[_Statement] = [(sql.op, (txn.op, at, text.result))]
         add = out.append
         ttl = txn.ttl
-        for name, body in txn.put.items():
-            add((sql.put, (name, dumps(body), at + ttl[name] * 1000 if name in ttl else None)))
+        for name, body in text.put.items():
+            add((sql.put, (name, body, at + ttl[name] * 1000 if name in ttl else None)))
         if txn.delete:
             add((sql.delete, (list(txn.delete),)))
         if txn.index:
@@ -500,8 +501,8 @@ class _SessionSteps:
                     add((sql.unindex, (index, member)))
                 else:
                     add((sql.index, (index, member, None if score == NEXT_SEQ else score)))
-        for log, entry, _, _ in txn.append:
-            add((sql.append, (log, at, dumps(entry))))
+        for (log, _, _, _), entry in zip(txn.append, text.append, strict=True):
+            add((sql.append, (log, at, entry)))
         if txn.append:
             out += self._trims(txn)
         add(("COMMIT", None))

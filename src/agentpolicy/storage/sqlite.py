@@ -39,9 +39,9 @@ from agentpolicy.storage.base import (
     NEXT_SEQ,
     OP_KEEP_US,
     Doc,
+    Encoded,
     Outcome,
     Txn,
-    dumps,
     op_prefix,
 )
 
@@ -154,11 +154,11 @@ class _SQLiteSession:
                 if done is None
                 else Outcome(applied=False, replayed=True, result=json.loads(done[0]))
             )
+        text = Encoded(txn)
         try:
-            result = dumps(txn.result)
             inserted = c.execute(
                 "INSERT INTO ops (op, at, result) VALUES (?, ?, ?) ON CONFLICT (op) DO NOTHING",
-                (txn.op, txn.at, result),
+                (txn.op, txn.at, text.result),
             ).rowcount
         except sqlite3.OperationalError as exc:
             if not self.write and _busy(exc):  # a read snapshot that is out of date
@@ -174,8 +174,8 @@ class _SQLiteSession:
                 "ON CONFLICT (name) DO UPDATE SET version = version + 1, body = excluded.body, "
                 "expires = excluded.expires",
                 [
-                    (name, dumps(body), None if name not in ttl else txn.at + ttl[name] * 1000)
-                    for name, body in txn.put.items()
+                    (name, body, None if name not in ttl else txn.at + ttl[name] * 1000)
+                    for name, body in text.put.items()
                 ],
             )
         if txn.delete:
@@ -191,10 +191,8 @@ class _SQLiteSession:
                 (index, member, score),
             )
         appends = self.storage._appends
-        for log, entry, keep_after, max_len in txn.append:
-            c.execute(
-                "INSERT INTO logs (log, at, body) VALUES (?, ?, ?)", (log, txn.at, dumps(entry))
-            )
+        for (log, _, keep_after, max_len), entry in zip(txn.append, text.append, strict=True):
+            c.execute("INSERT INTO logs (log, at, body) VALUES (?, ?, ?)", (log, txn.at, entry))
             if keep_after is None and max_len is None:
                 continue
             count = appends.get(log, 0) + 1
