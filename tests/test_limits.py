@@ -170,6 +170,22 @@ def test_a_grouped_scope_keeps_counters_per_recipient(backend: Backend) -> None:
     assert groups[("0xv2", "daily", "count")].count == 1
 
 
+def test_every_spelling_of_a_domain_name_counts_in_its_one_group(backend: Backend) -> None:
+    # a per-recipient limit cannot be multiplied by writing the name another way
+    engine, _ = engine_for(backend, {"scopedLimits": [DATA_VENDORS]})
+    data = {"category": "data"}
+    assert pay(engine, 4 * U, recipient="vendor.eth", **data) == "ALLOWED"
+    assert (
+        pay(engine, 4 * U, recipient="\uff36\uff25\uff2e\uff24\uff2f\uff32\uff0eeth", **data)
+        == "ALLOWED"
+    )
+    assert pay(engine, 4 * U, recipient="vendor\u3002eth.", **data) == "SCOPED_LIMIT"
+    assert pay(engine, 2 * U, recipient="Vendor.ETH.", **data) == "ALLOWED"
+    groups = {(x.group, x.window, x.kind): x for x in engine.budget("a").limits}
+    assert groups[("vendor.eth", "daily", "amount")].spent.value == 10 * U  # type: ignore[union-attr]
+    assert groups[("vendor.eth", "daily", "count")].count == 3
+
+
 def test_an_ungrouped_scope_sums_across_its_matches(backend: Backend) -> None:
     scope = {**DATA_VENDORS, "groupBy": None, "limits": {"daily": usdt(10)}}
     engine, _ = engine_for(backend, {"scopedLimits": [scope]})

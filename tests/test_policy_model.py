@@ -123,6 +123,47 @@ def test_case_insensitive_address_forms_compare_in_lower_case(given: str, compar
         assert code == (Code.RECIPIENT_BLOCKED if same else Code.ALLOWED), written
 
 
+@pytest.mark.parametrize(
+    ("given", "compared"),
+    [
+        ("\uff45\uff56\uff49\uff4c.eth", "evil.eth"),  # fullwidth letters
+        (
+            "\uff25\uff36\uff29\uff2c\uff0e\uff25\uff34\uff28",
+            "evil.eth",
+        ),  # fullwidth capitals and full stop
+        ("evil\u3002eth", "evil.eth"),  # ideographic full stop
+        ("evil\uff61eth", "evil.eth"),  # halfwidth ideographic full stop
+        ("evil.eth.", "evil.eth"),  # the root's dot
+        ("EVIL.ETH.", "evil.eth"),
+        ("Évil.eth", "évil.eth"),  # a name in another script: still one case
+        ("BÜCHER.example", "bücher.example"),
+        ("ﬀ.eth", "ff.eth"),  # a compatibility ligature
+        ("ß.eth", "ß.eth"),  # not "ss.eth": another name in ENS and IDNA 2008
+        ("ς.eth", "ς.eth"),
+        ("a b.eth", "a b.eth"),  # no domain name: as written
+        ("x.", "x."),
+    ],
+)
+def test_domain_names_compare_as_resolvers_read_them(given: str, compared: str) -> None:
+    """A blacklist of evil.eth also stops every spelling a resolver reads as evil.eth."""
+    assert normalize_recipient(given) == compared
+    monday = datetime(2026, 1, 19, tzinfo=UTC)
+    blocked = AgentPolicy(merchant_rules=MerchantRules(blacklist=(compared,)))
+    allowed = AgentPolicy(merchant_rules=MerchantRules(whitelist=(compared,)))
+    request = PaymentRequest("a", 1, given, "eip155:1")
+    assert evaluate(blocked, request, {}, monday).code is Code.RECIPIENT_BLOCKED
+    assert evaluate(allowed, request, {}, monday).code is Code.ALLOWED
+
+
+def test_names_that_resolve_apart_stay_apart() -> None:
+    # a whitelist of ss.eth must not let a payment to ß.eth (someone else's name) through
+    monday = datetime(2026, 1, 19, tzinfo=UTC)
+    policy = AgentPolicy(merchant_rules=MerchantRules(whitelist=("ss.eth", "evil.eth")))
+    for other in ("ß.eth", "\u0435vil.eth"):  # the second: Cyrillic ie, then "vil"
+        request = PaymentRequest("a", 1, other, "eip155:1")
+        assert evaluate(policy, request, {}, monday).code is Code.RECIPIENT_NOT_WHITELISTED
+
+
 def test_spending_limits_by_period() -> None:
     limits = SpendingLimits(hourly=Amount(1), monthly=Amount(2))
     assert [p.value for p, _ in limits.windowed] == ["hourly", "monthly"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 import zoneinfo
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, tzinfo
@@ -94,6 +95,18 @@ def _utc(value: Any) -> Any:
 
 _BECH32 = re.compile(r"[a-z]{1,83}1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{6,}", re.ASCII)
 _DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z][a-z0-9-]*", re.ASCII)
+# A domain name in any script, once mapped: labels of letters, digits and inner hyphens,
+# the last one starting with a letter (ENS ``vendor.eth``, IDN ``bücher.example``).
+_NAME = re.compile(r"(?:[^\W_](?:[\w-]*[^\W_])?\.)+[^\W\d_](?:[\w-]*[^\W_])?")
+_FULL_STOP = str.maketrans({"\u3002": "."})  # the ideographic full stop (NFKC keeps it)
+
+
+def _domain(mapped: str) -> str | None:
+    """``mapped`` without a final dot, if that is a domain name (else ``None``)."""
+    name = mapped[:-1] if mapped.endswith(".") else mapped
+    if name.isascii():
+        return name if _DOMAIN.fullmatch(name) else None
+    return name if _NAME.fullmatch(name) else None
 
 
 def normalize_recipient(address: str) -> str:
@@ -101,14 +114,25 @@ def normalize_recipient(address: str) -> str:
 
     Case-insensitive forms are lower-cased: hex (EVM) addresses (``0x``),
     bech32 addresses (``bc1q...``, ``cosmos1...``; one case throughout, as
-    BIP-173 requires, so ``BC1Q...`` is ``bc1q...``) and ASCII domain names
-    (ENS ``vendor.eth``, DNS). Base58 and other forms, whose case is
+    BIP-173 requires, so ``BC1Q...`` is ``bc1q...``) and domain names (ENS
+    ``vendor.eth``, DNS). A domain name is compared as resolvers read it:
+    compatibility forms mapped (NFKC: ``evil.eth`` in fullwidth letters is
+    ``evil.eth``), lower-cased (``ß`` and ``ς`` stay themselves, as in
+    IDNA 2008 and ENS), the ideographic full stop read as a dot, and a final
+    dot (``evil.eth.``) dropped. Base58 and other forms, whose case is
     significant, are left as they are.
     """
+    if not address.isascii():
+        once = unicodedata.normalize("NFKC", address).translate(_FULL_STOP)
+        mapped = unicodedata.normalize("NFKC", once.lower())  # not casefold: ß is not ss
+        return _domain(mapped) or address
     lower = address.lower()
-    if lower == address or address[:2] in ("0x", "0X"):
+    if address[:2] in ("0x", "0X") or (lower == address and not lower.endswith(".")):
         return lower
-    if _DOMAIN.fullmatch(lower) or (address.upper() == address and _BECH32.fullmatch(lower)):
+    name = _domain(lower)
+    if name is not None:
+        return name
+    if address.upper() == address and _BECH32.fullmatch(lower):
         return lower
     return address
 
