@@ -177,6 +177,36 @@ def test_allowed_windows_across_a_dst_change_follow_local_hours() -> None:
     assert decide(policy, now=datetime(2026, 3, 29, 7, 30, tzinfo=UTC)).allowed
 
 
+def test_allowed_windows_answer_each_instant_of_an_hour_and_each_policy_apart() -> None:
+    # the answer is kept per policy and hour of the policy's zone; its words name the minute
+    policy = load_policy(WEEKDAYS_9_17)
+    at_0905 = decide(policy, now=datetime(2026, 1, 19, 9, 5, tzinfo=UTC))
+    at_0945 = decide(policy, now=datetime(2026, 1, 19, 9, 45, tzinfo=UTC))
+    words = [
+        {e.name: e.detail for e in d.evaluations}["allowed_windows"] for d in (at_0905, at_0945)
+    ]
+    assert "Monday 09:05 UTC" in words[0]
+    assert "Monday 09:45 UTC" in words[1]
+    nights = load_policy({"timeRules": {"allowedWindows": [{"days": [1], "startHour": 0,
+                                                            "endHour": 9}]}})  # fmt: skip
+    assert decide(nights, now=datetime(2026, 1, 19, 9, 5, tzinfo=UTC)).code == (
+        Code.OUTSIDE_ALLOWED_WINDOW
+    )
+    assert decide(policy, now=datetime(2026, 1, 19, 9, 6, tzinfo=UTC)).allowed
+
+
+def test_allowed_windows_in_a_half_hour_zone_turn_at_local_hours() -> None:
+    # Kolkata is UTC+5:30: 03:29 and 03:30 UTC are one UTC hour but 08:59 and 09:00 there
+    policy = load_policy({"timeRules": {
+        "allowedWindows": [{"days": [1], "startHour": 9, "endHour": 10}],
+        "timezone": "Asia/Kolkata",
+    }})  # fmt: skip
+    assert not decide(policy, now=datetime(2026, 1, 19, 3, 29, tzinfo=UTC)).allowed
+    assert decide(policy, now=datetime(2026, 1, 19, 3, 30, tzinfo=UTC)).allowed
+    assert decide(policy, now=datetime(2026, 1, 19, 4, 29, tzinfo=UTC)).allowed
+    assert not decide(policy, now=datetime(2026, 1, 19, 4, 30, tzinfo=UTC)).allowed
+
+
 def test_a_naive_now_is_refused() -> None:
     with pytest.raises(PolicyValidationError):
         decide({}, now=datetime(2026, 1, 19))

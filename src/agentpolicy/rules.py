@@ -98,17 +98,20 @@ def windows_for(policy: AgentPolicy | None, now: datetime) -> tuple[Window, ...]
     zone = policy_zone(policy)
     # Windows nest (every day boundary is an hour boundary, and so on up), so all four
     # are the same throughout one hourly window: compute the longer ones once per hour.
-    hour = _current_hour.get(zone)
-    if hour is None or not hour.contains(now):
-        hour = window_at(Period.HOURLY, now, zone)
-        if len(_current_hour) > 4096:
-            _current_hour.clear()
-        _current_hour[zone] = hour
-    return _windows(zone, hour)
+    found = _current_hour.get(zone)
+    if found is not None and found[0].contains(now):
+        return found[1]
+    hour = window_at(Period.HOURLY, now, zone)
+    windows = _windows(zone, hour)
+    if len(_current_hour) > 4096:
+        _current_hour.clear()
+    _current_hour[zone] = (hour, windows)
+    return windows
 
 
-# The hourly window last seen per zone: windows tile time, so containing `now` identifies it.
-_current_hour: dict[tzinfo, Window] = {}
+# The hourly window last seen per zone, with the windows it lies in: windows tile time, so
+# containing `now` identifies it.
+_current_hour: dict[tzinfo, tuple[Window, tuple[Window, ...]]] = {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -140,22 +143,38 @@ def _blocked_words(period: BlockedPeriod) -> str:
 _DAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
 
 
-def _allowed_windows(policy: AgentPolicy, now: datetime) -> _Check:
+def _allowed_windows(policy: AgentPolicy, now: datetime, hour: Window) -> _Check:
     name = "allowed_windows"
     rules = policy.time_rules
     if rules is None or not rules.allowed_windows:
         return _skip(name, "no time windows: any time is allowed")
-    local = now.astimezone(rules.zone)
-    day = local.isoweekday() % 7
+    # ``hour`` is the hourly window of ``now`` in the rules' zone: the local day and hour,
+    # and so the answer, are the same throughout it
+    key = (id(rules), id(hour))
+    found = _INSIDE.get(key)
+    if found is not None and found[0] is rules and found[1] is hour:
+        inside = found[2]
+    else:
+        local = now.astimezone(rules.zone)
+        day = local.isoweekday() % 7
+        inside = any(w.matches(day, local.hour) for w in rules.allowed_windows)
+        if len(_INSIDE) > 4096:
+            _INSIDE.clear()
+        _INSIDE[key] = (rules, hour, inside)
 
     def where() -> str:
-        return f"{_DAY_NAMES[day]} {local:%H:%M} {rules.timezone}"
+        local = now.astimezone(rules.zone)
+        return f"{_DAY_NAMES[local.isoweekday() % 7]} {local:%H:%M} {rules.timezone}"
 
-    if any(w.matches(day, local.hour) for w in rules.allowed_windows):
+    if inside:
         return _ok(name, lambda: f"{where()} is inside an allowed window")
     return _fail(
         name, Code.OUTSIDE_ALLOWED_WINDOW, lambda: f"{where()} is outside every allowed window"
     )
+
+
+_INSIDE: dict[tuple[int, int], tuple[Any, Window, bool]] = {}
+"""Whether an hour is inside the allowed windows, by the rules and the hour (their identities)."""
 
 
 def _merchant(policy: AgentPolicy, request: PaymentRequest) -> _Check:
@@ -380,7 +399,9 @@ _WINDOW_CHECK = {
 class _Book:
     """The limits one book applies (the agent's, or a scope's) and the tallies they read."""
 
-    __slots__ = ("amounts", "block", "calendar", "items", "key", "prefix", "rolling", "scope")
+    __slots__ = (
+        "all_tallies", "amounts", "block", "calendar", "items", "key", "prefix", "rolling", "scope",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -399,6 +420,7 @@ class _Book:
         first = next(iter(calendar.values()))
         self.key: BookKey = (first.owner, first.book)
         self.items = items
+        self.all_tallies: tuple[Tally, ...] = (*calendar.values(), *self.rolling.values())
 
     def checks(self, amount: Amount, usage: UsedUnits) -> list[_Check]:
         block, prefix = self.block, self.prefix
@@ -582,9 +604,12 @@ class Assessment:
         self.books = books
         self.budget_id = request.agent_id if budget_id is None else budget_id
         self.parents = parents
-        self.every_book: tuple[_Book, ...] = books + tuple(b for p in parents for b in p.books)
-        self.tallies: tuple[Tally, ...] = tuple(
-            t for b in self.every_book for t in (*b.calendar.values(), *b.rolling.values())
+        every = books + tuple(b for p in parents for b in p.books) if parents else books
+        self.every_book: tuple[_Book, ...] = every
+        self.tallies: tuple[Tally, ...] = (
+            every[0].all_tallies
+            if len(every) == 1
+            else tuple(t for b in every for t in b.all_tallies)
         )
 
     def alerting(self) -> list[tuple[Tally, Amount, tuple[int, ...], str]]:
@@ -605,6 +630,27 @@ class Assessment:
             for level in (self, *self.parents)
             if level.threshold is not None and level.policy is not None
         ]
+
+
+def _own_book(
+    block: SpendingLimits | None,
+    tallies: tuple[dict[Period, Tally], dict[int, Tally], _Items],
+    comparable: bool,
+) -> _Book:
+    """The book of a budget's own limits: one per (cached) set of tallies, reused."""
+    calendar = tallies[0]
+    key = (id(calendar), comparable)
+    found = _OWN_BOOKS.get(key)
+    if found is not None and found[0] is calendar and found[1].block is block:
+        return found[1]
+    book = _Book(block, tallies, comparable)
+    if len(_OWN_BOOKS) > 4096:
+        _OWN_BOOKS.clear()
+    _OWN_BOOKS[key] = (calendar, book)
+    return book
+
+
+_OWN_BOOKS: dict[tuple[int, bool], tuple[dict[Period, Tally], _Book]] = {}
 
 
 def _scope_books(
@@ -703,7 +749,7 @@ def _assess_level(
         _ok("policy", lambda: "the policy is enabled"),
         *(() if grant is None else (_delegation(grant, now),)),
         _blocked_periods(policy, now),
-        _allowed_windows(policy, now),
+        _allowed_windows(policy, now, windows[0]),
         _merchant(policy, request),
         _network(policy, request),
         _category(policy, request),
@@ -712,7 +758,7 @@ def _assess_level(
     )
     blocking = next((c for c in checks if c[1] is _FAIL), None)
     tallies = _tallies(None, symbol if block is None else block.token, windows, block, owner)
-    books = [_Book(block, tallies, comparable)]
+    books = [_own_book(block, tallies, comparable)]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, owner)
     return Assessment(
