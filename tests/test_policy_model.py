@@ -124,42 +124,63 @@ def test_case_insensitive_address_forms_compare_in_lower_case(given: str, compar
 
 
 @pytest.mark.parametrize(
-    ("given", "compared"),
+    ("given", "compared", "admitted"),
     [
-        ("\uff45\uff56\uff49\uff4c.eth", "evil.eth"),  # fullwidth letters
-        (
-            "\uff25\uff36\uff29\uff2c\uff0e\uff25\uff34\uff28",
-            "evil.eth",
-        ),  # fullwidth capitals and full stop
-        ("evil\u3002eth", "evil.eth"),  # ideographic full stop
-        ("evil\uff61eth", "evil.eth"),  # halfwidth ideographic full stop
-        ("evil.eth.", "evil.eth"),  # the root's dot
-        ("EVIL.ETH.", "evil.eth"),
-        ("Évil.eth", "évil.eth"),  # a name in another script: still one case
-        ("BÜCHER.example", "bücher.example"),
-        ("ﬀ.eth", "ff.eth"),  # a compatibility ligature
-        ("ß.eth", "ß.eth"),  # not "ss.eth": another name in ENS and IDNA 2008
-        ("ς.eth", "ς.eth"),
-        ("a b.eth", "a b.eth"),  # no domain name: as written
-        ("x.", "x."),
+        ("EVIL.ETH.", "evil.eth", True),  # ASCII case and the root's dot
+        ("_EVIL.eth", "_evil.eth", True),  # names ENS takes that DNS would not
+        ("\uff45\uff56\uff49\uff4c.eth", "evil.eth", False),  # fullwidth letters
+        ("\uff25\uff36\uff29\uff2c\uff0e\uff25\uff34\uff28", "evil.eth", False),  # and stop
+        ("evil\u3002eth", "evil.eth", False),  # ideographic full stop
+        ("evil\uff61eth", "evil.eth", False),  # halfwidth ideographic full stop
+        ("evil\ufe0f.eth", "evil.eth", False),  # an invisible variation selector
+        ("\u2764\ufe0f.ETH", "\u2764.eth", False),  # emoji, with and without it
+        ("\U0001f4a9.ETH", "\U0001f4a9.eth", False),
+        ("\u0939\u093f\u0928\u094d\u0926\u0940.ETH", "\u0939\u093f\u0928\u094d\u0926\u0940.eth",
+         False),  # combining marks
+        ("\u0958.eth", "\u0915\u093c.eth", False),  # a composition NFKC takes apart
+        ("\u039b\u039f\u0393\u039f\u03a31.eth", "\u03bb\u03bf\u03b3\u03bf\u03c31.eth", False),
+        ("\u03bb\u03bf\u03b3\u03bf\u03c2.eth", "\u03bb\u03bf\u03b3\u03bf\u03c3.eth", False),
+        ("\u03bb\u03bf\u03b3\u03bf\u03f2.eth", "\u03bb\u03bf\u03b3\u03bf\u03c3.eth", False),
+        ("\u1c80\u043e\u0440.eth", "\u0432\u043e\u0440.eth", False),  # a Cyrillic variant
+        ("B\u00dcCHER.example", "b\u00fccher.example", False),
+        ("xn--bcher-kva.example", "b\u00fccher.example", False),  # its punycode
+        ("\u00df.eth", "ss.eth", False),  # joined, though ENS keeps them apart
+        ("a b.eth", "a b.eth", True),  # ASCII: its case folded only
+        ("So1Base58", "So1Base58", True),
     ],
-)
-def test_domain_names_compare_as_resolvers_read_them(given: str, compared: str) -> None:
-    """A blacklist of evil.eth also stops every spelling a resolver reads as evil.eth."""
+)  # fmt: skip
+def test_domain_names_compare_as_resolvers_read_them(
+    given: str, compared: str, admitted: bool
+) -> None:
+    """A blacklist of evil.eth stops every spelling a resolver reads as evil.eth.
+
+    A whitelist admits a spelling only when it cannot resolve elsewhere: in
+    ASCII, where only case is folded.
+    """
     assert normalize_recipient(given) == compared
     monday = datetime(2026, 1, 19, tzinfo=UTC)
     blocked = AgentPolicy(merchant_rules=MerchantRules(blacklist=(compared,)))
     allowed = AgentPolicy(merchant_rules=MerchantRules(whitelist=(compared,)))
     request = PaymentRequest("a", 1, given, "eip155:1")
     assert evaluate(blocked, request, {}, monday).code is Code.RECIPIENT_BLOCKED
-    assert evaluate(allowed, request, {}, monday).code is Code.ALLOWED
+    admitted_code = Code.ALLOWED if admitted else Code.RECIPIENT_NOT_WHITELISTED
+    assert evaluate(allowed, request, {}, monday).code is admitted_code
+    exactly = AgentPolicy(merchant_rules=MerchantRules(whitelist=(given,)))
+    assert evaluate(exactly, request, {}, monday).code is Code.ALLOWED  # as listed: admitted
 
 
-def test_names_that_resolve_apart_stay_apart() -> None:
-    # a whitelist of ss.eth must not let a payment to ß.eth (someone else's name) through
+def test_a_whitelist_admits_no_spelling_that_may_resolve_elsewhere() -> None:
+    # ENS maps a capital sigma to a small one, never to the final form: a whitelist of
+    # "logos1.eth" with a final sigma must not admit the capitals (another name there)
     monday = datetime(2026, 1, 19, tzinfo=UTC)
-    policy = AgentPolicy(merchant_rules=MerchantRules(whitelist=("ss.eth", "evil.eth")))
-    for other in ("ß.eth", "\u0435vil.eth"):  # the second: Cyrillic ie, then "vil"
+    final = "\u03bb\u03bf\u03b3\u03bf\u03c21.eth"
+    policy = AgentPolicy(merchant_rules=MerchantRules(whitelist=("ss.eth", final, "evil.eth")))
+    others = (
+        "\u00df.eth",
+        "\u039b\u039f\u0393\u039f\u03a31.eth",
+        "\u0435vil.eth",
+    )  # last: Cyrillic
+    for other in others:
         request = PaymentRequest("a", 1, other, "eip155:1")
         assert evaluate(policy, request, {}, monday).code is Code.RECIPIENT_NOT_WHITELISTED
 

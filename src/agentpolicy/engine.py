@@ -81,7 +81,7 @@ DEFAULT_COUNTER_GRACE = timedelta(hours=1)
 """How long counters of a window are kept after it ends (the clock skew tolerated)."""
 
 _CLOCK_RETRIES = 3
-_HANDOFFS = 10_000  # requests kept for reservations not yet settled here
+_HANDOFFS = 1_024  # requests kept for reservations not yet settled here
 
 
 def utc_now() -> datetime:

@@ -66,6 +66,7 @@ __all__ = [
     "TimeRules",
     "TimeWindow",
     "normalize_recipient",
+    "whitelist_form",
     "span_seconds",
 ]
 
@@ -94,46 +95,79 @@ def _utc(value: Any) -> Any:
 
 
 _BECH32 = re.compile(r"[a-z]{1,83}1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{6,}", re.ASCII)
-_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z][a-z0-9-]*", re.ASCII)
-# A domain name in any script, once mapped: labels of letters, digits and inner hyphens,
-# the last one starting with a letter (ENS ``vendor.eth``, IDN ``bücher.example``).
-_NAME = re.compile(r"(?:[^\W_](?:[\w-]*[^\W_])?\.)+[^\W\d_](?:[\w-]*[^\W_])?")
+# Printable code points that resolvers ignore (default-ignorable): variation selectors (also
+# in emoji), Mongolian free variation selectors, the combining grapheme joiner, Hangul
+# fillers, Khmer inherent vowels. The unprintable ones are refused in every identifier.
+_IGNORABLE = dict.fromkeys(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x3164, 0xFFA0,
+     *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)],
+)  # fmt: skip
 _FULL_STOP = str.maketrans({"\u3002": "."})  # the ideographic full stop (NFKC keeps it)
 
 
-def _domain(mapped: str) -> str | None:
-    """``mapped`` without a final dot, if that is a domain name (else ``None``)."""
-    name = mapped[:-1] if mapped.endswith(".") else mapped
-    if name.isascii():
-        return name if _DOMAIN.fullmatch(name) else None
-    return name if _NAME.fullmatch(name) else None
+def _fold(text: str) -> str:
+    """Compatibility forms mapped, case folded (final sigma as sigma), ignorables dropped."""
+    mapped = unicodedata.normalize("NFKC", text.translate(_IGNORABLE)).translate(_FULL_STOP)
+    return unicodedata.normalize("NFKC", mapped.casefold())
+
+
+def _domain_form(name: str) -> str:
+    """A folded domain name without its final dot, ``xn--`` labels read as what they encode."""
+    if name.endswith(".") and len(name) > 1:
+        name = name[:-1]
+    if "xn--" not in name:
+        return name
+    labels = name.split(".")
+    for i, label in enumerate(labels):
+        if label.startswith("xn--"):
+            try:
+                labels[i] = _fold(label[4:].encode("ascii").decode("punycode"))
+            except (UnicodeError, ValueError):
+                continue  # not punycode: compared as written
+    return ".".join(labels)
 
 
 def normalize_recipient(address: str) -> str:
-    """The form recipients are compared in: each address form by its own case rule.
+    """The form recipients are compared in by blacklists, scoped limits and their groups.
 
-    Case-insensitive forms are lower-cased: hex (EVM) addresses (``0x``),
+    Case-insensitive forms are lower-cased: hex (EVM) addresses (``0x``) and
     bech32 addresses (``bc1q...``, ``cosmos1...``; one case throughout, as
-    BIP-173 requires, so ``BC1Q...`` is ``bc1q...``) and domain names (ENS
-    ``vendor.eth``, DNS). A domain name is compared as resolvers read it:
-    compatibility forms mapped (NFKC: ``evil.eth`` in fullwidth letters is
-    ``evil.eth``), lower-cased (``ß`` and ``ς`` stay themselves, as in
-    IDNA 2008 and ENS), the ideographic full stop read as a dot, and a final
-    dot (``evil.eth.``) dropped. Base58 and other forms, whose case is
-    significant, are left as they are.
+    BIP-173 requires, so ``BC1Q...`` is ``bc1q...``). A name with a dot (ENS
+    ``vendor.eth``, a DNS name) is folded so that every spelling a resolver
+    reads as the same name compares equal: compatibility forms mapped
+    (NFKC: fullwidth letters and stops), case folded in any script,
+    invisible variation selectors dropped, the ideographic full stop read as
+    a dot, a final dot dropped and ``xn--`` labels decoded. Folding may also
+    join a few names that resolvers keep apart (``ß`` and ``ss``): for a
+    blacklist, a scope or a group that only ever means more is covered.
+    Whitelists compare stricter (see :func:`whitelist_form`). Base58 and
+    other forms, whose case is significant, are left as they are.
     """
-    if not address.isascii():
-        once = unicodedata.normalize("NFKC", address).translate(_FULL_STOP)
-        mapped = unicodedata.normalize("NFKC", once.lower())  # not casefold: ß is not ss
-        return _domain(mapped) or address
-    lower = address.lower()
-    if address[:2] in ("0x", "0X") or (lower == address and not lower.endswith(".")):
-        return lower
-    name = _domain(lower)
-    if name is not None:
-        return name
-    if address.upper() == address and _BECH32.fullmatch(lower):
-        return lower
+    if address.isascii():
+        if address[:2] in ("0x", "0X"):
+            return address.lower()
+        if "." in address:
+            return _domain_form(address.lower())
+        lower = address.lower()
+        if lower == address or (address.upper() == address and _BECH32.fullmatch(lower)):
+            return lower
+        return address
+    folded = _fold(address)
+    return _domain_form(folded) if "." in folded else address
+
+
+def whitelist_form(address: str) -> str:
+    """The form a whitelist compares recipients in: only spellings that reach the same payee.
+
+    An ASCII recipient compares as :func:`normalize_recipient` has it (ASCII
+    case is never significant in names and hex addresses, where it is
+    folded), unless it has an ``xn--`` label; any other recipient compares
+    exactly as written. Folding other scripts can join names that resolve
+    apart (in ENS a capital sigma is a small sigma, never a final one), so
+    a whitelist admits such a name only as it lists it.
+    """
+    if address.isascii() and "xn--" not in address.lower():
+        return normalize_recipient(address)
     return address
 
 
@@ -456,8 +490,8 @@ class MerchantRules:
 
     @functools.cached_property
     def whitelisted(self) -> frozenset[str]:
-        """The whitelist in comparison form (see :func:`normalize_recipient`)."""
-        return frozenset(map(normalize_recipient, self.whitelist))
+        """The whitelist in comparison form (see :func:`whitelist_form`)."""
+        return frozenset(map(whitelist_form, self.whitelist))
 
     @functools.cached_property
     def blacklisted(self) -> frozenset[str]:

@@ -30,6 +30,7 @@ from agentpolicy.policy import (
     ScopedLimit,
     SpendingLimits,
     normalize_recipient,
+    whitelist_form,
 )
 from agentpolicy.records import Delegation
 from agentpolicy.requests import PaymentRequest
@@ -182,15 +183,14 @@ def _merchant(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     rules = policy.merchant_rules
     if rules is None:
         return _skip(name, "no merchant rules")
-    recipient = normalize_recipient(request.recipient)
-    if recipient in rules.blacklisted:
+    if normalize_recipient(request.recipient) in rules.blacklisted:
         return _fail(
             name,
             Code.RECIPIENT_BLOCKED,
             lambda: f"recipient {request.recipient} is blacklisted",
         )
     if rules.whitelist_applies:
-        if recipient not in rules.whitelisted:
+        if whitelist_form(request.recipient) not in rules.whitelisted:
             return _fail(
                 name,
                 Code.RECIPIENT_NOT_WHITELISTED,
@@ -367,12 +367,12 @@ def _amount_limit(
 ) -> _Check:
     value, decimals, _ = used
     over = over_limit_units(value, decimals, amount, limit)
-    words = functools.partial(_limit_words, label, limit, value, decimals, amount, over=over)
+    words = functools.partial(_limit_words, label, limit, value, decimals, amount, over)
     return _fail(name, code, words) if over else _ok(name, words)
 
 
 def _limit_words(
-    label: str, limit: Amount, value: int, decimals: int, amount: Amount, *, over: bool
+    label: str, limit: Amount, value: int, decimals: int, amount: Amount, over: bool
 ) -> str:
     used_text = format_units(value, decimals) if value else "0"
     verdict = "would exceed it" if over else "is within it"
@@ -400,7 +400,8 @@ class _Book:
     """The limits one book applies (the agent's, or a scope's) and the tallies they read."""
 
     __slots__ = (
-        "all_tallies", "amounts", "block", "calendar", "items", "key", "prefix", "rolling", "scope",
+        "all_tallies", "amounts", "block", "calendar", "items", "key", "periods", "prefix",
+        "rolling", "scope",
     )  # fmt: skip
 
     def __init__(
@@ -421,6 +422,14 @@ class _Book:
         self.key: BookKey = (first.owner, first.book)
         self.items = items
         self.all_tallies: tuple[Tally, ...] = (*calendar.values(), *self.rolling.values())
+        # an unscoped book's calendar checks, worked out once: a check that is always
+        # skipped, or what a window limit needs (name, code, label, limit, tally)
+        by_period = block.by_period if block is not None and amounts else None
+        self.periods: tuple[_Check | tuple[str, Code, str, Amount, Tally], ...] = tuple(
+            _NO_LIMIT[p] if by_period is None or by_period[p] is None
+            else (*_WINDOW_CHECK[p], cast(Amount, by_period[p]), calendar[p])
+            for p in WINDOW_PERIODS
+        )  # fmt: skip
 
     def checks(self, amount: Amount, usage: UsedUnits) -> list[_Check]:
         block, prefix = self.block, self.prefix
@@ -436,15 +445,12 @@ class _Book:
                     words = f"{label}{period.value} limit"
                     out.append(_amount_limit(name, Code.SCOPED_LIMIT, words, limit, amount, used))
         else:
-            by_period = block.by_period if block is not None and self.amounts else None
-            for period in WINDOW_PERIODS:
-                cap = by_period[period] if by_period is not None else None
-                if cap is None:
-                    out.append(_NO_LIMIT[period])
+            for check in self.periods:
+                if len(check) == 4:  # no limit in this window
+                    out.append(check)
                     continue
-                name, code, label = _WINDOW_CHECK[period]
-                used = _used(usage, self.calendar[period])
-                out.append(_amount_limit(name, code, label, cap, amount, used))
+                name, code, label, cap, tally = check
+                out.append(_amount_limit(name, code, label, cap, amount, _used(usage, tally)))
         if block is None:
             return out
         for r in block.rolling if self.amounts else ():

@@ -126,7 +126,11 @@ class Encoded:
             text = known[id(entry)] = dumps(entry)
             self.append.append(text)
         result = txn.result
-        if type(result) is dict and any(id(v) in known for v in result.values()):
+        if (
+            type(result) is dict
+            and any(id(v) in known for v in result.values())
+            and all(type(k) is str for k in result)
+        ):
             self.result = "{" + ",".join(
                 f"{dumps(k)}:{known.get(id(v)) or dumps(v)}" for k, v in result.items()
             ) + "}"  # fmt: skip
