@@ -285,3 +285,15 @@ def test_memory_forgets_operation_ids_a_day_old_and_keeps_the_rest() -> None:
     for i in range(200):  # one commit an hour: a day's worth are remembered, no more
         commit(storage, txn(f"h{i}", at=later + i * hour))
     assert 24 <= len(storage._shards["s1"].ops) <= 25
+
+
+def test_a_result_with_keys_that_are_not_strings_is_encoded_as_dumps_writes_it() -> None:
+    body = {"n": 1}
+    txn = Txn("op", 1)
+    txn.put["d"] = body
+    for result in ({1: body}, {None: body, "x": body}, {2.5: body}):
+        txn.result = result
+        assert Encoded(txn).result == dumps(result)
+    txn.result = {(1, 2): body}
+    with pytest.raises(TypeError):
+        Encoded(txn)
