@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
 import pytest
 
 from agentpolicy import PolicyEngine, ReservationStatus
@@ -62,3 +65,23 @@ def test_a_subclassed_request_is_reported_as_a_plain_request() -> None:
     reported = engine.confirm(rid).request
     assert type(reported) is type(mine)
     assert reported == mine
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
+def test_a_settled_reservation_reports_its_instants_in_utc_whatever_the_clock(zone: str) -> None:
+    start = datetime(2026, 1, 19, 10, 0, 0, 123456, tzinfo=UTC).astimezone(ZoneInfo(zone))
+    clock = ManualClock(start if zone != "UTC" else start.replace(tzinfo=UTC))
+    engine = PolicyEngine(storage=MemoryStorage(), clock=clock)
+    engine.set_policy("agent-1", DAILY)
+    decision = engine.authorize(payment(5))
+    assert decision.reservation_id is not None
+    clock.advance(seconds=7)
+    confirmed = engine.confirm(decision.reservation_id)
+    again = engine.confirm(decision.reservation_id)  # read back from the ledger alone
+    assert confirmed == again
+    for field in ("created_at", "expires_at", "updated_at"):
+        assert getattr(confirmed, field).tzinfo is UTC, field
+        assert getattr(confirmed, field).isoformat() == getattr(again, field).isoformat()
+    assert confirmed.created_at == start
+    assert confirmed.expires_at == decision.expires_at
+    assert confirmed.updated_at == start + timedelta(seconds=7)

@@ -35,6 +35,7 @@ from agentpolicy.guard import PaymentGuard
 from agentpolicy.ledger import claims, keys, operations, recorded, rollout, trees
 from agentpolicy.ledger.docs import (
     Body,
+    Known,
     approval_record,
     delegation_record,
     history_record,
@@ -280,7 +281,7 @@ class PolicyEngine(Voting):
         self._homes: dict[str, str] = {}
         # reservation id -> (its stored request, the request it was authorized for): confirm
         # and release report the caller's own request instead of validating a copy again
-        self._requests: dict[str, tuple[Body, PaymentRequest]] = {}
+        self._requests: dict[str, Known] = {}
         self._policies_lock = threading.Lock()
         self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard_now)
         self.webhooks: WebhookDispatcher | None = None
@@ -729,7 +730,11 @@ class PolicyEngine(Voting):
             elif "rid" in rec and type(request) is PaymentRequest:
                 if len(self._requests) >= _HANDOFFS:
                     self._requests.clear()  # reservations never settled here: start again
-                self._requests[rec["rid"]] = (rec["req"], request)
+                expires = seen[-1].expires_at
+                instants = {} if expires is None else {rec["x"]: expires}
+                if now.tzinfo is UTC:  # as the ledger's instants read back
+                    instants[rec["at"]] = now
+                self._requests[rec["rid"]] = (rec["req"], request, instants)
             return seen[-1]
         raise InternalError("unreachable")  # pragma: no cover
 
@@ -811,9 +816,12 @@ class PolicyEngine(Voting):
         agent = keys.agent_of_id(reservation_id)
         step = operations.settle(self.config, reservation_id, action, now, holder, agent)
         shard = "" if agent is None else (yield from self._shard(agent))
-        result: Body = yield Run(shard, step, at=micros(now))
-        return reservation_record(reservation_id, result["doc"],
-                                  self._requests.pop(reservation_id, None))  # fmt: skip
+        at = micros(now)
+        result: Body = yield Run(shard, step, at=at)
+        known = self._requests.pop(reservation_id, None)
+        if known is not None and now.tzinfo is UTC:
+            known[2][at] = now
+        return reservation_record(reservation_id, result["doc"], known)
 
     def claim(self, reservation_id: str, holder: str) -> Reservation:
         """Take the right to make a reservation's payment, for ``holder`` alone.

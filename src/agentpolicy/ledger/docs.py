@@ -35,6 +35,7 @@ __all__ = [
     "approval_record",
     "delegation_record",
     "delivery_doc",
+    "Known",
     "delivery_record",
     "history_record",
     "levels_of",
@@ -138,33 +139,41 @@ def levels_of(doc: Body) -> Sequence[str]:
     return levels
 
 
-def reservation_record(
-    reservation_id: str, doc: Body, known: tuple[Body, PaymentRequest] | None = None
-) -> Reservation:
+Known = tuple[Body, PaymentRequest, dict[int, datetime]]
+"""What a caller has of a reservation it made: the request as stored, the request, and
+instants it holds as datetimes (by their microseconds)."""
+
+_STATUSES = {s.value: s for s in ReservationStatus}
+
+
+def reservation_record(reservation_id: str, doc: Body, known: Known | None = None) -> Reservation:
     """The public :class:`~agentpolicy.Reservation` of a reservation document.
 
-    ``known``: the request as stored and the request it was made from, when
-    the caller has them: used when the document holds that very request.
+    ``known``: what the caller has of it (see :data:`Known`): its request is
+    used when the document holds that very request, its instants where the
+    document has those instants.
     """
     stored = doc["req"]
+    times: dict[int, datetime] = {}
     if known is not None and (known[0] is stored or known[0] == stored):
-        request = known[1]
+        request, times = known[1], known[2]
     else:
         request = request_of(stored)
     own = keys.head(doc["agent"])
+    status = _STATUSES.get(doc["st"])
     return Reservation(
         id=reservation_id,
         agent_id=doc["agent"],
-        status=ReservationStatus(doc["st"]),
+        status=ReservationStatus(doc["st"]) if status is None else status,
         amount=request.asset_amount,
         window_keys=tuple(
             [t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0] == own]
         )
         if "tg" in doc
         else tuple(doc["w"]),
-        created_at=instant(doc["c"]),
-        expires_at=instant(doc["x"]),
-        updated_at=instant(doc["u"]),
+        created_at=times.get(doc["c"]) or instant(doc["c"]),
+        expires_at=times.get(doc["x"]) or instant(doc["x"]),
+        updated_at=times.get(doc["u"]) or instant(doc["u"]),
         request=request,
         policy_version=doc["pv"],
         approval_id=doc["apr"],
