@@ -172,6 +172,7 @@ class MemoryStorage:
 
     def __init__(self) -> None:
         self._shards: dict[str, _Shard] = {}
+        self._sessions: dict[str, _MemorySession] = {}
         self._global: dict[str, _Index] = {}
         self._global_lock = threading.Lock()
         self._seq = itertools.count(1)  # next() is atomic under the GIL
@@ -184,7 +185,10 @@ class MemoryStorage:
 
     def session(self, shard: str, *, write: bool = True) -> _MemorySession:
         """A session holding the shard's lock until it ends (a context manager)."""
-        return _MemorySession(self, self._shard(shard))
+        found = self._sessions.get(shard)
+        if found is None:  # a session keeps no state of its own: one per shard serves all
+            found = self._sessions.setdefault(shard, _MemorySession(self, self._shard(shard)))
+        return found
 
     def _next_seq(self) -> int:
         return next(self._seq)
