@@ -196,12 +196,9 @@ def authorize(
         }
         if levels:
             rec["up"] = [[lv.agent, lv.head.body["pv"]] for lv in levels]
-        grants = [
-            (agent, head.body.get("dg")),
-            *((lv.agent, lv.head.body.get("dg")) for lv in levels),
-        ]
-        if any(dg is not None for _, dg in grants):  # as they were: a replay decides the same
-            rec["dg"] = {who: dg for who, dg in grants if dg is not None}
+        grants = _grants(agent, head, levels)
+        if grants:  # the delegations as they were: a replay decides the same
+            rec["dg"] = grants
         trials = rollout.try_shadows(shadows, view, txn, cfg, books, a, names, levels, grant,
                                      now, rec)  # fmt: skip
         if verdict.code in _PASSING:
@@ -224,6 +221,15 @@ def authorize(
         txn.result = {"rec": rec}
 
     return step
+
+
+def _grants(agent: str, head: Head, levels: list[Level]) -> Body:
+    """The delegation of the agent and of every budget above it, by budget (those delegated)."""
+    grants: Body = {}
+    for who, body in ((agent, head.body), *((lv.agent, lv.head.body) for lv in levels)):
+        if body.get("dg") is not None:
+            grants[who] = body["dg"]
+    return grants
 
 
 _FOR_A_BLOCK = ""
@@ -352,11 +358,14 @@ def _alerts(
     usage: dict[str, tuple[int, int, int]],
 ) -> None:
     """Announce every alert threshold this payment's amount carried usage across."""
+    for level in (a, *a.parents) if a.parents else (a,):
+        policy = level.policy
+        if policy is not None and (policy.alerts or policy.scoped_limits):
+            break
+    else:
+        return  # no alert anywhere: nothing to announce
     agent = a.request.agent_id
     amount = a.request.asset_amount
-    levels = [a, *a.parents]
-    if not any(lv.policy and (lv.policy.alerts or lv.policy.scoped_limits) for lv in levels):
-        return
     for tally, limit, percents, label in a.alerting():
         before = usage.get(tally.usage_key)
         used, decimals = (before[0], before[1]) if before else (0, 0)
