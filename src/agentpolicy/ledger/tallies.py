@@ -137,7 +137,7 @@ class Book:
                 earliest = self.body.get("pe")
                 if earliest is not None and end < earliest:
                     self.body["pe"] = end
-            end, d, spent, reserved = c[0], c[1], c[2], c[3]
+            d, spent, reserved = c[1], c[2], c[3]
             count = c[4] if len(c) > 4 else 0
             amount = value
             if decimals != d:
@@ -145,18 +145,18 @@ class Book:
             if reserve:
                 reserved += amount
                 count += 1
-            elif unreserve:
-                reserved = max(0, reserved - amount)
-                count = max(0, count - 1)
-            else:
-                spent += amount
-                reserved = max(0, reserved - amount)
+            else:  # never below zero (a counter dropped and begun again holds less)
+                reserved = reserved - amount if reserved > amount else 0
+                if unreserve:
+                    count = count - 1 if count > 0 else 0
+                else:
+                    spent += amount
             if not self.changed:
                 counters = self.own()["c"]
+            new = [c[0], d, spent, reserved, count]
             if len(c) > 5:
-                counters[key] = [end, d, spent, reserved, count, c[5]]
-            else:
-                counters[key] = [end, d, spent, reserved, count]
+                new.append(c[5])
+            counters[key] = new
 
     def prune(self, now: int, grace: int) -> None:
         """Drop calendar counters of windows that ended ``grace`` or more ago; move the horizon.
