@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentpolicy.storage import MemoryStorage
+from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.storage.base import NEXT_SEQ, OP_KEEP_US, Encoded, Storage, Txn, dumps
 from tests.backends import ASYNC_BACKENDS, BACKENDS, Backend, serve
 
@@ -297,3 +297,26 @@ def test_a_result_with_keys_that_are_not_strings_is_encoded_as_dumps_writes_it()
     txn.result = {(1, 2): body}
     with pytest.raises(TypeError):
         Encoded(txn)
+
+
+def test_sqlite_reads_back_what_another_process_wrote_not_its_own_last_text(
+    tmp_path: Path,
+) -> None:
+    # a storage object keeps the text and value of what it wrote last, and takes the value
+    # only when the file holds that very text
+    mine, theirs = SQLiteStorage(tmp_path / "s.db"), SQLiteStorage(tmp_path / "s.db")
+    try:
+        commit(mine, txn("op1", put={"d/a": {"n": 1}, "d/b": {"n": 2}}))
+        assert read(mine, ["d/a"]) == {"d/a": (1, {"n": 1})}
+        commit(theirs, txn("op2", put={"d/a": {"n": 9}}))
+        assert read(mine, ["d/a", "d/b"]) == {"d/a": (2, {"n": 9}), "d/b": (1, {"n": 2})}
+        commit(theirs, txn("op3", delete=["d/b"]))
+        commit(theirs, txn("op4", put={"d/b": {"n": 2}}))  # the same text again, anew
+        assert read(mine, ["d/b"]) == {"d/b": (1, {"n": 2})}
+        for i in range(5000):
+            commit(mine, txn(f"w{i}", put={f"d/{i}": {"i": i}}))
+        assert len(mine._written) <= 4097
+        assert read(mine, ["d/4999", "d/0"]) == {"d/4999": (1, {"i": 4999}), "d/0": (1, {"i": 0})}
+    finally:
+        mine.close()
+        theirs.close()

@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS sequence (n INTEGER NOT NULL);
 
 _TRIM_EVERY = 64
 _PRUNE_EVERY = 10_000
+_WRITTEN_KEPT = 4096  # documents whose last written text a storage object remembers
 _CHECKPOINT_EVERY = 100
 """Commits (of this storage object) between two wake-ups of the checkpoint thread."""
 _FALLBACK_AUTOCHECKPOINT = 10_000
@@ -114,7 +115,12 @@ class _SQLiteSession:
                 f"SELECT name, version, body FROM docs WHERE name IN ({marks})",  # noqa: S608
                 tuple(names),
             ).fetchall()
-        found = {name: (version, json.loads(body)) for name, version, body in rows}
+        written = self.storage._written
+        found: dict[str, Doc] = {}
+        for name, version, body in rows:
+            mine = written.get(name)  # the very text this process wrote: its value, not decoded
+            found[name] = (version, mine[1] if mine is not None and mine[0] == body else
+                           json.loads(body))  # fmt: skip
         for name in names:
             self.read[name] = found[name][0] if name in found else 0
         return found
@@ -178,6 +184,11 @@ class _SQLiteSession:
                     for name, body in text.put.items()
                 ],
             )
+        written = self.storage._written
+        if len(written) > _WRITTEN_KEPT:
+            written.clear()
+        for name, body in txn.put.items():
+            written[name] = (text.put[name], body)
         if txn.delete:
             c.executemany("DELETE FROM docs WHERE name = ?", [(n,) for n in txn.delete])
         for index, member, given in txn.index:
@@ -295,6 +306,9 @@ class SQLiteStorage:
         self._all_lock = threading.Lock()
         self._commits_until_prune = _PRUNE_EVERY
         self._appends: dict[str, int] = {}
+        # name -> (text, value) of documents this process wrote last: a read that finds the
+        # same text takes the value (the ledger never changes a value it wrote or read)
+        self._written: dict[str, tuple[str, Any]] = {}
         self._commits = 0
         self._checkpointer: _Checkpointer | None = None
         self._checkpointer_pid = 0
