@@ -43,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 __all__ = [
     "NEXT_SEQ",
     "Encoded",
+    "Written",
     "dumps",
     "new_op",
     "serial_random",
@@ -136,6 +137,38 @@ class Encoded:
             ) + "}"  # fmt: skip
         else:
             self.result = dumps(result)
+
+
+class Written:
+    """The text and value of the documents a storage object wrote last, by name.
+
+    A read that finds the very text this object wrote takes the value it
+    wrote instead of decoding the text again (the ledger never changes a
+    value it wrote or read). The text is compared, so what another process
+    wrote is always decoded. Keeps at most ``kept`` names (then starts over).
+    """
+
+    __slots__ = ("_docs", "kept")
+
+    def __init__(self, kept: int = 4096) -> None:
+        self._docs: dict[str, tuple[str, Any]] = {}
+        self.kept = kept
+
+    def decode(self, name: str, text: str) -> Any:
+        """The value of ``text``, read as document ``name``."""
+        mine = self._docs.get(name)
+        return mine[1] if mine is not None and mine[0] == text else json.loads(text)
+
+    def remember(self, txn: Txn, text: Encoded) -> None:
+        """What ``txn`` writes, as ``text`` has it (call it as the documents are written)."""
+        docs = self._docs
+        if len(docs) >= self.kept:
+            docs.clear()
+        for name, body in txn.put.items():
+            docs[name] = (text.put[name], body)
+
+    def __len__(self) -> int:
+        return len(self._docs)
 
 
 _serial = itertools.count()  # next() is atomic under the GIL

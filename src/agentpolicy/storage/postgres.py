@@ -79,6 +79,7 @@ from agentpolicy.storage.base import (
     Encoded,
     Outcome,
     Txn,
+    Written,
     op_prefix,
 )
 from agentpolicy.urls import redact_url
@@ -375,7 +376,8 @@ class _SessionSteps:
 
     def _get_steps(self, names: Sequence[str]) -> _Steps[dict[str, Doc]]:
         (rows,) = yield from self._rows_steps([(self.sql.get, (list(names),))], lock=self.write)
-        found = {name: (version, json.loads(body)) for name, version, body in rows}
+        decode = self.storage._written.decode
+        found = {name: (version, decode(name, body)) for name, version, body in rows}
         if self.locked:
             read = self.read
             for name in names:
@@ -484,6 +486,7 @@ class _SessionSteps:
         sql = self.sql
         at = txn.at
         text = Encoded(txn)
+        self.storage._written.remember(txn, text)
         out: list[_Statement] = [(sql.op, (txn.op, at, text.result))]
         add = out.append
         ttl = txn.ttl
@@ -594,6 +597,7 @@ class _PostgresBase:
     ) -> None:
         conninfo, self.schema = split_postgres_url(url)
         self.shown_url = redact_url(url)
+        self._written = Written()  # what it wrote last: read back without decoding
         try:
             params = psycopg.conninfo.conninfo_to_dict(conninfo)
         except psycopg.Error:

@@ -42,6 +42,7 @@ from agentpolicy.storage.base import (
     Encoded,
     Outcome,
     Txn,
+    Written,
     op_prefix,
 )
 
@@ -81,7 +82,6 @@ CREATE TABLE IF NOT EXISTS sequence (n INTEGER NOT NULL);
 
 _TRIM_EVERY = 64
 _PRUNE_EVERY = 10_000
-_WRITTEN_KEPT = 4096  # documents whose last written text a storage object remembers
 _CHECKPOINT_EVERY = 100
 """Commits (of this storage object) between two wake-ups of the checkpoint thread."""
 _FALLBACK_AUTOCHECKPOINT = 10_000
@@ -115,12 +115,8 @@ class _SQLiteSession:
                 f"SELECT name, version, body FROM docs WHERE name IN ({marks})",  # noqa: S608
                 tuple(names),
             ).fetchall()
-        written = self.storage._written
-        found: dict[str, Doc] = {}
-        for name, version, body in rows:
-            mine = written.get(name)  # the very text this process wrote: its value, not decoded
-            found[name] = (version, mine[1] if mine is not None and mine[0] == body else
-                           json.loads(body))  # fmt: skip
+        decode = self.storage._written.decode
+        found = {name: (version, decode(name, body)) for name, version, body in rows}
         for name in names:
             self.read[name] = found[name][0] if name in found else 0
         return found
@@ -184,11 +180,7 @@ class _SQLiteSession:
                     for name, body in text.put.items()
                 ],
             )
-        written = self.storage._written
-        if len(written) > _WRITTEN_KEPT:
-            written.clear()
-        for name, body in txn.put.items():
-            written[name] = (text.put[name], body)
+        self.storage._written.remember(txn, text)
         if txn.delete:
             c.executemany("DELETE FROM docs WHERE name = ?", [(n,) for n in txn.delete])
         for index, member, given in txn.index:
@@ -306,9 +298,7 @@ class SQLiteStorage:
         self._all_lock = threading.Lock()
         self._commits_until_prune = _PRUNE_EVERY
         self._appends: dict[str, int] = {}
-        # name -> (text, value) of documents this process wrote last: a read that finds the
-        # same text takes the value (the ledger never changes a value it wrote or read)
-        self._written: dict[str, tuple[str, Any]] = {}
+        self._written = Written()  # what it wrote last: read back without decoding
         self._commits = 0
         self._checkpointer: _Checkpointer | None = None
         self._checkpointer_pid = 0
