@@ -64,7 +64,7 @@ class _Index:
 
 
 class _Shard:
-    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "op_order", "ops")
+    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "op_first", "op_order", "ops")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -72,9 +72,11 @@ class _Shard:
         self.indexes: dict[str, _Index] = {}
         self.logs: dict[str, collections.deque[tuple[int, int, Any]]] = {}
         self.ops: dict[str, tuple[int, Any]] = {}  # op id -> (at, result)
-        # (at, op id) in the order applied: forgetting the oldest is O(1), where taking the
-        # first key of `ops` would step over every key deleted since the dict last resized
-        self.op_order: collections.deque[tuple[int, str]] = collections.deque()
+        # op ids in the order applied, from op_order[op_first]: forgetting the oldest is O(1),
+        # where taking the first key of `ops` would step over every key deleted since the dict
+        # last resized (a list and an index: a deque per shard would cost 600 bytes an agent)
+        self.op_order: list[str] = []
+        self.op_first = 0
         self.forget: list[tuple[int, str, int]] = []  # (when, name, version written with a ttl)
 
     def expire(self, now: int) -> None:
@@ -153,12 +155,17 @@ class _MemorySession:
             if max_len is not None:
                 while len(lines) > max_len:
                     lines.popleft()
-        ops, order = shard.ops, shard.op_order
+        ops, order, first = shard.ops, shard.op_order, shard.op_first
         ops[txn.op] = (txn.at, txn.result)
-        order.append((txn.at, txn.op))
+        order.append(txn.op)
         horizon = txn.at - OP_KEEP_US
-        while order[0][0] < horizon:
-            del ops[order.popleft()[1]]
+        while ops[order[first]][0] < horizon:
+            del ops[order[first]]
+            first += 1
+        if first > 64 and 2 * first > len(order):
+            del order[:first]
+            first = 0
+        shard.op_first = first
         shard.expire(txn.at)
         return Outcome(applied=True, replayed=False, result=txn.result)
 
