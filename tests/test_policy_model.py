@@ -144,6 +144,7 @@ def test_case_insensitive_address_forms_compare_in_lower_case(given: str, compar
         ("\u1c80\u043e\u0440.eth", "\u0432\u043e\u0440.eth", False),  # a Cyrillic variant
         ("B\u00dcCHER.example", "b\u00fccher.example", False),
         ("xn--bcher-kva.example", "b\u00fccher.example", False),  # its punycode
+        ("XN--ZZ.eth", "xn--zz.eth", False),  # no punycode: compared as written, in one case
         ("\u00df.eth", "ss.eth", False),  # joined, though ENS keeps them apart
         ("a b.eth", "a b.eth", True),  # ASCII: its case folded only
         ("So1Base58", "So1Base58", True),

@@ -279,8 +279,8 @@ class PolicyEngine(Voting):
         self._policies: dict[tuple[str, int], AgentPolicy] = {}
         self._shadows: dict[tuple[str, str], AgentPolicy] = {}
         self._homes: dict[str, str] = {}
-        # reservation id -> (its stored request, the request it was authorized for): confirm
-        # and release report the caller's own request instead of validating a copy again
+        # reservation id -> (its stored request, the request it was authorized for, instants
+        # held as datetimes): confirm and release report them instead of rebuilding them
         self._requests: dict[str, Known] = {}
         self._policies_lock = threading.Lock()
         self.outbox = LedgerOutbox(self.storage, self._now_us, self._shard_now)

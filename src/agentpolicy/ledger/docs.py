@@ -31,11 +31,11 @@ from agentpolicy.requests import PaymentRequest
 from agentpolicy.storage._time import instant, micros
 
 __all__ = [
+    "Known",
     "approval_doc",
     "approval_record",
     "delegation_record",
     "delivery_doc",
-    "Known",
     "delivery_record",
     "history_record",
     "levels_of",
