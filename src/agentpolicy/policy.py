@@ -144,11 +144,11 @@ def normalize_recipient(address: str) -> str:
     other forms, whose case is significant, are left as they are.
     """
     if address.isascii():
-        if address[:2] in ("0x", "0X"):
-            return address.lower()
-        if "." in address:
-            return _domain_form(address.lower())
         lower = address.lower()
+        if address[:2] in ("0x", "0X"):
+            return lower
+        if "." in address:
+            return _domain_form(lower)
         if lower == address or (address.upper() == address and _BECH32.fullmatch(lower)):
             return lower
         return address

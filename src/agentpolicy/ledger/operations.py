@@ -60,13 +60,6 @@ __all__ = [
 Step = Callable[[View, Txn], None]
 
 _IDEMPOTENCY_KEEP_MS = 25 * 3_600_000
-
-
-class _Unset:
-    """An argument not given (where ``None`` means something)."""
-
-
-_UNSET = _Unset()
 _PASSING = (Code.ALLOWED, Code.APPROVAL_REQUIRED)
 
 
@@ -428,7 +421,7 @@ def settle(
     action: str,
     now: datetime,
     holder: str | None = None,
-    agent: str | _Unset | None = _UNSET,
+    agent: str | None = None,
 ) -> Step:
     """Confirm (``action="confirm"``) or release a reservation.
 
@@ -438,11 +431,12 @@ def settle(
     ``RESERVATION_EXPIRED`` or ``RESERVATION_ALREADY_CONFIRMED``; and
     ``RESERVATION_CLAIMED`` for an open reservation another ``holder``
     claimed (see ``agentpolicy.ledger.claims``): only its holder settles it.
-    ``agent`` is ``keys.agent_of_id(reservation_id)`` when the caller has it.
+    ``agent`` is ``keys.agent_of_id(reservation_id)`` when the caller has it
+    (else it is worked out here).
     """
     now_us = micros(now)
     name = keys.reservation(reservation_id)
-    if isinstance(agent, _Unset):
+    if agent is None:
         agent = keys.agent_of_id(reservation_id)
     names = (name,) if agent is None else (name, keys.head(agent))
 
