@@ -300,6 +300,8 @@ class PolicyEngine(Voting):
 
     def _now(self) -> datetime:
         now = self.clock()
+        if type(now) is datetime and now.tzinfo is UTC:
+            return now
         if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
             raise InternalError("the engine's clock must return a timezone-aware datetime")
         return now

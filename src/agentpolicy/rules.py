@@ -78,7 +78,28 @@ def _fail(name: str, code: Code, words: Words) -> _Check:
 
 
 def _skip(name: str, text: str) -> _Check:
-    return (name, _SKIP, None, lambda: text)
+    found = _SKIPS.get((name, text))
+    if found is None:
+        if len(_SKIPS) > 4096:
+            _SKIPS.clear()
+        found = _SKIPS[(name, text)] = (name, _SKIP, None, lambda: text)
+    return found
+
+
+_SKIPS: dict[tuple[str, str], _Check] = {}
+"""Skipped checks by name and text: a check is a tuple, so one serves every decision."""
+
+
+def _said(name: str, text: str) -> _Check:
+    """A passing check whose words never change (one tuple serves every decision)."""
+    return (name, _PASS, None, lambda: text)
+
+
+_ENABLED = _said("policy", "the policy is enabled")
+_NOT_BLOCKED = _said("blocked_periods", "not in a blocked period")
+_WHITELISTED = _said("merchant_rules", "recipient is whitelisted")
+_NOT_BLACKLISTED = _said("merchant_rules", "recipient is not blacklisted")
+_NO_CATEGORY = _said("category_rules", "no category given and none required")
 
 
 def policy_zone(policy: AgentPolicy | None) -> tzinfo:
@@ -133,7 +154,7 @@ def _blocked_periods(policy: AgentPolicy, now: datetime) -> _Check:
     for period in rules.blocked_periods:
         if period.contains(now):
             return _fail(name, Code.BLOCKED_PERIOD, functools.partial(_blocked_words, period))
-    return _ok(name, lambda: "not in a blocked period")
+    return _NOT_BLOCKED
 
 
 def _blocked_words(period: BlockedPeriod) -> str:
@@ -183,21 +204,22 @@ def _merchant(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     rules = policy.merchant_rules
     if rules is None:
         return _skip(name, "no merchant rules")
-    if normalize_recipient(request.recipient) in rules.blacklisted:
+    normalized = normalize_recipient(request.recipient)
+    if normalized in rules.blacklisted:
         return _fail(
             name,
             Code.RECIPIENT_BLOCKED,
             lambda: f"recipient {request.recipient} is blacklisted",
         )
     if rules.whitelist_applies:
-        if whitelist_form(request.recipient) not in rules.whitelisted:
+        if whitelist_form(request.recipient, normalized) not in rules.whitelisted:
             return _fail(
                 name,
                 Code.RECIPIENT_NOT_WHITELISTED,
                 lambda: f"recipient {request.recipient} is not on the whitelist",
             )
-        return _ok(name, lambda: "recipient is whitelisted")
-    return _ok(name, lambda: "recipient is not blacklisted")
+        return _WHITELISTED
+    return _NOT_BLACKLISTED
 
 
 def _network(policy: AgentPolicy, request: PaymentRequest) -> _Check:
@@ -223,7 +245,7 @@ def _category(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     if request.category is None:
         if rules.allowed:
             return _fail(name, Code.CATEGORY_REQUIRED, lambda: "a category is required")
-        return _ok(name, lambda: "no category given and none required")
+        return _NO_CATEGORY
     category = request.category.casefold()
     if category in rules.blocked:
         return _fail(name, Code.CATEGORY_BLOCKED, lambda: f"category {request.category} is blocked")
@@ -752,7 +774,7 @@ def _assess_level(
     block = policy.limits_for(symbol)
     approval, threshold = _approval(policy, amount, comparable)
     checks = (
-        _ok("policy", lambda: "the policy is enabled"),
+        _ENABLED,
         *(() if grant is None else (_delegation(grant, now),)),
         _blocked_periods(policy, now),
         _allowed_windows(policy, now, windows[0]),

@@ -172,14 +172,19 @@ def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
     if targets is None:  # written before scoped and rolling limits: the head's windows
         targets = [[books.head.name, key, "c", 0] for key in doc["w"]]
     books.need({t[0]: None for t in targets})
-    calendars: dict[str, list[tuple[str, None]]] = {}
+    current = ""  # targets come book by book: each book's calendar counters move at once
+    items: list[tuple[str, None]] = []
     for name, key, kind, extra in targets:
-        if kind == "c":
-            calendars.setdefault(name, []).append((key, None))
-        else:
+        if kind != "c":
             books[name].rolling(txn, key, extra, value, decimals, op, doc["c"], rid)
-    for name, items in calendars.items():
-        books[name].calendars(items, value, decimals, op)
+            continue
+        if name != current:
+            if items:
+                books[current].calendars(items, value, decimals, op)
+            current, items = name, []
+        items.append((key, None))
+    if items:
+        books[current].calendars(items, value, decimals, op)
 
 
 def record(txn: Txn, cfg: LedgerConfig, agent: str, entry: Body, *, denial: bool = False) -> None:

@@ -131,12 +131,24 @@ class Book:
             if c is None:
                 if not reserve or window is None:
                     continue
-                counters = self.own()["c"]
                 end = micros(window.end)
-                c = [end, 0, 0, 0, 0]
+                c = [end, decimals, 0, 0, 0]
                 earliest = self.body.get("pe")
                 if earliest is not None and end < earliest:
-                    self.body["pe"] = end
+                    self.own()["pe"] = end
+            if not self.changed:
+                counters = self.own()["c"]
+            if len(c) == 5 and c[1] == decimals:  # the common case: a payment in the same decimals
+                if reserve:
+                    counters[key] = [c[0], decimals, c[2], c[3] + value, c[4] + 1]
+                elif unreserve:
+                    left = c[3] - value
+                    counters[key] = [c[0], decimals, c[2], left if left > 0 else 0,
+                                     c[4] - 1 if c[4] > 0 else 0]  # fmt: skip
+                else:
+                    left = c[3] - value
+                    counters[key] = [c[0], decimals, c[2] + value, left if left > 0 else 0, c[4]]
+                continue
             d, spent, reserved = c[1], c[2], c[3]
             count = c[4] if len(c) > 4 else 0
             amount = value
@@ -151,8 +163,6 @@ class Book:
                     count = count - 1 if count > 0 else 0
                 else:
                     spent += amount
-            if not self.changed:
-                counters = self.own()["c"]
             new = [c[0], d, spent, reserved, count]
             if len(c) > 5:
                 new.append(c[5])

@@ -136,7 +136,7 @@ class _MemorySession:
         for name in txn.delete:
             docs.pop(name, None)
         for index, member, given in txn.index:
-            score = storage._next_seq() if given == NEXT_SEQ else given
+            score = next(storage._seq) if given == NEXT_SEQ else given
             if index.startswith("@"):
                 storage._set_global(index, member, score)
             else:
@@ -148,7 +148,7 @@ class _MemorySession:
             lines = shard.logs.get(log)
             if lines is None:
                 lines = shard.logs[log] = collections.deque()
-            lines.append((storage._next_seq(), txn.at, entry))
+            lines.append((next(storage._seq), txn.at, entry))
             if keep_after is not None:
                 while lines and lines[0][1] < keep_after:
                     lines.popleft()
@@ -196,9 +196,6 @@ class MemoryStorage:
         if found is None:  # a session keeps no state of its own: one per shard serves all
             found = self._sessions.setdefault(shard, _MemorySession(self, self._shard(shard)))
         return found
-
-    def _next_seq(self) -> int:
-        return next(self._seq)
 
     def _set_global(self, index: str, member: str, score: int | None) -> None:
         with self._global_lock:
