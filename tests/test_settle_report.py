@@ -10,6 +10,7 @@ import pytest
 from agentpolicy import PolicyEngine, ReservationStatus
 from agentpolicy import engine as engine_module
 from agentpolicy.ledger import keys
+from agentpolicy.ledger.docs import reservation_record
 from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock, payment
 
@@ -85,3 +86,35 @@ def test_a_settled_reservation_reports_its_instants_in_utc_whatever_the_clock(zo
     assert confirmed.created_at == start
     assert confirmed.expires_at == decision.expires_at
     assert confirmed.updated_at == start + timedelta(seconds=7)
+
+
+def test_reservations_of_an_hour_share_their_targets_and_report_their_own_windows() -> None:
+    # the targets of a reservation (the counters it counts in) are one tuple for every
+    # reservation of a book in an hour; the window keys read from them are worked out once
+    engine, storage = make()
+    engine.set_policy("agent-2", DAILY)
+    first, second, other = (
+        engine.authorize(payment(1, agent_id=agent)).reservation_id
+        for agent in ("agent-1", "agent-1", "agent-2")
+    )
+    assert None not in (first, second, other)
+    doc = storage._shards["agent-1"].docs[keys.reservation(first)][1]
+    assert doc["tg"] is storage._shards["agent-1"].docs[keys.reservation(second)][1]["tg"]
+    expected = tuple(w.key for w in engine.authorize(payment(1), dry_run=True).windows)
+    assert engine.confirm(first).window_keys == expected
+    assert engine.confirm(second).window_keys == expected
+    assert engine.confirm(other).window_keys == expected  # another agent's own book
+
+
+def test_window_keys_are_the_readers_own_whatever_was_read_before() -> None:
+    # targets read back as lists (another process, a JSON store) and the same targets under
+    # another agent's id: each answers the keys of the agent's own book
+    targets = (("h/a", "usdt|daily:1", "c", 0), ("h/b", "usdt|daily:2", "c", 0),
+               ("h/a", "usdt|roll:60", "r", 60))  # fmt: skip
+    doc = {"agent": "a", "st": "reserved", "req": {"agentId": "a", "amount": "1",
+           "recipient": "0xabc", "network": "eip155:8453", "decimals": 6, "symbol": "USDT"},
+           "tg": targets, "c": 0, "x": 1, "u": 0, "pv": 1, "apr": None}  # fmt: skip
+    assert reservation_record("res_x", doc).window_keys == ("daily:1",)
+    assert reservation_record("res_x", {**doc, "agent": "b"}).window_keys == ("daily:2",)
+    as_lists = {**doc, "tg": [list(t) for t in targets]}
+    assert reservation_record("res_x", as_lists).window_keys == ("daily:1",)

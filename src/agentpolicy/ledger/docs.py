@@ -159,18 +159,13 @@ def reservation_record(reservation_id: str, doc: Body, known: Known | None = Non
         request, times = known[1], known[2]
     else:
         request = request_of(stored)
-    own = keys.head(doc["agent"])
     status = _STATUSES.get(doc["st"])
     return Reservation(
         id=reservation_id,
         agent_id=doc["agent"],
         status=ReservationStatus(doc["st"]) if status is None else status,
         amount=request.asset_amount,
-        window_keys=tuple(
-            [t[1].split("|", 1)[-1] for t in doc["tg"] if t[2] == "c" and t[0] == own]
-        )
-        if "tg" in doc
-        else tuple(doc["w"]),
+        window_keys=_window_keys(doc["tg"], doc["agent"]) if "tg" in doc else tuple(doc["w"]),
         created_at=times.get(doc["c"]) or instant(doc["c"]),
         expires_at=times.get(doc["x"]) or instant(doc["x"]),
         updated_at=times.get(doc["u"]) or instant(doc["u"]),
@@ -178,6 +173,26 @@ def reservation_record(reservation_id: str, doc: Body, known: Known | None = Non
         policy_version=doc["pv"],
         approval_id=doc["apr"],
     )
+
+
+def _window_keys(targets: Sequence[Sequence[Any]], agent: str) -> tuple[str, ...]:
+    """The keys of the agent's own calendar windows among a reservation's targets."""
+    shared = type(targets) is tuple  # targets an hour's reservations share (never changed)
+    if shared:
+        found = _WINDOW_KEYS.get(id(targets))
+        if found is not None and found[0] is targets and found[1] == agent:
+            return found[2]
+    own = keys.head(agent)
+    window_keys = tuple([t[1].split("|", 1)[-1] for t in targets if t[2] == "c" and t[0] == own])
+    if shared:
+        if len(_WINDOW_KEYS) > 4096:
+            _WINDOW_KEYS.clear()
+        _WINDOW_KEYS[id(targets)] = (targets, agent, window_keys)
+    return window_keys
+
+
+_WINDOW_KEYS: dict[int, tuple[Any, str, tuple[str, ...]]] = {}
+"""Window keys by targets (their identity; kept alive here, so an id is never reused)."""
 
 
 def approval_doc(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any
 
 from agentpolicy import approvals
 from agentpolicy.amounts import Amount
@@ -295,25 +296,12 @@ def _hold(
             expires = min(expires, deadline)
         rec["rid"] = rid
     rec["x"] = expires
-    value, decimals = request.amount, request.decimals
-    targets: list[tuple[str, str, str, int]] = []
-    for b in a.every_book:
-        name = names[b.key]
-        book = books[name]
-        owner, scope = b.key
-        if scope is not None and books.view.doc(name) is None:  # a scope's new group
-            txn.index.append((keys.scope_groups(owner or agent, scope[0]), scope[1], 0))
-        book.calendars(b.items, value, decimals, "reserve")
-        targets += [(name, key, "c", 0) for key, _ in b.items]
-        for t in b.rolling.values():
-            book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
-            targets.append((name, t.key, "r", t.seconds or 0))
-    targets += rollout.hold_extras(txn, books, extra, value, decimals, now, rid)
+    targets = _count(txn, books, names, a, now, rid, extra)
     name = keys.reservation(rid)
     level_ids = [agent, *(lv.agent for lv in levels)]
     txn.put[name] = reservation_doc(
         agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
-        targets=tuple(targets), created=now, expires=expires, policy_version=version,
+        targets=targets, created=now, expires=expires, policy_version=version,
         approval_id=approval_id, levels=level_ids, deadline=deadline,
         holder=_FOR_A_BLOCK if approval_id and holder is not None else holder,
     )  # fmt: skip
@@ -323,6 +311,56 @@ def _hold(
     books.head.lower_due(expires)
     for lv in levels:
         lv.head.lower_due(expires)
+
+
+def _count(
+    txn: Txn,
+    books: Books,
+    names: dict[BookKey, str],
+    a: Assessment,
+    now: int,
+    rid: str,
+    extra: Iterable[rollout.Extra],
+) -> tuple[_Target, ...]:
+    """Reserve the payment in every counter it counts in; return them (the targets to undo)."""
+    request = a.request
+    value, decimals = request.amount, request.decimals
+    parts: list[tuple[_Target, ...]] = []
+    for b in a.every_book:
+        name = names[b.key]
+        book = books[name]
+        owner, scope = b.key
+        if scope is not None and books.view.doc(name) is None:  # a scope's new group
+            txn.index.append((keys.scope_groups(owner or request.agent_id, scope[0]), scope[1], 0))
+        book.calendars(b.items, value, decimals, "reserve")
+        parts.append(_calendar_targets(name, b.items))
+        for t in b.rolling.values():
+            book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
+            parts.append(((name, t.key, "r", t.seconds or 0),))
+    extras = rollout.hold_extras(txn, books, extra, value, decimals, now, rid)
+    if extras:
+        parts.append(tuple(extras))
+    return parts[0] if len(parts) == 1 else tuple(t for part in parts for t in part)
+
+
+_Target = tuple[str, str, str, int]
+"""A counter a reservation counts in: ``(book, key, "c", 0)`` or ``(book, key, "r", seconds)``."""
+
+
+def _calendar_targets(name: str, items: tuple[tuple[str, Any], ...]) -> tuple[_Target, ...]:
+    """The targets of a book's calendar counters: one tuple per book and (cached) windows."""
+    found = _TARGETS.get((name, id(items)))
+    if found is not None and found[0] is items:
+        return found[1]
+    targets = tuple((name, key, "c", 0) for key, _ in items)
+    if len(_TARGETS) > 4096:
+        _TARGETS.clear()
+    _TARGETS[(name, id(items))] = (items, targets)
+    return targets
+
+
+_TARGETS: dict[tuple[str, int], tuple[Any, tuple[_Target, ...]]] = {}
+"""Calendar targets by book and windows (their identity): reservations of an hour share them."""
 
 
 def _groups(
