@@ -11,6 +11,7 @@ share a tag (and, on Redis Cluster, never share keys).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -61,6 +62,7 @@ _PLAIN_TAG = re.compile(r"[^{}~][^{}]{0,63}")
 _ID = re.compile(r"(?:res|apr)_[0-9a-f]{32}_(.+)", re.DOTALL)
 
 
+@functools.lru_cache(maxsize=4096)
 def _esc(part: str) -> str:
     if "%" not in part and "/" not in part:
         return part
@@ -102,6 +104,7 @@ def agent_of_id(some_id: str) -> str | None:
     return None if match is None else _untag(match.group(1))
 
 
+@functools.lru_cache(maxsize=4096)
 def head(agent_id: str) -> str:
     """The agent's head: policy version, counters, next expiry, time horizon."""
     return "h/" + _esc(agent_id)

@@ -173,30 +173,18 @@ def authorize(
         grant = delegation_record(agent, head.body) if "dg" in head.body else None
         levels = [] if policy is None or policy.parent is None else chain(view, books, policy,
                                                                            policies)  # fmt: skip
-        ancestors = [(lv.agent, lv.policy, lv.grant) for lv in levels]
+        ancestors = [(lv.agent, lv.policy, lv.grant) for lv in levels] if levels else ()
         a = assess(policy, request, now, grant=grant, ancestors=ancestors)
         names = _book_names(agent, a)
         _prepare(view, txn, cfg, shard, books, a, names, levels, now_us)
         usage = _usage(books, names, a, now_us)
         verdict = judge(a, usage)
-        rec: Body = {
-            "ev": "decision",
-            "at": now_us,
-            "code": verdict.code.value,
-            "pv": version,
-            "req": request_data(request),
-            "use": usage,
-            **({} if requested_by is None else {"by": requested_by}),
-        }
-        if levels:
-            rec["up"] = [[lv.agent, lv.head.body["pv"]] for lv in levels]
-        grants = _grants(agent, head, levels)
-        if grants:  # the delegations as they were: a replay decides the same
-            rec["dg"] = grants
+        rec = _decision_record(now_us, verdict, request, usage, head, levels, requested_by)
         trials = rollout.try_shadows(shadows, view, txn, cfg, books, a, names, levels, grant,
                                      now, rec)  # fmt: skip
         if verdict.code in _PASSING:
-            deadline = grant_deadline([grant, *(lv.grant for lv in levels)])
+            deadline = None if grant is None and not levels else grant_deadline(
+                [grant, *(lv.grant for lv in levels)])  # fmt: skip
             _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, deadline, now_us,
                   trials.extra, holder)  # fmt: skip
             _alerts(txn, cfg, shard, books, a, usage)
@@ -215,6 +203,35 @@ def authorize(
         txn.result = {"rec": rec}
 
     return step
+
+
+def _decision_record(
+    now: int,
+    verdict: Verdict,
+    request: PaymentRequest,
+    usage: dict[str, tuple[int, int, int]],
+    head: Head,
+    levels: list[Level],
+    requested_by: str | None,
+) -> Body:
+    """The history record of a decision: what was asked, decided and used, under which rules."""
+    rec: Body = {
+        "ev": "decision",
+        "at": now,
+        "code": verdict.code.value,
+        "pv": head.body["pv"],
+        "req": request_data(request),
+        "use": usage,
+    }
+    if requested_by is not None:
+        rec["by"] = requested_by
+    if levels:
+        rec["up"] = [[lv.agent, lv.head.body["pv"]] for lv in levels]
+    if levels or head.body.get("dg") is not None:
+        grants = _grants(request.agent_id, head, levels)
+        if grants:  # the delegations as they were: a replay decides the same
+            rec["dg"] = grants
+    return rec
 
 
 def _grants(agent: str, head: Head, levels: list[Level]) -> Body:
