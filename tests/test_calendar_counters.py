@@ -10,13 +10,17 @@ zero; amounts in other decimals are brought to the finer of the two exactly.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from hypothesis import given
+import pytest
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from agentpolicy import Amount, PolicyEngine
 from agentpolicy.ledger.tallies import Book
 from agentpolicy.storage._time import micros
+from agentpolicy.testing import ManualClock, payment
 from agentpolicy.windows import Period, Window
 
 _END = datetime(2026, 12, 4, tzinfo=UTC)
@@ -58,20 +62,48 @@ def _expected(c: list[Any] | None, value: int, decimals: int, op: str) -> list[A
 
 @given(
     counter=_counters,
+    others=st.lists(_counters.filter(lambda c: c is not None), max_size=3),
     value=_units,
     decimals=_decimals,
     op=st.sampled_from(["reserve", "unreserve", "settle"]),
+    earliest=st.sampled_from([None, -1, 0, 1]),  # the book's earliest end, beside the window's
+    copied=st.booleans(),
+)
+@example(  # a counter begun before the book's earliest end, the book not copied yet
+    counter=None, others=[], value=5, decimals=6, op="reserve", earliest=1, copied=False
 )
 def test_a_calendar_counter_moves_by_its_rule(
-    counter: list[Any] | None, value: int, decimals: int, op: str
+    counter: list[Any] | None,
+    others: list[list[Any]],
+    value: int,
+    decimals: int,
+    op: str,
+    earliest: int | None,
+    copied: bool,
 ) -> None:
-    read = {"c": {} if counter is None else {"usdt|daily": counter}, "pe": micros(_END)}
+    end = micros(_END)
+    stored = {f"usdt|other{i}": c for i, c in enumerate(others)}
+    if counter is not None:
+        stored["usdt|daily"] = counter
+    read: dict[str, Any] = {"c": dict(stored)}
+    if earliest is not None:
+        read["pe"] = end + earliest * 3_600_000_000
     book = Book("h/agent", read, {"c": {}})
+    if copied:  # something earlier in the step changed the book already
+        book.own()
     book.calendars([("usdt|daily", _WINDOW)], value, decimals, op)
-    assert book.body["c"].get("usdt|daily") == _expected(counter, value, decimals, op)
+    expected = _expected(counter, value, decimals, op)
+    assert book.body["c"].get("usdt|daily") == expected
+    assert {k: v for k, v in book.body["c"].items() if k != "usdt|daily"} == {
+        k: v for k, v in stored.items() if k != "usdt|daily"
+    }
+    begun = counter is None and op == "reserve"
+    lowered = begun and earliest is not None and end < read["pe"]
+    assert book.body.get("pe") == (end if lowered else read.get("pe"))
     # the document read is never changed in place
-    assert read["c"] == ({} if counter is None else {"usdt|daily": counter})
-    assert book.changed is (counter is not None or op == "reserve")
+    assert read["c"] == stored
+    assert read.get("pe") == (None if earliest is None else end + earliest * 3_600_000_000)
+    assert book.changed is (copied or counter is not None or begun)
 
 
 def test_a_counter_released_without_its_window_is_not_begun_again() -> None:
@@ -80,3 +112,24 @@ def test_a_counter_released_without_its_window_is_not_begun_again() -> None:
     book.calendars([("usdt|daily", None)], 5, 6, "reserve")
     assert book.body == {"c": {}}
     assert not book.changed
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_counter_begun_before_the_books_earliest_end_counts(kind: str, tmp_path: Path) -> None:
+    # an idle agent whose hourly counter was pruned keeps its daily one, so the book's
+    # earliest end is the day's; the next payment begins an hourly counter that ends sooner,
+    # and must count in it (it once went into the document read, and the limit let a second
+    # payment through)
+    clock = ManualClock(datetime(2026, 12, 3, 10, 30, tzinfo=UTC))
+    url = "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 'a.db'}"
+    engine = PolicyEngine(storage=url, clock=clock)
+    engine.set_policy(
+        "a", {"limits": {"hourly": {"value": "1000000"}, "daily": {"value": "100000000"}}}
+    )
+    assert engine.authorize(payment(1_000_000, agent_id="a")).allowed
+    clock.advance(hours=2, minutes=1)  # past the hour's end and the counter grace
+    engine.budget("a")  # a read that prunes the ended hour's counter
+    assert engine.authorize(payment(1_000_000, agent_id="a")).allowed
+    assert engine.authorize(payment(1_000_000, agent_id="a")).code == "HOURLY_LIMIT"
+    hourly = engine.budget("a").periods[Period.HOURLY]
+    assert hourly.reserved == Amount(1_000_000)

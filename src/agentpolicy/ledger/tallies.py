@@ -128,15 +128,18 @@ class Book:
         reserve, unreserve = op == "reserve", op == "unreserve"
         for key, window in items:
             c = counters.get(key)
+            # the body is copied before its first change (the document read stays as read), and
+            # every write goes to the copy's counters
             if c is None:
                 if not reserve or window is None:
                     continue
+                counters = self.own()["c"]
                 end = micros(window.end)
                 c = [end, decimals, 0, 0, 0]
                 earliest = self.body.get("pe")
                 if earliest is not None and end < earliest:
-                    self.own()["pe"] = end
-            if not self.changed:
+                    self.body["pe"] = end
+            elif not self.changed:
                 counters = self.own()["c"]
             if len(c) == 5 and c[1] == decimals:  # the common case: a payment in the same decimals
                 if reserve:
