@@ -5,8 +5,6 @@ from zoneinfo import ZoneInfo
 
 import attrs
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from agentpolicy import (
     AgentPolicy,
@@ -211,12 +209,3 @@ def test_only_real_iana_zone_keys_are_timezones(name: str) -> None:
 @pytest.mark.parametrize("name", ["UTC", "Etc/GMT+5", "Australia/Lord_Howe", "US/Eastern"])
 def test_real_zone_keys_are_accepted(name: str) -> None:
     assert TimeRules(timezone=name).timezone == name
-
-
-@given(
-    st.text(max_size=40) | st.sampled_from(["0xAbC", "Vendor.ETH", "xn--mnchen-3ya.de", "BC1QW508"])
-)
-def test_a_whitelist_form_given_the_normalized_recipient_is_the_same(address: str) -> None:
-    from agentpolicy.policy import whitelist_form
-
-    assert whitelist_form(address, normalize_recipient(address)) == whitelist_form(address)

@@ -156,7 +156,7 @@ def normalize_recipient(address: str) -> str:
     return _domain_form(folded) if "." in folded else address
 
 
-def whitelist_form(address: str, normalized: str | None = None) -> str:
+def whitelist_form(address: str) -> str:
     """The form a whitelist compares recipients in: only spellings that reach the same payee.
 
     An ASCII recipient compares as :func:`normalize_recipient` has it (ASCII
@@ -164,11 +164,10 @@ def whitelist_form(address: str, normalized: str | None = None) -> str:
     folded), unless it has an ``xn--`` label; any other recipient compares
     exactly as written. Folding other scripts can join names that resolve
     apart (in ENS a capital sigma is a small sigma, never a final one), so
-    a whitelist admits such a name only as it lists it. ``normalized``:
-    ``normalize_recipient(address)`` when the caller has it already.
+    a whitelist admits such a name only as it lists it.
     """
     if address.isascii() and "xn--" not in address.lower():
-        return normalize_recipient(address) if normalized is None else normalized
+        return normalize_recipient(address)
     return address
 
 

@@ -204,15 +204,14 @@ def _merchant(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     rules = policy.merchant_rules
     if rules is None:
         return _skip(name, "no merchant rules")
-    normalized = normalize_recipient(request.recipient)
-    if normalized in rules.blacklisted:
+    if normalize_recipient(request.recipient) in rules.blacklisted:
         return _fail(
             name,
             Code.RECIPIENT_BLOCKED,
             lambda: f"recipient {request.recipient} is blacklisted",
         )
     if rules.whitelist_applies:
-        if whitelist_form(request.recipient, normalized) not in rules.whitelisted:
+        if whitelist_form(request.recipient) not in rules.whitelisted:
             return _fail(
                 name,
                 Code.RECIPIENT_NOT_WHITELISTED,
@@ -679,6 +678,7 @@ def _own_book(
 
 
 _OWN_BOOKS: dict[tuple[int, bool], tuple[dict[Period, Tally], _Book]] = {}
+"""Budgets' own books by their (cached) calendar tallies, checked by identity."""
 
 
 def _scope_books(

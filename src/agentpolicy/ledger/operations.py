@@ -227,19 +227,20 @@ def _decision_record(
         rec["by"] = requested_by
     if levels:
         rec["up"] = [[lv.agent, lv.head.body["pv"]] for lv in levels]
-    if levels or head.body.get("dg") is not None:
-        grants = _grants(request.agent_id, head, levels)
-        if grants:  # the delegations as they were: a replay decides the same
-            rec["dg"] = grants
+    grants = _grants(request.agent_id, head, levels)
+    if grants:  # the delegations as they were: a replay decides the same
+        rec["dg"] = grants
     return rec
 
 
 def _grants(agent: str, head: Head, levels: list[Level]) -> Body:
     """The delegation of the agent and of every budget above it, by budget (those delegated)."""
     grants: Body = {}
-    for who, body in ((agent, head.body), *((lv.agent, lv.head.body) for lv in levels)):
-        if body.get("dg") is not None:
-            grants[who] = body["dg"]
+    if head.body.get("dg") is not None:
+        grants[agent] = head.body["dg"]
+    for lv in levels:
+        if lv.head.body.get("dg") is not None:
+            grants[lv.agent] = lv.head.body["dg"]
     return grants
 
 

@@ -141,17 +141,6 @@ class Book:
                     self.body["pe"] = end
             elif not self.changed:
                 counters = self.own()["c"]
-            if len(c) == 5 and c[1] == decimals:  # the common case: a payment in the same decimals
-                if reserve:
-                    counters[key] = [c[0], decimals, c[2], c[3] + value, c[4] + 1]
-                elif unreserve:
-                    left = c[3] - value
-                    counters[key] = [c[0], decimals, c[2], left if left > 0 else 0,
-                                     c[4] - 1 if c[4] > 0 else 0]  # fmt: skip
-                else:
-                    left = c[3] - value
-                    counters[key] = [c[0], decimals, c[2] + value, left if left > 0 else 0, c[4]]
-                continue
             d, spent, reserved = c[1], c[2], c[3]
             count = c[4] if len(c) > 4 else 0
             amount = value
