@@ -1,8 +1,8 @@
 """Calendar counters move as their rule says, whatever the decimals and the stored shape.
 
-``Book.calendars`` takes a quick path for the common counter (five fields, the
-payment's decimals); this checks it, and the general path, against the rule
-written out plainly: reserve adds the amount and one payment, release takes
+``Book.calendars`` is checked against the rule written out plainly, for counters
+of every stored shape (four fields from 0.1, five, six with fired alerts) and a
+book copied or not: reserve adds the amount and one payment, release takes
 both back, settle moves the amount from reserved to spent; nothing goes below
 zero; amounts in other decimals are brought to the finer of the two exactly.
 """
