@@ -257,21 +257,21 @@ def _category(policy: AgentPolicy, request: PaymentRequest) -> _Check:
     return _ok(name, lambda: f"category {request.category} is allowed")
 
 
-def _asset(policy: AgentPolicy, request: PaymentRequest) -> _Check:
+def _asset(policy: AgentPolicy, symbol: str) -> _Check:
     name = "asset"
     symbols = policy.symbols
     if not symbols:
         return _skip(name, "the policy sets no amounts")
-    if request.symbol.casefold() not in symbols:
+    if symbol.casefold() not in symbols:
         return _fail(
             name,
             Code.ASSET_MISMATCH,
             lambda: (
                 f"the policy's limits are in {', '.join(_names(policy))}, "
-                f"the payment is in {request.symbol}"
+                f"the payment is in {symbol}"
             ),
         )
-    return _ok(name, lambda: f"the payment is in {request.symbol}, a token the policy limits")
+    return _ok(name, lambda: f"the payment is in {symbol}, a token the policy limits")
 
 
 def _names(policy: AgentPolicy) -> list[str]:
@@ -659,6 +659,49 @@ class Assessment:
         ]
 
 
+class _Plan:
+    """What assessing a payment in one token needs of a policy, for one hour: worked out once.
+
+    The windows of the hour, the asset check (its words name the token as
+    the request spells it), the block of limits of the token, and the
+    budget's own book with its counters. Kept by the policy's identity (a
+    policy never changes), the token as spelled and the budget, and used
+    while the hour contains ``now``.
+    """
+
+    __slots__ = ("asset", "block", "book", "comparable", "hour", "policy", "symbol", "windows")
+
+    def __init__(self, policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> None:
+        self.policy = policy
+        self.symbol = symbol
+        self.windows = windows = windows_for(policy, now)
+        self.hour = windows[0]
+        self.asset = _asset(policy, symbol)
+        self.comparable = comparable = self.asset[1] is not _FAIL
+        folded = symbol.casefold()
+        self.block = block = policy.limits_for(folded)
+        tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
+        self.book = _own_book(block, tallies, comparable)
+
+
+def _plan(policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> _Plan:
+    """The :class:`_Plan` of ``policy`` for a payment in ``symbol`` at ``now`` (cached)."""
+    _check_now(now)
+    key = (id(policy), symbol, owner)
+    found = _PLANS.get(key)
+    if found is not None and found.policy is policy and found.hour.start <= now < found.hour.end:
+        return found
+    plan = _Plan(policy, symbol, now, owner)
+    if len(_PLANS) > 4096:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+_PLANS: dict[tuple[int, str, str | None], _Plan] = {}
+"""Plans by policy (its identity, checked: the plan keeps the policy alive), token and budget."""
+
+
 def _own_book(
     block: SpendingLimits | None,
     tallies: tuple[dict[Period, Tally], dict[int, Tally], _Items],
@@ -749,8 +792,8 @@ def _assess_level(
     owner: str | None,
     grant: Delegation | None,
 ) -> Assessment:
-    windows = windows_for(policy, now)
     if policy is None or not policy.enabled:
+        windows = windows_for(policy, now)
         code = Code.NO_POLICY if policy is None else Code.POLICY_DISABLED
         who = request.agent_id if owner is None else owner
         detail = (
@@ -768,10 +811,8 @@ def _assess_level(
         )
         return Assessment(policy, request, now, windows, early=early, budget_id=owner)
     amount = request.asset_amount
-    symbol = request.symbol.casefold()
-    asset = _asset(policy, request)
-    comparable = asset[1] is not _FAIL
-    block = policy.limits_for(symbol)
+    plan = _plan(policy, request.symbol, now, owner)
+    windows, asset, comparable, block = plan.windows, plan.asset, plan.comparable, plan.block
     approval, threshold = _approval(policy, amount, comparable)
     checks = (
         _ENABLED,
@@ -785,8 +826,7 @@ def _assess_level(
         _per_transaction(block, amount, comparable),
     )
     blocking = next((c for c in checks if c[1] is _FAIL), None)
-    tallies = _tallies(None, symbol if block is None else block.token, windows, block, owner)
-    books = [_own_book(block, tallies, comparable)]
+    books = [plan.book]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, owner)
     return Assessment(
