@@ -669,11 +669,10 @@ class _Plan:
     while the hour contains ``now``.
     """
 
-    __slots__ = ("asset", "block", "book", "comparable", "hour", "policy", "symbol", "windows")
+    __slots__ = ("asset", "block", "book", "comparable", "hour", "policy", "windows")
 
     def __init__(self, policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> None:
         self.policy = policy
-        self.symbol = symbol
         self.windows = windows = windows_for(policy, now)
         self.hour = windows[0]
         self.asset = _asset(policy, symbol)
@@ -681,7 +680,7 @@ class _Plan:
         folded = symbol.casefold()
         self.block = block = policy.limits_for(folded)
         tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
-        self.book = _own_book(block, tallies, comparable)
+        self.book = _Book(block, tallies, comparable)
 
 
 def _plan(policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> _Plan:
@@ -700,28 +699,6 @@ def _plan(policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) ->
 
 _PLANS: dict[tuple[int, str, str | None], _Plan] = {}
 """Plans by policy (its identity, checked: the plan keeps the policy alive), token and budget."""
-
-
-def _own_book(
-    block: SpendingLimits | None,
-    tallies: tuple[dict[Period, Tally], dict[int, Tally], _Items],
-    comparable: bool,
-) -> _Book:
-    """The book of a budget's own limits: one per (cached) set of tallies, reused."""
-    calendar = tallies[0]
-    key = (id(calendar), comparable)
-    found = _OWN_BOOKS.get(key)
-    if found is not None and found[0] is calendar and found[1].block is block:
-        return found[1]
-    book = _Book(block, tallies, comparable)
-    if len(_OWN_BOOKS) > 4096:
-        _OWN_BOOKS.clear()
-    _OWN_BOOKS[key] = (calendar, book)
-    return book
-
-
-_OWN_BOOKS: dict[tuple[int, bool], tuple[dict[Period, Tally], _Book]] = {}
-"""Budgets' own books by their (cached) calendar tallies, checked by identity."""
 
 
 def _scope_books(
