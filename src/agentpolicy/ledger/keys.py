@@ -90,7 +90,7 @@ def new_token(at: int) -> str:
 
     Time and counter first: stores keep new ids together, in the order they were made.
     """
-    return f"{max(at, 0):013x}{serial_random()}"
+    return f"{at if at > 0 else 0:013x}{serial_random()}"
 
 
 def new_id(kind: str, agent_id: str, token: str | None = None) -> str:

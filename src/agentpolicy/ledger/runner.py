@@ -84,10 +84,6 @@ class View:
         return {name: doc[0] for name, doc in self.seen.items()}
 
 
-def _writes(txn: Txn) -> bool:
-    return bool(txn.put or txn.delete or txn.index or txn.append)
-
-
 class _Attempts:
     """Where one run of a step stands: trust in guesses, commits lost, since when.
 
@@ -123,7 +119,7 @@ class _Attempts:
                 raise
             self.trust = False  # the error may rest on a stale guess: check it fresh
             return None
-        if not _writes(txn):
+        if not (txn.put or txn.delete or txn.index or txn.append):
             if view.guessed:
                 self.trust = False
                 return None
@@ -173,7 +169,7 @@ def run(
     while True:
         with storage.session(shard, write=attempts.write) as session:
             txn = Txn(op, at)
-            commit = attempts.ran(step, attempts.view(session), txn)
+            commit = attempts.ran(step, View(session, trust=attempts.trust), txn)
             if commit is None:
                 continue
             if not commit:

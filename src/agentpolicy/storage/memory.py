@@ -64,20 +64,55 @@ class _Index:
 
 
 class _Shard:
-    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "op_first", "op_order", "ops")
+    __slots__ = (
+        "docs",
+        "forget",
+        "indexes",
+        "lock",
+        "logs",
+        "op_first",
+        "op_order",
+        "ops",
+        "stamps",
+    )
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.docs: dict[str, Doc] = {}
         self.indexes: dict[str, _Index] = {}
-        self.logs: dict[str, collections.deque[tuple[int, int, Any]]] = {}
-        self.ops: dict[str, tuple[int, Any]] = {}  # op id -> (at, result)
-        # op ids in the order applied, from op_order[op_first]: forgetting the oldest is O(1),
-        # where taking the first key of `ops` would step over every key deleted since the dict
-        # last resized (a list and an index: a deque per shard would cost 600 bytes an agent)
-        self.op_order: list[str] = []
+        # a log is its entries and, beside them, their (sequence number, time): pairs of ints,
+        # which the garbage collector stops tracking, where a tuple holding the entry it would
+        # scan on every full collection for as long as the log keeps it
+        self.logs: dict[str, collections.deque[Any]] = {}
+        self.stamps: dict[str, collections.deque[tuple[int, int]]] = {}
+        self.ops: dict[str, Any] = {}  # op id -> result
+        # (time, op id) in the order applied, from op_order[op_first]: forgetting the oldest is
+        # O(1), where taking the first key of `ops` would step over every key deleted since the
+        # dict last resized (a list and an index: a deque per shard would cost 600 bytes an agent)
+        self.op_order: list[tuple[int, str]] = []
         self.op_first = 0
         self.forget: list[tuple[int, str, int]] = []  # (when, name, version written with a ttl)
+
+    def append(
+        self, log: str, seq: int, at: int, entry: Any, keep_after: int | None, max_len: int | None
+    ) -> None:
+        """Append to a log, then drop entries older than ``keep_after`` and beyond ``max_len``."""
+        lines = self.logs.get(log)
+        if lines is None:
+            lines = self.logs[log] = collections.deque()
+            stamps = self.stamps[log] = collections.deque()
+        else:
+            stamps = self.stamps[log]
+        lines.append(entry)
+        stamps.append((seq, at))
+        if keep_after is not None:
+            while stamps and stamps[0][1] < keep_after:
+                stamps.popleft()
+                lines.popleft()
+        if max_len is not None:
+            while len(lines) > max_len:
+                stamps.popleft()
+                lines.popleft()
 
     def expire(self, now: int) -> None:
         """Forget documents whose ttl is up, unless they were written again since."""
@@ -117,9 +152,9 @@ class _MemorySession:
 
     def commit(self, txn: Txn) -> Outcome:
         shard = self.shard
-        done = shard.ops.get(txn.op)
-        if done is not None:
-            return Outcome(applied=False, replayed=True, result=done[1])
+        ops = shard.ops
+        if txn.op in ops:
+            return Outcome(applied=False, replayed=True, result=ops[txn.op])
         docs = shard.docs
         for name, version in txn.expect.items():
             doc = docs.get(name)
@@ -145,29 +180,22 @@ class _MemorySession:
                     found = shard.indexes[index] = _Index()
                 found.set(member, score)
         for log, entry, keep_after, max_len in txn.append:
-            lines = shard.logs.get(log)
-            if lines is None:
-                lines = shard.logs[log] = collections.deque()
-            lines.append((next(storage._seq), txn.at, entry))
-            if keep_after is not None:
-                while lines and lines[0][1] < keep_after:
-                    lines.popleft()
-            if max_len is not None:
-                while len(lines) > max_len:
-                    lines.popleft()
-        ops, order, first = shard.ops, shard.op_order, shard.op_first
-        ops[txn.op] = (txn.at, txn.result)
-        order.append(txn.op)
+            shard.append(log, next(storage._seq), txn.at, entry, keep_after, max_len)
+        order, first = shard.op_order, shard.op_first
+        ops[txn.op] = txn.result
+        order.append((txn.at, txn.op))
         horizon = txn.at - OP_KEEP_US
-        while ops[order[first]][0] < horizon:
-            del ops[order[first]]
+        while order[first][0] < horizon:
+            ops.pop(order[first][1], None)
             first += 1
         if first > 64 and 2 * first > len(order):
             del order[:first]
             first = 0
         shard.op_first = first
-        shard.expire(txn.at)
-        return Outcome(applied=True, replayed=False, result=txn.result)
+        forget = shard.forget
+        if forget and forget[0][0] <= txn.at:
+            shard.expire(txn.at)
+        return Outcome(applied=True, result=txn.result)
 
 
 class MemoryStorage:
@@ -217,10 +245,10 @@ class MemoryStorage:
             if not lines:
                 return []
             out: list[tuple[int, int, Any]] = []
-            for entry in reversed(lines):
+            for (seq, at), entry in zip(reversed(state.stamps[name]), reversed(lines), strict=True):
                 if len(out) >= limit:
                     break
-                out.append(entry)
+                out.append((seq, at, entry))
             return out
 
     def close(self) -> None:
