@@ -543,30 +543,42 @@ class _Book:
 
 def matching_threshold(policy: AgentPolicy, amount: Amount) -> ApprovalThreshold | None:
     """The highest approval threshold in ``amount``'s token that it meets or exceeds, if any."""
+    return _first_met(_ranked_thresholds(policy, amount.symbol.casefold()), amount)
+
+
+def _ranked_thresholds(policy: AgentPolicy, folded: str) -> tuple[ApprovalThreshold, ...]:
+    """The approval thresholds in a token (its folded symbol), highest first, ties as listed."""
     config = policy.approval_config
     if config is None:
-        return None
-    best: ApprovalThreshold | None = None
-    symbol = amount.symbol.casefold()
-    for threshold in config.thresholds:
-        if threshold.amount.symbol.casefold() != symbol:
-            continue
-        if amount.compare(threshold.amount) >= 0 and (
-            best is None or threshold.amount.compare(best.amount) > 0
-        ):
-            best = threshold
-    return best
+        return ()
+    mine = [t for t in config.thresholds if t.amount.symbol.casefold() == folded]
+    return tuple(sorted(mine, key=_THRESHOLD_ORDER))  # sorted() is stable: ties keep their order
+
+
+def _higher_first(x: ApprovalThreshold, y: ApprovalThreshold) -> int:
+    return y.amount.compare(x.amount)
+
+
+_THRESHOLD_ORDER = functools.cmp_to_key(_higher_first)
+
+
+def _first_met(ranked: tuple[ApprovalThreshold, ...], amount: Amount) -> ApprovalThreshold | None:
+    """The first of ``ranked`` (highest first) that ``amount`` meets or exceeds: the highest met."""
+    for threshold in ranked:
+        if amount.compare(threshold.amount) >= 0:
+            return threshold
+    return None
 
 
 def _approval(
-    policy: AgentPolicy, amount: Amount, comparable: bool
+    policy: AgentPolicy, amount: Amount, comparable: bool, ranked: tuple[ApprovalThreshold, ...]
 ) -> tuple[_Check, ApprovalThreshold | None]:
     name = "approval_threshold"
     if policy.approval_config is None or not policy.approval_config.thresholds:
         return _skip(name, "no approval thresholds"), None
     if not comparable:
         return _skip(name, "not checked: asset mismatch"), None
-    threshold = matching_threshold(policy, amount)
+    threshold = _first_met(ranked, amount)
     if threshold is None:
         return _ok(name, lambda: f"{amount} is below every approval threshold"), None
 
@@ -663,13 +675,16 @@ class _Plan:
     """What assessing a payment in one token needs of a policy, for one hour: worked out once.
 
     The windows of the hour, the asset check (its words name the token as
-    the request spells it), the block of limits of the token, and the
-    budget's own book with its counters. Kept by the policy's identity (a
-    policy never changes), the token as spelled and the budget, and used
-    while the hour contains ``now``.
+    the request spells it), the block of limits of the token, the budget's
+    own book with its counters, the token's approval thresholds (highest
+    first), and the payee checks of the payees seen (:meth:`payee`). Kept
+    by the policy's identity (a policy never changes), the token as spelled
+    and the budget, and used while the hour contains ``now``.
     """
 
-    __slots__ = ("asset", "block", "book", "comparable", "hour", "policy", "windows")
+    __slots__ = (
+        "asset", "block", "book", "comparable", "hour", "payees", "policy", "thresholds", "windows"
+    )  # fmt: skip
 
     def __init__(self, policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> None:
         self.policy = policy
@@ -681,6 +696,30 @@ class _Plan:
         self.block = block = policy.limits_for(folded)
         tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
         self.book = _Book(block, tallies, comparable)
+        self.thresholds = _ranked_thresholds(policy, folded)
+        self.payees: dict[tuple[str, str, str | None], tuple[_Check, _Check, _Check]] = {}
+
+    def payee(self, request: PaymentRequest) -> tuple[_Check, _Check, _Check]:
+        """The merchant, network and category checks of a request (kept by the three as spelled).
+
+        Each depends on the policy and on the recipient, network or category
+        alone, and its words name them as the request spells them, so one
+        answer serves every request that spells all three alike.
+        """
+        key = (request.recipient, request.network, request.category)
+        found = self.payees.get(key)
+        if found is None:
+            policy = self.policy
+            found = (_merchant(policy, request), _network(policy, request),
+                     _category(policy, request))  # fmt: skip
+            if len(self.payees) >= _PAYEES_KEPT:
+                self.payees.clear()
+            self.payees[key] = found
+        return found
+
+
+_PAYEES_KEPT = 1024
+"""Payees a plan keeps the checks of (then it starts over: many payees cost time, not memory)."""
 
 
 def _plan(policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> _Plan:
@@ -790,15 +829,13 @@ def _assess_level(
     amount = request.asset_amount
     plan = _plan(policy, request.symbol, now, owner)
     windows, asset, comparable, block = plan.windows, plan.asset, plan.comparable, plan.block
-    approval, threshold = _approval(policy, amount, comparable)
+    approval, threshold = _approval(policy, amount, comparable, plan.thresholds)
     checks = (
         _ENABLED,
         *(() if grant is None else (_delegation(grant, now),)),
         _blocked_periods(policy, now),
         _allowed_windows(policy, now, windows[0]),
-        _merchant(policy, request),
-        _network(policy, request),
-        _category(policy, request),
+        *plan.payee(request),
         asset,
         _per_transaction(block, amount, comparable),
     )
