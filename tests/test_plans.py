@@ -163,3 +163,26 @@ def test_the_ranked_thresholds_find_the_highest_one_met_as_the_plain_rule_does(
     assert matching_threshold(policy, amount) is expected
     decision = evaluate(policy, payment(value, decimals=decimals, symbol=symbol), {}, NOW)
     assert decision.threshold is expected
+
+
+def test_a_blocked_period_inside_the_hour_or_ending_as_it_begins_blocks_its_instants() -> None:
+    # the plan keeps the blocked periods that reach into its hour; both ends block (inclusive)
+    hour = datetime(2026, 3, 10, 10, tzinfo=UTC)
+    policy = load_policy({**USDT, "timeRules": {"blockedPeriods": [
+        {"start": "2026-03-10T10:30:00Z", "end": "2026-03-10T10:45:00Z"},
+        {"start": "2026-03-10T09:00:00Z", "end": "2026-03-10T10:00:00Z"},
+        {"start": "2026-03-10T11:00:00Z", "end": "2026-03-10T12:00:00Z"},
+    ]}})  # fmt: skip
+    expected = [
+        (hour, Code.BLOCKED_PERIOD),  # the end of the period before the hour
+        (hour + timedelta(microseconds=1), Code.ALLOWED),
+        (hour + timedelta(minutes=29, seconds=59), Code.ALLOWED),
+        (hour + timedelta(minutes=30), Code.BLOCKED_PERIOD),
+        (hour + timedelta(minutes=45), Code.BLOCKED_PERIOD),
+        (hour + timedelta(minutes=45, microseconds=1), Code.ALLOWED),
+        (hour + timedelta(minutes=59, seconds=59, microseconds=999_999), Code.ALLOWED),
+        (hour + timedelta(hours=1), Code.BLOCKED_PERIOD),  # the next hour's plan
+    ]
+    for _ in range(2):
+        for now, code in expected:
+            assert evaluate(policy, payment(1), {}, now).code is code, now

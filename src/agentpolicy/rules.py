@@ -146,12 +146,13 @@ def _check_now(now: datetime) -> None:
         raise PolicyValidationError.single("$.now", "must be a timezone-aware datetime")
 
 
-def _blocked_periods(policy: AgentPolicy, now: datetime) -> _Check:
+def _blocked_periods(policy: AgentPolicy, now: datetime, near: tuple[BlockedPeriod, ...]) -> _Check:
+    """The blocked-periods check; ``near``: the periods that can contain ``now``."""
     name = "blocked_periods"
     rules = policy.time_rules
     if rules is None or not rules.blocked_periods:
         return _skip(name, "no blocked periods")
-    for period in rules.blocked_periods:
+    for period in near:
         if period.contains(now):
             return _fail(name, Code.BLOCKED_PERIOD, functools.partial(_blocked_words, period))
     return _NOT_BLOCKED
@@ -677,13 +678,15 @@ class _Plan:
     The windows of the hour, the asset check (its words name the token as
     the request spells it), the block of limits of the token, the budget's
     own book with its counters, the token's approval thresholds (highest
-    first), and the payee checks of the payees seen (:meth:`payee`). Kept
+    first), the blocked periods that reach into the hour, and the payee
+    checks of the payees seen (:meth:`payee`). Kept
     by the policy's identity (a policy never changes), the token as spelled
     and the budget, and used while the hour contains ``now``.
     """
 
     __slots__ = (
-        "asset", "block", "book", "comparable", "hour", "payees", "policy", "thresholds", "windows"
+        "asset", "block", "blocked", "book", "comparable", "hour", "payees", "policy",
+        "thresholds", "windows",
     )  # fmt: skip
 
     def __init__(self, policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> None:
@@ -697,6 +700,12 @@ class _Plan:
         tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
         self.book = _Book(block, tallies, comparable)
         self.thresholds = _ranked_thresholds(policy, folded)
+        rules = policy.time_rules
+        hour = self.hour
+        # the blocked periods that can contain an instant of the hour (both ends are inside one)
+        self.blocked = () if rules is None else tuple(
+            p for p in rules.blocked_periods if p.start < hour.end and p.end >= hour.start
+        )  # fmt: skip
         self.payees: dict[tuple[str, str, str | None], tuple[_Check, _Check, _Check]] = {}
 
     def payee(self, request: PaymentRequest) -> tuple[_Check, _Check, _Check]:
@@ -833,7 +842,7 @@ def _assess_level(
     checks = (
         _ENABLED,
         *(() if grant is None else (_delegation(grant, now),)),
-        _blocked_periods(policy, now),
+        _blocked_periods(policy, now, plan.blocked),
         _allowed_windows(policy, now, windows[0]),
         *plan.payee(request),
         asset,
