@@ -141,8 +141,13 @@ class Book:
                     self.body["pe"] = end
             elif not self.changed:
                 counters = self.own()["c"]
-            d, spent, reserved = c[1], c[2], c[3]
-            count = c[4] if len(c) > 4 else 0
+            if len(c) == 5:  # [end, decimals, spent, reserved, count]: no alert fired yet
+                end, d, spent, reserved, count = c
+                fired = None
+            else:  # with fired alerts; or written before counts were kept
+                end, d, spent, reserved = c[0], c[1], c[2], c[3]
+                count = c[4] if len(c) > 4 else 0
+                fired = c[5] if len(c) > 5 else None
             amount = value
             if decimals != d:
                 d, (spent, reserved), amount = _align(d, [spent, reserved], decimals, value)
@@ -155,10 +160,11 @@ class Book:
                     count = count - 1 if count > 0 else 0
                 else:
                     spent += amount
-            new = [c[0], d, spent, reserved, count]
-            if len(c) > 5:
-                new.append(c[5])
-            counters[key] = new
+            counters[key] = (
+                [end, d, spent, reserved, count]
+                if fired is None
+                else [end, d, spent, reserved, count, fired]
+            )
 
     def prune(self, now: int, grace: int) -> None:
         """Drop calendar counters of windows that ended ``grace`` or more ago; move the horizon.
