@@ -703,7 +703,8 @@ class PolicyEngine(Voting):
             raise_if(check_identifier(holder, "$.holder"))
         if dry_run:
             return (yield from self._dry_run(request))
-        shard = yield from self._shard(request.agent_id)
+        agent = request.agent_id  # a known agent's shard is found without starting a flow
+        shard = self._homes.get(agent) or (yield from self._shard(agent))
         for attempt in range(_CLOCK_RETRIES):
             now = self._now()
             seen: list[Decision] = []
@@ -817,7 +818,8 @@ class PolicyEngine(Voting):
         now = self._now()
         agent = keys.agent_of_id(reservation_id)
         step = operations.settle(self.config, reservation_id, action, now, holder, agent)
-        shard = "" if agent is None else (yield from self._shard(agent))
+        # a known agent's shard is found without starting a flow (the payment path)
+        shard = "" if agent is None else self._homes.get(agent) or (yield from self._shard(agent))
         at = micros(now)
         result: Body = yield Run(shard, step, at=at)
         known = self._requests.pop(reservation_id, None)
