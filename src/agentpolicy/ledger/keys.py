@@ -90,7 +90,12 @@ def new_token(at: int) -> str:
 
     Time and counter first: stores keep new ids together, in the order they were made.
     """
-    return f"{at if at > 0 else 0:013x}{serial_random()}"
+    if 0 <= at < _BIT52:  # hex() of 1 and 13 digits: 13 digits with leading zeros
+        return hex(at | _BIT52)[3:] + serial_random()
+    return f"{max(at, 0):013x}{serial_random()}"
+
+
+_BIT52 = 1 << 52
 
 
 def new_id(kind: str, agent_id: str, token: str | None = None) -> str:

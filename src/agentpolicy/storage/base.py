@@ -196,7 +196,10 @@ def serial_random() -> str:
         pool = os.urandom(7 * 256).hex()
         _random.extend(pool[i : i + 14] for i in range(0, len(pool), 14))
         tail = _random.pop()
-    return f"{next(_serial) & 0xFFFFF:05x}{tail}"
+    return hex(next(_serial) & 0xFFFFF | 0x100000)[3:] + tail  # 5 digits: hex() of 1xxxxx
+
+
+_BIT56 = 1 << 56
 
 
 def new_op(at: int) -> str:
@@ -204,7 +207,9 @@ def new_op(at: int) -> str:
 
     Time first, then the counter, keeps B-trees compact: new ids land at the end.
     """
-    return f"{at if at > 0 else 0:014x}{serial_random()}"  # op_prefix(at), without its call
+    if 0 <= at < _BIT56:  # op_prefix(at), without its call: hex() of 1 and 14 digits
+        return hex(at | _BIT56)[3:] + serial_random()
+    return op_prefix(at) + serial_random()
 
 
 class Txn:
