@@ -62,8 +62,9 @@ _PLAIN_TAG = re.compile(r"[^{}~][^{}]{0,63}")
 _ID = re.compile(r"(?:res|apr)_[0-9a-f]{32}_(.+)", re.DOTALL)
 
 
-@functools.lru_cache(maxsize=4096)
 def _esc(part: str) -> str:
+    # not cached: two scans of a short string cost less than a cache lookup, and the parts of
+    # unique ids (reservations, approvals, idempotency keys) would only push the others out
     if "%" not in part and "/" not in part:
         return part
     return part.replace("%", "%25").replace("/", "%2F")

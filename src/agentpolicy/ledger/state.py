@@ -171,20 +171,46 @@ def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
     targets = doc.get("tg")
     if targets is None:  # written before scoped and rolling limits: the head's windows
         targets = [[books.head.name, key, "c", 0] for key in doc["w"]]
-    books.need({t[0]: None for t in targets})
-    current = ""  # targets come book by book: each book's calendar counters move at once
-    items: list[tuple[str, None]] = []
+    groups = _groups(targets)
+    books.need([name for name, _, _ in groups])
+    for name, items, rolling in groups:
+        book = books[name]
+        if items:
+            book.calendars(items, value, decimals, op)
+        for key, seconds in rolling:
+            book.rolling(txn, key, seconds, value, decimals, op, doc["c"], rid)
+
+
+_Group = tuple[str, tuple[tuple[str, None], ...], tuple[tuple[str, int], ...]]
+
+
+def _groups(targets: Any) -> list[_Group]:
+    """A reservation's targets by book: ``(book, calendar items, rolling (key, seconds))``.
+
+    Targets an hour's reservations share (a tuple, never changed) are grouped once.
+    """
+    shared = type(targets) is tuple
+    if shared:
+        found = _GROUPS.get(id(targets))
+        if found is not None and found[0] is targets:
+            return found[1]
+    by_book: dict[str, tuple[list[tuple[str, None]], list[tuple[str, int]]]] = {}
     for name, key, kind, extra in targets:
-        if kind != "c":
-            books[name].rolling(txn, key, extra, value, decimals, op, doc["c"], rid)
-            continue
-        if name != current:
-            if items:
-                books[current].calendars(items, value, decimals, op)
-            current, items = name, []
-        items.append((key, None))
-    if items:
-        books[current].calendars(items, value, decimals, op)
+        calendar, rolling = by_book.setdefault(name, ([], []))
+        if kind == "c":
+            calendar.append((key, None))
+        else:
+            rolling.append((key, extra))
+    groups = [(name, tuple(c), tuple(r)) for name, (c, r) in by_book.items()]
+    if shared:
+        if len(_GROUPS) > 4096:
+            _GROUPS.clear()
+        _GROUPS[id(targets)] = (targets, groups)
+    return groups
+
+
+_GROUPS: dict[int, tuple[Any, list[_Group]]] = {}
+"""Targets by book, by the targets' identity (kept alive here, so an id is never reused)."""
 
 
 def record(txn: Txn, cfg: LedgerConfig, agent: str, entry: Body, *, denial: bool = False) -> None:
