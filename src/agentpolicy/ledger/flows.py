@@ -94,10 +94,8 @@ Flow = Generator[Request, Any, T]
 """A call of the engine: yields requests, receives their answers, returns the call's answer."""
 
 
-def _answer(storage: Storage, request: Request) -> Any:
-    if isinstance(request, Run):
-        return run(storage, request.shard, request.step, _same, at=request.at,
-                   write=request.write, op=request.op)  # fmt: skip
+def _answer(storage: Storage, request: Read | Scan | Log) -> Any:
+    """Answer a request other than :class:`Run` (which :func:`drive` runs itself)."""
     if isinstance(request, Read):
         with storage.session(request.shard, write=False) as session:
             view = View(session)
@@ -134,7 +132,11 @@ def drive(storage: Storage, flow: Flow[T]) -> T:
             return done.value  # type: ignore[no-any-return]
         answer, error = None, None
         try:
-            answer = _answer(storage, request)
+            if isinstance(request, Run):
+                answer = run(storage, request.shard, request.step, _same, at=request.at,
+                             write=request.write, op=request.op)  # fmt: skip
+            else:
+                answer = _answer(storage, request)
         except BaseException as exc:  # thrown into the flow, which decides
             error = exc
 

@@ -34,6 +34,9 @@ _BACKOFF_BASE = 0.0005
 _BACKOFF_CAP = 0.01
 
 
+_ABSENT: Doc = (0, None)
+
+
 class View:
     """The documents one run of a step has read, with their versions.
 
@@ -45,7 +48,7 @@ class View:
 
     __slots__ = ("guessed", "seen", "session", "trust")
 
-    def __init__(self, session: Session, *, trust: bool = True) -> None:
+    def __init__(self, session: Session, trust: bool = True) -> None:
         self.session = session
         self.seen: dict[str, Doc] = {}
         self.trust = trust
@@ -53,7 +56,8 @@ class View:
 
     def read(self, names: Iterable[str], guess: Iterable[str] = ()) -> None:
         """Read these documents (those not read yet) in one request to the store."""
-        missing = [n for n in names if n not in self.seen]
+        seen = self.seen
+        missing = [n for n in names if n not in seen]
         if not missing:
             return
         session = self.session
@@ -65,7 +69,7 @@ class View:
                 self.guessed = True
             got = session.get(missing, guesses)
         for name in missing:
-            self.seen[name] = got.get(name, (0, None))
+            seen[name] = got.get(name, _ABSENT)
 
     def doc(self, name: str) -> Any:
         """A document's body, or ``None`` when there is none (reading it if needed)."""
@@ -169,7 +173,7 @@ def run(
     while True:
         with storage.session(shard, write=attempts.write) as session:
             txn = Txn(op, at)
-            commit = attempts.ran(step, View(session, trust=attempts.trust), txn)
+            commit = attempts.ran(step, View(session, attempts.trust), txn)
             if commit is None:
                 continue
             if not commit:

@@ -142,7 +142,12 @@ class _MemorySession:
 
     def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
         docs = self.shard.docs
-        return {n: docs[n] for n in names if n in docs}
+        found = {}
+        for name in names:
+            doc = docs.get(name)
+            if doc is not None:
+                found[name] = doc
+        return found
 
     def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
         if index.startswith("@"):
