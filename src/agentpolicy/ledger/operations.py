@@ -316,7 +316,7 @@ def _hold(
     rec["x"] = expires
     targets = _count(txn, books, names, a, now, rid, extra)
     name = keys.reservation(rid)
-    level_ids = [agent, *(lv.agent for lv in levels)]
+    level_ids = [agent, *(lv.agent for lv in levels)] if levels else [agent]
     txn.put[name] = reservation_doc(
         agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
         targets=targets, created=now, expires=expires, policy_version=version,
@@ -355,7 +355,7 @@ def _count(
         for t in b.rolling.values():
             book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
             parts.append(((name, t.key, "r", t.seconds or 0),))
-    extras = rollout.hold_extras(txn, books, extra, value, decimals, now, rid)
+    extras = rollout.hold_extras(txn, books, extra, value, decimals, now, rid) if extra else ()
     if extras:
         parts.append(tuple(extras))
     return parts[0] if len(parts) == 1 else tuple(t for part in parts for t in part)
