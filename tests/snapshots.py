@@ -35,7 +35,6 @@ def _memory(storage: Any) -> Any:
                 "docs": dict(shard.docs),
                 "indexes": {k: dict(v.scores) for k, v in shard.indexes.items()},
                 "logs": {k: list(v) for k, v in shard.logs.items()},
-                "stamps": {k: list(v) for k, v in shard.stamps.items()},
                 "ops": dict(shard.ops),
             })  # fmt: skip
     with storage._global_lock:

@@ -320,3 +320,21 @@ def test_sqlite_reads_back_what_another_process_wrote_not_its_own_last_text(
     finally:
         mine.close()
         theirs.close()
+
+
+def test_memory_trims_logs_exactly_and_reads_them_newest_first() -> None:
+    # a memory log is flat (sequence number, time, entry, ...): every read and trim must keep
+    # the three of each entry together
+    storage = MemoryStorage()
+    for i in range(30):
+        commit(storage, txn(f"op{i}", at=AT + i, append=[("capped", {"i": i}, None, 10),
+                                                         ("aged", {"i": i}, AT + i - 5, None),
+                                                         ("both", {"i": i}, AT + i - 5, 3)]))  # fmt: skip
+    capped = storage.log("s1", "capped", 1000)
+    assert [(e[1], e[2]) for e in capped] == [(AT + i, {"i": i}) for i in range(29, 19, -1)]
+    assert [e[0] for e in capped] == sorted((e[0] for e in capped), reverse=True)
+    assert [e[2]["i"] for e in storage.log("s1", "aged", 1000)] == list(range(29, 23, -1))
+    assert [e[2]["i"] for e in storage.log("s1", "both", 1000)] == [29, 28, 27]
+    assert [e[2]["i"] for e in storage.log("s1", "capped", 4)] == [29, 28, 27, 26]
+    assert storage.log("s1", "capped", 0) == []
+    assert storage.log("s1", "none", 5) == []

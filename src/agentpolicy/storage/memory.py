@@ -64,32 +64,22 @@ class _Index:
 
 
 class _Shard:
-    __slots__ = (
-        "docs",
-        "forget",
-        "indexes",
-        "lock",
-        "logs",
-        "op_first",
-        "op_order",
-        "ops",
-        "stamps",
-    )
+    __slots__ = ("docs", "forget", "indexes", "lock", "logs", "op_first", "op_order", "ops")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.docs: dict[str, Doc] = {}
         self.indexes: dict[str, _Index] = {}
-        # a log is its entries and, beside them, their (sequence number, time): pairs of ints,
-        # which the garbage collector stops tracking, where a tuple holding the entry it would
-        # scan on every full collection for as long as the log keeps it
+        # a log is flat: sequence number, time, entry, sequence number, ...; a tuple per entry
+        # would be one more object for the garbage collector to scan on every full collection,
+        # for as long as the log keeps it (and 64 bytes)
         self.logs: dict[str, collections.deque[Any]] = {}
-        self.stamps: dict[str, collections.deque[tuple[int, int]]] = {}
         self.ops: dict[str, Any] = {}  # op id -> result
-        # (time, op id) in the order applied, from op_order[op_first]: forgetting the oldest is
-        # O(1), where taking the first key of `ops` would step over every key deleted since the
-        # dict last resized (a list and an index: a deque per shard would cost 600 bytes an agent)
-        self.op_order: list[tuple[int, str]] = []
+        # time, op id, time, op id, ... in the order applied, from op_order[op_first]: forgetting
+        # the oldest is O(1), where taking the first key of `ops` would step over every key
+        # deleted since the dict last resized (a list and an index: a deque per shard would cost
+        # 600 bytes an agent)
+        self.op_order: list[int | str] = []
         self.op_first = 0
         self.forget: list[tuple[int, str, int]] = []  # (when, name, version written with a ttl)
 
@@ -100,19 +90,14 @@ class _Shard:
         lines = self.logs.get(log)
         if lines is None:
             lines = self.logs[log] = collections.deque()
-            stamps = self.stamps[log] = collections.deque()
-        else:
-            stamps = self.stamps[log]
-        lines.append(entry)
-        stamps.append((seq, at))
-        if keep_after is not None:
-            while stamps and stamps[0][1] < keep_after:
-                stamps.popleft()
-                lines.popleft()
-        if max_len is not None:
-            while len(lines) > max_len:
-                stamps.popleft()
-                lines.popleft()
+        lines.extend((seq, at, entry))
+        while lines and (
+            (keep_after is not None and lines[1] < keep_after)
+            or (max_len is not None and len(lines) > 3 * max_len)
+        ):  # the oldest entry goes
+            lines.popleft()
+            lines.popleft()
+            lines.popleft()
 
     def expire(self, now: int) -> None:
         """Forget documents whose ttl is up, unless they were written again since."""
@@ -188,12 +173,12 @@ class _MemorySession:
             shard.append(log, next(storage._seq), txn.at, entry, keep_after, max_len)
         order, first = shard.op_order, shard.op_first
         ops[txn.op] = txn.result
-        order.append((txn.at, txn.op))
+        order += (txn.at, txn.op)
         horizon = txn.at - OP_KEEP_US
-        while order[first][0] < horizon:
-            ops.pop(order[first][1], None)
-            first += 1
-        if first > 64 and 2 * first > len(order):
+        while order[first] < horizon:  # type: ignore[operator]  # a time, then its op id
+            ops.pop(order[first + 1], None)  # type: ignore[arg-type]
+            first += 2
+        if first > 128 and 2 * first > len(order):
             del order[:first]
             first = 0
         shard.op_first = first
@@ -250,10 +235,12 @@ class MemoryStorage:
             if not lines:
                 return []
             out: list[tuple[int, int, Any]] = []
-            for (seq, at), entry in zip(reversed(state.stamps[name]), reversed(lines), strict=True):
+            newest_first = reversed(lines)  # entry, time, sequence number, entry, ...
+            for entry in newest_first:
                 if len(out) >= limit:
                     break
-                out.append((seq, at, entry))
+                at = next(newest_first)
+                out.append((next(newest_first), at, entry))
             return out
 
     def close(self) -> None:
