@@ -208,3 +208,43 @@ def test_connections_are_per_thread_and_all_closed(tmp_path: Path) -> None:
     assert len(storage._all) == 2
     engine.close()
     assert storage._all == []
+
+
+def _names(storage: SQLiteStorage) -> list[str]:
+    with storage.session("", write=False) as session:
+        return [row[0] for row in session.conn.execute("SELECT name FROM docs ORDER BY name")]
+
+
+def _write(session: object, name: str) -> None:
+    session.conn.execute(  # type: ignore[attr-defined]
+        "INSERT INTO docs (name, version, body) VALUES (?, 1, '{}')", (name,)
+    )
+
+
+def test_a_sqlite_session_commits_on_leaving_and_rolls_back_on_any_error(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "s.db")
+    with storage.session("s", write=True) as session:
+        _write(session, "d/kept")
+
+    def failing(error: BaseException | None) -> None:
+        with storage.session("s", write=True) as session:
+            _write(session, "d/gone")
+            if error is None:
+                session.conn.execute("SELECT * FROM no_such_table")
+            else:
+                raise error
+
+    # a SQLite error inside is raised as STORAGE_UNAVAILABLE, and nothing of it is kept
+    with pytest.raises(PolicyError) as caught:
+        failing(None)
+    assert caught.value.code is ErrorCode.STORAGE_UNAVAILABLE
+    assert "failed" in str(caught.value)
+    # any other error goes on as it is, and nothing of it is kept either
+    with pytest.raises(KeyError):
+        failing(KeyError("the step's own error"))
+    assert _names(storage) == ["d/kept"]
+    # a session that leaves cleanly leaves no transaction open: the next one begins at once
+    with storage.session("s", write=True) as session:
+        assert session.conn.in_transaction
+    assert not session.conn.in_transaction
+    storage.close()

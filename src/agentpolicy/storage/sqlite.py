@@ -28,7 +28,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,31 @@ class _SQLiteSession:
         self.conn = conn
         self.write = write
         self.read: dict[str, int] = {}  # versions read in this transaction
+
+    def __enter__(self) -> _SQLiteSession:
+        self.storage._begin(self.conn, self.write)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:  # fmt: skip
+        conn = self.conn
+        if kind is not None:  # the error goes on (a store's error as StorageUnavailableError)
+            conn.execute("ROLLBACK")
+            if issubclass(kind, sqlite3.Error):
+                raise StorageUnavailableError(
+                    f"SQLite database {self.storage.path} failed: {exc}"
+                ) from None
+            return
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageUnavailableError(
+                f"commit failed on {self.storage.path}: {error}"
+            ) from None
+        if self.write:
+            self.storage._committed()
 
     def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
         if len(names) == 1:
@@ -381,27 +406,13 @@ class SQLiteStorage:
             else:
                 return
 
-    @contextlib.contextmanager
-    def session(self, shard: str, *, write: bool = True) -> Iterator[_SQLiteSession]:
-        """One transaction: ``BEGIN IMMEDIATE`` to write, a WAL snapshot to read."""
-        conn = self._connection()
-        self._begin(conn, write)
-        try:
-            yield _SQLiteSession(self, conn, write)
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise StorageUnavailableError(f"SQLite database {self.path} failed: {exc}") from None
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise StorageUnavailableError(f"commit failed on {self.path}: {exc}") from None
-        if write:
-            self._committed()
+    def session(self, shard: str, *, write: bool = True) -> _SQLiteSession:
+        """One transaction, a context manager: ``BEGIN IMMEDIATE`` to write, a snapshot to read.
+
+        Leaving it commits; an error in it rolls back (a SQLite error is raised
+        as :class:`~agentpolicy.errors.StorageUnavailableError`).
+        """
+        return _SQLiteSession(self, self._connection(), write)
 
     def _committed(self) -> None:
         """Count a write transaction; every so often wake the checkpoint thread."""
