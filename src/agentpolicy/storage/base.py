@@ -127,7 +127,11 @@ class Encoded:
             text = known[id(entry)] = dumps(entry)
             self.append.append(text)
         result = txn.result
-        if (
+        if type(result) is dict and len(result) == 1:  # the usual result: one document or entry
+            ((key, value),) = result.items()
+            same = known.get(id(value)) if type(key) is str else None
+            self.result = dumps(result) if same is None else "{" + dumps(key) + ":" + same + "}"
+        elif (
             type(result) is dict
             and any(id(v) in known for v in result.values())
             and all(type(k) is str for k in result)
