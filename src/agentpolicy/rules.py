@@ -29,6 +29,7 @@ from agentpolicy.policy import (
     BlockedPeriod,
     ScopedLimit,
     SpendingLimits,
+    TimeRules,
     normalize_recipient,
     whitelist_form,
 )
@@ -166,38 +167,35 @@ def _blocked_words(period: BlockedPeriod) -> str:
 _DAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
 
 
-def _allowed_windows(policy: AgentPolicy, now: datetime, hour: Window) -> _Check:
+def _allowed_windows(policy: AgentPolicy, now: datetime, inside: bool) -> _Check:
+    """The allowed-windows check; ``inside``: whether ``now`` is (:func:`_inside`, per hour)."""
     name = "allowed_windows"
     rules = policy.time_rules
     if rules is None or not rules.allowed_windows:
         return _skip(name, "no time windows: any time is allowed")
-    # ``hour`` is the hourly window of ``now`` in the rules' zone: the local day and hour,
-    # and so the answer, are the same throughout it
-    key = (id(rules), id(hour))
-    found = _INSIDE.get(key)
-    if found is not None and found[0] is rules and found[1] is hour:
-        inside = found[2]
-    else:
-        local = now.astimezone(rules.zone)
-        day = local.isoweekday() % 7
-        inside = any(w.matches(day, local.hour) for w in rules.allowed_windows)
-        if len(_INSIDE) > 4096:
-            _INSIDE.clear()
-        _INSIDE[key] = (rules, hour, inside)
-
-    def where() -> str:
-        local = now.astimezone(rules.zone)
-        return f"{_DAY_NAMES[local.isoweekday() % 7]} {local:%H:%M} {rules.timezone}"
-
     if inside:
-        return _ok(name, lambda: f"{where()} is inside an allowed window")
-    return _fail(
-        name, Code.OUTSIDE_ALLOWED_WINDOW, lambda: f"{where()} is outside every allowed window"
-    )
+        return _ok(name, functools.partial(_where, rules, now, "is inside an allowed window"))
+    words = functools.partial(_where, rules, now, "is outside every allowed window")
+    return _fail(name, Code.OUTSIDE_ALLOWED_WINDOW, words)
 
 
-_INSIDE: dict[tuple[int, int], tuple[Any, Window, bool]] = {}
-"""Whether an hour is inside the allowed windows, by the rules and the hour (their identities)."""
+def _inside(policy: AgentPolicy, now: datetime) -> bool:
+    """Whether ``now`` is inside an allowed window (true when there are none).
+
+    The answer is the same throughout the hourly window of ``now`` in the
+    rules' zone (the local day and hour are), so a plan works it out once.
+    """
+    rules = policy.time_rules
+    if rules is None or not rules.allowed_windows:
+        return True
+    local = now.astimezone(rules.zone)
+    day = local.isoweekday() % 7
+    return any(w.matches(day, local.hour) for w in rules.allowed_windows)
+
+
+def _where(rules: TimeRules, now: datetime, verdict: str) -> str:
+    local = now.astimezone(rules.zone)
+    return f"{_DAY_NAMES[local.isoweekday() % 7]} {local:%H:%M} {rules.timezone} {verdict}"
 
 
 def _merchant(policy: AgentPolicy, request: PaymentRequest) -> _Check:
@@ -678,14 +676,15 @@ class _Plan:
     The windows of the hour, the asset check (its words name the token as
     the request spells it), the block of limits of the token, the budget's
     own book with its counters, the token's approval thresholds (highest
-    first), the blocked periods that reach into the hour, and the payee
-    checks of the payees seen (:meth:`payee`). Kept
+    first), whether the hour is inside the allowed windows, the blocked
+    periods that reach into the hour, and the payee checks of the payees
+    seen (:meth:`payee`). Kept
     by the policy's identity (a policy never changes), the token as spelled
     and the budget, and used while the hour contains ``now``.
     """
 
     __slots__ = (
-        "asset", "block", "blocked", "book", "comparable", "hour", "payees", "policy",
+        "asset", "block", "blocked", "book", "comparable", "hour", "inside", "payees", "policy",
         "thresholds", "windows",
     )  # fmt: skip
 
@@ -700,6 +699,7 @@ class _Plan:
         tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
         self.book = _Book(block, tallies, comparable)
         self.thresholds = _ranked_thresholds(policy, folded)
+        self.inside = _inside(policy, now)
         rules = policy.time_rules
         hour = self.hour
         # the blocked periods that can contain an instant of the hour (both ends are inside one)
@@ -843,12 +843,16 @@ def _assess_level(
         _ENABLED,
         *(() if grant is None else (_delegation(grant, now),)),
         _blocked_periods(policy, now, plan.blocked),
-        _allowed_windows(policy, now, windows[0]),
+        _allowed_windows(policy, now, plan.inside),
         *plan.payee(request),
         asset,
         _per_transaction(block, amount, comparable),
     )
-    blocking = next((c for c in checks if c[1] is _FAIL), None)
+    blocking = None
+    for check in checks:
+        if check[1] is _FAIL:
+            blocking = check
+            break
     books = [plan.book]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, owner)
