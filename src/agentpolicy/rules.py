@@ -944,14 +944,20 @@ def _level(a: Assessment, units: UsedUnits) -> tuple[_Check | None, tuple[_Check
     approval = a.approval
     assert approval is not None  # noqa: S101 - set whenever there is no early decision
     amount = a.request.asset_amount
-    limits: list[_Check] = []
-    if a.comparable:
-        for book in a.books:
+    limits: list[_Check]
+    if a.comparable:  # an assessment that compares has its own book at least
+        books = a.books
+        limits = books[0].checks(amount, units)
+        for book in books[1:]:
             limits += book.checks(amount, units)
     else:
         limits = [_skip(f"{p.value}_limit", "not checked: asset mismatch") for p in WINDOW_PERIODS]
     checks = (*a.checks, *limits, approval)
-    failure = a.blocking or next((c for c in limits if c[1] is _FAIL), None)
+    failure = a.blocking
+    if failure is None:
+        for limit in limits:
+            if limit[1] is _FAIL:
+                return limit, checks
     return failure, checks
 
 
