@@ -82,7 +82,7 @@ class Head(Book):
     __slots__ = ("agent",)
 
     def __init__(self, agent: str, body: Body | None) -> None:
-        super().__init__(keys.head(agent), body, EMPTY_HEAD)
+        Book.__init__(self, keys.head(agent), body, EMPTY_HEAD)
         self.agent = agent
 
     @classmethod
