@@ -188,12 +188,92 @@ def sqlite_anchor(path: Path) -> Callable[[], None]:
     return run
 
 
+class _Recorder:
+    """A connection that notes every statement and its parameters before running it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.notes: list[tuple[bool, str, Any]] = []
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        self.notes.append((False, sql, params))
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        rows = list(rows)
+        self.notes.append((True, sql, rows))
+        return self.conn.executemany(sql, rows)
+
+
+def sqlite_floor(tmp: Path, cycles: int = 1_000) -> tuple[float, int]:
+    """Seconds per authorize+confirm of only the SQL the SQLite store issues, and statements.
+
+    A store on a fresh file runs 300 payments; its database is copied; the
+    next ``cycles`` payments run with every statement and its parameters noted;
+    then each round replays those statements, in order, on a copy taken
+    before them, with one ``execute`` per statement and nothing else: the
+    cost of the layout and its statements, without the ledger's Python.
+    """
+    import shutil
+
+    storage = SQLiteStorage(tmp / "floor.db")
+    engine = make_engine(storage)
+    run = cycle(engine)
+    for _ in range(300):
+        run()
+    real = storage._connection()
+    start = sqlite3.connect(tmp / "floor-start.db")
+    real.backup(start)  # a consistent copy, whatever the WAL holds
+    start.close()
+    recorder = _Recorder(real)
+    storage._local.conn = recorder
+    for _ in range(cycles):
+        run()
+    storage._local.conn = real
+    engine.close()
+    notes = recorder.notes
+    recorded = _sqlite_contents(tmp / "floor.db")
+    samples = []
+    for n in range(ROUNDS):
+        path = tmp / f"floor-{n}.db"
+        shutil.copyfile(tmp / "floor-start.db", path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 10000")
+        execute, executemany = conn.execute, conn.executemany
+        start = time.perf_counter()
+        for many, sql, params in notes:
+            if many:
+                executemany(sql, params)
+            else:
+                execute(sql, params).fetchall()
+        samples.append((time.perf_counter() - start) / cycles)
+        conn.close()
+        assert _sqlite_contents(path) == recorded, "the replay must leave what the store left"
+    return statistics.median(samples), len(notes) // cycles
+
+
+def _sqlite_contents(path: Path) -> tuple[Any, ...]:
+    """What a store's file holds, compared whole: every table's rows."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = ("docs", "idx", "logs", "ops", "sequence")
+        return tuple(conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables)
+    finally:
+        conn.close()
+
+
 def sqlite_figures(tmp: Path, history: int) -> None:
     anchor = per_call(sqlite_anchor(tmp / "anchor.db"), 3_000)
     engine = make_engine(SQLiteStorage(tmp / "bench.db"))
     empty = per_call(cycle(engine), 500)
     row("authorize+confirm, SQLite file (WAL)", us(empty),
         f"BEGIN IMMEDIATE;INSERT;COMMIT {us(anchor)}", empty / anchor, "<= 12x")  # fmt: skip
+    floor, statements = sqlite_floor(tmp)
+    row(f"the SQLite store's own {statements} statements per authorize+confirm, replayed alone",
+        us(floor), f"BEGIN IMMEDIATE;INSERT;COMMIT {us(anchor)}", floor / anchor,
+        "reported (the layout's floor)")  # fmt: skip
     run = cycle(engine)
     for _ in range(history):
         run()
