@@ -17,12 +17,12 @@ _TAIL = re.compile(r"[0-9a-f]{19}")
 @given(st.integers(-(2**20), 2**62))
 def test_ids_begin_with_their_time_in_hex_and_end_with_19_digits(at: int) -> None:
     op, token = new_op(at), new_token(at)
-    time_14, time_13 = f"{max(at, 0):014x}", f"{max(at, 0):013x}"
+    time_14, time_13 = f"{max(at, 0):014x}", f"{max(at, 0) % 2**52:013x}"  # tokens: 32 digits
     assert op_prefix(at) == time_14
     assert op[: len(time_14)] == time_14
     assert _TAIL.fullmatch(op[len(time_14) :])
-    assert token[: len(time_13)] == time_13
-    assert _TAIL.fullmatch(token[len(time_13) :])
+    assert token[:13] == time_13
+    assert _TAIL.fullmatch(token[13:])
 
 
 def test_ids_made_at_one_instant_sort_in_the_order_they_were_made() -> None:
