@@ -581,6 +581,27 @@ def test_a_clock_behind_the_dropped_windows_is_refused_not_checked_against_nothi
     assert engine.history("agent-1", 100) == before  # nothing was allowed or written
 
 
+_ROLLING_10 = {"window": "1h", "amount": {"value": str(10 * USDT), "decimals": 6, "symbol": "USDT"}}
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"daily": {"value": str(10 * USDT)}}, {"rolling": [_ROLLING_10]}],
+    ids=["calendar", "rolling"],
+)
+def test_a_clock_before_1970_is_refused_and_says_so(
+    backend: Backend, limits: dict[str, Any]
+) -> None:
+    engine, clock = setup(backend, {"limits": limits})
+    clock.set(datetime(1969, 12, 31, 22, 0, tzinfo=UTC))  # a clock reset to before the epoch
+    before = engine.history("agent-1", 100)
+    with pytest.raises(PolicyError) as err:
+        engine.authorize(payment(USDT))
+    assert str(err.value.code) == "STORAGE_UNAVAILABLE"
+    assert "reads 1969-12-31T22:00:00+00:00, before 1970-01-01T00:00:00Z" in str(err.value)
+    assert engine.history("agent-1", 100) == before  # nothing was allowed or written
+
+
 # --- history retention ------------------------------------------------------------------
 
 

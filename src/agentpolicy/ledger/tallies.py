@@ -40,7 +40,7 @@ from agentpolicy.errors import StorageUnavailableError
 from agentpolicy.ledger import keys
 from agentpolicy.ledger.docs import Body
 from agentpolicy.ledger.runner import View
-from agentpolicy.storage._time import micros
+from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 from agentpolicy.windows import Window
 
@@ -52,6 +52,16 @@ MAX_SCORE = 2**62
 
 class ClockBehindError(StorageUnavailableError):
     """A request stamped before what the ledger can still decide: the engine's clock is behind."""
+
+
+def _before_1970(now: int) -> ClockBehindError | None:
+    """The error for a clock before the epoch: the ledger counts instants from 1970 on."""
+    if now >= 0:
+        return None
+    return ClockBehindError(
+        f"this engine's clock reads {instant(now).isoformat()}, before 1970-01-01T00:00:00Z: "
+        "the ledger keeps instants from 1970 on; nothing was allowed or changed"
+    )
 
 
 _SCAN_MAX = 4096
@@ -192,7 +202,7 @@ class Book:
     def check_horizon(self, now: int, agent: str) -> None:
         """Refuse a request stamped before what this book can still decide."""
         if now < self.body.get("hz", 0):
-            raise ClockBehindError(
+            raise _before_1970(now) or ClockBehindError(
                 f"this engine's clock is behind what agent {agent}'s ledger has already seen "
                 "by more than the counter grace period; nothing was allowed or changed"
             )
