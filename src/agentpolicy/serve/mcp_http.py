@@ -184,7 +184,10 @@ class McpEndpoint:
 
     No token, a malformed, unknown, revoked or expired one: 401 with
     ``WWW-Authenticate: Bearer``; a token whose role may not call MCP: 403;
-    the store unreachable: 503. Nothing is called in any of these cases.
+    the store unreachable: 503; a method other than POST (a ``GET`` asking
+    for an event stream, a ``DELETE`` ending a session): 405, as the MCP
+    specification allows a server that offers no stream. Nothing is called
+    in any of these cases.
     """
 
     def __init__(
@@ -218,6 +221,11 @@ class McpEndpoint:
         if token.role not in MCP_ROLES:
             await _answer(send, 403, _rpc_error(f"a {token.role} token may not call /mcp: it is "
                                                 "for the pages"), {})  # fmt: skip
+            return
+        if scope.get("method") != "POST":  # stateless: no stream to open, no session to end
+            await _answer(send, 405, _rpc_error("/mcp answers POST only: this server offers no "
+                                                "event stream and keeps no session"),
+                          {"allow": "POST"})  # fmt: skip
             return
         scope.setdefault("state", {})[TOKEN_KEY] = token
         await self.manager().handle_request(scope, receive, send)

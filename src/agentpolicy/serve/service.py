@@ -44,6 +44,7 @@ __all__ = [
     "Unauthorized",
     "html",
     "local_path",
+    "shows",
     "wants_html",
 ]
 
@@ -279,13 +280,19 @@ class Service:
 
     async def visible_approvals(self, caller: Caller) -> list[Approval]:
         """The pending approvals this caller may see (an approver: those it may vote on)."""
-        token = caller.token
         pending = await self.aengine.list_approvals(expire=False)
-        found = [a for a in pending if token.may_see(a.agent_id)]
-        if token.role == "approver":
-            me = (token.approver or "").casefold()
-            found = [a for a in found if me in {x.casefold() for x in a.every_approver}]
-        return found
+        return [a for a in pending if shows(caller, a)]
+
+
+def shows(caller: Caller, approval: Approval) -> bool:
+    """Whether ``caller`` may see ``approval``: its agent's, and (an approver) one naming it."""
+    token = caller.token
+    if not token.may_see(approval.agent_id):
+        return False
+    if token.role != "approver":
+        return True
+    me = (token.approver or "").casefold()
+    return me in {x.casefold() for x in approval.every_approver}
 
 
 class Unauthorized(Exception):  # noqa: N818 - an answer, not a bug

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from agentpolicy.errors import (
     ErrorCode,
+    ForbiddenError,
     NotFoundError,
     PolicyError,
     PolicyValidationError,
@@ -37,6 +38,7 @@ from agentpolicy.serve.service import (
     b64,
     html,
     local_path,
+    shows,
     vote_binding,
     wants_html,
 )
@@ -48,6 +50,14 @@ log = logging.getLogger("agentpolicy.serve")
 
 MAX_CARDS = 100
 """The most approvals one page shows (oldest first); the rest wait for these."""
+
+
+def _status(err: PolicyError) -> int:
+    """The HTTP status of a page the engine refused: bad input, not found, forbidden, else 409."""
+    for kind, status in ((PolicyValidationError, 400), (NotFoundError, 404), (ForbiddenError, 403)):
+        if isinstance(err, kind):
+            return status
+    return 409
 
 
 class Pages:
@@ -82,6 +92,11 @@ class Pages:
             return html(pages.render("error.html", title="Unavailable", heading="Unavailable",
                                       message=f"The store is unavailable: {err.message}",
                                       signin=False, who=None), 503)  # fmt: skip
+        except PolicyError as err:  # any other refusal of the engine's: a page, never a 500
+            status = _status(err)
+            return html(pages.render("error.html", title="Refused", heading="Refused",
+                                      message=f"{err.message} ({err.code}).", signin=False,
+                                      who=None), status)  # fmt: skip
 
     async def approvals(self, request: Request) -> Response:
         """``GET /approvals``: the caller's pending approvals (``?fragment=1``: the list only)."""
@@ -151,7 +166,7 @@ class Pages:
             found = await self.s.aengine.get_approval(approval_id)
         except (NotFoundError, PolicyValidationError):
             raise Denied(404, "Not found", f"There is no approval {approval_id}.") from None
-        if not caller.token.may_see(found.agent_id):
+        if not shows(caller, found):  # another organisation's, or (an approver) not naming it
             raise Denied(404, "Not found", f"There is no approval {approval_id} for you.")
         return found
 
@@ -259,7 +274,10 @@ class Pages:
             raise Denied(403, "Not for this token",
                           f"This token is bound to {caller.token.binding}; it may not see "
                           f"{agent_id}.")  # fmt: skip
-        stored = await self.s.aengine.get_policy(agent_id)
+        try:
+            stored = await self.s.aengine.get_policy(agent_id)
+        except PolicyValidationError as err:
+            raise Denied(400, "Not an agent id", f"{err.message}.") from None
         if stored is None:
             raise Denied(404, "Not found", f"{agent_id} has no policy.")
         budget = await self.s.aengine.budget(agent_id)
