@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -214,17 +215,15 @@ def sqlite_floor(tmp: Path, cycles: int = 1_000) -> tuple[float, int]:
     before them, with one ``execute`` per statement and nothing else: the
     cost of the layout and its statements, without the ledger's Python.
     """
-    import shutil
-
     storage = SQLiteStorage(tmp / "floor.db")
     engine = make_engine(storage)
     run = cycle(engine)
     for _ in range(300):
         run()
     real = storage._connection()
-    start = sqlite3.connect(tmp / "floor-start.db")
-    real.backup(start)  # a consistent copy, whatever the WAL holds
-    start.close()
+    copy = sqlite3.connect(tmp / "floor-start.db")
+    real.backup(copy)  # a consistent copy, whatever the WAL holds
+    copy.close()
     recorder = _Recorder(real)
     storage._local.conn = recorder
     for _ in range(cycles):

@@ -89,6 +89,12 @@ class Env:
         binding = vote_binding(token_hash(secret), approval_id)
         return b64(hmac.new(self.tokens.csrf_key(), binding.encode(), hashlib.sha256).digest())
 
+    def forged_vote(self, browser: TestClient, approval_id: str) -> Any:
+        """An approve vote from ``browser``, with the CSRF token its form would carry."""
+        return browser.post("/approvals/vote", data={
+            "approval": approval_id, "decision": "approve",
+            "csrf": self.forged_csrf(browser, approval_id)})  # fmt: skip
+
 
 def _value(page: str, name: str, after: str = "") -> str:
     match = re.search(rf'name="{name}" value="([^"]+)"', page[page.find(after) :])
@@ -154,16 +160,14 @@ def test_the_agents_own_token_cannot_vote_even_with_a_valid_form(env: Env) -> No
     b = env.signed_in(agent)
     assert b.get("/approvals").status_code == 403  # an agent token sees no approvals
     assert b.get(f"/approvals/{approval}").status_code == 403
-    r = b.post("/approvals/vote", data={"approval": approval, "decision": "approve",
-                                        "csrf": env.forged_csrf(b, approval)})  # fmt: skip
+    r = env.forged_vote(b, approval)
     assert r.status_code == 403
     assert "votes as no approver" in r.text
     assert env.status(approval) == "pending"
     # an org-wide agent token is no approver either
     org_agent = env.signed_in(env.token("agent", org_id="acme"))
     mine = env.pending("acme:bot")
-    r = org_agent.post("/approvals/vote", data={"approval": mine, "decision": "approve",
-                                                "csrf": env.forged_csrf(org_agent, mine)})  # fmt: skip
+    r = env.forged_vote(org_agent, mine)
     assert r.status_code == 403
     assert env.status(mine) == "pending"
 
@@ -174,8 +178,7 @@ def test_an_admin_without_an_approver_name_cannot_vote(env: Env) -> None:
     page = b.get(f"/approvals/{approval}")
     assert page.status_code == 200
     assert 'value="approve"' not in page.text
-    r = b.post("/approvals/vote", data={"approval": approval, "decision": "approve",
-                                        "csrf": env.forged_csrf(b, approval)})  # fmt: skip
+    r = env.forged_vote(b, approval)
     assert r.status_code == 403
     assert env.status(approval) == "pending"
 
@@ -205,8 +208,7 @@ def test_an_approver_not_named_cannot_vote_even_with_a_valid_form_token(env: Env
     alice = env.signed_in(env.token("approver", approver="alice"))
     for b, who in ((carol, "carol"), (alice, "alice")):
         assert approval not in b.get("/approvals").text
-        r = b.post("/approvals/vote", data={"approval": approval, "decision": "approve",
-                                            "csrf": env.forged_csrf(b, approval)})  # fmt: skip
+        r = env.forged_vote(b, approval)
         assert r.status_code == 403, who
         assert "APPROVER_NOT_AUTHORIZED" in r.text
     assert env.status(approval) == "pending"
@@ -236,8 +238,7 @@ def test_an_org_bound_approver_cannot_vote_on_another_orgs_approval(env: Env) ->
     b = env.signed_in(env.token("approver", approver="alice", org_id="acme"))
     assert approval not in b.get("/approvals").text
     assert b.get(f"/approvals/{approval}").status_code == 404
-    r = b.post("/approvals/vote", data={"approval": approval, "decision": "approve",
-                                        "csrf": env.forged_csrf(b, approval)})  # fmt: skip
+    r = env.forged_vote(b, approval)
     assert r.status_code == 404
     assert env.status(approval) == "pending"
 
@@ -251,8 +252,7 @@ def test_a_vote_must_be_signed_when_the_approval_requires_it(env: Env) -> None:
     page = b.get("/approvals")
     assert approval in page.text
     assert 'value="approve"' not in page.text  # the command to run instead
-    r = b.post("/approvals/vote", data={"approval": approval, "decision": "approve",
-                                        "csrf": env.forged_csrf(b, approval)})  # fmt: skip
+    r = env.forged_vote(b, approval)
     assert r.status_code in (403, 409)
     assert env.status(approval) == "pending"
 

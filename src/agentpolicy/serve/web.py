@@ -274,10 +274,7 @@ class Pages:
             raise Denied(403, "Not for this token",
                           f"This token is bound to {caller.token.binding}; it may not see "
                           f"{agent_id}.")  # fmt: skip
-        try:
-            stored = await self.s.aengine.get_policy(agent_id)
-        except PolicyValidationError as err:
-            raise Denied(400, "Not an agent id", f"{err.message}.") from None
+        stored = await self.s.aengine.get_policy(agent_id)  # a bad id: a 400 page (wrap)
         if stored is None:
             raise Denied(404, "Not found", f"{agent_id} has no policy.")
         budget = await self.s.aengine.budget(agent_id)
