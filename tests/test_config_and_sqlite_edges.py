@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -195,6 +196,35 @@ def test_a_lock_held_too_long_is_storage_unavailable_and_changes_nothing(tmp_pat
         holder.close()
     assert engine.history("agent-1")[0].event == "policy_set"
     assert engine.authorize(payment()).allowed
+    engine.close()
+
+
+def test_a_held_lock_fails_the_call_after_one_busy_timeout_not_one_per_retry(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "busy.db"
+    storage = SQLiteStorage(path, busy_timeout=timedelta(milliseconds=400), busy_retries=8)
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("agent-1", {})
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        started = time.monotonic()
+        with pytest.raises(PolicyError) as err:
+            engine.authorize(payment())
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "held its lock past 0.4 s" in str(err.value)
+    assert "nothing was allowed or changed" in str(err.value)
+    # each of the 9 attempts waited the whole busy timeout before: at least 3.6 s
+    assert waited < 2.0
+    assert [r.event for r in engine.history("agent-1")] == ["policy_set"]
+    # the connection's own busy timeout is as it was after the retries
+    conn = storage._connection()
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 400
     engine.close()
 
 

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from agentpolicy import ApprovalStatus, PolicyEngine, ReservationStatus
+from agentpolicy.errors import ErrorCode, PolicyError
 from agentpolicy.storage import SQLiteStorage
 from agentpolicy.storage.sqlite import SCHEMA_VERSION
 from agentpolicy.testing import ManualClock, payment
@@ -91,15 +92,31 @@ def test_a_sqlite_file_of_schema_1_is_converted_too(tmp_path: Path) -> None:
         check_converted(engine, info)
 
 
-def test_a_conversion_that_fails_halfway_leaves_the_0_1_file_as_it_was(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE reservations SET body = 'not json' WHERE rowid = 1",
+        "UPDATE reservations SET body = '{\"agentId\": 5}' WHERE rowid = 1",
+        "UPDATE policies SET body = '{' WHERE rowid = 1",
+        "UPDATE policies SET updated_at = 'yesterday' WHERE rowid = 1",
+        "UPDATE counters SET spent = '12abc' WHERE rowid = 1",
+    ],
+)
+def test_a_damaged_0_1_file_is_refused_with_a_store_error_and_left_as_it_was(
+    tmp_path: Path, damage: str
+) -> None:
     path = copy_db(tmp_path)
     with sqlite3.connect(path) as conn:  # a damaged row: the conversion must stop, all or nothing
-        conn.execute("UPDATE reservations SET body = 'not json' WHERE rowid = 1")
-    with pytest.raises(Exception):  # noqa: B017, PT011 - any error, as long as nothing changed
+        conn.execute(damage)
+    with pytest.raises(PolicyError) as err:
         SQLiteStorage(path)
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "written by agentpolicy 0.1" in str(err.value)
+    assert "left as it was" in str(err.value)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
         assert conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 5
+        assert conn.execute("SELECT count(*) FROM policies").fetchone()[0] > 0
 
 
 def load_redis_fixture(client: Any, prefix: str) -> dict[str, Any]:
@@ -143,3 +160,26 @@ def test_redis_data_of_0_1_is_converted_once_and_keeps_working(
     with PolicyEngine(storage=RedisStorage(url, key_prefix=prefix), clock=ManualClock(AT)) as e:
         assert e.get_policy("agent-1") is not None  # a second open converts nothing again
     client.close()
+
+
+def test_damaged_redis_data_of_0_1_is_a_store_error_naming_the_agent(redis_url: str) -> None:
+    from agentpolicy.storage.redis import RedisStorage
+
+    prefix = f"mig-{uuid.uuid4().hex[:8]}:"
+    client: Any = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        load_redis_fixture(client, prefix)
+        client.hset(prefix + "{agent-1}:policy", "version", "two")  # not a number
+        with (
+            pytest.raises(PolicyError) as err,
+            PolicyEngine(storage=RedisStorage(redis_url, key_prefix=prefix)) as engine,
+        ):
+            engine.get_policy("agent-1")
+        assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+        assert "agent agent-1" in str(err.value)
+        assert client.get(prefix + "schema") is None  # not marked done: converted on a later open
+        assert client.hget(prefix + "{agent-1}:policy", "version") == "two"  # left as it was
+    finally:
+        for key in client.scan_iter(match=prefix + "*"):
+            client.delete(key)
+        client.close()

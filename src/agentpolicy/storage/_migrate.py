@@ -13,14 +13,16 @@ confirmed, released or decided after it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentpolicy.codec import decode
 from agentpolicy.decisions import Code
+from agentpolicy.errors import ErrorCode, PolicyError, StorageUnavailableError
 from agentpolicy.ledger import keys
 from agentpolicy.ledger.docs import Body, request_data
 from agentpolicy.ledger.runner import View, run
@@ -195,8 +197,37 @@ def _agent(found: dict[str, _Agent], agent: str) -> _Agent:
     return found[agent]
 
 
-def sqlite_v2_to_v3(session: Any) -> None:
-    """Convert the tables of schema 1 or 2 inside ``session`` (an open write transaction)."""
+@contextlib.contextmanager
+def _damaged(what: str, left: str) -> Iterator[None]:
+    """Report a stored row of 0.1 that cannot be read as a store's error saying what was left."""
+    try:
+        yield
+    except PolicyError as exc:
+        if exc.code is ErrorCode.STORAGE_UNAVAILABLE:
+            raise
+        raise _unreadable(what, left, exc) from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise _unreadable(what, left, exc) from None
+
+
+def _unreadable(what: str, left: str, exc: BaseException) -> StorageUnavailableError:
+    return StorageUnavailableError(
+        f"cannot convert {what} written by agentpolicy 0.1: a stored value is damaged "
+        f"({type(exc).__name__}: {exc}); {left}"
+    )
+
+
+def sqlite_v2_to_v3(session: Any, path: str = "the SQLite file") -> None:
+    """Convert the tables of schema 1 or 2 inside ``session`` (an open write transaction).
+
+    A damaged row raises :class:`~agentpolicy.errors.StorageUnavailableError`
+    and the transaction is rolled back: the file stays as it was.
+    """
+    with _damaged(path, "the file was left as it was"):
+        _sqlite_v2_to_v3(session)
+
+
+def _sqlite_v2_to_v3(session: Any) -> None:
     c: sqlite3.Connection = session.conn
     tables = {row[0] for row in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     found: dict[str, _Agent] = {}
@@ -332,7 +363,9 @@ def redis_v01(storage: Any) -> None:
     agents = sorted(client.smembers(prefix + "agents"))
     at = micros(datetime.now(UTC))
     for agent in agents:
-        one, old = _redis_agent(client, prefix, agent)
+        with _damaged(f"agent {agent}'s data under {prefix!r}", "that agent's data was left as "
+                      "it was (agents before it were converted)"):  # fmt: skip
+            one, old = _redis_agent(client, prefix, agent)
         _commit(storage, [one], at)
         for key in old:
             client.delete(key)

@@ -301,7 +301,7 @@ class SQLiteStorage:
     Shared safely by threads and by processes on the same machine. Raises
     :class:`~agentpolicy.errors.StorageUnavailableError` when the file cannot
     be opened, is not a database, or its lock stays busy past
-    ``busy_timeout`` and the retries.
+    ``busy_timeout`` (``busy_retries`` retries with jitter fit within it).
     """
 
     global_indexes_atomic = True
@@ -383,7 +383,7 @@ class SQLiteStorage:
             elif row[0] < SCHEMA_VERSION:
                 from agentpolicy.storage._migrate import sqlite_v2_to_v3  # noqa: PLC0415
 
-                sqlite_v2_to_v3(session)
+                sqlite_v2_to_v3(session, self.path)
                 c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
                 raise PolicyError(
@@ -394,17 +394,52 @@ class SQLiteStorage:
 
     def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
         statement = "BEGIN IMMEDIATE" if write else "BEGIN"
-        for attempt in range(self._busy_retries + 1):
-            try:
-                conn.execute(statement)
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or attempt == self._busy_retries:
-                    raise StorageUnavailableError(
-                        f"SQLite database {self.path} is busy: {exc}"
-                    ) from None
+        started = time.monotonic()
+        try:
+            conn.execute(statement)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise StorageUnavailableError(
+                    f"SQLite database {self.path} failed: {exc}"
+                ) from None
+            self._begin_again(conn, statement, started, exc)
+
+    def _begin_again(
+        self, conn: sqlite3.Connection, statement: str, started: float, exc: sqlite3.Error
+    ) -> None:
+        """Retry a busy ``BEGIN`` with jitter, every attempt within one ``busy_timeout``.
+
+        SQLite answers "busy" at once in some cases and after waiting
+        ``busy_timeout`` in others; a retry waits at most what is left of
+        ``busy_timeout`` since the first attempt began, so a lock that
+        another process holds fails the call after about ``busy_timeout``
+        (it was up to ``busy_retries + 1`` times that).
+        """
+        limit = self._busy_timeout.total_seconds()
+        deadline = started + limit
+        try:
+            for attempt in range(self._busy_retries):
                 time.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
-            else:
-                return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+                try:
+                    conn.execute(statement)
+                except sqlite3.OperationalError as again:
+                    if not _busy(again):
+                        raise StorageUnavailableError(
+                            f"SQLite database {self.path} failed: {again}"
+                        ) from None
+                    exc = again
+                else:
+                    return
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(limit * 1000)}")
+        raise StorageUnavailableError(
+            f"SQLite database {self.path} is busy: another writer held its lock past "
+            f"{limit:g} s ({exc}); nothing was allowed or changed"
+        )
 
     def session(self, shard: str, *, write: bool = True) -> _SQLiteSession:
         """One transaction, a context manager: ``BEGIN IMMEDIATE`` to write, a snapshot to read.
