@@ -167,6 +167,52 @@ def test_sweep_expires_due_reservations_and_reports_them(backend: Backend) -> No
     assert daily(engine) == (USDT, 0, 99 * USDT)
 
 
+LIFETIME_20 = {
+    "limits": {"lifetime": {"value": str(20 * USDT)}},
+    "approvalConfig": {
+        "thresholds": [{"amount": {"value": str(5 * USDT)}, "requiredApprovers": 1,
+                        "approvers": ["admin@company.com"]}],
+        "timeout": 3_600_000,
+    },
+}  # fmt: skip
+
+
+def lifetime_reserved(engine: PolicyEngine) -> int:
+    found = [w for w in engine.budget("agent-1").limits if w.window == "lifetime"]
+    return found[0].reserved.value
+
+
+@pytest.mark.parametrize("first_call", ["set_policy", "release", "get_reservation", "decide"])
+def test_a_reservation_left_open_past_the_keep_closed_time_still_gives_its_budget_back(
+    backend: Backend, first_call: str
+) -> None:
+    # an open reservation (and the hold of a pending approval) outlive the 8 days a closed one
+    # is kept: the ledger closes them first, so their amounts always go back to the counters
+    engine, clock = setup(backend, LIFETIME_20)
+    first = engine.authorize(payment(4 * USDT)).reservation_id
+    second = engine.authorize(payment(4 * USDT)).reservation_id
+    approval = engine.authorize(payment(6 * USDT)).approval_id
+    assert first is not None
+    assert second is not None
+    assert approval is not None
+    assert lifetime_reserved(engine) == 14 * USDT
+    clock.advance(days=9)
+    if first_call == "set_policy":
+        engine.set_policy("agent-1", LIFETIME_20)
+    elif first_call == "release":
+        assert engine.release(first).status is ReservationStatus.EXPIRED
+    elif first_call == "get_reservation":
+        assert engine.get_reservation(first).status is ReservationStatus.EXPIRED
+    else:
+        vote = lambda: engine.decide(approval, "admin@company.com", "approve")  # noqa: E731
+        assert code_of(vote) == "APPROVAL_NOT_PENDING"
+    assert lifetime_reserved(engine) == 0
+    for rid in (first, second):
+        assert engine.get_reservation(rid).status is ReservationStatus.EXPIRED
+    assert engine.get_approval(approval).status is ApprovalStatus.EXPIRED
+    assert engine.authorize(payment(4 * USDT)).allowed
+
+
 def test_release_after_window_rollover_returns_budget_to_original_window(
     backend: Backend,
 ) -> None:

@@ -64,8 +64,7 @@ def claim(
                 code=ErrorCode.RESERVATION_CLAIMED,
             )
         claimed = {**doc, "cl": holder}
-        txn.put[name] = claimed
-        txn.ttl[name] = max(0, doc["x"] - now_us) // 1000 + cfg.keep_closed_ms
+        txn.put[name] = claimed  # still open: no ttl (see operations._hold)
         txn.result = {"doc": claimed}
 
     return step

@@ -302,8 +302,7 @@ def _hold(
             requested_by=rec.get("by"), signed_votes=signed,
         )  # fmt: skip
         name = keys.approval(approval_id)
-        txn.put[name] = approval
-        txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
+        txn.put[name] = approval  # no ttl while pending: kept until it is decided or lapses
         txn.index.append((keys.pending_index(agent), approval_id, now))
         txn.index.append((keys.PENDING, approval_id, now))
         emit_approval(txn, cfg, shard, "approval.created", approval_id, approval)
@@ -323,7 +322,8 @@ def _hold(
         approval_id=approval_id, levels=level_ids, deadline=deadline,
         holder=_FOR_A_BLOCK if approval_id and holder is not None else holder,
     )  # fmt: skip
-    txn.ttl[name] = (expires - now) // 1000 + cfg.keep_closed_ms
+    # no ttl while open: the document says which counters to give the amount back to, so it
+    # stays until the ledger closes it (expiry, confirm, release), which sets its ttl
     for level in level_ids:
         txn.index.append((keys.open_index(level), rid, expires))
     books.head.lower_due(expires)
@@ -613,8 +613,7 @@ def vote(
             expires = now_us + cfg.reservation_ttl
             if hold.get("dx") is not None:
                 expires = min(expires, hold["dx"])
-            txn.put[hold_name] = {**hold, "st": "reserved", "x": expires, "u": now_us}
-            txn.ttl[hold_name] = (expires - now_us) // 1000 + cfg.keep_closed_ms
+            txn.put[hold_name] = {**hold, "st": "reserved", "x": expires, "u": now_us}  # open
             for head in books.heads(levels_of(hold)):
                 txn.index.append((keys.open_index(head.agent), doc["hold"], expires))
                 head.lower_due(expires)
