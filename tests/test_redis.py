@@ -239,8 +239,9 @@ def test_every_key_of_an_agent_shares_its_hash_tag_and_closed_state_expires(
     engine = PolicyEngine(storage=RedisStorage(redis_url, key_prefix=keys), clock=ManualClock())
     engine.set_policy("agent-1", {**DAILY_100, "approvalConfig": {"thresholds": [
         {"amount": {"value": str(50 * USDT)}, "requiredApprovers": 1, "approvers": ["a"]}]}})  # fmt: skip
-    engine.authorize(payment(USDT, idempotency_key="once"))
-    engine.authorize(payment(60 * USDT))
+    settled = engine.authorize(payment(USDT, idempotency_key="once")).reservation_id
+    engine.confirm(settled or "")
+    held = engine.authorize(payment(60 * USDT)).approval_id
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     found = sorted(client.scan_iter(match=keys + "*"))
     shared = [k for k in found if not k.startswith(keys + "@")]
@@ -251,12 +252,22 @@ def test_every_key_of_an_agent_shares_its_hash_tag_and_closed_state_expires(
         keys + "schema",
     }
     assert all(k.startswith(keys + "{agent-1}:") for k in shared if k != keys + "schema")
-    expiring = [k for k in shared if ":r/" in k or ":a/" in k or ":i/" in k or ":#op:" in k]
-    assert len(expiring) >= 6  # 2 reservations, 1 approval, 1 idempotency key, op records
+    open_ = [k for k in shared if k.endswith((f"a/{held}", f"r/{hold_of(engine, held)}"))]
+    expiring = [k for k in shared if (":r/" in k or ":a/" in k or ":i/" in k or ":#op:" in k)
+                and k not in open_]  # fmt: skip
+    assert len(open_) == 2  # the pending approval and its hold: kept until the ledger closes them
+    assert len(expiring) >= 5  # the confirmed reservation, 1 idempotency key, op records
     for key in expiring:
         assert client.pttl(key) > 0, key  # durations on the server's clock
+    for key in open_:
+        assert client.pttl(key) == -1, key
     assert client.pttl(keys + "{agent-1}:h/agent-1") == -1  # the head stays
     client.close()
+
+
+def hold_of(engine: PolicyEngine, approval_id: str | None) -> str:
+    assert approval_id is not None
+    return engine.get_approval(approval_id).hold_id
 
 
 @given(st.text(min_size=1, max_size=300), st.text(min_size=1, max_size=300))

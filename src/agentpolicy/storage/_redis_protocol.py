@@ -39,7 +39,13 @@ T = TypeVar("T")
 CACHE_SIZE = 50_000
 """Documents a store keeps in its cache before it starts again from nothing."""
 
-_UNAVAILABLE = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "BUSY ")
+_UNAVAILABLE = frozenset(
+    {"CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "BUSY", "NOSCRIPT"}
+)
+"""Error codes of a server that refused a command without running it, for now."""
+
+POOL_SIZE = 100
+"""Connections a store keeps to one Redis node at most; a call waits for a free one."""
 
 GlobalOps = list[tuple[str, str, int | None]]
 
@@ -70,22 +76,59 @@ def client_options(timeout: timedelta, retry: Any) -> dict[str, Any]:
     }
 
 
+def pool_options(timeout: timedelta) -> dict[str, Any]:
+    """What a blocking pool takes besides :func:`client_options`: its size, and how long to wait.
+
+    redis-py's default pool fails at once when all its connections are in
+    use; a ``BlockingConnectionPool`` waits up to ``timeout`` for one to come
+    back, then raises ``ConnectionError("No connection available.")``.
+    """
+    return {"max_connections": POOL_SIZE, "timeout": timeout.total_seconds()}
+
+
 def unreachable(exc: BaseException) -> StorageUnavailableError:
     """A client that could not even be made (a bad URL or host)."""
     return StorageUnavailableError(f"cannot reach Redis: {type(exc).__name__}")
+
+
+def not_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` says no connection was free, so the command was never sent.
+
+    redis-py's default pool raises ``MaxConnectionsError``; a blocking pool
+    that waited its timeout in vain raises a plain ``ConnectionError`` whose
+    only mark is its message.
+    """
+    return isinstance(exc, redis.exceptions.MaxConnectionsError) or (
+        type(exc) is redis.exceptions.ConnectionError
+        and str(exc).startswith("No connection available")
+    )
 
 
 def failure(exc: redis.exceptions.RedisError, *, writing: bool) -> PolicyError:
     """The structured error for a Redis failure (``writing``: a commit may have been sent)."""
     if isinstance(exc, redis.exceptions.ResponseError):
         text = str(exc)
+        # redis-py takes the code off the text of the errors it has a class for (READONLY, OOM...)
+        code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
         down = isinstance(exc, redis.exceptions.ClusterError)  # CLUSTERDOWN, MASTERDOWN, ...
-        if down or text.startswith(_UNAVAILABLE) or "NOSCRIPT" in text:
-            word = type(exc).__name__ if down else text.split(" ", 1)[0]
+        if down or code in _UNAVAILABLE:
+            word = type(exc).__name__ if down else code
             return StorageUnavailableError(
                 f"Redis is unavailable ({word}); nothing was allowed or changed"
             )
+        if code == "OOM" or "OOM command not allowed" in text:  # (Redis 6 wraps a script's)
+            # refused before the script's first write, and once it has written nothing more is
+            # refused (Redis checks memory only while a script has not written): all or nothing
+            return StorageUnavailableError(
+                "Redis is out of memory (OOM: maxmemory reached and nothing can be evicted), "
+                "so it refused the change; nothing was allowed or changed"
+            )
         return InternalError(f"Redis refused a command: {text}")
+    if not_sent(exc):
+        return StorageUnavailableError(
+            "Redis is unavailable (no free connection: every connection of this process's "
+            "pool stayed in use for the whole timeout); nothing was allowed or changed"
+        )
     if writing and isinstance(
         exc, redis.exceptions.TimeoutError | redis.exceptions.ConnectionError
     ):
@@ -138,14 +181,17 @@ class Eval:
 class Hints:
     """Global index entries ``(key, member, score)`` written outside a commit (Cluster only).
 
-    ``ZADD`` each, or ``ZREM`` when ``score`` is ``None``; they are hints.
+    ``ZADD`` each, or ``ZREM`` when ``score`` is ``None``, in order; they are
+    hints. ``applied``: sent after the commit was applied, so a failure may
+    not turn its outcome into an error (see :func:`lost_hints`).
     """
 
-    __slots__ = ("ops",)
+    __slots__ = ("applied", "ops")
     writing = False
 
-    def __init__(self, ops: GlobalOps) -> None:
+    def __init__(self, ops: GlobalOps, *, applied: bool = False) -> None:
         self.ops = ops
+        self.applied = applied
 
 
 class Lines:
@@ -162,6 +208,28 @@ class Lines:
 Request = Read | Scan | Eval | Hints | Lines
 Steps = Generator[Request, Any, T]
 """An operation: yields requests, receives their answers, returns its result."""
+
+
+def lost_hints(request: Request, exc: redis.exceptions.RedisError) -> str | None:
+    """The warning to log when ``request`` failed without changing the outcome, else ``None``.
+
+    Only hints sent after an applied commit fail so: the commit stands and
+    its result is the answer. What they would have written is either already
+    there (additions are written before the commit, with the same scores) or
+    a removal, whose entry stays behind as a stale hint; every reader of a
+    global index (sweeps and expiry through ``@due``, pending approvals
+    through ``@pending``, webhook delivery through ``@outbox``, the list of
+    policies through ``@agents``) checks each entry against the shard's own
+    documents and skips one that no longer holds.
+    """
+    if not (isinstance(request, Hints) and request.applied):
+        return None
+    names = sorted({key for key, _, _ in request.ops})
+    return (
+        f"Redis Cluster: a commit was applied, but writing its global index hints "
+        f"({', '.join(names)}) failed ({type(exc).__name__}: {exc}); the result stands, and "
+        "readers skip the stale entries this may leave"
+    )
 
 
 # -- the operations ----------------------------------------------------------------------------
@@ -304,8 +372,8 @@ class Keyspace:
             self.remember(key, (int(version), body))
         for name in txn.delete:
             cache.pop(self.key(prefix, name), None)
-        if later:
-            yield Hints(self.hint_keys(later))
+        if later:  # the commit stands: a failure here is logged, not raised (lost_hints)
+            yield Hints(self.hint_keys(later), applied=True)
         return Outcome(applied=True, replayed=False, result=txn.result)
 
     def hint_keys(self, ops: GlobalOps) -> GlobalOps:

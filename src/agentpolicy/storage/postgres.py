@@ -33,6 +33,18 @@ nothing was allowed. A pooled connection found dead is replaced and the
 statement sent again, so the storage recovers by itself when the server is
 back.
 
+**Stalls.** A server that stops answering (paused, or a network that
+stops delivering) sends no error, so the client bounds every round trip
+itself: ``round_trip_timeout`` (default ``lock_timeout`` + 2 s, so that a
+legitimate wait for a lock ends with the server's own lock timeout first).
+When it passes, a watchdog shuts the connection's socket down (a duplicate
+of its descriptor: the one libpq polls is never closed under it), the
+blocked call wakes with an error at once, and the connection is closed and
+never used again (the pool replaces it). Before the commit was sent, the
+error says that nothing was allowed or changed; a stalled commit follows the
+rule of a lost one: sent once more on a new connection (at most once more
+after a stall), else "unknown".
+
 **Housekeeping.** A document written with a ``ttl`` expires at its
 commit's time (the engine's clock) plus the ttl. Every 1,000 commits a
 storage deletes, right after a commit and outside its transaction, up to
@@ -58,7 +70,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
+import time
 import zlib
 from collections.abc import Generator, Sequence
 from datetime import timedelta
@@ -114,6 +128,8 @@ _LOCK_KEY = 0x61706F6C << 32  # 'apol': the advisory lock of schema setup, plus 
 _TRIM_EVERY = 64
 _PRUNE_EVERY = 1000
 _PRUNE_BATCH = 5000
+_LOCK_MARGIN = timedelta(seconds=2)  # the default round_trip_timeout is lock_timeout plus this
+_WATCHDOG_IDLE = 30.0  # seconds the watchdog thread stays without work before it ends
 _ATTEMPTS = 4  # tries of one statement or commit when a connection is lost or a deadlock hits
 _MAX_APPENDS_KEPT = 100_000
 _RETRYABLE = (
@@ -126,6 +142,111 @@ _RETRYABLE = (
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Stalled(psycopg.OperationalError):
+    """A round trip that outlived ``round_trip_timeout``: its connection was shut down, closed."""
+
+
+class _Watch:
+    """One round trip's bound: a duplicate of its connection's socket, shut down when it fires.
+
+    The duplicate descriptor is this watch's own: shutting it down ends the
+    connection (a socket is shared by its descriptors) and wakes whoever
+    polls the original, which is never closed here; and it keeps the socket
+    itself alive until the watch is closed, so a descriptor number reused
+    after libpq closed its own can never be hit.
+    """
+
+    __slots__ = ("deadline", "fired", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.fired = False
+
+    @staticmethod
+    def socket_of(conn: Any) -> socket.socket | None:
+        """A duplicate of ``conn``'s socket (``None``: it has none, being closed)."""
+        if conn is None:
+            return None
+        try:
+            # fromfd duplicates the descriptor; the family given is never used (only shutdown)
+            return socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        except (psycopg.Error, OSError):
+            return None
+
+    def fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError):  # already shut down, or reset by the peer
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """The sync store's bound on round trips: one thread that fires the watches past their time.
+
+    Arming and disarming a watch is a dict operation under a lock, without
+    waking the thread: every watch has the same bound, so the first armed is
+    the first due, and a watch armed while the thread sleeps for one bound is
+    due after it wakes. The thread starts with the first watch and ends after
+    a while without any, or when its storage closes.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: dict[_Watch, None] = {}  # in the order they are due
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def arm(self, conn: Any) -> _Watch | None:
+        sock = _Watch.socket_of(conn)
+        if sock is None:
+            return None  # a closed connection: the statement fails at once
+        with self._cond:
+            watch = _Watch(sock, time.monotonic() + self.seconds)
+            self._armed[watch] = None
+            if self._thread is None or not self._thread.is_alive():  # (not alive: forked)
+                self._thread = threading.Thread(
+                    target=self._run, name="agentpolicy-postgres-watchdog", daemon=True
+                )
+                self._thread.start()
+        return watch
+
+    def disarm(self, watch: _Watch | None) -> bool:
+        """Stop watching; whether the watch had fired (then the connection is shut down)."""
+        if watch is None:
+            return False
+        with self._cond:
+            self._armed.pop(watch, None)
+        watch.sock.close()  # the duplicate only
+        return watch.fired
+
+    def close(self) -> None:
+        """Let the thread end once nothing is armed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        cond = self._cond
+        busy = time.monotonic()  # when a watch was last seen armed
+        with cond:
+            while True:
+                now = time.monotonic()
+                if not self._armed:
+                    if self._closed or now - busy >= _WATCHDOG_IDLE:
+                        self._thread = None
+                        return
+                    cond.wait(self.seconds)  # anything armed meanwhile is due after this
+                    continue
+                busy = now
+                watch = next(iter(self._armed))
+                if watch.deadline > now:
+                    cond.wait(watch.deadline - now)
+                    continue
+                del self._armed[watch]
+                watch.fire()  # under the lock: a watch disarmed is never fired after
 
 
 class _Statements:
@@ -252,15 +373,8 @@ def _drive(steps: _Steps[T], owner: Any) -> T:
             return result
         error = answer = None
         try:
-            if isinstance(request, _Pipeline):
-                conn = owner.conn
-                with conn.pipeline():
-                    cursors = [conn.execute(q, p) for q, p in request.statements]
-                if request.rows:
-                    answer = [c.fetchall() if c.description else [] for c in cursors]
-            elif isinstance(request, _Execute):
-                cursor = owner.conn.execute(request.query, request.params)
-                answer = cursor.fetchall() if cursor.description else []
+            if isinstance(request, _Pipeline | _Execute):
+                answer = _round_trip(owner.conn, request, owner.storage._watchdog)
             elif isinstance(request, _Call):
                 answer = getattr(owner, request.name)(*request.args)
             else:
@@ -269,13 +383,47 @@ def _drive(steps: _Steps[T], owner: Any) -> T:
             error = exc
 
 
+def _round_trip(conn: Any, request: _Pipeline | _Execute, watchdog: _Watchdog) -> Any:
+    """Send one request on ``conn`` and answer its rows, within the watchdog's bound.
+
+    Past the bound the socket is shut down under the waiting call, which then
+    fails; the connection is closed (the pool replaces it) and the error is
+    :class:`_Stalled`. An answer that came just as the bound passed stands.
+    """
+    watch = watchdog.arm(conn)
+    try:
+        if isinstance(request, _Pipeline):
+            with conn.pipeline():
+                cursors = [conn.execute(q, p) for q, p in request.statements]
+            if not request.rows:
+                answer: Any = None
+            else:
+                answer = [c.fetchall() if c.description else [] for c in cursors]
+        else:
+            cursor = conn.execute(request.query, request.params)
+            answer = cursor.fetchall() if cursor.description else []
+    except psycopg.Error as exc:
+        if watchdog.disarm(watch):
+            conn.close()
+            raise _Stalled(f"no answer within {watchdog.seconds:g} s") from exc
+        raise
+    except BaseException:
+        if watchdog.disarm(watch):
+            conn.close()
+        raise
+    if watchdog.disarm(watch):
+        conn.close()
+    return answer
+
+
 class _Holder:
     """A connection in hand, for steps that run outside a session (schema setup)."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "storage")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, storage: Any) -> None:
         self.conn = conn
+        self.storage = storage
 
 
 class _SessionSteps:
@@ -369,8 +517,8 @@ class _SessionSteps:
             try:
                 return (yield from self._send_steps(queries, lock=lock))
             except psycopg.Error as exc:
-                if not self._is_lost() or attempt == _ATTEMPTS - 1:
-                    raise self.storage._error(exc) from None
+                if isinstance(exc, _Stalled) or not self._is_lost() or attempt == _ATTEMPTS - 1:
+                    raise self.storage._error(exc) from None  # a stall waited long enough
             yield from self._replace_steps()
         raise InternalError("unreachable")  # pragma: no cover
 
@@ -398,6 +546,7 @@ class _SessionSteps:
     def _commit_steps(self, txn: Txn) -> _Steps[Outcome]:
         sent = False  # whether this attempt's COMMIT was sent
         unknown = False  # whether a connection was lost after a COMMIT was sent
+        stalled = False  # whether a COMMIT sent was not answered within the bound
         lost = False
         storage = self.storage
         for _ in range(_ATTEMPTS):
@@ -421,16 +570,22 @@ class _SessionSteps:
                 if not self._is_lost():  # the server refused: this attempt was rolled back
                     yield from self._safe_rollback_steps()
                     if unknown:
-                        raise storage._unknown() from None
+                        raise storage._unknown(stalled) from None
                     raise storage._error(exc) from None
                 lost = True
                 unknown = unknown or sent
-                yield from self._reconnect_steps(unknown)
+                if isinstance(exc, _Stalled):
+                    if not unknown:  # no COMMIT was ever sent: nothing changed
+                        raise storage._error(exc) from None
+                    if stalled:  # the resend stalled too: no third wait
+                        raise storage._unknown(stalled) from None
+                    stalled = True
+                yield from self._reconnect_steps(unknown, stalled)
                 continue
             yield from storage._committed_steps(txn.at)
             return Outcome(applied=True, replayed=False, result=txn.result)
         if unknown:
-            raise storage._unknown()
+            raise storage._unknown(stalled)
         if lost:
             raise StorageUnavailableError(
                 f"PostgreSQL at {storage.shown_url} kept dropping the connection; "
@@ -438,12 +593,12 @@ class _SessionSteps:
             )
         return CONFLICT  # a deadlock every time: the runner runs the step again
 
-    def _reconnect_steps(self, unknown: bool) -> _Steps[None]:
+    def _reconnect_steps(self, unknown: bool, stalled: bool) -> _Steps[None]:
         try:
             yield from self._replace_steps()
         except StorageUnavailableError:
             if unknown:
-                raise self.storage._unknown() from None
+                raise self.storage._unknown(stalled) from None
             raise
 
     def _verified(self, expect: dict[str, int]) -> bool:
@@ -594,6 +749,7 @@ class _PostgresBase:
         connect_timeout: timedelta,
         pool_timeout: timedelta,
         lock_timeout: timedelta,
+        round_trip_timeout: timedelta | None,
     ) -> None:
         conninfo, self.schema = split_postgres_url(url)
         self.shown_url = redact_url(url)
@@ -606,6 +762,12 @@ class _PostgresBase:
             ) from None
         if pool_size < 1:
             raise PolicyValidationError.single("$.poolSize", "must be at least 1")
+        if round_trip_timeout is None:
+            round_trip_timeout = lock_timeout + _LOCK_MARGIN
+        if round_trip_timeout <= timedelta(0):
+            raise PolicyValidationError.single("$.roundTripTimeout", "must be positive")
+        self.round_trip_timeout = round_trip_timeout.total_seconds()
+        """The client's bound on one round trip, in seconds."""
         ms = timedelta(milliseconds=1)
         ours = (
             f"-c lock_timeout={max(1, lock_timeout // ms)} "
@@ -653,6 +815,12 @@ class _PostgresBase:
 
     def _error(self, exc: psycopg.Error) -> StorageUnavailableError | InternalError:
         """A structured error for a failed statement (nothing was changed)."""
+        if isinstance(exc, _Stalled):
+            return StorageUnavailableError(
+                f"PostgreSQL at {self.shown_url} did not answer within "
+                f"{self.round_trip_timeout:g} s (round_trip_timeout), so the connection was "
+                "dropped; nothing was allowed or changed"
+            )
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return StorageUnavailableError(
                 "an agent's rows stayed locked by another session past the lock timeout; "
@@ -671,12 +839,17 @@ class _PostgresBase:
         sqlstate = getattr(exc, "sqlstate", None) or "?"
         return InternalError(f"PostgreSQL refused a statement ({sqlstate}): {_first_line(exc)}")
 
-    def _unknown(self) -> StorageUnavailableError:
+    def _unknown(self, stalled: bool = False) -> StorageUnavailableError:
+        what = (
+            f"PostgreSQL at {self.shown_url} did not answer a commit within "
+            f"{self.round_trip_timeout:g} s (round_trip_timeout) and could not be asked again"
+            if stalled
+            else f"the connection to PostgreSQL at {self.shown_url} was lost during a commit "
+            "and could not be made again"
+        )
         return StorageUnavailableError(
-            f"the connection to PostgreSQL at {self.shown_url} was lost during a commit and "
-            "could not be made again, so whether this change was recorded is unknown: a "
-            "reservation it made expires by itself, and the same idempotency key answers "
-            "the first decision"
+            f"{what}, so whether this change was recorded is unknown: a reservation it made "
+            "expires by itself, and the same idempotency key answers the first decision"
         )
 
     # -- schema ----------------------------------------------------------------------------------
@@ -707,7 +880,8 @@ class _PostgresBase:
         try:
             version = yield from self._layout_steps()
         except Exception:
-            yield _Execute("ROLLBACK")  # all or nothing: DDL is transactional
+            with contextlib.suppress(psycopg.Error):  # a lost connection rolls back by itself
+                yield _Execute("ROLLBACK")  # all or nothing: DDL is transactional
             raise
         if version is not None and version > SCHEMA_VERSION:
             yield _Execute("ROLLBACK")
@@ -771,8 +945,10 @@ class PostgresStorage(_PostgresBase):
 
     ``schema`` (from the URL, default ``agentpolicy``) holds the tables, so
     one database can hold several independent stores. ``pool_size``
-    connections at most; ``connect_timeout``, ``pool_timeout`` and
-    ``lock_timeout`` bound how long a call waits before it fails closed with
+    connections at most; ``connect_timeout``, ``pool_timeout``,
+    ``lock_timeout`` and ``round_trip_timeout`` (one round trip's answer,
+    measured by the client; default ``lock_timeout`` + 2 s) bound how long a
+    call waits before it fails closed with
     :class:`~agentpolicy.errors.StorageUnavailableError`. Nothing connects
     until the first call; the tables are created (or upgraded) then.
     """
@@ -785,6 +961,7 @@ class PostgresStorage(_PostgresBase):
         connect_timeout: timedelta = timedelta(seconds=2),
         pool_timeout: timedelta = timedelta(seconds=3),
         lock_timeout: timedelta = timedelta(seconds=10),
+        round_trip_timeout: timedelta | None = None,
     ) -> None:
         super().__init__(
             url,
@@ -792,7 +969,9 @@ class PostgresStorage(_PostgresBase):
             connect_timeout=connect_timeout,
             pool_timeout=pool_timeout,
             lock_timeout=lock_timeout,
+            round_trip_timeout=round_trip_timeout,
         )
+        self._watchdog = _Watchdog(self.round_trip_timeout)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self._conninfo, kwargs=self._kwargs, **self._pool_options
         )
@@ -839,7 +1018,7 @@ class PostgresStorage(_PostgresBase):
         with self._lock:
             if self._ready:
                 return
-            _drive(self._setup_steps(conn), _Holder(conn))
+            _drive(self._setup_steps(conn), _Holder(conn, self))
             self._ready = True
 
     # -- the storage protocol ----------------------------------------------------------------------
@@ -857,6 +1036,7 @@ class PostgresStorage(_PostgresBase):
         """Close the connection pool (a closed storage refuses further calls)."""
         with self._lock:
             self._closed = True
+            self._watchdog.close()
             if self._opened:
                 self._opened = False
                 self._pool.close(timeout=5)

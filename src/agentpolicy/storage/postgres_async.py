@@ -8,7 +8,10 @@ id; deadlocks are retried; a connection lost during a commit is resent on a
 new connection, else the error says the outcome is unknown; every wait is
 bounded and fails closed; the pool reconnects by itself; the schema is
 created, upgraded or refused under the advisory lock; housekeeping runs
-every 1,000 commits.
+every 1,000 commits. A round trip unanswered after ``round_trip_timeout``
+has its socket shut down by a timer of the event loop (the same watch as
+the sync store's, without its thread), so a stalled server fails the call
+closed instead of holding it for ever.
 
 None of that is written here. The session's protocol (what to send, in
 which order, what each error means) and the schema's setup are the
@@ -37,7 +40,9 @@ from agentpolicy.storage.postgres import (
     _Pipeline,
     _PostgresBase,
     _SessionSteps,
+    _Stalled,
     _Steps,
+    _Watch,
 )
 
 __all__ = ["AsyncPostgresStorage"]
@@ -57,21 +62,58 @@ async def _drive(steps: _Steps[T], owner: Any) -> T:
             return result
         error = answer = None
         try:
-            if isinstance(request, _Pipeline):
-                conn = owner.conn
-                async with conn.pipeline():
-                    cursors = [await conn.execute(q, p) for q, p in request.statements]
-                if request.rows:
-                    answer = [await c.fetchall() if c.description else [] for c in cursors]
-            elif isinstance(request, _Execute):
-                cursor = await owner.conn.execute(request.query, request.params)
-                answer = await cursor.fetchall() if cursor.description else []
+            if isinstance(request, _Pipeline | _Execute):
+                answer = await _round_trip(owner.conn, request, owner.storage.round_trip_timeout)
             elif isinstance(request, _Call):
                 answer = await getattr(owner, request.name)(*request.args)
             else:
                 await owner._replace()
         except Exception as exc:  # thrown into the steps, which decide what it means
             error = exc
+
+
+async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) -> Any:
+    """Send one request on ``conn`` and answer its rows, within ``seconds``.
+
+    A timer of the event loop shuts the socket down past the bound (see
+    :class:`~agentpolicy.storage.postgres._Watch`): the awaited call fails, the
+    connection is closed (the pool replaces it) and the error is ``_Stalled``.
+    This holds even while psycopg waits for a cancelled call's server to answer.
+    """
+    sock = _Watch.socket_of(conn)
+    watch = None if sock is None else _Watch(sock, seconds)
+    timer = None if watch is None else asyncio.get_running_loop().call_later(seconds, watch.fire)
+
+    def fired() -> bool:
+        if watch is None or timer is None:
+            return False
+        timer.cancel()
+        watch.sock.close()  # the duplicate only
+        return watch.fired
+
+    try:
+        if isinstance(request, _Pipeline):
+            async with conn.pipeline():
+                cursors = [await conn.execute(q, p) for q, p in request.statements]
+            if not request.rows:
+                answer: Any = None
+            else:
+                answer = [await c.fetchall() if c.description else [] for c in cursors]
+        else:
+            cursor = await conn.execute(request.query, request.params)
+            answer = await cursor.fetchall() if cursor.description else []
+    except psycopg.Error as exc:
+        if fired():
+            await conn.close()
+            raise _Stalled(f"no answer within {seconds:g} s") from exc
+        raise
+    except BaseException:
+        if fired():
+            await conn.close()
+        raise
+    if fired():
+        await conn.close()
+    return answer
 
 
 class _AsyncPostgresSession(_SessionSteps):
@@ -127,9 +169,10 @@ class AsyncPostgresStorage(_PostgresBase):
 
     Takes the same URLs (``postgresql://user@host:5432/db?schema=NAME``,
     ``postgres://``) and options (``pool_size``, ``connect_timeout``,
-    ``pool_timeout``, ``lock_timeout``), and keeps the same tables: the two
-    share a database. Nothing connects until the first call. Use it on one
-    event loop; close it with ``await storage.aclose()`` (or ``async with``).
+    ``pool_timeout``, ``lock_timeout``, ``round_trip_timeout``), and keeps
+    the same tables: the two share a database. Nothing connects until the
+    first call. Use it on one event loop; close it with ``await
+    storage.aclose()`` (or ``async with``).
     """
 
     def __init__(
@@ -140,6 +183,7 @@ class AsyncPostgresStorage(_PostgresBase):
         connect_timeout: timedelta = timedelta(seconds=2),
         pool_timeout: timedelta = timedelta(seconds=3),
         lock_timeout: timedelta = timedelta(seconds=10),
+        round_trip_timeout: timedelta | None = None,
     ) -> None:
         super().__init__(
             url,
@@ -147,6 +191,7 @@ class AsyncPostgresStorage(_PostgresBase):
             connect_timeout=connect_timeout,
             pool_timeout=pool_timeout,
             lock_timeout=lock_timeout,
+            round_trip_timeout=round_trip_timeout,
         )
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             self._conninfo, kwargs=self._kwargs, **self._pool_options
@@ -195,7 +240,7 @@ class AsyncPostgresStorage(_PostgresBase):
         async with self._lock:
             if self._ready:
                 return
-            await _drive(self._setup_steps(conn), _Holder(conn))
+            await _drive(self._setup_steps(conn), _Holder(conn, self))
             self._ready = True
 
     # -- the async storage protocol ----------------------------------------------------------------

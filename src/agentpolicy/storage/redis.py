@@ -30,6 +30,7 @@ only sends its requests with redis-py.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -45,6 +46,8 @@ from agentpolicy.storage.base import Doc, Outcome, Txn
 __all__ = ["RedisStorage"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 
 class _RedisSession:
@@ -71,7 +74,10 @@ class RedisStorage:
     """Storage on Redis (``redis://``, ``rediss://``) or Redis Cluster (``redis+cluster://``).
 
     ``key_prefix`` separates tenants on one server; ``timeout`` bounds one
-    command (redis-py then retries twice, which the operation ids make safe).
+    command (redis-py then retries twice, which the operation ids make safe),
+    and how long a call waits for a free connection when all
+    :data:`~agentpolicy.storage._redis_protocol.POOL_SIZE` of a node's are in
+    use (then ``STORAGE_UNAVAILABLE``: nothing was sent).
     """
 
     default_history_retention: int | None = 90 * 86_400_000_000
@@ -88,12 +94,15 @@ class RedisStorage:
         self.cluster, plain = rp.cluster_url(url)
         self.global_indexes_atomic = not self.cluster
         self.keys = rp.Keyspace(key_prefix, cluster=self.cluster)
-        options = rp.client_options(timeout, Retry)
+        options = {**rp.client_options(timeout, Retry), **rp.pool_options(timeout)}
         try:
-            if self.cluster:
-                self.client: Any = redis.cluster.RedisCluster.from_url(plain, **options)
+            if self.cluster:  # every node's pool is made of this class, with these options
+                self.client: Any = redis.cluster.RedisCluster.from_url(
+                    plain, connection_pool_class=redis.BlockingConnectionPool, **options
+                )
             else:
-                self.client = redis.Redis.from_url(url, **options)
+                pool = redis.BlockingConnectionPool.from_url(url, **options)
+                self.client = redis.Redis.from_pool(pool)
         except (redis.exceptions.RedisError, ValueError, IndexError) as exc:
             raise rp.unreachable(exc) from None
         self._commit = self.client.register_script(rp.script())
@@ -133,7 +142,11 @@ class RedisStorage:
             try:
                 answer = self._send(request)
             except redis.exceptions.RedisError as exc:
-                raise rp.failure(exc, writing=request.writing) from None
+                lost = rp.lost_hints(request, exc)
+                if lost is None:
+                    raise rp.failure(exc, writing=request.writing) from None
+                _log.warning(lost)
+                answer = None
 
     def _send(self, request: rp.Request) -> Any:
         client = self.client

@@ -18,7 +18,9 @@ once per prefix, ever); afterwards the first use costs one ``GET``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -33,6 +35,8 @@ from agentpolicy.storage.base import Doc, Outcome, Txn
 __all__ = ["AsyncRedisStorage"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 _DONE = "3"  # the value of <prefix>schema once the prefix holds no data of 0.1
 
@@ -81,7 +85,8 @@ class AsyncRedisStorage:
     Takes the same URLs (``redis://``, ``rediss://``, ``redis+cluster://``,
     ``rediss+cluster://``) and options: ``key_prefix`` separates tenants on
     one server; ``timeout`` bounds one command (the client then retries
-    twice, which the operation ids make safe). Nothing connects until the
+    twice, which the operation ids make safe), and how long a call waits for
+    a free connection when all are in use. Nothing connects until the
     first call. Use it on one event loop; close it with ``await
     storage.aclose()`` (or ``async with``).
     """
@@ -103,11 +108,22 @@ class AsyncRedisStorage:
         self._url = url
         self._timeout = timeout
         options = rp.client_options(timeout, Retry)
+        self._gate: asyncio.Semaphore | None = None
         try:
             if self.cluster:
-                self.client: Any = redis.asyncio.cluster.RedisCluster.from_url(plain, **options)
+                # redis.asyncio's cluster nodes cannot wait for a connection (they raise
+                # MaxConnectionsError at once): calls wait here instead, at most POOL_SIZE
+                # in flight, each holding at most one connection per node; the spare
+                # connections serve the client's own topology refreshes
+                self._gate = asyncio.Semaphore(rp.POOL_SIZE)
+                self.client: Any = redis.asyncio.cluster.RedisCluster.from_url(
+                    plain, max_connections=rp.POOL_SIZE + 10, **options
+                )
             else:
-                self.client = redis.asyncio.Redis.from_url(url, **options)
+                pool = redis.asyncio.BlockingConnectionPool.from_url(
+                    url, **options, **rp.pool_options(timeout)
+                )
+                self.client = redis.asyncio.Redis.from_pool(pool)
         except (redis.exceptions.RedisError, ValueError, IndexError) as exc:
             raise rp.unreachable(exc) from None
         self._commit = self.client.register_script(rp.script())
@@ -122,7 +138,7 @@ class AsyncRedisStorage:
             if self._schema_checked:
                 return
             try:
-                done = await self.client.get(self.key_prefix + "schema")
+                done = await self._call(lambda: self.client.get(self.key_prefix + "schema"))
             except redis.exceptions.RedisError as exc:
                 raise rp.failure(exc, writing=False) from None
             if done != _DONE:
@@ -151,9 +167,28 @@ class AsyncRedisStorage:
                 result: T = done.value
                 return result
             try:
-                answer = await self._send(request)
+                answer = await self._call(functools.partial(self._send, request))
             except redis.exceptions.RedisError as exc:
-                raise rp.failure(exc, writing=request.writing) from None
+                lost = rp.lost_hints(request, exc)
+                if lost is None:
+                    raise rp.failure(exc, writing=request.writing) from None
+                _log.warning(lost)
+                answer = None
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Await ``call``; on a Cluster first wait (up to ``timeout``) for a turn at the pool."""
+        gate = self._gate
+        if gate is None:
+            return await call()
+        try:
+            async with asyncio.timeout(self._timeout.total_seconds()):
+                await gate.acquire()
+        except TimeoutError:
+            raise redis.exceptions.ConnectionError("No connection available.") from None
+        try:
+            return await call()
+        finally:
+            gate.release()
 
     async def _send(self, request: rp.Request) -> Any:
         client = self.client
