@@ -205,6 +205,30 @@ def test_a_scope_of_counts_alone_covers_every_token(backend: Backend) -> None:
     assert pay(engine, U) == "SCOPED_LIMIT"
 
 
+def test_counts_alone_in_limits_count_every_token_beside_the_assets_own_blocks(
+    backend: Backend,
+) -> None:
+    eth = {"symbol": "ETH", "limits": {"daily": {"value": str(10**18), "decimals": 18,
+                                                 "symbol": "ETH"},
+                                       "counts": [{"window": "daily", "max": 9}]}}  # fmt: skip
+    usdc = {"symbol": "USDC", "limits": {"daily": {"value": str(100 * U), "symbol": "USDC"}}}
+    limits = {"counts": [{"window": "daily", "max": 3}, {"window": "10m", "max": 2}]}
+    engine, clock = engine_for(backend, {"limits": limits, "assets": [eth, usdc]})
+    assert pay(engine, 10**15, symbol="ETH", decimals=18) == "ALLOWED"
+    assert pay(engine, U, symbol="USDC") == "ALLOWED"
+    d = engine.authorize(payment(U, agent_id="a", symbol="USDC"))
+    assert d.code == Code.COUNT_LIMIT  # the third payment in 10 minutes, whatever the token
+    failed = [e for e in d.evaluations if e.outcome.value == "fail"]
+    assert [e.name for e in failed] == ["every_token.count_limit[10m]"]
+    assert "every token's 10m count limit of 2 payments" in failed[0].detail
+    clock.advance(minutes=10)
+    assert pay(engine, 10**15, symbol="ETH", decimals=18) == "ALLOWED"
+    assert pay(engine, U, symbol="USDC") == "COUNT_LIMIT"  # the daily count of every token: 3
+    counted = {(b.window, b.kind): b.count for b in engine.budget("a").limits if b.max_count == 3}
+    assert counted == {("daily", "count"): 3}
+    assert pay(engine, U, symbol="BTC", decimals=8) == "ASSET_MISMATCH"  # not an asset
+
+
 # --- several assets --------------------------------------------------------------------------
 
 

@@ -431,6 +431,8 @@ class _Book:
         amounts: bool,
         scope: ScopedLimit | None = None,
         prefix: str = "",
+        *,
+        window_checks: bool = True,
     ) -> None:
         calendar, self.rolling, items = tallies
         self.block = block
@@ -444,12 +446,13 @@ class _Book:
         self.all_tallies: tuple[Tally, ...] = (*calendar.values(), *self.rolling.values())
         # an unscoped book's calendar checks, worked out once: a check that is always
         # skipped, or what a window limit needs (name, code, label, limit, tally)
+        # (none for the counts of every token beside a token's own block: that book has them)
         by_period = block.by_period if block is not None and amounts else None
         self.periods: tuple[_Check | tuple[str, Code, str, Amount, Tally], ...] = tuple(
             _NO_LIMIT[p] if by_period is None or by_period[p] is None
             else (*_WINDOW_CHECK[p], cast(Amount, by_period[p]), calendar[p])
             for p in WINDOW_PERIODS
-        )  # fmt: skip
+        ) if window_checks else ()  # fmt: skip
 
     def checks(self, amount: Amount, usage: UsedUnits) -> list[_Check]:
         block, prefix = self.block, self.prefix
@@ -520,7 +523,7 @@ class _Book:
 
     def _label(self) -> str:
         if self.scope is None:
-            return ""
+            return "every token's " if self.prefix else ""  # the counts of every token
         group = self.key[1]
         shown = f" ({group[1]})" if self.scope.group_by and group is not None else ""
         return f"scope {self.scope.name}{shown}: "
@@ -684,8 +687,8 @@ class _Plan:
     """
 
     __slots__ = (
-        "asset", "block", "blocked", "book", "comparable", "hour", "inside", "payees", "policy",
-        "thresholds", "windows",
+        "asset", "block", "blocked", "book", "comparable", "every_token", "hour", "inside",
+        "payees", "policy", "thresholds", "windows",
     )  # fmt: skip
 
     def __init__(self, policy: AgentPolicy, symbol: str, now: datetime, owner: str | None) -> None:
@@ -698,6 +701,14 @@ class _Plan:
         self.block = block = policy.limits_for(folded)
         tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
         self.book = _Book(block, tallies, comparable)
+        # a `limits` block of counts alone counts the payments of every token together, beside
+        # the block of the payment's own token (an asset's) when it has one
+        every = policy.limits
+        self.every_token = None if every is None or every is block or every.symbol is not None \
+            or not every.counts else _Book(
+                every, _tallies(None, every.token, windows, every, owner), amounts=False,
+                prefix="every_token.", window_checks=False,
+            )  # fmt: skip
         self.thresholds = _ranked_thresholds(policy, folded)
         self.inside = _inside(policy, now)
         rules = policy.time_rules
@@ -853,7 +864,7 @@ def _assess_level(
         if check[1] is _FAIL:
             blocking = check
             break
-    books = [plan.book]
+    books = [plan.book] if plan.every_token is None else [plan.book, plan.every_token]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, owner)
     return Assessment(
