@@ -16,14 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 EXE = str(Path(sys.executable).with_name("agentpolicy"))
 
 
+def environment(tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_POLICY_")}
+    return {**clean, "AGENT_POLICY_DB": str(tmp_path / "cli.db"), **(env or {})}
+
+
 def run(
     tmp_path: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_POLICY_")}
-    full = {**clean, "AGENT_POLICY_DB": str(tmp_path / "cli.db"), **(env or {})}
     return subprocess.run(
         [EXE, *args], check=False, input=stdin, capture_output=True, text=True, timeout=60,
-        env=full,
+        env=environment(tmp_path, env),
     )  # fmt: skip
 
 
@@ -694,3 +697,218 @@ def test_policy_shadow_set_report_promote_clear_and_simulate(tmp_path: Path) -> 
     run(tmp_path, "policy", "shadow", "set", "bot", "-", stdin=DAILY_100)
     cleared = run(tmp_path, "policy", "shadow", "clear", "bot")
     assert "0 payment(s) judged" in cleared.stdout
+
+
+# -- what the terminal, the pipes and the files may do --------------------------------------------
+
+UNSAFE = "\x1b[2J\x1b]0;t\x07\r\nFAKE\t\x7f\x9b\u2028\u202e\u2066"
+SHOWN = "\\x1b[2J\\x1b]0;t\\x07\\x0d\\x0aFAKE\\x09\\x7f\\x9b\\u2028\\u202e\\u2066"
+
+
+def raw_controls(text: str) -> list[str]:
+    """The characters of ``text`` a terminal could act on, but the newlines ending its lines."""
+    return [c for c in text if c != "\n" and not c.isprintable()]
+
+
+def test_escape_shows_every_control_character_and_nothing_else() -> None:
+    from agentpolicy.cli_output import escape, printable
+
+    assert escape("ok " + UNSAFE + " é ₮ \u200b") == "ok " + SHOWN + " é ₮ \u200b"
+    assert escape("".join(map(chr, range(0x20)))) == "".join(f"\\x{c:02x}" for c in range(0x20))
+    assert escape("\u2029\u202a\u2069") == "\\u2029\\u202a\\u2069"
+    data = {"a\n": ["x\x1b", 1, None, {"k": "\r"}], "policy": {"reason": "\x1b"}}
+    assert printable(data) == {"a\\x0a": ["x\\x1b", 1, None, {"k": "\\x0d"}],
+                               "policy": {"reason": "\x1b"}}  # fmt: skip
+
+
+def test_control_characters_of_stored_data_and_input_are_shown_escaped(tmp_path: Path) -> None:
+    """A governed agent's reason or an approver's comment cannot act on the operator's terminal."""
+
+    def blocked(reason: str) -> str:
+        period = {"start": "2020-01-01T00:00:00Z", "end": "2099-01-01T00:00:00Z", "reason": reason}
+        return json.dumps({"timeRules": {"blockedPeriods": [period]}})
+
+    run(tmp_path, "policy", "set", "bot", "-", stdin=blocked("a"))
+    run(tmp_path, "policy", "set", "bot", "-", stdin=blocked("maint" + UNSAFE))
+    diff = run(tmp_path, "policy", "diff", "bot", "1", "2")
+    assert diff.stdout == f"timeRules.blockedPeriods[0].reason: a -> maint{SHOWN}\n"
+    versions = run(tmp_path, "policy", "versions", "bot").stdout
+    denied = run(tmp_path, "authorize", "bot", "1", "0xv", "eip155:1")
+    assert denied.returncode == 3
+    assert denied.stdout.startswith("DENIED BLOCKED_PERIOD: ")
+    assert denied.stdout.endswith(f"(maint{SHOWN})\n")
+    data = json.loads(run(tmp_path, "--json", "policy", "diff", "bot", "1", "2").stdout)
+    assert data["changes"][0]["after"] == "maint" + UNSAFE  # JSON escapes them itself
+    needs_a = {"thresholds": [{"amount": {"value": "1"}, "requiredApprovers": 1,
+                               "approvers": ["a"]}]}  # fmt: skip
+    run(tmp_path, "policy", "set", "pay", "-", stdin=json.dumps({"approvalConfig": needs_a}))
+    asked = json.loads(run(tmp_path, "--json", "authorize", "pay", "5", "0xv", "eip155:1").stdout)
+    voted = run(tmp_path, "approvals", "approve", asked["approvalId"], "--as", "a",
+                "--comment", "fine" + UNSAFE)  # fmt: skip
+    shown = run(tmp_path, "approvals", "show", asked["approvalId"]).stdout
+    history = run(tmp_path, "history", "pay").stdout
+    missing = run(tmp_path, "policy", "set", "bot", "/no/such" + UNSAFE)
+    assert missing.stderr == ("agentpolicy: INVALID_INPUT: $.file: cannot read "
+                              f"/no/such{SHOWN}: No such file or directory\n")  # fmt: skip
+    for text in (diff.stdout, versions, denied.stdout, voted.stdout, shown, history,
+                 missing.stderr):  # fmt: skip
+        assert raw_controls(text) == [], text
+    assert f"a: approve (fine{SHOWN})" in shown
+    assert f"by a  (fine{SHOWN})" in history
+    assert f"    timeRules.blockedPeriods[0].reason: a -> maint{SHOWN}" in versions.splitlines()
+
+
+def test_a_closed_pipe_keeps_the_exit_status_of_the_command(tmp_path: Path) -> None:
+    """`agentpolicy authorize ... | true` of a denied payment exits 3, not 0."""
+    run(tmp_path, "policy", "set", "bot", "-", stdin='{"enabled": false}')
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    try:
+        done = subprocess.run(
+            [EXE, "authorize", "bot", "1", "0xv", "eip155:1"], stdout=write,
+            capture_output=False, stderr=subprocess.PIPE, text=True, timeout=60,
+            env=environment(tmp_path), check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (3, "")
+
+
+def test_output_lost_after_the_command_was_carried_out_says_so_and_exits_4(
+    tmp_path: Path,
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [EXE, "policy", "set", "bot", "-"], input=DAILY_100, stdout=full,
+            stderr=subprocess.PIPE, text=True, timeout=60, env=environment(tmp_path),
+            check=False,
+        )  # fmt: skip
+    assert (done.returncode, done.stderr) == (4, (
+        "agentpolicy: the command was carried out (policy of bot is now version 1), but its "
+        "output could not be written: No space left on device\n"))  # fmt: skip
+    closed = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', EXE, "authorize", "bot", "1", "0xv", "eip155:1"],
+        capture_output=True, text=True, timeout=60, env=environment(tmp_path), check=False,
+    )  # fmt: skip
+    assert closed.returncode == 4
+    assert closed.stderr.startswith(
+        "agentpolicy: the command was carried out (ALLOWED  reservation res_"
+    )
+    assert closed.stderr.endswith("), but its output could not be written: stdout is closed\n")
+    reserved = json.loads(run(tmp_path, "--json", "budget", "bot").stdout)
+    assert reserved["periods"]["daily"]["reserved"] == "1"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("policy", "set", "bot"),
+        ("policy", "validate"),
+        ("policy", "shadow", "set", "bot"),
+        ("delegate", "bot", "bot/sub"),
+        ("policy", "simulate", "bot"),
+    ],
+)
+def test_json_nested_too_deeply_is_invalid_input(tmp_path: Path, args: tuple[str, ...]) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"limits": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    done = run(tmp_path, "--json", *args, str(deep))
+    assert done.returncode == 2
+    said = json.loads(done.stdout)["problems"][0]["message"] if done.stdout else done.stderr
+    assert said.endswith(f"{deep} is nested too deeply" + ("" if done.stdout else "\n")), said
+    assert "INTERNAL" not in done.stderr
+
+
+def test_a_closed_stdin_cannot_be_read(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" <&-', EXE, "policy", "set", "bot", "-"],
+        capture_output=True, text=True, timeout=60, env=environment(tmp_path), check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (
+        2, "agentpolicy: INVALID_INPUT: $.file: cannot read -: stdin is closed\n")  # fmt: skip
+
+
+def test_policy_and_key_files_are_read_up_to_a_bound(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    big.write_text(" " * (1 << 20) + "{}")
+    too_big = "is larger than 1048576 bytes (1 MiB): not a policy\n"
+    assert run(tmp_path, "policy", "set", "bot", str(big)).stderr.endswith(too_big)
+    assert run(tmp_path, "policy", "set", "bot", "-", stdin=big.read_text()).stderr == (
+        f"agentpolicy: INVALID_INPUT: $.file: stdin {too_big}")  # fmt: skip
+    big.write_text(" " * ((1 << 20) - 2) + "{}")  # exactly 1 MiB
+    assert run(tmp_path, "policy", "set", "bot", str(big)).returncode == 0
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    huge = tmp_path / "huge.key"
+    huge.write_bytes(b"-" * (64 * 1024 + 1))
+    huge.chmod(0o600)
+    for key, why in ((fifo, "is not a regular file"),
+                     (huge, "is larger than 65536 bytes: not a key")):  # fmt: skip
+        done = run(tmp_path, "approvals", "approve", "apr_x", "--as", "a", "--key", str(key))
+        assert (done.returncode, done.stderr) == (
+            2, f"agentpolicy: INVALID_INPUT: $.key: the key file {key} {why}\n")  # fmt: skip
+
+
+def test_os_errors_are_one_line_with_their_code(tmp_path: Path) -> None:
+    import socket
+
+    pytest.importorskip("uvicorn")
+    for command in (("budget", "bot"), ("serve", "--port", "0"), ("serve-mcp",)):
+        long_db = run(tmp_path, "--db", str(tmp_path / ("a" * 5000)), *command)
+        assert long_db.returncode == 1
+        assert long_db.stderr.startswith(
+            "agentpolicy: STORAGE_UNAVAILABLE: cannot open SQLite database "
+        ), long_db.stderr
+        assert long_db.stderr.endswith(": File name too long\n"), long_db.stderr
+        assert len(long_db.stderr.splitlines()) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = run(tmp_path, "serve", "--port", str(port))
+    assert (in_use.returncode, in_use.stderr) == (2, (
+        f"agentpolicy: INVALID_INPUT: $.port: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use\n"))  # fmt: skip
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    tls = run(tmp_path, "serve", "--port", "0", "--tls-cert", str(tmp_path / "cert.pem"),
+              "--tls-key", str(tmp_path / "key.pem"))  # fmt: skip
+    assert tls.returncode == 2
+    assert tls.stderr.startswith(f"agentpolicy: INVALID_INPUT: $.tls-cert: cannot use --tls-cert "
+                                 f"{tmp_path / 'cert.pem'} with --tls-key")  # fmt: skip
+    assert len(tls.stderr.splitlines()) == 1  # and never "listening on"
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    fifo = tmp_path / "policy.fifo"
+    os.mkfifo(fifo)
+    child = subprocess.Popen(
+        [EXE, "policy", "set", "bot", str(fifo)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=environment(tmp_path),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:  # a writer can open the FIFO once the command has opened it to read
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    try:
+        child.send_signal(signal.SIGINT)  # while it waits for the policy
+        out, err = child.communicate(timeout=30)
+    finally:
+        os.close(writer)
+    assert (child.returncode, out, err) == (130, "", "agentpolicy: interrupted\n")
+
+
+def test_an_empty_symbol_is_invalid_input(tmp_path: Path) -> None:
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_100)
+    done = run(tmp_path, "authorize", "bot", "1", "0xv", "eip155:1", "--symbol", "", "--dry-run")
+    assert (done.returncode, done.stderr) == (
+        2, "agentpolicy: INVALID_INPUT: $.symbol: must not be empty\n")  # fmt: skip

@@ -180,6 +180,14 @@ def test_an_unopenable_file_is_storage_unavailable(tmp_path: Path) -> None:
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
 
 
+def test_a_file_name_the_system_refuses_is_storage_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as err:
+        SQLiteStorage(tmp_path / ("x" * 5000 + ".db"))  # ENAMETOOLONG
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "File name too long" in str(err.value)
+    assert len(str(err.value)) < 400  # the name is cut short in the message
+
+
 def test_a_lock_held_too_long_is_storage_unavailable_and_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "busy.db"
     storage = SQLiteStorage(path, busy_timeout=timedelta(milliseconds=20), busy_retries=1)

@@ -4,7 +4,10 @@ Human-readable output by default, ``--json`` for scripts. Errors print one
 line on stderr and exit non-zero (2 for bad input, 1 otherwise); never a
 traceback (``-v`` shows the traceback of an internal error). ``authorize``
 exits 0 when the payment is allowed and 3 when it is not (denied, or
-waiting for approval). The storage and webhook endpoints come from the
+waiting for approval). A command carried out whose output could not be
+written says so and exits 4 (a closed pipe: its own status, silently);
+Ctrl-C exits 130. Control characters of stored data and input are shown
+escaped. The storage and webhook endpoints come from the
 same settings as the MCP server's (:func:`agentpolicy.config.build_engine`);
 webhooks a command causes are delivered before it exits.
 """
@@ -13,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import io
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -39,6 +45,7 @@ from agentpolicy.errors import (
     PolicyError,
     PolicyValidationError,
     Problem,
+    StorageUnavailableError,
 )
 from agentpolicy.examples import approval_example_policy
 from agentpolicy.requests import PaymentRequest
@@ -65,15 +72,27 @@ __all__ = ["main", "silence_stdout"]
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_ALLOWED = 3
+EXIT_OUTPUT_LOST = 4  # carried out, but its output could not be written
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
+MAX_POLICY_BYTES = 1 << 20  # a policy file (or stdin) larger than this is refused
+MAX_KEY_BYTES = 64 << 10  # a private key file larger than this is refused
 MAX_LIMIT = 10_000
 _ALL = 10_000  # deliveries looked at when finding the ones a command caused
 MCP_EXTRA = "pip install 'agentpolicy[mcp]'"
 SERVE_EXTRA = "pip install 'agentpolicy[serve]'"
 
 
+def _say(message: str) -> None:
+    """One line on stderr, ``agentpolicy: message``, with every control character escaped."""
+    if sys.stderr is not None:  # closed (2>&-): nowhere to say it
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"agentpolicy: {show.escape(message)}\n")
+            sys.stderr.flush()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"agentpolicy: {message} (see --help)\n")
+        _say(f"{message} (see --help)")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -348,14 +367,37 @@ def _parser() -> argparse.ArgumentParser:
 # -- commands that touch no store -------------------------------------------------------------
 
 
+def _read_bytes(file: str, limit: int) -> bytes:
+    """At most ``limit`` + 1 bytes of ``file`` (``-``: stdin)."""
+    if file != "-":
+        with open(file, "rb") as f:
+            return f.read(limit + 1)
+    if sys.stdin is None:  # closed (<&-)
+        raise OSError(errno.EBADF, "stdin is closed")
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in its place (tests, embedding)
+        return sys.stdin.read(limit + 1).encode()
+    data: bytes = stream.read(limit + 1)
+    return data
+
+
 def _read_policy(file: str) -> Any:
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        data = _read_bytes(file, MAX_POLICY_BYTES)
+        if len(data) > MAX_POLICY_BYTES:
+            raise PolicyValidationError.single(
+                "$.file",
+                f"{'stdin' if file == '-' else file} is larger than "
+                f"{MAX_POLICY_BYTES} bytes (1 MiB): not a policy",
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else "not UTF-8 text"
         raise PolicyValidationError.single("$.file", f"cannot read {file}: {reason}") from None
     try:
         return json.loads(text)
+    except RecursionError:
+        raise PolicyValidationError.single("$.file", f"{file} is nested too deeply") from None
     except ValueError as exc:
         raise PolicyValidationError.single("$.file", f"{file} is not JSON: {exc}") from None
 
@@ -389,15 +431,17 @@ def _where(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _demo(out: TextIO, keep: bool) -> int:
+def _demo(output: _Output, keep: bool) -> int:
     folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
+    shown = io.StringIO()
     try:
-        _walk_through(Path(folder) / "demo.db", out)
+        _walk_through(Path(folder) / "demo.db", shown)
     finally:
         if keep:
-            out.write(f"\nkept {folder}\n")
+            shown.write(f"\nkept {folder}\n")
         else:
             shutil.rmtree(folder, ignore_errors=True)
+        output.write(shown.getvalue())
     return 0
 
 
@@ -441,6 +485,8 @@ def _payment(args: argparse.Namespace, engine: PolicyEngine) -> PaymentRequest:
     """The request, reading AMOUNT as base units, human units, or human units with a token."""
     amount: str | int = args.amount
     symbol, decimals = args.symbol, args.decimals
+    if symbol == "":  # not the default: a mistake (MCP refuses it too)
+        raise PolicyValidationError.single("$.symbol", "must not be empty")
     text, _, token = str(args.amount).strip().partition(" ")
     if token:  # "500.25 USDT"
         token = token.strip()
@@ -459,7 +505,8 @@ def _payment(args: argparse.Namespace, engine: PolicyEngine) -> PaymentRequest:
     return PaymentRequest(
         agent_id=args.agent, amount=amount, recipient=args.recipient, network=args.network,
         category=args.category, decimals=DEFAULT_DECIMALS if decimals is None else decimals,
-        symbol=symbol or DEFAULT_SYMBOL, memo=args.memo, idempotency_key=args.idempotency_key,
+        symbol=DEFAULT_SYMBOL if symbol is None else symbol, memo=args.memo,
+        idempotency_key=args.idempotency_key,
     )  # fmt: skip
 
 
@@ -495,6 +542,7 @@ def _vote(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) ->
     action = str(args.action)
     if key_file is None:
         return approval_data(engine.decide(args.approval, approver, action, args.comment))
+    _check_key_file(key_file)
     key = SigningKey.load(key_file, "$.key")
     signed_at = engine.clock()
     message = engine.vote_message(args.approval, approver, action, signed_at, args.comment)
@@ -503,6 +551,20 @@ def _vote(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) ->
         signature=key.sign(message), signed_at=signed_at,
     )  # fmt: skip
     return approval_data(approval)
+
+
+def _check_key_file(file: str) -> None:
+    """Refuse a key "file" that is not a regular file (a device, a pipe) or is too large."""
+    try:
+        info = os.stat(file)
+    except OSError:
+        return  # SigningKey.load says why it cannot read it
+    if not stat.S_ISREG(info.st_mode):
+        raise PolicyValidationError.single("$.key", f"the key file {file} is not a regular file")
+    if info.st_size > MAX_KEY_BYTES:
+        raise PolicyValidationError.single(
+            "$.key", f"the key file {file} is larger than {MAX_KEY_BYTES} bytes: not a key"
+        )
 
 
 def _approvers(args: argparse.Namespace, engine: PolicyEngine) -> tuple[Any, Any]:
@@ -595,6 +657,61 @@ def _settle(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
 Emit = Callable[[Any, Callable[[Any, TextIO], None]], None]
 
 
+class _Output:
+    """Where a command's result goes (stdout).
+
+    Human output gets its data through :func:`cli_output.printable` (stored
+    data and input are shown with control characters escaped); ``--json``
+    prints the data with :func:`json.dumps`, which escapes them itself. A
+    write that fails does not undo what the command did: the error is kept
+    in ``lost``, later output is dropped, and :meth:`finish` reports it.
+    """
+
+    def __init__(self, stream: TextIO | None, as_json: bool) -> None:
+        self.stream = stream
+        self.as_json = as_json
+        self.lost: OSError | None = None
+        self._shown: tuple[Any, Callable[[Any, TextIO], None]] | None = None
+
+    def write(self, text: str) -> None:
+        if self.lost is not None:
+            return
+        if self.stream is None:  # closed (>&-)
+            self.lost = OSError(errno.EBADF, "stdout is closed")
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()  # a full disk or a closed pipe fails here, not at exit
+        except OSError as exc:
+            self.lost = exc
+
+    def emit(self, data: Any, human: Callable[[Any, TextIO], None]) -> None:
+        """Print a result: JSON with --json, else for people."""
+        self._shown = (data, human)
+        self.write(json.dumps(data, indent=2) + "\n" if self.as_json else self._human())
+
+    def _human(self) -> str:
+        if self._shown is None:
+            return ""
+        data, human = self._shown
+        text = io.StringIO()
+        human(show.printable(data), text)
+        return text.getvalue()
+
+    def finish(self, status: int) -> int:
+        """The exit status of a command that returned ``status``, its output written or not."""
+        if self.lost is None:
+            return status
+        if self.stream is not None and self.stream is sys.stdout:
+            silence_stdout()  # what is left in its buffer must not fail again at exit
+        if isinstance(self.lost, BrokenPipeError):  # the reader went away (| head): its choice
+            return status
+        done = self._human().partition("\n")[0]
+        _say(f"the command was carried out{f' ({done})' if done else ''}, but its output "
+             f"could not be written: {self.lost.strerror or self.lost}")  # fmt: skip
+        return EXIT_OUTPUT_LOST
+
+
 def _versions(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
     found = engine.policy_versions(args.agent, _check_limit(args.limit))
     emit({"agentId": args.agent, "versions": [version_data(v) for v in found]},
@@ -652,13 +769,10 @@ def _line(template: str) -> Callable[[dict[str, Any], TextIO], None]:
     return write
 
 
-def _run(args: argparse.Namespace, engine: PolicyEngine, settings: Settings, out: TextIO) -> int:
-    def emit(data: Any, human: Callable[[Any, TextIO], None]) -> None:
-        if args.json:
-            out.write(json.dumps(data, indent=2) + "\n")
-        else:
-            human(data, out)
-
+def _run(
+    args: argparse.Namespace, engine: PolicyEngine, settings: Settings, output: _Output
+) -> int:
+    emit = output.emit
     cmd, action = args.command, getattr(args, "action", None)
     if cmd == "policy" and action == "set":
         version = engine.set_policy(args.agent, _read_policy(args.file))
@@ -747,16 +861,14 @@ def _deliver_own_webhooks(
     urls = {e.id: redact_url(e.url) for e in settings.webhook_endpoints}
     for d in mine:
         if d.status.value == "failed":
-            sys.stderr.write(
-                f"agentpolicy: webhook {d.event} to {urls.get(d.endpoint_id, d.endpoint_id)} "
-                f"failed: {d.last_error}\n"
-            )
+            _say(f"webhook {d.event} to {urls.get(d.endpoint_id, d.endpoint_id)} "
+                 f"failed: {d.last_error}")  # fmt: skip
     if pending:
-        sys.stderr.write(
-            f"agentpolicy: {len(pending)} webhook delivery(ies) still pending after "
+        _say(
+            f"{len(pending)} webhook delivery(ies) still pending after "
             f"{wait.total_seconds():g}s; the next agentpolicy command or MCP "
             "server on this storage with the same endpoints retries them "
-            "(agentpolicy webhooks list --status pending)\n"
+            "(agentpolicy webhooks list --status pending)"
         )
 
 
@@ -769,7 +881,7 @@ def _serve_mcp(args: argparse.Namespace, settings: Settings) -> int:
 
         from agentpolicy.mcp import stdio  # noqa: PLC0415
     except ImportError:
-        sys.stderr.write(f"agentpolicy: serve-mcp needs the mcp extra: {MCP_EXTRA}\n")
+        _say(f"serve-mcp needs the mcp extra: {MCP_EXTRA}")
         return EXIT_ERROR
     import attrs  # noqa: PLC0415
 
@@ -779,7 +891,8 @@ def _serve_mcp(args: argparse.Namespace, settings: Settings) -> int:
         agent_id=args.agent_id or settings.agent_id,
         org_id=args.org_id or settings.org_id,
     )
-    app = stdio.make_app(settings)
+    with _opening_the_store():
+        app = stdio.make_app(settings)
     try:
         anyio.run(stdio.serve, app)
     finally:
@@ -791,7 +904,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         from agentpolicy.serve import command  # noqa: PLC0415 - the serve extra
     except ImportError:
-        sys.stderr.write(f"agentpolicy: serve needs the serve extra: {SERVE_EXTRA}\n")
+        _say(f"serve needs the serve extra: {SERVE_EXTRA}")
         return EXIT_ERROR
     ttl = parse_duration(args.session_ttl, "$.sessionTtl")
     flags = command.ServeArgs(
@@ -826,16 +939,14 @@ def _tokens(args: argparse.Namespace, engine: PolicyEngine) -> tuple[Any, Any]:
 
 def silence_stdout() -> None:
     """Point stdout at the null device, so exiting after a closed pipe prints nothing."""
-    with contextlib.suppress(OSError, ValueError):  # no real descriptor: tests, embedding
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # tests, embedding, closed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
-    def emit(data: Any, human: Callable[[Any, TextIO], None]) -> None:
-        out.write(json.dumps(data, indent=2) + "\n") if args.json else human(data, out)
-
+def _dispatch(args: argparse.Namespace, output: _Output) -> int:
+    emit = output.emit
     if args.command == "demo":
-        return _demo(out, args.keep)
+        return _demo(output, args.keep)
     if args.command == "policy" and args.action == "validate":
         result = _validate(args.file)
         emit(result, show.print_problems)
@@ -847,7 +958,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "policy" and args.action == "schema":
         from agentpolicy.schema import policy_schema  # noqa: PLC0415
 
-        out.write(json.dumps(policy_schema(), indent=2) + "\n")
+        output.write(json.dumps(policy_schema(), indent=2) + "\n")
         return 0
     wait = parse_duration(args.webhook_wait or "10s", "$.webhookWait")
     settings = with_overrides(
@@ -860,35 +971,50 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return _serve_mcp(args, settings)
     if args.command == "serve":
         return _serve(args, settings)
-    with build_engine(settings) as engine:
+    with _opening_the_store():
+        engine = build_engine(settings)
+    with engine:
         before = _delivery_ids(engine)
-        status = _run(args, engine, settings, out)
+        status = _run(args, engine, settings, output)
         try:
             _deliver_own_webhooks(engine, before, wait, settings)
         except PolicyError as err:  # the command itself is done: only say so
-            sys.stderr.write(f"agentpolicy: webhook delivery not checked: {err.message}\n")
+            _say(f"webhook delivery not checked: {err.message}")
         return status
+
+
+@contextlib.contextmanager
+def _opening_the_store() -> Iterator[None]:
+    """An OSError opening the store (its SQLite file: too long a name, no access) is unavailable."""
+    try:
+        yield
+    except OSError as exc:
+        name = "" if exc.filename is None else str(exc.filename)
+        if len(name) > 100:
+            name = f"{name[:40]}...{name[-40:]}"
+        why = f"{exc.strerror or exc}: {name}" if name else str(exc.strerror or exc)
+        raise StorageUnavailableError(f"cannot open the store: {why}") from None
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
-    out = out or sys.stdout
-    args = _parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    # the pool's reconnection warnings repeat what the one error line of a failed command says
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    verbose = False
     try:
-        return _dispatch(args, out)
-    except BrokenPipeError:  # the reader went away (| head): not an error of ours
-        silence_stdout()
-        return 0
+        args = _parser().parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+        # the pool's reconnection warnings repeat what the one error line of a failed command says
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        output = _Output(sys.stdout if out is None else out, args.json)
+        return output.finish(_dispatch(args, output))
+    except KeyboardInterrupt:  # Ctrl-C
+        _say("interrupted")
+        return EXIT_INTERRUPTED
     except PolicyError as err:
-        sys.stderr.write(f"agentpolicy: {err.code}: {err.message}\n")
+        _say(f"{err.code}: {err.message}")
         return EXIT_BAD_INPUT if err.code == ErrorCode.INVALID_INPUT else EXIT_ERROR
     except Exception as exc:
-        if args.verbose:
+        if verbose:
             traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(
-            f"agentpolicy: INTERNAL: {type(exc).__name__}: {exc} (a bug; -v shows where)\n"
-        )
+        _say(f"INTERNAL: {type(exc).__name__}: {exc} (a bug; -v shows where)")
         return EXIT_ERROR

@@ -1,7 +1,11 @@
 """How the ``agentpolicy`` command shows its results to people (``--json`` prints the data).
 
 Each function writes one kind of result, given the same JSON data the MCP
-tools return, to a text stream.
+tools return, to a text stream. The command line passes that data through
+:func:`printable` first: stored data and input (a policy's reasons, an
+approver's comment, a file name) may hold control characters that would
+move the cursor, rewrite the screen or start a line of their own on a
+terminal, and those are shown escaped.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ if TYPE_CHECKING:
     from agentpolicy.serve.tokens import AccessToken
 
 __all__ = [
+    "escape",
+    "printable",
     "print_new_token",
     "print_token",
     "print_tokens",
@@ -39,6 +45,33 @@ __all__ = [
     "print_versions",
     "print_where",
 ]
+
+
+# C0 (newline and tab too), DEL, C1, the line and paragraph separators, the bidi embeddings,
+# overrides and isolates: shown as \x1b, \u202e, so a value never acts on the terminal
+_UNSAFE = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
+              *range(0x2066, 0x206A))
+}  # fmt: skip
+# printed with json.dumps, which escapes every character but printable ASCII itself
+_AS_JSON = frozenset({"policy"})
+
+
+def escape(text: str) -> str:
+    r"""``text`` with every control character shown escaped (``\x1b``, ``\u202e``)."""
+    return text.translate(_UNSAFE)
+
+
+def printable(data: Any) -> Any:
+    """``data`` (JSON) with every string in it, keys too, passed through :func:`escape`."""
+    if isinstance(data, str):
+        return escape(data)
+    if isinstance(data, dict):
+        return {escape(str(k)): v if k in _AS_JSON else printable(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [printable(v) for v in data]
+    return data
 
 
 def _bar(used: int, limit: int, width: int = 30) -> str:

@@ -24,7 +24,7 @@ import attrs
 import uvicorn
 
 from agentpolicy.config import Settings, build_engine
-from agentpolicy.errors import PolicyValidationError
+from agentpolicy.errors import PolicyValidationError, StorageUnavailableError
 from agentpolicy.serve.app import ServeOptions, create_app
 from agentpolicy.serve.binding import bind_problem, is_loopback
 from agentpolicy.storage import open_async_storage
@@ -95,8 +95,10 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
     """Run the service until interrupted; return the exit status.
 
     Raises :class:`~agentpolicy.PolicyValidationError` (status 2, one line)
-    for flags it refuses; the store's errors come from
-    :func:`~agentpolicy.config.build_engine`.
+    for flags it refuses, a port it cannot listen on, a certificate or key
+    it cannot use; the store's errors come from
+    :func:`~agentpolicy.config.build_engine` (an OSError opening its file is
+    :class:`~agentpolicy.StorageUnavailableError`).
     """
     if say is None:
         say = _stderr
@@ -114,8 +116,19 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
     )
     logging.getLogger("uvicorn.access").addFilter(_RedactLinks())
     logging.getLogger("agentpolicy").setLevel(logging.INFO)  # votes and sign-ins are logged
-    sock = bind_socket(args.host, args.port)
-    engine = build_engine(settings)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:  # in use, not an address of this host, a port it may not use
+        raise PolicyValidationError.single(
+            "$.port", f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
+    try:
+        engine = build_engine(settings)
+    except OSError as exc:  # the SQLite file's name or folder: too long, not allowed
+        sock.close()
+        raise StorageUnavailableError(
+            f"cannot open the store: {exc.strerror or exc}: {str(exc.filename)[:100]}"
+        ) from None
     try:
         url = settings.storage_url(fallback_to_file=True)
         native = None if url is None else open_async_storage(url, key_prefix=settings.key_prefix)
@@ -125,6 +138,13 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
             proxy_headers=args.behind_tls_proxy, forwarded_allow_ips=args.forwarded_allow_ips,
             server_header=False, log_level="info", lifespan="on",
         )  # fmt: skip
+        try:
+            config.load()  # reads the certificate and key now, not after "listening on"
+        except OSError as exc:  # ssl.SSLError too
+            raise PolicyValidationError.single(
+                "$.tls-cert", f"cannot use --tls-cert {args.tls_cert} with --tls-key "
+                f"{args.tls_key} (both PEM, the key the certificate's): {exc.strerror or exc}",
+            ) from None  # fmt: skip
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

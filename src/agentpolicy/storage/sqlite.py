@@ -331,8 +331,13 @@ class SQLiteStorage:
         self._init_schema()
 
     def _create_private(self) -> None:
-        if self.path == ":memory:" or Path(self.path).exists():
-            return
+        try:
+            if self.path == ":memory:" or Path(self.path).exists():
+                return
+        except OSError as exc:  # a name the system refuses (too long, ...)
+            raise StorageUnavailableError(
+                f"cannot open SQLite database {self.path[:200]!r}: {exc.strerror}"
+            ) from None
         with contextlib.suppress(OSError):  # a missing folder is reported by connect()
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
 
