@@ -262,16 +262,21 @@ def test_a_bound_server_serves_nothing_of_other_agents(storage: MemoryStorage) -
                              {**PAY, "agentId": "evil", "amount": str(200 * USDT)}))  # fmt: skip
     bound = AgentPolicyMcpServer(storage=storage, clock=clock, agent_id="acme:bot")
     assert ok(call(bound, "agent_policy_authorize", PAY))["allowed"]
-    for name, args in [
-        ("agent_policy_authorize", {**PAY, "agentId": "evil"}),
-        ("agent_policy_budget", {"agentId": "evil"}),
-        ("agent_policy_get", {"agentId": "acme:crawler"}),
-        ("agent_policy_confirm", {"reservationId": theirs["reservationId"]}),
-        ("agent_policy_release", {"reservationId": theirs["reservationId"]}),
-        ("agent_policy_approvals_get", {"approvalId": their_approval["approvalId"]}),
-        ("agent_policy_approvals_list", {"agentId": "evil"}),
-    ]:
-        assert err(call(bound, name, args))["code"] == "FORBIDDEN", name
+    for name, args, code in [
+        ("agent_policy_authorize", {**PAY, "agentId": "evil"}, "FORBIDDEN"),
+        ("agent_policy_budget", {"agentId": "evil"}, "FORBIDDEN"),
+        ("agent_policy_get", {"agentId": "acme:crawler"}, "FORBIDDEN"),
+        # another agent's record is as unknown to a bound server as a missing one
+        ("agent_policy_confirm", {"reservationId": theirs["reservationId"]},
+         "RESERVATION_NOT_FOUND"),
+        ("agent_policy_release", {"reservationId": theirs["reservationId"]},
+         "RESERVATION_NOT_FOUND"),
+        ("agent_policy_approvals_get", {"approvalId": their_approval["approvalId"]},
+         "APPROVAL_NOT_FOUND"),
+        ("agent_policy_approvals_list", {"agentId": "evil"}, "FORBIDDEN"),
+    ]:  # fmt: skip
+        assert err(call(bound, name, args))["code"] == code, name
+    assert admin.engine.get_reservation(theirs["reservationId"]).status.value == "reserved"
     assert ok(call(bound, "agent_policy_approvals_list", {}))["approvals"] == []
     org = AgentPolicyMcpServer(storage=storage, clock=clock, org_id="acme")
     assert ok(call(org, "agent_policy_budget", {"agentId": "acme:crawler"}))
@@ -400,6 +405,35 @@ def test_bad_page_arguments_are_invalid_input(
     assert (e["code"], e["path"]) == ("INVALID_INPUT", path)
 
 
+def _cursor(key: list[str]) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+@pytest.mark.parametrize("key", [
+    ["\u00b2"], ["1\u00b2"], ["\u0663"], ["\uff11"], ["\u0661\u0662"],  # digits, not ASCII ones
+    ["0"], ["007"], ["-1"], ["+1"], [" 1"], ["1_0"], ["9" * 300], [str(2**62 + 1)], ["1", "2"], [],
+])  # fmt: skip
+def test_a_versions_cursor_that_is_no_version_number_is_invalid_input(
+    admin: AgentPolicyMcpServer, key: list[str]
+) -> None:
+    e = err(call(admin, "agent_policy_versions", {"agentId": "acme:bot", "cursor": _cursor(key)}))
+    assert (e["code"], e["path"]) == ("INVALID_INPUT", "$.cursor")
+
+
+def test_versions_come_in_pages_by_their_cursor(admin: AgentPolicyMcpServer) -> None:
+    for _ in range(4):
+        ok(call(admin, "agent_policy_set", {"agentId": "acme:bot", "policy": POLICY}))
+    first = ok(call(admin, "agent_policy_versions", {"agentId": "acme:bot", "limit": 3}))
+    assert [v["version"] for v in first["versions"]] == [5, 4, 3]
+    assert first["nextCursor"] == _cursor(["3"])
+    rest = ok(call(admin, "agent_policy_versions",
+                   {"agentId": "acme:bot", "cursor": first["nextCursor"]}))  # fmt: skip
+    assert [v["version"] for v in rest["versions"]] == [2, 1]
+    assert "nextCursor" not in rest
+
+
 def test_policy_lists_come_in_pages_too(admin: AgentPolicyMcpServer) -> None:
     for i in range(5):
         ok(call(admin, "agent_policy_set", {"agentId": f"acme:a{i}", "policy": {}}))
@@ -509,6 +543,130 @@ def test_an_unbound_agent_server_must_say_which_budget_it_delegates_from(
 ) -> None:
     result = err(call(agent, "agent_policy_delegate", {"childId": "x", "policy": {}}))
     assert (result["code"], result["path"]) == ("INVALID_INPUT", "$.parentId")
+
+
+# -- a bound server is no oracle of other agents ---------------------------------------------------
+
+FOREIGN_CALLS: list[tuple[str, dict[str, Any]]] = [  # X: an agent id, R: a reservation, A: an approval
+    ("agent_policy_authorize", {**PAY, "agentId": "X"}),
+    ("agent_policy_check", {**PAY, "agentId": "X"}),
+    ("agent_policy_budget", {"agentId": "X"}),
+    ("agent_policy_get", {"agentId": "X"}),
+    ("agent_policy_get", {"agentId": "X", "version": 2}),
+    ("agent_policy_confirm", {"reservationId": "R"}),
+    ("agent_policy_release", {"reservationId": "R"}),
+    ("agent_policy_approvals_list", {"agentId": "X"}),
+    ("agent_policy_approvals_get", {"approvalId": "A"}),
+    ("agent_policy_approvals_decide",
+     {"approvalId": "A", "decision": "approve", "approver": "admin@company.com"}),
+    ("agent_policy_delegate", {"childId": "X", "policy": {}}),
+    ("agent_policy_delegate", {"childId": "X/kid", "policy": {}}),
+    ("agent_policy_delegate", {"parentId": "X", "childId": "X/new", "policy": {}}),
+    ("agent_policy_revoke", {"childId": "X"}),
+    ("agent_policy_revoke", {"childId": "X/kid"}),
+    ("agent_policy_revoke", {"parentId": "X", "childId": "X/kid"}),
+    ("agent_policy_set", {"agentId": "X", "policy": {}}),
+    ("agent_policy_list", {"orgId": "X"}),
+    ("agent_policy_versions", {"agentId": "X"}),
+    ("agent_policy_diff", {"agentId": "X", "fromVersion": 1, "toVersion": 2}),
+    ("agent_policy_rollback", {"agentId": "X", "version": 1}),
+    ("agent_policy_shadow_set", {"agentId": "X", "policy": {}}),
+    ("agent_policy_shadow_report", {"agentId": "X"}),
+    ("agent_policy_shadow_promote", {"agentId": "X"}),
+    ("agent_policy_shadow_clear", {"agentId": "X"}),
+    ("agent_policy_simulate", {"agentId": "X", "policy": {}, "since": "30d"}),
+]  # fmt: skip
+
+
+def _fill(args: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
+    filled = {}
+    for key, value in args.items():
+        head, slash, rest = value.partition("/") if isinstance(value, str) else ("", "", "")
+        filled[key] = ids[head] + slash + rest if head in ids else value
+    return filled
+
+
+@pytest.mark.parametrize(("role", "binding"), [
+    ("agent", {"agent_id": "acme:bot"}), ("admin", {"agent_id": "acme:bot"}),
+    ("agent", {"org_id": "acme"}), ("admin", {"org_id": "acme"}),
+])  # fmt: skip
+def test_a_bound_server_answers_alike_for_another_agents_ids_that_exist_and_that_do_not(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer, role: str, binding: dict[str, str]
+) -> None:
+    delegating = {**POLICY, "delegation": {"allowed": True}}
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:bot", "policy": delegating}))
+    for version in (delegating, POLICY):  # evil has two versions, a delegated kid, a shadow
+        ok(call(admin, "agent_policy_set", {"agentId": "evil", "policy": version}))
+    ok(call(admin, "agent_policy_set", {"agentId": "evil", "policy": delegating}))
+    ok(call(admin, "agent_policy_delegate", {"parentId": "evil", "childId": "evil/kid",
+                                             "policy": {}}))  # fmt: skip
+    ok(call(admin, "agent_policy_shadow_set", {"agentId": "evil", "policy": POLICY}))
+    held = ok(call(admin, "agent_policy_authorize", {**PAY, "agentId": "evil"}))["reservationId"]
+    asked = ok(call(admin, "agent_policy_authorize",
+                    {**PAY, "agentId": "evil", "amount": str(200 * USDT)}))["approvalId"]  # fmt: skip
+    before = (admin.engine.get_policy("evil"), admin.engine.get_policy("evil/kid"))
+    theirs = {"X": "evil", "R": held, "A": asked}
+    missing = {"X": "ghost", "R": held[:-1] + ("y" if held[-1] != "y" else "z"),
+               "A": asked[:-1] + ("y" if asked[-1] != "y" else "z")}  # fmt: skip
+    bound = AgentPolicyMcpServer(storage=storage, role=role, clock=admin.engine.clock,
+                                 agent_id=binding.get("agent_id"), org_id=binding.get("org_id"))  # fmt: skip
+    offered = {t.name for t in bound.tools()}
+    compared = 0
+    for name, args in FOREIGN_CALLS:
+        if name not in offered:
+            continue
+        answers = []
+        for ids in (theirs, missing):
+            answer = json.dumps(call(bound, name, _fill(args, ids)))
+            for key in ("R", "A", "X"):  # the one id that differs, where the answer repeats it
+                answer = answer.replace(ids[key], key)
+            answers.append(answer)
+        assert answers[0] == answers[1], (name, args)
+        assert '"success": false' in answers[0] or '"policies": []' in answers[0], answers[0]
+        compared += 1
+    assert compared == len([c for c in FOREIGN_CALLS if c[0] in offered])
+    assert (admin.engine.get_policy("evil"), admin.engine.get_policy("evil/kid")) == before
+    assert admin.engine.get_policy("ghost") is None
+    assert admin.engine.get_reservation(held).status.value == "reserved"
+    assert admin.engine.get_approval(asked).status.value == "pending"
+
+
+def test_a_bound_agent_revokes_only_below_itself_and_never_reads_another_agents_budget(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer
+) -> None:
+    for agent_id in ("bot", "secret-agent"):
+        ok(call(admin, "agent_policy_set", {"agentId": agent_id,
+                                            "policy": {"delegation": {"allowed": True}}}))  # fmt: skip
+    ok(call(admin, "agent_policy_delegate", {"parentId": "secret-agent",
+                                             "childId": "secret-agent/kid", "policy": {}}))  # fmt: skip
+    bot = AgentPolicyMcpServer(storage=storage, clock=admin.engine.clock, agent_id="bot")
+    answers = []
+    for child in ("secret-agent", "nobody", "secret-agent/kid", "nobody/kid"):
+        error = err(call(bot, "agent_policy_revoke", {"childId": child}))
+        assert error["code"] == "FORBIDDEN", child
+        answers.append(error["message"].replace(child, "<child>"))
+    assert len(set(answers)) == 1
+    assert answers[0] == "this server may revoke only the budgets below bot, named bot/<name>, " \
+        "not <child>"  # fmt: skip
+    kid = admin.engine.get_policy("secret-agent/kid")
+    assert kid is not None
+    assert ok(call(admin, "agent_policy_budget", {"agentId": "secret-agent/kid"}))
+    ok(call(bot, "agent_policy_delegate", {"childId": "bot/kid", "policy": {}}))
+    assert ok(call(bot, "agent_policy_revoke", {"childId": "bot/kid"}))["agentId"] == "bot/kid"
+
+
+def test_an_admin_server_bound_to_one_agent_gives_budgets_only_below_it(
+    storage: MemoryStorage, admin: AgentPolicyMcpServer
+) -> None:
+    ok(call(admin, "agent_policy_set", {"agentId": "bot", "policy": {
+        "delegation": {"allowed": True}}}))  # fmt: skip
+    bound = AgentPolicyMcpServer(storage=storage, role="admin", clock=admin.engine.clock,
+                                 agent_id="bot")  # fmt: skip
+    refused = err(call(bound, "agent_policy_delegate", {"childId": "outsider", "policy": {}}))
+    assert refused["code"] == "FORBIDDEN"
+    assert admin.engine.get_policy("outsider") is None  # no budget outside its binding
+    made = ok(call(bound, "agent_policy_delegate", {"childId": "bot/sub", "policy": {}}))
+    assert made["parentId"] == "bot"
 
 
 # -- an admin server bound to one approver --------------------------------------------------------

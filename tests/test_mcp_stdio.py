@@ -527,6 +527,150 @@ def test_help_and_version_print_and_exit_and_other_arguments_are_refused(
     assert not (tmp_path / "mcp.db").exists()  # nothing was served
 
 
+CLI_EXE = str(Path(sys.executable).with_name("agentpolicy"))
+SERVERS = [[MCP_EXE], [CLI_EXE, "serve-mcp"]]
+POSIX_SHELL = pytest.mark.skipif(sys.platform == "win32", reason="closes descriptors with sh")
+
+
+def _quiet_end(done: subprocess.CompletedProcess[str] | subprocess.Popen[str], err: str) -> None:
+    """The server ended as a client going away should end it: 0, at most two log lines."""
+    assert done.returncode == 0, err
+    for word in ("Traceback", "ExceptionGroup", "BrokenPipeError", "INTERNAL", "Exception ignored"):
+        assert word not in err, err
+    assert len(err.strip().splitlines()) <= 2, err  # the start line, and one saying why it ended
+
+
+@POSIX_SHELL
+@pytest.mark.parametrize("command", SERVERS)
+@pytest.mark.parametrize("closed", ["<&-", ">&-"])
+def test_a_server_started_with_stdin_or_stdout_closed_ends_quietly(
+    tmp_path: Path, command: list[str], closed: str
+) -> None:
+    done = subprocess.run(["sh", "-c", f'exec "$@" {closed}', "sh", *command], check=False,
+                          input="{}\n", capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **_env(tmp_path, "agent")})  # fmt: skip
+    _quiet_end(done, done.stderr)
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("command", SERVERS)
+def test_a_server_whose_client_stops_reading_ends_quietly(
+    tmp_path: Path, command: list[str]
+) -> None:
+    import time
+
+    server = Stdio(_env(tmp_path, "agent"), command)
+    server.initialize()
+    assert server.proc.stdout is not None
+    server.proc.stdout.close()  # the client goes away (as | head would): replies hit a broken pipe
+    for n in range(3):
+        server._write({"jsonrpc": "2.0", "id": 100 + n, "method": "tools/list"})
+        time.sleep(0.3)
+    assert server.proc.stdin is not None
+    server.proc.stdin.close()
+    server.proc.wait(timeout=20)
+    assert server.proc.stderr is not None
+    err = server.proc.stderr.read()
+    server.proc.stderr.close()
+    _quiet_end(server.proc, err)
+
+
+DEEP = '{"a":' * 5000 + "1" + "}" * 5000
+UNREADABLE = [  # a line the SDK cannot read, and the JSON-RPC error that answers it
+    ("not json at all", None, -32700),
+    ("[1,2,3]", None, -32600),
+    ("42", None, -32600),
+    ('{"jsonrpc":"2.0","id":41,"method":"tools/call",'
+     '"params":{"name":"agent_policy_get","arguments":{"agentId":"\\ud800"}}}', 41, -32700),
+    ('{"jsonrpc":"2.0","id":42,"method":"tools/call",'
+     '"params":{"name":"agent_policy_set","arguments":{"agentId":"bot","policy":' + DEEP + "}}}",
+     42, -32700),
+    ('{"jsonrpc":"2.0","id":"forty-three","method":"tools/call","params":{'
+     '"name":"agent_policy_check","arguments":{"decimals":' + "9" * 5000 + "}}}",
+     "forty-three", -32700),
+    ('{"jsonrpc":"1.0","id":44,"method":"tools/list"}', 44, -32600),
+    ('{"jsonrpc":"2.0","id":45,"method":"tools/list","params":5}', 45, -32600),
+    ('{"jsonrpc":"2.0","id":"\\ud800","method":"x","params":{"a":"\\udc00"}}', None, -32700),
+    ('{"jsonrpc":"2.0","method":"notifications/x","params":[1}', None, -32700),
+    ('{"jsonrpc":"2.0","id":46,"method":"tools/list","params":{"a":[1,}}', 46, -32700),
+]  # fmt: skip
+
+
+def test_each_unreadable_line_gets_the_json_rpc_error_with_its_id_where_it_shows_one(
+    tmp_path: Path,
+) -> None:
+    import queue
+    import threading
+
+    server = Stdio(_env(tmp_path, "agent"))
+    server.initialize()
+    assert server.proc.stdin is not None
+    assert server.proc.stdout is not None
+    replies: queue.Queue[str] = queue.Queue()
+    out = server.proc.stdout
+
+    def read() -> None:  # a line that got no answer fails the test instead of hanging it
+        for reply in out:
+            replies.put(reply)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for line, request_id, code in UNREADABLE:
+            server.proc.stdin.write(line + "\n\n")  # a blank line is no message: no answer
+            server.proc.stdin.flush()
+            try:
+                reply = json.loads(replies.get(timeout=30))
+            except queue.Empty:
+                pytest.fail(f"no answer to {line[:80]!r}")
+            assert (reply["jsonrpc"], reply["id"], reply["error"]["code"]) == (
+                "2.0", request_id, code)  # fmt: skip
+            assert reply["error"]["message"].startswith(
+                "Parse error" if code == -32700 else "Invalid Request"
+            )
+        server._write({"jsonrpc": "2.0", "id": 99, "method": "tools/list"})
+        listed = json.loads(replies.get(timeout=30))  # and it goes on serving
+        assert (listed["id"], len(listed["result"]["tools"])) == (99, 10)
+    finally:
+        server.proc.stdin.close()
+        server.proc.wait(timeout=20)
+        reader.join(timeout=20)
+        out.close()
+    assert server.proc.returncode == 0
+    assert server.proc.stderr is not None
+    assert "Traceback" not in server.proc.stderr.read()
+    server.proc.stderr.close()
+
+
+def test_unreadable_reply_reads_the_sdks_error() -> None:
+    import mcp_types
+    import pydantic
+
+    from agentpolicy.mcp.stdio import unreadable_reply
+
+    def reply(line: str) -> Any:
+        try:
+            mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+        except pydantic.ValidationError as error:
+            answer = unreadable_reply(error)
+            return None if answer is None else answer.model_dump(exclude_unset=True)
+        raise AssertionError(f"the SDK reads {line!r}")
+
+    assert reply("") is None
+    assert reply("  \t") is None
+    assert reply('{"id":7,"method":"x","params":{"deep":' + DEEP + "}}")["id"] == 7
+    assert reply('{"id":7,"method":"x","params":[1]}')["error"]["message"] == (
+        "Invalid Request: not a JSON-RPC 2.0 message (jsonrpc: Field required; "
+        "params: Input should be an object)"
+    )
+    for line in ('{"jsonrpc":"2.0","id":true,"method":7}', '{"jsonrpc":"2.0","id":7}',
+                 '{"jsonrpc":"2.0","id":1.5,"method":"x","params":1}',
+                 '{"jsonrpc":"2.0","id":' + "9" * 5000 + ',"method":"x","x":\\ud800}'):  # fmt: skip
+        assert reply(line)["id"] is None, line
+    assert reply("{")["error"]["code"] == -32700
+    assert reply("}")["error"]["code"] == -32700
+
+
 BLOCK_MCP = """
 import importlib.abc, sys
 

@@ -4,7 +4,9 @@ Reads its configuration from the environment (:mod:`agentpolicy.config`)
 and serves the tools over stdio. ``--help`` and ``--version`` print and
 exit; any other argument is refused with status 2. A bad setting prints one
 line on stderr and exits with status 2; without the ``mcp`` extra the
-command says which extra to install and exits with status 1.
+command says which extra to install and exits with status 1. The client
+going away (stdin at its end, stdin or stdout closed, stdout's reader gone)
+is the normal end: status 0, no traceback (see :func:`agentpolicy.mcp.stdio.serve`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import binascii
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -41,8 +42,16 @@ from agentpolicy.errors import (
     Problem,
 )
 from agentpolicy.examples import example_policy
-from agentpolicy.mcp.tools import REGISTRY_CHANGES, TOOLS, Tool, find_tool, parse_arguments
+from agentpolicy.mcp.tools import (
+    MAX_VERSION,
+    REGISTRY_CHANGES,
+    TOOLS,
+    Tool,
+    find_tool,
+    parse_arguments,
+)
 from agentpolicy.policy import AgentPolicy
+from agentpolicy.records import Approval
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.signing import SigningKey
 from agentpolicy.storage import MemoryStorage, Storage, open_storage
@@ -331,9 +340,38 @@ class AgentPolicyMcpServer:
                 for p in page]  # fmt: skip
         return _with_cursor({"policies": rows}, cursor)
 
+    def _own_reservation(self, reservation_id: str) -> None:
+        """On a bound server: the reservation is one of its agents', else it is not found.
+
+        Another agent's reservation answers exactly as a missing one does, so a
+        bound server tells nothing about other agents, not even that an id exists.
+        """
+        if not self._scoped:
+            return
+        try:
+            agent_id = self.engine.get_reservation(reservation_id).agent_id
+        except NotFoundError:
+            agent_id = None
+        if agent_id is None or not self._may_see(agent_id):
+            raise NotFoundError(
+                f"no reservation {reservation_id!r}", code=ErrorCode.RESERVATION_NOT_FOUND
+            )
+
+    def _own_approval(self, approval_id: str) -> Approval:
+        """The approval, if it is one of a bound server's agents'; else it is not found.
+
+        Another agent's approval answers exactly as a missing one does.
+        """
+        try:
+            approval = self.engine.get_approval(approval_id)
+        except NotFoundError:
+            approval = None
+        if approval is None or not self._may_see(approval.agent_id):
+            raise NotFoundError(f"no approval {approval_id!r}", code=ErrorCode.APPROVAL_NOT_FOUND)
+        return approval
+
     def _settle(self, reservation_id: str, action: str, holder: str | None) -> dict[str, Any]:
-        if self.bound_agent is not None or self.bound_org is not None:
-            self._check_agent(self.engine.get_reservation(reservation_id).agent_id)
+        self._own_reservation(reservation_id)
         if action == "confirm":
             return reservation_data(self.engine.confirm(reservation_id, holder=holder))
         return reservation_data(self.engine.release(reservation_id, holder=holder))
@@ -356,8 +394,7 @@ class AgentPolicyMcpServer:
         return _with_cursor({"approvals": [approval_data(x) for x in page]}, cursor)
 
     def _approvals_get(self, a: dict[str, Any]) -> dict[str, Any]:
-        approval = self.engine.get_approval(a["approvalId"])
-        self._check_agent(approval.agent_id)
+        approval = self._own_approval(a["approvalId"])
         data = approval_data(approval)
         rid = approval.reservation_id
         if rid is not None:  # approved: how long the agent has to pay, and whether it did
@@ -387,7 +424,7 @@ class AgentPolicyMcpServer:
 
     def _approvals_decide(self, a: dict[str, Any]) -> dict[str, Any]:
         approver = self._voter(a)
-        self._check_agent(self.engine.get_approval(a["approvalId"]).agent_id)
+        self._own_approval(a["approvalId"])
         approval_id, decision, comment = a["approvalId"], a["decision"], a.get("comment")
         signature, signed_at = a.get("signature"), None
         if self.approver_key is not None:  # the tool offers no signature: the server signs
@@ -424,24 +461,32 @@ class AgentPolicyMcpServer:
             )
         return parent
 
-    def _check_child(self, child: str) -> None:
-        """A server bound to an organisation hands budgets only to agents of it."""
+    def _check_child(self, parent: str | None, child: str, verb: str) -> None:
+        """Whether a delegate or revoke call may name ``child``, decided before any read.
+
+        A server bound to one agent names only the budgets below that agent, one
+        bound to an organisation only agents of it, and an agent-role server only
+        the budgets below the budget it acts as. The answer depends on the ids
+        alone, never on what the store holds, so it tells nothing about other
+        agents.
+        """
         if self.bound_org is not None and not child.startswith(f"{self.bound_org}:"):
             raise ForbiddenError(
-                f"this server is bound to {self.bound_org}:* and may not give a budget "
-                f"to agent {child}",
+                f"this server is bound to {self.bound_org}:* and may not {verb} a budget "
+                f"of agent {child}",
+                code=ErrorCode.FORBIDDEN,
+            )
+        below = self.bound_agent if self.role == "admin" else parent
+        if below is not None and not child.startswith(f"{below}/"):
+            raise ForbiddenError(
+                f"this server may {verb} only the budgets below {below}, named "
+                f"{below}/<name>, not {child}",
                 code=ErrorCode.FORBIDDEN,
             )
 
     def _delegate(self, a: dict[str, Any]) -> dict[str, Any]:
         parent = self._acting_parent(a)
-        self._check_child(a["childId"])
-        if self.role != "admin" and not a["childId"].startswith(f"{parent}/"):
-            raise ForbiddenError(
-                f"an agent names the budgets it delegates below its own id: "
-                f"{parent}/<name>, not {a['childId']}",
-                code=ErrorCode.FORBIDDEN,
-            )
+        self._check_child(parent, a["childId"], "delegate")
         if parent is None:
             raise PolicyValidationError.single("$.parentId", "is required")
         if "expiresAt" in a and "expiresIn" in a:
@@ -463,7 +508,7 @@ class AgentPolicyMcpServer:
 
     def _revoke(self, a: dict[str, Any]) -> dict[str, Any]:
         parent = self._acting_parent(a)
-        self._check_child(a["childId"])
+        self._check_child(parent, a["childId"], "revoke")
         return delegation_data(self.engine.revoke(a["childId"], by=parent))
 
     # -- safe rollout ---------------------------------------------------------------------------
@@ -474,12 +519,7 @@ class AgentPolicyMcpServer:
         limit: int = a.get("limit", DEFAULT_PAGE)
         before = None
         if "cursor" in a:
-            after = _read_cursor(a["cursor"])
-            if len(after) != 1 or not after[0].isdigit():
-                raise PolicyValidationError.single(
-                    "$.cursor", "is not a cursor of this listing: pass the last nextCursor"
-                )
-            before = int(after[0])
+            before = _version_cursor(_read_cursor(a["cursor"]))
         found = self.engine.policy_versions(agent, limit + 1, before=before)
         stored = self.engine.get_policy(agent)
         data = {
@@ -571,6 +611,23 @@ def _read_cursor(cursor: str) -> list[str]:
             "$.cursor", "is not a cursor of this listing: pass the nextCursor of the last page"
         )
     return key
+
+
+_VERSION_KEY = re.compile(r"[1-9][0-9]{0,18}")
+"""A version number in a cursor: ASCII digits only (``str.isdigit`` also takes ``²``)."""
+
+
+def _version_cursor(key: list[str]) -> int:
+    """The version a cursor of ``agent_policy_versions`` names; ``INVALID_INPUT`` for any other.
+
+    Only what :func:`_write_cursor` writes passes: one positive version number
+    (at most ``MAX_VERSION``) in ASCII digits, without sign, space or leading zero.
+    """
+    if len(key) == 1 and _VERSION_KEY.fullmatch(key[0]) and int(key[0]) <= MAX_VERSION:
+        return int(key[0])
+    raise PolicyValidationError.single(
+        "$.cursor", "is not a cursor of this listing: pass the last nextCursor"
+    )
 
 
 def _with_cursor(data: dict[str, Any], cursor: str | None) -> dict[str, Any]:

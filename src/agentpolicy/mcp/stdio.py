@@ -4,21 +4,28 @@ stdout carries only protocol messages; logs go to stderr. Every tool call
 runs on a worker thread, so a slow storage never holds up the event loop:
 pings and other requests are answered while a call waits. Expired
 reservations and approvals are swept on a schedule, so expiry happens even
-when nobody reads. :mod:`agentpolicy.mcp.command` is the
-``agent-policy-mcp`` command that starts it.
+when nobody reads. Every line the SDK cannot read as a message is answered
+with a JSON-RPC error (:func:`unreadable_reply`), so no client waits forever,
+and the client going away ends :func:`serve` quietly.
+:mod:`agentpolicy.mcp.command` is the ``agent-policy-mcp`` command that
+starts it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import mcp_types as types
+import pydantic
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
 
 from agentpolicy import __version__
 from agentpolicy.config import Settings, build_engine
@@ -34,6 +41,7 @@ __all__ = [
     "sdk_tool",
     "serve",
     "summary",
+    "unreadable_reply",
 ]
 
 log = logging.getLogger("agentpolicy.mcp")
@@ -147,8 +155,21 @@ def make_app(settings: Settings) -> AgentPolicyMcpServer:
         raise
 
 
+_GONE = (BrokenPipeError, ConnectionResetError, anyio.BrokenResourceError)
+"""How the client going away shows: the reader of stdout is gone."""
+
+
 async def serve(app: AgentPolicyMcpServer) -> None:
-    """Serve ``app`` over stdio until the client closes the stream."""
+    """Serve ``app`` over stdio until the client goes away; then return.
+
+    The client going away is the normal end, whichever way it goes: stdin
+    reaches its end, stdin or stdout is closed from the start, or the reader
+    of stdout is gone (a broken pipe). Each returns normally after at most
+    one log line; none raises.
+    """
+    if sys.stdin is None or sys.stdout is None:  # started with fd 0 or fd 1 closed
+        log.info("stdin or stdout is closed: there is no client to serve")
+        return
     server = build_server(app)
 
     async def sweep_forever() -> None:
@@ -159,8 +180,162 @@ async def serve(app: AgentPolicyMcpServer) -> None:
             except PolicyError as err:
                 log.warning("sweep failed: %s", err.message)
 
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sweep_forever)
+            async with stdio_server() as (read, write):
+                await _run(server, read, write)
+            tasks.cancel_scope.cancel()
+    except* _GONE:
+        log.info("the client went away (stdout is closed)")
+
+
+async def _run(server: Server[Any], read: Any, write: Any) -> None:
+    """Run ``server`` on the stdio streams, answering every line it would drop.
+
+    The SDK hands a line it cannot read to the server as an exception, and the
+    server drops it unanswered; here such a line gets its JSON-RPC error instead.
+    """
+    to_server, server_read = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+
+    async def relay() -> None:
+        async with to_server:
+            async for item in read:
+                if not isinstance(item, Exception):
+                    await to_server.send(item)
+                    continue
+                reply = unreadable_reply(item)
+                if reply is not None:
+                    await write.send(SessionMessage(reply))
+
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(sweep_forever)
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
-        tasks.cancel_scope.cancel()
+        tasks.start_soon(relay)
+        await server.run(server_read, write, server.create_initialization_options())
+
+
+def unreadable_reply(error: Exception) -> types.JSONRPCError | None:
+    """The JSON-RPC error that answers a line the SDK could not read; ``None`` for a blank line.
+
+    ``error`` is what the SDK's stdio transport made of the line. A line that
+    is not JSON the SDK reads (broken, nested too deeply, a lone surrogate, a
+    number out of range) is a parse error (-32700); JSON that is not a JSON-RPC
+    message is an invalid request (-32600). The error carries the request's
+    ``id`` whenever the line shows one (an object with a ``method`` and a string
+    or integer ``id`` at its top level), so the client is not left waiting;
+    else ``id`` is null, as JSON-RPC says.
+    """
+    if not isinstance(error, pydantic.ValidationError):
+        return _rpc_error(None, types.PARSE_ERROR, "Parse error")
+    problems = error.errors(include_url=False)
+    line = next((p["input"] for p in problems if p["type"] == "json_invalid"), None)
+    if isinstance(line, str):
+        if not line.strip():
+            return None  # a blank line is no message: nothing to answer
+        head = _top_scalars(line)
+        return _rpc_error(
+            _request_id(head), types.PARSE_ERROR, f"Parse error: {problems[0]['msg']}"
+        )
+    # JSON, but no message: the input of a top-level problem is the whole line's value
+    value = next((p["input"] for p in problems if _about_the_whole(p)), None)
+    head = value if isinstance(value, dict) else {}
+    kind = "JSONRPCRequest" if "id" in head else "JSONRPCNotification"
+    why = "; ".join(
+        f"{'.'.join(str(part) for part in p['loc'][1:]) or 'message'}: {p['msg']}"
+        for p in problems
+        if p["loc"][:1] == (kind,)
+    )
+    message = "Invalid Request: not a JSON-RPC 2.0 message"
+    return _rpc_error(
+        _request_id(head), types.INVALID_REQUEST, f"{message} ({why})" if why else message
+    )
+
+
+def _about_the_whole(problem: Any) -> bool:
+    """Whether a problem's input is the line's whole value: the value, or a field it lacks."""
+    depth = len(problem["loc"])
+    return depth == 1 or (problem["type"] == "missing" and depth == 2)
+
+
+def _rpc_error(request_id: str | int | None, code: int, message: str) -> types.JSONRPCError:
+    return types.JSONRPCError(
+        jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message)
+    )
+
+
+def _request_id(head: dict[str, Any]) -> str | int | None:
+    """The ``id`` of a request (it has a ``method``) if it is one JSON-RPC allows and can echo."""
+    found = head.get("id")
+    if not isinstance(head.get("method"), str):
+        return None
+    if type(found) is int:
+        return found
+    if isinstance(found, str) and _utf8(found):
+        return found
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no reply could carry it
+        return False
+    return True
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_TOKEN = re.compile(r'"(?:[^"\\]+|\\.)*"|[][{}]')
+
+
+def _top_scalars(line: str) -> dict[str, Any]:
+    """The members of the JSON object on ``line`` whose values are not objects or arrays.
+
+    Read member by member without descending: nested values are skipped by
+    counting brackets, so a line nested too deeply, or holding a value the
+    SDK refuses, still shows its ``id`` and ``method``. Reading stops at the
+    first thing that is not JSON; what was read until then is returned.
+    """
+    decoder = json.JSONDecoder()
+    found: dict[str, Any] = {}
+    at = _skip_space(line, 0)
+    if not line.startswith("{", at):
+        return found
+    at += 1
+    try:
+        while True:
+            at = _skip_space(line, at)
+            if not line.startswith('"', at):
+                return found
+            key, at = decoder.raw_decode(line, at)
+            at = _skip_space(line, at)
+            if not line.startswith(":", at):
+                return found
+            at = _skip_space(line, at + 1)
+            if line.startswith(("{", "["), at):
+                at = _skip_nested(line, at)
+            else:
+                found[key], at = decoder.raw_decode(line, at)
+            at = _skip_space(line, at)
+            if not line.startswith(",", at):
+                return found
+            at += 1
+    except ValueError:  # not JSON from here on (or a number too long to read)
+        return found
+
+
+def _skip_space(line: str, at: int) -> int:
+    match = _SPACE.match(line, at)
+    return at if match is None else match.end()
+
+
+def _skip_nested(line: str, at: int) -> int:
+    """Where the object or array that starts at ``at`` ends (strings skipped whole)."""
+    depth = 0
+    for token in _TOKEN.finditer(line, at):
+        mark = token.group()
+        if mark in ("{", "["):
+            depth += 1
+        elif mark in ("}", "]"):
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    raise ValueError("an object or array is not closed")

@@ -31,7 +31,15 @@ from agentpolicy.decisions import Code, Outcome
 from agentpolicy.errors import ErrorCode, PolicyValidationError, Problem
 from agentpolicy.windows import Period
 
-__all__ = ["MAX_PAGE", "REGISTRY_CHANGES", "TOOLS", "Tool", "find_tool", "parse_arguments"]
+__all__ = [
+    "MAX_PAGE",
+    "MAX_VERSION",
+    "REGISTRY_CHANGES",
+    "TOOLS",
+    "Tool",
+    "find_tool",
+    "parse_arguments",
+]
 
 MAX_PAGE = 100
 """The most entries one page of a listing holds."""
@@ -655,8 +663,9 @@ TOOLS += (
 
 # -- safe rollout: dry runs, versions, shadow policies, what-if ----------------------------------
 
-_MAX_VERSION = 2**62
-_VERSION_ARG = {"type": "integer", "minimum": 1, "maximum": _MAX_VERSION}
+MAX_VERSION = 2**62
+"""The highest policy version a tool takes (as argument or in a cursor)."""
+_VERSION_ARG = {"type": "integer", "minimum": 1, "maximum": MAX_VERSION}
 _CHANGE = _object(
     {
         "path": {**_TEXT, "description": "Where the field is: limits.daily.value"},
