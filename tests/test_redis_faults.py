@@ -80,6 +80,35 @@ def test_a_command_that_got_no_connection_was_never_sent(exc: redis.exceptions.R
 
 
 @pytest.mark.parametrize(
+    "exc", [redis.exceptions.SlotNotCoveredError('Slot "5" is not covered by the cluster.'),
+            redis.exceptions.RedisClusterException("No targets were found to execute EVALSHA")],
+)  # fmt: skip
+def test_a_cluster_routing_error_is_storage_unavailable_and_a_commit_s_outcome_unknown(
+    exc: Exception,
+) -> None:
+    read, commit = rp.failure(exc, writing=False), rp.failure(exc, writing=True)
+    assert read.code == commit.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert NOTHING_CHANGED in read.message
+    assert "unknown" in commit.message  # an earlier attempt of the same call may have run it
+
+
+def test_a_cluster_routing_error_reaches_the_caller_as_a_store_error() -> None:
+    storage = RedisStorage.__new__(RedisStorage)
+
+    def fail(request: object) -> object:
+        raise redis.exceptions.SlotNotCoveredError("no node for the slot")
+
+    storage._send = fail  # type: ignore[method-assign]
+    with pytest.raises(PolicyError) as err:
+        storage.drive(iter_steps())
+    assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+
+
+def iter_steps() -> rp.Steps[None]:
+    yield rp.Read(["k"])
+
+
+@pytest.mark.parametrize(
     "exc", [redis.exceptions.ConnectionError("Connection reset by peer"),
             redis.exceptions.TimeoutError("Timeout reading from socket")],
 )  # fmt: skip

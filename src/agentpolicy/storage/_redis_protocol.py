@@ -104,8 +104,23 @@ def not_sent(exc: BaseException) -> bool:
     )
 
 
-def failure(exc: redis.exceptions.RedisError, *, writing: bool) -> PolicyError:
-    """The structured error for a Redis failure (``writing``: a commit may have been sent)."""
+FAILURES = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+"""What redis-py raises when Redis fails (a Cluster's routing errors are not ``RedisError``)."""
+
+
+def failure(exc: BaseException, *, writing: bool) -> PolicyError:
+    """The structured error for a Redis failure (``writing``: a commit may have been sent).
+
+    A Cluster's routing error (``RedisClusterException``: no node for a
+    slot, no target) is raised before a command is sent, or after an
+    attempt that failed: for a commit, its outcome is unknown.
+    """
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        if writing:
+            return _unknown(exc)
+        return StorageUnavailableError(
+            f"Redis Cluster is unavailable ({type(exc).__name__}); nothing was allowed or changed"
+        )
     if isinstance(exc, redis.exceptions.ResponseError):
         text = str(exc)
         # redis-py takes the code off the text of the errors it has a class for (READONLY, OOM...)
@@ -132,13 +147,17 @@ def failure(exc: redis.exceptions.RedisError, *, writing: bool) -> PolicyError:
     if writing and isinstance(
         exc, redis.exceptions.TimeoutError | redis.exceptions.ConnectionError
     ):
-        return StorageUnavailableError(
-            f"Redis did not answer ({type(exc).__name__}), so whether this change was "
-            "recorded is unknown: a reservation it made expires by itself, and the "
-            "same idempotency key answers the first decision"
-        )
+        return _unknown(exc)
     return StorageUnavailableError(
         f"Redis is unavailable ({type(exc).__name__}); nothing was allowed or changed"
+    )
+
+
+def _unknown(exc: BaseException) -> StorageUnavailableError:
+    return StorageUnavailableError(
+        f"Redis did not answer ({type(exc).__name__}), so whether this change was "
+        "recorded is unknown: a reservation it made expires by itself, and the "
+        "same idempotency key answers the first decision"
     )
 
 
@@ -210,7 +229,7 @@ Steps = Generator[Request, Any, T]
 """An operation: yields requests, receives their answers, returns its result."""
 
 
-def lost_hints(request: Request, exc: redis.exceptions.RedisError) -> str | None:
+def lost_hints(request: Request, exc: BaseException) -> str | None:
     """The warning to log when ``request`` failed without changing the outcome, else ``None``.
 
     Only hints sent after an applied commit fail so: the commit stands and

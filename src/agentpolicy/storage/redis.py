@@ -103,7 +103,7 @@ class RedisStorage:
             else:
                 pool = redis.BlockingConnectionPool.from_url(url, **options)
                 self.client = redis.Redis.from_pool(pool)
-        except (redis.exceptions.RedisError, ValueError, IndexError) as exc:
+        except (*rp.FAILURES, ValueError, IndexError) as exc:
             raise rp.unreachable(exc) from None
         self._commit = self.client.register_script(rp.script())
         self._schema_checked = False
@@ -127,7 +127,7 @@ class RedisStorage:
         """Run a Redis call; turn Redis failures into structured errors."""
         try:
             return call()
-        except redis.exceptions.RedisError as exc:
+        except rp.FAILURES as exc:
             raise rp.failure(exc, writing=writing) from None
 
     def drive(self, steps: rp.Steps[T]) -> T:
@@ -141,7 +141,7 @@ class RedisStorage:
                 return result
             try:
                 answer = self._send(request)
-            except redis.exceptions.RedisError as exc:
+            except rp.FAILURES as exc:
                 lost = rp.lost_hints(request, exc)
                 if lost is None:
                     raise rp.failure(exc, writing=request.writing) from None

@@ -124,7 +124,7 @@ class AsyncRedisStorage:
                     url, **options, **rp.pool_options(timeout)
                 )
                 self.client = redis.asyncio.Redis.from_pool(pool)
-        except (redis.exceptions.RedisError, ValueError, IndexError) as exc:
+        except (*rp.FAILURES, ValueError, IndexError) as exc:
             raise rp.unreachable(exc) from None
         self._commit = self.client.register_script(rp.script())
         self._schema_checked = False
@@ -139,7 +139,7 @@ class AsyncRedisStorage:
                 return
             try:
                 done = await self._call(lambda: self.client.get(self.key_prefix + "schema"))
-            except redis.exceptions.RedisError as exc:
+            except rp.FAILURES as exc:
                 raise rp.failure(exc, writing=False) from None
             if done != _DONE:
                 await asyncio.to_thread(self._convert)
@@ -168,7 +168,7 @@ class AsyncRedisStorage:
                 return result
             try:
                 answer = await self._call(functools.partial(self._send, request))
-            except redis.exceptions.RedisError as exc:
+            except rp.FAILURES as exc:
                 lost = rp.lost_hints(request, exc)
                 if lost is None:
                     raise rp.failure(exc, writing=request.writing) from None
