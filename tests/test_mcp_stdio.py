@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -560,19 +561,32 @@ def test_a_server_whose_client_stops_reading_ends_quietly(
     import time
 
     server = Stdio(_env(tmp_path, "agent"), command)
-    server.initialize()
-    assert server.proc.stdout is not None
-    server.proc.stdout.close()  # the client goes away (as | head would): replies hit a broken pipe
-    for n in range(3):
-        server._write({"jsonrpc": "2.0", "id": 100 + n, "method": "tools/list"})
-        time.sleep(0.3)
-    assert server.proc.stdin is not None
-    server.proc.stdin.close()
-    server.proc.wait(timeout=20)
-    assert server.proc.stderr is not None
-    err = server.proc.stderr.read()
-    server.proc.stderr.close()
-    _quiet_end(server.proc, err)
+    proc = server.proc
+    try:
+        server.initialize()
+        assert proc.stdout is not None
+        proc.stdout.close()  # the client goes away (as | head would): replies hit a broken pipe
+        for n in range(3):
+            # the server may end at its first reply that finds nobody reading: then writing to
+            # it breaks too, and that is the quiet end this test wants
+            with contextlib.suppress(BrokenPipeError):
+                server._write({"jsonrpc": "2.0", "id": 100 + n, "method": "tools/list"})
+            time.sleep(0.3)
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        proc.wait(timeout=20)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    finally:  # never leave the process or its pipes behind for a later test to trip over
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+    _quiet_end(proc, err)
 
 
 DEEP = '{"a":' * 5000 + "1" + "}" * 5000
