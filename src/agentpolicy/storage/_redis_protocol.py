@@ -91,6 +91,10 @@ def unreachable(exc: BaseException) -> StorageUnavailableError:
     return StorageUnavailableError(f"cannot reach Redis: {type(exc).__name__}")
 
 
+class NoTurn(redis.exceptions.ConnectionError):
+    """No turn at the pool came within the timeout: raised before a command was sent."""
+
+
 def not_sent(exc: BaseException) -> bool:
     """Whether ``exc`` says no connection was free, so the command was never sent.
 
@@ -98,7 +102,7 @@ def not_sent(exc: BaseException) -> bool:
     that waited its timeout in vain raises a plain ``ConnectionError`` whose
     only mark is its message.
     """
-    return isinstance(exc, redis.exceptions.MaxConnectionsError) or (
+    return isinstance(exc, redis.exceptions.MaxConnectionsError | NoTurn) or (
         type(exc) is redis.exceptions.ConnectionError
         and str(exc).startswith("No connection available")
     )
@@ -108,12 +112,16 @@ FAILURES = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 """What redis-py raises when Redis fails (a Cluster's routing errors are not ``RedisError``)."""
 
 
-def failure(exc: BaseException, *, writing: bool) -> PolicyError:
+def failure(exc: BaseException, *, writing: bool, cluster: bool = False) -> PolicyError:
     """The structured error for a Redis failure (``writing``: a commit may have been sent).
 
     A Cluster's routing error (``RedisClusterException``: no node for a
     slot, no target) is raised before a command is sent, or after an
-    attempt that failed: for a commit, its outcome is unknown.
+    attempt that failed: for a commit, its outcome is unknown. So is any
+    refusal of a commit on a Cluster (``cluster``), whose client sends a
+    command again, on another connection, after one timed out: the refusal
+    (no free connection, READONLY, OOM, ...) may answer that second attempt
+    while the first one ran. Only :class:`NoTurn` is certainly before any.
     """
     if isinstance(exc, redis.exceptions.RedisClusterException):
         if writing:
@@ -126,6 +134,9 @@ def failure(exc: BaseException, *, writing: bool) -> PolicyError:
         # redis-py takes the code off the text of the errors it has a class for (READONLY, OOM...)
         code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
         down = isinstance(exc, redis.exceptions.ClusterError)  # CLUSTERDOWN, MASTERDOWN, ...
+        refused = down or code in _UNAVAILABLE or code == "OOM" or "OOM command not allowed" in text
+        if writing and cluster and refused:
+            return _unknown(exc)
         if down or code in _UNAVAILABLE:
             word = type(exc).__name__ if down else code
             return StorageUnavailableError(
@@ -139,6 +150,8 @@ def failure(exc: BaseException, *, writing: bool) -> PolicyError:
                 "so it refused the change; nothing was allowed or changed"
             )
         return InternalError(f"Redis refused a command: {text}")
+    if writing and cluster and not_sent(exc) and not isinstance(exc, NoTurn):
+        return _unknown(exc)  # maybe the second attempt's: see above
     if not_sent(exc):
         return StorageUnavailableError(
             "Redis is unavailable (no free connection: every connection of this process's "

@@ -144,7 +144,7 @@ class RedisStorage:
             except rp.FAILURES as exc:
                 lost = rp.lost_hints(request, exc)
                 if lost is None:
-                    raise rp.failure(exc, writing=request.writing) from None
+                    raise rp.failure(exc, writing=request.writing, cluster=self.cluster) from None
                 _log.warning(lost)
                 answer = None
 

@@ -171,7 +171,7 @@ class AsyncRedisStorage:
             except rp.FAILURES as exc:
                 lost = rp.lost_hints(request, exc)
                 if lost is None:
-                    raise rp.failure(exc, writing=request.writing) from None
+                    raise rp.failure(exc, writing=request.writing, cluster=self.cluster) from None
                 _log.warning(lost)
                 answer = None
 
@@ -184,7 +184,7 @@ class AsyncRedisStorage:
             async with asyncio.timeout(self._timeout.total_seconds()):
                 await gate.acquire()
         except TimeoutError:
-            raise redis.exceptions.ConnectionError("No connection available.") from None
+            raise rp.NoTurn("No connection available.") from None
         try:
             return await call()
         finally:

@@ -440,7 +440,9 @@ class SQLiteStorage:
                 else:
                     return
         finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(limit * 1000)}")
+            conn.execute(
+                f"PRAGMA busy_timeout = {int(self._busy_timeout / timedelta(milliseconds=1))}"
+            )
         raise StorageUnavailableError(
             f"SQLite database {self.path} is busy: another writer held its lock past "
             f"{limit:g} s ({exc}); nothing was allowed or changed"
