@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import shutil
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
+import redis.connection
 from redis._parsers.base import BaseParser
 
 from agentpolicy import AsyncPolicyEngine, ErrorCode, PolicyEngine, PolicyError
@@ -560,3 +563,179 @@ def test_redis_at_maxmemory_is_storage_unavailable_and_changes_nothing(
     assert engine.authorize(payment(USDT)).allowed
     admin.close()
     engine.close()
+
+
+# -- one node: a refusal answering an attempt sent again after a timeout ---------------------
+
+
+READONLY = b"-READONLY You can't write against a read only replica.\r\n"
+
+
+class _RefusingProxy:
+    """A TCP proxy to Redis whose links forward both ways until :meth:`refuse`.
+
+    After it, what Redis answers on the links already open is dropped (what
+    the client sends still reaches Redis and runs), and every link opened
+    later is answered by the proxy itself: ``READONLY`` to each command, as
+    a server demoted to a replica meanwhile would.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = redis.connection.parse_url(url)
+        self.upstream = (parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379)))
+        self.db = int(parsed.get("db", 0))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/{self.db}"
+        self.refusing = False
+        self.refused = 0  # commands answered READONLY
+        self.stopping = False
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def refuse(self) -> None:
+        self.refusing = True
+
+    def close(self) -> None:
+        self.stopping = True
+        for thread in self.threads:
+            thread.join(5)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            target = self._refuse if self.refusing else self._forward
+            thread = threading.Thread(target=target, args=(client,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _forward(self, client: socket.socket) -> None:
+        server = socket.create_connection(self.upstream)
+        try:
+            while not self.stopping:
+                ready, _, _ = select.select([client, server], [], [], 0.05)
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    if source is client:
+                        server.sendall(data)
+                    elif not self.refusing:
+                        client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            server.close()
+
+    def _refuse(self, client: socket.socket) -> None:
+        pending = b""
+        try:
+            while not self.stopping:
+                ready, _, _ = select.select([client], [], [], 0.05)
+                if not ready:
+                    continue
+                data = client.recv(65536)
+                if not data:
+                    return
+                pending += data
+                commands, pending = _whole_commands(pending)
+                self.refused += commands
+                client.sendall(READONLY * commands)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+
+def _whole_commands(data: bytes) -> tuple[int, bytes]:
+    """How many whole RESP commands (arrays of bulk strings) ``data`` begins with, and the rest."""
+    count = 0
+    while True:
+        rest = data
+        head, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            return count, data
+        items = int(head[1:])
+        for _ in range(items):
+            size, sep, rest = rest.partition(b"\r\n")
+            if not sep or len(rest) < int(size[1:]) + 2:
+                return count, data
+            rest = rest[int(size[1:]) + 2 :]
+        count += 1
+        data = rest
+
+
+@pytest.fixture
+def refusing(redis_url: str) -> Iterator[_RefusingProxy]:
+    proxy = _RefusingProxy(redis_url)
+    yield proxy
+    proxy.close()
+
+
+def test_a_refusal_after_an_attempt_timed_out_says_the_outcome_is_unknown(
+    redis_url: str, refusing: _RefusingProxy
+) -> None:
+    """The first attempt ran and its answer was lost; redis-py's second attempt was refused."""
+    keys = prefix()
+    quick = timedelta(milliseconds=300)
+    engine = PolicyEngine(
+        storage=RedisStorage(refusing.url, key_prefix=keys, timeout=quick), clock=ManualClock()
+    )
+    engine.set_policy("agent-1", DAILY_100)
+    assert engine.authorize(payment(USDT)).allowed  # the script is loaded, the link warm
+    refusing.refuse()
+    with pytest.raises(PolicyError) as caught:
+        engine.authorize(payment(10 * USDT))
+    assert refusing.refused >= 1  # the client did send it again, and was refused
+    assert caught.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "unknown" in caught.value.message
+    assert NOTHING_CHANGED not in caught.value.message
+    direct = PolicyEngine(storage=RedisStorage(redis_url, key_prefix=keys), clock=ManualClock())
+    assert reserved(direct.budget("agent-1", "daily")) == 11 * USDT  # the first attempt ran
+    direct.close()
+    engine.close()
+
+
+def test_an_async_refusal_after_an_attempt_timed_out_says_the_outcome_is_unknown(
+    redis_url: str, refusing: _RefusingProxy
+) -> None:
+    keys = prefix()
+    quick = timedelta(milliseconds=300)
+
+    async def main() -> PolicyError:
+        engine = AsyncPolicyEngine(
+            RedisStorage(refusing.url, key_prefix=keys, timeout=quick),
+            ManualClock(),
+            async_storage=AsyncRedisStorage(refusing.url, key_prefix=keys, timeout=quick),
+        )
+        await engine.set_policy("agent-1", DAILY_100)
+        assert (await engine.authorize(payment(USDT))).allowed
+        refusing.refuse()
+        try:
+            await engine.authorize(payment(10 * USDT))
+        except PolicyError as err:
+            return err
+        finally:
+            await engine.close()
+        raise AssertionError("the refused authorize did not fail")
+
+    err = asyncio.run(main())
+    assert refusing.refused >= 1
+    assert err.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "unknown" in err.message
+    direct = PolicyEngine(storage=RedisStorage(redis_url, key_prefix=keys), clock=ManualClock())
+    assert reserved(direct.budget("agent-1", "daily")) == 11 * USDT
+    direct.close()
+
+
+def test_a_refusal_of_a_first_attempt_still_says_nothing_changed() -> None:
+    """Only an attempt that failed without an answer makes a later refusal 'unknown'."""
+    refusal = BaseParser.parse_error("READONLY You can't write against a read only replica.")
+    assert NOTHING_CHANGED in rp.failure(refusal, writing=True, again=False).message
+    assert "unknown" in rp.failure(refusal, writing=True, again=True).message
+    assert NOTHING_CHANGED in rp.failure(refusal, writing=False, again=True).message

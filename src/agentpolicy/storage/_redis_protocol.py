@@ -14,7 +14,8 @@ its client, and turns Redis failures into structured errors with
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextvars import ContextVar
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
@@ -62,10 +63,39 @@ def cluster_url(url: str) -> tuple[bool, str]:
     return False, url
 
 
+_RESENT: ContextVar[bool] = ContextVar("agentpolicy_redis_resent", default=False)
+
+
+def first_attempt() -> None:
+    """Note that no attempt of the command about to be sent has failed yet (this thread or task)."""
+    _RESENT.set(False)
+
+
+def resent() -> bool:
+    """Whether an attempt of the last command sent failed without an answer and it went again.
+
+    redis-py sends a command again, on a new socket, after a timeout or a
+    dropped connection: a refusal that ends the call then answers a later
+    attempt, and the first one may have run.
+    """
+    return _RESENT.get()
+
+
+def noting(fail: Callable[..., T]) -> Callable[..., T]:
+    """``fail`` (redis-py's handler of a failed attempt), noting that an attempt failed."""
+
+    def noted(error: Exception, *count: int) -> T:
+        _RESENT.set(True)
+        return fail(error, *count)
+
+    return noted
+
+
 def client_options(timeout: timedelta, retry: Any) -> dict[str, Any]:
     """What both stores give their client: ``timeout`` per command, then two quick retries.
 
-    ``retry`` is the client's ``Retry`` class (redis-py's, or ``redis.asyncio``'s).
+    ``retry`` is the store's ``Retry`` class (a subclass of redis-py's, or
+    ``redis.asyncio``'s, whose handler of a failed attempt is :func:`noting`).
     """
     seconds = timeout.total_seconds()
     return {
@@ -112,7 +142,9 @@ FAILURES = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 """What redis-py raises when Redis fails (a Cluster's routing errors are not ``RedisError``)."""
 
 
-def failure(exc: BaseException, *, writing: bool, cluster: bool = False) -> PolicyError:
+def failure(
+    exc: BaseException, *, writing: bool, cluster: bool = False, again: bool = False
+) -> PolicyError:
     """The structured error for a Redis failure (``writing``: a commit may have been sent).
 
     A Cluster's routing error (``RedisClusterException``: no node for a
@@ -122,6 +154,8 @@ def failure(exc: BaseException, *, writing: bool, cluster: bool = False) -> Poli
     command again, on another connection, after one timed out: the refusal
     (no free connection, READONLY, OOM, ...) may answer that second attempt
     while the first one ran. Only :class:`NoTurn` is certainly before any.
+    On one node the same holds when ``again`` (:func:`resent`): an attempt
+    of the commit failed without an answer before the refusal came.
     """
     if isinstance(exc, redis.exceptions.RedisClusterException):
         if writing:
@@ -135,7 +169,7 @@ def failure(exc: BaseException, *, writing: bool, cluster: bool = False) -> Poli
         code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
         down = isinstance(exc, redis.exceptions.ClusterError)  # CLUSTERDOWN, MASTERDOWN, ...
         refused = down or code in _UNAVAILABLE or code == "OOM" or "OOM command not allowed" in text
-        if writing and cluster and refused:
+        if writing and (cluster or again) and refused:
             return _unknown(exc)
         if down or code in _UNAVAILABLE:
             word = type(exc).__name__ if down else code

@@ -50,6 +50,13 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
+class _Retry(Retry):
+    """redis-py's retries, noting a failed attempt (see ``rp.resent``)."""
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().call_with_retry(do, rp.noting(fail), *args, **kwargs)
+
+
 class _RedisSession:
     fresh = False
 
@@ -94,7 +101,7 @@ class RedisStorage:
         self.cluster, plain = rp.cluster_url(url)
         self.global_indexes_atomic = not self.cluster
         self.keys = rp.Keyspace(key_prefix, cluster=self.cluster)
-        options = {**rp.client_options(timeout, Retry), **rp.pool_options(timeout)}
+        options = {**rp.client_options(timeout, _Retry), **rp.pool_options(timeout)}
         try:
             if self.cluster:  # every node's pool is made of this class, with these options
                 self.client: Any = redis.cluster.RedisCluster.from_url(
@@ -144,12 +151,15 @@ class RedisStorage:
             except rp.FAILURES as exc:
                 lost = rp.lost_hints(request, exc)
                 if lost is None:
-                    raise rp.failure(exc, writing=request.writing, cluster=self.cluster) from None
+                    raise rp.failure(
+                        exc, writing=request.writing, cluster=self.cluster, again=rp.resent()
+                    ) from None
                 _log.warning(lost)
                 answer = None
 
     def _send(self, request: rp.Request) -> Any:
         client = self.client
+        rp.first_attempt()
         if isinstance(request, rp.Eval):  # resent by redis-py after a timeout: applied once
             return self._commit(keys=request.keys, args=request.args)
         if isinstance(request, rp.Read):

@@ -38,6 +38,14 @@ T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
+
+class _Retry(Retry):
+    """``redis.asyncio``'s retries, noting a failed attempt (see ``rp.resent``)."""
+
+    async def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        return await super().call_with_retry(do, rp.noting(fail), *args, **kwargs)
+
+
 _DONE = "3"  # the value of <prefix>schema once the prefix holds no data of 0.1
 
 
@@ -107,7 +115,7 @@ class AsyncRedisStorage:
         self.keys = rp.Keyspace(key_prefix, cluster=self.cluster)
         self._url = url
         self._timeout = timeout
-        options = rp.client_options(timeout, Retry)
+        options = rp.client_options(timeout, _Retry)
         self._gate: asyncio.Semaphore | None = None
         try:
             if self.cluster:
@@ -171,7 +179,9 @@ class AsyncRedisStorage:
             except rp.FAILURES as exc:
                 lost = rp.lost_hints(request, exc)
                 if lost is None:
-                    raise rp.failure(exc, writing=request.writing, cluster=self.cluster) from None
+                    raise rp.failure(
+                        exc, writing=request.writing, cluster=self.cluster, again=rp.resent()
+                    ) from None
                 _log.warning(lost)
                 answer = None
 
@@ -192,6 +202,7 @@ class AsyncRedisStorage:
 
     async def _send(self, request: rp.Request) -> Any:
         client = self.client
+        rp.first_attempt()
         if isinstance(request, rp.Eval):  # resent by the client after a timeout: applied once
             return await self._commit(keys=request.keys, args=request.args)
         if isinstance(request, rp.Read):
