@@ -16,12 +16,14 @@ count.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing
 import os
 import shutil
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -206,7 +208,7 @@ class _Recorder:
         return self.conn.executemany(sql, rows)
 
 
-def sqlite_floor(tmp: Path, cycles: int = 1_000) -> tuple[float, int]:
+def sqlite_floor(tmp: Path, cycles: int = 1_000) -> tuple[float, int, list[Any]]:
     """Seconds per authorize+confirm of only the SQL the SQLite store issues, and statements.
 
     A store on a fresh file runs 300 payments; its database is copied; the
@@ -250,7 +252,61 @@ def sqlite_floor(tmp: Path, cycles: int = 1_000) -> tuple[float, int]:
         samples.append((time.perf_counter() - start) / cycles)
         conn.close()
         assert _sqlite_contents(path) == recorded, "the replay must leave what the store left"
-    return statistics.median(samples), len(notes) // cycles
+    return statistics.median(samples), len(notes) // cycles, notes
+
+
+def wal_frames(conn: sqlite3.Connection, path: Path) -> tuple[int, collections.Counter[str]]:
+    """Commits in the WAL of ``path`` (open on ``conn``), and its frames by the tree they belong to.
+
+    A commit writes each page it changed once, as one WAL frame; a frame's
+    page number is mapped to its table or index (and leaf or interior) by
+    SQLite's ``dbstat`` table.
+    """
+    owner = {
+        page: f"{name} {kind}"
+        for name, page, kind in conn.execute("SELECT name, pageno, pagetype FROM dbstat")
+    }
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    data = (path.parent / (path.name + "-wal")).read_bytes()
+    frames: collections.Counter[str] = collections.Counter()
+    commits, at = 0, 32  # a 32-byte WAL header, then frames of a 24-byte header and a page
+    while at + 24 + size <= len(data):
+        page, size_after = struct.unpack(">II", data[at : at + 8])
+        frames[owner.get(page, "a new page")] += 1
+        commits += size_after != 0  # a commit's last frame carries the database's size
+        at += 24 + size
+    return commits, frames
+
+
+def sqlite_frames(tmp: Path, notes: list[Any], statements: int) -> None:
+    """WAL frames (pages written) per commit: the store's statements replayed, and the anchor's."""
+    shutil.copyfile(tmp / "floor-start.db", tmp / "frames.db")
+    conn = sqlite3.connect(tmp / "frames.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # every frame stays in the WAL to be read
+    for many, sql, params in notes[: 200 * statements]:
+        if many:
+            conn.executemany(sql, params)
+        else:
+            conn.execute(sql, params).fetchall()
+    commits, frames = wal_frames(conn, tmp / "frames.db")
+    conn.close()
+    anchor = sqlite3.connect(tmp / "frames-anchor.db", isolation_level=None)
+    anchor.execute("PRAGMA journal_mode = WAL")
+    anchor.execute("PRAGMA wal_autocheckpoint = 0")
+    anchor.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+    anchor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for _ in range(400):
+        anchor.execute("BEGIN IMMEDIATE")
+        anchor.execute("INSERT INTO t (body) VALUES ('x')")
+        anchor.execute("COMMIT")
+    anchor_commits, anchor_frames = wal_frames(anchor, tmp / "frames-anchor.db")
+    anchor.close()
+    per = sum(frames.values()) / commits
+    bare = sum(anchor_frames.values()) / anchor_commits
+    trees = ", ".join(f"{tree} {n / commits:.2f}" for tree, n in frames.most_common())
+    row(f"WAL frames (pages written) per commit of an authorize or a confirm: {trees}",
+        f"{per:.2f}", f"bare transaction {bare:.2f}", per / bare, "reported")  # fmt: skip
 
 
 def _sqlite_contents(path: Path) -> tuple[Any, ...]:
@@ -269,10 +325,11 @@ def sqlite_figures(tmp: Path, history: int) -> None:
     empty = per_call(cycle(engine), 500)
     row("authorize+confirm, SQLite file (WAL)", us(empty),
         f"BEGIN IMMEDIATE;INSERT;COMMIT {us(anchor)}", empty / anchor, "<= 12x")  # fmt: skip
-    floor, statements = sqlite_floor(tmp)
+    floor, statements, notes = sqlite_floor(tmp)
     row(f"the SQLite store's own {statements} statements per authorize+confirm, replayed alone",
         us(floor), f"BEGIN IMMEDIATE;INSERT;COMMIT {us(anchor)}", floor / anchor,
         "reported (the layout's floor)")  # fmt: skip
+    sqlite_frames(tmp, notes, statements)
     run = cycle(engine)
     for _ in range(history):
         run()
