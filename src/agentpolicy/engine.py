@@ -42,7 +42,7 @@ from agentpolicy.ledger.docs import (
     request_of,
     reservation_record,
 )
-from agentpolicy.ledger.flows import Flow, Log, Read, Run, Scan, drive
+from agentpolicy.ledger.flows import UNREADABLE, Flow, Log, Read, Run, Scan, drive, unreadable
 from agentpolicy.ledger.outbox import LedgerOutbox
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import MAX_SCORE, ClockBehindError, LedgerConfig
@@ -98,6 +98,14 @@ class StoredPolicy:
     policy: AgentPolicy
     version: int
     updated_at: datetime
+
+
+def _stored_policy(doc: Body, where: str) -> AgentPolicy:
+    """A policy read back from the store; one that does not load is damaged stored data."""
+    try:
+        return load_policy(doc["policy"])
+    except (PolicyValidationError, *UNREADABLE) as exc:
+        raise unreadable(where, exc) from None
 
 
 def _ceil_to(value: int, decimals: int, to: int) -> int:
@@ -359,7 +367,7 @@ class PolicyEngine(Voting):
         """A stored policy version, parsed and kept."""
         if doc is None:
             raise InternalError(f"policy version {version} of {agent_id} is missing")
-        policy = load_policy(doc["policy"])
+        policy = _stored_policy(doc, f"of policy version {version} of agent {agent_id!r}")
         with self._policies_lock:
             if len(self._policies) > 10_000:
                 self._policies.clear()
@@ -772,7 +780,7 @@ class PolicyEngine(Voting):
         key = (agent_id, doc["id"])
         found = self._shadows.get(key)
         if found is None:
-            found = load_policy(doc["policy"])
+            found = _stored_policy(doc, f"of the shadow policy of agent {agent_id!r}")
             with self._policies_lock:
                 if len(self._shadows) > 10_000:
                     self._shadows.clear()

@@ -20,11 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
+from agentpolicy.errors import PolicyError, StorageUnavailableError
 from agentpolicy.ledger.arunner import arun
-from agentpolicy.ledger.runner import View, run
+from agentpolicy.ledger.runner import UNREADABLE, View, run
 from agentpolicy.storage.base import AsyncStorage, Storage, Txn
 
-__all__ = ["Flow", "Log", "Read", "Request", "Run", "Scan", "adrive", "drive"]
+__all__ = ["UNREADABLE", "Flow", "Log", "Read", "Request", "Run", "Scan", "adrive", "drive",
+           "unreadable"]  # fmt: skip
+
+
+def unreadable(where: str, exc: BaseException) -> StorageUnavailableError:
+    """The error for stored data that cannot be read (``where``: which data)."""
+    return StorageUnavailableError(
+        f"the stored data {where} cannot be read ({type(exc).__name__}: {exc}): it is damaged, "
+        "or was not written by agentpolicy; the call stopped there and allowed nothing"
+    )
+
 
 T = TypeVar("T")
 
@@ -122,7 +133,33 @@ async def _aanswer(storage: AsyncStorage, request: Request) -> Any:
 
 
 def drive(storage: Storage, flow: Flow[T]) -> T:
-    """Run a flow to its end on a sync store; return its answer (or raise its error)."""
+    """Run a flow to its end on a sync store; return its answer (or raise its error).
+
+    Stored data that cannot be read (:data:`UNREADABLE`) is a
+    :class:`~agentpolicy.errors.StorageUnavailableError` naming the shard.
+    """
+    where = _Where()
+    try:
+        return _drive(storage, flow, where)
+    except PolicyError:
+        raise
+    except UNREADABLE as exc:
+        raise unreadable(where.said(), exc) from exc
+
+
+class _Where:
+    """The shard of a flow's last request (for the words of an error)."""
+
+    __slots__ = ("shard",)
+
+    def __init__(self) -> None:
+        self.shard: str | None = None
+
+    def said(self) -> str:
+        return "of this call" if self.shard is None else f"of shard {self.shard!r}"
+
+
+def _drive(storage: Storage, flow: Flow[T], where: _Where) -> T:
     answer: Any = None
     error: BaseException | None = None
     while True:
@@ -130,6 +167,7 @@ def drive(storage: Storage, flow: Flow[T]) -> T:
             request = flow.send(answer) if error is None else flow.throw(error)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        where.shard = request.shard
         answer, error = None, None
         try:
             if isinstance(request, Run):
@@ -142,7 +180,20 @@ def drive(storage: Storage, flow: Flow[T]) -> T:
 
 
 async def adrive(storage: AsyncStorage, flow: Flow[T]) -> T:
-    """Run a flow to its end on an async store, awaiting every request; return its answer."""
+    """Run a flow to its end on an async store, awaiting every request; return its answer.
+
+    Stored data that cannot be read is reported as by :func:`drive`.
+    """
+    where = _Where()
+    try:
+        return await _adrive(storage, flow, where)
+    except PolicyError:
+        raise
+    except UNREADABLE as exc:
+        raise unreadable(where.said(), exc) from exc
+
+
+async def _adrive(storage: AsyncStorage, flow: Flow[T], where: _Where) -> T:
     answer: Any = None
     error: BaseException | None = None
     while True:
@@ -150,6 +201,7 @@ async def adrive(storage: AsyncStorage, flow: Flow[T]) -> T:
             request = flow.send(answer) if error is None else flow.throw(error)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        where.shard = request.shard
         answer, error = None, None
         try:
             answer = await _aanswer(storage, request)

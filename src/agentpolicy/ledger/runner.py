@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 from agentpolicy.errors import PolicyError, StorageUnavailableError
 from agentpolicy.storage.base import Doc, Session, Storage, Txn, new_op
 
-__all__ = ["MAX_ATTEMPTS", "RETRY_SECONDS", "View", "run"]
+__all__ = ["MAX_ATTEMPTS", "RETRY_SECONDS", "UNREADABLE", "View", "run"]
+
+UNREADABLE = (LookupError, TypeError, ValueError, AttributeError)
+"""What reading stored data not as the ledger wrote it raises (a :class:`PolicyError` aside).
+
+A call's own arguments are checked before its flow starts, so in a flow
+these come from documents read back: damaged, or written by something else.
+"""
 
 T = TypeVar("T")
 
@@ -122,6 +129,11 @@ class _Attempts:
             if not view.guessed:
                 raise
             self.trust = False  # the error may rest on a stale guess: check it fresh
+            return None
+        except UNREADABLE:
+            if not view.guessed:
+                raise
+            self.trust = False  # a cached document may have been damaged, and since repaired
             return None
         if not (txn.put or txn.delete or txn.index or txn.append):
             if view.guessed:
