@@ -134,3 +134,22 @@ def test_the_async_engine_reports_damaged_data_alike(redis_url: str) -> None:
         client.close()
     _assert_unreadable(caught, "of shard 'agent-1'")
     assert repaired
+
+
+def test_a_damaged_webhook_delivery_is_a_structured_error(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    approval = {**DAILY_100, "approvalConfig": {"thresholds": [
+        {"amount": {"value": str(USDT)}, "requiredApprovers": 1, "approvers": ["boss"]}]}}  # fmt: skip
+    hook = [{"url": "http://127.0.0.1:9/hook", "secret": "s3cret"}]
+    engine = PolicyEngine(storage=SQLiteStorage(path), clock=ManualClock(), webhook_endpoints=hook)
+    engine.set_policy("agent-1", approval)
+    assert engine.authorize(payment(2 * USDT)).approval_id is not None  # approval.created
+    assert len(engine.webhook_deliveries()) == 1
+    conn = sqlite3.connect(path)
+    with conn:
+        assert conn.execute("UPDATE docs SET body = '[1]' WHERE name LIKE 'w/%'").rowcount == 1
+    conn.close()
+    with pytest.raises(PolicyError) as caught:
+        engine.webhook_deliveries()
+    _assert_unreadable(caught.value, "of the webhook outbox")
+    engine.close()

@@ -29,6 +29,7 @@ from agentpolicy.errors import (
     ErrorCode,
     InternalError,
     NotFoundError,
+    PolicyError,
     PolicyValidationError,
 )
 from agentpolicy.guard import PaymentGuard
@@ -1510,7 +1511,12 @@ class PolicyEngine(Voting):
                 "$.status", "must be pending, delivered or failed"
             ).problems
         raise_if(problems)
-        return self.outbox.webhook_deliveries(status, limit)
+        try:
+            return self.outbox.webhook_deliveries(status, limit)
+        except PolicyError:
+            raise
+        except UNREADABLE as exc:
+            raise unreadable("of the webhook outbox", exc) from exc
 
     def close(self) -> None:
         """Stop webhook delivery (what is pending stays in the outbox) and close the storage."""
