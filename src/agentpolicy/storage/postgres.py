@@ -403,17 +403,39 @@ def _round_trip(conn: Any, request: _Pipeline | _Execute, watchdog: _Watchdog) -
             cursor = conn.execute(request.query, request.params)
             answer = cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:
+        if isinstance(request, _Pipeline):
+            _forget_prepared(conn)
         if watchdog.disarm(watch):
             conn.close()
             raise _Stalled(f"no answer within {watchdog.seconds:g} s") from exc
         raise
-    except BaseException:
+    except BaseException:  # KeyboardInterrupt: psycopg cancelled the statement first
+        if isinstance(request, _Pipeline):
+            _forget_prepared(conn)
         if watchdog.disarm(watch):
             conn.close()
         raise
     if watchdog.disarm(watch):
         conn.close()
     return answer
+
+
+def _forget_prepared(conn: Any) -> None:
+    """After a failed pipeline: make psycopg forget, and deallocate, every statement it prepared.
+
+    psycopg prepares a statement at its sixth use on a connection, and in a
+    pipeline it records the statement as prepared when it queues the PREPARE,
+    before the server runs it. When that PREPARE fails (its table's lock
+    timed out, the call was cancelled or interrupted) or never runs (an
+    earlier statement of the pipeline failed), psycopg still believes it
+    exists, and every later use of that statement on the connection, in any
+    later call, fails with "prepared statement ... does not exist". Forgetting
+    them all puts both sides back in step: psycopg sends ``DEALLOCATE ALL``
+    before its next statement and prepares again after a few uses.
+    """
+    prepared = getattr(conn, "_prepared", None)  # psycopg's own cache: it has no public reset
+    if prepared is not None:
+        prepared.clear()
 
 
 class _Holder:
@@ -702,9 +724,11 @@ class _PostgresSession(_SessionSteps):
         conn = self.conn
         if conn is None:
             return
-        _drive(self._exit_steps(), self)
-        self.conn = None
-        self.storage._putconn(conn)
+        try:
+            _drive(self._exit_steps(), self)
+        finally:  # even when interrupted: a connection never given back is lost to the pool
+            self.conn = None
+            self.storage._putconn(conn)
 
     def _replace(self) -> None:
         conn = self.conn

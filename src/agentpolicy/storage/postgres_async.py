@@ -36,6 +36,7 @@ from agentpolicy.storage.postgres import (
     _Call,
     _Execute,
     _first_line,
+    _forget_prepared,
     _Holder,
     _Pipeline,
     _PostgresBase,
@@ -103,11 +104,15 @@ async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) 
             cursor = await conn.execute(request.query, request.params)
             answer = await cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:
+        if isinstance(request, _Pipeline):
+            _forget_prepared(conn)
         if fired():
             await conn.close()
             raise _Stalled(f"no answer within {seconds:g} s") from exc
         raise
-    except BaseException:
+    except BaseException:  # cancelled: psycopg cancelled the statement and waited for its end
+        if isinstance(request, _Pipeline):
+            _forget_prepared(conn)
         if fired():
             await conn.close()
         raise
