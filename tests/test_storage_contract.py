@@ -17,6 +17,7 @@ from agentpolicy import (
     PolicyValidationError,
     ReservationStatus,
 )
+from agentpolicy.ledger.state import EXPIRE_BATCH
 from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend
 
@@ -685,3 +686,43 @@ def test_a_flood_of_10001_denials_on_the_defaults_keeps_the_policy_record() -> N
     changes = engine.storage.log("agent-1", "hc/agent-1", 20_000)
     assert len(denials) == 10_000  # the newest 10,000 denials
     assert [entry["ev"] for _, _, entry in changes] == ["policy_set"]  # never evicted
+
+
+MANY_DUE = EXPIRE_BATCH + 50  # more due reservations than one step expires
+
+
+@pytest.mark.parametrize("first_call", ["authorize", "dry_run", "budget", "sweep"])
+def test_more_due_expiries_than_one_batch_are_all_applied_before_a_call_answers(
+    backend: Backend, first_call: str
+) -> None:
+    # one step expires at most EXPIRE_BATCH reservations; a call that finds more due commits
+    # them a batch at a time before it decides or reports, so none still counts as reserved
+    engine, clock = setup(backend, {"limits": {"daily": {"value": str(MANY_DUE)}}})
+    for _ in range(MANY_DUE):
+        assert engine.authorize(payment(1)).allowed
+    clock.advance(minutes=10)  # every reservation (ttl 5 minutes) has expired
+    if first_call == "authorize":
+        assert engine.authorize(payment(MANY_DUE)).allowed  # the whole limit is free again
+    elif first_call == "dry_run":
+        assert engine.authorize(payment(MANY_DUE), dry_run=True).allowed
+    elif first_call == "budget":
+        assert daily(engine)[1] == 0
+    else:
+        assert len(engine.sweep().reservations) == MANY_DUE
+        assert engine.sweep().reservations == ()
+    assert daily(engine)[1] == (MANY_DUE if first_call == "authorize" else 0)
+    expired = [h for h in engine.history("agent-1", 10_000) if h.event == "expire"]
+    assert len(expired) == MANY_DUE
+
+
+def test_more_due_expiries_of_a_child_than_one_batch_free_the_parent_too(backend: Backend) -> None:
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    engine.set_policy("team", {"limits": {"daily": {"value": str(MANY_DUE)}}})
+    engine.set_policy("bot", {"limits": {"daily": {"value": str(10 * MANY_DUE)}}, "parent": "team"})
+    for _ in range(MANY_DUE):
+        assert engine.authorize(payment(1, agent_id="bot")).allowed
+    clock.advance(minutes=10)
+    assert engine.authorize(payment(MANY_DUE, agent_id="bot")).allowed  # the parent's limit
+    team = next(iter(engine.budget("team", "daily").periods.values()))
+    assert (team.spent.value, team.reserved.value) == (0, MANY_DUE)

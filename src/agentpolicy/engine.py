@@ -387,13 +387,20 @@ class PolicyEngine(Voting):
         return self._parsed(agent_id, version, doc)
 
     def _expire(self, agent_id: str, now: datetime) -> Flow[Body]:
-        """Apply the agent's due expiries; return the expire step's result."""
+        """Apply every due expiry of the agent, a batch a step; return what they expired."""
         shard = yield from self._shard(agent_id)
-        step = operations.expire(self.config, shard, agent_id, now)
-        result: Body = yield Run(shard, step, at=micros(now), write=False)
-        if result["lapsed"]:
+        expired: list[Any] = []
+        lapsed: list[Any] = []
+        while True:
+            step = operations.expire(self.config, shard, agent_id, now)
+            result: Body = yield Run(shard, step, at=micros(now), write=False)
+            expired += result["expired"]
+            lapsed += result["lapsed"]
+            if not result["more"]:
+                break
+        if lapsed:
             self._wake_webhooks()
-        return result
+        return {**result, "expired": expired, "lapsed": lapsed}
 
     # -- policies -----------------------------------------------------------------------
 
@@ -714,7 +721,8 @@ class PolicyEngine(Voting):
             return (yield from self._dry_run(request))
         agent = request.agent_id  # a known agent's shard is found without starting a flow
         shard = self._homes.get(agent) or (yield from self._shard(agent))
-        for attempt in range(_CLOCK_RETRIES):
+        attempt = 0
+        while attempt < _CLOCK_RETRIES:
             now = self._now()
             seen: list[Decision] = []
             step = operations.authorize(
@@ -731,8 +739,11 @@ class PolicyEngine(Voting):
             try:
                 result: Body = yield Run(shard, step, at=micros(now))
             except ClockBehindError:
-                if attempt == _CLOCK_RETRIES - 1:
+                attempt += 1
+                if attempt == _CLOCK_RETRIES:
                     raise
+                continue
+            if "more" in result:  # a batch of due expiries was committed: decide after the rest
                 continue
             rec = result["rec"]
             if result.get("replayed") or not seen or seen[-1].code != rec["code"]:
@@ -762,6 +773,10 @@ class PolicyEngine(Voting):
                 if attempt == _CLOCK_RETRIES - 1:
                     raise
                 continue
+            for agent in result.get("more", ()):  # due expiries past one batch: as a read does
+                yield from self._expire(agent, now)
+            if "more" in result:
+                result = yield Run(shard, rollout.dry_run(step), at=micros(now), write=False)
             rec = result["rec"]
             if result.get("replayed"):
                 first = yield from self._replayed(rec, request)
@@ -928,7 +943,11 @@ class PolicyEngine(Voting):
                   for sc in policy.scoped_limits}  # fmt: skip
         step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes)
         result: Body = yield Run(shard, step, at=micros(now), write=False)
-        if result["lapsed"]:
+        lapsed = bool(result["lapsed"])
+        while "more" in result:  # a batch of due expiries was committed: the rest next
+            result = yield Run(shard, step, at=micros(now), write=False)
+            lapsed = lapsed or bool(result["lapsed"])
+        if lapsed:
             self._wake_webhooks()
         books = result["books"]
         counters = books[keys.head(agent_id)]["c"]

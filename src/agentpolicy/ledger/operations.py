@@ -38,6 +38,7 @@ from agentpolicy.ledger.state import (
     emit,
     emit_approval,
     expire_due,
+    more_due,
     record,
 )
 from agentpolicy.ledger.tallies import MAX_SCORE
@@ -103,21 +104,29 @@ def _prepare(
     names: dict[BookKey, str],
     levels: list[Level],
     now: int,
-) -> None:
-    """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling."""
+) -> list[str]:
+    """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling.
+
+    Returns the agents whose heads still have expiries due (more than one
+    batch was): the step must then commit these and run again.
+    """
     agent = books.head.agent
     books.need(names.values())
     for book in books.by_name.values():
         book.check_horizon(now, agent)
     expire_due(view, txn, cfg, shard, books, now)
+    more = [agent] if more_due(books.head, now) else []
     for level in levels:  # what budgets below an ancestor held in its counters
         expire_due(view, txn, cfg, shard, books, now, level.head)
+        if more_due(level.head, now):
+            more.append(level.head.agent)
     for book in list(books.by_name.values()):
         book.prune(now, cfg.counter_grace)
     for t in a.tallies:
         if t.seconds is not None:
             book = books[names[(t.owner, t.book)]]
             book.advance(view, txn, t.key, t.seconds, now, cfg.counter_grace, agent)
+    return more
 
 
 def authorize(
@@ -135,8 +144,10 @@ def authorize(
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
     The result is ``{"rec": decision record}`` (with ``"replayed": True``
-    for an idempotency key seen before). The decision, with its ids, is
-    appended to ``seen`` (its details are worded only when read). With
+    for an idempotency key seen before), or ``{"more": [agent ids]}`` when
+    more expiries were due under those agents' heads than one step applies:
+    it committed a batch of them, and the call must run the step again. The
+    decision, with its ids, is appended to ``seen`` (its details are worded only when read). With
     ``shadows``, a shadow policy of the agent or of a budget above it judges
     the payment too (:func:`rollout.try_shadows`); the live verdict is the
     one enforced. ``requested_by`` (an operator asking on the agent's
@@ -176,7 +187,11 @@ def authorize(
         ancestors = [(lv.agent, lv.policy, lv.grant) for lv in levels] if levels else ()
         a = assess(policy, request, now, grant=grant, ancestors=ancestors)
         names = _book_names(agent, a)
-        _prepare(view, txn, cfg, shard, books, a, names, levels, now_us)
+        more = _prepare(view, txn, cfg, shard, books, a, names, levels, now_us)
+        if more:  # expiries past one batch: commit these, and the call runs the step again
+            books.write(txn)
+            txn.result = {"more": more}
+            return
         usage = _usage(books, names, a, now_us)
         verdict = judge(a, usage)
         rec = _decision_record(now_us, verdict, request, usage, head, levels, requested_by)
@@ -629,7 +644,8 @@ def expire(cfg: LedgerConfig, shard: str, agent: str, now: datetime) -> Step:
     """Expire what of the agent is due.
 
     The result is ``{"head": the head after it, "expired": [[id, reservation]],
-    "lapsed": [[id, approval]]}``.
+    "lapsed": [[id, approval]], "more": whether more is still due}`` (one
+    step expires at most :data:`~agentpolicy.ledger.state.EXPIRE_BATCH`).
     """
     now_us = micros(now)
 
@@ -637,7 +653,8 @@ def expire(cfg: LedgerConfig, shard: str, agent: str, now: datetime) -> Step:
         books = Books(view, Head.read(view, agent))
         expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
         books.write(txn)
-        txn.result = {"head": books.head.body, "expired": expired, "lapsed": lapsed}
+        txn.result = {"head": books.head.body, "expired": expired, "lapsed": lapsed,
+                      "more": more_due(books.head, now_us)}  # fmt: skip
 
     return step
 
@@ -655,7 +672,9 @@ def refresh(
     ``rolling`` are the head's rolling counters ``(key, seconds)``;
     ``scopes`` maps each scope name to its rolling counters (the same in
     every group). The result is ``{"books": {name: body}, "groups": {book:
-    [scope, group]}, "expired": ..., "lapsed": ...}``.
+    [scope, group]}, "expired": ..., "lapsed": ...}``, or ``{"more": True,
+    "expired": ..., "lapsed": ...}`` when more expiries were due than one
+    step applies: it committed a batch of them, and the call runs it again.
     """
     now_us = micros(now)
 
@@ -668,6 +687,10 @@ def refresh(
                 owners[keys.scope_book(agent, scope, group)] = [scope, group]
         books.need(owners)
         expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
+        if more_due(head, now_us):  # more than one batch: commit it, the call runs again
+            books.write(txn)
+            txn.result = {"more": True, "expired": expired, "lapsed": lapsed}
+            return
         for name in [head.name, *owners]:  # (expiry may have touched books of others)
             book = books[name]
             book.prune(now_us, cfg.counter_grace)

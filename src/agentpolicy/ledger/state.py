@@ -47,12 +47,18 @@ __all__ = [
     "emit_approval",
     "expire_due",
     "lapse",
+    "more_due",
     "record",
     "undo",
 ]
 
 EXPIRE_BATCH = 200
-"""At most this many reservations expire in one step (the rest in the next one)."""
+"""At most this many reservations expire in one step (the rest in the next one).
+
+A step that found more due than this (:func:`more_due`) commits what it
+expired and its call runs it again, so no call decides or reports with
+amounts of expired reservations still counted.
+"""
 
 Route = tuple[str, frozenset[str]]
 """A webhook endpoint's id and the events it wants (empty: all)."""
@@ -321,6 +327,12 @@ def expire_due(
             held_for.append(doc["apr"])
         expired.append((rid, closed))
     return expired, lapse(view, txn, cfg, shard, held_for, now)
+
+
+def more_due(head: Head, now: int) -> bool:
+    """Whether expiries are still due under ``head`` after :func:`expire_due` ran (a full batch)."""
+    due = head.body["due"]
+    return due is not None and due <= now
 
 
 def lapse(
