@@ -354,7 +354,7 @@ class SQLiteStorage:
                 conn.execute(
                     f"PRAGMA busy_timeout = {int(self._busy_timeout / timedelta(milliseconds=1))}"
                 )
-                conn.execute("PRAGMA journal_mode = WAL")
+                self._wal(conn)
                 conn.execute("PRAGMA synchronous = NORMAL")
                 # The checkpoint thread copies pages as commits come; at 10,000 WAL pages
                 # (about 40 MB) a commit copies what is left, and the WAL starts over.
@@ -367,6 +367,29 @@ class SQLiteStorage:
             with self._all_lock:
                 self._all.append(conn)
         return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> None:
+        """Put the file in WAL mode, retrying within ``busy_timeout`` while another holds it.
+
+        Switching a file to WAL answers "database is locked" at once, without
+        SQLite's busy handler, while another connection holds it (many
+        processes opening a new file together): retried with jitter, each
+        wait within what is left of ``busy_timeout``.
+        """
+        limit = self._busy_timeout.total_seconds()
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                left = limit - (time.monotonic() - started)
+                if not _busy(exc) or left <= 0:
+                    raise
+            else:
+                return
+            time.sleep(min(left, random.uniform(0, 0.002 * 2 ** min(attempt, 8))))  # noqa: S311
+            attempt += 1
 
     def _init_schema(self) -> None:
         conn = self._connection()
