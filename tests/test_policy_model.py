@@ -22,8 +22,12 @@ from agentpolicy import (
     TimeRules,
     TimeWindow,
     evaluate,
+    load_policy,
 )
-from agentpolicy.policy import normalize_recipient
+from agentpolicy.policy import normalize_recipient, whitelist_form
+from agentpolicy.testing import payment
+
+NOW = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
 
 
 def test_policy_classes_are_frozen_and_hold_tuples_and_frozensets() -> None:
@@ -86,6 +90,24 @@ def test_recipients_normalise_only_hex_addresses() -> None:
     assert normalize_recipient("0xAbC") == "0xabc"
     assert normalize_recipient("0XAbC") == "0xabc"
     assert normalize_recipient("So1Base58") == "So1Base58"
+
+
+EVM = "0x" + "66" * 19 + "ab"
+
+
+def test_an_evm_address_without_its_prefix_is_the_same_payee() -> None:
+    # x402's signer (EIP-712) reads 40 hex digits with or without 0x as the same 20 bytes, so a
+    # payee spelled without the prefix must meet the blacklist, whitelist and scopes alike
+    for spelled in (EVM[2:], EVM[2:].upper(), "0X" + EVM[2:].upper()):
+        assert normalize_recipient(spelled) == EVM
+        assert whitelist_form(spelled) == EVM
+    assert normalize_recipient(EVM[3:]) == EVM[3:]  # 39 digits: not an address we know
+    assert normalize_recipient("G" + EVM[3:]) == "G" + EVM[3:]  # not hex: left as it is
+    request = payment(1, recipient=EVM[2:])
+    blocked = evaluate(load_policy({"merchantRules": {"blacklist": [EVM]}}), request, {}, NOW)
+    assert blocked.code is Code.RECIPIENT_BLOCKED
+    listed = load_policy({"merchantRules": {"whitelist": [EVM.upper().replace("0X", "0x")]}})
+    assert evaluate(listed, request, {}, NOW).allowed
 
 
 @pytest.mark.parametrize(

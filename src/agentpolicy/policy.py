@@ -94,6 +94,7 @@ def _utc(value: Any) -> Any:
     return value
 
 
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}", re.ASCII)
 _BECH32 = re.compile(r"[a-z]{1,83}1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{6,}", re.ASCII)
 # Printable code points that resolvers ignore (default-ignorable): variation selectors (also
 # in emoji), Mongolian free variation selectors, the combining grapheme joiner, Hangul
@@ -130,7 +131,9 @@ def _domain_form(name: str) -> str:
 def normalize_recipient(address: str) -> str:
     """The form recipients are compared in by blacklists, scoped limits and their groups.
 
-    Case-insensitive forms are lower-cased: hex (EVM) addresses (``0x``) and
+    Case-insensitive forms are lower-cased: hex (EVM) addresses (``0x``; 40
+    hex digits without the prefix are the same address, which signers such
+    as x402's accept, so they read as ``0x`` and those digits) and
     bech32 addresses (``bc1q...``, ``cosmos1...``; one case throughout, as
     BIP-173 requires, so ``BC1Q...`` is ``bc1q...``). A name with a dot (ENS
     ``vendor.eth``, a DNS name) is folded so that every spelling a resolver
@@ -147,6 +150,8 @@ def normalize_recipient(address: str) -> str:
         lower = address.lower()
         if address[:2] in ("0x", "0X"):
             return lower
+        if len(address) == 40 and _HEX40.fullmatch(address):
+            return "0x" + lower  # an EVM address without its prefix: the same 20 bytes
         if "." in address:
             return _domain_form(lower)
         if lower == address or (address.upper() == address and _BECH32.fullmatch(lower)):
