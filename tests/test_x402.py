@@ -342,6 +342,94 @@ def test_requirements_the_guard_cannot_judge_are_refused_before_signing() -> Non
     assert spent_and_reserved(engine) == (0, 0)
 
 
+@pytest.mark.parametrize("timeout", [0, -5, None, "300", 1.5, True])
+def test_a_max_timeout_that_is_not_a_positive_whole_number_is_refused_unsigned(
+    timeout: Any,
+) -> None:
+    # x402 signs an authorization valid for an hour when maxTimeoutSeconds is 0: refused
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    required = payment_required()
+    required.accepts[0] = PaymentRequirements.model_construct(
+        **{**required.accepts[0].__dict__, "max_timeout_seconds": timeout}
+    )
+    with pytest.raises(PolicyValidationError) as err:
+        client.create_payment_payload(required)
+    assert err.value.path == "$.maxTimeoutSeconds"
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 0)
+
+
+def _raise_the_amount(ctx: Any) -> None:
+    """A hook registered after the guard that changes what is about to be signed."""
+    ctx.selected_requirements.amount = str(1000 * PRICE)
+
+
+def test_requirements_changed_after_they_were_authorized_are_never_signed_away() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    client.on_before_payment_creation(_raise_the_amount)
+    with pytest.raises(PolicyValidationError) as err:
+        client.create_payment_payload(payment_required())
+    assert err.value.path == "$.paymentRequirements"
+    assert "changed after they were authorized" in err.value.message
+    assert signer.signatures == 1  # signed in memory, never returned to be sent
+    assert spent_and_reserved(engine) == (0, 0)
+    assert [h.event for h in engine.history("bot", 2)] == ["release", "decision"]
+
+
+def test_requirements_changed_while_an_async_authorize_waits_are_never_signed_away() -> None:
+    async def main() -> tuple[BaseException | None, tuple[int, int], int]:
+        engine = AsyncPolicyEngine(clock=ManualClock())
+        await engine.set_policy("bot", BUDGET_FOR_5)
+        signer = CountingSigner()
+        client = x402Client()
+        client.register(NETWORK, ExactEvmClientScheme(signer))
+        guard_x402(client, engine, "bot")
+        required = payment_required()
+        authorize = engine.authorize
+
+        async def authorize_then_change(*args: Any, **kwargs: Any) -> Any:
+            decision = await authorize(*args, **kwargs)
+            required.accepts[0].amount = str(1000 * PRICE)  # while the guard awaits
+            return decision
+
+        engine.authorize = authorize_then_change  # type: ignore[method-assign]
+        try:
+            await client.create_payment_payload(required)
+        except PolicyValidationError as err:
+            error: BaseException | None = err
+        else:
+            error = None
+        window = (await engine.budget("bot")).periods["daily"]  # type: ignore[index]
+        await engine.close()
+        return error, (window.spent.value, window.reserved.value), signer.signatures
+
+    error, used, signatures = asyncio.run(main())
+    assert isinstance(error, PolicyValidationError)
+    assert error.path == "$.paymentRequirements"
+    assert (used, signatures) == ((0, 0), 1)
+
+
+def test_a_signed_authorization_for_other_terms_than_accepted_is_refused() -> None:
+    from agentpolicy.x402 import _altered, _terms
+
+    terms = _terms(payment_required().accepts[0])
+    good = type("Payload", (), {})()
+    good.accepted = payment_required().accepts[0]
+    good.payload = {
+        "authorization": {"value": str(PRICE), "to": PAY_TO.upper().replace("0X", "0x")}
+    }
+    assert _altered(terms, good) is None
+    for authorization in ({"value": str(2 * PRICE), "to": PAY_TO},
+                          {"value": str(PRICE), "to": "0x" + "11" * 20},
+                          {"value": "1e4", "to": PAY_TO}):  # fmt: skip
+        good.payload = {"authorization": authorization}
+        assert "signed authorization moves" in (_altered(terms, good) or "")
+
+
 def test_a_signing_failure_releases_the_reservation() -> None:
     engine = PolicyEngine(clock=ManualClock())
     engine.set_policy("bot", BUDGET_FOR_5)

@@ -65,6 +65,7 @@ from agentpolicy.guard import (
     authorize_shielded,
     settle_shielded,
 )
+from agentpolicy.policy import normalize_recipient
 from agentpolicy.records import Reservation
 from agentpolicy.requests import PaymentRequest
 
@@ -186,7 +187,7 @@ class X402Guard:
         self._assets = assets
         self._ttl = int(engine.reservation_ttl.total_seconds())
         self._lock = threading.Lock()
-        self._creating: dict[int, list[tuple[object, str]]] = {}
+        self._creating: dict[int, list[tuple[object, _Authorized]]] = {}
         self._signed: dict[int, tuple[object, str, PaymentRequest]] = {}
         self.unconfirmed: list[UnconfirmedPayment] = []
         # every reservation of this guard is claimed by it as it is made: nobody else (the
@@ -204,7 +205,7 @@ class X402Guard:
         guard cannot judge: x402 version 1, an amount that is not a whole
         number of base units, or a signed authorization that would outlive
         the reservation (``maxTimeoutSeconds`` above the engine's
-        ``reservation_ttl``).
+        ``reservation_ttl``, or not a whole number of seconds of at least 1).
         """
         if not isinstance(requirements, PaymentRequirements):
             raise PolicyValidationError.single(
@@ -224,7 +225,14 @@ class X402Guard:
                     "guard_x402(..., assets={(network, address): Asset(symbol, decimals)})",
                 )
             )
-        if requirements.max_timeout_seconds > self._ttl:
+        timeout = requirements.max_timeout_seconds
+        if type(timeout) is not int or timeout < 1:
+            raise PolicyValidationError.single(
+                "$.maxTimeoutSeconds",
+                f"must be a whole number of seconds from 1 to {self._ttl}, not {timeout!r}: "
+                "x402 signs an authorization valid for an hour when it is 0",
+            )
+        if timeout > self._ttl:
             raise PolicyValidationError.single(
                 "$.maxTimeoutSeconds",
                 f"the seller's authorization would stay valid for "
@@ -254,32 +262,37 @@ class X402Guard:
 
     # -- bookkeeping (no I/O; the lock is never held across a call or an await) --------------
 
-    def _admit(self, ctx: PaymentCreationContext, decision: Decision) -> None:
+    def _admit(
+        self,
+        ctx: PaymentCreationContext,
+        request: PaymentRequest,
+        terms: _Terms,
+        decision: Decision,
+    ) -> None:
         if decision.allowed and decision.reservation_id:
             with self._lock:
                 key = id(ctx.payment_required)
                 self._creating.setdefault(key, []).append(
-                    (ctx.payment_required, decision.reservation_id)
+                    (ctx.payment_required, (decision.reservation_id, request, terms))
                 )
             return
         if decision.requires_approval and decision.approval_id:
             raise X402ApprovalRequired(decision)
         raise X402PaymentDenied(decision)
 
-    def _take_creating(self, ctx: PaymentCreationContext) -> str | None:
+    def _take_creating(self, ctx: PaymentCreationContext) -> _Authorized | None:
         with self._lock:
             key = id(ctx.payment_required)
             entries = self._creating.get(key, [])
-            for i, (required, rid) in enumerate(entries):
+            for i, (required, authorized) in enumerate(entries):
                 if required is ctx.payment_required:
                     del entries[i]
                     if not entries:
                         del self._creating[key]
-                    return rid
+                    return authorized
         return None
 
-    def _signed_now(self, ctx: PaymentCreatedContext, rid: str) -> None:
-        request = self._request(ctx)
+    def _signed_now(self, ctx: PaymentCreatedContext, rid: str, request: PaymentRequest) -> None:
         with self._lock:
             if len(self._signed) >= _MAX_OPEN:  # long past their TTL: nobody will answer
                 oldest = next(iter(self._signed))
@@ -324,19 +337,33 @@ class X402Guard:
 
     def before_sync(self, ctx: PaymentCreationContext) -> None:
         """Authorize the selected requirements before anything is signed."""
+        terms = _terms(ctx.selected_requirements)  # before anything can change them
         request = self._request(ctx)
-        self._admit(ctx, self._sync().authorize(request, holder=self._holder))
+        self._admit(ctx, request, terms, self._sync().authorize(request, holder=self._holder))
 
     def after_sync(self, ctx: PaymentCreatedContext) -> None:
-        """Remember which reservation the signed payload spends."""
-        rid = self._take_creating(ctx)
-        if rid is not None:
-            self._signed_now(ctx, rid)
+        """Check that what was signed is what was authorized; remember its reservation.
+
+        A payload signed for other terms (the requirements were changed
+        after they were authorized: by a later hook, or by code holding
+        them) is refused: its reservation is released and the hook raises,
+        so x402 never returns or sends it.
+        """
+        taken = self._take_creating(ctx)
+        if taken is None:
+            return
+        rid, request, terms = taken
+        altered = _altered(terms, ctx.payment_payload)
+        if altered is not None:
+            self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
+            raise PolicyValidationError.single("$.paymentRequirements", altered)
+        self._signed_now(ctx, rid, request)
 
     def failure_sync(self, ctx: PaymentCreationFailureContext) -> None:
         """Signing failed: give the budget back."""
-        rid = self._take_creating(ctx)
-        if rid is not None:
+        taken = self._take_creating(ctx)
+        if taken is not None:
+            rid = taken[0]
             self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
 
     def response_sync(self, ctx: PaymentResponseContext) -> None:
@@ -371,21 +398,33 @@ class X402Guard:
 
     async def before_async(self, ctx: PaymentCreationContext) -> None:
         """Authorize the selected requirements before anything is signed."""
+        terms = _terms(ctx.selected_requirements)  # before anything can change them
         request = self._request(ctx)
         authorize = self._call("authorize", request)
         self._admit(
-            ctx, await authorize_shielded(authorize, lambda rid: self._call("release", rid))
+            ctx,
+            request,
+            terms,
+            await authorize_shielded(authorize, lambda rid: self._call("release", rid)),
         )
 
     async def after_async(self, ctx: PaymentCreatedContext) -> None:
-        """Remember which reservation the signed payload spends."""
-        self.after_sync(ctx)
+        """Check that what was signed is what was authorized (see :meth:`after_sync`)."""
+        taken = self._take_creating(ctx)
+        if taken is None:
+            return
+        rid, request, terms = taken
+        altered = _altered(terms, ctx.payment_payload)
+        if altered is not None:
+            await self._quietly_async(rid)
+            raise PolicyValidationError.single("$.paymentRequirements", altered)
+        self._signed_now(ctx, rid, request)
 
     async def failure_async(self, ctx: PaymentCreationFailureContext) -> None:
         """Signing failed: give the budget back."""
-        rid = self._take_creating(ctx)
-        if rid is not None:
-            await self._quietly_async(rid)
+        taken = self._take_creating(ctx)
+        if taken is not None:
+            await self._quietly_async(taken[0])
 
     async def response_async(self, ctx: PaymentResponseContext) -> None:
         """Confirm a settled payment; release one the seller did not settle."""
@@ -406,6 +445,50 @@ class X402Guard:
             await settle_shielded(self._call("release", rid))
         except Exception as err:
             _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
+
+
+_Terms = tuple[str, str, str, str, str]
+_Authorized = tuple[str, PaymentRequest, _Terms]
+"""A reservation made for a payment being signed: its id, its request, the terms authorized."""
+
+
+def _terms(requirements: Any) -> _Terms:
+    """What a signature commits to, as authorized: scheme, network, asset, amount, payee."""
+    return (
+        str(requirements.scheme),
+        str(requirements.network),
+        str(requirements.asset),
+        str(requirements.amount),
+        str(requirements.pay_to),
+    )
+
+
+def _altered(terms: _Terms, payload: Any) -> str | None:
+    """Why a signed ``payload`` is not for the authorized ``terms``; ``None`` when it is.
+
+    The payload's ``accepted`` requirements must be those terms; an EIP-3009
+    authorization inside it (the ``exact`` scheme on EVM networks) must move
+    that amount to that payee.
+    """
+    accepted = getattr(payload, "accepted", None)
+    if accepted is None or _terms(accepted) != terms:
+        return (
+            "the payment requirements changed after they were authorized, before they were "
+            "signed; the payment was refused and its reservation released"
+        )
+    inner = getattr(payload, "payload", None)
+    authorization = inner.get("authorization") if isinstance(inner, dict) else None
+    if isinstance(authorization, dict) and "value" in authorization:
+        amount, pay_to = terms[3], terms[4]
+        value, to = str(authorization.get("value")), str(authorization.get("to"))
+        same_value = value.isdigit() and amount.isdigit() and int(value) == int(amount)
+        if not same_value or normalize_recipient(to) != normalize_recipient(pay_to):
+            return (
+                f"the signed authorization moves {value} to {to}, not the {amount} to "
+                f"{pay_to} that was authorized; the payment was refused and its reservation "
+                "released"
+            )
+    return None
 
 
 def _check_assets(assets: object) -> dict[tuple[str, str], Asset]:
