@@ -504,6 +504,23 @@ def test_key_files_are_private_never_overwritten_and_openssl_keys_load(tmp_path:
         assert SigningKey.load(openssl).public_key.startswith("ed25519:")
 
 
+def test_a_key_file_that_is_huge_or_not_a_file_is_refused_without_reading_it_all(
+    tmp_path: Path,
+) -> None:
+    huge = tmp_path / "huge.key"
+    with huge.open("wb") as out:
+        out.truncate(1 << 30)  # 1 GiB, sparse: read whole, it would fill memory
+    huge.chmod(0o600)
+    with pytest.raises(PolicyValidationError) as too_big:
+        SigningKey.load(huge)
+    assert "larger than a key file" in too_big.value.message
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo, 0o600)  # opening it would wait for a writer for ever
+    with pytest.raises(PolicyValidationError) as not_a_file:
+        SigningKey.load(fifo)
+    assert "not a regular file" in not_a_file.value.message
+
+
 def test_without_the_signing_extra_a_signed_vote_names_the_extra_to_install() -> None:
     code = """
 import importlib.abc, sys

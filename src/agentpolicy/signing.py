@@ -55,6 +55,7 @@ SIGNING_EXTRA = "pip install 'agentpolicy[signing]'"
 """What to run when the ``cryptography`` library is missing."""
 
 _MAX_SIGNATURE = 128
+_MAX_KEY_FILE = 64 * 1024  # an Ed25519 PEM is about 120 bytes
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -222,11 +223,18 @@ class SigningKey:
         where = Path(file)
         try:
             info = where.stat()
-            pem = where.read_bytes()
+            if not stat.S_ISREG(info.st_mode):  # a pipe or a device could block or never end
+                raise PolicyValidationError.single(path, f"{where} is not a regular file")
+            with where.open("rb") as handle:
+                pem = handle.read(_MAX_KEY_FILE + 1)
         except OSError as exc:
             raise PolicyValidationError.single(
                 path, f"cannot read the key file {where}: {exc.strerror}"
             ) from None
+        if len(pem) > _MAX_KEY_FILE:
+            raise PolicyValidationError.single(
+                path, f"{where} is larger than a key file ({_MAX_KEY_FILE // 1024} KiB at most)"
+            )
         if sys.platform != "win32" and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise PolicyValidationError.single(
                 path,
