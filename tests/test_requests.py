@@ -1,10 +1,22 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from agentpolicy import AgentPolicy, Amount, MerchantRules, PaymentRequest, PolicyValidationError
+from agentpolicy import (
+    AgentPolicy,
+    Amount,
+    CategoryRules,
+    Code,
+    MerchantRules,
+    PaymentRequest,
+    PolicyValidationError,
+    evaluate,
+)
+
+NOW = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
 
 
 def make(**kw: Any) -> PaymentRequest:
@@ -44,6 +56,32 @@ def test_identifiers_refuse_invisible_characters_that_would_pass_a_blacklist(
         assert f"U+{ord(invisible):04X}" in err.value.problems[0].message
     with pytest.raises(PolicyValidationError):  # nor can a policy list one
         AgentPolicy(merchant_rules=MerchantRules(whitelist=("0x" + invisible + "ok",)))
+
+
+@pytest.mark.parametrize(
+    "blank",
+    ["\ufe0f", "\u034f", "\u3164", "\u115f", "\u1160", "\uffa0", "\u180b", "\U000e0100",
+     "\u17b4", "\u2800"],
+)  # fmt: skip
+def test_payees_and_categories_refuse_printable_characters_that_show_nothing(blank: str) -> None:
+    """Appended to a blacklisted address or a blocked category they made a lookalike that matched
+    no list (and showed an approver the blocked address): refused, as the request's input."""
+    blocked = "0x" + "ab" * 20
+    policy = AgentPolicy(
+        merchant_rules=MerchantRules(blacklist=(blocked,)),
+        category_rules=CategoryRules(blocked_categories=("gambling",)),
+    )
+    assert evaluate(policy, make(recipient=blocked), {}, NOW).code is Code.RECIPIENT_BLOCKED
+    for field, value, path in (("recipient", blocked + blank, "$.recipient"),
+                               ("category", "gambling" + blank, "$.category")):  # fmt: skip
+        with pytest.raises(PolicyValidationError) as err:
+            make(**{field: value})
+        assert [p.path for p in err.value.problems] == [path]
+        assert f"U+{ord(blank):04X}" in err.value.problems[0].message
+    # a name with a dot is compared folded, without them (emoji names carry U+FE0F)
+    named = make(recipient="evil" + blank + ".eth")
+    blocks_evil = AgentPolicy(merchant_rules=MerchantRules(blacklist=("evil.eth",)))
+    assert evaluate(blocks_evil, named, {}, NOW).code is Code.RECIPIENT_BLOCKED
 
 
 def test_identifiers_keep_inner_spaces_and_printable_unicode() -> None:

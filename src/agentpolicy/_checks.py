@@ -73,6 +73,55 @@ def check_bool(value: object, path: str) -> list[Problem]:
     return []
 
 
+DEFAULT_IGNORABLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x3164, 0xFFA0,
+     *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)],
+)  # fmt: skip
+"""Printable code points that renderers and resolvers ignore (Unicode's default-ignorable).
+
+Variation selectors (also in emoji), Mongolian free variation selectors,
+the combining grapheme joiner, Hangul fillers, Khmer inherent vowels. The
+unprintable default-ignorables (zero-width joiners, ...) fail
+``str.isprintable`` already.
+"""
+_INVISIBLE = frozenset(map(chr, DEFAULT_IGNORABLE | {0x2800}))  # and the blank Braille pattern
+
+
+def plain_payee(value: object, *, names: bool = False) -> bool:
+    """Whether :func:`check_payee` would find nothing wrong (a fast test, no messages)."""
+    return (
+        isinstance(value, str)
+        and plain_identifier(value)
+        and (value.isascii() or (names and "." in value) or _INVISIBLE.isdisjoint(value))
+    )
+
+
+def check_payee(value: object, path: str, *, names: bool = False) -> list[Problem]:
+    """An identifier a payment names its payee or category by: nothing invisible in it either.
+
+    Printable characters that show nothing (variation selectors, Hangul
+    fillers, the blank Braille pattern, ...) appended to a blacklisted
+    address or a blocked category would make another string that looks the
+    same to an approver and matches no list; a request is refused instead.
+    With ``names`` (a recipient), a name with a dot (ENS, DNS) may hold
+    them: such names are compared folded, without them (emoji names carry
+    U+FE0F), and a whitelist admits them only as listed.
+    """
+    problems = check_identifier(value, path)
+    if problems or not isinstance(value, str) or value.isascii() or (names and "." in value):
+        return problems
+    bad = next((c for c in value if c in _INVISIBLE), None)
+    if bad is None:
+        return []
+    return [
+        Problem(
+            path,
+            f"must not contain characters that show nothing (found U+{ord(bad):04X}): it would "
+            "look like another payee or category",
+        )
+    ]
+
+
 def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
     """Whether :func:`check_identifier` would find nothing wrong (a fast test, no messages)."""
     # a printable string holds no whitespace but the ASCII space: only its ends need a look

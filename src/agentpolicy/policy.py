@@ -20,6 +20,7 @@ from typing import Any, cast
 import attrs
 
 from agentpolicy._checks import (
+    DEFAULT_IGNORABLE,
     MAX_LIST,
     Check,
     array_of,
@@ -96,13 +97,10 @@ def _utc(value: Any) -> Any:
 
 _HEX40 = re.compile(r"[0-9a-fA-F]{40}", re.ASCII)
 _BECH32 = re.compile(r"[a-z]{1,83}1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{6,}", re.ASCII)
-# Printable code points that resolvers ignore (default-ignorable): variation selectors (also
-# in emoji), Mongolian free variation selectors, the combining grapheme joiner, Hangul
-# fillers, Khmer inherent vowels. The unprintable ones are refused in every identifier.
-_IGNORABLE = dict.fromkeys(
-    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x3164, 0xFFA0,
-     *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)],
-)  # fmt: skip
+# Printable code points that resolvers ignore are dropped when names are folded (the
+# unprintable ones are refused in every identifier), and so is the blank Braille pattern,
+# which shows nothing either: for a blacklist or a scope, folding only ever covers more.
+_IGNORABLE = dict.fromkeys(DEFAULT_IGNORABLE | {0x2800})
 _FULL_STOP = str.maketrans({"\u3002": "."})  # the ideographic full stop (NFKC keeps it)
 
 

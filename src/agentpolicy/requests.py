@@ -15,9 +15,11 @@ from agentpolicy._checks import (
     check_identifier,
     check_int,
     check_network,
+    check_payee,
     check_text,
     plain_identifier,
     plain_network,
+    plain_payee,
     raise_if,
     units_problems,
 )
@@ -74,9 +76,9 @@ class PaymentRequest:
             plain_identifier(self.agent_id)
             and type(self.amount) is int
             and 0 < self.amount < UNITS_LIMIT
-            and plain_identifier(self.recipient)
+            and plain_payee(self.recipient, names=True)
             and plain_network(self.network)
-            and (self.category is None or plain_identifier(self.category))
+            and (self.category is None or plain_payee(self.category))
             and type(self.decimals) is int
             and 0 <= self.decimals <= MAX_DECIMALS
             and plain_identifier(self.symbol, 32)
@@ -89,10 +91,10 @@ class PaymentRequest:
         if not amount and self.amount == 0:
             amount = [Problem("$.amount", "must be at least 1 base unit")]
         problems += amount
-        problems += check_identifier(self.recipient, "$.recipient")
+        problems += check_payee(self.recipient, "$.recipient", names=True)
         problems += check_network(self.network, "$.network")
         if self.category is not None:
-            problems += check_identifier(self.category, "$.category")
+            problems += check_payee(self.category, "$.category")
         problems += check_int(self.decimals, "$.decimals", 0, MAX_DECIMALS)
         problems += check_identifier(self.symbol, "$.symbol", 32)
         if self.memo is not None:
