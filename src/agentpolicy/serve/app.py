@@ -7,7 +7,8 @@ votes), ``/agents`` and ``/agents/{id}`` (budgets), ``/signin`` and
 ``/signout`` (browser sessions; :mod:`agentpolicy.serve.web`), ``/healthz``
 and ``/metrics``. Every page is server-rendered HTML; the only script
 (``/static/app.js``) refreshes the approvals list. Who may do what is in
-``docs/serve.md``.
+``docs/serve.md``. No request body is read past a small bound, and none
+is multipart (:mod:`agentpolicy.serve.limits`), before a route sees it.
 
 Every engine call of a page runs through an
 :class:`~agentpolicy.AsyncPolicyEngine` (off the event loop); token checks
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import PolicyError
 from agentpolicy.serve.binding import is_loopback
+from agentpolicy.serve.limits import BodyLimit
 from agentpolicy.serve.mcp_http import McpEndpoint, challenge
 from agentpolicy.serve.metrics import Metrics
 from agentpolicy.serve.service import ServeOptions, Service
@@ -159,7 +161,7 @@ def create_app(
         Route("/static/{name}", static),
         Route("/favicon.ico", lambda request: Response(status_code=204)),
     ]
-    middleware = [Middleware(_Guard, options=options, metrics=s.metrics)]
+    middleware = [Middleware(_Guard, options=options, metrics=s.metrics), Middleware(BodyLimit)]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.service = s
     return app

@@ -4,8 +4,8 @@ A non-loopback ``--host`` without TLS (here or at a declared proxy) or
 ``--insecure-bind`` is refused with one line and status 2, before anything
 is opened. The line ``agentpolicy serve: listening on URL`` goes to stderr
 once the socket is bound (with ``--port 0``, the port the system chose).
-Access logs never show a one-time link: the ``t`` query value is written
-``***``.
+Access logs never show a one-time link: the ``t`` query value (its name
+percent-decoded, as the service reads it) is written ``***``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 import attrs
 import uvicorn
 
 from agentpolicy.config import Settings, build_engine
 from agentpolicy.errors import PolicyValidationError, StorageUnavailableError
+from agentpolicy.links import TOKEN_PREFIX
 from agentpolicy.serve.app import ServeOptions, create_app
 from agentpolicy.serve.binding import bind_problem, is_loopback
 from agentpolicy.storage import open_async_storage
 
 __all__ = ["ServeArgs", "bind_socket", "redact_links", "serve"]
 
-_LINK = re.compile(r"([?&]t=)[^&\s]*")
+_QUERY_PAIR = re.compile(r"(?P<key>[?&][^=&\s]*=)(?P<value>[^&\s]*)")
 
 
 @attrs.frozen
@@ -49,8 +51,21 @@ class ServeArgs:
 
 
 def redact_links(text: str) -> str:
-    """``text`` with every ``t=`` query value (a one-time link token) replaced by ``***``."""
-    return _LINK.sub(r"\1***", text)
+    """``text`` with every ``t`` query value (a one-time link token) replaced by ``***``.
+
+    The name is compared as the service reads it, percent-decoded (``%74=``
+    is ``t=`` to Starlette); so is a value that holds a link token under
+    any other name.
+    """
+
+    def redacted(match: re.Match[str]) -> str:
+        key = unquote_plus(match["key"][1:-1])
+        value = unquote_plus(match["value"])
+        if key == "t" or TOKEN_PREFIX + "." in value:
+            return match["key"] + "***"
+        return match[0]
+
+    return _QUERY_PAIR.sub(redacted, text)
 
 
 class _RedactLinks(logging.Filter):

@@ -253,6 +253,12 @@ class Service:
             token, approver = link
             if any(v.approver.casefold() == approver.casefold() for v in approval.votes):
                 return {"blocked": f"{approver} has voted on this approval already."}
+            if await self._signs(approval, approver):  # a key registered since the link was made
+                return {"blocked": (
+                    f"{approver}'s vote must be signed with {approver}'s key, so this link "
+                    f"no longer votes: run agentpolicy approvals approve {approval.id} --as "
+                    f"{approver} --key KEY_FILE (or approvals deny) where the key is."
+                )}  # fmt: skip
             return {
                 "voter": approver,
                 "link": token,
@@ -267,16 +273,20 @@ class Service:
             return None
         if any(v.approver.casefold() == folded for v in approval.votes):
             return {"blocked": f"You ({voter}) voted on this approval already."}
-        registered = await self.aengine.get_approver(voter)
-        if approval.require_signed_votes or (
-            registered is not None and registered.current is not None
-        ):
+        if await self._signs(approval, voter):
             return {"blocked": (
                 f"{voter}'s vote must be signed with {voter}'s key, which this service never "
                 f"holds: run agentpolicy approvals approve {approval.id} --as {voter} "
                 "--key KEY_FILE (or approvals deny) where the key is.")}  # fmt: skip
         csrf = await self.csrf(vote_binding(caller.session.key, approval.id))
         return {"voter": voter, "link": None, "csrf": csrf, "blocked": None}
+
+    async def _signs(self, approval: Approval, approver: str) -> bool:
+        """Whether ``approver``'s vote must be signed: a registered key, or signed votes only."""
+        if approval.require_signed_votes:
+            return True
+        registered = await self.aengine.get_approver(approver)
+        return registered is not None and registered.current is not None
 
     async def visible_approvals(self, caller: Caller) -> list[Approval]:
         """The pending approvals this caller may see (an approver: those it may vote on)."""

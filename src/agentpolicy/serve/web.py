@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
@@ -27,6 +30,7 @@ from agentpolicy.errors import (
 )
 from agentpolicy.records import Approval
 from agentpolicy.serve import pages
+from agentpolicy.serve.limits import FORM_BODY_LIMIT, FORM_FIELDS
 from agentpolicy.serve.mcp_http import challenge
 from agentpolicy.serve.service import (
     BUDGET_ROLES,
@@ -50,6 +54,27 @@ log = logging.getLogger("agentpolicy.serve")
 
 MAX_CARDS = 100
 """The most approvals one page shows (oldest first); the rest wait for these."""
+
+
+async def _form(request: Request) -> FormData:
+    """The urlencoded form of a POST: a few small fields, never a file (see ``limits``)."""
+    try:
+        return await request.form(
+            max_files=0, max_fields=FORM_FIELDS, max_part_size=FORM_BODY_LIMIT
+        )
+    except HTTPException as bad:  # too many fields, a field too long: not a form of ours
+        raise Denied(400, "Refused", f"This is not a form of this service: {bad.detail}") from None
+
+
+def _unknown_outcome(err: StorageUnavailableError) -> bool:
+    """Whether a change may have been recorded: the store says so, or does not say it was not.
+
+    Every store says "unknown" when a commit's answer was lost, and "nothing
+    was allowed or changed" (or "allowed nothing") when it surely was not;
+    an error that says neither is taken as unknown.
+    """
+    said = err.message
+    return "unknown" in said or not ("nothing was" in said or "allowed nothing" in said)
 
 
 def _status(err: PolicyError) -> int:
@@ -177,7 +202,7 @@ class Pages:
         browser would resolve), and a signed-in voter's CSRF token is bound to
         it: a form can only vote on the approval it was made for.
         """
-        form = await request.form()
+        form = await _form(request)
         approval_id = form.get("approval")
         if not isinstance(approval_id, str) or not approval_id:
             raise Denied(400, "Refused", "The form names no approval.")
@@ -197,6 +222,8 @@ class Pages:
                 caller = await self._session_voter(request, form.get("csrf"), approval_id)
                 voter, via = caller.voter or "", f"a session of token {caller.token.id}"
                 done = await self.s.aengine.decide(approval_id, voter, str(decision), comment)
+        except StorageUnavailableError as err:  # 503, and never "nothing was changed" unless so
+            return await self._store_failed(err, approval_id, caller)
         except PolicyError as err:
             status = {ErrorCode.APPROVER_NOT_AUTHORIZED: 403, ErrorCode.APPROVAL_NOT_FOUND: 404,
                       ErrorCode.INVALID_INPUT: 400}.get(err.code, 409)  # fmt: skip
@@ -212,7 +239,10 @@ class Pages:
         state = {"approved": "It is approved: the agent may pay now.",
                  "denied": "It is denied: the held amount is back in the budget.",
                  }.get(done.status.value, "It waits for more votes.")  # fmt: skip
-        card = await self.s.card(done, caller, None)
+        try:
+            card: dict[str, Any] | None = await self.s.card(done, caller, None)
+        except StorageUnavailableError:  # the vote counted: say so, without the card
+            card = None
         page = pages.render(
             "result.html", title="Vote counted", heading=f"You {verb} this payment",
             message=f"{voter} {verb} {done.amount.human()} to {done.request.recipient} for "
@@ -220,6 +250,29 @@ class Pages:
             back="/approvals" if caller else None, **await self.s.page_values(caller),
         )  # fmt: skip
         return html(page)
+
+    async def _store_failed(
+        self, err: StorageUnavailableError, approval_id: str, caller: Caller | None
+    ) -> Response:
+        """The page of a vote the store failed: unavailable, or (an answer lost) unknown."""
+        if _unknown_outcome(err):
+            log.warning("a vote on %s may or may not be recorded: %s", approval_id, err.message)
+            heading = "Your vote may not have been counted"
+            message = (f"The store did not confirm the vote: {err.message} ({err.code}). "
+                       "Whether it was recorded is unknown: open the approval again (your "
+                       "link, or the approvals list) and reload it to see whether your vote is "
+                       "there before voting again.")  # fmt: skip
+        else:
+            heading = "Your vote was not counted"
+            message = (f"The store is unavailable: {err.message} ({err.code}). Open the "
+                       "approval again (your link, or the approvals list) and vote once the "
+                       "store is back.")  # fmt: skip
+        page = pages.render(
+            "result.html", title="Unavailable", heading=heading, message=message, tone="bad",
+            approval=None, back="/approvals" if caller else None,
+            **await self.s.page_values(caller),
+        )  # fmt: skip
+        return html(page, 503)
 
     async def _link_voter(self, link: str, approval_id: str) -> tuple[str, str]:
         claims, _ = await self.s.aengine.inspect_link(link)
@@ -300,7 +353,7 @@ class Pages:
             ))  # fmt: skip
             self.s.cookie(response, self.s.nonce_cookie, nonce, 3600)
             return response
-        form = await request.form()
+        form = await _form(request)
         nonce = request.cookies.get(self.s.nonce_cookie, "")
         await self.s.check_csrf(request, "n:" + nonce, form.get("csrf") if nonce else None)
         presented = form.get("token")
@@ -337,7 +390,7 @@ class Pages:
 
     async def signout(self, request: Request) -> Response:
         """``POST /signout``: forget the session and its cookie."""
-        form = await request.form()
+        form = await _form(request)
         secret = request.cookies.get(self.s.session_cookie)
         caller = await self.s.caller(request, bearer=False)
         if caller is not None and caller.session is not None and secret:
