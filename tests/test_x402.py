@@ -27,7 +27,9 @@ from agentpolicy import (
     PolicyEngine,
     PolicyValidationError,
     ReservationStatus,
+    StorageUnavailableError,
 )
+from agentpolicy.ledger.state import SPENT_ON_EXPIRY
 from agentpolicy.testing import ManualClock
 from agentpolicy.x402 import (
     KNOWN_ASSETS,
@@ -182,9 +184,10 @@ def test_a_failed_settlement_gives_the_budget_back(url: str, facilitator: Facili
     assert spent_and_reserved(engine) == (PRICE, 0)
 
 
-def test_a_paid_request_that_fails_without_a_payment_response_is_held_until_its_ttl(
+def test_a_paid_request_that_fails_without_a_payment_response_is_spent_at_its_ttl(
     url: str, facilitator: Facilitator
 ) -> None:
+    """The client cannot tell a seller that failed from one that settled and said nothing."""
     clock = ManualClock()
     engine = PolicyEngine(clock=clock)
     engine.set_policy("bot", BUDGET_FOR_5)
@@ -194,10 +197,12 @@ def test_a_paid_request_that_fails_without_a_payment_response_is_held_until_its_
     assert (signer.signatures, len(facilitator.settled)) == (1, 0)
     assert spent_and_reserved(engine) == (0, PRICE)  # outcome unknown to the client: held
     clock.advance(minutes=5)  # the reservation's TTL (and the authorization's validity)
-    assert spent_and_reserved(engine) == (0, 0)
+    assert spent_and_reserved(engine) == (PRICE, 0)  # counted as spent, never given back
+    expired = engine.history("bot", 1)[0]
+    assert (expired.event, expired.detail) == ("expire", SPENT_ON_EXPIRY)
 
 
-def test_a_payment_signed_but_never_answered_is_held_until_its_ttl() -> None:
+def test_a_payment_signed_but_never_answered_is_spent_at_its_ttl() -> None:
     clock = ManualClock()
     engine = PolicyEngine(clock=clock)
     engine.set_policy("bot", BUDGET_FOR_5)
@@ -206,7 +211,78 @@ def test_a_payment_signed_but_never_answered_is_held_until_its_ttl() -> None:
     assert signer.signatures == 1
     assert spent_and_reserved(engine) == (0, PRICE)
     clock.advance(minutes=5)
-    assert spent_and_reserved(engine) == (0, 0)
+    assert spent_and_reserved(engine) == (PRICE, 0)
+
+
+def test_an_async_payment_signed_but_never_answered_is_spent_at_its_ttl() -> None:
+    async def main() -> tuple[tuple[int, int], tuple[int, int], int]:
+        clock = ManualClock()
+        engine = AsyncPolicyEngine(clock=clock)
+        await engine.set_policy("bot", BUDGET_FOR_5)
+        signer = CountingSigner()
+        client = x402Client()
+        client.register(NETWORK, ExactEvmClientScheme(signer))
+        guard_x402(client, engine, "bot")
+        await client.create_payment_payload(payment_required())  # then the transport raised
+
+        async def used() -> tuple[int, int]:
+            window = (await engine.budget("bot")).periods["daily"]  # type: ignore[index]
+            return window.spent.value, window.reserved.value
+
+        held = await used()
+        clock.advance(minutes=5)
+        after = await used()
+        await engine.close()
+        return held, after, signer.signatures
+
+    assert asyncio.run(main()) == ((0, PRICE), (PRICE, 0), 1)
+
+
+def test_a_payload_whose_sending_cannot_be_recorded_is_never_sent() -> None:
+    """The store fails as the guard marks the payment sent: x402 gets an error, not a payload."""
+    store = FaultyStorage()
+    clock = ManualClock()
+    engine = PolicyEngine(storage=store, clock=clock)  # type: ignore[arg-type]
+    engine.set_policy("bot", BUDGET_FOR_5)
+    client, signer = sync_client(engine)
+    mark_sent = engine.mark_sent
+
+    def store_down(*args: Any, **kwargs: Any) -> Any:
+        store.down = True
+        try:
+            return mark_sent(*args, **kwargs)
+        finally:
+            store.down = False
+
+    engine.mark_sent = store_down  # type: ignore[method-assign]
+    with pytest.raises(StorageUnavailableError):
+        client.create_payment_payload(payment_required())
+    assert signer.signatures == 1  # signed in memory, never returned to be sent
+    assert spent_and_reserved(engine) == (0, 0)  # released: nothing left
+    assert [h.event for h in engine.history("bot", 2)] == ["release", "decision"]
+
+
+def test_a_seller_that_settles_without_saying_so_is_paid_at_most_the_budget(
+    url: str, facilitator: Facilitator
+) -> None:
+    """A dishonest seller settles and answers 500: the budget still holds, TTL after TTL."""
+    clock = ManualClock()
+    engine = PolicyEngine(clock=clock)
+    engine.set_policy("bot", BUDGET_FOR_5)  # five payments of PRICE a day
+    client, _ = sync_client(engine)
+    paid = denied = 0
+    for _ in range(12):
+        try:
+            r = x402_requests(client).get(f"{url}/settles-silently", timeout=30)
+        except Exception as err:  # the wrapper's own PaymentError
+            found = denial(err)
+            denied += isinstance(found, X402PaymentDenied) and found.reason == "DAILY_LIMIT"
+        else:
+            paid += r.status_code == 500
+        clock.advance(minutes=5)  # each reservation expires before the next payment
+    assert denied == 7
+    assert len(facilitator.settled) == paid == 5  # never more than the daily limit allows
+    assert spent_and_reserved(engine) == (5 * PRICE, 0)
 
 
 def test_the_agent_cannot_release_a_payment_the_x402_guard_signed() -> None:
@@ -465,7 +541,10 @@ def test_a_settlement_whose_confirm_fails_is_kept_for_reconciliation(
     assert "RESERVATION" in lost.error or "expired" in lost.error
     assert lost.transaction.startswith("0x")
     assert lost.request.amount == PRICE
-    assert engine.get_reservation(lost.reservation_id).status is ReservationStatus.EXPIRED
+    late = engine.get_reservation(lost.reservation_id)
+    assert late.status is ReservationStatus.EXPIRED
+    assert late.sent_at is not None  # marked before the payment left: so it counts as spent
+    assert spent_and_reserved(engine) == (PRICE, 0)
 
 
 def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved() -> None:

@@ -12,16 +12,22 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from eth_keys import keys
-from flask import Flask
+from flask import Flask, request
 from werkzeug.serving import make_server
 from x402 import x402ResourceServerSync
-from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.http import (
+    PAYMENT_SIGNATURE_HEADER,
+    FacilitatorConfig,
+    HTTPFacilitatorClientSync,
+    decode_payment_signature_header,
+)
 from x402.http.middleware.flask import payment_middleware
 from x402.mechanisms.evm.eip712 import hash_eip3009_authorization
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
@@ -129,6 +135,18 @@ def seller_app(facilitator_url: str) -> Flask:
     def broken() -> tuple[dict[str, Any], int]:
         return {"error": "the handler failed"}, 500
 
+    @app.get("/settles-silently")
+    def settles_silently() -> tuple[dict[str, Any], int]:
+        """A dishonest seller: settles the payment itself, then answers 500 without saying so."""
+        payload = decode_payment_signature_header(request.headers[PAYMENT_SIGNATURE_HEADER])
+        body = {"paymentPayload": payload.model_dump(by_alias=True),
+                "paymentRequirements": payload.accepted.model_dump(by_alias=True)}  # fmt: skip
+        with urllib.request.urlopen(urllib.request.Request(
+            f"{facilitator_url}/settle", json.dumps(body).encode(),
+            {"Content-Type": "application/json"})) as answer:  # fmt: skip
+            assert json.loads(answer.read())["success"]
+        return {"error": "the handler failed"}, 500
+
     @app.get("/odd-token")
     def odd_token() -> dict[str, Any]:
         return {"report": "never"}
@@ -139,6 +157,7 @@ def seller_app(facilitator_url: str) -> Flask:
     routes = {
         "GET /report": accepts("$0.01"),
         "GET /broken": accepts("$0.01"),
+        "GET /settles-silently": accepts("$0.01"),
         "GET /odd-token": accepts(
             {"amount": "10000", "asset": UNKNOWN_TOKEN, "extra": {"name": "Odd", "version": "1"}}
         ),

@@ -339,6 +339,10 @@ class AsyncPolicyEngine:
         """Take the right to make a reservation's payment (:meth:`PolicyEngine.claim`)."""
         return await self._flow(self._engine._claim, reservation_id, holder)
 
+    async def mark_sent(self, reservation_id: str, *, holder: str | None = None) -> Reservation:
+        """Say that a reservation's payment is leaving now (:meth:`PolicyEngine.mark_sent`)."""
+        return await self._flow(self._engine._mark_sent, reservation_id, holder)
+
     async def get_reservation(self, reservation_id: str) -> Reservation:
         """A reservation by id (``RESERVATION_NOT_FOUND`` if there is none)."""
         return await self._flow(self._engine._get_reservation, reservation_id)

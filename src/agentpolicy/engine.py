@@ -867,13 +867,39 @@ class PolicyEngine(Voting):
         return self._drive(self._claim(reservation_id, holder))
 
     def _claim(self, reservation_id: str, holder: str) -> Flow[Reservation]:
+        return self._by_holder(claims.claim, reservation_id, holder)
+
+    def mark_sent(self, reservation_id: str, *, holder: str | None = None) -> Reservation:
+        """Say that a reservation's payment is leaving now: unsettled, it expires as spent.
+
+        Call it just before the payment is sent (a signed payload handed to
+        the network, a transfer submitted). From then on the payee may be
+        paid whether or not an answer comes back, so if nobody confirms or
+        releases the reservation before its TTL, it counts as spent when it
+        expires (history event ``expire`` with a ``detail`` that says so),
+        not given back. Confirm and release work as before. Marking again
+        changes nothing. Raises as :meth:`claim` does (``holder`` must be the
+        caller that claimed it, if any). Returns the reservation, with its
+        ``sent_at``.
+        """
+        return self._drive(self._mark_sent(reservation_id, holder))
+
+    def _mark_sent(self, reservation_id: str, holder: str | None) -> Flow[Reservation]:
+        return self._by_holder(claims.mark_sent, reservation_id, holder)
+
+    def _by_holder(
+        self, make: Callable[..., operations.Step], reservation_id: str, holder: str | None
+    ) -> Flow[Reservation]:
+        """Run ``make(config, reservation_id, holder, now)``'s step on the reservation's shard."""
         problems = check_record_id(reservation_id, "$.reservationId")
-        problems += check_identifier(holder, "$.holder")
+        if holder is not None:
+            problems += check_identifier(holder, "$.holder")
         raise_if(problems)
         now = self._now()
         shard = yield from self._shard_of_id(reservation_id)
-        step = claims.claim(self.config, reservation_id, holder, now)
-        result: Body = yield Run(shard, step, at=micros(now))
+        result: Body = yield Run(
+            shard, make(self.config, reservation_id, holder, now), at=micros(now)
+        )
         return reservation_record(reservation_id, result["doc"])
 
     def get_reservation(self, reservation_id: str) -> Reservation:

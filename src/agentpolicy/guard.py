@@ -8,6 +8,12 @@ block normally confirms the reservation; leaving it with an exception (any
 exception, ``KeyboardInterrupt`` and ``asyncio.CancelledError`` included)
 releases it and lets the exception through.
 
+A block that sends its payment marks it sent first (``p.mark_sent()``):
+from then on an exception does not prove the payee was not paid, so the
+guard leaves the reservation held instead of releasing it, and it counts
+as spent when it expires unless released by whoever learns it was not
+paid (``engine.release(p.reservation_id, holder=p.holder)``).
+
 What the guard cannot know it says: when the block completed but the
 confirm failed, the confirm's error is raised with a note saying that the
 payment may have been made (docs/engine.md, "The payment guard").
@@ -205,15 +211,30 @@ def _approval_decision(approval: Approval, request: PaymentRequest) -> Decision:
     raise PaymentDenied(waiting, f"{code}: {reason}", code=code, approval=approval)
 
 
-def _note_unconfirmed(err: BaseException, reservation_id: str, holder: str) -> None:
+def _note_unconfirmed(err: BaseException, reservation_id: str, holder: str, sent: bool) -> None:
+    after = (
+        "it was marked sent, so once it expires it counts as spent: do not count it again"
+        if sent
+        else "once it has expired its amount no longer counts: count the payment again "
+        "(authorize and confirm it)"
+    )
     err.add_note(
         f"agentpolicy: the payment block completed, so the payment may have been made, "
         f"but reservation {reservation_id} was not confirmed. Confirm it with "
         f"engine.confirm({reservation_id!r}, holder={holder!r}) (the block's claim on it) "
-        "before it expires; once it has expired its "
-        "amount no longer counts: count the payment again (authorize and confirm it) and "
-        "raise reservation_ttl above the time a payment takes (docs/engine.md)."
+        f"before it expires; {after}; and raise reservation_ttl above the time a payment "
+        "takes (docs/engine.md)."
     )
+
+
+def _note_held(err: BaseException, reservation_id: str, holder: str) -> None:
+    err.add_note(
+        f"agentpolicy: the payment was marked sent, so it may have been made: reservation "
+        f"{reservation_id} stays held and counts as spent when it expires. Confirm it "
+        f"(engine.confirm({reservation_id!r}, holder={holder!r})) once you know it was paid, "
+        "or release it (engine.release(...)) once you know it was not."
+    )
+    _log.warning("agentpolicy: payment of %s was sent and its block raised; held", reservation_id)
 
 
 def _note_unreleased(err: BaseException, reservation_id: str, cause: BaseException) -> None:
@@ -236,6 +257,7 @@ class _Guard:
         self.reservation: Reservation | None = None
         """The reservation as the block left it (confirmed or released), once exited."""
         self._used = False
+        self._sent = False
         self._holder = _holder()
 
     @property
@@ -302,6 +324,18 @@ class PaymentGuard(_Guard):
         except ConflictError as err:
             raise _refuse(decision, err) from None
 
+    def mark_sent(self) -> Reservation:
+        """Say that the payment is leaving now (call it just before sending it).
+
+        From then on an exception leaving the block holds the reservation
+        (it counts as spent when it expires) instead of releasing it, since
+        the payee may have been paid. See :meth:`PolicyEngine.mark_sent
+        <agentpolicy.PolicyEngine.mark_sent>`.
+        """
+        reservation = self._engine.mark_sent(self.reservation_id, holder=self._holder)
+        self._sent = True
+        return reservation
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -313,8 +347,11 @@ class PaymentGuard(_Guard):
             try:
                 self.reservation = self._engine.confirm(rid, holder=self._holder)
             except BaseException as err:
-                _note_unconfirmed(err, rid, self._holder)
+                _note_unconfirmed(err, rid, self._holder, self._sent)
                 raise
+            return
+        if self._sent:
+            _note_held(exc, rid, self._holder)
             return
         try:
             self.reservation = self._engine.release(rid, holder=self._holder)
@@ -390,6 +427,12 @@ class AsyncPaymentGuard(_Guard):
         except ConflictError as err:
             raise _refuse(decision, err) from None
 
+    async def mark_sent(self) -> Reservation:
+        """Say that the payment is leaving now (see :meth:`PaymentGuard.mark_sent`)."""
+        reservation = await self._engine.mark_sent(self.reservation_id, holder=self._holder)
+        self._sent = True
+        return reservation
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -407,8 +450,11 @@ class AsyncPaymentGuard(_Guard):
             except asyncio.CancelledError:
                 raise  # the confirm goes on; a failure of it is logged
             except BaseException as err:
-                _note_unconfirmed(err, rid, self._holder)
+                _note_unconfirmed(err, rid, self._holder, self._sent)
                 raise
+            return
+        if self._sent:
+            _note_held(exc, rid, self._holder)
             return
         try:
             self.reservation = await settle_shielded(self._engine.release(rid, holder=self._holder))

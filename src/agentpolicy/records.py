@@ -64,7 +64,13 @@ class ApprovalStatus(enum.StrEnum):
 
 @attrs.frozen
 class Reservation:
-    """Budget held for one payment until it is confirmed, released or expires."""
+    """Budget held for one payment until it is confirmed, released or expires.
+
+    ``sent_at`` is when its payment was marked sent
+    (:meth:`~agentpolicy.PolicyEngine.mark_sent`), else ``None``: a sent
+    reservation that expires unsettled counts as spent, since the payee
+    may have been paid; one never sent gives its amount back.
+    """
 
     id: str
     agent_id: str
@@ -77,6 +83,7 @@ class Reservation:
     request: PaymentRequest
     policy_version: int
     approval_id: str | None = None
+    sent_at: datetime | None = None
 
     def due(self, now: datetime) -> bool:
         """Whether the reservation is open and its time is up (``now >= expires_at``)."""

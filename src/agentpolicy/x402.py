@@ -14,14 +14,18 @@ x402 httpx or requests wrappers or directly, goes through the policy:
   :class:`X402PaymentDenied` (a :class:`~agentpolicy.PaymentDenied` and an
   x402 ``PaymentAbortedError`` whose ``reason`` is the decision's code) or
   :class:`X402ApprovalRequired`.
+- **when the payload is signed** (``on_after_payment_creation``): it is
+  checked against what was authorized, and its reservation is marked sent
+  (:meth:`~agentpolicy.PolicyEngine.mark_sent`) before x402 can send it.
 - **when signing fails** (``on_payment_creation_failure``): the reservation
   is released.
 - **when the seller answers the paid request** (``on_payment_response``):
   a settlement that succeeded confirms the reservation; a failed settlement
   or a payment the seller refused (402 again) releases it.
 - **where the outcome is unknown** (the paid request raised, or its answer
-  carries no payment response), the reservation stays held and expires by
-  its TTL (docs/x402.md lists the cases).
+  carries no payment response), the reservation stays held, and when its
+  TTL passes it is counted as spent, since the seller may have settled
+  (docs/x402.md lists the cases).
 
 An asset the table does not know is denied, never guessed: x402 payment
 requirements name an asset by its contract address and carry no decimals.
@@ -153,11 +157,12 @@ class X402ApprovalRequired(ApprovalRequired, PaymentAbortedError):  # noqa: N818
 class UnconfirmedPayment:
     """A settlement that succeeded but whose reservation could not be confirmed.
 
-    The seller was paid (``transaction``); the budget may not count it
-    (``error`` says why). Confirm ``reservation_id`` while it is open (as
-    ``holder``, the guard's claim on it: ``engine.confirm(reservation_id,
-    holder=holder)``), or count the payment again (``request``) once it has
-    expired.
+    The seller was paid (``transaction``); the confirm failed (``error``
+    says why). Confirm ``reservation_id`` while it is open (as ``holder``,
+    the guard's claim on it: ``engine.confirm(reservation_id,
+    holder=holder)``), or leave it: the guard marked it sent before the
+    payment left, so if it expires it is counted as spent all the same.
+    Never count the payment again.
     """
 
     reservation_id: str
@@ -357,6 +362,11 @@ class X402Guard:
         if altered is not None:
             self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
             raise PolicyValidationError.single("$.paymentRequirements", altered)
+        try:  # from here the payee may be paid whatever answer comes, or none
+            self._sync().mark_sent(rid, holder=self._holder)
+        except Exception:
+            self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
+            raise  # so x402 never sends it
         self._signed_now(ctx, rid, request)
 
     def failure_sync(self, ctx: PaymentCreationFailureContext) -> None:
@@ -389,7 +399,7 @@ class X402Guard:
     # -- the hooks of x402Client -------------------------------------------------------------
 
     async def _call(self, name: str, arg: Any) -> Any:
-        """``authorize``, ``confirm`` or ``release``, as this guard's holder."""
+        """``authorize``, ``mark_sent``, ``confirm`` or ``release``, as this guard's holder."""
         engine = self.engine
         if isinstance(engine, AsyncPolicyEngine):
             method: Callable[..., Awaitable[Any]] = getattr(engine, name)
@@ -418,6 +428,11 @@ class X402Guard:
         if altered is not None:
             await self._quietly_async(rid)
             raise PolicyValidationError.single("$.paymentRequirements", altered)
+        try:  # from here the payee may be paid whatever answer comes, or none
+            await settle_shielded(self._call("mark_sent", rid))
+        except BaseException:
+            await self._quietly_async(rid)
+            raise  # so x402 never sends it
         self._signed_now(ctx, rid, request)
 
     async def failure_async(self, ctx: PaymentCreationFailureContext) -> None:

@@ -6,6 +6,12 @@ approval. Whoever is about to pay with a reservation claims it first; the
 claim is written in the reservation's own document, so of two callers
 (threads, processes, machines) exactly one wins, and the other is refused
 before it pays. Confirm and release are not affected: they need no claim.
+
+A caller that sends a payment marks its reservation sent first
+(:func:`mark_sent`): from then on the payee may be paid whether or not an
+answer ever comes, so a sent reservation that expires unsettled is
+counted as spent (``agentpolicy.ledger.state.close_reservation``), not
+given back. Confirm and release still settle it as they say.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from datetime import datetime
 
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
 from agentpolicy.ledger import keys
+from agentpolicy.ledger.docs import Body
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import LedgerConfig
 from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import Txn
 
-__all__ = ["claim"]
+__all__ = ["claim", "mark_sent"]
 
 _CLOSED = {
     "confirmed": ("is already confirmed", ErrorCode.RESERVATION_ALREADY_CONFIRMED),
@@ -44,15 +51,7 @@ def claim(
     name = keys.reservation(reservation_id)
 
     def step(view: View, txn: Txn) -> None:
-        doc = view.doc(name)
-        if doc is None or doc["st"] == "held":
-            raise NotFoundError(
-                f"no reservation {reservation_id!r}", code=ErrorCode.RESERVATION_NOT_FOUND
-            )
-        status = "expired" if doc["st"] == "reserved" and now_us >= doc["x"] else doc["st"]
-        if status in _CLOSED:
-            words, code = _CLOSED[status]
-            raise ConflictError(f"reservation {reservation_id} {words}", code=code)
+        doc = _open(view, name, reservation_id, now_us)
         txn.result = {"doc": doc}
         taken = doc.get("cl")
         if taken == holder:
@@ -68,3 +67,48 @@ def claim(
         txn.result = {"doc": claimed}
 
     return step
+
+
+def mark_sent(
+    cfg: LedgerConfig, reservation_id: str, holder: str | None, now: datetime
+) -> Callable[[View, Txn], None]:
+    """Mark an open reservation's payment sent; the result is ``{"doc": reservation}``.
+
+    Once sent, the reservation counts as spent if it expires unsettled
+    (its outcome never reported): the payee may have been paid. Marking
+    again changes nothing. A claimed reservation is marked only by its
+    ``holder``. Raises as :func:`claim` does; then nothing changes.
+    """
+    now_us = micros(now)
+    name = keys.reservation(reservation_id)
+
+    def step(view: View, txn: Txn) -> None:
+        doc = _open(view, name, reservation_id, now_us)
+        txn.result = {"doc": doc}
+        if doc.get("cl") not in (None, holder):
+            raise ConflictError(
+                f"reservation {reservation_id} is claimed by another caller: only that "
+                "caller, which makes its payment, marks it sent",
+                code=ErrorCode.RESERVATION_CLAIMED,
+            )
+        if "snt" in doc:
+            return
+        sent = {**doc, "snt": now_us}
+        txn.put[name] = sent  # still open: no ttl (see operations._hold)
+        txn.result = {"doc": sent}
+
+    return step
+
+
+def _open(view: View, name: str, reservation_id: str, now_us: int) -> Body:
+    """The document of an open, usable reservation, or the error that says why it is not."""
+    doc: Body | None = view.doc(name)
+    if doc is None or doc["st"] == "held":
+        raise NotFoundError(
+            f"no reservation {reservation_id!r}", code=ErrorCode.RESERVATION_NOT_FOUND
+        )
+    status = "expired" if doc["st"] == "reserved" and now_us >= doc["x"] else doc["st"]
+    if status in _CLOSED:
+        words, code = _CLOSED[status]
+        raise ConflictError(f"reservation {reservation_id} {words}", code=code)
+    return doc

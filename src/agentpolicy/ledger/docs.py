@@ -172,6 +172,7 @@ def reservation_record(reservation_id: str, doc: Body, known: Known | None = Non
         request=request,
         policy_version=doc["pv"],
         approval_id=doc["apr"],
+        sent_at=None if "snt" not in doc else times.get(doc["snt"]) or instant(doc["snt"]),
     )
 
 

@@ -38,6 +38,7 @@ from agentpolicy.storage.base import NEXT_SEQ, Txn
 __all__ = [
     "EMPTY_HEAD",
     "MAX_SCORE",
+    "SPENT_ON_EXPIRY",
     "ClockBehindError",
     "Head",
     "LedgerConfig",
@@ -358,6 +359,8 @@ def lapse(
 
 
 _EVENTS = {"confirmed": "confirm", "released": "release", "expired": "expire"}
+SPENT_ON_EXPIRY = "counted as spent: its payment was sent and no outcome was reported"
+"""The ``detail`` of the history record of a sent reservation that expired."""
 
 
 def close_reservation(
@@ -371,9 +374,13 @@ def close_reservation(
 ) -> Body:
     """Close an open reservation: give its amount back (or spend it) in every counter.
 
-    It leaves the open-reservation index of every budget that listed it.
+    A reservation marked sent (``snt``, see ``agentpolicy.ledger.claims``)
+    that expires is spent, not given back: its payment left and no outcome
+    was reported, so the payee may have been paid. It leaves the
+    open-reservation index of every budget that listed it.
     """
-    undo(books, txn, doc, rid, "settle" if status == "confirmed" else "unreserve")
+    spent = status == "confirmed" or (status == "expired" and "snt" in doc)
+    undo(books, txn, doc, rid, "settle" if spent else "unreserve")
     closed = {**doc, "st": status, "u": now}
     name = keys.reservation(rid)
     txn.put[name] = closed
@@ -381,6 +388,8 @@ def close_reservation(
     for level in levels_of(doc):
         txn.index.append((keys.open_index(level), rid, None))
     entry: Body = {"ev": _EVENTS[status], "rid": rid, "pv": doc["pv"]}
+    if spent and status == "expired":
+        entry["detail"] = SPENT_ON_EXPIRY
     if doc["apr"] is not None:
         entry["aid"] = doc["apr"]
     record(txn, cfg, doc["agent"], entry)
