@@ -13,10 +13,12 @@ redacted (:func:`agentpolicy.urls.redact_url`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import logging
 import random
+import socket
 import threading
 import time
 import urllib.parse
@@ -37,6 +39,8 @@ __all__ = ["Outbox", "WebhookDispatcher"]
 log = logging.getLogger("agentpolicy.webhooks")
 
 _RETRY_STATUSES = frozenset({408, 429})
+_STALLED = "no answer in time"
+"""How ``last_error`` begins when an attempt ran out of time (a timeout, however reached)."""
 
 
 class Outbox(Protocol):
@@ -48,8 +52,8 @@ class Outbox(Protocol):
         """Claim due deliveries."""
         ...
 
-    def finish_webhook(self, delivery: WebhookDelivery) -> None:
-        """Record an attempt's outcome."""
+    def finish_webhook(self, delivery: WebhookDelivery, leased_until: float | None = None) -> None:
+        """Record an attempt's outcome, unless claimed again since ``leased_until``."""
         ...
 
     def pending_webhooks(self, endpoint_ids: list[str]) -> int:
@@ -57,16 +61,96 @@ class Outbox(Protocol):
         ...
 
 
+class _Deadline:
+    """Ends an attempt when its time is up, however slowly the receiver drips bytes.
+
+    A socket timeout bounds each read, not the attempt: a receiver that sends
+    a byte a second would hold an attempt for as long as it liked. Every
+    socket an attempt opens is registered here (a duplicate of it, so that
+    TLS wrapping it later does not hide it) and shut down when the time is
+    up, which ends any read or write blocked on it at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _attempt_deadline.current = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _attempt_deadline.current = None
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.expired:
+                sock.close()
+                raise TimeoutError("the attempt's time was up")
+            self._socks.append(sock.dup())
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_attempt_deadline = threading.local()
+"""The :class:`_Deadline` of the attempt this thread is making (``current``), if any."""
+
+
+def _connect(*args: Any, **kwargs: Any) -> socket.socket:
+    sock = socket.create_connection(*args, **kwargs)
+    deadline: _Deadline | None = getattr(_attempt_deadline, "current", None)
+    if deadline is not None:
+        deadline.watch(sock)
+    return sock
+
+
 @functools.cache
 def _opener() -> Any:
-    """A urllib opener that never follows a redirect (a 3xx answer is an HTTPError)."""
-    import urllib.request  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+    """A urllib opener that never follows a redirect and registers its sockets' deadline.
+
+    A 3xx answer is an ``HTTPError``; proxies from the environment are used
+    as urllib uses them.
+    """
+    import http.client  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+    import urllib.request  # noqa: PLC0415
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None  # urllib then raises HTTPError with the 3xx status
 
-    return urllib.request.build_opener(NoRedirect)
+    class Plain(http.client.HTTPConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = _connect
+
+    class Secure(http.client.HTTPSConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = _connect
+
+    class PlainHandler(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(Plain, req)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(Secure, req)
+
+    return urllib.request.build_opener(NoRedirect, PlainHandler, SecureHandler)
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
@@ -167,24 +251,42 @@ class WebhookDispatcher:
             self._wake.wait(self.poll_interval)
             self._wake.clear()
 
-    def run_once(self, limit: int = 50) -> int:
-        """Claim what is due and try each once; return how many were attempted."""
+    def run_once(self, limit: int = 50, deadline: float | None = None) -> int:
+        """Try what is due, each once; return how many were attempted.
+
+        Deliveries are claimed one at a time, each just before its attempt,
+        so a claim's lease (longer than an attempt can take) never runs out
+        while it waits behind others. An endpoint that did not answer in
+        time is left alone for the rest of the run, so that one stalled
+        receiver costs the others at most one timeout a run. With
+        ``deadline`` (``time.monotonic()``), no attempt starts after it.
+        """
+        wanted = list(self.endpoints)
+        attempted = 0
         with self._lock:
-            claimed = self.outbox.claim_webhooks(
-                list(self.endpoints), time.time(), self.lease, limit
-            )
-            for delivery in claimed:
-                self.outbox.finish_webhook(self._attempt(delivery))
-            return len(claimed)
+            while attempted < limit and wanted:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                claimed = self.outbox.claim_webhooks(wanted, time.time(), self.lease, 1)
+                if not claimed:
+                    break
+                (delivery,) = claimed
+                outcome = self._attempt(delivery)
+                self.outbox.finish_webhook(outcome, leased_until=delivery.next_attempt_at)
+                attempted += 1
+                if outcome.last_error is not None and outcome.last_error.startswith(_STALLED):
+                    wanted.remove(delivery.endpoint_id)
+        return attempted
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Deliver until the outbox is empty for these endpoints or ``timeout`` seconds pass.
 
-        Returns whether it is empty. Failed deliveries count as done.
+        Returns whether it is empty. Failed deliveries count as done. It
+        returns within ``timeout`` plus at most one attempt's timeout.
         """
         deadline = time.monotonic() + timeout
         while True:
-            attempted = self.run_once()
+            attempted = self.run_once(deadline=deadline)
             if self.outbox.pending_webhooks(list(self.endpoints)) == 0:
                 return True
             if time.monotonic() >= deadline:
@@ -203,23 +305,25 @@ class WebhookDispatcher:
         attempts = delivery.attempts + 1
         try:
             self._post(endpoint, delivery)
-        except _RetryableError as why:
+        except _FinalError as refused:
+            where = redact_url(endpoint.url)
+            log.warning("webhook %s to %s refused: %s", delivery.id, where, refused)
+            return attrs.evolve(
+                delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(refused)
+            )
+        except Exception as exc:  # retryable; anything unforeseen too: never stop the batch
+            error = str(exc) if isinstance(exc, _RetryableError) else f"error: {type(exc).__name__}"
             if attempts >= endpoint.max_attempts:
                 where = redact_url(endpoint.url)
-                log.warning("webhook %s to %s failed for good: %s", delivery.id, where, why)
+                log.warning("webhook %s to %s failed for good: %s", delivery.id, where, error)
                 return attrs.evolve(
-                    delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(why)
+                    delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=error
                 )
             return attrs.evolve(
                 delivery,
                 attempts=attempts,
                 next_attempt_at=time.time() + self._delay(attempts),
-                last_error=str(why),
-            )
-        except _FinalError as why:
-            log.warning("webhook %s to %s refused: %s", delivery.id, redact_url(endpoint.url), why)
-            return attrs.evolve(
-                delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(why)
+                last_error=error,
             )
         return attrs.evolve(
             delivery, status=DeliveryStatus.DELIVERED, attempts=attempts, last_error=None
@@ -233,7 +337,8 @@ class WebhookDispatcher:
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
     def _post(self, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> None:
-        import urllib.error  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+        import http.client  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+        import urllib.error  # noqa: PLC0415
         import urllib.request  # noqa: PLC0415
 
         timestamp = int(time.time())
@@ -256,16 +361,27 @@ class WebhookDispatcher:
         request = urllib.request.Request(  # noqa: S310 - http(s) URLs only, checked
             url, data=body, headers=headers, method="POST"
         )
-        try:
-            with _opener().open(request, timeout=endpoint.timeout.total_seconds()) as response:
-                response.read(1024)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code >= 500 or exc.code in _RETRY_STATUSES:
-                raise _RetryableError(f"HTTP {exc.code}") from None
-            if 300 <= exc.code < 400:
-                raise _FinalError(f"HTTP {exc.code} (redirect not followed)") from None
-            raise _FinalError(f"HTTP {exc.code}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _RetryableError(f"network error: {type(reason).__name__}") from None
+        seconds = endpoint.timeout.total_seconds()
+        with _Deadline(seconds) as deadline:
+            try:
+                with (
+                    _opener().open(request, timeout=seconds) as response,
+                    contextlib.suppress(Exception),  # a 2xx arrived: the body is extra
+                ):
+                    response.read(1024)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if exc.code >= 500 or exc.code in _RETRY_STATUSES:
+                    raise _RetryableError(f"HTTP {exc.code}") from None
+                if 300 <= exc.code < 400:
+                    raise _FinalError(f"HTTP {exc.code} (redirect not followed)") from None
+                raise _FinalError(f"HTTP {exc.code}") from None
+            except Exception as exc:  # the message may hold the URL: only the kind is kept
+                reason = getattr(exc, "reason", exc)
+                if deadline.expired or isinstance(reason, TimeoutError):
+                    raise _RetryableError(f"{_STALLED} ({seconds:g} s)") from None
+                if isinstance(reason, http.client.InvalidURL | ValueError):  # never usable
+                    raise _FinalError(f"invalid URL: {type(reason).__name__}") from None
+                if isinstance(reason, http.client.HTTPException):  # not HTTP: a broken answer
+                    raise _RetryableError(f"protocol error: {type(reason).__name__}") from None
+                raise _RetryableError(f"network error: {type(reason).__name__}") from None

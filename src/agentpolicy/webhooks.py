@@ -36,6 +36,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -94,6 +95,25 @@ def signing_key(secret: str) -> bytes:
     return secret.encode()
 
 
+def _url_problems(url: str) -> list[Problem]:
+    """What makes an http(s) URL unusable for sending (never quoting the URL itself)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return [Problem("$.url", "must not contain control characters")]
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises for a port that is not a number from 0 to 65535
+        host = parts.hostname or ""
+        if host and not host.startswith("["):  # not an IPv6 literal: IDNA encodable
+            host.encode("idna")
+    except (ValueError, UnicodeError):
+        return [Problem("$.url", "must have a valid host and port")]
+    if not host or port == 0:
+        return [Problem("$.url", "must have a valid host and port")]
+    if not (parts.path + parts.query + parts.fragment).isascii():
+        return [Problem("$.url", "must percent-encode its path and query (ASCII only)")]
+    return []
+
+
 def _endpoint_id(url: str) -> str:
     return "wh_" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
@@ -118,6 +138,8 @@ class WebhookEndpoint:
         problems: list[Problem] = []
         if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
             problems.append(Problem("$.url", "must be an http:// or https:// URL"))
+        else:
+            problems += _url_problems(self.url)
         if not isinstance(self.secret, str) or not self.secret:
             problems.append(Problem("$.secret", "must be a non-empty string"))
         else:
@@ -161,12 +183,15 @@ def _endpoint(raw: object, path: str) -> WebhookEndpoint:
     events = raw.get("events") or ()
     if isinstance(events, str):
         events = [e.strip() for e in events.split(",") if e.strip()]
-    if not isinstance(events, list | tuple | frozenset | set):
+    if not isinstance(events, list | tuple | frozenset | set) or not all(
+        isinstance(e, str) for e in events
+    ):
         raise PolicyValidationError.single(f"{path}.events", "must be a list of event names")
     attempts = raw.get("maxAttempts", 15)
     if "retries" in raw:
         retries = raw["retries"]
-        attempts = int(retries) + 1 if str(retries).isdigit() else retries
+        digits = isinstance(retries, int | str) and re.fullmatch(r"[0-9]{1,3}", str(retries))
+        attempts = int(retries) + 1 if digits else retries
     try:
         return WebhookEndpoint(
             url=raw.get("url"),  # type: ignore[arg-type]

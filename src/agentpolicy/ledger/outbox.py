@@ -114,15 +114,24 @@ class LedgerOutbox:
 
         run(self.storage, shard, step, lambda _: None, at=self.clock_us())
 
-    def finish_webhook(self, delivery: WebhookDelivery) -> None:
-        """Record an attempt's outcome; a finished delivery leaves the queue."""
+    def finish_webhook(self, delivery: WebhookDelivery, leased_until: float | None = None) -> None:
+        """Record an attempt's outcome; a finished delivery leaves the queue.
+
+        An outcome is recorded only while the delivery is pending and, with
+        ``leased_until`` (its ``next_attempt_at`` as claimed), only while
+        that claim is still the last one: a worker whose attempt outlived
+        its lease, while another worker sent the delivery again, never
+        overwrites the newer outcome.
+        """
         shard = self.shard_of(delivery.agent_id)
         name = keys.webhook(delivery.id)
 
         def step(view: View, txn: Txn) -> None:
             doc = view.doc(name)
-            if doc is None:
+            if doc is None or doc["st"] != "pending":
                 return
+            if leased_until is not None and doc["next"] != leased_until:
+                return  # claimed again since: that claim's outcome is the one to keep
             txn.put[name] = {
                 **doc,
                 "st": delivery.status.value,

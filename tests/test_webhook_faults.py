@@ -1,0 +1,232 @@
+"""Webhook delivery against receivers that misbehave: broken HTTP, dripping, silent, slow.
+
+One bad receiver must never stop the others, hold a worker past its
+timeout, make ``flush`` overrun its own, or get an event twice from two
+workers sharing one store; and a late outcome never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+
+from agentpolicy import PolicyEngine, PolicyValidationError
+from agentpolicy.records import DeliveryStatus
+from agentpolicy.storage import MemoryStorage
+from agentpolicy.testing import ManualClock, payment
+from agentpolicy.webhooks import WebhookEndpoint, endpoints_from_env
+from tests.receiver import RawReceiver, Receiver
+
+SECRET = "whsec-test-123"
+POLICY = {
+    "limits": {"daily": {"value": "10000000000"}},
+    "approvalConfig": {"thresholds": [{"amount": {"value": "100000000"},
+                                       "requiredApprovers": 1, "approvers": ["ops"]}]},
+}  # fmt: skip
+
+ANSWERS: dict[str, bytes] = {
+    "not HTTP": b"HELLO I AM NOT HTTP\r\n\r\n",
+    "a header line past 64 KiB": b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n",
+    "more than 100 headers": b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-%d: a\r\n" % i for i in range(150))
+    + b"\r\n",
+}
+
+
+@pytest.fixture
+def good() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def stop() -> Iterator[threading.Event]:
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def raw(answer: Callable[[socket.socket], None]) -> Iterator[RawReceiver]:
+    r = RawReceiver(answer)
+    yield r
+    r.stop()
+
+
+def engine_with(*endpoints: dict[str, Any], storage: Any = None) -> PolicyEngine:
+    engine = PolicyEngine(
+        storage=storage or MemoryStorage(),
+        clock=ManualClock(),
+        webhook_endpoints=[{"secret": SECRET, **e} for e in endpoints],
+        webhook_backoff=0.01,
+        webhook_backoff_cap=0.02,
+    )
+    engine.set_policy("agent-123", POLICY)
+    return engine
+
+
+def ask(engine: PolicyEngine, n: int = 1) -> None:
+    for _ in range(n):
+        assert engine.authorize(payment(500_000_000, agent_id="agent-123")).requires_approval
+
+
+def of(engine: PolicyEngine, url: str) -> list[Any]:
+    wanted = WebhookEndpoint(url=url, secret=SECRET).id
+    return [d for d in engine.webhook_deliveries() if d.endpoint_id == wanted]
+
+
+@pytest.mark.parametrize("answer", list(ANSWERS))
+def test_a_receiver_that_answers_no_http_fails_for_good_and_never_stops_the_others(
+    answer: str, good: Receiver
+) -> None:
+    for bad in raw(lambda conn: conn.sendall(ANSWERS[answer])):
+        engine = engine_with({"url": bad.url, "timeout": "2s", "maxAttempts": 3},
+                             {"url": good.url, "timeout": "2s"})  # fmt: skip
+        ask(engine, 2)
+        assert engine.flush_webhooks(10)  # never raises
+        failed = of(engine, bad.url)
+        assert [(d.status, d.attempts) for d in failed] == [(DeliveryStatus.FAILED, 3)] * 2
+        assert all((d.last_error or "").startswith("protocol error: ") for d in failed)
+        assert len(good.received) == 2
+        engine.close()
+
+
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_timeout(
+    good: Receiver, stop: threading.Event
+) -> None:
+    def drip(conn: socket.socket) -> None:  # a valid answer, one byte every 0.2 s
+        for byte in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 1000 + b"\r\n\r\n":
+            if stop.wait(0.2):
+                return
+            conn.sendall(bytes([byte]))
+
+    for slow in raw(drip):
+        engine = engine_with({"url": slow.url, "timeout": "1s", "maxAttempts": 1},
+                             {"url": good.url, "timeout": "1s"})  # fmt: skip
+        ask(engine)
+        started = time.monotonic()
+        assert engine.flush_webhooks(10)
+        assert time.monotonic() - started < 3.0  # one attempt of 1 s, not the whole drip
+        (cut,) = of(engine, slow.url)
+        assert (cut.status, cut.last_error) == (DeliveryStatus.FAILED, "no answer in time (1 s)")
+        assert len(good.received) == 1
+        engine.close()
+
+
+def test_a_silent_endpoint_costs_the_others_one_timeout_and_flush_keeps_its_deadline(
+    good: Receiver, stop: threading.Event
+) -> None:
+    for silent in raw(lambda conn: stop.wait(30) and None):
+        engine = engine_with({"url": silent.url, "timeout": "1s", "maxAttempts": 5},
+                             {"url": good.url, "timeout": "1s"})  # fmt: skip
+        ask(engine, 4)  # four events for each endpoint
+        started = time.monotonic()
+        done = engine.flush_webhooks(timeout=2.0)
+        took = time.monotonic() - started
+        assert not done  # the silent endpoint's events still wait
+        assert took < 3.4  # its deadline, plus at most one attempt's timeout (was 4 s and more)
+        assert len(good.received) == 4  # the healthy endpoint got all of its own meanwhile
+        stop.set()
+        engine.close()
+
+
+def test_two_workers_never_send_one_event_twice_to_a_slow_receiver(good: Receiver) -> None:
+    """A batch leased at once and sent one by one lost its lease behind the slow answers."""
+    good.delay = 0.25
+    storage = MemoryStorage()
+    first = engine_with({"url": good.url, "timeout": "1s"}, storage=storage)
+    second = engine_with({"url": good.url, "timeout": "1s"}, storage=storage)
+    for engine in (first, second):
+        assert engine.webhooks is not None
+        engine.webhooks.lease = 1.5  # longer than an attempt, shorter than a batch of 8
+    ask(first, 8)
+    threads = [threading.Thread(target=e.flush_webhooks, args=(20,)) for e in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [r.headers["X-Webhook-Id"] for r in good.received]
+    assert len(ids) == 8
+    assert len(set(ids)) == 8
+    for engine in (first, second):
+        engine.close()
+
+
+def test_a_late_outcome_never_overwrites_a_newer_one(good: Receiver) -> None:
+    engine = engine_with({"url": good.url})
+    assert engine.webhooks is not None
+    engine.webhooks.close()  # this test is the only worker
+    ask(engine)
+    outbox, endpoint = engine.outbox, WebhookEndpoint(url=good.url, secret=SECRET).id
+    (slow,) = outbox.claim_webhooks([endpoint], 1000.0, 5.0, 1)
+    (fast,) = outbox.claim_webhooks([endpoint], 1006.0, 5.0, 1)  # the first lease ran out
+    assert slow.id == fast.id
+    outbox.finish_webhook(
+        attrs.evolve(fast, status=DeliveryStatus.DELIVERED, attempts=1),
+        leased_until=fast.next_attempt_at,
+    )
+    outbox.finish_webhook(  # the first worker's answer came late: an error
+        attrs.evolve(slow, status=DeliveryStatus.FAILED, attempts=1, last_error="HTTP 400"),
+        leased_until=slow.next_attempt_at,
+    )
+    outbox.finish_webhook(attrs.evolve(slow, attempts=1, next_attempt_at=0.0, last_error="x"))
+    (kept,) = engine.webhook_deliveries()
+    assert (kept.status, kept.attempts, kept.last_error) == (DeliveryStatus.DELIVERED, 1, None)
+    assert outbox.pending_webhooks([endpoint]) == 0
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:99999/hooks", "valid host and port"),
+        ("http://127.0.0.1:abc/hooks", "valid host and port"),
+        ("http://[::1/hooks", "valid host and port"),
+        ("http://a..b/hooks", "valid host and port"),
+        ("http://h:0/hooks", "valid host and port"),
+        ("https://h/hooks?token=TOPSECRET\x7f", "control characters"),
+        ("https://h/hooks/\u00e4", "ASCII only"),
+    ],
+)
+def test_an_endpoint_url_that_cannot_be_sent_to_is_refused_without_showing_it(
+    url: str, message: str
+) -> None:
+    with pytest.raises(PolicyValidationError) as refused:
+        WebhookEndpoint(url=url, secret=SECRET)
+    assert refused.value.path == "$.url"
+    assert message in refused.value.message
+    assert "TOPSECRET" not in str(refused.value)
+
+
+def test_urls_that_can_be_sent_to_are_kept() -> None:
+    for url in ("https://[::1]:8443/x", "https://b\u00fccher.example/x", "http://u:p@h:8080/x?t=1"):
+        assert WebhookEndpoint(url=url, secret=SECRET).url == url
+
+
+@pytest.mark.parametrize(
+    ("env", "path"),
+    [
+        ({"AGENT_POLICY_WEBHOOK_RETRIES": "\u00b2"}, "$AGENT_POLICY_WEBHOOK_RETRIES"),
+        ({"AGENT_POLICY_WEBHOOK_RETRIES": "\u0661\u0664"}, "$AGENT_POLICY_WEBHOOK_RETRIES"),
+    ],
+)
+def test_retries_in_other_digits_are_refused_with_the_variable(
+    env: dict[str, str], path: str
+) -> None:
+    base = {"AGENT_POLICY_WEBHOOK_URL": "https://h/x", "AGENT_POLICY_WEBHOOK_SECRET": SECRET}
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env({**base, **env})
+    assert refused.value.path == path
+
+
+def test_events_that_are_not_names_are_refused_with_their_path() -> None:
+    env = {"AGENT_POLICY_WEBHOOKS": '[{"url": "https://h/x", "secret": "s", "events": [["x"]]}]'}
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env(env)
+    assert refused.value.path == "$AGENT_POLICY_WEBHOOKS[0].events"
