@@ -320,14 +320,25 @@ def expire_due(
     held_for: list[str] = []
     for rid, name in zip(ripe, names, strict=True):
         txn.index.append((index, rid, None))
-        doc = view.doc(name)
+        doc = _as_written(view, txn, name)
         if doc is None or doc["st"] not in ("held", "reserved"):
-            continue  # already closed: the index entry was stale
+            continue  # already closed (maybe by this step, under another budget): stale entry
         closed = close_reservation(txn, cfg, books, rid, doc, "expired", now)
         if doc["apr"] is not None and doc["st"] == "held":
             held_for.append(doc["apr"])
         expired.append((rid, closed))
     return expired, lapse(view, txn, cfg, shard, held_for, now)
+
+
+def _as_written(view: View, txn: Txn, name: str) -> Body | None:
+    """A document as this step left it so far (its own write, else the store's).
+
+    A reservation is listed under every budget it counts in, and one step
+    expires under several of them (an agent's head, then each ancestor's):
+    what an earlier one closed must not be closed again.
+    """
+    written: Body | None = txn.put.get(name)
+    return written if written is not None else view.doc(name)
 
 
 def more_due(head: Head, now: int) -> bool:
@@ -344,7 +355,7 @@ def lapse(
     names = [keys.approval(a) for a in approval_ids]
     view.read(names)
     for aid, name in zip(approval_ids, names, strict=True):
-        approval = view.doc(name)
+        approval = _as_written(view, txn, name)
         if approval is None or approval["st"] != "pending":
             continue
         gone = {**approval, "st": "expired", "dec": now}

@@ -234,7 +234,7 @@ class Book:
         c["t"] = now
         live, held = keys.rolling_live(self.name, key), keys.rolling_grace(self.name, key)
         if c["o"] is not None and c["o"] <= edge:
-            moved = _due(view, live, edge)
+            due, moved = _leaving(view, txn, live, edge)
             for member, score in moved:
                 value, decimals, status = _parse_member(member)
                 _take(c, value, decimals, "s" if status == "c" else "r")
@@ -243,20 +243,18 @@ class Book:
                 txn.index.append((live, member, None))
                 txn.index.append((held, member, score))
                 c["go"] = score if c["go"] is None else min(c["go"], score)
-            c["ev"] = edge if len(moved) < _SCAN_MAX else moved[-1][1] - 1
-            following = view.scan(live, MAX_SCORE, len(moved) + 1)[len(moved) :]
-            c["o"] = following[0][1] if following else None
+            c["ev"] = edge if len(due) < _SCAN_MAX else due[-1][1] - 1
+            c["o"] = _earliest_after(view, txn, live, due, edge)
         cutoff = edge - grace
         if c["go"] is not None and c["go"] <= cutoff:
-            pruned = _due(view, held, cutoff)
+            pruned_due, pruned = _leaving(view, txn, held, cutoff)
             for member, _ in pruned:
                 value, decimals, _ = _parse_member(member)
                 c["gv"] = max(0, c["gv"] - _scaled(c, value, decimals))
                 c["gn"] = max(0, c["gn"] - 1)
                 txn.index.append((held, member, None))
-            c["pr"] = cutoff if len(pruned) < _SCAN_MAX else pruned[-1][1] - 1
-            following = view.scan(held, MAX_SCORE, len(pruned) + 1)[len(pruned) :]
-            c["go"] = following[0][1] if following else None
+            c["pr"] = cutoff if len(pruned_due) < _SCAN_MAX else pruned_due[-1][1] - 1
+            c["go"] = _earliest_after(view, txn, held, pruned_due, cutoff)
         if changed or key not in self.counters:
             self.own()["c"][key] = c
 
@@ -328,9 +326,43 @@ def _take(c: dict[str, Any], value: int, decimals: int, field: str) -> None:
     c["n"] = max(0, c["n"] - 1)
 
 
-def _due(view: View, index: str, edge: int) -> list[tuple[str, int]]:
-    """The members of ``index`` scored at or before ``edge`` (at most a bounded batch)."""
-    return view.scan(index, edge, _SCAN_MAX)
+def _written(txn: Txn, index: str) -> dict[str, int | None]:
+    """What this step wrote so far to ``index``: member -> its score, or ``None`` (removed)."""
+    return {member: score for name, member, score in txn.index if name == index}
+
+
+def _leaving(
+    view: View, txn: Txn, index: str, edge: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(due, leaving)``: stored members up to ``edge``, and those to leave now.
+
+    ``due`` are the members of ``index`` in the store scored at or before
+    ``edge`` (a bounded batch); ``leaving`` those of the index as this step
+    left it so far.
+
+    One step can expire a reservation (taking its entry out of a rolling
+    window) or confirm one (replacing its entry) before the window moves on:
+    an entry this step removed must not be taken out a second time, and
+    one it added must move on with the others.
+    """
+    due = view.scan(index, edge, _SCAN_MAX)
+    written = _written(txn, index)
+    if not written:
+        return due, due
+    leaving = [(m, score) for m, score in due if m not in written]
+    leaving += [(m, score) for m, score in written.items() if score is not None and score <= edge]
+    leaving.sort(key=lambda item: item[1])
+    return due, leaving
+
+
+def _earliest_after(
+    view: View, txn: Txn, index: str, due: list[tuple[str, int]], edge: int
+) -> int | None:
+    """A lower bound of the earliest score left in ``index`` after its ``due`` members left."""
+    following = view.scan(index, MAX_SCORE, len(due) + 1)[len(due) :]
+    scores = [score for _, score in following]  # even one this step removed: a lower bound
+    scores += [s for s in _written(txn, index).values() if s is not None and s > edge]
+    return min(scores) if scores else None
 
 
 EMPTY_SCOPE_BOOK: Body = {"c": {}, "hz": 0}
