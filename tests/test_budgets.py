@@ -283,6 +283,63 @@ def test_a_delegation_that_promises_more_than_the_parent_has_is_refused(
         engine.delegate("research", "browse", daily(1), expires_at=T0)
 
 
+def test_a_delegated_budget_cannot_be_raised_past_its_parent_by_set_policy_or_promotion(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    research(engine)
+    engine.delegate("research", "browse", daily(5))
+    raised = daily(50, parent="research")
+    with pytest.raises(PolicyValidationError) as refused:
+        engine.set_policy("browse", raised)
+    assert [p.path for p in refused.value.problems] == ["$.policy.limits.daily"]
+    engine.set_shadow_policy("browse", raised)  # a shadow only judges: it may
+    with pytest.raises(PolicyValidationError):
+        engine.promote_shadow_policy("browse")  # but it is not promoted past the parent
+    assert engine.get_policy("browse").version == 1  # type: ignore[union-attr]
+    assert engine.set_policy("browse", daily(20, parent="research")) == 2  # up to the parent's
+
+
+APPROVE_ABOVE_1 = {"thresholds": [{"amount": {"value": str(U)}, "requiredApprovers": 1,
+                                   "approvers": ["lead@x"]}]}  # fmt: skip
+
+
+def test_an_approval_is_not_approved_after_its_delegation_was_shortened_and_ended(
+    backend: Backend,
+) -> None:
+    engine, clock = tree(backend)
+    research(engine)
+    shop = daily(5, approvalConfig=APPROVE_ABOVE_1)
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(hours=10))
+    d = engine.authorize(payment(3 * U, agent_id="shop"))
+    assert d.requires_approval
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(minutes=5))  # shortened
+    clock.advance(minutes=10)
+    assert engine.authorize(payment(1, agent_id="shop")).code == Code.DELEGATION_EXPIRED
+    with pytest.raises(ConflictError) as refused:
+        engine.decide(d.approval_id or "", "lead@x", "approve")
+    assert refused.value.code == ErrorCode.BUDGET_CONFLICT
+    approval = engine.get_approval(d.approval_id or "")
+    assert (approval.status, approval.votes) == ("pending", ())  # nothing changed
+    assert engine.decide(d.approval_id or "", "lead@x", "deny").status == "denied"
+    assert used(engine, "research") == (0, 0)
+
+
+def test_an_approved_reservation_ends_when_the_shortened_delegation_ends(
+    backend: Backend,
+) -> None:
+    engine, clock = tree(backend, reservation_ttl=timedelta(hours=1))
+    research(engine)
+    shop = daily(5, approvalConfig=APPROVE_ABOVE_1)
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(hours=10))
+    d = engine.authorize(payment(3 * U, agent_id="shop"))
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(minutes=30))
+    clock.advance(minutes=10)
+    approved = engine.decide(d.approval_id or "", "lead@x", "approve")
+    reservation = engine.get_reservation(approved.reservation_id or "")
+    assert reservation.expires_at == T0 + timedelta(minutes=30)  # not 11:10
+
+
 def test_the_agent_may_delegate_only_when_its_policy_allows_and_only_so_deep(
     backend: Backend,
 ) -> None:

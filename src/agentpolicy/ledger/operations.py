@@ -625,11 +625,12 @@ def vote(
             record(txn, cfg, owner, {"ev": "approval_denied", "aid": approval_id})
             emit_approval(txn, cfg, shard, "approval.denied", approval_id, new)
         else:
-            expires = now_us + cfg.reservation_ttl
+            heads = books.heads(levels_of(hold))
+            expires = min(now_us + cfg.reservation_ttl, _delegated_until(heads, owner, now_us))
             if hold.get("dx") is not None:
                 expires = min(expires, hold["dx"])
             txn.put[hold_name] = {**hold, "st": "reserved", "x": expires, "u": now_us}  # open
-            for head in books.heads(levels_of(hold)):
+            for head in heads:
                 txn.index.append((keys.open_index(head.agent), doc["hold"], expires))
                 head.lower_due(expires)
             record(txn, cfg, owner, {"ev": "approval_approved", "aid": approval_id,
@@ -638,6 +639,33 @@ def vote(
         books.write(txn)
 
     return step
+
+
+def _delegated_until(heads: list[Head], owner: str, now: int) -> int:
+    """When the delegations the payment's budgets hold now end (``MAX_SCORE``: never).
+
+    An approval is approved against the delegations as they are now, not
+    as they were when the payment was asked for: one revoked, ended or
+    shortened since refuses the approving vote (nothing changes; the
+    approval lapses at its timeout, or a deny releases it), and the
+    reservation it makes ends no later than they do.
+    """
+    until = MAX_SCORE
+    for head in heads:
+        dg = head.body.get("dg")
+        if dg is None:
+            continue
+        ended = dg["rv"] if dg["rv"] is not None else dg["x"]
+        if ended is not None and ended <= now:
+            raise ConflictError(
+                f"the budget of {head.agent} is no longer delegated (it was revoked or its "
+                f"delegation ended), so this approval can no longer let {owner} pay; nothing "
+                "was changed, and the approval lapses at its timeout (or deny it)",
+                code=ErrorCode.BUDGET_CONFLICT,
+            )
+        if dg["x"] is not None:
+            until = min(until, dg["x"])
+    return until
 
 
 def expire(cfg: LedgerConfig, shard: str, agent: str, now: datetime) -> Step:

@@ -338,6 +338,10 @@ def put_policy(
             levels = _check_parent(view, books, agent, policy.parent, policies)
         version = head.body["pv"] + 1
         expires = None if grant is None else _check_grant(grant, head, policy, levels, now)
+        if grant is None and dg is not None and levels:  # a delegated budget stays within it
+            problems = cap_problems(policy, levels[0].policy)
+            if problems:
+                raise PolicyValidationError(problems)
         if check_only:
             txn.result = 0
             return
