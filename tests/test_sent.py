@@ -170,6 +170,20 @@ def test_a_hold_for_a_pending_approval_or_a_bad_id_is_refused() -> None:
     assert bad.value.path == "$.holder"
 
 
+def test_a_replay_counts_a_sent_reservation_that_expired_as_spent() -> None:
+    """simulate() of the live policy over the history changes no decision."""
+    clock = ManualClock(T0)
+    engine = PolicyEngine(clock=clock)
+    policy = {"limits": {"counts": [{"window": "daily", "max": 2}]}}
+    engine.set_policy("bot", policy)
+    engine.mark_sent(reserve(engine, 1))
+    clock.advance(TTL + timedelta(seconds=1))  # expires as spent: it still counts
+    reserve(engine, 1)
+    assert engine.authorize(payment(1, agent_id="bot")).code == "COUNT_LIMIT"
+    report = engine.simulate("bot", policy, since=T0)
+    assert not report.flips, report.changed
+
+
 # -- the payment block ---------------------------------------------------------------------------
 
 

@@ -1466,6 +1466,8 @@ class PolicyEngine(Voting):
                 "$.since", "must be a timezone-aware datetime or a timedelta"
             )
         shard, _ = yield from self._current(agent_id)
+        # what is due expires first, so that history says how (a sent payment's is spent)
+        yield from self._expire(agent_id, now)
         logs: dict[str, list[recorded.Entry]] = {}
         notes: list[str] = []
         retention = self.config.history_retention

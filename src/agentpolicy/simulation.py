@@ -19,7 +19,8 @@ The rules of the replay (docs/rollout.md says the same in words):
 - A payment the candidate lets through (or holds for approval) counts in
   its counters and then follows what happened live: released, expired, or
   an approval denied or expired gives the amount back when it did live
-  (:class:`Freed`). A payment the live policy denied cannot have a live
+  (:class:`Freed`); a reservation marked sent that expired stays spent, as
+  it did live. A payment the live policy denied cannot have a live
   fate: the candidate counts it as spent (the cautious choice), and so does
   a payment the candidate would allow whose live approval was refused.
 """
