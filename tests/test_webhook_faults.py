@@ -17,6 +17,7 @@ import attrs
 import pytest
 
 from agentpolicy import PolicyEngine, PolicyValidationError
+from agentpolicy.ledger import outbox
 from agentpolicy.records import DeliveryStatus
 from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock, payment
@@ -59,13 +60,15 @@ def raw(answer: Callable[[socket.socket], None]) -> Iterator[RawReceiver]:
     r.stop()
 
 
-def engine_with(*endpoints: dict[str, Any], storage: Any = None) -> PolicyEngine:
+def engine_with(
+    *endpoints: dict[str, Any], storage: Any = None, backoff: float = 0.01
+) -> PolicyEngine:
     engine = PolicyEngine(
         storage=storage or MemoryStorage(),
         clock=ManualClock(),
         webhook_endpoints=[{"secret": SECRET, **e} for e in endpoints],
-        webhook_backoff=0.01,
-        webhook_backoff_cap=0.02,
+        webhook_backoff=backoff,
+        webhook_backoff_cap=2 * backoff,
     )
     engine.set_policy("agent-123", POLICY)
     return engine
@@ -230,3 +233,29 @@ def test_events_that_are_not_names_are_refused_with_their_path() -> None:
     with pytest.raises(PolicyValidationError) as refused:
         endpoints_from_env(env)
     assert refused.value.path == "$AGENT_POLICY_WEBHOOKS[0].events"
+
+
+@pytest.mark.parametrize("backlog", ["no process sends", "down"])
+def test_a_backlog_of_one_endpoint_never_hides_another_endpoints_events(
+    backlog: str, good: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard's queue was read 1,000 deliveries at a time, whatever their endpoint."""
+    monkeypatch.setattr(outbox, "_QUEUE_SCAN", 10)  # the bound, made small
+    storage = MemoryStorage()
+    old = {"url": "http://127.0.0.1:9/hooks?token=OLD", "timeout": "1s"}  # nobody listens
+    first = engine_with(old, storage=storage)
+    assert first.webhooks is not None
+    first.webhooks.close()  # stopped before it sent anything (or its URL was rotated since)
+    ask(first, 12)
+    listening = {"url": good.url}
+    if backlog == "down":  # the old endpoint is still configured, and refusing connections
+        second = engine_with(old, listening, storage=storage, backoff=60.0)  # backs off long
+    else:
+        second = engine_with(listening, storage=storage)
+    ask(second)
+    second.flush_webhooks(3)
+    assert len(good.received) == 1  # the new approval reached the endpoint that listens
+    if backlog == "no process sends":
+        assert second.flush_webhooks(1)  # nothing pending for its own endpoint
+    for engine in (first, second):
+        engine.close()

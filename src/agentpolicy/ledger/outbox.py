@@ -23,6 +23,9 @@ from agentpolicy.storage.base import NEXT_SEQ, Storage, Txn
 __all__ = ["LedgerOutbox"]
 
 _QUEUE_SCAN = 1000
+"""The most queued deliveries of one endpoint read at once (their documents)."""
+_QUEUE_IDS = 50_000
+"""The most queue entries looked at at once (ids only: a delivery id ends with its endpoint)."""
 _KEEP_DONE_MS = 8 * 86_400_000
 
 
@@ -47,11 +50,31 @@ class LedgerOutbox:
         with self.storage.session("@", write=False) as session:
             return [member for member, _ in session.scan(keys.OUTBOX, upto, 1_000_000)]
 
-    def _queue(self, view: View, shard: str) -> list[tuple[str, int, Body]]:
-        queued = view.scan(keys.outbox_queue(shard), MAX_SCORE, _QUEUE_SCAN)
-        names = [keys.webhook(d) for d, _ in queued]
+    def _queue(
+        self, view: View, shard: str, wanted: set[str] | None = None
+    ) -> tuple[bool, list[tuple[str, int, Body]]]:
+        """``(idle, queued)``: whether the shard's queue is empty, and its deliveries.
+
+        Only deliveries for ``wanted`` endpoints (all if ``None``) are read,
+        at most :data:`_QUEUE_SCAN` of each endpoint, oldest first: the
+        endpoint is the last part of a delivery's id, so a backlog of one
+        endpoint (down, or no longer configured by any process) never hides
+        another endpoint's deliveries behind it.
+        """
+        members = view.scan(keys.outbox_queue(shard), MAX_SCORE, _QUEUE_IDS)
+        taken: dict[str, int] = {}
+        chosen: list[tuple[str, int]] = []
+        for delivery_id, seq in members:
+            endpoint = delivery_id.rpartition(".")[2]
+            if wanted is not None and endpoint not in wanted and endpoint.startswith("wh_"):
+                continue
+            if taken.get(endpoint, 0) < _QUEUE_SCAN:
+                taken[endpoint] = taken.get(endpoint, 0) + 1
+                chosen.append((delivery_id, seq))
+        names = [keys.webhook(d) for d, _ in chosen]
         view.read(names)
-        return [(d, seq, view.doc(n)) for (d, seq), n in zip(queued, names, strict=True)]
+        docs = [(d, seq, view.doc(n)) for (d, seq), n in zip(chosen, names, strict=True)]
+        return not members, docs
 
     def claim_webhooks(
         self, endpoint_ids: list[str], now: float, lease: float, limit: int = 50
@@ -69,8 +92,7 @@ class LedgerOutbox:
                 break
 
             def step(view: View, txn: Txn, shard: str = shard) -> None:
-                queue = self._queue(view, shard)
-                idle = not queue
+                idle, queue = self._queue(view, shard, wanted)
                 if idle:
                     txn.index.append((keys.OUTBOX, shard, 1))  # idle until the next event
                 heads: dict[tuple[str, str], tuple[str, int, Body]] = {}
@@ -155,7 +177,7 @@ class LedgerOutbox:
                 view = View(session)
                 total += sum(
                     1
-                    for _, _, doc in self._queue(view, shard)
+                    for _, _, doc in self._queue(view, shard, wanted)[1]
                     if doc is not None and doc["st"] == "pending" and doc["ep"] in wanted
                 )
         return total
