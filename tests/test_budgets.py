@@ -340,6 +340,19 @@ def test_an_approved_reservation_ends_when_the_shortened_delegation_ends(
     assert reservation.expires_at == T0 + timedelta(minutes=30)  # not 11:10
 
 
+def test_revoking_keeps_an_approved_payment_that_was_marked_sent(backend: Backend) -> None:
+    engine, _ = tree(backend)
+    research(engine)
+    engine.delegate("research", "shop", daily(5, approvalConfig=APPROVE_ABOVE_1))
+    d = engine.authorize(payment(3 * U, agent_id="shop"))
+    approved = engine.decide(d.approval_id or "", "lead@x", "approve")
+    engine.mark_sent(approved.reservation_id or "")  # its payment left
+    engine.revoke("shop", by="research")
+    kept = engine.get_reservation(approved.reservation_id or "")
+    assert kept.status == "reserved"
+    assert used(engine, "research") == (0, 3 * U)  # still counted: the parent cannot spend it
+
+
 def test_the_agent_may_delegate_only_when_its_policy_allows_and_only_so_deep(
     backend: Backend,
 ) -> None:

@@ -425,8 +425,8 @@ def revoke(
         for rid, name in zip(ids, names, strict=True):
             doc = view.doc(name)
             reserved = doc is not None and doc["st"] == "reserved"
-            if reserved and (doc.get("apr") is None or doc.get("cl")):
-                continue  # a payment under way: confirmed by its payer, or it expires
+            if reserved and (doc.get("apr") is None or doc.get("cl") or "snt" in doc):
+                continue  # a payment under way (claimed, or sent): settled by its payer, or expires
             txn.index.append((index, rid, None))
             if doc is None or doc["st"] not in ("held", "reserved"):
                 continue
