@@ -259,3 +259,29 @@ def test_a_backlog_of_one_endpoint_never_hides_another_endpoints_events(
         assert second.flush_webhooks(1)  # nothing pending for its own endpoint
     for engine in (first, second):
         engine.close()
+
+
+def test_a_host_whose_first_address_does_not_answer_is_reached_at_the_next(
+    good: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like broken IPv6 beside a working IPv4: the attempt's time starts once connected."""
+    hole = socket.socket()  # a full backlog on 127.0.0.2: a connection there is never answered
+    hole.bind(("127.0.0.2", good.port))
+    hole.listen(0)
+    filler = socket.create_connection(("127.0.0.2", good.port), timeout=1)
+    real = socket.getaddrinfo
+
+    def two_addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "dual.example.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, good.port))
+                    for ip in ("127.0.0.2", "127.0.0.1")]  # fmt: skip
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    engine = engine_with({"url": f"http://dual.example.test:{good.port}/hooks", "timeout": "1s"})
+    ask(engine)
+    assert engine.flush_webhooks(10)
+    assert len(good.received) == 1
+    engine.close()
+    filler.close()
+    hole.close()

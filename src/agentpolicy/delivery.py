@@ -68,7 +68,10 @@ class _Deadline:
     a byte a second would hold an attempt for as long as it liked. Every
     socket an attempt opens is registered here (a duplicate of it, so that
     TLS wrapping it later does not hide it) and shut down when the time is
-    up, which ends any read or write blocked on it at once.
+    up, which ends any read or write blocked on it at once. The time counts
+    from the first connection made: connecting is bounded per address by
+    the socket timeout, so a host whose first address does not answer is
+    still reached at the next.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -77,10 +80,10 @@ class _Deadline:
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
+        self._started = False
 
     def __enter__(self) -> _Deadline:
         _attempt_deadline.current = self
-        self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,6 +100,9 @@ class _Deadline:
                 sock.close()
                 raise TimeoutError("the attempt's time was up")
             self._socks.append(sock.dup())
+            if not self._started:  # the first connection: the time starts now
+                self._started = True
+                self._timer.start()
 
     def _expire(self) -> None:
         with self._lock:
