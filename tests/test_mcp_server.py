@@ -140,6 +140,33 @@ def test_the_agent_cannot_settle_a_reservation_its_framework_is_paying_with(
     assert done["status"] == "confirmed"
 
 
+def test_the_agent_cannot_give_back_a_payment_marked_sent(agent: AgentPolicyMcpServer) -> None:
+    """Its framework marked the payment sent without claiming it: the payee may be paid."""
+    d = ok(call(agent, "agent_policy_authorize", PAY))
+    agent.engine.mark_sent(d["reservationId"])
+    refused = err(call(agent, "agent_policy_release", {"reservationId": d["reservationId"]}))
+    assert refused["code"] == "FORBIDDEN"
+    assert "marked sent" in refused["message"]
+    assert agent.engine.get_reservation(d["reservationId"]).status == "reserved"
+    daily = ok(call(agent, "agent_policy_budget", {"agentId": "acme:bot", "period": "daily"}))
+    assert daily["periods"]["daily"]["reserved"] == str(5 * USDT)  # nothing given back
+    # an unsent one is still the agent's to give back; a sent one its own to confirm
+    d2 = ok(call(agent, "agent_policy_authorize", PAY))
+    assert ok(call(agent, "agent_policy_release", {"reservationId": d2["reservationId"]}))[
+        "status"] == "released"  # fmt: skip
+    assert ok(call(agent, "agent_policy_confirm", {"reservationId": d["reservationId"]}))[
+        "status"] == "confirmed"  # fmt: skip
+    # the framework (in process) or an administrator still releases one the payee refused
+    d3 = ok(call(agent, "agent_policy_authorize", PAY))
+    agent.engine.mark_sent(d3["reservationId"])
+    admin = AgentPolicyMcpServer(engine=agent.engine, role="admin")
+    assert ok(call(admin, "agent_policy_release", {"reservationId": d3["reservationId"]}))[
+        "status"] == "released"  # fmt: skip
+    # releasing again, or after expiry, stays harmless for the agent
+    assert ok(call(agent, "agent_policy_release", {"reservationId": d3["reservationId"]}))[
+        "status"] == "released"  # fmt: skip
+
+
 def test_a_denial_is_a_success_whose_data_says_not_allowed(agent: AgentPolicyMcpServer) -> None:
     d = ok(call(agent, "agent_policy_authorize", {**PAY, "amount": str(2000 * USDT)}))
     assert (d["allowed"], d["code"]) == (False, "DAILY_LIMIT")

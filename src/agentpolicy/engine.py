@@ -833,7 +833,12 @@ class PolicyEngine(Voting):
         return PaymentGuard(self, request, approval_id)
 
     def _settle(
-        self, reservation_id: str, action: str, holder: str | None = None
+        self,
+        reservation_id: str,
+        action: str,
+        holder: str | None = None,
+        *,
+        keep_sent: bool = False,
     ) -> Flow[Reservation]:
         problems = check_record_id(reservation_id, "$.reservationId")
         if holder is not None:
@@ -841,7 +846,9 @@ class PolicyEngine(Voting):
         raise_if(problems)
         now = self._now()
         agent = keys.agent_of_id(reservation_id)
-        step = operations.settle(self.config, reservation_id, action, now, holder, agent)
+        step = operations.settle(
+            self.config, reservation_id, action, now, holder, agent, keep_sent=keep_sent
+        )
         # a known agent's shard is found without starting a flow (the payment path)
         shard = "" if agent is None else self._homes.get(agent) or (yield from self._shard(agent))
         at = micros(now)

@@ -17,7 +17,7 @@ from agentpolicy import approvals
 from agentpolicy.amounts import Amount
 from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Code, Decision
-from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
+from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, NotFoundError
 from agentpolicy.ledger import keys, rollout
 from agentpolicy.ledger.docs import (
     Body,
@@ -493,6 +493,8 @@ def settle(
     now: datetime,
     holder: str | None = None,
     agent: str | None = None,
+    *,
+    keep_sent: bool = False,
 ) -> Step:
     """Confirm (``action="confirm"``) or release a reservation.
 
@@ -503,7 +505,9 @@ def settle(
     ``RESERVATION_CLAIMED`` for an open reservation another ``holder``
     claimed (see ``agentpolicy.ledger.claims``): only its holder settles it.
     ``agent`` is ``keys.agent_of_id(reservation_id)`` when the caller has it
-    (else it is worked out here).
+    (else it is worked out here). With ``keep_sent`` (the governed agent's
+    own release), releasing an open reservation marked sent is
+    ``FORBIDDEN``: its payment may have been made.
     """
     now_us = micros(now)
     name = keys.reservation(reservation_id)
@@ -550,6 +554,13 @@ def settle(
             if status in ("released", "expired"):
                 return
             new_status = "expired" if now_us >= doc["x"] else "released"
+            if keep_sent and new_status == "released" and "snt" in doc:
+                raise ForbiddenError(
+                    f"reservation {reservation_id} is marked sent: its payment may have been "
+                    "made, so only the caller that sent it (or an administrator) releases it; "
+                    "unsettled, it counts as spent when it expires",
+                    code=ErrorCode.FORBIDDEN,
+                )
         books = Books(view, Head.read(view, doc["agent"]))
         closed = close_reservation(txn, cfg, books, reservation_id, doc, new_status, now_us)
         txn.result = {"doc": closed}

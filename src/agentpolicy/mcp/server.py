@@ -374,7 +374,11 @@ class AgentPolicyMcpServer:
         self._own_reservation(reservation_id)
         if action == "confirm":
             return reservation_data(self.engine.confirm(reservation_id, holder=holder))
-        return reservation_data(self.engine.release(reservation_id, holder=holder))
+        if self.role == "admin":
+            return reservation_data(self.engine.release(reservation_id, holder=holder))
+        # the governed agent never gives back a payment that may have left (marked sent)
+        flow = self.engine._settle(reservation_id, "release", holder, keep_sent=True)
+        return reservation_data(self.engine._drive(flow))
 
     def _confirm(self, a: dict[str, Any]) -> dict[str, Any]:
         return self._settle(a["reservationId"], "confirm", a.get("holder"))

@@ -543,7 +543,8 @@ TOOLS: tuple[Tool, ...] = (
         "agent_policy_release",
         "agent-policy/release",
         "Give back the budget of an authorized payment that was NOT sent. Calling it again "
-        "is harmless; a confirmed payment cannot be released.",
+        "is harmless; a confirmed payment cannot be released, and on the agent role neither "
+        "can one its framework marked sent (FORBIDDEN: it may have been paid).",
         _schema({"reservationId": _RECORD_ID, "holder": _HOLDER}, ["reservationId"]),
         _RESERVATION,
         Annotations("Release a reservation", read_only=False),
