@@ -172,6 +172,34 @@ def test_the_parents_threshold_alone_asks_the_parents_approvers(backend: Backend
     assert approval.expires_at == T0 + timedelta(minutes=10)  # the fleet's timeout
 
 
+def test_no_budget_above_the_payer_votes_on_its_payment(backend: Backend) -> None:
+    """An agent listed as an approver cannot approve its own spending through a budget below it.
+
+    It is refused on its own payment; a sub-budget it delegated (the
+    agent-role ``delegate`` tool) must not be a way around that: the
+    budgets above the payer asked for the payment too.
+    """
+    engine, _ = tree(backend, link_secret="q" * 40)
+    approvals = {"thresholds": [{"amount": {"value": str(100 * U)}, "requiredApprovers": 1,
+                                 "approvers": ["ops@acme.com", "cfo@acme.com"]}]}  # fmt: skip
+    engine.set_policy("ops@acme.com", daily(1000, approvalConfig=approvals,
+                                            delegation={"allowed": True}))  # fmt: skip
+    engine.delegate("ops@acme.com", "ops@acme.com/x", {})
+    engine.set_policy("ops@acme.com/x/y", daily(1000, parent="ops@acme.com/x"))
+    for payer, above in (("ops@acme.com/x", ("ops@acme.com",)),
+                         ("ops@acme.com/x/y", ("ops@acme.com/x", "ops@acme.com"))):  # fmt: skip
+        d = engine.authorize(payment(500 * U, agent_id=payer))
+        assert (d.code, d.budget_id) == (Code.APPROVAL_REQUIRED, "ops@acme.com")
+        approval = engine.get_approval(d.approval_id or "")
+        assert approval.budgets_above == above
+        assert {link.approver for link in engine.approval_links(approval.id)} == {"cfo@acme.com"}
+        with pytest.raises(ForbiddenError) as refused:
+            engine.decide(approval.id, "OPS@acme.com", "approve")
+        assert refused.value.code == ErrorCode.APPROVER_NOT_AUTHORIZED
+        assert engine.get_approval(approval.id).votes == ()  # nothing changed
+        assert engine.decide(approval.id, "cfo@acme.com", "approve").status == "approved"
+
+
 # -- refused when set ---------------------------------------------------------------------
 
 

@@ -143,7 +143,10 @@ class Approval:
     ``requested_by`` is who asked for the payment on the agent's behalf (an
     operator), if anyone did; neither it nor the agent may vote on it.
     ``require_signed_votes`` is set when a budget whose threshold was met
-    requires signed votes.
+    requires signed votes. ``budgets_above`` are the budgets the agent's
+    budget was delegated from, nearest first (empty for an agent with a
+    budget of its own): they asked for the payment too (the budget above
+    made the one that pays), so none of them may vote on it either.
     """
 
     id: str
@@ -161,6 +164,7 @@ class Approval:
     groups: tuple[ApprovalGroup, ...] = ()
     requested_by: str | None = None
     require_signed_votes: bool = False
+    budgets_above: tuple[str, ...] = ()
 
     @property
     def amount(self) -> Amount:
@@ -179,10 +183,12 @@ class Approval:
 
     @property
     def requesters(self) -> tuple[str, ...]:
-        """Who asked for the payment: the agent, and ``requested_by`` if set (never approvers)."""
-        if self.requested_by is None:
-            return (self.agent_id,)
-        return (self.agent_id, self.requested_by)
+        """Who asked for the payment (never its approvers).
+
+        The agent, every budget above it, and ``requested_by`` if set.
+        """
+        asked = (self.agent_id, *self.budgets_above)
+        return asked if self.requested_by is None else (*asked, self.requested_by)
 
     @property
     def every_approver(self) -> tuple[str, ...]:

@@ -209,6 +209,7 @@ def approval_doc(
     groups: Sequence[tuple[str, int, Sequence[str], str]] = (),
     requested_by: str | None = None,
     signed_votes: bool = False,
+    above: Sequence[str] = (),
 ) -> Body:
     """A new pending approval.
 
@@ -216,6 +217,7 @@ def approval_doc(
     threshold met has groups or several budgets ask for approval.
     ``requested_by``: the operator who asked on the agent's behalf.
     ``signed_votes``: every vote must be signed.
+    ``above``: the budgets the agent's was delegated from, nearest first.
     """
     doc: Body = {
         "agent": agent,
@@ -236,6 +238,8 @@ def approval_doc(
         doc["by"] = requested_by
     if signed_votes:
         doc["sv"] = True
+    if above:
+        doc["up"] = list(above)
     return doc
 
 
@@ -281,6 +285,7 @@ def approval_record(approval_id: str, doc: Body) -> Approval:
         groups=tuple(_group(g) for g in doc.get("grp", ())),
         requested_by=doc.get("by"),
         require_signed_votes=bool(doc.get("sv")),
+        budgets_above=tuple(doc.get("up", ())),
     )
 
 

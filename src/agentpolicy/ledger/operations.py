@@ -315,6 +315,7 @@ def _hold(
             policy_version=version,
             groups=groups if len(wanted) > 1 or wanted[0][1].groups else (),
             requested_by=rec.get("by"), signed_votes=signed,
+            above=[lv.agent for lv in levels],
         )  # fmt: skip
         name = keys.approval(approval_id)
         txn.put[name] = approval  # no ttl while pending: kept until it is decided or lapses
