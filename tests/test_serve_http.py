@@ -227,15 +227,29 @@ def _signed_in(served: Served, token: str) -> httpx2.Client:
     return client
 
 
-def test_a_link_decides_either_way_once_and_only_from_its_own_site(served: Served) -> None:
+def test_a_link_casts_its_own_decision_once_and_only_from_its_own_site(served: Served) -> None:
     d = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
-    approve = next(x.token for x in served.engine.approval_links(d.approval_id)  # type: ignore[arg-type]
-                   if x.decision == "approve")  # fmt: skip
-    page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={approve}")
-    csrf = _form_value(page.text, "csrf")
+    links = {x.decision: x.token for x in served.engine.approval_links(d.approval_id)}  # type: ignore[arg-type]
     vote = f"{served.url}/approvals/vote"
-    form = {"approval": d.approval_id, "t": approve, "csrf": csrf, "decision": "deny",
+    # a deny link (the kind passed around as a "stop this" button) offers and casts deny only
+    page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={links['deny']}")
+    assert 'value="deny"' in page.text
+    assert 'value="approve"' not in page.text
+    form = {"approval": d.approval_id, "t": links["deny"], "csrf": _form_value(page.text, "csrf"),
+            "decision": "approve"}  # fmt: skip
+    forged = httpx2.post(vote, data=form, headers={"Origin": served.url})
+    assert forged.status_code == 403
+    assert "may only deny" in forged.text
+    approval = served.engine.get_approval(d.approval_id)  # type: ignore[arg-type]
+    assert (approval.status.value, approval.votes) == ("pending", ())
+    # the approve link offers approve only; its form is refused from another site
+    page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={links['approve']}")
+    assert 'value="approve"' in page.text
+    assert 'value="deny"' not in page.text
+    form = {"approval": d.approval_id, "t": links["deny"], "decision": "deny",
             "comment": "not this quarter"}  # fmt: skip
+    page = httpx2.get(f"{served.url}/approvals/{d.approval_id}?t={links['deny']}")
+    form["csrf"] = _form_value(page.text, "csrf")
     elsewhere = httpx2.post(vote, data=form, headers={"Origin": "https://evil.example"})
     assert elsewhere.status_code == 403
     assert served.engine.get_approval(d.approval_id).status.value == "pending"  # type: ignore[arg-type]
@@ -246,7 +260,7 @@ def test_a_link_decides_either_way_once_and_only_from_its_own_site(served: Serve
     assert approval.status.value == "denied"
     assert [(v.approver, v.decision, v.via, v.comment) for v in approval.votes] == [
         ("alice", "deny", "link", "not this quarter")]  # fmt: skip
-    again = httpx2.post(vote, data={**form, "decision": "approve"})
+    again = httpx2.post(vote, data=form)
     assert again.status_code == 409  # the link voted once; nothing changes
     assert served.engine.get_approval(d.approval_id).status.value == "denied"  # type: ignore[arg-type]
 

@@ -216,9 +216,9 @@ class Service:
     # -- approvals --------------------------------------------------------------------------
 
     async def card(
-        self, approval: Approval, caller: Caller | None, link: tuple[str, str] | None
+        self, approval: Approval, caller: Caller | None, link: tuple[str, str, str] | None
     ) -> dict[str, Any]:
-        """One approval card, with a vote form for a link (token, approver) or a voter."""
+        """One approval card, with a vote form for a link (token, approver, decision) or a voter."""
         now = self.engine.clock()
         budget_views: list[dict[str, Any]] = []
         policies: dict[str, Any] = {}
@@ -244,13 +244,13 @@ class Service:
         return view
 
     async def vote_form(
-        self, approval: Approval, caller: Caller | None, link: tuple[str, str] | None
+        self, approval: Approval, caller: Caller | None, link: tuple[str, str, str] | None
     ) -> dict[str, Any] | None:
         """The vote form of a card: for a link, for a signed-in voter, or why none."""
         if approval.status.value != "pending":
             return None
         if link is not None:
-            token, approver = link
+            token, approver, decision = link
             if any(v.approver.casefold() == approver.casefold() for v in approval.votes):
                 return {"blocked": f"{approver} has voted on this approval already."}
             if await self._signs(approval, approver):  # a key registered since the link was made
@@ -262,6 +262,7 @@ class Service:
             return {
                 "voter": approver,
                 "link": token,
+                "only": decision,  # a link casts the decision it was made for, and no other
                 "csrf": await self.csrf("l:" + token_hash(token)),
                 "blocked": None,
             }
@@ -279,7 +280,7 @@ class Service:
                 f"holds: run agentpolicy approvals approve {approval.id} --as {voter} "
                 "--key KEY_FILE (or approvals deny) where the key is.")}  # fmt: skip
         csrf = await self.csrf(vote_binding(caller.session.key, approval.id))
-        return {"voter": voter, "link": None, "csrf": csrf, "blocked": None}
+        return {"voter": voter, "link": None, "only": None, "csrf": csrf, "blocked": None}
 
     async def _signs(self, approval: Approval, approver: str) -> bool:
         """Whether ``approver``'s vote must be signed: a registered key, or signed votes only."""

@@ -174,11 +174,12 @@ class Pages:
         if approval_id is not None and link.approval_id != approval_id:
             raise Denied(403, "This link does not work",
                           "This link is for another approval.")  # fmt: skip
-        card = await self.s.card(found, None, (token, link.approver))
+        card = await self.s.card(found, None, (token, link.approver, link.decision))
         page = html(pages.render(
             "approval.html", title=f"Approval for {found.agent_id}",
             heading=f"{found.agent_id} asks to pay {found.amount.human()}",
-            intro=f"You decide as {link.approver}, with the one-time link sent to you.",
+            intro=f"You decide as {link.approver}, with the one-time link sent to you to "
+            f"{link.decision} this payment.",
             approval=card, who=None, referrer="origin",
         ))  # fmt: skip
         # the token stays out of every Referer, our own form's POST included (the page's
@@ -283,15 +284,19 @@ class Pages:
     async def _redeem(
         self, link: str, approval_id: str, decision: str, comment: str | None
     ) -> Approval:
-        """Redeem the link, or the same approver's link for the other decision."""
+        """Redeem the link for the decision it was made for (any other is refused, unchanged).
+
+        A deny link may be passed around more widely than an approve link (a
+        "stop this" button): holding it must never approve.
+        """
         claims, _ = await self.s.aengine.inspect_link(link)
-        use = link
         if claims.decision != decision:
-            links = await self.s.aengine.approval_links(approval_id)
-            other = [x.token for x in links
-                     if x.approver == claims.approver and x.decision == decision]  # fmt: skip
-            use = other[0] if other else link
-        return await self.s.aengine.redeem_link(use, approval_id=approval_id, comment=comment)
+            raise ForbiddenError(
+                f"this one-time link may only {claims.decision} approval {approval_id}; the "
+                f"link for {decision} is the other one sent to {claims.approver}",
+                code=ErrorCode.APPROVER_NOT_AUTHORIZED,
+            )
+        return await self.s.aengine.redeem_link(link, approval_id=approval_id, comment=comment)
 
     async def _session_voter(self, request: Request, csrf: object, approval_id: str) -> Caller:
         caller = await self.s.caller(request, bearer=False)
