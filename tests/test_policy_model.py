@@ -92,6 +92,21 @@ def test_recipients_normalise_only_hex_addresses() -> None:
     assert normalize_recipient("So1Base58") == "So1Base58"
 
 
+def test_a_name_that_begins_like_an_address_is_folded_as_a_name() -> None:
+    """``0xvendor.eth.`` is the name ``0xvendor.eth``: no final dot or case gets past a list.
+
+    The hex-address branch once came first, so such a name kept its final
+    dot: past the blacklist, a new group of a per-recipient limit each time.
+    """
+    for spelled in ("0xvendor.eth.", "0XVENDOR.ETH.", "0xvendor.eth", "0x\uff56endor.eth"):
+        assert normalize_recipient(spelled) == "0xvendor.eth", spelled
+    assert normalize_recipient("0xfoo.xn--mgbh0fb") == "0xfoo.\u0645\u062b\u0627\u0644"
+    blocked = load_policy({"merchantRules": {"blacklist": ["0xevil.eth"]}})
+    for spelled in ("0xevil.eth.", "0XEVIL.eth."):
+        assert evaluate(blocked, payment(1, recipient=spelled), {}, NOW).code is (
+            Code.RECIPIENT_BLOCKED)  # fmt: skip
+
+
 EVM = "0x" + "66" * 19 + "ab"
 
 

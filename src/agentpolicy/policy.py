@@ -146,12 +146,12 @@ def normalize_recipient(address: str) -> str:
     """
     if address.isascii():
         lower = address.lower()
+        if "." in address:  # a name, even one that begins like an address (0xvendor.eth)
+            return _domain_form(lower)
         if address[:2] in ("0x", "0X"):
             return lower
         if len(address) == 40 and _HEX40.fullmatch(address):
             return "0x" + lower  # an EVM address without its prefix: the same 20 bytes
-        if "." in address:
-            return _domain_form(lower)
         if lower == address or (address.upper() == address and _BECH32.fullmatch(lower)):
             return lower
         return address
