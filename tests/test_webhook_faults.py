@@ -135,6 +135,12 @@ def test_a_silent_endpoint_costs_the_others_one_timeout_and_flush_keeps_its_dead
         assert not done  # the silent endpoint's events still wait
         assert took < 4.5  # its deadline, plus at most one attempt's timeout (was 6 s and more)
         assert len(good.received) == 6  # the healthy endpoint got all of its own meanwhile
+        assert engine.webhooks is not None
+        engine.webhooks.close()  # no other worker claims from here on
+        left = engine.outbox.claim_webhooks(
+            [WebhookEndpoint(url=silent.url, secret=SECRET).id], time.time() + 1, 5.0, 50
+        )
+        assert len(left) == 6  # none held by a lease: what was not attempted was given back
         stop.set()
         engine.close()
 
@@ -147,16 +153,16 @@ def test_two_workers_never_send_one_event_twice_to_a_slow_receiver(good: Receive
     second = engine_with({"url": good.url, "timeout": "1s"}, storage=storage)
     for engine in (first, second):
         assert engine.webhooks is not None
-        engine.webhooks.lease = 1.5  # longer than an attempt, shorter than a batch of 8
-    ask(first, 8)
+        engine.webhooks.lease = 1.0  # longer than an attempt; a batch of 12 takes 3 s
+    ask(first, 12)
     threads = [threading.Thread(target=e.flush_webhooks, args=(20,)) for e in (first, second)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     ids = [r.headers["X-Webhook-Id"] for r in good.received]
-    assert len(ids) == 8
-    assert len(set(ids)) == 8
+    assert len(ids) == 12
+    assert len(set(ids)) == 12
     for engine in (first, second):
         engine.close()
 
@@ -182,6 +188,46 @@ def test_a_late_outcome_never_overwrites_a_newer_one(good: Receiver) -> None:
     (kept,) = engine.webhook_deliveries()
     assert (kept.status, kept.attempts, kept.last_error) == (DeliveryStatus.DELIVERED, 1, None)
     assert outbox.pending_webhooks([endpoint]) == 0
+    engine.close()
+
+
+def test_a_lease_is_moved_only_by_the_claim_that_holds_it(good: Receiver) -> None:
+    engine = engine_with({"url": good.url})
+    assert engine.webhooks is not None
+    engine.webhooks.close()  # this test is the only worker
+    ask(engine)
+    outbox, endpoint = engine.outbox, WebhookEndpoint(url=good.url, secret=SECRET).id
+    (old,) = outbox.claim_webhooks([endpoint], 1000.0, 5.0, 1)
+    assert outbox.lease_webhook(old, old.next_attempt_at, 1010.0)  # renewed while still held
+    assert not outbox.claim_webhooks([endpoint], 1006.0, 5.0, 1)  # the renewed lease holds
+    (new,) = outbox.claim_webhooks([endpoint], 1011.0, 5.0, 1)  # it ran out: taken over
+    assert not outbox.lease_webhook(old, 1010.0, 2000.0)  # the old claim renews nothing
+    assert not outbox.lease_webhook(old, 1010.0, 0.0)  # nor gives anything back
+    assert outbox.lease_webhook(new, new.next_attempt_at, 0.0)  # given back: due at once
+    (again,) = outbox.claim_webhooks([endpoint], 1.0, 5.0, 1)
+    outbox.finish_webhook(
+        attrs.evolve(again, status=DeliveryStatus.DELIVERED, attempts=1),
+        leased_until=again.next_attempt_at,
+    )
+    assert not outbox.lease_webhook(again, again.next_attempt_at, 0.0)  # finished: left alone
+    assert outbox.pending_webhooks([endpoint]) == 0
+    engine.close()
+
+
+def test_what_a_round_claimed_and_did_not_attempt_is_given_back_at_once(good: Receiver) -> None:
+    """A batch is claimed at once: its unsent part must not wait for the lease to run out."""
+    good.delay = 0.3
+    engine = engine_with({"url": good.url, "timeout": "1s"})
+    assert engine.webhooks is not None
+    engine.webhooks.close()  # only flush sends
+    ask(engine, 8)
+    assert not engine.flush_webhooks(0.5)  # its deadline passes after an attempt or two
+    sent = len(good.received)
+    assert 1 <= sent < 8
+    endpoint = WebhookEndpoint(url=good.url, secret=SECRET).id
+    left = engine.outbox.claim_webhooks([endpoint], time.time(), 5.0, 50)
+    assert len(left) == 8 - sent  # another worker can take them now
+    assert all(d.attempts == 0 for d in left)
     engine.close()
 
 

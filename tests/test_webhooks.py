@@ -413,6 +413,71 @@ def test_a_receiver_down_for_a_while_gets_every_event_in_order_per_approval(
     engine.close()
 
 
+def test_a_backlog_is_claimed_in_batches_and_each_delivery_reads_few_documents(
+    storage: Any, receiver: Receiver
+) -> None:
+    """Claimed one at a time, each claim read the whole queue again: a backlog went quadratic.
+
+    Nothing here is timed: the claims and the documents read are counted.
+    """
+    backlog = 300
+    engine = engine_for(storage, receiver.url)
+    assert engine.webhooks is not None
+    engine.webhooks.close()  # this thread does every claim
+    engine.set_policy("agent-123", {**POLICY, "limits": {"daily": {"value": "1" + "0" * 15}}})
+    for _ in range(backlog):
+        assert engine.authorize(payment(500_000_000, agent_id="agent-123")).requires_approval
+    outbox, real = engine.outbox, engine.outbox.storage
+    claims: list[int] = []
+    read: list[int] = []
+    claim = outbox.claim_webhooks
+
+    def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        got = claim(*args, **kwargs)
+        claims.append(len(got))
+        return got
+
+    class Counting:
+        """The store, counting the documents every session reads."""
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real, attr)
+
+        def session(self, shard: str, *, write: bool = True) -> Any:
+            inner = real.session(shard, write=write)
+
+            class Session:
+                def __enter__(self) -> Any:
+                    entered = inner.__enter__()
+
+                    class Reading:
+                        def __getattr__(self, attr: str) -> Any:
+                            return getattr(entered, attr)
+
+                        def get(self, names: Any, *more: Any) -> Any:
+                            read.append(len(names))
+                            return entered.get(names, *more)
+
+                    return Reading()
+
+                def __exit__(self, *exc: object) -> Any:
+                    return inner.__exit__(*exc)
+
+            return Session()
+
+    outbox.claim_webhooks = counted_claim  # type: ignore[method-assign]
+    outbox.storage = Counting()  # type: ignore[assignment]
+    try:
+        assert engine.flush_webhooks(120)
+    finally:
+        outbox.storage = real
+    assert len(receiver.received) == backlog
+    assert sum(claims) == backlog  # each claimed once: no lease ran out, nothing given back
+    assert len(claims) <= backlog // 10  # was one claim per delivery
+    assert sum(read) <= 20 * backlog  # documents read per delivery (was about backlog / 2)
+    engine.close()
+
+
 def test_delivery_never_blocks_a_decision(storage: Any, receiver: Receiver) -> None:
     receiver.gate.clear()  # the receiver hangs on every request until released
     engine = engine_for(storage, receiver.url)

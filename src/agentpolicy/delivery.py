@@ -56,6 +56,10 @@ class Outbox(Protocol):
         """Record an attempt's outcome, unless claimed again since ``leased_until``."""
         ...
 
+    def lease_webhook(self, delivery: WebhookDelivery, leased_until: float, until: float) -> bool:
+        """Move a claim's lease to ``until``, unless claimed again since ``leased_until``."""
+        ...
+
     def pending_webhooks(self, endpoint_ids: list[str]) -> int:
         """Deliveries still pending."""
         ...
@@ -183,12 +187,14 @@ class WebhookDispatcher:
     """Delivers the outbox to ``endpoints``; one daemon thread per engine.
 
     ``backoff`` is the first retry's delay in seconds; each retry doubles it
-    up to ``backoff_cap``, with jitter. ``lease`` is how long a claimed
-    delivery is reserved for this worker (default: the longest endpoint
-    timeout plus 5 seconds), so a worker that dies mid-attempt holds it up
-    no longer than that. ``enrich`` (when given) makes the payload sent from
-    a delivery's stored payload: the engine adds one-time approval links
-    there, so they never rest in the store's outbox.
+    up to ``backoff_cap``, with jitter. ``lease`` is how long an attempt
+    may take (default: the longest endpoint timeout plus 5 seconds): every
+    attempt starts with at least that much of its delivery's lease ahead.
+    Deliveries are claimed in batches leased for twice that, so a worker
+    that dies holds up what it claimed no longer than ``2 * lease``.
+    ``enrich`` (when given) makes the payload sent from a delivery's stored
+    payload: the engine adds one-time approval links there, so they never
+    rest in the store's outbox.
     """
 
     def __init__(
@@ -258,14 +264,17 @@ class WebhookDispatcher:
             self._wake.clear()
 
     def run_once(self, limit: int = 50, deadline: float | None = None) -> int:
-        """Try what is due, each once; return how many were attempted.
+        """Try what is due, each once; return how many were attempted (at most ``limit``).
 
-        Deliveries are claimed one at a time, each just before its attempt,
-        so a claim's lease (longer than an attempt can take) never runs out
-        while it waits behind others. An endpoint that did not answer in
-        time is left alone for the rest of the run, so that one stalled
-        receiver costs the others at most one timeout a run. With
+        Deliveries are claimed in batches, leased for twice :attr:`lease`;
+        an attempt starts only with at least :attr:`lease` of its lease
+        ahead, renewed first if the batch took that long, so a lease never
+        runs out while its delivery waits behind others (a delivery another
+        worker took meanwhile is left to it). An endpoint that did not
+        answer in time is left alone for the rest of the run, so that one
+        stalled receiver costs the others at most one timeout a run. With
         ``deadline`` (``time.monotonic()``), no attempt starts after it.
+        What a run claimed and did not attempt is given back at once.
         """
         wanted = list(self.endpoints)
         attempted = 0
@@ -273,16 +282,46 @@ class WebhookDispatcher:
             while attempted < limit and wanted:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                claimed = self.outbox.claim_webhooks(wanted, time.time(), self.lease, 1)
-                if not claimed:
+                batch = self.outbox.claim_webhooks(
+                    wanted, time.time(), 2 * self.lease, limit - attempted
+                )
+                if not batch:
                     break
-                (delivery,) = claimed
-                outcome = self._attempt(delivery)
-                self.outbox.finish_webhook(outcome, leased_until=delivery.next_attempt_at)
-                attempted += 1
-                if outcome.last_error is not None and outcome.last_error.startswith(_STALLED):
-                    wanted.remove(delivery.endpoint_id)
+                for at, claimed in enumerate(batch):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        for left in batch[at:]:
+                            self._give_back(left)
+                        break
+                    if claimed.endpoint_id not in wanted:  # stalled in this run
+                        self._give_back(claimed)
+                        continue
+                    delivery = self._held(claimed)
+                    if delivery is None:  # another worker took it over: it is theirs
+                        continue
+                    outcome = self._attempt(delivery)
+                    self.outbox.finish_webhook(outcome, leased_until=delivery.next_attempt_at)
+                    attempted += 1
+                    if outcome.last_error is not None and outcome.last_error.startswith(_STALLED):
+                        wanted.remove(delivery.endpoint_id)
         return attempted
+
+    def _held(self, delivery: WebhookDelivery) -> WebhookDelivery | None:
+        """``delivery`` with at least :attr:`lease` of its lease ahead, or ``None`` if lost.
+
+        The lease is renewed when less is left; a delivery claimed or
+        finished by another worker since (its lease ran out) is not.
+        """
+        now = time.time()
+        if delivery.next_attempt_at - now >= self.lease:
+            return delivery
+        until = now + self.lease
+        if not self.outbox.lease_webhook(delivery, delivery.next_attempt_at, until):
+            return None
+        return attrs.evolve(delivery, next_attempt_at=until)
+
+    def _give_back(self, delivery: WebhookDelivery) -> None:
+        """End this worker's claim of a delivery it will not attempt now: it is due again."""
+        self.outbox.lease_webhook(delivery, delivery.next_attempt_at, time.time())
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Deliver until the outbox is empty for these endpoints or ``timeout`` seconds pass.

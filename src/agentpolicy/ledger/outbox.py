@@ -168,6 +168,27 @@ class LedgerOutbox:
 
         run(self.storage, shard, step, lambda _: None, at=self.clock_us())
 
+    def lease_webhook(self, delivery: WebhookDelivery, leased_until: float, until: float) -> bool:
+        """Move a claim's lease to ``until``; return whether the claim was still the last one.
+
+        Only a pending delivery whose ``next_attempt_at`` is still
+        ``leased_until`` (as claimed, or as last moved) changes, so a worker
+        renews the lease of a delivery it is about to attempt, or gives back
+        (``until`` now) one it will not attempt this round, without ever
+        touching a delivery another worker has claimed or finished since.
+        """
+        shard = self.shard_of(delivery.agent_id)
+        name = keys.webhook(delivery.id)
+
+        def step(view: View, txn: Txn) -> None:
+            doc = view.doc(name)
+            held = doc is not None and doc["st"] == "pending" and doc["next"] == leased_until
+            if held:
+                txn.put[name] = {**doc, "next": until}
+            txn.result = held
+
+        return bool(run(self.storage, shard, step, bool, at=self.clock_us()))
+
     def pending_webhooks(self, endpoint_ids: list[str]) -> int:
         """How many deliveries for these endpoints are still pending."""
         wanted = set(endpoint_ids)
