@@ -229,6 +229,54 @@ def test_counts_alone_in_limits_count_every_token_beside_the_assets_own_blocks(
     assert pay(engine, U, symbol="BTC", decimals=8) == "ASSET_MISMATCH"  # not an asset
 
 
+@pytest.mark.parametrize("trailing", [False, True])
+def test_counts_survive_a_version_that_adds_or_takes_away_the_amount_limits(
+    backend: Backend, trailing: bool
+) -> None:
+    """A count limit left as it was keeps what it counted when the amounts beside it change.
+
+    Counts alone count every token together, and counts beside an amount
+    limit its token's payments: every payment counts in both, so that
+    neither version starts its windows afresh (6 payments against a
+    daily count of 3 before).
+    """
+    counts = [{"window": "10m" if trailing else "daily", "max": 3}]
+    engine, clock = engine_for(backend, {"limits": {"daily": usdt(1000), "counts": counts}})
+    assert [pay(engine, U) for _ in range(4)] == ["ALLOWED"] * 3 + ["COUNT_LIMIT"]
+    engine.set_policy("a", {"limits": {"counts": counts}})  # the same count, no amounts
+    assert pay(engine, U) == "COUNT_LIMIT"
+    clock.advance(minutes=10 if trailing else 24 * 60)  # the next window
+    assert [pay(engine, 2 * U) for _ in range(2)] == ["ALLOWED"] * 2
+    # and back: an amount limit added to counts alone sees what was paid in its window
+    paid = 7 if trailing else 4  # today: the three of the first window too when it was 10m
+    engine.set_policy("a", {"limits": {"daily": usdt(paid + 1), "counts": counts}})
+    assert pay(engine, 2 * U) == "DAILY_LIMIT"
+    assert pay(engine, U) == "ALLOWED"  # the limit reached, and the third payment of the count
+    spent = engine.budget("a", "daily").periods["daily"].spent  # type: ignore[index]
+    assert spent.value == (paid + 1) * U
+    engine.set_policy("a", {"limits": {"daily": usdt(1000), "counts": counts}})
+    assert pay(engine, U) == "COUNT_LIMIT"
+
+
+def test_a_scope_keeps_its_counts_when_its_amounts_go(backend: Backend) -> None:
+    scope = {"name": "vendors", "limits": {"daily": usdt(100),
+                                           "counts": [{"window": "daily", "max": 2}]}}  # fmt: skip
+    engine, _ = engine_for(backend, {"scopedLimits": [scope]})
+    assert [pay(engine, U) for _ in range(3)] == ["ALLOWED", "ALLOWED", "SCOPED_LIMIT"]
+    engine.set_policy("a", {"scopedLimits": [{**scope, "limits": {"counts": scope["limits"][
+        "counts"]}}]})  # fmt: skip
+    assert pay(engine, U) == "SCOPED_LIMIT"
+
+
+def test_the_budget_of_counts_alone_reports_what_was_spent(backend: Backend) -> None:
+    engine, _ = engine_for(backend, {"limits": {"counts": [{"window": "daily", "max": 5}]}})
+    assert pay(engine, 7 * U) == "ALLOWED"
+    daily = engine.budget("a", "daily").periods["daily"]  # type: ignore[index]
+    assert (daily.spent.value, daily.spent.symbol) == (7 * U, "USDT")
+    (count,) = [b for b in engine.budget("a").limits if b.kind == "count"]
+    assert (count.count, count.remaining_count) == (1, 4)
+
+
 # --- several assets --------------------------------------------------------------------------
 
 

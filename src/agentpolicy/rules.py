@@ -421,7 +421,7 @@ class _Book:
 
     __slots__ = (
         "all_tallies", "amounts", "block", "calendar", "items", "key", "periods", "prefix",
-        "rolling", "scope",
+        "rolling", "scope", "silent",
     )  # fmt: skip
 
     def __init__(
@@ -433,8 +433,12 @@ class _Book:
         prefix: str = "",
         *,
         window_checks: bool = True,
+        silent: bool = False,
     ) -> None:
         calendar, self.rolling, items = tallies
+        # a silent book checks nothing: it only keeps counters a later version may limit
+        self.silent = silent
+        block = None if silent else block
         self.block = block
         self.calendar = calendar
         self.amounts = amounts  # whether its amount limits apply (same token)
@@ -458,6 +462,8 @@ class _Book:
         block, prefix = self.block, self.prefix
         scoped = self.scope is not None
         out: list[_Check] = []
+        if self.silent:
+            return out
         if scoped:
             out.append(self._per_transaction(amount))
             if self.amounts and block is not None:
@@ -699,16 +705,9 @@ class _Plan:
         self.comparable = comparable = self.asset[1] is not _FAIL
         folded = symbol.casefold()
         self.block = block = policy.limits_for(folded)
-        tallies = _tallies(None, folded if block is None else block.token, windows, block, owner)
-        self.book = _Book(block, tallies, comparable)
-        # a `limits` block of counts alone counts the payments of every token together, beside
-        # the block of the payment's own token (an asset's) when it has one
-        every = policy.limits
-        self.every_token = None if every is None or every is block or every.symbol is not None \
-            or not every.counts else _Book(
-                every, _tallies(None, every.token, windows, every, owner), amounts=False,
-                prefix="every_token.", window_checks=False,
-            )  # fmt: skip
+        self.book, self.every_token = _token_books(
+            None, folded, windows, block, policy.limits, owner, comparable
+        )
         self.thresholds = _ranked_thresholds(policy, folded)
         self.inside = _inside(policy, now)
         rules = policy.time_rules
@@ -767,14 +766,62 @@ def _scope_books(
     owner: str | None,
 ) -> list[_Book]:
     books = []
+    folded = request.symbol.casefold()
     for scope in policy.scoped_limits:
         if not scope.covers(request):
             continue
         group = scope.group(request.category, request.recipient, request.network)
-        tallies = _tallies((scope.name, group), scope.token, windows, scope.limits, owner)
-        books.append(_Book(scope.limits, tallies, amounts=True, scope=scope,
-                           prefix=f"scope[{scope.name}]."))  # fmt: skip
+        book = (scope.name, group)
+        prefix = f"scope[{scope.name}]."
+        own = _tallies(book, folded if scope.token == "*" else scope.token, windows,  # noqa: S105
+                       scope.limits, owner)  # fmt: skip
+        every = _tallies(book, "*", windows, scope.limits, owner)
+        if scope.token == "*":  # noqa: S105 - counts alone: of every token together
+            books.append(_Book(scope.limits, own, amounts=True, scope=scope, prefix=prefix,
+                               silent=True))  # fmt: skip
+            books.append(_Book(scope.limits, every, amounts=True, scope=scope, prefix=prefix))
+        else:
+            books.append(_Book(scope.limits, own, amounts=True, scope=scope, prefix=prefix))
+            books.append(_Book(scope.limits, every, amounts=True, scope=scope, prefix=prefix,
+                               silent=True))  # fmt: skip
     return books
+
+
+def _token_books(
+    book: tuple[str, str] | None,
+    folded: str,
+    windows: tuple[Window, ...],
+    block: SpendingLimits | None,
+    top: SpendingLimits | None,
+    owner: str | None,
+    comparable: bool,
+) -> tuple[_Book, _Book]:
+    """The book of a payment's own token and the book of every token's counts, in one document.
+
+    Every payment counts in both: in counters of its own token (``usdt|...``)
+    and in counters of every token together (``*|...``), whatever limits
+    the policy sets now, so that a version that limits the other (an amount
+    limit added to counts alone, or the amounts taken away from counts)
+    sees what was paid before it in the windows it limits. The limits of
+    ``block`` (the payment's token's) are checked on the first; a block of
+    counts alone (no token named: the payments of every token together) on
+    the second, as is the top-level ``limits`` block of counts alone beside
+    an asset's own block (``every_token.``).
+    """
+    counts_alone = block is not None and block.symbol is None
+    own = _tallies(book, block.token if block is not None and not counts_alone else folded,
+                   windows, block, owner)  # fmt: skip
+    if counts_alone:
+        every = _tallies(book, "*", windows, block, owner)
+        return _Book(None, own, comparable), _Book(block, every, amounts=False,
+                                                   window_checks=False)  # fmt: skip
+    first = _Book(block, own, comparable)
+    if top is not None and top is not block and top.symbol is None and top.counts:
+        every = _tallies(book, "*", windows, top, owner)
+        return first, _Book(top, every, amounts=False, prefix="every_token.",
+                            window_checks=False)  # fmt: skip
+    every = _tallies(book, "*", windows, block, owner)
+    return first, _Book(block, every, amounts=False, window_checks=False, silent=True)
 
 
 Ancestor = tuple[str, AgentPolicy | None, Delegation | None]
@@ -864,7 +911,7 @@ def _assess_level(
         if check[1] is _FAIL:
             blocking = check
             break
-    books = [plan.book] if plan.every_token is None else [plan.book, plan.every_token]
+    books = [plan.book, plan.every_token]
     if comparable and policy.scoped_limits:
         books += _scope_books(policy, request, windows, owner)
     return Assessment(
