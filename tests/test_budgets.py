@@ -311,6 +311,18 @@ def test_a_delegation_that_promises_more_than_the_parent_has_is_refused(
         engine.delegate("research", "browse", daily(1), expires_at=T0)
 
 
+@pytest.mark.parametrize("window", ["60m", "1h", "3600s"])
+def test_a_delegated_count_is_capped_whatever_its_window_is_called(window: str) -> None:
+    engine = PolicyEngine(clock=ManualClock(T0))
+    engine.set_policy("research", {"limits": {"counts": [{"window": "60m", "max": 3}]},
+                                   "delegation": {"allowed": True}})  # fmt: skip
+    with pytest.raises(PolicyValidationError) as refused:
+        engine.delegate("research", "browse",
+                        {"limits": {"counts": [{"window": window, "max": 9}]}})  # fmt: skip
+    assert [p.path for p in refused.value.problems] == ["$.policy.limits.counts[0]"]
+    engine.delegate("research", "browse", {"limits": {"counts": [{"window": window, "max": 3}]}})
+
+
 def test_a_delegated_budget_cannot_be_raised_past_its_parent_by_set_policy_or_promotion(
     backend: Backend,
 ) -> None:

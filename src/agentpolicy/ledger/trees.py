@@ -260,8 +260,12 @@ def _limit_pairs(child: SpendingLimits, parent: SpendingLimits) -> list[tuple[st
     pairs += [
         (f"rolling[{i}]", r.amount, theirs.get(r.seconds)) for i, r in enumerate(child.rolling)
     ]
-    counts = {c.window: c.max for c in parent.counts}
-    pairs += [(f"counts[{i}]", c.max, counts.get(c.window)) for i, c in enumerate(child.counts)]
+    # a count's window: its calendar period, or its duration however spelled ("60m" is "1h")
+    counts = {c.period or c.seconds: c.max for c in parent.counts}
+    pairs += [
+        (f"counts[{i}]", c.max, counts.get(c.period or c.seconds))
+        for i, c in enumerate(child.counts)
+    ]
     return pairs
 
 
