@@ -258,6 +258,21 @@ def test_counts_survive_a_version_that_adds_or_takes_away_the_amount_limits(
     assert pay(engine, U) == "COUNT_LIMIT"
 
 
+def test_a_trailing_count_moved_from_an_asset_to_counts_alone_keeps_its_payments(
+    backend: Backend,
+) -> None:
+    usdt_asset = {"symbol": "USDT", "limits": {"daily": usdt(1000),
+                                               "counts": [{"window": "10m", "max": 2}]}}  # fmt: skip
+    engine, clock = engine_for(backend, {"limits": {"counts": [{"window": "daily", "max": 50}]},
+                                         "assets": [usdt_asset]})  # fmt: skip
+    assert [pay(engine, U) for _ in range(3)] == ["ALLOWED", "ALLOWED", "COUNT_LIMIT"]
+    clock.advance(minutes=1)
+    engine.set_policy("a", {"limits": {"counts": [{"window": "10m", "max": 2}]}})
+    assert pay(engine, U) == "COUNT_LIMIT"  # the same 10 minutes, now of every token
+    clock.advance(minutes=9)
+    assert pay(engine, U) == "ALLOWED"
+
+
 def test_a_scope_keeps_its_counts_when_its_amounts_go(backend: Backend) -> None:
     scope = {"name": "vendors", "limits": {"daily": usdt(100),
                                            "counts": [{"window": "daily", "max": 2}]}}  # fmt: skip

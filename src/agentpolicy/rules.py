@@ -339,29 +339,35 @@ def _tallies(
     windows: tuple[Window, ...],
     block: SpendingLimits | None,
     owner: str | None = None,
+    also: SpendingLimits | None = None,
 ) -> tuple[dict[Period, Tally], dict[int, Tally], _Items]:
     # The same tallies serve every payment of the hour: kept by the identity of the
-    # (cached) windows and the (cached, per policy version) block of limits.
-    key = (owner, book, symbol, id(windows), id(block))
+    # (cached) windows and the (cached, per policy version) block of limits. Trailing
+    # tallies are kept for the durations of ``block`` and of ``also``.
+    key = (owner, book, symbol, id(windows), id(block), id(also))
     found = _TALLIES.get(key)
-    if found is not None and found[0] is windows and found[1] is block:
-        return found[2], found[3], found[4]
+    if found is not None and found[0] is windows and found[1] is block and found[2] is also:
+        return found[3], found[4], found[5]
     calendar = {w.period: Tally(book, f"{symbol}|{w.key}", w, None, owner) for w in windows}
+    durations = dict.fromkeys(block.rolling_seconds if block is not None else ())
+    durations.update(dict.fromkeys(also.rolling_seconds if also is not None else ()))
     rolling = {
         seconds: Tally(book, f"{symbol}|roll:{seconds}", None, seconds, owner)
-        for seconds in (block.rolling_seconds if block is not None else ())
+        for seconds in durations
     }
     if len(_TALLIES) > 4096:
         _TALLIES.clear()
     items = tuple((t.key, w) for w, t in zip(windows, calendar.values(), strict=True))
-    _TALLIES[key] = (windows, block, calendar, rolling, items)
+    _TALLIES[key] = (windows, block, also, calendar, rolling, items)
     return calendar, rolling, items
 
 
 _Items = tuple[tuple[str, Window], ...]
 """``(key, window)`` of each calendar tally of a book: what the ledger moves."""
 
-_TALLIES: dict[tuple[Any, ...], tuple[Any, Any, dict[Period, Tally], dict[int, Tally], _Items]] = {}
+_TALLIES: dict[
+    tuple[Any, ...], tuple[Any, Any, Any, dict[Period, Tally], dict[int, Tally], _Items]
+] = {}
 
 
 Used = tuple[int, int, int]
@@ -817,7 +823,9 @@ def _token_books(
                                                    window_checks=False)  # fmt: skip
     first = _Book(block, own, comparable)
     if top is not None and top is not block and top.symbol is None and top.counts:
-        every = _tallies(book, "*", windows, top, owner)
+        # every token's trailing counters for the durations of both blocks: either may be
+        # the one a later version limits
+        every = _tallies(book, "*", windows, top, owner, also=block)
         return first, _Book(top, every, amounts=False, prefix="every_token.",
                             window_checks=False)  # fmt: skip
     every = _tallies(book, "*", windows, block, owner)

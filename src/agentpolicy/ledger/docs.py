@@ -184,7 +184,10 @@ def _window_keys(targets: Sequence[Sequence[Any]], agent: str) -> tuple[str, ...
         if found is not None and found[0] is targets and found[1] == agent:
             return found[2]
     own = keys.head(agent)
-    window_keys = tuple([t[1].split("|", 1)[-1] for t in targets if t[2] == "c" and t[0] == own])
+    # each window once: a payment counts in its token's counter and in every token's
+    window_keys = tuple(
+        dict.fromkeys(t[1].split("|", 1)[-1] for t in targets if t[2] == "c" and t[0] == own)
+    )
     if shared:
         if len(_WINDOW_KEYS) > 4096:
             _WINDOW_KEYS.clear()

@@ -81,6 +81,8 @@ def _usage(
     """What every tally of the payment has used, as the ledger has it now."""
     usage: dict[str, tuple[int, int, int]] = {}
     for b in a.every_book:
+        if b.silent:  # counters no limit reads now (kept for a later version)
+            continue
         book = books[names[b.key]]
         counters = book.counters
         for t in b.calendar.values():
@@ -360,6 +362,7 @@ def _count(
     request = a.request
     value, decimals = request.amount, request.decimals
     parts: list[tuple[_Target, ...]] = []
+    fresh = False
     for b in a.every_book:
         name = names[b.key]
         book = books[name]
@@ -371,10 +374,16 @@ def _count(
         for t in b.rolling.values():
             book.rolling(txn, t.key, t.seconds or 0, value, decimals, "reserve", now, rid)
             parts.append(((name, t.key, "r", t.seconds or 0),))
+            fresh = True
     extras = rollout.hold_extras(txn, books, extra, value, decimals, now, rid) if extra else ()
     if extras:
         parts.append(tuple(extras))
-    return parts[0] if len(parts) == 1 else tuple(t for part in parts for t in part)
+        fresh = True
+    if len(parts) == 1:
+        return parts[0]
+    if fresh:  # a trailing counter's target is made anew: nothing to share
+        return tuple(t for part in parts for t in part)
+    return _joined(parts)
 
 
 _Target = tuple[str, str, str, int]
@@ -395,6 +404,23 @@ def _calendar_targets(name: str, items: tuple[tuple[str, Any], ...]) -> tuple[_T
 
 _TARGETS: dict[tuple[str, int], tuple[Any, tuple[_Target, ...]]] = {}
 """Calendar targets by book and windows (their identity): reservations of an hour share them."""
+
+
+def _joined(parts: list[tuple[_Target, ...]]) -> tuple[_Target, ...]:
+    """The targets of several books as one tuple, shared while the parts are the same ones."""
+    key = tuple(id(p) for p in parts)
+    found = _JOINED.get(key)
+    if found is not None and all(x is y for x, y in zip(found[0], parts, strict=True)):
+        return found[1]
+    joined = tuple(t for part in parts for t in part)
+    if len(_JOINED) > 4096:
+        _JOINED.clear()
+    _JOINED[key] = (tuple(parts), joined)
+    return joined
+
+
+_JOINED: dict[tuple[int, ...], tuple[tuple[Any, ...], tuple[_Target, ...]]] = {}
+"""Targets joined from the parts above (their identity): reservations of an hour share them."""
 
 
 def _groups(
