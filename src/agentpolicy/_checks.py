@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,6 +56,20 @@ def type_name(value: object) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def person(name: str) -> str:
+    """The form people's names (approvers, requesters, agent ids) are compared in.
+
+    Compatibility and canonical forms mapped (NFKC: ``é`` written as one code
+    point or as ``e`` and an accent, fullwidth letters), then case folded, so
+    that two spellings that show the same name are one person: for a quorum,
+    the approver registry and separation of duties alike. ASCII names are
+    simply case folded.
+    """
+    if name.isascii():
+        return name.casefold()
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
 
 
 def check_int(value: object, path: str, low: int, high: int) -> list[Problem]:

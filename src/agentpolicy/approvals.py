@@ -17,6 +17,7 @@ from datetime import datetime
 
 import attrs
 
+from agentpolicy._checks import person
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, PolicyValidationError
 from agentpolicy.records import Approval, ApprovalStatus, Vote
 
@@ -78,18 +79,18 @@ def cast_vote(
             f"approval {approval.id} is {status}, not pending",
             code=ErrorCode.APPROVAL_NOT_PENDING,
         )
-    who = approver.casefold()
-    if who not in {a.casefold() for a in approval.every_approver}:
+    who = person(approver)
+    if who not in {person(a) for a in approval.every_approver}:
         raise ForbiddenError(
             f"{approver} is not an approver of {approval.id}",
             code=ErrorCode.APPROVER_NOT_AUTHORIZED,
         )
-    if who in {r.casefold() for r in approval.requesters}:
+    if who in {person(r) for r in approval.requesters}:
         raise ForbiddenError(
             f"{approver} asked for the payment of {approval.id} and cannot vote on it",
             code=ErrorCode.APPROVER_NOT_AUTHORIZED,
         )
-    earlier = next((v for v in approval.votes if v.approver.casefold() == who), None)
+    earlier = next((v for v in approval.votes if person(v.approver) == who), None)
     if earlier is not None:
         used = " (this link was used)" if proof.via == "link" and earlier.via == "link" else ""
         raise ConflictError(
@@ -130,9 +131,9 @@ def _quorum(approval: Approval) -> bool:
     """Whether enough approvers approved: every group its own count, when there are groups."""
     if not approval.groups:
         return approval.approvals >= approval.required_approvers
-    yes = {v.approver.casefold() for v in approval.votes if v.decision == "approve"}
+    yes = {person(v.approver) for v in approval.votes if v.decision == "approve"}
     return all(
-        sum(1 for a in g.approvers if a.casefold() in yes) >= g.required for g in approval.groups
+        sum(1 for a in g.approvers if person(a) in yes) >= g.required for g in approval.groups
     )
 
 

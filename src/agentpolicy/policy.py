@@ -36,6 +36,7 @@ from agentpolicy._checks import (
     instance_of,
     int_between,
     optional,
+    person,
     type_name,
     validate,
 )
@@ -554,8 +555,12 @@ MAX_APPROVER_GROUPS = 16
 
 
 def _distinct_names(names: tuple[str, ...], path: str) -> list[Problem]:
-    if len(_folded(names)) != len(names):
-        return [Problem(path, "must not repeat an approver (compared ignoring case)")]
+    if len({person(n) for n in names}) != len(names):
+        return [
+            Problem(
+                path, "must not repeat an approver (compared ignoring case and Unicode normal form)"
+            )
+        ]
     return []
 
 
@@ -637,7 +642,7 @@ class ApprovalThreshold:
             if j != i:
                 problems.append(Problem(f"$.groups[{i}].name", f"repeats groups[{j}].name"))
             for who in group.approvers:
-                k = members.setdefault(who.casefold(), i)
+                k = members.setdefault(person(who), i)
                 if k != i:
                     problems.append(Problem(
                         f"$.groups[{i}].approvers",
@@ -655,8 +660,8 @@ class ApprovalThreshold:
 
     @functools.cached_property
     def approver_keys(self) -> frozenset[str]:
-        """Approvers (of every group), case-folded, as votes are matched."""
-        return _folded(self.every_approver)
+        """Approvers (of every group), folded as votes are matched (``person``)."""
+        return frozenset(person(a) for a in self.every_approver)
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentpolicy._checks import type_name
+from agentpolicy._checks import person, type_name
 from agentpolicy.errors import ErrorCode, PolicyError, PolicyValidationError, Problem
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def vote_message(
         VOTE_DOMAIN,
         f"store:{store}",
         f"approval:{approval_id}",
-        f"approver:{approver.casefold()}",
+        f"approver:{person(approver)}",
         f"decision:{decision}",
         f"at:{(signed_at - _EPOCH) // timedelta(seconds=1)}",
         f"comment:{digest}",

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from agentpolicy._checks import check_identifier, check_record_id, check_text, raise_if
+from agentpolicy._checks import check_identifier, check_record_id, check_text, person, raise_if
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import format_instant, parse_instant
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, Problem
@@ -141,8 +141,8 @@ class Voting:
         return [registry.approver_record(d) for d in docs if d is not None]
 
     def _registered(self, names: Iterable[str]) -> Flow[dict[str, Approver]]:
-        """The approvers among ``names`` that have a current key, by case-folded name."""
-        wanted = list(dict.fromkeys(n.casefold() for n in names))
+        """The approvers among ``names`` that have a current key, by folded name (``person``)."""
+        wanted = list(dict.fromkeys(person(n) for n in names))
         if not wanted:
             return {}
         docs = yield Read(registry.SHARD, [registry.approver_doc_name(n) for n in wanted])
@@ -215,7 +215,7 @@ class Voting:
         now: datetime,
     ) -> Flow[VoteProof]:
         """Check a vote's signature (if any) against the approver's key registered now."""
-        found = (yield from self._registered((approver,))).get(approver.casefold())
+        found = (yield from self._registered((approver,))).get(person(approver))
         if signature is None or signed_at is None:
             return VoteProof(registered=found is not None)
         if found is None or found.current is None:
@@ -258,10 +258,10 @@ class Voting:
         """Who gets links: approvers who may vote unsigned (not requesters, not registered)."""
         if signed_only:
             return []
-        asked = {r.casefold() for r in requesters if r is not None}
-        names = [a for a in dict.fromkeys(approvers) if a.casefold() not in asked]
+        asked = {person(r) for r in requesters if r is not None}
+        names = [a for a in dict.fromkeys(approvers) if person(a) not in asked]
         registered = yield from self._registered(names)
-        return [a for a in names if a.casefold() not in registered]
+        return [a for a in names if person(a) not in registered]
 
     def approval_links(self, approval_id: str) -> list[ApprovalLink]:
         """The one-time links of an approval: approve and deny, for every approver who gets one.
@@ -344,7 +344,7 @@ class Voting:
                 f"this link expired at {format_instant(instant(claims.expires))}",
                 code=ErrorCode.APPROVAL_NOT_PENDING,
             )
-        registered = claims.approver.casefold() in (yield from self._registered((claims.approver,)))
+        registered = person(claims.approver) in (yield from self._registered((claims.approver,)))
         proof = VoteProof(via="link", registered=registered)
         return (
             yield from self._cast(

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from agentpolicy._checks import person
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError, PolicyValidationError
 from agentpolicy.ledger.runner import View
 from agentpolicy.records import Approver, ApproverKeyVersion
@@ -54,8 +55,8 @@ def _esc(part: str) -> str:
 
 
 def approver_doc_name(name: str) -> str:
-    """The document of an approver (names compare ignoring case)."""
-    return "ap/" + _esc(name.casefold())
+    """The document of an approver (names compare as ``person`` folds them)."""
+    return "ap/" + _esc(person(name))
 
 
 def _key_doc_name(public_key: str) -> str:
@@ -139,7 +140,7 @@ def register(name: str, public_key: str, now: int) -> Step:
     approver holds this one, and ``INVALID_INPUT`` for a key it retired.
     """
     doc_name = approver_doc_name(name)
-    folded = name.casefold()
+    folded = person(name)
 
     def step(view: View, txn: Txn) -> None:
         view.read((doc_name, _key_doc_name(public_key), META))
@@ -182,7 +183,7 @@ def rotate(name: str, public_key: str, now: int) -> Step:
     (another approver holds the key) or ``INVALID_INPUT`` (a retired key).
     """
     doc_name = approver_doc_name(name)
-    folded = name.casefold()
+    folded = person(name)
 
     def step(view: View, txn: Txn) -> None:
         view.read((doc_name, _key_doc_name(public_key)))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from agentpolicy._checks import check_identifier, raise_if
+from agentpolicy._checks import check_identifier, person, raise_if
 from agentpolicy.codec import dump_policy, format_instant, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
 from agentpolicy.durations import parse_duration, parse_since
@@ -420,7 +420,7 @@ class AgentPolicyMcpServer:
             if named is None:
                 raise PolicyValidationError.single("$.approver", "is required")
             return named
-        if named is not None and named.casefold() != bound.casefold():
+        if named is not None and person(named) != person(bound):
             raise ForbiddenError(
                 f"this server votes as {bound} only, not as {named}", code=ErrorCode.FORBIDDEN
             )

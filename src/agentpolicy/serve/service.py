@@ -23,6 +23,7 @@ import attrs
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from agentpolicy._checks import person
 from agentpolicy.aio import AsyncPolicyEngine
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import NotFoundError
@@ -251,7 +252,7 @@ class Service:
             return None
         if link is not None:
             token, approver, decision = link
-            if any(v.approver.casefold() == approver.casefold() for v in approval.votes):
+            if any(person(v.approver) == person(approver) for v in approval.votes):
                 return {"blocked": f"{approver} has voted on this approval already."}
             if await self._signs(approval, approver):  # a key registered since the link was made
                 return {"blocked": (
@@ -269,10 +270,10 @@ class Service:
         if caller is None or caller.session is None or caller.voter is None:
             return None
         voter = caller.voter
-        folded = voter.casefold()
-        if folded not in {a.casefold() for a in approval.every_approver}:
+        folded = person(voter)
+        if folded not in {person(a) for a in approval.every_approver}:
             return None
-        if any(v.approver.casefold() == folded for v in approval.votes):
+        if any(person(v.approver) == folded for v in approval.votes):
             return {"blocked": f"You ({voter}) voted on this approval already."}
         if await self._signs(approval, voter):
             return {"blocked": (
@@ -302,8 +303,8 @@ def shows(caller: Caller, approval: Approval) -> bool:
         return False
     if token.role != "approver":
         return True
-    me = (token.approver or "").casefold()
-    return me in {x.casefold() for x in approval.every_approver}
+    me = person(token.approver or "")
+    return me in {person(x) for x in approval.every_approver}
 
 
 class Unauthorized(Exception):  # noqa: N818 - an answer, not a bug
