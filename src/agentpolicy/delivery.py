@@ -15,8 +15,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import heapq
+import itertools
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -79,11 +82,11 @@ class _Deadline:
     """
 
     def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self.expired = False
+        self.done = False
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
         self._started = False
 
     def __enter__(self) -> _Deadline:
@@ -91,9 +94,9 @@ class _Deadline:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
         _attempt_deadline.current = None
         with self._lock:
+            self.done = True  # the watchdog's entry for it, if any, is skipped when due
             for sock in self._socks:
                 sock.close()
             self._socks.clear()
@@ -106,14 +109,64 @@ class _Deadline:
             self._socks.append(sock.dup())
             if not self._started:  # the first connection: the time starts now
                 self._started = True
-                self._timer.start()
+                _WATCHDOG.add(time.monotonic() + self.seconds, self)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The time is up: shut down every socket of the attempt (unless it ended)."""
         with self._lock:
+            if self.done:
+                return
             self.expired = True
             for sock in self._socks:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One daemon thread that expires every attempt's deadline when it is due.
+
+    A thread per attempt (a ``threading.Timer``) cost about a fifth of the
+    worker's throughput; this one starts with the first deadline (again in a
+    forked child, where the parent's thread does not run).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def reset(self) -> None:
+        """Start afresh in a forked child (its parent's lock may have been held at the fork)."""
+        self.__init__()  # type: ignore[misc]
+
+    def add(self, when: float, deadline: _Deadline) -> None:
+        """Expire ``deadline`` at ``when`` (``time.monotonic()``)."""
+        with self._cond:
+            heapq.heappush(self._due, (when, next(self._order), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="agentpolicy-webhook-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due: list[_Deadline] = []
+                while self._due and self._due[0][0] <= now:
+                    due.append(heapq.heappop(self._due)[2])
+                if not due:
+                    self._cond.wait(self._due[0][0] - now if self._due else None)
+                    continue
+            for deadline in due:  # outside the lock: a shutdown may take a moment
+                deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.reset)
 
 
 _attempt_deadline = threading.local()
