@@ -297,6 +297,58 @@ def test_a_delegated_budget_is_capped_by_its_parent_and_ends_when_it_expires(
     assert engine.get_reservation(late.reservation_id or "").status == "expired"
 
 
+def test_the_parent_agent_cannot_change_or_extend_a_delegation_an_administrator_made(
+    backend: Backend,
+) -> None:
+    engine, clock = tree(backend)
+    research(engine)
+    whitelisted = daily(5, merchantRules={"whitelist": ["0xgood"]})
+    engine.delegate("research", "browse", whitelisted, expires_at=T0 + timedelta(hours=1))
+    with pytest.raises(ForbiddenError) as refused:  # the agent-role `delegate` tool
+        engine.delegate("research", "browse", daily(20), by_parent=True)
+    assert refused.value.code == ErrorCode.FORBIDDEN
+    assert engine.get_policy("browse").version == 1  # type: ignore[union-attr]
+    d = engine.authorize(payment(U, agent_id="browse", recipient="0xevil"))
+    assert d.code == Code.RECIPIENT_NOT_WHITELISTED
+    clock.advance(hours=1)
+    with pytest.raises(ForbiddenError):  # nor revive it once it ended
+        engine.delegate("research", "browse", whitelisted, by_parent=True)
+    assert engine.authorize(payment(1, agent_id="browse")).code == Code.DELEGATION_EXPIRED
+    # an administrator still changes it; the parent agent may still end it
+    engine.delegate("research", "browse", whitelisted, expires_at=T0 + timedelta(hours=2))
+    assert engine.authorize(payment(1, agent_id="browse", recipient="0xgood")).allowed
+    assert engine.revoke("browse", by="research").revoked_at is not None
+    # a delegation the agent made itself stays the agent's to change
+    engine.delegate("research", "fetch", daily(2), by_parent=True)
+    engine.delegate("research", "fetch", daily(3), by_parent=True)
+    assert engine.get_policy("fetch").version == 2  # type: ignore[union-attr]
+
+
+def test_many_budgets_below_an_agent_never_lock_its_administrator_out(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budgets an agent delegates cannot stop an administrator changing the tree above."""
+    from agentpolicy.ledger import trees
+
+    monkeypatch.setattr(trees, "_MAX_SUBTREE", 5)  # 100,000 in earnest: 16 s to delegate
+    engine, _ = tree(backend)
+    engine.set_policy("acme", daily(1000))
+    engine.set_policy("fleet", daily(500, parent="acme"))
+    engine.set_policy("bot", daily(100, parent="fleet", delegation={"allowed": True,
+                                                                    "maxDepth": 2}))  # fmt: skip
+    for i in range(6):
+        engine.delegate("bot", f"bot/{i}", daily(1, delegation={"allowed": True}),
+                        by_parent=True)  # fmt: skip
+    engine.delegate("bot/0", "bot/0/a", daily(1), by_parent=True)
+    assert engine.set_policy("bot", daily(50, parent="fleet", enabled=False)) == 2
+    assert engine.set_policy("fleet", daily(400, parent="acme")) == 2
+    assert engine.authorize(payment(1, agent_id="bot")).code == Code.POLICY_DISABLED
+    engine.set_policy("elsewhere", daily(1000, parent="acme"))
+    with pytest.raises(PolicyValidationError) as moved:  # moving it would need the count
+        engine.set_policy("bot", daily(50, parent="elsewhere"))
+    assert "cannot be moved" in moved.value.problems[0].message
+
+
 def test_a_delegation_that_promises_more_than_the_parent_has_is_refused(
     backend: Backend,
 ) -> None:

@@ -154,23 +154,37 @@ def _invalid(path: str, message: str) -> PolicyValidationError:
     return PolicyValidationError([Problem(path, message)])
 
 
-def _height(view: View, agent: str) -> int:
-    """How many levels of budgets hang from ``agent``, itself included."""
+def _height(view: View, agent: str) -> int | None:
+    """How many levels of budgets hang from ``agent``, itself included (``None``: too many)."""
     level, height, total = [agent], 1, 0
     while True:
         below = [m for a in level for m, _ in view.scan(keys.children(a), MAX_SCORE, _MAX_SUBTREE)]
         total += len(below)
         if not below:
             return height
-        if total > _MAX_SUBTREE or height > MAX_TREE_DEPTH:
+        if total > _MAX_SUBTREE:
+            return None
+        if height > MAX_TREE_DEPTH:
             return MAX_TREE_DEPTH + 1
         level, height = below, height + 1
 
 
 def _check_parent(
-    view: View, books: Books, agent: str, parent: str, policies: PolicySource
+    view: View,
+    books: Books,
+    agent: str,
+    parent: str,
+    policies: PolicySource,
+    *,
+    moved: bool = True,
 ) -> list[Level]:
-    """Refuse a parent that is missing, makes a cycle or makes the tree too deep."""
+    """Refuse a parent that is missing, makes a cycle or makes the tree too deep.
+
+    The budgets below the agent are counted only when it ``moved`` (a parent
+    it did not have): a new version under the same parent changes no path,
+    so however many budgets hang below it (delegated by the agent itself),
+    an administrator can always change or disable its policy.
+    """
     path = "$.policy.parent"
     levels: list[Level] = []
     current: str | None = parent
@@ -185,7 +199,16 @@ def _check_parent(
             raise _invalid(path, f"budget {parent!r} has no policy: set the parent's policy first")
         levels.append(Level(current, head, above, delegation_record(current, head.body)))
         current = None if above is None else above.parent
-    if len(levels) + _height(view, agent) > MAX_TREE_DEPTH:
+    if not moved and len(levels) < MAX_TREE_DEPTH:
+        return levels
+    height = _height(view, agent)
+    if height is None:
+        raise _invalid(
+            path,
+            f"more than {_MAX_SUBTREE:,} budgets hang below {agent}: it cannot be moved to "
+            "another parent (revoke or remove budgets below it first)",
+        )
+    if len(levels) + height > MAX_TREE_DEPTH:
         raise _invalid(
             path,
             f"a payment would pass through more than {MAX_TREE_DEPTH} budgets "
@@ -220,6 +243,12 @@ def _check_grant(
         raise ConflictError(
             f"the budget of {child.agent} was revoked; delegate under a new agent id",
             code=ErrorCode.BUDGET_CONFLICT,
+        )
+    if grant.by_parent and dg is not None and dg.get("adm"):
+        raise ForbiddenError(
+            f"the budget of {child.agent} was delegated by an administrator: only an "
+            f"administrator changes it ({grant.parent} may revoke it)",
+            code=ErrorCode.FORBIDDEN,
         )
     now_us = micros(now)
     expires = grant.expires
@@ -296,6 +325,14 @@ def cap_problems(child: AgentPolicy, parent: AgentPolicy | None) -> list[Problem
     return problems
 
 
+def _delegation_doc(grant: Grant, dg: Body | None, expires: int | None, now: int) -> Body:
+    """The head's record of a delegation made (or made again) now."""
+    made: Body = {"by": grant.parent, "c": now if dg is None else dg["c"], "x": expires, "rv": None}
+    if not grant.by_parent or (dg is not None and dg.get("adm")):
+        made["adm"] = True  # an administrator's: the parent agent cannot change it
+    return made
+
+
 def put_policy(
     cfg: LedgerConfig,
     agent: str,
@@ -339,7 +376,8 @@ def put_policy(
             )
         levels = []
         if policy.parent is not None:
-            levels = _check_parent(view, books, agent, policy.parent, policies)
+            moved = old is None or old.parent != policy.parent
+            levels = _check_parent(view, books, agent, policy.parent, policies, moved=moved)
         version = head.body["pv"] + 1
         expires = None if grant is None else _check_grant(grant, head, policy, levels, now)
         if grant is None and dg is not None and levels:  # a delegated budget stays within it
@@ -350,8 +388,7 @@ def put_policy(
             txn.result = 0
             return
         if grant is not None:
-            created = now_us if dg is None else dg["c"]
-            head.set("dg", {"by": grant.parent, "c": created, "x": expires, "rv": None})
+            head.set("dg", _delegation_doc(grant, dg, expires, now_us))
             record(txn, cfg, agent, {"ev": "delegate", "pv": version, "by": grant.parent,
                                      "x": expires})  # fmt: skip
         via = origin if origin is not None or grant is None else {"op": "delegate"}
