@@ -138,7 +138,9 @@ class _Watchdog:
 
     def reset(self) -> None:
         """Start afresh in a forked child (its parent's lock may have been held at the fork)."""
-        self.__init__()  # type: ignore[misc]
+        self._cond = threading.Condition()
+        self._due = []
+        self._thread = None
 
     def add(self, when: float, deadline: _Deadline) -> None:
         """Expire ``deadline`` at ``when`` (``time.monotonic()``)."""
