@@ -215,12 +215,29 @@ def test_12_workers_on_the_real_clock_across_an_hour_boundary_never_overspend(
     they are released together (long enough for over 100 requests on each side on a
     busy host, where PostgreSQL gave 79 in 1.5 s). A request stamped 59:59.9 may wait for the lock
     until after the first request of the new hour; it must still see the old
-    hour's usage.
+    hour's usage. A run on a host too busy to contend both hours (100 requests
+    each side) is run again on a fresh pair of hours, up to three times; every
+    run must stay within the limit.
     """
     setup = backend.engine(ManualClock(workers.FIXED_NOW))
     setup.set_policy("agent-1", {"limits": {"hourly": {"value": "100", "decimals": 6}}})
+    for attempt in range(3):
+        # a fresh pair of hours each time: 01:00, then 03:00, then 05:00 (any hours)
+        boundary = datetime(2030, 1, 1, tzinfo=UTC) + timedelta(hours=1 + 2 * attempt)
+        before, after = _race_across(backend, boundary)
+        assert sum(before) <= 100  # never more than the limit in the hour that ended
+        assert sum(after) <= 100
+        if len(before) > 100 and len(after) > 100:  # both hours were really contended
+            break
+    assert len(before) > 100, (len(before), len(after))
+    assert len(after) > 100, (len(before), len(after))
+    assert sum(before) == 100  # the hour that ended gave exactly its limit
+    assert sum(after) == 100  # and the new hour starts from zero
+
+
+def _race_across(backend: Backend, boundary: datetime) -> tuple[list[bool], list[bool]]:
+    """Run 12 workers from 3 s before ``boundary`` to 1.5 s after: (allowed before, after)."""
     n = 12
-    boundary = datetime(2030, 1, 1, tzinfo=UTC)  # any hour
     stop = micros(boundary) + 1_500_000
     if backend.spec is None:
         storage = backend.handle()
@@ -248,13 +265,11 @@ def test_12_workers_on_the_real_clock_across_an_hour_boundary_never_overspend(
     else:
         procs.close()
         procs.join()
+        manager.shutdown()
     decisions = [d for chunk in results for d in chunk]
     before = [allowed for at, allowed in decisions if at < micros(boundary)]
     after = [allowed for at, allowed in decisions if at >= micros(boundary)]
-    assert len(before) > 100  # the old hour was really contended
-    assert len(after) > 100
-    assert sum(before) == 100  # never more than the limit in the hour that ended
-    assert sum(after) == 100  # and the new hour starts from zero
+    return before, after
 
 
 def _us(delta: timedelta) -> int:

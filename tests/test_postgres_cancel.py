@@ -194,6 +194,29 @@ def test_async_calls_past_the_lock_timeout_of_a_locked_table_leave_the_connectio
     assert check_the_ledger(agent, clock) == (3, 0)
 
 
+async def cancel_after(
+    outcomes: collections.Counter[str], turns: int, call: Awaitable[Any], twice: bool, kind: str
+) -> bool:
+    """Cancel ``call`` after ``turns`` turns of the loop; whether it had ended before."""
+    task = asyncio.ensure_future(call)
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    ended = task.done()
+    task.cancel()
+    if twice:
+        await asyncio.sleep(0)
+        task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        outcomes["cancelled"] += 1
+        if turns > 0:
+            outcomes[f"cancelled mid-call: {kind}"] += 1
+    else:
+        outcomes["answered"] += 1
+    return ended
+
+
 @pytest.mark.timeout(60)
 def test_async_calls_cancelled_at_every_step_are_all_or_nothing_and_the_pool_goes_on(
     agent: str, clock: ManualClock
@@ -205,24 +228,6 @@ def test_async_calls_cancelled_at_every_step_are_all_or_nothing_and_the_pool_goe
     each, the next calls run on the same pool; the ledger is checked at the end.
     """
     outcomes: collections.Counter[str] = collections.Counter()
-
-    async def cancel_after(turns: int, call: Awaitable[Any], twice: bool) -> bool:
-        """Whether ``call`` had ended before it was cancelled."""
-        task = asyncio.ensure_future(call)
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        ended = task.done()
-        task.cancel()
-        if twice:
-            await asyncio.sleep(0)
-            task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            outcomes["cancelled"] += 1
-        else:
-            outcomes["answered"] += 1
-        return ended
 
     async def main() -> None:
         aengine = async_engine(agent, clock)
@@ -237,12 +242,13 @@ def test_async_calls_cancelled_at_every_step_are_all_or_nothing_and_the_pool_goe
                     else:
                         held = await aengine.authorize(payment(USDT))
                         call = aengine.confirm(held.reservation_id or "")
-                    if await cancel_after(turns, call, twice):
+                    kind = f"{what}{' twice' if twice else ''}"
+                    if await cancel_after(outcomes, turns, call, twice, kind):
                         break
                     d = await aengine.authorize(payment(1))
                     await aengine.confirm(d.reservation_id or "")
                     # every turn at first, then fewer: the call ends whatever the machine's speed
-                    turns += (7 if twice else 2) if turns < 200 else turns // 4
+                    turns += 1 if turns < 20 else (7 if twice else 2) if turns < 200 else turns // 4
         # cancelled while another connection holds the agent's row: waiting for the lock
         for n in range(5):
             locker = await asyncio.to_thread(lock_agent_row, agent)
@@ -257,8 +263,11 @@ def test_async_calls_cancelled_at_every_step_are_all_or_nothing_and_the_pool_goe
         await aengine.close()
 
     asyncio.run(main())
-    assert outcomes["cancelled"] > 20
-    assert outcomes["answered"] >= 4  # each kind ran to its end at last
+    # how many turns a call takes depends on the machine's load; each kind was
+    # cancelled part-way through (after at least one turn) at least once
+    for kind in ("authorize", "confirm", "authorize twice", "confirm twice"):
+        assert outcomes[f"cancelled mid-call: {kind}"] >= 1, outcomes
+    assert outcomes["answered"] >= 4, outcomes  # each kind ran to its end at last
     with PolicyEngine(storage=open_storage(agent), clock=clock) as direct:
         history = direct.history("agent-1", 10_000)
         keys = {h.request.idempotency_key for h in history if h.request is not None}
