@@ -16,7 +16,7 @@ from agentpolicy import (
     PolicyError,
     PolicyValidationError,
 )
-from agentpolicy.guard import AsyncPaymentGuard
+from agentpolicy.guard import AsyncPaymentGuard, settle_shielded
 from agentpolicy.testing import ManualClock, payment
 from tests.faulty import FaultyStorage
 
@@ -140,3 +140,55 @@ def test_bad_construction_is_invalid_input() -> None:
     assert err.value.path == "$.maxWorkers"
     with pytest.raises(PolicyValidationError):
         AsyncPolicyEngine(storage=42)  # type: ignore[arg-type]
+
+
+def test_close_waits_for_the_release_a_cancelled_entry_starts_while_it_closes() -> None:
+    """The authorize of a cancelled entry ends after close() began: its release still runs."""
+    store = FaultyStorage(limit=10)
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("agent-1", DAILY_100)
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+
+        async def pay() -> None:
+            async with aengine.payment(payment(30_000_000, agent_id="agent-1")):
+                pytest.fail("a cancelled entry never runs the block")
+
+        store.stall()
+        task = asyncio.create_task(pay())
+        await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
+        task.cancel()  # the authorize is in the store: it will still commit
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        closing = asyncio.create_task(aengine.close())
+        await asyncio.sleep(0)  # a yield, no time: close() begins
+        assert not closing.done()  # the authorize is still in the store
+        store.resume()  # it commits now, and its release starts while the engine closes
+        await closing
+        with pytest.raises(PolicyError) as err:
+            await aengine.budget("agent-1")
+        assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+
+    asyncio.run(main())
+    assert [h.event for h in engine.history("agent-1", 2)] == ["release", "decision"]
+    assert next(iter(engine.budget("agent-1").periods.values())).reserved.value == 0
+    engine.close()
+
+
+def test_background_work_offered_to_a_closed_engine_is_refused_cleanly() -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+    rid = engine.authorize(payment(1, agent_id="agent-1")).reservation_id or ""
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        await aengine.close()
+        again = asyncio.create_task(aengine.close())  # a second close waits for the first
+        await again
+        with pytest.raises(PolicyError) as err:
+            await settle_shielded(aengine.release(rid), engine=aengine)
+        assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+
+    asyncio.run(main())
+    assert engine.get_reservation(rid).status == "reserved"

@@ -23,6 +23,7 @@ from agentpolicy import (
     ReservationStatus,
     StorageUnavailableError,
 )
+from agentpolicy.storage import open_async_storage
 from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend
 from tests.faulty import FaultyStorage
@@ -553,3 +554,114 @@ def test_a_repeated_idempotency_key_in_two_blocks_at_once_runs_one_block(
         assert second.value.code == ErrorCode.RESERVATION_CLAIMED
         assert first.reservation_id == second.value.decision.reservation_id
     assert engine.get_reservation(first.reservation_id).status == "confirmed"
+
+
+def test_a_block_that_confirmed_and_then_raised_says_the_payment_counts_as_spent() -> None:
+    engine, _ = make()
+
+    def pay_then_fail(p: Any) -> None:
+        engine.confirm(p.reservation_id, holder=p.holder)  # the block settled it itself
+        raise ValueError("after paying")
+
+    with (
+        pytest.raises(ValueError, match="after paying") as err,
+        engine.payment(payment(30 * USDT)) as p,
+    ):
+        pay_then_fail(p)
+    notes = "\n".join(err.value.__notes__)
+    assert "already confirmed" in notes
+    assert "counts as spent" in notes
+    assert "until it expires" not in notes  # it does not: it is spending
+    assert daily(engine) == (30 * USDT, 0)
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+
+            async def pay_then_fail() -> None:
+                async with aengine.payment(payment(20 * USDT)) as q:
+                    await aengine.confirm(q.reservation_id, holder=q.holder)
+                    raise ValueError("after paying")
+
+            with pytest.raises(ValueError, match="after paying") as err:
+                await pay_then_fail()
+            notes = "\n".join(err.value.__notes__)
+            assert "already confirmed" in notes
+            assert "counts as spent" in notes
+
+    run(main())
+    assert daily(engine) == (50 * USDT, 0)
+
+
+NATIVE = {"redis", "redis-cluster", "postgres"}
+
+
+def async_engine_on(backend: Backend, clock: ManualClock) -> AsyncPolicyEngine:
+    """An async engine that owns its own stores on ``backend`` (natively where it can)."""
+    if backend.name in NATIVE:
+        assert backend.spec is not None
+        url, prefix = backend.spec
+        return AsyncPolicyEngine(
+            storage=backend.open(),
+            clock=clock,
+            async_storage=open_async_storage(url, key_prefix=prefix),
+        )
+    return AsyncPolicyEngine(storage=backend.open(), clock=clock)
+
+
+@pytest.mark.parametrize("when", ["in the block", "while releasing"])
+def test_closing_right_after_a_cancelled_block_leaves_nothing_reserved(
+    backend: Backend, when: str
+) -> None:
+    """close() waits for the release a cancelled block goes on with, then closes the stores.
+
+    ``in the block``: the task is cancelled and the engine closed at once,
+    before the block has even left. ``while releasing``: the task is
+    cancelled again while its release is under way, so the release goes on
+    in the background; the engine is closed before it reaches the store.
+    """
+    clock = ManualClock()
+    backend.engine(clock).set_policy("agent-1", DAILY_100)
+
+    async def main() -> None:
+        aengine = async_engine_on(backend, clock)
+        assert aengine.native is (backend.name in NATIVE)
+        entered, releasing, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        real_release = aengine.release
+
+        async def gated_release(rid: str, *, holder: str | None = None) -> Any:
+            releasing.set()
+            await go.wait()
+            return await real_release(rid, holder=holder)
+
+        async def pay() -> None:
+            async with aengine.payment(payment(30 * USDT, agent_id="agent-1")):
+                entered.set()
+                await asyncio.Event().wait()  # paying: until cancelled
+
+        task = asyncio.create_task(pay())
+        await entered.wait()
+        if when == "in the block":
+            task.cancel()
+            await aengine.close()  # the cancelled block has not left yet
+        else:
+            aengine.release = gated_release  # type: ignore[method-assign]
+            task.cancel()
+            await releasing.wait()
+            task.cancel()  # again: the release goes on in the background
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            closing = asyncio.create_task(aengine.close())
+            await asyncio.sleep(0)  # a yield, no time: close() begins
+            with pytest.raises(StorageUnavailableError):
+                await aengine.budget("agent-1")  # closing: new calls are refused
+            go.set()  # the release reaches the store only now
+            await closing
+        assert task.done()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    fresh = backend.engine(clock)
+    window = next(iter(fresh.budget("agent-1").periods.values()))
+    assert (window.spent.value, window.reserved.value) == (0, 0)
+    assert [h.event for h in fresh.history("agent-1", 2)] == ["release", "decision"]

@@ -25,6 +25,12 @@ while it awaits the store stops there: a commit already sent may or may not
 apply, as after a timeout. ``async with aengine.payment(request)`` releases
 what a cancelled entry reserved (see
 :class:`~agentpolicy.guard.AsyncPaymentGuard`).
+
+What the guard goes on with after a cancellation (the release of what a
+cancelled entry reserved, a confirm or release under way when its task was
+cancelled) runs in tasks that the engine keeps: :meth:`AsyncPolicyEngine.close`
+waits for them, and for blocks whose task was cancelled to leave, before it
+closes the stores.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -74,6 +81,11 @@ __all__ = ["AsyncPolicyEngine"]
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
+_SETTLING: contextvars.ContextVar[AsyncPolicyEngine | None] = contextvars.ContextVar(
+    "agentpolicy_aio_settling", default=None
+)
+"""Set inside a settling task of an engine (see :meth:`AsyncPolicyEngine._spawn`)."""
+
 
 class AsyncPolicyEngine:
     """The stateful guard of :class:`~agentpolicy.PolicyEngine`, for asyncio.
@@ -89,9 +101,11 @@ class AsyncPolicyEngine:
     here as a coroutine with the same arguments, answers and errors, and
     none blocks the event loop. ``payment(request)`` is used as ``async
     with``. Close it with ``await aengine.close()`` or ``async with
-    AsyncPolicyEngine(...) as aengine:``: that waits for calls in flight,
-    closes the engine it made (not one given to :meth:`from_engine`) and
-    stops its threads; a call after it raises ``STORAGE_UNAVAILABLE``.
+    AsyncPolicyEngine(...) as aengine:``: that waits for calls in flight
+    and for what the payment guard goes on with in the background after a
+    cancellation, closes the engine it made (not one given to
+    :meth:`from_engine`) and stops its threads; a call after it began raises
+    ``STORAGE_UNAVAILABLE``.
     """
 
     def __init__(
@@ -161,7 +175,16 @@ class AsyncPolicyEngine:
         self._owned = owned
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="agentpolicy-aio")
         self._running: set[Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        """Background work started for this engine (see :meth:`_spawn`); close awaits it."""
+        self._blocks: dict[object, tuple[asyncio.Task[Any] | None, asyncio.Future[None]]] = {}
+        """Payment blocks inside ``async with aengine.payment(...)``: their task, and a future
+        done when they leave."""
+        self._closing = False
+        """close() began: calls are refused, except the background work it waits for."""
         self._closed = False
+        """close() has drained the background work: everything is refused."""
+        self._closed_event: asyncio.Event | None = None
         self._inflight = 0
         self._idle: asyncio.Event | None = None
 
@@ -172,14 +195,56 @@ class AsyncPolicyEngine:
 
     # -- execution --------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """Refuse a call once close() began, unless it is background work close waits for."""
+        if self._closed or (self._closing and _SETTLING.get() is not self):
+            raise StorageUnavailableError("this AsyncPolicyEngine is closed")
+
+    def _spawn(self, call: Awaitable[_T], *, settling: bool) -> asyncio.Task[_T]:
+        """Run ``call`` in a task that :meth:`close` waits for.
+
+        ``settling`` marks work that must go on while the engine closes (a
+        confirm or release that a cancelled payment block leaves behind): its
+        calls are admitted until close() has drained every such task. Other
+        work is tracked as well, but its calls are refused once close began.
+        Once the engine is closed nothing is started: ``call`` is closed and
+        ``STORAGE_UNAVAILABLE`` raised.
+        """
+        if self._closed or (self._closing and not settling):
+            if inspect.iscoroutine(call):
+                call.close()
+            raise StorageUnavailableError("this AsyncPolicyEngine is closed")
+
+        async def run() -> _T:
+            if settling:
+                _SETTLING.set(self)  # this task's own context: nothing else sees it
+            return await call
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _enter_block(self, block: object) -> None:
+        """A payment block starts: close() waits for it to leave if its task is cancelled."""
+        self._blocks[block] = (
+            asyncio.current_task(),
+            asyncio.get_running_loop().create_future(),
+        )
+
+    def _leave_block(self, block: object) -> None:
+        """A payment block left (its confirm or release, if any, is under way or done)."""
+        entry = self._blocks.pop(block, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(None)
+
     async def _flow(
         self, make: Callable[_P, Flow[_T]], /, *args: _P.args, **kwargs: _P.kwargs
     ) -> _T:
         """Run one of the engine's flows: natively on the async store, else in a thread."""
         if self._astorage is None:
             return await self._run(_drive_in_thread, self._engine.storage, make, *args, **kwargs)
-        if self._closed:
-            raise StorageUnavailableError("this AsyncPolicyEngine is closed")
+        self._check_open()
         self._inflight += 1
         try:
             return await adrive(self._astorage, make(*args, **kwargs))
@@ -190,8 +255,7 @@ class AsyncPolicyEngine:
 
     async def _run(self, call: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one engine call off the event loop and await its answer."""
-        if self._closed:
-            raise StorageUnavailableError("this AsyncPolicyEngine is closed")
+        self._check_open()
         context = contextvars.copy_context()
         future = self._pool.submit(context.run, functools.partial(call, *args, **kwargs))
         self._running.add(future)
@@ -461,27 +525,63 @@ class AsyncPolicyEngine:
         return await self._run(self._engine.webhook_deliveries, status, limit)
 
     async def close(self) -> None:
-        """Wait for calls in flight, close the engine made here, stop the threads.
+        """Wait for calls in flight and background work, close the engine made here, stop threads.
 
-        Closing again does nothing.
+        From the moment it is called, new calls raise ``STORAGE_UNAVAILABLE``.
+        It waits for the calls in flight, for what the payment guard goes on
+        with in the background after a cancellation (the release of what a
+        cancelled entry reserved, a confirm or release whose task was
+        cancelled; a release a cancelled block starts while it waits is
+        waited for too), and for payment blocks whose task was cancelled to
+        leave; only then does it close the stores. Closing again (or at the
+        same time) waits for the first close to end.
         """
-        if self._closed:
+        if self._closing:
+            if self._closed_event is not None:
+                await self._closed_event.wait()
             return
-        self._closed = True
-        running = list(self._running)
-        if running:
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in running), return_exceptions=True)
-        if self._inflight:  # native calls in flight on other tasks
-            self._idle = asyncio.Event()
-            await self._idle.wait()
+        self._closing = True
+        closed = self._closed_event = asyncio.Event()
         try:
-            if self._owns_astorage and self._astorage is not None:
-                await self._astorage.aclose()
-            if self._owned:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._pool, self._engine.close)
+            await self._drain()
+            self._closed = True
+            try:
+                if self._owns_astorage and self._astorage is not None:
+                    await self._astorage.aclose()
+                if self._owned:
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(self._pool, self._engine.close)
+            finally:
+                self._pool.shutdown(wait=False)
         finally:
-            self._pool.shutdown(wait=False)
+            self._closed = True
+            closed.set()
+
+    async def _drain(self) -> None:
+        """Wait until no call, background task or cancelled block of this engine is left.
+
+        Background work may start more (an entry's authorize, once done, starts
+        a release), so this looks again after every wait. The task running
+        close() itself is never waited for.
+        """
+        me = asyncio.current_task()
+        while True:
+            tasks = [t for t in self._tasks if t is not me]
+            futures = [asyncio.wrap_future(f) for f in self._running]
+            leaving = [
+                left
+                for task, left in self._blocks.values()
+                if task is not None and task is not me and not task.done() and task.cancelling()
+            ]
+            if tasks or futures:
+                await asyncio.wait([*tasks, *futures])
+            elif self._inflight:  # native calls in flight on other tasks
+                self._idle = asyncio.Event()
+                await self._idle.wait()
+            elif leaving:
+                await asyncio.wait(leaving)
+            else:
+                return
 
     async def __aenter__(self) -> AsyncPolicyEngine:
         return self

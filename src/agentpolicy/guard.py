@@ -17,6 +17,11 @@ paid (``engine.release(p.reservation_id, holder=p.holder)``).
 What the guard cannot know it says: when the block completed but the
 confirm failed, the confirm's error is raised with a note saying that the
 payment may have been made (docs/engine.md, "The payment guard").
+
+The async guard lets a release or confirm go on in the background when its
+task is cancelled; that work runs in tasks its
+:class:`~agentpolicy.AsyncPolicyEngine` keeps, and the engine's ``close()``
+waits for them before it closes the stores.
 """
 
 from __future__ import annotations
@@ -238,6 +243,13 @@ def _note_held(err: BaseException, reservation_id: str, holder: str) -> None:
 
 
 def _note_unreleased(err: BaseException, reservation_id: str, cause: BaseException) -> None:
+    if isinstance(cause, ConflictError) and cause.code is ErrorCode.RESERVATION_ALREADY_CONFIRMED:
+        err.add_note(
+            f"agentpolicy: reservation {reservation_id} was not released: the payment was "
+            "already confirmed (the block confirmed it before it raised), so it counts as "
+            "spent; do not count it again"
+        )
+        return
     err.add_note(
         f"agentpolicy: reservation {reservation_id} could not be released ({cause}); "
         "it holds its amount until it expires (reservation_ttl)"
@@ -359,22 +371,46 @@ class PaymentGuard(_Guard):
             _note_unreleased(exc, rid, err)
 
 
-_background: set[asyncio.Task[Any]] = set()
-"""Releases started after a cancelled entry, kept alive until they finish."""
+_background: set[asyncio.Future[Any]] = set()
+"""Work started without an engine to keep it (see :func:`_start`), kept alive until it ends."""
 
 
-def _in_background(make: Callable[[], Awaitable[Any]]) -> None:
+def _start(
+    engine: AsyncPolicyEngine | None, call: Awaitable[_T], *, settling: bool
+) -> asyncio.Future[_T]:
+    """Run ``call`` in a task; the engine's, when there is one, so its close() waits for it.
+
+    ``settling``: a confirm or release, which goes on while the engine closes.
+    """
+    if engine is not None:
+        return engine._spawn(call, settling=settling)
+    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+
+    task = asyncio.ensure_future(call)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def _in_background(engine: AsyncPolicyEngine | None, make: Callable[[], Awaitable[Any]]) -> None:
+    """Release what a cancelled entry reserved, in a task; log a failure."""
+
     async def run() -> None:
         try:
             await make()
         except Exception:
             _log.exception("agentpolicy: releasing a reservation after a cancelled entry failed")
 
-    import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
+    try:
+        _start(engine, run(), settling=True)
+    except Exception:  # the engine is closed already
+        _log.exception("agentpolicy: releasing a reservation after a cancelled entry failed")
 
-    task = asyncio.get_running_loop().create_task(run())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome as seen (its failure is reported elsewhere)."""
+    if not done.cancelled():
+        done.exception()
 
 
 class AsyncPaymentGuard(_Guard):
@@ -384,7 +420,10 @@ class AsyncPaymentGuard(_Guard):
     A task cancelled while entering still lets the authorize finish, then
     releases what it reserved; a confirm or release under way when the task
     is cancelled is carried out all the same (the cancellation goes on at
-    once; the call completes in the background).
+    once; the call completes in the background). That background work runs
+    in tasks the engine keeps: ``await aengine.close()`` waits for it, and
+    for a block whose task was cancelled to leave (and release), before it
+    closes the stores.
     """
 
     def __init__(
@@ -400,6 +439,7 @@ class AsyncPaymentGuard(_Guard):
             decision = await authorize_shielded(
                 engine.authorize(self.request, holder=self._holder),
                 lambda rid: engine.release(rid, holder=self._holder),
+                engine=engine,
             )
             _admit(decision)
             if self.request.idempotency_key is not None:
@@ -410,6 +450,7 @@ class AsyncPaymentGuard(_Guard):
             reservation = await self._claim(decision)
             decision = attrs.evolve(decision, expires_at=reservation.expires_at)
         self._decision = decision
+        engine._enter_block(self)
         return self
 
     async def _claim(self, decision: Decision) -> Reservation:
@@ -422,7 +463,9 @@ class AsyncPaymentGuard(_Guard):
         rid, holder, engine = decision.reservation_id or "", self._holder, self._engine
         try:
             return await _undone_if_cancelled(
-                engine.claim(rid, holder), lambda _: engine.release(rid, holder=holder)
+                engine.claim(rid, holder),
+                lambda _: engine.release(rid, holder=holder),
+                engine=engine,
             )
         except ConflictError as err:
             raise _refuse(decision, err) from None
@@ -439,13 +482,19 @@ class AsyncPaymentGuard(_Guard):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        try:
+            await self._leave(exc)
+        finally:
+            self._engine._leave_block(self)
+
+    async def _leave(self, exc: BaseException | None) -> None:
         import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
 
-        rid = self.reservation_id
+        rid, engine = self.reservation_id, self._engine
         if exc is None:
             try:
                 self.reservation = await settle_shielded(
-                    self._engine.confirm(rid, holder=self._holder)
+                    engine.confirm(rid, holder=self._holder), engine=engine
                 )
             except asyncio.CancelledError:
                 raise  # the confirm goes on; a failure of it is logged
@@ -457,20 +506,25 @@ class AsyncPaymentGuard(_Guard):
             _note_held(exc, rid, self._holder)
             return
         try:
-            self.reservation = await settle_shielded(self._engine.release(rid, holder=self._holder))
+            self.reservation = await settle_shielded(
+                engine.release(rid, holder=self._holder), engine=engine
+            )
         except Exception as err:
             _note_unreleased(exc, rid, err)
 
 
-async def settle_shielded(call: Awaitable[_T]) -> _T:
+async def settle_shielded(call: Awaitable[_T], *, engine: AsyncPolicyEngine | None = None) -> _T:
     """Await a confirm or release; if the task is cancelled meanwhile, let it finish regardless.
 
     The cancellation is raised once the call is handed over; a failure of
-    the call after that is logged (``agentpolicy.guard``).
+    the call after that is logged (``agentpolicy.guard``). Given the
+    ``engine`` the call is made on, the call runs in a task of that engine:
+    its ``close()`` waits for it (and lets it reach the store while it
+    closes) before closing the stores.
     """
     import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
 
-    task = asyncio.ensure_future(call)
+    task = _start(engine, call, settling=True)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -488,18 +542,25 @@ async def settle_shielded(call: Awaitable[_T]) -> _T:
 
 
 async def authorize_shielded(
-    authorize: Awaitable[Decision], release: Callable[[str], Awaitable[Any]]
+    authorize: Awaitable[Decision],
+    release: Callable[[str], Awaitable[Any]],
+    *,
+    engine: AsyncPolicyEngine | None = None,
 ) -> Decision:
     """Await an authorize; if the task is cancelled meanwhile, release what it reserves.
 
     The authorize is let finish (it may already be in the store); when it
     allowed the payment, ``release(reservation_id)`` runs in the background,
-    so a cancelled caller never leaves budget held until the TTL.
+    so a cancelled caller never leaves budget held until the TTL. Given the
+    ``engine`` both are made on, they run in tasks of that engine, and its
+    ``close()`` waits for them (the release too, when the authorize ends
+    while the engine closes) before closing the stores.
     """
     return await _undone_if_cancelled(
         authorize,
         lambda d: release(d.reservation_id or ""),
         needed=lambda d: d.allowed and d.reservation_id is not None,
+        engine=engine,
     )
 
 
@@ -507,25 +568,34 @@ async def _undone_if_cancelled(
     call: Awaitable[_T],
     undo: Callable[[_T], Awaitable[Any]],
     needed: Callable[[_T], bool] = lambda _: True,
+    *,
+    engine: AsyncPolicyEngine | None = None,
 ) -> _T:
     """Await ``call``; if the caller is cancelled meanwhile, let it finish, then undo it.
 
     Once the call has succeeded after all, ``undo(result)`` runs in the
-    background (when ``needed(result)``).
+    background (when ``needed(result)``). The undo is started by the call's
+    own task as it ends, so an engine closing meanwhile sees it before that
+    task is over, and waits for it.
     """
     import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
 
-    task = asyncio.ensure_future(call)
+    cancelled = False
+
+    async def call_then_undo() -> _T:
+        result = await call
+        if cancelled and needed(result):
+            _in_background(engine, lambda: undo(result))
+        return result
+
+    task = _start(engine, call_then_undo(), settling=False)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-
-        def undo_late(done: asyncio.Future[_T]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return
-            result = done.result()
-            if needed(result):
-                _in_background(lambda: undo(result))
-
-        task.add_done_callback(undo_late)
+        if not task.done():
+            cancelled = True  # the task undoes the call once it has ended
+            task.add_done_callback(_retrieved)  # a failed call reserved nothing
+        elif not task.cancelled() and task.exception() is None and needed(task.result()):
+            result = task.result()
+            _in_background(engine, lambda: undo(result))
         raise
