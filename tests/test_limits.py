@@ -273,6 +273,30 @@ def test_a_trailing_count_moved_from_an_asset_to_counts_alone_keeps_its_payments
     assert pay(engine, U) == "ALLOWED"
 
 
+def test_a_trailing_count_moved_from_counts_alone_to_an_asset_keeps_its_payments(
+    backend: Backend,
+) -> None:
+    """A token's own counters keep the durations of counts alone beside its block too.
+
+    Before, the asset's own ``roll:600`` counter was not kept while the 10m
+    count was of every token: moved onto the asset's block it started from
+    zero, and 4 payments passed in 10 minutes against a count of 2.
+    """
+    ten_minutes = [{"window": "10m", "max": 2}]
+    engine, clock = engine_for(backend, {"limits": {"counts": ten_minutes},
+                                         "assets": [{"symbol": "USDT", "limits": {
+                                             "daily": usdt(1000)}}]})  # fmt: skip
+    assert [pay(engine, U) for _ in range(3)] == ["ALLOWED", "ALLOWED", "COUNT_LIMIT"]
+    clock.advance(minutes=1)
+    engine.set_policy("a", {"limits": {"counts": [{"window": "daily", "max": 50}]},
+                            "assets": [{"symbol": "USDT", "limits": {
+                                "daily": usdt(1000), "counts": ten_minutes}}]})  # fmt: skip
+    # the same 10 minutes, now the asset's own count: still 2 in them, not 4
+    assert [pay(engine, U) for _ in range(2)] == ["COUNT_LIMIT", "COUNT_LIMIT"]
+    clock.advance(minutes=9)
+    assert [pay(engine, U) for _ in range(3)] == ["ALLOWED", "ALLOWED", "COUNT_LIMIT"]
+
+
 def test_a_scope_keeps_its_counts_when_its_amounts_go(backend: Backend) -> None:
     scope = {"name": "vendors", "limits": {"daily": usdt(100),
                                            "counts": [{"window": "daily", "max": 2}]}}  # fmt: skip

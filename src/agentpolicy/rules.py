@@ -812,22 +812,26 @@ def _token_books(
     ``block`` (the payment's token's) are checked on the first; a block of
     counts alone (no token named: the payments of every token together) on
     the second, as is the top-level ``limits`` block of counts alone beside
-    an asset's own block (``every_token.``).
+    an asset's own block (``every_token.``). Beside such a block both keep
+    their trailing counters for the durations of the two blocks.
     """
     counts_alone = block is not None and block.symbol is None
-    own = _tallies(book, block.token if block is not None and not counts_alone else folded,
-                   windows, block, owner)  # fmt: skip
     if counts_alone:
+        own = _tallies(book, folded, windows, block, owner)
         every = _tallies(book, "*", windows, block, owner)
         return _Book(None, own, comparable), _Book(block, every, amounts=False,
                                                    window_checks=False)  # fmt: skip
-    first = _Book(block, own, comparable)
+    token = block.token if block is not None else folded
     if top is not None and top is not block and top.symbol is None and top.counts:
-        # every token's trailing counters for the durations of both blocks: either may be
-        # the one a later version limits
+        # both the token's own trailing counters and every token's are kept for the
+        # durations of both blocks: either block may be the one a later version limits
+        own = _tallies(book, token, windows, block, owner, also=top)
         every = _tallies(book, "*", windows, top, owner, also=block)
-        return first, _Book(top, every, amounts=False, prefix="every_token.",
-                            window_checks=False)  # fmt: skip
+        return _Book(block, own, comparable), _Book(top, every, amounts=False,
+                                                    prefix="every_token.",
+                                                    window_checks=False)  # fmt: skip
+    own = _tallies(book, token, windows, block, owner)
+    first = _Book(block, own, comparable)
     every = _tallies(book, "*", windows, block, owner)
     return first, _Book(block, every, amounts=False, window_checks=False, silent=True)
 
