@@ -422,7 +422,13 @@ def test_tokens_are_not_echoed_in_error_bodies_and_are_checked_in_constant_time(
     r = b.get("/approvals", headers={"Authorization": f"Bearer {wrong}", "Accept": "text/html"})
     assert r.status_code == 401
     assert calls  # the hash comparison went through hmac.compare_digest
-    assert r.json() == {"error": "invalid_token", "error_description": "the token is not valid"}
+    assert r.json() == {
+        "error": {
+            "code": "UNAUTHORIZED",
+            "message": "the token is not valid (unknown, revoked or expired)",
+        }
+    }
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
     assert wrong not in r.text
     form = b.get("/signin")
     calls.clear()

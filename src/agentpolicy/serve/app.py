@@ -25,8 +25,9 @@ from importlib import resources
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,10 +35,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import PolicyError
 from agentpolicy.serve.binding import is_loopback
+from agentpolicy.serve.errors import error_response
 from agentpolicy.serve.limits import BodyLimit
-from agentpolicy.serve.mcp_http import McpEndpoint, challenge
+from agentpolicy.serve.mcp_http import McpEndpoint
 from agentpolicy.serve.metrics import Metrics
-from agentpolicy.serve.service import ServeOptions, Service
+from agentpolicy.serve.service import Denied, ServeOptions, Service
 from agentpolicy.serve.web import Pages
 from agentpolicy.storage import AsyncStorage
 
@@ -78,16 +80,7 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        caller = await s.caller(request)
-        if caller is None:
-            return PlainTextResponse("a bearer token is required\n", status_code=401,
-                                     headers={"WWW-Authenticate": challenge()})  # fmt: skip
-        if caller.token.role not in ("admin", "metrics"):
-            return PlainTextResponse(f"a {caller.token.role} token may not read metrics\n",
-                                     status_code=403)  # fmt: skip
-        if caller.token.org_id is not None:  # the figures are the whole store's
-            return PlainTextResponse("a token bound to an organisation may not read the "
-                                     "store-wide metrics\n", status_code=403)  # fmt: skip
+        await _metrics_reader(s, request)
         figures: dict[str, int | None] = {}
         for name, read in (
             ("open_reservations", engine.open_reservations),
@@ -108,7 +101,7 @@ def create_app(
     async def static(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in _STATIC:
-            return PlainTextResponse("not found\n", status_code=404)
+            raise HTTPException(404)
         body = resources.files("agentpolicy.serve").joinpath("static", name).read_bytes()
         return Response(body, media_type=_STATIC[name],
                         headers={"Cache-Control": "public, max-age=300"})  # fmt: skip
@@ -162,13 +155,56 @@ def create_app(
         Route("/favicon.ico", lambda request: Response(status_code=204)),
     ]
     middleware = [Middleware(_Guard, options=options, metrics=s.metrics), Middleware(BodyLimit)]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error})  # fmt: skip
     app.state.service = s
     return app
 
 
+async def _metrics_reader(s: Service, request: Request) -> None:
+    """Refuse (as JSON, by ``web.wrap``: ``/metrics`` is an API path) who may not read metrics."""
+    caller = await s.caller(request)
+    if caller is None:
+        raise Denied(401, "Sign in", "a bearer token is required")
+    if caller.token.role not in ("admin", "metrics"):
+        raise Denied(403, "Refused", f"a {caller.token.role} token may not read metrics")
+    if caller.token.org_id is not None:  # the figures are the whole store's
+        raise Denied(403, "Refused", "a token bound to an organisation may not read the "
+                     "store-wide metrics")  # fmt: skip
+
+
+_REASONS = {
+    404: "There is nothing at this address.",
+    405: "This address does not answer that method.",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method the route does not take, ...).
+
+    JSON for a JSON client, the error page for a browser; never Starlette's
+    plain-text default. ``Allow`` (a 405) and any other header are kept.
+    """
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    message = _REASONS.get(status) or (
+        exc.detail if isinstance(exc, HTTPException) and status < 500 else "The service failed."
+    )
+    if status == 405:
+        allowed = (headers or {}).get("Allow")
+        if allowed:
+            message = f"{message} It answers {allowed}."
+    return error_response(request.scope, status, message, headers=headers)
+
+
 class _Guard:
-    """Around every request: the Host check (loopback), security headers, the request count."""
+    """Around every request: the Host check (loopback), security headers, the request count.
+
+    It is also the last resort: an exception no route turned into an answer is
+    logged (with its traceback, in the service's log only) and answered
+    ``500`` with the structured error (or the error page): never a traceback,
+    never Starlette's plain-text default.
+    """
 
     def __init__(self, app: ASGIApp, options: ServeOptions, metrics: Metrics) -> None:
         self.app = app
@@ -183,15 +219,13 @@ class _Guard:
         route = "/" + path.strip("/").split("/")[0]
         if route not in _ROUTES:  # a fixed set of labels, whatever paths callers send
             route = "other"
-        if self.options.loopback_hosts and not _loopback_host(scope):
-            await PlainTextResponse("this service answers only on loopback host names\n",
-                                    status_code=421)(scope, receive, send)  # fmt: skip
-            self.metrics.answered(route, 421)
-            return
         hsts = self.options.hsts
+        started = False
 
         async def with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
                 extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
@@ -207,7 +241,22 @@ class _Guard:
                 self.metrics.answered(route, message["status"])
             await send(message)
 
-        await self.app(scope, receive, with_headers)
+        if self.options.loopback_hosts and not _loopback_host(scope):
+            misdirected = error_response(scope, 421, "This service answers only on loopback "
+                                         "host names.")  # fmt: skip
+            await misdirected(scope, receive, with_headers)
+            return
+        try:
+            await self.app(scope, receive, with_headers)
+        except ClientDisconnect:  # the caller went away: nobody to answer
+            log.info("%s %s: the client disconnected", scope.get("method"), path)
+        except Exception:
+            log.exception("%s %s failed", scope.get("method"), path)  # the log, not the caller
+            if started:  # part of an answer went out: all that is left is to end it
+                return
+            failed = error_response(scope, 500, "The service failed to answer this request; "
+                                    "the failure is in its log.")  # fmt: skip
+            await failed(scope, receive, with_headers)
 
 
 _ROUTES = frozenset(

@@ -20,8 +20,7 @@ from collections import deque
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentpolicy.serve import pages
-from agentpolicy.serve.service import html
+from agentpolicy.serve.errors import error_response
 
 __all__ = ["FORM_BODY_LIMIT", "FORM_FIELDS", "BodyLimit"]
 
@@ -38,11 +37,11 @@ _UNBOUNDED = frozenset(("/mcp",))
 class BodyLimit:
     """Read at most ``limit`` bytes of a request body, and no multipart, before the app runs.
 
-    Refused, with the service's error page and ``Connection: close`` (the
-    rest of the body is never read): a multipart body (``415``), a declared
-    ``Content-Length`` above ``limit``, or a streamed body that grows past
-    it (``413``). Otherwise the app gets the body, read here, as if from
-    the server.
+    Refused, with the service's error page (a JSON client: the structured
+    error) and ``Connection: close`` (the rest of the body is never read):
+    a multipart body (``415``), a declared ``Content-Length`` above
+    ``limit``, or a streamed body that grows past it (``413``). Otherwise
+    the app gets the body, read here, as if from the server.
     """
 
     def __init__(self, app: ASGIApp, limit: int = FORM_BODY_LIMIT) -> None:
@@ -96,6 +95,6 @@ class BodyLimit:
 async def _refuse(
     scope: Scope, receive: Receive, send: Send, status: int, heading: str, message: str
 ) -> None:
-    page = html(pages.render("error.html", title=heading, heading=heading, message=message,
-                             signin=False, who=None), status, {"Connection": "close"})  # fmt: skip
-    await page(scope, receive, send)
+    answer = error_response(scope, status, message, heading=heading,
+                            headers={"Connection": "close"})  # fmt: skip
+    await answer(scope, receive, send)

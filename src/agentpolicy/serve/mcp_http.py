@@ -29,7 +29,7 @@ import anyio.to_thread
 import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from agentpolicy import __version__
 from agentpolicy.engine import PolicyEngine
@@ -179,6 +179,45 @@ def _rpc_error(message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": message}}
 
 
+_SDK_REFUSALS = {
+    400: "/mcp takes JSON-RPC messages sent as Content-Type: application/json",
+    413: "the request body is larger than the 4 MiB /mcp reads",
+}
+"""What a refusal the SDK answers in plain text says instead, by status."""
+
+
+def _json_errors(send: Send) -> Send:
+    """``send``, with every error the SDK answers in plain text answered as a JSON-RPC error.
+
+    The SDK's transport refuses a wrong ``Content-Type`` (400) and a body
+    past its bound (413) with a plain-text body; a JSON client gets the
+    same status with the JSON-RPC error every other refusal of ``/mcp`` has.
+    """
+    status = 0
+    replacing = False
+
+    async def guarded(message: Message) -> None:
+        nonlocal status, replacing
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            kind = b""
+            for key, value in message.get("headers", []):
+                if key.lower() == b"content-type":
+                    kind = value.lower()
+            if status >= 400 and not kind.startswith(b"application/json"):
+                replacing = True
+                return
+        elif replacing and message["type"] == "http.response.body":
+            if not message.get("more_body", False):
+                said = _SDK_REFUSALS.get(status, f"the MCP transport refused this request "
+                                         f"(HTTP {status})")  # fmt: skip
+                await _answer(send, status, _rpc_error(said), {})
+            return
+        await send(message)
+
+    return guarded
+
+
 class McpEndpoint:
     """The ASGI app of ``/mcp``: checks the bearer token, then hands the request to the SDK.
 
@@ -228,4 +267,4 @@ class McpEndpoint:
                           {"allow": "POST"})  # fmt: skip
             return
         scope.setdefault("state", {})[TOKEN_KEY] = token
-        await self.manager().handle_request(scope, receive, send)
+        await self.manager().handle_request(scope, receive, _json_errors(send))

@@ -77,14 +77,27 @@ class ServeOptions:
 
 
 class Denied(Exception):  # noqa: N818 - an answer, not a bug
-    """A page request that gets an error page (or a redirect to sign in)."""
+    """A page request that gets an error page (or a redirect to sign in).
 
-    def __init__(self, status: int, heading: str, message: str, *, signin: bool = False) -> None:
+    A JSON client gets ``{"error": {"code", "message"}}`` instead, ``code``
+    (when not given) by the status (:data:`agentpolicy.serve.errors.HTTP_CODES`).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        heading: str,
+        message: str,
+        *,
+        signin: bool = False,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.heading = heading
         self.message = message
         self.signin = signin
+        self.code = code
 
 
 @attrs.frozen

@@ -3,8 +3,10 @@
 Each handler is a method of :class:`Pages`; :meth:`Pages.wrap` turns a
 refusal into an error page (or, for a browser that is not signed in, a
 redirect to ``/signin``), a bad bearer token into a 401, and an
-unreachable store into a 503. A GET never changes anything; every vote,
-sign-in and sign-out is a POST with a CSRF token.
+unreachable store into a 503; a JSON client gets each of them as the
+structured error of :mod:`agentpolicy.serve.errors` instead of a page. A
+GET never changes anything; every vote, sign-in and sign-out is a POST
+with a CSRF token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from urllib.parse import quote
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 
 from agentpolicy.errors import (
     ErrorCode,
@@ -30,6 +32,7 @@ from agentpolicy.errors import (
 )
 from agentpolicy.records import Approval
 from agentpolicy.serve import pages
+from agentpolicy.serve.errors import error_json, error_page, wants_json
 from agentpolicy.serve.limits import FORM_BODY_LIMIT, FORM_FIELDS
 from agentpolicy.serve.mcp_http import challenge
 from agentpolicy.serve.service import (
@@ -95,33 +98,33 @@ class Pages:
         self, request: Request, handler: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         """Run a page handler; turn its refusals into error pages, 401s and sign-in redirects."""
+        json = wants_json(request.scope)
         try:
             return await handler(request)
-        except Unauthorized as bad:
+        except Unauthorized as bad:  # a bearer header: an API caller, answered JSON
             log.info("refused a %s token on %s", bad.reason, request.url.path)
-            return JSONResponse(
-                {"error": "invalid_token", "error_description": "the token is not valid"},
-                status_code=401, headers={"WWW-Authenticate": challenge("invalid_token")},
-            )  # fmt: skip
+            return error_json(401, "the token is not valid (unknown, revoked or expired)",
+                              headers={"WWW-Authenticate": challenge("invalid_token")})  # fmt: skip
         except Denied as denied:
-            if denied.status == 401 and denied.signin and wants_html(request):
+            if denied.status == 401 and denied.signin and wants_html(request) and not json:
                 target = quote(
                     request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 )
                 return RedirectResponse(f"/signin?next={target}", status_code=303)
             headers = {"WWW-Authenticate": challenge()} if denied.status == 401 else None
-            return html(pages.render("error.html", title=denied.heading, heading=denied.heading,
-                                      message=denied.message, signin=denied.signin, who=None),
-                         denied.status, headers)  # fmt: skip
+            if json:
+                return error_json(denied.status, denied.message, denied.code, headers=headers)
+            return error_page(denied.status, denied.message, denied.heading,
+                              signin=denied.signin, headers=headers)  # fmt: skip
         except StorageUnavailableError as err:
-            return html(pages.render("error.html", title="Unavailable", heading="Unavailable",
-                                      message=f"The store is unavailable: {err.message}",
-                                      signin=False, who=None), 503)  # fmt: skip
+            if json:
+                return error_json(503, f"The store is unavailable: {err.message}", err.code)
+            return error_page(503, f"The store is unavailable: {err.message}", "Unavailable")
         except PolicyError as err:  # any other refusal of the engine's: a page, never a 500
             status = _status(err)
-            return html(pages.render("error.html", title="Refused", heading="Refused",
-                                      message=f"{err.message} ({err.code}).", signin=False,
-                                      who=None), status)  # fmt: skip
+            if json:
+                return error_json(status, err.message, err.code, path=err.path)
+            return error_page(status, f"{err.message} ({err.code}).", "Refused")
 
     async def approvals(self, request: Request) -> Response:
         """``GET /approvals``: the caller's pending approvals (``?fragment=1``: the list only)."""
@@ -191,9 +194,19 @@ class Pages:
         try:
             found = await self.s.aengine.get_approval(approval_id)
         except (NotFoundError, PolicyValidationError):
-            raise Denied(404, "Not found", f"There is no approval {approval_id}.") from None
+            raise Denied(
+                404,
+                "Not found",
+                f"There is no approval {approval_id}.",
+                code=ErrorCode.APPROVAL_NOT_FOUND,
+            ) from None
         if not shows(caller, found):  # another organisation's, or (an approver) not naming it
-            raise Denied(404, "Not found", f"There is no approval {approval_id} for you.")
+            raise Denied(
+                404,
+                "Not found",
+                f"There is no approval {approval_id} for you.",
+                code=ErrorCode.APPROVAL_NOT_FOUND,
+            )
         return found
 
     async def vote(self, request: Request) -> Response:
@@ -224,10 +237,13 @@ class Pages:
                 voter, via = caller.voter or "", f"a session of token {caller.token.id}"
                 done = await self.s.aengine.decide(approval_id, voter, str(decision), comment)
         except StorageUnavailableError as err:  # 503, and never "nothing was changed" unless so
-            return await self._store_failed(err, approval_id, caller)
+            return await self._store_failed(err, approval_id, caller, wants_json(request.scope))
         except PolicyError as err:
             status = {ErrorCode.APPROVER_NOT_AUTHORIZED: 403, ErrorCode.APPROVAL_NOT_FOUND: 404,
                       ErrorCode.INVALID_INPUT: 400}.get(err.code, 409)  # fmt: skip
+            if wants_json(request.scope):
+                return error_json(status, f"{err.message}; the vote was not counted and nothing "
+                                  "was changed", err.code, path=err.path)  # fmt: skip
             page = pages.render(
                 "result.html", title="Not counted", heading="Your vote was not counted",
                 message=f"{err.message} ({err.code}). Nothing was changed.", tone="bad",
@@ -253,7 +269,7 @@ class Pages:
         return html(page)
 
     async def _store_failed(
-        self, err: StorageUnavailableError, approval_id: str, caller: Caller | None
+        self, err: StorageUnavailableError, approval_id: str, caller: Caller | None, json: bool
     ) -> Response:
         """The page of a vote the store failed: unavailable, or (an answer lost) unknown."""
         if _unknown_outcome(err):
@@ -268,6 +284,8 @@ class Pages:
             message = (f"The store is unavailable: {err.message} ({err.code}). Open the "
                        "approval again (your link, or the approvals list) and vote once the "
                        "store is back.")  # fmt: skip
+        if json:
+            return error_json(503, message, err.code)
         page = pages.render(
             "result.html", title="Unavailable", heading=heading, message=message, tone="bad",
             approval=None, back="/approvals" if caller else None,
@@ -334,7 +352,7 @@ class Pages:
                           f"{agent_id}.")  # fmt: skip
         stored = await self.s.aengine.get_policy(agent_id)  # a bad id: a 400 page (wrap)
         if stored is None:
-            raise Denied(404, "Not found", f"{agent_id} has no policy.")
+            raise Denied(404, "Not found", f"{agent_id} has no policy.", code=ErrorCode.NO_POLICY)
         budget = await self.s.aengine.budget(agent_id)
         history = await self.s.aengine.history(agent_id, 50)
         versions = await self.s.aengine.policy_versions(agent_id, 20)
@@ -368,6 +386,11 @@ class Pages:
             token = await self.s.sync(self._signs_in, presented)
         except TokenRejected as rejected:
             log.info("refused a sign-in with a %s token", rejected.reason)
+            if wants_json(request.scope):
+                refused = {"WWW-Authenticate": challenge("invalid_token")}
+                return error_json(401, "That token does not sign in here: it is not valid, was "
+                                  "revoked, has expired, or is for /metrics only.",
+                                  headers=refused)  # fmt: skip
             return html(pages.render(
                 "signin.html", title="Sign in", csrf=await self.s.csrf("n:" + nonce), next=target,
                 error="That token does not sign in here: it is not valid, was revoked, has "
