@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agentpolicy import AsyncPolicyEngine, PolicyEngine
+from agentpolicy import AsyncPolicyEngine, PolicyEngine, PolicyError
 from agentpolicy.storage import open_async_storage
+from agentpolicy.storage.redis_async import AsyncRedisStorage
 from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend, serve
 
@@ -122,5 +124,74 @@ def test_the_loop_keeps_ticking_between_the_store_requests_of_native_calls(
             # so not every call must (under load one did not)
             assert ran_meanwhile >= 1
             assert not aengine._pool._threads  # and no call went to a thread
+
+    asyncio.run(main())
+
+
+def test_300_tasks_on_one_budget_get_exactly_the_limit_and_none_gives_up(store: Backend) -> None:
+    """Tasks of one process take turns on an agent instead of conflicting (Redis is optimistic).
+
+    Before they did, 83 to 96 of 300 tasks on one Redis node failed with
+    STORAGE_UNAVAILABLE after 100 lost commits and 5 s.
+    """
+    clock = ManualClock()
+    limit = 250
+
+    turns_left: list[object] = []
+
+    async def main() -> collections.Counter[str]:
+        outcomes: collections.Counter[str] = collections.Counter()
+        async with native_engine(store, clock) as aengine:
+            await aengine.set_policy("agent-1", {"limits": {"daily": {"value": str(limit)}}})
+
+            async def one() -> None:
+                try:
+                    d = await aengine.authorize(payment(1, agent_id="agent-1"))
+                except PolicyError as exc:
+                    outcomes[exc.code.value] += 1
+                else:
+                    outcomes["allowed" if d.allowed else d.code.value] += 1
+
+            await asyncio.gather(*(one() for _ in range(300)))
+            if isinstance(aengine._astorage, AsyncRedisStorage):
+                turns_left.extend(aengine._astorage._turns)
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert outcomes == {"allowed": limit, "DAILY_LIMIT": 300 - limit}
+    assert turns_left == []  # no lock kept per agent
+
+
+@pytest.fixture
+def redis_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield from serve("redis", tmp_path, request)
+
+
+def test_a_task_cancelled_while_it_waits_its_turn_leaves_the_others_their_turns(
+    redis_node: Backend,
+) -> None:
+    assert redis_node.spec is not None
+    url, prefix = redis_node.spec
+
+    async def main() -> None:
+        async with AsyncRedisStorage(url, key_prefix=prefix) as store:
+            first, second, third = (store.session("agent-1") for _ in range(3))
+            await first.__aenter__()  # holds the turn
+            waiting = asyncio.create_task(second.__aenter__())
+            last = asyncio.create_task(third.__aenter__())
+            await asyncio.sleep(0)
+            assert store._turns["agent-1"].users == 3
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert store._turns["agent-1"].users == 2
+            await first.__aexit__(None, None, None)
+            assert (await last).shard == "agent-1"  # the turn passed on to the task still waiting
+            async with store.session("agent-1", write=False):  # a reader never waits
+                assert store._turns["agent-1"].users == 1
+            await third.__aexit__(None, None, None)
+            assert store._turns == {}
+            async with store.session("agent-1") as session:  # and the next writer gets its turn
+                assert session.shard == "agent-1"
 
     asyncio.run(main())
