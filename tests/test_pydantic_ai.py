@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from pydantic_ai import Agent
+from pydantic_ai import Agent, ModelRetry
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -18,8 +18,15 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from agentpolicy import AsyncPolicyEngine, PaymentRequest, PolicyEngine, PolicyValidationError
-from agentpolicy.pydantic_ai import GuardedTools
+from agentpolicy import (
+    AsyncPolicyEngine,
+    ErrorCode,
+    PaymentRequest,
+    PolicyEngine,
+    PolicyValidationError,
+)
+from agentpolicy.guard import AsyncPaymentGuard
+from agentpolicy.pydantic_ai import GuardedTools, current_payment
 from agentpolicy.testing import ManualClock
 
 USDC = 1_000_000
@@ -171,3 +178,139 @@ def test_bad_construction_is_invalid_input() -> None:
             assert err.value.path == "$.payments"
 
     asyncio.run(main())
+
+
+# --- current_payment(): a tool marks its payment sent -----------------------------------------
+
+
+def paying_agent(
+    model: FunctionModel, aengine: AsyncPolicyEngine, body: Callable[[str], Awaitable[str]]
+) -> Agent[None, str]:
+    """An agent whose guarded ``buy`` tool is the async ``body(report)``; ``weather`` is free."""
+    agent: Agent[None, str] = Agent(model, capabilities=[GuardedTools(aengine, {"buy": purchase})])
+
+    @agent.tool_plain(retries=100)
+    async def buy(report: str, price: int) -> str:
+        """Buy a report for `price` USDC base units."""
+        return await body(report)
+
+    @agent.tool_plain
+    async def weather(city: str) -> str:
+        """Free weather; it makes no payment."""
+        try:
+            current_payment()
+        except PolicyValidationError as err:
+            return f"{err.code}: {err}"
+        return "a payment?"
+
+    return agent
+
+
+def test_current_payment_is_the_guard_of_the_running_tool_call() -> None:
+    model, seen = scripted(
+        [ToolCallPart("buy", {"report": "q1", "price": 6 * USDC}, tool_call_id="1"),
+         ToolCallPart("weather", {"city": "Oslo"}, tool_call_id="2")],
+    )  # fmt: skip
+    guards: list[AsyncPaymentGuard] = []
+
+    async def body(report: str) -> str:
+        guard = current_payment()
+        assert guard.decision.allowed
+        guards.append(guard)
+        return f"bought {report}"
+
+    async def run_agent(aengine: AsyncPolicyEngine) -> None:
+        await paying_agent(model, aengine, body).run("buy")
+        reservation = await aengine.get_reservation(guards[0].reservation_id)
+        assert reservation.status == "confirmed"  # the tool returned: its guard confirmed
+
+    engine = run(POLICY, run_agent)
+    [guard] = guards
+    assert isinstance(guard, AsyncPaymentGuard)
+    assert guard.request.memo == "report q1"
+    assert guard.reservation is not None
+    assert guard.reservation.status == "confirmed"
+    assert spent_and_reserved(engine) == (6 * USDC, 0)
+    told = {getattr(p, "tool_call_id", None): text_of(p) for p in seen[0]}
+    assert told["2"].startswith("INVALID_INPUT: ")  # an unguarded tool has no payment
+    assert "current_payment() is called outside a guarded tool" in told["2"]
+
+
+def test_current_payment_outside_a_guarded_tool_is_invalid_input() -> None:
+    with pytest.raises(PolicyValidationError) as err:
+        current_payment()
+    assert err.value.code == ErrorCode.INVALID_INPUT
+    assert "outside a guarded tool" in str(err.value)
+
+    async def main() -> None:  # inside a loop, but in no tool either
+        with pytest.raises(PolicyValidationError):
+            current_payment()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_tool_that_pays_then_fails_counts_its_payment_once_marked_sent(marked: bool) -> None:
+    """The vendor charges, then answers an error; the model is told to retry, 18 times.
+
+    Marked sent, every failed call's reservation stays held, so the agent
+    pays 10 times against a limit of 10 USDC and is then denied. Not marked,
+    each failure gave its budget back: 18 payments, none counted.
+    """
+    calls = 0
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        nonlocal calls
+        if calls == 18:
+            return ModelResponse(parts=[TextPart("done")])
+        calls += 1
+        part = ToolCallPart("buy", {"report": f"r{calls}", "price": USDC}, tool_call_id=str(calls))
+        return ModelResponse(parts=[part])
+
+    paid: list[str] = []
+
+    async def body(report: str) -> str:
+        if marked:
+            await current_payment().mark_sent()  # the transfer leaves now
+        paid.append(report)  # the vendor charged us...
+        raise ModelRetry("the vendor answered 500 after charging; try again")
+
+    async def run_agent(aengine: AsyncPolicyEngine) -> None:
+        assert (await paying_agent(FunctionModel(model), aengine, body).run("buy")).output == "done"
+
+    engine = run(POLICY, run_agent)
+    assert calls == 18
+    if marked:
+        assert len(paid) == 10  # stopped at the limit
+        assert spent_and_reserved(engine) == (0, 10 * USDC)  # held: spent when they expire
+        assert [h.event for h in engine.history("bot", 100)].count("release") == 0
+    else:  # what current_payment() is for
+        assert len(paid) == 18
+        assert spent_and_reserved(engine) == (0, 0)
+
+
+def test_tool_calls_running_at_once_each_see_their_own_payment() -> None:
+    reports = ["a", "b", "c"]
+    model, _ = scripted(
+        [ToolCallPart("buy", {"report": r, "price": USDC}, tool_call_id=r) for r in reports]
+    )
+    inside: dict[str, AsyncPaymentGuard] = {}
+    all_inside = asyncio.Event()
+    after: dict[str, AsyncPaymentGuard] = {}
+
+    async def body(report: str) -> str:
+        inside[report] = current_payment()
+        if len(inside) == len(reports):
+            all_inside.set()
+        await all_inside.wait()  # every call is inside its payment at once
+        after[report] = current_payment()
+        return f"bought {report}"
+
+    async def run_agent(aengine: AsyncPolicyEngine) -> None:
+        await paying_agent(model, aengine, body).run("buy")
+
+    engine = run(POLICY, run_agent)
+    assert after == inside
+    assert {r: g.request.memo for r, g in inside.items()} == {r: f"report {r}" for r in reports}
+    assert len({g.reservation_id for g in inside.values()}) == 3
+    assert spent_and_reserved(engine) == (3 * USDC, 0)

@@ -10,6 +10,12 @@ runs the tool and the model reads why (``ToolFailed``, which spends none of
 the tool's retries); a tool that returns confirms; a tool that raises, or
 is cancelled, releases. Tools it does not guard run as before.
 
+A tool that pays marks its payment sent just before it pays, with
+``await current_payment().mark_sent()``: from then on an exception in the
+tool does not release the reservation (the payee may have been paid), it
+stays held and counts as spent when it expires, so a tool that pays and
+then fails cannot be retried past the limit with nothing counted.
+
 The model chooses a tool's arguments, so the function that builds the
 request must take the agent id (and anything else the model must not
 choose) from your code, never from the arguments.
@@ -18,6 +24,7 @@ choose) from your code, never from the arguments.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +43,43 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 from agentpolicy.aio import AsyncPolicyEngine
 from agentpolicy.errors import PolicyValidationError
-from agentpolicy.guard import ApprovalRequired, PaymentDenied
+from agentpolicy.guard import ApprovalRequired, AsyncPaymentGuard, PaymentDenied
 from agentpolicy.requests import PaymentRequest
 
-__all__ = ["GuardedTools", "RequestBuilder"]
+__all__ = ["GuardedTools", "RequestBuilder", "current_payment"]
 
 RequestBuilder = Callable[[dict[str, Any]], PaymentRequest]
 """Builds the payment a tool call makes from the call's validated arguments."""
+
+_current: ContextVar[AsyncPaymentGuard | None] = ContextVar(
+    "agentpolicy_pydantic_ai_payment", default=None
+)
+"""The guard of the guarded tool call running in this context (set around the call)."""
+
+
+def current_payment() -> AsyncPaymentGuard:
+    """The payment guard of the guarded tool call that is running now.
+
+    Inside a tool that :class:`GuardedTools` guards, this is the
+    :class:`~agentpolicy.guard.AsyncPaymentGuard` its payment runs in
+    (``reservation_id``, ``decision``, ``holder``, ``request``), each
+    call its own, also when the model calls tools in parallel. A tool
+    that pays calls ``await current_payment().mark_sent()`` just before
+    the payment leaves: an exception after that holds the reservation
+    (it counts as spent when it expires) instead of releasing it.
+
+    Outside a guarded tool (an unguarded tool, code outside any tool) it
+    raises :class:`~agentpolicy.errors.PolicyValidationError`
+    (``INVALID_INPUT``), since there is no payment to mark.
+    """
+    guard = _current.get()
+    if guard is None:
+        raise PolicyValidationError.single(
+            "$",
+            "current_payment() is called outside a guarded tool: only a tool that "
+            "GuardedTools guards (named in its payments) is making a payment",
+        )
+    return guard
 
 
 @dataclass
@@ -79,7 +116,10 @@ class GuardedTools(AbstractCapability[Any]):
         args: ValidatedToolArgs,
         handler: WrapToolExecuteHandler,
     ) -> Any:
-        """Run a guarded tool inside ``async with engine.payment(request)``."""
+        """Run a guarded tool inside ``async with engine.payment(request)``.
+
+        While the tool runs, :func:`current_payment` returns that payment's guard.
+        """
         build = self.payments.get(tool_def.name)
         if build is None:
             return await handler(args)
@@ -90,8 +130,12 @@ class GuardedTools(AbstractCapability[Any]):
         except PolicyValidationError as err:
             raise ToolFailed(f"INVALID_INPUT: {err}") from None
         try:
-            async with self.engine.payment(request):
-                return await handler(args)
+            async with self.engine.payment(request) as payment:
+                token = _current.set(payment)
+                try:
+                    return await handler(args)
+                finally:
+                    _current.reset(token)
         except PaymentDenied as err:
             decision = err.decision
             raise ToolFailed(f"payment denied ({decision.code}): {decision.reason}") from None
