@@ -7,10 +7,12 @@ import collections
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agentpolicy import AsyncPolicyEngine, PolicyEngine, PolicyError
+from agentpolicy.storage import _redis_protocol as rp
 from agentpolicy.storage import open_async_storage
 from agentpolicy.storage.redis_async import AsyncRedisStorage
 from agentpolicy.testing import ManualClock, payment
@@ -195,3 +197,40 @@ def test_a_task_cancelled_while_it_waits_its_turn_leaves_the_others_their_turns(
                 assert session.shard == "agent-1"
 
     asyncio.run(main())
+
+
+def test_a_call_whose_turn_came_as_the_task_before_it_was_cancelled_still_gets_one(
+    redis_node: Backend,
+) -> None:
+    """Every connection busy; each that comes free wakes the first waiter, which is cancelled.
+
+    redis.asyncio's blocking pool waits on an ``asyncio.Condition``, which (before
+    Python 3.13) drops the wake-up of a task cancelled before it runs: the waiters
+    behind sat out the whole timeout and failed, every connection free.
+    """
+    assert redis_node.spec is not None
+    url, prefix = redis_node.spec
+
+    async def main() -> list[object]:
+        async with AsyncRedisStorage(url, key_prefix=prefix) as store:
+            await store._check_schema()
+            waiters: list[asyncio.Task[Any]] = []
+            freed = 0
+
+            async def hold(n: int) -> None:
+                nonlocal freed
+                key = f"{prefix}nothing-{n}"
+                await store._call(lambda: store.client.blpop([key], timeout=0.3))
+                waiters[freed].cancel()  # the waiter its connection went to, before it runs
+                freed += 1
+
+            holders = [asyncio.create_task(hold(n)) for n in range(rp.POOL_SIZE)]
+            while len(store.client.connection_pool._in_use_connections) < rp.POOL_SIZE:
+                await asyncio.sleep(0.01)  # every connection is busy
+            waiters.extend(
+                asyncio.create_task(store._call(store.client.ping)) for _ in range(rp.POOL_SIZE + 3)
+            )
+            await asyncio.gather(*holders)
+            return await asyncio.gather(*waiters[rp.POOL_SIZE :], return_exceptions=True)
+
+    assert asyncio.run(main()) == [True, True, True]

@@ -170,14 +170,18 @@ class AsyncRedisStorage:
         self._url = url
         self._timeout = timeout
         options = rp.client_options(timeout, _Retry)
-        self._gate: asyncio.Semaphore | None = None
+        # Calls wait for a turn here, at most POOL_SIZE in flight, each holding at most
+        # one connection (per node), so the client's pool never has to make anyone wait.
+        # On a Cluster its nodes cannot wait (they raise MaxConnectionsError at once); on
+        # one node redis.asyncio's BlockingConnectionPool waits on an asyncio.Condition,
+        # which before Python 3.13 loses a wake-up when the task it woke is cancelled
+        # before it runs: a waiter then sat out the whole timeout and failed with every
+        # connection free (a release after a cancelled payment, so the amount stayed held).
+        # An asyncio.Semaphore hands a cancelled task's turn on.
+        self._gate = asyncio.Semaphore(rp.POOL_SIZE)
         try:
             if self.cluster:
-                # redis.asyncio's cluster nodes cannot wait for a connection (they raise
-                # MaxConnectionsError at once): calls wait here instead, at most POOL_SIZE
-                # in flight, each holding at most one connection per node; the spare
-                # connections serve the client's own topology refreshes
-                self._gate = asyncio.Semaphore(rp.POOL_SIZE)
+                # the spare connections serve the client's own topology refreshes
                 self.client: Any = redis.asyncio.cluster.RedisCluster.from_url(
                     plain, max_connections=rp.POOL_SIZE + 10, **options
                 )
@@ -241,10 +245,8 @@ class AsyncRedisStorage:
                 answer = None
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Await ``call``; on a Cluster first wait (up to ``timeout``) for a turn at the pool."""
+        """Await ``call`` once it has a turn at the pool (waiting up to ``timeout`` for one)."""
         gate = self._gate
-        if gate is None:
-            return await call()
         try:
             async with asyncio.timeout(self._timeout.total_seconds()):
                 await gate.acquire()
