@@ -7,19 +7,24 @@ raised. Retries with growing back-off and jitter on network errors,
 timeouts, 5xx, 408 and 429; any other status is recorded as failed at once,
 redirects (3xx) included, which are never followed; after ``max_attempts``
 tries an event is recorded as failed too. Endpoint URLs are logged only
-redacted (:func:`agentpolicy.urls.redact_url`).
+redacted (:func:`agentpolicy.urls.redact_url`). An endpoint's host name is
+looked up on a small pool of threads, bounded by the attempt's timeout, so
+a resolver that hangs never holds the worker past it.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import functools
 import heapq
+import ipaddress
 import itertools
 import json
 import logging
 import os
+import queue
 import random
 import socket
 import threading
@@ -78,7 +83,9 @@ class _Deadline:
     up, which ends any read or write blocked on it at once. The time counts
     from the first connection made: connecting is bounded per address by
     the socket timeout, so a host whose first address does not answer is
-    still reached at the next.
+    still reached at the next, and the host-name lookup before it is
+    bounded by the whole timeout on its own (:class:`_Resolver`,
+    :meth:`remaining`).
     """
 
     def __init__(self, seconds: float) -> None:
@@ -88,6 +95,14 @@ class _Deadline:
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._started = False
+        self._ends = 0.0
+
+    def remaining(self) -> float:
+        """The time a step of the attempt may still take: all of it until the first connection."""
+        with self._lock:
+            if not self._started:
+                return self.seconds
+            return max(0.0, self._ends - time.monotonic())
 
     def __enter__(self) -> _Deadline:
         _attempt_deadline.current = self
@@ -109,7 +124,8 @@ class _Deadline:
             self._socks.append(sock.dup())
             if not self._started:  # the first connection: the time starts now
                 self._started = True
-                _WATCHDOG.add(time.monotonic() + self.seconds, self)
+                self._ends = time.monotonic() + self.seconds
+                _WATCHDOG.add(self._ends, self)
 
     def expire(self) -> None:
         """The time is up: shut down every socket of the attempt (unless it ended)."""
@@ -175,12 +191,126 @@ _attempt_deadline = threading.local()
 """The :class:`_Deadline` of the attempt this thread is making (``current``), if any."""
 
 
-def _connect(*args: Any, **kwargs: Any) -> socket.socket:
-    sock = socket.create_connection(*args, **kwargs)
+class _Resolver:
+    """Host-name lookups on at most :attr:`most` threads, each waited for a bounded time.
+
+    ``socket.getaddrinfo`` blocks for as long as the system resolver takes
+    and cannot be interrupted. Here it runs on ``most`` daemon threads (they
+    never hold up the interpreter's exit), and a lookup starts only when one
+    of them is free, so a resolver that hangs holds at most ``most``
+    threads and ``most`` lookups, never more, however many attempts are
+    made meanwhile; the attempt waits (for a free thread, then for the
+    answer) no longer than it is given and fails as a timeout. A lookup
+    that answers after its attempt gave up frees its thread then; its
+    answer is dropped.
+    """
+
+    def __init__(self, most: int = 4) -> None:
+        self.most = most
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh (in a forked child: the parent's lookup threads do not run there)."""
+        self._slots = threading.BoundedSemaphore(self.most)
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[list[Any]], str, int]] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _work(self, jobs: queue.SimpleQueue[Any], slots: threading.BoundedSemaphore) -> None:
+        while True:
+            future, host, port = jobs.get()
+            try:
+                future.set_result(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+            except Exception as err:  # the attempt's thread raises it
+                future.set_exception(err)
+            finally:
+                slots.release()
+
+    def lookup(self, host: str, port: int, seconds: float) -> list[Any]:
+        """``getaddrinfo(host, port, 0, SOCK_STREAM)`` within ``seconds``, else ``TimeoutError``."""
+        ends = time.monotonic() + seconds
+        if not self._slots.acquire(timeout=seconds):
+            raise TimeoutError(f"no lookup thread free within {seconds:g} s")
+        with self._lock:
+            if len(self._threads) < self.most:  # a thread per slot, started when first needed
+                thread = threading.Thread(
+                    target=self._work,
+                    args=(self._jobs, self._slots),
+                    name="agentpolicy-webhook-lookup",
+                    daemon=True,
+                )
+                thread.start()
+                self._threads.append(thread)
+        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+        self._jobs.put((future, host, port))
+        try:
+            return future.result(timeout=max(0.0, ends - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer from the name lookup within {seconds:g} s") from None
+
+
+_RESOLVER = _Resolver()
+os.register_at_fork(after_in_child=_RESOLVER.reset)
+
+
+def _numeric(host: str) -> bool:
+    """Whether ``host`` is an IP address (no lookup: ``getaddrinfo`` answers it at once)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _addresses(host: str, port: int, timeout: object) -> list[Any]:
+    """The addresses of ``host``: looked up within the attempt's time (see :class:`_Resolver`)."""
     deadline: _Deadline | None = getattr(_attempt_deadline, "current", None)
+    if _numeric(host):
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     if deadline is not None:
-        deadline.watch(sock)
-    return sock
+        seconds = deadline.remaining()
+    elif isinstance(timeout, int | float):
+        seconds = float(timeout)
+    else:  # not in an attempt, no timeout: as the system does
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    return _RESOLVER.lookup(host, port, seconds)
+
+
+def _connect(
+    address: tuple[str, int],
+    timeout: object = None,
+    source_address: tuple[str, int] | None = None,
+) -> socket.socket:
+    """``socket.create_connection``, its name lookup bounded, its socket under the deadline.
+
+    Each address is tried in turn, each connection bounded by ``timeout``
+    (a number; anything else, such as http.client's default, leaves the
+    socket's default), as ``socket.create_connection`` does; the attempt's
+    deadline starts once one is connected.
+    """
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, where in _addresses(host, port, timeout):
+        sock = None
+        try:
+            sock = socket.socket(family, kind, proto)
+            if isinstance(timeout, int | float):
+                sock.settimeout(timeout)
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(where)
+        except OSError as err:
+            error = err
+            if sock is not None:
+                sock.close()
+            continue
+        deadline: _Deadline | None = getattr(_attempt_deadline, "current", None)
+        if deadline is not None:
+            deadline.watch(sock)
+        return sock
+    raise error if error is not None else OSError("getaddrinfo returned no address")
 
 
 @functools.cache

@@ -122,8 +122,10 @@ def _endpoint_id(url: str) -> str:
 class WebhookEndpoint:
     """Where to send events: ``url``, its ``secret``, which ``events`` (empty means all).
 
-    ``timeout`` bounds one HTTP attempt; ``max_attempts`` bounds the tries of
-    one event before it is recorded as failed. The secret never appears in a
+    ``timeout`` bounds each step of one HTTP attempt: the host-name lookup,
+    connecting to each address, and the exchange once connected (see
+    ``docs/webhooks.md``); ``max_attempts`` bounds the tries of one event
+    before it is recorded as failed. The secret never appears in a
     repr, a log line or an error message, and the URL is shown only with its
     credentials and query values redacted (:func:`agentpolicy.urls.redact_url`).
     """
