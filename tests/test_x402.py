@@ -574,6 +574,32 @@ def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved()
     assert spent_and_reserved(engine) == (0, 0)
 
 
+def test_an_engine_closed_right_after_a_cancelled_x402_call_has_released_what_it_reserved() -> None:
+    store = FaultyStorage()
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("bot", BUDGET_FOR_5)
+    signer = CountingSigner()
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        client = x402Client()
+        client.register(NETWORK, ExactEvmClientScheme(signer))
+        guard_x402(client, aengine, "bot")
+        store.stall()
+        task = asyncio.create_task(client.create_payment_payload(payment_required()))
+        await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
+        task.cancel()  # the authorize is in the store: it will still commit
+        store.resume()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await aengine.close()  # at once: it waits for the release under way
+
+    asyncio.run(main())
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 0)
+    assert [h.event for h in engine.history("bot", 1)] == ["release"]
+
+
 # --- wiring ----------------------------------------------------------------------------------------
 
 

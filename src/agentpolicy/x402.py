@@ -398,6 +398,10 @@ class X402Guard:
 
     # -- the hooks of x402Client -------------------------------------------------------------
 
+    def _async_engine(self) -> AsyncPolicyEngine | None:
+        """The engine if async: its ``close()`` waits for the work shielded from a cancel."""
+        return self.engine if isinstance(self.engine, AsyncPolicyEngine) else None
+
     async def _call(self, name: str, arg: Any) -> Any:
         """``authorize``, ``mark_sent``, ``confirm`` or ``release``, as this guard's holder."""
         engine = self.engine
@@ -415,7 +419,11 @@ class X402Guard:
             ctx,
             request,
             terms,
-            await authorize_shielded(authorize, lambda rid: self._call("release", rid)),
+            await authorize_shielded(
+                authorize,
+                lambda rid: self._call("release", rid),
+                engine=self._async_engine(),
+            ),
         )
 
     async def after_async(self, ctx: PaymentCreatedContext) -> None:
@@ -429,7 +437,7 @@ class X402Guard:
             await self._quietly_async(rid)
             raise PolicyValidationError.single("$.paymentRequirements", altered)
         try:  # from here the payee may be paid whatever answer comes, or none
-            await settle_shielded(self._call("mark_sent", rid))
+            await settle_shielded(self._call("mark_sent", rid), engine=self._async_engine())
         except BaseException:
             await self._quietly_async(rid)
             raise  # so x402 never sends it
@@ -449,7 +457,7 @@ class X402Guard:
         rid, request = taken
         if self._settled(ctx):
             try:
-                await settle_shielded(self._call("confirm", rid))
+                await settle_shielded(self._call("confirm", rid), engine=self._async_engine())
             except Exception as err:
                 self._confirm_failed(rid, request, ctx, err)
         else:
@@ -457,7 +465,7 @@ class X402Guard:
 
     async def _quietly_async(self, rid: str) -> None:
         try:
-            await settle_shielded(self._call("release", rid))
+            await settle_shielded(self._call("release", rid), engine=self._async_engine())
         except Exception as err:
             _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
 
