@@ -628,6 +628,43 @@ def test_a_clock_behind_the_dropped_windows_is_refused_not_checked_against_nothi
     assert engine.history("agent-1", 100) == before  # nothing was allowed or written
 
 
+# Antarctica/Troll is at +00:00 in winter and +02:00 from 01:00 UTC on the last Sunday of
+# March: its 29 March 2026 begins at 00:00+00:00 as UTC's does, but ends at 22:00 UTC, and
+# its March at 22:00 UTC on the 31st. The windows in UTC have the same keys and end 2 h later.
+_TROLL_ENDS_SOONER = [
+    ("daily", datetime(2026, 3, 29, 23, 30, tzinfo=UTC), datetime(2026, 3, 30, tzinfo=UTC)),
+    ("monthly", datetime(2026, 3, 31, 23, 30, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)),
+]
+
+
+@pytest.mark.parametrize(("period", "late", "next_window"), _TROLL_ENDS_SOONER,
+                         ids=["daily", "monthly"])  # fmt: skip
+@pytest.mark.parametrize("read_first", [False, True], ids=["authorize", "budget-first"])
+def test_a_counter_is_kept_until_the_window_in_force_under_its_key_ends(
+    backend: Backend, period: str, late: datetime, next_window: datetime, read_first: bool
+) -> None:
+    """A timezone changed to one whose window has the same key but ends later keeps its counter.
+
+    The counter begun in Troll was dropped an hour (the grace) after Troll's
+    window ended, while the UTC window of the same key was still in force:
+    200 passed in it against a limit of 100.
+    """
+    limits = {"limits": {period: {"value": str(100 * USDT)}}}
+    clock = ManualClock(datetime(2026, 3, 29, 10, tzinfo=UTC))
+    engine = backend.engine(clock)
+    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "Antarctica/Troll"}})
+    rid = engine.authorize(payment(100 * USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "UTC"}})
+    clock.set(late)  # more than the grace after Troll's window ended; UTC's goes on
+    if read_first:  # reading the budget moves the books too
+        assert engine.budget("agent-1").periods[period].remaining.value == 0  # type: ignore[union-attr]
+    assert engine.authorize(payment(100 * USDT)).code == getattr(Code, f"{period.upper()}_LIMIT")
+    clock.set(next_window)
+    assert engine.authorize(payment(100 * USDT)).allowed
+
+
 _ROLLING_10 = {"window": "1h", "amount": {"value": str(10 * USDT), "decimals": 6, "symbol": "USDT"}}
 
 

@@ -974,7 +974,8 @@ class PolicyEngine(Voting):
         rolling = [(f"{b.token}|roll:{sec}", sec) for _, b in blocks for sec in b.rolling_seconds]
         scopes = {sc.name: [(f"{sc.token}|roll:{sec}", sec) for sec in sc.limits.rolling_seconds]
                   for sc in policy.scoped_limits}  # fmt: skip
-        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes)
+        windows = windows_for(policy, now)
+        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes, windows)
         result: Body = yield Run(shard, step, at=micros(now), write=False)
         lapsed = bool(result["lapsed"])
         while "more" in result:  # a batch of due expiries was committed: the rest next
@@ -984,7 +985,6 @@ class PolicyEngine(Voting):
             self._wake_webhooks()
         books = result["books"]
         counters = books[keys.head(agent_id)]["c"]
-        windows = windows_for(policy, now)
         token = (policy.symbol or "USDT").casefold()
         periods: dict[Period, WindowBudget] = {}
         for w in windows:

@@ -665,6 +665,16 @@ class Assessment:
             else tuple(t for b in every for t in b.all_tallies)
         )
 
+    def windows_in_force(self) -> tuple[Window, ...]:
+        """The calendar windows of the agent's policy and of each budget above it, now.
+
+        A book keeps a counter until the window in force under its key ends
+        (see :meth:`agentpolicy.ledger.tallies.Book.prune`).
+        """
+        if not self.parents:
+            return self.windows
+        return tuple(w for level in (self, *self.parents) for w in level.windows)
+
     def alerting(self) -> list[tuple[Tally, Amount, tuple[int, ...], str]]:
         """Every amount limit the payment counts against that alerts watch (every budget)."""
         found = []

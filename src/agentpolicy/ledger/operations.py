@@ -49,6 +49,7 @@ from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Assessment, BookKey, Tally, Verdict, assess, judge
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
+from agentpolicy.windows import Window
 
 __all__ = [
     "PolicySource",
@@ -122,8 +123,9 @@ def _prepare(
         expire_due(view, txn, cfg, shard, books, now, level.head)
         if more_due(level.head, now):
             more.append(level.head.agent)
+    in_force = a.windows_in_force()
     for book in list(books.by_name.values()):
-        book.prune(now, cfg.counter_grace)
+        book.prune(now, cfg.counter_grace, in_force)
     for t in a.tallies:
         if t.seconds is not None:
             book = books[names[(t.owner, t.book)]]
@@ -732,13 +734,16 @@ def refresh(
     now: datetime,
     rolling: list[tuple[str, int]],
     scopes: dict[str, list[tuple[str, int]]],
+    windows: tuple[Window, ...] = (),
 ) -> Step:
     """Bring the agent's books up to now (expiries, ended windows, rolling windows) and read them.
 
     ``rolling`` are the head's rolling counters ``(key, seconds)``;
     ``scopes`` maps each scope name to its rolling counters (the same in
-    every group). The result is ``{"books": {name: body}, "groups": {book:
-    [scope, group]}, "expired": ..., "lapsed": ...}``, or ``{"more": True,
+    every group); ``windows`` the calendar windows of the agent's policy
+    now (a counter is kept until the window in force under its key ends).
+    The result is ``{"books": {name: body}, "groups": {book: [scope,
+    group]}, "expired": ..., "lapsed": ...}``, or ``{"more": True,
     "expired": ..., "lapsed": ...}`` when more expiries were due than one
     step applies: it committed a batch of them, and the call runs it again.
     """
@@ -759,7 +764,7 @@ def refresh(
             return
         for name in [head.name, *owners]:  # (expiry may have touched books of others)
             book = books[name]
-            book.prune(now_us, cfg.counter_grace)
+            book.prune(now_us, cfg.counter_grace, windows)
             counters = rolling if book is head else scopes.get(owners[name][0], [])
             for key, seconds in counters:
                 if now_us >= book.counters.get(key, {}).get("t", 0):  # a late read moves nothing

@@ -245,8 +245,9 @@ def _prepare(
     names = {where[b.key][0] for b in sa.every_book}
     fresh = [n for n in names if n not in books.by_name]
     books.need(fresh)
+    in_force = sa.windows_in_force()
     for name in fresh:
-        books[name].prune(now, cfg.counter_grace)
+        books[name].prune(now, cfg.counter_grace, in_force)
     extra: list[Extra] = []
     for t in sa.tallies:
         name, group = where[(t.owner, t.book)]

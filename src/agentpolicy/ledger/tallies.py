@@ -8,7 +8,8 @@ authorize did.
 
 **Calendar counters** are lists ``[end, decimals, spent, reserved, count,
 fired alerts]`` under the window's key; they live until ``counter_grace``
-after the window ends (see :mod:`agentpolicy.ledger.state`). A book keeps
+after the window in force under that key ends (see :meth:`Book.prune` and
+:mod:`agentpolicy.ledger.state`). A book keeps
 the earliest end of its calendar counters as ``"pe"``, so that pruning looks
 at them only when one is due.
 
@@ -176,11 +177,19 @@ class Book:
                 else [end, d, spent, reserved, count, fired]
             )
 
-    def prune(self, now: int, grace: int) -> None:
+    def prune(self, now: int, grace: int, in_force: Iterable[Window] = ()) -> None:
         """Drop calendar counters of windows that ended ``grace`` or more ago; move the horizon.
 
         The book keeps the earliest end of its calendar counters (``pe``), so
         a step looks at its counters only when one of them is due.
+
+        A counter is kept until the window in force under its key ends:
+        ``in_force`` are the windows of the policies that apply now. A
+        counter begun in another timezone (a version changed it) under the
+        same key, the same local start with the same offset, may have been
+        given an earlier end than the window of that key in force now (a
+        day with a clock change in one zone and not in the other): it takes
+        the later end, and counts until then.
         """
         earliest = self.body.get("pe")
         if earliest is not None and now < earliest + grace:
@@ -193,7 +202,13 @@ class Book:
         body = self.own()
         if stale:
             counters = body["c"]
+            later = {w.key: micros(w.end) for w in in_force}
             for key in stale:
+                end = later.get(key.rpartition("|")[2], 0)  # window keys hold no "|"
+                if end + grace > now:  # its window is in force, ending later than it had
+                    counters[key] = [end, *counters[key][1:]]
+                    ends[key] = end
+                    continue
                 horizon = max(horizon, counters.pop(key)[0])
                 del ends[key]
             body["hz"] = horizon
