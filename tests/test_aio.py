@@ -192,3 +192,76 @@ def test_background_work_offered_to_a_closed_engine_is_refused_cleanly() -> None
 
     asyncio.run(main())
     assert engine.get_reservation(rid).status == "reserved"
+
+
+def test_a_cancelled_close_still_closes_and_admits_the_release_of_a_cancelled_block() -> None:
+    """close() under a shutdown deadline: the block's release was refused (30 held), no close."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+
+    async def main() -> AsyncPolicyEngine:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        entered, cleaned = asyncio.Event(), asyncio.Event()
+
+        async def pay() -> None:
+            async with aengine.payment(payment(30_000_000, agent_id="agent-1")):
+                entered.set()
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    await cleaned.wait()  # the block's own clean-up takes a while
+                    raise
+
+        task = asyncio.create_task(pay())
+        await entered.wait()
+        task.cancel()
+        closing = asyncio.create_task(aengine.close())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not closing.done()  # it waits for the cancelled block
+        closing.cancel()  # the deadline of a shutdown
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        cleaned.set()  # the block leaves now and releases
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await aengine.close()
+        return aengine
+
+    aengine = asyncio.run(main())
+    assert aengine._pool._shutdown  # the threads were stopped
+    assert [h.event for h in engine.history("agent-1", 2)] == ["release", "decision"]
+    assert next(iter(engine.budget("agent-1").periods.values())).reserved.value == 0
+    engine.close()
+
+
+def test_close_from_two_cancelled_blocks_at_once_does_not_wait_for_either() -> None:
+    """Each close() waited for the other's block to leave: both hung forever."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        inside = asyncio.Semaphore(0)
+
+        async def worker() -> None:
+            async with aengine.payment(payment(1_000_000, agent_id="agent-1")):
+                inside.release()
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    await aengine.close()
+                    raise
+
+        tasks = [asyncio.create_task(worker()) for _ in range(2)]
+        for _ in tasks:
+            await inside.acquire()
+        for task in tasks:
+            task.cancel()
+        _done, pending = await asyncio.wait(tasks, timeout=30)
+        for task in pending:  # so a failure does not hang the test run
+            task.cancel()
+        assert not pending
+
+    asyncio.run(main())
+    engine.close()

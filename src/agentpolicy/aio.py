@@ -184,9 +184,14 @@ class AsyncPolicyEngine:
         """close() began: calls are refused, except the background work it waits for."""
         self._closed = False
         """close() has drained the background work: everything is refused."""
-        self._closed_event: asyncio.Event | None = None
+        self._closer: asyncio.Task[None] | None = None
+        """The task that drains and closes, started by the first close(); its callers await it
+        shielded, so a close() that is cancelled (a shutdown deadline) still closes."""
+        self._closers: set[asyncio.Task[Any] | None] = set()
+        """Tasks awaiting close(): the drain never waits for them (nor for their blocks)."""
+        self._wake: asyncio.Future[None] | None = None
+        """Set when the drain should look again (no native call left, a new close() caller)."""
         self._inflight = 0
-        self._idle: asyncio.Event | None = None
 
     @property
     def native(self) -> bool:
@@ -223,7 +228,14 @@ class AsyncPolicyEngine:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._poke()
         return task
+
+    def _poke(self) -> None:
+        """Make a draining close() look again at what it waits for."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def _enter_block(self, block: object) -> None:
         """A payment block starts: close() waits for it to leave if its task is cancelled."""
@@ -250,8 +262,8 @@ class AsyncPolicyEngine:
             return await adrive(self._astorage, make(*args, **kwargs))
         finally:
             self._inflight -= 1
-            if not self._inflight and self._idle is not None:
-                self._idle.set()
+            if not self._inflight:
+                self._poke()
 
     async def _run(self, call: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one engine call off the event loop and await its answer."""
@@ -534,14 +546,25 @@ class AsyncPolicyEngine:
         cancelled; a release a cancelled block starts while it waits is
         waited for too), and for payment blocks whose task was cancelled to
         leave; only then does it close the stores. Closing again (or at the
-        same time) waits for the first close to end.
+        same time, from any task, even one whose payment block is cancelled)
+        waits for the first close to end. A close() that is cancelled (a
+        shutdown deadline) stops waiting, but the closing goes on: the
+        background work is still admitted, then the stores are closed.
         """
-        if self._closing:
-            if self._closed_event is not None:
-                await self._closed_event.wait()
-            return
+        caller = asyncio.current_task()
         self._closing = True
-        closed = self._closed_event = asyncio.Event()
+        self._closers.add(caller)
+        self._poke()  # a drain under way must not wait for this caller (nor for its block)
+        if self._closer is None:
+            self._closer = asyncio.get_running_loop().create_task(self._close())
+        try:
+            await asyncio.shield(self._closer)
+        finally:
+            self._closers.discard(caller)
+            self._poke()  # a caller that stopped waiting may be waited for again
+
+    async def _close(self) -> None:
+        """Drain, then close the stores and stop the threads (in a task of its own)."""
         try:
             await self._drain()
             self._closed = True
@@ -555,33 +578,32 @@ class AsyncPolicyEngine:
                 self._pool.shutdown(wait=False)
         finally:
             self._closed = True
-            closed.set()
 
     async def _drain(self) -> None:
         """Wait until no call, background task or cancelled block of this engine is left.
 
         Background work may start more (an entry's authorize, once done, starts
-        a release), so this looks again after every wait. The task running
-        close() itself is never waited for.
+        a release), so this looks again whenever anything it waits for ends.
+        Tasks awaiting close() (and their blocks) are never waited for: they
+        wait for this.
         """
-        me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while True:
-            tasks = [t for t in self._tasks if t is not me]
-            futures = [asyncio.wrap_future(f) for f in self._running]
-            leaving = [
+            skip = self._closers
+            waits: list[asyncio.Future[Any]] = [t for t in self._tasks if t not in skip]
+            waits += [asyncio.wrap_future(f) for f in self._running]
+            waits += [
                 left
                 for task, left in self._blocks.values()
-                if task is not None and task is not me and not task.done() and task.cancelling()
+                if task is not None and task not in skip and not task.done() and task.cancelling()
             ]
-            if tasks or futures:
-                await asyncio.wait([*tasks, *futures])
-            elif self._inflight:  # native calls in flight on other tasks
-                self._idle = asyncio.Event()
-                await self._idle.wait()
-            elif leaving:
-                await asyncio.wait(leaving)
-            else:
+            if not waits and not self._inflight:  # native calls in flight on other tasks
                 return
+            self._wake = wake = loop.create_future()
+            try:
+                await asyncio.wait([*waits, wake], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._wake = None
 
     async def __aenter__(self) -> AsyncPolicyEngine:
         return self
