@@ -198,3 +198,31 @@ def test_a_lookup_that_fails_is_a_network_error_retried_later(
         assert len(good.received) == 1
     finally:
         engine.close()
+
+
+def test_a_host_whose_resolver_hangs_holds_one_lookup_thread_not_the_others_deliveries(
+    resolver: HangingResolver, good: Receiver
+) -> None:
+    """Four attempts at one hung name took all four threads: every other endpoint then failed."""
+    engine = engine_for("evil.hang.test", "localhost", port=good.port)
+    assert engine.webhooks is not None
+    urls = {i: e.url for i, e in engine.webhooks.endpoints.items()}
+    try:
+
+        def hostile_attempts() -> int:
+            return max(
+                d.attempts for d in engine.webhook_deliveries() if "evil" in urls[d.endpoint_id]
+            )
+
+        while hostile_attempts() < 6:  # the worker keeps trying the hung name
+            within(2 * TIMEOUT + SLACK, one_run(engine))
+        assert engine.authorize(payment(500_000_000, agent_id="agent-123")).requires_approval
+        before = len(good.received)
+        within(2 * TIMEOUT + SLACK, one_run(engine))  # the new event's honest delivery
+        assert len(good.received) == before + 1
+        honest = [d for d in engine.webhook_deliveries() if "localhost" in urls[d.endpoint_id]]
+        assert [d.status for d in honest] == ["delivered", "delivered"]
+        assert resolver.in_flight == 1  # one thread holds the hung lookup; the rest wait on it
+    finally:
+        resolver.answer.set()
+        engine.close()

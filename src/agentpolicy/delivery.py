@@ -202,7 +202,10 @@ class _Resolver:
     made meanwhile; the attempt waits (for a free thread, then for the
     answer) no longer than it is given and fails as a timeout. A lookup
     that answers after its attempt gave up frees its thread then; its
-    answer is dropped.
+    answer is dropped. Attempts that need a name already being looked up
+    wait for that lookup rather than start another, so a host name whose
+    resolver hangs holds one thread, not all of them: the other endpoints'
+    lookups still run.
     """
 
     def __init__(self, most: int = 4) -> None:
@@ -217,8 +220,16 @@ class _Resolver:
         )
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], concurrent.futures.Future[list[Any]]] = {}
+        """The lookups under way, by host and port: an attempt needing one waits for it."""
 
-    def _work(self, jobs: queue.SimpleQueue[Any], slots: threading.BoundedSemaphore) -> None:
+    def _work(
+        self,
+        jobs: queue.SimpleQueue[Any],
+        slots: threading.BoundedSemaphore,
+        pending: dict[tuple[str, int], concurrent.futures.Future[list[Any]]],
+        lock: threading.Lock,
+    ) -> None:
         while True:
             future, host, port = jobs.get()
             try:
@@ -226,29 +237,45 @@ class _Resolver:
             except Exception as err:  # the attempt's thread raises it
                 future.set_exception(err)
             finally:
+                with lock:
+                    if pending.get((host, port)) is future:
+                        del pending[(host, port)]
                 slots.release()
 
     def lookup(self, host: str, port: int, seconds: float) -> list[Any]:
         """``getaddrinfo(host, port, 0, SOCK_STREAM)`` within ``seconds``, else ``TimeoutError``."""
         ends = time.monotonic() + seconds
+        key = (host, port)
+        with self._lock:
+            future = self._pending.get(key)  # being looked up already: wait for that lookup
+        if future is None:
+            future = self._start(key, seconds)
+        try:
+            return future.result(timeout=max(0.0, ends - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer from the name lookup within {seconds:g} s") from None
+
+    def _start(self, key: tuple[str, int], seconds: float) -> concurrent.futures.Future[list[Any]]:
+        """Start looking ``key`` up once a thread is free (within ``seconds``)."""
         if not self._slots.acquire(timeout=seconds):
             raise TimeoutError(f"no lookup thread free within {seconds:g} s")
         with self._lock:
+            future = self._pending.get(key)
+            if future is not None:  # another attempt started it meanwhile
+                self._slots.release()
+                return future
             if len(self._threads) < self.most:  # a thread per slot, started when first needed
                 thread = threading.Thread(
                     target=self._work,
-                    args=(self._jobs, self._slots),
+                    args=(self._jobs, self._slots, self._pending, self._lock),
                     name="agentpolicy-webhook-lookup",
                     daemon=True,
                 )
                 thread.start()
                 self._threads.append(thread)
-        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
-        self._jobs.put((future, host, port))
-        try:
-            return future.result(timeout=max(0.0, ends - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"no answer from the name lookup within {seconds:g} s") from None
+            future = self._pending[key] = concurrent.futures.Future()
+            self._jobs.put((future, *key))
+        return future
 
 
 _RESOLVER = _Resolver()
