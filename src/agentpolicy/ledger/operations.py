@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from operator import is_
 from typing import Any
 
 from agentpolicy import approvals
@@ -410,9 +411,9 @@ _TARGETS: dict[tuple[str, int], tuple[Any, tuple[_Target, ...]]] = {}
 
 def _joined(parts: list[tuple[_Target, ...]]) -> tuple[_Target, ...]:
     """The targets of several books as one tuple, shared while the parts are the same ones."""
-    key = tuple(id(p) for p in parts)
+    key = tuple(map(id, parts))
     found = _JOINED.get(key)
-    if found is not None and all(x is y for x, y in zip(found[0], parts, strict=True)):
+    if found is not None and all(map(is_, found[0], parts)):  # same length: the key's
         return found[1]
     joined = tuple(t for part in parts for t in part)
     if len(_JOINED) > 4096:
