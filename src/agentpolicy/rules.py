@@ -659,9 +659,12 @@ class Assessment:
         self.parents = parents
         every = books + tuple(b for p in parents for b in p.books) if parents else books
         self.every_book: tuple[_Book, ...] = every
+        n = len(every)
         self.tallies: tuple[Tally, ...] = (
             every[0].all_tallies
-            if len(every) == 1
+            if n == 1
+            else every[0].all_tallies + every[1].all_tallies
+            if n == 2  # a token's book and every token's: joined without a generator
             else tuple(t for b in every for t in b.all_tallies)
         )
 
