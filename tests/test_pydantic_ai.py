@@ -314,3 +314,47 @@ def test_tool_calls_running_at_once_each_see_their_own_payment() -> None:
     assert {r: g.request.memo for r, g in inside.items()} == {r: f"report {r}" for r in reports}
     assert len({g.reservation_id for g in inside.values()}) == 3
     assert spent_and_reserved(engine) == (3 * USDC, 0)
+
+
+def test_an_unguarded_tool_of_an_agent_run_inside_a_guarded_tool_has_no_payment() -> None:
+    """It got the outer call's guard: it marked it sent, and the failed purchase stayed held."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", POLICY)
+    seen: list[str] = []
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        inner_model, _ = scripted([ToolCallPart("lookup", {"q": "x"})])
+        inner: Agent[None, str] = Agent(inner_model, capabilities=[GuardedTools(aengine, {})])
+
+        @inner.tool_plain
+        async def lookup(q: str) -> str:
+            """Look something up (free)."""
+            try:
+                await current_payment().mark_sent()
+                seen.append("marked")
+            except PolicyValidationError:
+                seen.append("refused")
+            return "found"
+
+        outer_model, _ = scripted([ToolCallPart("buy", {"report": "r", "price": 3 * USDC})])
+        outer: Agent[None, str] = Agent(
+            outer_model, capabilities=[GuardedTools(aengine, {"buy": purchase})]
+        )
+
+        @outer.tool_plain
+        async def buy(report: str, price: int) -> str:
+            """Buy a report, asking a sub-agent first."""
+            await inner.run("look it up")
+            raise RuntimeError("the purchase failed: nothing was paid")
+
+        with pytest.raises(RuntimeError):
+            await outer.run("buy")
+        await aengine.close()
+
+    asyncio.run(main())
+    assert seen == ["refused"]
+    (period,) = engine.budget("bot").periods.values()
+    assert period.reserved.value == 0  # released, not held as if sent
+    assert engine.history("bot", 1)[0].event == "release"
+    engine.close()

@@ -68,8 +68,9 @@ def current_payment() -> AsyncPaymentGuard:
     the payment leaves: an exception after that holds the reservation
     (it counts as spent when it expires) instead of releasing it.
 
-    Outside a guarded tool (an unguarded tool, code outside any tool) it
-    raises :class:`~agentpolicy.errors.PolicyValidationError`
+    Outside a guarded tool (an unguarded tool, also one of an agent with
+    :class:`GuardedTools` that runs inside a guarded tool; code outside any
+    tool) it raises :class:`~agentpolicy.errors.PolicyValidationError`
     (``INVALID_INPUT``), since there is no payment to mark.
     """
     guard = _current.get()
@@ -121,8 +122,12 @@ class GuardedTools(AbstractCapability[Any]):
         While the tool runs, :func:`current_payment` returns that payment's guard.
         """
         build = self.payments.get(tool_def.name)
-        if build is None:
-            return await handler(args)
+        if build is None:  # no payment, even when its agent runs inside a guarded tool
+            unguarded = _current.set(None)
+            try:
+                return await handler(args)
+            finally:
+                _current.reset(unguarded)
         try:
             request = build(dict(args))
             if not isinstance(request, PaymentRequest):
