@@ -6,10 +6,12 @@ import asyncio
 import collections
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from agentpolicy import AsyncPolicyEngine, PolicyEngine, PolicyError
 from agentpolicy.storage import _redis_protocol as rp
@@ -212,24 +214,34 @@ def test_a_call_whose_turn_came_as_the_task_before_it_was_cancelled_still_gets_o
     url, prefix = redis_node.spec
 
     async def main() -> list[object]:
-        async with AsyncRedisStorage(url, key_prefix=prefix) as store:
+        # the holders are let go by the test, not by a timer: on a busy host, busying every
+        # connection can take longer than a 0.3 s hold (then the count was never reached)
+        async with AsyncRedisStorage(
+            url, key_prefix=prefix, timeout=timedelta(seconds=30)
+        ) as store:
             await store._check_schema()
             waiters: list[asyncio.Task[Any]] = []
             freed = 0
+            keys = [f"{prefix}nothing-{n}" for n in range(rp.POOL_SIZE)]
 
-            async def hold(n: int) -> None:
+            async def hold(key: str) -> None:
                 nonlocal freed
-                key = f"{prefix}nothing-{n}"
-                await store._call(lambda: store.client.blpop([key], timeout=0.3))
+                await store._call(lambda: store.client.blpop([key], timeout=20))
                 waiters[freed].cancel()  # the waiter its connection went to, before it runs
                 freed += 1
 
-            holders = [asyncio.create_task(hold(n)) for n in range(rp.POOL_SIZE)]
-            while len(store.client.connection_pool._in_use_connections) < rp.POOL_SIZE:
-                await asyncio.sleep(0.01)  # every connection is busy
+            holders = [asyncio.create_task(hold(key)) for key in keys]
+            async with asyncio.timeout(60):
+                while len(store.client.connection_pool._in_use_connections) < rp.POOL_SIZE:
+                    await asyncio.sleep(0.01)  # every connection is busy
             waiters.extend(
                 asyncio.create_task(store._call(store.client.ping)) for _ in range(rp.POOL_SIZE + 3)
             )
+            async with aioredis.Redis.from_url(url) as pusher:  # let every holder go at once
+                pushes = pusher.pipeline(transaction=False)
+                for key in keys:
+                    pushes.rpush(key, 1)
+                await pushes.execute()
             await asyncio.gather(*holders)
             return await asyncio.gather(*waiters[rp.POOL_SIZE :], return_exceptions=True)
 
