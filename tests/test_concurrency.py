@@ -287,16 +287,16 @@ def test_two_agents_never_wait_on_each_others_lock() -> None:
     def hold_agent_1() -> None:
         with storage.session("agent-1"):
             held.set()
-            release.wait(10)
+            release.wait(60)
 
     holder = threading.Thread(target=hold_agent_1)
     holder.start()
-    held.wait(10)
+    assert held.wait(30)
     done: list[bool] = []
     other = threading.Thread(target=lambda: done.append(engine.authorize(
         payment(USDT, agent_id="agent-2")).allowed))  # fmt: skip
     other.start()
-    other.join(5)
+    other.join(30)  # ends at once unless it waits on agent-1's lock (held for up to 60 s)
     finished = not other.is_alive()
     release.set()
     holder.join()

@@ -331,16 +331,18 @@ def _finishes_while_agent_1_is_held(url: str, agent: str) -> bool:
         with holder_storage.session("agent-1") as session:
             session.get(["h/agent-1"])  # takes agent-1's lock
             held.set()
-            release.wait(10)
+            release.wait(60)
 
     holder = threading.Thread(target=hold)
     holder.start()
-    held.wait(10)
+    assert held.wait(30)
     done: list[bool] = []
     other = threading.Thread(target=lambda: done.append(engine.authorize(
         payment(USDT, agent_id=agent)).allowed))  # fmt: skip
     other.start()
-    other.join(3)  # real time: long enough for a commit that does not wait
+    # real time: a call that waits is still waiting after 3 s; one that does not wait ends
+    # however busy the host is (waited for up to 30 s, well within the 60 s hold)
+    other.join(30 if agent != "agent-1" else 3)
     finished = not other.is_alive()
     release.set()
     holder.join()
@@ -410,11 +412,13 @@ def test_a_deadlock_is_rolled_back_and_the_commit_tried_again(
     ours = threading.Thread(target=commit)
     ours.start()
     probe = psycopg.connect(base, autocommit=True)
-    for _ in range(200):  # real time: until our commit waits on d/x
+    deadline = time.monotonic() + 30  # real time: until our commit waits on d/x
+    while True:
         waiting = probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
                                 "'Lock' AND application_name = 'agentpolicy'").fetchone()  # fmt: skip
         if waiting and waiting[0]:
             break
+        assert time.monotonic() < deadline, "our commit never waited on d/x"
         time.sleep(0.02)
     probe.close()
     # closes the cycle: the server aborts our commit (it waited first) with a deadlock
