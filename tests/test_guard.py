@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -377,10 +378,10 @@ def test_a_task_cancelled_while_entering_releases_what_the_authorize_reserved() 
             store.resume()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            for _ in range(10_000):  # the release runs in the background: wait for it
-                events = [h.event for h in await aengine.history("agent-1", 1)]
-                if events == ["release"]:
-                    break
+            deadline = time.monotonic() + 30  # the release runs in the background: wait for it
+            while [h.event for h in await aengine.history("agent-1", 1)] != ["release"]:
+                assert time.monotonic() < deadline, "the background release never ran"
+                await asyncio.sleep(0.001)
             assert ran == []
 
     run(main())
@@ -418,10 +419,10 @@ def test_a_task_cancelled_while_claiming_a_resumed_approval_releases_what_it_cla
             with pytest.raises(asyncio.CancelledError):
                 await task
             go.set()  # the claim completes after the cancellation: its budget is given back
-            for _ in range(10_000):
-                if [h.event for h in await aengine.history("agent-1", 1)] == ["release"]:
-                    break
-                await asyncio.sleep(0)
+            deadline = time.monotonic() + 30
+            while [h.event for h in await aengine.history("agent-1", 1)] != ["release"]:
+                assert time.monotonic() < deadline, "the claim was never given back"
+                await asyncio.sleep(0.001)
 
     run(main())
     assert daily(engine) == (0, 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -565,9 +566,10 @@ def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved()
             store.resume()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            for _ in range(10_000):  # the release runs in the background: wait for it
-                if [h.event for h in await aengine.history("bot", 1)] == ["release"]:
-                    break
+            deadline = time.monotonic() + 30  # the release runs in the background: wait for it
+            while [h.event for h in await aengine.history("bot", 1)] != ["release"]:
+                assert time.monotonic() < deadline, "the background release never ran"
+                await asyncio.sleep(0.001)
 
     asyncio.run(main())
     assert signer.signatures == 0
