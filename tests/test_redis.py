@@ -124,7 +124,20 @@ def _stall(url: str, seconds: float) -> threading.Thread:
 
     stall = threading.Thread(target=sleep)
     stall.start()
-    time.sleep(0.1)  # real time: let DEBUG SLEEP reach the server first
+    # until DEBUG SLEEP has reached the server (a fixed 0.1 s may not be enough on a busy
+    # host): a ping then gets no answer; at most 0.25 s of the stall is spent finding out
+    probe = redis.Redis.from_url(url, socket_timeout=0.25)
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break
+            assert time.monotonic() < deadline, "DEBUG SLEEP never reached the server"
+            time.sleep(0.005)
+    finally:
+        probe.close()
     return stall
 
 
@@ -194,9 +207,12 @@ def test_the_commit_script_touches_only_keys_it_declares(own_server: RedisServer
     seen: list[dict[str, Any]] = []
     stop = threading.Event()
 
+    listening = threading.Event()
+
     def monitor() -> None:
         client = redis.Redis.from_url(own_server.url, decode_responses=True)
-        with client.monitor() as m:
+        with client.monitor() as m:  # entered once the server has answered MONITOR
+            listening.set()
             for command in m.listen():
                 seen.append(command)
                 if stop.is_set() and command["command"].startswith("PING"):
@@ -204,7 +220,7 @@ def test_the_commit_script_touches_only_keys_it_declares(own_server: RedisServer
 
     watcher = threading.Thread(target=monitor)
     watcher.start()
-    time.sleep(0.2)  # real time: MONITOR must be in place before the commits
+    assert listening.wait(30)  # MONITOR must be in place before the commits
     engine.set_policy("agent-1", {**DAILY_100, "approvalConfig": {"thresholds": [
         {"amount": {"value": str(50 * USDT)}, "requiredApprovers": 1, "approvers": ["a"]}]}})  # fmt: skip
     rid = engine.authorize(payment(USDT, idempotency_key="k")).reservation_id
