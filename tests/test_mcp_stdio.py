@@ -463,7 +463,7 @@ def test_a_ping_is_answered_while_a_tool_call_waits_on_a_hung_storage() -> None:
             if self.hang.is_set():
                 self.entered_at = time.monotonic()
                 self.entered.set()
-                self.release.wait(5)  # a hung Redis, until its timeout
+                self.release.wait(60)  # a hung Redis, until the test lets it go
             return super().session(shard, write=write)
 
     storage = HangingStorage()
@@ -491,12 +491,13 @@ def test_a_ping_is_answered_while_a_tool_call_waits_on_a_hung_storage() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MCPDeprecationWarning)  # gone after 2026-07-28
                 await client.send_ping()
-            timings["ping"] = time.monotonic() - storage.entered_at
+            # answered while the call still waited on the storage (it waits until released)
+            assert "call" not in timings
+            timings["released"] = time.monotonic()
             storage.release.set()
 
     anyio.run(run)
-    assert timings["ping"] < 1.0  # answered while the call still waited on the storage
-    assert timings["call"] - storage.entered_at < 5  # the call finished once released
+    assert timings["call"] - timings["released"] < 30  # the call finished once released
 
 
 # -- the command --------------------------------------------------------------------------------

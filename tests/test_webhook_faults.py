@@ -115,7 +115,8 @@ def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_timeout(
         ask(engine)
         started = time.monotonic()
         assert engine.flush_webhooks(10)
-        assert time.monotonic() - started < 3.0  # one attempt of 1 s, not the whole drip
+        # one attempt of 1 s, not the whole drip (over 200 s); room for a busy host
+        assert time.monotonic() - started < 8.0
         (cut,) = of(engine, slow.url)
         assert (cut.status, cut.last_error) == (DeliveryStatus.FAILED, "no answer in time (1 s)")
         assert len(good.received) == 1
@@ -133,7 +134,9 @@ def test_a_silent_endpoint_costs_the_others_one_timeout_and_flush_keeps_its_dead
         done = engine.flush_webhooks(timeout=2.0)
         took = time.monotonic() - started
         assert not done  # the silent endpoint's events still wait
-        assert took < 4.5  # its deadline, plus at most one attempt's timeout (was 6 s and more)
+        # its deadline (2 s), plus at most one attempt's timeout (1 s), plus room for a busy
+        # host; it was 6 s and more
+        assert took < 5.5
         assert len(good.received) == 6  # the healthy endpoint got all of its own meanwhile
         assert engine.webhooks is not None
         engine.webhooks.close()  # no other worker claims from here on
