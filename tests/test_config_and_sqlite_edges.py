@@ -227,8 +227,9 @@ def test_a_held_lock_fails_the_call_after_one_busy_timeout_not_one_per_retry(
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
     assert "held its lock past 0.4 s" in str(err.value)
     assert "nothing was allowed or changed" in str(err.value)
-    # each of the 9 attempts waited the whole busy timeout before: at least 3.6 s
-    assert waited < 2.0
+    # each of the 9 attempts waited the whole busy timeout before: at least 3.6 s; one
+    # timeout (0.4 s) and the retries' bookkeeping stay well under 3 s on a busy host
+    assert waited < 3.0
     assert [r.event for r in engine.history("agent-1")] == ["policy_set"]
     # the connection's own busy timeout is as it was after the retries
     conn = storage._connection()
