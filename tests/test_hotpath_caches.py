@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from agentpolicy.ledger.keys import agent_of_id, new_token
 from agentpolicy.policy import normalize_recipient, whitelist_form
 from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.storage._time import micros
-from agentpolicy.storage.base import OP_KEEP_US, Encoded, Txn, dumps, new_op
+from agentpolicy.storage.base import OP_KEEP_US, Encoded, Txn, dumps, new_op, share
 from agentpolicy.testing import ManualClock, payment
 
 NOW = datetime(2026, 3, 10, 10, 30, tzinfo=UTC)
@@ -516,6 +517,63 @@ def test_an_encoded_result_is_the_text_dumps_writes(
     assert encoded.result == dumps(t.result)
     assert encoded.put == {name: dumps(b) for name, b in t.put.items()}
     assert encoded.append == [dumps(e) for e in entries]
+
+
+_FIELD = st.text(max_size=4) | st.integers(-3, 3) | st.none() | st.booleans()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(_FIELD, _JSON, st.integers(0, 3)), max_size=8),
+    st.lists(st.lists(_JSON, max_size=4).map(tuple), min_size=1, max_size=3),
+    st.booleans(),
+)
+def test_a_document_holding_shared_values_is_the_text_dumps_writes(
+    fields: list[tuple[Any, Any, int]], values: list[tuple[Any, ...]], twice: bool
+) -> None:
+    # shared values at any top-level position (several, repeated, or none), beside plain
+    # fields of any key type; a copy equal to a shared value but not it is encoded plainly
+    shared = [share(v) for v in values]
+    body: dict[Any, Any] = {}
+    for key, value, which in fields:
+        body[key] = (
+            shared[which % len(shared)] if which in {0, 1}
+            else (*shared[0],) if which == 2 and shared[0]  # equal, another object
+            else value
+        )  # fmt: skip
+    nested = {"in": shared[0], "list": [shared[-1]]}  # shared values below the top level
+    t = Txn("op", 1)
+    t.put = {"d/0": body, "d/1": nested, "d/2": {"a": shared[0]}}
+    t.result = {"doc": body}
+    for _ in range(2 if twice else 1):  # the kept text is written on first use, then pasted
+        encoded = Encoded(t)
+        assert encoded.put == {name: dumps(b) for name, b in t.put.items()}
+        assert encoded.result == dumps(t.result)
+
+
+def test_the_targets_a_reservation_shares_are_written_as_dumps_writes_them(
+    tmp_path: Path,
+) -> None:
+    # the token's book and every token's (their targets joined and shared), two hours, on
+    # SQLite: every reservation document as written is the text dumps writes of its value
+    storage = SQLiteStorage(tmp_path / "s.db")
+    clock = ManualClock(NOW)
+    engine = PolicyEngine(storage=storage, clock=clock)
+    engine.set_policy("agent-1", {"limits": USDT})
+    for hour in range(2):
+        for amount in (1, 2):
+            d = engine.authorize(payment(amount, recipient=f"0x{hour}{amount}"))
+            assert d.reservation_id is not None
+            if amount == 1:
+                engine.confirm(d.reservation_id)
+        clock.advance(timedelta(hours=1))
+    engine.close()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        texts = [t for (t,) in conn.execute("SELECT body FROM docs WHERE name LIKE 'r/%'")]
+    assert len(texts) == 4
+    for text in texts:
+        assert text == dumps(json.loads(text))
+        assert '"tg":[[' in text
 
 
 # -- SQLite: an error in a session leaves nothing behind -------------------------------------

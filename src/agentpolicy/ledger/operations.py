@@ -49,7 +49,7 @@ from agentpolicy.records import ApprovalStatus
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Assessment, BookKey, Tally, Verdict, assess, judge
 from agentpolicy.storage._time import instant, micros
-from agentpolicy.storage.base import Txn
+from agentpolicy.storage.base import Txn, share
 from agentpolicy.windows import Window
 
 __all__ = [
@@ -398,7 +398,7 @@ def _calendar_targets(name: str, items: tuple[tuple[str, Any], ...]) -> tuple[_T
     found = _TARGETS.get((name, id(items)))
     if found is not None and found[0] is items:
         return found[1]
-    targets = tuple((name, key, "c", 0) for key, _ in items)
+    targets = share(tuple((name, key, "c", 0) for key, _ in items))
     if len(_TARGETS) > 4096:
         _TARGETS.clear()
     _TARGETS[(name, id(items))] = (items, targets)
@@ -415,7 +415,7 @@ def _joined(parts: list[tuple[_Target, ...]]) -> tuple[_Target, ...]:
     found = _JOINED.get(key)
     if found is not None and all(map(is_, found[0], parts)):  # same length: the key's
         return found[1]
-    joined = tuple(t for part in parts for t in part)
+    joined = share(tuple(t for part in parts for t in part))
     if len(_JOINED) > 4096:
         _JOINED.clear()
     _JOINED[key] = (tuple(parts), joined)
