@@ -235,6 +235,54 @@ def test_a_cancelled_close_still_closes_and_admits_the_release_of_a_cancelled_bl
     engine.close()
 
 
+def test_close_waits_for_a_payment_under_way_and_refuses_one_not_yet_sent() -> None:
+    """close() while a block pays: its confirm was refused, so 30 was paid and 0 counted."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+    outcomes: list[str] = []
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        entered, paid = asyncio.Semaphore(0), asyncio.Event()
+
+        async def pay(sent_before_close: bool) -> None:
+            async with aengine.payment(payment(30_000_000, agent_id="agent-1")) as p:
+                if sent_before_close:
+                    await p.mark_sent()
+                entered.release()
+                await paid.wait()  # the payment is on its way while the engine closes
+                if not sent_before_close:
+                    try:
+                        await p.mark_sent()
+                    except PolicyError as err:
+                        outcomes.append(err.code.value)
+                        raise  # so it never pays
+                outcomes.append("paid")
+
+        sent = asyncio.create_task(pay(True))
+        unsent = asyncio.create_task(pay(False))
+        for _ in range(2):
+            await entered.acquire()
+        closing = asyncio.create_task(aengine.close())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not closing.done()  # it waits for the blocks under way
+        paid.set()
+        await sent
+        with pytest.raises(PolicyError):
+            await unsent
+        await closing
+
+    asyncio.run(main())
+    assert sorted(outcomes) == ["STORAGE_UNAVAILABLE", "paid"]
+    window = next(iter(engine.budget("agent-1").periods.values()))
+    assert (window.spent.value, window.reserved.value) == (30_000_000, 0)
+    events = [h.event for h in engine.history("agent-1", 10)]
+    assert events.count("confirm") == 1
+    assert events.count("release") == 1
+    engine.close()
+
+
 def test_close_from_two_cancelled_blocks_at_once_does_not_wait_for_either() -> None:
     """Each close() waited for the other's block to leave: both hung forever."""
     engine = PolicyEngine(clock=ManualClock())

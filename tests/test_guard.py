@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from datetime import timedelta
@@ -387,6 +388,39 @@ def test_a_task_cancelled_while_entering_releases_what_the_authorize_reserved() 
     run(main())
     assert daily(engine) == (0, 0)
     assert [h.event for h in engine.history("agent-1", 2)] == ["release", "decision"]
+
+
+def test_an_authorize_that_fails_after_its_task_was_cancelled_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store went down under a cancelled entry's authorize: that was silent."""
+    store = FaultyStorage()
+    engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
+    engine.set_policy("agent-1", DAILY_100)
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+
+            async def pay() -> None:
+                async with aengine.payment(payment(30 * USDT)):
+                    pytest.fail("the block must not run")
+
+            store.stall()
+            task = asyncio.create_task(pay())
+            await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
+            task.cancel()
+            store.down = True  # the authorize the store was holding fails
+            store.resume()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    with caplog.at_level(logging.WARNING, logger="agentpolicy.guard"):
+        run(main())  # close() waits for the authorize to end
+    assert any(
+        "after its task was cancelled failed" in r.getMessage()
+        and "store is down" in r.getMessage()
+        for r in caplog.records
+    ), caplog.records
 
 
 def test_a_task_cancelled_while_claiming_a_resumed_approval_releases_what_it_claimed() -> None:

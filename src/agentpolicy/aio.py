@@ -29,8 +29,8 @@ what a cancelled entry reserved (see
 What the guard goes on with after a cancellation (the release of what a
 cancelled entry reserved, a confirm or release under way when its task was
 cancelled) runs in tasks that the engine keeps: :meth:`AsyncPolicyEngine.close`
-waits for them, and for blocks whose task was cancelled to leave, before it
-closes the stores.
+waits for them, and for payment blocks under way to leave, before it closes
+the stores.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class AsyncPolicyEngine:
             wake.set_result(None)
 
     def _enter_block(self, block: object) -> None:
-        """A payment block starts: close() waits for it to leave if its task is cancelled."""
+        """A payment block starts: close() waits for it to leave."""
         self._blocks[block] = (
             asyncio.current_task(),
             asyncio.get_running_loop().create_future(),
@@ -544,8 +544,10 @@ class AsyncPolicyEngine:
         with in the background after a cancellation (the release of what a
         cancelled entry reserved, a confirm or release whose task was
         cancelled; a release a cancelled block starts while it waits is
-        waited for too), and for payment blocks whose task was cancelled to
-        leave; only then does it close the stores. Closing again (or at the
+        waited for too), and for payment blocks under way to leave (their
+        confirm or release is admitted; any other call they make, ``mark_sent``
+        included, is refused, so no payment starts once closing began); only
+        then does it close the stores. Closing again (or at the
         same time, from any task, even one whose payment block is cancelled)
         waits for the first close to end. A close() that is cancelled (a
         shutdown deadline) stops waiting, but the closing goes on: the
@@ -580,7 +582,7 @@ class AsyncPolicyEngine:
             self._closed = True
 
     async def _drain(self) -> None:
-        """Wait until no call, background task or cancelled block of this engine is left.
+        """Wait until no call, background task or payment block of this engine is left.
 
         Background work may start more (an entry's authorize, once done, starts
         a release), so this looks again whenever anything it waits for ends.
@@ -595,7 +597,7 @@ class AsyncPolicyEngine:
             waits += [
                 left
                 for task, left in self._blocks.values()
-                if task is not None and task not in skip and not task.done() and task.cancelling()
+                if task is not None and task not in skip and not task.done()
             ]
             if not waits and not self._inflight:  # native calls in flight on other tasks
                 return

@@ -407,10 +407,19 @@ def _in_background(engine: AsyncPolicyEngine | None, make: Callable[[], Awaitabl
         _log.exception("agentpolicy: releasing a reservation after a cancelled entry failed")
 
 
-def _retrieved(done: asyncio.Future[Any]) -> None:
-    """Mark a background task's outcome as seen (its failure is reported elsewhere)."""
-    if not done.cancelled():
-        done.exception()
+def _note_failed_after_cancel(done: asyncio.Future[Any]) -> None:
+    """Log the failure of an authorize or claim let finish after its task was cancelled.
+
+    A refusal reserved nothing; a failure whose outcome is unknown (the store
+    did not answer) may have reserved, and that reservation, never marked
+    sent, is given back at its TTL: the operator should know.
+    """
+    if not done.cancelled() and done.exception() is not None:
+        _log.warning(
+            "agentpolicy: a call let finish after its task was cancelled failed: %s "
+            "(if it reserved anything, the amount is held until its TTL)",
+            done.exception(),
+        )
 
 
 class AsyncPaymentGuard(_Guard):
@@ -594,7 +603,7 @@ async def _undone_if_cancelled(
     except asyncio.CancelledError:
         if not task.done():
             cancelled = True  # the task undoes the call once it has ended
-            task.add_done_callback(_retrieved)  # a failed call reserved nothing
+            task.add_done_callback(_note_failed_after_cancel)
         elif not task.cancelled() and task.exception() is None and needed(task.result()):
             result = task.result()
             _in_background(engine, lambda: undo(result))
