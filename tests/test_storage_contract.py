@@ -665,6 +665,36 @@ def test_a_counter_is_kept_until_the_window_in_force_under_its_key_ends(
     assert engine.authorize(payment(100 * USDT)).allowed
 
 
+@pytest.mark.parametrize("read_first", [False, True], ids=["authorize", "budget-first"])
+def test_a_counter_a_shadow_in_another_timezone_still_counts_in_is_kept(
+    backend: Backend, read_first: bool
+) -> None:
+    """The live policy's pruning dropped the day's counter that a UTC shadow still counted in.
+
+    Live in Troll, shadow in UTC, both 100 a day: at 23:30 UTC Troll's day
+    had ended, so the counter went; the shadow judged a payment of 1 against
+    zero, and once promoted allowed 99 more (200 against 100 in UTC's day).
+    """
+    limits = {"limits": {"daily": {"value": str(100 * USDT)}}}
+    clock = ManualClock(datetime(2026, 3, 29, 10, tzinfo=UTC))
+    engine = backend.engine(clock)
+    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "Antarctica/Troll"}})
+    engine.set_shadow_policy("agent-1", {**limits, "timeRules": {"timezone": "UTC"}})
+    rid = engine.authorize(payment(100 * USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    clock.set(datetime(2026, 3, 29, 23, 30, tzinfo=UTC))  # Troll's 30 March; UTC's 29th goes on
+    if read_first:  # reading the budget moves the books too
+        engine.budget("agent-1")
+    late = engine.authorize(payment(USDT))
+    assert late.allowed  # Troll's new day
+    assert engine.shadow_report("agent-1").flips  # the shadow would have refused it
+    engine.confirm(late.reservation_id or "")
+    engine.promote_shadow_policy("agent-1")
+    assert engine.authorize(payment(99 * USDT)).code == Code.DAILY_LIMIT
+    assert engine.budget("agent-1").periods["daily"].spent.value == 101 * USDT  # type: ignore[index]
+
+
 _ROLLING_10 = {"window": "1h", "amount": {"value": str(10 * USDT), "decimals": 6, "symbol": "USDT"}}
 
 

@@ -975,7 +975,12 @@ class PolicyEngine(Voting):
         scopes = {sc.name: [(f"{sc.token}|roll:{sec}", sec) for sec in sc.limits.rolling_seconds]
                   for sc in policy.scoped_limits}  # fmt: skip
         windows = windows_for(policy, now)
-        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes, windows)
+        in_force = windows
+        if head is not None and "sh" in head:  # its shadow's counters are kept too
+            doc = yield from self._shadow_doc(agent_id)
+            if doc is not None:
+                in_force += windows_for(self._shadow(agent_id, doc), now)
+        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes, in_force)
         result: Body = yield Run(shard, step, at=micros(now), write=False)
         lapsed = bool(result["lapsed"])
         while "more" in result:  # a batch of due expiries was committed: the rest next

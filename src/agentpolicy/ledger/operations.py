@@ -98,6 +98,21 @@ def _usage(
     return usage
 
 
+def _in_force(
+    shadows: rollout.ShadowSource | None,
+    view: View,
+    books: Books,
+    a: Assessment,
+    levels: list[Level],
+    now: datetime,
+) -> tuple[Window, ...]:
+    """The calendar windows in force now: the live policies' and the shadows' on the way."""
+    in_force = a.windows_in_force()
+    if shadows is not None and rollout.shadowed(books.head, levels):
+        in_force += rollout.shadow_windows(shadows, view, books.head, levels, now)
+    return in_force
+
+
 def _prepare(
     view: View,
     txn: Txn,
@@ -108,9 +123,12 @@ def _prepare(
     names: dict[BookKey, str],
     levels: list[Level],
     now: int,
+    in_force: tuple[Window, ...],
 ) -> list[str]:
     """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling.
 
+    ``in_force`` are the calendar windows of the policies (live and shadow)
+    that apply now: a counter is kept until the window under its key ends.
     Returns the agents whose heads still have expiries due (more than one
     batch was): the step must then commit these and run again.
     """
@@ -124,7 +142,6 @@ def _prepare(
         expire_due(view, txn, cfg, shard, books, now, level.head)
         if more_due(level.head, now):
             more.append(level.head.agent)
-    in_force = a.windows_in_force()
     for book in list(books.by_name.values()):
         book.prune(now, cfg.counter_grace, in_force)
     for t in a.tallies:
@@ -192,7 +209,8 @@ def authorize(
         ancestors = [(lv.agent, lv.policy, lv.grant) for lv in levels] if levels else ()
         a = assess(policy, request, now, grant=grant, ancestors=ancestors)
         names = _book_names(agent, a)
-        more = _prepare(view, txn, cfg, shard, books, a, names, levels, now_us)
+        in_force = _in_force(shadows, view, books, a, levels, now)
+        more = _prepare(view, txn, cfg, shard, books, a, names, levels, now_us, in_force)
         if more:  # expiries past one batch: commit these, and the call runs the step again
             books.write(txn)
             txn.result = {"more": more}

@@ -38,7 +38,7 @@ from agentpolicy.ledger.tallies import ClockBehindError
 from agentpolicy.ledger.trees import Level, PolicySource
 from agentpolicy.policy import AgentPolicy, ScopedLimit
 from agentpolicy.records import Delegation
-from agentpolicy.rules import Assessment, BookKey, Verdict, assess, judge
+from agentpolicy.rules import Assessment, BookKey, Verdict, assess, judge, windows_for
 from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import Txn
 from agentpolicy.windows import Window
@@ -53,6 +53,7 @@ __all__ = [
     "judge_shadows",
     "promote_shadow",
     "set_shadow",
+    "shadow_windows",
     "shadowed",
     "try_shadows",
 ]
@@ -151,6 +152,30 @@ def _books_of(
 
 NO_TRIALS = Trials()
 """No shadow judged the payment (never changed)."""
+
+
+def shadow_windows(
+    source: ShadowSource, view: View, head: Head, levels: Iterable[Level], now: datetime
+) -> tuple[Window, ...]:
+    """The calendar windows of the shadow policies on the agent's way, now.
+
+    A book keeps a counter until the window in force under its key ends,
+    and a shadow is judged on the same counters as the live policy: so the
+    counters a shadow in another timezone still counts in are kept too
+    (else the live policy's pruning dropped them, and the shadow, and the
+    policy once promoted, started that window from zero).
+    """
+    found: tuple[Window, ...] = ()
+    for owner in (head, *(lv.head for lv in levels)):
+        serial = owner.body.get("sh")
+        if serial is None:
+            continue
+        name = keys.shadow(owner.agent)
+        view.read((name,), guess=(name,))
+        doc = view.doc(name)
+        if doc is not None and doc.get("id") == serial:
+            found += windows_for(source(owner.agent, doc), now)
+    return found
 
 
 def try_shadows(
