@@ -31,6 +31,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from agentpolicy.errors import StorageUnavailableError
+from agentpolicy.storage._turns import Turns
 from agentpolicy.storage.base import Doc, Outcome, Txn
 from agentpolicy.storage.postgres import (
     _Call,
@@ -122,25 +123,47 @@ async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) 
 
 
 class _AsyncPostgresSession(_SessionSteps):
-    """A session on an AsyncConnection: the shared steps, awaited by :func:`_drive`."""
+    """A session on an AsyncConnection: the shared steps, awaited by :func:`_drive`.
 
-    __slots__ = ()
+    A writing session first waits for its turn on the shard among this
+    process's writers (:mod:`agentpolicy.storage._turns`), so tasks of one
+    process waiting for the same agent's row do not hold the pool's
+    connections meanwhile.
+    """
+
+    __slots__ = ("turn",)
 
     storage: AsyncPostgresStorage
 
     async def __aenter__(self) -> _AsyncPostgresSession:
-        self.conn = await self.storage._getconn()
+        self.turn = False
+        if self.write:
+            await self.storage._turns.take(self.shard)
+            self.turn = True
+        try:
+            self.conn = await self.storage._getconn()
+        except BaseException:
+            self._give_turn()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         conn = self.conn
-        if conn is None:
-            return
         try:
-            await _drive(self._exit_steps(), self)
+            if conn is None:
+                return
+            try:
+                await _drive(self._exit_steps(), self)
+            finally:
+                self.conn = None
+                await self.storage._putconn(conn)
         finally:
-            self.conn = None
-            await self.storage._putconn(conn)
+            self._give_turn()
+
+    def _give_turn(self) -> None:
+        if self.turn:
+            self.turn = False
+            self.storage._turns.give(self.shard)
 
     async def _replace(self) -> None:
         conn = self.conn
@@ -202,6 +225,7 @@ class AsyncPostgresStorage(_PostgresBase):
             self._conninfo, kwargs=self._kwargs, **self._pool_options
         )
         self._lock = asyncio.Lock()
+        self._turns = Turns()
 
     # -- connections -----------------------------------------------------------------------------
 

@@ -29,9 +29,8 @@ import redis.asyncio.cluster
 import redis.exceptions
 from redis.asyncio.retry import Retry
 
-from agentpolicy.errors import StorageUnavailableError
-from agentpolicy.ledger.runner import RETRY_SECONDS
 from agentpolicy.storage import _redis_protocol as rp
+from agentpolicy.storage._turns import Turns
 from agentpolicy.storage.base import Doc, Outcome, Txn
 
 __all__ = ["AsyncRedisStorage"]
@@ -73,72 +72,33 @@ class _AsyncRedisSession:
         return await self.storage.drive(self.storage.keys.commit(self.prefix, txn))
 
 
-class _Turns:
-    """Writers of one shard in this process take turns (an ``asyncio.Lock`` and its users).
-
-    Redis sessions are optimistic: a commit that lost to another is run again.
-    Hundreds of tasks of one process writing to one agent would mostly lose to
-    each other (300 at once: up to 96 gave up after 100 attempts and 5 s); in turn,
-    each commits at its first attempt. Only other processes' commits can still
-    conflict. The lock goes when its last user leaves, so a process that paid
-    for a million agents keeps no lock per agent.
-    """
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-
-
 class _Opened:
     """``async with storage.session(shard)``: checks the prefix's schema once.
 
     A writer waits for its turn on the shard among this process's writers
-    (see :class:`_Turns`).
+    (see :mod:`agentpolicy.storage._turns`).
     """
 
-    __slots__ = ("session", "turns", "write")
+    __slots__ = ("session", "turn", "write")
 
     def __init__(self, session: _AsyncRedisSession, write: bool) -> None:
         self.session = session
         self.write = write
-        self.turns: _Turns | None = None
+        self.turn = False
 
     async def __aenter__(self) -> _AsyncRedisSession:
         session = self.session
         storage = session.storage
         await storage._check_schema()
         if self.write:
-            turns = storage._turns.get(session.shard)
-            if turns is None:
-                turns = storage._turns[session.shard] = _Turns()
-            turns.users += 1
-            try:
-                async with asyncio.timeout(RETRY_SECONDS):
-                    await turns.lock.acquire()
-            except BaseException as exc:
-                self._leave(turns, held=False)
-                if isinstance(exc, TimeoutError):
-                    raise StorageUnavailableError(
-                        f"other calls of this process kept the agent busy for {RETRY_SECONDS:g} s;"
-                        " nothing was changed"
-                    ) from None
-                raise
-            self.turns = turns
+            await storage._turns.take(session.shard)
+            self.turn = True
         return session
 
     async def __aexit__(self, *exc: object) -> None:
-        turns, self.turns = self.turns, None
-        if turns is not None:
-            self._leave(turns, held=True)
-
-    def _leave(self, turns: _Turns, *, held: bool) -> None:
-        if held:
-            turns.lock.release()
-        turns.users -= 1
-        if not turns.users:
-            del self.session.storage._turns[self.session.shard]
+        if self.turn:
+            self.turn = False
+            self.session.storage._turns.give(self.session.shard)
 
 
 class AsyncRedisStorage:
@@ -195,7 +155,7 @@ class AsyncRedisStorage:
         self._commit = self.client.register_script(rp.script())
         self._schema_checked = False
         self._schema_lock = asyncio.Lock()
-        self._turns: dict[str, _Turns] = {}
+        self._turns = Turns()
 
     async def _check_schema(self) -> None:
         """Convert data of agentpolicy 0.1 under this prefix, once (on first use)."""
@@ -288,9 +248,9 @@ class AsyncRedisStorage:
         """A session on ``shard``, used as ``async with``.
 
         Optimistic: nothing is held on the server. A writing session waits
-        (at most :data:`~agentpolicy.ledger.runner.RETRY_SECONDS`) for the
-        other writing sessions of this storage on the same shard, so tasks of
-        one process do not make each other's commits conflict.
+        for the other writing sessions of this storage on the same shard, so
+        tasks of one process do not make each other's commits conflict (see
+        :mod:`agentpolicy.storage._turns`).
         """
         return _Opened(_AsyncRedisSession(self, shard), write)
 

@@ -1,0 +1,67 @@
+"""Async PostgreSQL: tasks of one process waiting for one agent's row leave the pool to others.
+
+Each writing session holds a pooled connection for its whole transaction,
+and waits in the server for the agent's row while another holds it. Tasks
+of one process writing to one agent at once held every connection of the
+pool that way, so the rest of them, and calls for any other agent, found
+no connection within the pool timeout (300 tasks on a busy host: up to 111
+failed). They now take turns in the process first (``storage._turns``):
+one connection waits for the row, the others stay free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from agentpolicy import AsyncPolicyEngine, PolicyEngine, open_storage
+from agentpolicy.storage.postgres import PostgresStorage
+from agentpolicy.storage.postgres_async import AsyncPostgresStorage
+from agentpolicy.testing import ManualClock, payment
+from tests.test_postgres_cancel import lock_agent_row, wait_until_blocked
+
+LIMIT = {"limits": {"daily": {"value": "1000"}}}
+
+
+@pytest.mark.timeout(60)
+def test_tasks_waiting_for_one_agents_row_leave_the_pool_to_the_other_agents(
+    pg_schema: str,
+) -> None:
+    clock = ManualClock()
+    with PolicyEngine(storage=open_storage(pg_schema), clock=clock) as direct:
+        direct.set_policy("agent-1", LIMIT)
+        direct.set_policy("agent-2", LIMIT)
+
+    async def main() -> tuple[Any, list[Any]]:
+        aengine = AsyncPolicyEngine(
+            PostgresStorage(pg_schema, pool_size=1),
+            clock,
+            async_storage=AsyncPostgresStorage(
+                pg_schema, pool_size=2, pool_timeout=timedelta(seconds=1)
+            ),
+        )
+        async with aengine:
+            await aengine.budget("agent-2")  # the store is set up, its pool open
+            locker = await asyncio.to_thread(lock_agent_row, pg_schema, "agent-1")
+            try:
+                waiting = [
+                    asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
+                    for _ in range(5)
+                ]
+                # one of them waits in the server for agent-1's row
+                await asyncio.to_thread(wait_until_blocked, pg_schema, threading.Event())
+                try:
+                    other: Any = await aengine.authorize(payment(1, agent_id="agent-2"))
+                except Exception as exc:  # what it was is the finding
+                    other = exc
+            finally:
+                await asyncio.to_thread(locker.close)
+            return other, await asyncio.gather(*waiting, return_exceptions=True)
+
+    other, waited = asyncio.run(main())
+    assert getattr(other, "allowed", other) is True  # agent-2 found a free connection
+    assert [getattr(d, "allowed", d) for d in waited] == [True] * 5  # and agent-1's waited
