@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from agentpolicy import AsyncPolicyEngine, PolicyEngine, open_storage
+from agentpolicy.storage import _turns
 from agentpolicy.storage.postgres import PostgresStorage
 from agentpolicy.storage.postgres_async import AsyncPostgresStorage
 from agentpolicy.testing import ManualClock, payment
@@ -65,3 +66,47 @@ def test_tasks_waiting_for_one_agents_row_leave_the_pool_to_the_other_agents(
     other, waited = asyncio.run(main())
     assert getattr(other, "allowed", other) is True  # agent-2 found a free connection
     assert [getattr(d, "allowed", d) for d in waited] == [True] * 5  # and agent-1's waited
+
+
+@pytest.mark.timeout(120)
+def test_writers_in_line_wait_as_long_as_the_first_may_wait_for_a_row_another_process_holds(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first writer waits in the server for the row (up to lock_timeout); the line waits too.
+
+    Before, the writers behind it gave up after RETRY_SECONDS (5 s) although the
+    store answered and the row came within lock_timeout (10 s): another process
+    holding agent-1's row for 7 s, 1 of 3 authorizes passed and 2 failed with
+    "the store does not answer" (each had waited for the row itself before the
+    line). Here the line's own bound is made short (0.2 s) and the row held for
+    longer (1 s), far within lock_timeout (30 s).
+    """
+    monkeypatch.setattr(_turns, "RETRY_SECONDS", 0.2)
+    clock = ManualClock()
+    with PolicyEngine(storage=open_storage(pg_schema), clock=clock) as direct:
+        direct.set_policy("agent-1", LIMIT)
+
+    async def main() -> list[Any]:
+        aengine = AsyncPolicyEngine(
+            PostgresStorage(pg_schema, pool_size=1),
+            clock,
+            async_storage=AsyncPostgresStorage(
+                pg_schema, pool_size=2, lock_timeout=timedelta(seconds=30)
+            ),
+        )
+        async with aengine:
+            await aengine.budget("agent-1")  # the store is set up, its pool open
+            locker = await asyncio.to_thread(lock_agent_row, pg_schema, "agent-1")
+            try:
+                waiting = [
+                    asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
+                    for _ in range(3)
+                ]
+                await asyncio.to_thread(wait_until_blocked, pg_schema, threading.Event())
+                await asyncio.sleep(1)  # five times the line's own bound
+            finally:
+                await asyncio.to_thread(locker.close)
+            return await asyncio.gather(*waiting, return_exceptions=True)
+
+    waited = asyncio.run(main())
+    assert [getattr(d, "allowed", d) for d in waited] == [True] * 3

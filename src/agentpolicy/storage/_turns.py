@@ -13,8 +13,10 @@ attempt. Other processes still contend as before, in the store.
 Turns go in the order writers came, each handed to the next directly. A
 turn is waited for as long as the line moves: a writer gives up (with
 ``STORAGE_UNAVAILABLE``, nothing changed) only when no turn began in the
-line for :data:`~agentpolicy.ledger.runner.RETRY_SECONDS`, that is when the
-writer ahead is stuck (its store does not answer). A long line that moves,
+line for :data:`~agentpolicy.ledger.runner.RETRY_SECONDS` (or the store's
+own bound on one writer's turn, when a turn may take longer: PostgreSQL's
+waits for a row another process holds), that is when the writer ahead is
+stuck (its store does not answer). A long line that moves,
 however long, is waited out. A writer cancelled while it waits leaves its
 place; one cancelled as its turn came hands it on. A line is dropped when
 its last writer leaves, so a process that paid for a million agents keeps
@@ -58,16 +60,18 @@ class _Line:
 class Turns:
     """The lines of one store's writers, by shard (use it on one event loop)."""
 
-    __slots__ = ("lines",)
+    __slots__ = ("lines", "patience")
 
-    def __init__(self) -> None:
+    def __init__(self, patience: float | None = None) -> None:
         self.lines: dict[str, _Line] = {}
+        self.patience = patience
+        """How long a line may stand still (seconds; ``None``: ``RETRY_SECONDS``)."""
 
     async def take(self, shard: str) -> None:
         """Wait for this task's turn on ``shard``; :meth:`give` it back when done.
 
         Raises :class:`~agentpolicy.errors.StorageUnavailableError` when the
-        line did not move for ``RETRY_SECONDS`` (see the module docs).
+        line did not move for :attr:`patience` (see the module docs).
         """
         line = self.lines.get(shard)
         if line is None:
@@ -80,7 +84,7 @@ class Turns:
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         line.waiting.append(turn)
         try:
-            await _wait(line, turn)
+            await _wait(line, turn, RETRY_SECONDS if self.patience is None else self.patience)
         except BaseException:
             if turn.done() and not turn.cancelled():
                 line.hand_on()  # the turn came as this writer left: the next one has it
@@ -102,17 +106,17 @@ class Turns:
             del self.lines[shard]
 
 
-async def _wait(line: _Line, turn: asyncio.Future[None]) -> None:
-    """Wait until ``turn`` comes, as long as the line moves."""
+async def _wait(line: _Line, turn: asyncio.Future[None], patience: float) -> None:
+    """Wait until ``turn`` comes, as long as the line moved within ``patience`` seconds."""
     while not turn.done():
-        left = line.moved + RETRY_SECONDS - time.monotonic()
+        left = line.moved + patience - time.monotonic()
         if left <= 0:
-            raise _stuck()
+            raise _stuck(patience)
         await asyncio.wait((turn,), timeout=left)  # then look again: the line may have moved
 
 
-def _stuck() -> StorageUnavailableError:
+def _stuck(patience: float) -> StorageUnavailableError:
     return StorageUnavailableError(
-        f"the call ahead of this one on the same agent has not ended in {RETRY_SECONDS:g} s "
+        f"the call ahead of this one on the same agent has not ended in {patience:g} s "
         "(the store does not answer); nothing was changed"
     )

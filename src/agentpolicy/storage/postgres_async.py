@@ -225,7 +225,10 @@ class AsyncPostgresStorage(_PostgresBase):
             self._conninfo, kwargs=self._kwargs, **self._pool_options
         )
         self._lock = asyncio.Lock()
-        self._turns = Turns()
+        # A writer's turn may wait for a pooled connection, then for the agent's row that
+        # another process holds (up to lock_timeout, in one round trip): the line waits that
+        # out, as each of its writers waited for the row before they took turns.
+        self._turns = Turns(self._pool_options["timeout"] + self.round_trip_timeout)
 
     # -- connections -----------------------------------------------------------------------------
 
