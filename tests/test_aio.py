@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -280,6 +282,35 @@ def test_close_waits_for_a_payment_under_way_and_refuses_one_not_yet_sent() -> N
     events = [h.event for h in engine.history("agent-1", 10)]
     assert events.count("confirm") == 1
     assert events.count("release") == 1
+    engine.close()
+
+
+def test_close_waits_for_a_block_that_never_ends_no_longer_than_its_reservation_lives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker's block waiting on a queue the caller empties only after close() hung it forever."""
+    engine = PolicyEngine(clock=ManualClock(), reservation_ttl=timedelta(seconds=1))
+    engine.set_policy("agent-1", DAILY_100)
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        entered, never = asyncio.Event(), asyncio.Event()
+
+        async def worker() -> None:
+            async with aengine.payment(payment(1_000_000, agent_id="agent-1")):
+                entered.set()
+                await never.wait()
+
+        task = asyncio.create_task(worker())
+        await entered.wait()
+        await asyncio.wait_for(aengine.close(), 60)  # it hung here
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, PolicyError)):
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="agentpolicy.aio"):
+        asyncio.run(main())
+    assert any("waiting for 1 payment block(s) under way" in r.getMessage() for r in caplog.records)
     engine.close()
 
 

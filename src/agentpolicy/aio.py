@@ -39,6 +39,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -80,6 +81,11 @@ __all__ = ["AsyncPolicyEngine"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+_log = logging.getLogger("agentpolicy.aio")
+
+_WARN_AFTER = 5.0
+"""Seconds close() waits for payment blocks under way before it says so in the log."""
 
 _SETTLING: contextvars.ContextVar[AsyncPolicyEngine | None] = contextvars.ContextVar(
     "agentpolicy_aio_settling", default=None
@@ -546,8 +552,10 @@ class AsyncPolicyEngine:
         cancelled; a release a cancelled block starts while it waits is
         waited for too), and for payment blocks under way to leave (their
         confirm or release is admitted; any other call they make, ``mark_sent``
-        included, is refused, so no payment starts once closing began); only
-        then does it close the stores. Closing again (or at the
+        included, is refused, so no payment starts once closing began; a block
+        not cancelled is waited for at most ``reservation_ttl``, and a wait
+        past 5 s is logged on ``agentpolicy.aio``); only then does it close
+        the stores. Closing again (or at the
         same time, from any task, even one whose payment block is cancelled)
         waits for the first close to end. A close() that is cancelled (a
         shutdown deadline) stops waiting, but the closing goes on: the
@@ -590,20 +598,41 @@ class AsyncPolicyEngine:
         wait for this.
         """
         loop = asyncio.get_running_loop()
+        bound = self._engine.reservation_ttl.total_seconds()
+        deadline = loop.time() + bound
+        warn_at: float | None = loop.time() + min(_WARN_AFTER, bound / 2)
         while True:
             skip = self._closers
+            now = loop.time()
             waits: list[asyncio.Future[Any]] = [t for t in self._tasks if t not in skip]
             waits += [asyncio.wrap_future(f) for f in self._running]
-            waits += [
+            blocks = [
                 left
                 for task, left in self._blocks.values()
-                if task is not None and task not in skip and not task.done()
+                if task is not None
+                and task not in skip
+                and not task.done()
+                and (task.cancelling() or now < deadline)  # a block not cancelled: until its TTL
             ]
-            if not waits and not self._inflight:  # native calls in flight on other tasks
+            if not waits and not blocks and not self._inflight:  # (native calls in flight)
                 return
+            timeout = None
+            if blocks and warn_at is not None and now >= warn_at:
+                warn_at = None
+                _log.warning(
+                    "agentpolicy: close() is waiting for %d payment block(s) under way, for at "
+                    "most %g s (by then their reservations have expired); cancel or finish the "
+                    "tasks that run them before closing the engine",
+                    len(blocks),
+                    bound,
+                )
+            if blocks:
+                timeout = max(0.0, (deadline if warn_at is None else warn_at) - now)
             self._wake = wake = loop.create_future()
             try:
-                await asyncio.wait([*waits, wake], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [*waits, *blocks, wake], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 self._wake = None
 
