@@ -12,7 +12,9 @@ one connection waits for the row, the others stay free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +30,35 @@ from tests.test_postgres_cancel import lock_agent_row, wait_until_blocked
 LIMIT = {"limits": {"daily": {"value": "1000"}}}
 
 
+def native_engine(url: str, clock: ManualClock, **options: Any) -> AsyncPolicyEngine:
+    """An engine on the async store with a pool of two connections."""
+    return AsyncPolicyEngine(
+        PostgresStorage(url, pool_size=1),
+        clock,
+        async_storage=AsyncPostgresStorage(url, pool_size=2, **options),
+    )
+
+
+@contextlib.asynccontextmanager
+async def agent_1s_row_held(
+    aengine: AsyncPolicyEngine, url: str, writers: int
+) -> AsyncIterator[list[asyncio.Task[Any]]]:
+    """Another connection holds agent-1's row; ``writers`` authorizes of agent-1 are started.
+
+    Yields once one of them waits in the server for the row; lets the row go on leaving.
+    """
+    locker = await asyncio.to_thread(lock_agent_row, url, "agent-1")
+    try:
+        waiting = [
+            asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
+            for _ in range(writers)
+        ]
+        await asyncio.to_thread(wait_until_blocked, url, threading.Event())
+        yield waiting
+    finally:
+        await asyncio.to_thread(locker.close)
+
+
 @pytest.mark.timeout(60)
 def test_tasks_waiting_for_one_agents_row_leave_the_pool_to_the_other_agents(
     pg_schema: str,
@@ -38,29 +69,15 @@ def test_tasks_waiting_for_one_agents_row_leave_the_pool_to_the_other_agents(
         direct.set_policy("agent-2", LIMIT)
 
     async def main() -> tuple[Any, list[Any]]:
-        aengine = AsyncPolicyEngine(
-            PostgresStorage(pg_schema, pool_size=1),
-            clock,
-            async_storage=AsyncPostgresStorage(
-                pg_schema, pool_size=2, pool_timeout=timedelta(seconds=1)
-            ),
-        )
+        aengine = native_engine(pg_schema, clock, pool_timeout=timedelta(seconds=1))
         async with aengine:
             await aengine.budget("agent-2")  # the store is set up, its pool open
-            locker = await asyncio.to_thread(lock_agent_row, pg_schema, "agent-1")
-            try:
-                waiting = [
-                    asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
-                    for _ in range(5)
-                ]
-                # one of them waits in the server for agent-1's row
-                await asyncio.to_thread(wait_until_blocked, pg_schema, threading.Event())
+            # one of agent-1's writers waits in the server for its row
+            async with agent_1s_row_held(aengine, pg_schema, 5) as waiting:
                 try:
                     other: Any = await aengine.authorize(payment(1, agent_id="agent-2"))
                 except Exception as exc:  # what it was is the finding
                     other = exc
-            finally:
-                await asyncio.to_thread(locker.close)
             return other, await asyncio.gather(*waiting, return_exceptions=True)
 
     other, waited = asyncio.run(main())
@@ -87,25 +104,11 @@ def test_writers_in_line_wait_as_long_as_the_first_may_wait_for_a_row_another_pr
         direct.set_policy("agent-1", LIMIT)
 
     async def main() -> list[Any]:
-        aengine = AsyncPolicyEngine(
-            PostgresStorage(pg_schema, pool_size=1),
-            clock,
-            async_storage=AsyncPostgresStorage(
-                pg_schema, pool_size=2, lock_timeout=timedelta(seconds=30)
-            ),
-        )
+        aengine = native_engine(pg_schema, clock, lock_timeout=timedelta(seconds=30))
         async with aengine:
             await aengine.budget("agent-1")  # the store is set up, its pool open
-            locker = await asyncio.to_thread(lock_agent_row, pg_schema, "agent-1")
-            try:
-                waiting = [
-                    asyncio.create_task(aengine.authorize(payment(1, agent_id="agent-1")))
-                    for _ in range(3)
-                ]
-                await asyncio.to_thread(wait_until_blocked, pg_schema, threading.Event())
+            async with agent_1s_row_held(aengine, pg_schema, 3) as waiting:
                 await asyncio.sleep(1)  # five times the line's own bound
-            finally:
-                await asyncio.to_thread(locker.close)
             return await asyncio.gather(*waiting, return_exceptions=True)
 
     waited = asyncio.run(main())

@@ -548,6 +548,22 @@ def test_a_settlement_whose_confirm_fails_is_kept_for_reconciliation(
     assert spent_and_reserved(engine) == (PRICE, 0)
 
 
+async def cancel_during_the_authorize(
+    aengine: AsyncPolicyEngine, store: FaultyStorage, signer: CountingSigner
+) -> None:
+    """Start an x402 payment of ``bot`` and cancel it once its authorize is in the store."""
+    client = x402Client()
+    client.register(NETWORK, ExactEvmClientScheme(signer))
+    guard_x402(client, aengine, "bot")
+    store.stall()
+    task = asyncio.create_task(client.create_payment_payload(payment_required()))
+    await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
+    task.cancel()  # the authorize is in the store: it will still commit
+    store.resume()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved() -> None:
     store = FaultyStorage()
     engine = PolicyEngine(storage=store, clock=ManualClock())  # type: ignore[arg-type]
@@ -556,16 +572,7 @@ def test_an_x402_call_cancelled_during_its_authorize_releases_what_it_reserved()
 
     async def main() -> None:
         async with AsyncPolicyEngine.from_engine(engine) as aengine:
-            client = x402Client()
-            client.register(NETWORK, ExactEvmClientScheme(signer))
-            guard_x402(client, aengine, "bot")
-            store.stall()
-            task = asyncio.create_task(client.create_payment_payload(payment_required()))
-            await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
-            task.cancel()  # the authorize is in the store: it will still commit
-            store.resume()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await cancel_during_the_authorize(aengine, store, signer)
             deadline = time.monotonic() + 30  # the release runs in the background: wait for it
             while [h.event for h in await aengine.history("bot", 1)] != ["release"]:
                 assert time.monotonic() < deadline, "the background release never ran"
@@ -584,16 +591,7 @@ def test_an_engine_closed_right_after_a_cancelled_x402_call_has_released_what_it
 
     async def main() -> None:
         aengine = AsyncPolicyEngine.from_engine(engine)
-        client = x402Client()
-        client.register(NETWORK, ExactEvmClientScheme(signer))
-        guard_x402(client, aengine, "bot")
-        store.stall()
-        task = asyncio.create_task(client.create_payment_payload(payment_required()))
-        await asyncio.get_running_loop().run_in_executor(None, store.stalled.wait, 10)
-        task.cancel()  # the authorize is in the store: it will still commit
-        store.resume()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_during_the_authorize(aengine, store, signer)
         await aengine.close()  # at once: it waits for the release under way
 
     asyncio.run(main())

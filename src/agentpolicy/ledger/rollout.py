@@ -167,15 +167,21 @@ def shadow_windows(
     """
     found: tuple[Window, ...] = ()
     for owner in (head, *(lv.head for lv in levels)):
-        serial = owner.body.get("sh")
-        if serial is None:
-            continue
-        name = keys.shadow(owner.agent)
-        view.read((name,), guess=(name,))
-        doc = view.doc(name)
-        if doc is not None and doc.get("id") == serial:
+        doc = _shadow_of(view, owner)
+        if doc is not None:
             found += windows_for(source(owner.agent, doc), now)
     return found
+
+
+def _shadow_of(view: View, head: Head) -> Body | None:
+    """The shadow document ``head`` names, if it has one (reads it when it does)."""
+    serial = head.body.get("sh")
+    if serial is None:
+        return None
+    name = keys.shadow(head.agent)
+    view.read((name,), guess=(name,))
+    doc = view.doc(name)
+    return doc if doc is not None and doc.get("id") == serial else None
 
 
 def try_shadows(
@@ -229,13 +235,8 @@ def judge_shadows(
     live = {(live_books[(t.owner, t.book)], t.key) for t in a.tallies}
     found = Trials()
     for index, (head, live_policy) in enumerate(owners):
-        serial = head.body.get("sh")
-        if serial is None:
-            continue
-        name = keys.shadow(head.agent)
-        view.read((name,), guess=(name,))
-        doc = view.doc(name)
-        if doc is None or doc.get("id") != serial:
+        doc = _shadow_of(view, head)
+        if doc is None:
             continue
         shadow = source(head.agent, doc)
         if index == 0:
@@ -250,7 +251,7 @@ def judge_shadows(
         except ClockBehindError:
             continue
         usage = _usage(books, where, sa, now_us)
-        found.trials.append(Trial(head.agent, name, doc, judge(sa, usage)))
+        found.trials.append(Trial(head.agent, keys.shadow(head.agent), doc, judge(sa, usage)))
         found.extra += [e for e in extra if e not in found.extra]
     return found
 
