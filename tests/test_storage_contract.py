@@ -17,6 +17,7 @@ from agentpolicy import (
     PolicyValidationError,
     ReservationStatus,
 )
+from agentpolicy.ledger.flows import Run
 from agentpolicy.ledger.state import EXPIRE_BATCH
 from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend
@@ -693,6 +694,50 @@ def test_a_counter_a_shadow_in_another_timezone_still_counts_in_is_kept(
     engine.promote_shadow_policy("agent-1")
     assert engine.authorize(payment(99 * USDT)).code == Code.DAILY_LIMIT
     assert engine.budget("agent-1").periods["daily"].spent.value == 101 * USDT  # type: ignore[index]
+
+
+@pytest.mark.parametrize("change", ["policy", "shadow"])
+def test_a_budget_read_across_a_policy_change_drops_no_counter_the_new_policy_counts_in(
+    backend: Backend, change: str
+) -> None:
+    """``budget`` took the windows from the head it read, then pruned in a later step.
+
+    A policy (or a shadow, promoted later) set in between, Troll to UTC at
+    23:30 UTC on 29 March, met a prune by Troll's windows: the day's counter
+    went while UTC's day was in force, and 100 more passed against a daily
+    limit of 100.
+    """
+    limits = {"limits": {"daily": {"value": str(100 * USDT)}}}
+    clock = ManualClock(datetime(2026, 3, 29, 10, tzinfo=UTC))
+    engine = backend.engine(clock)
+    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "Antarctica/Troll"}})
+    rid = engine.authorize(payment(100 * USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    clock.set(datetime(2026, 3, 29, 23, 30, tzinfo=UTC))  # Troll's day ended 1.5 h ago
+
+    def budget_with_a_policy_set_before_its_step() -> Any:
+        flow = engine._budget("agent-1")
+        request, changed = next(flow), False
+        while True:
+            if isinstance(request, Run) and not changed:  # the head was read: change it now
+                utc = {**limits, "timeRules": {"timezone": "UTC"}}
+                if change == "policy":
+                    engine.set_policy("agent-1", utc)
+                else:
+                    engine.set_shadow_policy("agent-1", utc)
+                changed = True
+            try:
+                request = flow.send((yield request))
+            except StopIteration as done:
+                assert changed
+                return done.value
+
+    engine._drive(budget_with_a_policy_set_before_its_step())
+    if change == "shadow":
+        engine.promote_shadow_policy("agent-1")
+    assert engine.authorize(payment(100 * USDT)).code == Code.DAILY_LIMIT
+    assert engine.budget("agent-1").periods["daily"].spent.value == 100 * USDT  # type: ignore[index]
 
 
 _ROLLING_10 = {"window": "1h", "amount": {"value": str(10 * USDT), "decimals": 6, "symbol": "USDT"}}

@@ -980,7 +980,9 @@ class PolicyEngine(Voting):
             doc = yield from self._shadow_doc(agent_id)
             if doc is not None:
                 in_force += windows_for(self._shadow(agent_id, doc), now)
-        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes, in_force)
+        read_under = (0, None) if head is None else (head["pv"], head.get("sh"))
+        step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes, in_force,
+                                  read_under)  # fmt: skip
         result: Body = yield Run(shard, step, at=micros(now), write=False)
         lapsed = bool(result["lapsed"])
         while "more" in result:  # a batch of due expiries was committed: the rest next

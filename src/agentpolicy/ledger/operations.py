@@ -754,6 +754,7 @@ def refresh(
     rolling: list[tuple[str, int]],
     scopes: dict[str, list[tuple[str, int]]],
     windows: tuple[Window, ...] = (),
+    read_under: tuple[int, Any] | None = None,
 ) -> Step:
     """Bring the agent's books up to now (expiries, ended windows, rolling windows) and read them.
 
@@ -761,6 +762,10 @@ def refresh(
     ``scopes`` maps each scope name to its rolling counters (the same in
     every group); ``windows`` the calendar windows of the agent's policy
     now (a counter is kept until the window in force under its key ends).
+    ``read_under`` is the policy version and shadow serial (``"pv"``,
+    ``"sh"``) of the head ``windows`` were taken from: when the head names
+    others by the time the step runs (a policy or shadow set in between),
+    no counter is dropped, since ``windows`` may not be the ones in force.
     The result is ``{"books": {name: body}, "groups": {book: [scope,
     group]}, "expired": ..., "lapsed": ...}``, or ``{"more": True,
     "expired": ..., "lapsed": ...}`` when more expiries were due than one
@@ -781,9 +786,11 @@ def refresh(
             books.write(txn)
             txn.result = {"more": True, "expired": expired, "lapsed": lapsed}
             return
+        current = read_under is None or read_under == (head.body["pv"], head.body.get("sh"))
         for name in [head.name, *owners]:  # (expiry may have touched books of others)
             book = books[name]
-            book.prune(now_us, cfg.counter_grace, windows)
+            if current:
+                book.prune(now_us, cfg.counter_grace, windows)
             counters = rolling if book is head else scopes.get(owners[name][0], [])
             for key, seconds in counters:
                 if now_us >= book.counters.get(key, {}).get("t", 0):  # a late read moves nothing
