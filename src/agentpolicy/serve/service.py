@@ -158,14 +158,19 @@ class Service:
             self._csrf = await self.sync(self.tokens.csrf_key)
         return b64(hmac.new(self._csrf, binding.encode(), hashlib.sha256).digest())
 
-    async def check_csrf(self, request: Request, binding: str, presented: object) -> None:
-        """Refuse a POST from another site, or whose CSRF token is not the one ``binding`` gives."""
+    @staticmethod
+    def check_origin(request: Request) -> None:
+        """Refuse a POST whose ``Origin`` is another site, or whose ``Sec-Fetch-Site`` says so."""
         origin = request.headers.get("origin")
         if origin and urlsplit(origin).netloc != request.headers.get("host"):
             raise Denied(403, "Refused", "This form was sent from another site.")
         site = request.headers.get("sec-fetch-site")
         if site not in (None, "same-origin", "none"):
             raise Denied(403, "Refused", "This form was sent from another site.")
+
+    async def check_csrf(self, request: Request, binding: str, presented: object) -> None:
+        """Refuse a POST from another site, or whose CSRF token is not the one ``binding`` gives."""
+        self.check_origin(request)
         expected = await self.csrf(binding)
         if not isinstance(presented, str) or not hmac.compare_digest(presented, expected):
             raise Denied(403, "Refused", "This form has expired: reload the page and try again.")
@@ -203,11 +208,17 @@ class Service:
             return None
         return Caller(session.token, session)
 
-    async def require(self, request: Request, roles: tuple[str, ...]) -> Caller:
-        """The caller, who must have one of ``roles`` (else 401, or 403)."""
+    async def require(
+        self, request: Request, roles: tuple[str, ...], *, signin: bool = True
+    ) -> Caller:
+        """The caller, who must have one of ``roles`` (else 401, or 403).
+
+        ``signin=False``: a browser that is not signed in gets the 401 itself,
+        never the redirect to ``/signin`` (a script's request, not a page).
+        """
         caller = await self.caller(request)
         if caller is None:
-            raise Denied(401, "Sign in", "Sign in to see this page.", signin=True)
+            raise Denied(401, "Sign in", "Sign in to see this page.", signin=signin)
         if caller.token.role not in roles:
             raise Denied(403, "Not for this token",
                           f"A {caller.token.role} token may not see this page.")  # fmt: skip

@@ -127,15 +127,22 @@ class Pages:
             return error_page(status, f"{err.message} ({err.code}).", "Refused")
 
     async def approvals(self, request: Request) -> Response:
-        """``GET /approvals``: the caller's pending approvals (``?fragment=1``: the list only)."""
-        caller = await self.s.require(request, PAGE_ROLES)
+        """``GET /approvals``: the caller's pending approvals (``?fragment=1``: the list only).
+
+        The list alone is what ``app.js`` polls: signed out, it is a plain 401
+        (the script then says the session ended), never the redirect to
+        ``/signin``, which ``fetch`` would follow and put the sign-in page
+        inside the list.
+        """
+        fragment = bool(request.query_params.get("fragment"))
+        caller = await self.s.require(request, PAGE_ROLES, signin=not fragment)
         shown = await self.s.visible_approvals(caller)
         cards = [await self.s.card(a, caller, None) for a in shown[:MAX_CARDS]]
         more = max(0, len(shown) - MAX_CARDS)
         n = len(shown)
         summary = f"{n} pending approval{'s' if n != 1 else ''} for you" + \
             f", as of {pages.when(self.s.engine.clock())}."  # fmt: skip
-        if request.query_params.get("fragment"):
+        if fragment:
             return html(pages.render("_list.html", approvals=cards, more=more),
                          headers={"X-Approvals-Summary": summary})  # fmt: skip
         values = await self.s.page_values(caller)
@@ -417,7 +424,13 @@ class Pages:
         return token
 
     async def signout(self, request: Request) -> Response:
-        """``POST /signout``: forget the session and its cookie."""
+        """``POST /signout``: forget the session and its cookie.
+
+        A POST from another site is refused even without a session: a
+        cross-site form carries no ``SameSite=Strict`` cookie, and answering it
+        with the cookie's deletion would sign the browser out.
+        """
+        self.s.check_origin(request)
         form = await _form(request)
         secret = request.cookies.get(self.s.session_cookie)
         caller = await self.s.caller(request, bearer=False)

@@ -1,0 +1,109 @@
+"""Defects an adversarial probe of ``agentpolicy serve`` found, each over real HTTP.
+
+The service runs in uvicorn on a loopback port (``serve_helpers.Served``);
+the browser is an ``httpx`` client that sends what a browser would, cookies
+included or (a cross-site request: the cookies are ``SameSite=Strict``) not.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from agentpolicy import PaymentRequest, PolicyEngine
+from agentpolicy.testing import ManualClock
+from serve_helpers import LINK_SECRET, Served
+
+
+def _policy(*approvers: str) -> dict[str, Any]:
+    return {"limits": {"daily": {"value": "1000000000"}},
+            "approvalConfig": {"thresholds": [{"amount": {"value": "100000000"},
+                                               "requiredApprovers": 1,
+                                               "approvers": list(approvers)}]}}  # fmt: skip
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    engine = PolicyEngine(clock=ManualClock(), link_secret=LINK_SECRET)
+    engine.set_policy("bot", _policy("alice"))
+    try:
+        with Served(engine) as s:
+            yield s
+    finally:
+        engine.close()
+
+
+def _value(page: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]+)"', page)
+    assert match is not None, f"no {name} in the page"
+    return html.unescape(match.group(1))
+
+
+def _signed_in(served: Served, token: str) -> httpx.Client:
+    browser = httpx.Client(base_url=served.url, follow_redirects=False, timeout=30)
+    form = browser.get("/signin")
+    moved = browser.post("/signin", data={"token": token, "csrf": _value(form.text, "csrf")})
+    assert moved.status_code == 303
+    assert browser.cookies.get("agentpolicy_session")
+    return browser
+
+
+def test_a_cross_site_sign_out_without_the_cookie_is_refused_and_deletes_no_cookie(
+    served: Served,
+) -> None:
+    # A cross-site form POSTs to /signout. The browser sends no SameSite=Strict cookie with
+    # it, so the service sees no session; it used to answer 303 with a Set-Cookie deleting
+    # agentpolicy_session, which a browser applies to a top-level navigation: the person
+    # was signed out by any site they visited.
+    browser = _signed_in(served, served.token("approver", approver="alice"))
+    cross_site = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site",
+                  "Accept": "text/html"}  # fmt: skip
+    with httpx.Client(base_url=served.url, follow_redirects=False, timeout=30) as stranger:
+        for headers in (cross_site, {"Sec-Fetch-Site": "cross-site"},
+                        {"Origin": "https://evil.example"}):  # fmt: skip
+            r = stranger.post("/signout", data={}, headers=headers)
+            assert r.status_code == 403, headers
+            assert "set-cookie" not in r.headers, headers
+        r = stranger.post("/signout", data={}, headers={**cross_site, "Accept": "application/json"})
+        assert r.status_code == 403
+        assert r.json()["error"]["code"] == "FORBIDDEN"
+        # a same-origin sign-out without a session is still just the way back to /signin
+        r = stranger.post("/signout", data={}, headers={"Sec-Fetch-Site": "same-origin"})
+        assert r.status_code == 303
+    assert browser.get("/approvals").status_code == 200  # still signed in
+    browser.close()
+
+
+def test_the_polled_list_of_a_signed_out_browser_is_a_401_not_the_sign_in_page(
+    served: Served,
+) -> None:
+    # app.js polls /approvals?fragment=1 with Accept: text/html and shows "Your session
+    # ended" on a 401. The service answered a signed-out poll with a 303 to /signin, which
+    # fetch follows: the script got the sign-in page (200) and put it inside the list, a
+    # sign-in form whose next is the bare fragment.
+    approval = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    assert approval.approval_id is not None
+    created, token = served.tokens.create("approver", approver="alice")
+    browser = _signed_in(served, token)
+    poll = {"Accept": "text/html"}
+    listed = browser.get("/approvals", params={"fragment": "1"}, headers=poll)
+    assert listed.status_code == 200
+    assert approval.approval_id in listed.text
+    served.tokens.revoke(created.id)  # its sessions end at once
+    for client in (browser, httpx.Client(base_url=served.url, follow_redirects=True)):
+        r = client.get("/approvals", params={"fragment": "1"}, headers=poll)
+        assert r.status_code == 401
+        assert "location" not in r.headers
+        assert 'action="/signin"' not in r.text
+        assert approval.approval_id not in r.text
+        client.close()
+    # the whole page still takes a signed-out browser to /signin, and back here after
+    with httpx.Client(base_url=served.url, follow_redirects=False) as page:
+        r = page.get("/approvals", headers=poll)
+        assert r.status_code == 303
+        assert r.headers["location"] == "/signin?next=/approvals"
