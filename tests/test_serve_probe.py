@@ -107,3 +107,38 @@ def test_the_polled_list_of_a_signed_out_browser_is_a_401_not_the_sign_in_page(
         r = page.get("/approvals", headers=poll)
         assert r.status_code == 303
         assert r.headers["location"] == "/signin?next=/approvals"
+
+
+def test_a_vote_after_the_session_ended_signs_in_back_to_its_approval_not_a_404(
+    served: Served,
+) -> None:
+    # An approver's session ends while the approval is open; Approve sends the browser to
+    # sign in. It was sent with next=/approvals/vote, and after signing in to
+    # GET /approvals/vote: "There is no approval vote." (404).
+    approval = served.engine.authorize(PaymentRequest("bot", "200000000", "0xv", "eip155:8453"))
+    approval_id = approval.approval_id
+    assert approval_id is not None
+    created, token = served.tokens.create("approver", approver="alice")
+    browser = _signed_in(served, token)
+    page = browser.get(f"/approvals/{approval_id}").text
+    csrf = _value(page[page.find('name="approval"') :], "csrf")
+    served.tokens.revoke(created.id)
+    vote = {"approval": approval_id, "decision": "approve", "csrf": csrf}
+    r = browser.post("/approvals/vote", data=vote, headers={"Accept": "text/html"})
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/signin?next=/approvals/{approval_id}"
+    form = browser.get(r.headers["location"])
+    moved = browser.post("/signin", data={
+        "token": served.token("approver", approver="alice"), "csrf": _value(form.text, "csrf"),
+        "next": _value(form.text, "next")})  # fmt: skip
+    assert moved.headers["location"] == f"/approvals/{approval_id}"
+    shown = browser.get(moved.headers["location"], headers={"Accept": "text/html"})
+    assert shown.status_code == 200
+    assert 'value="approve"' in shown.text  # the vote form again
+    assert served.engine.get_approval(approval_id).status.value == "pending"
+    # a form naming no real approval still goes to a page on this site
+    browser.cookies.clear()
+    r = browser.post("/approvals/vote", data={**vote, "approval": "//evil.example/x"},
+                     headers={"Accept": "text/html"})  # fmt: skip
+    assert r.headers["location"] == "/signin?next=/approvals/%252F%252Fevil.example%252Fx"
+    browser.close()

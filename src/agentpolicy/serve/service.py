@@ -91,6 +91,7 @@ class Denied(Exception):  # noqa: N818 - an answer, not a bug
         *,
         signin: bool = False,
         code: str | None = None,
+        then: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -98,6 +99,8 @@ class Denied(Exception):  # noqa: N818 - an answer, not a bug
         self.message = message
         self.signin = signin
         self.code = code
+        self.then = then
+        """Where a browser sent to sign in goes after (``None``: the page it asked for)."""
 
 
 @attrs.frozen

@@ -107,9 +107,12 @@ class Pages:
                               headers={"WWW-Authenticate": challenge("invalid_token")})  # fmt: skip
         except Denied as denied:
             if denied.status == 401 and denied.signin and wants_html(request) and not json:
-                target = quote(
-                    request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                )
+                then = denied.then
+                if then is None and request.method in ("GET", "HEAD"):  # back to this page
+                    query = request.url.query
+                    then = request.url.path + (f"?{query}" if query else "")
+                # a POST's own path is no page to come back to (GET /approvals/vote is a 404)
+                target = quote(then or "/approvals")
                 return RedirectResponse(f"/signin?next={target}", status_code=303)
             headers = {"WWW-Authenticate": challenge()} if denied.status == 401 else None
             if json:
@@ -326,7 +329,8 @@ class Pages:
     async def _session_voter(self, request: Request, csrf: object, approval_id: str) -> Caller:
         caller = await self.s.caller(request, bearer=False)
         if caller is None or caller.session is None:
-            raise Denied(401, "Sign in", "Sign in to vote.", signin=True)
+            raise Denied(401, "Sign in", "Sign in to vote.", signin=True,
+                         then="/approvals/" + quote(approval_id, safe=""))  # fmt: skip
         await self.s.check_csrf(request, vote_binding(caller.session.key, approval_id), csrf)
         if not caller.voter:
             raise Denied(403, "Refused", "This sign-in may look at approvals but votes as no "
