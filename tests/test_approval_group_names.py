@@ -158,3 +158,20 @@ def test_an_approval_stored_with_groups_of_three_fields_reads_and_tallies_as_bef
     assert votes(engine, first, "alice", "cfo") == ["pending", "approved"]
     assert votes(engine, second, "cfo", "alice") == ["pending", "approved"]
     assert engine.get_approval(first).reservation_id is not None
+
+
+def test_the_command_line_names_the_budget_of_groups_named_alike(engine: PolicyEngine) -> None:
+    """Two groups named "fleet" printed alike: the text output hid which budget each was."""
+    import io
+
+    from agentpolicy.cli_output import print_approval
+    from agentpolicy.views import approval_data
+
+    engine.set_policy("fleet", {**limits(10_000), **threshold(50, requiredApprovers=1,
+                                                                approvers=["cfo"])})  # fmt: skip
+    engine.delegate("fleet", "bot", {**limits(5_000),
+                                     **threshold(100, groups=[group("fleet", ["alice"], 1)])})  # fmt: skip
+    out = io.StringIO()
+    print_approval(approval_data(engine.get_approval(held(engine))), out)
+    assert "group fleet (budget bot): 1 of alice\n" in out.getvalue()
+    assert "group fleet (budget fleet): 1 of cfo\n" in out.getvalue()

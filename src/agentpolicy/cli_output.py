@@ -150,9 +150,16 @@ def print_approval(data: dict[str, Any], out: TextIO) -> None:
         f"    needs {data['requiredApprovers']} of {', '.join(data['approvers'])}; "
         f"expires {data['expiresAt']}\n"
     )
-    for g in data.get("groups", ()):
-        own = (None, g["name"], data["agentId"])
-        budget = f" (budget {g['budget']})" if g.get("budget") not in own else ""
+    groups = data.get("groups", ())
+    names = [g["name"].casefold() for g in groups]
+    for g in groups:
+        # a budget is named when it is not the group's own, or when another budget has a
+        # group of the same name (two levels may name their groups alike)
+        alike = names.count(g["name"].casefold()) > 1
+        shown = g.get("budget") is not None and (
+            alike or g["budget"] not in (g["name"], data["agentId"])
+        )
+        budget = f" (budget {g['budget']})" if shown else ""
         who = ", ".join(g["approvers"])
         out.write(f"    group {g['name']}{budget}: {g['required']} of {who}\n")
     if "requestedBy" in data:
