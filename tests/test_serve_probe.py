@@ -8,7 +8,9 @@ included or (a cross-site request: the cookies are ``SameSite=Strict``) not.
 from __future__ import annotations
 
 import html
+import logging
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,3 +144,26 @@ def test_a_vote_after_the_session_ended_signs_in_back_to_its_approval_not_a_404(
                      headers={"Accept": "text/html"})  # fmt: skip
     assert r.headers["location"] == "/signin?next=/approvals/%252F%252Fevil.example%252Fx"
     browser.close()
+
+
+def test_a_callers_path_writes_no_control_characters_into_the_log(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The log records who voted ("approve on apr_... as alice via a session of token ...").
+    # A request path is percent-decoded, and a refused bearer token logged it as it was:
+    # anyone could put terminal escapes (move the cursor up, erase that line) and a forged
+    # vote line after them into that log, without a valid token.
+    caplog.set_level(logging.INFO, logger="agentpolicy.serve")
+    forged = ("/agents/x%1B%5B1A%1B%5B2KINFO:agentpolicy.serve:approve%20on%20apr_1_bot"
+              "%20as%20alice%20via%20a%20session%20of%20token%203f9a")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(f"GET {forged} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
+                     "Authorization: Bearer nope\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    refused = [r.getMessage() for r in caplog.records if "refused a" in r.getMessage()]
+    assert len(refused) == 1
+    assert refused[0].isprintable(), repr(refused[0])
+    assert "\\x1b[1A" in refused[0]

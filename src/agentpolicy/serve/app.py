@@ -39,7 +39,7 @@ from agentpolicy.serve.errors import error_response
 from agentpolicy.serve.limits import BodyLimit
 from agentpolicy.serve.mcp_http import McpEndpoint
 from agentpolicy.serve.metrics import Metrics
-from agentpolicy.serve.service import Denied, ServeOptions, Service
+from agentpolicy.serve.service import Denied, ServeOptions, Service, loggable
 from agentpolicy.serve.web import Pages
 from agentpolicy.storage import AsyncStorage
 
@@ -249,9 +249,10 @@ class _Guard:
         try:
             await self.app(scope, receive, with_headers)
         except ClientDisconnect:  # the caller went away: nobody to answer
-            log.info("%s %s: the client disconnected", scope.get("method"), path)
+            log.info("%s %s: the client disconnected", scope.get("method"), loggable(path))
         except Exception:
-            log.exception("%s %s failed", scope.get("method"), path)  # the log, not the caller
+            # the log, not the caller
+            log.exception("%s %s failed", scope.get("method"), loggable(path))
             if started:  # part of an answer went out: all that is left is to end it
                 return
             failed = error_response(scope, 500, "The service failed to answer this request; "

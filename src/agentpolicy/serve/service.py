@@ -45,6 +45,7 @@ __all__ = [
     "Unauthorized",
     "html",
     "local_path",
+    "loggable",
     "shows",
     "wants_html",
 ]
@@ -352,6 +353,18 @@ def local_path(target: str | None, default: str) -> str:
     if target and target.startswith("/") and not target.startswith(("//", "/\\")):
         return target
     return default
+
+
+def loggable(text: str) -> str:
+    """``text`` for the service's log: every character that is not printable escaped.
+
+    A request's path is percent-decoded: written as it is, a caller's ``%1B``
+    or ``%0D`` would put terminal escapes or a line of its own making into
+    the log that records who voted.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def html(text: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:

@@ -45,6 +45,7 @@ from agentpolicy.serve.service import (
     b64,
     html,
     local_path,
+    loggable,
     shows,
     vote_binding,
     wants_html,
@@ -102,7 +103,7 @@ class Pages:
         try:
             return await handler(request)
         except Unauthorized as bad:  # a bearer header: an API caller, answered JSON
-            log.info("refused a %s token on %s", bad.reason, request.url.path)
+            log.info("refused a %s token on %s", bad.reason, loggable(request.url.path))
             return error_json(401, "the token is not valid (unknown, revoked or expired)",
                               headers={"WWW-Authenticate": challenge("invalid_token")})  # fmt: skip
         except Denied as denied:
