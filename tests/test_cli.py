@@ -522,6 +522,17 @@ def test_budget_shows_rolling_count_and_scoped_limits(tmp_path: Path) -> None:
     assert "of 9 USDT; 7 left" in shown
     data = json.loads(run(tmp_path, "--json", "budget", "bot").stdout)
     assert {x["window"] for x in data["limits"]} == {"daily", "24h", "10m"}
+    # --period: that window alone (the daily limit showed again under --period hourly, as
+    # an extra line worded "frees", with the rolling, count and scoped limits)
+    hourly = run(tmp_path, "budget", "bot", "--period", "hourly").stdout.splitlines()
+    assert len(hourly) == 2, hourly
+    assert hourly[1].split()[:3] == ["hourly", "no", "limit"]
+    daily = run(tmp_path, "budget", "bot", "--period", "daily").stdout
+    assert "vendors (0xvendor) daily" in daily
+    assert daily.count("of 100 USDT; 98 left") == 1  # once, as its bar ("until")
+    assert "of 100 USDT; 98 left (until " in daily
+    for elsewhere in ("24h", "10m"):
+        assert elsewhere not in daily
 
 
 def test_delegate_revoke_and_a_budget_within_its_parents(tmp_path: Path) -> None:

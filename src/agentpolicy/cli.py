@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import io
 import json
 import logging
@@ -806,7 +807,8 @@ def _run(
     elif cmd in ("confirm", "release"):
         emit(_settle(args, engine), _line("{reservationId}: {status}"))
     elif cmd == "budget":
-        emit(budget_data(engine.budget(args.agent, args.period)), show.print_budget)
+        emit(budget_data(engine.budget(args.agent, args.period)),
+             functools.partial(show.print_budget, period=args.period))  # fmt: skip
     elif cmd == "delegate":
         emit(_delegate(args, engine), show.print_delegation)
     elif cmd == "revoke":

@@ -85,17 +85,24 @@ def _units(value: str | None, decimals: int) -> str:
     return format_units(int(value), decimals)
 
 
-def print_budget(data: dict[str, Any], out: TextIO) -> None:
-    """A bar per window: spent, reserved, limit and what is left."""
+def print_budget(data: dict[str, Any], out: TextIO, period: str | None = None) -> None:
+    """A bar per window: spent, reserved, limit and what is left.
+
+    With ``period`` (``budget --period``), only that window: the main
+    token's bar and the limits of that window (other tokens, scopes,
+    counts), here and in every budget above.
+    """
     out.write(f"budget of {data['agentId']} at {data['at']}\n")
-    for period, w in data["periods"].items():
+    for name, w in data["periods"].items():
+        if period is not None and name != period:
+            continue
         d, sym = w["decimals"], w["symbol"]
         used = int(w["spent"]) + int(w["reserved"])
         if w["limit"] is None:
-            out.write(f"  {period:<8} no limit       spent {_units(w['spent'], d)} {sym}\n")
+            out.write(f"  {name:<8} no limit       spent {_units(w['spent'], d)} {sym}\n")
             continue
         out.write(
-            f"  {period:<8} {_bar(used, int(w['limit']))} "
+            f"  {name:<8} {_bar(used, int(w['limit']))} "
             f"spent {_units(w['spent'], d)} + reserved {_units(w['reserved'], d)} "
             f"of {_units(w['limit'], d)} {sym}; {_units(w['remaining'], d)} left "
             f"(until {w['windowEnd']})\n"
@@ -103,6 +110,8 @@ def print_budget(data: dict[str, Any], out: TextIO) -> None:
     main = _main_symbol(data)
     others = [x for x in data.get("limits", []) if x["kind"] != "amount" or "scope" in x
               or x["window"] not in data["periods"] or x["symbol"] != main]  # fmt: skip
+    if period is not None:
+        others = [x for x in others if x["window"] == period]
     for x in others:
         where = f"{x['scope']} ({x['group']}) " if "scope" in x else ""
         frees = f" (frees {x['freesAt']})" if "freesAt" in x else ""
@@ -125,7 +134,7 @@ def print_budget(data: dict[str, Any], out: TextIO) -> None:
     for above in data.get("ancestors", []):
         out.write(f"within the budget of {above['agentId']}:\n")
         buffer = io.StringIO()
-        print_budget(above, buffer)
+        print_budget(above, buffer, period)
         out.write("".join(buffer.getvalue().splitlines(keepends=True)[1:]))
 
 
