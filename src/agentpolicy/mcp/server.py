@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from agentpolicy._checks import check_identifier, person, raise_if
+from agentpolicy._checks import check_identifier, check_record_id, person, raise_if
 from agentpolicy.codec import dump_policy, format_instant, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
 from agentpolicy.durations import parse_duration, parse_since
@@ -335,7 +335,7 @@ class AgentPolicyMcpServer:
             (p for p in self.engine.list_policies(a.get("orgId")) if self._may_see(p.agent_id)),
             key=lambda p: p.agent_id,
         )
-        page, cursor = _page(policies, lambda p: [p.agent_id], a)
+        page, cursor = _page(policies, lambda p: [p.agent_id], a, _policy_cursor)
         rows = [{"agentId": p.agent_id, "enabled": p.policy.enabled, "version": p.version}
                 for p in page]  # fmt: skip
         return _with_cursor({"policies": rows}, cursor)
@@ -394,7 +394,9 @@ class AgentPolicyMcpServer:
             (x for x in self.engine.list_approvals(agent_id) if self._may_see(x.agent_id)),
             key=lambda x: (x.created_at, x.id),
         )
-        page, cursor = _page(approvals, lambda x: [x.created_at.isoformat(), x.id], a)
+        page, cursor = _page(
+            approvals, lambda x: [x.created_at.isoformat(), x.id], a, _approval_cursor
+        )
         return _with_cursor({"approvals": [approval_data(x) for x in page]}, cursor)
 
     def _approvals_get(self, a: dict[str, Any]) -> dict[str, Any]:
@@ -584,17 +586,26 @@ class AgentPolicyMcpServer:
 
 
 def _page(
-    entries: Sequence[T], key: Callable[[T], list[str]], a: Mapping[str, Any]
+    entries: Sequence[T],
+    key: Callable[[T], list[str]],
+    a: Mapping[str, Any],
+    shaped: Callable[[list[str]], bool],
 ) -> tuple[Sequence[T], str | None]:
     """One page of ``entries`` (sorted by ``key``) after ``a["cursor"]``, and the next cursor.
 
     A cursor names the last entry of its page, so an entry that leaves the
-    list between two pages shifts nothing.
+    list between two pages shifts nothing. A cursor whose key is not shaped
+    as ``key`` makes them (``shaped``) is ``INVALID_INPUT``: it is no cursor
+    of this listing.
     """
     limit: int = a.get("limit", DEFAULT_PAGE)
     start = 0
     if "cursor" in a:
         after = _read_cursor(a["cursor"])
+        if not shaped(after):
+            raise PolicyValidationError.single(
+                "$.cursor", "is not a cursor of this listing: pass the nextCursor of the last page"
+            )
         start = next((i for i, e in enumerate(entries) if key(e) > after), len(entries))
     page = entries[start : start + limit]
     more = start + limit < len(entries)
@@ -615,6 +626,26 @@ def _read_cursor(cursor: str) -> list[str]:
             "$.cursor", "is not a cursor of this listing: pass the nextCursor of the last page"
         )
     return key
+
+
+def _policy_cursor(key: list[str]) -> bool:
+    """Whether ``key`` is shaped as a key of ``agent_policy_list``: one agent id."""
+    return len(key) == 1 and not check_identifier(key[0], "$.cursor")
+
+
+def _approval_cursor(key: list[str]) -> bool:
+    """Whether ``key`` is shaped as a key of ``agent_policy_approvals_list``.
+
+    An instant as ``datetime.isoformat`` writes it (with its offset), then an
+    approval id.
+    """
+    if len(key) != 2 or check_record_id(key[1], "$.cursor"):
+        return False
+    try:
+        instant = datetime.fromisoformat(key[0])
+    except ValueError:
+        return False
+    return instant.tzinfo is not None and instant.isoformat() == key[0]
 
 
 _VERSION_KEY = re.compile(r"[1-9][0-9]{0,18}")

@@ -1,0 +1,85 @@
+"""Found by probing the MCP tools from the governed agent's side: each test is one defect."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from agentpolicy.mcp import AgentPolicyMcpServer
+from agentpolicy.storage import MemoryStorage
+from agentpolicy.testing import ManualClock
+
+USDT = 1_000_000
+NEEDS_APPROVAL = {
+    "approvalConfig": {
+        "thresholds": [{"amount": {"value": "1"}, "requiredApprovers": 1,
+                        "approvers": ["admin@company.com"]}]
+    }
+}  # fmt: skip
+
+
+def _cursor(key: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+@pytest.fixture
+def admin() -> AgentPolicyMcpServer:
+    server = AgentPolicyMcpServer(storage=MemoryStorage(), role="admin", clock=ManualClock())
+    for agent in ("acme:a", "acme:b", "acme:c"):
+        assert server.call("agent_policy_set", {"agentId": agent, "policy": NEEDS_APPROVAL})[
+            "success"
+        ]
+        pay = {"agentId": agent, "amount": str(5 * USDT), "recipient": "0xv",
+               "network": "eip155:8453"}  # fmt: skip
+        assert server.call("agent_policy_authorize", pay)["data"]["requiresApproval"]
+    return server
+
+
+# A cursor names the last entry of its page: [createdAt, approval id] for approvals_list,
+# [agent id] for list. Any JSON list of strings passed before: [] answered the first page
+# again, ["zz"] an empty last page, as if they were cursors of the listing.
+APPROVAL_KEYS: list[Any] = [
+    [], ["zz"], ["", ""], ["a", "b", "c"], ["2026-01-19T10:00:00+00:00"],
+    ["not an instant", "apr_x"], ["2026-01-19T10:00:00", "apr_x"],  # no offset
+    ["2026-01-19 10:00:00+00:00", "apr_x"], ["2026-01-19T10:00:00Z", "apr_x"],  # not as written
+    ["2026-01-19T10:00:00+00:00", ""], ["2026-01-19T10:00:00+00:00", "apr_\x00"],
+]  # fmt: skip
+POLICY_KEYS: list[Any] = [[], ["acme:a", "acme:b"], [""], [" acme:a"], ["acme:\x00"], ["x" * 300]]
+
+
+@pytest.mark.parametrize("key", APPROVAL_KEYS)
+def test_an_approvals_cursor_shaped_unlike_the_listings_keys_is_invalid_input(
+    admin: AgentPolicyMcpServer, key: Any
+) -> None:
+    found = admin.call("agent_policy_approvals_list", {"cursor": _cursor(key)})
+    assert found["success"] is False, found
+    assert (found["error"]["code"], found["error"]["path"]) == ("INVALID_INPUT", "$.cursor")
+
+
+@pytest.mark.parametrize("key", POLICY_KEYS)
+def test_a_policy_list_cursor_shaped_unlike_the_listings_keys_is_invalid_input(
+    admin: AgentPolicyMcpServer, key: Any
+) -> None:
+    found = admin.call("agent_policy_list", {"cursor": _cursor(key)})
+    assert found["success"] is False, found
+    assert (found["error"]["code"], found["error"]["path"]) == ("INVALID_INPUT", "$.cursor")
+
+
+def test_the_cursors_the_listings_hand_out_still_page_and_name_no_entry_that_must_exist(
+    admin: AgentPolicyMcpServer,
+) -> None:
+    first = admin.call("agent_policy_approvals_list", {"limit": 2})["data"]
+    rest = admin.call("agent_policy_approvals_list", {"cursor": first["nextCursor"]})["data"]
+    assert [a["agentId"] for a in first["approvals"] + rest["approvals"]] == [
+        "acme:a", "acme:b", "acme:c"]  # fmt: skip
+    last = first["approvals"][-1]
+    gone = admin.call("agent_policy_approvals_list", {"cursor": _cursor(
+        [last["createdAt"].replace("Z", "+00:00"), last["id"][:-1] + "0"])})  # fmt: skip
+    assert gone["success"] is True  # a well-shaped key of an entry since decided still pages
+    page = admin.call("agent_policy_list", {"limit": 1})["data"]
+    assert page["nextCursor"] == _cursor(["acme:a"])
+    after = admin.call("agent_policy_list", {"cursor": _cursor(["acme:aa"])})["data"]
+    assert [p["agentId"] for p in after["policies"]] == ["acme:b", "acme:c"]
