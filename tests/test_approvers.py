@@ -218,6 +218,19 @@ def test_an_expired_signature_is_refused_and_changes_nothing(
     assert engine.decide(aid, "alice", "approve", **at_the_edge).approvals == 1
 
 
+def test_a_signed_vote_keeps_the_whole_second_it_signed(engine: PolicyEngine) -> None:
+    """The message signs whole seconds: a fraction added to ``signed_at`` was recorded as signed."""
+    alice = SigningKey.generate()
+    engine.register_approver("alice", alice.public_key)
+    aid = held(engine)
+    signed = sign(engine, alice, aid, "alice")
+    claimed = signed["signed_at"].replace(microsecond=999_000)
+    vote = engine.decide(aid, "alice", "approve", signature=signed["signature"],
+                         signed_at=claimed).votes[0]  # fmt: skip
+    assert vote.signed_at == claimed.replace(microsecond=0)
+    assert engine.get_approval(aid).votes[0].signed_at == claimed.replace(microsecond=0)
+
+
 def test_require_signed_votes_refuses_unsigned_votes_and_unregistered_approvers(
     engine: PolicyEngine,
 ) -> None:

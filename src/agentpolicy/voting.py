@@ -238,8 +238,11 @@ class Voting:
                 f"{current.version}) for this store, approval, decision, time and comment",
                 code=ErrorCode.APPROVER_NOT_AUTHORIZED,
             )
+        # the signature covers whole seconds: the vote keeps the instant it signed, not a
+        # fraction of a second the caller added to it afterwards
+        whole = signed_at.replace(microsecond=0)
         return VoteProof(via="signature", key_version=current.version, registered=True,
-                         signature=signature, signed_at=signed_at)  # fmt: skip
+                         signature=signature, signed_at=whole)  # fmt: skip
 
     # -- one-time links --------------------------------------------------------------------
 
