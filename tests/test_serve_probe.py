@@ -167,3 +167,53 @@ def test_a_callers_path_writes_no_control_characters_into_the_log(
     assert len(refused) == 1
     assert refused[0].isprintable(), repr(refused[0])
     assert "\\x1b[1A" in refused[0]
+
+
+def test_healthz_keeps_the_stores_words_for_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    # /healthz needs no token: it answered anyone with the store's error, which may name a
+    # SQLite file's path or a server's host
+    from tests.faulty import FaultyStorage
+
+    storage = FaultyStorage()
+    engine = PolicyEngine(storage=storage, clock=ManualClock())  # type: ignore[arg-type]
+    try:
+        with Served(engine) as s:
+            storage.down = True
+            with caplog.at_level(logging.WARNING, logger="agentpolicy.serve"):
+                down = httpx.get(s.url + "/healthz", timeout=30)
+            assert down.status_code == 503
+            assert down.json() == {"status": "unavailable",
+                                   "store": "the store failed (the reason is in the service's log)"}  # fmt: skip
+            assert "the store is down (test)" in caplog.text
+            storage.down = False
+    finally:
+        engine.close()
+
+
+def test_an_approval_not_shown_to_the_caller_reads_as_one_that_does_not_exist(
+    served: Served,
+) -> None:
+    # "There is no approval X." for a missing id, "... for you." for another's: the page
+    # told an approver which ids existed (the MCP tools answer both alike)
+    served.engine.set_policy("other", _policy("bob"))
+    theirs = served.engine.authorize(PaymentRequest("other", "200000000", "0xv", "eip155:8453"))
+    assert theirs.approval_id is not None
+    missing = theirs.approval_id[:-8] + "0" * 8  # the same shape, no such approval
+    browser = _signed_in(served, served.token("approver", approver="alice"))
+    answers = []
+    for approval_id in (theirs.approval_id, missing):
+        for accept in ("text/html", "application/json"):
+            r = browser.get(f"/approvals/{approval_id}", headers={"Accept": accept})
+            assert r.status_code == 404
+            answers.append(r.text.replace(approval_id, "ID"))
+    assert answers[:2] == answers[2:]
+    browser.close()
+
+
+def test_a_token_of_a_role_beginning_with_a_vowel_is_an_agent_token(served: Served) -> None:
+    # "A agent token may not see this page."
+    bearer = f"Bearer {served.token('agent', agent_id='bot')}"
+    with httpx.Client(base_url=served.url, timeout=30) as agent:
+        r = agent.get("/approvals", headers={"Authorization": bearer, "Accept": "application/json"})
+    assert r.status_code == 403
+    assert "An agent token may not see this page." in r.text

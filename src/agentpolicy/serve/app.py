@@ -75,8 +75,7 @@ def create_app(
             with anyio.fail_after(2.0):
                 await anyio.to_thread.run_sync(s.tokens.ping, abandon_on_cancel=True)
         except (PolicyError, TimeoutError) as err:
-            reason = err.message if isinstance(err, PolicyError) else "no answer within 2 s"
-            return JSONResponse({"status": "unavailable", "store": reason}, status_code=503)
+            return JSONResponse({"status": "unavailable", "store": _unhealthy(err)}, 503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
@@ -274,3 +273,14 @@ def _loopback_host(scope: Scope) -> bool:
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             return is_loopback(name)
     return False
+
+
+def _unhealthy(err: Exception) -> str:
+    """What ``/healthz`` tells anyone of a failed store; the store's own words go to the log.
+
+    They may name a file or a host, and ``/healthz`` needs no token.
+    """
+    if isinstance(err, PolicyError):
+        log.warning("healthz: the store is unavailable: %s", err.message)
+        return "the store failed (the reason is in the service's log)"
+    return "no answer within 2 s"

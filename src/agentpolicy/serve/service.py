@@ -224,8 +224,9 @@ class Service:
         if caller is None:
             raise Denied(401, "Sign in", "Sign in to see this page.", signin=signin)
         if caller.token.role not in roles:
+            role = caller.token.role
             raise Denied(403, "Not for this token",
-                          f"A {caller.token.role} token may not see this page.")  # fmt: skip
+                          f"{_article(role)} {role} token may not see this page.")  # fmt: skip
         return caller
 
     async def page_values(self, caller: Caller | None) -> dict[str, Any]:
@@ -370,3 +371,8 @@ def loggable(text: str) -> str:
 def html(text: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
     """A page as a response."""
     return HTMLResponse(text, status_code=status, headers=headers)
+
+
+def _article(word: str) -> str:
+    """``An`` before a vowel (an admin, an agent, an approver), else ``A``."""
+    return "An" if word[:1].lower() in "aeiou" else "A"

@@ -202,22 +202,23 @@ class Pages:
         return page
 
     async def _shown(self, caller: Caller, approval_id: str) -> Approval:
+        """The approval, if the caller may see it; else the same 404 as for none at all.
+
+        The answer never tells an approval the caller may not see from one
+        that does not exist (as the MCP tools do).
+        """
+        hidden = Denied(
+            404,
+            "Not found",
+            f"There is no approval {approval_id} for you.",
+            code=ErrorCode.APPROVAL_NOT_FOUND,
+        )
         try:
             found = await self.s.aengine.get_approval(approval_id)
         except (NotFoundError, PolicyValidationError):
-            raise Denied(
-                404,
-                "Not found",
-                f"There is no approval {approval_id}.",
-                code=ErrorCode.APPROVAL_NOT_FOUND,
-            ) from None
+            raise hidden from None
         if not shows(caller, found):  # another organisation's, or (an approver) not naming it
-            raise Denied(
-                404,
-                "Not found",
-                f"There is no approval {approval_id} for you.",
-                code=ErrorCode.APPROVAL_NOT_FOUND,
-            )
+            raise hidden
         return found
 
     async def vote(self, request: Request) -> Response:
