@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agentpolicy.cli import main
 from agentpolicy.mcp import AgentPolicyMcpServer
 from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock
@@ -83,3 +86,44 @@ def test_the_cursors_the_listings_hand_out_still_page_and_name_no_entry_that_mus
     assert page["nextCursor"] == _cursor(["acme:a"])
     after = admin.call("agent_policy_list", {"cursor": _cursor(["acme:aa"])})["data"]
     assert [p["agentId"] for p in after["policies"]] == ["acme:b", "acme:c"]
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_voting_as_another_approver_does_not_sign_with_the_configured_approvers_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # AGENT_POLICY_APPROVER_KEY_FILE is the key of AGENT_POLICY_APPROVER only (docs/cli.md):
+    # `--as alice` signed alice's vote with cfo's key, refused as alice has no registered key
+    for name in [k for k in os.environ if k.startswith("AGENT_POLICY_")]:
+        monkeypatch.delenv(name)
+    db = ["--db", str(tmp_path / "cli.db")]
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"approvalConfig": {"thresholds": [{
+        "amount": {"value": "1"}, "requiredApprovers": 1, "approvers": ["cfo", "alice"]}]}}))  # fmt: skip
+    assert _cli(capsys, *db, "policy", "set", "bot", str(policy))[0] == 0
+    key = tmp_path / "cfo.key"
+    _, out, _ = _cli(capsys, *db, "--json", "approver", "keygen", str(key))
+    assert _cli(capsys, *db, "approver", "register", "cfo", json.loads(out)["publicKey"])[0] == 0
+    monkeypatch.setenv("AGENT_POLICY_APPROVER", "cfo")
+    monkeypatch.setenv("AGENT_POLICY_APPROVER_KEY_FILE", str(key))
+    _, out, _ = _cli(capsys, *db, "--json", "authorize", "bot", "5", "0xv", "eip155:8453")
+    approval = json.loads(out)["approvalId"]
+    status, out, err = _cli(
+        capsys, *db, "--json", "approvals", "approve", approval, "--as", "alice"
+    )
+    assert (status, err) == (0, "")
+    vote = json.loads(out)["decisions"][0]
+    assert (vote["approver"], "signature" in vote) == ("alice", False)
+    _, out, _ = _cli(capsys, *db, "--json", "authorize", "bot", "6", "0xv", "eip155:8453")
+    approval = json.loads(out)["approvalId"]  # the configured approver, however spelt, still signs
+    status, out, err = _cli(capsys, *db, "--json", "approvals", "approve", approval, "--as", "CFO")
+    assert (status, err) == (0, "")
+    assert json.loads(out)["decisions"][0]["via"] == "signature"

@@ -35,6 +35,7 @@ from typing import Any, NoReturn, TextIO
 
 from agentpolicy import __version__
 from agentpolicy import cli_output as show
+from agentpolicy._checks import person
 from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
 from agentpolicy.codec import dump_policy, load_policy, parse_instant
 from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
@@ -538,7 +539,8 @@ def _vote(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) ->
             "$.approver", "give --as NAME (or set AGENT_POLICY_APPROVER)"
         )
     key_file = args.key
-    if key_file is None and settings.approver is not None and args.approver in (None, approver):
+    configured = settings.approver
+    if key_file is None and configured is not None and person(approver) == person(configured):
         key_file = settings.approver_key_file  # the configured approver's own key only
     action = str(args.action)
     if key_file is None:
