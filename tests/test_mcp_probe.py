@@ -127,3 +127,35 @@ def test_voting_as_another_approver_does_not_sign_with_the_configured_approvers_
     status, out, err = _cli(capsys, *db, "--json", "approvals", "approve", approval, "--as", "CFO")
     assert (status, err) == (0, "")
     assert json.loads(out)["decisions"][0]["via"] == "signature"
+
+
+@pytest.mark.parametrize(("flag", "path"), [("--agent-id", "$.agentId"), ("--org-id", "$.orgId")])
+def test_serve_mcp_refuses_an_empty_binding_flag_instead_of_serving_every_agent(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    path: str,
+) -> None:
+    # `--agent-id "$AGENT"` with AGENT unset read as no flag: an agent-role server bound to
+    # nobody, which acts for every agent id of the store (AgentPolicyMcpServer refuses "")
+    from agentpolicy.mcp import stdio
+
+    for name in [k for k in os.environ if k.startswith("AGENT_POLICY_")]:
+        monkeypatch.delenv(name)
+    served: list[AgentPolicyMcpServer] = []
+
+    async def serve(app: AgentPolicyMcpServer) -> None:
+        served.append(app)
+
+    monkeypatch.setattr(stdio, "serve", serve)
+    db = tmp_path / "mcp.db"
+    status, out, err = _cli(capsys, "--db", str(db), "serve-mcp", flag, "")
+    assert [(s.bound_agent, s.bound_org) for s in served] == []
+    assert (status, out) == (2, "")
+    assert err == f"agentpolicy: INVALID_INPUT: {path}: must not be empty\n"
+    assert not db.exists()  # refused before the store was opened
+    status, _, err = _cli(capsys, "--db", str(db), "serve-mcp", flag, "acme")
+    assert (status, err) == (0, "")
+    assert [(s.bound_agent, s.bound_org) for s in served] == [
+        ("acme", None) if flag == "--agent-id" else (None, "acme")]  # fmt: skip

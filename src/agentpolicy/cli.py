@@ -35,7 +35,7 @@ from typing import Any, NoReturn, TextIO
 
 from agentpolicy import __version__
 from agentpolicy import cli_output as show
-from agentpolicy._checks import person
+from agentpolicy._checks import check_identifier, person, raise_if
 from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
 from agentpolicy.codec import dump_policy, load_policy, parse_instant
 from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
@@ -889,11 +889,19 @@ def _serve_mcp(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_ERROR
     import attrs  # noqa: PLC0415
 
+    # a flag given empty (--agent-id "$UNSET") is a mistake, never "unbound": checked before the
+    # store is opened, as the constructor would, so it neither serves every agent nor creates a file
+    raise_if(
+        problem
+        for flag, value in (("$.agentId", args.agent_id), ("$.orgId", args.org_id))
+        if value is not None
+        for problem in check_identifier(value, flag)
+    )
     settings = attrs.evolve(
         settings,
         role=args.role or settings.role,
-        agent_id=args.agent_id or settings.agent_id,
-        org_id=args.org_id or settings.org_id,
+        agent_id=settings.agent_id if args.agent_id is None else args.agent_id,
+        org_id=settings.org_id if args.org_id is None else args.org_id,
     )
     with _opening_the_store():
         app = stdio.make_app(settings)
