@@ -46,15 +46,31 @@ from agentpolicy.errors import PolicyValidationError
 from agentpolicy.guard import ApprovalRequired, AsyncPaymentGuard, PaymentDenied
 from agentpolicy.requests import PaymentRequest
 
+try:  # the run a tool runs in: pydantic-ai sets it around every run, nested ones included
+    from pydantic_ai._run_context import get_current_run_context
+except ImportError:  # pragma: no cover - a pydantic-ai without it: every run looks alike
+    _current_run: Callable[[], Any] | None = None
+else:
+    _current_run = get_current_run_context
+
 __all__ = ["GuardedTools", "RequestBuilder", "current_payment"]
 
 RequestBuilder = Callable[[dict[str, Any]], PaymentRequest]
 """Builds the payment a tool call makes from the call's validated arguments."""
 
-_current: ContextVar[AsyncPaymentGuard | None] = ContextVar(
+_current: ContextVar[tuple[AsyncPaymentGuard, str | None] | None] = ContextVar(
     "agentpolicy_pydantic_ai_payment", default=None
 )
-"""The guard of the guarded tool call running in this context (set around the call)."""
+"""The guard of the guarded tool call running in this context (set around the call), and the
+id of the agent run that called the tool."""
+
+
+def _run_id() -> str | None:
+    """The id of the pydantic-ai run whose code is running now, when it is known."""
+    if _current_run is None:  # pragma: no cover - depends on the pydantic-ai installed
+        return None
+    run = _current_run()
+    return None if run is None else run.run_id
 
 
 def current_payment() -> AsyncPaymentGuard:
@@ -68,19 +84,21 @@ def current_payment() -> AsyncPaymentGuard:
     the payment leaves: an exception after that holds the reservation
     (it counts as spent when it expires) instead of releasing it.
 
-    Outside a guarded tool (an unguarded tool, also one of an agent with
-    :class:`GuardedTools` that runs inside a guarded tool; code outside any
-    tool) it raises :class:`~agentpolicy.errors.PolicyValidationError`
+    Outside a guarded tool (an unguarded tool, also one of another agent,
+    with :class:`GuardedTools` or without, that runs inside a guarded tool;
+    code outside any tool) it raises :class:`~agentpolicy.errors.PolicyValidationError`
     (``INVALID_INPUT``), since there is no payment to mark.
     """
-    guard = _current.get()
-    if guard is None:
+    current = _current.get()
+    # a tool of another agent run inside the guarded tool (one without GuardedTools, whose
+    # tools nothing resets this for) is not making this payment: it would pay uncounted
+    if current is None or (current[1] is not None and _run_id() not in (None, current[1])):
         raise PolicyValidationError.single(
             "$",
             "current_payment() is called outside a guarded tool: only a tool that "
             "GuardedTools guards (named in its payments) is making a payment",
         )
-    return guard
+    return current[0]
 
 
 @dataclass
@@ -136,7 +154,7 @@ class GuardedTools(AbstractCapability[Any]):
             raise ToolFailed(f"INVALID_INPUT: {err}") from None
         try:
             async with self.engine.payment(request) as payment:
-                token = _current.set(payment)
+                token = _current.set((payment, ctx.run_id))
                 try:
                     return await handler(args)
                 finally:

@@ -34,10 +34,12 @@ requirements name an asset by its contract address and carry no decimals.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -192,12 +194,23 @@ class X402Guard:
         self._assets = assets
         self._ttl = int(engine.reservation_ttl.total_seconds())
         self._lock = threading.Lock()
-        self._creating: dict[int, list[tuple[object, _Authorized]]] = {}
-        self._signed: dict[int, tuple[object, str, PaymentRequest]] = {}
+        # the reservation of each payment being made, by a token of its own: x402 runs the
+        # hooks of one payment in one task (or thread), so the token its before hook sets in
+        # _making is what its after or failure hook reads; the payment_required an offer shares
+        # with every other payment of it (made at once, say) could be taken for another's
+        self._creating: dict[object, tuple[object, _Authorized]] = {}
+        # signed payloads waiting for the seller's answer, by what was signed (_payload_key): the
+        # payload x402 sends and reports on is a copy of the one signed when client extensions
+        # enrich it (builder codes, say), so its identity would not find it
+        self._signed: dict[str, list[tuple[str, PaymentRequest]]] = {}
+        self._open = 0
         self.unconfirmed: list[UnconfirmedPayment] = []
         # every reservation of this guard is claimed by it as it is made: nobody else (the
         # governed agent's own tools included) can release a payment it is making
         self._holder = "x402_" + os.urandom(12).hex()
+        self._making: ContextVar[object | None] = ContextVar(
+            f"agentpolicy_x402_{self._holder}", default=None
+        )
 
     # -- what a payment is -------------------------------------------------------------------
 
@@ -275,43 +288,53 @@ class X402Guard:
         decision: Decision,
     ) -> None:
         if decision.allowed and decision.reservation_id:
+            token = object()
             with self._lock:
-                key = id(ctx.payment_required)
-                self._creating.setdefault(key, []).append(
-                    (ctx.payment_required, (decision.reservation_id, request, terms))
+                self._creating[token] = (
+                    ctx.payment_required,
+                    (decision.reservation_id, request, terms),
                 )
+            self._making.set(token)
             return
         if decision.requires_approval and decision.approval_id:
             raise X402ApprovalRequired(decision)
         raise X402PaymentDenied(decision)
 
     def _take_creating(self, ctx: PaymentCreationContext) -> _Authorized | None:
+        """The reservation this payment's before hook made, once; ``None`` if none is left."""
+        token = self._making.get()
         with self._lock:
-            key = id(ctx.payment_required)
-            entries = self._creating.get(key, [])
-            for i, (required, authorized) in enumerate(entries):
-                if required is ctx.payment_required:
-                    del entries[i]
-                    if not entries:
-                        del self._creating[key]
-                    return authorized
-        return None
+            found = self._creating.get(token)
+            if found is None or found[0] is not ctx.payment_required:
+                return None
+            del self._creating[token]
+            return found[1]
 
     def _signed_now(self, ctx: PaymentCreatedContext, rid: str, request: PaymentRequest) -> None:
+        key = _payload_key(ctx.payment_payload)
         with self._lock:
-            if len(self._signed) >= _MAX_OPEN:  # long past their TTL: nobody will answer
+            if self._open >= _MAX_OPEN:  # long past their TTL: nobody will answer
                 oldest = next(iter(self._signed))
-                _, lost, _ = self._signed.pop(oldest)
+                entries = self._signed[oldest]
+                lost, _ = entries.pop(0)
+                if not entries:
+                    del self._signed[oldest]
+                self._open -= 1
                 _log.warning("agentpolicy: forgot payment %s (no answer came)", lost)
-            self._signed[id(ctx.payment_payload)] = (ctx.payment_payload, rid, request)
+            self._signed.setdefault(key, []).append((rid, request))
+            self._open += 1
 
     def _take_signed(self, ctx: PaymentResponseContext) -> tuple[str, PaymentRequest] | None:
+        key = _payload_key(ctx.payment_payload)
         with self._lock:
-            found = self._signed.get(id(ctx.payment_payload))
-            if found is None or found[0] is not ctx.payment_payload:
+            entries = self._signed.get(key)
+            if not entries:
                 return None
-            del self._signed[id(ctx.payment_payload)]
-            return found[1], found[2]
+            found = entries.pop(0)
+            if not entries:
+                del self._signed[key]
+            self._open -= 1
+            return found
 
     def _settled(self, ctx: PaymentResponseContext) -> bool:
         settle = ctx.settle_response
@@ -356,7 +379,7 @@ class X402Guard:
         """
         taken = self._take_creating(ctx)
         if taken is None:
-            return
+            raise _unauthorized()
         rid, request, terms = taken
         altered = _altered(terms, ctx.payment_payload)
         if altered is not None:
@@ -430,7 +453,7 @@ class X402Guard:
         """Check that what was signed is what was authorized (see :meth:`after_sync`)."""
         taken = self._take_creating(ctx)
         if taken is None:
-            return
+            raise _unauthorized()
         rid, request, terms = taken
         altered = _altered(terms, ctx.payment_payload)
         if altered is not None:
@@ -470,6 +493,16 @@ class X402Guard:
             _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
 
 
+def _unauthorized() -> PolicyValidationError:
+    """The refusal of a payload signed with no reservation of the guard left for it."""
+    return PolicyValidationError.single(
+        "$.paymentRequirements",
+        "this payment was signed without a reservation of the guard for it (it was settled "
+        "already, or the guard was added while the payment was being made): it was refused, "
+        "and nothing was sent",
+    )
+
+
 _Terms = tuple[str, str, str, str, str]
 _Authorized = tuple[str, PaymentRequest, _Terms]
 """A reservation made for a payment being signed: its id, its request, the terms authorized."""
@@ -484,6 +517,23 @@ def _terms(requirements: Any) -> _Terms:
         str(requirements.amount),
         str(requirements.pay_to),
     )
+
+
+def _payload_key(payload: Any) -> str:
+    """What a signed payload is, in whichever copy of it: the terms it accepted and what was signed.
+
+    The signed part (an EIP-3009 authorization with its nonce and signature,
+    say) is unique to one signing, and x402 copies it unchanged into the
+    payload it sends and reports on.
+    """
+    accepted = getattr(payload, "accepted", None)
+    terms = None if accepted is None else _terms(accepted)
+    inner = getattr(payload, "payload", None)
+    try:
+        signed = json.dumps(inner, sort_keys=True, default=str)
+    except (TypeError, ValueError):  # keys of mixed types: still the same text for a copy
+        signed = repr(inner)
+    return json.dumps([terms, signed])
 
 
 def _altered(terms: _Terms, payload: Any) -> str | None:
