@@ -159,3 +159,34 @@ def test_serve_mcp_refuses_an_empty_binding_flag_instead_of_serving_every_agent(
     assert (status, err) == (0, "")
     assert [(s.bound_agent, s.bound_org) for s in served] == [
         ("acme", None) if flag == "--agent-id" else (None, "acme")]  # fmt: skip
+
+
+# -- a bound server and the budgets above its agent -----------------------------------------------
+
+
+def test_the_budgets_above_a_bound_agent_do_not_list_the_groups_its_siblings_paid() -> None:
+    # ancestors listed every group of a scoped limit with groupBy: bot/me read that its
+    # sibling had reserved 7 USDT to 0xsecret-vendor ("nothing of a sibling itself is told")
+    storage, clock = MemoryStorage(), ManualClock()
+    admin = AgentPolicyMcpServer(storage=storage, role="admin", clock=clock)
+    per_vendor = {"name": "vendors", "groupBy": "recipient", "limits": {"daily": {
+        "value": str(50 * USDT)}}}  # fmt: skip
+    assert admin.call("agent_policy_set", {"agentId": "bot", "policy": {
+        "limits": {"daily": {"value": str(1000 * USDT)}}, "scopedLimits": [per_vendor],
+        "delegation": {"allowed": True}}})["success"]  # fmt: skip
+    for child in ("bot/sibling", "bot/me"):
+        assert admin.call("agent_policy_delegate", {"parentId": "bot", "childId": child,
+                                                    "policy": {}})["success"]  # fmt: skip
+    sibling = AgentPolicyMcpServer(storage=storage, clock=clock, agent_id="bot/sibling")
+    me = AgentPolicyMcpServer(storage=storage, clock=clock, agent_id="bot/me")
+    pay = {"amount": str(7 * USDT), "recipient": "0xsecret-vendor", "network": "eip155:8453"}
+    assert sibling.call("agent_policy_authorize", pay)["data"]["allowed"]
+    budget = me.call("agent_policy_budget", {})["data"]
+    assert "secret" not in json.dumps(budget)
+    (above,) = budget["ancestors"]
+    assert [(x["window"], x["reserved"]) for x in above["limits"]] == [("daily", str(7 * USDT))]
+    assert above["periods"]["daily"]["reserved"] == str(7 * USDT)  # what is left, as before
+    mine = me.call("agent_policy_check", {**pay, "recipient": "0xmine"})["data"]["headroom"]
+    assert [x.get("group") for x in mine] == [None, "0xmine"]  # its own payment's group
+    whole = admin.call("agent_policy_budget", {"agentId": "bot/me"})["data"]["ancestors"][0]
+    assert [x.get("group") for x in whole["limits"]] == [None, "0xsecret-vendor"]  # admin: all

@@ -285,7 +285,13 @@ class AgentPolicyMcpServer:
 
     def _budget(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
-        return budget_data(self.engine.budget(a["agentId"], a.get("period")))
+        data = budget_data(self.engine.budget(a["agentId"], a.get("period")))
+        for above in data.get("ancestors", ()):
+            if not self._may_see(above["agentId"]):
+                # a group of a scope above counts every payment below it: its name is the
+                # recipient, network or category a sibling paid (check gives a payment's group)
+                above["limits"] = [x for x in above["limits"] if "group" not in x]
+        return data
 
     def _get(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
