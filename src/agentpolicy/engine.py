@@ -969,9 +969,11 @@ class PolicyEngine(Voting):
         policy = yield from self._load_policy(agent_id, 0 if head is None else head["pv"])
         if policy is None:
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
-        blocks = [(b.symbol, b) for b in (policy.limits, *(a.limits for a in policy.assets))
-                  if b is not None]  # fmt: skip
-        rolling = [(f"{b.token}|roll:{sec}", sec) for _, b in blocks for sec in b.rolling_seconds]
+        # each block with the token its counters are kept under (an asset's block of counts
+        # alone counts that asset's payments; the top-level one, every token's)
+        blocks = [(b.token, b) for b in (policy.limits,) if b is not None]
+        blocks += [(a.symbol.casefold(), a.limits) for a in policy.assets]
+        rolling = [(f"{t}|roll:{sec}", sec) for t, b in blocks for sec in b.rolling_seconds]
         scopes = {sc.name: [(f"{sc.token}|roll:{sec}", sec) for sec in sc.limits.rolling_seconds]
                   for sc in policy.scoped_limits}  # fmt: skip
         windows = windows_for(policy, now)
@@ -1001,8 +1003,8 @@ class PolicyEngine(Voting):
                     w, limit, counters.get(f"{token}|{w.key}"), policy.symbol or "USDT"
                 )
         limits: list[LimitBudget] = []
-        for _, block in blocks:
-            limits += _limit_budgets(block, block.token, counters, windows)
+        for token_key, block in blocks:
+            limits += _limit_budgets(block, token_key, counters, windows)
         for name, (scope_name, group) in sorted(result["groups"].items()):
             scope = next((sc for sc in policy.scoped_limits if sc.name == scope_name), None)
             if scope is not None:

@@ -828,13 +828,15 @@ def _token_books(
     an asset's own block (``every_token.``). Beside such a block both keep
     their trailing counters for the durations of the two blocks.
     """
-    counts_alone = block is not None and block.symbol is None
+    # counts alone is the top-level block naming no token; an asset's block of counts alone
+    # (no amounts) is still that asset's own: its counts are of its token's payments
+    counts_alone = block is not None and block is top and block.symbol is None
     if counts_alone:
         own = _tallies(book, folded, windows, block, owner)
         every = _tallies(book, "*", windows, block, owner)
         return _Book(None, own, comparable), _Book(block, every, amounts=False,
                                                    window_checks=False)  # fmt: skip
-    token = block.token if block is not None else folded
+    token = folded  # the block's token (an asset's block may name no amount)
     if top is not None and top is not block and top.symbol is None and top.counts:
         # both the token's own trailing counters and every token's are kept for the
         # durations of both blocks: either block may be the one a later version limits
