@@ -27,6 +27,12 @@ x402 httpx or requests wrappers or directly, goes through the policy:
   TTL passes it is counted as spent, since the seller may have settled
   (docs/x402.md lists the cases).
 
+x402's MCP clients (``x402MCPClient``, ``x402MCPClientSync``) sign with a
+guarded client but never call its ``on_payment_response``: they read the
+settlement from the tool result instead.
+:meth:`X402Guard.watch_mcp` reads it there too, so that the payments they
+make are confirmed or released as above.
+
 An asset the table does not know is denied, never guessed: x402 payment
 requirements name an asset by its contract address and carry no decimals.
 """
@@ -34,6 +40,7 @@ requirements name an asset by its contract address and carry no decimals.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -47,6 +54,10 @@ import attrs
 
 try:
     from x402 import PaymentAbortedError, x402Client, x402ClientSync
+    from x402.mcp.client import x402MCPClientSync
+    from x402.mcp.client_async import x402MCPClient
+    from x402.mcp.constants import MCP_PAYMENT_RESPONSE_META_KEY
+    from x402.mcp.utils import extract_payment_required_from_result
     from x402.schemas import (
         PaymentCreatedContext,
         PaymentCreationContext,
@@ -177,6 +188,8 @@ class UnconfirmedPayment:
 class X402Guard:
     """The hooks :func:`guard_x402` registers, and what they know.
 
+    :meth:`watch_mcp` has it settle the payments of an x402 MCP client too.
+
     ``unconfirmed`` lists settled payments whose confirm failed (the store
     was down, or the reservation had expired): reconcile them.
     """
@@ -210,6 +223,10 @@ class X402Guard:
         self._holder = "x402_" + os.urandom(12).hex()
         self._making: ContextVar[object | None] = ContextVar(
             f"agentpolicy_x402_{self._holder}", default=None
+        )
+        # the payloads signed during one call_tool of a watched x402MCPClientSync, by key
+        self._mcp_signing: ContextVar[list[str] | None] = ContextVar(
+            f"agentpolicy_x402_mcp_{self._holder}", default=None
         )
 
     # -- what a payment is -------------------------------------------------------------------
@@ -323,9 +340,14 @@ class X402Guard:
                 _log.warning("agentpolicy: forgot payment %s (no answer came)", lost)
             self._signed.setdefault(key, []).append((rid, request))
             self._open += 1
+        signing = self._mcp_signing.get()
+        if signing is not None:  # a watched x402MCPClientSync is sending it: it reports on it
+            signing.append(key)
 
-    def _take_signed(self, ctx: PaymentResponseContext) -> tuple[str, PaymentRequest] | None:
-        key = _payload_key(ctx.payment_payload)
+    def _take_signed(self, payload: Any) -> tuple[str, PaymentRequest] | None:
+        return self._take_key(_payload_key(payload))
+
+    def _take_key(self, key: str) -> tuple[str, PaymentRequest] | None:
         with self._lock:
             entries = self._signed.get(key)
             if not entries:
@@ -336,15 +358,9 @@ class X402Guard:
             self._open -= 1
             return found
 
-    def _settled(self, ctx: PaymentResponseContext) -> bool:
-        settle = ctx.settle_response
-        return settle is not None and settle.success
-
     def _confirm_failed(
-        self, rid: str, request: PaymentRequest, ctx: PaymentResponseContext, err: Exception
+        self, rid: str, request: PaymentRequest, transaction: str, err: Exception
     ) -> None:
-        settle = ctx.settle_response
-        transaction = "" if settle is None else str(settle.transaction)
         self.unconfirmed.append(
             UnconfirmedPayment(rid, request, transaction, str(err), holder=self._holder)
         )
@@ -401,15 +417,20 @@ class X402Guard:
 
     def response_sync(self, ctx: PaymentResponseContext) -> None:
         """Confirm a settled payment; release one the seller did not settle."""
-        taken = self._take_signed(ctx)
-        if taken is None:
-            return
+        taken = self._take_signed(ctx.payment_payload)
+        if taken is not None:
+            self._conclude_sync(taken, _http_outcome(ctx.settle_response))
+
+    def _conclude_sync(self, taken: tuple[str, PaymentRequest], outcome: _Outcome) -> None:
         rid, request = taken
-        if self._settled(ctx):
+        settled, transaction = outcome
+        if settled is None:
+            _unknown(rid, request)
+        elif settled:
             try:
                 self._sync().confirm(rid, holder=self._holder)
             except Exception as err:
-                self._confirm_failed(rid, request, ctx, err)
+                self._confirm_failed(rid, request, transaction, err)
         else:
             self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
 
@@ -474,15 +495,20 @@ class X402Guard:
 
     async def response_async(self, ctx: PaymentResponseContext) -> None:
         """Confirm a settled payment; release one the seller did not settle."""
-        taken = self._take_signed(ctx)
-        if taken is None:
-            return
+        taken = self._take_signed(ctx.payment_payload)
+        if taken is not None:
+            await self._conclude_async(taken, _http_outcome(ctx.settle_response))
+
+    async def _conclude_async(self, taken: tuple[str, PaymentRequest], outcome: _Outcome) -> None:
         rid, request = taken
-        if self._settled(ctx):
+        settled, transaction = outcome
+        if settled is None:
+            _unknown(rid, request)
+        elif settled:
             try:
                 await settle_shielded(self._call("confirm", rid), engine=self._async_engine())
             except Exception as err:
-                self._confirm_failed(rid, request, ctx, err)
+                self._confirm_failed(rid, request, transaction, err)
         else:
             await self._quietly_async(rid)
 
@@ -492,6 +518,99 @@ class X402Guard:
         except Exception as err:
             _log.warning("agentpolicy: could not release %s (%s); it expires by TTL", rid, err)
 
+    # -- x402's MCP clients ------------------------------------------------------------------
+
+    def watch_mcp(self, mcp_client: _M) -> _M:
+        """Confirm or release the payments an x402 MCP client makes, from its tool results.
+
+        ``mcp_client`` is an ``x402MCPClient`` or an ``x402MCPClientSync``
+        (``x402.mcp``) whose x402 client (``payment_client``) this guard
+        guards: x402's MCP clients sign with it, then read the settlement
+        from the paid tool call's result and never call its
+        ``on_payment_response``, so without this every payment they make
+        stays held and counts as spent when its reservation expires.
+
+        After each paid tool call: a settlement that succeeded confirms the
+        reservation (if the confirm fails, the payment goes to
+        :attr:`unconfirmed`); a failed settlement, or the payment refused
+        (the result asks for payment again), releases it; a result that
+        reports neither (the tool failed, say) leaves it held, to count as
+        spent when it expires, since the server may have settled. On an
+        ``x402MCPClient`` this is an ``on_after_payment`` hook; an
+        ``x402MCPClientSync`` has no hooks, so its ``call_tool`` is wrapped
+        (a paid call that raises leaves its reservation held, too).
+
+        Raises :class:`~agentpolicy.PolicyValidationError` (``$.mcpClient``)
+        for anything else, an MCP client whose x402 client is not guarded by
+        this guard, or one already watched. Returns ``mcp_client``.
+        """
+        if isinstance(mcp_client, x402MCPClient):
+            inner: Any = mcp_client.payment_client
+        elif isinstance(mcp_client, x402MCPClientSync):
+            inner = mcp_client.payment_client
+        else:
+            raise PolicyValidationError.single(
+                "$.mcpClient", "must be an x402MCPClient or x402MCPClientSync (x402.mcp)"
+            )
+        if getattr(inner, "_agentpolicy_guard", None) is not self:
+            raise PolicyValidationError.single(
+                "$.mcpClient",
+                "its x402 client (payment_client) is not guarded by this guard: pass it to "
+                "guard_x402, and watch the MCP client with the guard that returns",
+            )
+        if getattr(mcp_client, "_agentpolicy_guard", None) is not None:
+            raise PolicyValidationError.single("$.mcpClient", "this MCP client is already watched")
+        target: Any = mcp_client
+        if isinstance(target, x402MCPClient):
+            target.on_after_payment(self.mcp_after_async)
+        else:
+            if not isinstance(inner, x402ClientSync):
+                raise PolicyValidationError.single(
+                    "$.mcpClient", "an x402MCPClientSync signs with an x402ClientSync"
+                )
+            target.call_tool = self._wrap_call_tool(target.call_tool)
+        target._agentpolicy_guard = self
+        return mcp_client
+
+    async def mcp_after_async(self, ctx: Any) -> None:
+        """An ``x402MCPClient`` made a paid tool call: settle its reservation by the result.
+
+        ``ctx`` is x402's ``AfterPaymentContext`` (``payment_payload``,
+        ``result``, ``settle_response``); see :meth:`watch_mcp`.
+        """
+        taken = self._take_signed(ctx.payment_payload)
+        if taken is not None:
+            await self._conclude_async(taken, _mcp_outcome(ctx.settle_response, ctx.result))
+
+    def _wrap_call_tool(self, call_tool: Callable[..., Any]) -> Callable[..., Any]:
+        """``x402MCPClientSync.call_tool``, then what its result says of what it signed."""
+
+        @functools.wraps(call_tool)
+        def guarded_call_tool(name: str, args: Any = None, **kwargs: Any) -> Any:
+            signing: list[str] = []
+            token = self._mcp_signing.set(signing)
+            try:
+                result = call_tool(name, args, **kwargs)
+            except BaseException:
+                for key in signing:  # sent, or maybe sent, and no answer will come
+                    taken = self._take_key(key)
+                    if taken is not None:
+                        _unknown(*taken)
+                raise
+            finally:
+                self._mcp_signing.reset(token)
+            for key in signing:
+                taken = self._take_key(key)
+                if taken is not None:
+                    outcome = _mcp_outcome(
+                        getattr(result, "payment_response", None),
+                        getattr(result, "raw_result", None),
+                    )
+                    self._conclude_sync(taken, outcome)
+            return result
+
+        return guarded_call_tool
+
 
 def _unauthorized() -> PolicyValidationError:
     """The refusal of a payload signed with no reservation of the guard left for it."""
@@ -500,6 +619,60 @@ def _unauthorized() -> PolicyValidationError:
         "this payment was signed without a reservation of the guard for it (it was settled "
         "already, or the guard was added while the payment was being made): it was refused, "
         "and nothing was sent",
+    )
+
+
+_M = TypeVar("_M")
+
+_Outcome = tuple[bool | None, str]
+"""What the seller said of a payment: settled (``True``), not (``False``), or nothing
+(``None``: outcome unknown); and the settlement's transaction."""
+
+
+def _http_outcome(settle: Any) -> _Outcome:
+    """An HTTP answer: its ``PAYMENT-RESPONSE``, or none (402 again): settled or not."""
+    if settle is not None and settle.success:
+        return True, str(settle.transaction)
+    return False, ""
+
+
+def _mcp_outcome(settle: Any, result: Any) -> _Outcome:
+    """A paid MCP tool call's result, as x402's MCP server reports on a payment.
+
+    A settlement in the result's ``_meta`` (x402's MCP client hands it over
+    as ``settle_response``) says settled or not. A failed settlement is
+    reported elsewhere: an error result whose structured content (the
+    payment requirements again) carries a payment response with
+    ``success`` false. An error result asking for payment again (the
+    payment was refused: verification failed) is not settled either.
+    Anything else (a tool that failed before settling, a result with no
+    report) is unknown.
+    """
+    if settle is not None:
+        success = settle.get("success") if isinstance(settle, dict) else settle.success
+        transaction = settle.get("transaction") if isinstance(settle, dict) else settle.transaction
+        return success is True, str(transaction or "")
+    if result is None or not getattr(result, "is_error", False):
+        return None, ""
+    reported = getattr(result, "structured_content", None)
+    if isinstance(reported, dict):
+        failure = reported.get(MCP_PAYMENT_RESPONSE_META_KEY)
+        if isinstance(failure, dict) and failure.get("success") is False:
+            return False, ""
+    try:
+        refused = extract_payment_required_from_result(result) is not None
+    except Exception:  # an odd result: nothing can be read from it
+        refused = False
+    return (False, "") if refused else (None, "")
+
+
+def _unknown(rid: str, request: PaymentRequest) -> None:
+    """No outcome was reported for a sent payment: its reservation stays held."""
+    _log.warning(
+        "agentpolicy: no settlement was reported for x402 payment %s (reservation %s): it "
+        "stays held, and counts as spent when it expires",
+        request.amount,
+        rid,
     )
 
 
