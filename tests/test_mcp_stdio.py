@@ -19,7 +19,7 @@ from mcp import Client
 from agentpolicy import PolicyEngine
 from agentpolicy.mcp import AgentPolicyMcpServer
 from agentpolicy.mcp.stdio import build_server, summary
-from agentpolicy.storage import MemoryStorage
+from agentpolicy.storage import MemoryStorage, SQLiteStorage
 from agentpolicy.testing import ManualClock
 
 PAY = {"agentId": "bot", "amount": "5000000", "recipient": "0xv", "network": "eip155:8453"}
@@ -783,3 +783,115 @@ def test_the_documented_claude_desktop_config_starts_on_a_new_machine(
     assert "Traceback" not in server.close()
     assert stat.S_IMODE(Path(state).stat().st_mode) == 0o700
     assert Path(env["AGENT_POLICY_DB"]).is_file()
+
+
+def test_calls_under_way_when_stdin_ends_are_answered_before_the_server_exits(
+    tmp_path: Path,
+) -> None:
+    """A client that writes its requests and closes stdin gets every answer.
+
+    The server ended with stdin and dropped the answers of calls still under
+    way, which had taken effect: payments were reserved and their ids never
+    reported (docs/mcp.md: every line gets an answer).
+    """
+    env = {**os.environ, **_env(tmp_path, "admin")}
+    policy = {"limits": {"daily": {"value": "1000000000"}}}
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "agent_policy_set", "arguments": {"agentId": "bot", "policy": policy}}},
+    ] + [
+        {"jsonrpc": "2.0", "id": 10 + i, "method": "tools/call", "params": {
+            "name": "agent_policy_authorize", "arguments": {**PAY, "amount": "1"}}}
+        for i in range(20)
+    ]  # fmt: skip
+    done = subprocess.run([MCP_EXE], input="".join(json.dumps(x) + "\n" for x in lines),
+                          capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answered = {json.loads(line)["id"] for line in done.stdout.splitlines()}
+    assert answered == {1, 2, *range(10, 30)}
+    engine = PolicyEngine(storage=SQLiteStorage(tmp_path / "mcp.db"))
+    try:
+        assert len(engine.history("bot", 100)) == 21  # the policy and 20 decisions
+    finally:
+        engine.close()
+
+
+def test_a_call_the_client_cancelled_is_not_waited_for_once_stdin_ends() -> None:
+    """Waiting for answers after stdin ends skips requests the client cancelled.
+
+    A cancelled request gets no answer, so waiting for one held the server
+    for the whole ``DRAIN_SECONDS`` after its client had gone.
+    """
+    import threading
+
+    from mcp.shared.message import SessionMessage
+    from mcp_types import JSONRPCMessage
+    from pydantic import TypeAdapter
+
+    from agentpolicy.mcp.stdio import _run
+
+    class HangingStorage(MemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hang = threading.Event()
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def session(self, shard: str, *, write: bool = True) -> Any:
+            if self.hang.is_set():
+                self.entered.set()
+                self.release.wait(60)
+            return super().session(shard, write=write)
+
+    storage = HangingStorage()
+    app = AgentPolicyMcpServer(storage=storage, role="admin", clock=ManualClock())
+    app.call("agent_policy_set", {"agentId": "bot", "policy": {}})
+    storage.hang.set()
+    answered: list[Any] = []
+
+    async def run() -> None:
+        to_server, read = anyio.create_memory_object_stream[Any](10)
+        write, from_server = anyio.create_memory_object_stream[Any](10)
+
+        async def send(message: dict[str, Any]) -> None:
+            await to_server.send(
+                SessionMessage(TypeAdapter(JSONRPCMessage).validate_python(message))
+            )
+
+        async def collect() -> None:
+            async with from_server:
+                async for item in from_server:
+                    answered.append(item.message.id)
+
+        ended = anyio.Event()
+
+        async def serve() -> None:
+            async with read:
+                await _run(build_server(app), read, write)
+            ended.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            tasks.start_soon(collect)
+            await send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "test", "version": "1"}}})  # fmt: skip
+            await send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            await send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+                "name": "agent_policy_get", "arguments": {"agentId": "bot"}}})  # fmt: skip
+            with anyio.fail_after(10):
+                while not storage.entered.is_set():
+                    await anyio.sleep(0.01)
+            await send({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": 2}})  # fmt: skip
+            await to_server.aclose()  # stdin ends
+            storage.release.set()
+            with anyio.fail_after(60):  # DRAIN_SECONDS is 120
+                await ended.wait()
+
+    anyio.run(run)
+    assert answered[0] == 1

@@ -190,27 +190,69 @@ async def serve(app: AgentPolicyMcpServer) -> None:
         log.info("the client went away (stdout is closed)")
 
 
+DRAIN_SECONDS = 120.0
+"""How long, once stdin has ended, the server waits for calls under way to be answered."""
+
+
 async def _run(server: Server[Any], read: Any, write: Any) -> None:
     """Run ``server`` on the stdio streams, answering every line it would drop.
 
     The SDK hands a line it cannot read to the server as an exception, and the
     server drops it unanswered; here such a line gets its JSON-RPC error instead.
+    When stdin ends, the requests still under way are answered before the
+    server stops (it would drop their answers, and a call under way has taken
+    effect: a payment reserved whose id the client never read), for at most
+    :data:`DRAIN_SECONDS`; a request the client cancelled is not waited for.
     """
     to_server, server_read = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+    server_write, from_server = anyio.create_memory_object_stream[SessionMessage](0)
+    open_calls: set[str | int] = set()
+    changed = anyio.Event()
+
+    def settled(request_id: Any) -> None:
+        nonlocal changed
+        if request_id in open_calls:
+            open_calls.discard(request_id)
+            changed.set()
+            changed = anyio.Event()
 
     async def relay() -> None:
         async with to_server:
             async for item in read:
                 if not isinstance(item, Exception):
+                    message = item.message
+                    if isinstance(message, types.JSONRPCRequest):
+                        open_calls.add(message.id)
+                    elif (
+                        isinstance(message, types.JSONRPCNotification)
+                        and message.method == "notifications/cancelled"
+                        and isinstance(message.params, dict)
+                    ):
+                        settled(message.params.get("requestId"))
                     await to_server.send(item)
                     continue
                 reply = unreadable_reply(item)
                 if reply is not None:
                     await write.send(SessionMessage(reply))
+            with anyio.move_on_after(DRAIN_SECONDS) as waiting:  # stdin ended
+                while open_calls:
+                    await changed.wait()
+            if waiting.cancelled_caught:
+                log.warning("stdin ended; %d call(s) still unanswered after %g s",
+                            len(open_calls), DRAIN_SECONDS)  # fmt: skip
+
+    async def answer() -> None:  # the server's messages to stdout; closes it after the last
+        async with from_server, write:
+            async for item in from_server:
+                await write.send(item)
+                if isinstance(item.message, types.JSONRPCResponse | types.JSONRPCError):
+                    settled(item.message.id)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(relay)
-        await server.run(server_read, write, server.create_initialization_options())
+        tasks.start_soon(answer)
+        async with server_write:
+            await server.run(server_read, server_write, server.create_initialization_options())
 
 
 def unreadable_reply(error: Exception) -> types.JSONRPCError | None:
