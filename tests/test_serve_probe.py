@@ -217,3 +217,29 @@ def test_a_token_of_a_role_beginning_with_a_vowel_is_an_agent_token(served: Serv
         r = agent.get("/approvals", headers={"Authorization": bearer, "Accept": "application/json"})
     assert r.status_code == 403
     assert "An agent token may not see this page." in r.text
+
+
+def test_an_agent_token_sees_no_group_of_a_scope_above_it_on_the_budget_page(
+    served: Served,
+) -> None:
+    # bot/me's page showed its parent's per-recipient groups: the recipient its sibling
+    # bot/sibling paid (0xsecret-vendor, 7 USDT reserved) was on it (as agent_policy_budget
+    # showed over MCP before)
+    engine = served.engine
+    engine.set_policy("bot", {
+        "limits": {"daily": {"value": "1000000000"}},
+        "scopedLimits": [{"name": "vendors", "match": {}, "groupBy": "recipient",
+                          "limits": {"daily": {"value": "100000000"}}}]})  # fmt: skip
+    for child in ("bot/me", "bot/sibling"):
+        engine.delegate("bot", child, {"limits": {"daily": {"value": "50000000"}}})
+    paid = engine.authorize(PaymentRequest("bot/sibling", "7000000", "0xsecret-vendor",
+                                           "eip155:8453"))  # fmt: skip
+    assert paid.allowed
+    me = httpx.get(f"{served.url}/agents/bot/me", timeout=30, headers={
+        "Authorization": f"Bearer {served.token('agent', agent_id='bot/me')}"})  # fmt: skip
+    assert me.status_code == 200
+    assert "bot (a budget above it)" in me.text  # its parent's other limits are still shown
+    assert "0xsecret-vendor" not in me.text
+    admin = httpx.get(f"{served.url}/agents/bot/me", timeout=30,
+                      headers={"Authorization": f"Bearer {served.token('admin')}"})  # fmt: skip
+    assert "0xsecret-vendor" in admin.text  # an admin sees every group
