@@ -190,3 +190,17 @@ def test_the_budgets_above_a_bound_agent_do_not_list_the_groups_its_siblings_pai
     assert [x.get("group") for x in mine] == [None, "0xmine"]  # its own payment's group
     whole = admin.call("agent_policy_budget", {"agentId": "bot/me"})["data"]["ancestors"][0]
     assert [x.get("group") for x in whole["limits"]] == [None, "0xsecret-vendor"]  # admin: all
+
+
+def test_a_child_id_with_an_empty_name_below_its_parent_is_refused() -> None:
+    # "bot/" read as a budget below bot (its name empty): delegated, a budget nobody named
+    storage, clock = MemoryStorage(), ManualClock()
+    admin = AgentPolicyMcpServer(storage=storage, role="admin", clock=clock)
+    assert admin.call("agent_policy_set", {"agentId": "bot", "policy": {
+        "limits": {"daily": {"value": str(1000 * USDT)}},
+        "delegation": {"allowed": True}}})["success"]  # fmt: skip
+    bot = AgentPolicyMcpServer(storage=storage, clock=clock, agent_id="bot")
+    empty = bot.call("agent_policy_delegate", {"childId": "bot/", "policy": {}})
+    assert empty["error"]["code"] == "FORBIDDEN"
+    assert admin.call("agent_policy_get", {"agentId": "bot/"})["error"]["code"] == "NO_POLICY"
+    assert bot.call("agent_policy_delegate", {"childId": "bot/x", "policy": {}})["success"]

@@ -489,7 +489,7 @@ class AgentPolicyMcpServer:
                 code=ErrorCode.FORBIDDEN,
             )
         below = self.bound_agent if self.role == "admin" else parent
-        if below is not None and not child.startswith(f"{below}/"):
+        if below is not None and (not child.startswith(f"{below}/") or child == f"{below}/"):
             raise ForbiddenError(
                 f"this server may {verb} only the budgets below {below}, named "
                 f"{below}/<name>, not {child}",
