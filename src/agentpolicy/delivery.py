@@ -354,12 +354,34 @@ def _opener() -> Any:
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None  # urllib then raises HTTPError with the 3xx status
 
+    class Final(http.client.HTTPResponse):
+        """Reads past interim answers (102 Processing, 103 Early Hints, ...) to the final one.
+
+        http.client skips only ``100 Continue``; any other 1xx was taken for
+        the final answer, so an event the receiver then answered 200 was
+        recorded as failed (``HTTP 103``). A client must read one or more
+        1xx answers before the final one (RFC 9110, 15.2); the attempt's
+        deadline bounds a receiver that sends them without end. ``101``
+        (never asked for: no ``Upgrade`` is sent) stays the answer.
+        """
+
+        def _read_status(self) -> Any:
+            while True:
+                version, status, reason = super()._read_status()  # type: ignore[misc]
+                if not 100 < status < 200 or status == 101:
+                    return version, status, reason
+                http.client.parse_headers(self.fp)  # the interim answer's headers, dropped
+
     class Plain(http.client.HTTPConnection):
+        response_class = Final
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._create_connection = _connect
 
     class Secure(http.client.HTTPSConnection):
+        response_class = Final
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._create_connection = _connect
@@ -436,6 +458,8 @@ class WebhookDispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._slow_left = False
+        """Whether the last run left an endpoint for the others because it answered slowly."""
 
     # -- running -------------------------------------------------------------------------
 
@@ -452,7 +476,12 @@ class WebhookDispatcher:
         self._wake.set()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread; what is still pending stays in the outbox for the next process."""
+        """Stop the thread; what is still pending stays in the outbox for the next process.
+
+        The thread starts no attempt once asked to stop: it ends after the
+        one under way (waited for up to ``timeout`` seconds) and gives back
+        at once what it claimed and did not attempt.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -467,15 +496,23 @@ class WebhookDispatcher:
                 if self.housekeeping is not None and due:
                     last_housekeeping = time.monotonic()
                     self.housekeeping()
-                self.run_once()
+                self.run_once(stop=self._stop)
             except PolicyError as err:  # the storage is down: try again later
                 log.warning("webhook delivery paused: %s", err.message)
             except Exception:  # pragma: no cover - never let the thread die
                 log.exception("webhook worker error")
+            if self._slow_left:  # a slow endpoint was left for the others: its turn again
+                continue
             self._wake.wait(self.poll_interval)
             self._wake.clear()
 
-    def run_once(self, limit: int = 50, deadline: float | None = None) -> int:
+    def run_once(
+        self,
+        limit: int = 50,
+        deadline: float | None = None,
+        *,
+        stop: threading.Event | None = None,
+    ) -> int:
         """Try what is due, each once; return how many were attempted (at most ``limit``).
 
         Deliveries are claimed in batches, leased for twice :attr:`lease`;
@@ -483,16 +520,27 @@ class WebhookDispatcher:
         ahead, renewed first if the batch took that long, so a lease never
         runs out while its delivery waits behind others (a delivery another
         worker took meanwhile is left to it). An endpoint that did not
-        answer in time is left alone for the rest of the run, so that one
-        stalled receiver costs the others at most one timeout a run. With
-        ``deadline`` (``time.monotonic()``), no attempt starts after it.
-        What a run claimed and did not attempt is given back at once.
+        answer in time, or whose attempts in this run took its timeout in
+        all (a receiver that answers, slowly), is left alone for the rest
+        of the run, so that one slow or stalled receiver costs the others
+        at most about two timeouts a run. With ``deadline``
+        (``time.monotonic()``), no attempt starts after it; once ``stop`` is
+        set, none starts either. What a run claimed and did not attempt is
+        given back at once.
         """
         wanted = list(self.endpoints)
+        spent = dict.fromkeys(wanted, 0.0)
         attempted = 0
+
+        def over() -> bool:
+            if stop is not None and stop.is_set():
+                return True
+            return deadline is not None and time.monotonic() >= deadline
+
         with self._lock:
+            self._slow_left = False
             while attempted < limit and wanted:
-                if deadline is not None and time.monotonic() >= deadline:
+                if over():
                     break
                 batch = self.outbox.claim_webhooks(
                     wanted, time.time(), 2 * self.lease, limit - attempted
@@ -500,21 +548,28 @@ class WebhookDispatcher:
                 if not batch:
                     break
                 for at, claimed in enumerate(batch):
-                    if deadline is not None and time.monotonic() >= deadline:
+                    if over():
                         for left in batch[at:]:
                             self._give_back(left)
                         break
-                    if claimed.endpoint_id not in wanted:  # stalled in this run
+                    if claimed.endpoint_id not in wanted:  # stalled or slow in this run
                         self._give_back(claimed)
                         continue
                     delivery = self._held(claimed)
                     if delivery is None:  # another worker took it over: it is theirs
                         continue
+                    started = time.monotonic()
                     outcome = self._attempt(delivery)
                     self.outbox.finish_webhook(outcome, leased_until=delivery.next_attempt_at)
                     attempted += 1
-                    if outcome.last_error is not None and outcome.last_error.startswith(_STALLED):
-                        wanted.remove(delivery.endpoint_id)
+                    endpoint = delivery.endpoint_id
+                    spent[endpoint] += time.monotonic() - started
+                    error = outcome.last_error
+                    if error is not None and error.startswith(_STALLED):
+                        wanted.remove(endpoint)
+                    elif spent[endpoint] >= self.endpoints[endpoint].timeout.total_seconds():
+                        wanted.remove(endpoint)  # its turn again in the next run
+                        self._slow_left = True
         return attempted
 
     def _held(self, delivery: WebhookDelivery) -> WebhookDelivery | None:
@@ -595,6 +650,7 @@ class WebhookDispatcher:
 
     def _post(self, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> None:
         import http.client  # noqa: PLC0415 - heavy (http, email, ssl): only when sending
+        import ssl  # noqa: PLC0415
         import urllib.error  # noqa: PLC0415
         import urllib.request  # noqa: PLC0415
 
@@ -637,6 +693,11 @@ class WebhookDispatcher:
                 reason = getattr(exc, "reason", exc)
                 if deadline.expired or isinstance(reason, TimeoutError):
                     raise _RetryableError(f"{_STALLED} ({seconds:g} s)") from None
+                if isinstance(reason, ssl.SSLError):  # a ValueError too when the certificate
+                    # fails: not the URL's fault, and an expired certificate gets renewed
+                    why = getattr(reason, "verify_message", None)
+                    kind = type(reason).__name__ + (f" ({why})" if why else "")
+                    raise _RetryableError(f"network error: {kind}") from None
                 if isinstance(reason, http.client.InvalidURL | ValueError):  # never usable
                     raise _FinalError(f"invalid URL: {type(reason).__name__}") from None
                 if isinstance(reason, http.client.HTTPException):  # not HTTP: a broken answer

@@ -32,6 +32,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -107,11 +108,30 @@ def _url_problems(url: str) -> list[Problem]:
             host.encode("idna")
     except (ValueError, UnicodeError):
         return [Problem("$.url", "must have a valid host and port")]
-    if not host or port == 0:
+    if not host or port == 0 or not _bracketed_ok(parts.netloc.rpartition("@")[2]):
         return [Problem("$.url", "must have a valid host and port")]
     if not (parts.path + parts.query + parts.fragment).isascii():
         return [Problem("$.url", "must percent-encode its path and query (ASCII only)")]
     return []
+
+
+def _bracketed_ok(hostport: str) -> bool:
+    """Whether a ``[...]`` host is an IPv6 address followed by nothing but a port.
+
+    ``urlsplit`` reads ``[::1]x`` as host ``::1`` and accepts ``[v1.x]``
+    (IPvFuture), but no connection can be made to either: every attempt
+    failed as a network error until the endpoint was given up.
+    """
+    if not hostport.startswith("["):
+        return True
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::[0-9]*)?", hostport)
+    if bracketed is None:
+        return False
+    try:
+        ipaddress.IPv6Address(bracketed.group(1).split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _endpoint_id(url: str) -> str:
