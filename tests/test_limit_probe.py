@@ -66,6 +66,28 @@ def test_an_asset_block_of_counts_alone_counts_that_asset_only(backend: Backend)
     assert counts == {("10m", 2), ("daily", 1)}  # ETH and USDC; USDC alone
 
 
+def test_a_token_listed_under_assets_with_counts_alone_is_paid_within_its_counts(
+    backend: Backend,
+) -> None:
+    """An asset whose block limits counts alone is a token the policy names (docs/policy.md).
+
+    ``assets: [{"symbol": "ETH", "limits": {"counts": [daily, 2]}}]`` beside a USDC
+    daily limit: every ETH payment was denied ``ASSET_MISMATCH`` ("the policy's
+    limits are in USDC"), since only tokens with amounts counted as named.
+    """
+    clock = ManualClock(T0)
+    engine = backend.engine(clock)
+    engine.set_policy("bot", {
+        "limits": {"daily": {"value": "1000000000", "symbol": "USDC"}},
+        "assets": [{"symbol": "ETH", "limits": {"counts": [{"window": "daily", "max": 2}]}}],
+    })  # fmt: skip
+    eth = [engine.authorize(payment(10**17, agent_id="bot", symbol="eth", decimals=18)).code
+           for _ in range(3)]  # fmt: skip
+    assert eth == ["ALLOWED", "ALLOWED", "COUNT_LIMIT"]  # was ASSET_MISMATCH three times
+    assert engine.authorize(payment(1, agent_id="bot", symbol="DAI")).code == "ASSET_MISMATCH"
+    assert engine.authorize(payment(1, agent_id="bot", symbol="USDC")).allowed
+
+
 # -- random sequences against a model of what each window holds ------------------------------
 #
 # A seeded driver mixes authorize (tokens USDT at decimals 6 and 18, and ETH; with and without

@@ -261,7 +261,9 @@ def _asset(policy: AgentPolicy, symbol: str) -> _Check:
     symbols = policy.symbols
     if not symbols:
         return _skip(name, "the policy sets no amounts")
-    if symbol.casefold() not in symbols:
+    folded = symbol.casefold()
+    # a token listed under assets is named, though its block may limit counts alone
+    if folded not in symbols and all(a.symbol.casefold() != folded for a in policy.assets):
         return _fail(
             name,
             Code.ASSET_MISMATCH,
