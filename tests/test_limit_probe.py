@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
+import pytest
 
 from agentpolicy import AgentPolicy, PaymentRequest, PolicyEngine, Storage, windows_for
-from agentpolicy.errors import PolicyError
+from agentpolicy.errors import PolicyError, PolicyValidationError
 from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend
 
@@ -86,6 +87,35 @@ def test_a_token_listed_under_assets_with_counts_alone_is_paid_within_its_counts
     assert eth == ["ALLOWED", "ALLOWED", "COUNT_LIMIT"]  # was ASSET_MISMATCH three times
     assert engine.authorize(payment(1, agent_id="bot", symbol="DAI")).code == "ASSET_MISMATCH"
     assert engine.authorize(payment(1, agent_id="bot", symbol="USDC")).allowed
+
+
+def test_a_delegated_assets_counts_are_capped_by_the_parents_counts_of_that_asset(
+    backend: Backend,
+) -> None:
+    """docs/budgets.md: a child's limit may not exceed the same limit (kind, window, token).
+
+    The child's ETH block of counts alone was compared with the parent's
+    USDC block: 5 ETH payments a day (the parent allows 10) was refused as
+    "exceeds the parent's limit (3)", the parent's USDC count.
+    """
+    engine = backend.engine(ManualClock(T0))
+    engine.set_policy("fleet", {
+        "limits": {"daily": {"value": "1000", "symbol": "USDC"},
+                   "counts": [{"window": "daily", "max": 3}]},
+        "assets": [{"symbol": "ETH", "limits": {"counts": [{"window": "daily", "max": 10}]}}],
+    })  # fmt: skip
+
+    def eth(n: int) -> dict[str, Any]:
+        return {
+            "assets": [{"symbol": "ETH", "limits": {"counts": [{"window": "daily", "max": n}]}}]
+        }
+
+    engine.delegate("fleet", "fleet/a", eth(5))  # was refused against the USDC count of 3
+    with pytest.raises(PolicyValidationError) as err:
+        engine.delegate("fleet", "fleet/b", eth(11))
+    assert [(p.path, p.message) for p in err.value.problems] == [
+        ("$.policy.assets[0].limits.counts[0]", "exceeds the parent's limit (10)")
+    ]
 
 
 # -- random sequences against a model of what each window holds ------------------------------

@@ -308,12 +308,14 @@ def cap_problems(child: AgentPolicy, parent: AgentPolicy | None) -> list[Problem
     if parent is None:
         return []
     problems: list[Problem] = []
-    blocks = [("$.policy.limits", child.limits)]
-    blocks += [(f"$.policy.assets[{i}].limits", a.limits) for i, a in enumerate(child.assets)]
-    for path, block in blocks:
+    # each block with its token: an asset's block is of its token even when it names no amount
+    blocks = [("$.policy.limits", child.limits, child.limits.symbol if child.limits else None)]
+    blocks += [(f"$.policy.assets[{i}].limits", a.limits, a.symbol)
+               for i, a in enumerate(child.assets)]  # fmt: skip
+    for path, block, token in blocks:
         if block is None:
             continue
-        theirs = parent.limits_for(block.token) if block.symbol is not None else parent.limits
+        theirs = parent.limits_for(token) if token is not None else parent.limits
         if theirs is None:
             continue
         for name, mine, cap in _limit_pairs(block, theirs):
