@@ -6,7 +6,10 @@ strings of base units; instants are ISO 8601 in UTC with ``Z``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from agentpolicy.amounts import Amount
 from agentpolicy.codec import format_instant
@@ -31,6 +34,7 @@ __all__ = [
     "approval_data",
     "approver_data",
     "budget_data",
+    "budget_seen_by",
     "change_data",
     "decision_data",
     "delegation_data",
@@ -53,6 +57,23 @@ def _instant(value: Any) -> str | None:
 
 def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
+
+
+def budget_seen_by(budget: Budget, may_see: Callable[[str], bool]) -> Budget:
+    """``budget`` as a caller bound to some agents sees it: no scope groups it may not see.
+
+    Of each budget above it whose id ``may_see`` rejects, the limits of
+    scopes are left out: a group of a scope above counts every payment below
+    that budget, and its name is the recipient, network or category another
+    agent below it paid. Windows and the other limits (what is left) stay.
+    """
+    ancestors = tuple(
+        above
+        if may_see(above.agent_id)
+        else attrs.evolve(above, limits=tuple(x for x in above.limits if x.group is None))
+        for above in budget.ancestors
+    )
+    return attrs.evolve(budget, ancestors=ancestors)
 
 
 def decision_data(d: Decision) -> dict[str, Any]:

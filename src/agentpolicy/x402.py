@@ -599,13 +599,12 @@ class X402Guard:
                 raise
             finally:
                 self._mcp_signing.reset(token)
+            outcome = _mcp_outcome(
+                getattr(result, "payment_response", None), getattr(result, "raw_result", None)
+            )
             for key in signing:
                 taken = self._take_key(key)
                 if taken is not None:
-                    outcome = _mcp_outcome(
-                        getattr(result, "payment_response", None),
-                        getattr(result, "raw_result", None),
-                    )
                     self._conclude_sync(taken, outcome)
             return result
 

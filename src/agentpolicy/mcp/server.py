@@ -59,6 +59,7 @@ from agentpolicy.views import (
     approval_data,
     approver_data,
     budget_data,
+    budget_seen_by,
     change_data,
     decision_data,
     delegation_data,
@@ -285,13 +286,10 @@ class AgentPolicyMcpServer:
 
     def _budget(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
-        data = budget_data(self.engine.budget(a["agentId"], a.get("period")))
-        for above in data.get("ancestors", ()):
-            if not self._may_see(above["agentId"]):
-                # a group of a scope above counts every payment below it: its name is the
-                # recipient, network or category a sibling paid (check gives a payment's group)
-                above["limits"] = [x for x in above["limits"] if "group" not in x]
-        return data
+        # no group of a scope above the binding: its name is what a sibling paid (check still
+        # gives the group of a payment's own)
+        budget = self.engine.budget(a["agentId"], a.get("period"))
+        return budget_data(budget_seen_by(budget, self._may_see))
 
     def _get(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
-import attrs
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,7 +30,7 @@ from agentpolicy.errors import (
     PolicyValidationError,
     StorageUnavailableError,
 )
-from agentpolicy.records import Approval, Budget
+from agentpolicy.records import Approval
 from agentpolicy.serve import pages
 from agentpolicy.serve.errors import error_json, error_page, wants_json
 from agentpolicy.serve.limits import FORM_BODY_LIMIT, FORM_FIELDS
@@ -52,6 +51,7 @@ from agentpolicy.serve.service import (
     wants_html,
 )
 from agentpolicy.serve.tokens import AccessToken, TokenRejected, token_hash
+from agentpolicy.views import budget_seen_by
 
 __all__ = ["MAX_CARDS", "Pages"]
 
@@ -367,7 +367,7 @@ class Pages:
         stored = await self.s.aengine.get_policy(agent_id)  # a bad id: a 400 page (wrap)
         if stored is None:
             raise Denied(404, "Not found", f"{agent_id} has no policy.", code=ErrorCode.NO_POLICY)
-        budget = _without_others_groups(await self.s.aengine.budget(agent_id), caller)
+        budget = budget_seen_by(await self.s.aengine.budget(agent_id), caller.token.may_see)
         history = await self.s.aengine.history(agent_id, 50)
         versions = await self.s.aengine.policy_versions(agent_id, 20)
         return html(pages.render(
@@ -447,19 +447,3 @@ class Pages:
         response = RedirectResponse("/signin", status_code=303)
         self.s.forget(response, self.s.session_cookie)
         return response
-
-
-def _without_others_groups(budget: Budget, caller: Caller) -> Budget:
-    """``budget`` without the groups of scoped limits of budgets above it the caller may not see.
-
-    A group of a scope above counts every payment below it, and its name is
-    the recipient, network or category a sibling paid: a token bound to one
-    agent is not told those (as the MCP server's ``agent_policy_budget``).
-    """
-    ancestors = tuple(
-        above
-        if caller.token.may_see(above.agent_id)
-        else attrs.evolve(above, limits=tuple(x for x in above.limits if x.group is None))
-        for above in budget.ancestors
-    )
-    return attrs.evolve(budget, ancestors=ancestors)
