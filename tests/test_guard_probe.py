@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -44,7 +43,7 @@ from agentpolicy.pydantic_ai import GuardedTools, current_payment
 from agentpolicy.testing import ManualClock
 from agentpolicy.x402 import X402PaymentDenied, guard_x402
 from tests.test_pydantic_ai import POLICY, USDC, purchase, scripted
-from tests.x402_servers import NETWORK, PAY_TO, PRICE, CountingSigner, Facilitator, paywall
+from tests.x402_servers import NETWORK, PAY_TO, PRICE, CountingSigner, Facilitator, paywall, serving
 from tests.x402_servers import USDC as USDC_ON_BASE_SEPOLIA
 
 BUDGET_FOR_5 = {"limits": {"daily": {"value": str(5 * PRICE), "decimals": 6, "symbol": "USDC"}}}
@@ -139,12 +138,8 @@ def settle(handler: BaseHTTPRequestHandler, payload: PaymentPayload, **claims: A
 @pytest.fixture(scope="module")
 def hostile_server() -> Iterator[HostileSeller]:
     seller = HostileSeller()
-    threading.Thread(target=seller.server.serve_forever, daemon=True).start()
-    try:
+    with serving(seller.server):
         yield seller
-    finally:
-        seller.server.shutdown()
-        seller.server.server_close()
 
 
 @pytest.fixture

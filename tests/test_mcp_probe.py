@@ -53,20 +53,15 @@ APPROVAL_KEYS: list[Any] = [
 POLICY_KEYS: list[Any] = [[], ["acme:a", "acme:b"], [""], [" acme:a"], ["acme:\x00"], ["x" * 300]]
 
 
-@pytest.mark.parametrize("key", APPROVAL_KEYS)
-def test_an_approvals_cursor_shaped_unlike_the_listings_keys_is_invalid_input(
-    admin: AgentPolicyMcpServer, key: Any
+@pytest.mark.parametrize(
+    ("tool", "key"),
+    [("agent_policy_approvals_list", k) for k in APPROVAL_KEYS]
+    + [("agent_policy_list", k) for k in POLICY_KEYS],
+)
+def test_a_listing_cursor_shaped_unlike_the_listings_keys_is_invalid_input(
+    admin: AgentPolicyMcpServer, tool: str, key: Any
 ) -> None:
-    found = admin.call("agent_policy_approvals_list", {"cursor": _cursor(key)})
-    assert found["success"] is False, found
-    assert (found["error"]["code"], found["error"]["path"]) == ("INVALID_INPUT", "$.cursor")
-
-
-@pytest.mark.parametrize("key", POLICY_KEYS)
-def test_a_policy_list_cursor_shaped_unlike_the_listings_keys_is_invalid_input(
-    admin: AgentPolicyMcpServer, key: Any
-) -> None:
-    found = admin.call("agent_policy_list", {"cursor": _cursor(key)})
+    found = admin.call(tool, {"cursor": _cursor(key)})
     assert found["success"] is False, found
     assert (found["error"]["code"], found["error"]["path"]) == ("INVALID_INPUT", "$.cursor")
 

@@ -9,6 +9,8 @@ import re
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -445,26 +447,28 @@ def test_a_long_listing_is_valid_json_and_pages_instead_of_being_cut() -> None:
     anyio.run(run)
 
 
+class HangingStorage(MemoryStorage):
+    """A memory store whose sessions, once ``hang`` is set, wait until ``release`` (a hung Redis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.entered_at = 0.0
+
+    def session(self, shard: str, *, write: bool = True) -> Any:
+        if self.hang.is_set():
+            self.entered_at = time.monotonic()
+            self.entered.set()
+            self.release.wait(60)  # until the test lets it go
+        return super().session(shard, write=write)
+
+
 def test_a_ping_is_answered_while_a_tool_call_waits_on_a_hung_storage() -> None:
-    import threading
-    import time
     import warnings
 
     from mcp.shared.exceptions import MCPDeprecationWarning
-
-    class HangingStorage(MemoryStorage):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hang = threading.Event()
-            self.entered = threading.Event()
-            self.release = threading.Event()
-
-        def session(self, shard: str, *, write: bool = True) -> Any:
-            if self.hang.is_set():
-                self.entered_at = time.monotonic()
-                self.entered.set()
-                self.release.wait(60)  # a hung Redis, until the test lets it go
-            return super().session(shard, write=write)
 
     storage = HangingStorage()
     app = AgentPolicyMcpServer(storage=storage, role="admin", clock=ManualClock())
@@ -559,7 +563,6 @@ def test_a_server_started_with_stdin_or_stdout_closed_ends_quietly(
 def test_a_server_whose_client_stops_reading_ends_quietly(
     tmp_path: Path, command: list[str]
 ) -> None:
-    import time
 
     server = Stdio(_env(tmp_path, "agent"), command)
     proc = server.proc
@@ -615,7 +618,6 @@ def test_each_unreadable_line_gets_the_json_rpc_error_with_its_id_where_it_shows
     tmp_path: Path,
 ) -> None:
     import queue
-    import threading
 
     server = Stdio(_env(tmp_path, "agent"))
     server.initialize()
@@ -727,7 +729,6 @@ def test_without_the_mcp_extra_the_commands_say_which_extra_to_install(
 
 
 def test_python_m_agentpolicy_mcp_sends_webhooks_from_the_environment(tmp_path: Path) -> None:
-    import time
 
     from tests.receiver import Receiver
 
@@ -826,26 +827,12 @@ def test_a_call_the_client_cancelled_is_not_waited_for_once_stdin_ends() -> None
     A cancelled request gets no answer, so waiting for one held the server
     for the whole ``DRAIN_SECONDS`` after its client had gone.
     """
-    import threading
 
     from mcp.shared.message import SessionMessage
     from mcp_types import JSONRPCMessage
     from pydantic import TypeAdapter
 
     from agentpolicy.mcp.stdio import _run
-
-    class HangingStorage(MemoryStorage):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hang = threading.Event()
-            self.entered = threading.Event()
-            self.release = threading.Event()
-
-        def session(self, shard: str, *, write: bool = True) -> Any:
-            if self.hang.is_set():
-                self.entered.set()
-                self.release.wait(60)
-            return super().session(shard, write=write)
 
     storage = HangingStorage()
     app = AgentPolicyMcpServer(storage=storage, role="admin", clock=ManualClock())

@@ -638,6 +638,19 @@ _TROLL_ENDS_SOONER = [
 ]
 
 
+def _100_spent_in_troll(
+    backend: Backend, limits: dict[str, Any]
+) -> tuple[PolicyEngine, ManualClock]:
+    """An engine whose agent-1 spent 100 USDT at 10:00 UTC on 29 March under ``limits`` in Troll."""
+    clock = ManualClock(datetime(2026, 3, 29, 10, tzinfo=UTC))
+    engine = backend.engine(clock)
+    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "Antarctica/Troll"}})
+    rid = engine.authorize(payment(100 * USDT)).reservation_id
+    assert rid is not None
+    engine.confirm(rid)
+    return engine, clock
+
+
 @pytest.mark.parametrize(("period", "late", "next_window"), _TROLL_ENDS_SOONER,
                          ids=["daily", "monthly"])  # fmt: skip
 @pytest.mark.parametrize("read_first", [False, True], ids=["authorize", "budget-first"])
@@ -651,12 +664,7 @@ def test_a_counter_is_kept_until_the_window_in_force_under_its_key_ends(
     200 passed in it against a limit of 100.
     """
     limits = {"limits": {period: {"value": str(100 * USDT)}}}
-    clock = ManualClock(datetime(2026, 3, 29, 10, tzinfo=UTC))
-    engine = backend.engine(clock)
-    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "Antarctica/Troll"}})
-    rid = engine.authorize(payment(100 * USDT)).reservation_id
-    assert rid is not None
-    engine.confirm(rid)
+    engine, clock = _100_spent_in_troll(backend, limits)
     engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "UTC"}})
     clock.set(late)  # more than the grace after Troll's window ended; UTC's goes on
     if read_first:  # reading the budget moves the books too
@@ -708,12 +716,7 @@ def test_a_budget_read_across_a_policy_change_drops_no_counter_the_new_policy_co
     limit of 100.
     """
     limits = {"limits": {"daily": {"value": str(100 * USDT)}}}
-    clock = ManualClock(datetime(2026, 3, 29, 10, tzinfo=UTC))
-    engine = backend.engine(clock)
-    engine.set_policy("agent-1", {**limits, "timeRules": {"timezone": "Antarctica/Troll"}})
-    rid = engine.authorize(payment(100 * USDT)).reservation_id
-    assert rid is not None
-    engine.confirm(rid)
+    engine, clock = _100_spent_in_troll(backend, limits)
     clock.set(datetime(2026, 3, 29, 23, 30, tzinfo=UTC))  # Troll's day ended 1.5 h ago
 
     def budget_with_a_policy_set_before_its_step() -> Any:

@@ -26,13 +26,8 @@ from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock, payment
 from agentpolicy.webhooks import WebhookEndpoint
 from tests.receiver import RawReceiver, Receiver
+from tests.test_webhook_faults import POLICY, SECRET
 
-SECRET = "whsec-test-123"
-POLICY = {
-    "limits": {"daily": {"value": "10000000000"}},
-    "approvalConfig": {"thresholds": [{"amount": {"value": "100000000"},
-                                       "requiredApprovers": 1, "approvers": ["ops"]}]},
-}  # fmt: skip
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 

@@ -20,7 +20,6 @@ wrapper itself.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -44,7 +43,15 @@ from agentpolicy import AsyncPolicyEngine, ErrorCode, PolicyEngine, PolicyValida
 from agentpolicy.ledger.state import SPENT_ON_EXPIRY
 from agentpolicy.testing import ManualClock
 from agentpolicy.x402 import X402Guard, X402PaymentDenied, guard_x402
-from tests.x402_servers import NETWORK, PAY_TO, PRICE, USDC, CountingSigner, Facilitator
+from tests.x402_servers import (
+    NETWORK,
+    PAY_TO,
+    PRICE,
+    USDC,
+    CountingSigner,
+    Facilitator,
+    serving,
+)
 
 KINDS = ["async", "async-on-a-sync-engine", "sync"]
 
@@ -56,12 +63,8 @@ def budget_for(payments: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def facilitator_server() -> Iterator[Facilitator]:
     f = Facilitator()
-    threading.Thread(target=f.server.serve_forever, daemon=True).start()
-    try:
+    with serving(f.server):
         yield f
-    finally:
-        f.server.shutdown()
-        f.server.server_close()
 
 
 @pytest.fixture

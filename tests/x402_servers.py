@@ -171,19 +171,23 @@ def seller_app(facilitator_url: str) -> Flask:
 
 
 @contextmanager
+def serving(server: Any) -> Iterator[None]:
+    """Run ``server`` (``serve_forever``) on a thread of its own; shut it down and close it after."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def paywall() -> Iterator[tuple[str, Facilitator]]:
     """Start the facilitator and the seller on loopback; yield the seller's URL and the facilitator."""
     facilitator = Facilitator()
-    threading.Thread(target=facilitator.server.serve_forever, daemon=True).start()
     web = make_server("127.0.0.1", 0, seller_app(facilitator.url), threaded=True)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
+    with serving(facilitator.server), serving(web):
         yield f"http://127.0.0.1:{web.server_port}", facilitator
-    finally:
-        web.shutdown()
-        web.server_close()
-        facilitator.server.shutdown()
-        facilitator.server.server_close()
 
 
 class CountingSigner:
