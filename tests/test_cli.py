@@ -675,6 +675,21 @@ def test_policy_versions_diff_rollback_and_history_by_version(tmp_path: Path) ->
         1, "POLICY_VERSION_NOT_FOUND")  # fmt: skip
 
 
+def test_policy_shadow_promote_over_a_later_version_needs_force(tmp_path: Path) -> None:
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_100)
+    run(tmp_path, "policy", "shadow", "set", "bot", "-", stdin=DAILY_50)
+    stop = '{"enabled": false, "limits": {"daily": {"value": "100000000"}}}'
+    run(tmp_path, "policy", "set", "bot", "-", stdin=stop)
+    refused = run(tmp_path, "policy", "shadow", "promote", "bot")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        "agentpolicy: SHADOW_OUTDATED: the shadow policy of agent "
+        "bot was set beside version 1, and version 2 is live now"
+    )
+    forced = run(tmp_path, "policy", "shadow", "promote", "bot", "--force")
+    assert forced.stdout == "shadow policy of bot promoted: it is now version 3\n"
+
+
 def test_policy_shadow_set_report_promote_clear_and_simulate(tmp_path: Path) -> None:
     run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY_100)
     shadow = run(tmp_path, "policy", "shadow", "set", "bot", "-", stdin=DAILY_50)

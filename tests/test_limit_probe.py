@@ -453,7 +453,8 @@ class _Probe:
                 self.shadow[agent] = shadow.policy
                 self.log.append(f"{self.clock()} shadow {agent} {shadow.policy}")
             elif k < 0.7 and agent in self.shadow:
-                self.engine.promote_shadow_policy(agent)
+                # forced half the time: a version set since the shadow refuses it otherwise
+                self.engine.promote_shadow_policy(agent, force=rng.random() < 0.5)
                 self.shadow.pop(agent)
                 self._reread(agent)
                 self.log.append(f"{self.clock()} promote {agent}")

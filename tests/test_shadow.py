@@ -14,6 +14,7 @@ from agentpolicy import (
     AgentPolicy,
     Amount,
     Code,
+    ConflictError,
     NotFoundError,
     PolicyEngine,
     PolicyError,
@@ -208,6 +209,56 @@ def test_a_shadow_whose_parent_no_longer_matches_cannot_be_promoted(backend: Bac
     assert err.value.path == "$.policy.parent"
     assert engine.get_policy("agent-1").version == 2  # type: ignore[union-attr]
     assert engine.get_shadow_policy("agent-1") is not None  # nothing changed
+
+
+@pytest.mark.parametrize("change", ["emergency", "rollback", "delegation"])
+def test_a_shadow_set_before_the_live_version_is_not_promoted_over_it(
+    backend: Backend, change: str
+) -> None:
+    """Promoting silently undid a version set after the shadow: an emergency stop came undone.
+
+    Disable the policy in an emergency (version 2) beside a shadow set at
+    version 1, then promote: version 3 was the shadow, enabled, and payments
+    passed again. Now ``SHADOW_OUTDATED``, nothing changed; ``force`` promotes.
+    """
+    engine = backend.engine(ManualClock())
+    if change == "delegation":
+        engine.set_policy("team", daily(100))
+        engine.delegate("team", "agent-1", daily(50))
+        engine.set_shadow_policy("agent-1", daily(40, parent="team"))
+        engine.delegate("team", "agent-1", daily(50, enabled=False))  # re-delegated, stopped
+    else:
+        engine.set_policy("agent-1", daily(100))
+        engine.set_shadow_policy("agent-1", daily(50))
+        engine.set_policy("agent-1", daily(100, enabled=False))  # the emergency stop
+        if change == "rollback":
+            engine.set_policy("agent-1", daily(10))
+            engine.rollback_policy("agent-1", 2)  # version 4: version 2 again
+    live = engine.get_policy("agent-1")
+    assert live is not None
+    assert live.version > 1
+    with pytest.raises(ConflictError) as err:
+        engine.promote_shadow_policy("agent-1")
+    assert err.value.code == "SHADOW_OUTDATED"
+    assert f"version {live.version} is live now" in err.value.message
+    assert engine.get_policy("agent-1").version == live.version  # type: ignore[union-attr]
+    assert engine.get_shadow_policy("agent-1") is not None  # nothing changed
+    assert engine.authorize(payment(U)).code == Code.POLICY_DISABLED
+    with pytest.raises(PolicyValidationError) as bad:
+        engine.promote_shadow_policy("agent-1", force=1)  # type: ignore[arg-type]
+    assert bad.value.path == "$.force"
+    assert engine.promote_shadow_policy("agent-1", force=True) == live.version + 1
+    assert engine.get_shadow_policy("agent-1") is None
+    assert engine.authorize(payment(U)).allowed
+
+
+def test_a_shadow_set_again_beside_the_live_version_is_promoted(backend: Backend) -> None:
+    engine = backend.engine(ManualClock())
+    engine.set_policy("agent-1", daily(100))
+    engine.set_shadow_policy("agent-1", daily(50))
+    engine.set_policy("agent-1", daily(100, enabled=False))
+    engine.set_shadow_policy("agent-1", daily(50))  # set again beside version 2
+    assert engine.promote_shadow_policy("agent-1") == 3
 
 
 def test_the_log_of_differences_is_bounded_like_denials(backend: Backend) -> None:

@@ -335,9 +335,13 @@ class AsyncPolicyEngine:
         """What the shadow would have decided (:meth:`PolicyEngine.shadow_report`)."""
         return await self._flow(self._engine._shadow_report, agent_id, limit)
 
-    async def promote_shadow_policy(self, agent_id: str) -> int:
-        """Make the shadow the live policy; return the new version."""
-        return await self._flow(self._engine._promote_shadow_policy, agent_id)
+    async def promote_shadow_policy(self, agent_id: str, *, force: bool = False) -> int:
+        """Make the shadow the live policy; return the new version.
+
+        Refused with ``SHADOW_OUTDATED`` when another version went live after
+        the shadow was set, unless ``force`` (:meth:`PolicyEngine.promote_shadow_policy`).
+        """
+        return await self._flow(self._engine._promote_shadow_policy, agent_id, force=force)
 
     async def clear_shadow_policy(self, agent_id: str) -> ShadowReport:
         """Remove the shadow policy; return its last report."""

@@ -183,9 +183,13 @@ def _add_rollout_commands(policy: _Commands) -> None:
     sr = shadow.add("report", "what the shadow would have decided since it was set")
     sr.add_argument("agent")
     _limit(sr, 20)
-    for verb, text in (("promote", "make the shadow the live policy (a new version)"),
-                       ("clear", "remove the shadow; print its last report")):  # fmt: skip
-        shadow.add(verb, text).add_argument("agent")
+    sp = shadow.add("promote", "make the shadow the live policy (a new version)")
+    sp.add_argument("agent")
+    sp.add_argument(
+        "--force", action="store_true", help="promote even when another version went live "
+        "after the shadow was set (it would undo that version)",
+    )  # fmt: skip
+    shadow.add("clear", "remove the shadow; print its last report").add_argument("agent")
     sim = policy.add("simulate", "replay recorded payments against a candidate policy file")
     sim.add_argument("agent")
     sim.add_argument("file")
@@ -743,7 +747,7 @@ def _shadow(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
         limit = _check_limit(args.limit)
         emit(shadow_report_data(engine.shadow_report(args.agent, limit)), show.print_shadow_report)
     elif verb == "promote":
-        version = engine.promote_shadow_policy(args.agent)
+        version = engine.promote_shadow_policy(args.agent, force=args.force)
         emit({"agentId": args.agent, "version": version},
              _line("shadow policy of {agentId} promoted: it is now version {version}"))  # fmt: skip
     else:

@@ -1405,19 +1405,27 @@ class PolicyEngine(Voting):
             self._shadow_record(agent_id, doc), total, live, shadow, flips, differences
         )
 
-    def promote_shadow_policy(self, agent_id: str) -> int:
+    def promote_shadow_policy(self, agent_id: str, *, force: bool = False) -> int:
         """Make the shadow the live policy (a new version) and remove it, in one commit.
 
         Returns the new version. Checked like :meth:`set_policy`. Raises
-        ``SHADOW_NOT_FOUND``.
+        ``SHADOW_NOT_FOUND``; and ``SHADOW_OUTDATED`` (a
+        :class:`~agentpolicy.errors.ConflictError`) when another version went
+        live after the shadow was set (a ``set_policy``, a rollback, a
+        delegation), since promoting would silently undo that version (an
+        emergency ``"enabled": false``, say). ``force=True`` promotes anyway.
         """
-        return self._drive(self._promote_shadow_policy(agent_id))
+        return self._drive(self._promote_shadow_policy(agent_id, force=force))
 
-    def _promote_shadow_policy(self, agent_id: str) -> Flow[int]:
+    def _promote_shadow_policy(self, agent_id: str, *, force: bool = False) -> Flow[int]:
         raise_if(check_identifier(agent_id, "$.agentId"))
+        if type(force) is not bool:
+            raise PolicyValidationError.single("$.force", "must be true or false")
         now = self._now()
         shard = yield from self._shard(agent_id)
-        step = rollout.promote_shadow(self.config, shard, agent_id, now, self._policy, self._shadow)
+        step = rollout.promote_shadow(
+            self.config, shard, agent_id, now, self._policy, self._shadow, force=force
+        )
         result: Body = yield Run(shard, step, at=micros(now))
         version: int = result["version"]
         with self._policies_lock:

@@ -48,6 +48,7 @@ class ErrorCode(enum.StrEnum):
     APPROVER_CONFLICT = "APPROVER_CONFLICT"
     POLICY_VERSION_NOT_FOUND = "POLICY_VERSION_NOT_FOUND"
     SHADOW_NOT_FOUND = "SHADOW_NOT_FOUND"
+    SHADOW_OUTDATED = "SHADOW_OUTDATED"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     EXTRA_NOT_INSTALLED = "EXTRA_NOT_INSTALLED"
     RESERVATION_CLAIMED = "RESERVATION_CLAIMED"
@@ -145,7 +146,9 @@ class ConflictError(PolicyError):
     budget tree refuses the change: an agent moving into another tree, a
     delegated budget changing its parent, a revoked budget delegated again),
     ``APPROVER_CONFLICT``, ``RESERVATION_CLAIMED`` (another caller claimed
-    the reservation to make its payment).
+    the reservation to make its payment), ``SHADOW_OUTDATED`` (a shadow
+    policy set beside an older version than the live one, promoted without
+    ``force``).
     """
 
 

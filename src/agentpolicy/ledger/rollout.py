@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from agentpolicy.errors import ErrorCode, NotFoundError, PolicyValidationError
+from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError, PolicyValidationError
 from agentpolicy.ledger import keys, trees
 from agentpolicy.ledger.docs import Body
 from agentpolicy.ledger.runner import View
@@ -413,11 +413,17 @@ def promote_shadow(
     now: datetime,
     policies: PolicySource,
     source: ShadowSource,
+    *,
+    force: bool = False,
 ) -> Step:
     """Make the shadow the agent's live policy (a new version) and remove it, in one commit.
 
     The new version is checked as :func:`trees.put_policy` checks any
-    version. The result is ``{"version": new version, "doc": the shadow}``.
+    version. A shadow set beside an older version than the live one (a
+    version set, rolled back or delegated since) is refused with
+    ``SHADOW_OUTDATED`` unless ``force``: promoting it would silently undo
+    that later version. The result is ``{"version": new version, "doc": the
+    shadow}``.
     """
 
     def step(view: View, txn: Txn) -> None:
@@ -428,6 +434,14 @@ def promote_shadow(
             raise _no_shadow(agent)
         shadow = source(agent, doc)
         _same_parent(agent, shadow, policies(agent, head.body["pv"], view))
+        if doc["pv"] != head.body["pv"] and not force:
+            raise ConflictError(
+                f"the shadow policy of agent {agent} was set beside version {doc['pv']}, "
+                f"and version {head.body['pv']} is live now: promoting it would undo "
+                f"version {head.body['pv']}; set the shadow again beside the live version, "
+                "or promote with force",
+                code=ErrorCode.SHADOW_OUTDATED,
+            )
         origin = {"op": "promote", "at": doc["at"]}
         trees.put_policy(
             cfg, agent, shadow, doc["policy"], now, policies, origin=origin, shard=shard
