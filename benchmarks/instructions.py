@@ -41,6 +41,14 @@ from run import make_engine, cycle
 from agentpolicy.storage import SQLiteStorage
 op = cycle(make_engine(SQLiteStorage(tempfile.mkdtemp() + "/bench.db")))
 """,
+    "rules": """
+from run import NOW, REQUEST, full_policy
+from agentpolicy import load_policy
+from agentpolicy.rules import assess, judge
+policy = load_policy(full_policy())
+def op():  # the rules alone: what the payment counts in, and the verdict on no usage
+    judge(assess(policy, REQUEST, NOW), {})
+""",
     "limits": """
 from limits import parse, storage, strategies
 item = parse("1000000/second")
@@ -102,9 +110,12 @@ def main() -> None:
     low, high = (100, 600) if args.quick else (200, 1200)
     print(f"instructions per operation (valgrind cachegrind, {high - low} operations)", flush=True)
     figures = {
-        name: per_op(name, low, high, 300) for name in ("limits", "memory", "bare", "sqlite")
+        name: per_op(name, low, high, 300)
+        for name in ("limits", "rules", "memory", "bare", "sqlite")
     }
     rows = [
+        ("the rules alone (assess+judge, no ledger), every rule kind", "rules", "limits",
+         "a limits moving-window hit on a fresh storage"),
         ("authorize+confirm, memory, every rule kind", "memory", "limits",
          "a limits moving-window hit on a fresh storage"),
         ("authorize+confirm, SQLite file (WAL)", "sqlite", "bare",
