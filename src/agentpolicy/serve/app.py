@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentpolicy.engine import PolicyEngine
@@ -143,7 +143,7 @@ def create_app(
         Route("/approvals", routed(web.approvals)),
         Route("/approvals/vote", routed(web.vote), methods=["POST"]),
         Route("/approvals/link", routed(web.link)),
-        Route("/approvals/{approval_id:path}", routed(web.approval)),
+        _Beside("/approvals/{approval_id:path}", routed(web.approval), taken=("vote", "link")),
         Route("/agents", routed(web.agents)),
         Route("/agents/{agent_id:path}", routed(web.agent)),
         Route("/signin", routed(web.signin), methods=["GET", "POST"]),
@@ -166,10 +166,43 @@ async def _metrics_reader(s: Service, request: Request) -> None:
     if caller is None:
         raise Denied(401, "Sign in", "a bearer token is required")
     if caller.token.role not in ("admin", "metrics"):
-        raise Denied(403, "Refused", f"a {caller.token.role} token may not read metrics")
+        raise Denied(403, "Refused", f"{_a(caller.token.role)} token may not read metrics")
     if caller.token.org_id is not None:  # the figures are the whole store's
         raise Denied(403, "Refused", "a token bound to an organisation may not read the "
                      "store-wide metrics")  # fmt: skip
+
+
+class _Beside(Route):
+    """A route whose one path parameter never takes a path of the routes beside it.
+
+    ``/approvals/{approval_id:path}`` would otherwise match ``GET
+    /approvals/vote`` in full (an approval called ``vote``, answered 404),
+    before Starlette could tell that ``/approvals/vote`` takes POST only: now
+    the vote route's partial match answers, a 405 with ``Allow: POST``. No
+    approval id is ever ``vote`` or ``link`` (the store makes them).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        *,
+        taken: tuple[str, ...],
+    ) -> None:
+        super().__init__(path, endpoint)
+        self.taken = frozenset(taken)
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """No match for a parameter the routes beside take; else :class:`Route`'s."""
+        match, child = super().matches(scope)
+        if match is not Match.NONE and set(child.get("path_params", {}).values()) & self.taken:
+            return Match.NONE, {}
+        return match, child
+
+
+def _a(role: str) -> str:
+    """``role`` with its article: "an agent", "an admin", "a metrics"."""
+    return f"an {role}" if role[:1] in "aeiou" else f"a {role}"
 
 
 _REASONS = {

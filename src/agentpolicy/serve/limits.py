@@ -41,7 +41,9 @@ class BodyLimit:
     error) and ``Connection: close`` (the rest of the body is never read):
     a multipart body (``415``), a declared ``Content-Length`` above
     ``limit``, or a streamed body that grows past it (``413``). Otherwise
-    the app gets the body, read here, as if from the server.
+    the app gets the body, read here, as if from the server. A
+    ``Content-Length`` that is not ASCII digits is refused ``400`` (an ASGI
+    server may pass one on).
     """
 
     def __init__(self, app: ASGIApp, limit: int = FORM_BODY_LIMIT) -> None:
@@ -60,8 +62,14 @@ class BodyLimit:
                           "it takes no multipart/form-data (no file uploads). Nothing was read "
                           "or changed.")  # fmt: skip
             return
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
+        declared = headers.get("content-length")
+        if declared is not None and not (declared.isascii() and declared.isdigit()):
+            # "²" is a digit to str.isdigit, not to int(); "-1" is no length either
+            await _refuse(scope, receive, send, 400, "Refused",
+                          "This request's Content-Length is not a number of bytes. Nothing was "
+                          "read or changed.")  # fmt: skip
+            return
+        if declared is not None and int(declared) > self.limit:
             await self._too_large(scope, receive, send)
             return
         body = bytearray()

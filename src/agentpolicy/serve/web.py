@@ -113,7 +113,7 @@ class Pages:
                 if then is None and request.method in ("GET", "HEAD"):  # back to this page
                     query = request.url.query
                     then = request.url.path + (f"?{query}" if query else "")
-                # a POST's own path is no page to come back to (GET /approvals/vote is a 404)
+                # a POST's own path is no page to come back to (GET /approvals/vote is a 405)
                 target = quote(then or "/approvals")
                 return RedirectResponse(f"/signin?next={target}", status_code=303)
             headers = {"WWW-Authenticate": challenge()} if denied.status == 401 else None
@@ -382,7 +382,7 @@ class Pages:
 
     async def signin(self, request: Request) -> Response:
         """``GET /signin`` shows the form; ``POST /signin`` turns a token into a session cookie."""
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):  # HEAD is GET without the body, never a sign-in
             nonce = b64(os.urandom(24))
             response = html(pages.render(
                 "signin.html", title="Sign in", error=None, csrf=await self.s.csrf("n:" + nonce),
