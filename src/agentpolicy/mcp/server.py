@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from agentpolicy._checks import check_identifier, check_record_id, person, raise_if
+from agentpolicy._checks import check_identifier, check_record_id, person, raise_if, type_name
 from agentpolicy.codec import dump_policy, format_instant, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
 from agentpolicy.durations import parse_duration, parse_since
@@ -220,14 +220,19 @@ class AgentPolicyMcpServer:
         """Call a tool by its MCP name or its slash name; return the result dict (never raises)."""
         return self.call(name, arguments)
 
-    def call(self, name: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
+    def call(self, name: object, arguments: object) -> dict[str, Any]:
         """Synchronous :meth:`handle_tool_call`."""
         result = self._call(name, arguments)
         if self.demo_mode:
             result["demoMode"] = True
         return result
 
-    def _call(self, name: str, arguments: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _call(self, name: object, arguments: object) -> dict[str, Any]:
+        if not isinstance(name, str):  # a client's mistyped call: names no tool
+            return _error(
+                ErrorCode.UNKNOWN_TOOL,
+                f"a tool call's name must be a string naming a tool, not {type_name(name)}",
+            )
         tool = find_tool(name)
         if tool is None:
             return _error(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")

@@ -13,16 +13,20 @@ starts it.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import mcp_types as types
 import pydantic
+from mcp.server.context import CallNext, HandlerResult
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
@@ -37,6 +41,8 @@ __all__ = [
     "INSTRUCTIONS",
     "build_server",
     "call_result",
+    "called",
+    "lenient_tool_calls",
     "make_app",
     "sdk_tool",
     "serve",
@@ -117,18 +123,67 @@ def call_result(result: dict[str, Any]) -> types.CallToolResult:
     )
 
 
+_AS_SENT: contextvars.ContextVar[tuple[object, object] | None] = contextvars.ContextVar(
+    "agentpolicy_tool_call_as_sent", default=None
+)
+"""The ``name`` and ``arguments`` of a ``tools/call`` the SDK would refuse, as they were sent."""
+
+
+async def lenient_tool_calls(ctx: Any, call_next: CallNext) -> HandlerResult:
+    """SDK middleware: a ``tools/call`` with a mistyped ``name`` or ``arguments`` reaches the tools.
+
+    The SDK checks a call's params against its model before any handler runs,
+    and answers a ``name`` that is not a string (or none) or ``arguments`` that
+    are not an object (a list, a string) with a bare JSON-RPC ``-32602``. The
+    governed agent's model gets the project's structured error instead, as for
+    any other bad argument: the call goes on with params the SDK accepts, and
+    :func:`called` gives the handler what was sent, for the tools to refuse
+    (``INVALID_INPUT``; nothing is called). This is the SDK's documented way to
+    rewrite params (``Server.middleware``); every other request passes untouched.
+    """
+    params = ctx.params
+    if ctx.method != "tools/call" or ctx.request_id is None:
+        return await call_next(ctx)
+    if params is not None and not isinstance(params, Mapping):  # the transport refuses these
+        return await call_next(ctx)
+    raw: Mapping[str, Any] = params or {}
+    name, arguments = raw.get("name"), raw.get("arguments")
+    if isinstance(name, str) and (arguments is None or isinstance(arguments, Mapping)):
+        return await call_next(ctx)
+    sent = _AS_SENT.set((name, arguments))
+    try:
+        accepted = {**raw, "name": name if isinstance(name, str) else "", "arguments": None}
+        return await call_next(dataclasses.replace(ctx, params=accepted))
+    finally:
+        _AS_SENT.reset(sent)
+
+
+def called(params: types.CallToolRequestParams) -> tuple[object, object]:
+    """The ``name`` and ``arguments`` of the call being handled, as its client sent them.
+
+    They are ``params``' own unless :func:`lenient_tool_calls` let a mistyped
+    call through.
+    """
+    sent = _AS_SENT.get()
+    return sent if sent is not None else (params.name, params.arguments)
+
+
 def build_server(app: AgentPolicyMcpServer) -> Server[Any]:
-    """An SDK server whose tools are ``app``'s (only those its role may call)."""
+    """An SDK server whose tools are ``app``'s (only those its role may call).
+
+    A call whose ``name`` or ``arguments`` is mistyped gets the tools'
+    structured error, never the SDK's bare ``-32602`` (:func:`lenient_tool_calls`).
+    """
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=[sdk_tool(t) for t in app.tools()])
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         # The engine blocks on its storage: run it on a worker thread, never on the loop.
-        result = await anyio.to_thread.run_sync(app.call, params.name, params.arguments)
+        result = await anyio.to_thread.run_sync(app.call, *called(params))
         return call_result(result)
 
-    return Server(
+    server: Server[Any] = Server(
         "agent-policy",
         version=__version__,
         title="agentpolicy: spending limits",
@@ -136,6 +191,8 @@ def build_server(app: AgentPolicyMcpServer) -> Server[Any]:
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
+    server.middleware.append(lenient_tool_calls)
+    return server
 
 
 def make_app(settings: Settings) -> AgentPolicyMcpServer:

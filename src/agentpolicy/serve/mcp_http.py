@@ -35,7 +35,7 @@ from agentpolicy import __version__
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import ErrorCode, StorageUnavailableError
 from agentpolicy.mcp.server import AgentPolicyMcpServer
-from agentpolicy.mcp.stdio import INSTRUCTIONS, call_result, sdk_tool
+from agentpolicy.mcp.stdio import INSTRUCTIONS, call_result, called, lenient_tool_calls, sdk_tool
 from agentpolicy.mcp.tools import REGISTRY_CHANGES, Tool, find_tool
 from agentpolicy.serve.metrics import Metrics
 from agentpolicy.serve.tokens import AccessToken, TokenRejected, TokenStore
@@ -92,7 +92,7 @@ class ToolServers:
             return found
 
     @staticmethod
-    def refused(token: AccessToken, name: str) -> bool:
+    def refused(token: AccessToken, name: object) -> bool:
         """Whether the token may not call this tool although its role has it."""
         tool = find_tool(name)
         return token.org_id is not None and tool is not None and tool.name in REGISTRY_CHANGES
@@ -136,23 +136,24 @@ def build_sdk_server(servers: ToolServers, metrics: Metrics) -> Server[Any]:
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         token = _token_of(ctx)
-        if servers.refused(token, params.name):
+        name, arguments = called(params)  # as sent: a mistyped call is refused by the tools
+        if servers.refused(token, name):
             result: dict[str, Any] = {"success": False, "error": {
                 "code": str(ErrorCode.FORBIDDEN),
-                "message": f"{params.name} changes the approver registry, which every org "
+                "message": f"{name} changes the approver registry, which every org "
                 f"shares; this token is bound to {token.org_id}:* and may not",
             }}  # fmt: skip
             return call_result(result)
         app = servers.for_token(token)
         started = time.perf_counter()
-        result = await anyio.to_thread.run_sync(app.call, params.name, params.arguments)
-        tool = find_tool(params.name)
+        result = await anyio.to_thread.run_sync(app.call, name, arguments)
+        tool = find_tool(name)
         if tool is not None and tool.name == _AUTHORIZE:
             code = result["data"]["code"] if result["success"] else result["error"]["code"]
             metrics.decided(code, time.perf_counter() - started)
         return call_result(result)
 
-    return Server(
+    server: Server[Any] = Server(
         "agent-policy",
         version=__version__,
         title="agentpolicy: spending limits",
@@ -160,6 +161,8 @@ def build_sdk_server(servers: ToolServers, metrics: Metrics) -> Server[Any]:
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
+    server.middleware.append(lenient_tool_calls)  # mistyped calls: the tools' structured error
+    return server
 
 
 def new_session_manager(server: Server[Any]) -> StreamableHTTPSessionManager:
@@ -175,6 +178,11 @@ async def _answer(send: Send, status: int, body: dict[str, Any], headers: dict[s
     await send({"type": "http.response.body", "body": raw})
 
 
+def _a(role: str) -> str:
+    """``role`` with its article: "an approver", "a metrics"."""
+    return f"an {role}" if role[:1] in "aeiou" else f"a {role}"
+
+
 def _rpc_error(message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": message}}
 
@@ -186,18 +194,40 @@ _SDK_REFUSALS = {
 """What a refusal the SDK answers in plain text says instead, by status."""
 
 
+_NOT_ONE_MESSAGE = {
+    "jsonrpc": "2.0",
+    "id": None,
+    "error": {
+        "code": types.INVALID_REQUEST,
+        "message": "Invalid Request: the body must be one JSON-RPC 2.0 request or notification "
+        "object whose params, if any, are an object (not a batch, null or another value)",
+    },
+}
+"""What the 2025 transport's pydantic dump for a body that is no one message says instead.
+
+The 2026 transport answers such a body with this code and much the same words.
+"""
+
+
 def _json_errors(send: Send) -> Send:
-    """``send``, with every error the SDK answers in plain text answered as a JSON-RPC error.
+    """``send``, with the SDK's refusals that are not clear JSON-RPC errors made so.
 
     The SDK's transport refuses a wrong ``Content-Type`` (400) and a body
     past its bound (413) with a plain-text body; a JSON client gets the
     same status with the JSON-RPC error every other refusal of ``/mcp`` has.
+    JSON that is not one JSON-RPC message (a batch, ``null``, ``params`` that
+    are a list) it refuses, in the 2025 protocol, with ``-32602`` and a
+    pydantic validation dump (its input echoed back, links to pydantic's
+    docs); that becomes :data:`_NOT_ONE_MESSAGE` (``-32600``, as JSON-RPC
+    names it and the SDK's 2026 transport answers).
     """
     status = 0
     replacing = False
+    start: Message | None = None
+    held = bytearray()
 
     async def guarded(message: Message) -> None:
-        nonlocal status, replacing
+        nonlocal status, replacing, start
         if message["type"] == "http.response.start":
             status = int(message["status"])
             kind = b""
@@ -207,15 +237,38 @@ def _json_errors(send: Send) -> Send:
             if status >= 400 and not kind.startswith(b"application/json"):
                 replacing = True
                 return
+            if status == 400:  # a small JSON error: read it whole before it goes out
+                start = message
+                return
         elif replacing and message["type"] == "http.response.body":
             if not message.get("more_body", False):
                 said = _SDK_REFUSALS.get(status, f"the MCP transport refused this request "
                                          f"(HTTP {status})")  # fmt: skip
                 await _answer(send, status, _rpc_error(said), {})
             return
+        elif start is not None and message["type"] == "http.response.body":
+            held.extend(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            if _validation_dump(bytes(held)):
+                await _answer(send, status, _NOT_ONE_MESSAGE, {})
+            else:
+                await send(start)
+                await send({"type": "http.response.body", "body": bytes(held)})
+            return
         await send(message)
 
     return guarded
+
+
+def _validation_dump(body: bytes) -> bool:
+    """Whether ``body`` is the SDK's JSON-RPC error holding a pydantic validation dump."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return False
+    message = error.get("message") if isinstance(error, dict) else None
+    return isinstance(message, str) and message.startswith("Validation error:")
 
 
 class McpEndpoint:
@@ -258,7 +311,7 @@ class McpEndpoint:
             await _answer(send, 503, _rpc_error(f"the store is unavailable: {err.message}"), {})
             return
         if token.role not in MCP_ROLES:
-            await _answer(send, 403, _rpc_error(f"a {token.role} token may not call /mcp: it is "
+            await _answer(send, 403, _rpc_error(f"{_a(token.role)} token may not call /mcp: it is "
                                                 "for the pages"), {})  # fmt: skip
             return
         if scope.get("method") != "POST":  # stateless: no stream to open, no session to end
