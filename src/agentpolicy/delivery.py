@@ -4,12 +4,14 @@ Runs on real time (monotonic waits, wall-clock timestamps), never on the
 engine's clock. Never in the way: a decision only writes to the outbox;
 delivery happens in a background thread, and its failures are recorded, not
 raised. Retries with growing back-off and jitter on network errors,
-timeouts, 5xx, 408 and 429; any other status is recorded as failed at once,
-redirects (3xx) included, which are never followed; after ``max_attempts``
-tries an event is recorded as failed too. Endpoint URLs are logged only
-redacted (:func:`agentpolicy.urls.redact_url`). An endpoint's host name is
-looked up on a small pool of threads, bounded by the attempt's timeout, so
-a resolver that hangs never holds the worker past it.
+timeouts, answers that are not HTTP (a status outside 100 to 599, or a
+``101`` nobody asked for, among them), 5xx, 408 and 429; any other status
+is recorded as failed at once, redirects (3xx) included, which are never
+followed; after ``max_attempts`` tries an event is recorded as failed too.
+Endpoint URLs are logged only redacted (:func:`agentpolicy.urls.redact_url`).
+An endpoint's host name is looked up on a small pool of threads, bounded by
+the attempt's timeout, so a resolver that hangs never holds the worker past
+it.
 """
 
 from __future__ import annotations
@@ -362,7 +364,9 @@ def _opener() -> Any:
         recorded as failed (``HTTP 103``). A client must read one or more
         1xx answers before the final one (RFC 9110, 15.2); the attempt's
         deadline bounds a receiver that sends them without end. ``101``
-        (never asked for: no ``Upgrade`` is sent) stays the answer.
+        (never asked for: no ``Upgrade`` is sent) stays the answer, and
+        what follows it is not HTTP: it is a protocol error
+        (:func:`_status_error`).
         """
 
         def _read_status(self) -> Any:
@@ -415,6 +419,28 @@ class _RetryableError(Exception):
 
 class _FinalError(Exception):
     pass
+
+
+def _status_error(code: int) -> _RetryableError | _FinalError:
+    """What a final answer other than 2xx makes of an attempt: retried or failed at once.
+
+    A status HTTP does not allow here is a protocol error, retried like an
+    answer that is not HTTP at all (``HTTP/1.1 1000`` is a bad status line
+    to http.client): one outside 100 to 599 (invalid, RFC 9110, 15; it was
+    recorded as ``HTTP 600``, as if a server error) and a ``101`` to a POST
+    that asked for no upgrade (RFC 9110, 15.2.2; it failed the event at
+    once). 5xx, 408 and 429 are retried; a 3xx is a redirect, never
+    followed, and like any other 4xx fails the event at once.
+    """
+    if code == 101:
+        return _RetryableError("protocol error: HTTP 101 (no upgrade was asked for)")
+    if not 100 <= code <= 599:
+        return _RetryableError(f"protocol error: HTTP {code} (not an HTTP status)")
+    if code >= 500 or code in _RETRY_STATUSES:
+        return _RetryableError(f"HTTP {code}")
+    if 300 <= code < 400:
+        return _FinalError(f"HTTP {code} (redirect not followed)")
+    return _FinalError(f"HTTP {code}")
 
 
 class WebhookDispatcher:
@@ -684,11 +710,7 @@ class WebhookDispatcher:
                     response.read(1024)
             except urllib.error.HTTPError as exc:
                 exc.close()
-                if exc.code >= 500 or exc.code in _RETRY_STATUSES:
-                    raise _RetryableError(f"HTTP {exc.code}") from None
-                if 300 <= exc.code < 400:
-                    raise _FinalError(f"HTTP {exc.code} (redirect not followed)") from None
-                raise _FinalError(f"HTTP {exc.code}") from None
+                raise _status_error(exc.code) from None
             except Exception as exc:  # the message may hold the URL: only the kind is kept
                 reason = getattr(exc, "reason", exc)
                 if deadline.expired or isinstance(reason, TimeoutError):
