@@ -208,3 +208,40 @@ def test_a_body_that_is_no_one_json_rpc_message_is_a_clear_invalid_request(
         r = c.post("/mcp", content=b"{not json", headers=headers)  # the SDK's clear errors stay
         assert (r.status_code, r.json()["error"]["code"]) == (400, -32700)
         assert r.json()["error"]["message"].startswith("Parse error")
+
+
+def test_a_refusal_names_a_bounded_number_of_problems_and_echoes_no_long_key() -> None:
+    """100,000 bad keys in a delegated policy were 100,000 problems: a 3.7 MB error to the agent.
+
+    The agent role's own tools take objects (``delegate``'s ``policy``) and
+    arguments by name, so a 4 MiB call could fill the model's context with
+    its own keys, three times over (summary, JSON, structured content).
+    """
+    storage = MemoryStorage()
+    admin = AgentPolicyMcpServer(storage=storage, role="admin", clock=ManualClock())
+    assert admin.call("agent_policy_set", {"agentId": "bot", "policy": {}})["success"]
+    agent = AgentPolicyMcpServer(storage=storage, role="agent", agent_id="bot",
+                                 clock=ManualClock())  # fmt: skip
+    many = {f"k{i:06d}": 1 for i in range(100_000)}
+    for name, arguments, path in (
+        ("agent_policy_delegate", {"childId": "bot/c", "policy": many}, "$.policy.k000000"),
+        ("agent_policy_budget", many, "$.k000000"),
+    ):
+        found = agent.call(name, arguments)
+        error = found["error"]
+        assert (error["code"], error["path"]) == ("INVALID_INPUT", path)
+        assert error["message"].startswith(f"100000 problems: {path}: is not a known ")
+        assert error["message"].endswith("; and 99980 more")
+        assert error["message"].count(": is not a known") == 20
+        assert len(json.dumps(found)) < 2000
+    long = "x" * 1_000_000
+    found = agent.call("agent_policy_delegate", {"childId": "bot/c", "policy": {long: 1}})
+    error = found["error"]
+    assert error["path"] == f"$.policy.{long[:291]}... (1000009 characters)"
+    assert error["message"].startswith("$.policy.xxx")
+    assert len(json.dumps(found)) < 2000
+    assert agent.engine.get_policy("bot/c") is None
+    small = agent.call("agent_policy_budget", {"a": 1, "b": 2})["error"]  # as it always was
+    assert (
+        small["message"] == "2 problems: $.a: is not a known argument; $.b: is not a known argument"
+    )

@@ -93,6 +93,38 @@ def _error(code: ErrorCode | str, message: str, path: str | None = None) -> dict
     return {"success": False, "error": error}
 
 
+MAX_PROBLEMS = 20
+"""The most problems of one refused input an error names (the rest are counted)."""
+
+MAX_SHOWN = 300
+"""The most characters of one problem, or of the error's path, an error shows."""
+
+
+def _brief(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
+
+
+def _refusal(err: PolicyError) -> dict[str, Any]:
+    """The error of a refusal, bounded: an input with 100,000 bad keys is not echoed back.
+
+    Each problem (its path holds the caller's own key names) is cut to
+    :data:`MAX_SHOWN` characters, and at most :data:`MAX_PROBLEMS` are named
+    (in path order, as always); the rest are counted.
+    """
+    path = None if err.path is None else _brief(err.path)
+    if not isinstance(err, PolicyValidationError):
+        return _error(err.code, err.message, path)
+    problems = err.problems
+    if len(problems) <= MAX_PROBLEMS and all(len(str(p)) <= MAX_SHOWN for p in problems):
+        return _error(err.code, err.message, path)
+    shown = "; ".join(_brief(str(p)) for p in problems[:MAX_PROBLEMS])
+    if len(problems) == 1:
+        return _error(err.code, shown, path)
+    more = len(problems) - MAX_PROBLEMS
+    rest = f"; and {more} more" if more > 0 else ""
+    return _error(err.code, f"{len(problems)} problems: {shown}{rest}", path)
+
+
 class AgentPolicyMcpServer:
     """The agent-policy tools, served to an MCP client (or called directly).
 
@@ -259,7 +291,7 @@ class AgentPolicyMcpServer:
                 args.setdefault("agentId", self.bound_agent)
             data = getattr(self, "_" + tool.name.removeprefix("agent_policy_"))(args)
         except PolicyError as err:
-            return _error(err.code, err.message, err.path)
+            return _refusal(err)
         except Exception:
             log.exception("internal error in %s", tool.name)
             return _error(
