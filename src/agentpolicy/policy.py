@@ -46,6 +46,8 @@ from agentpolicy.windows import Period
 
 __all__ = [
     "DEFAULT_APPROVAL_TIMEOUT_MS",
+    "DEFAULT_MAX_CHILDREN",
+    "DELEGATED_VERSIONS_PER_CHILD",
     "AgentPolicy",
     "ApprovalConfig",
     "ApprovalThreshold",
@@ -58,6 +60,8 @@ __all__ = [
     "DelegationRules",
     "GROUP_BY",
     "MAX_APPROVER_GROUPS",
+    "MAX_CHILDREN",
+    "MAX_DELEGATED_POLICY_BYTES",
     "MAX_TREE_DEPTH",
     "MerchantRules",
     "NetworkRules",
@@ -79,6 +83,25 @@ MAX_APPROVAL_TIMEOUT_MS = 366 * 24 * 3_600_000
 
 MAX_TREE_DEPTH = 8
 """The most budgets one payment passes through: an agent and up to seven ancestors."""
+
+
+DEFAULT_MAX_CHILDREN = 100
+"""How many budgets agents may delegate below a budget whose policy sets no ``maxChildren``."""
+
+MAX_CHILDREN = 100_000
+"""The largest ``delegation.maxChildren`` a policy may set."""
+
+DELEGATED_VERSIONS_PER_CHILD = 10
+"""Policy versions agents may write by delegating below a budget, per ``maxChildren``.
+
+Every agent-made delegation writes a version (a new budget's first, or a
+later one), and versions are kept for good (decisions name them), so agents
+may write at most ``maxChildren * DELEGATED_VERSIONS_PER_CHILD`` of them
+below a budget (1,000 by default).
+"""
+
+MAX_DELEGATED_POLICY_BYTES = 64 * 1024
+"""The largest policy an agent may delegate: 64 KiB of its compact JSON, as stored."""
 
 
 def _tuple(value: Any) -> Any:
@@ -844,13 +867,18 @@ class DelegationRules:
     """Whether the agent itself may hand parts of its budget to sub-agents (``delegation``).
 
     Off unless ``allowed``; ``max_depth`` bounds how many levels of delegated
-    budgets may hang below this one (1: children only). An administrator can
+    budgets may hang below this one (1: children only); ``max_children``
+    bounds how many budgets agents may delegate below it in all, over its
+    life (revoked and expired ones count: their versions are kept), and with
+    it how many policy versions they may write there
+    (:data:`DELEGATED_VERSIONS_PER_CHILD` per child). An administrator can
     always delegate; this switch governs the agent (an agent-role MCP server
     bound to it).
     """
 
     allowed: bool = checked(check_bool, default=False)
     max_depth: int = checked(int_between(1, MAX_TREE_DEPTH - 1), default=1)
+    max_children: int = checked(int_between(1, MAX_CHILDREN), default=DEFAULT_MAX_CHILDREN)
 
     def __attrs_post_init__(self) -> None:
         validate(self)
