@@ -500,9 +500,12 @@ class PolicyEngine(Voting):
         kind, window and token: ``INVALID_INPUT``), it ends at ``expires_at``
         (never after its parent's own delegation) and can be revoked
         (:meth:`revoke`). ``by_parent=True`` when the parent agent itself
-        asks: its policy must allow it (``"delegation": {"allowed": true}``)
-        and no budget above may be deeper than its ``maxDepth`` allows
-        (``FORBIDDEN``). ``child_id`` must be new, or a budget this parent
+        asks: its policy must allow it (``"delegation": {"allowed": true}``),
+        no budget above may be deeper than its ``maxDepth`` allows, and agents
+        may delegate at most ``maxChildren`` budgets (and ten versions per
+        one) below it (``FORBIDDEN``); the policy may be at most
+        :data:`~agentpolicy.policy.MAX_DELEGATED_POLICY_BYTES` of JSON
+        (``INVALID_INPUT``). ``child_id`` must be new, or a budget this parent
         delegated before (``BUDGET_CONFLICT``). Returns the delegation.
         """
         return self._drive(

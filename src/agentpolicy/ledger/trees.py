@@ -12,10 +12,19 @@ Each budget's head lists, in its open-reservation index, the open
 reservations of every budget below it, so expiring under an ancestor frees
 what its descendants held, and revoking a delegated budget finds every open
 reservation below it in one index.
+
+What an agent delegates itself (``by_parent``) is bounded, since every
+version is kept for good: at most
+:data:`~agentpolicy.policy.MAX_DELEGATED_POLICY_BYTES` a policy, and at most
+``delegation.maxChildren`` budgets and ``maxChildren *``
+:data:`~agentpolicy.policy.DELEGATED_VERSIONS_PER_CHILD` versions below a
+budget, counted in its head (``"dq": {"n": budgets, "v": versions}``) in the
+step that writes them (see :func:`quota_levels`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -44,7 +53,14 @@ from agentpolicy.ledger.state import (
     record,
 )
 from agentpolicy.ledger.tallies import MAX_SCORE
-from agentpolicy.policy import MAX_TREE_DEPTH, AgentPolicy, SpendingLimits
+from agentpolicy.policy import (
+    DEFAULT_MAX_CHILDREN,
+    DELEGATED_VERSIONS_PER_CHILD,
+    MAX_DELEGATED_POLICY_BYTES,
+    MAX_TREE_DEPTH,
+    AgentPolicy,
+    SpendingLimits,
+)
 from agentpolicy.records import Delegation
 from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import Txn
@@ -58,6 +74,7 @@ __all__ = [
     "chain",
     "place",
     "put_policy",
+    "quota_levels",
     "revoke",
 ]
 
@@ -221,8 +238,79 @@ def _active(grant: Delegation | None, now: datetime) -> bool:
     return grant is None or grant.active(now)
 
 
+def quota_levels(levels: Sequence[Level]) -> list[Level]:
+    """The budgets whose delegation quota an agent's delegation below ``levels[0]`` uses.
+
+    The parent; and while the budget counted was itself delegated by an
+    agent (so an agent chose its ``maxChildren``), the budget above it too,
+    up to the first budget an administrator set up (or delegated). So an
+    agent's whole tree of sub-agents fits in the quota its administrator set.
+    """
+    counted: list[Level] = []
+    for level in levels:
+        counted.append(level)
+        dg = level.head.body.get("dg")
+        if dg is None or dg.get("adm"):
+            break
+    return counted
+
+
+def _quota_used(head: Head) -> tuple[int, int]:
+    """Budgets and versions agents delegated below this budget so far."""
+    dq = head.body.get("dq") or {}
+    return int(dq.get("n", 0)), int(dq.get("v", 0))
+
+
+def _check_quota(levels: Sequence[Level], new: bool) -> None:
+    """Refuse an agent's delegation past a ``maxChildren`` of a budget above (``FORBIDDEN``)."""
+    for level in quota_levels(levels):
+        rules = level.policy.delegation if level.policy is not None else None
+        most = DEFAULT_MAX_CHILDREN if rules is None else rules.max_children
+        made, written = _quota_used(level.head)
+        if new and made >= most:
+            raise ForbiddenError(
+                f"agents have delegated the {most:,} budget(s) below {level.agent} that its "
+                "policy allows (delegation.maxChildren; revoked and expired ones count, their "
+                "versions are kept): an administrator may raise it",
+                code=ErrorCode.FORBIDDEN,
+            )
+        if written >= most * DELEGATED_VERSIONS_PER_CHILD:
+            raise ForbiddenError(
+                f"agents have written the {most * DELEGATED_VERSIONS_PER_CHILD:,} policy "
+                f"versions below {level.agent} that its policy allows by delegating "
+                f"({DELEGATED_VERSIONS_PER_CHILD} per delegation.maxChildren): an administrator "
+                "may raise maxChildren",
+                code=ErrorCode.FORBIDDEN,
+            )
+
+
+def _use_quota(grant: Grant, levels: Sequence[Level], new: bool) -> None:
+    """Count an agent's delegation in every budget whose quota it uses (same commit)."""
+    if not grant.by_parent:
+        return  # an administrator's delegations are not counted
+    for level in quota_levels(levels):
+        made, written = _quota_used(level.head)
+        level.head.set("dq", {"n": made + new, "v": written + 1})
+
+
+def _check_size(data: dict[str, Any]) -> None:
+    """Refuse a policy an agent delegates past :data:`MAX_DELEGATED_POLICY_BYTES`."""
+    size = len(json.dumps(data, separators=(",", ":")))  # ASCII: as the stores keep it
+    if size > MAX_DELEGATED_POLICY_BYTES:
+        raise _invalid(
+            "$.policy",
+            f"is {size:,} bytes of JSON: a policy an agent delegates may be at most "
+            f"{MAX_DELEGATED_POLICY_BYTES:,} bytes (an administrator may set a larger one)",
+        )
+
+
 def _check_grant(
-    grant: Grant, child: Head, policy: AgentPolicy, levels: list[Level], now: datetime
+    grant: Grant,
+    child: Head,
+    policy: AgentPolicy,
+    data: dict[str, Any],
+    levels: list[Level],
+    now: datetime,
 ) -> int | None:
     """Refuse a delegation its parent cannot make; return when it ends (microseconds)."""
     parent = levels[0]
@@ -275,6 +363,8 @@ def _check_grant(
                     f"{above.max_depth} level(s) below it",
                     code=ErrorCode.FORBIDDEN,
                 )
+        _check_size(data)
+        _check_quota(levels, new=child.body["pv"] == 0)
     problems = cap_problems(policy, parent.policy)
     if problems:
         raise PolicyValidationError(problems)
@@ -353,12 +443,15 @@ def put_policy(
     With a ``parent``, the parent must have a policy, be no descendant of the
     agent, and keep every payment within :data:`MAX_TREE_DEPTH` budgets. A
     delegated budget keeps its delegating parent. With ``grant``, this is a
-    delegation (see :func:`_check_grant`). ``origin`` says how the version
-    came to be (``{"op": "rollback", "from": 2}``, ``{"op": "promote"}``):
-    kept with the version and worded in its history entry. ``check_only``
-    runs every check and writes nothing (the result is 0). In the agent's own
-    shard, raises :class:`RelocatedError` when the agent was placed in a tree
-    meanwhile.
+    delegation (see :func:`_check_grant`); one the parent agent makes itself
+    (``grant.by_parent``) is at most :data:`MAX_DELEGATED_POLICY_BYTES` and
+    counts in the delegation quotas above it (:func:`quota_levels`) in this
+    step, so two delegations at once never both take the last slot.
+    ``origin`` says how the version came to be (``{"op": "rollback",
+    "from": 2}``, ``{"op": "promote"}``): kept with the version and worded in
+    its history entry. ``check_only`` runs every check and writes nothing
+    (the result is 0). In the agent's own shard, raises
+    :class:`RelocatedError` when the agent was placed in a tree meanwhile.
     """
     now_us = micros(now)
 
@@ -381,7 +474,7 @@ def put_policy(
             moved = old is None or old.parent != policy.parent
             levels = _check_parent(view, books, agent, policy.parent, policies, moved=moved)
         version = head.body["pv"] + 1
-        expires = None if grant is None else _check_grant(grant, head, policy, levels, now)
+        expires = None if grant is None else _check_grant(grant, head, policy, data, levels, now)
         if grant is None and dg is not None and levels:  # a delegated budget stays within it
             problems = cap_problems(policy, levels[0].policy)
             if problems:
@@ -390,6 +483,7 @@ def put_policy(
             txn.result = 0
             return
         if grant is not None:
+            _use_quota(grant, levels, new=head.body["pv"] == 0)
             head.set("dg", _delegation_doc(grant, dg, expires, now_us))
             record(txn, cfg, agent, {"ev": "delegate", "pv": version, "by": grant.parent,
                                      "x": expires})  # fmt: skip
