@@ -1,8 +1,10 @@
-"""Webhook answers at the edges of HTTP's statuses.
+"""Webhook answers at the edges of HTTP's statuses, and endpoint hosts no lookup can find.
 
 A status outside 100 to 599 and a ``101`` nobody asked for are protocol
 errors, retried like an answer that is not HTTP at all; a 3xx (``304``
-too) is failed at once; any 2xx delivers, whatever its body.
+too) is failed at once; any 2xx delivers, whatever its body. A host name
+that is not one (``-a.com``, ``a!b.com``, a label past 63 characters) is
+refused when the endpoint is configured, not retried until given up.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import threading
 
 import pytest
 
+from agentpolicy import ErrorCode, PolicyEngine, PolicyValidationError
 from agentpolicy.records import DeliveryStatus, WebhookDelivery
+from agentpolicy.storage import MemoryStorage
+from agentpolicy.testing import ManualClock
+from agentpolicy.webhooks import WebhookEndpoint, endpoints_from_env
 from tests.receiver import RawReceiver
-from tests.test_webhook_faults import ask, engine_with
+from tests.test_webhook_faults import POLICY, SECRET, ask, engine_with
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 UPGRADE = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
@@ -119,3 +125,86 @@ def test_other_edge_statuses(
     """Any 2xx delivers, whatever its body; every 3xx (a 304 too) is failed at once."""
     sent = one_event(scripted(answer))
     assert (sent.status, sent.attempts, sent.last_error) == (outcome, attempts, error)
+
+
+# --- endpoint hosts ------------------------------------------------------------------------
+
+BAD_HOSTS = [
+    "http://-a.com/hooks",
+    "http://a-.com/hooks",
+    "https://hooks.-x.example/h",
+    "http://a.-/hooks",
+    "http://a..b/hooks",
+    "http://" + "a" * 64 + ".example/hooks",
+    "http://" + ".".join(["a" * 63] * 4) + "/hooks",  # 255 characters
+    "http://" + ".".join(["a" * 62] * 4) + ".ab/hooks",  # 254 characters
+    "http://a!b.example/hooks",
+    "http://ex%61mple.example/hooks",
+    "http://*.example/hooks",
+    "http://a\\b.example/hooks",
+    "http://\u00e4!.example/hooks",
+    "http://-\u00e4.example/hooks",
+    "https://u:p@-a.example:8443/hooks?token=TOPSECRET",
+]
+
+
+@pytest.mark.parametrize("url", BAD_HOSTS)
+def test_a_host_that_is_no_host_name_is_refused_without_showing_it(url: str) -> None:
+    """-a.com, a!b.example or a 64-character label were kept, and retried until given up."""
+    with pytest.raises(PolicyValidationError) as refused:
+        WebhookEndpoint(url=url, secret=SECRET)
+    assert refused.value.code is ErrorCode.INVALID_INPUT
+    assert refused.value.path == "$.url"
+    assert "valid host and port" in refused.value.message
+    assert "TOPSECRET" not in str(refused.value)
+
+
+def test_an_engine_given_such_an_endpoint_is_refused_and_changes_nothing() -> None:
+    storage = MemoryStorage()
+    first = PolicyEngine(storage=storage, clock=ManualClock())
+    first.set_policy("agent-123", POLICY)
+    workers = [t for t in threading.enumerate() if t.name == "agentpolicy-webhooks"]
+    fine = {"url": "http://127.0.0.1:9/hooks", "secret": SECRET}
+    with pytest.raises(PolicyValidationError) as refused:
+        PolicyEngine(storage=storage, clock=ManualClock(),
+                     webhook_endpoints=[fine, {"url": "http://-a.com/hooks", "secret": SECRET}])  # fmt: skip
+    assert refused.value.code is ErrorCode.INVALID_INPUT
+    assert refused.value.path == "$.webhookEndpoints[1].url"
+    # no delivery thread was started, and the store's engine goes on as it was
+    assert [t for t in threading.enumerate() if t.name == "agentpolicy-webhooks"] == workers
+    ask(first)
+    assert first.webhook_deliveries() == []
+    first.close()
+
+
+def test_such_an_endpoint_from_the_environment_is_refused_with_its_variable() -> None:
+    env = {"AGENT_POLICY_WEBHOOK_URL": "https://a_b!.example/h", "AGENT_POLICY_WEBHOOK_SECRET": "s"}
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env(env)
+    assert refused.value.path == "$AGENT_POLICY_WEBHOOK_URL"
+    listed = {"AGENT_POLICY_WEBHOOKS": '[{"url": "https://ok.example/h", "secret": "s"},'
+                                       ' {"url": "https://x-.example/h", "secret": "s"}]'}  # fmt: skip
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env(listed)
+    assert refused.value.path == "$AGENT_POLICY_WEBHOOKS[1].url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://b\u00fccher.example/x",  # IDNA
+        "https://xn--bcher-kva.example/x",
+        "http://hooks\u3002example/x",  # an ideographic full stop separates labels in IDNA
+        "https://hooks.example./x",  # fully qualified
+        "http://hook_receiver:8080/x",  # a Docker Compose service: resolves, sent as it is
+        "http://a--b.example/x",
+        "http://" + "a" * 63 + ".example/x",
+        "http://" + ".".join(["a" * 62] * 4) + ".a/x",  # 253 characters
+        "http://" + ".".join(["a" * 62] * 4) + ".a./x",  # and its final dot
+        "http://localhost/x",
+        "http://127.0.0.1:8080/x",
+        "https://u:p@[::1]:8443/x",
+    ],
+)
+def test_host_names_that_can_be_looked_up_are_kept(url: str) -> None:
+    assert WebhookEndpoint(url=url, secret=SECRET).url == url

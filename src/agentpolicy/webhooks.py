@@ -104,15 +104,46 @@ def _url_problems(url: str) -> list[Problem]:
         parts = urllib.parse.urlsplit(url)
         port = parts.port  # raises for a port that is not a number from 0 to 65535
         host = parts.hostname or ""
-        if host and not host.startswith("["):  # not an IPv6 literal: IDNA encodable
-            host.encode("idna")
-    except (ValueError, UnicodeError):
+    except ValueError:
         return [Problem("$.url", "must have a valid host and port")]
-    if not host or port == 0 or not _bracketed_ok(parts.netloc.rpartition("@")[2]):
+    hostport = parts.netloc.rpartition("@")[2]
+    bracketed = hostport.startswith("[")
+    if not host or port == 0 or not (_bracketed_ok(hostport) if bracketed else _name_ok(host)):
         return [Problem("$.url", "must have a valid host and port")]
     if not (parts.path + parts.query + parts.fragment).isascii():
         return [Problem("$.url", "must percent-encode its path and query (ASCII only)")]
     return []
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", re.IGNORECASE)
+"""A label of a host name as looked up (IDNA-encoded): letters, digits, ``-`` not at its ends.
+
+``_`` is allowed too: not in a host name by RFC 1123, but in names that
+resolve (a Docker Compose service ``hook_receiver``), and sent as they are.
+"""
+_LABEL_EDGE_HYPHEN = re.compile(r"(?:^|[.\u3002\uff0e\uff61])-|-(?:$|[.\u3002\uff0e\uff61])")
+"""A ``-`` at either end of a label (IDNA separates labels by these four dots)."""
+
+
+def _name_ok(host: str) -> bool:
+    """Whether ``host`` (an IPv4 address or a name, not in brackets) can be looked up.
+
+    IDNA names are encoded first (``bücher.example`` is
+    ``xn--bcher-kva.example``); then every label is 1 to 63 letters, digits,
+    ``-`` (neither first nor last) or ``_``, and the name at most 253
+    characters (one final ``.``, of a fully qualified name, not counted).
+    ``urlsplit`` and the IDNA codec let ``-a.com``, ``a!b.com`` and
+    ``ex%61mple.com`` through: every attempt then failed as a network error
+    until the endpoint was given up.
+    """
+    if _LABEL_EDGE_HYPHEN.search(host):
+        return False
+    try:
+        name = host.encode("idna").decode("ascii")  # raises for an empty or too long label
+    except UnicodeError:
+        return False
+    name = name.removesuffix(".")
+    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def _bracketed_ok(hostport: str) -> bool:
