@@ -29,6 +29,7 @@ _LIMIT = UNITS_LIMIT
 
 # CAIP-2: namespace ":" reference (https://chainagnostic.org/CAIPs/caip-2).
 _CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE | re.ASCII)
+_EIP155 = "eip155:"  # the EVM namespace, whose reference is a decimal chain id
 
 # Control characters, invisible format characters (zero-width spaces and
 # joiners, soft hyphens, byte-order marks, bidirectional overrides), Unicode
@@ -150,8 +151,57 @@ def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
 
 
 def plain_network(value: object) -> bool:
-    """Whether :func:`check_network` would find nothing wrong (a fast test, no messages)."""
-    return isinstance(value, str) and plain_identifier(value, 64) and bool(_CAIP2.fullmatch(value))
+    """Whether :func:`check_payment_network` would find nothing wrong (a fast test, no messages)."""
+    return (
+        isinstance(value, str)
+        and plain_identifier(value, 64)
+        and bool(_CAIP2.fullmatch(value))
+        and (value[:7].lower() != _EIP155 or value[7:].isdigit())
+    )
+
+
+def network_form(value: Any) -> Any:
+    """A payment's network as it is kept: an ``eip155`` chain id without leading zeros.
+
+    ``eip155:08453`` is chain 8453 to anything that reads the decimal chain
+    id, so it is kept (compared, counted and fingerprinted) as
+    ``eip155:8453``; the namespace is recognised ignoring case, as networks
+    compare, and kept as written. Every other value is returned unchanged,
+    for validation to judge.
+    """
+    if type(value) is str and ":0" in value and value[:7].lower() == _EIP155:
+        reference = value[7:]
+        if reference.isascii() and reference.isdigit():
+            return value[:7] + (reference.lstrip("0") or "0")
+    return value
+
+
+def network_key(network: str) -> str:
+    """The form policies compare networks in: :func:`network_form`, case folded."""
+    return str(network_form(network)).casefold()
+
+
+def category_form(value: Any) -> Any:
+    """A payment's category as it is kept: NFKC-normalised, ``""`` as ``None``.
+
+    Compatibility forms (fullwidth letters, ligatures) are the category
+    a person typed, so they are mapped to it (``data``); ASCII is left as it
+    is. Non-strings, and strings with characters that show nothing (which
+    :func:`check_payee` refuses, naming the one written), are returned
+    unchanged.
+    """
+    if value == "":
+        return None
+    if type(value) is str and not value.isascii() and _INVISIBLE.isdisjoint(value):
+        return unicodedata.normalize("NFKC", value)
+    return value
+
+
+def category_key(category: str) -> str:
+    """The form categories are compared in: NFKC-normalised, then case folded."""
+    if category.isascii():
+        return category.casefold()
+    return unicodedata.normalize("NFKC", category).casefold()
 
 
 def check_identifier(value: object, path: str, max_len: int = MAX_ID) -> list[Problem]:
@@ -231,6 +281,28 @@ def check_network(value: object, path: str) -> list[Problem]:
             Problem(path, f"must be a CAIP-2 chain id such as 'eip155:8453', got {value!r}")
         ]
     return problems
+
+
+def check_payment_network(value: object, path: str) -> list[Problem]:
+    """A payment's CAIP-2 chain id; an ``eip155`` one in decimal digits (``eip155:8453``).
+
+    CAIP-2 writes an EVM chain id in decimal, and no rail writes it otherwise:
+    ``eip155:0x2105`` or ``eip155:8453e0`` would be chain 8453 to some readers
+    and no chain to others, so they are refused rather than kept apart from
+    ``eip155:8453`` (a limit per network would count them separately).
+    Leading zeros are dropped before this check (see :func:`network_form`).
+    """
+    problems = check_network(value, path)
+    if problems or not isinstance(value, str) or value[:7].lower() != _EIP155:
+        return problems
+    if value[7:].isdigit():
+        return []
+    return [
+        Problem(
+            path,
+            f"an eip155 chain id is written in decimal digits ('eip155:8453'), got {value!r}",
+        )
+    ]
 
 
 def raise_if(problems: Iterable[Problem]) -> None:

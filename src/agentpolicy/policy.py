@@ -13,7 +13,7 @@ import functools
 import re
 import unicodedata
 import zoneinfo
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, tzinfo
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from agentpolicy._checks import (
     MAX_LIST,
     Check,
     array_of,
+    category_key,
     check_bool,
     check_identifier,
     check_int,
@@ -35,6 +36,7 @@ from agentpolicy._checks import (
     identifier_schema,
     instance_of,
     int_between,
+    network_key,
     optional,
     person,
     type_name,
@@ -258,8 +260,9 @@ _networks: Check = array_of(check_network)
 _amount: Check = optional(instance_of(Amount))
 
 
-def _folded(values: Iterable[str]) -> frozenset[str]:
-    return frozenset(v.casefold() for v in values)
+def _folded(values: Iterable[str], key: Callable[[str], str] = category_key) -> frozenset[str]:
+    # categories and networks in the form requests are compared in (see agentpolicy._checks)
+    return frozenset(map(key, values))
 
 
 MIN_ROLLING_SECONDS = 60
@@ -543,13 +546,13 @@ class NetworkRules:
 
     @functools.cached_property
     def allowed(self) -> frozenset[str]:
-        """Allowed networks, case-folded."""
-        return _folded(self.allowed_networks)
+        """Allowed networks, case-folded (``eip155`` chain ids without leading zeros)."""
+        return _folded(self.allowed_networks, network_key)
 
     @functools.cached_property
     def blocked(self) -> frozenset[str]:
-        """Blocked networks, case-folded."""
-        return _folded(self.blocked_networks)
+        """Blocked networks, case-folded (``eip155`` chain ids without leading zeros)."""
+        return _folded(self.blocked_networks, network_key)
 
 
 @attrs.frozen
@@ -564,12 +567,12 @@ class CategoryRules:
 
     @functools.cached_property
     def allowed(self) -> frozenset[str]:
-        """Allowed categories, case-folded."""
+        """Allowed categories, NFKC-normalised and case-folded."""
         return _folded(self.allowed_categories)
 
     @functools.cached_property
     def blocked(self) -> frozenset[str]:
-        """Blocked categories, case-folded."""
+        """Blocked categories, NFKC-normalised and case-folded."""
         return _folded(self.blocked_categories)
 
 
@@ -764,17 +767,17 @@ class ScopeMatch:
         return (
             _folded(self.categories),
             frozenset(map(normalize_recipient, self.recipients)),
-            _folded(self.networks),
+            _folded(self.networks, network_key),
         )
 
     def matches(self, category: str | None, recipient: str, network: str) -> bool:
         """Whether a payment with these fields is covered (compared as the rules compare)."""
         categories, recipients, networks = self._sets
-        if categories and (category is None or category.casefold() not in categories):
+        if categories and (category is None or category_key(category) not in categories):
             return False
         if recipients and normalize_recipient(recipient) not in recipients:
             return False
-        return not networks or network.casefold() in networks
+        return not networks or network_key(network) in networks
 
 
 @attrs.frozen
@@ -820,9 +823,9 @@ class ScopedLimit:
         if self.group_by == "recipient":
             return normalize_recipient(recipient)
         if self.group_by == "network":
-            return network.casefold()
+            return network_key(network)
         if self.group_by == "category":
-            return "" if category is None else category.casefold()
+            return "" if category is None else category_key(category)
         return "*"
 
 

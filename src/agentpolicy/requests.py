@@ -12,11 +12,13 @@ from agentpolicy._checks import (
     MAX_ID,
     MAX_TEXT,
     UNITS_LIMIT,
+    category_form,
     check_identifier,
     check_int,
-    check_network,
     check_payee,
+    check_payment_network,
     check_text,
+    network_form,
     plain_identifier,
     plain_network,
     plain_payee,
@@ -42,17 +44,17 @@ def _units_or_raw(raw: Any) -> Any:
     return raw
 
 
-def _empty_is_none(raw: Any) -> Any:
-    return None if raw == "" else raw
-
-
 @attrs.frozen
 class PaymentRequest:
     """May ``agent_id`` pay ``amount`` base units of ``symbol`` to ``recipient`` on ``network``?
 
     ``amount`` is an ``int`` or a string of ASCII digits, at least 1;
-    ``network`` a CAIP-2 chain id (``eip155:8453``); an empty ``category`` is
-    the same as none. Validated on construction: raises
+    ``network`` a CAIP-2 chain id (``eip155:8453``; an ``eip155`` chain id in
+    decimal digits, kept without leading zeros: ``eip155:08453`` is
+    ``eip155:8453``); ``category`` is kept NFKC-normalised (fullwidth
+    letters are the ASCII ones), and an empty one is the same as none. So two
+    spellings of one network or category are one value to every rule, scope
+    group and idempotency key. Validated on construction: raises
     :class:`~agentpolicy.PolicyValidationError` listing every problem.
     ``memo`` is carried along but never decides anything (and is not part of
     the idempotency comparison).
@@ -61,8 +63,8 @@ class PaymentRequest:
     agent_id: str
     amount: int = attrs.field(converter=_units_or_raw)
     recipient: str
-    network: str
-    category: str | None = attrs.field(default=None, converter=_empty_is_none)
+    network: str = attrs.field(converter=network_form)
+    category: str | None = attrs.field(default=None, converter=category_form)
     decimals: int = DEFAULT_DECIMALS
     symbol: str = DEFAULT_SYMBOL
     memo: str | None = None
@@ -92,7 +94,7 @@ class PaymentRequest:
             amount = [Problem("$.amount", "must be at least 1 base unit")]
         problems += amount
         problems += check_payee(self.recipient, "$.recipient", names=True)
-        problems += check_network(self.network, "$.network")
+        problems += check_payment_network(self.network, "$.network")
         if self.category is not None:
             problems += check_payee(self.category, "$.category")
         problems += check_int(self.decimals, "$.decimals", 0, MAX_DECIMALS)
