@@ -19,6 +19,14 @@ then fails cannot be retried past the limit with nothing counted.
 The model chooses a tool's arguments, so the function that builds the
 request must take the agent id (and anything else the model must not
 choose) from your code, never from the arguments.
+
+Other capabilities may change a tool call's arguments after the payment was
+authorized (a ``before_tool_execute`` hook, or a ``wrap_tool_execute`` inside
+this one, runs after it): ``GuardedTools`` also wraps the agent's toolset,
+and when a guarded tool is finally called it builds the request again from
+the arguments the tool gets. A payment that differs from the one authorized
+(any field but ``memo`` and ``idempotency_key``) never runs the tool: the
+model reads why, and the reservation is released.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import attrs
+
 try:
     from pydantic_ai import RunContext
     from pydantic_ai.capabilities import AbstractCapability
@@ -35,6 +45,8 @@ try:
     from pydantic_ai.exceptions import ToolFailed
     from pydantic_ai.messages import ToolCallPart
     from pydantic_ai.tools import ToolDefinition
+    from pydantic_ai.toolsets import AbstractToolset, WrapperToolset
+    from pydantic_ai.toolsets.abstract import ToolsetTool
 except ImportError:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "agentpolicy.pydantic_ai needs the pydantic-ai extra: "
@@ -58,11 +70,16 @@ __all__ = ["GuardedTools", "RequestBuilder", "current_payment"]
 RequestBuilder = Callable[[dict[str, Any]], PaymentRequest]
 """Builds the payment a tool call makes from the call's validated arguments."""
 
-_current: ContextVar[tuple[AsyncPaymentGuard, str | None] | None] = ContextVar(
+_current: ContextVar[tuple[AsyncPaymentGuard, str | None, str, object] | None] = ContextVar(
     "agentpolicy_pydantic_ai_payment", default=None
 )
-"""The guard of the guarded tool call running in this context (set around the call), and the
-id of the agent run that called the tool."""
+"""The guard of the guarded tool call running in this context (set around the call), the id
+of the agent run that called the tool, the tool's name, and the GuardedTools that guards it."""
+
+
+def _money(request: PaymentRequest) -> PaymentRequest:
+    """What a request pays: all of it but what decides nothing (memo, idempotency key)."""
+    return attrs.evolve(request, memo=None, idempotency_key=None)
 
 
 def _run_id() -> str | None:
@@ -154,7 +171,7 @@ class GuardedTools(AbstractCapability[Any]):
             raise ToolFailed(f"INVALID_INPUT: {err}") from None
         try:
             async with self.engine.payment(request) as payment:
-                token = _current.set((payment, ctx.run_id))
+                token = _current.set((payment, ctx.run_id, tool_def.name, self))
                 try:
                     return await handler(args)
                 finally:
@@ -166,3 +183,63 @@ class GuardedTools(AbstractCapability[Any]):
             raise ToolFailed(
                 f"payment needs human approval {err.approval_id}; it has not been made"
             ) from None
+
+    def get_wrapper_toolset(self, toolset: AbstractToolset[Any]) -> AbstractToolset[Any] | None:
+        """Wrap the agent's toolset: a guarded tool runs only with the arguments authorized.
+
+        See :class:`_AuthorizedArgs`.
+        """
+        return _AuthorizedArgs(toolset, guard=self)
+
+    def check_call(self, name: str, args: dict[str, Any]) -> None:
+        """Refuse (``ToolFailed``) a guarded tool about to run with other terms than authorized.
+
+        ``args`` are the arguments the tool is called with, after every
+        capability's hooks: the request built from them must be the one
+        authorized for this call (any field but ``memo`` and
+        ``idempotency_key``). A guarded tool called with no payment of this
+        capability running for it is refused too.
+        """
+        build = self.payments.get(name)
+        if build is None:
+            return
+        current = _current.get()
+        if current is None or current[2] != name or current[3] is not self:
+            raise ToolFailed(
+                f"INVALID_INPUT: the tool {name!r} makes a payment but none was authorized for "
+                "this call; it did not run"
+            )
+        authorized = current[0].request
+        try:
+            request = build(dict(args))
+            same = isinstance(request, PaymentRequest) and _money(request) == _money(authorized)
+        except PolicyValidationError:
+            same = False
+        if not same:
+            raise ToolFailed(
+                "INVALID_INPUT: the tool's arguments were changed after its payment was "
+                "authorized (by another capability's hook); the payment they ask for is not "
+                "the one authorized, so the tool did not run and nothing was paid"
+            )
+
+
+@dataclass
+class _AuthorizedArgs(WrapperToolset[Any]):
+    """The agent's toolset, whose guarded tools run only with the arguments authorized.
+
+    A ``before_tool_execute`` hook of any capability, or a
+    ``wrap_tool_execute`` of one inside :class:`GuardedTools`, runs after
+    the payment was authorized and may change the arguments; the tool is
+    called here with the final ones, so here they are checked
+    (:meth:`GuardedTools.check_call`).
+    """
+
+    guard: GuardedTools | None = None
+
+    async def call_tool(
+        self, name: str, tool_args: dict[str, Any], ctx: RunContext[Any], tool: ToolsetTool[Any]
+    ) -> Any:
+        """Check a guarded tool's final arguments, then call it."""
+        if self.guard is not None:
+            self.guard.check_call(name, tool_args)
+        return await self.wrapped.call_tool(name, tool_args, ctx, tool)
