@@ -170,19 +170,26 @@ def test_eight_tasks_through_the_httpx_wrapper_on_an_async_engine_pay_exactly_fi
 # --- settlement outcomes -------------------------------------------------------------------------
 
 
-def test_a_failed_settlement_gives_the_budget_back(url: str, facilitator: Facilitator) -> None:
-    engine = PolicyEngine(clock=ManualClock())
+def test_a_failed_settlement_stays_held_and_is_spent_at_its_ttl(
+    url: str, facilitator: Facilitator
+) -> None:
+    """The seller's word that it failed is not proof: the signed authorization could still be
+    settled (tests/test_x402_lying_seller.py has a seller that does)."""
+    clock = ManualClock()
+    engine = PolicyEngine(clock=clock)
     engine.set_policy("bot", BUDGET_FOR_5)
     client, _ = sync_client(engine)
     facilitator.fail_settle = True
     r = x402_requests(client).get(f"{url}/report", timeout=30)
     assert r.status_code == 402
     assert facilitator.refused == ["insufficient_funds"]
-    assert spent_and_reserved(engine) == (0, 0)
-    assert [h.event for h in engine.history("bot", 2)] == ["release", "decision"]
+    assert spent_and_reserved(engine) == (0, PRICE)  # held, not given back
+    assert "release" not in [h.event for h in engine.history("bot", 10)]
     facilitator.fail_settle = False
     assert x402_requests(client).get(f"{url}/report", timeout=30).status_code == 200
-    assert spent_and_reserved(engine) == (PRICE, 0)
+    assert spent_and_reserved(engine) == (PRICE, PRICE)
+    clock.advance(minutes=5)
+    assert spent_and_reserved(engine) == (2 * PRICE, 0)
 
 
 def test_a_paid_request_that_fails_without_a_payment_response_is_spent_at_its_ttl(
@@ -300,7 +307,7 @@ def test_the_agent_cannot_release_a_payment_the_x402_guard_signed() -> None:
     assert spent_and_reserved(engine) == (0, PRICE)
 
 
-def test_a_payment_the_seller_refuses_with_402_again_is_released() -> None:
+def test_a_payment_the_seller_refuses_with_402_again_stays_held() -> None:
     engine = PolicyEngine(clock=ManualClock())
     engine.set_policy("bot", BUDGET_FOR_5)
     client, _ = sync_client(engine)
@@ -310,8 +317,8 @@ def test_a_payment_the_seller_refuses_with_402_again_is_released() -> None:
         PaymentResponseContext(payment_payload=payload, requirements=payload.accepted,
                                payment_required=required)  # type: ignore[arg-type]
     )  # fmt: skip
-    assert spent_and_reserved(engine) == (0, 0)
-    assert engine.history("bot", 1)[0].event == "release"
+    assert spent_and_reserved(engine) == (0, PRICE)  # it was sent: it could still be settled
+    assert "release" not in [h.event for h in engine.history("bot", 10)]
 
 
 # --- what is never signed ------------------------------------------------------------------------

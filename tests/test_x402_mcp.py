@@ -253,25 +253,32 @@ def test_a_settled_tool_call_is_confirmed(kind: str, facilitator: Facilitator) -
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_failed_settlement_is_released(kind: str, facilitator: Facilitator) -> None:
+def test_a_failed_settlement_stays_held(kind: str, facilitator: Facilitator) -> None:
     with market(kind, facilitator) as m:
         facilitator.fail_settle = True  # the payer's wallet is empty, say
         result = m.call("report")
         assert result.is_error
         assert result.payment_response is None  # it is reported in the content
         assert (m.signer.signatures, facilitator.refused) == (1, ["insufficient_funds"])
-        assert m.used() == (0, 0)  # given back
-        assert m.events()[0] == "release"
+        assert m.used() == (0, PRICE)  # the seller's word is not proof: held
+        assert "release" not in m.events()
+        [unsettled] = m.guard.unsettled
+        assert unsettled.reason == "settlement failed: insufficient_funds"
+        m.clock.advance(minutes=5)
+        assert m.used() == (PRICE, 0)  # spent at the TTL
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_payment_the_seller_refused_is_released(kind: str, facilitator: Facilitator) -> None:
+def test_a_payment_the_seller_refused_stays_held(kind: str, facilitator: Facilitator) -> None:
     with market(kind, facilitator) as m:
         result = m.call("blocked")  # verified, then refused: the result asks for payment again
         assert result.is_error
         assert (m.signer.signatures, facilitator.verified, facilitator.settled) == (1, 1, [])
-        assert m.used() == (0, 0)
-        assert m.events()[0] == "release"
+        assert m.used() == (0, PRICE)  # the signed payload left: it could still be settled
+        assert "release" not in m.events()
+        assert [u.reason for u in m.guard.unsettled] == [
+            "refused: the seller asked for payment again"
+        ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -293,21 +300,20 @@ def test_a_result_without_a_settlement_stays_held_then_is_spent_at_the_ttl(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_denied_payment_signs_nothing(kind: str, facilitator: Facilitator) -> None:
-    """A budget for two: a failed settlement gives its amount back, so two more are paid."""
+    """A budget for two: a failed settlement stays held, so one more is paid."""
     with market(kind, facilitator, payments=2) as m:
         facilitator.fail_settle = True
         m.call("report")
         facilitator.fail_settle = False
         m.call("report")
-        m.call("report")
-        assert m.used() == (2 * PRICE, 0)
+        assert m.used() == (PRICE, PRICE)
         with pytest.raises(X402PaymentDenied) as denied:
             m.call("report")
         assert denied.value.reason == "DAILY_LIMIT"
-        assert m.signer.signatures == 3  # the fourth was never signed
-        assert m.wire.paid_calls == 3  # nor sent
-        assert (facilitator.verified, len(facilitator.settled)) == (3, 2)
-        assert m.used() == (2 * PRICE, 0)
+        assert m.signer.signatures == 2  # the third was never signed
+        assert m.wire.paid_calls == 2  # nor sent
+        assert (facilitator.verified, len(facilitator.settled)) == (2, 1)
+        assert m.used() == (PRICE, PRICE)
 
 
 def test_an_unsettled_outcome_is_logged(

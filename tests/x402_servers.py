@@ -23,15 +23,20 @@ from flask import Flask, request
 from werkzeug.serving import make_server
 from x402 import x402ResourceServerSync
 from x402.http import (
+    PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     FacilitatorConfig,
     HTTPFacilitatorClientSync,
     decode_payment_signature_header,
+    encode_payment_required_header,
+    encode_payment_response_header,
 )
 from x402.http.middleware.flask import payment_middleware
 from x402.mechanisms.evm.eip712 import hash_eip3009_authorization
 from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.mechanisms.evm.types import ExactEIP3009Payload
+from x402.schemas import PaymentRequired, SettleResponse
 
 NETWORK = "eip155:84532"  # Base Sepolia: USDC is in agentpolicy's asset table
 USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
@@ -135,9 +140,8 @@ def seller_app(facilitator_url: str) -> Flask:
     def broken() -> tuple[dict[str, Any], int]:
         return {"error": "the handler failed"}, 500
 
-    @app.get("/settles-silently")
-    def settles_silently() -> tuple[dict[str, Any], int]:
-        """A dishonest seller: settles the payment itself, then answers 500 without saying so."""
+    def settle_it_myself() -> Any:
+        """Settle the request's payment through the facilitator, as the seller holding it can."""
         payload = decode_payment_signature_header(request.headers[PAYMENT_SIGNATURE_HEADER])
         body = {"paymentPayload": payload.model_dump(by_alias=True),
                 "paymentRequirements": payload.accepted.model_dump(by_alias=True)}  # fmt: skip
@@ -145,7 +149,26 @@ def seller_app(facilitator_url: str) -> Flask:
             f"{facilitator_url}/settle", json.dumps(body).encode(),
             {"Content-Type": "application/json"})) as answer:  # fmt: skip
             assert json.loads(answer.read())["success"]
+        return payload
+
+    @app.get("/settles-silently")
+    def settles_silently() -> tuple[dict[str, Any], int]:
+        """A dishonest seller: settles the payment itself, then answers 500 without saying so."""
+        settle_it_myself()
         return {"error": "the handler failed"}, 500
+
+    @app.get("/lies")
+    def lies() -> tuple[dict[str, Any], int, dict[str, str]]:
+        """A lying seller: settles the payment itself, then reports that it failed (402 with a
+        failed PAYMENT-RESPONSE), or with ``?refuse=1`` asks for payment again (402 with
+        PAYMENT-REQUIRED), as if the payment had been refused."""
+        payload = settle_it_myself()
+        if request.args.get("refuse"):
+            again = PaymentRequired(x402_version=2, accepts=[payload.accepted], error="refused")
+            return {}, 402, {PAYMENT_REQUIRED_HEADER: encode_payment_required_header(again)}
+        failed = SettleResponse(success=False, error_reason="insufficient_funds", transaction="",
+                                network=NETWORK)  # fmt: skip
+        return {}, 402, {PAYMENT_RESPONSE_HEADER: encode_payment_response_header(failed)}
 
     @app.get("/odd-token")
     def odd_token() -> dict[str, Any]:
@@ -158,6 +181,7 @@ def seller_app(facilitator_url: str) -> Flask:
         "GET /report": accepts("$0.01"),
         "GET /broken": accepts("$0.01"),
         "GET /settles-silently": accepts("$0.01"),
+        "GET /lies": accepts("$0.01"),
         "GET /odd-token": accepts(
             {"amount": "10000", "asset": UNKNOWN_TOKEN, "extra": {"name": "Odd", "version": "1"}}
         ),
@@ -185,9 +209,10 @@ def serving(server: Any) -> Iterator[None]:
 def paywall() -> Iterator[tuple[str, Facilitator]]:
     """Start the facilitator and the seller on loopback; yield the seller's URL and the facilitator."""
     facilitator = Facilitator()
-    web = make_server("127.0.0.1", 0, seller_app(facilitator.url), threaded=True)
-    with serving(facilitator.server), serving(web):
-        yield f"http://127.0.0.1:{web.server_port}", facilitator
+    with serving(facilitator.server):  # first: the seller's middleware asks it what it supports
+        web = make_server("127.0.0.1", 0, seller_app(facilitator.url), threaded=True)
+        with serving(web):
+            yield f"http://127.0.0.1:{web.server_port}", facilitator
 
 
 class CountingSigner:

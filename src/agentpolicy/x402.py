@@ -20,8 +20,11 @@ x402 httpx or requests wrappers or directly, goes through the policy:
 - **when signing fails** (``on_payment_creation_failure``): the reservation
   is released.
 - **when the seller answers the paid request** (``on_payment_response``):
-  a settlement that succeeded confirms the reservation; a failed settlement
-  or a payment the seller refused (402 again) releases it.
+  a settlement that succeeded confirms the reservation. A failed settlement
+  or a payment the seller refused (402 again) releases nothing: the signed
+  authorization left, and whoever holds it can settle it until it lapses,
+  whatever the seller says, so the reservation stays held and counts as
+  spent at its TTL (:attr:`X402Guard.unsettled` lists them).
 - **where the outcome is unknown** (the paid request raised, or its answer
   carries no payment response), the reservation stays held, and when its
   TTL passes it is counted as spent, since the seller may have settled
@@ -47,6 +50,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -90,6 +94,7 @@ __all__ = [
     "KNOWN_ASSETS",
     "Asset",
     "UnconfirmedPayment",
+    "UnsettledPayment",
     "X402ApprovalRequired",
     "X402Guard",
     "X402PaymentDenied",
@@ -185,6 +190,29 @@ class UnconfirmedPayment:
     holder: str | None = None
 
 
+@attrs.frozen
+class UnsettledPayment:
+    """A sent payment the seller reported not settled; its reservation stays held.
+
+    The seller said the settlement failed (``reason``), or asked for
+    payment again, after the signed authorization had left. Anyone holding
+    that authorization (the seller, its facilitator) can still settle it
+    until ``valid_before`` (its EIP-3009 ``validBefore`` or Permit2
+    ``deadline``, ``None`` when the payload carries neither), so the guard
+    does not take the seller's word for it: the reservation stays held, and
+    counts as spent when it expires. If you check the chain after
+    ``valid_before`` and the authorization was never used (for EIP-3009,
+    ``authorizationState(from, nonce)`` is false), release it while it is
+    open: ``engine.release(reservation_id, holder=holder)``.
+    """
+
+    reservation_id: str
+    request: PaymentRequest
+    reason: str
+    holder: str
+    valid_before: datetime | None = None
+
+
 class X402Guard:
     """The hooks :func:`guard_x402` registers, and what they know.
 
@@ -192,6 +220,10 @@ class X402Guard:
 
     ``unconfirmed`` lists settled payments whose confirm failed (the store
     was down, or the reservation had expired): reconcile them.
+    ``unsettled`` lists sent payments the seller reported not settled: they
+    stay held and count as spent at their TTL, since a seller can report a
+    failure and settle all the same (:class:`UnsettledPayment` says how to
+    give one back after checking the chain). Each keeps its last 10,000.
     """
 
     def __init__(
@@ -215,9 +247,10 @@ class X402Guard:
         # signed payloads waiting for the seller's answer, by what was signed (_payload_key): the
         # payload x402 sends and reports on is a copy of the one signed when client extensions
         # enrich it (builder codes, say), so its identity would not find it
-        self._signed: dict[str, list[tuple[str, PaymentRequest]]] = {}
+        self._signed: dict[str, list[_Sent]] = {}
         self._open = 0
         self.unconfirmed: list[UnconfirmedPayment] = []
+        self.unsettled: list[UnsettledPayment] = []
         # every reservation of this guard is claimed by it as it is made: nobody else (the
         # governed agent's own tools included) can release a payment it is making
         self._holder = "x402_" + os.urandom(12).hex()
@@ -237,16 +270,25 @@ class X402Guard:
         Raises :class:`X402PaymentDenied` (``ASSET_MISMATCH``) for an asset
         the table does not know, and
         :class:`~agentpolicy.PolicyValidationError` for requirements the
-        guard cannot judge: x402 version 1, an amount that is not a whole
-        number of base units, or a signed authorization that would outlive
-        the reservation (``maxTimeoutSeconds`` above the engine's
-        ``reservation_ttl``, or not a whole number of seconds of at least 1).
+        guard cannot judge: x402 version 1, a scheme other than ``exact``
+        (``upto``, ``batch-settlement``: what they sign is not the amount
+        counted), an amount that is not a whole number of base units, or a
+        signed authorization that would outlive the reservation
+        (``maxTimeoutSeconds`` above the engine's ``reservation_ttl``, or not
+        a whole number of seconds of at least 1).
         """
         if not isinstance(requirements, PaymentRequirements):
             raise PolicyValidationError.single(
                 "$.x402Version",
                 "only x402 version 2 payments are guarded: version 1 reports no "
                 "settlement to client hooks, so a payment could never be confirmed",
+            )
+        if requirements.scheme not in _SCHEMES:
+            raise PolicyValidationError.single(
+                "$.scheme",
+                f"the guard counts only the 'exact' scheme (one payment of the amount to the "
+                f"payee), not {str(requirements.scheme)[:64]!r}: a scheme that signs a deposit "
+                "or an amount settled later could pay what the guard does not count",
             )
         network, address = str(requirements.network), str(requirements.asset)
         asset = self._assets.get(_asset_key(network, address))
@@ -329,25 +371,26 @@ class X402Guard:
 
     def _signed_now(self, ctx: PaymentCreatedContext, rid: str, request: PaymentRequest) -> None:
         key = _payload_key(ctx.payment_payload)
+        valid_before = _valid_before(ctx.payment_payload)
         with self._lock:
             if self._open >= _MAX_OPEN:  # long past their TTL: nobody will answer
                 oldest = next(iter(self._signed))
                 entries = self._signed[oldest]
-                lost, _ = entries.pop(0)
+                lost = entries.pop(0)[0]
                 if not entries:
                     del self._signed[oldest]
                 self._open -= 1
                 _log.warning("agentpolicy: forgot payment %s (no answer came)", lost)
-            self._signed.setdefault(key, []).append((rid, request))
+            self._signed.setdefault(key, []).append((rid, request, valid_before))
             self._open += 1
         signing = self._mcp_signing.get()
         if signing is not None:  # a watched x402MCPClientSync is sending it: it reports on it
             signing.append(key)
 
-    def _take_signed(self, payload: Any) -> tuple[str, PaymentRequest] | None:
+    def _take_signed(self, payload: Any) -> _Sent | None:
         return self._take_key(_payload_key(payload))
 
-    def _take_key(self, key: str) -> tuple[str, PaymentRequest] | None:
+    def _take_key(self, key: str) -> _Sent | None:
         with self._lock:
             entries = self._signed.get(key)
             if not entries:
@@ -371,6 +414,33 @@ class X402Guard:
             transaction,
             rid,
             err,
+        )
+
+    def _reported_unsettled(
+        self, rid: str, request: PaymentRequest, valid_before: datetime | None, reason: str
+    ) -> None:
+        """The seller said it did not settle a sent payment: its reservation stays held.
+
+        Nothing is released: the signed authorization can still be settled by
+        whoever holds it until ``valid_before``, the seller included, so a
+        seller's word that it failed would otherwise give the budget back for
+        a payment it may have taken. Held and marked sent, it counts as spent
+        when it expires, unless someone who checked the chain releases it.
+        """
+        with self._lock:
+            if len(self.unsettled) >= _MAX_OPEN:
+                del self.unsettled[0]
+            self.unsettled.append(
+                UnsettledPayment(rid, request, reason, self._holder, valid_before)
+            )
+        _log.warning(
+            "agentpolicy: the seller reported x402 payment %s (reservation %s) unsettled (%s); "
+            "the signed authorization can still be settled until %s, so it stays held and "
+            "counts as spent when it expires, unless released after a check of the chain",
+            request.amount,
+            rid,
+            reason,
+            "its validBefore" if valid_before is None else valid_before.isoformat(),
         )
 
     # -- the hooks of x402ClientSync ---------------------------------------------------------
@@ -421,18 +491,18 @@ class X402Guard:
         if taken is not None:
             self._conclude_sync(taken, _http_outcome(ctx.settle_response))
 
-    def _conclude_sync(self, taken: tuple[str, PaymentRequest], outcome: _Outcome) -> None:
-        rid, request = taken
-        settled, transaction = outcome
+    def _conclude_sync(self, taken: _Sent, outcome: _Outcome) -> None:
+        rid, request, valid_before = taken
+        settled, said = outcome
         if settled is None:
             _unknown(rid, request)
         elif settled:
             try:
                 self._sync().confirm(rid, holder=self._holder)
             except Exception as err:
-                self._confirm_failed(rid, request, transaction, err)
+                self._confirm_failed(rid, request, said, err)
         else:
-            self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
+            self._reported_unsettled(rid, request, valid_before, said)
 
     def _quietly(self, release: Callable[[], Reservation], rid: str) -> None:
         try:
@@ -499,18 +569,18 @@ class X402Guard:
         if taken is not None:
             await self._conclude_async(taken, _http_outcome(ctx.settle_response))
 
-    async def _conclude_async(self, taken: tuple[str, PaymentRequest], outcome: _Outcome) -> None:
-        rid, request = taken
-        settled, transaction = outcome
+    async def _conclude_async(self, taken: _Sent, outcome: _Outcome) -> None:
+        rid, request, valid_before = taken
+        settled, said = outcome
         if settled is None:
             _unknown(rid, request)
         elif settled:
             try:
                 await settle_shielded(self._call("confirm", rid), engine=self._async_engine())
             except Exception as err:
-                self._confirm_failed(rid, request, transaction, err)
+                self._confirm_failed(rid, request, said, err)
         else:
-            await self._quietly_async(rid)
+            self._reported_unsettled(rid, request, valid_before, said)
 
     async def _quietly_async(self, rid: str) -> None:
         try:
@@ -595,7 +665,7 @@ class X402Guard:
                 for key in signing:  # sent, or maybe sent, and no answer will come
                     taken = self._take_key(key)
                     if taken is not None:
-                        _unknown(*taken)
+                        _unknown(taken[0], taken[1])
                 raise
             finally:
                 self._mcp_signing.reset(token)
@@ -625,14 +695,22 @@ _M = TypeVar("_M")
 
 _Outcome = tuple[bool | None, str]
 """What the seller said of a payment: settled (``True``), not (``False``), or nothing
-(``None``: outcome unknown); and the settlement's transaction."""
+(``None``: outcome unknown); and the settlement's transaction (settled) or the reason the
+seller gave (not settled)."""
+
+_REFUSED = "refused: the seller asked for payment again"
+
+_Sent = tuple[str, PaymentRequest, datetime | None]
+"""A payment signed and sent: its reservation, its request, when its authorization lapses."""
 
 
 def _http_outcome(settle: Any) -> _Outcome:
     """An HTTP answer: its ``PAYMENT-RESPONSE``, or none (402 again): settled or not."""
     if settle is not None and settle.success:
         return True, str(settle.transaction)
-    return False, ""
+    if settle is not None:
+        return False, f"settlement failed: {getattr(settle, 'error_reason', None) or 'no reason'}"
+    return False, _REFUSED
 
 
 def _mcp_outcome(settle: Any, result: Any) -> _Outcome:
@@ -649,20 +727,25 @@ def _mcp_outcome(settle: Any, result: Any) -> _Outcome:
     """
     if settle is not None:
         success = settle.get("success") if isinstance(settle, dict) else settle.success
-        transaction = settle.get("transaction") if isinstance(settle, dict) else settle.transaction
-        return success is True, str(transaction or "")
+        if success is True:
+            transaction = (
+                settle.get("transaction") if isinstance(settle, dict) else settle.transaction
+            )
+            return True, str(transaction or "")
+        reason = settle.get("errorReason") if isinstance(settle, dict) else settle.error_reason
+        return False, f"settlement failed: {reason or 'no reason'}"
     if result is None or not getattr(result, "is_error", False):
         return None, ""
     reported = getattr(result, "structured_content", None)
     if isinstance(reported, dict):
         failure = reported.get(MCP_PAYMENT_RESPONSE_META_KEY)
         if isinstance(failure, dict) and failure.get("success") is False:
-            return False, ""
+            return False, f"settlement failed: {failure.get('errorReason') or 'no reason'}"
     try:
         refused = extract_payment_required_from_result(result) is not None
     except Exception:  # an odd result: nothing can be read from it
         refused = False
-    return (False, "") if refused else (None, "")
+    return (False, _REFUSED) if refused else (None, "")
 
 
 def _unknown(rid: str, request: PaymentRequest) -> None:
@@ -708,12 +791,53 @@ def _payload_key(payload: Any) -> str:
     return json.dumps([terms, signed])
 
 
+_SCHEMES = frozenset({"exact"})
+"""The x402 schemes the guard counts: ``exact`` moves the requirements' ``amount`` to ``payTo``,
+once. Others sign for what the guard does not count (``upto``: up to an amount the seller
+settles later; ``batch-settlement``: a deposit into a channel, sized by the client, then
+vouchers), so they are refused before anything is signed."""
+
+
+def _same_units(signed: object, amount: str) -> bool:
+    text = str(signed)
+    return text.isdigit() and amount.isdigit() and int(text) == int(amount)
+
+
+def _evm_authorizations(inner: object) -> list[tuple[str, object, object, object]] | None:
+    """What an EVM ``exact`` payload signs, or ``None`` when it is malformed.
+
+    ``(kind, value, payee, token)`` for each authorization in it (EIP-3009
+    ``authorization``, Permit2 ``permit2Authorization``); ``token`` is
+    ``None`` where the signature names none.
+    """
+    if not isinstance(inner, dict):
+        return None
+    found: list[tuple[str, object, object, object]] = []
+    eip3009 = inner.get("authorization")
+    if eip3009 is not None:
+        if not isinstance(eip3009, dict):
+            return None
+        found.append(("EIP-3009", eip3009.get("value"), eip3009.get("to"), None))
+    permit2 = inner.get("permit2Authorization")
+    if permit2 is not None:
+        permitted = permit2.get("permitted") if isinstance(permit2, dict) else None
+        witness = permit2.get("witness") if isinstance(permit2, dict) else None
+        if not (isinstance(permitted, dict) and isinstance(witness, dict)):
+            return None
+        found.append(
+            ("Permit2", permitted.get("amount"), witness.get("to"), permitted.get("token"))
+        )
+    return found
+
+
 def _altered(terms: _Terms, payload: Any) -> str | None:
     """Why a signed ``payload`` is not for the authorized ``terms``; ``None`` when it is.
 
-    The payload's ``accepted`` requirements must be those terms; an EIP-3009
-    authorization inside it (the ``exact`` scheme on EVM networks) must move
-    that amount to that payee.
+    The payload's ``accepted`` requirements must be those terms. On an EVM
+    network what is signed must be an authorization the guard can read (the
+    ``exact`` scheme's EIP-3009 or Permit2 authorization: anything else may
+    move what the guard does not count) that moves that amount of that token
+    to that payee.
     """
     accepted = getattr(payload, "accepted", None)
     if accepted is None or _terms(accepted) != terms:
@@ -721,19 +845,50 @@ def _altered(terms: _Terms, payload: Any) -> str | None:
             "the payment requirements changed after they were authorized, before they were "
             "signed; the payment was refused and its reservation released"
         )
-    inner = getattr(payload, "payload", None)
-    authorization = inner.get("authorization") if isinstance(inner, dict) else None
-    if isinstance(authorization, dict) and "value" in authorization:
-        amount, pay_to = terms[3], terms[4]
-        value, to = str(authorization.get("value")), str(authorization.get("to"))
-        same_value = value.isdigit() and amount.isdigit() and int(value) == int(amount)
-        if not same_value or normalize_recipient(to) != normalize_recipient(pay_to):
+    scheme, network, asset, amount, pay_to = terms
+    if scheme not in _SCHEMES:  # pragma: no cover - refused before the authorize
+        return f"the scheme {scheme!r} is not counted by the guard; the payment was refused"
+    if not network.startswith("eip155:"):
+        return None  # x402's exact scheme there signs one transfer of the accepted terms
+    signed = _evm_authorizations(getattr(payload, "payload", None))
+    if not signed:
+        return (
+            "the signed payload carries no EIP-3009 or Permit2 authorization the guard can "
+            "read, so what it pays is unknown; the payment was refused and its reservation "
+            "released"
+        )
+    for kind, value, to, token in signed:
+        same_token = token is None or str(token).lower() == asset.lower()
+        if (
+            not _same_units(value, amount)
+            or normalize_recipient(str(to)) != normalize_recipient(pay_to)
+            or not same_token
+        ):
             return (
-                f"the signed authorization moves {value} to {to}, not the {amount} to "
+                f"the signed authorization moves {value} to {to} ({kind}), not the {amount} to "
                 f"{pay_to} that was authorized; the payment was refused and its reservation "
                 "released"
             )
     return None
+
+
+def _valid_before(payload: Any) -> datetime | None:
+    """Until when a signed payload can be settled: EIP-3009 ``validBefore``, Permit2 ``deadline``.
+
+    The later of the two when both are there; ``None`` when neither can be read.
+    """
+    inner = getattr(payload, "payload", None)
+    if not isinstance(inner, dict):
+        return None
+    found: list[int] = []
+    for name, field in (("authorization", "validBefore"), ("permit2Authorization", "deadline")):
+        part = inner.get(name)
+        value = str(part.get(field)) if isinstance(part, dict) else ""
+        if value.isdigit() and len(value) <= 12:  # seconds; later than year 33658 is no instant
+            found.append(int(value))
+    if not found:
+        return None
+    return datetime.fromtimestamp(max(found), UTC)
 
 
 def _check_assets(assets: object) -> dict[tuple[str, str], Asset]:
