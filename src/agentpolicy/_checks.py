@@ -30,6 +30,9 @@ _LIMIT = UNITS_LIMIT
 # CAIP-2: namespace ":" reference (https://chainagnostic.org/CAIPs/caip-2).
 _CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", re.IGNORECASE | re.ASCII)
 _EIP155 = "eip155:"  # the EVM namespace, whose reference is a decimal chain id
+_PAYMENT_CAIP2 = re.compile(  # and a payment's: an eip155 one in decimal digits
+    r"(?!eip155:)[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}|eip155:[0-9]{1,32}", re.IGNORECASE | re.ASCII
+)
 
 # Control characters, invisible format characters (zero-width spaces and
 # joiners, soft hyphens, byte-order marks, bidirectional overrides), Unicode
@@ -155,8 +158,7 @@ def plain_network(value: object) -> bool:
     return (
         isinstance(value, str)
         and plain_identifier(value, 64)
-        and bool(_CAIP2.fullmatch(value))
-        and (value[:7].lower() != _EIP155 or value[7:].isdigit())
+        and bool(_PAYMENT_CAIP2.fullmatch(value))
     )
 
 
