@@ -41,7 +41,7 @@ from agentpolicy import (
 from agentpolicy.ledger.state import SPENT_ON_EXPIRY
 from agentpolicy.pydantic_ai import GuardedTools, current_payment
 from agentpolicy.testing import ManualClock
-from agentpolicy.x402 import X402PaymentDenied, guard_x402
+from agentpolicy.x402 import X402Guard, X402PaymentDenied, guard_x402
 from tests.test_pydantic_ai import POLICY, USDC, purchase, scripted
 from tests.x402_servers import NETWORK, PAY_TO, PRICE, CountingSigner, Facilitator, paywall, serving
 from tests.x402_servers import USDC as USDC_ON_BASE_SEPOLIA
@@ -68,11 +68,15 @@ def used(engine: PolicyEngine) -> tuple[int, int]:
 
 
 def guarded(engine: PolicyEngine) -> tuple[x402ClientSync, CountingSigner]:
+    client, signer, _ = guarded_with(engine)
+    return client, signer
+
+
+def guarded_with(engine: PolicyEngine) -> tuple[x402ClientSync, CountingSigner, X402Guard]:
     signer = CountingSigner()
     client = x402ClientSync()
     client.register(NETWORK, ExactEvmClientScheme(signer))
-    guard_x402(client, engine, "bot")
-    return client, signer
+    return client, signer, guard_x402(client, engine, "bot")
 
 
 def cause(err: BaseException) -> BaseException:
@@ -214,12 +218,12 @@ def test_an_amount_with_leading_zeros_is_counted_as_the_number_signed() -> None:
 # --- the paid request's answer (sound) ---------------------------------------------------------
 
 
-def test_a_second_402_asking_for_more_releases_and_pays_nothing_more(
+def test_a_second_402_asking_for_more_holds_and_pays_nothing_more(
     hostile: HostileSeller,
 ) -> None:
     engine = PolicyEngine(clock=ManualClock())
     engine.set_policy("bot", BUDGET_FOR_5)
-    client, signer = guarded(engine)
+    client, signer, guard = guarded_with(engine)
 
     def ask_for_more(handler: BaseHTTPRequestHandler, payload: PaymentPayload) -> None:
         dearer = offer(requirements(str(50 * PRICE), pay_to="0x" + "66" * 20))
@@ -229,7 +233,12 @@ def test_a_second_402_asking_for_more_releases_and_pays_nothing_more(
     r = x402_requests(client).get(f"{hostile.url}/report", timeout=30)
     assert r.status_code == 402  # the wrapper never pays a second time
     assert (signer.signatures, len(hostile.payments)) == (1, 1)
-    assert used(engine) == (0, 0)  # the seller said it was refused: released (docs: Trust)
+    # the payload had left: the seller's word that it was refused is no proof (docs: Trust)
+    assert used(engine) == (0, PRICE)
+    [unsettled] = guard.unsettled
+    assert unsettled.request.amount == PRICE
+    engine.release(unsettled.reservation_id, holder=unsettled.holder)  # the chain was checked
+    assert used(engine) == (0, 0)
 
 
 def test_a_seller_that_claims_to_have_settled_more_is_counted_what_was_authorized(
@@ -290,13 +299,13 @@ def test_a_payment_enriched_by_a_client_extension_is_confirmed_or_released(
 
     With a client extension registered (x402's own builder-code one here),
     the guard looked the answered payload up by identity and never found it:
-    a settlement that failed was not given back (0.01 USDC held, then
-    counted as spent at the TTL) and one that succeeded was not confirmed.
+    a settlement reported failed was not listed for a check of the chain
+    (``unsettled``) and one that succeeded was not confirmed.
     """
     url, facilitator = seller
     engine = PolicyEngine(clock=ManualClock())
     engine.set_policy("bot", BUDGET_FOR_5)
-    client, _ = guarded(engine)
+    client, _, guard = guarded_with(engine)
     client.register_extension(BuilderCodeClientExtension("bc_probe"))
     with facilitator.lock:
         facilitator.fail_settle = True
@@ -305,7 +314,11 @@ def test_a_payment_enriched_by_a_client_extension_is_confirmed_or_released(
     finally:
         with facilitator.lock:
             facilitator.fail_settle = False
-    assert used(engine) == (0, 0)  # refused by the facilitator: given back
+    assert used(engine) == (0, PRICE)  # reported refused: held until checked
+    [unsettled] = guard.unsettled  # the copy was found
+    assert unsettled.reason.startswith("settlement failed")
+    engine.release(unsettled.reservation_id, holder=unsettled.holder)
+    assert used(engine) == (0, 0)
     assert x402_requests(client).get(f"{url}/report", timeout=30).status_code == 200
     assert used(engine) == (PRICE, 0)  # settled: confirmed
     assert [h.event for h in engine.history("bot", 4)] == [
