@@ -86,7 +86,6 @@ MAX_APPROVAL_TIMEOUT_MS = 366 * 24 * 3_600_000
 MAX_TREE_DEPTH = 8
 """The most budgets one payment passes through: an agent and up to seven ancestors."""
 
-
 DEFAULT_MAX_CHILDREN = 100
 """How many budgets agents may delegate below a budget whose policy sets no ``maxChildren``."""
 
