@@ -503,7 +503,7 @@ def test_descriptions_speak_to_the_model_and_limits_are_the_enforced_ones(
         assert "seed" not in text, tool.name
         assert "semantics" not in text, tool.name
         for key, spec in tool.input_schema["properties"].items():
-            assert spec.get("type") in ("string", "integer", "object"), (tool.name, key)
+            assert spec.get("type") in ("string", "integer", "object", "boolean"), (tool.name, key)
     authorize = next(t for t in TOOLS if t.name == "agent_policy_authorize")
     memo_limit = authorize.input_schema["properties"]["memo"]["maxLength"]
     assert memo_limit == MAX_TEXT == 1024
@@ -875,6 +875,23 @@ def test_the_agent_role_cannot_see_or_change_versions_shadows_or_simulations(
 ) -> None:
     assert name not in [t.name for t in agent.tools()]
     assert err(call(agent, name, {"agentId": "acme:bot"}))["code"] == "FORBIDDEN"
+
+
+def test_promoting_a_shadow_beside_an_older_version_needs_force(
+    admin: AgentPolicyMcpServer,
+) -> None:
+    tighter = {**POLICY, "limits": {"daily": {"value": str(10 * USDT)}}}
+    ok(call(admin, "agent_policy_shadow_set", {"agentId": "acme:bot", "policy": tighter}))
+    ok(call(admin, "agent_policy_set", {"agentId": "acme:bot",
+                                        "policy": {**POLICY, "enabled": False}}))  # fmt: skip
+    refused = err(call(admin, "agent_policy_shadow_promote", {"agentId": "acme:bot"}))
+    assert refused["code"] == "SHADOW_OUTDATED"
+    assert ok(call(admin, "agent_policy_get", {"agentId": "acme:bot"}))["version"] == 2
+    bad = err(call(admin, "agent_policy_shadow_promote", {"agentId": "acme:bot", "force": 1}))
+    assert (bad["code"], bad["path"]) == ("INVALID_INPUT", "$.force")
+    forced = {"agentId": "acme:bot", "force": True}
+    assert ok(call(admin, "agent_policy_shadow_promote", forced))["version"] == 3
+    assert ok(call(admin, "agent_policy_get", {"agentId": "acme:bot"}))["policy"]["enabled"]
 
 
 def test_rollout_tools_through_the_server(admin: AgentPolicyMcpServer) -> None:

@@ -606,7 +606,8 @@ class AgentPolicyMcpServer:
 
     def _shadow_promote(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
-        return {"agentId": a["agentId"], "version": self.engine.promote_shadow_policy(a["agentId"])}
+        version = self.engine.promote_shadow_policy(a["agentId"], force=a.get("force", False))
+        return {"agentId": a["agentId"], "version": version}
 
     def _shadow_clear(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])

@@ -878,8 +878,10 @@ TOOLS += (
         "agent_policy_shadow_promote",
         "agent-policy/shadow/promote",
         "Administrators only: make the agent's shadow policy its live policy (a new version) "
-        "and remove the shadow, in one step. Returns the new version.",
-        _ADMIN_AGENT,
+        "and remove the shadow, in one step. Returns the new version. Refused with "
+        "SHADOW_OUTDATED when the live policy changed after the shadow was set (it would undo "
+        "that change, an emergency stop say); force: true promotes anyway.",
+        _schema({"agentId": _AGENT, "force": {"type": "boolean"}}, ["agentId"]),
         _object({"agentId": _TEXT, "version": _VERSION}),
         Annotations("Promote a shadow policy", read_only=False, destructive=True, idempotent=False),
         admin_only=True,
@@ -1042,6 +1044,10 @@ def _value_problems(spec: dict[str, Any], value: object, path: str) -> list[Prob
     if kind == "object":
         return [] if isinstance(value, Mapping) else [
             Problem(path, f"must be an object, not {type_name(value)}")
+        ]  # fmt: skip
+    if kind == "boolean":
+        return [] if type(value) is bool else [
+            Problem(path, f"must be true or false, not {type_name(value)}")
         ]  # fmt: skip
     if not isinstance(value, str):
         return [Problem(path, f"must be a string, not {type_name(value)}")]
