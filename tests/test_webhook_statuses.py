@@ -1,8 +1,9 @@
 """Webhook answers at the edges of HTTP's statuses, and endpoint hosts no lookup can find.
 
-A status outside 100 to 599 and a ``101`` nobody asked for are protocol
-errors, retried like an answer that is not HTTP at all; a 3xx (``304``
-too) is failed at once; any 2xx delivers, whatever its body. A host name
+A status outside 100 to 599, a ``101`` nobody asked for and a status line
+whose status is not exactly three ASCII digits after one space are
+protocol errors, retried like an answer that is not HTTP at all; a 3xx
+(``304`` too) is failed at once; any 2xx delivers, whatever its body. A host name
 that is not one (``-a.com``, ``a!b.com``, a label past 63 characters) is
 refused when the endpoint is configured, not retried until given up.
 """
@@ -125,6 +126,76 @@ def test_other_edge_statuses(
     """Any 2xx delivers, whatever its body; every 3xx (a 304 too) is failed at once."""
     sent = one_event(scripted(answer))
     assert (sent.status, sent.attempts, sent.last_error) == (outcome, attempts, error)
+
+
+# --- malformed status lines -----------------------------------------------------------------
+
+MALFORMED = [
+    b"HTTP/1.1 +200 OK",
+    b"HTTP/1.1  200 OK",  # the status " 200": two spaces
+    b"HTTP/1.1 0200 OK",
+    b"HTTP/1.1 00200 OK",
+    b"HTTP/1.1 2_00 OK",
+    b"HTTP/1.1 +2_0_0 OK",
+    b"HTTP/1.1\t200 OK",
+    b"HTTP/1.1\x0c200 OK",
+    b"HTTP/1.1\xa0200 OK",  # a no-break space (ISO 8859-1), whitespace to str.split
+    b"HTTP/1.1 200\tOK",
+    b" HTTP/1.1 200 OK",
+    b"HTTP/1.1 +503 Busy",
+]
+ALREADY_REFUSED = [
+    "HTTP/1.1 \uff12\uff10\uff10 OK".encode(),  # fullwidth digits: not digits to int() in ISO 8859-1
+    b"HTTP/1.1 200.0 OK",
+    b"HTTP/1.1 -200 OK",
+    b"HTTP/1.1 20 OK",
+    b"HTTP/1.1 OK",
+]
+
+
+@pytest.mark.parametrize("line", MALFORMED + ALREADY_REFUSED, ids=repr)
+def test_a_status_that_is_not_three_ascii_digits_is_a_protocol_error_retried(line: bytes) -> None:
+    """http.client reads int() of a whitespace-split word: +200, 0200, 2_00 and a status after
+    two spaces or a tab were 200, and the event was recorded delivered after 1 attempt."""
+    receiver = scripted(line + b"\r\nContent-Length: 0\r\n\r\n")
+    failed = one_event(receiver)
+    assert (failed.status, failed.attempts) == (DeliveryStatus.FAILED, 3)
+    assert failed.last_error == "protocol error: BadStatusLine"
+    assert receiver.connections == 3
+
+
+def test_an_event_answered_plus_200_is_delivered_once_the_receiver_answers_200() -> None:
+    receiver = scripted(b"HTTP/1.1 +200 OK\r\nContent-Length: 0\r\n\r\n", OK)
+    delivered = one_event(receiver)
+    assert (delivered.status, delivered.attempts, delivered.last_error) == (
+        DeliveryStatus.DELIVERED, 2, None,
+    )  # fmt: skip
+    assert receiver.connections == 2
+
+
+def test_a_malformed_interim_status_is_a_protocol_error_too() -> None:
+    receiver = scripted(b"HTTP/1.1 +103 Early Hints\r\n\r\n" + OK)
+    failed = one_event(receiver)
+    assert (failed.status, failed.attempts) == (DeliveryStatus.FAILED, 3)
+    assert failed.last_error == "protocol error: BadStatusLine"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.1 200\r\n",  # no reason, no space: what many servers send
+        b"HTTP/1.1 200 \r\n",
+        b"HTTP/1.0 200 OK\n",  # a bare LF
+        b"HTTP/1.1 200 Tr\xe8s bien\r\n",  # obs-text in the reason
+        b"HTTP/1.1 201 Created\twith a tab\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 Accepted\r\n",
+    ],
+    ids=repr,
+)
+def test_status_lines_with_three_ascii_digits_after_one_space_still_deliver(line: bytes) -> None:
+    sent = one_event(scripted(line + b"Content-Length: 0\r\n\r\n"))
+    assert (sent.status, sent.attempts, sent.last_error) == (DeliveryStatus.DELIVERED, 1, None)
 
 
 # --- endpoint hosts ------------------------------------------------------------------------

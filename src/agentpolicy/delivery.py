@@ -4,10 +4,12 @@ Runs on real time (monotonic waits, wall-clock timestamps), never on the
 engine's clock. Never in the way: a decision only writes to the outbox;
 delivery happens in a background thread, and its failures are recorded, not
 raised. Retries with growing back-off and jitter on network errors,
-timeouts, answers that are not HTTP (a status outside 100 to 599, or a
-``101`` nobody asked for, among them), 5xx, 408 and 429; any other status
-is recorded as failed at once, redirects (3xx) included, which are never
-followed; after ``max_attempts`` tries an event is recorded as failed too.
+timeouts, answers that are not HTTP (protocol errors: a status outside 100
+to 599, a ``101`` nobody asked for, or a status line whose status is not
+exactly three ASCII digits after one space, among them), 5xx, 408 and 429;
+any other status is recorded as failed at once, redirects (3xx) included,
+which are never followed; after ``max_attempts`` tries an event is
+recorded as failed too.
 Endpoint URLs are logged only redacted (:func:`agentpolicy.urls.redact_url`).
 An endpoint's host name is looked up on a small pool of threads, bounded by
 the attempt's timeout, so a resolver that hangs never holds the worker past
@@ -28,6 +30,7 @@ import logging
 import os
 import queue
 import random
+import re
 import socket
 import threading
 import time
@@ -49,6 +52,14 @@ __all__ = ["Outbox", "WebhookDispatcher"]
 log = logging.getLogger("agentpolicy.webhooks")
 
 _RETRY_STATUSES = frozenset({408, 429})
+_STATUS_LINE = re.compile(rb"(HTTP/[!-~]*) ([0-9]{3})(?: ([^\r\n]*))?\r?\n?")
+"""A status line as RFC 9112 (4) writes it: the version, one space, three ASCII digits, and
+then nothing or one space and the reason (ignored). http.client reads the status with
+``int()`` of a word split on any whitespace, so it took ``+200``, ``0200``, ``2_00``,
+``HTTP/1.1  200`` and ``HTTP/1.1\\t200`` for a 200 (and ``+0101`` for a 101).
+"""
+_MAX_STATUS_LINE = 65536
+"""The longest status line read, as http.client's own bound (``LineTooLong`` past it)."""
 _STALLED = "no answer in time"
 """How ``last_error`` begins when an attempt ran out of time (a timeout, however reached)."""
 
@@ -366,15 +377,35 @@ def _opener() -> Any:
         deadline bounds a receiver that sends them without end. ``101``
         (never asked for: no ``Upgrade`` is sent) stays the answer, and
         what follows it is not HTTP: it is a protocol error
-        (:func:`_status_error`).
+        (:func:`_status_error`), as is a status line whose status is not
+        exactly three ASCII digits (:meth:`_status_line`).
         """
 
-        def _read_status(self) -> Any:
+        def _read_status(self) -> tuple[str, int, str]:
             while True:
-                version, status, reason = super()._read_status()  # type: ignore[misc]
+                version, status, reason = self._status_line()
                 if not 100 < status < 200 or status == 101:
                     return version, status, reason
                 http.client.parse_headers(self.fp)  # the interim answer's headers, dropped
+
+        def _status_line(self) -> tuple[str, int, str]:
+            """The next status line, refused (``BadStatusLine``) unless it is one.
+
+            Its status is exactly three ASCII digits after exactly one space
+            (:data:`_STATUS_LINE`): ``HTTP/1.1 +200 OK``, ``0200`` or
+            ``HTTP/1.1  200`` answers no valid status, and http.client read
+            each as 200, so the event was recorded delivered.
+            """
+            line = self.fp.readline(_MAX_STATUS_LINE + 1)
+            if len(line) > _MAX_STATUS_LINE:
+                raise http.client.LineTooLong("status line")
+            if not line:
+                raise http.client.RemoteDisconnected("closed without an answer")
+            match = _STATUS_LINE.fullmatch(line)
+            if match is None:
+                raise http.client.BadStatusLine(str(line, "iso-8859-1"))
+            version, status, reason = match.groups()
+            return version.decode("ascii"), int(status), str(reason or b"", "iso-8859-1")
 
     class Plain(http.client.HTTPConnection):
         response_class = Final
@@ -425,8 +456,9 @@ def _status_error(code: int) -> _RetryableError | _FinalError:
     """What a final answer other than 2xx makes of an attempt: retried or failed at once.
 
     A status HTTP does not allow here is a protocol error, retried like an
-    answer that is not HTTP at all (``HTTP/1.1 1000`` is a bad status line
-    to http.client): one outside 100 to 599 (invalid, RFC 9110, 15; it was
+    answer that is not HTTP at all (``HTTP/1.1 1000`` or ``HTTP/1.1 +200``
+    is a bad status line, see ``_status_line`` in :func:`_opener`): one
+    outside 100 to 599 (invalid, RFC 9110, 15; it was
     recorded as ``HTTP 600``, as if a server error) and a ``101`` to a POST
     that asked for no upgrade (RFC 9110, 15.2.2; it failed the event at
     once). 5xx, 408 and 429 are retried; a 3xx is a redirect, never
