@@ -168,12 +168,14 @@ def network_form(value: Any) -> Any:
     ``eip155:08453`` is chain 8453 to anything that reads the decimal chain
     id, so it is kept (compared, counted and fingerprinted) as
     ``eip155:8453``; the namespace is recognised ignoring case, as networks
-    compare, and kept as written. Every other value is returned unchanged,
-    for validation to judge.
+    compare, and kept as written. A reference longer than CAIP-2's 32
+    characters, and every other value, is returned unchanged, for validation
+    to judge (and refuse).
     """
     if type(value) is str and ":0" in value and value[:7].lower() == _EIP155:
         reference = value[7:]
-        if reference.isascii() and reference.isdigit():
+        # within CAIP-2's 32 characters as written: a longer one is refused, not shortened
+        if len(reference) <= 32 and reference.isascii() and reference.isdigit():
             return value[:7] + (reference.lstrip("0") or "0")
     return value
 
@@ -183,27 +185,50 @@ def network_key(network: str) -> str:
     return str(network_form(network)).casefold()
 
 
+def _caseless(text: str) -> str:
+    """``text`` in Unicode's compatibility caseless form (D146), composed (NFKC).
+
+    Two strings are a compatibility caseless match when
+    ``NFKD(casefold(NFKD(casefold(NFD(x)))))`` is equal for both; this is that,
+    composed again. ``casefold(NFKC(x))`` alone is not enough: folding can
+    leave combining marks in another order or unmade (``ΐ`` folds to three
+    code points, ``Ϊ́`` to two; an iota subscript folds to an iota beside
+    the accents).
+    """
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFD", text).casefold())
+    return unicodedata.normalize("NFKC", folded.casefold())
+
+
 def category_form(value: Any) -> Any:
     """A payment's category as it is kept: NFKC-normalised, ``""`` as ``None``.
 
     Compatibility forms (fullwidth letters, ligatures) are the category
     a person typed, so they are mapped to it (``data``); ASCII is left as it
-    is. Non-strings, and strings with characters that show nothing (which
+    is. A category whose NFKC form case folds to another string than its
+    caseless form (:func:`category_key`: a capital ``Ϊ`` and a combining
+    acute fold apart from ``ΐ``) is kept in that form (``ΐ``), so that its
+    case folding, which the rules compare, is the key of every spelling of it.
+    Non-strings, and strings with characters that show nothing (which
     :func:`check_payee` refuses, naming the one written), are returned
     unchanged.
     """
     if value == "":
         return None
     if type(value) is str and not value.isascii() and _INVISIBLE.isdisjoint(value):
-        return unicodedata.normalize("NFKC", value)
+        kept = unicodedata.normalize("NFKC", value)
+        caseless = _caseless(value)
+        return kept if kept.casefold() == caseless.casefold() else caseless
     return value
 
 
 def category_key(category: str) -> str:
-    """The form categories are compared in: NFKC-normalised, then case folded."""
+    """The form categories are compared in: Unicode's compatibility caseless form, case folded.
+
+    For a category as kept (:func:`category_form`) this is its case folding.
+    """
     if category.isascii():
         return category.casefold()
-    return unicodedata.normalize("NFKC", category).casefold()
+    return _caseless(category).casefold()
 
 
 def check_identifier(value: object, path: str, max_len: int = MAX_ID) -> list[Problem]:
