@@ -3,7 +3,8 @@
 A status outside 100 to 599, a ``101`` nobody asked for and a status line
 whose status is not exactly three ASCII digits after one space are
 protocol errors, retried like an answer that is not HTTP at all; a 3xx
-(``304`` too) is failed at once; any 2xx delivers, whatever its body. A host name
+(``304`` too) is failed at once; any 2xx delivers once its headers have
+arrived, without waiting for its body (the body is never read). A host name
 that is not one (``-a.com``, ``a!b.com``, a label past 63 characters) is
 refused when the endpoint is configured, not retried until given up.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -196,6 +198,92 @@ def test_a_malformed_interim_status_is_a_protocol_error_too() -> None:
 def test_status_lines_with_three_ascii_digits_after_one_space_still_deliver(line: bytes) -> None:
     sent = one_event(scripted(line + b"Content-Length: 0\r\n\r\n"))
     assert (sent.status, sent.attempts, sent.last_error) == (DeliveryStatus.DELIVERED, 1, None)
+
+
+# --- a 2xx whose body never comes --------------------------------------------------------------
+
+SHORT_BODIES = {
+    "shorter than its Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    + b"x" * 10,
+    "chunked, its last chunk never sent": b"HTTP/1.1 200 OK\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    "no length, the connection kept open": b"HTTP/1.1 202 Accepted\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("answer", SHORT_BODIES.values(), ids=list(SHORT_BODIES))
+def test_a_2xx_whose_body_stalls_is_delivered_at_once_without_waiting_for_the_body(
+    answer: bytes,
+) -> None:
+    """Each delivery waited for the rest of the body until its timeout: 2.00 s at "2s" (5 s at
+    the default), delivered all the same, and the endpoint's other events were left for the
+    next round (the attempt took its timeout), so three took three rounds and 6 s."""
+    release = threading.Event()
+    cond = threading.Condition()
+    closed = 0
+
+    def answer_and_hold(conn: socket.socket) -> None:
+        nonlocal closed
+        conn.sendall(answer)
+        conn.settimeout(30)
+        try:  # the rest of the body never comes: see whether the sender hangs up first
+            early = conn.recv(1) == b""
+        except ConnectionResetError:
+            early = True
+        with cond:
+            if early and not release.is_set():
+                closed += 1
+            cond.notify_all()
+        release.wait(30)
+
+    receiver = RawReceiver(answer_and_hold)
+    engine = engine_with({"url": receiver.url, "timeout": "2s", "maxAttempts": 3})
+    assert engine.webhooks is not None
+    engine.webhooks.close()  # this test runs the round
+    ask(engine, 3)
+    started = time.monotonic()
+    assert engine.webhooks.run_once() == 3  # it was 1: the first took the 2 s timeout
+    assert time.monotonic() - started < 2.0  # all three in less than one timeout
+    sent = engine.webhook_deliveries()
+    assert [(d.status, d.attempts, d.last_error) for d in sent] == [
+        (DeliveryStatus.DELIVERED, 1, None)
+    ] * 3
+    assert receiver.connections == 3  # no event sent twice
+    with cond:  # each connection was closed by the sender while the receiver still held it
+        assert cond.wait_for(lambda: closed == 3, timeout=10)
+    release.set()
+    engine.close()
+    receiver.stop()
+
+
+def test_a_2xx_whose_body_is_cut_short_is_delivered_once() -> None:
+    """As it was: the receiver closes after 10 of 100 bytes; delivered, not sent again."""
+    receiver = scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    sent = one_event(receiver)
+    assert (sent.status, sent.attempts, sent.last_error) == (DeliveryStatus.DELIVERED, 1, None)
+    assert receiver.connections == 1
+
+
+def test_a_2xx_whose_headers_stall_is_delivered_when_the_attempt_s_time_is_up() -> None:
+    """As it was, and left so: the 2xx status line decides. The headers are read (the answer
+    may still be a redirect or a broken one), so headers that stall hold the attempt until its
+    timeout; the deadline's shutdown then ends them, and the 2xx that arrived is delivered."""
+    release = threading.Event()
+    receiver = RawReceiver(lambda conn: (conn.sendall(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n"),
+                                         release.wait(30)))  # fmt: skip
+    engine = engine_with({"url": receiver.url, "timeout": "1s", "maxAttempts": 3})
+    assert engine.webhooks is not None
+    engine.webhooks.close()  # this test runs the round
+    ask(engine)
+    started = time.monotonic()
+    assert engine.webhooks.run_once() == 1
+    assert time.monotonic() - started >= 1.0  # the whole timeout
+    (sent,) = engine.webhook_deliveries()
+    assert (sent.status, sent.attempts, sent.last_error) == (DeliveryStatus.DELIVERED, 1, None)
+    assert receiver.connections == 1
+    release.set()
+    engine.close()
+    receiver.stop()
 
 
 # --- endpoint hosts ------------------------------------------------------------------------

@@ -9,7 +9,8 @@ to 599, a ``101`` nobody asked for, or a status line whose status is not
 exactly three ASCII digits after one space, among them), 5xx, 408 and 429;
 any other status is recorded as failed at once, redirects (3xx) included,
 which are never followed; after ``max_attempts`` tries an event is
-recorded as failed too.
+recorded as failed too. A 2xx is delivered once its status line and
+headers have arrived: its body is never read, nor waited for.
 Endpoint URLs are logged only redacted (:func:`agentpolicy.urls.redact_url`).
 An endpoint's host name is looked up on a small pool of threads, bounded by
 the attempt's timeout, so a resolver that hangs never holds the worker past
@@ -735,11 +736,8 @@ class WebhookDispatcher:
         seconds = endpoint.timeout.total_seconds()
         with _Deadline(seconds) as deadline:
             try:
-                with (
-                    _opener().open(request, timeout=seconds) as response,
-                    contextlib.suppress(Exception),  # a 2xx arrived: the body is extra
-                ):
-                    response.read(1024)
+                with _opener().open(request, timeout=seconds):
+                    pass  # a 2xx status line and its headers: delivered; the body is not read
             except urllib.error.HTTPError as exc:
                 exc.close()
                 raise _status_error(exc.code) from None
