@@ -344,3 +344,36 @@ def test_an_unreachable_redis_is_storage_unavailable() -> None:
     with pytest.raises(PolicyError) as err:
         engine.authorize(payment(USDT))
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # redis-py reads a path that is not a number as database 0: two "tenants" shared it
+        ("redis://127.0.0.1:6379/tenant-a", "the database of a Redis URL is a number"),
+        ("redis://127.0.0.1:6379/-1", "the database of a Redis URL is a number"),
+        ("redis://127.0.0.1:6379/0/", "the database of a Redis URL is a number"),
+        ("redis://127.0.0.1:6379/\u0661", "the database of a Redis URL is a number"),
+        ("redis+cluster://127.0.0.1:7000/3", "a Redis Cluster has only database 0"),
+        ("redis://[::1", "not a valid Redis URL: Invalid IPv6 URL"),
+        ("redis://u:s3cret@127.0.0.1:port/0", "not a valid Redis URL: Port could not be cast"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "not a valid Redis URL: Invalid value"),
+    ],
+)
+def test_a_redis_url_that_cannot_be_read_is_invalid_input(url: str, message: str) -> None:
+    from agentpolicy.storage import open_async_storage
+
+    for opener in (open_storage, open_async_storage):
+        with pytest.raises(PolicyError) as err:
+            opener(url)
+        assert err.value.code == ErrorCode.INVALID_INPUT
+        assert message in str(err.value)
+        assert "s3cret" not in str(err.value)
+
+
+def test_a_redis_url_names_its_database_by_number_or_not_at_all() -> None:
+    for url in ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/7"):
+        assert isinstance(open_storage(url), RedisStorage)  # nothing connects until first use
+    assert (
+        RedisStorage("redis://127.0.0.1:6379/7").client.connection_pool.connection_kwargs["db"] == 7
+    )

@@ -19,11 +19,17 @@ from contextvars import ContextVar
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.exceptions
 from redis.backoff import ExponentialBackoff
 
-from agentpolicy.errors import InternalError, PolicyError, StorageUnavailableError
+from agentpolicy.errors import (
+    InternalError,
+    PolicyError,
+    PolicyValidationError,
+    StorageUnavailableError,
+)
 from agentpolicy.ledger.keys import tag
 from agentpolicy.storage.base import (
     CONFLICT,
@@ -57,10 +63,36 @@ def script() -> str:
 
 
 def cluster_url(url: str) -> tuple[bool, str]:
-    """Whether ``url`` names a Cluster, and the URL the client takes (``+cluster`` dropped)."""
-    if url.startswith(("redis+cluster://", "rediss+cluster://")):
-        return True, url.replace("+cluster", "", 1)
-    return False, url
+    """Whether ``url`` names a Cluster, and the URL the client takes (``+cluster`` dropped).
+
+    Raises :class:`~agentpolicy.PolicyValidationError` for a URL whose host,
+    port or database cannot be read: redis-py takes any path that is not a
+    number as database 0, so ``redis://host:6379/tenant-a`` would share
+    database 0 with every other such URL.
+    """
+    cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
+    plain = url.replace("+cluster", "", 1) if cluster else url
+    try:
+        parts = urlsplit(plain)
+        parts.port  # noqa: B018 - reading it checks it
+    except ValueError as exc:
+        raise _bad_url(exc) from None
+    database = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if database and not (database.isascii() and database.isdigit()):
+        raise PolicyValidationError.single(
+            "$.storage",
+            f"the database of a Redis URL is a number (redis://host:6379/0), got {database[:64]!r}",
+        )
+    if cluster and database and int(database) != 0:
+        raise PolicyValidationError.single(
+            "$.storage", f"a Redis Cluster has only database 0, got {database[:64]!r}"
+        )
+    return cluster, plain
+
+
+def _bad_url(exc: ValueError) -> PolicyValidationError:
+    """The error for a Redis URL that cannot be read: the reason, never the URL (a password)."""
+    return PolicyValidationError.single("$.storage", f"not a valid Redis URL: {exc}")
 
 
 _RESENT: ContextVar[bool] = ContextVar("agentpolicy_redis_resent", default=False)
@@ -116,8 +148,10 @@ def pool_options(timeout: timedelta) -> dict[str, Any]:
     return {"max_connections": POOL_SIZE, "timeout": timeout.total_seconds()}
 
 
-def unreachable(exc: BaseException) -> StorageUnavailableError:
-    """A client that could not even be made (a bad URL or host)."""
+def unreachable(exc: BaseException) -> PolicyError:
+    """A client that could not even be made: a bad option in its URL, or a host it cannot reach."""
+    if isinstance(exc, ValueError):  # redis-py read an option of the URL and refused it
+        return _bad_url(exc)
     return StorageUnavailableError(f"cannot reach Redis: {type(exc).__name__}")
 
 
