@@ -23,6 +23,7 @@ requests on a :class:`psycopg.AsyncConnection` taken from a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -74,17 +75,24 @@ async def _drive(steps: _Steps[T], owner: Any) -> T:
             error = exc
 
 
+_CANCEL_GRACE = 0.5
+"""Seconds a cancelled round trip lets psycopg cancel its statement before the connection is cut."""
+
+
 async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) -> Any:
     """Send one request on ``conn`` and answer its rows, within ``seconds``.
 
     A timer of the event loop shuts the socket down past the bound (see
     :class:`~agentpolicy.storage.postgres._Watch`): the awaited call fails, the
     connection is closed (the pool replaces it) and the error is ``_Stalled``.
-    This holds even while psycopg waits for a cancelled call's server to answer.
+    The request runs in a task of its own, so that a caller cancelled
+    meanwhile is not held by psycopg's cancelling of the statement (see
+    :func:`_interrupt`).
     """
     sock = _Watch.socket_of(conn)
     watch = None if sock is None else _Watch(sock, seconds)
-    timer = None if watch is None else asyncio.get_running_loop().call_later(seconds, watch.fire)
+    loop = asyncio.get_running_loop()
+    timer = None if watch is None else loop.call_later(seconds, watch.fire)
 
     def fired() -> bool:
         if watch is None or timer is None:
@@ -93,17 +101,9 @@ async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) 
         watch.sock.close()  # the duplicate only
         return watch.fired
 
+    work = loop.create_task(_exchange(conn, request))
     try:
-        if isinstance(request, _Pipeline):
-            async with conn.pipeline():
-                cursors = [await conn.execute(q, p) for q, p in request.statements]
-            if not request.rows:
-                answer: Any = None
-            else:
-                answer = [await c.fetchall() if c.description else [] for c in cursors]
-        else:
-            cursor = await conn.execute(request.query, request.params)
-            answer = await cursor.fetchall() if cursor.description else []
+        answer = await asyncio.shield(work)
     except psycopg.Error as exc:
         if isinstance(request, _Pipeline):
             _forget_prepared(conn)
@@ -111,7 +111,9 @@ async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) 
             await conn.close()
             raise _Stalled(f"no answer within {seconds:g} s") from exc
         raise
-    except BaseException:  # cancelled: psycopg cancelled the statement and waited for its end
+    except BaseException:  # cancelled: the statement is cancelled on the server, or cut off
+        if not work.done():
+            await _interrupt(work, watch, seconds)
         if isinstance(request, _Pipeline):
             _forget_prepared(conn)
         if fired():
@@ -120,6 +122,46 @@ async def _round_trip(conn: Any, request: _Pipeline | _Execute, seconds: float) 
     if fired():
         await conn.close()
     return answer
+
+
+async def _exchange(conn: Any, request: _Pipeline | _Execute) -> Any:
+    """The request's statements on ``conn``, and their rows (``None`` if none are wanted)."""
+    if isinstance(request, _Pipeline):
+        async with conn.pipeline():
+            cursors = [await conn.execute(q, p) for q, p in request.statements]
+        if not request.rows:
+            return None
+        return [await c.fetchall() if c.description else [] for c in cursors]
+    cursor = await conn.execute(request.query, request.params)
+    return await cursor.fetchall() if cursor.description else []
+
+
+async def _interrupt(work: asyncio.Task[Any], watch: _Watch | None, seconds: float) -> None:
+    """End ``work``, the round trip of a caller that was cancelled, within a moment.
+
+    Cancelled, psycopg asks the server to cancel the statement and waits for
+    its end, for up to 5 s and 5 s more: a server that does not answer would
+    hold the cancelled caller (``asyncio.wait_for(authorize, 0.3)``) for
+    10 s. It gets :data:`_CANCEL_GRACE` seconds (a server that answers
+    cancels in milliseconds, and the connection stays usable); then it is
+    cancelled again (psycopg then closes the connection) and the socket is
+    shut down, so the caller goes on at once. Whatever the request was,
+    whether it applied stays as unknown as after any cancellation.
+    """
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):  # cancelled once more: cut off at once
+        await asyncio.wait((work,), timeout=min(seconds, _CANCEL_GRACE))
+    if not work.done():
+        work.cancel()
+        if watch is not None:
+            watch.fire()
+        while not work.done():
+            try:
+                await asyncio.wait((work,))
+            except asyncio.CancelledError:
+                work.cancel()
+    if not work.cancelled():
+        work.exception()  # retrieved: what it failed with does not matter any more
 
 
 class _AsyncPostgresSession(_SessionSteps):
