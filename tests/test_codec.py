@@ -312,3 +312,30 @@ def test_instants_parse_only_with_an_offset_and_format_in_utc() -> None:
     for bad in ("2026-01-20", "2026-01-20T00:00:00", 5, "x" * 100, "2026-13-01T00:00:00Z"):
         with pytest.raises(PolicyValidationError):
             parse_instant(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "item", "limit"),
+    [
+        ("timeRules", "blockedPeriods", {"start": "x", "end": "y"}, 10_000),
+        ("limits", "rolling", {"window": "x", "amount": "y"}, 16),
+        ("limits", "counts", {"window": "x", "max": "y"}, 16),
+    ],
+)
+def test_an_array_longer_than_its_field_allows_is_refused_before_its_elements_are_read(
+    section: str, field: str, item: dict[str, str], limit: int
+) -> None:
+    # 30,000 bad blocked periods were each parsed, and their 60,000 problems listed and
+    # printed, before the list's length refused them all (9.5 s for one 840 KB policy file)
+    raw = example_policy()
+    raw.setdefault(section, {})[field] = [item] * (limit + 1)
+    with pytest.raises(PolicyValidationError) as err:
+        load_policy(raw)
+    assert [(p.path, p.message) for p in err.value.problems] == [
+        (f"$.{section}.{field}", f"must have at most {limit} entries")
+    ]
+    raw[section][field] = [item] * 2  # within the limit: each element's problems, as before
+    with pytest.raises(PolicyValidationError) as err:
+        load_policy(raw)
+    assert len(err.value.problems) >= 2
+    assert all(p.path.startswith(f"$.{section}.{field}[") for p in err.value.problems)

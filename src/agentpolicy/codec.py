@@ -31,7 +31,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from agentpolicy._checks import CHECK, OMIT_EMPTY, Check, camel, raise_if, type_name
+from agentpolicy._checks import CHECK, OMIT_EMPTY, Check, camel, raise_if, schema_of, type_name
 from agentpolicy.amounts import Amount, parse_base_units
 from agentpolicy.decisions import Code, Evaluation, Outcome
 from agentpolicy.errors import PolicyValidationError, Problem
@@ -202,7 +202,13 @@ def _unstructure_array(kind: Any, converter: cattrs.Converter) -> Callable[[Any]
 
 
 def _field_hook(base: Callable[[Any, Any], Any], check: Check | None) -> Callable[[Any, Any], Any]:
+    # an array longer than its field allows is refused before its elements are read: each
+    # element would otherwise be structured (and its problems listed) only to be refused
+    max_items = (schema_of(check) or {}).get("maxItems") if check is not None else None
+
     def structure(value: Any, kind: Any) -> Any:
+        if max_items is not None and isinstance(value, list | tuple) and len(value) > max_items:
+            raise PolicyValidationError.single("$", f"must have at most {max_items} entries")
         result = base(value, kind)
         if check is not None:
             raise_if(check(result, "$"))
