@@ -355,6 +355,14 @@ def _check_grant(
                 '(set "delegation": {"allowed": true})',
                 code=ErrorCode.FORBIDDEN,
             )
+        for level in quota_levels(levels)[1:]:  # the sub-agents' tree grew by these switches
+            above = level.policy.delegation if level.policy is not None else None
+            if above is None or not above.allowed:
+                raise ForbiddenError(
+                    f"{level.agent}'s policy no longer lets agents delegate below it, so "
+                    f"{grant.parent}, which an agent delegated below it, may not either",
+                    code=ErrorCode.FORBIDDEN,
+                )
         for distance, level in enumerate(levels, start=1):
             above = level.policy.delegation if level.policy is not None else None
             if above is not None and above.allowed and distance > above.max_depth:
