@@ -12,17 +12,20 @@ import multiprocessing
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from agentpolicy import (
     Code,
+    ConflictError,
     ErrorCode,
     ForbiddenError,
     PolicyEngine,
+    PolicyValidationError,
 )
+from agentpolicy.mcp.server import AgentPolicyMcpServer
 from agentpolicy.testing import ManualClock, payment
 from tests import workers
 from tests.backends import Backend
@@ -207,3 +210,221 @@ def test_below_a_revoked_budget_a_failing_check_of_the_payers_own_comes_first(
     engine.set_policy("fleet/a/g", daily(6, parent="fleet/a"))  # room of its own again
     d = engine.authorize(payment(1, agent_id="fleet/a/g"))
     assert (d.code, d.budget_id) == (Code.DELEGATION_REVOKED, "fleet/a")
+
+
+# -- a governed agent through its MCP server --------------------------------------------------
+
+
+def _call(server: AgentPolicyMcpServer, tool: str, **args: Any) -> tuple[bool, str]:
+    """A tool call's outcome: success, and the error code (``""`` on success)."""
+    answer = server.call(tool, args)
+    return answer["success"], "" if answer["success"] else answer["error"]["code"]
+
+
+def test_an_agent_server_cannot_raise_its_limits_through_a_child_nor_reach_a_sibling(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    engine.set_policy("fleet", daily(100, delegation={"allowed": True, "maxDepth": 2}))
+    engine.delegate("fleet", "fleet/a", daily(10, delegation={"allowed": True}))
+    engine.delegate("fleet", "fleet/b", daily(10, delegation={"allowed": True}))
+    a = AgentPolicyMcpServer(engine=engine, agent_id="fleet/a")
+    delegate, revoke = "agent_policy_delegate", "agent_policy_revoke"
+    attempts = [  # what fleet/a tries, and what it gets
+        (delegate, {"childId": "fleet/a/x", "policy": daily(11)}, "INVALID_INPUT"),
+        (delegate, {"childId": "fleet/a/x", "policy": daily(5, parent="fleet")}, "INVALID_INPUT"),
+        (delegate, {"childId": "fleet/b/x", "policy": daily(1)}, "FORBIDDEN"),
+        (delegate, {"childId": "fleet/b/x", "parentId": "fleet/b", "policy": daily(1)},
+         "FORBIDDEN"),
+        (delegate, {"childId": "fleet/a", "policy": daily(50)}, "FORBIDDEN"),
+        (delegate, {"childId": "fleet/a/", "policy": daily(1)}, "FORBIDDEN"),
+        (delegate, {"childId": "Fleet/a/x", "policy": daily(1)}, "FORBIDDEN"),
+        (delegate, {"childId": "fleet/ab", "policy": daily(1)}, "FORBIDDEN"),
+        (revoke, {"childId": "fleet/b"}, "FORBIDDEN"),
+        (revoke, {"childId": "fleet/a"}, "FORBIDDEN"),
+        (revoke, {"childId": "fleet/a", "parentId": "fleet"}, "FORBIDDEN"),
+        ("agent_policy_authorize", {"agentId": "fleet/b", "amount": "1", "recipient": "0xv",
+                                    "network": "eip155:8453"}, "FORBIDDEN"),
+    ]  # fmt: skip
+    for tool, args, code in attempts:
+        assert _call(a, tool, **args) == (False, code), (tool, args)
+    assert engine.get_policy("fleet/a/x") is None
+    assert engine.get_policy("fleet/b/x") is None
+    assert engine.get_policy("fleet/ab") is None
+    assert engine.delegation("fleet/b").revoked_at is None  # type: ignore[union-attr]
+    # a child of its own gets no more than fleet/a has left, and counts in fleet/a and fleet
+    assert _call(a, delegate, childId="fleet/a/x", policy=daily(10)) == (True, "")
+    engine.confirm(engine.authorize(payment(7 * U, agent_id="fleet/a")).reservation_id or "")
+    d = engine.authorize(payment(4 * U, agent_id="fleet/a/x"))
+    assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "fleet/a")
+    assert engine.authorize(payment(3 * U, agent_id="fleet/a/x")).allowed
+    assert (used(engine, "fleet/a"), used(engine, "fleet")) == (10 * U, 10 * U)
+    # revoked, fleet/a may no longer delegate, nor revive its child under the same id
+    x = AgentPolicyMcpServer(engine=engine, agent_id="fleet/a/x")
+    assert _call(a, revoke, childId="fleet/a/x") == (True, "")
+    assert _call(a, delegate, childId="fleet/a/x", policy=daily(1)) == (False, "BUDGET_CONFLICT")
+    engine.revoke("fleet/a", by="fleet")
+    assert _call(a, delegate, childId="fleet/a/y", policy=daily(1)) == (False, "BUDGET_CONFLICT")
+    assert _call(x, delegate, childId="fleet/a/x/z", policy=daily(1)) == (False, "BUDGET_CONFLICT")
+    assert engine.get_policy("fleet/a/y") is None
+    assert engine.get_policy("fleet/a/x/z") is None
+
+
+# -- windows in two timezones -----------------------------------------------------------------
+
+
+def test_a_child_in_tokyo_and_its_parent_in_utc_each_count_a_payment_in_their_own_day(
+    backend: Backend,
+) -> None:
+    """At 23:30 in Tokyo (14:30 UTC) the child's day ends; the parent's goes on 9.5 hours more."""
+    clock = ManualClock(datetime(2026, 3, 10, 14, 30, tzinfo=UTC))
+    engine = backend.engine(clock, reservation_ttl=timedelta(hours=2))
+    engine.set_policy("fleet", daily(10, delegation={"allowed": True}))
+    tokyo = daily(8, timeRules={"timezone": "Asia/Tokyo"})
+    engine.delegate("fleet", "fleet/jp", tokyo, by_parent=True)
+    first = engine.authorize(payment(8 * U, agent_id="fleet/jp"))
+    assert first.allowed
+    assert engine.authorize(payment(1, agent_id="fleet/jp")).budget_id == "fleet/jp"
+    clock.advance(hours=1)  # 00:30 in Tokyo: the child's day is new, the parent's is not
+    d = engine.authorize(payment(3 * U, agent_id="fleet/jp"))
+    assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "fleet")
+    second = engine.authorize(payment(2 * U, agent_id="fleet/jp"))
+    assert second.allowed
+    assert (used(engine, "fleet"), used(engine, "fleet/jp")) == (10 * U, 2 * U)
+    engine.release(first.reservation_id or "")  # gives back to the windows it counted in
+    assert (used(engine, "fleet"), used(engine, "fleet/jp")) == (2 * U, 2 * U)
+    d = engine.authorize(payment(7 * U, agent_id="fleet/jp"))
+    assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "fleet/jp")
+    engine.confirm(engine.authorize(payment(6 * U, agent_id="fleet/jp")).reservation_id or "")
+    clock.set(datetime(2026, 3, 11, 0, 0, tzinfo=UTC))  # the parent's new day, 09:00 in Tokyo
+    assert engine.get_reservation(second.reservation_id or "").status == "expired"
+    assert (used(engine, "fleet"), used(engine, "fleet/jp")) == (0, 6 * U)
+    d = engine.authorize(payment(3 * U, agent_id="fleet/jp"))
+    assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "fleet/jp")
+
+
+# -- ids that look alike ----------------------------------------------------------------------
+
+LOOKALIKES = [
+    "bot", "Bot", "BOT", "caf\u00e9", "cafe\u0301", "a/b", "a%2Fb", "a%b", "a%252Fb",
+    "{fleet}", "~626f74", "b" * 255 + "x", "b" * 255 + "y", "\u0432\u043e\u0442",
+]  # fmt: skip
+
+
+def test_child_ids_that_differ_only_in_case_normal_form_escapes_or_tags_are_separate_budgets(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    engine.set_policy("fleet", daily(100, delegation={"allowed": True, "maxChildren": 100}))
+    children = LOOKALIKES
+    for child in children:
+        engine.delegate("fleet", child, daily(1), by_parent=True)
+        assert engine.get_policy(child).policy.parent == "fleet"  # type: ignore[union-attr]
+    for child in children:
+        assert engine.authorize(payment(U, agent_id=child)).allowed, child
+    for child in children:
+        d = engine.authorize(payment(1, agent_id=child))
+        assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, child)
+        assert used(engine, child) == U
+    assert used(engine, "fleet") == len(children) * U
+    engine.revoke("bot", by="fleet")  # revoking one touches none of its lookalikes
+    for child in children:
+        grant = engine.delegation(child)
+        assert (grant is not None and grant.revoked_at is not None) == (child == "bot"), child
+    with pytest.raises(PolicyValidationError):  # an id with surrounding space is refused
+        engine.delegate("fleet", "bot ", daily(1), by_parent=True)
+
+
+# -- cycles, self-delegation, onward delegation, tokens and decimals ---------------------------
+
+
+def test_an_agent_cannot_delegate_to_itself_to_an_ancestor_or_onward_past_what_it_received(
+    backend: Backend,
+) -> None:
+    engine, clock = tree(backend, reservation_ttl=timedelta(hours=3))
+    engine.set_policy("a", daily(20, delegation={"allowed": True, "maxDepth": 3}))
+    grows = {"allowed": True, "maxDepth": 2}
+    b18 = {"limits": {"daily": {"value": str(5 * 10**18), "decimals": 18}}, "delegation": grows}
+    engine.delegate("a", "a/b", b18, expires_at=T0 + timedelta(hours=2), by_parent=True)
+    for parent, child in (("a", "a"), ("a/b", "a/b"), ("a/b", "a")):
+        with pytest.raises((PolicyValidationError, ConflictError)):
+            engine.delegate(parent, child, daily(1), by_parent=True)
+    assert engine.get_policy("a").version == 1  # type: ignore[union-attr]
+    # onward: exactly what it received (in other decimals) and no base unit more
+    over = {"limits": {"daily": {"value": str(5 * 10**18 + 1), "decimals": 18}}}
+    with pytest.raises(PolicyValidationError) as refused:
+        engine.delegate("a/b", "a/b/c", over, by_parent=True)
+    assert [p.path for p in refused.value.problems] == ["$.policy.limits.daily"]
+    with pytest.raises(PolicyValidationError):
+        engine.delegate("a/b", "a/b/c", {"limits": {"daily": {"value": "501", "decimals": 2}}},
+                        by_parent=True)  # fmt: skip
+    with pytest.raises(PolicyValidationError, match="expiresAt"):  # not past a/b's end
+        engine.delegate("a/b", "a/b/c", daily(5), expires_at=T0 + timedelta(hours=3),
+                        by_parent=True)  # fmt: skip
+    grant = engine.delegate("a/b", "a/b/c", daily(5, delegation=grows), by_parent=True)
+    assert grant.expires_at == T0 + timedelta(hours=2)  # none: when a/b's ends
+    engine.delegate("a/b/c", "a/b/c/d", daily(5), by_parent=True)
+    # four levels pay the same 5 USDT of a/b's, in 18 and 6 decimals alike
+    d = engine.authorize(payment(3 * 10**18, agent_id="a/b/c/d", decimals=18))
+    assert d.allowed
+    assert d.expires_at == T0 + timedelta(hours=2)  # no reservation outlives a/b's delegation
+    d = engine.authorize(payment(2 * U + 1, agent_id="a/b/c"))  # it counts a/b/c/d's too
+    assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "a/b/c")
+    assert engine.authorize(payment(2 * U, agent_id="a/b/c")).allowed
+    assert (used(engine, "a"), used(engine, "a/b")) == (5 * U, 5 * 10**18)
+    clock.advance(hours=2)
+    for agent in ("a/b", "a/b/c", "a/b/c/d"):  # each ends with a/b's: its own end says so
+        d = engine.authorize(payment(1, agent_id=agent))
+        assert (d.code, d.budget_id) == (Code.DELEGATION_EXPIRED, agent)
+    assert used(engine, "a") == 0  # the reservations ended with the delegation
+
+
+def test_a_child_in_another_token_is_denied_by_its_parent_whatever_it_was_delegated(
+    backend: Backend,
+) -> None:
+    engine, _ = tree(backend)
+    engine.set_policy("a", daily(20, delegation={"allowed": True},
+                                 assets=[{"symbol": "USDC",
+                                          "limits": {"daily": {"value": str(5 * U),
+                                                               "symbol": "USDC"}}}]))  # fmt: skip
+    usdc = {"limits": {"daily": {"value": str(6 * U), "symbol": "usdc"}}}
+    with pytest.raises(PolicyValidationError):  # compared with a's USDC block, ignoring case
+        engine.delegate("a", "a/c", usdc, by_parent=True)
+    dai = {"limits": {"daily": {"value": str(10**30), "symbol": "DAI", "decimals": 18}}}
+    engine.delegate("a", "a/d", dai, by_parent=True)  # a token a has no limit of: nothing to cap
+    d = engine.authorize(payment(1, agent_id="a/d", symbol="DAI", decimals=18))
+    assert (d.code, d.budget_id) == (Code.ASSET_MISMATCH, "a")
+    engine.delegate("a", "a/c", {"limits": {"daily": {"value": str(5 * U), "symbol": "usdc"}}},
+                    by_parent=True)  # fmt: skip
+    assert engine.authorize(payment(5 * U, agent_id="a/c", symbol="USDC")).allowed
+    d = engine.authorize(payment(1, agent_id="a/c", symbol="USDC"))
+    assert d.code == Code.DAILY_LIMIT
+    assert engine.authorize(payment(20 * U, agent_id="a")).allowed  # USDT apart
+
+
+# -- new versions above and beside reservations still open --------------------------------------
+
+
+def test_reservations_of_children_survive_new_versions_of_their_parent_and_of_themselves(
+    backend: Backend,
+) -> None:
+    """Open payments count on through every new version; none makes room by being set."""
+    engine, _ = tree(backend, reservation_ttl=timedelta(hours=1))
+    engine.set_policy("fleet", daily(100, delegation={"allowed": True}))
+    engine.delegate("fleet", "fleet/a", daily(50), by_parent=True)
+    engine.delegate("fleet", "fleet/b", daily(50), by_parent=True)
+    held = [engine.authorize(payment(30 * U, agent_id=c)) for c in ("fleet/a", "fleet/b")]
+    assert all(d.allowed for d in held)
+    engine.set_policy("fleet", daily(40, delegation={"allowed": True}))  # shrunk below 60 held
+    engine.delegate("fleet", "fleet/a", daily(10), by_parent=True)  # and the child below 30
+    for agent in ("fleet", "fleet/a", "fleet/b"):
+        assert not engine.authorize(payment(1, agent_id=agent)).allowed, agent
+    engine.confirm(held[0].reservation_id or "")  # told to pay before: it is paid, and counts
+    report = engine.budget("fleet/a", "daily").periods["daily"]  # type: ignore[index]
+    assert (report.spent.value, report.remaining.value) == (30 * U, 0)  # never below 0
+    assert used(engine, "fleet") == 60 * U
+    engine.release(held[1].reservation_id or "")
+    assert used(engine, "fleet") == 30 * U
+    assert engine.authorize(payment(10 * U, agent_id="fleet/b")).allowed  # 40 - 30
+    d = engine.authorize(payment(1, agent_id="fleet/b"))
+    assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "fleet")
