@@ -65,15 +65,17 @@ def type_name(value: object) -> str:
 def person(name: str) -> str:
     """The form people's names (approvers, requesters, agent ids) are compared in.
 
-    Compatibility and canonical forms mapped (NFKC: ``é`` written as one code
-    point or as ``e`` and an accent, fullwidth letters), then case folded, so
-    that two spellings that show the same name are one person: for a quorum,
-    the approver registry and separation of duties alike. ASCII names are
-    simply case folded.
+    Unicode's compatibility caseless form (D146, :func:`_caseless`):
+    compatibility and canonical forms mapped (``é`` written as one code point
+    or as ``e`` and an accent, fullwidth letters) and case folded, so that
+    two spellings that show the same name are one person: for a quorum, the
+    approver registry and separation of duties alike. ``casefold(NFKC(x))``
+    alone kept ``ῼ͂`` (a capital and a combining accent) apart from ``ῷ``.
+    ASCII names are simply case folded.
     """
     if name.isascii():
         return name.casefold()
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return _caseless(name)
 
 
 def check_int(value: object, path: str, low: int, high: int) -> list[Problem]:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from agentpolicy._checks import check_identifier, check_record_id, check_text, person, raise_if
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import format_instant, parse_instant
-from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, Problem
+from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, NotFoundError, Problem
 from agentpolicy.ledger import approvers as registry
 from agentpolicy.ledger.flows import Flow, Read, Run, Scan
 from agentpolicy.ledger.runner import View
@@ -127,8 +127,28 @@ class Voting:
 
     def _get_approver(self, name: str) -> Flow[Approver | None]:
         raise_if(check_identifier(name, "$.name"))
-        (doc,) = yield Read(registry.SHARD, [registry.approver_doc_name(name)])
+        found = yield from self._approver_docs((name,))
+        doc = found.get(person(name))
         return None if doc is None else registry.approver_record(doc)
+
+    def _approver_docs(self, names: Iterable[str]) -> Flow[dict[str, Body]]:
+        """The registry's documents of ``names``, by folded name (``person``); none if absent.
+
+        A name folded otherwise when it was registered (``registry.locate``) is
+        found where it was written.
+        """
+        spelled = {person(n): n for n in names}
+        wanted = list(dict.fromkeys(d for n in spelled.values() for d in registry.doc_names(n)))
+        if not wanted:
+            return {}
+        docs = yield Read(registry.SHARD, wanted)
+        read = dict(zip(wanted, docs, strict=True))
+        found = {}
+        for folded, name in spelled.items():
+            _, _, doc = registry.locate(read.get, name)
+            if doc is not None:
+                found[folded] = doc
+        return found
 
     def list_approvers(self) -> list[Approver]:
         """Every approver ever registered (removed ones too), by name ignoring case."""
@@ -142,16 +162,11 @@ class Voting:
 
     def _registered(self, names: Iterable[str]) -> Flow[dict[str, Approver]]:
         """The approvers among ``names`` that have a current key, by folded name (``person``)."""
-        wanted = list(dict.fromkeys(person(n) for n in names))
-        if not wanted:
-            return {}
-        docs = yield Read(registry.SHARD, [registry.approver_doc_name(n) for n in wanted])
         found = {}
-        for name, doc in zip(wanted, docs, strict=True):
-            if doc is not None:
-                approver = registry.approver_record(doc)
-                if approver.current is not None:
-                    found[name] = approver
+        for name, doc in (yield from self._approver_docs(names)).items():
+            approver = registry.approver_record(doc)
+            if approver.current is not None:
+                found[name] = approver
         return found
 
     # -- signed votes ----------------------------------------------------------------------
@@ -361,12 +376,12 @@ class Voting:
         if delivery.event != "approval.created" or self._link_key is None:
             return payload
         a = payload["approval"]
+        try:  # the budgets above the agent asked for it too; the payload does not name them
+            asked: tuple[str | None, ...] = self._drive(self._get_approval(a["id"])).requesters
+        except NotFoundError:  # gone (decided long ago): its links could not vote anyway
+            asked = (a["agentId"], a.get("requestedBy"))
         names = self._drive(
-            self._link_names(
-                a["approvers"],
-                (a["agentId"], a.get("requestedBy")),
-                bool(a.get("requireSignedVotes")),
-            )
+            self._link_names(a["approvers"], asked, bool(a.get("requireSignedVotes")))
         )
         expires = micros(parse_instant(a["expiresAt"]))
         key = self._link_key

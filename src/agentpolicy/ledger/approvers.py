@@ -17,6 +17,7 @@ the store's id (``{"id": "sto_<32 hex>"}``), which every signed vote names.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,9 @@ __all__ = [
     "SHARD",
     "approver_doc_name",
     "approver_record",
+    "doc_names",
     "ensure_store_id",
+    "locate",
     "register",
     "remove",
     "rotate",
@@ -57,6 +60,46 @@ def _esc(part: str) -> str:
 def approver_doc_name(name: str) -> str:
     """The document of an approver (names compare as ``person`` folds them)."""
     return "ap/" + _esc(person(name))
+
+
+def _former(name: str) -> str | None:
+    """How ``name`` was folded before names compared in their caseless form, if otherwise.
+
+    Names were folded as ``NFKC(casefold(NFKC(name)))``; that parts from
+    ``person`` only for a few names with combining marks (``ῼ͂``: ``ωῖ``, now
+    ``ῶι``, as ``ῷ``). An approver registered under such a name keeps its
+    document where it was written.
+    """
+    if name.isascii():
+        return None
+    former = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return None if former == person(name) else former
+
+
+def doc_names(name: str) -> tuple[str, ...]:
+    """Every document :func:`locate` may read for approver ``name``."""
+    former = _former(name)
+    own = approver_doc_name(name)
+    return (own,) if former is None else (own, "ap/" + _esc(former))
+
+
+def locate(read: Callable[[str], Body | None], name: str) -> tuple[str, str, Body | None]:
+    """Approver ``name``'s folded name, document name and document, as ``read`` finds them.
+
+    ``read`` gives a document by name (``View.doc``, after reading :func:`doc_names`).
+
+    The document under an earlier folding of the name counts only when there
+    is none under its folding now and the name it holds is the same person.
+    """
+    folded = person(name)
+    doc_name = approver_doc_name(name)
+    doc = read(doc_name)
+    former = _former(name)
+    if doc is None and former is not None:
+        old = read("ap/" + _esc(former))
+        if old is not None and person(old["name"]) == folded:
+            return former, "ap/" + _esc(former), old
+    return folded, doc_name, doc
 
 
 def _key_doc_name(public_key: str) -> str:
@@ -139,12 +182,10 @@ def register(name: str, public_key: str, now: int) -> Step:
     when the approver holds another key (rotate it instead) or another
     approver holds this one, and ``INVALID_INPUT`` for a key it retired.
     """
-    doc_name = approver_doc_name(name)
-    folded = person(name)
 
     def step(view: View, txn: Txn) -> None:
-        view.read((doc_name, _key_doc_name(public_key), META))
-        doc = view.doc(doc_name)
+        view.read((*doc_names(name), _key_doc_name(public_key), META))
+        folded, doc_name, doc = locate(view.doc, name)
         current = _current(doc)
         if current is not None:
             if current[1] == public_key:
@@ -154,6 +195,11 @@ def register(name: str, public_key: str, now: int) -> Step:
                 f"{name} is registered with another key: rotate it to change its key",
                 code=ErrorCode.APPROVER_CONFLICT,
             )
+        if doc is not None and folded != person(name):
+            # removed while kept under its former folding: it comes back under the folding
+            # of names now (every spelling binds it), with its key versions
+            txn.index.append((INDEX, folded, None))
+            folded, doc_name = person(name), approver_doc_name(name)
         _claim_key(view, txn, folded, public_key)
         new = _add_version(doc or {"name": name, "keys": []}, public_key, now, None)
         txn.put[doc_name] = new
@@ -182,11 +228,10 @@ def rotate(name: str, public_key: str, now: int) -> Step:
     approver document}``. Raises ``APPROVER_NOT_FOUND``, ``APPROVER_CONFLICT``
     (another approver holds the key) or ``INVALID_INPUT`` (a retired key).
     """
-    doc_name = approver_doc_name(name)
-    folded = person(name)
 
     def step(view: View, txn: Txn) -> None:
-        view.read((doc_name, _key_doc_name(public_key)))
+        view.read((*doc_names(name), _key_doc_name(public_key)))
+        folded, doc_name, _ = locate(view.doc, name)
         doc, current = _registered(view, doc_name, name)
         if current[1] == public_key:
             txn.result = {"doc": doc}
@@ -206,11 +251,10 @@ def remove(name: str, now: int) -> Step:
     for the audit. The result is ``{"doc": approver document}``. Raises
     ``APPROVER_NOT_FOUND`` for a name never registered.
     """
-    doc_name = approver_doc_name(name)
 
     def step(view: View, txn: Txn) -> None:
-        view.read((doc_name,))
-        doc = view.doc(doc_name)
+        view.read(doc_names(name))
+        _, doc_name, doc = locate(view.doc, name)
         if doc is None:
             raise NotFoundError(
                 f"{name} is not a registered approver", code=ErrorCode.APPROVER_NOT_FOUND
