@@ -428,3 +428,47 @@ def test_reservations_of_children_survive_new_versions_of_their_parent_and_of_th
     assert engine.authorize(payment(10 * U, agent_id="fleet/b")).allowed  # 40 - 30
     d = engine.authorize(payment(1, agent_id="fleet/b"))
     assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "fleet")
+
+
+# -- a tree deeper than allowed, by a race on an optimistic store -------------------------------
+
+
+@pytest.mark.parametrize("store", ["redis", "redis-cluster"])
+def test_a_budget_moved_while_a_sub_agent_is_delegated_below_it_never_makes_the_tree_too_deep(
+    request: pytest.FixtureRequest, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """Redis commits a step if what it read is unchanged; the levels below a budget are an index.
+
+    x (with d below it) moves from r to p5, six levels down: eight budgets,
+    the most allowed. Meanwhile d delegates d/c, in another process's commit
+    between the move's reads and its commit. Both committed: d/c's payments
+    passed through nine budgets, and every one of them was an INTERNAL error.
+    """
+    from agentpolicy.ledger import trees
+    from tests.backends import make_backend
+
+    backend = make_backend(store, tmp_path, request)
+    engine, clock = tree(backend)
+    elsewhere = backend.engine(clock)  # another process's engine, on its own connection
+    engine.set_policy("r", daily(100))
+    for i, above in enumerate(["r", "p1", "p2", "p3", "p4"], start=1):
+        engine.set_policy(f"p{i}", daily(100, parent=above))
+    engine.set_policy("x", daily(100, parent="r"))
+    engine.set_policy("d", daily(100, parent="x", delegation={"allowed": True}))
+    counted = trees._height
+
+    def racing(view: Any, agent: str) -> int | None:
+        height = counted(view, agent)
+        if agent == "x" and engine.get_policy("d/c") is None:  # the move has counted below x
+            elsewhere.delegate("d", "d/c", daily(1), by_parent=True)
+        return height
+
+    monkeypatch.setattr(trees, "_height", racing)
+    with pytest.raises(PolicyValidationError, match="more than 8 budgets"):
+        engine.set_policy("x", daily(100, parent="p5"))  # run again: d/c is below x now
+    assert engine.get_policy("x").policy.parent == "r"  # type: ignore[union-attr]
+    assert engine.authorize(payment(1, agent_id="d/c")).allowed
+    engine.set_policy("x", daily(100, parent="p4"))  # one level less: eight budgets
+    assert engine.authorize(payment(1, agent_id="d/c")).allowed
+    elsewhere.close()
+    engine.close()

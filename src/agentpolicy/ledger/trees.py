@@ -8,6 +8,12 @@ their counters in the same commit. Every budget of a tree lives in one shard
 an agent set up under a parent records where it lives in its own shard
 (:func:`agentpolicy.ledger.keys.home`), written once.
 
+A budget that joins a tree, or moves in it, counts in the head of every
+budget above it (``"jb"``): a budget moved meanwhile (whose step counted the
+levels below it by their index, which a commit does not check) then finds
+its own head changed and runs again, so no race leaves a payment passing
+through more than :data:`~agentpolicy.policy.MAX_TREE_DEPTH` budgets.
+
 Each budget's head lists, in its open-reservation index, the open
 reservations of every budget below it, so expiring under an ancestor frees
 what its descendants held, and revoking a delegated budget finds every open
@@ -501,12 +507,7 @@ def put_policy(
             stored["via"] = via
         txn.put[keys.policy(agent, version)] = stored
         head.set("pv", version)
-        old_parent = None if old is None else old.parent
-        if old_parent != policy.parent:
-            if old_parent is not None:
-                txn.index.append((keys.children(old_parent), agent, None))
-            if policy.parent is not None:
-                txn.index.append((keys.children(policy.parent), agent, 0))
+        _link(txn, agent, None if old is None else old.parent, policy.parent, levels)
         books.write(txn)
         txn.index.append((keys.AGENTS, agent, 0))
         entry: Body = {"ev": "policy_set", "pv": version}
@@ -518,6 +519,25 @@ def put_policy(
         txn.result = version
 
     return step
+
+
+def _link(
+    txn: Txn, agent: str, old_parent: str | None, parent: str | None, levels: Sequence[Level]
+) -> None:
+    """Hang ``agent`` below its new ``parent`` (if it changed), counted in every head above it.
+
+    ``levels`` are the budgets above it now. Counting in their heads makes a
+    move of any of them, which read its own head, run again (see the module's
+    docstring).
+    """
+    if old_parent == parent:
+        return
+    if old_parent is not None:
+        txn.index.append((keys.children(old_parent), agent, None))
+    if parent is not None:
+        txn.index.append((keys.children(parent), agent, 0))
+        for level in levels:
+            level.head.set("jb", int(level.head.body.get("jb", 0)) + 1)
 
 
 def revoke(
