@@ -26,7 +26,7 @@ from agentpolicy import ConflictError, ForbiddenError, PolicyEngine, PolicyValid
 from agentpolicy._checks import person
 from agentpolicy.ledger import approvers as registry
 from agentpolicy.mcp import AgentPolicyMcpServer
-from agentpolicy.signing import SIGNATURE_WINDOW, SigningKey
+from agentpolicy.signing import SIGNATURE_WINDOW, SigningKey, vote_message
 from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock, payment
 from tests import workers
@@ -495,3 +495,59 @@ def _vote_or_code(spec: Any, aid: str, who: str, decision: str, barrier: Any) ->
         return err.code
     finally:
         engine.close()
+
+
+def test_a_pending_approval_keeps_the_version_that_asked_for_it(backend: Backend) -> None:
+    """docs/rollout.md: a new version (disabled, stricter, other approvers) decides what comes
+    after it; a pending approval keeps its hold, approvers and proof rules, and once approved its
+    payment counts, so an operator who means to stop payments denies what is pending."""
+    engine = backend.engine(ManualClock())
+    engine.set_policy("bot", one_threshold(["alice", "bob"], 2))
+    aid = held(engine, amount=600)
+    stricter = one_threshold(["carol"], 1, requireSignedVotes=True)
+    engine.set_policy("bot", {**stricter, "limits": {"daily": {"value": str(100 * U)}},
+                              "enabled": False})  # fmt: skip
+    assert engine.authorize(payment(600 * U, agent_id="bot")).code == "POLICY_DISABLED"
+    refused(engine, aid, "APPROVER_NOT_AUTHORIZED", lambda: engine.decide(aid, "carol", "approve"))
+    engine.decide(aid, "alice", "approve")  # unsigned, as version 1 allowed
+    approval = engine.decide(aid, "bob", "approve")
+    assert (approval.status.value, approval.policy_version) == ("approved", 1)
+    engine.confirm(approval.reservation_id or "")
+    assert engine.budget("bot").periods["daily"].spent.value == 600 * U
+    # and the way to stop one: a deny by one of its own approvers gives the hold back
+    engine.set_policy("bot", one_threshold(["alice", "bob"], 2))
+    stopped = held(engine, amount=300)
+    engine.set_policy("bot", {**one_threshold(["alice", "bob"], 2), "enabled": False})
+    assert engine.decide(stopped, "bob", "deny").status.value == "denied"
+    assert engine.budget("bot").periods["daily"].reserved.value == 0
+
+
+def test_a_signed_vote_whose_comment_utf8_cannot_encode_is_invalid_input(
+    backend: Backend,
+) -> None:
+    # before the fix: STORAGE_UNAVAILABLE, "the stored data of shard '@approvers' cannot be read
+    # (UnicodeEncodeError ...)", for a comment holding a lone surrogate (JSON "\ud800"): the
+    # store was fine, the comment has no UTF-8 bytes to hash into the signed text
+    engine = backend.engine(ManualClock())
+    key = SigningKey.generate()
+    engine.register_approver("cfo", key.public_key)
+    engine.set_policy("bot", one_threshold(["cfo"]))
+    aid = held(engine)
+    at = engine.clock()
+    for bad in ("\ud800", "ok \udfff"):
+        with pytest.raises(PolicyValidationError) as info:
+            engine.vote_message(aid, "cfo", "approve", at, bad)
+        assert info.value.problems[0].path == "$.comment"
+        with pytest.raises(PolicyValidationError) as info:
+            vote_message(store="sto_x", approval_id=aid, approver="cfo", decision="approve",
+                         signed_at=at, comment=bad)  # fmt: skip
+        assert info.value.problems[0].path == "$.comment"
+        before = state(engine, aid)
+        with pytest.raises(PolicyValidationError) as info:
+            engine.decide(aid, "cfo", "approve", bad, signature=key.sign(b"x"), signed_at=at)
+        assert (info.value.code, info.value.problems[0].path) == ("INVALID_INPUT", "$.comment")
+        assert state(engine, aid) == before
+    assert engine.decide(aid, "cfo", "approve", "fine", **signed(engine, key, aid, "cfo",
+                                                                  comment="fine")).status.value == (
+        "approved"
+    )  # fmt: skip

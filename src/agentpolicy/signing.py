@@ -137,7 +137,15 @@ def vote_message(
     """
     if signed_at.utcoffset() is None:
         raise PolicyValidationError.single("$.signedAt", "must be a timezone-aware instant")
-    digest = "-" if comment is None else hashlib.sha256(comment.encode()).hexdigest()
+    try:
+        digest = "-" if comment is None else hashlib.sha256(comment.encode()).hexdigest()
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON) has no UTF-8 bytes
+        found = ord(exc.object[exc.start])
+        raise PolicyValidationError.single(
+            "$.comment",
+            f"must be text that UTF-8 can encode, to be signed (found U+{found:04X}, half of a "
+            "surrogate pair)",
+        ) from None
     lines = (
         VOTE_DOMAIN,
         f"store:{store}",
