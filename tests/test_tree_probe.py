@@ -307,7 +307,7 @@ def test_a_child_in_tokyo_and_its_parent_in_utc_each_count_a_payment_in_their_ow
 
 LOOKALIKES = [
     "bot", "Bot", "BOT", "caf\u00e9", "cafe\u0301", "a/b", "a%2Fb", "a%b", "a%252Fb",
-    "{fleet}", "~626f74", "b" * 255 + "x", "b" * 255 + "y", "\u0432\u043e\u0442",
+    "{fleet}", "~626f74", "a:b", "a}:{b", "h/bot", "b" * 255 + "x", "b" * 255 + "y", "\u0432\u043e\u0442",
 ]  # fmt: skip
 
 
@@ -472,3 +472,130 @@ def test_a_budget_moved_while_a_sub_agent_is_delegated_below_it_never_makes_the_
     assert engine.authorize(payment(1, agent_id="d/c")).allowed
     elsewhere.close()
     engine.close()
+
+
+# -- random delegations, revocations and payments against a model ------------------------------
+
+
+class _TreeModel:
+    """A fleet that grows, pays and is cut back at random, checked against a plain model.
+
+    Daily limits only, within one UTC day, so that each budget's use is the
+    sum of the open and confirmed payments of it and every budget below it.
+    """
+
+    def __init__(self, engine: PolicyEngine, clock: ManualClock, rng: Any) -> None:
+        self.engine, self.clock, self.rng = engine, clock, rng
+        self.limit = {"r": 50 * U}
+        self.parent: dict[str, str | None] = {"r": None}
+        self.revoked: set[str] = set()
+        self.open: dict[str, tuple[str, int, datetime]] = {}  # id: payer, amount, expiry
+        self.confirmed: list[tuple[str, int]] = []
+        engine.set_policy("r", daily(50, delegation={"allowed": True, "maxDepth": 3,
+                                                     "maxChildren": 1000}))  # fmt: skip
+
+    def chain(self, agent: str) -> list[str]:
+        found, at = [], agent
+        while at is not None:
+            found.append(at)
+            at = self.parent[at]
+        return found
+
+    def used(self, budget: str) -> int:
+        now = self.clock()
+        paid = [(a, v) for a, v, x in self.open.values() if now < x] + self.confirmed
+        return sum(v for a, v in paid if budget in self.chain(a))
+
+    def delegate(self) -> None:
+        parent = self.rng.choice(sorted(self.limit))
+        child = f"{parent}/{len(self.limit)}"
+        depth = len(self.chain(parent))
+        limit = self.rng.randint(1, self.limit[parent] // U) * U
+        grows = {"allowed": True, "maxDepth": 3, "maxChildren": 1000}
+        try:
+            self.engine.delegate(parent, child, {"limits": {"daily": {"value": str(limit)}},
+                                                 "delegation": grows}, by_parent=True)  # fmt: skip
+        except (ForbiddenError, ConflictError):
+            assert depth > 3 or any(a in self.revoked for a in self.chain(parent))
+            return
+        assert depth <= 3
+        assert not any(a in self.revoked for a in self.chain(parent))
+        self.limit[child], self.parent[child] = limit, parent
+
+    def pay(self) -> None:
+        agent = self.rng.choice(sorted(self.limit))
+        amount = self.rng.randint(1, 12) * U
+        d = self.engine.authorize(payment(amount, agent_id=agent))
+        levels = self.chain(agent)
+        cut = [a for a in levels if a in self.revoked]
+        room = all(self.used(a) + amount <= self.limit[a] for a in levels)
+        if d.allowed:
+            assert room, (agent, amount, d)
+            assert not cut, (agent, amount, d)
+            assert d.expires_at is not None
+            self.open[d.reservation_id or ""] = (agent, amount, d.expires_at)
+        else:
+            assert d.code in (Code.DAILY_LIMIT, Code.DELEGATION_REVOKED), d
+            assert cut or not room, (agent, amount, d)
+            if d.code == Code.DELEGATION_REVOKED:
+                assert d.budget_id in cut
+
+    def settle(self) -> None:
+        now = self.clock()
+        live = sorted(r for r, (_, _, x) in self.open.items() if now < x)
+        if not live:
+            return
+        rid = self.rng.choice(live)
+        agent, amount, _ = self.open.pop(rid)
+        if self.rng.random() < 0.5:
+            self.engine.confirm(rid)
+            self.confirmed.append((agent, amount))
+        else:
+            self.engine.release(rid)
+
+    def redelegate(self) -> None:
+        """A parent changes a child's limit (up to its own): nothing already paid moves."""
+        delegated = sorted(a for a in self.limit if a != "r")
+        if not delegated:
+            return
+        child = self.rng.choice(delegated)
+        parent = self.parent[child] or ""
+        limit = self.rng.randint(1, self.limit[parent] // U) * U
+        grows = {"allowed": True, "maxDepth": 3, "maxChildren": 1000}
+        try:
+            self.engine.delegate(parent, child, {"limits": {"daily": {"value": str(limit)}},
+                                                 "delegation": grows}, by_parent=True)  # fmt: skip
+        except ConflictError:
+            assert any(a in self.revoked for a in self.chain(child))
+            return
+        assert not any(a in self.revoked for a in self.chain(child))
+        self.limit[child] = limit
+
+    def revoke(self) -> None:
+        delegated = sorted(a for a in self.limit if a != "r")
+        if delegated:
+            agent = self.rng.choice(delegated)
+            self.engine.revoke(agent, by=self.parent[agent])
+            self.revoked.add(agent)
+
+    def check(self) -> None:
+        for budget in self.limit:  # (a limit lowered below what was paid is not passed: see pay)
+            assert used(self.engine, budget) == self.used(budget), budget
+
+
+@pytest.mark.parametrize("run", range(6))
+def test_random_trees_that_grow_pay_and_are_revoked_match_a_plain_model(
+    backend: Backend, run: int
+) -> None:
+    import random
+
+    clock = ManualClock(datetime(2026, 3, 10, 0, 10, tzinfo=UTC))
+    model = _TreeModel(backend.engine(clock), clock, random.Random(run))
+    actions = [model.delegate] * 2 + [model.redelegate] + [model.pay] * 6 + [model.settle] * 3
+    actions.append(model.revoke)
+    for _ in range(120):
+        model.rng.choice(actions)()
+        if model.rng.random() < 0.1:
+            clock.advance(minutes=model.rng.randint(1, 4))
+        model.check()
+    assert clock() < datetime(2026, 3, 11, tzinfo=UTC)
