@@ -23,7 +23,8 @@ from agentpolicy import (
     PolicyValidationError,
     ReservationStatus,
 )
-from agentpolicy.ledger.state import SPENT_ON_EXPIRY
+from agentpolicy.ledger import state
+from agentpolicy.ledger.state import SPENT_ON_EXPIRY, SPENT_ON_EXPIRY_DETAILS
 from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend
 
@@ -182,6 +183,25 @@ def test_a_replay_counts_a_sent_reservation_that_expired_as_spent() -> None:
     assert engine.authorize(payment(1, agent_id="bot")).code == "COUNT_LIMIT"
     report = engine.simulate("bot", policy, since=T0)
     assert not report.flips, report.changed
+
+
+@pytest.mark.parametrize("detail", sorted(SPENT_ON_EXPIRY_DETAILS))
+def test_a_replay_reads_every_wording_a_sent_expiry_was_recorded_with(
+    detail: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """History written with the earlier wording of the detail replays as spent too."""
+    monkeypatch.setattr(state, "SPENT_ON_EXPIRY", detail)  # what that version wrote
+    clock = ManualClock(T0)
+    engine = PolicyEngine(clock=clock)
+    policy = {"limits": {"counts": [{"window": "daily", "max": 2}]}}
+    engine.set_policy("bot", policy)
+    engine.mark_sent(reserve(engine, 1))
+    clock.advance(TTL + timedelta(seconds=1))
+    reserve(engine, 1)
+    assert [h.detail for h in engine.history("bot", 10) if h.event == "expire"] == [detail]
+    assert engine.authorize(payment(1, agent_id="bot")).code == "COUNT_LIMIT"
+    report = engine.simulate("bot", policy, since=T0)
+    assert not report.flips, report.changed  # read as freed, the third payment would flip
 
 
 # -- the payment block ---------------------------------------------------------------------------

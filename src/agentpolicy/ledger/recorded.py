@@ -15,7 +15,7 @@ from typing import Any
 
 from agentpolicy.decisions import Code
 from agentpolicy.ledger.docs import Body, request_of
-from agentpolicy.ledger.state import SPENT_ON_EXPIRY
+from agentpolicy.ledger.state import SPENT_ON_EXPIRY_DETAILS
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.simulation import Freed, RecordedPayment
 from agentpolicy.storage._time import instant
@@ -78,7 +78,7 @@ def events_of(
             if event == "decision":
                 decisions.append((entry.get("at", at), seq, entry))
             elif event in ("confirm", "release", "expire") and "rid" in entry:
-                if entry.get("detail") == SPENT_ON_EXPIRY:  # a sent payment: spent, not freed
+                if entry.get("detail") in SPENT_ON_EXPIRY_DETAILS:  # sent: spent, not freed
                     event = "confirm"
                 settled[entry["rid"]] = (event, at, seq)
             elif event in ("approval_approved", "approval_denied", "approval_expired"):

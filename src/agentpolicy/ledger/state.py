@@ -39,6 +39,7 @@ __all__ = [
     "EMPTY_HEAD",
     "MAX_SCORE",
     "SPENT_ON_EXPIRY",
+    "SPENT_ON_EXPIRY_DETAILS",
     "ClockBehindError",
     "Head",
     "LedgerConfig",
@@ -370,8 +371,13 @@ def lapse(
 
 
 _EVENTS = {"confirmed": "confirm", "released": "release", "expired": "expire"}
-SPENT_ON_EXPIRY = "counted as spent: its payment was sent and no outcome was reported"
+SPENT_ON_EXPIRY = "counted as spent: its payment was sent and it was neither confirmed nor released"
 """The ``detail`` of the history record of a sent reservation that expired."""
+
+SPENT_ON_EXPIRY_DETAILS = frozenset(
+    {SPENT_ON_EXPIRY, "counted as spent: its payment was sent and no outcome was reported"}
+)
+"""Every ``detail`` a sent reservation's expiry was recorded with (the earlier one too)."""
 
 
 def close_reservation(
