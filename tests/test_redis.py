@@ -377,3 +377,15 @@ def test_a_redis_url_names_its_database_by_number_or_not_at_all() -> None:
     assert (
         RedisStorage("redis://127.0.0.1:6379/7").client.connection_pool.connection_kwargs["db"] == 7
     )
+
+
+def test_a_redis_database_beyond_the_servers_is_storage_unavailable(redis_url: str) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    beyond = urlunsplit(urlsplit(redis_url)._replace(path="/99999"))
+    engine = PolicyEngine(storage=RedisStorage(beyond, key_prefix=prefix()))
+    for call in (lambda: engine.set_policy("a", DAILY_100), lambda: engine.authorize(payment(1))):
+        with pytest.raises(PolicyError) as err:
+            call()
+        assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE  # it was INTERNAL
+        assert "no database of the number in the storage URL" in str(err.value)

@@ -217,6 +217,11 @@ def failure(
                 "Redis is out of memory (OOM: maxmemory reached and nothing can be evicted), "
                 "so it refused the change; nothing was allowed or changed"
             )
+        if "DB index is out of range" in text:  # SELECT, as the connection opened: nothing ran
+            return StorageUnavailableError(
+                "Redis has no database of the number in the storage URL (it is beyond the "
+                "server's `databases` setting); nothing was allowed or changed"
+            )
         return InternalError(f"Redis refused a command: {text}")
     if writing and cluster and not_sent(exc) and not isinstance(exc, NoTurn):
         return _unknown(exc)  # maybe the second attempt's: see above
