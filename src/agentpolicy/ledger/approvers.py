@@ -59,7 +59,12 @@ def _esc(part: str) -> str:
 
 def approver_doc_name(name: str) -> str:
     """The document of an approver (names compare as ``person`` folds them)."""
-    return "ap/" + _esc(person(name))
+    return _doc_at(person(name))
+
+
+def _doc_at(folded: str) -> str:
+    """The document of the approver whose folded name is ``folded``."""
+    return "ap/" + _esc(folded)
 
 
 def _former(name: str) -> str | None:
@@ -80,7 +85,7 @@ def doc_names(name: str) -> tuple[str, ...]:
     """Every document :func:`locate` may read for approver ``name``."""
     former = _former(name)
     own = approver_doc_name(name)
-    return (own,) if former is None else (own, "ap/" + _esc(former))
+    return (own,) if former is None else (own, _doc_at(former))
 
 
 def locate(read: Callable[[str], Body | None], name: str) -> tuple[str, str, Body | None]:
@@ -96,9 +101,10 @@ def locate(read: Callable[[str], Body | None], name: str) -> tuple[str, str, Bod
     doc = read(doc_name)
     former = _former(name)
     if doc is None and former is not None:
-        old = read("ap/" + _esc(former))
+        old_name = _doc_at(former)
+        old = read(old_name)
         if old is not None and person(old["name"]) == folded:
-            return former, "ap/" + _esc(former), old
+            return former, old_name, old
     return folded, doc_name, doc
 
 
