@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -31,7 +32,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from agentpolicy import __version__
 from agentpolicy import cli_output as show
@@ -69,6 +70,9 @@ from agentpolicy.views import (
 )
 from agentpolicy.windows import Period
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
 __all__ = ["main", "silence_stdout"]
 
 EXIT_ERROR = 1
@@ -79,7 +83,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 MAX_POLICY_BYTES = 1 << 20  # a policy file (or stdin) larger than this is refused
 MAX_KEY_BYTES = 64 << 10  # a private key file larger than this is refused
 MAX_LIMIT = 10_000
+MAX_NUMBER_DIGITS = 100  # a policy's amounts have at most 96 digits; a longer number is refused
 _ALL = 10_000  # deliveries looked at when finding the ones a command caused
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a key shown as .key in a path, else ['key']
 MCP_EXTRA = "pip install 'agentpolicy[mcp]'"
 SERVE_EXTRA = "pip install 'agentpolicy[serve]'"
 
@@ -96,6 +102,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         _say(f"{message} (see --help)")
         raise SystemExit(EXIT_BAD_INPUT)
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        """--help and --version: written at once; one that cannot be written says so, exits 4."""
+        stream = file or sys.stderr
+        if not message or stream is None:
+            return
+        try:
+            stream.write(message)
+            flush = getattr(stream, "flush", None)
+            if flush is not None:  # now, not at exit: there Python says why itself, exits 120
+                flush()
+        except BrokenPipeError:  # the reader went away (| head): its choice
+            silence_stdout()
+        except OSError as exc:
+            silence_stdout()
+            _say(f"its output could not be written: {exc.strerror or exc}")
+            raise SystemExit(EXIT_OUTPUT_LOST) from None
 
 
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -141,8 +164,21 @@ class _Commands:
         return _Commands(parser.add_subparsers(dest=dest, required=True, parser_class=_Parser))
 
 
+def integer(text: str) -> int:
+    """An integer option: ASCII digits, perhaps after a '-' (not int()'s ' 5', '1_0', '+5')."""
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def _limit(parser: argparse.ArgumentParser, default: int) -> None:
-    parser.add_argument("--limit", type=int, default=default, help=f"at most 1 to {MAX_LIMIT}")
+    parser.add_argument(
+        "--limit",
+        type=integer,
+        default=default,
+        help=f"how many, 1 to {MAX_LIMIT} (default {default})",
+    )
 
 
 def _add_policy_commands(commands: _Commands) -> None:
@@ -155,7 +191,7 @@ def _add_policy_commands(commands: _Commands) -> None:
     ps.add_argument("file")
     pg = policy.add("get", "show an agent's policy")
     pg.add_argument("agent")
-    pg.add_argument("--version", type=int, help="an earlier version (default: the live one)")
+    pg.add_argument("--version", type=integer, help="an earlier version (default: the live one)")
     pl = policy.add("list", "list agents with a policy")
     pl.add_argument("--org", help="only agents whose id starts with ORG:")
     pv = policy.add("validate", "check a policy file; print every problem (touches no store)")
@@ -170,11 +206,11 @@ def _add_rollout_commands(policy: _Commands) -> None:
     _limit(pvs, 20)
     pd = policy.add("diff", "what differs between two versions of an agent's policy")
     pd.add_argument("agent")
-    pd.add_argument("before", type=int, metavar="A", help="the earlier version")
-    pd.add_argument("after", type=int, metavar="B", help="the later version")
+    pd.add_argument("before", type=integer, metavar="A", help="the earlier version")
+    pd.add_argument("after", type=integer, metavar="B", help="the later version")
     pr = policy.add("rollback", "make version N live again, as a new version")
     pr.add_argument("agent")
-    pr.add_argument("version", type=int, metavar="N")
+    pr.add_argument("version", type=integer, metavar="N")
     shadow = policy.group("shadow", "judge payments by a candidate policy beside the live one",
                           dest="shadow_action")  # fmt: skip
     ss = shadow.add("set", "set (or replace) an agent's shadow policy from a JSON file")
@@ -212,7 +248,7 @@ def _add_payment_commands(commands: _Commands) -> None:
     a.add_argument("--units", action="store_true", help="AMOUNT is in human units (500.25)")
     a.add_argument("--category")
     a.add_argument(
-        "--decimals", type=int, help=f"the token's decimals (default {DEFAULT_DECIMALS})"
+        "--decimals", type=integer, help=f"the token's decimals (default {DEFAULT_DECIMALS})"
     )
     a.add_argument("--symbol", help=f"the token's symbol (default {DEFAULT_SYMBOL})")
     a.add_argument("--memo")
@@ -273,7 +309,7 @@ def _add_review_commands(commands: _Commands) -> None:
     h = commands.add("history", "an agent's decisions and state changes")
     h.add_argument("agent")
     _limit(h, 50)
-    h.add_argument("--version", type=int, help="only records of this policy version")
+    h.add_argument("--version", type=integer, help="only records of this policy version")
     webhooks = commands.group("webhooks", "webhook deliveries in the outbox")
     whl = webhooks.add("list", "deliveries, newest first")
     whl.add_argument("--status", choices=["pending", "delivered", "failed"])
@@ -304,7 +340,7 @@ def _add_serve_commands(commands: _Commands) -> None:
         help="address to listen on (default "
         "127.0.0.1; another than loopback needs TLS, see docs/serve.md)",
     )
-    sv.add_argument("--port", type=int, default=8402, help="port (default 8402; 0: any free)")
+    sv.add_argument("--port", type=integer, default=8402, help="port (default 8402; 0: any free)")
     sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     sv.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     sv.add_argument(
@@ -387,6 +423,61 @@ def _read_bytes(file: str, limit: int) -> bytes:
     return data
 
 
+class _Repeated(dict[str, Any]):
+    """A JSON object that named a key more than once (``repeated``: those keys)."""
+
+    repeated: tuple[str, ...] = ()
+
+
+class _LongNumberError(ValueError):
+    """A JSON number of more digits than any policy value has."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; one that names a key twice is marked, never silently the last one."""
+    found: dict[str, Any] = {}
+    repeated = []
+    for key, value in pairs:
+        if key in found and key not in repeated:
+            repeated.append(key)
+        found[key] = value
+    if not repeated:
+        return found
+    marked = _Repeated(found)
+    marked.repeated = tuple(repeated)
+    return marked
+
+
+def _number(text: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise _LongNumberError(text)
+    return int(text)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _repeated_keys(document: Any) -> list[Problem]:
+    """Every key an object of ``document`` names twice, with its path (``$.limits.daily``)."""
+    problems = []
+    stack: list[tuple[str, Any]] = [("$", document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key in getattr(value, "repeated", ()):
+                where = f"{path}.{key}" if _KEY.fullmatch(key) else f"{path}[{key!r}]"
+                problems.append(Problem(where, "is given more than once in the same object: "
+                                        "which one was meant is not clear"))  # fmt: skip
+            stack.extend(
+                (f"{path}.{k}" if _KEY.fullmatch(k) else f"{path}[{k!r}]", v)
+                for k, v in value.items()
+            )
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return sorted(problems, key=lambda p: p.path)
+
+
 def _read_policy(file: str) -> Any:
     try:
         data = _read_bytes(file, MAX_POLICY_BYTES)
@@ -400,12 +491,23 @@ def _read_policy(file: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror or str(exc) if isinstance(exc, OSError) else "not UTF-8 text"
         raise PolicyValidationError.single("$.file", f"cannot read {file}: {reason}") from None
+    text = text.removeprefix("\ufeff")  # a byte order mark (Notepad): RFC 8259 lets readers skip it
     try:
-        return json.loads(text)
+        document = json.loads(
+            text, object_pairs_hook=_object, parse_int=_number, parse_constant=_not_json
+        )
     except RecursionError:
         raise PolicyValidationError.single("$.file", f"{file} is nested too deeply") from None
+    except _LongNumberError:
+        raise PolicyValidationError.single(
+            "$.file", f"{file} has a number of more than {MAX_NUMBER_DIGITS} digits: not a policy"
+        ) from None
     except ValueError as exc:
         raise PolicyValidationError.single("$.file", f"{file} is not JSON: {exc}") from None
+    problems = _repeated_keys(document)
+    if problems:
+        raise PolicyValidationError(problems)
+    return document
 
 
 def _validate(file: str) -> dict[str, Any]:
@@ -664,6 +766,12 @@ def _settle(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
 Emit = Callable[[Any, Callable[[Any, TextIO], None]], None]
 
 
+def _encodable(text: str, stream: TextIO) -> str:
+    r"""``text`` with what ``stream``'s encoding cannot hold escaped (``\xf8``, ``\udcff``)."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 class _Output:
     """Where a command's result goes (stdout).
 
@@ -687,7 +795,10 @@ class _Output:
             self.lost = OSError(errno.EBADF, "stdout is closed")
             return
         try:
-            self.stream.write(text)
+            try:
+                self.stream.write(text)
+            except UnicodeEncodeError:  # a stdout that cannot show it (PYTHONIOENCODING=ascii)
+                self.stream.write(_encodable(text, self.stream))
             self.stream.flush()  # a full disk or a closed pipe fails here, not at exit
         except OSError as exc:
             self.lost = exc
@@ -977,6 +1088,7 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
         output.write(json.dumps(policy_schema(), indent=2) + "\n")
         return 0
     wait = parse_duration(args.webhook_wait or "10s", "$.webhookWait")
+    _check_store_flags(args)
     settings = with_overrides(
         read_settings(), db=args.db, redis_url=args.redis_url, postgres_url=args.postgres_url
     )
@@ -996,7 +1108,34 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
             _deliver_own_webhooks(engine, before, wait, settings)
         except PolicyError as err:  # the command itself is done: only say so
             _say(f"webhook delivery not checked: {err.message}")
+        except KeyboardInterrupt:  # Ctrl-C while waiting: the command itself is done
+            _say(
+                "interrupted while delivering webhooks; the command was carried out, and the next "
+                "agentpolicy command or MCP server on this storage with the same endpoints "
+                "delivers what is pending (agentpolicy webhooks list --status pending)"
+            )
         return status
+
+
+def _check_store_flags(args: argparse.Namespace) -> None:
+    """An empty --db, --redis-url or --postgres-url (``--db "$UNSET"``) is a mistake.
+
+    Read as not given, it would quietly use the store of the environment or
+    the state directory: a policy set there instead of the store meant.
+    """
+    raise_if(
+        Problem(
+            path,
+            f"{flag} must not be empty: name the store, or leave {flag} out "
+            "to use the environment's",
+        )
+        for flag, path, value in (
+            ("--db", "$.db", args.db),
+            ("--redis-url", "$.redisUrl", args.redis_url),
+            ("--postgres-url", "$.postgresUrl", args.postgres_url),
+        )
+        if value is not None and not value.strip()
+    )
 
 
 @contextlib.contextmanager
