@@ -84,7 +84,13 @@ import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from agentpolicy.errors import InternalError, PolicyValidationError, StorageUnavailableError
-from agentpolicy.storage._pg_url import split_postgres_url
+from agentpolicy.storage._pg_url import (
+    bad_postgres_url,
+    libpq_reason,
+    option_problem,
+    shown_postgres_url,
+    split_postgres_url,
+)
 from agentpolicy.storage.base import (
     CONFLICT,
     NEXT_SEQ,
@@ -96,7 +102,6 @@ from agentpolicy.storage.base import (
     Written,
     op_prefix,
 )
-from agentpolicy.urls import redact_url
 
 __all__ = ["SCHEMA_VERSION", "PostgresStorage"]
 
@@ -592,7 +597,10 @@ class _SessionSteps:
                 if not self._is_lost():  # the server refused: this attempt was rolled back
                     yield from self._safe_rollback_steps()
                     if unknown:
-                        raise storage._unknown(stalled) from None
+                        raise storage._unknown(
+                            stalled,
+                            f"the retry on a new connection was refused ({_first_line(exc)})",
+                        ) from None
                     raise storage._error(exc) from None
                 lost = True
                 unknown = unknown or sent
@@ -600,14 +608,20 @@ class _SessionSteps:
                     if not unknown:  # no COMMIT was ever sent: nothing changed
                         raise storage._error(exc) from None
                     if stalled:  # the resend stalled too: no third wait
-                        raise storage._unknown(stalled) from None
+                        raise storage._unknown(
+                            stalled, "the commit sent again stalled too"
+                        ) from None
                     stalled = True
                 yield from self._reconnect_steps(unknown, stalled)
                 continue
             yield from storage._committed_steps(txn.at)
             return Outcome(applied=True, replayed=False, result=txn.result)
-        if unknown:
-            raise storage._unknown(stalled)
+        if unknown:  # every resend's connection was lost too (a new one was made each time)
+            raise storage._unknown(
+                stalled,
+                ("then the connection was lost" if stalled else "again")
+                + f" on each of {_ATTEMPTS - 1} new connections",
+            )
         if lost:
             raise StorageUnavailableError(
                 f"PostgreSQL at {storage.shown_url} kept dropping the connection; "
@@ -776,14 +790,15 @@ class _PostgresBase:
         round_trip_timeout: timedelta | None,
     ) -> None:
         conninfo, self.schema = split_postgres_url(url)
-        self.shown_url = redact_url(url)
+        self.shown_url = shown_postgres_url(url)
         self._written = Written()  # what it wrote last: read back without decoding
         try:
             params = psycopg.conninfo.conninfo_to_dict(conninfo)
-        except psycopg.Error:
-            raise PolicyValidationError.single(
-                "$.storage", f"{self.shown_url} is not a PostgreSQL URL that libpq can read"
-            ) from None
+        except psycopg.Error as exc:
+            raise bad_postgres_url(libpq_reason(str(exc))) from None
+        problem = option_problem(conninfo, params)
+        if problem is not None:  # libpq would refuse it only when connecting: "unavailable"
+            raise bad_postgres_url(problem)
         if pool_size < 1:
             raise PolicyValidationError.single("$.poolSize", "must be at least 1")
         if round_trip_timeout is None:
@@ -855,6 +870,24 @@ class _PostgresBase:
                 f"the tables of schema {self.schema} are missing (dropped while in use?): "
                 f"{_first_line(exc)}; nothing was allowed or changed"
             )
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            return StorageUnavailableError(
+                f"PostgreSQL at {self.shown_url} accepts no writes ({_first_line(exc)}: a "
+                "standby, or default_transaction_read_only): agentpolicy needs a primary that "
+                "accepts writes, even to read a budget; nothing was allowed or changed"
+            )
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return StorageUnavailableError(
+                f"PostgreSQL at {self.shown_url} refused a statement for lack of privilege "
+                f"({_first_line(exc)}): the role needs CREATE on the database to make schema "
+                f"{self.schema} (or CREATE and USAGE on it, made by a DBA), and to read and write "
+                "the tables in it; nothing was allowed or changed"
+            )
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return StorageUnavailableError(
+                f"PostgreSQL at {self.shown_url} cancelled a statement ({_first_line(exc)}); "
+                "nothing was allowed or changed"
+            )
         if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
             return StorageUnavailableError(
                 f"PostgreSQL at {self.shown_url} is unavailable ({_first_line(exc)}); "
@@ -863,17 +896,19 @@ class _PostgresBase:
         sqlstate = getattr(exc, "sqlstate", None) or "?"
         return InternalError(f"PostgreSQL refused a statement ({sqlstate}): {_first_line(exc)}")
 
-    def _unknown(self, stalled: bool = False) -> StorageUnavailableError:
+    def _unknown(self, stalled: bool = False, then: str | None = None) -> StorageUnavailableError:
+        """A commit whose outcome is unknown: how it was lost, and ``then``, what a resend met."""
         what = (
             f"PostgreSQL at {self.shown_url} did not answer a commit within "
-            f"{self.round_trip_timeout:g} s (round_trip_timeout) and could not be asked again"
+            f"{self.round_trip_timeout:g} s (round_trip_timeout)"
             if stalled
-            else f"the connection to PostgreSQL at {self.shown_url} was lost during a commit "
-            "and could not be made again"
+            else f"the connection to PostgreSQL at {self.shown_url} was lost during a commit"
         )
+        if then is None:
+            then = "it could not be asked again" if stalled else "it could not be made again"
         return StorageUnavailableError(
-            f"{what}, so whether this change was recorded is unknown: a reservation it made "
-            "expires by itself, and the same idempotency key answers the first decision"
+            f"{what} and {then}, so whether this change was recorded is unknown: a reservation "
+            "it made expires by itself, and the same idempotency key answers the first decision"
         )
 
     # -- schema ----------------------------------------------------------------------------------
@@ -887,7 +922,14 @@ class _PostgresBase:
             if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 with contextlib.suppress(psycopg.Error):
                     yield _Execute("ROLLBACK")
-            raise self._error(exc) from None
+            error = self._error(exc)
+            if isinstance(error, InternalError):  # not a bug: tables it did not make are in the way
+                raise StorageUnavailableError(
+                    f"the tables of agentpolicy could not be set up in schema {self.schema} "
+                    f"({_first_line(exc)}): does it hold tables of another program? Give "
+                    "agentpolicy a schema of its own (?schema=); nothing was allowed or changed"
+                ) from None
+            raise error from None
 
     def _version_steps(self) -> _Steps[int | None]:
         found = yield _Execute("SELECT to_regclass(%s)", (f"{self.sql.schema}.schema_version",))
