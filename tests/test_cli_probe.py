@@ -357,3 +357,69 @@ def test_json_amounts_are_exact_strings(here: Path) -> None:
     budget: dict[str, Any] = json.loads(main("--json", "budget", "bot")[1])
     assert budget["periods"]["daily"]["reserved"] == "123456789012345678901"
     assert budget["periods"]["daily"]["remaining"] == "9999999999876543210987654321100"
+
+
+# -- empty options, ~user, output lost ------------------------------------------------------------
+
+
+def test_an_empty_as_or_key_is_refused_not_the_configured_approver(tmp_path: Path) -> None:
+    """`--as "$UNSET"` voted as $AGENT_POLICY_APPROVER; `--key ""` said ". is not a regular file"."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(approval_example_policy()))
+    run(tmp_path, "policy", "set", "bot", str(policy))
+    asked = run(tmp_path, "--json", "authorize", "bot", "500 USDT", "0xv", "eip155:1")
+    approval = json.loads(asked.stdout)["approvalId"]
+    me = {"AGENT_POLICY_APPROVER": "admin@company.com"}
+    for flags, said in (
+        (("--as", ""), "$.approver: --as must not be empty"),
+        (("--as", "admin@company.com", "--key", ""), "$.key: --key must not be empty"),
+    ):
+        done = run(tmp_path, "approvals", "deny", approval, *flags, env=me)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            2, "", f"agentpolicy: INVALID_INPUT: {said}\n")  # fmt: skip
+    shown = json.loads(run(tmp_path, "--json", "approvals", "show", approval).stdout)
+    assert (shown["status"], shown["decisions"]) == ("pending", [])
+
+
+def test_other_empty_values_are_refused(tmp_path: Path) -> None:
+    """`--webhook-wait ""` was the default 10s; `approver keygen ""` said ". exists"."""
+    wait = run(tmp_path, "--webhook-wait", "", "sweep")
+    assert (wait.returncode, wait.stdout) == (2, "")
+    assert wait.stderr.startswith("agentpolicy: INVALID_INPUT: $.webhookWait: must be a positive ")
+    keygen = run(tmp_path, "approver", "keygen", "")
+    assert (keygen.returncode, keygen.stderr) == (
+        2, "agentpolicy: INVALID_INPUT: $.file: must not be empty: name the key file\n")  # fmt: skip
+
+
+def test_a_db_under_the_home_of_an_unknown_user_is_invalid_input(tmp_path: Path) -> None:
+    """`~nouser/x.db` was INTERNAL: RuntimeError: Could not determine home directory."""
+    unknown = "~agentpolicy-no-such-user/x.db"
+    for args, env, path in ((("--db", unknown), {}, "$.db"),
+                            ((), {"AGENT_POLICY_DB": unknown}, "$AGENT_POLICY_DB")):  # fmt: skip
+        for command in (("where",), ("policy", "list")):
+            done = run(tmp_path, *args, *command, env=env)
+            assert (done.returncode, done.stderr) == (2, (
+                f"agentpolicy: INVALID_INPUT: {path}: {unknown}: the home folder of "
+                "agentpolicy-no-such-user is not known\n"))  # fmt: skip
+
+
+def test_output_lost_keeps_the_status_of_a_payment_not_allowed(tmp_path: Path) -> None:
+    """A denied payment whose output could not be written exited 4, "carried out", like an allowed one."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    run(tmp_path, "policy", "set", "bot", "-", stdin=DAILY)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"enabled": "yes"}')
+    for args, status in ((("authorize", "bot", "100000001", "0xv", "eip155:1"), 3),
+                         (("policy", "validate", str(bad)), 2),
+                         (("authorize", "bot", "1", "0xv", "eip155:1"), 4)):  # fmt: skip
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [EXE, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                env=environment(tmp_path), check=False,
+            )  # fmt: skip
+        assert done.returncode == status, done.stderr
+        assert done.stderr.startswith("agentpolicy: the command was carried out (")
+        assert done.stderr.endswith(
+            "but its output could not be written: No space left on device\n"
+        )

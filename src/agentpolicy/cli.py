@@ -632,6 +632,8 @@ def _policy_decimals(engine: PolicyEngine, agent: str, symbol: str) -> int:
 
 
 def _keygen(file: str) -> dict[str, Any]:
+    if not file.strip():  # else "." (the folder) "exists"
+        raise PolicyValidationError.single("$.file", "must not be empty: name the key file")
     key = SigningKey.generate()
     key.save(file, "$.file")
     return {"file": file, "publicKey": key.public_key}
@@ -639,6 +641,14 @@ def _keygen(file: str) -> dict[str, Any]:
 
 def _vote(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) -> dict[str, Any]:
     """Approve or deny; with a key file, sign the vote here (the key never leaves this process)."""
+    raise_if(
+        Problem(path, f"{flag} must not be empty")  # "$UNSET": never the configured one instead
+        for flag, path, value in (
+            ("--as", "$.approver", args.approver),
+            ("--key", "$.key", args.key),
+        )
+        if value is not None and not value.strip()
+    )
     approver = args.approver or settings.approver
     if approver is None:
         raise PolicyValidationError.single(
@@ -827,7 +837,8 @@ class _Output:
         done = self._human().partition("\n")[0]
         _say(f"the command was carried out{f' ({done})' if done else ''}, but its output "
              f"could not be written: {self.lost.strerror or self.lost}")  # fmt: skip
-        return EXIT_OUTPUT_LOST
+        # a payment not allowed (3), a file not valid (2) keeps its status: 4 is for one done
+        return EXIT_OUTPUT_LOST if status == 0 else status
 
 
 def _versions(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
@@ -1087,11 +1098,15 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
 
         output.write(json.dumps(policy_schema(), indent=2) + "\n")
         return 0
-    wait = parse_duration(args.webhook_wait or "10s", "$.webhookWait")
+    wait = parse_duration(
+        "10s" if args.webhook_wait is None else args.webhook_wait, "$.webhookWait"
+    )
     _check_store_flags(args)
     settings = with_overrides(
         read_settings(), db=args.db, redis_url=args.redis_url, postgres_url=args.postgres_url
     )
+    if not (settings.postgres_url or settings.redis_url):  # the DB file is the store
+        _check_home(settings.db, "$AGENT_POLICY_DB" if args.db is None else "$.db")
     if args.command == "where":
         emit(_where(settings), show.print_where)
         return 0
@@ -1136,6 +1151,19 @@ def _check_store_flags(args: argparse.Namespace) -> None:
         )
         if value is not None and not value.strip()
     )
+
+
+def _check_home(db: str | None, path: str) -> None:
+    """A DB file under ``~user`` of a user that does not exist is bad input, not a RuntimeError."""
+    if db is None or not db.startswith("~"):
+        return
+    try:
+        Path(db).expanduser()
+    except RuntimeError:
+        user = db[1:].partition("/")[0] or "the user"
+        raise PolicyValidationError.single(
+            path, f"{db}: the home folder of {user} is not known"
+        ) from None
 
 
 @contextlib.contextmanager
