@@ -423,3 +423,22 @@ def test_output_lost_keeps_the_status_of_a_payment_not_allowed(tmp_path: Path) -
         assert done.stderr.endswith(
             "but its output could not be written: No space left on device\n"
         )
+
+
+def test_a_redis_password_with_a_slash_is_not_shown_in_the_error(tmp_path: Path) -> None:
+    """redis://:S3CRET/pw@host said "Port could not be cast to integer value as 'S3CRET'"."""
+    said = ("the user name or password of the Redis URL holds a /, ? or #, which ends it early: "
+            "write them as %2F, %3F, %23 (the URL is not shown: it holds a password)\n")  # fmt: skip
+    for url in ("redis://:S3CRET/pw@127.0.0.1:1/0", "rediss+cluster://u:S3CRET#x@127.0.0.1:1"):
+        flag = run(tmp_path, "--redis-url", url, "policy", "list")
+        assert (flag.returncode, flag.stderr) == (
+            2,
+            f"agentpolicy: INVALID_INPUT: $.redisUrl: {said}",
+        )
+        env = run(tmp_path, "policy", "list", env={"AGENT_POLICY_REDIS_URL": url})
+        assert (env.returncode, env.stderr) == (
+            2, f"agentpolicy: INVALID_INPUT: $AGENT_POLICY_REDIS_URL: {said}")  # fmt: skip
+    port = run(tmp_path, "--redis-url", "redis://u:S3CRET@127.0.0.1:abc/0", "policy", "list")
+    assert port.stderr == (  # a bad port alone is still said as it was
+        "agentpolicy: INVALID_INPUT: $.storage: not a valid Redis URL: Port could not be cast "
+        "to integer value as 'abc'\n")  # fmt: skip

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -1107,6 +1108,11 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
     )
     if not (settings.postgres_url or settings.redis_url):  # the DB file is the store
         _check_home(settings.db, "$AGENT_POLICY_DB" if args.db is None else "$.db")
+    elif not settings.postgres_url and settings.redis_url is not None:
+        _check_redis_userinfo(
+            settings.redis_url,
+            "$AGENT_POLICY_REDIS_URL" if args.redis_url is None else "$.redisUrl",
+        )
     if args.command == "where":
         emit(_where(settings), show.print_where)
         return 0
@@ -1151,6 +1157,24 @@ def _check_store_flags(args: argparse.Namespace) -> None:
         )
         if value is not None and not value.strip()
     )
+
+
+def _check_redis_userinfo(url: str, path: str) -> None:
+    """A Redis URL whose password holds a raw / ? or # is refused without showing any of it.
+
+    The URL parser ends the password there and reads the start of it as the
+    port: its error ("Port could not be cast to integer value as 'S3CR'")
+    would show the start of the password.
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - read for its ValueError
+    except ValueError:
+        if "@" in url.partition("://")[2].removeprefix(parts.netloc):
+            raise PolicyValidationError.single(
+                path, "the user name or password of the Redis URL holds a /, ? or #, which ends "
+                "it early: write them as %2F, %3F, %23 (the URL is not shown: it holds a password)",
+            ) from None  # fmt: skip
 
 
 def _check_home(db: str | None, path: str) -> None:
