@@ -249,6 +249,18 @@ def test_standard_webhooks_verifiers_accept_our_deliveries(receiver: Receiver, k
         ("redis://:pw@redis.example:6379/0", "redis://:***@redis.example:6379/0"),
         ("https://h.example/h#frag", "https://h.example/h"),
         ("not a url", "***"),
+        # a password not percent-encoded: '?' or '#' would start the query, '/' the path
+        ("postgresql://u:hun?ter2@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:hun#ter2@h/db", "postgresql://u:***@h/db"),
+        ("redis://:pa?ss@redis.example:6379/0", "redis://:***@redis.example:6379/0"),
+        ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:p/a?b@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
+        # an '@' in a query value or a path, where nothing before it can be a password
+        ("https://hooks.example/h?email=a@b", "https://hooks.example/h?email=***"),
+        ("https://hooks.example/users/@me", "https://hooks.example/users/@me"),
+        # with a port, all up to such an '@' might be a password: less is shown
+        ("https://hooks.example:8443/h?e=a@b", "https://hooks.example:***@b"),
     ],
 )  # fmt: skip
 def test_urls_are_shown_without_credentials_or_query_values(url: str, shown: str) -> None:

@@ -23,19 +23,45 @@ def redact_url(url: str) -> str:
     ``https://user:***@host/h?token=***&x=***``; ``https://tok@host/h``
     becomes ``https://***@host/h``; a fragment is dropped. Something that is
     not a URL at all is shown as ``***``.
+
+    A password is hidden even where it was not percent-encoded: one holding
+    ``?`` or ``#`` (``redis://:pa?ss@host``), which a URL parser would take
+    for the start of the query, and one holding ``/`` (``u:pa/ss@host``),
+    which it would take for the start of the path. When in doubt, less is
+    shown: a URL with a port and an ``@`` in its path or query is shown as
+    ``scheme://***@`` and what follows that ``@``.
     """
+    scheme, sep, rest = url.partition("://")
+    userinfo, remainder = _userinfo(rest) if sep else (None, rest)
     try:
-        parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(f"{scheme}{sep}{remainder}")
     except (ValueError, TypeError):
         return REDACTED
-    if not parts.scheme or not parts.netloc:
+    if not sep or not parts.scheme or not parts.netloc:
         return REDACTED
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at:
+    host = parts.netloc
+    if userinfo is not None:
         user, colon, _ = userinfo.partition(":")
-        userinfo = f"{user}:{REDACTED}" if colon else REDACTED
-        host = f"{userinfo}@{host}"
+        host = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
     query = "&".join(
         f"{pair.partition('=')[0]}={REDACTED}" for pair in parts.query.split("&") if pair
     )
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+def _userinfo(rest: str) -> tuple[str | None, str]:
+    """``(user information or None, the rest)`` of what follows ``scheme://``.
+
+    The authority is taken to end at the first ``/`` only (not at ``?`` or
+    ``#``, which a password may hold), and the user information at its last
+    ``@``. With no ``@`` there but a ``:`` (a password, or a port) and an
+    ``@`` further on, the user information ends at that first ``@``: a
+    password holding ``/`` (libpq reads such a URL this way too).
+    """
+    head = rest.partition("/")[0]
+    at = head.rfind("@")
+    if at < 0 and ":" in head:
+        at = rest.find("@")
+    if at < 0:
+        return None, rest
+    return rest[:at], rest[at + 1 :]
