@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -126,6 +127,23 @@ class _Agent:
         self.idempotency: list[tuple[str, str, int, HistoryRecord]] = []
         self.deliveries: list[WebhookDelivery] = []
 
+    def check(self) -> None:
+        """Refuse what 0.1 never wrote and this version could not use once converted.
+
+        A current version that is not stored (every call of the agent would be
+        ``INTERNAL``), or a negative amount in a counter (every budget read
+        would be ``INVALID_INPUT``): raised as damaged, so nothing is converted.
+        """
+        if any(type(v) is not int or v < 1 for v in self.policies):
+            raise ValueError(f"agent {self.agent} has a policy version that is not a number")
+        if self.version and self.version not in self.policies:
+            raise ValueError(
+                f"agent {self.agent}'s current policy version {self.version} is missing"
+            )
+        for key, (_, decimals, spent, reserved) in self.counters.items():
+            if min(decimals, spent, reserved) < 0:
+                raise ValueError(f"agent {self.agent}'s counter {key} holds a negative number")
+
     def writes(self, txn: Txn) -> None:
         agent = self.agent
         due: int | None = None
@@ -208,6 +226,15 @@ def _damaged(what: str, left: str) -> Iterator[None]:
         raise _unreadable(what, left, exc) from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise _unreadable(what, left, exc) from None
+    except Exception as exc:
+        if not _wrong_type(exc):
+            raise
+        raise _unreadable(what, left, exc) from None
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    """A key of 0.1's names holding another kind of value (Redis answers ``WRONGTYPE``)."""
+    return str(exc).startswith("WRONGTYPE")
 
 
 def _unreadable(what: str, left: str, exc: BaseException) -> StorageUnavailableError:
@@ -262,6 +289,8 @@ def _sqlite_v2_to_v3(session: Any) -> None:
     for table in ("policies", "current_policies", "counters", "reservations", "approvals",
                   "history", "idempotency", "outbox"):  # fmt: skip
         c.execute(f"DROP TABLE IF EXISTS {table}")
+    for one in found.values():
+        one.check()
     at = micros(datetime.now(UTC))
     for one in found.values():  # same transaction: a session over the open connection
         txn = Txn(f"migrate-{one.agent}", at)
@@ -286,6 +315,7 @@ def _window_end(key: str) -> int:
 
 
 def _old_tag(agent: str) -> str:
+    """The hash tag 0.1 gave an agent's keys and ids (a digest of a long id or one with braces)."""
     import hashlib  # noqa: PLC0415
 
     if 1 <= len(agent) <= 64 and "{" not in agent and "}" not in agent:
@@ -293,10 +323,35 @@ def _old_tag(agent: str) -> str:
     return "h" + hashlib.sha256(agent.encode()).hexdigest()[:32]
 
 
+# What 0.1 named an agent's keys after ``<prefix>{<tag>}:``. The keys this version writes
+# under the same tag (``h/agent-1``, ``r/res_...``, ``#op:...``) never look like these.
+_OLD_NAMES = frozenset(
+    {"policy", "policy:v", "h", "open", "pending", "seq", "evseq", "obq", "obdone"}
+)
+_OLD_KINDS = ("c:", "r:", "a:", "idem:", "ob:")
+
+
+def _glob(text: str) -> str:
+    """``text`` as a literal in a ``SCAN MATCH`` pattern (an id may hold ``*``, ``?``, ``[``)."""
+    return "".join("\\" + ch if ch in "\\*?[]" else ch for ch in text)
+
+
+def _old_keys(client: Any, p: str) -> list[str]:
+    """The keys 0.1 wrote under the agent prefix ``p``: neither another agent's nor new ones."""
+    return [
+        key
+        for key in client.scan_iter(match=_glob(p) + "*", count=1000)
+        if key.startswith(p)
+        and (key[len(p) :] in _OLD_NAMES or key[len(p) :].startswith(_OLD_KINDS))
+    ]
+
+
 def _redis_agent(client: Any, prefix: str, agent: str) -> tuple[_Agent, list[str]]:
-    p = f"{prefix}{{{_old_tag(agent)}}}:"
+    tag = _old_tag(agent)
+    p = f"{prefix}{{{tag}}}:"
+    approval_id = re.compile("apr_[0-9a-f]{32}_" + re.escape(tag))  # a:<id>:v holds its votes
     one = _Agent(agent)
-    old = list(client.scan_iter(match=p.replace("[", "\\[").replace("?", "\\?") + "*", count=1000))
+    old = _old_keys(client, p)
     policy = client.hgetall(p + "policy")
     if policy:
         one.version = int(policy["version"])
@@ -309,11 +364,14 @@ def _redis_agent(client: Any, prefix: str, agent: str) -> tuple[_Agent, list[str
     for key in old:
         rest = key[len(p) :]
         kind, _, name = rest.partition(":")
+        if kind not in ("c", "r", "a", "idem") or (kind == "a" and not approval_id.fullmatch(name)):
+            continue
+        f = client.hgetall(key)
+        if not f:
+            continue  # gone since the scan: expired, or converted by another process
         if kind == "c":
-            f = client.hgetall(key)
             one.counters[name] = [_window_end(name), int(f["d"]), int(f["s"]), int(f["r"])]
         elif kind == "r":
-            f = client.hgetall(key)
             request = decode(f["request"], PaymentRequest)
             one.reservations.append(
                 Reservation(
@@ -325,8 +383,7 @@ def _redis_agent(client: Any, prefix: str, agent: str) -> tuple[_Agent, list[str
                     policy_version=int(f["version"]), approval_id=f["approval"] or None,
                 )
             )  # fmt: skip
-        elif kind == "a" and not name.endswith(":v"):
-            f = client.hgetall(key)
+        elif kind == "a":
             base = decode(f["body"], Approval)
             votes = tuple(decode(v, Vote) for v in client.lrange(key + ":v", 0, -1))
             decided = f.get("decided") or None
@@ -340,15 +397,35 @@ def _redis_agent(client: Any, prefix: str, agent: str) -> tuple[_Agent, list[str
                     decided_at=None if decided is None else datetime.fromisoformat(decided),
                 )
             )  # fmt: skip
-        elif kind == "idem":
-            f = client.hgetall(key)
+        else:
             record = decode(f["record"], HistoryRecord)
             one.idempotency.append((name, f["fp"], int(f["created"]), record))
     for line in reversed(client.lrange(p + "h", 0, -1)):
         data = json.loads(line.split("\t", 1)[1])
         data.setdefault("agentId", agent)
         one.history.append(decode(json.dumps(data), HistoryRecord))
+    one.check()
     return one, old
+
+
+def _point(storage: Storage, old_tag: str, agent: str, at: int) -> None:
+    """Send lookups of the 0.1 ids of ``agent`` (``res_<hex>_<old_tag>``) to its shard.
+
+    0.1 ended the ids of an agent whose id is long or has braces with a digest
+    (``h`` + 32 hex), which this version reads as the id of an agent of that
+    name: a pointer there (as for an agent in a tree) leads to the agent's
+    own shard, where the conversion put its reservations and approvals. An
+    agent really named so (0.1 gave it the same keys) keeps its own shard.
+    """
+
+    def step(view: View, txn: Txn) -> None:
+        pointer, head = keys.home(old_tag), keys.head(old_tag)
+        view.read((pointer, head))
+        own = view.doc(head)
+        if view.doc(pointer) is None and (own is None or not own["pv"]):
+            txn.put[pointer] = {"s": agent}
+
+    run(storage, old_tag, step, lambda _: None, at=at)
 
 
 def _instant(us: str) -> datetime:
@@ -356,17 +433,36 @@ def _instant(us: str) -> datetime:
 
 
 def redis_v01(storage: Any) -> None:
-    """Convert the 0.1 data under the storage's prefix, once (see the module docs)."""
+    """Convert the 0.1 data under the storage's prefix, once (see the module docs).
+
+    Every step can be interrupted and run again: an agent whose head exists
+    was converted (by this process before it stopped, or by another one), so
+    only its 0.1 keys are deleted; only keys of 0.1's shapes ever are, and a
+    key gone since the scan (expired, or deleted by another process) is skipped.
+    """
     client, prefix = storage.client, storage.key_prefix
     if client.get(prefix + "schema") == "3":
         return
-    agents = sorted(client.smembers(prefix + "agents"))
+    with _damaged(f"the list of agents {prefix}agents", "nothing was converted"):
+        agents = sorted(client.smembers(prefix + "agents"))
     at = micros(datetime.now(UTC))
     for agent in agents:
-        with _damaged(f"agent {agent}'s data under {prefix!r}", "that agent's data was left as "
-                      "it was (agents before it were converted)"):  # fmt: skip
-            one, old = _redis_agent(client, prefix, agent)
-        _commit(storage, [one], at)
+        old_tag = _old_tag(agent)
+        head = storage.keys.shard_prefix(agent) + keys.head(agent)
+        try:
+            with _damaged(f"agent {agent}'s data under {prefix!r}", "that agent's data was left "
+                          "as it was (agents before it were converted)"):  # fmt: skip
+                one, old = _redis_agent(client, prefix, agent)
+        except StorageUnavailableError:
+            if not client.exists(head):
+                raise
+            # converted already (by this process before it stopped, or by another one that
+            # deleted some of its 0.1 keys while they were read here): only delete the rest
+            old = _old_keys(client, f"{prefix}{{{old_tag}}}:")
+        else:
+            _commit(storage, [one], at)  # skipped if another process converted it meanwhile
+        if old_tag != keys.tag(agent):
+            _point(storage, old_tag, agent, at)
         for key in old:
             client.delete(key)
     client.delete(prefix + "agents", prefix + "outbox-agents")
