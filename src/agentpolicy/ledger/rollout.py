@@ -388,6 +388,23 @@ def _drop(head: Head) -> None:
     body.pop("sh", None)
 
 
+_CLEARED: Body = {"id": ""}
+"""What :func:`keys.shadow` holds once its shadow is cleared or promoted: no shadow.
+
+Its ``id`` is no serial (nor ``None``, what a head without ``"sh"`` gives),
+so nothing takes it for a shadow.
+
+The document is overwritten, never deleted, so that its version only ever
+grows. A deleted document written again starts at version 1, and an
+optimistic store (Redis) checks a commit by versions: a process holding
+the cleared shadow's document at version n in its cache took the next
+shadow's document at version n for it, found another serial than the head
+names, judged the payment with no shadow, and the commit passed. The
+payment was then neither tallied nor counted in the counters only the
+shadow keeps (promoted, its rolling hour let 90 more through).
+"""
+
+
 def clear_shadow(cfg: LedgerConfig, agent: str) -> Step:
     """Remove the agent's shadow policy; the result is its last document (with its tallies)."""
 
@@ -395,11 +412,11 @@ def clear_shadow(cfg: LedgerConfig, agent: str) -> Step:
         head = Head.read(view, agent)
         name = keys.shadow(agent)
         doc = view.doc(name)
-        if "sh" not in head.body or doc is None:
+        if doc is None or head.body.get("sh") != doc["id"]:
             raise _no_shadow(agent)
         _drop(head)
         head.write(txn)
-        txn.delete.append(name)
+        txn.put[name] = dict(_CLEARED)
         record(txn, cfg, agent, {"ev": "shadow_cleared", "pv": head.body["pv"]})
         txn.result = doc
 
@@ -451,7 +468,7 @@ def promote_shadow(
         body = dict(txn.put[head_name])
         body.pop("sh", None)
         txn.put[head_name] = body
-        txn.delete.append(name)
+        txn.put[name] = dict(_CLEARED)
         txn.result = {"version": version, "doc": doc}
 
     return step
