@@ -442,3 +442,17 @@ def test_a_redis_password_with_a_slash_is_not_shown_in_the_error(tmp_path: Path)
     assert port.stderr == (  # a bad port alone is still said as it was
         "agentpolicy: INVALID_INPUT: $.storage: not a valid Redis URL: Port could not be cast "
         "to integer value as 'abc'\n")  # fmt: skip
+
+
+def test_simulate_puts_a_count_limit_beside_the_payments_not_the_amount(here: Path) -> None:
+    """`0.5 -> 0.5 ETH of 1 payments`: the amount read as capped at "1 payments"."""
+    policy = here / "counts.json"
+    policy.write_text(json.dumps({"enabled": True, "limits": {
+        "daily": {"value": "1000000000", "decimals": 6, "symbol": "USDT"},
+        "counts": [{"window": "hourly", "max": 3}]}}))  # fmt: skip
+    assert main("policy", "set", "bot", str(policy))[0] == 0
+    assert main("authorize", "bot", "2.5 USDT", "0xv", "eip155:1")[0] == 0
+    status, shown = main("policy", "simulate", "bot", str(policy))
+    lines = [line.split("Z  ", 1)[1] for line in shown.splitlines() if "payments)" in line]
+    assert (status, sorted(lines)) == (0, [
+        "2.5 -> 2.5 USDT  (1 -> 1 of 3 payments)", "2.5 -> 2.5 USDT of 1000 USDT  (1 -> 1 payments)"])  # fmt: skip

@@ -291,15 +291,15 @@ def print_simulation(data: dict[str, Any], out: TextIO) -> None:
     for w in data["windows"]:
         d, sym = w["decimals"], w["symbol"]
         where = f"{w['scope']} ({w['group']}) " if "scope" in w else ""
-        cap = ""
+        cap = most = ""
         if "limit" in w:
             cap = f" of {format_units(int(w['limit']), w['limitDecimals'])} {sym}"
-        elif "max" in w:
-            cap = f" of {w['max']} payments"
+        elif "max" in w:  # a count limit caps the payments, not the amount beside it
+            most = f" of {w['max']}"
         out.write(
             f"    {where}{w['window']:<8} {w['windowStart']}  {_units(w['live'], d)} -> "
             f"{_units(w['candidate'], d)} {sym}{cap}  ({w['liveCount']} -> "
-            f"{w['candidateCount']} payments)\n"
+            f"{w['candidateCount']}{most} payments)\n"
         )
     if data["changed"]:
         shown = len(data["changed"])
