@@ -349,6 +349,52 @@ def test_a_reservation_keeps_counting_where_it_was_made_across_a_rollback(
     assert [h.event for h in engine.history("bot", version=2)][:2] == ["confirm", "decision"]
 
 
+def test_a_rollback_brings_back_only_what_its_rolling_window_and_scope_counted(
+    backend: Backend,
+) -> None:
+    """Pinned as documented (rollout.md, What a rollout does not cover): not counted, not seen.
+
+    Version 2 keeps neither the hour nor the scope of version 1, so what was
+    paid under it is missing from them once version 1 is back.
+    """
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    scope = {"name": "v", "groupBy": "recipient", "limits": {"daily": {"value": str(50 * U)}}}
+    engine.set_policy("bot", rolling(100, scopedLimits=[scope]))
+    engine.confirm(engine.authorize(payment(30 * U, agent_id="bot")).reservation_id or "")
+    engine.set_policy("bot", daily(1000))
+    engine.confirm(engine.authorize(payment(90 * U, agent_id="bot")).reservation_id or "")
+    assert engine.rollback_policy("bot", 1) == 3
+    d = engine.authorize(payment(10 * U, agent_id="bot"), dry_run=True)
+    assert d.allowed
+    assert [(h.window, h.scope, h.used.value if h.used else None) for h in d.headroom] == [
+        ("daily", None, 120 * U), ("1h", None, 30 * U), ("daily", "v", 30 * U)]  # fmt: skip
+    assert engine.authorize(payment(20 * U, agent_id="bot")).allowed  # 140 in the hour
+    assert engine.authorize(payment(1, agent_id="bot")).code == Code.SCOPED_LIMIT
+
+
+def test_history_of_a_version_has_its_approvals_decisions_but_not_their_votes(
+    backend: Backend,
+) -> None:
+    """Pinned as documented (rollout.md, Versions): votes and outcomes name no version."""
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    approvals = {"thresholds": [{"amount": {"value": str(50 * U)}, "requiredApprovers": 1,
+                                 "approvers": ["alice"]}]}  # fmt: skip
+    engine.set_policy("bot", daily(1000, approvalConfig=approvals))
+    asked = engine.authorize(payment(60 * U, agent_id="bot"))
+    engine.set_policy("bot", daily(1000, approvalConfig=approvals, enabled=False))
+    approved = engine.decide(asked.approval_id or "", "alice", "approve")
+    engine.confirm(approved.reservation_id or "")
+    assert engine.get_approval(asked.approval_id or "").policy_version == 1
+    assert [(h.event, h.code) for h in engine.history("bot", version=1)] == [
+        ("confirm", None), ("decision", "APPROVAL_REQUIRED"), ("policy_set", None)]  # fmt: skip
+    assert [h.event for h in engine.history("bot", version=2)] == ["policy_set"]
+    events = [(h.event, h.policy_version) for h in engine.history("bot")]
+    assert ("vote", None) in events
+    assert ("approval_approved", None) in events
+
+
 def test_a_shadows_own_counters_are_exact_after_promotion_and_replays(backend: Backend) -> None:
     clock = ManualClock()
     engine = backend.engine(clock)
