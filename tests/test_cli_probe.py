@@ -456,3 +456,12 @@ def test_simulate_puts_a_count_limit_beside_the_payments_not_the_amount(here: Pa
     lines = [line.split("Z  ", 1)[1] for line in shown.splitlines() if "payments)" in line]
     assert (status, sorted(lines)) == (0, [
         "2.5 -> 2.5 USDT  (1 -> 1 of 3 payments)", "2.5 -> 2.5 USDT of 1000 USDT  (1 -> 1 payments)"])  # fmt: skip
+
+
+def test_demo_with_json_prints_json(here: Path) -> None:
+    """`demo --json` printed the walk-through as text: not JSON."""
+    status, out = main("--json", "demo")
+    shown = json.loads(out)
+    assert (status, shown["kept"]) == (0, None)
+    assert shown["lines"][0].startswith("agentpolicy demo: an approval, from request to payment")
+    assert any(line.startswith("   ALLOWED  reservation res_") for line in shown["lines"])

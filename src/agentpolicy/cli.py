@@ -550,7 +550,12 @@ def _demo(output: _Output, keep: bool) -> int:
             shown.write(f"\nkept {folder}\n")
         else:
             shutil.rmtree(folder, ignore_errors=True)
-        output.write(shown.getvalue())
+        if output.as_json:  # the walk-through as its lines, so that --json is JSON here too
+            lines = shown.getvalue().splitlines()
+            output.write(json.dumps({"lines": lines, "kept": folder if keep else None}, indent=2))
+            output.write("\n")
+        else:
+            output.write(shown.getvalue())
     return 0
 
 
