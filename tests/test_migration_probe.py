@@ -441,6 +441,63 @@ def test_a_0_1_key_that_expires_between_the_scan_and_its_read_is_skipped(
         assert check_agent(engine, "agent-1", info) == 9
 
 
+def test_other_threads_wait_for_the_conversion_of_the_first_call(
+    redis_url: str,
+    client: Any,
+    prefixes: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread's call while another thread of the process converted went on: agent-1 had
+    no policy (NO_POLICY), and a policy set meanwhile made the conversion skip agent-1:
+    its 10 spent and 63 reserved were lost, then 95 of a daily 100 were allowed."""
+    prefix = prefixes()
+    info = put_v01_agent(client, prefix, "agent-1")
+    storage = RedisStorage(redis_url, key_prefix=prefix)
+    engine = PolicyEngine(storage=storage, clock=ManualClock(AT))
+    started, go = threading.Event(), threading.Event()
+    reading = _migrate._redis_agent
+
+    def held(*args: Any) -> Any:
+        started.set()
+        assert go.wait(30)
+        return reading(*args)
+
+    class Noted:
+        """The store's lock, noting a second thread waiting for it."""
+
+        def __init__(self, lock: Any) -> None:
+            self.lock = lock
+
+        def __enter__(self) -> None:
+            if started.is_set():
+                go.set()
+            self.lock.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(_migrate, "_redis_agent", held)
+    storage._schema_lock = Noted(threading.Lock())  # type: ignore[assignment]
+    first = threading.Thread(target=lambda: engine.get_policy("agent-1"))
+    first.start()
+    assert started.wait(30)
+    versions: list[int] = []
+
+    def second() -> None:
+        versions.append(engine.set_policy("agent-1", {"limits": {"daily": {"value": "1"}}}))
+        go.set()
+
+    other = threading.Thread(target=second)
+    other.start()
+    other.join(30)
+    first.join(30)
+    assert versions == [3]  # after 0.1's versions 1 and 2
+    assert daily(engine, "agent-1") == (10 * USDT, 63 * USDT)
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": str(100 * USDT)}}})
+    assert check_agent(engine, "agent-1", info) == 11  # 9 of 0.1, 2 policies set
+    engine.close()
+
+
 def _open_at_once(url: str, prefix: str, barrier: Any) -> str:
     storage = RedisStorage(url, key_prefix=prefix)
     barrier.wait()

@@ -31,6 +31,7 @@ only sends its requests with redis-py.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -114,19 +115,30 @@ class RedisStorage:
             raise rp.unreachable(exc) from None
         self._commit = self.client.register_script(rp.script())
         self._schema_checked = False
+        self._schema_lock = threading.Lock()
+        self._converting: int | None = None  # the thread converting data of 0.1
 
     def _check_schema(self) -> None:
-        """Convert data of agentpolicy 0.1 under this prefix, once (on first use)."""
-        if self._schema_checked:
+        """Convert data of agentpolicy 0.1 under this prefix, once (on first use).
+
+        Other threads wait for the conversion (one that went on would find
+        an agent of 0.1 without its policy, and a policy it set would make
+        the conversion skip that agent); the converting thread's own
+        sessions do not.
+        """
+        if self._schema_checked or self._converting == threading.get_ident():
             return
         from agentpolicy.storage._migrate import redis_v01  # noqa: PLC0415 - rarely needed
 
-        self._schema_checked = True  # the conversion itself opens sessions
-        try:
-            self.guard(lambda: redis_v01(self), writing=True)
-        except BaseException:
-            self._schema_checked = False
-            raise
+        with self._schema_lock:
+            if self._schema_checked:
+                return
+            self._converting = threading.get_ident()
+            try:
+                self.guard(lambda: redis_v01(self), writing=True)
+            finally:
+                self._converting = None
+            self._schema_checked = True
 
     # -- plumbing ------------------------------------------------------------------------
 
