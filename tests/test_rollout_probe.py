@@ -10,9 +10,12 @@ defect found here.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -29,6 +32,7 @@ from agentpolicy.testing import ManualClock, payment
 from tests.backends import Backend
 
 U = 1_000_000
+T0 = datetime(2026, 3, 10, 0, 0, tzinfo=UTC)
 
 
 def daily(units: int, **more: Any) -> dict[str, Any]:
@@ -439,6 +443,83 @@ def test_an_approval_held_beside_a_shadow_gives_its_counters_back_when_denied(
     engine.confirm(approved.reservation_id or "")
     assert used(engine) == {"daily": (60 * U, 0), "1h": (60 * U, 0)}
     assert engine.authorize(payment(41 * U, agent_id="bot")).code == Code.ROLLING_LIMIT
+
+
+BIG = str(10**9 * U)
+WIDE = {
+    "limits": {
+        "daily": {"value": BIG},
+        "rolling": [{"window": "1h", "amount": {"value": BIG}},
+                    {"window": "3h", "amount": {"value": BIG}}],
+        "counts": [{"window": "30m", "max": 10**6}],
+    },
+    "timeRules": {"timezone": "Asia/Kolkata"},
+    "scopedLimits": [{"name": "v", "groupBy": "recipient", "limits": {
+        "hourly": {"value": BIG}, "rolling": [{"window": "2h", "amount": {"value": BIG}}]}}],
+}  # fmt: skip
+"""A shadow whose every counter is one the live policy (UTC, daily) does not keep."""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tree", [False, True])
+def test_a_promoted_shadow_holds_exactly_what_was_paid_beside_it(
+    backend: Backend, seed: int, tree: bool
+) -> None:
+    """Against a plain model: after random payments, confirms, releases and expiries beside a
+    shadow whose counters only it keeps (another timezone, rolling windows, a count, a scope
+    by recipient), the promoted policy's counters hold exactly what still counts."""
+    rng = random.Random(seed)
+    clock = ManualClock(T0 + timedelta(minutes=rng.randint(0, 1440)))
+    engine = backend.engine(clock, reservation_ttl=timedelta(minutes=5))
+    owner = "fleet" if tree else "bot"
+    engine.set_policy(owner, {"limits": {"daily": {"value": BIG}}})
+    payers = ["fleet-1", "fleet-2"] if tree else ["bot"]
+    for p in payers if tree else ():
+        engine.set_policy(p, {"parent": "fleet"})
+    engine.set_shadow_policy(owner, WIDE)
+    paid: list[list[Any]] = []  # [instant, amount, recipient, state, reservation]
+    for _ in range(30):
+        clock.advance(minutes=rng.choice([0, 1, 3, 10, 25, 40, 90]))
+        amount, to = rng.randint(1, 10) * U, rng.choice(["0xa", "0xb"])
+        d = engine.authorize(payment(amount, agent_id=rng.choice(payers), recipient=to))
+        assert d.allowed
+        paid.append([clock.now, amount, to, "open", d.reservation_id or ""])
+        if rng.random() < 0.6:
+            engine.confirm(paid[-1][4])
+            paid[-1][3] = "confirmed"
+        elif rng.random() < 0.5:
+            engine.release(paid[-1][4])
+            paid[-1][3] = "released"
+    clock.advance(minutes=rng.choice([0, 2, 30]))
+    assert engine.promote_shadow_policy(owner) == 2
+    now = clock.now
+    live = [p for p in paid if p[3] == "confirmed" or
+            (p[3] == "open" and now < p[0] + timedelta(minutes=5))]  # fmt: skip
+    zone = ZoneInfo("Asia/Kolkata")
+
+    def local(t: datetime, hour: bool) -> tuple[Any, ...]:
+        t = t.astimezone(zone)
+        return (t.date(), t.hour) if hour else (t.date(),)
+
+    def within(p: list[Any], hours: float) -> bool:
+        return bool(p[0] > now - timedelta(hours=hours))
+
+    expected = {
+        ("daily", None): sum(p[1] for p in live if local(p[0], False) == local(now, False)),
+        ("1h", None): sum(p[1] for p in live if within(p, 1)),
+        ("3h", None): sum(p[1] for p in live if within(p, 3)),
+        ("30m", None): sum(1 for p in live if within(p, 0.5)),
+        ("hourly", "v"): sum(p[1] for p in live
+                             if p[2] == "0xa" and local(p[0], True) == local(now, True)),
+        ("2h", "v"): sum(p[1] for p in live if p[2] == "0xa" and within(p, 2)),
+    }  # fmt: skip
+    d = engine.authorize(payment(1, agent_id=payers[0], recipient="0xa"), dry_run=True)
+    found = {
+        (h.window, h.scope): h.used.value if h.used is not None else h.count
+        for h in d.headroom
+        if h.budget_id in (None, owner)
+    }
+    assert found == expected
 
 
 # -- clocks -----------------------------------------------------------------------------------
