@@ -662,7 +662,10 @@ def _in_child(work: Callable[[], None]) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def _kill_at_statement(path: Path, stop: int) -> Callable[[], None]:
+def _kill_at_statement(path: Path, stop: int, told: int | None = None) -> Callable[[], None]:
+    """Open ``path``, killed at its ``stop``-th statement (or, with ``told``, a pipe's
+    writing end, there it says so and waits to be killed)."""
+
     def work() -> None:
         original = sqlite3.connect
         count = [0]
@@ -673,6 +676,9 @@ def _kill_at_statement(path: Path, stop: int) -> Callable[[], None]:
             def trace(_: str) -> None:
                 count[0] += 1
                 if count[0] == stop:
+                    if told is not None:
+                        os.write(told, b"x")
+                        signal.pause()
                     os.kill(os.getpid(), signal.SIGKILL)
 
             conn.set_trace_callback(trace)
@@ -721,6 +727,40 @@ def test_a_process_killed_at_any_statement_of_the_sqlite_conversion(
             assert len(engine.history("agent-1")) == records, stop  # kept, not doubled
             check_converted(engine, SQLITE_INFO)
     assert killed > 10
+
+
+def test_a_process_killed_holding_the_conversion_lets_a_waiting_one_convert(
+    tmp_path: Path, forking: None
+) -> None:
+    """One process is killed in the middle of the conversion's transaction while another
+    waits for the file's lock: the other converts it, once."""
+    for stop in (14, 30, 60):  # in the transaction: BEGIN IMMEDIATE is the 13th
+        folder = tmp_path / str(stop)
+        folder.mkdir()
+        path = copy_db(folder)
+        told_read, told_write = os.pipe()
+        first = os.fork()
+        if first == 0:  # pragma: no cover - the child
+            os.close(told_read)
+            _kill_at_statement(path, stop, told_write)()
+            os._exit(0)
+        os.close(told_write)
+        assert os.read(told_read, 1) == b"x"  # it holds the write lock, mid-conversion
+        os.close(told_read)
+        waiting = os.fork()
+        if waiting == 0:  # pragma: no cover - the child
+            code = 0
+            try:
+                SQLiteStorage(path).close()
+            except BaseException:  # anything is a failure of the probe
+                code = 3
+            os._exit(code)
+        os.kill(first, signal.SIGKILL)
+        assert os.waitstatus_to_exitcode(os.waitpid(first, 0)[1]) == -signal.SIGKILL
+        assert os.waitstatus_to_exitcode(os.waitpid(waiting, 0)[1]) == 0
+        assert schema_of(path) == 3
+        with PolicyEngine(storage=SQLiteStorage(path), clock=ManualClock(AT)) as engine:
+            check_converted(engine, SQLITE_INFO)
 
 
 def test_processes_opening_one_0_1_file_at_once_convert_it_once(
