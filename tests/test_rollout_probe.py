@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -29,7 +30,7 @@ from agentpolicy import (
 )
 from agentpolicy.mcp import AgentPolicyMcpServer
 from agentpolicy.testing import ManualClock, payment
-from tests.backends import Backend
+from tests.backends import ASYNC_BACKENDS, Backend, serve
 
 U = 1_000_000
 T0 = datetime(2026, 3, 10, 0, 0, tzinfo=UTC)
@@ -308,6 +309,10 @@ def test_a_shadow_set_again_judges_the_payments_of_a_process_that_saw_the_last_o
     through (182 USDT in the hour against 100). The document is now
     overwritten, never deleted.
     """
+    _set_again(backend, end)
+
+
+def _set_again(backend: Backend, end: str) -> None:
     clock = ManualClock()
     admin, other = backend.engine(clock), backend.engine(clock)
     admin.set_policy("bot", rolling(1000) if end == "promote" else daily(1000))
@@ -328,6 +333,19 @@ def test_a_shadow_set_again_judges_the_payments_of_a_process_that_saw_the_last_o
     assert used(admin)["1h"] == (92 * U, 0)
     d = admin.authorize(payment(90 * U, agent_id="bot"))
     assert (d.code, d.policy_version) == (Code.ROLLING_LIMIT, version)
+
+
+@pytest.fixture(params=ASYNC_BACKENDS)
+def async_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """The async stores, seen through blocking calls."""
+    yield from serve(request.param, tmp_path, request)
+
+
+@pytest.mark.parametrize("end", ["clear", "promote"])
+def test_a_shadow_set_again_is_judged_on_the_async_stores_too(
+    async_backend: Backend, end: str
+) -> None:
+    _set_again(async_backend, end)
 
 
 # -- open reservations across versions -------------------------------------------------------
@@ -443,6 +461,29 @@ def test_an_approval_held_beside_a_shadow_gives_its_counters_back_when_denied(
     engine.confirm(approved.reservation_id or "")
     assert used(engine) == {"daily": (60 * U, 0), "1h": (60 * U, 0)}
     assert engine.authorize(payment(41 * U, agent_id="bot")).code == Code.ROLLING_LIMIT
+
+
+def test_a_shadow_replaced_while_a_reservation_is_open_sees_it_until_it_is_released(
+    backend: Backend,
+) -> None:
+    """Tallies start afresh; counters are usage, kept where the live policy would keep them."""
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    engine.set_policy("bot", daily(1000))
+    engine.set_shadow_policy("bot", rolling(100))
+    held = engine.authorize(payment(60 * U, agent_id="bot"))
+    engine.set_shadow_policy("bot", rolling(50))  # the same hour, a tighter amount
+    engine.release(engine.authorize(payment(U, agent_id="bot")).reservation_id or "")
+    engine.release(held.reservation_id or "")
+    engine.confirm(engine.authorize(payment(50 * U, agent_id="bot")).reservation_id or "")
+    report = engine.shadow_report("bot")
+    assert (report.payments, dict(report.shadow_codes)) == (2, {"ROLLING_LIMIT": 1, "ALLOWED": 1})
+    engine.set_shadow_policy("bot", rolling(50, window="2h"))  # another window: from now on
+    assert engine.authorize(payment(50 * U, agent_id="bot")).allowed
+    assert engine.shadow_report("bot").shadow_codes == {"ALLOWED": 1}
+    assert engine.promote_shadow_policy("bot") == 2
+    assert used(engine) == {"daily": (50 * U, 50 * U), "2h": (0, 50 * U)}
+    assert engine.authorize(payment(1, agent_id="bot")).code == Code.ROLLING_LIMIT
 
 
 BIG = str(10**9 * U)
