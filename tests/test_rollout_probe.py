@@ -95,6 +95,17 @@ def payer(engine: PolicyEngine, count: int, agent: str = "bot") -> Callable[[], 
     return pay
 
 
+def codes(engine: PolicyEngine, amounts: list[int], agent: str = "bot") -> list[str]:
+    """Pay each amount (in USDT) and confirm what passes; the codes."""
+    found = []
+    for amount in amounts:
+        d = engine.authorize(payment(amount * U, agent_id=agent))
+        if d.reservation_id:
+            engine.confirm(d.reservation_id)
+        found.append(d.code.value)
+    return found
+
+
 # -- two administrators at once ----------------------------------------------------------------
 
 
@@ -484,6 +495,36 @@ def test_a_shadow_replaced_while_a_reservation_is_open_sees_it_until_it_is_relea
     assert engine.promote_shadow_policy("bot") == 2
     assert used(engine) == {"daily": (50 * U, 50 * U), "2h": (0, 50 * U)}
     assert engine.authorize(payment(1, agent_id="bot")).code == Code.ROLLING_LIMIT
+
+
+@pytest.mark.parametrize("end", ["clear", "promote"])
+def test_the_end_of_a_shadow_is_recorded_with_what_it_judged(backend: Backend, end: str) -> None:
+    """Regression: a promotion kept no trace of the shadow's figures it rested on.
+
+    ``promote_shadow_policy`` returns only the new version and removes the
+    shadow with its tallies, and a clear's report is read after its commit:
+    the history had a bare ``shadow_cleared`` (a promotion, not even that).
+    """
+    engine = backend.engine(ManualClock())
+    engine.set_policy("bot", daily(100))
+    engine.set_shadow_policy("bot", daily(25))
+    codes(engine, [10, 10, 10])
+    engine.set_policy("bot", daily(100, enabled=False))  # 1 denied by both
+    codes(engine, [1])
+    if end == "clear":
+        engine.clear_shadow_policy("bot")
+        how = "cleared"
+    else:
+        assert engine.promote_shadow_policy("bot", force=True) == 3
+        how = "promoted as version 3"
+    ended = [(h.detail, h.policy_version) for h in engine.history("bot")
+             if h.event == "shadow_cleared"]  # fmt: skip
+    assert ended == [(
+        f"shadow policy set beside version 1 {how} after 4 payment(s) judged: "
+        "live 3 allowed, 0 approval, 1 denied; shadow 2 allowed, 0 approval, 2 denied", 2)]  # fmt: skip
+    if end == "promote":
+        events = [(h.event, h.policy_version) for h in engine.history("bot", 2)]
+        assert events == [("policy_set", 3), ("shadow_cleared", 2)]
 
 
 BIG = str(10**9 * U)

@@ -39,6 +39,7 @@ from agentpolicy.ledger.trees import Level, PolicySource
 from agentpolicy.policy import AgentPolicy, ScopedLimit
 from agentpolicy.records import Delegation
 from agentpolicy.rules import Assessment, BookKey, Verdict, assess, judge, windows_for
+from agentpolicy.shadow import OUTCOMES, outcome_of, tally_pairs
 from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import Txn
 from agentpolicy.windows import Window
@@ -405,6 +406,27 @@ shadow keeps (promoted, its rolling hour let 90 more through).
 """
 
 
+def _ended(txn: Txn, cfg: LedgerConfig, agent: str, version: int, doc: Body, how: str) -> None:
+    """Record the end of a shadow with what it judged: its tallies outlive its document.
+
+    A promotion returns only the new version, and a clear's report is read
+    after its commit: the history keeps the figures the decision rested on.
+    """
+    live, shadow, _, total = tally_pairs(doc.get("n", {}))
+
+    def outcomes(codes: dict[str, int]) -> str:
+        found = dict.fromkeys(OUTCOMES, 0)
+        for code, n in codes.items():
+            found[outcome_of(code)] += n
+        return ", ".join(f"{n} {outcome}" for outcome, n in found.items())
+
+    words = (
+        f"shadow policy set beside version {doc['pv']} {how} after {total} payment(s) judged: "
+        f"live {outcomes(live)}; shadow {outcomes(shadow)}"
+    )
+    record(txn, cfg, agent, {"ev": "shadow_cleared", "pv": version, "detail": words})
+
+
 def clear_shadow(cfg: LedgerConfig, agent: str) -> Step:
     """Remove the agent's shadow policy; the result is its last document (with its tallies)."""
 
@@ -417,7 +439,7 @@ def clear_shadow(cfg: LedgerConfig, agent: str) -> Step:
         _drop(head)
         head.write(txn)
         txn.put[name] = dict(_CLEARED)
-        record(txn, cfg, agent, {"ev": "shadow_cleared", "pv": head.body["pv"]})
+        _ended(txn, cfg, agent, head.body["pv"], doc, "cleared")
         txn.result = doc
 
     return step
@@ -459,6 +481,7 @@ def promote_shadow(
                 "or promote with force",
                 code=ErrorCode.SHADOW_OUTDATED,
             )
+        _ended(txn, cfg, agent, head.body["pv"], doc, f"promoted as version {head.body['pv'] + 1}")
         origin = {"op": "promote", "at": doc["at"]}
         trees.put_policy(
             cfg, agent, shadow, doc["policy"], now, policies, origin=origin, shard=shard
