@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import re
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentpolicy.ledger.keys import new_token
+from agentpolicy.ledger.keys import agent_of_id, new_id, new_token, tag
 from agentpolicy.storage.base import new_op, op_prefix
 
 _TAIL = re.compile(r"[0-9a-f]{19}")
@@ -34,3 +34,27 @@ def test_ids_made_at_one_instant_sort_in_the_order_they_were_made() -> None:
     if not wraps:
         assert ops == sorted(ops)
     assert len(set(ops)) == 600
+
+
+@settings(max_examples=500)
+@given(st.text(min_size=1, max_size=70))
+def test_an_id_beginning_with_a_tilde_finds_its_agent_in_either_version(rest: str) -> None:
+    """This version writes ``~`` + hex for such an id; 0.1 wrote it as it was (``res_..._~zz``)."""
+    agent = "~" + rest
+    assert agent_of_id(new_id("res", agent)) == agent
+    written_by_0_1 = f"res_{'0' * 32}_{agent}"
+    if len(agent) <= 64 and "{" not in agent and "}" not in agent:  # 0.1 wrote it plain
+        try:
+            new_form = bytes.fromhex(rest).decode()
+        except ValueError:
+            new_form = None
+        if new_form is None or tag(new_form) != agent:  # not an id this version writes
+            assert agent_of_id(written_by_0_1) == agent
+
+
+def test_ids_of_0_1_for_agents_beginning_with_a_tilde() -> None:
+    token = "0" * 32
+    assert agent_of_id(f"res_{token}_~zz") == "~zz"  # not hex: was no agent at all
+    assert agent_of_id(f"apr_{token}_~41") == "~41"  # was agent 'A', which this version tags 'A'
+    assert agent_of_id(f"res_{token}_~7e7a7a") == "~zz"  # this version's tag of '~zz'
+    assert agent_of_id(f"res_{token}_~{'z' * 64}") is None  # 0.1 tagged so long an id 'h...'

@@ -211,11 +211,6 @@ def test_the_scan_for_an_agents_0_1_keys_matches_its_id_literally(
         assert list(client.scan_iter(match=pattern)) == [prefix + "{" + tag + "}:seq"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left to the ledger: keys.agent_of_id reads the 0.1 tag '~zz' as no agent and "
-    "'~41' as agent 'A' (this version's '~' + hex), so neither id finds its agent's shard",
-)
 @pytest.mark.parametrize("agent", ["~zz", "~41"])
 def test_ids_of_0_1_for_an_agent_id_beginning_with_a_tilde(
     agent: str, redis_url: str, client: Any, prefixes: Callable[[], str]

@@ -59,6 +59,8 @@ OUTBOX = "@outbox"
 """Global index: shards with webhook deliveries (score 0: some waiting, 1: none now)."""
 
 _PLAIN_TAG = re.compile(r"[^{}~][^{}]{0,63}")
+_PLAIN_ID_OF_01 = re.compile(r"~[^{}]{0,63}")  # 0.1 wrote an id beginning with ~ as it was
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 _ID = re.compile(r"(?:res|apr)_[0-9a-f]{32}_(.+)", re.DOTALL)
 
 
@@ -78,12 +80,25 @@ def tag(agent_id: str) -> str:
 
 
 def _untag(value: str) -> str | None:
+    """The agent id of a tag; a ``~`` tag that :func:`tag` would not make is 0.1's, kept as is.
+
+    agentpolicy 0.1 put an id beginning with ``~`` into its ids as it was
+    (``res_..._~zz``); this version writes ``~`` + hex only for an id that is
+    not plain. So a ``~`` tag that is not hex, or whose id would be written
+    plain (``~41``, which this version writes ``A`` for agent ``A``), is the
+    literal id of an agent of 0.1.
+    """
     if not value.startswith("~"):
         return value
-    try:
-        return bytes.fromhex(value[1:]).decode()
-    except ValueError:
-        return None
+    decoded = None
+    if _HEX.fullmatch(value, 1):  # exactly what tag() writes (fromhex would skip white space)
+        try:
+            decoded = bytes.fromhex(value[1:]).decode()
+        except ValueError:
+            decoded = None
+    if decoded is None or _PLAIN_TAG.fullmatch(decoded):
+        return value if _PLAIN_ID_OF_01.fullmatch(value) else None
+    return decoded
 
 
 def new_token(at: int) -> str:
