@@ -14,62 +14,74 @@ webhooks a command causes are delivered before it exits.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import errno
-import functools
-import io
-import json
-import logging
 import os
-import re
-import shutil
-import stat
 import sys
-import tempfile
-import time
-import traceback
-import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from agentpolicy import __version__
-from agentpolicy import cli_output as show
-from agentpolicy._checks import check_identifier, person, raise_if
-from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
-from agentpolicy.codec import dump_policy, load_policy, parse_instant
-from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
-from agentpolicy.durations import parse_duration, parse_since
-from agentpolicy.engine import PolicyEngine
-from agentpolicy.errors import (
-    ErrorCode,
-    NotFoundError,
-    PolicyError,
-    PolicyValidationError,
-    Problem,
-    StorageUnavailableError,
-)
-from agentpolicy.examples import approval_example_policy
-from agentpolicy.requests import PaymentRequest
-from agentpolicy.signing import SigningKey
-from agentpolicy.urls import redact_url
-from agentpolicy.views import (
-    approval_data,
-    approver_data,
-    budget_data,
-    change_data,
-    decision_data,
-    delegation_data,
-    history_data,
-    reservation_data,
-    shadow_data,
-    shadow_report_data,
-    simulation_data,
-    version_data,
-)
-from agentpolicy.windows import Period
+try:  # the command's modules, most of its start-up: Ctrl-C there is said as anywhere else
+    import argparse
+    import contextlib
+    import errno
+    import functools
+    import io
+    import json
+    import logging
+    import re
+    import shutil
+    import signal
+    import stat
+    import tempfile
+    import time
+    import traceback
+    import urllib.parse
+    from collections.abc import Callable, Iterator, Sequence
+    from datetime import timedelta
+    from pathlib import Path
+    from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+    from agentpolicy import __version__
+    from agentpolicy import cli_output as show
+    from agentpolicy._checks import check_identifier, person, raise_if
+    from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
+    from agentpolicy.codec import dump_policy, load_policy, parse_instant
+    from agentpolicy.config import Settings, build_engine, read_settings, with_overrides
+    from agentpolicy.durations import parse_duration, parse_since
+    from agentpolicy.engine import PolicyEngine
+    from agentpolicy.errors import (
+        ErrorCode,
+        NotFoundError,
+        PolicyError,
+        PolicyValidationError,
+        Problem,
+        StorageUnavailableError,
+    )
+    from agentpolicy.examples import approval_example_policy
+    from agentpolicy.requests import PaymentRequest
+    from agentpolicy.signing import SigningKey
+    from agentpolicy.urls import redact_url
+    from agentpolicy.views import (
+        approval_data,
+        approver_data,
+        budget_data,
+        change_data,
+        decision_data,
+        delegation_data,
+        history_data,
+        reservation_data,
+        shadow_data,
+        shadow_report_data,
+        simulation_data,
+        version_data,
+    )
+    from agentpolicy.windows import Period
+except KeyboardInterrupt:  # (only in the agentpolicy command: a program importing this decides)
+    _PROGRAM = os.path.basename((getattr(sys, "argv", None) or [""])[0])
+    if os.path.splitext(_PROGRAM)[0] != "agentpolicy":
+        raise
+    try:  # noqa: SIM105 - contextlib may not be imported yet
+        sys.stderr.write("agentpolicy: interrupted\n")
+    except (OSError, ValueError, AttributeError):  # stderr closed
+        pass
+    raise SystemExit(130) from None
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -802,6 +814,7 @@ class _Output:
         self.stream = stream
         self.as_json = as_json
         self.lost: OSError | None = None
+        self.status = 0  # the exit status of the result emitted (authorize: 3 when not allowed)
         self._shown: tuple[Any, Callable[[Any, TextIO], None]] | None = None
 
     def write(self, text: str) -> None:
@@ -831,6 +844,12 @@ class _Output:
         text = io.StringIO()
         human(show.printable(data), text)
         return text.getvalue()
+
+    def carried_out(self) -> str | None:
+        """The first line of the result, once there is one (else None)."""
+        if self._shown is None:
+            return None
+        return self._human().partition("\n")[0] or "done"
 
     def finish(self, status: int) -> int:
         """The exit status of a command that returned ``status``, its output written or not."""
@@ -936,8 +955,9 @@ def _run(
             _payment(args, engine), dry_run=args.dry_run, requested_by=args.requested_by
         )
         data = decision_data(decision)
+        output.status = 0 if data["allowed"] else EXIT_NOT_ALLOWED
         emit(data, show.print_decision)
-        return 0 if data["allowed"] else EXIT_NOT_ALLOWED
+        return output.status
     elif cmd in ("confirm", "release"):
         emit(_settle(args, engine), _line("{reservationId}: {status}"))
     elif cmd == "budget":
@@ -1093,8 +1113,9 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
         return _demo(output, args.keep)
     if args.command == "policy" and args.action == "validate":
         result = _validate(args.file)
+        output.status = 0 if result["valid"] else EXIT_BAD_INPUT
         emit(result, show.print_problems)
-        return 0 if result["valid"] else EXIT_BAD_INPUT
+        return output.status
     if args.command == "approver" and args.action == "keygen":
         emit(_keygen(args.file), _line("wrote {file} (mode 0600; keep it private)\n"
                                        "public key: {publicKey}"))  # fmt: skip
@@ -1210,7 +1231,17 @@ def _opening_the_store() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
+    try:
+        return _main(argv, out)
+    finally:  # done: a Ctrl-C while the agentpolicy command exits must not kill it by signal
+        if Path((getattr(sys, "argv", None) or [""])[0]).stem == "agentpolicy":  # not imported
+            with contextlib.suppress(ValueError, OSError):  # not the main thread
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: Sequence[str] | None, out: TextIO | None) -> int:
     verbose = False
+    output: _Output | None = None
     try:
         args = _parser().parse_args(argv)
         verbose = args.verbose
@@ -1219,9 +1250,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         output = _Output(sys.stdout if out is None else out, args.json)
         return output.finish(_dispatch(args, output))
-    except KeyboardInterrupt:  # Ctrl-C
-        _say("interrupted")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C; once the command was carried out, it says so
+        done = None if output is None else output.carried_out()
+        if output is None or done is None:
+            _say("interrupted")
+            return EXIT_INTERRUPTED
+        _say(f"interrupted after the command was carried out ({done})")
+        return output.finish(output.status)  # too late to stop it: its own status stands
     except PolicyError as err:
         _say(f"{err.code}: {err.message}")
         return EXIT_BAD_INPUT if err.code == ErrorCode.INVALID_INPUT else EXIT_ERROR
