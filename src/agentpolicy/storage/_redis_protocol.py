@@ -14,6 +14,7 @@ its client, and turns Redis failures into structured errors with
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Generator, Sequence
 from contextvars import ContextVar
 from datetime import timedelta
@@ -79,9 +80,9 @@ def cluster_url(url: str) -> tuple[bool, str]:
         raise _bad_url(exc) from None
     database = parts.path[1:] if parts.path.startswith("/") else parts.path
     if database and not (database.isascii() and database.isdigit()):
+        got = "" if "@" in database else f", got {database[:64]!r}"  # maybe part of a password
         raise PolicyValidationError.single(
-            "$.storage",
-            f"the database of a Redis URL is a number (redis://host:6379/0), got {database[:64]!r}",
+            "$.storage", f"the database of a Redis URL is a number (redis://host:6379/0){got}"
         )
     if cluster and database and int(database) != 0:
         raise PolicyValidationError.single(
@@ -90,9 +91,31 @@ def cluster_url(url: str) -> tuple[bool, str]:
     return cluster, plain
 
 
+_ENCODE = "(a / ? or # in a password is written %2F %3F %23)"
+
+_REASONS = (
+    ("Port could not be cast", f"Port could not be cast to a number {_ENCODE}"),
+    ("Port out of range", "Port out of range 0-65535"),
+    ("port must be in", "Port out of range 0-65535"),
+    ("Invalid IPv6 URL", "Invalid IPv6 URL: a [ is not closed"),
+    ("does not appear to be an IPv4 or IPv6 address", "what is in [ ] is not an IPv6 address"),
+)
+_OPTION = re.compile(r"Invalid value for '[A-Za-z_]{1,64}' in connection URL\.")
+
+
 def _bad_url(exc: ValueError) -> PolicyValidationError:
-    """The error for a Redis URL that cannot be read: the reason, never the URL (a password)."""
-    return PolicyValidationError.single("$.storage", f"not a valid Redis URL: {exc}")
+    """The error for a Redis URL that cannot be read: the reason, never the URL (a password).
+
+    The reasons of ``urllib.parse`` and redis-py quote what they could not
+    read (``Port could not be cast to integer value as 'S3'``: the start of
+    a password holding a ``/``), so they are reworded; an option's name is
+    the only part of the URL repeated.
+    """
+    message = str(exc)
+    reason = next((words for start, words in _REASONS if start in message), None)
+    if reason is None:
+        reason = message if _OPTION.fullmatch(message) else "redis-py cannot read it"
+    return PolicyValidationError.single("$.storage", f"not a valid Redis URL: {reason}")
 
 
 _RESENT: ContextVar[bool] = ContextVar("agentpolicy_redis_resent", default=False)
