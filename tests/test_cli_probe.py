@@ -526,3 +526,23 @@ def test_the_command_ignores_ctrl_c_once_it_is_done(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, env=environment(tmp_path), check=False)  # fmt: skip
     assert done.stdout.splitlines()[-1] == "0 True", done.stderr
+
+
+def test_python_m_agentpolicy_with_a_command_carries_it_out(tmp_path: Path) -> None:
+    """``python -m agentpolicy policy set ...`` printed the sample payments and set nothing."""
+    policy = tmp_path / "p.json"
+    policy.write_text(DAILY)
+    as_module = [sys.executable, "-m", "agentpolicy"]
+    done = subprocess.run([*as_module, "policy", "set", "bot", str(policy)], check=False,
+                          capture_output=True, text=True, env=environment(tmp_path), timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "sample payments" not in done.stdout
+    listed = run(tmp_path, "--json", "policy", "list")
+    assert [p["agentId"] for p in json.loads(listed.stdout)["policies"]] == ["bot"]
+    bad = subprocess.run([*as_module, "policy", "set"], check=False, capture_output=True,
+                         text=True, env=environment(tmp_path), timeout=60)  # fmt: skip
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    samples = subprocess.run(as_module, check=True, capture_output=True, text=True,
+                             env=environment(tmp_path), timeout=60)  # fmt: skip
+    assert samples.stdout.startswith("agentpolicy: the example policy against sample payments")

@@ -1,9 +1,16 @@
-"""``python -m agentpolicy``: decide sample payments against the example policy."""
+"""``python -m agentpolicy``: decide sample payments against the example policy.
+
+With arguments it is the ``agentpolicy`` command (``python -m agentpolicy
+policy set bot policy.json``), so a command given this way is carried out,
+never taken for a request for the samples.
+"""
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 
+from agentpolicy.cli import main as command
 from agentpolicy.cli import silence_stdout
 from agentpolicy.codec import load_policy
 from agentpolicy.examples import example_policy
@@ -69,6 +76,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1:  # a command: what the agentpolicy command does with it
+        sys.exit(command(sys.argv[1:]))
     try:
         main()
     except BrokenPipeError:  # the reader went away (| head)
