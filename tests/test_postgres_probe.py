@@ -131,6 +131,10 @@ BAD_URLS = [
     # a / in a password: libpq reads host "u", port "hunter2/x..." (or a dbname with the rest)
     ("postgresql://u:hunter2/x@h/db", "its @ comes after a /"),
     ("postgresql://u:4242/hunter2@h/db", "its @ comes after a /"),
+    # an @ in a password: libpq reads host "hunter2@h", and its error named that host
+    ("postgresql://u:4242@hunter2@h/db", "holds an @"),
+    ("postgresql://u:hunter2@@h/db", "holds an @"),
+    ("postgresql://u:hun?4242@hunter2@h/db", "holds an @"),
 ]
 
 

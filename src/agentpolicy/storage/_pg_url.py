@@ -158,6 +158,11 @@ def option_problem(conninfo: str, given: Mapping[str, object]) -> str | None:
             "its @ comes after a /, so libpq would read the user and password as the host and "
             "port: write a / in a user name or password (or an @ in a database name) as %2F (%40)"
         )
+    if "@" in authority.partition("@")[2].partition("?")[0]:  # the host libpq would read
+        return (
+            "its user name or password holds an @, so libpq would read the rest as the host: "
+            "write an @ in them as %40"
+        )
     hosts, addrs = params.get("host"), params.get("hostaddr")
     if hosts and addrs and _count(hosts) != _count(addrs):
         return f"{_count(hosts)} hosts but {_count(addrs)} hostaddr values"
@@ -205,15 +210,19 @@ def _numeric_address(addr: str) -> bool:
 def shown_postgres_url(url: str) -> str:
     """``url`` to show in messages: its password and every query value replaced by ``***``.
 
-    The user information ends where libpq ends it, at the first ``@`` before
-    any ``/`` (a password may hold ``?`` or ``#``, which a generic URL
-    parser takes for the query or the fragment, so it would show the
-    password). A user name without a password is replaced too, as
+    The user information ends where libpq ends it, at the first ``@``
+    before any ``/`` (a password may hold ``?`` or ``#``, which a generic
+    URL parser takes for the query or the fragment, so it would show the
+    password), or at the last ``@`` of what would be the host (a password
+    holding ``@``, a URL refused at open). A user name without a password is replaced too, as
     :func:`agentpolicy.urls.redact_url` does.
     """
     scheme, _, rest = url.partition("://")
     authority = rest.partition("/")[0]
-    userinfo, at, _ = authority.partition("@")
+    userinfo, at, host = authority.partition("@")
+    extra = host.partition("?")[0].rfind("@")  # u:S3CRET@pw@host (refused): show no part of it
+    if extra >= 0:
+        userinfo += "@" + host[:extra]
     shown = f"{scheme}://"
     if at:
         user, colon, _ = userinfo.partition(":")
