@@ -364,6 +364,11 @@ def test_an_unreachable_redis_is_storage_unavailable() -> None:
         ("redis://:s3#cret@127.0.0.1:6379/0", "Port could not be cast to a number"),
         ("redis://[s3cret]:6379/0", "not a valid Redis URL: what is in [ ] is not an IPv6"),
         ("redis://u/s3cret@127.0.0.1:6379/0", "the database of a Redis URL is a number"),
+        # an option redis-py passes on to its connection, which refused it at the first call,
+        # reported as damaged stored data (a TypeError)
+        ("redis://127.0.0.1:6379/0?unknown=1", "redis-py knows no option 'unknown'"),
+        ("rediss+cluster://127.0.0.1:7000?sockettimeout=1", "knows no option 'sockettimeout'"),
+        ("redis://127.0.0.1:6379/0?s-3cret=1&client_name=x", "redis-py knows no option of that"),
     ],
 )
 def test_a_redis_url_that_cannot_be_read_is_invalid_input(url: str, message: str) -> None:
@@ -395,3 +400,15 @@ def test_a_redis_database_beyond_the_servers_is_storage_unavailable(redis_url: s
             call()
         assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE  # it was INTERNAL
         assert "no database of the number in the storage URL" in str(err.value)
+
+
+def test_redis_url_options_redis_py_takes_still_open() -> None:
+    from agentpolicy.storage import open_async_storage
+    from agentpolicy.storage._redis_protocol import cluster_url
+
+    for query in ("client_name=x&socket_keepalive=true", "health_check_interval=5&protocol=2",
+                  "ssl_cert_reqs=none&retry_on_timeout=true"):  # fmt: skip
+        for scheme in ("redis", "rediss"):
+            for opener in (open_storage, open_async_storage):
+                opener(f"{scheme}://127.0.0.1:1/0?{query}")  # nothing connects until used
+        cluster_url(f"redis+cluster://127.0.0.1:1?{query}")  # a Cluster client connects at once

@@ -13,6 +13,8 @@ its client, and turns Redis failures into structured errors with
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from collections.abc import Callable, Generator, Sequence
@@ -20,7 +22,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis.exceptions
 from redis.backoff import ExponentialBackoff
@@ -84,6 +86,14 @@ def cluster_url(url: str) -> tuple[bool, str]:
         raise PolicyValidationError.single(
             "$.storage", f"the database of a Redis URL is a number (redis://host:6379/0){got}"
         )
+    given = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    unknown = sorted(given - _known_options())
+    if unknown:
+        name = unknown[0]
+        said = repr(name) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name) else "of that name"
+        raise PolicyValidationError.single(
+            "$.storage", f"not a valid Redis URL: redis-py knows no option {said}"
+        )
     if cluster and database and int(database) != 0:
         raise PolicyValidationError.single(
             "$.storage", f"a Redis Cluster has only database 0, got {database[:64]!r}"
@@ -101,6 +111,28 @@ _REASONS = (
     ("does not appear to be an IPv4 or IPv6 address", "what is in [ ] is not an IPv6 address"),
 )
 _OPTION = re.compile(r"Invalid value for '[A-Za-z_]{1,64}' in connection URL\.")
+
+
+@functools.cache
+def _known_options() -> frozenset[str]:
+    """The options a Redis URL may give: what redis-py's connections and pools take by name.
+
+    redis-py passes an option it does not parse itself to the connection,
+    which refuses a name it does not know only when the first connection is
+    made (a ``TypeError`` that would read as damaged data).
+    """
+    import redis.asyncio.connection as aconn  # noqa: PLC0415 - only when a URL is opened
+    import redis.connection as conn  # noqa: PLC0415
+
+    takers = (conn.AbstractConnection, conn.Connection, conn.SSLConnection, conn.ConnectionPool,
+              conn.BlockingConnectionPool, aconn.AbstractConnection, aconn.Connection,
+              aconn.SSLConnection, aconn.ConnectionPool, aconn.BlockingConnectionPool)  # fmt: skip
+    names = set(conn.URL_QUERY_ARGUMENT_PARSERS)
+    for taker in takers:
+        for name, param in inspect.signature(taker.__init__).parameters.items():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and name != "self":
+                names.add(name)
+    return frozenset(names)
 
 
 def _bad_url(exc: ValueError) -> PolicyValidationError:
