@@ -7,6 +7,7 @@ workers sharing one store; and a late outcome never overwrites a newer one.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -275,6 +276,35 @@ def test_retries_in_other_digits_are_refused_with_the_variable(
     with pytest.raises(PolicyValidationError) as refused:
         endpoints_from_env({**base, **env})
     assert refused.value.path == path
+
+
+@pytest.mark.parametrize("retries", ["x", "9" * 5000, "100", "-1", "1.5", ""])
+def test_retries_that_are_not_0_to_99_say_so_with_the_variable(retries: str) -> None:
+    """They said 'must be an integer, not string' (and '$.maxAttempts' for 100 to 999)."""
+    base = {"AGENT_POLICY_WEBHOOK_URL": "https://h/x", "AGENT_POLICY_WEBHOOK_SECRET": SECRET}
+    if not retries:  # an empty variable is not set: the default
+        assert endpoints_from_env({**base, "AGENT_POLICY_WEBHOOK_RETRIES": retries})
+        return
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env({**base, "AGENT_POLICY_WEBHOOK_RETRIES": retries})
+    assert str(refused.value) == (
+        "$AGENT_POLICY_WEBHOOK_RETRIES: must be a whole number of retries after the first try, "
+        "0 to 99"
+    )
+    listed = {"AGENT_POLICY_WEBHOOKS": json.dumps([{"url": "https://h/x", "secret": SECRET,
+                                                    "retries": retries}])}  # fmt: skip
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env(listed)
+    assert refused.value.path == "$AGENT_POLICY_WEBHOOKS[0].retries"
+
+
+def test_webhooks_nested_too_deeply_are_invalid_input() -> None:
+    """100,000 nested lists raised RecursionError (INTERNAL in the CLI and the MCP server)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env({"AGENT_POLICY_WEBHOOKS": deep})
+    assert refused.value.path == "$AGENT_POLICY_WEBHOOKS"
+    assert "nested too deeply" in str(refused.value)
 
 
 def test_events_that_are_not_names_are_refused_with_their_path() -> None:

@@ -243,8 +243,14 @@ def _endpoint(raw: object, path: str) -> WebhookEndpoint:
     attempts = raw.get("maxAttempts", 15)
     if "retries" in raw:
         retries = raw["retries"]
-        digits = isinstance(retries, int | str) and re.fullmatch(r"[0-9]{1,3}", str(retries))
-        attempts = int(retries) + 1 if digits else retries
+        digits = (isinstance(retries, int) and not isinstance(retries, bool)) or (
+            isinstance(retries, str) and re.fullmatch(r"[0-9]{1,3}", retries)
+        )
+        if not digits or not 0 <= int(retries) <= 99:
+            raise PolicyValidationError.single(
+                f"{path}.retries", "must be a whole number of retries after the first try, 0 to 99"
+            )
+        attempts = int(retries) + 1
     try:
         return WebhookEndpoint(
             url=raw.get("url"),  # type: ignore[arg-type]
@@ -286,6 +292,10 @@ def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEnd
             parsed = json.loads(listed)
         except ValueError:
             raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "is not JSON") from None
+        except RecursionError:  # nested deeper than the parser goes
+            raise PolicyValidationError.single(
+                "$AGENT_POLICY_WEBHOOKS", "is nested too deeply (a list of endpoint objects)"
+            ) from None
         if not isinstance(parsed, list):
             raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "must be a JSON list")
         try:
@@ -320,6 +330,7 @@ _SINGLE_VARIABLES = {
     "$.events": "$AGENT_POLICY_WEBHOOK_EVENTS",
     "$.timeout": "$AGENT_POLICY_WEBHOOK_TIMEOUT",
     "$.maxAttempts": "$AGENT_POLICY_WEBHOOK_RETRIES",
+    "$.retries": "$AGENT_POLICY_WEBHOOK_RETRIES",
 }
 
 
