@@ -83,6 +83,18 @@ def test_the_state_dir_follows_xdg_and_is_created_0700(
     assert (state / "agentpolicy" / "agentpolicy.db").is_file()
 
 
+@pytest.mark.parametrize("relative", ["state", "./state", "~/state"])
+def test_a_relative_xdg_state_home_is_ignored(
+    relative: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was used as it was: the store moved with the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", relative)
+    monkeypatch.chdir(tmp_path)
+    expected = tmp_path / "home" / ".local" / "state" / "agentpolicy" / "agentpolicy.db"
+    assert default_db_path() == expected
+
+
 def test_the_db_folder_is_created_0700_and_existing_folders_are_left_alone(
     tmp_path: Path,
 ) -> None:

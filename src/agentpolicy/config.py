@@ -78,11 +78,16 @@ def parse_duration(raw: str, name: str) -> timedelta:
 
 
 def default_db_path() -> Path:
-    """The SQLite file in the user's state directory, so budgets survive a restart."""
+    """The SQLite file in the user's state directory, so budgets survive a restart.
+
+    ``$XDG_STATE_HOME`` when it is an absolute path, else ``~/.local/state``:
+    a relative one would make the store depend on the current directory.
+    """
     if sys.platform == "win32":  # pragma: no cover - not run in CI
         base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    else:
-        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    else:  # a relative XDG_STATE_HOME is invalid (XDG Base Directory): ignored, as it says
+        given = os.environ.get("XDG_STATE_HOME") or ""
+        base = Path(given) if os.path.isabs(given) else Path.home() / ".local" / "state"
     return base / "agentpolicy" / "agentpolicy.db"
 
 
