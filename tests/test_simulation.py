@@ -304,3 +304,12 @@ def test_simulate_checks_its_input(backend: Backend) -> None:
     with pytest.raises(PolicyError) as err:
         engine.simulate("agent-1", {}, since=datetime(2026, 1, 1))
     assert (err.value.code, err.value.path) == ("INVALID_INPUT", "$.since")
+    clock = ManualClock()
+    engine = backend.engine(clock)
+    engine.set_policy("agent-1", {})
+    later = clock.now + timedelta(microseconds=1)  # a report 'from 2999 to 2026' ran backwards
+    with pytest.raises(PolicyError) as err:
+        engine.simulate("agent-1", {}, since=later)
+    assert (err.value.code, err.value.path) == ("INVALID_INPUT", "$.since")
+    assert "must not be after now" in err.value.message
+    assert engine.simulate("agent-1", {}, since=clock.now).payments == 0  # now itself: empty

@@ -1488,6 +1488,10 @@ class PolicyEngine(Voting):
             start = now - since
         elif isinstance(since, datetime) and since.utcoffset() is not None:
             start = since
+            if start > now:  # nothing to replay: a report from then to now would run backwards
+                raise PolicyValidationError.single(
+                    "$.since", f"must not be after now ({now.isoformat()} on this engine's clock)"
+                )
         else:
             raise PolicyValidationError.single(
                 "$.since", "must be a timezone-aware datetime or a timedelta"
