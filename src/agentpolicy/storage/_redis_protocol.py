@@ -172,7 +172,8 @@ def noting(fail: Callable[..., T]) -> Callable[..., T]:
     """``fail`` (redis-py's handler of a failed attempt), noting that an attempt failed."""
 
     def noted(error: Exception, *count: int) -> T:
-        _RESENT.set(True)
+        if _refusal(error) is None:  # a refused login ran nothing: it got an answer
+            _RESENT.set(True)
         return fail(error, *count)
 
     return noted
@@ -207,6 +208,9 @@ def unreachable(exc: BaseException) -> PolicyError:
     """A client that could not even be made: a bad option in its URL, or a host it cannot reach."""
     if isinstance(exc, ValueError):  # redis-py read an option of the URL and refused it
         return _bad_url(exc)
+    refused = _refusal(exc)  # a Cluster's client logs in as it is made
+    if refused is not None:
+        return StorageUnavailableError(f"{refused[1]}; {NOTHING_CHANGED}")
     return StorageUnavailableError(f"cannot reach Redis: {type(exc).__name__}")
 
 
@@ -245,7 +249,24 @@ def failure(
     while the first one ran. Only :class:`NoTurn` is certainly before any.
     On one node the same holds when ``again`` (:func:`resent`): an attempt
     of the commit failed without an answer before the refusal came.
+
+    A refused login or permission (:func:`_refusal`) is such a refusal: Redis
+    ran nothing of the command it refused. Its message says which, never
+    what the URL holds; a command the commit script runs refused inside it
+    may follow the script's first writes (Redis undoes none of them).
     """
+    refusal = _refusal(exc)
+    if refusal is not None:
+        kind, words = refusal
+        if kind == "script":
+            return StorageUnavailableError(
+                f"{words}: the script may have written part of this change before it, since "
+                "Redis undoes none of a script's writes; give the store's user every command "
+                "of @read, @write and @scripting"
+            )
+        if writing and (cluster or again):
+            return _unknown(exc, refused=words, cluster=cluster)
+        return StorageUnavailableError(f"{words}; {NOTHING_CHANGED}")
     if isinstance(exc, redis.exceptions.RedisClusterException):
         if writing:
             return _unknown(exc)
@@ -294,11 +315,104 @@ def failure(
     )
 
 
-def _unknown(exc: BaseException) -> StorageUnavailableError:
+def _unknown(
+    exc: BaseException, *, refused: str | None = None, cluster: bool = False
+) -> StorageUnavailableError:
+    if refused is None:
+        said = f"Redis did not answer ({type(exc).__name__}), so whether this change was recorded"
+    else:  # the refusal answered an attempt sent again: an earlier one may have run
+        who = "the Cluster client may have sent" if cluster else "the client sent"
+        said = (
+            f"{refused}, but {who} this change before, in an attempt that got no answer "
+            "and may have run, so whether it was recorded"
+        )
     return StorageUnavailableError(
-        f"Redis did not answer ({type(exc).__name__}), so whether this change was "
-        "recorded is unknown: a reservation it made expires by itself, and the "
+        f"{said} is unknown: a reservation it made expires by itself, and the "
         "same idempotency key answers the first decision"
+    )
+
+
+NOTHING_CHANGED = "nothing was allowed or changed"
+
+_LOGIN = (  # (what the refusal says, what it means), first match wins
+    ("NOAUTH", "the server requires a password and the storage URL gives none (NOAUTH)"),
+    ("WRONGPASS", "the user name or password in the storage URL is wrong, or the user is "
+                  "disabled (WRONGPASS)"),
+    ("invalid password", "the password in the storage URL is wrong (invalid password)"),
+    ("without any password configured", "the storage URL gives a password and the server "
+                                        "has none configured"),
+    ("no password is set", "the storage URL gives a password and the server has none set"),
+    ("wrong number of arguments", "the server takes no user name with a password (AUTH "
+                                  "before Redis 6)"),
+)  # fmt: skip
+
+_LOGIN_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(redis.exceptions, name)
+    for name in (
+        "AuthenticationError",
+        "AuthenticationWrongNumberOfArgsError",
+        "AuthorizationError",
+    )
+    if hasattr(redis.exceptions, name)  # AuthorizationError: only in newer redis-py
+)
+
+_CATEGORY = {
+    **dict.fromkeys(("get", "hget", "hmget", "zrangebyscore", "lrange", "lindex", "smembers",
+                     "exists", "scan", "type"), "@read"),
+    **dict.fromkeys(("evalsha", "eval", "script", "script|load", "script|exists"), "@scripting"),
+    **dict.fromkeys(("set", "del", "hset", "hincrby", "pexpire", "persist", "zadd", "zrem",
+                     "incr", "lpush", "ltrim", "rpop"), "@write"),
+}  # fmt: skip
+"""The category of each command the stores send (or their script runs), to name in a refusal."""
+
+_COMMAND = re.compile(r"run the '([A-Za-z][A-Za-z0-9_|.-]{0,63})' command")
+
+
+def _refusal(exc: BaseException) -> tuple[str, str] | None:
+    """What a refused login or permission means, as ``(kind, words)``; ``None`` if not one.
+
+    ``kind`` is ``"login"`` (the connection's ``AUTH`` was refused, or a
+    command was answered ``NOAUTH``), ``"permission"`` (``NOPERM``: the
+    user may not run that command or touch those keys) or ``"script"`` (a
+    command inside the commit script was refused). Either way Redis ran
+    nothing of the command it refused. The words come from a fixed list
+    (and a command's name), never from the URL: no password can show.
+    A Cluster's client that could not log in to any node raises a
+    ``RedisClusterException`` caused by the refusal, which is looked at.
+    """
+    seen = 0
+    while isinstance(exc, redis.exceptions.RedisClusterException) and seen < 5:
+        cause = exc.__cause__ or exc.__context__
+        if cause is None:
+            return None
+        exc, seen = cause, seen + 1
+    if not isinstance(exc, redis.exceptions.RedisError):
+        return None
+    text = str(exc)
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    login = isinstance(exc, _LOGIN_ERRORS) or code in ("NOAUTH", "WRONGPASS")
+    if login:
+        reason = next((words for mark, words in _LOGIN if mark in text or mark == code), None)
+        return "login", f"Redis refused the login: {reason or type(exc).__name__}"
+    named = _COMMAND.search(text)
+    command = named.group(1).lower() if named else None
+    what = f"'{command}'" if command else "a command"
+    note = f"; a command of {_CATEGORY[command]}" if command in _CATEGORY else ""
+    if "can't run this command or subcommand" in text or "ACL failure in script" in text:
+        return (
+            "script",
+            f"Redis refused the store's user {what} inside the commit script (ACL{note})",
+        )
+    if not (isinstance(exc, redis.exceptions.NoPermissionError) or code == "NOPERM"):
+        return None
+    if command is None and "key" in text:
+        return "permission", (
+            "Redis refused the store's user access to its keys (NOPERM: the user's key "
+            "patterns do not cover the key prefix)"
+        )
+    return (
+        "permission",
+        f"Redis refused the store's user the permission to run {what} (NOPERM{note})",
     )
 
 

@@ -144,10 +144,11 @@ class RedisStorage:
 
     def guard(self, call: Callable[[], T], *, writing: bool = False) -> T:
         """Run a Redis call; turn Redis failures into structured errors."""
+        rp.first_attempt()
         try:
             return call()
         except rp.FAILURES as exc:
-            raise rp.failure(exc, writing=writing) from None
+            raise rp.failure(exc, writing=writing, again=rp.resent()) from None
 
     def drive(self, steps: rp.Steps[T]) -> T:
         """Run an operation of :mod:`~agentpolicy.storage._redis_protocol`: send what it asks."""
