@@ -39,6 +39,7 @@ try:  # the command's modules, most of its start-up: Ctrl-C there is said as any
     from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
     from agentpolicy import __version__
+    from agentpolicy import _json as bounded_json
     from agentpolicy import cli_output as show
     from agentpolicy._checks import check_identifier, person, raise_if
     from agentpolicy.amounts import DEFAULT_DECIMALS, DEFAULT_SYMBOL, parse_units
@@ -506,10 +507,10 @@ def _read_policy(file: str) -> Any:
         raise PolicyValidationError.single("$.file", f"cannot read {file}: {reason}") from None
     text = text.removeprefix("\ufeff")  # a byte order mark (Notepad): RFC 8259 lets readers skip it
     try:
-        document = json.loads(
+        document = bounded_json.loads(
             text, object_pairs_hook=_object, parse_int=_number, parse_constant=_not_json
         )
-    except RecursionError:
+    except (bounded_json.TooDeepError, RecursionError):
         raise PolicyValidationError.single("$.file", f"{file} is nested too deeply") from None
     except _LongNumberError:
         raise PolicyValidationError.single(

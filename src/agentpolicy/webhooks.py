@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 import re
 import time
@@ -43,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 
 import attrs
 
+from agentpolicy import _json as bounded_json
 from agentpolicy._checks import check_int, type_name
 from agentpolicy.codec import format_instant
 from agentpolicy.durations import parse_duration
@@ -289,13 +289,13 @@ def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEnd
     listed = env.get("AGENT_POLICY_WEBHOOKS", "").strip()
     if listed:
         try:
-            parsed = json.loads(listed)
-        except ValueError:
-            raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "is not JSON") from None
-        except RecursionError:  # nested deeper than the parser goes
+            parsed = bounded_json.loads(listed)
+        except (bounded_json.TooDeepError, RecursionError):
             raise PolicyValidationError.single(
                 "$AGENT_POLICY_WEBHOOKS", "is nested too deeply (a list of endpoint objects)"
             ) from None
+        except ValueError:
+            raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "is not JSON") from None
         if not isinstance(parsed, list):
             raise PolicyValidationError.single("$AGENT_POLICY_WEBHOOKS", "must be a JSON list")
         try:

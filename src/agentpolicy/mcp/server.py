@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from agentpolicy import _json as bounded_json
 from agentpolicy._checks import check_identifier, check_record_id, person, raise_if, type_name
 from agentpolicy.codec import dump_policy, format_instant, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
@@ -660,8 +661,8 @@ def _write_cursor(key: list[str]) -> str:
 
 def _read_cursor(cursor: str) -> list[str]:
     try:
-        key = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, binascii.Error):
+        key = bounded_json.loads(base64.urlsafe_b64decode(cursor.encode()).decode())
+    except (ValueError, binascii.Error, RecursionError):  # TooDeepError, UnicodeDecodeError too
         key = None
     if not isinstance(key, list) or not all(isinstance(k, str) for k in key):
         raise PolicyValidationError.single(
