@@ -10,6 +10,7 @@ defect found here.
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import pytest
 from agentpolicy import (
     Code,
     ConflictError,
+    ErrorCode,
     NotFoundError,
     PolicyEngine,
     PolicyError,
@@ -741,3 +743,53 @@ def test_bad_rollout_calls_are_refused_and_change_nothing(
         [(h.event, h.seq) for h in engine.history("bot")],
     )
     assert after == before
+
+
+def test_promote_with_set_at_promotes_only_the_shadow_that_was_reviewed(backend: Backend) -> None:
+    """A shadow replaced between review and promotion was promoted: a daily 100,000, not 50."""
+    clock = ManualClock()
+    admin_a, admin_b = backend.engine(clock), backend.engine(clock)
+    admin_a.set_policy("bot", {"limits": {"daily": {"value": "100"}}})
+    reviewed = admin_a.set_shadow_policy("bot", {"limits": {"daily": {"value": "50"}}})
+    clock.advance(seconds=1)
+    admin_b.set_shadow_policy("bot", {"limits": {"daily": {"value": "100000"}}})  # not reviewed
+    for force in (False, True):
+        with pytest.raises(PolicyError) as err:
+            admin_a.promote_shadow_policy("bot", force=force, set_at=reviewed.set_at)
+        assert err.value.code == ErrorCode.SHADOW_OUTDATED
+        assert "was replaced since" in err.value.message
+    assert admin_a.get_policy("bot").version == 1  # type: ignore[union-attr]
+    current = admin_a.get_shadow_policy("bot")
+    assert current is not None
+    assert admin_a.promote_shadow_policy("bot", set_at=current.set_at) == 2
+    with pytest.raises(PolicyError) as err:
+        admin_a.promote_shadow_policy("bot", set_at=datetime(2026, 1, 1))  # naive
+    assert (err.value.code, err.value.path) == (ErrorCode.INVALID_INPUT, "$.setAt")
+
+
+def test_promote_with_set_at_over_mcp_and_the_command_line(tmp_path: Path) -> None:
+    from agentpolicy import cli
+    from agentpolicy.codec import format_instant
+    from agentpolicy.storage import SQLiteStorage
+
+    db = tmp_path / "p.db"
+    engine = PolicyEngine(storage=SQLiteStorage(str(db)))
+    engine.set_policy("bot", {})
+    first = engine.set_shadow_policy("bot", {"limits": {"daily": {"value": "50"}}})
+    engine.set_shadow_policy("bot", {"limits": {"daily": {"value": "100000"}}})
+    admin = AgentPolicyMcpServer(engine=engine, role="admin")
+    stale = {"agentId": "bot", "setAt": format_instant(first.set_at)}
+    answer = admin.call("agent_policy_shadow_promote", stale)
+    assert answer["error"]["code"] == "SHADOW_OUTDATED"
+    bad = admin.call("agent_policy_shadow_promote", {"agentId": "bot", "setAt": "yesterday"})
+    assert (bad["error"]["code"], bad["error"]["path"]) == ("INVALID_INPUT", "$.setAt")
+    engine.close()
+    args = ["--db", str(db), "policy", "shadow", "promote", "bot", "--set-at", stale["setAt"]]
+    assert cli.main(args, out=io.StringIO()) == 1  # a conflict: nothing promoted
+    current = PolicyEngine(storage=SQLiteStorage(str(db)))
+    now = current.get_shadow_policy("bot")
+    assert now is not None
+    assert current.get_policy("bot").version == 1  # type: ignore[union-attr]
+    current.close()
+    args[-1] = format_instant(now.set_at)
+    assert cli.main(args, out=io.StringIO()) == 0

@@ -335,13 +335,17 @@ class AsyncPolicyEngine:
         """What the shadow would have decided (:meth:`PolicyEngine.shadow_report`)."""
         return await self._flow(self._engine._shadow_report, agent_id, limit)
 
-    async def promote_shadow_policy(self, agent_id: str, *, force: bool = False) -> int:
+    async def promote_shadow_policy(
+        self, agent_id: str, *, force: bool = False, set_at: datetime | None = None
+    ) -> int:
         """Make the shadow the live policy; return the new version.
 
         Refused with ``SHADOW_OUTDATED`` when another version went live after
         the shadow was set, unless ``force`` (:meth:`PolicyEngine.promote_shadow_policy`).
         """
-        return await self._flow(self._engine._promote_shadow_policy, agent_id, force=force)
+        return await self._flow(
+            self._engine._promote_shadow_policy, agent_id, force=force, set_at=set_at
+        )
 
     async def clear_shadow_policy(self, agent_id: str) -> ShadowReport:
         """Remove the shadow policy; return its last report."""

@@ -239,6 +239,10 @@ def _add_rollout_commands(policy: _Commands) -> None:
         "--force", action="store_true", help="promote even when another version went live "
         "after the shadow was set (it would undo that version)",
     )  # fmt: skip
+    sp.add_argument(
+        "--set-at", metavar="INSTANT", help="promote only the shadow set at this instant (its "
+        "setAt, as report shows it): one set since is refused",
+    )  # fmt: skip
     shadow.add("clear", "remove the shadow; print its last report").add_argument("agent")
     sim = policy.add("simulate", "replay recorded payments against a candidate policy file")
     sim.add_argument("agent")
@@ -895,7 +899,8 @@ def _shadow(args: argparse.Namespace, engine: PolicyEngine, emit: Emit) -> None:
         limit = _check_limit(args.limit)
         emit(shadow_report_data(engine.shadow_report(args.agent, limit)), show.print_shadow_report)
     elif verb == "promote":
-        version = engine.promote_shadow_policy(args.agent, force=args.force)
+        set_at = None if args.set_at is None else parse_instant(args.set_at, "$.setAt")
+        version = engine.promote_shadow_policy(args.agent, force=args.force, set_at=set_at)
         emit({"agentId": args.agent, "version": version},
              _line("shadow policy of {agentId} promoted: it is now version {version}"))  # fmt: skip
     else:

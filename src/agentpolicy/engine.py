@@ -1408,7 +1408,9 @@ class PolicyEngine(Voting):
             self._shadow_record(agent_id, doc), total, live, shadow, flips, differences
         )
 
-    def promote_shadow_policy(self, agent_id: str, *, force: bool = False) -> int:
+    def promote_shadow_policy(
+        self, agent_id: str, *, force: bool = False, set_at: datetime | None = None
+    ) -> int:
         """Make the shadow the live policy (a new version) and remove it, in one commit.
 
         Returns the new version. Checked like :meth:`set_policy`. Raises
@@ -1417,18 +1419,28 @@ class PolicyEngine(Voting):
         live after the shadow was set (a ``set_policy``, a rollback, a
         delegation), since promoting would silently undo that version (an
         emergency ``"enabled": false``, say). ``force=True`` promotes anyway.
+        ``set_at`` (the ``set_at`` of the shadow that was reviewed) promotes
+        only that shadow: one set since, by another administrator, is
+        ``SHADOW_OUTDATED`` too, ``force`` or not.
         """
-        return self._drive(self._promote_shadow_policy(agent_id, force=force))
+        return self._drive(self._promote_shadow_policy(agent_id, force=force, set_at=set_at))
 
-    def _promote_shadow_policy(self, agent_id: str, *, force: bool = False) -> Flow[int]:
+    def _promote_shadow_policy(
+        self, agent_id: str, *, force: bool = False, set_at: datetime | None = None
+    ) -> Flow[int]:
         raise_if(check_identifier(agent_id, "$.agentId"))
         if type(force) is not bool:
             raise PolicyValidationError.single("$.force", "must be true or false")
+        if set_at is not None and not (
+            isinstance(set_at, datetime) and set_at.utcoffset() is not None
+        ):
+            raise PolicyValidationError.single("$.setAt", "must be a timezone-aware datetime")
         now = self._now()
         shard = yield from self._shard(agent_id)
         step = rollout.promote_shadow(
-            self.config, shard, agent_id, now, self._policy, self._shadow, force=force
-        )
+            self.config, shard, agent_id, now, self._policy, self._shadow, force=force,
+            set_at=None if set_at is None else micros(set_at),
+        )  # fmt: skip
         result: Body = yield Run(shard, step, at=micros(now))
         version: int = result["version"]
         with self._policies_lock:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
+from agentpolicy.codec import format_instant
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError, PolicyValidationError
 from agentpolicy.ledger import keys, trees
 from agentpolicy.ledger.docs import Body
@@ -40,7 +41,7 @@ from agentpolicy.policy import AgentPolicy, ScopedLimit
 from agentpolicy.records import Delegation
 from agentpolicy.rules import Assessment, BookKey, Verdict, assess, judge, windows_for
 from agentpolicy.shadow import OUTCOMES, outcome_of, tally_pairs
-from agentpolicy.storage._time import micros
+from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 from agentpolicy.windows import Window
 
@@ -454,6 +455,7 @@ def promote_shadow(
     source: ShadowSource,
     *,
     force: bool = False,
+    set_at: int | None = None,
 ) -> Step:
     """Make the shadow the agent's live policy (a new version) and remove it, in one commit.
 
@@ -461,8 +463,10 @@ def promote_shadow(
     version. A shadow set beside an older version than the live one (a
     version set, rolled back or delegated since) is refused with
     ``SHADOW_OUTDATED`` unless ``force``: promoting it would silently undo
-    that later version. The result is ``{"version": new version, "doc": the
-    shadow}``.
+    that later version. With ``set_at`` (microseconds), only the shadow set
+    at that instant is promoted: one set since (another candidate, which
+    nobody reviewed) is ``SHADOW_OUTDATED``, ``force`` or not. The result is
+    ``{"version": new version, "doc": the shadow}``.
     """
 
     def step(view: View, txn: Txn) -> None:
@@ -471,6 +475,13 @@ def promote_shadow(
         doc = view.doc(name)
         if doc is None or head.body.get("sh") != doc["id"]:
             raise _no_shadow(agent)
+        if set_at is not None and doc["at"] != set_at:
+            was, asked = format_instant(instant(doc["at"])), format_instant(instant(set_at))
+            raise ConflictError(
+                f"the shadow policy of agent {agent} was set at {was}, not at {asked}: it was "
+                "replaced since; report on it and promote it with its own setAt",
+                code=ErrorCode.SHADOW_OUTDATED,
+            )
         shadow = source(agent, doc)
         _same_parent(agent, shadow, policies(agent, head.body["pv"], view))
         if doc["pv"] != head.body["pv"] and not force:

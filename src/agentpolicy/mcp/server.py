@@ -607,7 +607,10 @@ class AgentPolicyMcpServer:
 
     def _shadow_promote(self, a: dict[str, Any]) -> dict[str, Any]:
         self._check_agent(a["agentId"])
-        version = self.engine.promote_shadow_policy(a["agentId"], force=a.get("force", False))
+        set_at = None if a.get("setAt") is None else parse_instant(a["setAt"], "$.setAt")
+        version = self.engine.promote_shadow_policy(
+            a["agentId"], force=a.get("force", False), set_at=set_at
+        )
         return {"agentId": a["agentId"], "version": version}
 
     def _shadow_clear(self, a: dict[str, Any]) -> dict[str, Any]:

@@ -880,8 +880,10 @@ TOOLS += (
         "Administrators only: make the agent's shadow policy its live policy (a new version) "
         "and remove the shadow, in one step. Returns the new version. Refused with "
         "SHADOW_OUTDATED when the live policy changed after the shadow was set (it would undo "
-        "that change, an emergency stop say); force: true promotes anyway.",
-        _schema({"agentId": _AGENT, "force": {"type": "boolean"}}, ["agentId"]),
+        "that change, an emergency stop say); force: true promotes anyway. setAt (the setAt "
+        "of the shadow you reviewed) promotes only that shadow: one set since is "
+        "SHADOW_OUTDATED.",
+        _schema({"agentId": _AGENT, "force": {"type": "boolean"}, "setAt": _INSTANT}, ["agentId"]),
         _object({"agentId": _TEXT, "version": _VERSION}),
         Annotations("Promote a shadow policy", read_only=False, destructive=True, idempotent=False),
         admin_only=True,
