@@ -13,7 +13,9 @@ only once a checkpoint has caught up with every commit, which a checkpoint
 beside busy writers rarely does; so at 10,000 WAL pages (as before) a commit
 still checkpoints, and finds only the few pages the thread has not copied.
 Each thread has its own connection. A ``schema_version`` table records the
-layout; files of agentpolicy 0.1 (schema 2) are converted when opened.
+layout; files of agentpolicy 0.1 (schema 2) are converted when opened. A file
+holding tables, none of them agentpolicy's schema (another program's
+database), is refused by the first open before anything writes to it.
 
 The file is created readable by its owner only (0600; SQLite gives its
 ``-wal`` and ``-shm`` files the same mode).
@@ -28,10 +30,10 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agentpolicy.errors import ErrorCode, PolicyError, StorageUnavailableError
 from agentpolicy.storage.base import (
@@ -49,6 +51,8 @@ from agentpolicy.storage.base import (
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
 
 SCHEMA_VERSION = 3
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -80,6 +84,30 @@ CREATE TABLE IF NOT EXISTS ops (
 CREATE TABLE IF NOT EXISTS sequence (n INTEGER NOT NULL);
 """
 
+_LAYOUT = {
+    "schema_version": "version",
+    "docs": "name version body expires",
+    "idx": "ix member score",
+    "logs": "seq log at body",
+    "ops": "op at result",
+    "sequence": "n",
+}
+"""The tables of schema 3, each with its columns."""
+_LAYOUT_V01 = {
+    "schema_version": "version",
+    "policies": "agent_id version body updated_at",
+    "current_policies": "agent_id version",
+    "counters": "agent_id window_key window_end decimals spent reserved",
+    "reservations": "id agent_id status expires_at body",
+    "approvals": "id agent_id status created_at body",
+    "history": "seq agent_id body",
+    "idempotency": "agent_id key created_at fingerprint record",
+    "outbox": "seq id endpoint_id status body",
+}
+"""The tables of agentpolicy 0.1 (schema 1 had no ``outbox``), each with its columns."""
+_COLUMNS = {name: frozenset(columns.split()) for name, columns in (_LAYOUT_V01 | _LAYOUT).items()}
+_V01_CORE = frozenset(_LAYOUT_V01) - {"outbox"}
+
 _TRIM_EVERY = 64
 _PRUNE_EVERY = 10_000
 _CHECKPOINT_EVERY = 100
@@ -91,6 +119,36 @@ _FALLBACK_AUTOCHECKPOINT = 10_000
 def _busy(exc: sqlite3.Error) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
+
+
+def _not_ours(conn: sqlite3.Connection) -> list[str]:
+    """The tables and views of the file that are not agentpolicy's, when it is not agentpolicy's.
+
+    Empty when the file holds nothing yet, the tables of schema 3 or of 0.1
+    (beside any someone added), or only some of agentpolicy's tables (a first
+    open cut short), each with its columns: a table named as one of
+    agentpolicy's but without them is another program's. Only reads; one
+    statement unless some but not all of agentpolicy's tables are there.
+    """
+    rows = conn.execute(
+        "SELECT type, name, rootpage FROM sqlite_master WHERE type IN ('table', 'view')"
+    ).fetchall()
+    tables = {name for kind, name, root in rows if kind == "table" and root}  # not virtual
+    if tables >= _LAYOUT.keys() or tables >= _V01_CORE:
+        return []
+    others: list[str] = []
+    for kind, name, _ in rows:
+        if kind == "view":
+            others.append(f"view {name[:64]!r}")
+        elif name in tables and name in _COLUMNS:
+            have = {
+                row[0] for row in conn.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            }
+            if not _COLUMNS[name] <= have:
+                others.append(f"{name[:64]!r} (other columns)")
+        elif not name.startswith("sqlite_"):  # SQLite's own (sqlite_sequence, sqlite_stat1)
+            others.append(f"{name[:64]!r}{' (other columns)' if name in _COLUMNS else ''}")
+    return others
 
 
 class _SQLiteSession:
@@ -300,7 +358,8 @@ class SQLiteStorage:
 
     Shared safely by threads and by processes on the same machine. Raises
     :class:`~agentpolicy.errors.StorageUnavailableError` when the file cannot
-    be opened, is not a database, or its lock stays busy past
+    be opened, is not a database, holds another program's tables (and not
+    agentpolicy's: it is left as it was), or its lock stays busy past
     ``busy_timeout`` (``busy_retries`` retries with jitter fit within it).
     """
 
@@ -341,58 +400,83 @@ class SQLiteStorage:
         with contextlib.suppress(OSError):  # a missing folder is reported by connect()
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, *, first: bool = False) -> sqlite3.Connection:
+        """The calling thread's connection; ``first``: the storage's first, which checks the file.
+
+        The first refuses a file that holds another program's tables before
+        anything writes to it (switching to WAL writes the file's header).
+        """
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            # connect() sets the busy timeout, in whole milliseconds as PRAGMA busy_timeout did
+            ms = int(self._busy_timeout / timedelta(milliseconds=1))
             try:
                 conn = sqlite3.connect(
                     self.path,
                     isolation_level=None,
-                    timeout=self._busy_timeout.total_seconds(),
+                    timeout=(ms + 0.5) / 1000,
                     check_same_thread=False,
                 )
-                conn.execute(
-                    f"PRAGMA busy_timeout = {int(self._busy_timeout / timedelta(milliseconds=1))}"
-                )
-                self._wal(conn)
+            except sqlite3.Error as exc:
+                raise StorageUnavailableError(
+                    f"cannot open SQLite database {self.path}: {exc}"
+                ) from None
+            try:
+                if first:
+                    self._refuse_foreign(conn)
+                self._patiently(lambda: conn.execute("PRAGMA journal_mode = WAL"))
                 conn.execute("PRAGMA synchronous = NORMAL")
                 # The checkpoint thread copies pages as commits come; at 10,000 WAL pages
                 # (about 40 MB) a commit copies what is left, and the WAL starts over.
                 conn.execute(f"PRAGMA wal_autocheckpoint = {_FALLBACK_AUTOCHECKPOINT}")
             except sqlite3.Error as exc:
+                conn.close()
                 raise StorageUnavailableError(
                     f"cannot open SQLite database {self.path}: {exc}"
                 ) from None
+            except BaseException:
+                conn.close()  # SQLite removes the -wal and -shm it made for a file in WAL mode
+                raise
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
         return conn
 
-    def _wal(self, conn: sqlite3.Connection) -> None:
-        """Put the file in WAL mode, retrying within ``busy_timeout`` while another holds it.
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
+        """Refuse a file that holds tables, none of them agentpolicy's schema, changing nothing."""
+        others = self._patiently(lambda: _not_ours(conn))
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if others[5:] else "")
+            raise StorageUnavailableError(
+                f"SQLite database {self.path} holds another program's tables ({shown}) and "
+                "not agentpolicy's: agentpolicy keeps its data in a file of its own (a new or "
+                "empty one) and left this one as it was"
+            )
+
+    def _patiently(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` on opening, retrying within ``busy_timeout`` while another holds the file.
 
         Switching a file to WAL answers "database is locked" at once, without
         SQLite's busy handler, while another connection holds it (many
         processes opening a new file together): retried with jitter, each
-        wait within what is left of ``busy_timeout``.
+        wait within what is left of ``busy_timeout``. Reading the tables of a
+        file that another process is switching to WAL is retried alike.
         """
         limit = self._busy_timeout.total_seconds()
         started = time.monotonic()
         attempt = 0
         while True:
             try:
-                conn.execute("PRAGMA journal_mode = WAL")
+                return work()
             except sqlite3.OperationalError as exc:
                 left = limit - (time.monotonic() - started)
                 if not _busy(exc) or left <= 0:
                     raise
-            else:
-                return
             time.sleep(min(left, random.uniform(0, 0.002 * 2 ** min(attempt, 8))))  # noqa: S311
             attempt += 1
 
     def _init_schema(self) -> None:
-        conn = self._connection()
+        conn = self._connection(first=True)
         for attempt in range(self._busy_retries + 1):
             try:
                 conn.executescript(_SCHEMA)  # idempotent: every statement is IF NOT EXISTS
