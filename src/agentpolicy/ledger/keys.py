@@ -194,7 +194,10 @@ def shadow(agent_id: str) -> str:
 
     ``{"policy": JSON form, "at": set (us), "id": serial, "pv": live version
     when set, "n": {"LIVE>SHADOW": payments}}``; the head's ``"sh"`` holds
-    the serial while a shadow is set.
+    the serial while a shadow is set. Never deleted: once a shadow ends it
+    holds ``{"id": ""}``, so its version only grows (a document deleted and
+    written again would start at version 1, which an optimistic store's
+    cached copy of the old one could pass for).
     """
     return "sp/" + _esc(agent_id)
 
