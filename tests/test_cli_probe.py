@@ -546,3 +546,18 @@ def test_python_m_agentpolicy_with_a_command_carries_it_out(tmp_path: Path) -> N
     samples = subprocess.run(as_module, check=True, capture_output=True, text=True,
                              env=environment(tmp_path), timeout=60)  # fmt: skip
     assert samples.stdout.startswith("agentpolicy: the example policy against sample payments")
+
+
+def test_options_are_never_abbreviated(here: Path) -> None:
+    """'--forc' was taken for '--force', '--dry' for '--dry-run': a guess at what was meant."""
+    policy = here / "p.json"
+    policy.write_text(DAILY)
+    assert main("policy", "set", "bot", str(policy))[0] == 0
+    assert main("policy", "shadow", "set", "bot", str(policy))[0] == 0
+    with pytest.raises(SystemExit) as done:
+        main("policy", "shadow", "promote", "bot", "--forc")
+    assert done.value.code == 2
+    with pytest.raises(SystemExit) as done:
+        main("authorize", "bot", "1", "0xabc", "eip155:1", "--dry")
+    assert done.value.code == 2
+    assert main("--json", "policy", "shadow", "promote", "bot", "--force")[0] == 0

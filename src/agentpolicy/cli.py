@@ -113,6 +113,12 @@ def _say(message: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # an option is given whole: '--f' is never taken for '--force', nor '--dry' for
+        # '--dry-run' (a command that acts, on a guess at what was meant)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         _say(f"{message} (see --help)")
         raise SystemExit(EXIT_BAD_INPUT)
