@@ -25,6 +25,7 @@ __all__ = [
     "ShadowDifference",
     "ShadowPolicy",
     "ShadowReport",
+    "by_outcome",
     "flip_of",
     "outcome_of",
     "tally_pairs",
@@ -110,15 +111,16 @@ class ShadowReport:
     @property
     def live(self) -> dict[str, int]:
         """Payments by live outcome."""
-        return _by_outcome(self.live_codes)
+        return by_outcome(self.live_codes)
 
     @property
     def shadow_outcomes(self) -> dict[str, int]:
         """Payments by shadow outcome."""
-        return _by_outcome(self.shadow_codes)
+        return by_outcome(self.shadow_codes)
 
 
-def _by_outcome(codes: Mapping[str, int]) -> dict[str, int]:
+def by_outcome(codes: Mapping[str, int]) -> dict[str, int]:
+    """Payments by outcome (``allowed``, ``approval``, ``denied``, all present) from codes."""
     found = dict.fromkeys(OUTCOMES, 0)
     for code, n in codes.items():
         found[outcome_of(code)] += n

@@ -39,7 +39,7 @@ from agentpolicy.decisions import Code
 from agentpolicy.policy import AgentPolicy
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Tally, assess, judge
-from agentpolicy.shadow import OUTCOMES, flip_of, outcome_of
+from agentpolicy.shadow import by_outcome, flip_of
 from agentpolicy.storage._time import micros
 from agentpolicy.windows import Period, Window
 
@@ -153,19 +153,12 @@ class SimulationReport:
     @property
     def live(self) -> dict[str, int]:
         """Payments by live outcome (``allowed``, ``approval``, ``denied``)."""
-        return _by_outcome(self.live_codes)
+        return by_outcome(self.live_codes)
 
     @property
     def candidate(self) -> dict[str, int]:
         """Payments by the candidate's outcome."""
-        return _by_outcome(self.candidate_codes)
-
-
-def _by_outcome(codes: Mapping[str, int]) -> dict[str, int]:
-    found = dict.fromkeys(OUTCOMES, 0)
-    for code, n in codes.items():
-        found[outcome_of(code)] += n
-    return found
+        return by_outcome(self.candidate_codes)
 
 
 class _Sum:

@@ -40,7 +40,7 @@ from agentpolicy.ledger.trees import Level, PolicySource
 from agentpolicy.policy import AgentPolicy, ScopedLimit
 from agentpolicy.records import Delegation
 from agentpolicy.rules import Assessment, BookKey, Verdict, assess, judge, windows_for
-from agentpolicy.shadow import OUTCOMES, outcome_of, tally_pairs
+from agentpolicy.shadow import by_outcome, tally_pairs
 from agentpolicy.storage._time import instant, micros
 from agentpolicy.storage.base import Txn
 from agentpolicy.windows import Window
@@ -416,10 +416,7 @@ def _ended(txn: Txn, cfg: LedgerConfig, agent: str, version: int, doc: Body, how
     live, shadow, _, total = tally_pairs(doc.get("n", {}))
 
     def outcomes(codes: dict[str, int]) -> str:
-        found = dict.fromkeys(OUTCOMES, 0)
-        for code, n in codes.items():
-            found[outcome_of(code)] += n
-        return ", ".join(f"{n} {outcome}" for outcome, n in found.items())
+        return ", ".join(f"{n} {outcome}" for outcome, n in by_outcome(codes).items())
 
     words = (
         f"shadow policy set beside version {doc['pv']} {how} after {total} payment(s) judged: "
