@@ -482,21 +482,23 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+_TWICE = "is given more than once in the same object: which one was meant is not clear"
+
+
 def _repeated_keys(document: Any) -> list[Problem]:
     """Every key an object of ``document`` names twice, with its path (``$.limits.daily``)."""
-    problems = []
+
+    def member(path: str, key: str) -> str:
+        return f"{path}.{key}" if _KEY.fullmatch(key) else f"{path}[{key!r}]"
+
+    problems: list[Problem] = []
     stack: list[tuple[str, Any]] = [("$", document)]
     while stack:
         path, value = stack.pop()
         if isinstance(value, dict):
-            for key in getattr(value, "repeated", ()):
-                where = f"{path}.{key}" if _KEY.fullmatch(key) else f"{path}[{key!r}]"
-                problems.append(Problem(where, "is given more than once in the same object: "
-                                        "which one was meant is not clear"))  # fmt: skip
-            stack.extend(
-                (f"{path}.{k}" if _KEY.fullmatch(k) else f"{path}[{k!r}]", v)
-                for k, v in value.items()
-            )
+            twice = getattr(value, "repeated", ())
+            problems += (Problem(member(path, key), _TWICE) for key in twice)
+            stack.extend((member(path, k), v) for k, v in value.items())
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
     return sorted(problems, key=lambda p: p.path)
