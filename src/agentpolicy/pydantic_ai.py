@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     ) from None
 
 from agentpolicy.aio import AsyncPolicyEngine
-from agentpolicy.errors import PolicyValidationError
+from agentpolicy.errors import ErrorCode, PolicyValidationError
 from agentpolicy.guard import ApprovalRequired, AsyncPaymentGuard, PaymentDenied
 from agentpolicy.requests import PaymentRequest
 
@@ -178,6 +178,10 @@ class GuardedTools(AbstractCapability[Any]):
                     _current.reset(token)
         except PaymentDenied as err:
             decision = err.decision
+            if err.code is not ErrorCode.PAYMENT_DENIED:  # not the policy's: the decision allowed
+                # an idempotency key answered an earlier payment again (made, or being made),
+                # or a resumed approval cannot go ahead; its decision may read ALLOWED
+                raise ToolFailed(f"payment not made: {err.message}") from None
             raise ToolFailed(f"payment denied ({decision.code}): {decision.reason}") from None
         except ApprovalRequired as err:
             raise ToolFailed(
