@@ -369,9 +369,15 @@ class X402Guard:
             del self._creating[token]
             return found[1]
 
-    def _signed_now(self, ctx: PaymentCreatedContext, rid: str, request: PaymentRequest) -> None:
-        key = _payload_key(ctx.payment_payload)
-        valid_before = _valid_before(ctx.payment_payload)
+    def _signed_now(
+        self, signed: tuple[str, datetime | None], rid: str, request: PaymentRequest
+    ) -> None:
+        """Remember a payment just marked sent: ``signed`` is :func:`_signed_of` its payload.
+
+        Nothing here can fail: what could (reading the payload) was done
+        before the payment was marked sent, so it could still be refused.
+        """
+        key, valid_before = signed
         with self._lock:
             if self._open >= _MAX_OPEN:  # long past their TTL: nobody will answer
                 oldest = next(iter(self._signed))
@@ -467,7 +473,12 @@ class X402Guard:
         if taken is None:
             raise _unauthorized()
         rid, request, terms = taken
-        altered = _altered(terms, ctx.payment_payload)
+        try:
+            altered = _altered(terms, ctx.payment_payload)
+            signed = _signed_of(ctx.payment_payload)
+        except Exception:  # a payload the guard cannot read is never sent
+            self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
+            raise
         if altered is not None:
             self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
             raise PolicyValidationError.single("$.paymentRequirements", altered)
@@ -476,7 +487,7 @@ class X402Guard:
         except Exception:
             self._quietly(lambda: self._sync().release(rid, holder=self._holder), rid)
             raise  # so x402 never sends it
-        self._signed_now(ctx, rid, request)
+        self._signed_now(signed, rid, request)
 
     def failure_sync(self, ctx: PaymentCreationFailureContext) -> None:
         """Signing failed: give the budget back."""
@@ -546,7 +557,12 @@ class X402Guard:
         if taken is None:
             raise _unauthorized()
         rid, request, terms = taken
-        altered = _altered(terms, ctx.payment_payload)
+        try:
+            altered = _altered(terms, ctx.payment_payload)
+            signed = _signed_of(ctx.payment_payload)
+        except Exception:  # a payload the guard cannot read is never sent
+            await self._quietly_async(rid)
+            raise
         if altered is not None:
             await self._quietly_async(rid)
             raise PolicyValidationError.single("$.paymentRequirements", altered)
@@ -555,7 +571,7 @@ class X402Guard:
         except BaseException:
             await self._quietly_async(rid)
             raise  # so x402 never sends it
-        self._signed_now(ctx, rid, request)
+        self._signed_now(signed, rid, request)
 
     async def failure_async(self, ctx: PaymentCreationFailureContext) -> None:
         """Signing failed: give the budget back."""
@@ -872,6 +888,15 @@ def _altered(terms: _Terms, payload: Any) -> str | None:
     return None
 
 
+def _signed_of(payload: Any) -> tuple[str, datetime | None]:
+    """What :meth:`X402Guard._signed_now` remembers of a signed payload: its key, its lapse."""
+    return _payload_key(payload), _valid_before(payload)
+
+
+_LAST_INSTANT = 253_402_300_799
+"""The last second a datetime holds: 9999-12-31T23:59:59Z, in seconds since the epoch."""
+
+
 def _valid_before(payload: Any) -> datetime | None:
     """Until when a signed payload can be settled: EIP-3009 ``validBefore``, Permit2 ``deadline``.
 
@@ -888,7 +913,8 @@ def _valid_before(payload: Any) -> datetime | None:
             found.append(int(value))
     if not found:
         return None
-    return datetime.fromtimestamp(max(found), UTC)
+    # a later instant than a datetime holds (up to year 33658 in 12 digits) never lapses either
+    return datetime.fromtimestamp(min(max(found), _LAST_INSTANT), UTC)
 
 
 def _check_assets(assets: object) -> dict[tuple[str, str], Asset]:
