@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,11 +25,12 @@ from x402.schemas import (
     SettleResponse,
 )
 
+import agentpolicy.x402
 from agentpolicy import AsyncPolicyEngine, PaymentDenied, PaymentRequest, PolicyEngine
 from agentpolicy.mcp import AgentPolicyMcpServer
 from agentpolicy.pydantic_ai import GuardedTools
 from agentpolicy.testing import ManualClock, payment
-from agentpolicy.x402 import guard_x402
+from agentpolicy.x402 import X402Guard, guard_x402
 from tests.test_pydantic_ai import POLICY, USDC, scripted, spent_and_reserved, text_of
 from tests.x402_servers import NETWORK, PAY_TO, PRICE, CountingSigner
 from tests.x402_servers import USDC as USDC_ON_BASE_SEPOLIA
@@ -274,30 +276,61 @@ class FarLapsingScheme(ExactEvmClientScheme):
         return inner
 
 
+def x402_client(
+    engine: PolicyEngine, scheme: type[ExactEvmClientScheme] = ExactEvmClientScheme
+) -> tuple[x402ClientSync, X402Guard]:
+    engine.set_policy(
+        "bot", {"limits": {"daily": {"value": str(10 * PRICE), "decimals": 6, "symbol": "USDC"}}}
+    )
+    client = x402ClientSync()
+    client.register(NETWORK, scheme(CountingSigner()))
+    return client, guard_x402(client, engine, "bot")
+
+
+REQUIREMENTS = PaymentRequirements(
+    scheme="exact", network=NETWORK, asset=USDC_ON_BASE_SEPOLIA, amount=str(PRICE),
+    pay_to=PAY_TO, max_timeout_seconds=300, extra={"name": "USDC", "version": "2"},
+)  # fmt: skip
+
+
+def pay_and_settle(client: x402ClientSync, before_answer: Callable[[], object] = list) -> None:
+    """Sign a payment of the offer, then answer it as a seller that settled it."""
+    payload = client.create_payment_payload(PaymentRequired(x402_version=2, accepts=[REQUIREMENTS]))
+    before_answer()
+    settled = SettleResponse(success=True, transaction="0x01", network=NETWORK)
+    client.handle_payment_response(
+        PaymentResponseContext(
+            payment_payload=payload, requirements=REQUIREMENTS, settle_response=settled
+        )
+    )
+
+
 def test_a_payload_valid_past_year_9999_is_sent_and_settled_not_held_unsent() -> None:
     """Defect (fixed): a signed EIP-3009 authorization whose ``validBefore`` is a 12-digit
     instant past year 9999 made the guard's after hook raise ``ValueError`` (year out of range)
     after it had marked the payment sent: x402 never sent it, yet its reservation stayed held
     and would have counted as spent at its TTL; and the payload could never be confirmed."""
     engine = PolicyEngine(clock=ManualClock())
-    engine.set_policy(
-        "bot", {"limits": {"daily": {"value": str(5 * PRICE), "decimals": 6, "symbol": "USDC"}}}
-    )
-    client = x402ClientSync()
-    client.register(NETWORK, FarLapsingScheme(CountingSigner()))
-    guard = guard_x402(client, engine, "bot")
-    requirements = PaymentRequirements(
-        scheme="exact", network=NETWORK, asset=USDC_ON_BASE_SEPOLIA, amount=str(PRICE),
-        pay_to=PAY_TO, max_timeout_seconds=300, extra={"name": "USDC", "version": "2"},
-    )  # fmt: skip
-    offer = PaymentRequired(x402_version=2, accepts=[requirements])
-    payload = client.create_payment_payload(offer)
-    settled = SettleResponse(success=True, transaction="0x01", network=NETWORK)
-    client.handle_payment_response(
-        PaymentResponseContext(
-            payment_payload=payload, requirements=requirements, settle_response=settled
-        )
-    )
+    client, guard = x402_client(engine, FarLapsingScheme)
+    pay_and_settle(client)
     assert guard.unconfirmed == []
     assert guard.unsettled == []
     assert daily(engine) == (PRICE, 0)
+
+
+def test_settled_payments_whose_confirm_failed_are_kept_to_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defect (fixed): ``X402Guard.unconfirmed`` was documented to keep its last 10,000 entries,
+    as ``unsettled`` does, but grew without bound: a store down for a long while (or a seller
+    that answers after every reservation expired) filled the agent process's memory, one
+    entry per payment."""
+    monkeypatch.setattr(agentpolicy.x402, "_MAX_OPEN", 3)
+    clock = ManualClock()
+    engine = PolicyEngine(clock=clock, reservation_ttl=timedelta(minutes=5))
+    client, guard = x402_client(engine)
+    for _ in range(5):  # the seller answers once the reservation has expired: confirm fails
+        pay_and_settle(client, lambda: clock.advance(minutes=5))
+    assert len(guard.unconfirmed) == 3
+    assert {u.error.split()[-1] for u in guard.unconfirmed} == {"expired"}
+    assert daily(engine) == (5 * PRICE, 0)  # each was marked sent: spent when it expired

@@ -410,9 +410,12 @@ class X402Guard:
     def _confirm_failed(
         self, rid: str, request: PaymentRequest, transaction: str, err: Exception
     ) -> None:
-        self.unconfirmed.append(
-            UnconfirmedPayment(rid, request, transaction, str(err), holder=self._holder)
-        )
+        with self._lock:  # the last 10,000, as unsettled: a long outage must not fill memory
+            if len(self.unconfirmed) >= _MAX_OPEN:
+                del self.unconfirmed[0]
+            self.unconfirmed.append(
+                UnconfirmedPayment(rid, request, transaction, str(err), holder=self._holder)
+            )
         _log.error(
             "agentpolicy: x402 payment %s was settled (%s) but reservation %s was not "
             "confirmed: %s",
