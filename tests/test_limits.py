@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from datetime import UTC, datetime, timedelta
@@ -314,6 +315,32 @@ def test_the_budget_of_counts_alone_reports_what_was_spent(backend: Backend) -> 
     assert (daily.spent.value, daily.spent.symbol) == (7 * U, "USDT")
     (count,) = [b for b in engine.budget("a").limits if b.kind == "count"]
     assert (count.count, count.remaining_count) == (1, 4)
+
+
+def test_a_count_limit_in_the_budget_names_the_token_whose_payments_it_counts(
+    backend: Backend,
+) -> None:
+    from agentpolicy.cli_output import print_budget
+    from agentpolicy.serve.pages import _limit_name
+    from agentpolicy.views import budget_data, limit_data
+
+    daily = [{"window": "daily", "max": 5}]
+    engine, _ = engine_for(backend, {"limits": {"counts": daily}, "assets": [
+        {"symbol": "USDC", "limits": {"daily": {**usdt(100), "symbol": "USDC"},
+                                       "counts": [{"window": "daily", "max": 3}]}},
+    ]})  # fmt: skip
+    assert pay(engine, U, symbol="USDC") == "ALLOWED"
+    counts = [x for x in engine.budget("a").limits if x.kind == "count"]
+    # two daily counts, told apart: every token's and USDC's own
+    assert [(x.symbol, x.max_count, x.count) for x in counts] == [(None, 5, 1), ("USDC", 3, 1)]
+    assert [limit_data(x).get("symbol") for x in counts] == [None, "USDC"]
+    assert [_limit_name(x) for x in counts] == ["daily, count", "daily, count of USDC payments"]
+    out = io.StringIO()
+    print_budget(budget_data(engine.budget("a")), out)
+    assert "1 of 5 payments; 4 left" in out.getvalue()
+    assert "1 of 3 USDC payments; 2 left" in out.getvalue()
+    (amount,) = [x for x in engine.budget("a").limits if x.kind == "amount"]
+    assert amount.symbol == "USDC"
 
 
 # --- several assets --------------------------------------------------------------------------

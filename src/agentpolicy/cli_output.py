@@ -118,7 +118,7 @@ def print_budget(data: dict[str, Any], out: TextIO, period: str | None = None) -
         if x["kind"] == "count":
             out.write(
                 f"  {where}{x['window']:<8} {_bar(x['count'], x['max'])} "
-                f"{x['count']} of {x['max']} payments; {x['remaining']} left{frees}\n"
+                f"{x['count']} of {x['max']} {_of_token(x)}payments; {x['remaining']} left{frees}\n"
             )
             continue
         d, sym = x["decimals"], x["symbol"]
@@ -249,6 +249,11 @@ def print_diff(data: dict[str, Any], out: TextIO) -> None:
         out.write(c["text"] + "\n")
     if not data["changes"]:
         out.write(f"versions {data['fromVersion']} and {data['toVersion']} are the same\n")
+
+
+def _of_token(limit: dict[str, Any]) -> str:
+    """``"USDC "`` for a count limit of one token's payments; nothing for every token's."""
+    return f"{limit['symbol']} " if "symbol" in limit else ""
 
 
 def _outcomes(counts: dict[str, int]) -> str:

@@ -153,12 +153,17 @@ def _window_budget(w: Window, limit: Amount | None, counter: Any, symbol: str) -
 def _limit_budgets(
     block: SpendingLimits,
     token: str,
+    symbol: str | None,
     counters: dict[str, Any],
     windows: tuple[Window, ...],
     scope: str | None = None,
     group: str | None = None,
 ) -> list[LimitBudget]:
-    """Every limit of one block of limits, read from the counters of one book."""
+    """Every limit of one block of limits, read from the counters of one book.
+
+    ``token`` is the key its counters are kept under; ``symbol`` the token whose
+    payments it counts as the policy spells it (``None``: every token together).
+    """
     out: list[LimitBudget] = []
     by_period = {w.period: w for w in windows}
 
@@ -177,13 +182,13 @@ def _limit_budgets(
         out.append(LimitBudget(
             "amount", period.value, scope, group, limit, spent, reserved, remaining,
             window_start=w.start, window_end=w.end,
-            frees_at=w.end if spent.value or reserved.value else None,
+            frees_at=w.end if spent.value or reserved.value else None, symbol=limit.symbol,
         ))  # fmt: skip
     for r in block.rolling:
         c, frees = rolling(r.seconds)
         spent, reserved, remaining = _amounts(c, r.amount)
         out.append(LimitBudget("amount", r.window, scope, group, r.amount, spent, reserved,
-                               remaining, frees_at=frees))  # fmt: skip
+                               remaining, frees_at=frees, symbol=r.amount.symbol))  # fmt: skip
     for n in block.counts:
         if n.period is not None:
             c, w = calendar(n.period)
@@ -191,14 +196,14 @@ def _limit_budgets(
             out.append(LimitBudget(
                 "count", n.window, scope, group, max_count=n.max, count=count,
                 remaining_count=max(0, n.max - count), window_start=w.start, window_end=w.end,
-                frees_at=w.end if count else None,
+                frees_at=w.end if count else None, symbol=symbol,
             ))  # fmt: skip
         else:
             c, frees = rolling(n.seconds or 0)
             count = 0 if c is None else c["n"]
             out.append(LimitBudget(
                 "count", n.window, scope, group, max_count=n.max, count=count,
-                remaining_count=max(0, n.max - count), frees_at=frees,
+                remaining_count=max(0, n.max - count), frees_at=frees, symbol=symbol,
             ))  # fmt: skip
     return out
 
@@ -974,9 +979,9 @@ class PolicyEngine(Voting):
             raise NotFoundError(f"no policy is set for agent {agent_id}", code=ErrorCode.NO_POLICY)
         # each block with the token its counters are kept under (an asset's block of counts
         # alone counts that asset's payments; the top-level one, every token's)
-        blocks = [(b.token, b) for b in (policy.limits,) if b is not None]
-        blocks += [(a.symbol.casefold(), a.limits) for a in policy.assets]
-        rolling = [(f"{t}|roll:{sec}", sec) for t, b in blocks for sec in b.rolling_seconds]
+        blocks = [(b.token, b.symbol, b) for b in (policy.limits,) if b is not None]
+        blocks += [(a.symbol.casefold(), a.symbol, a.limits) for a in policy.assets]
+        rolling = [(f"{t}|roll:{sec}", sec) for t, _, b in blocks for sec in b.rolling_seconds]
         scopes = {sc.name: [(f"{sc.token}|roll:{sec}", sec) for sec in sc.limits.rolling_seconds]
                   for sc in policy.scoped_limits}  # fmt: skip
         windows = windows_for(policy, now)
@@ -1006,13 +1011,13 @@ class PolicyEngine(Voting):
                     w, limit, counters.get(f"{token}|{w.key}"), policy.symbol or "USDT"
                 )
         limits: list[LimitBudget] = []
-        for token_key, block in blocks:
-            limits += _limit_budgets(block, token_key, counters, windows)
+        for token_key, symbol, block in blocks:
+            limits += _limit_budgets(block, token_key, symbol, counters, windows)
         for name, (scope_name, group) in sorted(result["groups"].items()):
             scope = next((sc for sc in policy.scoped_limits if sc.name == scope_name), None)
             if scope is not None:
-                limits += _limit_budgets(scope.limits, scope.token, books[name]["c"], windows,
-                                         scope_name, group)  # fmt: skip
+                limits += _limit_budgets(scope.limits, scope.token, scope.limits.symbol,
+                                         books[name]["c"], windows, scope_name, group)  # fmt: skip
         delegation = delegation_record(agent_id, books[keys.head(agent_id)])
         return Budget(agent_id, now, periods, tuple(limits), (), delegation), policy
 

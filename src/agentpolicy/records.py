@@ -315,7 +315,10 @@ class LimitBudget:
     ``scope`` and ``group`` name a scoped limit and its group. A calendar
     window has ``window_start`` and ``window_end``; ``frees_at`` is when the
     next payment stops counting (the window's end, or for a rolling window the
-    instant its oldest payment leaves), ``None`` when nothing counts.
+    instant its oldest payment leaves), ``None`` when nothing counts. ``symbol``
+    is the token whose payments the limit counts, as the policy spells it: the
+    limit's own token for an amount, the token of the block a count limit is in
+    (an asset's, a scope's), or ``None`` for counts of every token together.
     """
 
     kind: str
@@ -332,6 +335,7 @@ class LimitBudget:
     window_start: datetime | None = None
     window_end: datetime | None = None
     frees_at: datetime | None = None
+    symbol: str | None = None
 
 
 @attrs.frozen

@@ -186,6 +186,8 @@ def limit_data(x: LimitBudget) -> dict[str, Any]:
         )
     else:
         data.update(max=x.max_count, count=x.count, remaining=x.remaining_count)
+        if x.symbol is not None:  # counts of one token's payments (absent: of every token's)
+            data["symbol"] = x.symbol
     for key, value in (("windowStart", x.window_start), ("windowEnd", x.window_end),
                        ("freesAt", x.frees_at)):  # fmt: skip
         if value is not None:

@@ -142,7 +142,7 @@ def _limit_name(x: LimitBudget) -> str:
     if x.scope is not None:
         name += f" ({x.scope}: {x.group})"
     if x.kind == "count":
-        name += ", count"
+        name += ", count" if x.symbol is None else f", count of {x.symbol} payments"
     return name
 
 
