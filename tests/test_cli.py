@@ -517,7 +517,7 @@ def test_budget_shows_rolling_count_and_scoped_limits(tmp_path: Path) -> None:
     assert "daily" in shown
     assert "24h" in shown
     assert "spent 0 + reserved 2 of 50 USDT; 48 left" in shown
-    assert "1 of 5 payments; 4 left" in shown
+    assert "1 of 5 USDT payments; 4 left" in shown  # a count in the block of USDT
     assert "vendors (0xvendor) daily" in shown
     assert "of 9 USDT; 7 left" in shown
     data = json.loads(run(tmp_path, "--json", "budget", "bot").stdout)
