@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -334,3 +335,84 @@ def test_settled_payments_whose_confirm_failed_are_kept_to_a_bound(
     assert len(guard.unconfirmed) == 3
     assert {u.error.split()[-1] for u in guard.unconfirmed} == {"expired"}
     assert daily(engine) == (5 * PRICE, 0)  # each was marked sent: spent when it expired
+
+
+def test_an_entry_cancelled_on_a_repeated_key_leaves_the_other_blocks_payment_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Defect (fixed): a guarded block cancelled while its authorize ran, on an idempotency key
+    another block was paying with right now, then tried to release that block's reservation:
+    the claim refused it, and the operator read an ERROR with a traceback ("releasing a
+    reservation after a cancelled entry failed") for a payment that was never this entry's.
+    Now a repeated key's reservation is released only if this entry could claim it."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": "1000"}}})
+    request = payment(400, idempotency_key="order-1")
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        async with aengine.payment(request) as first:
+            gate, asked = asyncio.Event(), asyncio.Event()
+            authorize = aengine.authorize
+
+            async def slow(*args: Any, **kwargs: Any) -> Any:
+                asked.set()
+                await gate.wait()
+                return await authorize(*args, **kwargs)
+
+            aengine.authorize = slow  # type: ignore[method-assign]
+
+            async def retry() -> None:
+                async with aengine.payment(request):
+                    pytest.fail("a second block ran on the same key")
+
+            task = asyncio.create_task(retry())
+            await asyncio.wait_for(asked.wait(), 5)
+            task.cancel()
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert engine.get_reservation(first.reservation_id).status == "reserved"
+        await aengine.close()  # waits for the background give-back of the cancelled entry
+        assert first.reservation is not None
+        assert first.reservation.status == "confirmed"
+
+    with caplog.at_level(logging.WARNING, logger="agentpolicy"):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert daily(engine, "agent-1") == (400, 0)
+
+
+@pytest.mark.parametrize("key", [None, "order-2"])
+def test_an_entry_cancelled_during_its_authorize_gives_back_what_it_reserved(
+    key: str | None,
+) -> None:
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": "1000"}}})
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+        gate, asked = asyncio.Event(), asyncio.Event()
+        authorize = aengine.authorize
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            asked.set()
+            await gate.wait()
+            return await authorize(*args, **kwargs)
+
+        aengine.authorize = slow  # type: ignore[method-assign]
+
+        async def pay() -> None:
+            async with aengine.payment(payment(400, idempotency_key=key)):
+                pytest.fail("a cancelled entry ran its block")
+
+        task = asyncio.create_task(pay())
+        await asyncio.wait_for(asked.wait(), 5)
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await aengine.close()
+
+    asyncio.run(main())
+    assert daily(engine, "agent-1") == (0, 0)

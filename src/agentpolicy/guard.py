@@ -447,7 +447,7 @@ class AsyncPaymentGuard(_Guard):
         if self.approval_id is None:
             decision = await authorize_shielded(
                 engine.authorize(self.request, holder=self._holder),
-                lambda rid: engine.release(rid, holder=self._holder),
+                self._give_back,
                 engine=engine,
             )
             _admit(decision)
@@ -461,6 +461,24 @@ class AsyncPaymentGuard(_Guard):
         self._decision = decision
         engine._enter_block(self)
         return self
+
+    async def _give_back(self, reservation_id: str) -> None:
+        """Release what an entry cancelled during its authorize reserved.
+
+        A repeated idempotency key answers the first decision again: its
+        reservation may be another block's (claimed, paying right now) or
+        settled already. That is not this entry's to give back, and the
+        entry would not have run on it either (its claim is refused), so it
+        is left as it is; only a reservation this block holds, or could
+        have claimed, is released, as the entry would have after a claim.
+        """
+        engine, holder = self._engine, self._holder
+        if self.request.idempotency_key is not None:
+            try:
+                await engine.claim(reservation_id, holder)
+            except ConflictError:
+                return
+        await engine.release(reservation_id, holder=holder)
 
     async def _claim(self, decision: Decision) -> Reservation:
         """Claim the reservation; if the task is cancelled meanwhile, release what it claimed.
