@@ -38,6 +38,8 @@ def policy_file(tmp_path: Path) -> Path:
 
 
 def test_policy_set_get_list(tmp_path: Path, policy_file: Path) -> None:
+    # an empty store says so, as the other lists do (it printed nothing)
+    assert run(tmp_path, "policy", "list").stdout == "no agent has a policy\n"
     done = run(tmp_path, "policy", "set", "acme:bot", str(policy_file))
     assert (done.returncode, done.stdout) == (0, "policy of acme:bot is now version 1\n")
     got = run(tmp_path, "--json", "policy", "get", "acme:bot")
@@ -47,6 +49,8 @@ def test_policy_set_get_list(tmp_path: Path, policy_file: Path) -> None:
     listed = json.loads(run(tmp_path, "--json", "policy", "list", "--org", "acme").stdout)
     assert listed == {"policies": [{"agentId": "acme:bot", "enabled": True, "version": 1}]}
     assert "other  v1  enabled" in run(tmp_path, "policy", "list").stdout
+    none = run(tmp_path, "policy", "list", "--org", "nobody")
+    assert none.stdout == "no agent under nobody: has a policy\n"
 
 
 def test_an_operator_confirms_a_claimed_reservation_with_its_holder(

@@ -963,7 +963,7 @@ def _run(
     elif cmd == "policy":
         rows = [{"agentId": p.agent_id, "enabled": p.policy.enabled, "version": p.version}
                 for p in engine.list_policies(args.org)]  # fmt: skip
-        emit({"policies": rows}, show.print_policies)
+        emit({"policies": rows}, functools.partial(show.print_policies, org=args.org))
     elif cmd == "authorize":
         decision = engine.authorize(
             _payment(args, engine), dry_run=args.dry_run, requested_by=args.requested_by

@@ -322,11 +322,15 @@ def print_policy(data: dict[str, Any], out: TextIO) -> None:
     )
 
 
-def print_policies(data: dict[str, Any], out: TextIO) -> None:
-    """One line per agent with a policy."""
+def print_policies(data: dict[str, Any], out: TextIO, org: str | None = None) -> None:
+    """One line per agent with a policy, or a line saying there is none (under ``org``)."""
     for r in data["policies"]:
         state = "enabled" if r["enabled"] else "DISABLED"
         out.write(f"{r['agentId']}  v{r['version']}  {state}\n")
+    if not data["policies"]:
+        out.write(
+            "no agent has a policy\n" if org is None else f"no agent under {org}: has a policy\n"
+        )
 
 
 def print_history(data: dict[str, Any], out: TextIO) -> None:
