@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -416,3 +417,53 @@ def test_an_entry_cancelled_during_its_authorize_gives_back_what_it_reserved(
 
     asyncio.run(main())
     assert daily(engine, "agent-1") == (0, 0)
+
+
+def test_guarded_blocks_of_four_engines_on_one_sqlite_file_never_overspend(tmp_path: Path) -> None:
+    """Four engines (as four processes would) share one budget through one SQLite file, each
+    running guarded blocks in its own thread: first ten each, every other one raising after it
+    was allowed (far below the limit), then as many as the budget allows."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    clock = ManualClock()
+    PolicyEngine(storage=url, clock=clock).set_policy(
+        "agent-1", {"limits": {"daily": {"value": "1000"}}}
+    )
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    together = threading.Barrier(4)
+
+    def block(fails: bool) -> None:
+        if fails:
+            raise RuntimeError("the payment failed")
+
+    def attempt(engine: PolicyEngine, fails: bool) -> str:
+        try:
+            with engine.payment(payment(30)):
+                block(fails)
+        except PaymentDenied as err:
+            return str(err.decision.code)
+        except RuntimeError:
+            return "failed"
+        return "paid"
+
+    def pay() -> None:
+        engine = PolicyEngine(storage=url, clock=clock)
+        together.wait()
+        mine = [attempt(engine, i % 2 == 1) for i in range(10)]
+        together.wait()
+        while (outcome := attempt(engine, False)) == "paid":
+            mine.append(outcome)
+        mine.append(outcome)
+        with lock:
+            outcomes.extend(mine)
+
+    threads = [threading.Thread(target=pay) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("failed") == 4 * 5
+    assert outcomes.count("DAILY_LIMIT") == 4
+    assert outcomes.count("paid") == 33  # 33 * 30 = 990; failed blocks gave theirs back
+    assert len(outcomes) == 20 + 33 + 4
+    assert daily(PolicyEngine(storage=url, clock=clock), "agent-1") == (990, 0)
