@@ -358,3 +358,84 @@ def test_an_unguarded_tool_of_an_agent_run_inside_a_guarded_tool_has_no_payment(
     assert period.reserved.value == 0  # released, not held as if sent
     assert engine.history("bot", 1)[0].event == "release"
     engine.close()
+
+
+BIG = {"report": "big", "price": 60 * USDC}
+ROOMY = {**POLICY, "limits": {"daily": {"value": str(200 * USDC), "decimals": 6,
+                                        "symbol": "USDC"}}}  # fmt: skip
+
+
+def approving(
+    engine_of: list[PolicyEngine], *turns: tuple[str | None, dict[str, Any]]
+) -> tuple[FunctionModel, list[str]]:
+    """A model that calls buy(args) once per turn, first casting the turn's vote (if any) on the
+    bot's oldest pending approval; it records what each call was told."""
+    told: list[str] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        last = messages[-1]
+        if isinstance(last, ModelRequest) and len(messages) > 1:
+            told.extend(text_of(p) for p in last.parts)
+        step = len(told)
+        if step >= len(turns):
+            return ModelResponse(parts=[TextPart("done")])
+        vote, args = turns[step]
+        if vote is not None:
+            pending = engine_of[0].list_approvals("bot")[0]  # the oldest
+            engine_of[0].decide(pending.id, "cfo@x.com", vote)
+        return ModelResponse(parts=[ToolCallPart("buy", args, tool_call_id=str(step))])
+
+    return FunctionModel(model), told
+
+
+def run_with(
+    policy: dict[str, Any], model: FunctionModel, engines: list[PolicyEngine]
+) -> list[str]:
+    bought: list[str] = []
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", policy)
+    engines.append(engine)
+
+    async def main() -> None:
+        async with AsyncPolicyEngine.from_engine(engine) as aengine:
+            agent, got = make_agent(model, aengine)
+            await agent.run("buy")
+            bought.extend(got)
+
+    asyncio.run(main())
+    return bought
+
+
+def test_the_same_call_again_resumes_its_approval_and_pays_once_approved() -> None:
+    engines: list[PolicyEngine] = []
+    model, told = approving(engines, (None, BIG), (None, BIG), (None, BIG), ("approve", BIG),
+                            (None, BIG))  # fmt: skip
+    bought = run_with(ROOMY, model, engines)
+    engine = engines[0]
+    assert "needs human approval apr_" in told[0]
+    # asking again while it waits asks no one else and holds nothing more (it asked a new
+    # approval each time, holding 60 more: 120 held after two calls, and never paid)
+    assert "still waits for human approval" in told[1]
+    assert "still waits for human approval" in told[2]
+    assert told[3] == "bought big"  # approved: the same call pays with its reservation
+    assert bought == ["big"]
+    assert "needs human approval apr_" in told[4]  # a new purchase after it asks anew
+    decisions = [h for h in engine.history("bot", 50) if h.event == "decision"]
+    assert len(decisions) == 2  # two approvals asked, no more
+    assert spent_and_reserved(engine) == (60 * USDC, 60 * USDC)
+
+
+def test_a_denied_approval_is_told_once_and_the_call_after_asks_anew() -> None:
+    engines: list[PolicyEngine] = []
+    other = {**BIG, "report": "other"}
+    model, told = approving(engines, (None, BIG), (None, other), ("deny", BIG), (None, BIG),
+                            (None, other))  # fmt: skip
+    bought = run_with(ROOMY, model, engines)
+    engine = engines[0]
+    assert bought == []
+    assert "needs human approval" in told[0]
+    assert "needs human approval" in told[1]  # another purchase (memo) is another approval
+    assert told[2].startswith("payment not made: APPROVAL_DENIED")
+    assert "needs human approval" in told[3]  # asked anew
+    assert "still waits for human approval" in told[4]  # the other's, still pending
+    assert spent_and_reserved(engine) == (0, 120 * USDC)

@@ -67,6 +67,9 @@ else:
 
 __all__ = ["GuardedTools", "RequestBuilder", "current_payment"]
 
+_MAX_WAITING = 1024
+"""Pending approvals a GuardedTools remembers (the newest), each for the request that asked."""
+
 RequestBuilder = Callable[[dict[str, Any]], PaymentRequest]
 """Builds the payment a tool call makes from the call's validated arguments."""
 
@@ -126,11 +129,20 @@ class GuardedTools(AbstractCapability[Any]):
     arguments to the :class:`~agentpolicy.PaymentRequest` it makes.
     ``agent = Agent(model, tools=[...], capabilities=[GuardedTools(aengine, {...})])``.
     A payment that needs approval does not run either: the model reads the
-    approval id, and the amount stays held while humans decide.
+    approval id, and the amount stays held while humans decide. The same
+    call again (a request equal in every field) resumes that approval
+    instead of asking for another: still pending, the model reads that it
+    still waits; approved, the tool runs and pays with the approval's
+    reservation; denied or lapsed, the model reads why, and a call after
+    that asks anew. Pending approvals are remembered in this object (the
+    newest 1,024), so after a restart the same call asks anew.
     """
 
     engine: AsyncPolicyEngine
     payments: Mapping[str, RequestBuilder] = field(default_factory=dict)
+    _waiting: dict[PaymentRequest, str] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         """Check the engine and the table of guarded tools."""
@@ -169,14 +181,18 @@ class GuardedTools(AbstractCapability[Any]):
                 raise PolicyValidationError.single("$", "the builder must return a PaymentRequest")
         except PolicyValidationError as err:
             raise ToolFailed(f"INVALID_INPUT: {err}") from None
+        waiting = self._waiting.get(request)  # this very payment asked for an approval
         try:
-            async with self.engine.payment(request) as payment:
+            async with self.engine.payment(request, waiting) as payment:
+                self._waiting.pop(request, None)  # approved (or never asked): resumed once
                 token = _current.set((payment, ctx.run_id, tool_def.name, self))
                 try:
                     return await handler(args)
                 finally:
                     _current.reset(token)
         except PaymentDenied as err:
+            if waiting is not None:  # denied, lapsed, or taken by another call: ask anew next
+                self._waiting.pop(request, None)
             decision = err.decision
             if err.code is not ErrorCode.PAYMENT_DENIED:  # not the policy's: the decision allowed
                 # an idempotency key answered an earlier payment again (made, or being made),
@@ -184,9 +200,21 @@ class GuardedTools(AbstractCapability[Any]):
                 raise ToolFailed(f"payment not made: {err.message}") from None
             raise ToolFailed(f"payment denied ({decision.code}): {decision.reason}") from None
         except ApprovalRequired as err:
+            if waiting is not None:
+                raise ToolFailed(
+                    f"payment still waits for human approval {err.approval_id}; it has not "
+                    "been made (calling again asks no one else)"
+                ) from None
+            self._remember(request, err.approval_id)
             raise ToolFailed(
                 f"payment needs human approval {err.approval_id}; it has not been made"
             ) from None
+
+    def _remember(self, request: PaymentRequest, approval_id: str) -> None:
+        """Keep the approval a request asked for, so that the same call resumes it."""
+        if len(self._waiting) >= _MAX_WAITING:
+            del self._waiting[next(iter(self._waiting))]  # the oldest
+        self._waiting[request] = approval_id
 
     def get_wrapper_toolset(self, toolset: AbstractToolset[Any]) -> AbstractToolset[Any] | None:
         """Wrap the agent's toolset: a guarded tool runs only with the arguments authorized.
