@@ -200,27 +200,60 @@ class _Zone:
 
 
 def _year(instant: datetime, zone: tzinfo) -> Window:
-    """The year runs from the first local day of 1 January to that of the next one.
+    """The year: the run of local days of one year that contains ``instant``.
 
     Built from daily windows (which already handle days that do not start at
-    00:00), so it costs two day computations, not a walk through the year.
+    00:00): the year changes only where the local date does. It walks day by
+    day from the day of ``instant`` to where the year changes, except that
+    from a day between 3 January and 29 December it jumps to the day of 1
+    January (walking back) or of 31 December (walking on): no clock has ever
+    moved by more than a day, so every day in between is of the same year.
+    So a clock change that crosses New Year (Phoenix, 1 January 1944: 00:01
+    became 23:01 on 31 December) splits the year as it splits the day, and
+    every year window contains its instant; otherwise the year runs from the
+    first local day of 1 January to that of the next one.
     """
     try:
-        year = instant.astimezone(zone).year
-        start = window_at(Period.DAILY, _noon(year, zone), zone).start
-        end = window_at(Period.DAILY, _noon(year + 1, zone), zone).start
-        local_start = start.astimezone(zone)
-    except (OverflowError, ValueError):
+        day = window_at(Period.DAILY, instant, zone)
+        year = _date_of(day, zone).year
+        inside = (date(year, 1, 3), date(year, 12, 29))
+        first = day
+        while True:  # walk back to the first day of the run
+            before = window_at(Period.DAILY, first.start - _TICK, zone)
+            on = _date_of(before, zone)
+            if on.year != year:
+                break
+            first = before
+            if inside[0] <= on <= inside[1]:
+                jump = window_at(Period.DAILY, _noon(year, 1, 1, zone), zone)
+                first = jump if jump.start < before.start else before
+        last = day
+        while True:  # walk on to the last day of the run
+            after = window_at(Period.DAILY, last.end, zone)
+            on = _date_of(after, zone)
+            if on.year != year:
+                break
+            last = after
+            if inside[0] <= on <= inside[1]:
+                jump = window_at(Period.DAILY, _noon(year, 12, 31, zone), zone)
+                last = jump if jump.start > after.start else after
+        local_start = first.start.astimezone(zone)
+    except (OverflowError, ValueError, PolicyValidationError):
         raise PolicyValidationError.single(
             "$.now",
             f"{instant.isoformat()} is too close to the end of the calendar (years 1 to 9999): "
             f"its yearly window in {zone} cannot be computed",
         ) from None
-    return Window(Period.YEARLY, f"yearly:{local_start.isoformat()}", start, end)
+    return Window(Period.YEARLY, f"yearly:{local_start.isoformat()}", first.start, last.end)
 
 
-def _noon(year: int, zone: tzinfo) -> datetime:
-    return datetime(year, 1, 1, 12, tzinfo=zone).astimezone(UTC)
+def _date_of(day: Window, zone: tzinfo) -> date:
+    """The local date of a daily window (that of its start: it is one date throughout)."""
+    return day.start.astimezone(zone).date()
+
+
+def _noon(year: int, month: int, day: int, zone: tzinfo) -> datetime:
+    return datetime(year, month, day, 12, tzinfo=zone).astimezone(UTC)
 
 
 def window_at(period: Period, instant: datetime, zone: tzinfo) -> Window:
