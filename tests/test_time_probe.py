@@ -469,3 +469,109 @@ def test_a_year_window_contains_its_instant_when_a_fall_back_crosses_new_year() 
         assert window_at(Period.YEARLY, window.end, zone).start == window.end
     assert window_at(Period.YEARLY, instants[0], zone).key == "yearly:1944-01-01T00:00:00-06:00"
     assert window_at(Period.YEARLY, instants[1], zone).key == "yearly:1943-12-31T23:01:00-07:00"
+
+
+def _two(
+    policy: dict[str, Any], at: datetime
+) -> tuple[PolicyEngine, ManualClock, PolicyEngine, ManualClock]:
+    """Two engines (two processes) on one store, each with its own clock."""
+    from agentpolicy.storage import MemoryStorage
+
+    store = MemoryStorage()
+    clock_a, clock_b = ManualClock(at), ManualClock(at)
+    a, b = PolicyEngine(storage=store, clock=clock_a), PolicyEngine(storage=store, clock=clock_b)
+    a.set_policy("x", policy)
+    return a, clock_a, b, clock_b
+
+
+def test_a_request_stamped_before_midnight_by_a_slower_process_counts_in_its_own_day() -> None:
+    midnight = datetime(2026, 11, 2, 5, tzinfo=UTC)  # New York, 2 November 00:00 EST
+    policy = {"timeRules": {"timezone": "America/New_York"}, "limits": _limits(daily=10)}
+    a, clock_a, b, clock_b = _two(policy, midnight - timedelta(hours=1))
+    assert _pay(a, 7) == "ALLOWED"
+    clock_a.set(midnight + timedelta(seconds=5))
+    assert _pay(a, 10) == "ALLOWED"  # the new day opened
+    clock_b.set(midnight - timedelta(seconds=5))  # B is ten seconds behind
+    assert _pay(b, 4) == "DAILY_LIMIT"  # 7 + 4 > 10 in 1 November
+    assert _pay(b, 3) == "ALLOWED"  # exactly 10 in 1 November
+    assert _pay(b, 1) == "DAILY_LIMIT"
+    clock_a.set(midnight + timedelta(seconds=6))
+    assert _pay(a, 1) == "DAILY_LIMIT"  # 2 November stays at its 10
+    # a clock behind by more than the counter grace, once the day's counter is gone
+    clock_a.set(midnight + timedelta(hours=3))
+    assert _pay(a, 1) == "DAILY_LIMIT"
+    clock_b.set(midnight - timedelta(minutes=1))
+    with pytest.raises(Exception) as err:  # noqa: PT011 - the code is checked below
+        b.authorize(payment(U, agent_id="x"))
+    assert getattr(err.value, "code", None) == "STORAGE_UNAVAILABLE"
+
+
+def test_a_slower_process_never_sees_less_of_a_rolling_window() -> None:
+    policy = {"limits": {"rolling": [{"window": "1h", "amount": _limits(x=10)["x"]}]}}
+    at = datetime(2026, 3, 8, 6, 30, tzinfo=UTC)  # across New York's spring-forward: irrelevant
+    a, clock_a, b, clock_b = _two(policy, at)
+    assert _pay(a, 6) == "ALLOWED"
+    clock_b.set(at - timedelta(seconds=30))
+    assert _pay(b, 5) == "ROLLING_LIMIT"  # a later payment still counts for an earlier stamp
+    assert _pay(b, 4) == "ALLOWED"
+    # each payment leaves exactly one hour after it was authorized, not a microsecond sooner
+    clock_a.set(at + timedelta(minutes=59, seconds=30) - TICK)
+    assert _pay(a, 1) == "ROLLING_LIMIT"  # B's 4 (stamped 30 s early) still counts
+    clock_a.set(at + timedelta(minutes=59, seconds=30))
+    assert _pay(a, 4) == "ALLOWED"  # B's 4 left
+    clock_a.set(at + timedelta(hours=1) - TICK)
+    assert _pay(a, 1) == "ROLLING_LIMIT"
+    clock_a.set(at + timedelta(hours=1))
+    assert _pay(a, 6) == "ALLOWED"  # the first 6 left
+    clock_b.set(at + timedelta(hours=1) - timedelta(seconds=10))
+    assert _pay(b, 1) == "ROLLING_LIMIT"  # B's instant still sees the first 6, plus what came since
+
+
+def test_a_timezone_moved_away_and_back_within_a_day_keeps_counting_that_day() -> None:
+    at = datetime(2026, 7, 20, 15, tzinfo=UTC)  # 11:00 in New York, 16:00 in London
+    engine, clock = _engine("America/New_York", at, limits=_limits(daily=10))
+    assert _pay(engine, 10) == "ALLOWED"
+    engine.set_policy(
+        "x", {"timeRules": {"timezone": "Europe/London"}, "limits": _limits(daily=10)}
+    )
+    assert _pay(engine, 3) == "ALLOWED"  # documented: London's day (+01:00) starts afresh
+    engine.set_policy(
+        "x", {"timeRules": {"timezone": "America/New_York"}, "limits": _limits(daily=10)}
+    )
+    assert _pay(engine, 1) == "DAILY_LIMIT"  # New York's day has 13 in it
+    clock.set(datetime(2026, 7, 21, 3, 59, tzinfo=UTC))  # London's day ended; New York's has not
+    assert _pay(engine, 1) == "DAILY_LIMIT"
+    clock.set(datetime(2026, 7, 21, 4, tzinfo=UTC))
+    assert _pay(engine, 10) == "ALLOWED"
+
+
+def test_a_blocked_period_across_the_repeated_hour_is_inclusive_at_both_ends() -> None:
+    period = {"start": "2026-11-01T01:30:00-04:00", "end": "2026-11-01T01:30:00-05:00"}
+    engine, clock = _engine(
+        "America/New_York", datetime(2026, 11, 1, 4, tzinfo=UTC), time={"blockedPeriods": [period]}
+    )
+    expected = {
+        datetime(2026, 11, 1, 5, 29, 59, 999999, tzinfo=UTC): "ALLOWED",
+        datetime(2026, 11, 1, 5, 30, tzinfo=UTC): "BLOCKED_PERIOD",
+        datetime(2026, 11, 1, 6, 0, tzinfo=UTC): "BLOCKED_PERIOD",
+        datetime(2026, 11, 1, 6, 30, tzinfo=UTC): "BLOCKED_PERIOD",
+        datetime(2026, 11, 1, 6, 30, 0, 1, tzinfo=UTC): "ALLOWED",
+    }
+    for instant, code in expected.items():
+        clock.set(instant)
+        assert engine.authorize(payment(U, agent_id="x"), dry_run=True).code.value == code, instant
+
+
+def test_a_clock_given_in_local_time_with_fold_picks_the_right_repeated_hour() -> None:
+    clock = ManualClock(datetime(2026, 11, 1, 1, 30, tzinfo=NY))  # the first 01:30 (EDT)
+    engine = PolicyEngine(clock=clock)
+    engine.set_policy(
+        "x", {"timeRules": {"timezone": "America/New_York"}, "limits": _limits(hourly=5)}
+    )
+    assert [_pay(engine, 5), _pay(engine, 1)] == ["ALLOWED", "HOURLY_LIMIT"]
+    clock.set(datetime(2026, 11, 1, 1, 30, fold=1, tzinfo=NY))  # the second 01:30 (EST)
+    assert [_pay(engine, 5), _pay(engine, 1)] == ["ALLOWED", "HOURLY_LIMIT"]
+    clock.set(
+        datetime(2026, 11, 1, 2, 30, tzinfo=NY) - timedelta(hours=1)
+    )  # wall arithmetic: 01:30 EDT
+    assert _pay(engine, 1) == "HOURLY_LIMIT"
