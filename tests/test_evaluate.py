@@ -436,3 +436,27 @@ def test_the_example_policy_decides_sample_payments() -> None:
 def test_decision_windows_are_the_windows_of_now() -> None:
     d = decide({})
     assert all(isinstance(w, Window) and w.contains(MONDAY_10) for w in d.windows)
+
+
+def test_a_threshold_in_another_token_is_said_not_to_apply_not_to_be_passed() -> None:
+    policy = {
+        "limits": {"daily": {"value": "100000000", "symbol": "USDC"}},
+        "assets": [{"symbol": "ETH", "limits": {
+            "daily": {"value": str(10**18), "decimals": 18, "symbol": "ETH"}}}],
+        "approvalConfig": {"thresholds": [{"amount": {"value": "50", "symbol": "USDC"},
+                                           "requiredApprovers": 1, "approvers": ["x@y"]}]},
+    }  # fmt: skip
+    eth = decide(policy, req(10**17, symbol="ETH", decimals=18))
+    (check,) = [e for e in eth.evaluations if e.name == "approval_threshold"]
+    # it read "0.1 ETH is below every approval threshold": an ETH payment of any size is
+    assert (eth.code, check.outcome, check.detail) == (
+        Code.ALLOWED,
+        Outcome.SKIP,
+        "no approval threshold in ETH",
+    )
+    usdc = decide(policy, req(5, symbol="USDC"))
+    (check,) = [e for e in usdc.evaluations if e.name == "approval_threshold"]
+    assert (check.outcome, check.detail) == (
+        Outcome.PASS,
+        "0.000005 USDC is below every approval threshold",
+    )

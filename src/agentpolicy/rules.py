@@ -594,6 +594,8 @@ def _approval(
         return _skip(name, "no approval thresholds"), None
     if not comparable:
         return _skip(name, "not checked: asset mismatch"), None
+    if not ranked:  # thresholds only in other tokens: none applies to this payment
+        return _skip(name, f"no approval threshold in {amount.symbol}"), None
     threshold = _first_met(ranked, amount)
     if threshold is None:
         return _ok(name, lambda: f"{amount} is below every approval threshold"), None
