@@ -174,14 +174,14 @@ def lib(period: str, name: str, instant: datetime) -> tuple[datetime, datetime, 
 
 
 @st.composite
-def near_a_change(draw: st.DrawFn) -> tuple[str, datetime]:
+def near_a_change(draw: st.DrawFn, since: int = 1900) -> tuple[str, datetime]:
     name = draw(st.sampled_from(HARD_ZONES))
     times, _, _ = _transitions(name)
-    lo = (datetime(1900, 1, 1, tzinfo=UTC) - EPOCH).total_seconds()
+    lo = (datetime(since, 1, 4, tzinfo=UTC) - EPOCH).total_seconds()
     hi = (datetime(2090, 1, 1, tzinfo=UTC) - EPOCH).total_seconds()
     usable = [ts for ts in times if lo <= ts <= hi]
     if not usable:
-        return name, draw(_anywhere)
+        return name, draw(_anywhere.filter(lambda t: t.year >= since))
     ts = draw(st.sampled_from(usable))
     shift = draw(
         st.sampled_from([0, -1, 1, -60_000_000, 30 * 60_000_000, -45 * 60_000_000])
@@ -575,3 +575,67 @@ def test_a_clock_given_in_local_time_with_fold_picks_the_right_repeated_hour() -
         datetime(2026, 11, 1, 2, 30, tzinfo=NY) - timedelta(hours=1)
     )  # wall arithmetic: 01:30 EDT
     assert _pay(engine, 1) == "HOURLY_LIMIT"
+
+
+_ALLOWED = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 6), min_size=1, max_size=7, unique=True).map(sorted),
+        st.integers(0, 23),
+        st.integers(1, 24),
+    ).filter(lambda w: w[1] < w[2]),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(near_a_change(since=1970), _ALLOWED)
+def test_allowed_windows_read_the_local_weekday_and_hour_as_the_oracle_does(
+    zone_and_instant: tuple[str, datetime], allowed: list[tuple[list[int], int, int]]
+) -> None:
+    name, instant = zone_and_instant
+    windows = [{"days": d, "startHour": s, "endHour": e} for d, s, e in allowed]
+    engine, _ = _engine(name, instant, time={"allowedWindows": windows})
+    wall = (instant + timedelta(seconds=_offset(name, instant))).replace(tzinfo=None)
+    weekday = (wall.weekday() + 1) % 7  # 0 = Sunday
+    inside = any(weekday in d and s <= wall.hour < e for d, s, e in allowed)
+    code = engine.authorize(payment(U, agent_id="x"), dry_run=True).code.value
+    assert code == ("ALLOWED" if inside else "OUTSIDE_ALLOWED_WINDOW")
+
+
+@pytest.mark.parametrize(
+    ("zone", "start"),
+    [
+        ("America/New_York", datetime(2026, 11, 1, 3, tzinfo=UTC)),
+        ("Australia/Lord_Howe", datetime(2026, 4, 4, 12, tzinfo=UTC)),
+        ("Asia/Kathmandu", datetime(2026, 12, 31, 16, tzinfo=UTC)),
+    ],
+)
+def test_two_processes_with_skewed_clocks_never_overfill_a_window(
+    zone: str, start: datetime
+) -> None:
+    limits = {"hourly": 6, "daily": 20, "weekly": 45, "monthly": 70, "yearly": 90}
+    policy = {"timeRules": {"timezone": zone}, "limits": _limits(**limits)}
+    a, clock_a, b, clock_b = _two(policy, start)
+    rnd = random.Random(zone)
+    totals: dict[str, int] = {}
+    now = start
+    allowed = denied = 0
+    for _ in range(160):
+        now += timedelta(minutes=rnd.choice([0, 3, 17, 30, 45, 59]))
+        clock_a.set(now)
+        behind = now - timedelta(minutes=rnd.choice([0, 1, 15, 45, 59]))
+        clock_b.set(max(behind, start))
+        engine, clock = (a, clock_a) if rnd.random() < 0.5 else (b, clock_b)
+        units = rnd.randint(1, 3)
+        code = _pay(engine, units)
+        denied += code != "ALLOWED"
+        if code == "ALLOWED":
+            allowed += 1
+            for period in limits:
+                key = oracle(period, zone, clock())[2]
+                totals[key] = totals.get(key, 0) + units
+    assert allowed > 20
+    assert denied > 20
+    for key, total in totals.items():
+        assert total <= limits[key.partition(":")[0]], key
