@@ -344,3 +344,40 @@ def test_close_from_two_cancelled_blocks_at_once_does_not_wait_for_either() -> N
 
     asyncio.run(main())
     engine.close()
+
+
+def test_an_async_store_that_is_certainly_not_the_engines_is_refused_before_any_call() -> None:
+    from agentpolicy.storage import open_async_storage, open_storage
+
+    redis_url, pg_url = "redis://127.0.0.1:6379/0", "postgresql://postgres@127.0.0.1:5432/test"
+    cases: list[tuple[Any, Any, str]] = [
+        (lambda: open_storage(redis_url, key_prefix="ap-a:"),
+         lambda: open_async_storage(redis_url, key_prefix="ap-b:"),
+         "its Redis key prefix is 'ap-b:', the engine's storage's 'ap-a:'"),
+        (lambda: None, lambda: open_async_storage(redis_url), "it is a Redis store"),
+        (lambda: open_storage(pg_url + "?schema=ap_one"),
+         lambda: open_async_storage(pg_url + "?schema=ap_two"),
+         "its PostgreSQL schema is ap_two, the engine's storage's ap_one"),
+        (lambda: open_storage(redis_url), lambda: open_async_storage(pg_url),
+         "it is a PostgreSQL store"),
+        (lambda: redis_url, lambda: open_async_storage(redis_url, key_prefix="ap-b:"),
+         "its Redis key prefix is 'ap-b:', the engine's storage's 'agent-policy:'"),
+    ]  # fmt: skip
+    for make, amake, words in cases:  # nothing connects: the check is of the two objects
+        astorage = amake()
+        with pytest.raises(PolicyValidationError, match=words) as err:
+            AsyncPolicyEngine(make(), async_storage=astorage)
+        assert err.value.problems[0].path == "$.asyncStorage"
+        given = make()
+        if not isinstance(given, str):
+            engine = PolicyEngine(given)
+            with pytest.raises(PolicyValidationError, match=words):
+                AsyncPolicyEngine.from_engine(engine, async_storage=astorage)
+            engine.close()
+        asyncio.run(astorage.aclose())
+    # the same store, with the same prefix (or schema), is taken
+    astorage = open_async_storage(redis_url, key_prefix="ap-a:")
+    aengine = AsyncPolicyEngine(open_storage(redis_url, key_prefix="ap-a:"), async_storage=astorage)
+    assert aengine.native
+    asyncio.run(aengine.close())
+    asyncio.run(astorage.aclose())

@@ -132,6 +132,8 @@ class AsyncPolicyEngine:
     ) -> None:
         _check_workers(max_workers)
         _check_async_storage(async_storage)
+        if not isinstance(storage, str):  # a store given, or None (memory)
+            _check_same_store(storage, async_storage)
         if async_storage is None and isinstance(storage, str):
             async_storage = open_async_storage(storage)
         owned_async = async_storage is not None  # closed with this engine, as the storage is
@@ -147,6 +149,12 @@ class AsyncPolicyEngine:
             counter_grace=counter_grace,
             link_secret=link_secret,
         )
+        if isinstance(storage, str):  # the store this engine opened from the URL
+            try:
+                _check_same_store(engine.storage, async_storage)
+            except PolicyValidationError:
+                engine.close()
+                raise
         self._adopt(engine, owned=True, max_workers=max_workers)
         self._astorage = async_storage
         self._owns_astorage = owned_async
@@ -170,6 +178,7 @@ class AsyncPolicyEngine:
             raise PolicyValidationError.single("$.engine", "must be a PolicyEngine")
         _check_workers(max_workers)
         _check_async_storage(async_storage)
+        _check_same_store(engine.storage, async_storage)
         self = cls.__new__(cls)
         self._adopt(engine, owned=False, max_workers=max_workers)
         self._astorage = async_storage
@@ -666,6 +675,47 @@ def _check_async_storage(async_storage: object) -> None:
     if async_storage is not None and not isinstance(async_storage, AsyncStorage):
         raise PolicyValidationError.single(
             "$.asyncStorage", "must be an AsyncStorage (see open_async_storage)"
+        )
+
+
+def _check_same_store(storage: object, async_storage: AsyncStorage | None) -> None:
+    """Refuse an async store that is certainly not ``storage``'s store (no I/O).
+
+    Another kind of store, another Redis key prefix or another PostgreSQL
+    schema is another store. Two clients that agree on those may still reach
+    different servers: that is not checked (it would take a round trip of
+    each client, and the sync one in a thread).
+    """
+    if async_storage is None:
+        return
+    why = None
+    module = type(async_storage).__module__
+    if module == "agentpolicy.storage.redis_async":  # redis is installed: imports are safe
+        from agentpolicy.storage.redis import RedisStorage  # noqa: PLC0415 - the extra
+        from agentpolicy.storage.redis_async import AsyncRedisStorage  # noqa: PLC0415
+
+        assert isinstance(async_storage, AsyncRedisStorage)  # noqa: S101 - its module's class
+        if not isinstance(storage, RedisStorage):
+            why = "it is a Redis store, and the engine's storage is not"
+        elif storage.key_prefix != async_storage.key_prefix:
+            why = (f"its Redis key prefix is {async_storage.key_prefix!r}, the engine's "
+                   f"storage's {storage.key_prefix!r}")  # fmt: skip
+    elif module == "agentpolicy.storage.postgres_async":  # psycopg is installed
+        from agentpolicy.storage.postgres import PostgresStorage  # noqa: PLC0415 - the extra
+        from agentpolicy.storage.postgres_async import AsyncPostgresStorage  # noqa: PLC0415
+
+        assert isinstance(async_storage, AsyncPostgresStorage)  # noqa: S101 - its module's class
+        if not isinstance(storage, PostgresStorage):
+            why = "it is a PostgreSQL store, and the engine's storage is not"
+        elif storage.schema != async_storage.schema:
+            why = (f"its PostgreSQL schema is {async_storage.schema}, the engine's storage's "
+                   f"{storage.schema}")  # fmt: skip
+    if why is not None:
+        raise PolicyValidationError.single(
+            "$.asyncStorage",
+            f"must be an async client of the engine's own store: {why}. The calls would "
+            "write to one store while webhook delivery, the outbox and the calls in threads "
+            "use the other",
         )
 
 
