@@ -28,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentpolicy import PolicyEngine
+from agentpolicy.storage import MemoryStorage
 from agentpolicy.testing import ManualClock, payment
 from agentpolicy.windows import Period, window_at
 
@@ -475,7 +476,6 @@ def _two(
     policy: dict[str, Any], at: datetime
 ) -> tuple[PolicyEngine, ManualClock, PolicyEngine, ManualClock]:
     """Two engines (two processes) on one store, each with its own clock."""
-    from agentpolicy.storage import MemoryStorage
 
     store = MemoryStorage()
     clock_a, clock_b = ManualClock(at), ManualClock(at)
@@ -639,3 +639,24 @@ def test_two_processes_with_skewed_clocks_never_overfill_a_window(
     assert denied > 20
     for key, total in totals.items():
         assert total <= limits[key.partition(":")[0]], key
+
+
+def test_counter_grace_is_exact_to_the_microsecond() -> None:
+
+    end = datetime(2026, 3, 29, 1, tzinfo=UTC)  # London's spring-forward: the hour 01:00 GMT ends
+    store = MemoryStorage()
+    clock_a, clock_b = ManualClock(end - timedelta(minutes=30)), ManualClock(end - TICK)
+    grace = timedelta(minutes=1)
+    a = PolicyEngine(storage=store, clock=clock_a, counter_grace=grace)
+    b = PolicyEngine(storage=store, clock=clock_b, counter_grace=grace)
+    a.set_policy("x", {"timeRules": {"timezone": "Europe/London"}, "limits": _limits(hourly=5)})
+    assert _pay(a, 4) == "ALLOWED"
+    clock_a.set(end + grace - TICK)
+    assert _pay(a, 5) == "ALLOWED"  # the next hour (02:00 BST)
+    assert _pay(b, 2) == "HOURLY_LIMIT"  # B, one grace behind: still checked against 4
+    assert _pay(b, 1) == "ALLOWED"
+    clock_a.set(end + grace)
+    assert _pay(a, 1) == "HOURLY_LIMIT"  # a step at end + grace drops the old hour
+    with pytest.raises(Exception) as err:  # noqa: PT011 - the code is checked below
+        b.authorize(payment(U, agent_id="x"))
+    assert getattr(err.value, "code", None) == "STORAGE_UNAVAILABLE"
