@@ -251,3 +251,26 @@ def test_headroom_says_fits_exactly_where_judge_passes_the_limit(
                 r.remaining.value == r.limit.value  # fmt: skip
         if not r.fits:
             assert r.remaining.value == 0
+
+
+def test_a_dry_run_names_the_token_whose_payments_each_count_limit_counts() -> None:
+    import io
+
+    from agentpolicy.cli_output import print_decision
+    from agentpolicy.views import decision_data, headroom_data
+
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("a", {"limits": {"counts": [{"window": "daily", "max": 5}]}, "assets": [
+        {"symbol": "USDC", "limits": {"daily": {"value": str(100 * U), "symbol": "USDC"},
+                                      "counts": [{"window": "daily", "max": 3}]}}]})  # fmt: skip
+    d = engine.authorize(payment(U, agent_id="a", symbol="USDC"), dry_run=True)
+    # two daily counts, told apart: USDC's own and every token's
+    assert sorted((h.kind, h.symbol or "", h.max_count or 0) for h in d.headroom) == [
+        ("amount", "USDC", 0), ("count", "", 5), ("count", "USDC", 3),
+    ]  # fmt: skip
+    counts = [headroom_data(h) for h in d.headroom if h.kind == "count"]
+    assert sorted((c["max"], c.get("symbol")) for c in counts) == [(3, "USDC"), (5, None)]
+    out = io.StringIO()
+    print_decision(decision_data(d), out)
+    assert "0 of 3 USDC payments; 2 left after this one" in out.getvalue()
+    assert "0 of 5 payments; 4 left after this one" in out.getvalue()

@@ -223,8 +223,8 @@ def _print_dry_run(data: dict[str, Any], out: TextIO) -> None:
             where += f"{h['scope']} ({h['group']}) "
         fits = "" if h["fits"] else "  DOES NOT FIT"
         if h["kind"] == "count":
-            out.write(f"  {where}{h['window']:<8} {h['count']} of {h['max']} payments; "
-                      f"{h['remaining']} left after this one{fits}\n")  # fmt: skip
+            out.write(f"  {where}{h['window']:<8} {h['count']} of {h['max']} {_of_token(h)}"
+                      f"payments; {h['remaining']} left after this one{fits}\n")  # fmt: skip
             continue
         d, sym = h["decimals"], h["symbol"]
         out.write(

@@ -99,7 +99,8 @@ class Headroom:
     For a count: ``max_count``, ``count`` (payments so far) and
     ``remaining_count`` (after this one). ``fits`` says whether the payment
     fits this limit. A calendar window has ``window_start`` and
-    ``window_end``.
+    ``window_end``. ``symbol`` is the token whose payments the limit counts
+    (as the request spells it), ``None`` for a count of every token's.
     """
 
     budget_id: str
@@ -116,6 +117,7 @@ class Headroom:
     remaining_count: int | None = None
     window_start: datetime | None = None
     window_end: datetime | None = None
+    symbol: str | None = None
 
 
 def _worded(value: Any) -> Any:

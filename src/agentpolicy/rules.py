@@ -111,15 +111,15 @@ def policy_zone(policy: AgentPolicy | None) -> tzinfo:
 
 
 def windows_for(policy: AgentPolicy | None, now: datetime) -> tuple[Window, ...]:
-    """The spending windows that contain ``now``, hourly to monthly, in the policy's timezone.
+    """The spending windows that contain ``now``, hourly to lifetime, in the policy's timezone.
 
-    A payment counts in all four, whether or not the policy limits them, so a
+    A payment counts in all six, whether or not the policy limits them, so a
     limit added later already sees what was spent in its current window.
     Raises :class:`~agentpolicy.PolicyValidationError` for a naive ``now``.
     """
     _check_now(now)
     zone = policy_zone(policy)
-    # Windows nest (every day boundary is an hour boundary, and so on up), so all four
+    # Windows nest (every day boundary is an hour boundary, and so on up), so all six
     # are the same throughout one hourly window: compute the longer ones once per hour.
     found = _current_hour.get(zone)
     if found is not None and found[0].contains(now):
@@ -1158,10 +1158,12 @@ def headroom(assessment: Assessment, usage: UsedUnits) -> tuple[Headroom, ...]:
                 start, end = (None, None) if w is None or w.period is Period.LIFETIME else (
                     w.start, w.end)  # fmt: skip
                 if isinstance(limit, int):
+                    every = tally.key.startswith("*|")  # counts of every token together
                     found.append(Headroom(
                         level.budget_id, kind, window, count + 1 <= limit, scope, group,
                         max_count=limit, count=count, remaining_count=max(0, limit - count - 1),
                         window_start=start, window_end=end,
+                        symbol=None if every else assessment.request.symbol,
                     ))  # fmt: skip
                     continue
                 d = max(decimals, amount.decimals, limit.decimals)
@@ -1172,6 +1174,6 @@ def headroom(assessment: Assessment, usage: UsedUnits) -> tuple[Headroom, ...]:
                     level.budget_id, kind, window, left >= 0, scope, group, limit=limit,
                     used=Amount(_ceil_units(used, d, ld), ld, symbol),
                     remaining=Amount(_floor_units(max(0, left), d, ld), ld, symbol),
-                    window_start=start, window_end=end,
+                    window_start=start, window_end=end, symbol=symbol,
                 ))  # fmt: skip
     return tuple(found)

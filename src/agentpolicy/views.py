@@ -118,6 +118,8 @@ def headroom_data(h: Headroom) -> dict[str, Any]:
                     symbol=h.limit.symbol)  # fmt: skip
     else:
         data.update(max=h.max_count, count=h.count, remaining=h.remaining_count)
+        if h.symbol is not None:  # counts of one token's payments (absent: of every token's)
+            data["symbol"] = h.symbol
     data["fits"] = h.fits
     for key, value in (("windowStart", h.window_start), ("windowEnd", h.window_end)):
         if value is not None:
