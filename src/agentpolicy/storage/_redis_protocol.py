@@ -248,7 +248,12 @@ def failure(
     (no free connection, READONLY, OOM, ...) may answer that second attempt
     while the first one ran. Only :class:`NoTurn` is certainly before any.
     On one node the same holds when ``again`` (:func:`resent`): an attempt
-    of the commit failed without an answer before the refusal came.
+    of the commit failed without an answer before the refusal came. A
+    Cluster client that gave up after MOVED, ASK and TRYAGAIN answers (a
+    plain ``ClusterError``, "TTL exhausted": the slot is migrating, so a
+    commit that names a key the node lacks is refused) is such a refusal
+    too: a commit applied, whose answer was lost, can delete a key (an
+    emptied index), and its retry is then refused.
 
     A refused login or permission (:func:`_refusal`) is such a refusal: Redis
     ran nothing of the command it refused. Its message says which, never
@@ -266,6 +271,17 @@ def failure(
             )
         if writing and (cluster or again):
             return _unknown(exc, refused=words, cluster=cluster)
+        return StorageUnavailableError(f"{words}; {NOTHING_CHANGED}")
+    if isinstance(exc, redis.exceptions.ClusterError) and not isinstance(
+        exc, redis.exceptions.ResponseError
+    ):  # "TTL exhausted": every attempt was redirected (MOVED, ASK) or told TRYAGAIN
+        words = (
+            "Redis Cluster kept redirecting the command or answering TRYAGAIN until the "
+            "client gave up (ClusterError), as it does while the slot of these keys migrates "
+            "between nodes"
+        )
+        if writing:  # an attempt before those, timed out, may have run (see above)
+            return _unknown(exc, refused=words, cluster=True)
         return StorageUnavailableError(f"{words}; {NOTHING_CHANGED}")
     if isinstance(exc, redis.exceptions.RedisClusterException):
         if writing:
