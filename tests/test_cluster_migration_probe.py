@@ -280,12 +280,13 @@ def pay_until_decided(engine: PolicyEngine, key: str, tally: Tally) -> None:
 
 
 def migrate_under_load(
-    cluster: Cluster, slot: int, tally: Tally, *, stall: int | None = None
+    cluster: Cluster, slot: int, tally: Tally, *, stall: str | None = None
 ) -> tuple[int, int]:
     """Move ``slot`` key by key while payers pay, waiting for errors at each stage.
 
-    ``stall``: DEBUG SLEEP that node (``0``: the source, ``1``: the target)
-    past the store's timeout once half the keys have moved.
+    ``stall``: ``source-sleeps`` or ``target-sleeps`` (DEBUG SLEEP),
+    ``source-paused`` (CLIENT PAUSE ALL): that node stops answering past
+    the store's timeout once half the keys have moved.
     """
     src = cluster.owner(slot)
     dst = cluster.other(src)
@@ -298,8 +299,12 @@ def migrate_under_load(
             if i == len(keys) // 2:
                 seen = len(tally.errors)
                 if stall is not None:
-                    node = (src, dst)[stall]
-                    cluster.admin[node].execute_command("DEBUG", "SLEEP", "1.5")
+                    side, how = stall.split("-")
+                    node = src if side == "source" else dst
+                    if how == "sleeps":  # the whole server stops, the admin's call too
+                        cluster.admin[node].execute_command("DEBUG", "SLEEP", "1.5")
+                    else:  # every client waits, the admin's next MIGRATE too
+                        cluster.admin[node].execute_command("CLIENT", "PAUSE", 1500, "ALL")
                 tally.wait_errors(seen + 2)  # split keys: TRYAGAIN on either side
         for key in cluster.keys_in(slot, src):  # written meanwhile? (nothing can be)
             cluster.move(key, src, dst)
@@ -330,9 +335,9 @@ def check_ledger(engine: PolicyEngine, agent: str, tally: Tally, payers: int) ->
     assert engine.sweep().reservations == ()
 
 
-@pytest.mark.parametrize("stall", [None, 0, 1], ids=["no-stall", "source-stalls", "target-stalls"])
+@pytest.mark.parametrize("stall", [None, "source-sleeps", "target-sleeps", "source-paused"])
 def test_payers_during_a_slot_migration_end_with_exact_totals(
-    cluster: Cluster, stall: int | None
+    cluster: Cluster, stall: str | None
 ) -> None:
     keys = prefix()
     clock = ManualClock()
@@ -472,9 +477,9 @@ async def pay_until_decided_async(engine: AsyncPolicyEngine, key: str, tally: Ta
         tally.confirmed.append(decision.reservation_id)
 
 
-@pytest.mark.parametrize("stall", [None, 1], ids=["no-stall", "target-stalls"])
+@pytest.mark.parametrize("stall", [None, "target-sleeps"])
 def test_async_payers_during_a_slot_migration_end_with_exact_totals(
-    cluster: Cluster, stall: int | None
+    cluster: Cluster, stall: str | None
 ) -> None:
     keys = prefix()
     clock = ManualClock()
@@ -520,3 +525,75 @@ def test_async_payers_during_a_slot_migration_end_with_exact_totals(
     assert not moved, moved
     check_ledger(check, "agent-1", tally, tasks_n * per_task)
     check.close()
+
+
+# -- releases and expiries across a migration -----------------------------------------------------
+
+
+def test_releases_and_expiries_across_a_migration_leave_nothing_reserved(cluster: Cluster) -> None:
+    """Six held; three released, tried at every stage of the move; three expire, swept after.
+
+    While the slot migrates no commit of the agent can pass (the operation
+    record it names is new): each release and sweep is refused in true
+    words, and once the slot has its new owner they are applied once each.
+    """
+    keys = prefix()
+    clock = ManualClock()
+    engine = PolicyEngine(
+        storage=RedisStorage(cluster.url, key_prefix=keys, timeout=timedelta(seconds=0.5)),
+        clock=clock,
+        reservation_ttl=timedelta(minutes=5),
+    )
+    engine.set_policy("agent-1", DAILY)
+    held = [
+        engine.authorize(payment(PRICE, idempotency_key=f"h{i}")).reservation_id for i in range(6)
+    ]
+    assert None not in held
+    slot = shard_slot(cluster, keys, "agent-1")
+    src = cluster.owner(slot)
+    dst = cluster.other(src)
+    refused: list[str] = []
+
+    def release_refused(rid: str | None) -> None:
+        assert rid is not None
+        with pytest.raises(PolicyError) as caught:
+            engine.release(rid)
+        refused.append(caught.value.message)
+
+    try:
+        cluster.begin(slot, src, dst)
+        release_refused(held[0])  # every key here but the new operation record: TRYAGAIN
+        moving = cluster.keys_in(slot, src)
+        for key in moving[: len(moving) // 2]:
+            cluster.move(key, src, dst)
+        release_refused(held[1])  # keys on both sides: TRYAGAIN on either
+        for key in cluster.keys_in(slot, src):
+            cluster.move(key, src, dst)
+        release_refused(held[2])  # every key moved, the slot still migrating: ASK, TRYAGAIN
+        clock.advance(minutes=6)
+        with pytest.raises(PolicyError) as swept:
+            engine.sweep()
+        refused.append(swept.value.message)
+        cluster.finish(slot, dst)
+    finally:
+        cluster.stable(slot)
+    assert len(refused) == 4
+    for message in refused:
+        check_words(message)
+        assert "TRYAGAIN" in message
+    clock.set(clock.now - timedelta(minutes=6))  # as another process would see it
+    assert spent_reserved(engine.budget("agent-1", "daily"))[1] == 6 * PRICE  # nothing applied
+    for rid in held[:3]:
+        assert rid is not None
+        assert engine.release(rid).status.value == "released"
+    assert spent_reserved(engine.budget("agent-1", "daily")) == (0, 3 * PRICE)
+    clock.advance(minutes=6)
+    expired = engine.sweep().reservations
+    assert sorted(r.id for r in expired) == sorted(str(rid) for rid in held[3:])
+    assert engine.sweep().reservations == ()
+    assert spent_reserved(engine.budget("agent-1", "daily")) == (0, 0)
+    events = [r.event for r in engine.history("agent-1", 1000)]
+    assert events.count("decision") == 6
+    assert events.count("release") == 3
+    assert events.count("expire") == 3, events
+    engine.close()
