@@ -716,6 +716,21 @@ def replicate(cluster: Cluster, spare: Any, src: int) -> None:
     )
 
 
+def give_back(cluster: Cluster, old: Any, spare: Any, replica: RedisServer) -> None:
+    """The first node primary again (if it is not), the replica stopped and forgotten."""
+    gone = spare.cluster("myid")
+    try:
+        if old.execute_command("ROLE")[0] != "master":
+            # TAKEOVER: the primaries vote for one failover of a slot per 2 node timeouts
+            old.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+            wait_for("the first is back", lambda: old.execute_command("ROLE")[0] == "master")
+    finally:
+        spare.close()
+        replica.stop()
+    for client in cluster.admin.values():
+        client.execute_command("CLUSTER", "FORGET", gone)
+
+
 def test_payers_across_a_manual_failover_end_with_exact_totals(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -778,14 +793,6 @@ def test_payers_across_a_manual_failover_end_with_exact_totals(
         check_ledger(setup, "agent-1", tally, threads_n * per_thread)
         for e in engines:
             e.close()
-    finally:  # give the slot back to the first node and let the replica go
-        if old.execute_command("ROLE")[0] != "master":
-            # TAKEOVER: the primaries vote for one failover of a slot per 2 node timeouts
-            old.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
-            wait_for("the first node is back", lambda: old.execute_command("ROLE")[0] == "master")
-        gone = spare.cluster("myid")
-        spare.close()
-        replica.stop()
-        for client in cluster.admin.values():
-            client.execute_command("CLUSTER", "FORGET", gone)
+    finally:
+        give_back(cluster, old, spare, replica)
     setup.close()
