@@ -444,7 +444,10 @@ class PolicyEngine(Voting):
             )  # fmt: skip
 
         shard = yield from self._place(
-            agent_id, policy.parent, lambda tree: step(tree, check_only=True)
+            agent_id,
+            policy.parent,
+            lambda tree: step(tree, check_only=True),
+            None if grant is None else grant.parent,
         )
         try:
             version: int = yield Run(shard, step(shard), at=micros(now))
@@ -458,13 +461,18 @@ class PolicyEngine(Voting):
         return version
 
     def _place(
-        self, agent_id: str, parent: str | None, check: Callable[[str], operations.Step]
+        self,
+        agent_id: str,
+        parent: str | None,
+        check: Callable[[str], operations.Step],
+        delegated_by: str | None = None,
     ) -> Flow[str]:
         """The shard the agent's policy goes to: with a parent, the parent's tree.
 
         Placing an agent in a tree is written once and for good, so the
         policy's checks run first (in the tree, writing nothing): a policy
         refused for its parent leaves the agent where it was.
+        ``delegated_by`` is the parent of a delegation being made.
         """
         shard = yield from self._shard(agent_id)
         if parent is None:
@@ -475,6 +483,11 @@ class PolicyEngine(Voting):
         now = self._now()
         yield Run(tree, check(tree), at=micros(now), write=False)
         placed: str = yield Run(agent_id, trees.place(agent_id, tree), at=micros(now))
+        if placed == agent_id and delegated_by is not None:  # a budget of its own, kept there
+            raise ConflictError(  # as the check says where the tree can see the agent's head
+                f"agent {agent_id} already has a budget that {delegated_by} did not delegate",
+                code=ErrorCode.BUDGET_CONFLICT,
+            )
         if placed != tree:
             raise ConflictError(
                 f"the budget of {agent_id} is kept with another tree than {parent}'s; "
