@@ -573,7 +573,7 @@ EXPLORE = int(os.environ.get("AGENTPOLICY_DIFFERENTIAL_EXAMPLES", "0"))
 
 
 @settings(
-    max_examples=EXPLORE or 40,
+    max_examples=EXPLORE or 20,
     derandomize=not EXPLORE,
     deadline=None,
     database=None,
