@@ -550,22 +550,6 @@ def forgot(answer: Any) -> bool:
     )
 
 
-def without_known_defects(steps: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The steps, less those that reach a divergence already reported (each has its own test).
-
-    KNOWN-1 (test_an_agent_moved_into_a_tree_keeps_its_keys_and_history): a payment asked
-    for an agent before it joins a tree. Once it is fixed, drop its xfail marks and this
-    filter: the @example below then checks it on every run.
-    """
-    kept, delegated = [], False
-    for step in steps:
-        delegated = delegated or step[0] in ("delegate", "set_kid")
-        if step[0] == "authorize" and step[1] == "kid" and not delegated:
-            continue
-        kept.append(step)
-    return kept
-
-
 KID_K1 = ("authorize", "kid", "USDC", 0, "0xaaa", None, "k1", False, None, None)  # 1 base unit
 
 EXPLORE = int(os.environ.get("AGENTPOLICY_DIFFERENTIAL_EXAMPLES", "0"))
@@ -580,13 +564,13 @@ EXPLORE = int(os.environ.get("AGENTPOLICY_DIFFERENTIAL_EXAMPLES", "0"))
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(program=programs)
-@example(program=(0, [("set_policy", 0), KID_K1, ("delegate", 0, False), KID_K1]))  # KNOWN-1
+@example(program=(0, [("set_policy", 0), KID_K1, ("delegate", 0, False), KID_K1]))  # was KNOWN-1
 @example(
     program=(0, [("set_policy", 0), ("set_kid", 0, False), ("delegate", 0, False)])
 )  # was KNOWN-2
 def test_every_store_answers_alike(stores: Stores, program: tuple[int, list[Any]]) -> None:
     start, steps = program
-    run_program(stores, start, without_known_defects(steps))
+    run_program(stores, start, steps)
 
 
 # -- divergences found, each with its shortest repro ------------------------------------------
@@ -594,18 +578,6 @@ def test_every_store_answers_alike(stores: Stores, program: tuple[int, list[Any]
 ASK_KID = KID_K1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "KNOWN-1: an agent moved into a tree loses, on memory and Redis (and Redis Cluster) "
-        "only, what its own shard held: a payment asked for `kid` (NO_POLICY, key k1) before "
-        "it joins bot's tree (a delegation, or a policy naming bot as parent) is answered "
-        "again with key k1 on SQLite and PostgreSQL (NO_POLICY: the first decision, as "
-        "docs/semantics.md 4 promises for 24 hours), but decided anew on memory and Redis "
-        "(ALLOWED, and counted); and history('kid') there no longer shows that denial"
-    ),
-)
 @pytest.mark.parametrize("join", [("delegate", 0, False), ("set_kid", 0, True)])
 def test_an_agent_moved_into_a_tree_keeps_its_keys_and_history(
     stores: Stores, join: tuple[Any, ...]
@@ -613,7 +585,6 @@ def test_an_agent_moved_into_a_tree_keeps_its_keys_and_history(
     run_program(stores, 0, [("set_policy", 0), ASK_KID, join, ASK_KID])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="KNOWN-1, without a key: history")
 def test_an_agent_moved_into_a_tree_keeps_its_denials(stores: Stores) -> None:
     ask = (*ASK_KID[:6], None, *ASK_KID[7:])
     run_program(stores, 0, [("set_policy", 0), ask, ("delegate", 0, False), ("history", "kid")])

@@ -293,6 +293,8 @@ class PolicyEngine(Voting):
         self._policies: dict[tuple[str, int], AgentPolicy] = {}
         self._shadows: dict[tuple[str, str], AgentPolicy] = {}
         self._homes: dict[str, str] = {}
+        # agents placed in a tree: whether their own shard keeps idempotency keys from before
+        self._behind: dict[str, bool] = {}
         # reservation id -> (its stored request, the request it was authorized for, instants
         # held as datetimes): confirm and release report them instead of rebuilding them
         self._requests: dict[str, Known] = {}
@@ -342,8 +344,9 @@ class PolicyEngine(Voting):
         if found is not None:
             return found
         pointer, head = yield Read(agent_id, [keys.home(agent_id), keys.head(agent_id)])
-        if pointer is not None:
-            found = pointer["s"]
+        placed = trees.placed_in(pointer)
+        if placed is not None:
+            found = placed
         elif head is not None and head["pv"] > 0:
             found = agent_id
         else:
@@ -660,6 +663,42 @@ class PolicyEngine(Voting):
             ancestors=ancestors,
         )
 
+    def _asked_before(self, request: PaymentRequest, shard: str) -> Flow[Body | None]:
+        """The decision an agent placed in a tree was given with this key before it was placed.
+
+        An agent with no policy is decided in its own shard, which keeps the
+        idempotency keys of those decisions; once the agent is placed in a
+        tree (``shard``), its own shard changes no more, so a key found there
+        answers the request as it did then (for the idempotency window).
+        Whether there is any such key is read once per agent and process.
+        """
+        agent, key = request.agent_id, request.idempotency_key
+        assert key is not None  # noqa: S101 - the callers ask with a key
+        behind = self._behind.get(agent)
+        if behind is None:
+            (pointer,) = yield Read(agent, [keys.home(agent)])
+            behind = trees.keys_left_behind(pointer) and (yield from self._apart(agent, shard))
+            if trees.placed_in(pointer) is not None:  # else not placed yet: ask again later
+                with self._policies_lock:
+                    if len(self._behind) > 100_000:
+                        self._behind.clear()
+                    self._behind[agent] = behind
+        if not behind:
+            return None
+        (entry,) = yield Read(agent, [keys.idempotency(agent, key)])
+        fingerprint = request.fingerprint()
+        return operations.earlier_decision(self.config, entry, key, fingerprint, self._now_us())
+
+    def _apart(self, agent: str, shard: str) -> Flow[bool]:
+        """Whether the tree's ``shard`` does not see what the agent's own shard keeps.
+
+        On memory and Redis a shard holds its own documents and logs; SQLite
+        and PostgreSQL keep one namespace, where the tree's shard reads the
+        agent's pointer (kept in its own shard) as its own shard does.
+        """
+        (seen,) = yield Read(shard, [keys.home(agent)])
+        return seen is None
+
     def _replayed(self, rec: Body, request: PaymentRequest) -> Flow[Decision]:
         """The decision a stored record was made with, rebuilt from its policy version."""
         version = rec["pv"]
@@ -742,6 +781,10 @@ class PolicyEngine(Voting):
             return (yield from self._dry_run(request))
         agent = request.agent_id  # a known agent's shard is found without starting a flow
         shard = self._homes.get(agent) or (yield from self._shard(agent))
+        if shard != agent and request.idempotency_key is not None:
+            earlier = yield from self._asked_before(request, shard)
+            if earlier is not None:
+                return (yield from self._replayed(earlier, request))
         attempt = 0
         while attempt < _CLOCK_RETRIES:
             now = self._now()
@@ -764,6 +807,14 @@ class PolicyEngine(Voting):
                 if attempt == _CLOCK_RETRIES:
                     raise
                 continue
+            except trees.RelocatedError as moved:  # placed in a tree by another caller meanwhile
+                with self._policies_lock:
+                    self._homes[agent] = shard = moved.shard
+                if request.idempotency_key is not None:
+                    earlier = yield from self._asked_before(request, shard)
+                    if earlier is not None:
+                        return (yield from self._replayed(earlier, request))
+                continue
             if "more" in result:  # a batch of due expiries was committed: decide after the rest
                 continue
             rec = result["rec"]
@@ -785,14 +836,24 @@ class PolicyEngine(Voting):
     def _dry_run(self, request: PaymentRequest) -> Flow[Decision]:
         """The authorize step on a transaction that is never committed (a reading session)."""
         shard = yield from self._shard(request.agent_id)
-        for attempt in range(_CLOCK_RETRIES):
+        attempt = 0
+        while attempt < _CLOCK_RETRIES:
+            if shard != request.agent_id and request.idempotency_key is not None:
+                earlier = yield from self._asked_before(request, shard)
+                if earlier is not None:
+                    first = yield from self._replayed(earlier, request)
+                    return attrs.evolve(first, dry_run=True)
             now = self._now()
             step = operations.authorize(self.config, shard, request, now, self._policy, [])
             try:
                 result: Body = yield Run(shard, rollout.dry_run(step), at=micros(now), write=False)
             except ClockBehindError:
-                if attempt == _CLOCK_RETRIES - 1:
+                attempt += 1
+                if attempt == _CLOCK_RETRIES:
                     raise
+                continue
+            except trees.RelocatedError as moved:  # placed in a tree meanwhile: decide there
+                shard = moved.shard
                 continue
             for agent in result.get("more", ()):  # due expiries past one batch: as a read does
                 yield from self._expire(agent, now)
@@ -1211,6 +1272,16 @@ class PolicyEngine(Voting):
         if version is not None:
             raise_if(check_int(version, "$.version", 1, MAX_SCORE))
         shard = yield from self._shard(agent_id)
+        entries = yield from self._newest(shard, agent_id, limit, version)
+        if shard != agent_id and len(entries) < limit and (yield from self._apart(agent_id, shard)):
+            # placed in a tree: what its own shard recorded before (frozen since) is older
+            entries += yield from self._newest(agent_id, agent_id, limit - len(entries), version)
+        return [history_record(agent_id, seq, at, entry) for seq, at, entry in entries]
+
+    def _newest(
+        self, shard: str, agent_id: str, limit: int, version: int | None
+    ) -> Flow[list[tuple[int, int, Any]]]:
+        """The newest ``limit`` entries of an agent's logs in one shard, newest first."""
         names = (keys.changes_log(agent_id), keys.denials_log(agent_id))
         batch = limit
         while True:
@@ -1223,9 +1294,8 @@ class PolicyEngine(Voting):
             # every log read to its end, or each holds nothing newer than what is kept
             cut = entries[limit - 1][0] if len(entries) >= limit else None
             if all(len(log) < batch or (cut is not None and log[-1][0] <= cut) for log in logs):
-                break
+                return entries[:limit]
             batch *= 4
-        return [history_record(agent_id, seq, at, entry) for seq, at, entry in entries[:limit]]
 
     def sweep(self) -> SweepResult:
         """Apply every due expiry now; return the reservations and approvals it expired."""

@@ -43,7 +43,15 @@ from agentpolicy.ledger.state import (
     record,
 )
 from agentpolicy.ledger.tallies import MAX_SCORE
-from agentpolicy.ledger.trees import Level, PolicySource, chain, grant_deadline
+from agentpolicy.ledger.trees import (
+    Level,
+    PolicySource,
+    RelocatedError,
+    chain,
+    grant_deadline,
+    keys_left_behind,
+    placed_in,
+)
 from agentpolicy.policy import DEFAULT_APPROVAL_TIMEOUT_MS, AgentPolicy, ApprovalThreshold
 from agentpolicy.records import ApprovalStatus
 from agentpolicy.requests import PaymentRequest
@@ -55,6 +63,7 @@ from agentpolicy.windows import Window
 __all__ = [
     "PolicySource",
     "authorize",
+    "earlier_decision",
     "expire",
     "refresh",
     "settle",
@@ -191,17 +200,13 @@ def authorize(
         head = Head.read(view, agent)
         head.check_horizon(now_us, agent)
         if idem_name is not None:
-            entry = view.doc(idem_name)
-            if entry is not None and now_us - entry["c"] < cfg.idempotency_ttl:
-                if entry["fp"] != fingerprint:
-                    raise ConflictError(
-                        f"idempotency key {key!r} was used for a different request",
-                        code=ErrorCode.IDEMPOTENCY_CONFLICT,
-                    )
-                txn.result = {"rec": entry["rec"], "replayed": True}
+            earlier = earlier_decision(cfg, view.doc(idem_name), key, fingerprint, now_us)
+            if earlier is not None:
+                txn.result = {"rec": earlier, "replayed": True}
                 return
         version = head.body["pv"]
         policy = policies(agent, version, view)
+        pointer = _unplaced(view, agent) if policy is None and shard == agent else None
         books = Books(view, head)
         grant = delegation_record(agent, head.body) if "dg" in head.body else None
         levels = [] if policy is None or policy.parent is None else chain(view, books, policy,
@@ -238,9 +243,46 @@ def authorize(
         if idem_name is not None:
             txn.put[idem_name] = {"fp": fingerprint, "c": now_us, "rec": rec}
             txn.ttl[idem_name] = _IDEMPOTENCY_KEEP_MS
+            if policy is None and shard == agent and not keys_left_behind(pointer):
+                txn.put[keys.home(agent)] = {**(pointer or {}), "k": 1}  # read once placed
         txn.result = {"rec": rec}
 
     return step
+
+
+def _unplaced(view: View, agent: str) -> Body | None:
+    """The pointer of an agent with no policy decided in its own shard, if it is not placed.
+
+    Raises :class:`RelocatedError` when the agent was placed in a tree
+    meanwhile: nothing of it is written in its own shard after that.
+    """
+    pointer: Body | None = view.doc(keys.home(agent))
+    where = placed_in(pointer)
+    if where is not None and where != agent:
+        raise RelocatedError(agent, where)
+    return pointer
+
+
+def earlier_decision(
+    cfg: LedgerConfig, entry: Body | None, key: str | None, fingerprint: str, now: int
+) -> Body | None:
+    """The decision record an idempotency entry answers a request with, if it still holds.
+
+    ``entry`` is what the ledger keeps under the request's idempotency
+    ``key``; ``fingerprint`` is the request's (``PaymentRequest.fingerprint``).
+    ``None`` when there is no entry or it is older than the idempotency
+    window. Raises ``IDEMPOTENCY_CONFLICT`` when the key was used for a
+    different request.
+    """
+    if entry is None or now - entry["c"] >= cfg.idempotency_ttl:
+        return None
+    if entry["fp"] != fingerprint:
+        raise ConflictError(
+            f"idempotency key {key!r} was used for a different request",
+            code=ErrorCode.IDEMPOTENCY_CONFLICT,
+        )
+    rec: Body = entry["rec"]
+    return rec
 
 
 def _decision_record(

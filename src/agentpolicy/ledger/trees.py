@@ -78,7 +78,9 @@ __all__ = [
     "RelocatedError",
     "cap_problems",
     "chain",
+    "keys_left_behind",
     "place",
+    "placed_in",
     "put_policy",
     "quota_levels",
     "revoke",
@@ -148,26 +150,47 @@ def chain(
     return found
 
 
+def placed_in(pointer: Body | None) -> str | None:
+    """The shard an agent's pointer (:func:`agentpolicy.ledger.keys.home`) records, if any.
+
+    Before an agent is placed, the document may exist without a shard: it
+    then only says that idempotency keys of the agent's are kept in its own
+    shard (``"k"``, see :func:`keys_left_behind`).
+    """
+    return None if pointer is None else pointer.get("s")
+
+
+def keys_left_behind(pointer: Body | None) -> bool:
+    """Whether decisions with idempotency keys were recorded in the agent's own shard.
+
+    An agent with no policy yet is decided in its own shard; once it is
+    placed in a tree, its own shard changes no more, so what it keeps there
+    (those keys, its denials) is read from there as it was.
+    """
+    return pointer is not None and bool(pointer.get("k"))
+
+
 def place(agent: str, home: str) -> Step:
     """Record that ``agent`` lives in shard ``home`` (its tree), unless it already lives somewhere.
 
     Runs in the agent's own shard. The result is where the agent lives: the
     recorded shard, its own shard when it already has a policy there, else
-    ``home`` (now recorded).
+    ``home`` (now recorded, with what the document said before kept).
     """
     pointer, head = keys.home(agent), keys.head(agent)
 
     def step(view: View, txn: Txn) -> None:
         view.read((pointer, head))
         found = view.doc(pointer)
-        if found is not None:
-            txn.result = found["s"]
+        where = placed_in(found)
+        if where is not None:
+            txn.result = where
             return
         own = view.doc(head)
         if home == agent or (own is not None and own["pv"] > 0):
             txn.result = agent
             return
-        txn.put[pointer] = {"s": home}
+        txn.put[pointer] = {**(found or {}), "s": home}
         txn.result = home
 
     return step
@@ -471,9 +494,9 @@ def put_policy(
 
     def step(view: View, txn: Txn) -> None:
         if shard == agent:
-            pointer = view.doc(keys.home(agent))
-            if pointer is not None and pointer["s"] != agent:
-                raise RelocatedError(agent, pointer["s"])
+            where = placed_in(view.doc(keys.home(agent)))
+            if where is not None and where != agent:
+                raise RelocatedError(agent, where)
         head = Head.read(view, agent)
         books = Books(view, head)
         old = policies(agent, head.body["pv"], view)
