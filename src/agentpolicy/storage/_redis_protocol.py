@@ -258,16 +258,21 @@ def failure(
     A refused login or permission (:func:`_refusal`) is such a refusal: Redis
     ran nothing of the command it refused. Its message says which, never
     what the URL holds; a command the commit script runs refused inside it
-    may follow the script's first writes (Redis undoes none of them).
+    may follow the script's first writes (Redis undoes none of them) on a
+    server before Redis 7.0. From 7.0 the script asks whether each of its
+    writes is allowed before the first (its ``"N"`` reply, :func:`acl_refused`),
+    so a refusal inside it is of a read it makes before writing.
     """
     refusal = _refusal(exc)
     if refusal is not None:
         kind, words = refusal
         if kind == "script":
             return StorageUnavailableError(
-                f"{words}: the script may have written part of this change before it, since "
-                "Redis undoes none of a script's writes; give the store's user every command "
-                "of @read, @write and @scripting"
+                f"{words}: on a server before Redis 7.0 the script may have written part of "
+                "this change before it, since Redis undoes none of a script's writes (from 7.0 "
+                "the script checks every write before its first, so only a read it makes "
+                "first can be refused there); give the store's user every command of @read, "
+                "@write and @scripting"
             )
         if writing and (cluster or again):
             return _unknown(exc, refused=words, cluster=cluster)
@@ -429,6 +434,28 @@ def _refusal(exc: BaseException) -> tuple[str, str] | None:
     return (
         "permission",
         f"Redis refused the store's user the permission to run {what} (NOPERM{note})",
+    )
+
+
+def acl_refused(command: str, key: str) -> StorageUnavailableError:
+    """The error for a commit whose script found a write its user may not make (``"N"`` reply).
+
+    The script asks Redis (``redis.acl_check_cmd``, Redis 7.0+) whether the
+    store's user may run each write of the commit on its key before it makes
+    the first, and writes nothing when one is refused: so, unlike a command
+    refused while the script runs (:func:`failure`), nothing changed. Redis
+    does not say whether the command or the key was refused; the message
+    names both (the key is one of the store's own, never part of the URL).
+    """
+    name = command.lower()
+    note = f"; a command of {_CATEGORY[name]}" if name in _CATEGORY else ""
+    shown = key if len(key) <= 120 else key[:117] + "..."
+    return StorageUnavailableError(
+        f"Redis refused the store's user '{name}' on the key {shown!r} inside the commit "
+        f"script (ACL{note}: the user may not run that command, or not on that key); the "
+        f"script checked every write before its first, so {NOTHING_CHANGED}; give the "
+        "store's user every command of @read, @write and @scripting on the keys under its "
+        "prefix"
     )
 
 
@@ -646,6 +673,8 @@ class Keyspace:
         reply = yield Eval(keys_, args)
         cache = self.cache
         kind = reply[0]
+        if kind == "N":
+            raise acl_refused(reply[1], reply[2])
         if kind == "R":
             for key, _ in put_keys:
                 cache.pop(key, None)

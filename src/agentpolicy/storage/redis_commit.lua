@@ -9,7 +9,9 @@
 --   delete  (key)
 --   index   (key, member, score)      -- "" removes, "s" takes the next sequence number
 --   append  (key, entry, keep after us or "", max length or "")
--- Replies: {"R", result} replayed; {"C", key, version, body, ...} conflict; {"A", versions...}.
+-- Replies: {"R", result} replayed; {"C", key, version, body, ...} conflict; {"A", versions...}
+-- applied; {"N", command, key} the store's user may not run that write on that key (ACL),
+-- so nothing was written.
 local i = 0
 local function nxt() i = i + 1; return ARGV[i] end
 local op_ttl, result, at = nxt(), nxt(), nxt()
@@ -32,6 +34,80 @@ if #stale > 0 then
     out[#out + 1] = f[2] or ""
   end
   return out
+end
+
+-- Redis undoes no write of a script a refusal stops: so, before the first write, ask
+-- whether the store's user may run each write the commit makes, on its key (Redis 7.0+).
+if redis.acl_check_cmd then
+  local may = redis.acl_check_cmd
+  local j = i
+  local function arg() j = j + 1; return ARGV[j] end
+  local function refused()
+    -- each put key and deleted key is named once (the commit's names are distinct); an index
+    -- or log key may come several times, and the sequence with each new number: checked once
+    for _ = 1, tonumber(arg()) do
+      local k = KEYS[tonumber(arg())]
+      arg()  -- the body
+      local ttl = tonumber(arg())
+      if arg() == "" and not may("HINCRBY", k, "v", "1") then return "HINCRBY", k end
+      if not may("HSET", k, "b", "") then return "HSET", k end
+      if ttl > 0 then
+        if not may("PEXPIRE", k, "1") then return "PEXPIRE", k end
+      elseif not may("PERSIST", k) then return "PERSIST", k end
+    end
+    for _ = 1, tonumber(arg()) do
+      local k = KEYS[tonumber(arg())]
+      if not may("DEL", k) then return "DEL", k end
+    end
+    local seq, added, removed = false, {}, {}
+    for _ = 1, tonumber(arg()) do
+      local k = KEYS[tonumber(arg())]
+      arg()  -- the member
+      local score = arg()
+      if score == "" then
+        if not removed[k] then
+          if not may("ZREM", k, "m") then return "ZREM", k end
+          removed[k] = true
+        end
+      else
+        if score == "s" and not seq then
+          if not may("INCR", KEYS[2]) then return "INCR", KEYS[2] end
+          seq = true
+        end
+        if not added[k] then
+          if not may("ZADD", k, "0", "m") then return "ZADD", k end
+          added[k] = true
+        end
+      end
+    end
+    local logged, trimmed, aged = {}, {}, {}
+    for _ = 1, tonumber(arg()) do
+      local k = KEYS[tonumber(arg())]
+      arg()  -- the entry
+      local keep = arg()
+      local max = arg()
+      if not seq then
+        if not may("INCR", KEYS[2]) then return "INCR", KEYS[2] end
+        seq = true
+      end
+      if not logged[k] then
+        if not may("LPUSH", k, "") then return "LPUSH", k end
+        logged[k] = true
+      end
+      if max ~= "" and not trimmed[k] then
+        if not may("LTRIM", k, "0", "0") then return "LTRIM", k end
+        trimmed[k] = true
+      end
+      if keep ~= "" and not aged[k] then
+        if not may("LINDEX", k, "-1") then return "LINDEX", k end
+        if not may("RPOP", k) then return "RPOP", k end
+        aged[k] = true
+      end
+    end
+    if not may("SET", KEYS[1], "", "PX", "1") then return "SET", KEYS[1] end
+  end
+  local cmd, k = refused()
+  if cmd then return {"N", cmd, k} end
 end
 
 local versions = {"A"}
