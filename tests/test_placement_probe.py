@@ -11,10 +11,11 @@ denial log, a Redis Cluster whose own and tree slots live on different
 nodes, and real processes (and an async engine) paying while another places
 the agent. Each key must keep exactly one decision, the budgets must count
 exactly the distinct allowed reservations, and history must list each
-decision once, in the order the calls were made. What does not hold yet is
-marked ``xfail(strict=True)``: two answers to one key at the window's end
-under clocks a second apart, ``simulate`` missing the payments asked
-before, and a read of the own shard on every keyed payment for good.
+decision once, in the order the calls were made. Three defects the probe
+found in the first version of the fix stay as regression tests: two answers
+to one key at the window's end under clocks a second apart, ``simulate``
+missing the payments asked before, and a read of the own shard on every
+keyed payment for good.
 """
 
 from __future__ import annotations
@@ -282,17 +283,8 @@ def test_a_full_denial_log_in_both_shards_is_listed_newest_first(backend: Backen
 
 # -- what memory and Redis answer against SQLite (one namespace: the reference) -------------------
 
-SKEW = (
-    "memory/Redis: at the end of a key's window an engine whose clock is behind is answered "
-    "from the agent's own shard although the tree already holds a newer decision of the key"
-)
-SIMULATE = "memory/Redis: simulate() reads the tree's logs only, not the agent's own shard"
-
-
-def _stores(reason: str) -> list[Any]:
-    """SQLite as the reference; memory and Redis (shards kept apart) expected to differ."""
-    return ["sqlite", *(pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=reason))
-                        for n in ("memory", "redis"))]  # fmt: skip
+STORES = ["sqlite", "memory", "redis"]
+"""SQLite (one namespace) as the reference; memory and Redis keep shards apart."""
 
 
 @pytest.fixture
@@ -300,17 +292,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
     return served(request.param, tmp_path, request)
 
 
-@pytest.mark.parametrize("store", _stores(SKEW), indirect=True)
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_an_engine_a_second_behind_gets_the_answer_given_after_the_window(store: Backend) -> None:
-    """DEFECT: at the window's end, two engines whose clocks differ by 2 s get two decisions.
+    """At the window's end, two engines whose clocks differ by 2 s get one decision.
 
     The engine ahead decides the key anew in the tree (allowed, held); the
-    engine behind, still inside the window by its clock, is answered from the
-    agent's own shard (``NO_POLICY``) without looking at the tree's entry. On
-    one shard (SQLite, or an agent never placed) the later entry replaces the
-    earlier, and the engine behind answers it: one decision per key. (Before
-    the fix the engine behind answered the tree's decision too: this one came
-    with it.)
+    engine behind, still inside the window by its clock, must answer the
+    tree's newer entry, not the one the agent's own shard kept (``NO_POLICY``):
+    on one shard (SQLite, or an agent never placed) the later entry replaces
+    the earlier, and the engine behind answers it.
     """
     ahead, behind = ManualClock(T0), ManualClock(T0)
     engine, late = store.engine(ahead), store.engine(behind)
@@ -325,14 +315,13 @@ def test_an_engine_a_second_behind_gets_the_answer_given_after_the_window(store:
     assert late.authorize(ask).reservation_id == anew.reservation_id
 
 
-@pytest.mark.parametrize("store", _stores(SIMULATE), indirect=True)
+@pytest.mark.parametrize("store", STORES, indirect=True)
 def test_simulate_replays_the_payments_asked_before_the_placement(store: Backend) -> None:
-    """DEFECT: simulate reads only the tree's logs, so memory and Redis skip the denials before.
+    """Simulate replays what the agent was asked before it was placed, on every store.
 
-    ``simulate`` replays "the recorded authorize requests of the agent"; on
-    SQLite it replays the two asked with no policy (and counts them spent
-    under the candidate), on memory and Redis it does not see them, as
-    ``history`` did before the fix.
+    ``simulate`` replays "the recorded authorize requests of the agent": the
+    two asked with no policy too (counted spent under the candidate), which
+    memory and Redis keep in the agent's own shard.
     """
     clock = ManualClock(T0)
     engine = store.engine(clock)
@@ -348,18 +337,14 @@ def test_simulate_replays_the_payments_asked_before_the_placement(store: Backend
     assert (report.payments, report.live_codes) == (3, {"NO_POLICY": 2, "ALLOWED": 1})
 
 
-@pytest.mark.xfail(strict=True, reason="a flagged agent reads its own shard on every keyed call")
 def test_a_flagged_agent_pays_no_extra_read_once_its_keys_from_before_are_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """DEFECT (cost): one keyed NO_POLICY decision costs a read on every keyed payment, for good.
+    """Once its keys from before are past their 24 hours, an agent's payments read no more.
 
-    docs/budgets.md: "Whether there are any such keys is read once per agent
-    and process, so a tree's payments cost no more." Once the last key of the
-    own shard is past its 24 hours, nothing there can answer any more; yet
-    every keyed authorize of the agent still reads ``i/AGENT/KEY`` in its own
-    shard (a round trip on Redis: measured 1.0 extra read per keyed payment,
-    against 0 for an agent placed without one). It came with the fix.
+    docs/budgets.md: once the newest key the agent's own shard keeps is past
+    its window, nothing there can answer any more, so no keyed authorize
+    reads ``i/AGENT/KEY`` in its own shard (a round trip on Redis).
     """
     from agentpolicy.ledger import flows
     from agentpolicy.storage import MemoryStorage

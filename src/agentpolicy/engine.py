@@ -83,6 +83,9 @@ DEFAULT_COUNTER_GRACE = timedelta(hours=1)
 """How long counters of a window are kept after it ends (the clock skew tolerated)."""
 
 _CLOCK_RETRIES = 3
+
+_BEFORE_PLACED = 2**62
+"""Taken from the sequence numbers of what an agent's own shard kept from before its placement."""
 _HANDOFFS = 1_024  # requests kept for reservations not yet settled here
 
 
@@ -293,8 +296,8 @@ class PolicyEngine(Voting):
         self._policies: dict[tuple[str, int], AgentPolicy] = {}
         self._shadows: dict[tuple[str, str], AgentPolicy] = {}
         self._homes: dict[str, str] = {}
-        # agents placed in a tree: whether their own shard keeps idempotency keys from before
-        self._behind: dict[str, bool] = {}
+        # agents placed in a tree: when the newest key their own shard keeps was used (or None)
+        self._behind: dict[str, int | None] = {}
         # reservation id -> (its stored request, the request it was authorized for, instants
         # held as datetimes): confirm and release report them instead of rebuilding them
         self._requests: dict[str, Known] = {}
@@ -663,31 +666,37 @@ class PolicyEngine(Voting):
             ancestors=ancestors,
         )
 
-    def _asked_before(self, request: PaymentRequest, shard: str) -> Flow[Body | None]:
-        """The decision an agent placed in a tree was given with this key before it was placed.
+    def _key_before(self, request: PaymentRequest, shard: str) -> Flow[Body | None]:
+        """The entry of the request's key kept from before the agent was placed in ``shard``.
 
         An agent with no policy is decided in its own shard, which keeps the
         idempotency keys of those decisions; once the agent is placed in a
-        tree (``shard``), its own shard changes no more, so a key found there
-        answers the request as it did then (for the idempotency window).
-        Whether there is any such key is read once per agent and process.
+        tree (``shard``), its own shard changes no more, so the authorize
+        step in the tree answers with an entry found there when the tree has
+        none of its own (:func:`operations.authorize`, ``before``). When the
+        newest such key was used is read once per agent and process: no key
+        is read once it is older than the idempotency window.
         """
         agent, key = request.agent_id, request.idempotency_key
-        assert key is not None  # noqa: S101 - the callers ask with a key
-        behind = self._behind.get(agent)
-        if behind is None:
+        if shard == agent or key is None:
+            return None
+        if agent in self._behind:
+            last = self._behind[agent]
+        else:
             (pointer,) = yield Read(agent, [keys.home(agent)])
-            behind = trees.keys_left_behind(pointer) and (yield from self._apart(agent, shard))
+            last = trees.last_key_at(pointer)
+            if last is not None and not (yield from self._apart(agent, shard)):
+                last = None  # the tree's shard reads the same keys
             if trees.placed_in(pointer) is not None:  # else not placed yet: ask again later
                 with self._policies_lock:
                     if len(self._behind) > 100_000:
                         self._behind.clear()
-                    self._behind[agent] = behind
-        if not behind:
+                    self._behind[agent] = last
+        if last is None or self._now_us() - last >= self.config.idempotency_ttl:
             return None
         (entry,) = yield Read(agent, [keys.idempotency(agent, key)])
-        fingerprint = request.fingerprint()
-        return operations.earlier_decision(self.config, entry, key, fingerprint, self._now_us())
+        found: Body | None = entry
+        return found
 
     def _apart(self, agent: str, shard: str) -> Flow[bool]:
         """Whether the tree's ``shard`` does not see what the agent's own shard keeps.
@@ -781,10 +790,7 @@ class PolicyEngine(Voting):
             return (yield from self._dry_run(request))
         agent = request.agent_id  # a known agent's shard is found without starting a flow
         shard = self._homes.get(agent) or (yield from self._shard(agent))
-        if shard != agent and request.idempotency_key is not None:
-            earlier = yield from self._asked_before(request, shard)
-            if earlier is not None:
-                return (yield from self._replayed(earlier, request))
+        before = None if shard == agent else (yield from self._key_before(request, shard))
         attempt = 0
         while attempt < _CLOCK_RETRIES:
             now = self._now()
@@ -799,6 +805,7 @@ class PolicyEngine(Voting):
                 shadows=self._shadow,
                 requested_by=requested_by,
                 holder=holder,
+                before=before,
             )
             try:
                 result: Body = yield Run(shard, step, at=micros(now))
@@ -810,10 +817,7 @@ class PolicyEngine(Voting):
             except trees.RelocatedError as moved:  # placed in a tree by another caller meanwhile
                 with self._policies_lock:
                     self._homes[agent] = shard = moved.shard
-                if request.idempotency_key is not None:
-                    earlier = yield from self._asked_before(request, shard)
-                    if earlier is not None:
-                        return (yield from self._replayed(earlier, request))
+                before = yield from self._key_before(request, shard)
                 continue
             if "more" in result:  # a batch of due expiries was committed: decide after the rest
                 continue
@@ -838,13 +842,10 @@ class PolicyEngine(Voting):
         shard = yield from self._shard(request.agent_id)
         attempt = 0
         while attempt < _CLOCK_RETRIES:
-            if shard != request.agent_id and request.idempotency_key is not None:
-                earlier = yield from self._asked_before(request, shard)
-                if earlier is not None:
-                    first = yield from self._replayed(earlier, request)
-                    return attrs.evolve(first, dry_run=True)
+            before = yield from self._key_before(request, shard)
             now = self._now()
-            step = operations.authorize(self.config, shard, request, now, self._policy, [])
+            step = operations.authorize(self.config, shard, request, now, self._policy, [],
+                                        before=before)  # fmt: skip
             try:
                 result: Body = yield Run(shard, rollout.dry_run(step), at=micros(now), write=False)
             except ClockBehindError:
@@ -1608,14 +1609,12 @@ class PolicyEngine(Voting):
                 f"{instant(micros(now) - retention).isoformat()} are gone and not replayed"
             )
         for agent in (yield from self._subtree(shard, agent_id)):
-            changes = yield from self._log_since(shard, keys.changes_log(agent), micros(start))
-            denials = yield from self._log_since(shard, keys.denials_log(agent), micros(start))
-            if len(denials) >= self.config.max_denials:
-                notes.append(
-                    f"only the newest {self.config.max_denials} denied payments of {agent} are "
-                    f"kept: denials before {instant(denials[0][1]).isoformat()} are not replayed"
-                )
-            logs[agent] = changes + denials
+            logs[agent] = yield from self._logs_since(shard, agent, micros(start), notes)
+            if agent != shard and (yield from self._apart(agent, shard)):
+                # what it was asked before it was placed in the tree, kept in its own shard (whose
+                # sequence is its own: numbered below the tree's, as it all came before)
+                own = yield from self._logs_since(agent, agent, micros(start), notes)
+                logs[agent] += [(seq - _BEFORE_PLACED, at, e) for seq, at, e in own]
         yield from self._load_chains(logs)
         events = recorded.events_of(agent_id, logs, micros(now), self._level_codes)
         return replay(agent_id, candidate, events, since=start, until=now, notes=notes)
@@ -1652,6 +1651,19 @@ class PolicyEngine(Voting):
             level = below
             found += level
         return found
+
+    def _logs_since(
+        self, shard: str, agent: str, since: int, notes: list[str]
+    ) -> Flow[list[recorded.Entry]]:
+        """An agent's changes and denials in ``shard`` from ``since`` on (notes: denials cut)."""
+        changes = yield from self._log_since(shard, keys.changes_log(agent), since)
+        denials = yield from self._log_since(shard, keys.denials_log(agent), since)
+        if len(denials) >= self.config.max_denials:
+            notes.append(
+                f"only the newest {self.config.max_denials} denied payments of {agent} are "
+                f"kept: denials before {instant(denials[0][1]).isoformat()} are not replayed"
+            )
+        return changes + denials
 
     def _log_since(self, shard: str, name: str, since: int) -> Flow[list[recorded.Entry]]:
         """A log's entries from ``since`` (microseconds) on, oldest first."""

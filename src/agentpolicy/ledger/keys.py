@@ -139,9 +139,10 @@ def home(agent_id: str) -> str:
 
     ``{"s": shard}``: an agent set up below a parent lives with the parent's
     tree (one shard for every budget of a tree), and this document, written
-    once, says so. ``"k": 1`` (also before the agent is placed, without
-    ``"s"``): decisions with idempotency keys were recorded in the agent's
-    own shard while it had no policy (see ``agentpolicy.ledger.trees``).
+    once, says so. ``"k"`` (also before the agent is placed, without
+    ``"s"``): when the newest decision with an idempotency key was recorded
+    in the agent's own shard while it had no policy (microseconds; see
+    ``agentpolicy.ledger.trees``).
     """
     return "t/" + _esc(agent_id)
 

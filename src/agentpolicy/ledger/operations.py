@@ -49,7 +49,6 @@ from agentpolicy.ledger.trees import (
     RelocatedError,
     chain,
     grant_deadline,
-    keys_left_behind,
     placed_in,
 )
 from agentpolicy.policy import DEFAULT_APPROVAL_TIMEOUT_MS, AgentPolicy, ApprovalThreshold
@@ -171,6 +170,7 @@ def authorize(
     shadows: rollout.ShadowSource | None = None,
     requested_by: str | None = None,
     holder: str | None = None,
+    before: Body | None = None,
 ) -> Step:
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
@@ -185,7 +185,10 @@ def authorize(
     behalf) is recorded with the decision and the approval, and may not
     vote on it. ``holder`` claims the new reservation of an allowed payment
     in the same step (see ``agentpolicy.ledger.claims``): only the holder
-    settles it while it is open.
+    settles it while it is open. ``before`` is the entry of the request's
+    idempotency key that the agent's own shard kept from before the agent
+    was placed in ``shard`` (a tree): it answers when ``shard`` has no entry
+    of the key in its window (one there is newer).
     """
     agent = request.agent_id
     now_us = micros(now)
@@ -200,7 +203,7 @@ def authorize(
         head = Head.read(view, agent)
         head.check_horizon(now_us, agent)
         if idem_name is not None:
-            earlier = earlier_decision(cfg, view.doc(idem_name), key, fingerprint, now_us)
+            earlier = _earlier(cfg, view.doc(idem_name), before, key, fingerprint, now_us)
             if earlier is not None:
                 txn.result = {"rec": earlier, "replayed": True}
                 return
@@ -243,11 +246,30 @@ def authorize(
         if idem_name is not None:
             txn.put[idem_name] = {"fp": fingerprint, "c": now_us, "rec": rec}
             txn.ttl[idem_name] = _IDEMPOTENCY_KEEP_MS
-            if policy is None and shard == agent and not keys_left_behind(pointer):
-                txn.put[keys.home(agent)] = {**(pointer or {}), "k": 1}  # read once placed
+            if policy is None and shard == agent:  # read from here once the agent is placed
+                txn.put[keys.home(agent)] = {**(pointer or {}), "k": now_us}
         txn.result = {"rec": rec}
 
     return step
+
+
+def _earlier(
+    cfg: LedgerConfig,
+    entry: Body | None,
+    before: Body | None,
+    key: str | None,
+    fingerprint: str,
+    now: int,
+) -> Body | None:
+    """The decision a request's key answers with: the shard's entry, else the one from before.
+
+    An entry in the shard is newer than the agent's placement in it, so it
+    wins over the one kept from before (``before``).
+    """
+    found = earlier_decision(cfg, entry, key, fingerprint, now)
+    if found is None and before is not None:
+        found = earlier_decision(cfg, before, key, fingerprint, now)
+    return found
 
 
 def _unplaced(view: View, agent: str) -> Body | None:

@@ -78,7 +78,7 @@ __all__ = [
     "RelocatedError",
     "cap_problems",
     "chain",
-    "keys_left_behind",
+    "last_key_at",
     "place",
     "placed_in",
     "put_policy",
@@ -155,19 +155,23 @@ def placed_in(pointer: Body | None) -> str | None:
 
     Before an agent is placed, the document may exist without a shard: it
     then only says that idempotency keys of the agent's are kept in its own
-    shard (``"k"``, see :func:`keys_left_behind`).
+    shard (``"k"``, see :func:`last_key_at`).
     """
     return None if pointer is None else pointer.get("s")
 
 
-def keys_left_behind(pointer: Body | None) -> bool:
-    """Whether decisions with idempotency keys were recorded in the agent's own shard.
+def last_key_at(pointer: Body | None) -> int | None:
+    """When the newest decision with an idempotency key was recorded in the agent's own shard.
 
-    An agent with no policy yet is decided in its own shard; once it is
-    placed in a tree, its own shard changes no more, so what it keeps there
-    (those keys, its denials) is read from there as it was.
+    An agent with no policy yet is decided in its own shard, and each such
+    decision with a key notes its time (``"k"``, microseconds on the clock
+    of the engine that decided it, as the key's entry). Once the agent is
+    placed in a tree its own shard changes no more, so what it keeps there
+    (those keys, its denials) is read from there as it was, and no key of it
+    is read once this time is older than the idempotency window.
     """
-    return pointer is not None and bool(pointer.get("k"))
+    found = None if pointer is None else pointer.get("k")
+    return found if type(found) is int else None
 
 
 def place(agent: str, home: str) -> Step:
