@@ -143,6 +143,32 @@ def _amounts(counter: Any, limit: Amount) -> tuple[Amount, Amount, Amount]:
     )
 
 
+def _split(counters: dict[str, Any], held: dict[str, tuple[int, int]] | None) -> dict[str, Any]:
+    """A book's calendar counters as spent and reserved, for a budget.
+
+    A calendar counter counts an amount from its reserve on; ``held`` is what
+    the open reservations hold in each (``operations.refresh``): that much
+    of its usage is reserved, the rest spent. Rolling counters are as kept.
+    """
+    split: dict[str, Any] = {}
+    for key, c in counters.items():
+        if not isinstance(c, list):
+            split[key] = c
+            continue
+        d, used = c[1], c[2] + c[3]
+        reserved = 0
+        found = None if held is None else held.get(key)
+        if found is not None:
+            reserved, decimals = found
+            if decimals > d:
+                used, d = used * 10 ** (decimals - d), decimals
+            else:
+                reserved *= 10 ** (d - decimals)
+            reserved = min(reserved, used)
+        split[key] = [c[0], d, used - reserved, reserved, *c[4:]]
+    return split
+
+
 def _window_budget(w: Window, limit: Amount | None, counter: Any, symbol: str) -> WindowBudget:
     if limit is None:
         d, spent, reserved = (counter[1], counter[2], counter[3]) if counter else (0, 0, 0)
@@ -1075,8 +1101,8 @@ class PolicyEngine(Voting):
             lapsed = lapsed or bool(result["lapsed"])
         if lapsed:
             self._wake_webhooks()
-        books = result["books"]
-        counters = books[keys.head(agent_id)]["c"]
+        books, held = result["books"], result["open"]
+        counters = _split(books[keys.head(agent_id)]["c"], held.get(keys.head(agent_id)))
         token = (policy.symbol or "USDT").casefold()
         periods: dict[Period, WindowBudget] = {}
         for w in windows:
@@ -1092,7 +1118,8 @@ class PolicyEngine(Voting):
             scope = next((sc for sc in policy.scoped_limits if sc.name == scope_name), None)
             if scope is not None:
                 limits += _limit_budgets(scope.limits, scope.token, scope.limits.symbol,
-                                         books[name]["c"], windows, scope_name, group)  # fmt: skip
+                                         _split(books[name]["c"], held.get(name)), windows,
+                                         scope_name, group)  # fmt: skip
         delegation = delegation_record(agent_id, books[keys.head(agent_id)])
         return Budget(agent_id, now, periods, tuple(limits), (), delegation), policy
 

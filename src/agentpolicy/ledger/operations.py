@@ -860,11 +860,53 @@ def refresh(
                 if now_us >= book.counters.get(key, {}).get("t", 0):  # a late read moves nothing
                     book.advance(view, txn, key, seconds, now_us, cfg.counter_grace, agent)
         books.write(txn)
+        names = [head.name, *owners]
         txn.result = {
-            "books": {n: books[n].body for n in [head.name, *owners]},
+            "books": {n: books[n].body for n in names},
             "groups": owners,
+            "open": _held(view, txn, agent, names),
             "expired": expired,
             "lapsed": lapsed,
         }
 
     return step
+
+
+_OPEN_MAX = 1_000_000
+
+
+def _held(
+    view: View, txn: Txn, agent: str, names: list[str]
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """What the open reservations listed under ``agent`` hold in these books' calendar counters.
+
+    ``{book: {counter key: (value, decimals)}}``: a calendar counter counts
+    an amount from its reserve on (spent or still open alike), so what of
+    its usage is reserved is what the open reservations counted in it hold
+    (as this step leaves them: it may have expired some).
+    """
+    wanted = set(names)
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    ids = [member for member, _ in view.scan(keys.open_index(agent), MAX_SCORE, _OPEN_MAX)]
+    docs = [keys.reservation(r) for r in ids]
+    view.read(docs)
+    for name in docs:
+        doc = txn.put.get(name) or view.doc(name)
+        if doc is None or doc["st"] not in ("reserved", "held"):
+            continue  # closed (its index entry goes in the same commit): none is left here
+        value, decimals = int(doc["req"]["amount"]), doc["req"]["decimals"]
+        targets = doc.get("tg")
+        if targets is None:  # written before scoped and rolling limits: the head's windows
+            targets = [(keys.head(doc["agent"]), key, "c", 0) for key in doc["w"]]
+        for book, key, kind, _ in targets:
+            if kind != "c" or book not in wanted:
+                continue
+            counters = found.setdefault(book, {})
+            held = counters.get(key)
+            if held is not None:
+                d = max(held[1], decimals)
+                value_d = value * 10 ** (d - decimals) + held[0] * 10 ** (d - held[1])
+                counters[key] = (value_d, d)
+            else:
+                counters[key] = (value, decimals)
+    return found

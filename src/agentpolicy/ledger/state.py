@@ -173,20 +173,27 @@ class Books:
 
 
 def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
-    """Give back (``unreserve``) or spend (``settle``) a reservation in its counters."""
+    """Give back (``unreserve``) or spend (``settle``) a reservation in its counters.
+
+    Spending it changes no calendar counter (they count it from its reserve
+    on), only rolling ones, which keep each entry's status.
+    """
     request = doc["req"]
     value, decimals = int(request["amount"]), request["decimals"]
     targets = doc.get("tg")
     if targets is None:  # written before scoped and rolling limits: the head's windows
         targets = [[books.head.name, key, "c", 0] for key in doc["w"]]
     groups = _groups(targets)
-    books.need([name for name, _, _ in groups])
+    calendar = op != "settle"
+    wanted = [name for name, _, rolling in groups if calendar or rolling]
+    if not wanted:
+        return
+    books.need(wanted)
     for name, items, rolling in groups:
-        book = books[name]
-        if items:
-            book.calendars(items, value, decimals, op)
+        if items and calendar:
+            books[name].calendars(items, value, decimals, op)
         for key, seconds in rolling:
-            book.rolling(txn, key, seconds, value, decimals, op, doc["c"], rid)
+            books[name].rolling(txn, key, seconds, value, decimals, op, doc["c"], rid)
 
 
 _Group = tuple[str, tuple[tuple[str, None], ...], tuple[tuple[str, int], ...]]

@@ -6,8 +6,13 @@ several books (its :class:`~agentpolicy.rules.Tally` list); the reservation
 records them, so that confirm, release and expiry undo exactly what
 authorize did.
 
-**Calendar counters** are lists ``[end, decimals, spent, reserved, count,
-fired alerts]`` under the window's key; they live until ``counter_grace``
+**Calendar counters** are lists ``[end, decimals, used, 0, count, fired
+alerts]`` under the window's key: ``used`` is every amount reserved in the
+window and not given back (spent or still open alike; a confirm changes no
+calendar counter, and what is open is read from the open reservations when a
+budget is shown). Counters written before kept spent and reserved apart
+(``[end, decimals, spent, reserved, ...]``): the two add up to the same
+``used``, and the next change writes them as one. They live until ``counter_grace``
 after the window in force under that key ends (see :meth:`Book.prune` and
 :mod:`agentpolicy.ledger.state`). A book keeps
 the earliest end of its calendar counters as ``"pe"``, so that pruning looks
@@ -120,10 +125,11 @@ class Book:
     # -- calendar counters ------------------------------------------------------------------
 
     def calendar(self, key: str, window: Window | None, value: int, decimals: int, op: str) -> None:
-        """``reserve``, ``unreserve`` or ``settle`` an amount (and a payment) in a calendar counter.
+        """``reserve`` or ``unreserve`` an amount (and a payment) in a calendar counter.
 
         A counter begins with its window (``window`` gives its end); a window
-        whose counter was already dropped gets nothing back.
+        whose counter was already dropped gets nothing back. ``settle``
+        changes nothing: a spent amount was used from its reserve on.
         """
         self.calendars(((key, window),), value, decimals, op)
 
@@ -135,8 +141,10 @@ class Book:
         op: str,
     ) -> None:
         """:meth:`calendar` for several counters of this book at once: ``(key, window)`` pairs."""
+        if op == "settle":
+            return
         counters = self.body["c"]
-        reserve, unreserve = op == "reserve", op == "unreserve"
+        reserve = op == "reserve"
         for key, window in items:
             c = counters.get(key)
             # the body is copied before its first change (the document read stays as read), and
@@ -159,22 +167,17 @@ class Book:
                 end, d, spent, reserved = c[0], c[1], c[2], c[3]
                 count = c[4] if len(c) > 4 else 0
                 fired = c[5] if len(c) > 5 else None
-            amount = value
+            used, amount = spent + reserved, value  # apart only in counters written before
             if decimals != d:
-                d, (spent, reserved), amount = _align(d, [spent, reserved], decimals, value)
+                d, (used,), amount = _align(d, [used], decimals, value)
             if reserve:
-                reserved += amount
+                used += amount
                 count += 1
             else:  # never below zero (a counter dropped and begun again holds less)
-                reserved = reserved - amount if reserved > amount else 0
-                if unreserve:
-                    count = count - 1 if count > 0 else 0
-                else:
-                    spent += amount
+                used = used - amount if used > amount else 0
+                count = count - 1 if count > 0 else 0
             counters[key] = (
-                [end, d, spent, reserved, count]
-                if fired is None
-                else [end, d, spent, reserved, count, fired]
+                [end, d, used, 0, count] if fired is None else [end, d, used, 0, count, fired]
             )
 
     def prune(self, now: int, grace: int, in_force: Iterable[Window] = ()) -> None:
