@@ -749,16 +749,7 @@ def test_a_budget_read_while_others_pay(busy: Backend) -> None:
     assert window(reader, "bot") == (confirmed[0] * U, 0, limit - confirmed[0] * U)
 
 
-_PG_SPLIT = pytest.mark.xfail(
-    strict=True,
-    reason="a PostgreSQL session that only reads takes no snapshot (READ COMMITTED, no lock): "
-    "the head and the open reservations are read one after the other, as on Redis, while "
-    "docs/engine.md names Redis alone; a payment made in between shows as reserved and "
-    "takes as much from spent",
-)
-
-
-@pytest.fixture(params=["sqlite", "redis", pytest.param("postgres", marks=_PG_SPLIT)])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def two_readers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """A store another connection may write to while a budget reads (not memory: one lock)."""
     yield from serve(request.param, tmp_path, request)
@@ -769,10 +760,10 @@ def test_a_payment_made_between_the_reads_of_one_budget(
 ) -> None:
     """A payment authorized after the budget read the head, before it read the open ones.
 
-    ``remaining`` is exact everywhere (90 before the payment, 85 after). The
-    split is one moment's on a store that reads one snapshot (10 spent: 0 or
-    5 reserved); on Redis, as documented, the new payment may show as
-    reserved and the 10 spent as 5.
+    ``remaining`` is exact everywhere (90 before the payment, 85 after), and
+    the split is one moment's (10 spent: 0 or 5 reserved): SQLite reads one
+    snapshot; on Redis and PostgreSQL, whose reading sessions do not, the
+    head read again after the step has changed, so the budget is read again.
     """
     clock = ManualClock(T0)
     engine, other = two_readers.engine(clock), two_readers.engine(clock)
@@ -796,8 +787,7 @@ def test_a_payment_made_between_the_reads_of_one_budget(
     assert paid == [True]
     assert remaining in (90 * U, 85 * U)
     assert spent + reserved + remaining == 100 * U
-    if two_readers.name != "redis":
-        assert (spent, reserved) == (10 * U, 100 * U - spent - remaining)
+    assert (spent, reserved) == (10 * U, 100 * U - spent - remaining)
     monkeypatch.setattr(operations, "_held", held)
     assert window(engine, "bot") == (10 * U, 5 * U, 85 * U)
 

@@ -1094,13 +1094,7 @@ class PolicyEngine(Voting):
         read_under = (0, None) if head is None else (head["pv"], head.get("sh"))
         step = operations.refresh(self.config, shard, agent_id, now, rolling, scopes, in_force,
                                   read_under)  # fmt: skip
-        result: Body = yield Run(shard, step, at=micros(now), write=False)
-        lapsed = bool(result["lapsed"])
-        while "more" in result:  # a batch of due expiries was committed: the rest next
-            result = yield Run(shard, step, at=micros(now), write=False)
-            lapsed = lapsed or bool(result["lapsed"])
-        if lapsed:
-            self._wake_webhooks()
+        result = yield from self._refreshed(shard, agent_id, step, micros(now))
         books, held = result["books"], result["open"]
         counters = _split(books[keys.head(agent_id)]["c"], held.get(keys.head(agent_id)))
         token = (policy.symbol or "USDT").casefold()
@@ -1122,6 +1116,32 @@ class PolicyEngine(Voting):
                                          scope_name, group)  # fmt: skip
         delegation = delegation_record(agent_id, books[keys.head(agent_id)])
         return Budget(agent_id, now, periods, tuple(limits), (), delegation), policy
+
+    def _refreshed(self, shard: str, agent_id: str, step: operations.Step, at: int) -> Flow[Body]:
+        """Run a budget's refresh step until its books and open reservations are of one moment.
+
+        The step reads the agent's head, then its open reservations; a store
+        whose reading session takes no lock and holds no snapshot (Redis,
+        PostgreSQL) may let a payment land in between. Every change to what
+        a budget shows writes the head (a confirm moves no counter and needs
+        none), so the head read again unchanged says both were of one moment;
+        else the step runs again as a writer (under the shard's lock where the
+        store has one), up to three times.
+        """
+        lapsed, write = False, False
+        for _ in range(3):
+            result: Body = yield Run(shard, step, at=at, write=write)
+            lapsed = lapsed or bool(result["lapsed"])
+            while "more" in result:  # a batch of due expiries was committed: the rest next
+                result = yield Run(shard, step, at=at, write=write)
+                lapsed = lapsed or bool(result["lapsed"])
+            (head,) = yield Read(shard, [keys.head(agent_id)])
+            if head == result["books"][keys.head(agent_id)]:
+                break
+            write = True
+        if lapsed:
+            self._wake_webhooks()
+        return result
 
     # -- approvals ----------------------------------------------------------------------
 
