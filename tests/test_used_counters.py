@@ -93,3 +93,35 @@ def test_counters_written_apart_before_settle_exactly(backend: Backend) -> None:
     assert fresh.authorize(payment(1, agent_id="bot")).code == "DAILY_LIMIT"
     clock.advance(timedelta(days=1))
     assert used(fresh, "bot") == (0, 0, 100 * U)
+
+
+def test_a_confirm_reads_no_head_unless_a_rolling_counter_needs_it(monkeypatch: Any) -> None:
+    """A confirm moves no calendar counter, so it reads only the reservation (no contention
+    with the agent's payments on an optimistic store); a rolling limit's entry is marked spent."""
+    from agentpolicy.storage import memory
+
+    read: list[str] = []
+    get = memory._MemorySession.get
+
+    def reading(self: Any, names: Any, guess: Any = frozenset()) -> Any:
+        read.extend(names)
+        return get(self, names, guess)
+
+    clock = ManualClock(T0)
+    engine = PolicyEngine(clock=clock)
+    engine.set_policy("bot", daily(100))
+    engine.set_policy(
+        "roller", {"limits": {"rolling": [{"window": "1h", "amount": {"value": str(50 * U)}}]}}
+    )
+    plain = engine.authorize(payment(10 * U, agent_id="bot"))
+    rolled = engine.authorize(payment(10 * U, agent_id="roller"))
+    monkeypatch.setattr(memory._MemorySession, "get", reading)
+    engine.confirm(plain.reservation_id or "")
+    assert keys.head("bot") not in read
+    engine.confirm(rolled.reservation_id or "")
+    assert keys.head("roller") in read
+    monkeypatch.undo()
+    assert used(engine, "bot") == (10 * U, 0, 90 * U)
+    rolling = next(lb for lb in engine.budget("roller").limits if lb.window == "1h")
+    assert rolling.spent is not None
+    assert rolling.spent.value == 10 * U

@@ -36,10 +36,12 @@ from agentpolicy.ledger.state import (
     Head,
     LedgerConfig,
     close_reservation,
+    closing,
     emit,
     emit_approval,
     expire_due,
     more_due,
+    needs_books,
     record,
 )
 from agentpolicy.ledger.tallies import MAX_SCORE
@@ -625,7 +627,8 @@ def settle(
     name = keys.reservation(reservation_id)
     if agent is None:
         agent = keys.agent_of_id(reservation_id)
-    names = (name,) if agent is None else (name, keys.head(agent))
+    # a confirm moves no calendar counter: the head is read when a rolling one needs it
+    names = (name,) if agent is None or action == "confirm" else (name, keys.head(agent))
 
     def step(view: View, txn: Txn) -> None:
         view.read(names, guess=names)
@@ -673,10 +676,13 @@ def settle(
                     "unsettled, it counts as spent when it expires",
                     code=ErrorCode.FORBIDDEN,
                 )
-        books = Books(view, Head.read(view, doc["agent"]))
+        books = None
+        if needs_books(doc, closing(doc, new_status)):
+            books = Books(view, Head.read(view, doc["agent"]))
         closed = close_reservation(txn, cfg, books, reservation_id, doc, new_status, now_us)
         txn.result = {"doc": closed}
-        books.write(txn)
+        if books is not None:
+            books.write(txn)
 
     return step
 

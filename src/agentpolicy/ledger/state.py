@@ -45,11 +45,13 @@ __all__ = [
     "LedgerConfig",
     "Route",
     "close_reservation",
+    "closing",
     "emit",
     "emit_approval",
     "expire_due",
     "lapse",
     "more_due",
+    "needs_books",
     "record",
     "undo",
 ]
@@ -172,12 +174,16 @@ class Books:
                 txn.put[name] = book.body
 
 
-def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
+def undo(books: Books | None, txn: Txn, doc: Body, rid: str, op: str) -> None:
     """Give back (``unreserve``) or spend (``settle``) a reservation in its counters.
 
     Spending it changes no calendar counter (they count it from its reserve
-    on), only rolling ones, which keep each entry's status.
+    on), only rolling ones, which keep each entry's status. ``books`` may be
+    ``None`` when :func:`needs_books` says that nothing is moved.
     """
+    if not needs_books(doc, op):
+        return
+    assert books is not None  # noqa: S101 - needs_books said so to the caller too
     request = doc["req"]
     value, decimals = int(request["amount"]), request["decimals"]
     targets = doc.get("tg")
@@ -185,15 +191,35 @@ def undo(books: Books, txn: Txn, doc: Body, rid: str, op: str) -> None:
         targets = [[books.head.name, key, "c", 0] for key in doc["w"]]
     groups = _groups(targets)
     calendar = op != "settle"
-    wanted = [name for name, _, rolling in groups if calendar or rolling]
-    if not wanted:
-        return
-    books.need(wanted)
+    books.need([name for name, _, rolling in groups if calendar or rolling])
     for name, items, rolling in groups:
         if items and calendar:
             books[name].calendars(items, value, decimals, op)
         for key, seconds in rolling:
             books[name].rolling(txn, key, seconds, value, decimals, op, doc["c"], rid)
+
+
+def needs_books(doc: Body, op: str) -> bool:
+    """Whether undoing a reservation (``op``, as :func:`undo`) moves any counter.
+
+    Spending one that counts in calendar counters alone moves none: its
+    step needs no book (nor the agent's head).
+    """
+    if op != "settle":
+        return True
+    targets = doc.get("tg")
+    return targets is not None and any(rolling for _, _, rolling in _groups(targets))
+
+
+def closing(doc: Body, status: str) -> str:
+    """How closing an open reservation to ``status`` undoes it: ``settle`` or ``unreserve``.
+
+    A reservation marked sent (``snt``, see ``agentpolicy.ledger.claims``)
+    that expires is spent, not given back: its payment left and no outcome
+    was reported, so the payee may have been paid.
+    """
+    spent = status == "confirmed" or (status == "expired" and "snt" in doc)
+    return "settle" if spent else "unreserve"
 
 
 _Group = tuple[str, tuple[tuple[str, None], ...], tuple[tuple[str, int], ...]]
@@ -390,7 +416,7 @@ SPENT_ON_EXPIRY_DETAILS = frozenset(
 def close_reservation(
     txn: Txn,
     cfg: LedgerConfig,
-    books: Books,
+    books: Books | None,
     rid: str,
     doc: Body,
     status: str,
@@ -398,13 +424,13 @@ def close_reservation(
 ) -> Body:
     """Close an open reservation: give its amount back (or spend it) in every counter.
 
-    A reservation marked sent (``snt``, see ``agentpolicy.ledger.claims``)
-    that expires is spent, not given back: its payment left and no outcome
-    was reported, so the payee may have been paid. It leaves the
-    open-reservation index of every budget that listed it.
+    How is :func:`closing`'s (``books`` may be ``None`` when
+    :func:`needs_books` says it moves none). It leaves the open-reservation
+    index of every budget that listed it.
     """
-    spent = status == "confirmed" or (status == "expired" and "snt" in doc)
-    undo(books, txn, doc, rid, "settle" if spent else "unreserve")
+    op = closing(doc, status)
+    spent = op == "settle"
+    undo(books, txn, doc, rid, op)
     closed = {**doc, "st": status, "u": now}
     name = keys.reservation(rid)
     txn.put[name] = closed
