@@ -217,7 +217,18 @@ async def cancel_after(
     return ended
 
 
+# psycopg leaves the generator that ends a pipeline suspended when a second cancellation
+# closes its connection; collected later (when depends on the garbage collector: seen once
+# under pytest-xdist), it fails to flush the closed connection and Python reports it as
+# "Exception ignored". The connection is gone and replaced; nothing of the ledger is involved.
+_ORPHANED_PIPELINE = (
+    "ignore:Exception ignored in. <generator object BasePipeline._exit_gen"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+
+
 @pytest.mark.timeout(60)
+@pytest.mark.filterwarnings(_ORPHANED_PIPELINE)
 def test_async_calls_cancelled_at_every_step_are_all_or_nothing_and_the_pool_goes_on(
     agent: str, clock: ManualClock
 ) -> None:
