@@ -417,6 +417,37 @@ def ask_of(worker: int, n: int) -> tuple[Any, bool]:
     return payment(amount, agent_id="kid", idempotency_key=key, memo=memo), n % 4 == 3
 
 
+class _Payer:
+    """What one payer's calls were answered, and when it stops: ``TAIL`` calls after the placement.
+
+    Each call is ``(key, amount, memo, code or error code, reservation id, decided_at)``.
+    """
+
+    def __init__(self, started: Any, placed: Any) -> None:
+        self.started, self.placed = started, placed
+        self.seen: list[tuple[Any, ...]] = []
+        self.left: int | None = None
+
+    def answered(self, request: Any, d: Any) -> None:
+        key, amount, memo = request.idempotency_key, request.amount, request.memo
+        self.seen.append((key, amount, memo, d.code.value, d.reservation_id, d.decided_at))
+
+    def refused(self, request: Any, err: ConflictError) -> None:
+        key, amount, memo = request.idempotency_key, request.amount, request.memo
+        self.seen.append((key, amount, memo, err.code.value, None, None))
+
+    def go_on(self, n: int) -> bool:
+        """After call ``n``: whether the payer makes another."""
+        if n == 2:
+            self.started.set()
+        if self.left is None and self.placed.is_set():
+            self.left = TAIL
+        if self.left is not None:
+            self.left -= 1
+            return self.left != 0
+        return True
+
+
 def pay_while_placed(
     spec: tuple[str, str], worker: int, started: Any, placed: Any
 ) -> list[tuple[Any, ...]]:
@@ -427,26 +458,17 @@ def pay_while_placed(
     from agentpolicy.storage import open_storage
 
     engine = PolicyEngine(open_storage(spec[0], key_prefix=spec[1]), clock=ManualClock(T0))
-    seen: list[tuple[Any, ...]] = []
-    left = None
+    payer = _Payer(started, placed)
     for n in range(MOST):
         request, dry = ask_of(worker, n)
-        key, amount, memo = request.idempotency_key, request.amount, request.memo
         try:
-            d = engine.authorize(request, dry_run=dry)
-            seen.append((key, amount, memo, d.code.value, d.reservation_id, d.decided_at))
+            payer.answered(request, engine.authorize(request, dry_run=dry))
         except ConflictError as err:
-            seen.append((key, amount, memo, err.code.value, None, None))
-        if n == 2:
-            started.set()
-        if left is None and placed.is_set():
-            left = TAIL
-        if left is not None:
-            left -= 1
-            if left == 0:
-                break
+            payer.refused(request, err)
+        if not payer.go_on(n):
+            break
     engine.close()
-    return seen
+    return payer.seen
 
 
 def place_kid(spec: tuple[str, str], how: str, started: Any, placed: Any) -> str:
@@ -533,25 +555,16 @@ def test_processes_paying_while_another_places_the_agent(
 
 async def _pay_as_a_task(aengine: Any, worker: int, started: Any, placed: Any) -> list[Any]:
     """:func:`pay_while_placed`, awaited on an :class:`~agentpolicy.AsyncPolicyEngine`."""
-    seen: list[tuple[Any, ...]] = []
-    left = None
+    payer = _Payer(started, placed)
     for n in range(MOST):
         request, dry = ask_of(worker, n)
-        key, amount, memo = request.idempotency_key, request.amount, request.memo
         try:
-            d = await aengine.authorize(request, dry_run=dry)
-            seen.append((key, amount, memo, d.code.value, d.reservation_id, d.decided_at))
+            payer.answered(request, await aengine.authorize(request, dry_run=dry))
         except ConflictError as err:
-            seen.append((key, amount, memo, err.code.value, None, None))
-        if n == 2:
-            started.set()
-        if left is None and placed.is_set():
-            left = TAIL
-        if left is not None:
-            left -= 1
-            if left == 0:
-                break
-    return seen
+            payer.refused(request, err)
+        if not payer.go_on(n):
+            break
+    return payer.seen
 
 
 @pytest.mark.parametrize("name", ["redis", "memory"])

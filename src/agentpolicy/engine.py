@@ -155,16 +155,12 @@ def _split(counters: dict[str, Any], held: dict[str, tuple[int, int]] | None) ->
         if not isinstance(c, list):
             split[key] = c
             continue
-        d, used = c[1], c[2] + c[3]
-        reserved = 0
+        d, used, reserved = c[1], c[2] + c[3], 0
         found = None if held is None else held.get(key)
         if found is not None:
-            reserved, decimals = found
-            if decimals > d:
-                used, d = used * 10 ** (decimals - d), decimals
-            else:
-                reserved *= 10 ** (d - decimals)
-            reserved = min(reserved, used)
+            d = max(d, found[1])
+            used = scale_units(used, c[1], d)
+            reserved = min(scale_units(found[0], found[1], d), used)
         split[key] = [c[0], d, used - reserved, reserved, *c[4:]]
     return split
 
@@ -866,9 +862,9 @@ class PolicyEngine(Voting):
     def _dry_run(self, request: PaymentRequest) -> Flow[Decision]:
         """The authorize step on a transaction that is never committed (a reading session)."""
         shard = yield from self._shard(request.agent_id)
+        before = yield from self._key_before(request, shard)
         attempt = 0
         while attempt < _CLOCK_RETRIES:
-            before = yield from self._key_before(request, shard)
             now = self._now()
             step = operations.authorize(self.config, shard, request, now, self._policy, [],
                                         before=before)  # fmt: skip
@@ -881,6 +877,7 @@ class PolicyEngine(Voting):
                 continue
             except trees.RelocatedError as moved:  # placed in a tree meanwhile: decide there
                 shard = moved.shard
+                before = yield from self._key_before(request, shard)
                 continue
             for agent in result.get("more", ()):  # due expiries past one batch: as a read does
                 yield from self._expire(agent, now)

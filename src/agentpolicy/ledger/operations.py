@@ -15,7 +15,7 @@ from operator import is_
 from typing import Any
 
 from agentpolicy import approvals
-from agentpolicy.amounts import Amount
+from agentpolicy.amounts import Amount, scale_units
 from agentpolicy.codec import format_instant
 from agentpolicy.decisions import Code, Decision
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, NotFoundError
@@ -64,7 +64,6 @@ from agentpolicy.windows import Window
 __all__ = [
     "PolicySource",
     "authorize",
-    "earlier_decision",
     "expire",
     "refresh",
     "settle",
@@ -205,7 +204,7 @@ def authorize(
         head = Head.read(view, agent)
         head.check_horizon(now_us, agent)
         if idem_name is not None:
-            earlier = _earlier(cfg, view.doc(idem_name), before, key, fingerprint, now_us)
+            earlier = _earlier(cfg, (view.doc(idem_name), before), key, fingerprint, now_us)
             if earlier is not None:
                 txn.result = {"rec": earlier, "replayed": True}
                 return
@@ -257,21 +256,30 @@ def authorize(
 
 def _earlier(
     cfg: LedgerConfig,
-    entry: Body | None,
-    before: Body | None,
+    entries: tuple[Body | None, Body | None],
     key: str | None,
     fingerprint: str,
     now: int,
 ) -> Body | None:
-    """The decision a request's key answers with: the shard's entry, else the one from before.
+    """The decision record a request's idempotency key answers with, if any still holds.
 
-    An entry in the shard is newer than the agent's placement in it, so it
-    wins over the one kept from before (``before``).
+    ``entries`` are what the shard keeps under the key, then what the
+    agent's own shard kept from before the agent was placed in it: an entry
+    in the shard is newer, so the first one inside the idempotency window
+    answers. Raises ``IDEMPOTENCY_CONFLICT`` when it was for a different
+    request (``fingerprint``: ``PaymentRequest.fingerprint``).
     """
-    found = earlier_decision(cfg, entry, key, fingerprint, now)
-    if found is None and before is not None:
-        found = earlier_decision(cfg, before, key, fingerprint, now)
-    return found
+    for entry in entries:
+        if entry is None or now - entry["c"] >= cfg.idempotency_ttl:
+            continue
+        if entry["fp"] != fingerprint:
+            raise ConflictError(
+                f"idempotency key {key!r} was used for a different request",
+                code=ErrorCode.IDEMPOTENCY_CONFLICT,
+            )
+        rec: Body = entry["rec"]
+        return rec
+    return None
 
 
 def _unplaced(view: View, agent: str) -> Body | None:
@@ -285,28 +293,6 @@ def _unplaced(view: View, agent: str) -> Body | None:
     if where is not None and where != agent:
         raise RelocatedError(agent, where)
     return pointer
-
-
-def earlier_decision(
-    cfg: LedgerConfig, entry: Body | None, key: str | None, fingerprint: str, now: int
-) -> Body | None:
-    """The decision record an idempotency entry answers a request with, if it still holds.
-
-    ``entry`` is what the ledger keeps under the request's idempotency
-    ``key``; ``fingerprint`` is the request's (``PaymentRequest.fingerprint``).
-    ``None`` when there is no entry or it is older than the idempotency
-    window. Raises ``IDEMPOTENCY_CONFLICT`` when the key was used for a
-    different request.
-    """
-    if entry is None or now - entry["c"] >= cfg.idempotency_ttl:
-        return None
-    if entry["fp"] != fingerprint:
-        raise ConflictError(
-            f"idempotency key {key!r} was used for a different request",
-            code=ErrorCode.IDEMPOTENCY_CONFLICT,
-        )
-    rec: Body = entry["rec"]
-    return rec
 
 
 def _decision_record(
@@ -908,11 +894,10 @@ def _held(
             if kind != "c" or book not in wanted:
                 continue
             counters = found.setdefault(book, {})
-            held = counters.get(key)
-            if held is not None:
-                d = max(held[1], decimals)
-                value_d = value * 10 ** (d - decimals) + held[0] * 10 ** (d - held[1])
-                counters[key] = (value_d, d)
-            else:
-                counters[key] = (value, decimals)
+            held, held_decimals = counters.get(key, (0, decimals))
+            d = max(held_decimals, decimals)
+            counters[key] = (
+                scale_units(held, held_decimals, d) + scale_units(value, decimals, d),
+                d,
+            )
     return found

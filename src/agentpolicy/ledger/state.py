@@ -178,12 +178,11 @@ def undo(books: Books | None, txn: Txn, doc: Body, rid: str, op: str) -> None:
     """Give back (``unreserve``) or spend (``settle``) a reservation in its counters.
 
     Spending it changes no calendar counter (they count it from its reserve
-    on), only rolling ones, which keep each entry's status. ``books`` may be
-    ``None`` when :func:`needs_books` says that nothing is moved.
+    on), only rolling ones, which keep each entry's status. ``books`` is
+    ``None`` when the caller found that nothing is moved (:func:`needs_books`).
     """
-    if not needs_books(doc, op):
+    if books is None:
         return
-    assert books is not None  # noqa: S101 - needs_books said so to the caller too
     request = doc["req"]
     value, decimals = int(request["amount"]), request["decimals"]
     targets = doc.get("tg")
