@@ -4,6 +4,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentpolicy import (
     AgentPolicy,
@@ -15,6 +17,7 @@ from agentpolicy import (
     PolicyValidationError,
     evaluate,
 )
+from agentpolicy._checks import check_payment_network, plain_network
 
 NOW = datetime(2026, 1, 19, 10, 0, tzinfo=UTC)
 
@@ -141,3 +144,26 @@ def test_fingerprint_ignores_only_the_memo() -> None:
     assert make(memo="a").fingerprint() == make(memo="b").fingerprint()
     assert make(amount=1).fingerprint() != make(amount=2).fingerprint()
     assert make(category="x").fingerprint() != make().fingerprint()
+
+
+_NETWORKS = st.one_of(
+    st.sampled_from(["eip155:8453", "eip155:1", "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+                     "eip155:0x1", "eip155:", "eip155:8453 ", " eip155:1", "bad", "eip155:8\u200b453",
+                     "a" * 70 + ":1", "cosmos:hub-4"]),
+    st.text(max_size=80),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(networks=st.lists(_NETWORKS, min_size=1, max_size=40))
+def test_the_fast_network_test_agrees_with_the_full_check_on_every_call(
+    networks: list[str],
+) -> None:
+    # plain_network keeps the networks it found plain (and starts over when full): asked
+    # again, or after many others, it still says exactly what the full check says
+    for network in networks * 2:
+        assert plain_network(network) == (not check_payment_network(network, "$"))
+    for i in range(300):  # past what it keeps
+        assert plain_network(f"eip155:{i}")
+    for network in networks:
+        assert plain_network(network) == (not check_payment_network(network, "$"))

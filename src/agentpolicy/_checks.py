@@ -157,11 +157,23 @@ def plain_identifier(value: object, max_len: int = MAX_ID) -> bool:
 
 def plain_network(value: object) -> bool:
     """Whether :func:`check_payment_network` would find nothing wrong (a fast test, no messages)."""
-    return (
+    if type(value) is str and value in _PLAIN_NETWORKS:
+        return True
+    plain = (
         isinstance(value, str)
         and plain_identifier(value, 64)
         and bool(_PAYMENT_CAIP2.fullmatch(value))
     )
+    if plain and type(value) is str:
+        if len(_PLAIN_NETWORKS) >= _NETWORKS_KEPT:
+            _PLAIN_NETWORKS.clear()
+        _PLAIN_NETWORKS.add(value)
+    return plain
+
+
+_NETWORKS_KEPT = 256
+_PLAIN_NETWORKS: set[str] = set()
+"""Networks found plain (a payment names one of a few; many cost time, not memory)."""
 
 
 def network_form(value: Any) -> Any:

@@ -382,6 +382,8 @@ def _used(usage: UsedUnits, tally: Tally) -> Used:
         found = usage.get(tally.window.key)  # usage keyed as windows_for() names windows
     if found is None:
         return (0, 0, 0)
+    if type(found) is tuple and len(found) == 3:  # as the ledger reads it: taken as it is
+        return found
     return (found[0], found[1], found[2] if len(found) > 2 else 0)
 
 
@@ -394,9 +396,13 @@ def _amount_limit(
     used: Used,
 ) -> _Check:
     value, decimals, _ = used
-    over = over_limit_units(value, decimals, amount, limit)
+    d = limit.decimals
+    if amount.decimals == d and (decimals == d or not value):
+        over = value + amount.value > limit.value  # the common case: nothing to scale
+    else:
+        over = over_limit_units(value, decimals, amount, limit)
     words = functools.partial(_limit_words, label, limit, value, decimals, amount, over)
-    return _fail(name, code, words) if over else _ok(name, words)
+    return (name, _FAIL, code, words) if over else (name, _PASS, None, words)
 
 
 def _limit_words(
