@@ -49,6 +49,32 @@ policy = load_policy(full_policy())
 def op():  # the rules alone: what the payment counts in, and the verdict on no usage
     judge(assess(policy, REQUEST, NOW), {})
 """,
+    "fresh": """
+from run import make_engine, REQUEST
+from agentpolicy import PaymentRequest
+from agentpolicy.storage import MemoryStorage
+engine = make_engine(MemoryStorage())
+fields = dict(agent_id=REQUEST.agent_id, amount=REQUEST.amount, recipient=REQUEST.recipient,
+              network=REQUEST.network, category=REQUEST.category)
+def op():  # the same cycle with a new request each time, as a caller makes them
+    d = engine.authorize(PaymentRequest(**fields))
+    engine.confirm(d.reservation_id)
+""",
+    "counters": """
+from run import make_engine, cycle, full_policy, NOW, REQUEST
+from agentpolicy import load_policy
+from agentpolicy.ledger.tallies import Book
+from agentpolicy.rules import assess
+from agentpolicy.storage import MemoryStorage
+engine = make_engine(MemoryStorage())
+cycle(engine)()
+head = engine.storage.session("agent-1").get(["h/agent-1"])["h/agent-1"][1]
+books = assess(load_policy(full_policy()), REQUEST, NOW).every_book
+def op():  # the payment's calendar counters (every window, its token's and every token's)
+    book = Book("h/agent-1", head, {})
+    for b in books:
+        book.calendars(b.items, 1, 6, "reserve")
+""",
     "limits": """
 from limits import parse, storage, strategies
 item = parse("1000000/second")
@@ -111,12 +137,16 @@ def main() -> None:
     print(f"instructions per operation (valgrind cachegrind, {high - low} operations)", flush=True)
     figures = {
         name: per_op(name, low, high, 300)
-        for name in ("limits", "rules", "memory", "bare", "sqlite")
+        for name in ("limits", "rules", "counters", "memory", "fresh", "bare", "sqlite")
     }
     rows = [
         ("the rules alone (assess+judge, no ledger), every rule kind", "rules", "limits",
          "a limits moving-window hit on a fresh storage"),
+        ("the calendar counters alone (12: six windows, its token's and every token's)",
+         "counters", "limits", "a limits moving-window hit on a fresh storage"),
         ("authorize+confirm, memory, every rule kind", "memory", "limits",
+         "a limits moving-window hit on a fresh storage"),
+        ("the same with a new PaymentRequest each time (made by the caller)", "fresh", "limits",
          "a limits moving-window hit on a fresh storage"),
         ("authorize+confirm, SQLite file (WAL)", "sqlite", "bare",
          "BEGIN IMMEDIATE; INSERT; COMMIT"),
