@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from agentpolicy.errors import ErrorCode, PolicyError, StorageUnavailableError
 from agentpolicy.storage.base import (
@@ -53,6 +53,8 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
 SCHEMA_VERSION = 3
 
 _T = TypeVar("_T")
+_Run: TypeAlias = sqlite3.Cursor | sqlite3.Connection
+"""What runs a session's statements: its connection's cursor (or the connection itself)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -154,33 +156,36 @@ def _not_ours(conn: sqlite3.Connection) -> list[str]:
 class _SQLiteSession:
     fresh = True
 
-    __slots__ = ("conn", "read", "storage", "write")
+    __slots__ = ("conn", "cur", "read", "storage", "write")
 
-    def __init__(self, storage: SQLiteStorage, conn: sqlite3.Connection, write: bool) -> None:
+    def __init__(
+        self, storage: SQLiteStorage, conn: sqlite3.Connection, cur: _Run, write: bool
+    ) -> None:
         self.storage = storage
         self.conn = conn
+        self.cur = cur  # the connection's own cursor: runs every statement of the session
         self.write = write
         self.read: dict[str, int] = {}  # versions read in this transaction
 
     def __enter__(self) -> _SQLiteSession:
-        self.storage._begin(self.conn, self.write)
+        self.storage._begin(self.conn, self.cur, self.write)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:  # fmt: skip
-        conn = self.conn
+        cur = self.cur
         if kind is not None:  # the error goes on (a store's error as StorageUnavailableError)
-            conn.execute("ROLLBACK")
+            cur.execute("ROLLBACK")
             if issubclass(kind, sqlite3.Error):
                 raise StorageUnavailableError(
                     f"SQLite database {self.storage.path} failed: {exc}"
                 ) from None
             return
         try:
-            conn.execute("COMMIT")
+            cur.execute("COMMIT")
         except sqlite3.Error as error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                cur.execute("ROLLBACK")
             raise StorageUnavailableError(
                 f"commit failed on {self.storage.path}: {error}"
             ) from None
@@ -189,12 +194,12 @@ class _SQLiteSession:
 
     def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
         if len(names) == 1:
-            rows = self.conn.execute(
+            rows = self.cur.execute(
                 "SELECT name, version, body FROM docs WHERE name = ?", (names[0],)
             ).fetchall()
         else:
             marks = ",".join("?" * len(names))
-            rows = self.conn.execute(
+            rows = self.cur.execute(
                 f"SELECT name, version, body FROM docs WHERE name IN ({marks})",  # noqa: S608
                 tuple(names),
             ).fetchall()
@@ -211,7 +216,7 @@ class _SQLiteSession:
         if not unread:
             return True
         marks = ",".join("?" * len(unread))
-        rows = self.conn.execute(
+        rows = self.cur.execute(
             f"SELECT name, version FROM docs WHERE name IN ({marks})",  # noqa: S608
             tuple(unread),
         ).fetchall()
@@ -219,7 +224,7 @@ class _SQLiteSession:
         return all(versions.get(n, 0) == v for n, v in unread.items())
 
     def scan(self, index: str, upto: int, limit: int) -> list[tuple[str, int]]:
-        rows = self.conn.execute(
+        rows = self.cur.execute(
             "SELECT member, score FROM idx WHERE ix = ? AND score <= ? ORDER BY score, member "
             "LIMIT ?",
             (index, upto, limit),
@@ -227,11 +232,11 @@ class _SQLiteSession:
         return [(m, s) for m, s in rows]
 
     def _next_seq(self) -> int:
-        row = self.conn.execute("UPDATE sequence SET n = n + 1 RETURNING n").fetchone()
+        row = self.cur.execute("UPDATE sequence SET n = n + 1 RETURNING n").fetchone()
         return int(row[0])
 
     def commit(self, txn: Txn) -> Outcome:
-        c = self.conn
+        c = self.cur
         if txn.expect and not self._holds(txn.expect):
             done = c.execute("SELECT result FROM ops WHERE op = ?", (txn.op,)).fetchone()
             return (
@@ -297,9 +302,9 @@ class _SQLiteSession:
 
     def _trim(self, log: str, keep_after: int | None, max_len: int | None) -> None:
         if keep_after is not None:
-            self.conn.execute("DELETE FROM logs WHERE log = ? AND at < ?", (log, keep_after))
+            self.cur.execute("DELETE FROM logs WHERE log = ? AND at < ?", (log, keep_after))
         if max_len is not None:
-            self.conn.execute(
+            self.cur.execute(
                 "DELETE FROM logs WHERE log = ? AND seq <= (SELECT seq FROM logs WHERE log = ? "
                 "ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                 (log, log, max_len),
@@ -438,6 +443,9 @@ class SQLiteStorage:
                 conn.close()  # SQLite removes the -wal and -shm it made for a file in WAL mode
                 raise
             self._local.conn = conn
+            # One cursor per connection runs every session's statements:
+            # Connection.execute makes (and drops) a new cursor for each statement.
+            self._local.cur = conn.cursor()
             with self._all_lock:
                 self._all.append(conn)
         return conn
@@ -504,11 +512,11 @@ class SQLiteStorage:
                     code=ErrorCode.STORAGE_UNAVAILABLE,
                 )
 
-    def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
+    def _begin(self, conn: sqlite3.Connection, cur: _Run, write: bool) -> None:
         statement = "BEGIN IMMEDIATE" if write else "BEGIN"
         started = time.monotonic()
         try:
-            conn.execute(statement)
+            cur.execute(statement)
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise StorageUnavailableError(
@@ -561,7 +569,11 @@ class SQLiteStorage:
         Leaving it commits; an error in it rolls back (a SQLite error is raised
         as :class:`~agentpolicy.errors.StorageUnavailableError`).
         """
-        return _SQLiteSession(self, self._connection(), write)
+        conn = self._connection()
+        cur: sqlite3.Cursor | None = getattr(self._local, "cur", None)
+        if cur is None or cur.connection is not conn:  # something put in the connection's place
+            return _SQLiteSession(self, conn, conn, write)
+        return _SQLiteSession(self, conn, cur, write)
 
     def _committed(self) -> None:
         """Count a write transaction; every so often wake the checkpoint thread."""
