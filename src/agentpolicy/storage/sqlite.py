@@ -193,16 +193,21 @@ class _SQLiteSession:
             self.storage._committed()
 
     def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
-        if len(names) == 1:
-            rows = self.cur.execute(
-                "SELECT name, version, body FROM docs WHERE name = ?", (names[0],)
-            ).fetchall()
-        else:
-            marks = ",".join("?" * len(names))
-            rows = self.cur.execute(
-                f"SELECT name, version, body FROM docs WHERE name IN ({marks})",  # noqa: S608
-                tuple(names),
-            ).fetchall()
+        if len(names) == 1:  # the usual read: one document, its name known
+            name = names[0]
+            row = self.cur.execute(
+                "SELECT version, body FROM docs WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                self.read[name] = 0
+                return {}
+            version = self.read[name] = row[0]
+            return {name: (version, self.storage._written.decode(name, row[1]))}
+        marks = ",".join("?" * len(names))
+        rows = self.cur.execute(
+            f"SELECT name, version, body FROM docs WHERE name IN ({marks})",  # noqa: S608
+            tuple(names),
+        ).fetchall()
         decode = self.storage._written.decode
         found = {name: (version, decode(name, body)) for name, version, body in rows}
         for name in names:
