@@ -168,7 +168,12 @@ class _SQLiteSession:
         self.read: dict[str, int] = {}  # versions read in this transaction
 
     def __enter__(self) -> _SQLiteSession:
-        self.storage._begin(self.conn, self.cur, self.write)
+        statement = "BEGIN IMMEDIATE" if self.write else "BEGIN"
+        started = time.monotonic()  # retries of a busy BEGIN fit in one busy_timeout from here
+        try:
+            self.cur.execute(statement)
+        except sqlite3.OperationalError as exc:
+            self.storage._begin_again(self.conn, statement, started, exc)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -189,8 +194,11 @@ class _SQLiteSession:
             raise StorageUnavailableError(
                 f"commit failed on {self.storage.path}: {error}"
             ) from None
-        if self.write:
-            self.storage._committed()
+        if self.write:  # count the commit; every so often wake the checkpoint thread
+            storage = self.storage
+            storage._commits += 1
+            if not storage._commits % _CHECKPOINT_EVERY:
+                storage._wake_checkpointer()
 
     def get(self, names: Sequence[str], guess: frozenset[str] = frozenset()) -> dict[str, Doc]:
         if len(names) == 1:  # the usual read: one document, its name known
@@ -217,7 +225,14 @@ class _SQLiteSession:
     def _holds(self, expect: dict[str, int]) -> bool:
         # Under BEGIN IMMEDIATE nothing read in this transaction can have changed; a read
         # snapshot that is stale fails at its first write. Only what was not read is queried.
-        unread = {n: v for n, v in expect.items() if self.read.get(n) != v or not self.write}
+        read = self.read
+        if self.write:
+            for n, v in expect.items():
+                if read.get(n) != v:
+                    break
+            else:
+                return True  # every one was read (the usual case): nothing to query
+        unread = {n: v for n, v in expect.items() if read.get(n) != v or not self.write}
         if not unread:
             return True
         marks = ",".join("?" * len(unread))
@@ -517,22 +532,14 @@ class SQLiteStorage:
                     code=ErrorCode.STORAGE_UNAVAILABLE,
                 )
 
-    def _begin(self, conn: sqlite3.Connection, cur: _Run, write: bool) -> None:
-        statement = "BEGIN IMMEDIATE" if write else "BEGIN"
-        started = time.monotonic()
-        try:
-            cur.execute(statement)
-        except sqlite3.OperationalError as exc:
-            if not _busy(exc):
-                raise StorageUnavailableError(
-                    f"SQLite database {self.path} failed: {exc}"
-                ) from None
-            self._begin_again(conn, statement, started, exc)
-
     def _begin_again(
         self, conn: sqlite3.Connection, statement: str, started: float, exc: sqlite3.Error
     ) -> None:
         """Retry a busy ``BEGIN`` with jitter, every attempt within one ``busy_timeout``.
+
+        ``exc`` is the first attempt's error, begun at ``started``; one that
+        is not "busy" is raised at once as
+        :class:`~agentpolicy.errors.StorageUnavailableError`.
 
         SQLite answers "busy" at once in some cases and after waiting
         ``busy_timeout`` in others; a retry waits at most what is left of
@@ -540,6 +547,8 @@ class SQLiteStorage:
         another process holds fails the call after about ``busy_timeout``
         (it was up to ``busy_retries + 1`` times that).
         """
+        if not _busy(exc):
+            raise StorageUnavailableError(f"SQLite database {self.path} failed: {exc}") from None
         limit = self._busy_timeout.total_seconds()
         deadline = started + limit
         try:
@@ -574,16 +583,21 @@ class SQLiteStorage:
         Leaving it commits; an error in it rolls back (a SQLite error is raised
         as :class:`~agentpolicy.errors.StorageUnavailableError`).
         """
-        conn = self._connection()
-        cur: sqlite3.Cursor | None = getattr(self._local, "cur", None)
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None:
+            conn = self._connection()
+        cur: sqlite3.Cursor | None = getattr(local, "cur", None)
         if cur is None or cur.connection is not conn:  # something put in the connection's place
             return _SQLiteSession(self, conn, conn, write)
         return _SQLiteSession(self, conn, cur, write)
 
-    def _committed(self) -> None:
-        """Count a write transaction; every so often wake the checkpoint thread."""
-        self._commits += 1
-        if self._commits % _CHECKPOINT_EVERY or self.path == ":memory:":
+    def _wake_checkpointer(self) -> None:
+        """Wake the checkpoint thread (a session calls it every ``_CHECKPOINT_EVERY`` commits).
+
+        The thread is started on first need, and again in a forked child.
+        """
+        if self.path == ":memory:":
             return
         checkpointer = self._checkpointer
         if checkpointer is None or self._checkpointer_pid != os.getpid():
