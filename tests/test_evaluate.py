@@ -20,6 +20,7 @@ from agentpolicy import (
     windows_for,
 )
 from agentpolicy.examples import example_policy
+from agentpolicy.rules import assess, conclude
 
 MONDAY_10 = datetime(2026, 1, 19, 10, tzinfo=UTC)
 
@@ -460,3 +461,45 @@ def test_a_threshold_in_another_token_is_said_not_to_apply_not_to_be_passed() ->
         Outcome.PASS,
         "0.000005 USDC is below every approval threshold",
     )
+
+
+_GIVEN = {
+    "reservation_id": "res_x",
+    "approval_id": "apr_x",
+    "expires_at": MONDAY_10 + timedelta(minutes=5),
+    "policy_version": 7,
+    "decided_at": MONDAY_10,
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "amount", "code"),
+    [
+        ({}, 1_000_000, Code.ALLOWED),
+        ({"limits": {"daily": {"value": "1", "decimals": 6}}}, 2, Code.DAILY_LIMIT),
+        (
+            {"approvalConfig": {"thresholds": [{"amount": {"value": "5", "decimals": 6},
+                                                 "requiredApprovers": 1, "approvers": ["a"]}]}},
+            9,
+            Code.APPROVAL_REQUIRED,
+        ),
+        (None, 1, Code.NO_POLICY),
+    ],
+)  # fmt: skip
+def test_the_engine_fields_land_in_their_own_fields(
+    policy: dict[str, Any] | None, amount: int, code: Code
+) -> None:
+    # conclude() (the engine's way to a decision) sets each field it is given, by name, and
+    # a field beyond them too; what it does not name stays as evaluate() decides it
+    assessment = assess(None if policy is None else load_policy(policy), req(amount), MONDAY_10)
+    plain = evaluate(assessment.policy, req(amount), {}, MONDAY_10)
+    for given in ({}, _GIVEN, {"policy_version": 3}, {**_GIVEN, "dry_run": True}):
+        made = conclude(assessment, {}, **given)
+        assert made.code is code is plain.code
+        expected = {**dict.fromkeys(_GIVEN), **given}
+        assert {k: getattr(made, k) for k in expected} == expected
+        assert made.dry_run is given.get("dry_run", False)
+        assert (made.allowed, made.requires_approval, made.threshold, made.budget_id) == (
+            plain.allowed, plain.requires_approval, plain.threshold, plain.budget_id)  # fmt: skip
+        assert (made.reason, made.evaluations, made.windows) == (
+            plain.reason, plain.evaluations, plain.windows)  # fmt: skip

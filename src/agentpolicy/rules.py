@@ -985,48 +985,55 @@ class Verdict:
         self.budget_id = budget_id
         self.threshold = threshold
 
-    def decision(self, **engine: Any) -> Decision:
-        """The :class:`~agentpolicy.Decision`, with the engine's fields (ids, version, time)."""
+    def decision(
+        self,
+        reservation_id: str | None = None,
+        approval_id: str | None = None,
+        expires_at: datetime | None = None,
+        policy_version: int | None = None,
+        decided_at: datetime | None = None,
+        **more: Any,
+    ) -> Decision:
+        """The :class:`~agentpolicy.Decision`, with the engine's fields (ids, version, time).
+
+        ``more`` are other fields of the decision, set as given.
+        """
         a = self.assessment
         if a.early is not None:
+            named = {"reservation_id": reservation_id, "approval_id": approval_id,
+                     "expires_at": expires_at, "policy_version": policy_version,
+                     "decided_at": decided_at}  # fmt: skip
+            engine = {k: v for k, v in named.items() if v is not None} | more
             return attrs.evolve(a.early, **engine) if engine else a.early
+        if more:
+            made = self.decision(reservation_id, approval_id, expires_at, policy_version,
+                                 decided_at)  # fmt: skip
+            return attrs.evolve(made, **more)
         checks = self.checks
 
         def evaluations() -> tuple[Evaluation, ...]:
             return tuple(_evaluation(c) for c in checks)
 
+        # Decision's fields in their order, given by position: a call naming ten of them
+        # costs a third more than the making of the decision (keywords are matched by name)
         if self.failure is not None:
             return Decision(
-                allowed=False,
-                code=self.code,
-                reason=self.failure[3],
-                evaluations=evaluations,
-                windows=a.windows,
-                budget_id=self.budget_id,
-                **engine,
-            )
+                False, self.code, self.failure[3], False, None, evaluations, a.windows,  # noqa: FBT003
+                reservation_id, approval_id, expires_at, policy_version, decided_at,
+                self.budget_id,
+            )  # fmt: skip
         if self.code is Code.APPROVAL_REQUIRED:
             first = next(level for level in (a, *a.parents) if level.threshold is not None)
             assert first.approval is not None  # noqa: S101 - set whenever there is a policy
             return Decision(
-                allowed=False,
-                code=Code.APPROVAL_REQUIRED,
-                reason=first.approval[3],
-                requires_approval=True,
-                threshold=self.threshold,
-                evaluations=evaluations,
-                windows=a.windows,
-                budget_id=self.budget_id,
-                **engine,
-            )
+                False, Code.APPROVAL_REQUIRED, first.approval[3], True, self.threshold,  # noqa: FBT003
+                evaluations, a.windows, reservation_id, approval_id, expires_at,
+                policy_version, decided_at, self.budget_id,
+            )  # fmt: skip
         return Decision(
-            allowed=True,
-            code=Code.ALLOWED,
-            reason="every check passed",
-            evaluations=evaluations,
-            windows=a.windows,
-            **engine,
-        )
+            True, Code.ALLOWED, "every check passed", False, None, evaluations, a.windows,  # noqa: FBT003
+            reservation_id, approval_id, expires_at, policy_version, decided_at,
+        )  # fmt: skip
 
 
 def _level(a: Assessment, units: UsedUnits) -> tuple[_Check | None, tuple[_Check, ...]]:

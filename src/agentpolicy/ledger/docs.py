@@ -160,19 +160,22 @@ def reservation_record(reservation_id: str, doc: Body, known: Known | None = Non
     else:
         request = request_of(stored)
     status = _STATUSES.get(doc["st"])
+    agent = doc["agent"]
+    # Reservation's fields in their order, given by position (a confirm returns one: naming
+    # each field costs a third more than the making of the record)
     return Reservation(
-        id=reservation_id,
-        agent_id=doc["agent"],
-        status=ReservationStatus(doc["st"]) if status is None else status,
-        amount=request.asset_amount,
-        window_keys=_window_keys(doc["tg"], doc["agent"]) if "tg" in doc else tuple(doc["w"]),
-        created_at=times.get(doc["c"]) or instant(doc["c"]),
-        expires_at=times.get(doc["x"]) or instant(doc["x"]),
-        updated_at=times.get(doc["u"]) or instant(doc["u"]),
-        request=request,
-        policy_version=doc["pv"],
-        approval_id=doc["apr"],
-        sent_at=None if "snt" not in doc else times.get(doc["snt"]) or instant(doc["snt"]),
+        reservation_id,
+        agent,
+        ReservationStatus(doc["st"]) if status is None else status,
+        request.asset_amount,
+        _window_keys(doc["tg"], agent) if "tg" in doc else tuple(doc["w"]),
+        times.get(doc["c"]) or instant(doc["c"]),  # created_at
+        times.get(doc["x"]) or instant(doc["x"]),  # expires_at
+        times.get(doc["u"]) or instant(doc["u"]),  # updated_at
+        request,
+        doc["pv"],
+        doc["apr"],
+        None if "snt" not in doc else times.get(doc["snt"]) or instant(doc["snt"]),  # sent_at
     )
 
 
