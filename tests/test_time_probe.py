@@ -229,6 +229,27 @@ def test_windows_near_clock_changes_match_the_oracle(
     assert lib(period, name, instant) == oracle(period, name, instant)
 
 
+@pytest.mark.parametrize(
+    ("name", "instant", "end"),
+    [  # Kiritimati went from 30 December 1994 to 1 January 1995 (UTC-10 to UTC+14)
+        ("Pacific/Kiritimati", datetime(1994, 1, 2, tzinfo=UTC), datetime(1994, 12, 31, 10, tzinfo=UTC)),
+        ("Pacific/Kiritimati", datetime(1994, 12, 31, 9, tzinfo=UTC), datetime(1994, 12, 31, 10, tzinfo=UTC)),
+        ("Pacific/Kiritimati", datetime(1995, 6, 1, tzinfo=UTC), datetime(1995, 12, 31, 10, tzinfo=UTC)),
+        # Apia skipped Friday 30 December 2011: 2011 still ends with its 31 December
+        ("Pacific/Apia", datetime(2011, 6, 1, tzinfo=UTC), datetime(2011, 12, 31, 10, tzinfo=UTC)),
+    ],
+)  # fmt: skip
+def test_a_year_whose_last_day_was_skipped_ends_where_the_next_year_begins(
+    name: str, instant: datetime, end: datetime
+) -> None:
+    # the year's last day is found from the noon of 31 December; a zone that skipped that
+    # date reads its noon in 1 January (the offset before the change): the year must not
+    # take the next one's first day (1994 ran a day into 1995 in Kiritimati)
+    assert lib("yearly", name, instant) == oracle("yearly", name, instant)
+    assert lib("yearly", name, instant)[1] == end
+    assert lib("yearly", name, end)[0] == end
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(HARD_ZONES), _anywhere, st.sampled_from(PERIODS))
 def test_windows_anywhere_match_the_oracle(name: str, instant: datetime, period: str) -> None:

@@ -225,8 +225,8 @@ def _year(instant: datetime, zone: tzinfo) -> Window:
                 break
             first = before
             if inside[0] <= on <= inside[1]:
-                jump = window_at(Period.DAILY, _noon(year, 1, 1, zone), zone)
-                first = jump if jump.start < before.start else before
+                jump = _day_of(year, 1, (1, 2), zone)
+                first = jump if jump is not None and jump.start < before.start else before
         last = day
         while True:  # walk on to the last day of the run
             after = window_at(Period.DAILY, last.end, zone)
@@ -235,8 +235,8 @@ def _year(instant: datetime, zone: tzinfo) -> Window:
                 break
             last = after
             if inside[0] <= on <= inside[1]:
-                jump = window_at(Period.DAILY, _noon(year, 12, 31, zone), zone)
-                last = jump if jump.start > after.start else after
+                jump = _day_of(year, 12, (31, 30), zone)
+                last = jump if jump is not None and jump.start > after.start else after
         local_start = first.start.astimezone(zone)
     except (OverflowError, ValueError, PolicyValidationError):
         raise PolicyValidationError.single(
@@ -254,6 +254,20 @@ def _date_of(day: Window, zone: tzinfo) -> date:
 
 def _noon(year: int, month: int, day: int, zone: tzinfo) -> datetime:
     return datetime(year, month, day, 12, tzinfo=zone).astimezone(UTC)
+
+
+def _day_of(year: int, month: int, days: tuple[int, ...], zone: tzinfo) -> Window | None:
+    """The daily window of the first of ``days`` (of ``month``) that ``year`` has in ``zone``.
+
+    A date a zone skipped has no noon: the noon asked for is read with the
+    offset before the change and lands in the next day (Kiritimati went
+    from 30 December 1994 to 1 January 1995), which may be of another year.
+    """
+    for day in days:
+        found = window_at(Period.DAILY, _noon(year, month, day, zone), zone)
+        if _date_of(found, zone).year == year:
+            return found
+    return None
 
 
 def window_at(period: Period, instant: datetime, zone: tzinfo) -> Window:
