@@ -677,3 +677,31 @@ def test_a_reservation_made_from_2_52_microseconds_on_can_be_confirmed() -> None
         assert engine.confirm(decision.reservation_id).status.value == "confirmed"
     finally:
         engine.close()
+
+
+def test_a_requests_amount_is_worked_out_once_and_read_without_a_getattr_hook() -> None:
+    # asset_amount is kept in a slot beside the fields, not by attrs' cached_property (whose
+    # __getattr__ slowed every read of a request); a copy, an evolved request or one read
+    # back from a pickle works its own out, from its own fields
+    import pickle
+
+    import attrs
+
+    from agentpolicy import Amount, PaymentRequest
+
+    assert all("__getattr__" not in vars(c) for c in PaymentRequest.__mro__)
+    request = PaymentRequest(agent_id="a", amount=5, recipient="0xa", network="eip155:1",
+                             decimals=2, symbol="USDC")  # fmt: skip
+    first = request.asset_amount
+    assert first == Amount(5, 2, "USDC")
+    assert request.asset_amount is first
+    assert [f.name for f in attrs.fields(PaymentRequest)] == [
+        "agent_id", "amount", "recipient", "network", "category", "decimals", "symbol", "memo",
+        "idempotency_key",
+    ]  # fmt: skip
+    assert attrs.evolve(request, amount=7).asset_amount == Amount(7, 2, "USDC")
+    again = pickle.loads(pickle.dumps(request))
+    assert again == request
+    assert again.asset_amount == first
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        request._asset = Amount(1)  # type: ignore[misc]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -44,8 +43,20 @@ def _units_or_raw(raw: Any) -> Any:
     return raw
 
 
+class _Kept:
+    """What a request works out once, in a slot beside its fields (not one of them).
+
+    A ``functools.cached_property`` on a slotted attrs class is kept through a
+    ``__getattr__`` that attrs adds, and that slows every attribute read of
+    the class, fields included: requests are read on every payment.
+    """
+
+    __slots__ = ("_asset",)
+    _asset: Amount
+
+
 @attrs.frozen
-class PaymentRequest:
+class PaymentRequest(_Kept):
     """May ``agent_id`` pay ``amount`` base units of ``symbol`` to ``recipient`` on ``network``?
 
     ``amount`` is an ``int`` or a string of ASCII digits, at least 1;
@@ -105,10 +116,15 @@ class PaymentRequest:
             problems += check_identifier(self.idempotency_key, "$.idempotencyKey", MAX_ID)
         raise_if(problems)
 
-    @functools.cached_property
+    @property
     def asset_amount(self) -> Amount:
-        """The amount with its decimals and symbol."""
-        return Amount(self.amount, self.decimals, self.symbol)
+        """The amount with its decimals and symbol (worked out once)."""
+        try:
+            return self._asset
+        except AttributeError:
+            found = Amount(self.amount, self.decimals, self.symbol)
+            object.__setattr__(self, "_asset", found)  # a frozen instance: set once, here
+            return found
 
     def fingerprint(self) -> str:
         """Every field that identifies the payment (all but ``memo``), for idempotency."""
