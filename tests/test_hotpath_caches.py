@@ -705,3 +705,40 @@ def test_a_requests_amount_is_worked_out_once_and_read_without_a_getattr_hook() 
     assert again.asset_amount == first
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         request._asset = Amount(1)  # type: ignore[misc]
+
+
+def test_policy_parts_work_out_their_derived_values_once_without_a_getattr_hook() -> None:
+    # values a policy part derives from its fields (a block's limits by window, a policy's
+    # tokens, a zone) are kept in slots beside the fields, not by attrs' cached_property
+    # (whose __getattr__ slowed every read of the class); a copy works its own out again
+    import pickle
+
+    import attrs
+
+    from agentpolicy import policy as model
+
+    classes = [c for c in vars(model).values()
+               if isinstance(c, type) and attrs.has(c) and c.__module__ == model.__name__]  # fmt: skip
+    assert len(classes) > 10
+    for cls in classes:
+        assert all("__getattr__" not in vars(c) for c in cls.__mro__), cls
+    policy = load_policy({
+        "limits": {"daily": {"value": "5", "decimals": 6, "symbol": "USDC"}},
+        "timeRules": {"timezone": "Asia/Tokyo"},
+    })  # fmt: skip
+    assert policy.symbols is policy.symbols
+    assert policy.symbols == frozenset({"usdc"})
+    assert policy.time_rules is not None
+    assert policy.time_rules.zone is policy.time_rules.zone
+    assert str(policy.time_rules.zone) == "Asia/Tokyo"
+    again = pickle.loads(pickle.dumps(policy))
+    assert again == policy
+    assert again.symbols == policy.symbols
+    assert policy.limits is not None
+    usdt = attrs.evolve(policy.limits, daily=model.Amount(5, 6, "USDT"))
+    changed = attrs.evolve(policy, limits=usdt)
+    assert changed.symbols == frozenset({"usdt"})
+    assert [f.name for f in attrs.fields(type(policy))] == [
+        f.name for f in attrs.fields(model.AgentPolicy)
+    ]
+    assert not any(f.name.startswith("_once") for c in classes for f in attrs.fields(c))

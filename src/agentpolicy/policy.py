@@ -15,7 +15,7 @@ import unicodedata
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, tzinfo
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 import attrs
 
@@ -45,6 +45,63 @@ from agentpolicy._checks import (
 from agentpolicy.amounts import Amount
 from agentpolicy.errors import Problem
 from agentpolicy.windows import Period
+
+_T = TypeVar("_T")
+
+
+class _Once(Generic[_T]):
+    """A value a policy part works out on first read, kept in its slot of :class:`_Kept`.
+
+    Not ``functools.cached_property``: for that attrs gives a slotted class a
+    ``__getattr__``, which slows every attribute read of the class (fields
+    included), and the rules read policies on every payment.
+    """
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self.compute = compute
+        self.slot = "_once_" + compute.__name__
+        self.__doc__ = compute.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Once[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> _Once[_T] | _T:
+        if obj is None:
+            return self
+        try:
+            found: _T = getattr(obj, self.slot)
+        except AttributeError:
+            found = self.compute(obj)
+            object.__setattr__(obj, self.slot, found)  # a frozen instance: set once, here
+        return found
+
+
+class _Kept:
+    """The slots of the values policy parts work out once (:class:`_Once`), beside their fields."""
+
+    __slots__ = (
+        "_once__blocks",
+        "_once__sets",
+        "_once_allowed",
+        "_once_approver_keys",
+        "_once_blacklisted",
+        "_once_blocked",
+        "_once_by_period",
+        "_once_every_approver",
+        "_once_period",
+        "_once_rolling_seconds",
+        "_once_seconds",
+        "_once_symbol",
+        "_once_symbols",
+        "_once_token",
+        "_once_whitelisted",
+        "_once_windowed",
+        "_once_zone",
+    )
+
 
 __all__ = [
     "DEFAULT_APPROVAL_TIMEOUT_MS",
@@ -321,7 +378,7 @@ describe(
 
 
 @attrs.frozen
-class RollingLimit:
+class RollingLimit(_Kept):
     """At most ``amount`` in any trailing ``window`` (``"90s"``, ``"15m"``, ``"24h"``, ``"30d"``).
 
     A payment counts from its authorize instant until exactly ``window`` later.
@@ -333,7 +390,7 @@ class RollingLimit:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def seconds(self) -> int:
         """The window's length in seconds."""
         seconds = span_seconds(self.window)
@@ -342,7 +399,7 @@ class RollingLimit:
 
 
 @attrs.frozen
-class CountLimit:
+class CountLimit(_Kept):
     """At most ``max`` payments in a calendar window (``"daily"``) or a trailing one (``"10m"``).
 
     Reserved, held and confirmed payments count; released and expired ones do not.
@@ -354,12 +411,12 @@ class CountLimit:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def period(self) -> Period | None:
         """The calendar window counted in, or ``None`` for a trailing duration."""
         return Period(self.window) if self.window in _PERIOD_NAMES else None
 
-    @functools.cached_property
+    @_Once
     def seconds(self) -> int | None:
         """The trailing duration in seconds, or ``None`` for a calendar window."""
         return None if self.period is not None else span_seconds(self.window)
@@ -377,7 +434,7 @@ def _distinct_windows(items: tuple[Any, ...], path: str) -> list[Problem]:
 
 
 @attrs.frozen
-class SpendingLimits:
+class SpendingLimits(_Kept):
     """Per-transaction, calendar, rolling and count limits; an absent limit does not apply."""
 
     per_transaction: Amount | None = checked(_amount, default=None)
@@ -409,12 +466,12 @@ class SpendingLimits:
         for i, r in enumerate(self.rolling):
             yield f"rolling[{i}].amount", r.amount
 
-    @functools.cached_property
+    @_Once
     def token(self) -> str:
         """The key its counters are kept under: its token (case-folded), ``*`` for counts alone."""
         return "*" if self.symbol is None else self.symbol.casefold()
 
-    @functools.cached_property
+    @_Once
     def rolling_seconds(self) -> tuple[int, ...]:
         """Every trailing duration these limits count in (amounts and counts), in order."""
         found: dict[int, None] = {r.seconds: None for r in self.rolling}
@@ -423,7 +480,7 @@ class SpendingLimits:
                 found.setdefault(c.seconds, None)
         return tuple(found)
 
-    @functools.cached_property
+    @_Once
     def symbol(self) -> str | None:
         """The token of these limits' amounts, if they name any."""
         return next((a.symbol for _, a in self._named() if a is not None), None)
@@ -432,12 +489,12 @@ class SpendingLimits:
         """The limit of a calendar window, or ``None`` when the policy sets none."""
         return self.by_period[period]
 
-    @functools.cached_property
+    @_Once
     def by_period(self) -> dict[Period, Amount | None]:
         """Every calendar window with its limit (``None`` where the policy sets none)."""
         return {p: cast(Amount | None, getattr(self, p.value)) for p in Period}
 
-    @functools.cached_property
+    @_Once
     def windowed(self) -> tuple[tuple[Period, Amount], ...]:
         """The window limits that are set, in checking order (hourly to lifetime)."""
         return tuple((p, a) for p in Period if (a := self.for_period(p)) is not None)
@@ -486,7 +543,7 @@ class BlockedPeriod:
 
 
 @attrs.frozen
-class TimeRules:
+class TimeRules(_Kept):
     """When payments may happen, in the IANA ``timezone`` (default ``UTC``)."""
 
     allowed_windows: tuple[TimeWindow, ...] = checked(
@@ -500,14 +557,14 @@ class TimeRules:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def zone(self) -> tzinfo:
         """The timezone as a :class:`zoneinfo.ZoneInfo`."""
         return zoneinfo.ZoneInfo(self.timezone)
 
 
 @attrs.frozen
-class MerchantRules:
+class MerchantRules(_Kept):
     """Which recipients may be paid: blacklist first, then the whitelist."""
 
     whitelist: tuple[str, ...] = checked(_names, default=(), converter=_tuple)
@@ -517,12 +574,12 @@ class MerchantRules:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def whitelisted(self) -> frozenset[str]:
         """The whitelist in comparison form (see :func:`whitelist_form`)."""
         return frozenset(map(whitelist_form, self.whitelist))
 
-    @functools.cached_property
+    @_Once
     def blacklisted(self) -> frozenset[str]:
         """The blacklist in comparison form (see :func:`normalize_recipient`)."""
         return frozenset(map(normalize_recipient, self.blacklist))
@@ -534,7 +591,7 @@ class MerchantRules:
 
 
 @attrs.frozen
-class NetworkRules:
+class NetworkRules(_Kept):
     """Which CAIP-2 networks may be used: blocked first; empty ``allowed`` means any."""
 
     allowed_networks: tuple[str, ...] = checked(_networks, default=(), converter=_tuple)
@@ -543,19 +600,19 @@ class NetworkRules:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def allowed(self) -> frozenset[str]:
         """Allowed networks, case-folded (``eip155`` chain ids without leading zeros)."""
         return _folded(self.allowed_networks, network_key)
 
-    @functools.cached_property
+    @_Once
     def blocked(self) -> frozenset[str]:
         """Blocked networks, case-folded (``eip155`` chain ids without leading zeros)."""
         return _folded(self.blocked_networks, network_key)
 
 
 @attrs.frozen
-class CategoryRules:
+class CategoryRules(_Kept):
     """Which payment categories are allowed: blocked first; empty ``allowed`` means any."""
 
     allowed_categories: tuple[str, ...] = checked(_names, default=(), converter=_tuple)
@@ -564,12 +621,12 @@ class CategoryRules:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def allowed(self) -> frozenset[str]:
         """Allowed categories, NFKC-normalised and case-folded."""
         return _folded(self.allowed_categories)
 
-    @functools.cached_property
+    @_Once
     def blocked(self) -> frozenset[str]:
         """Blocked categories, NFKC-normalised and case-folded."""
         return _folded(self.blocked_categories)
@@ -616,7 +673,7 @@ class ApproverGroup:
 
 
 @attrs.frozen
-class ApprovalThreshold:
+class ApprovalThreshold(_Kept):
     """Payments of at least ``amount`` need ``required_approvers`` of ``approvers``, or ``groups``.
 
     A threshold names either ``approvers`` with ``required_approvers``, or
@@ -676,14 +733,14 @@ class ApprovalThreshold:
                     ))  # fmt: skip
         return problems
 
-    @functools.cached_property
+    @_Once
     def every_approver(self) -> tuple[str, ...]:
         """Everyone who may approve: ``approvers``, or every group's, in order."""
         if not self.groups:
             return self.approvers
         return tuple(a for g in self.groups for a in g.approvers)
 
-    @functools.cached_property
+    @_Once
     def approver_keys(self) -> frozenset[str]:
         """Approvers (of every group), folded as votes are matched (``person``)."""
         return frozenset(person(a) for a in self.every_approver)
@@ -751,7 +808,7 @@ describe(_group_by, {"anyOf": [{"enum": list(GROUP_BY)}, {"type": "null"}]})
 
 
 @attrs.frozen
-class ScopeMatch:
+class ScopeMatch(_Kept):
     """Which payments a scope covers: one that matches every non-empty list (empty matches all)."""
 
     categories: tuple[str, ...] = checked(_names, default=(), converter=_tuple)
@@ -761,7 +818,7 @@ class ScopeMatch:
     def __attrs_post_init__(self) -> None:
         validate(self)
 
-    @functools.cached_property
+    @_Once
     def _sets(self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
         return (
             _folded(self.categories),
@@ -780,7 +837,7 @@ class ScopeMatch:
 
 
 @attrs.frozen
-class ScopedLimit:
+class ScopedLimit(_Kept):
     """Limits on the payments a scope matches, in addition to the policy's own.
 
     With ``group_by`` (``recipient``, ``network`` or ``category``) each distinct
@@ -805,7 +862,7 @@ class ScopedLimit:
             (f"$.limits.{name}", a) for name, a in self.limits._named() if a is not None
         )
 
-    @functools.cached_property
+    @_Once
     def token(self) -> str:
         """The token its counters are kept in: its amounts' (case-folded), or ``*`` (counts)."""
         symbol = self.limits.symbol
@@ -887,7 +944,7 @@ class DelegationRules:
 
 
 @attrs.frozen
-class AgentPolicy:
+class AgentPolicy(_Kept):
     """What one agent may spend, when, where and to whom; absent sections do not restrict.
 
     ``enabled=False`` denies everything. ``limits`` are in one token; a policy
@@ -995,14 +1052,14 @@ class AgentPolicy:
             found.add(self.limits.symbol.casefold())
         return frozenset(found)
 
-    @functools.cached_property
+    @_Once
     def symbol(self) -> str | None:
         """The token of the policy's ``limits`` (else of its first amount), if it names any."""
         if self.limits is not None and self.limits.symbol is not None:
             return self.limits.symbol
         return next((a.symbol for _, a in self.amounts()), None)
 
-    @functools.cached_property
+    @_Once
     def symbols(self) -> frozenset[str]:
         """Every token the policy names (case-folded): a payment in another one is denied."""
         return frozenset(a.symbol.casefold() for _, a in self.amounts())
@@ -1017,7 +1074,7 @@ class AgentPolicy:
             return self.limits
         return found
 
-    @functools.cached_property
+    @_Once
     def _blocks(self) -> dict[str, SpendingLimits]:
         blocks: dict[str, SpendingLimits] = {}
         if self.limits is not None:
