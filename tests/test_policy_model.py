@@ -246,3 +246,27 @@ def test_only_real_iana_zone_keys_are_timezones(name: str) -> None:
 @pytest.mark.parametrize("name", ["UTC", "Etc/GMT+5", "Australia/Lord_Howe", "US/Eastern"])
 def test_real_zone_keys_are_accepted(name: str) -> None:
     assert TimeRules(timezone=name).timezone == name
+
+
+@pytest.mark.parametrize(
+    "beside",
+    [
+        {},  # scopes alone: no block of limits declares a token
+        {"limits": {"daily": {"value": "9000000"}}},
+        {"limits": {"daily": {"value": "9", "decimals": 0, "symbol": "USDT"}}},
+        {"limits": {"counts": [{"window": "daily", "max": 5}]}},  # counts alone
+    ],
+)
+def test_a_scope_name_is_unique_whatever_else_the_policy_limits(beside: dict[str, object]) -> None:
+    # counters follow a scope's name across versions: two scopes of one name would share them
+    counts = {"counts": [{"window": "daily", "max": 3}]}
+    scopes = [
+        {"name": "vendors", "match": {"categories": ["data"]}, "limits": counts},
+        {"name": "Vendors", "match": {"categories": ["api"]}, "limits": counts},
+    ]
+    with pytest.raises(PolicyValidationError) as caught:
+        load_policy({**beside, "scopedLimits": scopes})
+    assert [(p.path, p.message) for p in caught.value.problems] == [
+        ("$.scopedLimits[1].name", "repeats scopedLimits[0].name")
+    ]
+    load_policy({**beside, "scopedLimits": [scopes[0], {**scopes[1], "name": "apis"}]})

@@ -1014,6 +1014,7 @@ class AgentPolicy(_Kept):
             )
         else:
             problems = []
+        problems += self._scope_name_problems()
         declared = self._declared()
         if not declared:  # no blocks of limits: thresholds and scopes share one token
             return problems + _one_token(
@@ -1038,6 +1039,11 @@ class AgentPolicy(_Kept):
                     f"{amount.symbol!r} is not a token this policy limits "
                     f"({', '.join(sorted(declared))}): add its limits under assets",
                 ))  # fmt: skip
+        return problems
+
+    def _scope_name_problems(self) -> list[Problem]:
+        """A scope's name repeated (case-folded): counters follow the name, so two would share."""
+        problems: list[Problem] = []
         names: dict[str, int] = {}
         for i, scope in enumerate(self.scoped_limits):
             j = names.setdefault(scope.name.casefold(), i)
