@@ -213,6 +213,40 @@ def test_a_naive_now_is_refused() -> None:
         decide({}, now=datetime(2026, 1, 19))
 
 
+@pytest.mark.parametrize(
+    ("args", "paths"),
+    [
+        (({"limits": {}}, req(), {}, MONDAY_10), ["$.policy"]),  # the JSON form, not loaded
+        ((None, {"agent_id": "agent-1"}, {}, MONDAY_10), ["$.request"]),
+        ((None, req(), None, MONDAY_10), ["$.usage"]),
+        ((None, req(), {"k": "5"}, MONDAY_10), ["$.usage['k']"]),
+        ((None, req(), {"k": (1, -6)}, MONDAY_10), ["$.usage['k']"]),
+        ((None, req(), {"k": (True, 6)}, MONDAY_10), ["$.usage['k']"]),
+        ((None, req(), {7: Amount(1)}, MONDAY_10), ["$.usage"]),
+        (("policy", "request", [], "now"), ["$.now", "$.policy", "$.request", "$.usage"]),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_invalid_input_naming_each(
+    args: tuple[Any, Any, Any, Any], paths: list[str]
+) -> None:
+    with pytest.raises(PolicyValidationError) as caught:
+        evaluate(*args)
+    assert caught.value.code == "INVALID_INPUT"
+    assert [p.path for p in caught.value.problems] == paths
+
+
+def test_usage_may_mix_amounts_and_unit_tuples() -> None:
+    policy = load_policy(
+        {"limits": {"daily": {"value": "10000000"}, "hourly": {"value": "6000000"}}}
+    )
+    key = {w.period: w.key for w in windows_for(policy, MONDAY_10)}
+    mixed = {key["daily"]: Amount(8_000_000), key["hourly"]: (4_000_000, 6, 2)}
+    assert evaluate(policy, req(2_000_000), mixed, MONDAY_10).code == Code.ALLOWED
+    assert evaluate(policy, req(2_000_001), mixed, MONDAY_10).code == Code.HOURLY_LIMIT
+    mixed[key["daily"]] = Amount(9_000_001)
+    assert evaluate(policy, req(1_000_000), mixed, MONDAY_10).code == Code.DAILY_LIMIT
+
+
 # --- merchant, network, category -----------------------------------------------------------
 
 

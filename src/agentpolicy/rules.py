@@ -22,7 +22,7 @@ import attrs
 
 from agentpolicy.amounts import Amount, format_units, over_limit_units
 from agentpolicy.decisions import Code, Decision, Evaluation, Headroom, Outcome
-from agentpolicy.errors import PolicyValidationError
+from agentpolicy.errors import PolicyValidationError, Problem
 from agentpolicy.policy import (
     AgentPolicy,
     ApprovalThreshold,
@@ -1135,8 +1135,58 @@ def evaluate(
     timezone-aware (else :class:`~agentpolicy.PolicyValidationError`).
     Returns a :class:`~agentpolicy.Decision`; a denial is a decision, not an
     exception. Equal to ``conclude(assess(policy, request, now), usage)``.
+
+    Arguments of the wrong kind raise :class:`~agentpolicy.PolicyValidationError`
+    (``INVALID_INPUT``) naming each: ``policy`` must be an
+    :class:`~agentpolicy.AgentPolicy` or ``None`` (:func:`~agentpolicy.load_policy`
+    reads the JSON form), ``request`` a :class:`~agentpolicy.PaymentRequest`,
+    ``usage`` a mapping of window keys to :class:`~agentpolicy.Amount`
+    values (or, as :func:`judge` takes them, ``(base units, decimals[,
+    payments])`` of non-negative integers).
     """
-    return conclude(assess(policy, request, now), usage)
+    problems = _argument_problems(policy, request, usage, now)
+    if problems:
+        raise PolicyValidationError(problems)
+    return conclude(assess(policy, request, now), _usage_units(usage))
+
+
+def _argument_problems(policy: Any, request: Any, usage: Any, now: Any) -> list[Problem]:
+    """What is wrong with :func:`evaluate`'s arguments (nothing, for arguments of their types)."""
+    problems = []
+    if policy is not None and not isinstance(policy, AgentPolicy):
+        problems.append(Problem("$.policy", "must be an AgentPolicy or None (load_policy reads "
+                                            "the JSON form)"))  # fmt: skip
+    if not isinstance(request, PaymentRequest):
+        problems.append(Problem("$.request", "must be a PaymentRequest"))
+    if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
+        problems.append(Problem("$.now", "must be a timezone-aware datetime"))
+    if not isinstance(usage, Mapping):
+        problems.append(Problem("$.usage", "must be a mapping of window keys to amounts used"))
+        return problems
+    for key, used in usage.items():
+        if not isinstance(key, str):
+            problems.append(Problem("$.usage", f"has a key that is not a string: {key!r}"))
+        elif not isinstance(used, Amount) and not _units_used(used):
+            problems.append(Problem(f"$.usage[{key!r}]", "must be an Amount, or (base units, "
+                                                         "decimals[, payments]) of non-negative "
+                                                         "integers"))  # fmt: skip
+    return problems
+
+
+def _units_used(used: Any) -> bool:
+    return (
+        isinstance(used, tuple | list)
+        and len(used) in (2, 3)
+        and all(type(n) is int and n >= 0 for n in used)
+    )
+
+
+def _usage_units(usage: Usage | UsedUnits) -> UsedUnits:
+    """Usage as :func:`judge` reads it: Amounts and unit tuples may be mixed in one mapping."""
+    return {
+        key: (used.value, used.decimals) if isinstance(used, Amount) else tuple(used)
+        for key, used in usage.items()
+    }
 
 
 def _floor_units(value: int, decimals: int, to: int) -> int:
