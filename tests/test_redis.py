@@ -346,6 +346,39 @@ def test_an_unreachable_redis_is_storage_unavailable() -> None:
     assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
 
 
+def test_an_unreachable_redis_says_that_nothing_of_the_call_ran() -> None:
+    # the first use checks the prefix for data of 0.1 (a conversion writes) before the call: a
+    # failure there is told as of the call, which had not begun, never as a change of unknown fate
+    import asyncio
+
+    from agentpolicy.aio import AsyncPolicyEngine
+    from tests.redis_servers import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    engine = PolicyEngine(storage=url)
+    calls = [lambda: engine.history("a"), engine.list_policies, lambda: engine.budget("a"),
+             lambda: engine.authorize(payment(USDT))]  # fmt: skip
+    messages = []
+    for call in calls:
+        with pytest.raises(PolicyError) as err:
+            call()
+        messages.append(err.value.message)
+
+    async def read_async() -> None:
+        async with AsyncPolicyEngine(storage=url) as aengine:
+            with pytest.raises(PolicyError) as err:
+                await aengine.history("a")
+            messages.append(err.value.message)
+
+    asyncio.run(read_async())
+    engine.close()
+    assert len(messages) == 5
+    for message in messages:
+        assert message.startswith("Redis is unavailable (ConnectionError); nothing was allowed")
+        assert "before the call began" in message
+        assert "whether this change was recorded" not in message
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

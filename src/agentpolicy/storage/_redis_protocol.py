@@ -355,6 +355,23 @@ def _unknown(
 
 NOTHING_CHANGED = "nothing was allowed or changed"
 
+
+def before_the_call(exc: PolicyError) -> PolicyError:
+    """A failure of a store's check for data of 0.1, told as of the call, which had not begun.
+
+    The check (and a conversion, which writes) runs on a store's first use,
+    before the caller's call: its failure is worded as a read's (nothing of
+    the call ran), never as a change of unknown fate. Other errors are as they were.
+    """
+    if not isinstance(exc, StorageUnavailableError):
+        return exc
+    return StorageUnavailableError(
+        f"{exc.message} (this was before the call began, while agentpolicy checked this key "
+        "prefix for data of agentpolicy 0.1 to convert; a conversion it began is taken up "
+        "again on the next use)"
+    )
+
+
 _LOGIN = (  # (what the refusal says, what it means), first match wins
     ("NOAUTH", "the server requires a password and the storage URL gives none (NOAUTH)"),
     ("WRONGPASS", "the user name or password in the storage URL is wrong, or the user is "

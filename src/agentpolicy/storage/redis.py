@@ -41,6 +41,7 @@ import redis.cluster
 import redis.exceptions
 from redis.retry import Retry
 
+from agentpolicy.errors import StorageUnavailableError
 from agentpolicy.storage import _redis_protocol as rp
 from agentpolicy.storage.base import Doc, Outcome, Txn
 
@@ -135,7 +136,10 @@ class RedisStorage:
                 return
             self._converting = threading.get_ident()
             try:
-                self.guard(lambda: redis_v01(self), writing=True)
+                # the caller's call has not begun: a failure is told as of it (nothing of it ran)
+                self.guard(lambda: redis_v01(self))
+            except StorageUnavailableError as exc:
+                raise rp.before_the_call(exc) from None
             finally:
                 self._converting = None
             self._schema_checked = True

@@ -167,7 +167,7 @@ class AsyncRedisStorage:
             try:
                 done = await self._call(lambda: self.client.get(self.key_prefix + "schema"))
             except rp.FAILURES as exc:
-                raise rp.failure(exc, writing=False) from None
+                raise rp.before_the_call(rp.failure(exc, writing=False)) from None
             if done != _DONE:
                 await asyncio.to_thread(self._convert)
             self._schema_checked = True
