@@ -742,3 +742,30 @@ def test_policy_parts_work_out_their_derived_values_once_without_a_getattr_hook(
         f.name for f in attrs.fields(model.AgentPolicy)
     ]
     assert not any(f.name.startswith("_once") for c in classes for f in attrs.fields(c))
+
+
+def test_a_derived_value_without_its_slot_is_refused_when_its_class_is_made() -> None:
+    # a _Once whose slot no class of the MRO declares could work its value out and never keep
+    # it (it failed on first read): the class is refused at once, naming the slot to add
+    import attrs
+
+    from agentpolicy import policy as model
+
+    with pytest.raises((TypeError, RuntimeError)) as caught:  # 3.11 wraps it in RuntimeError
+
+        @attrs.frozen
+        class Folded(model.MerchantRules):
+            @model._Once
+            def folded(self) -> int:
+                return 1
+
+    said = f"{caught.value} {caught.value.__cause__}"
+    assert "Folded.folded: add '_once_folded' to _Kept.__slots__" in said
+
+    @attrs.frozen
+    class Kept(model.MerchantRules):  # a name _Kept has a slot for is kept there
+        @model._Once
+        def symbol(self) -> str:
+            return "kept"
+
+    assert Kept().symbol == "kept"

@@ -62,6 +62,11 @@ class _Once(Generic[_T]):
         self.slot = "_once_" + compute.__name__
         self.__doc__ = compute.__doc__
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        """Refuse a class without the value's slot: it would work the value out, never keep it."""
+        if not any(self.slot in getattr(k, "__slots__", ()) for k in owner.__mro__):
+            raise TypeError(f"{owner.__name__}.{name}: add {self.slot!r} to _Kept.__slots__")
+
     @overload
     def __get__(self, obj: None, owner: type | None = None) -> _Once[_T]: ...
 
