@@ -243,3 +243,41 @@ def test_an_agent_token_sees_no_group_of_a_scope_above_it_on_the_budget_page(
     admin = httpx.get(f"{served.url}/agents/bot/me", timeout=30,
                       headers={"Authorization": f"Bearer {served.token('admin')}"})  # fmt: skip
     assert "0xsecret-vendor" in admin.text  # an admin sees every group
+
+
+def test_an_approval_card_shows_no_group_of_a_scope_above_that_the_viewer_may_not_see(
+    served: Served,
+) -> None:
+    # the card of acme:bot's approval showed the per-recipient groups of corp, the budget above
+    # it, to an approver and an admin bound to org acme and to a one-time link: the recipient
+    # other:bot (another org) paid was on it, where the budget page hides it
+    engine = served.engine
+    engine.set_policy("corp", {
+        "limits": {"daily": {"value": "1000000000"}},
+        "scopedLimits": [{"name": "vendors", "match": {}, "groupBy": "recipient",
+                          "limits": {"daily": {"value": "900000000"}}}]})  # fmt: skip
+    engine.delegate("corp", "acme:bot", _policy("alice"))
+    engine.delegate("corp", "other:bot", {"limits": {"daily": {"value": "500000000"}}})
+    paid = engine.authorize(PaymentRequest("other:bot", "7000000", "0xsecret-vendor",
+                                           "eip155:8453"))  # fmt: skip
+    assert paid.allowed
+    asked = engine.authorize(PaymentRequest("acme:bot", "200000000", "0xmine", "eip155:8453"))
+    assert asked.approval_id is not None
+    aid = asked.approval_id
+
+    def card(token: str) -> str:
+        r = httpx.get(f"{served.url}/approvals/{aid}", timeout=30,
+                      headers={"Authorization": f"Bearer {token}", "Accept": "text/html"})  # fmt: skip
+        assert r.status_code == 200
+        assert "0xmine" in r.text  # the card itself is shown
+        return r.text
+
+    for token in (served.token("approver", approver="alice", org_id="acme"),
+                  served.token("admin", org_id="acme")):  # fmt: skip
+        assert "0xsecret-vendor" not in card(token)
+    link = next(x.token for x in engine.approval_links(aid) if x.decision == "approve")
+    by_link = httpx.get(f"{served.url}/approvals/link", params={"t": link}, timeout=30)
+    assert by_link.status_code == 200
+    assert "0xmine" in by_link.text
+    assert "0xsecret-vendor" not in by_link.text
+    assert "0xsecret-vendor" in card(served.token("admin"))  # an admin of every org sees it

@@ -33,6 +33,7 @@ from agentpolicy.serve.mcp_http import ToolServers, build_sdk_server, new_sessio
 from agentpolicy.serve.metrics import Metrics
 from agentpolicy.serve.tokens import AccessToken, SignedIn, TokenRejected, TokenStore, token_hash
 from agentpolicy.storage import AsyncStorage
+from agentpolicy.views import budget_seen_by
 
 __all__ = [
     "BUDGET_ROLES",
@@ -54,6 +55,11 @@ PAGE_ROLES = ("admin", "approver")
 """The roles that may see the approvals pages."""
 BUDGET_ROLES = ("admin", "agent")
 """The roles that may see the budget pages."""
+
+
+def _nobody(agent_id: str) -> bool:
+    """The binding of a one-time link: it covers no budget above the approval's agent."""
+    return False
 
 
 @attrs.frozen
@@ -253,7 +259,11 @@ class Service:
         budget_views: list[dict[str, Any]] = []
         policies: dict[str, Any] = {}
         try:
-            budget = await self.aengine.budget(approval.agent_id)
+            # as the budget page shows it: no scope groups of a budget above that the caller's
+            # token does not cover (they name whom other agents below it paid); a one-time link
+            # is bound to nobody, so it shows none of them
+            may_see = _nobody if caller is None else caller.token.may_see
+            budget = budget_seen_by(await self.aengine.budget(approval.agent_id), may_see)
             budget_views = pages.budget_views(budget, now)
             found = await self.aengine.get_policy_version(approval.agent_id,
                                                           approval.policy_version)  # fmt: skip
