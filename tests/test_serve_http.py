@@ -212,6 +212,44 @@ def test_healthz_is_503_when_the_store_is_down() -> None:
         engine.close()
 
 
+def test_healthz_polled_while_the_store_hangs_leaves_one_thread_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # each /healthz left an anyio worker blocked on a hung store when its 2 s ran out: a load
+    # balancer polling it grew the process by a thread per poll (100 polls: 100 threads)
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentpolicy.serve import health
+
+    monkeypatch.setattr(health, "WAIT_SECONDS", 0.3)
+    storage = FaultyStorage()
+    engine = PolicyEngine(storage=storage, clock=ManualClock())  # type: ignore[arg-type]
+
+    def checks() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "agentpolicy-healthz"]
+
+    try:
+        with Served(engine, ServeOptions(sweep_seconds=3600.0)) as s:
+            assert httpx2.get(s.url + "/healthz").status_code == 200
+            storage.stall()
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: httpx2.get(s.url + "/healthz", timeout=30),
+                                        range(40)))  # fmt: skip
+            assert [a.status_code for a in answers] == [503] * 40
+            assert {a.json()["store"] for a in answers} == {"no answer within 0.3 s"}
+            assert storage.stalled.is_set()
+            assert len(checks()) == 1  # the one check in flight, shared by every poll
+            storage.resume()
+            for thread in checks():
+                thread.join(10)
+            assert checks() == []
+            assert httpx2.get(s.url + "/healthz").json() == {"status": "ok"}
+    finally:
+        storage.resume()
+        engine.close()
+
+
 def _form_value(page: str, name: str, after: str = "") -> str:
     match = re.search(rf'name="{name}" value="([^"]+)"', page[page.find(after) :])
     assert match is not None, f"no {name} in the page"
