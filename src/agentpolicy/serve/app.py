@@ -71,7 +71,10 @@ def create_app(
     options = options or ServeOptions()
     s = Service(engine, options, async_storage)
 
-    store_check = StoreCheck(lambda: s.tokens.ping())  # looked up at each check
+    def ping() -> None:  # the tokens' ping, looked up at each check
+        s.tokens.ping()
+
+    store_check = StoreCheck(ping)
 
     async def healthz(request: Request) -> Response:
         err = await store_check.check()
