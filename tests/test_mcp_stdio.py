@@ -611,6 +611,10 @@ UNREADABLE = [  # a line the SDK cannot read, and the JSON-RPC error that answer
     ('{"jsonrpc":"2.0","id":"\\ud800","method":"x","params":{"a":"\\udc00"}}', None, -32700),
     ('{"jsonrpc":"2.0","method":"notifications/x","params":[1}', None, -32700),
     ('{"jsonrpc":"2.0","id":46,"method":"tools/list","params":{"a":[1,}}', 46, -32700),
+    # a string left open inside a nested value: it was read in time that doubled with each
+    # character, and the server answered nothing more (a CPU loop)
+    ('{"jsonrpc":"2.0","id":47,"method":"tools/call","params":{"arguments":{"a":"' + "a" * 5000,
+     47, -32700),
 ]  # fmt: skip
 
 
