@@ -16,6 +16,7 @@ from agentpolicy import (
     PaymentRequest,
     PolicyValidationError,
     evaluate,
+    load_policy,
 )
 from agentpolicy._checks import check_payment_network, plain_network
 
@@ -167,3 +168,19 @@ def test_the_fast_network_test_agrees_with_the_full_check_on_every_call(
         assert plain_network(f"eip155:{i}")
     for network in networks:
         assert plain_network(network) == (not check_payment_network(network, "$"))
+
+
+@pytest.mark.parametrize("text", ["\ud800", "paid \udfff", "\ud83d\ude00"])
+def test_free_text_refuses_a_lone_surrogate_that_no_reply_could_carry(text: str) -> None:
+    # a memo (or a blocked period's reason, a vote's comment) holding one was stored, then
+    # every JSON reply and page that showed it failed to encode: the stdio servers, an
+    # admin's included, died on listing the approval
+    with pytest.raises(PolicyValidationError) as caught:
+        PaymentRequest("agent-1", 1, "0xv", "eip155:8453", memo=text)
+    assert [p.path for p in caught.value.problems] == ["$.memo"]
+    assert "lone surrogate" in caught.value.problems[0].message
+    with pytest.raises(PolicyValidationError) as caught:
+        load_policy({"timeRules": {"blockedPeriods": [
+            {"start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00Z", "reason": text}]}})  # fmt: skip
+    assert [p.path for p in caught.value.problems] == ["$.timeRules.blockedPeriods[0].reason"]
+    assert PaymentRequest("agent-1", 1, "0xv", "eip155:8453", memo="paid 😀 ✓").memo == "paid 😀 ✓"

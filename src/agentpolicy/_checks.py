@@ -287,12 +287,33 @@ def check_record_id(value: object, path: str) -> list[Problem]:
 
 
 def check_text(value: object, path: str, max_len: int = MAX_TEXT) -> list[Problem]:
-    """Free text (a memo, a reason): a string of bounded length."""
+    """Free text (a memo, a reason): a string of bounded length that UTF-8 can carry.
+
+    A lone surrogate (a code point of U+D800 to U+DFFF) is refused: stored, it made every reply
+    that showed it (JSON over stdio, a page) fail to encode.
+    """
     if not isinstance(value, str):
         return [Problem(path, f"must be a string, not {type_name(value)}")]
     if len(value) > max_len:
         return [Problem(path, f"must be at most {max_len} characters")]
+    if not value.isascii():
+        bad = _SURROGATE.search(value)
+        if bad is not None:
+            found = f"U+{ord(bad.group()):04X}"
+            return [Problem(path, f"must not contain a lone surrogate (found {found})")]
     return []
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def plain_text(value: object, max_len: int = MAX_TEXT) -> bool:
+    """Whether :func:`check_text` finds nothing, in one pass (the fast path of a request)."""
+    return (
+        type(value) is str
+        and len(value) <= max_len
+        and (value.isascii() or _SURROGATE.search(value) is None)
+    )
 
 
 def units_problems(raw: object, path: str) -> list[Problem]:

@@ -21,6 +21,7 @@ from agentpolicy._checks import (
     plain_identifier,
     plain_network,
     plain_payee,
+    plain_text,
     raise_if,
     units_problems,
 )
@@ -95,7 +96,7 @@ class PaymentRequest(_Kept):
             and type(self.decimals) is int
             and 0 <= self.decimals <= MAX_DECIMALS
             and plain_identifier(self.symbol, 32)
-            and (self.memo is None or (type(self.memo) is str and len(self.memo) <= MAX_TEXT))
+            and (self.memo is None or plain_text(self.memo))
             and (self.idempotency_key is None or plain_identifier(self.idempotency_key, MAX_ID))
         ):
             return
