@@ -250,6 +250,38 @@ def test_healthz_polled_while_the_store_hangs_leaves_one_thread_behind(
         engine.close()
 
 
+def test_a_store_failure_while_a_token_is_checked_names_nothing_to_the_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # before any login, the store's own words (a file's path, a host) went to whoever sent a
+    # token or a cookie, or asked for the sign-in form; they go to the log, as /healthz's do
+    storage = FaultyStorage()
+    engine = PolicyEngine(storage=storage, clock=ManualClock())  # type: ignore[arg-type]
+    stranger = "apt_0123456789abcdef_" + "A" * 43  # well formed: looked up in the store
+    try:
+        with Served(engine, ServeOptions(sweep_seconds=3600.0)) as s:
+            storage.down = True
+            with caplog.at_level("WARNING", logger="agentpolicy.serve"):
+                answers = [
+                    httpx2.get(s.url + "/approvals", headers={
+                        "Authorization": f"Bearer {stranger}", "Accept": "application/json"}),
+                    httpx2.get(s.url + "/approvals", headers={"Accept": "text/html"},
+                               cookies={"agentpolicy_session": "x" * 40}),
+                    httpx2.get(s.url + "/signin", headers={"Accept": "text/html"}),
+                    httpx2.post(s.url + "/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                                headers={"Authorization": f"Bearer {stranger}",
+                                         "Accept": "application/json, text/event-stream"}),
+                ]  # fmt: skip
+            storage.down = False
+    finally:
+        engine.close()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert "down (test)" not in answer.text
+        assert "the reason is in the service" in html.unescape(answer.text)
+    assert "the store is down (test)" in caplog.text
+
+
 def _form_value(page: str, name: str, after: str = "") -> str:
     match = re.search(rf'name="{name}" value="([^"]+)"', page[page.find(after) :])
     assert match is not None, f"no {name} in the page"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -38,7 +39,13 @@ from typing import Any
 import attrs
 
 from agentpolicy._checks import check_identifier, check_text, raise_if
-from agentpolicy.errors import ConflictError, ErrorCode, PolicyValidationError, Problem
+from agentpolicy.errors import (
+    ConflictError,
+    ErrorCode,
+    PolicyValidationError,
+    Problem,
+    StorageUnavailableError,
+)
 from agentpolicy.ledger.runner import View, run
 from agentpolicy.storage import Storage
 from agentpolicy.storage._time import instant, micros
@@ -53,6 +60,8 @@ __all__ = [
     "TokenStore",
     "token_hash",
 ]
+
+log = logging.getLogger("agentpolicy.serve")
 
 SHARD = "@tokens"
 """The shard of tokens, sessions and the CSRF key."""
@@ -210,6 +219,13 @@ class TokenStore:
     def _run(self, step: Callable[[View, Txn], None]) -> Any:
         return run(self.storage, SHARD, step, lambda r: r, at=micros(self.clock()))
 
+    def _read_unknown(self, names: list[str]) -> list[Any]:
+        """:meth:`_read` for a caller not known yet: a store failure in words that name nothing."""
+        try:
+            return self._read(names)
+        except StorageUnavailableError as err:
+            raise _unnamed(err) from None
+
     def _read(self, names: list[str]) -> list[Any]:
         with self.storage.session(SHARD, write=False) as session:
             view = View(session)
@@ -303,7 +319,7 @@ class TokenStore:
         if match is None:
             raise TokenRejected("malformed")
         token_id = match.group(1)
-        (doc,) = self._read(["tok/" + token_id])
+        (doc,) = self._read_unknown(["tok/" + token_id])
         if doc is None or not hmac.compare_digest(doc["h"], token_hash(presented)):
             raise TokenRejected("unknown")
         return self._active(_record(token_id, doc))
@@ -340,12 +356,12 @@ class TokenStore:
         if not secret or len(secret) > 64:
             raise TokenRejected("missing" if not secret else "malformed")
         key = token_hash(secret)
-        (doc,) = self._read(["ses/" + key])
+        (doc,) = self._read_unknown(["ses/" + key])
         if doc is None:
             raise TokenRejected("unknown")
         if micros(self.clock()) >= doc["x"]:
             raise TokenRejected("expired")
-        (found,) = self._read(["tok/" + doc["tok"]])
+        (found,) = self._read_unknown(["tok/" + doc["tok"]])
         if found is None:
             raise TokenRejected("unknown")
         token = self._active(_record(doc["tok"], found))
@@ -378,9 +394,24 @@ class TokenStore:
                 txn.put[_CSRF] = doc
             txn.result = doc["k"]
 
-        key: str = self._run(step)
+        try:  # the sign-in form needs it: asked by anyone
+            key: str = self._run(step)
+        except StorageUnavailableError as err:
+            raise _unnamed(err) from None
         return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
 
     def ping(self) -> None:
         """One cheap read of the store (for ``/healthz``)."""
         self._read([_CSRF])
+
+
+def _unnamed(err: StorageUnavailableError) -> StorageUnavailableError:
+    """A store failure told to a caller not known yet: the store's own words go to the log.
+
+    They may name a file or a host, and a token is checked for anyone who
+    sends one (as ``/healthz`` keeps them to the log).
+    """
+    log.warning("the store failed while a token was checked: %s", err.message)
+    return StorageUnavailableError(
+        "it failed while checking the token; the reason is in the service's log"
+    )
