@@ -17,6 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from agentpolicy import PolicyEngine
 from agentpolicy.serve.app import create_app
+from agentpolicy.serve.protocol import DeadlineProtocol
 from agentpolicy.serve.service import ServeOptions
 from agentpolicy.serve.tokens import TokenStore
 from agentpolicy.storage import AsyncStorage
@@ -46,7 +47,7 @@ class Served:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", http=DeadlineProtocol)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

@@ -282,6 +282,46 @@ def test_a_store_failure_while_a_token_is_checked_names_nothing_to_the_caller(
     assert "the store is down (test)" in caplog.text
 
 
+def test_a_request_that_does_not_arrive_whole_in_time_loses_its_connection(
+    monkeypatch: pytest.MonkeyPatch, served: Served
+) -> None:
+    # a connection that sent part of a request (its head, or a head and part of its body) was
+    # kept open for ever: 1,100 of them took every file descriptor and no one else got in
+    import socket
+    import time
+
+    from agentpolicy.serve import protocol
+
+    monkeypatch.setattr(protocol, "REQUEST_SECONDS", 0.5)
+
+    def closed_by_the_server(first: bytes, trickle: bytes) -> bool:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(first)
+            sock.settimeout(0.1)
+            began = time.monotonic()
+            while time.monotonic() - began < 10:
+                try:
+                    if sock.recv(4096) == b"":
+                        return True  # the server closed it
+                except TimeoutError:
+                    pass
+                try:
+                    sock.sendall(trickle)  # a byte now and then: it does not reset the deadline
+                except OSError:
+                    return True
+            return False
+
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    assert closed_by_the_server(head, b"X")
+    body = (b"POST /signin HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 30000\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken")  # fmt: skip
+    assert closed_by_the_server(body, b"a")
+    # a whole request is answered, and the same connection serves the next one in its time
+    with httpx2.Client(base_url=served.url, timeout=10) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+
 def _form_value(page: str, name: str, after: str = "") -> str:
     match = re.search(rf'name="{name}" value="([^"]+)"', page[page.find(after) :])
     assert match is not None, f"no {name} in the page"

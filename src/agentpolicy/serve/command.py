@@ -29,6 +29,7 @@ from agentpolicy.errors import PolicyValidationError, StorageUnavailableError
 from agentpolicy.links import TOKEN_PREFIX
 from agentpolicy.serve.app import ServeOptions, create_app
 from agentpolicy.serve.binding import bind_problem, is_loopback
+from agentpolicy.serve.protocol import DeadlineProtocol
 from agentpolicy.storage import open_async_storage
 
 __all__ = ["ServeArgs", "bind_socket", "redact_links", "serve"]
@@ -151,7 +152,7 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
         config = uvicorn.Config(
             app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
             proxy_headers=args.behind_tls_proxy, forwarded_allow_ips=args.forwarded_allow_ips,
-            server_header=False, log_level="info", lifespan="on",
+            server_header=False, log_level="info", lifespan="on", http=DeadlineProtocol,
         )  # fmt: skip
         try:
             config.load()  # reads the certificate and key now, not after "listening on"

@@ -1,0 +1,70 @@
+"""HTTP/1.1 for ``agentpolicy serve``: a whole request within a deadline, or the connection goes.
+
+uvicorn closes a connection that stays idle after a response
+(``timeout_keep_alive``), but none that sends a request's head or body
+slowly, or only part of it: a client holding many such connections (the
+governed agent, on the same host) kept every other caller out once the
+process ran out of file descriptors. :class:`DeadlineProtocol` is uvicorn's
+h11 protocol with one more timer: from the moment a connection opens, and
+again after each response, the next request must arrive whole (head and
+body) within :data:`REQUEST_SECONDS`, however its bytes trickle in; else the
+connection is closed. A request that has arrived whole is the application's
+from then on, whatever it takes to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["REQUEST_SECONDS", "DeadlineProtocol"]
+
+REQUEST_SECONDS = 30.0
+"""How long a client has to send a whole request (head and body) on a connection."""
+
+
+class DeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request is not whole in time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Open the connection, and start the clock on its first request."""
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        """Read, and stop the clock once the request has arrived whole."""
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+            self._disarm()  # DONE: the application's now (or the connection is closing)
+
+    def on_response_complete(self) -> None:
+        """A response went out: the next request has its own deadline."""
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: no clock left running for it."""
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(REQUEST_SECONDS, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.conn.their_state is h11.IDLE or self.conn.their_state is h11.SEND_BODY:
+            self.transport.close()  # nothing answered: a request never came whole
