@@ -171,6 +171,48 @@ def test_a_grouped_scope_keeps_counters_per_recipient(backend: Backend) -> None:
     assert groups[("0xv2", "daily", "count")].count == 1
 
 
+def test_a_budget_lists_a_bounded_number_of_groups_and_names_the_scopes_cut_short(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every group of every scope was listed: the governed agent grew its budget's answer with
+    # each payment to a new recipient (400 payments under 30 scopes of 32 limits: 74 MB)
+    from agentpolicy.cli_output import print_budget
+    from agentpolicy.ledger import operations
+    from agentpolicy.serve.pages import budget_views
+    from agentpolicy.views import budget_data
+
+    monkeypatch.setattr(operations, "MAX_GROUPS_LISTED", 3)
+    networks = {**DATA_VENDORS, "name": "networks", "groupBy": "network",
+                "limits": {"daily": usdt(100)}}  # fmt: skip
+    engine, _ = engine_for(backend, {"scopedLimits": [DATA_VENDORS, networks]})
+    assert pay(engine, U, recipient="0xv1", category="data") == "ALLOWED"
+    assert pay(engine, U, recipient="0xv2", category="data") == "ALLOWED"
+    b = engine.budget("a")
+    listed = {(x.scope, x.group) for x in b.limits if x.scope is not None}
+    assert listed == {("data vendors", "0xv1"), ("data vendors", "0xv2"),
+                      ("networks", "eip155:8453")}  # fmt: skip
+    assert b.more_groups == ()
+    assert "moreGroups" not in budget_data(b)
+    for n in range(3, 7):  # more recipients than fit: the first in key order are listed
+        assert pay(engine, U, recipient=f"0xv{n}", category="data") == "ALLOWED"
+    b = engine.budget("a")
+    listed = {(x.scope, x.group) for x in b.limits if x.scope is not None}
+    assert listed == {("data vendors", "0xv1"), ("data vendors", "0xv2"),
+                      ("data vendors", "0xv3")}  # fmt: skip
+    assert b.more_groups == ("data vendors", "networks")
+    assert budget_data(b)["moreGroups"] == ["data vendors", "networks"]
+    out = io.StringIO()
+    print_budget(budget_data(b), out)
+    assert "  data vendors: more groups than listed\n  networks: more groups than listed\n" in (
+        out.getvalue()
+    )
+    (view,) = budget_views(b, b.at)
+    assert view["note"] == "more groups than shown in data vendors, networks"
+    # a group left out of the listing still limits its payments: 0xv6 holds 1 of its daily 10
+    assert pay(engine, 5 * U, recipient="0xv6", category="data") == "ALLOWED"
+    assert pay(engine, 5 * U, recipient="0xv6", category="data") == "SCOPED_LIMIT"
+
+
 def test_every_spelling_of_a_domain_name_counts_in_its_one_group(backend: Backend) -> None:
     # a per-recipient limit cannot be multiplied by writing the name another way
     engine, _ = engine_for(backend, {"scopedLimits": [DATA_VENDORS]})

@@ -128,6 +128,8 @@ def print_budget(data: dict[str, Any], out: TextIO, period: str | None = None) -
             f"spent {_units(x['spent'], d)} + reserved {_units(x['reserved'], d)} "
             f"of {_units(x['limit'], d)} {sym}; {_units(x['remaining'], d)} left{frees}\n"
         )
+    for scope in data.get("moreGroups", []):  # a budget lists at most 200 groups
+        out.write(f"  {scope}: more groups than listed\n")
     if "delegation" in data:
         out.write("  ")
         print_delegation(data["delegation"], out)

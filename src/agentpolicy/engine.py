@@ -1112,7 +1112,8 @@ class PolicyEngine(Voting):
                                          _split(books[name]["c"], held.get(name)), windows,
                                          scope_name, group)  # fmt: skip
         delegation = delegation_record(agent_id, books[keys.head(agent_id)])
-        return Budget(agent_id, now, periods, tuple(limits), (), delegation), policy
+        more = tuple(result["more_groups"])
+        return Budget(agent_id, now, periods, tuple(limits), (), delegation, more), policy
 
     def _refreshed(self, shard: str, agent_id: str, step: operations.Step, at: int) -> Flow[Body]:
         """Run a budget's refresh step until its books and open reservations are of one moment.

@@ -354,6 +354,12 @@ class Budget:
     """The budgets above this one (its parent first): a payment must fit each of them too."""
     delegation: Delegation | None = None
     """How this budget was delegated, when it was."""
+    more_groups: tuple[str, ...] = ()
+    """The scopes with groups ``limits`` leaves out: a budget lists at most 200 groups in all.
+
+    Each scope's groups are listed in the order of their keys (its recipients,
+    networks or categories, as kept), scope after scope in the policy's order.
+    """
 
 
 @attrs.frozen

@@ -70,7 +70,9 @@ def budget_seen_by(budget: Budget, may_see: Callable[[str], bool]) -> Budget:
     ancestors = tuple(
         above
         if may_see(above.agent_id)
-        else attrs.evolve(above, limits=tuple(x for x in above.limits if x.group is None))
+        else attrs.evolve(
+            above, limits=tuple(x for x in above.limits if x.group is None), more_groups=()
+        )
         for above in budget.ancestors
     )
     return attrs.evolve(budget, ancestors=ancestors)
@@ -155,6 +157,8 @@ def budget_data(b: Budget) -> dict[str, Any]:
         data["ancestors"] = [budget_data(a) for a in b.ancestors]
     if b.delegation is not None:
         data["delegation"] = delegation_data(b.delegation)
+    if b.more_groups:
+        data["moreGroups"] = list(b.more_groups)
     return data
 
 

@@ -62,6 +62,7 @@ from agentpolicy.storage.base import Txn, share
 from agentpolicy.windows import Window
 
 __all__ = [
+    "MAX_GROUPS_LISTED",
     "PolicySource",
     "authorize",
     "expire",
@@ -74,6 +75,15 @@ Step = Callable[[View, Txn], None]
 
 _IDEMPOTENCY_KEEP_MS = 25 * 3_600_000
 _PASSING = (Code.ALLOWED, Code.APPROVAL_REQUIRED)
+
+MAX_GROUPS_LISTED = 200
+"""The most scope groups a budget reads and lists (each group lists every limit of its scope).
+
+A scope with ``groupBy`` gains a group for every recipient (network,
+category) paid, for as long as its counters last; a budget listing them all
+grew with every payment the governed agent made (400 payments under 30
+scopes of 32 limits: a 74 MB answer).
+"""
 
 
 def _book_name(agent: str, key: BookKey) -> str:
@@ -811,6 +821,7 @@ def refresh(
     scopes: dict[str, list[tuple[str, int]]],
     windows: tuple[Window, ...] = (),
     read_under: tuple[int, Any] | None = None,
+    max_groups: int | None = None,
 ) -> Step:
     """Bring the agent's books up to now (expiries, ended windows, rolling windows) and read them.
 
@@ -822,19 +833,30 @@ def refresh(
     ``"sh"``) of the head ``windows`` were taken from: when the head names
     others by the time the step runs (a policy or shadow set in between),
     no counter is dropped, since ``windows`` may not be the ones in force.
+    At most ``max_groups`` (default :data:`MAX_GROUPS_LISTED`) groups of the
+    scopes are read, scope by scope in the order given and each scope's
+    groups in the order its index keeps them; a group left out is brought up
+    to now by the next payment in it.
     The result is ``{"books": {name: body}, "groups": {book: [scope,
-    group]}, "expired": ..., "lapsed": ...}``, or ``{"more": True,
+    group]}, "more_groups": [scopes with groups left out], "expired": ...,
+    "lapsed": ...}``, or ``{"more": True,
     "expired": ..., "lapsed": ...}`` when more expiries were due than one
     step applies: it committed a batch of them, and the call runs it again.
     """
     now_us = micros(now)
+    most = MAX_GROUPS_LISTED if max_groups is None else max_groups
 
     def step(view: View, txn: Txn) -> None:
         head = Head.read(view, agent)
         books = Books(view, head)
         owners: dict[str, list[str]] = {}
-        for scope in scopes:
-            for group, _ in view.scan(keys.scope_groups(agent, scope), MAX_SCORE, 100_000):
+        more_groups: list[str] = []
+        for scope in scopes:  # one past what is left says whether any were left out
+            left = most - len(owners)
+            found = view.scan(keys.scope_groups(agent, scope), MAX_SCORE, left + 1)
+            if len(found) > left:
+                more_groups.append(scope)
+            for group, _ in found[:left]:
                 owners[keys.scope_book(agent, scope, group)] = [scope, group]
         books.need(owners)
         expired, lapsed = expire_due(view, txn, cfg, shard, books, now_us)
@@ -856,6 +878,7 @@ def refresh(
         txn.result = {
             "books": {n: books[n].body for n in names},
             "groups": owners,
+            "more_groups": more_groups,
             "open": _held(view, txn, agent, names),
             "expired": expired,
             "lapsed": lapsed,

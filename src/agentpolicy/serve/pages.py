@@ -159,8 +159,11 @@ def _bars(limits: Iterable[LimitBudget]) -> list[dict[str, Any]]:
 
 
 def _budget_view(budget: Budget, what: str) -> dict[str, Any]:
+    note = None
+    if budget.more_groups:  # a budget lists at most 200 groups of its scopes
+        note = f"more groups than shown in {', '.join(budget.more_groups)}"
     return {"title": f"{budget.agent_id} ({what})", "agent_id": budget.agent_id,
-            "bars": _bars(budget.limits), "note": None}  # fmt: skip
+            "bars": _bars(budget.limits), "note": note}  # fmt: skip
 
 
 def budget_views(budget: Budget, now: datetime) -> list[dict[str, Any]]:
@@ -171,7 +174,8 @@ def budget_views(budget: Budget, now: datetime) -> list[dict[str, Any]]:
         d = budget.delegation
         ends = "no end" if d.expires_at is None else f"until {when(d.expires_at)}"
         state = f", revoked {when(d.revoked_at)}" if d.revoked_at is not None else ""
-        views[0]["note"] = f"delegated by {d.parent_id} {moment(d.created_at, now)}, {ends}{state}"
+        delegated = f"delegated by {d.parent_id} {moment(d.created_at, now)}, {ends}{state}"
+        views[0]["note"] = "; ".join(filter(None, (delegated, views[0]["note"])))
     return views
 
 
