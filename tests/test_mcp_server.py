@@ -991,3 +991,22 @@ def test_the_longest_agent_ids_get_reservations_and_approvals_that_can_be_settle
         assert budget["periods"]["daily"]["spent"] == str(505 * USDT)
     longest = "res_" + "0" * 32 + "_~" + ("\U0001f4b0" * MAX_ID).encode().hex()
     assert len(longest) == MAX_RECORD_ID
+
+
+def test_a_budget_with_groups_left_out_matches_its_output_schema(
+    admin: AgentPolicyMcpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentpolicy.ledger import operations
+
+    monkeypatch.setattr(operations, "MAX_GROUPS_LISTED", 1)
+    scope = {"name": "vendors", "groupBy": "recipient", "limits": {"daily": {"value": "10"}}}
+    ok(
+        call(
+            admin, "agent_policy_set", {"agentId": "acme:bot", "policy": {"scopedLimits": [scope]}}
+        )
+    )
+    for recipient in ("0xv1", "0xv2"):
+        ok(call(admin, "agent_policy_authorize", {**PAY, "amount": "1", "recipient": recipient}))
+    data = ok(call(admin, "agent_policy_budget", {"agentId": "acme:bot"}))  # schema checked
+    assert data["moreGroups"] == ["vendors"]
+    assert [x["group"] for x in data["limits"] if "scope" in x] == ["0xv1"]

@@ -289,6 +289,11 @@ _BUDGET_CORE = {
     },
     "limits": {"type": "array", "items": _LIMIT},
     "delegation": _DELEGATION,
+    "moreGroups": {
+        "type": "array",
+        "description": "The scopes with groups that limits leaves out (at most 200 are listed).",
+        "items": _TEXT,
+    },
 }
 _BUDGET = _object(
     {
