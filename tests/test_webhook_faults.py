@@ -364,3 +364,72 @@ def test_a_host_whose_first_address_does_not_answer_is_reached_at_the_next(
     engine.close()
     filler.close()
     hole.close()
+
+
+def test_an_attempt_gives_up_on_a_host_none_of_whose_addresses_answer_in_twice_its_timeout(
+    good: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each address had the whole timeout: an attempt outlasted its lease and a second
+    worker sent the same event at the same time. Reaching the host has twice the timeout."""
+    hole = socket.socket()  # a full backlog on 127.0.0.2: a connection there is never answered
+    hole.bind(("127.0.0.2", good.port))
+    hole.listen(0)
+    filler = socket.create_connection(("127.0.0.2", good.port), timeout=1)
+    real = socket.getaddrinfo
+
+    def dead_then_alive(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "many.example.test":  # three that never answer, then the receiver
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, good.port))
+                    for ip in ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.1")]  # fmt: skip
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dead_then_alive)
+    engine = engine_with({"url": f"http://many.example.test:{good.port}/hooks", "timeout": "300ms"},
+                         backoff=60.0)  # fmt: skip
+    assert engine.webhooks is not None
+    assert engine.webhooks.lease == 3 * 0.3 + 5.0
+    ask(engine)
+    engine.flush_webhooks(1)
+    assert good.received == []  # given up before the fourth address: two timeouts were spent
+    (delivery,) = engine.webhook_deliveries("pending", 10)
+    assert delivery.attempts == 1
+    assert delivery.last_error == "no answer in time (0.3 s)"
+    engine.close()
+    filler.close()
+    hole.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "path"),
+    [
+        ({"AGENT_POLICY_WEBHOOK_SECRET": "s\udcff"}, "$AGENT_POLICY_WEBHOOK_SECRET"),
+        ({"AGENT_POLICY_WEBHOOK_URL": "http://u\udcff:p@127.0.0.1:9/"},
+         "$AGENT_POLICY_WEBHOOK_URL"),
+        ({"AGENT_POLICY_WEBHOOK_URL": None, "AGENT_POLICY_WEBHOOK_SECRET": None,
+          "AGENT_POLICY_WEBHOOKS": '[{"url": "http://127.0.0.1:9/", "secret": "a\\ud800"}]'},
+         "$AGENT_POLICY_WEBHOOKS[0].secret"),
+    ],
+)  # fmt: skip
+def test_a_secret_or_url_utf8_cannot_carry_is_refused_with_its_variable(
+    env: dict[str, str | None], path: str
+) -> None:
+    # an undecodable byte in a variable (os.environ's lone surrogate) raised UnicodeEncodeError
+    # (INTERNAL in the CLI, a traceback from the MCP server) instead of naming the variable
+    base = {"AGENT_POLICY_WEBHOOK_URL": "https://h/x", "AGENT_POLICY_WEBHOOK_SECRET": SECRET}
+    merged = {k: v for k, v in {**base, **env}.items() if v is not None}
+    with pytest.raises(PolicyValidationError) as refused:
+        endpoints_from_env(merged)
+    assert refused.value.path == path
+    assert "lone surrogate" in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["1", -1.0, 0, float("nan"), float("inf"), True, 86_401])
+@pytest.mark.parametrize("name", ["webhook_backoff", "webhook_backoff_cap"])
+def test_webhook_backoffs_that_are_not_seconds_are_invalid_input(name: str, value: Any) -> None:
+    # a string threw in the worker on every retry (the event never moved); a negative one made
+    # every retry at once
+    with pytest.raises(PolicyValidationError) as refused:
+        PolicyEngine(**{name: value})
+    path = {"webhook_backoff": "$.webhookBackoff", "webhook_backoff_cap": "$.webhookBackoffCap"}
+    assert refused.value.path == path[name]
+    PolicyEngine(**{name: 0.5}).close()

@@ -95,11 +95,13 @@ class _Deadline:
     socket an attempt opens is registered here (a duplicate of it, so that
     TLS wrapping it later does not hide it) and shut down when the time is
     up, which ends any read or write blocked on it at once. The time counts
-    from the first connection made: connecting is bounded per address by
-    the socket timeout, so a host whose first address does not answer is
-    still reached at the next, and the host-name lookup before it is
-    bounded by the whole timeout on its own (:class:`_Resolver`,
-    :meth:`remaining`).
+    from the first connection made. Before it, the host-name lookup
+    (:class:`_Resolver`) and connecting share twice the timeout, from the
+    attempt's start: each address is tried within what is left of that (and
+    within the socket timeout), so a host whose first address does not
+    answer is still reached at the next, and an attempt never takes more
+    than three times the timeout, however many addresses do not answer
+    (:meth:`remaining`), which its lease allows for.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -109,13 +111,15 @@ class _Deadline:
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._started = False
-        self._ends = 0.0
+        self._ends = time.monotonic() + 2 * seconds  # to reach the host (see above)
 
     def remaining(self) -> float:
-        """The time a step of the attempt may still take: all of it until the first connection."""
+        """The time a step of the attempt may still take.
+
+        Before the first connection, of the lookup and connecting; after it,
+        of the exchange.
+        """
         with self._lock:
-            if not self._started:
-                return self.seconds
             return max(0.0, self._ends - time.monotonic())
 
     def __enter__(self) -> _Deadline:
@@ -337,7 +341,13 @@ def _connect(
         sock = None
         try:
             sock = socket.socket(family, kind, proto)
-            if isinstance(timeout, int | float):
+            reaching: _Deadline | None = getattr(_attempt_deadline, "current", None)
+            if reaching is not None:  # every address within what is left of reaching the host
+                left = reaching.remaining()
+                if left <= 0:
+                    raise TimeoutError("no address answered within the timeout")
+                sock.settimeout(min(left, timeout) if isinstance(timeout, int | float) else left)
+            elif isinstance(timeout, int | float):
                 sock.settimeout(timeout)
             if source_address is not None:
                 sock.bind(source_address)
@@ -481,7 +491,8 @@ class WebhookDispatcher:
 
     ``backoff`` is the first retry's delay in seconds; each retry doubles it
     up to ``backoff_cap``, with jitter. ``lease`` is how long an attempt
-    may take (default: the longest endpoint timeout plus 5 seconds): every
+    may take (default: three times the longest endpoint timeout plus 5
+    seconds: reaching the host has two, the exchange one): every
     attempt starts with at least that much of its delivery's lease ahead.
     Deliveries are claimed in batches leased for twice that, so a worker
     that dies holds up what it claimed no longer than ``2 * lease``.
@@ -509,7 +520,7 @@ class WebhookDispatcher:
         self.backoff = backoff
         self.backoff_cap = backoff_cap
         longest = max((e.timeout.total_seconds() for e in endpoints), default=0.0)
-        self.lease = lease if lease is not None else longest + 5.0
+        self.lease = lease if lease is not None else 3 * longest + 5.0
         self.poll_interval = poll_interval
         self.housekeeping = housekeeping
         self.housekeeping_interval = housekeeping_interval
