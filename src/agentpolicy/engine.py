@@ -31,6 +31,7 @@ from agentpolicy.errors import (
     NotFoundError,
     PolicyError,
     PolicyValidationError,
+    Problem,
 )
 from agentpolicy.guard import PaymentGuard
 from agentpolicy.ledger import claims, keys, operations, recorded, rollout, trees
@@ -239,6 +240,13 @@ def _duration(value: object, path: str, *, positive: bool = True) -> int:
     return value // timedelta(microseconds=1)
 
 
+def _seconds_problems(value: object, path: str) -> list[Problem]:
+    """A positive, finite number of seconds of at most a day (a webhook retry's delay)."""
+    if type(value) not in (int, float) or not 0 < value <= 86_400:  # type: ignore[operator]
+        return [Problem(path, "must be a number of seconds above 0 and at most 86400")]
+    return []
+
+
 class PolicyEngine(Voting):
     """The stateful guard: policies, reservations, approvals and history over a storage.
 
@@ -290,6 +298,8 @@ class PolicyEngine(Voting):
         ttl = _duration(reservation_ttl, "$.reservationTtl")
         grace = _duration(counter_grace, "$.counterGrace")
         raise_if(check_int(max_denials, "$.maxDenials", 1, 10_000_000))
+        raise_if(_seconds_problems(webhook_backoff, "$.webhookBackoff")
+                 + _seconds_problems(webhook_backoff_cap, "$.webhookBackoffCap"))  # fmt: skip
         endpoints = to_endpoints(webhook_endpoints)
         if storage is None:
             storage = "memory://"

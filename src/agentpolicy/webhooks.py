@@ -165,6 +165,19 @@ def _bracketed_ok(hostport: str) -> bool:
     return True
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be sent: not with a lone surrogate.
+
+    ``os.environ`` holds one for a byte it could not decode, and JSON may
+    spell one with an escape.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _endpoint_id(url: str) -> str:
     return "wh_" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
@@ -191,10 +204,14 @@ class WebhookEndpoint:
         problems: list[Problem] = []
         if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
             problems.append(Problem("$.url", "must be an http:// or https:// URL"))
+        elif not _utf8(self.url):  # a byte an environment variable could not decode
+            problems.append(Problem("$.url", "must be text UTF-8 can carry (no lone surrogate)"))
         else:
             problems += _url_problems(self.url)
         if not isinstance(self.secret, str) or not self.secret:
             problems.append(Problem("$.secret", "must be a non-empty string"))
+        elif not _utf8(self.secret):
+            problems.append(Problem("$.secret", "must be text UTF-8 can carry (no lone surrogate)"))
         else:
             try:
                 signing_key(self.secret)
