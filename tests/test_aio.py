@@ -285,6 +285,52 @@ def test_close_waits_for_a_payment_under_way_and_refuses_one_not_yet_sent() -> N
     engine.close()
 
 
+def test_close_begun_during_an_authorize_waits_for_the_block_it_lets_in() -> None:
+    """close() during the authorize drained once its task ended, before the block was
+    registered: it closed the stores while the block paid, and the confirm was refused."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+    inside, go = threading.Event(), threading.Event()
+    real = engine._authorize
+
+    def held_authorize(*args: Any, **kwargs: Any) -> Any:  # in the async engine's thread
+        inside.set()
+        go.wait(10)
+        return real(*args, **kwargs)
+
+    engine._authorize = held_authorize  # type: ignore[method-assign]
+    outcomes: list[str] = []
+
+    async def main() -> None:
+        aengine = AsyncPolicyEngine.from_engine(engine)
+
+        async def pay() -> None:
+            async with aengine.payment(payment(30_000_000, agent_id="agent-1")):
+                for _ in range(20):  # the payment is on its way
+                    await asyncio.sleep(0)
+                outcomes.append("paid")
+
+        paying = asyncio.create_task(pay())
+        for _ in range(10_000):
+            if inside.is_set():
+                break
+            await asyncio.sleep(0.001)
+        assert inside.is_set()
+        closing = asyncio.create_task(aengine.close())  # while the authorize runs
+        for _ in range(5):
+            await asyncio.sleep(0)
+        go.set()
+        await paying  # its confirm is admitted: close() waits for the block
+        await closing
+
+    asyncio.run(main())
+    assert outcomes == ["paid"]
+    engine._authorize = real  # type: ignore[method-assign]
+    window = next(iter(engine.budget("agent-1").periods.values()))
+    assert (window.spent.value, window.reserved.value) == (30_000_000, 0)  # confirmed
+    engine.close()
+
+
 def test_close_waits_for_a_block_that_never_ends_no_longer_than_its_reservation_lives(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -444,22 +444,29 @@ class AsyncPaymentGuard(_Guard):
     async def __aenter__(self) -> AsyncPaymentGuard:
         self._start()
         engine = self._engine
-        if self.approval_id is None:
-            decision = await authorize_shielded(
-                engine.authorize(self.request, holder=self._holder),
-                self._give_back,
-                engine=engine,
-            )
-            _admit(decision)
-            if self.request.idempotency_key is not None:
-                await self._claim(decision)
-        else:
-            self.approval = await engine.get_approval(self.approval_id)
-            decision = _approval_decision(self.approval, self.request)
-            reservation = await self._claim(decision)
-            decision = attrs.evolve(decision, expires_at=reservation.expires_at)
-        self._decision = decision
+        # a block under way from before its authorize: close() waits for it from then on, so it
+        # cannot close the stores between the authorize and the block (whose payment would
+        # then never be confirmed); a close() that began first refuses the authorize
         engine._enter_block(self)
+        try:
+            if self.approval_id is None:
+                decision = await authorize_shielded(
+                    engine.authorize(self.request, holder=self._holder),
+                    self._give_back,
+                    engine=engine,
+                )
+                _admit(decision)
+                if self.request.idempotency_key is not None:
+                    await self._claim(decision)
+            else:
+                self.approval = await engine.get_approval(self.approval_id)
+                decision = _approval_decision(self.approval, self.request)
+                reservation = await self._claim(decision)
+                decision = attrs.evolve(decision, expires_at=reservation.expires_at)
+        except BaseException:
+            engine._leave_block(self)
+            raise
+        self._decision = decision
         return self
 
     async def _give_back(self, reservation_id: str) -> None:
