@@ -673,3 +673,32 @@ def test_wiring_mistakes_are_clear_errors() -> None:
         guard_x402(object(), engine, "bot")  # type: ignore[arg-type]
     assert err.value.path == "$.client"
     assert err.value.code == ErrorCode.INVALID_INPUT
+
+
+def test_payments_a_later_hook_aborts_are_forgotten_past_a_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # x402 runs neither the after nor the failure hook of a payment that a before hook
+    # registered after the guard's aborts: its entry (with the seller's whole offer) stayed
+    # for ever, one per payment
+    from x402 import AbortResult
+
+    from agentpolicy import x402 as guarded
+
+    monkeypatch.setattr(guarded, "_MAX_OPEN", 3)
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", {"limits": {"daily": {"value": str(100 * PRICE), "decimals": 6,
+                                                   "symbol": "USDC"}}})  # fmt: skip
+    signer = CountingSigner()
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmClientScheme(signer))
+    guard = guard_x402(client, engine, "bot")
+    client.on_before_payment_creation(lambda ctx: AbortResult(reason="not today"))
+    with caplog.at_level("WARNING", logger="agentpolicy.x402"):
+        for _ in range(5):
+            with pytest.raises(PaymentAbortedError):
+                client.create_payment_payload(payment_required())
+    assert len(guard._creating) == 3
+    assert caplog.text.count("was never created") == 2
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 5 * PRICE)  # held until their TTL, as documented

@@ -349,6 +349,10 @@ class X402Guard:
         if decision.allowed and decision.reservation_id:
             token = object()
             with self._lock:
+                if len(self._creating) >= _MAX_OPEN:  # a later before hook aborted or raised:
+                    # x402 ran neither the after nor the failure hook of those, and never will
+                    lost = self._creating.pop(next(iter(self._creating)))[1][0]
+                    _log.warning("agentpolicy: forgot payment %s (it was never created)", lost)
                 self._creating[token] = (
                     ctx.payment_required,
                     (decision.reservation_id, request, terms),
