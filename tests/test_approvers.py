@@ -116,6 +116,38 @@ def test_a_registered_approvers_vote_counts_only_when_signed_with_their_key(
     ]
 
 
+_SMALL_ORDER = [  # the 8 points of small order (the identity first), and other encodings
+    "01" + "00" * 31,
+    "00" * 32,
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f",  # p: y = 0 written past p
+    "ee" + "ff" * 30 + "7f",  # p + 1: the identity written past p
+    "01" + "00" * 30 + "80",  # the identity with the sign bit of x = 0 set
+]
+
+
+@pytest.mark.parametrize("point", _SMALL_ORDER)
+def test_a_key_of_small_order_is_refused_so_no_keyless_signature_can_vote(
+    engine: PolicyEngine, point: str
+) -> None:
+    # the identity point was registered, and then one fixed signature (R the identity, S zero)
+    # verified for every vote: anyone could vote as that approver
+    import base64
+
+    def text(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    key = "ed25519:" + text(bytes.fromhex(point))
+    with pytest.raises(PolicyValidationError) as err:
+        engine.register_approver("cfo", key)
+    assert err.value.path == "$.publicKey"
+    assert "small order" in err.value.message
+    forged = text(bytes.fromhex("01" + "00" * 31) + bytes(32))
+    assert not verify_vote(key, b"any vote at all", forged)  # nor one registered before
+
+
 def test_a_forged_signature_is_refused_and_changes_nothing(engine: PolicyEngine) -> None:
     alice, mallory = SigningKey.generate(), SigningKey.generate()
     engine.register_approver("alice", alice.public_key)
@@ -551,7 +583,7 @@ try:
 except Exception as err:
     print(err.code, err.message)
 try:
-    engine.register_approver('alice', 'ed25519:' + 'A' * 43)
+    engine.register_approver('alice', 'ed25519:0C-hD8UlIHxFv_YmrAoeQGbiWS0W6vRloP32XqLaZfk')
     print('registered')
 except Exception as err:
     print('refused', err)

@@ -86,7 +86,7 @@ def test_a_token_outside_its_binding_gets_forbidden_and_nothing_changes(served: 
 
     async def registry(client: Client) -> Any:
         r = await client.call_tool("agent_policy_approvers_register",
-                                   {"name": "mallory", "publicKey": "ed25519:" + "A" * 43})  # fmt: skip
+                                   {"name": "mallory", "publicKey": "ed25519:0C-hD8UlIHxFv_YmrAoeQGbiWS0W6vRloP32XqLaZfk"})  # fmt: skip
         s = await client.call_tool("agent_policy_set", {"agentId": "other", "policy": {}})
         return r.structured_content, s.structured_content
 

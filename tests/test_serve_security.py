@@ -574,7 +574,7 @@ def test_the_agent_cannot_raise_its_budget_or_decide_through_mcp(
         ("agent_policy_approvals_decide", {"approvalId": approval, "approver": "alice",
                                            "decision": "approve"}),
         ("agent_policy_approvers_register", {"name": "alice",
-                                             "publicKey": "ed25519:" + "A" * 43}),
+                                             "publicKey": "ed25519:0C-hD8UlIHxFv_YmrAoeQGbiWS0W6vRloP32XqLaZfk"}),
         ("agent_policy_delegate", {"childId": "other", "policy": big}),
         ("agent_policy_authorize", {"agentId": "pair", "amount": "1", "recipient": "0xv",
                                     "network": "eip155:8453"}),

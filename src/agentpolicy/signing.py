@@ -90,7 +90,54 @@ def public_key_problems(text: object, path: str) -> list[Problem]:
                 "(as `agentpolicy approver keygen` prints it)",
             )
         ]
+    if not _sound_point(raw):
+        return [
+            Problem(
+                path,
+                "is not an Ed25519 public key anyone holds the private key of (not a point of "
+                "the curve in its one encoding, or of small order: a signature made without "
+                "any key would verify with it)",
+            )
+        ]
     return []
+
+
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _sound_point(raw: bytes) -> bool:
+    """Whether ``raw`` encodes a curve point canonically, and not one of the 8 of small order.
+
+    OpenSSL verifies against a small-order key: with the identity point, one
+    fixed signature (R the identity, S zero) verifies for every message, so
+    whoever registered such a key could be voted for by anyone. Decoding
+    follows RFC 8032, 5.1.3; a point of small order is one that 8 times
+    itself (three doublings) makes the identity.
+    """
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    sign = raw[31] >> 7
+    if y >= _P:  # a second encoding of y - p
+        return False
+    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return False  # not on the curve
+    if x == 0 and sign:
+        return False  # a second encoding of x = 0
+    if x & 1 != sign:
+        x = _P - x
+    for _ in range(3):  # (x, y) doubled: -x^2 + y^2 = 1 + d x^2 y^2
+        xy = x * y % _P
+        dxxyy = _D * xy * xy % _P
+        x, y = (
+            2 * xy * pow(1 + dxxyy, _P - 2, _P) % _P,
+            (y * y + x * x) * pow(1 - dxxyy, _P - 2, _P) % _P,
+        )
+    return (x, y) != (0, 1)
 
 
 def normal_public_key(text: str, path: str = "$.publicKey") -> str:
