@@ -213,6 +213,41 @@ def test_a_budget_lists_a_bounded_number_of_groups_and_names_the_scopes_cut_shor
     assert pay(engine, 5 * U, recipient="0xv6", category="data") == "SCOPED_LIMIT"
 
 
+def test_a_siblings_payment_drops_no_counter_a_budget_keeps_after_its_timezone_changed(
+    backend: Backend,
+) -> None:
+    # S's daily counter began in New York (8 March: a 23-hour day, ending 04:00Z); S then moved
+    # to Etc/GMT+5, where the same day's key ends at 05:00Z, so the counter is kept until then.
+    # T's payment loaded S's head (expiring S's reservation held in P) and pruned it with T's
+    # chain's windows: S's day began again at zero, and S spent its limit twice
+    clock = ManualClock(datetime(2026, 3, 8, 20, 0, tzinfo=UTC))
+    engine = backend.engine(clock, counter_grace=timedelta(minutes=10),
+                            reservation_ttl=timedelta(minutes=5))  # fmt: skip
+    daily = {"daily": usdt(100)}
+    engine.set_policy("P", {"timeRules": {"timezone": "Asia/Tokyo"}})
+    engine.set_policy("S", {"parent": "P", "limits": daily,
+                            "timeRules": {"timezone": "America/New_York"}})  # fmt: skip
+    engine.set_policy("T", {"parent": "P", "timeRules": {"timezone": "Asia/Tokyo"}})
+
+    def pays(agent: str, amount: int, confirm: bool = True) -> str:
+        d = engine.authorize(payment(amount, agent_id=agent))
+        if d.allowed and confirm:
+            assert d.reservation_id is not None
+            engine.confirm(d.reservation_id)
+        return str(d.code)
+
+    assert pays("S", 90 * U) == "ALLOWED"
+    engine.set_policy("S", {"parent": "P", "limits": daily,
+                            "timeRules": {"timezone": "Etc/GMT+5"}})  # fmt: skip
+    clock.set(datetime(2026, 3, 9, 4, 8, tzinfo=UTC))
+    assert pays("S", 5 * U, confirm=False) == "ALLOWED"  # held in P too; expires at 04:13Z
+    clock.set(datetime(2026, 3, 9, 4, 14, tzinfo=UTC))
+    assert pays("T", U) == "ALLOWED"  # expires S's reservation, so loads S's head
+    clock.set(datetime(2026, 3, 9, 4, 20, tzinfo=UTC))  # still 8 March in Etc/GMT+5
+    assert pays("S", 100 * U) == "DAILY_LIMIT"  # 90 spent today
+    assert pays("S", 10 * U) == "ALLOWED"
+
+
 def test_every_spelling_of_a_domain_name_counts_in_its_one_group(backend: Backend) -> None:
     # a per-recipient limit cannot be multiplied by writing the name another way
     engine, _ = engine_for(backend, {"scopedLimits": [DATA_VENDORS]})

@@ -161,8 +161,14 @@ def _prepare(
         expire_due(view, txn, cfg, shard, books, now, level.head)
         if more_due(level.head, now):
             more.append(level.head.agent)
-    for book in list(books.by_name.values()):
-        book.prune(now, cfg.counter_grace, in_force)
+    # only the books the payment counts in: ``in_force`` are the windows of its own chain of
+    # budgets, and a book loaded for another's sake (a sibling's head, its expiries applied
+    # above) may keep a counter under a window of its own policy that ends later (a timezone
+    # it changed from): that book's own steps prune it, with its own windows
+    counted = set(names.values())
+    for name, book in list(books.by_name.items()):
+        if name in counted:
+            book.prune(now, cfg.counter_grace, in_force)
     for t in a.tallies:
         if t.seconds is not None:
             book = books[names[(t.owner, t.book)]]
