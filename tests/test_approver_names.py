@@ -36,6 +36,24 @@ def test_spellings_of_one_name_fold_alike() -> None:
     assert person("bob") != person("b\u043eb")  # a Cyrillic o is another letter (not folded)
 
 
+@pytest.mark.parametrize("hidden", ["\ufe00", "\u034f", "\u3164", "\u2800", "\ufe0f"])
+def test_a_name_with_a_character_that_shows_nothing_is_the_same_person(hidden: str) -> None:
+    # "cfo" and "cfo" + U+FE00 show alike and were two approvers: one person filled 2 of 3
+    assert person("cfo" + hidden) == person("c" + hidden + "FO") == "cfo"
+    engine = PolicyEngine(clock=ManualClock())
+    with pytest.raises(PolicyValidationError) as refused:
+        engine.set_policy("bot", threshold("cfo", "cfo" + hidden, "ctl", required=2))
+    assert refused.value.problems[0].path == "$.policy.approvalConfig.thresholds[0].approvers"
+    engine.set_policy("bot", threshold("cfo", "ctl", required=2))
+    approval_id = engine.authorize(payment(500, agent_id="bot")).approval_id
+    assert approval_id is not None
+    engine.decide(approval_id, "cfo", "approve")
+    with pytest.raises(ConflictError) as again:
+        engine.decide(approval_id, "cfo" + hidden, "approve")
+    assert again.value.code == ErrorCode.DUPLICATE_DECISION
+    assert engine.get_approval(approval_id).status.value == "pending"
+
+
 @pytest.mark.parametrize("pair", [(NFC, NFD), ("alice", "\uff41lice")])
 def test_a_policy_cannot_list_one_person_twice(pair: tuple[str, str]) -> None:
     engine = PolicyEngine(clock=ManualClock())

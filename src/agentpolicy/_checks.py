@@ -71,10 +71,16 @@ def person(name: str) -> str:
     two spellings that show the same name are one person: for a quorum, the
     approver registry and separation of duties alike. ``casefold(NFKC(x))``
     alone kept ``ῼ͂`` (a capital and a combining accent) apart from ``ῷ``.
-    ASCII names are simply case folded.
+    ASCII names are simply case folded. Characters that show nothing
+    (variation selectors, the combining grapheme joiner, Hangul fillers, the
+    blank Braille pattern: the default-ignorable ones) are left out, as in
+    payees' names: ``cfo`` and ``cfo`` with U+FE00 show alike and were two
+    people, so one person filled a quorum of two.
     """
     if name.isascii():
         return name.casefold()
+    if not _INVISIBLE.isdisjoint(name):
+        name = "".join(c for c in name if c not in _INVISIBLE)
     return _caseless(name)
 
 
