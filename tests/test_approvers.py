@@ -634,8 +634,11 @@ def test_bad_vote_input_is_refused_with_its_path_and_changes_nothing(engine: Pol
         with pytest.raises(PolicyValidationError) as bad:
             engine.decide(aid, "alice", "approve", **kwargs)
         assert bad.value.path == path, kwargs
+    # a signed_at of another type was taken for damaged stored data (STORAGE_UNAVAILABLE)
     for args, path in [(("apr_x", "alice", "maybe", engine.clock()), "$.decision"),
-                       (("apr_x", " alice", "approve", engine.clock()), "$.approver")]:  # fmt: skip
+                       (("apr_x", " alice", "approve", engine.clock()), "$.approver"),
+                       ((aid, "alice", "approve", "2026-01-19T10:00:00Z"), "$.signedAt"),
+                       ((aid, "alice", "approve", naive), "$.signedAt")]:  # fmt: skip
         with pytest.raises(PolicyValidationError) as bad:
             engine.vote_message(*args)
         assert bad.value.path == path

@@ -212,6 +212,8 @@ class Voting:
             problems.append(Problem("$.decision", "must be 'approve' or 'deny'"))
         if comment is not None:
             problems += check_text(comment, "$.comment")
+        if not isinstance(signed_at, datetime) or signed_at.utcoffset() is None:
+            problems.append(Problem("$.signedAt", "must be a timezone-aware instant"))
         raise_if(problems)
         store = yield from self._store_id()
         return vote_message(
