@@ -551,3 +551,30 @@ def test_a_signed_vote_whose_comment_utf8_cannot_encode_is_invalid_input(
                                                                   comment="fine")).status.value == (
         "approved"
     )  # fmt: skip
+
+
+def test_a_name_whose_entry_an_earlier_release_gave_another_person_is_never_that_person(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an earlier release filed "ῼ͂" under its former folding "ap/ωῖ", which is where "ωῖ"
+    # (omega, iota with perispomeni: another person now) is filed: "ωῖ" read as "ῼ͂", could
+    # not register, and a signature with "ῼ͂"'s key counted as a vote of "ωῖ"
+    other = "\u03c9\u1fd6"
+    engine = backend.engine(ManualClock())
+    key = SigningKey.generate()
+    with monkeypatch.context() as m:
+        m.setattr(registry, "person", _former_fold)
+        engine.register_approver(CAPITAL, key.public_key)
+    engine.set_policy("bot", one_threshold([CAPITAL, other, "cfo"], 2))
+    aid = held(engine)
+    for call in (lambda: engine.get_approver(other),
+                 lambda: engine.register_approver(other, SigningKey.generate().public_key),
+                 lambda: engine.decide(aid, other, "approve", **signed(engine, key, aid, other))):  # fmt: skip
+        with pytest.raises(ConflictError) as err:
+            call()
+        assert err.value.code == "APPROVER_CONFLICT"
+    assert engine.get_approval(aid).votes == ()
+    found = engine.get_approver(CAPITAL)  # the entry's own approver is as it was
+    assert found is not None
+    assert found.current is not None
+    assert found.current.public_key == key.public_key

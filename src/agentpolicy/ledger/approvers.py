@@ -95,10 +95,22 @@ def locate(read: Callable[[str], Body | None], name: str) -> tuple[str, str, Bod
 
     The document under an earlier folding of the name counts only when there
     is none under its folding now and the name it holds is the same person.
+    A document under the name's folding now that holds another person (an
+    earlier release filed that person there under its former folding) is
+    ``APPROVER_CONFLICT``: it is never taken for this name's, whose key and
+    votes it would otherwise stand for, nor written over.
     """
     folded = person(name)
     doc_name = approver_doc_name(name)
     doc = read(doc_name)
+    if doc is not None and person(doc["name"]) != folded:
+        raise ConflictError(
+            f"approver {name!r} shares its registry entry with approver {doc['name']!r}, "
+            "filed there by an earlier release: that entry is not this name's, so this name "
+            "can neither be registered nor vote signed; list this approver under another "
+            "spelling of a name",
+            code=ErrorCode.APPROVER_CONFLICT,
+        )
     former = _former(name)
     if doc is None and former is not None:
         old_name = _doc_at(former)
