@@ -615,6 +615,10 @@ UNREADABLE = [  # a line the SDK cannot read, and the JSON-RPC error that answer
     # character, and the server answered nothing more (a CPU loop)
     ('{"jsonrpc":"2.0","id":47,"method":"tools/call","params":{"arguments":{"a":"' + "a" * 5000,
      47, -32700),
+    # one left open full of escaped quotes: each was taken for a string's start, and read to
+    # the end of the line (time with the square of its length: 160 KB took 57 s)
+    ('{"jsonrpc":"2.0","id":48,"method":"tools/call","params":{"a":["' + '\\"' * 100_000,
+     48, -32700),
 ]  # fmt: skip
 
 

@@ -382,10 +382,11 @@ def _utf8(text: str) -> bool:
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
-# one way to read a string, character by character: "(?:[^"\\]+|\\.)*" split a run of plain
-# characters in every possible way before it gave up on a string left open, in time that
-# doubled with each character (28 took 8 s, and the server answered nothing more)
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+"|[][{}]')
+_MARK = re.compile(r'["{}[\]]')
+# the rest of a string, from after its opening quote: one character or escape at a time, once
+# ("(?:[^"\\]+|\\.)*" split a run of plain characters in every possible way before it gave up
+# on a string left open: 28 characters took 8 s, and the server answered nothing more)
+_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*+"', re.DOTALL)
 
 
 def _top_scalars(line: str) -> dict[str, Any]:
@@ -430,14 +431,26 @@ def _skip_space(line: str, at: int) -> int:
 
 
 def _skip_nested(line: str, at: int) -> int:
-    """Where the object or array that starts at ``at`` ends (strings skipped whole)."""
+    """Where the object or array that starts at ``at`` ends (strings skipped whole).
+
+    Each character is looked at once: a string left open ends the reading
+    (nothing after it is JSON), where looking for another string at each
+    escaped quote inside it took time that grew with the square of the line.
+    """
     depth = 0
-    for token in _TOKEN.finditer(line, at):
-        mark = token.group()
-        if mark in ("{", "["):
+    while True:
+        found = _MARK.search(line, at)
+        if found is None:
+            raise ValueError("an object or array is not closed")
+        mark, at = found.group(), found.end()
+        if mark == '"':
+            rest = _STRING_REST.match(line, at)
+            if rest is None:
+                raise ValueError("a string is not closed")
+            at = rest.end()
+        elif mark in "{[":
             depth += 1
-        elif mark in ("}", "]"):
+        else:
             depth -= 1
             if depth == 0:
-                return token.end()
-    raise ValueError("an object or array is not closed")
+                return at
