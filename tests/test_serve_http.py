@@ -250,6 +250,48 @@ def test_healthz_polled_while_the_store_hangs_leaves_one_thread_behind(
         engine.close()
 
 
+def test_healthz_starts_a_fresh_check_once_a_stuck_one_is_stale_and_bounds_the_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a ping stuck on a dead connection was joined by every later poll: /healthz stayed 503
+    # after the store came back, for as long as the stuck ping lasted
+    import threading
+
+    import anyio
+
+    from agentpolicy.serve import health
+
+    monkeypatch.setattr(health, "FRESH_SECONDS", 0.0)  # every check under way is stale at once
+    release = threading.Event()
+    pings = []
+
+    def ping() -> None:
+        pings.append(1)
+        if len(pings) == 1:
+            release.wait(30)  # the first read is stuck; the store answers the later ones
+
+    check = health.StoreCheck(ping)
+
+    async def polls() -> list[Exception | None]:
+        return [await check.check(0.2), await check.check(0.2)]
+
+    first, second = anyio.run(polls)
+    assert isinstance(first, TimeoutError)
+    assert second is None  # a fresh check, answered
+    release.set()
+
+    always_stuck = threading.Event()
+    stuck = health.StoreCheck(lambda: always_stuck.wait(30))
+
+    async def many() -> list[Exception | None]:
+        return [await stuck.check(0.01) for _ in range(12)]
+
+    before = threading.active_count()
+    assert all(isinstance(e, TimeoutError) for e in anyio.run(many))
+    assert threading.active_count() - before <= health.MAX_STUCK + 1  # never one per poll
+    always_stuck.set()
+
+
 def test_a_store_failure_while_a_token_is_checked_names_nothing_to_the_caller(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

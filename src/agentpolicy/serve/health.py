@@ -6,30 +6,41 @@ A check runs the store's ping in a thread of its own. A store that hangs
 meanwhile waits on the same check instead of starting another. So a load
 balancer polling ``/healthz`` while the store hangs leaves one thread
 behind, not one per poll (the anyio worker of an abandoned call stayed
-blocked on the store: 100 polls, 100 threads).
+blocked on the store: 100 polls, 100 threads). A check still under way
+after :data:`FRESH_SECONDS` is not joined any more: the next caller starts
+a fresh one (a ping stuck on a dead connection would have kept ``/healthz``
+at 503 after the store came back), up to :data:`MAX_STUCK` stuck at once.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import anyio
 
-__all__ = ["WAIT_SECONDS", "StoreCheck"]
+__all__ = ["FRESH_SECONDS", "MAX_STUCK", "WAIT_SECONDS", "StoreCheck"]
 
 WAIT_SECONDS = 2.0
 """How long ``/healthz`` waits for the store's answer before it reports none."""
+
+FRESH_SECONDS = 10.0
+"""How long a check under way is joined; after that the next caller starts another."""
+
+MAX_STUCK = 4
+"""The most checks left waiting on a store that does not answer; past them, callers join."""
 
 _POLL_SECONDS = 0.005
 
 
 class _Run:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "started")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: Exception | None = None
+        self.started = time.monotonic()
 
 
 class StoreCheck:
@@ -39,15 +50,21 @@ class StoreCheck:
         self._ping = ping
         self._lock = threading.Lock()
         self._running: _Run | None = None
+        self._stuck: list[_Run] = []  # checks given up on that have not returned yet
 
     def _start(self) -> _Run:
         with self._lock:
             run = self._running
-            if run is None or run.done.is_set():  # none in flight: a fresh check
-                run = self._running = _Run()
-                threading.Thread(
-                    target=self._work, args=(run,), name="agentpolicy-healthz", daemon=True
-                ).start()
+            if run is not None and not run.done.is_set():
+                self._stuck = [r for r in self._stuck if not r.done.is_set()]
+                stale = time.monotonic() - run.started >= FRESH_SECONDS
+                if not stale or len(self._stuck) >= MAX_STUCK:
+                    return run  # joined: under way, or too many are stuck already
+                self._stuck.append(run)
+            run = self._running = _Run()
+            threading.Thread(
+                target=self._work, args=(run,), name="agentpolicy-healthz", daemon=True
+            ).start()
             return run
 
     def _work(self, run: _Run) -> None:
