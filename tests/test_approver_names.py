@@ -96,3 +96,23 @@ def test_a_vote_under_either_spelling_counts_once() -> None:
         engine.decide(approval_id, NFC, "approve")
     assert again.value.code == ErrorCode.DUPLICATE_DECISION
     assert engine.decide(approval_id, "cfo", "approve").status.value == "approved"
+
+
+@pytest.mark.parametrize("blank", ["\u3164", "\u2800", "\u115f\u1160", "\u3164\ufe00"])
+def test_a_name_that_shows_nothing_is_refused_where_approvers_are_named(blank: str) -> None:
+    # it folded to "": every such name was one and the same person, whatever it looked like
+    assert person(blank) == ""
+    engine = PolicyEngine(clock=ManualClock())
+    with pytest.raises(PolicyValidationError) as listed:
+        engine.set_policy("bot", threshold("cfo", blank, required=1))
+    assert listed.value.problems[0].path == ("$.policy.approvalConfig.thresholds[0].approvers[1]")
+    with pytest.raises(PolicyValidationError) as registered:
+        engine.register_approver(blank, SigningKey.generate().public_key)
+    assert registered.value.path == "$.name"
+    engine.set_policy("bot", threshold("cfo"))
+    approval_id = engine.authorize(payment(500, agent_id="bot")).approval_id
+    assert approval_id is not None
+    with pytest.raises(PolicyValidationError) as voted:
+        engine.decide(approval_id, blank, "approve")
+    assert voted.value.path == "$.approver"
+    assert engine.get_approval(approval_id).votes == ()

@@ -84,6 +84,18 @@ def person(name: str) -> str:
     return _caseless(name)
 
 
+def check_person(value: object, path: str) -> list[Problem]:
+    """A person's name (an approver's): an identifier that shows something.
+
+    A name made only of characters that show nothing folds to nothing in
+    :func:`person`: every such name would be one and the same person.
+    """
+    problems = check_identifier(value, path)
+    if not problems and not person(value):  # type: ignore[arg-type]
+        problems.append(Problem(path, "must show at least one character"))
+    return problems
+
+
 def check_int(value: object, path: str, low: int, high: int) -> list[Problem]:
     """An integer (never a boolean, float or string) with ``low <= value <= high``."""
     if type(value) is not int:

@@ -17,7 +17,14 @@ from typing import Any, TypeVar
 
 import attrs
 
-from agentpolicy._checks import check_identifier, check_int, check_record_id, check_text, raise_if
+from agentpolicy._checks import (
+    check_identifier,
+    check_int,
+    check_person,
+    check_record_id,
+    check_text,
+    raise_if,
+)
 from agentpolicy.amounts import Amount, scale_units
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import dump_policy, load_policy
@@ -1264,7 +1271,7 @@ class PolicyEngine(Voting):
         signed_at: datetime | None = None,
     ) -> Flow[Approval]:
         problems = check_record_id(approval_id, "$.approvalId")
-        problems += check_identifier(approver, "$.approver")
+        problems += check_person(approver, "$.approver")
         if decision not in DECISIONS:
             problems += PolicyValidationError.single(
                 "$.decision", "must be 'approve' or 'deny'"

@@ -642,6 +642,9 @@ MAX_APPROVER_GROUPS = 16
 
 
 def _distinct_names(names: tuple[str, ...], path: str) -> list[Problem]:
+    blank = [i for i, n in enumerate(names) if not person(n)]
+    if blank:  # made only of characters that show nothing: every such name is one person
+        return [Problem(f"{path}[{blank[0]}]", "must show at least one character")]
     if len({person(n) for n in names}) != len(names):
         return [
             Problem(

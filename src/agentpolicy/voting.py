@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from agentpolicy._checks import check_identifier, check_record_id, check_text, person, raise_if
+from agentpolicy._checks import (
+    check_identifier,
+    check_person,
+    check_record_id,
+    check_text,
+    person,
+    raise_if,
+)
 from agentpolicy.approvals import DECISIONS, VoteProof
 from agentpolicy.codec import format_instant, parse_instant
 from agentpolicy.errors import ConflictError, ErrorCode, ForbiddenError, NotFoundError, Problem
@@ -88,7 +95,7 @@ class Voting:
         return self._drive(self._register_approver(name, public_key))
 
     def _register_approver(self, name: str, public_key: str) -> Flow[Approver]:
-        raise_if(check_identifier(name, "$.name"))
+        raise_if(check_person(name, "$.name"))
         key = normal_public_key(public_key)
         return (yield from self._registry(registry.register(name, key, micros(self._now()))))
 
@@ -207,7 +214,7 @@ class Voting:
         comment: str | None = None,
     ) -> Flow[bytes]:
         problems = check_record_id(approval_id, "$.approvalId")
-        problems += check_identifier(approver, "$.approver")
+        problems += check_person(approver, "$.approver")
         if decision not in DECISIONS:
             problems.append(Problem("$.decision", "must be 'approve' or 'deny'"))
         if comment is not None:
