@@ -412,3 +412,53 @@ def test_an_async_commit_whose_answer_stalls_is_resent_and_applied_once(
     with PolicyEngine(storage=open_storage(pg_schema), clock=clock) as direct:
         assert [h.reservation_id for h in decisions(direct, "k1")] == [d.reservation_id]
         assert used(direct) == (0, 10 * USDT)
+
+
+def test_a_commit_failing_on_the_client_side_after_it_ran_is_looked_up_not_called_unchanged(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg raised "cannot exit pipeline mode while busy" (no SQLSTATE, the connection not
+    # marked broken) as its backend was ended around COMMIT: taken for the server's refusal,
+    # the call said "nothing was allowed or changed" while the reservation was recorded
+    engine = PolicyEngine(storage=open_storage(pg_schema), clock=ManualClock())
+    engine.set_policy("agent-1", DAILY_100)
+    real = postgres._PostgresSession._apply
+    fired: list[int] = []
+
+    def applied_then_failed(self: Any, txn: Txn) -> None:
+        real(self, txn)
+        if not fired:
+            fired.append(1)
+            raise psycopg.OperationalError("cannot exit pipeline mode while busy")
+
+    monkeypatch.setattr(postgres._PostgresSession, "_apply", applied_then_failed)
+    d = engine.authorize(payment(10 * USDT))  # no idempotency key: the op id answers
+    assert fired == [1]
+    assert d.allowed
+    assert used(engine) == (0, 10 * USDT)  # held once
+    assert [h.event for h in engine.history("agent-1")].count("decision") == 1
+    engine.close()
+
+
+def test_a_pooled_connection_the_server_ended_is_replaced_for_the_next_call(
+    pg_schema: str,
+) -> None:
+    # the next call on it failed (STORAGE_UNAVAILABLE) in 3 of 5 tries: the read's error had
+    # no SQLSTATE and psycopg had not marked the connection broken yet
+    import uuid
+
+    name = f"ap_ended_{uuid.uuid4().hex[:12]}"  # this store's connections, and only they
+    engine = PolicyEngine(storage=open_storage(f"{pg_schema}&application_name={name}"),
+                          clock=ManualClock())  # fmt: skip
+    engine.set_policy("agent-1", DAILY_100)
+    for _ in range(5):
+        assert engine.authorize(payment(USDT)).allowed
+        with psycopg.connect(pg_schema.split("?", 1)[0], autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND state = 'idle'",
+                (name,),
+            ).fetchall()
+        assert ended, "no idle connection of this store to end"
+        assert engine.authorize(payment(USDT)).allowed  # on a new connection
+    engine.close()

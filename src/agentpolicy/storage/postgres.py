@@ -484,6 +484,19 @@ class _SessionSteps:
         conn = self.conn
         return conn is None or conn.closed or conn.broken
 
+    def _gone(self, exc: psycopg.Error) -> bool:
+        """Whether ``exc`` is the connection's, not the server's answer: lost, or may have acted.
+
+        A server's refusal carries an SQLSTATE. A client-side error without one
+        (psycopg's "cannot exit pipeline mode while busy" or "consuming input
+        failed" as the backend was ended) leaves the connection unmarked, but
+        what was sent may have run: it counts as a lost connection (a read is
+        sent again on a new one; a commit's outcome is looked up there).
+        """
+        return self._is_lost() or (
+            isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
+        )
+
     def _exit_steps(self) -> _Steps[None]:
         """Before the connection goes back: end a transaction still open (a failed call's)."""
         if self.locked:
@@ -544,7 +557,7 @@ class _SessionSteps:
             try:
                 return (yield from self._send_steps(queries, lock=lock))
             except psycopg.Error as exc:
-                if isinstance(exc, _Stalled) or not self._is_lost() or attempt == _ATTEMPTS - 1:
+                if isinstance(exc, _Stalled) or not self._gone(exc) or attempt == _ATTEMPTS - 1:
                     raise self.storage._error(exc) from None  # a stall waited long enough
             yield from self._replace_steps()
         raise InternalError("unreachable")  # pragma: no cover
@@ -594,7 +607,7 @@ class _SessionSteps:
                 yield from self._safe_rollback_steps()
                 continue
             except psycopg.Error as exc:
-                if not self._is_lost():  # the server refused: this attempt was rolled back
+                if not self._gone(exc):  # the server refused: this attempt was rolled back
                     yield from self._safe_rollback_steps()
                     if unknown:
                         raise storage._unknown(
@@ -748,7 +761,11 @@ class _PostgresSession(_SessionSteps):
         conn = self.conn
         self.conn = None
         if conn is not None:
+            # lost, or it may have acted on what it sent (see _gone): closed, so the pool never
+            # hands it out again (one psycopg has not marked broken went back as healthy)
+            conn.close()
             self.storage._putconn(conn)
+            self.storage._check_pool()
         self.conn = self.storage._getconn()
 
     def _rows(self, queries: Sequence[_Statement], *, lock: bool) -> list[list[tuple[Any, ...]]]:
@@ -1070,6 +1087,15 @@ class PostgresStorage(_PostgresBase):
             self._pool.putconn(conn)
         except psycopg.Error:  # pragma: no cover - a pool already closed
             conn.close()
+
+    def _check_pool(self) -> None:
+        """After a lost connection: test the idle ones, and replace those that are dead.
+
+        A server restart ends them all, and each would have cost a call one of
+        its tries.
+        """
+        with contextlib.suppress(psycopg.Error, PoolTimeout):
+            self._pool.check()
 
     def _down(self) -> StorageUnavailableError:
         """Why no connection came: connect once more to learn the server's own words."""

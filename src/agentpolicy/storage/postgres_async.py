@@ -211,7 +211,10 @@ class _AsyncPostgresSession(_SessionSteps):
         conn = self.conn
         self.conn = None
         if conn is not None:
+            await conn.close()  # never handed out again: see the sync session's _replace
             await self.storage._putconn(conn)
+            with contextlib.suppress(psycopg.Error, PoolTimeout):
+                await self.storage._pool.check()  # the idle ones the server ended too
         self.conn = await self.storage._getconn()
 
     async def _check(self, txn: Txn) -> Outcome | None:
