@@ -299,3 +299,29 @@ def test_a_sqlite_session_commits_on_leaving_and_rolls_back_on_any_error(tmp_pat
         assert session.conn.in_transaction
     assert not session.conn.in_transaction
     storage.close()
+
+
+def test_a_file_damaged_while_it_is_open_is_storage_unavailable(tmp_path: Path) -> None:
+    # overwritten or truncated under a running engine, its BEGIN raised sqlite3.DatabaseError
+    # ("file is not a database") from authorize, set_policy and confirm: INTERNAL in a service
+
+    path = tmp_path / "damaged.db"
+    engine = PolicyEngine(storage=SQLiteStorage(str(path)), clock=ManualClock())
+    engine.set_policy("agent-1", {"limits": {"daily": {"value": "100000000"}}})
+    d = engine.authorize(payment(1_000_000))
+    assert d.reservation_id is not None
+    for _ in range(50):  # pages enough that a cut file misses some
+        engine.authorize(payment(1))
+    with sqlite3.connect(path) as other:  # everything into the file itself, the WAL emptied
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with path.open("r+b") as damaged:  # its header overwritten
+        damaged.write(b"x" * 100)
+    calls = [lambda: engine.authorize(payment(1_000_000)),
+             lambda: engine.set_policy("agent-1", {}),
+             lambda: engine.confirm(d.reservation_id or "")]  # fmt: skip
+    for call in calls:
+        with pytest.raises(PolicyError) as err:
+            call()
+        assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
+        assert str(path) in err.value.message
+    engine.close()

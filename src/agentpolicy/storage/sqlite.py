@@ -172,7 +172,7 @@ class _SQLiteSession:
         started = time.monotonic()  # retries of a busy BEGIN fit in one busy_timeout from here
         try:
             self.cur.execute(statement)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:  # a file damaged since it was opened: DatabaseError
             self.storage._begin_again(self.conn, statement, started, exc)
         return self
 
@@ -560,7 +560,7 @@ class SQLiteStorage:
                 conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
                 try:
                     conn.execute(statement)
-                except sqlite3.OperationalError as again:
+                except sqlite3.Error as again:
                     if not _busy(again):
                         raise StorageUnavailableError(
                             f"SQLite database {self.path} failed: {again}"
