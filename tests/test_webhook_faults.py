@@ -7,6 +7,7 @@ workers sharing one store; and a late outcome never overwrites a newer one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -340,30 +341,41 @@ def test_a_backlog_of_one_endpoint_never_hides_another_endpoints_events(
         engine.close()
 
 
+@contextlib.contextmanager
+def _addresses(
+    monkeypatch: pytest.MonkeyPatch, host: str, port: int, ips: tuple[str, ...]
+) -> Iterator[None]:
+    """``host`` resolves to ``ips`` in turn; 127.0.0.2 among them never answers a connection."""
+    hole = socket.socket()  # a full backlog on 127.0.0.2: a connection there is never answered
+    hole.bind(("127.0.0.2", port))
+    hole.listen(0)
+    filler = socket.create_connection(("127.0.0.2", port), timeout=1)
+    real = socket.getaddrinfo
+
+    def resolved(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == host:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ips]
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolved)
+    try:
+        yield
+    finally:
+        filler.close()
+        hole.close()
+
+
 def test_a_host_whose_first_address_does_not_answer_is_reached_at_the_next(
     good: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Like broken IPv6 beside a working IPv4: the attempt's time starts once connected."""
-    hole = socket.socket()  # a full backlog on 127.0.0.2: a connection there is never answered
-    hole.bind(("127.0.0.2", good.port))
-    hole.listen(0)
-    filler = socket.create_connection(("127.0.0.2", good.port), timeout=1)
-    real = socket.getaddrinfo
-
-    def two_addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "dual.example.test":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, good.port))
-                    for ip in ("127.0.0.2", "127.0.0.1")]  # fmt: skip
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
-    engine = engine_with({"url": f"http://dual.example.test:{good.port}/hooks", "timeout": "1s"})
-    ask(engine)
-    assert engine.flush_webhooks(10)
-    assert len(good.received) == 1
-    engine.close()
-    filler.close()
-    hole.close()
+    with _addresses(monkeypatch, "dual.example.test", good.port, ("127.0.0.2", "127.0.0.1")):
+        engine = engine_with({"url": f"http://dual.example.test:{good.port}/hooks",
+                              "timeout": "1s"})  # fmt: skip
+        ask(engine)
+        assert engine.flush_webhooks(10)
+        assert len(good.received) == 1
+        engine.close()
 
 
 def test_an_attempt_gives_up_on_a_host_none_of_whose_addresses_answer_in_twice_its_timeout(
@@ -371,32 +383,19 @@ def test_an_attempt_gives_up_on_a_host_none_of_whose_addresses_answer_in_twice_i
 ) -> None:
     """Each address had the whole timeout: an attempt outlasted its lease and a second
     worker sent the same event at the same time. Reaching the host has twice the timeout."""
-    hole = socket.socket()  # a full backlog on 127.0.0.2: a connection there is never answered
-    hole.bind(("127.0.0.2", good.port))
-    hole.listen(0)
-    filler = socket.create_connection(("127.0.0.2", good.port), timeout=1)
-    real = socket.getaddrinfo
-
-    def dead_then_alive(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "many.example.test":  # three that never answer, then the receiver
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, good.port))
-                    for ip in ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.1")]  # fmt: skip
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", dead_then_alive)
-    engine = engine_with({"url": f"http://many.example.test:{good.port}/hooks", "timeout": "300ms"},
-                         backoff=60.0)  # fmt: skip
-    assert engine.webhooks is not None
-    assert engine.webhooks.lease == 3 * 0.3 + 5.0
-    ask(engine)
-    engine.flush_webhooks(1)
-    assert good.received == []  # given up before the fourth address: two timeouts were spent
-    (delivery,) = engine.webhook_deliveries("pending", 10)
-    assert delivery.attempts == 1
-    assert delivery.last_error == "no answer in time (0.3 s)"
-    engine.close()
-    filler.close()
-    hole.close()
+    dead_then_alive = ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.1")
+    with _addresses(monkeypatch, "many.example.test", good.port, dead_then_alive):
+        engine = engine_with({"url": f"http://many.example.test:{good.port}/hooks",
+                              "timeout": "300ms"}, backoff=60.0)  # fmt: skip
+        assert engine.webhooks is not None
+        assert engine.webhooks.lease == 3 * 0.3 + 5.0
+        ask(engine)
+        engine.flush_webhooks(1)
+        assert good.received == []  # given up before the fourth address: two timeouts spent
+        (delivery,) = engine.webhook_deliveries("pending", 10)
+        assert delivery.attempts == 1
+        assert delivery.last_error == "no answer in time (0.3 s)"
+        engine.close()
 
 
 @pytest.mark.parametrize(

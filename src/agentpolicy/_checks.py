@@ -314,24 +314,27 @@ def check_text(value: object, path: str, max_len: int = MAX_TEXT) -> list[Proble
         return [Problem(path, f"must be a string, not {type_name(value)}")]
     if len(value) > max_len:
         return [Problem(path, f"must be at most {max_len} characters")]
-    if not value.isascii():
-        bad = _SURROGATE.search(value)
-        if bad is not None:
-            found = f"U+{ord(bad.group()):04X}"
-            return [Problem(path, f"must not contain a lone surrogate (found {found})")]
+    if not utf8_text(value):
+        found = f"U+{ord(next(c for c in value if _SURROGATE.match(c))):04X}"
+        return [Problem(path, f"must not contain a lone surrogate (found {found})")]
     return []
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def utf8_text(text: str) -> bool:
+    """Whether UTF-8 can carry ``text``: it holds no lone surrogate (U+D800 to U+DFFF).
+
+    ``os.environ`` holds one for a byte it could not decode, and JSON may
+    spell one with an escape; no reply, page or request could carry it.
+    """
+    return text.isascii() or _SURROGATE.search(text) is None
+
+
 def plain_text(value: object, max_len: int = MAX_TEXT) -> bool:
     """Whether :func:`check_text` finds nothing, in one pass (the fast path of a request)."""
-    return (
-        type(value) is str
-        and len(value) <= max_len
-        and (value.isascii() or _SURROGATE.search(value) is None)
-    )
+    return type(value) is str and len(value) <= max_len and utf8_text(value)
 
 
 def units_problems(raw: object, path: str) -> list[Problem]:

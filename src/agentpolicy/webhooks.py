@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 
 from agentpolicy import _json as bounded_json
-from agentpolicy._checks import check_int, type_name
+from agentpolicy._checks import check_int, type_name, utf8_text
 from agentpolicy.codec import format_instant
 from agentpolicy.durations import parse_duration
 from agentpolicy.errors import PolicyValidationError, Problem
@@ -165,19 +165,6 @@ def _bracketed_ok(hostport: str) -> bool:
     return True
 
 
-def _utf8(text: str) -> bool:
-    """Whether ``text`` can be sent: not with a lone surrogate.
-
-    ``os.environ`` holds one for a byte it could not decode, and JSON may
-    spell one with an escape.
-    """
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _endpoint_id(url: str) -> str:
     return "wh_" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
@@ -204,13 +191,13 @@ class WebhookEndpoint:
         problems: list[Problem] = []
         if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
             problems.append(Problem("$.url", "must be an http:// or https:// URL"))
-        elif not _utf8(self.url):  # a byte an environment variable could not decode
+        elif not utf8_text(self.url):  # a byte an environment variable could not decode
             problems.append(Problem("$.url", "must be text UTF-8 can carry (no lone surrogate)"))
         else:
             problems += _url_problems(self.url)
         if not isinstance(self.secret, str) or not self.secret:
             problems.append(Problem("$.secret", "must be a non-empty string"))
-        elif not _utf8(self.secret):
+        elif not utf8_text(self.secret):
             problems.append(Problem("$.secret", "must be text UTF-8 can carry (no lone surrogate)"))
         else:
             try:

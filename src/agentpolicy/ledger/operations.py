@@ -165,10 +165,8 @@ def _prepare(
     # budgets, and a book loaded for another's sake (a sibling's head, its expiries applied
     # above) may keep a counter under a window of its own policy that ends later (a timezone
     # it changed from): that book's own steps prune it, with its own windows
-    counted = set(names.values())
-    for name, book in list(books.by_name.items()):
-        if name in counted:
-            book.prune(now, cfg.counter_grace, in_force)
+    for name in names.values():
+        books[name].prune(now, cfg.counter_grace, in_force)
     for t in a.tallies:
         if t.seconds is not None:
             book = books[names[(t.owner, t.book)]]
@@ -827,7 +825,6 @@ def refresh(
     scopes: dict[str, list[tuple[str, int]]],
     windows: tuple[Window, ...] = (),
     read_under: tuple[int, Any] | None = None,
-    max_groups: int | None = None,
 ) -> Step:
     """Bring the agent's books up to now (expiries, ended windows, rolling windows) and read them.
 
@@ -839,10 +836,10 @@ def refresh(
     ``"sh"``) of the head ``windows`` were taken from: when the head names
     others by the time the step runs (a policy or shadow set in between),
     no counter is dropped, since ``windows`` may not be the ones in force.
-    At most ``max_groups`` (default :data:`MAX_GROUPS_LISTED`) groups of the
-    scopes are read, scope by scope in the order given and each scope's
-    groups in the order its index keeps them; a group left out is brought up
-    to now by the next payment in it.
+    At most :data:`MAX_GROUPS_LISTED` groups of the scopes are read, scope
+    by scope in the order given and each scope's groups in the order its
+    index keeps them; a group left out is brought up to now by the next
+    payment in it.
     The result is ``{"books": {name: body}, "groups": {book: [scope,
     group]}, "more_groups": [scopes with groups left out], "expired": ...,
     "lapsed": ...}``, or ``{"more": True,
@@ -850,7 +847,6 @@ def refresh(
     step applies: it committed a batch of them, and the call runs it again.
     """
     now_us = micros(now)
-    most = MAX_GROUPS_LISTED if max_groups is None else max_groups
 
     def step(view: View, txn: Txn) -> None:
         head = Head.read(view, agent)
@@ -858,7 +854,7 @@ def refresh(
         owners: dict[str, list[str]] = {}
         more_groups: list[str] = []
         for scope in scopes:  # one past what is left says whether any were left out
-            left = most - len(owners)
+            left = MAX_GROUPS_LISTED - len(owners)
             found = view.scan(keys.scope_groups(agent, scope), MAX_SCORE, left + 1)
             if len(found) > left:
                 more_groups.append(scope)

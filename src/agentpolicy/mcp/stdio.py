@@ -32,6 +32,7 @@ from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
 
 from agentpolicy import __version__
+from agentpolicy._checks import utf8_text
 from agentpolicy.config import Settings, build_engine
 from agentpolicy.errors import PolicyError
 from agentpolicy.mcp.server import AgentPolicyMcpServer
@@ -368,17 +369,9 @@ def _request_id(head: dict[str, Any]) -> str | int | None:
         return None
     if type(found) is int:
         return found
-    if isinstance(found, str) and _utf8(found):
+    if isinstance(found, str) and utf8_text(found):
         return found
     return None
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no reply could carry it
-        return False
-    return True
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")

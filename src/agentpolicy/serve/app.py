@@ -36,7 +36,6 @@ from agentpolicy.errors import PolicyError
 from agentpolicy.serve import health
 from agentpolicy.serve.binding import is_loopback
 from agentpolicy.serve.errors import error_response
-from agentpolicy.serve.health import StoreCheck
 from agentpolicy.serve.limits import BodyLimit
 from agentpolicy.serve.mcp_http import McpEndpoint
 from agentpolicy.serve.metrics import Metrics
@@ -74,7 +73,7 @@ def create_app(
     def ping() -> None:  # the tokens' ping, looked up at each check
         s.tokens.ping()
 
-    store_check = StoreCheck(ping)
+    store_check = health.StoreCheck(ping)
 
     async def healthz(request: Request) -> Response:
         err = await store_check.check()
