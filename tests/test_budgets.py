@@ -16,6 +16,7 @@ from agentpolicy import (
     ErrorCode,
     ForbiddenError,
     NotFoundError,
+    PaymentDenied,
     PolicyEngine,
     PolicyValidationError,
     evaluate,
@@ -287,14 +288,36 @@ def test_a_delegated_budget_is_capped_by_its_parent_and_ends_when_it_expires(
     clock.advance(minutes=45)
     late = engine.authorize(payment(1, agent_id="browse"))
     assert late.allowed
-    assert late.expires_at == T0 + timedelta(hours=1)  # no reservation outlives the grant
+    assert late.expires_at == T0 + timedelta(minutes=75)  # its whole TTL, past the grant's end
     engine.set_policy("research", daily(8, delegation={"allowed": True}))  # the parent shrinks
     d = engine.authorize(payment(1, agent_id="browse"))
     assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "research")  # capped at every payment
     clock.advance(minutes=15)
     d = engine.authorize(payment(1, agent_id="browse"))
     assert (d.code, d.budget_id) == (Code.DELEGATION_EXPIRED, "browse")
+    assert engine.get_reservation(late.reservation_id or "").status == "reserved"
+    assert used(engine, "research") == (8 * U, 1)  # the payment may be under way: still held
+    clock.advance(minutes=15)
     assert engine.get_reservation(late.reservation_id or "").status == "expired"
+    assert used(engine, "research") == (8 * U, 0)
+
+
+def test_a_delegation_that_ends_at_once_gives_back_nothing_a_child_is_paying(
+    backend: Backend,
+) -> None:
+    """A parent agent cannot make its child's payments free by ending the delegation early."""
+    engine, clock = tree(backend)
+    research(engine)
+    engine.delegate("research", "research/shop", daily(5),
+                    expires_at=T0 + timedelta(seconds=1), by_parent=True)  # fmt: skip
+    with engine.payment(payment(5 * U, agent_id="research/shop")):
+        clock.advance(seconds=30)  # the payment takes longer than the delegation lasts
+        assert used(engine, "research") == (0, 5 * U)  # still held in the parent
+        assert engine.authorize(payment(16 * U, agent_id="research")).code == Code.DAILY_LIMIT
+    assert used(engine, "research") == (5 * U, 0)  # confirmed after the end: counted as spent
+    assert engine.authorize(payment(16 * U, agent_id="research")).code == Code.DAILY_LIMIT
+    d = engine.authorize(payment(1, agent_id="research/shop"))
+    assert (d.code, d.budget_id) == (Code.DELEGATION_EXPIRED, "research/shop")
 
 
 def test_the_parent_agent_cannot_change_or_extend_a_delegation_an_administrator_made(
@@ -429,7 +452,37 @@ def test_an_approved_reservation_ends_when_the_shortened_delegation_ends(
     clock.advance(minutes=10)
     approved = engine.decide(d.approval_id or "", "lead@x", "approve")
     reservation = engine.get_reservation(approved.reservation_id or "")
-    assert reservation.expires_at == T0 + timedelta(minutes=30)  # not 11:10
+    assert reservation.expires_at == T0 + timedelta(minutes=30)  # nobody pays with it yet
+    clock.advance(minutes=20)  # a block resuming the approved payment after the end
+    late_payment = engine.payment(payment(3 * U, agent_id="shop"), approval_id=d.approval_id)
+    with pytest.raises(PaymentDenied) as late, late_payment:
+        pytest.fail("the block ran after the delegation ended")  # pragma: no cover
+    assert late.value.code == ErrorCode.RESERVATION_EXPIRED
+    assert used(engine, "research") == (0, 0)  # given back: nothing was paid with it
+
+
+def test_an_approved_payment_a_block_began_keeps_its_whole_ttl_past_the_delegations_end(
+    backend: Backend,
+) -> None:
+    """Claimed (or marked sent) before the end, its payment may be under way: it keeps counting."""
+    engine, clock = tree(backend, reservation_ttl=timedelta(hours=1))
+    research(engine)
+    shop = daily(5, approvalConfig=APPROVE_ABOVE_1)
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(minutes=30))
+    resumed = engine.authorize(payment(3 * U, agent_id="shop"))
+    sent = engine.authorize(payment(2 * U, agent_id="shop"))
+    for d in (resumed, sent):
+        engine.decide(d.approval_id or "", "lead@x", "approve")
+    rid = engine.get_approval(sent.approval_id or "").reservation_id or ""
+    assert engine.mark_sent(rid).expires_at == T0 + timedelta(hours=1)
+    with engine.payment(payment(3 * U, agent_id="shop"), approval_id=resumed.approval_id) as p:
+        assert engine.get_reservation(p.reservation_id).expires_at == T0 + timedelta(hours=1)
+        clock.advance(minutes=45)  # past the delegation's end, within the TTL
+        assert used(engine, "research") == (0, 5 * U)  # both still held in the parent
+        assert engine.authorize(payment(16 * U, agent_id="research")).code == Code.DAILY_LIMIT
+    assert used(engine, "research") == (3 * U, 2 * U)  # confirmed; the sent one still counts
+    clock.advance(minutes=20)
+    assert used(engine, "research") == (5 * U, 0)  # expired unsettled after it was sent: spent
 
 
 def test_revoking_keeps_an_approved_payment_that_was_marked_sent(backend: Backend) -> None:

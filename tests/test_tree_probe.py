@@ -367,7 +367,7 @@ def test_an_agent_cannot_delegate_to_itself_to_an_ancestor_or_onward_past_what_i
     # four levels pay the same 5 USDT of a/b's, in 18 and 6 decimals alike
     d = engine.authorize(payment(3 * 10**18, agent_id="a/b/c/d", decimals=18))
     assert d.allowed
-    assert d.expires_at == T0 + timedelta(hours=2)  # no reservation outlives a/b's delegation
+    assert d.expires_at == T0 + timedelta(hours=3)  # its whole TTL, though a/b's ends at 2 h
     d = engine.authorize(payment(2 * U + 1, agent_id="a/b/c"))  # it counts a/b/c/d's too
     assert (d.code, d.budget_id) == (Code.DAILY_LIMIT, "a/b/c")
     assert engine.authorize(payment(2 * U, agent_id="a/b/c")).allowed
@@ -376,7 +376,9 @@ def test_an_agent_cannot_delegate_to_itself_to_an_ancestor_or_onward_past_what_i
     for agent in ("a/b", "a/b/c", "a/b/c/d"):  # each ends with a/b's: its own end says so
         d = engine.authorize(payment(1, agent_id=agent))
         assert (d.code, d.budget_id) == (Code.DELEGATION_EXPIRED, agent)
-    assert used(engine, "a") == 0  # the reservations ended with the delegation
+    assert used(engine, "a") == 5 * U  # payments under way count past the delegation's end
+    clock.advance(hours=1)
+    assert used(engine, "a") == 0  # until their TTL gives them back
 
 
 def test_a_child_in_another_token_is_denied_by_its_parent_whatever_it_was_delegated(

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from agentpolicy.errors import ConflictError, ErrorCode, NotFoundError
 from agentpolicy.ledger import keys
-from agentpolicy.ledger.docs import Body
+from agentpolicy.ledger.docs import Body, levels_of
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import LedgerConfig
 from agentpolicy.storage._time import micros
@@ -62,7 +62,7 @@ def claim(
                 "making (or made) its payment",
                 code=ErrorCode.RESERVATION_CLAIMED,
             )
-        claimed = {**doc, "cl": holder}
+        claimed = _underway(txn, reservation_id, {**doc, "cl": holder})
         txn.put[name] = claimed  # still open: no ttl (see operations._hold)
         txn.result = {"doc": claimed}
 
@@ -93,11 +93,28 @@ def mark_sent(
             )
         if "snt" in doc:
             return
-        sent = {**doc, "snt": now_us}
+        sent = _underway(txn, reservation_id, {**doc, "snt": now_us})
         txn.put[name] = sent  # still open: no ttl (see operations._hold)
         txn.result = {"doc": sent}
 
     return step
+
+
+def _underway(txn: Txn, reservation_id: str, doc: Body) -> Body:
+    """``doc`` with its whole TTL, if it is an approved one cut to a delegation's end.
+
+    An approved reservation that nobody has begun to pay with ends when a
+    delegation above it does (``fx`` holds the end its TTL gives it); once
+    a block claims it, or it is marked sent, its payment may be under way,
+    so it keeps that whole TTL, as an allowed authorize's reservation does.
+    """
+    whole = doc.pop("fx", None)
+    if whole is None:
+        return doc
+    doc["x"] = whole
+    for level in levels_of(doc):
+        txn.index.append((keys.open_index(level), reservation_id, whole))
+    return doc
 
 
 def _open(view: View, name: str, reservation_id: str, now_us: int) -> Body:

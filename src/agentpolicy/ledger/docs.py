@@ -101,7 +101,6 @@ def reservation_doc(
     policy_version: int,
     approval_id: str | None,
     levels: Sequence[str] = (),
-    deadline: int | None = None,
     holder: str | None = None,
 ) -> Body:
     """A new reservation (``held`` for an approval, or ``reserved``).
@@ -109,8 +108,7 @@ def reservation_doc(
     ``targets`` are the counters it counts in: ``[book, key, "c", 0]`` for a
     calendar window, ``[book, key, "r", seconds]`` for a rolling one.
     ``levels`` are the budgets whose open-reservation index lists it (the
-    agent, then its ancestors); ``deadline`` the end of the earliest
-    delegation among them, which no reservation outlives; ``holder`` the
+    agent, then its ancestors); ``holder`` the
     caller that claims it as it is made (``cl``, see ``ledger/claims.py``).
     """
     doc: Body = {
@@ -126,8 +124,6 @@ def reservation_doc(
     }
     if len(levels) > 1:
         doc["lv"] = levels
-    if deadline is not None:
-        doc["dx"] = deadline
     if holder is not None:
         doc["cl"] = holder
     return doc

@@ -373,8 +373,12 @@ def _hold(
 ) -> None:
     """Reserve the payment's amount (or hold it for an approval) in every tally it counts in.
 
-    The reservation is listed under the agent and every budget above it, and
-    never outlives the earliest delegation among them (``deadline``).
+    The reservation is listed under the agent and every budget above it. A
+    pending approval lapses no later than the earliest delegation among them
+    ends (``deadline``); a reservation keeps its whole TTL past that end, as
+    one keeps it past a revocation: its payment may be under way, and cutting
+    it short would give back, before any block could confirm it, an amount
+    that may have been paid (a delegation can be made to end in a second).
     ``extra`` are the counters only shadow policies keep: it counts there too.
     """
     request = a.request
@@ -412,10 +416,8 @@ def _hold(
         txn.index.append((keys.PENDING, approval_id, now))
         emit_approval(txn, cfg, shard, "approval.created", approval_id, approval)
         rec["aid"] = approval_id
-    else:
+    else:  # a delegation's end does not cut it: the payment may be under way (as at a revoke)
         expires = now + cfg.reservation_ttl
-        if deadline is not None:
-            expires = min(expires, deadline)
         rec["rid"] = rid
     rec["x"] = expires
     targets = _count(txn, books, names, a, now, rid, extra)
@@ -424,7 +426,7 @@ def _hold(
     txn.put[name] = reservation_doc(
         agent=agent, status="held" if approval_id else "reserved", request=rec["req"],
         targets=targets, created=now, expires=expires, policy_version=version,
-        approval_id=approval_id, levels=level_ids, deadline=deadline,
+        approval_id=approval_id, levels=level_ids,
         holder=_FOR_A_BLOCK if approval_id and holder is not None else holder,
     )  # fmt: skip
     # no ttl while open: the document says which counters to give the amount back to, so it
@@ -754,14 +756,7 @@ def vote(
             record(txn, cfg, owner, {"ev": "approval_denied", "aid": approval_id})
             emit_approval(txn, cfg, shard, "approval.denied", approval_id, new)
         else:
-            heads = books.heads(levels_of(hold))
-            expires = min(now_us + cfg.reservation_ttl, _delegated_until(heads, owner, now_us))
-            if hold.get("dx") is not None:
-                expires = min(expires, hold["dx"])
-            txn.put[hold_name] = {**hold, "st": "reserved", "x": expires, "u": now_us}  # open
-            for head in heads:
-                txn.index.append((keys.open_index(head.agent), doc["hold"], expires))
-                head.lower_due(expires)
+            expires = _open_approved(txn, cfg, books, owner, doc["hold"], hold, now_us)
             record(txn, cfg, owner, {"ev": "approval_approved", "aid": approval_id,
                                      "rid": doc["hold"], "x": expires})  # fmt: skip
             emit_approval(txn, cfg, shard, "approval.approved", approval_id, new)
@@ -770,14 +765,33 @@ def vote(
     return step
 
 
+def _open_approved(
+    txn: Txn, cfg: LedgerConfig, books: Books, owner: str, rid: str, hold: Body, now_us: int
+) -> int:
+    """Turn an approved approval's hold into an open reservation; return when it expires."""
+    heads = books.heads(levels_of(hold))
+    whole = now_us + cfg.reservation_ttl
+    expires = min(whole, _delegated_until(heads, owner, now_us))
+    opened = {**hold, "st": "reserved", "x": expires, "u": now_us}
+    if expires < whole:  # nobody pays with it yet: it ends with the delegation unless a
+        opened["fx"] = whole  # block claims it (or it is marked sent) first (claims.py)
+    txn.put[keys.reservation(rid)] = opened
+    for head in heads:
+        txn.index.append((keys.open_index(head.agent), rid, expires))
+        head.lower_due(expires)
+    return expires
+
+
 def _delegated_until(heads: list[Head], owner: str, now: int) -> int:
     """When the delegations the payment's budgets hold now end (``MAX_SCORE``: never).
 
     An approval is approved against the delegations as they are now, not
-    as they were when the payment was asked for: one revoked, ended or
-    shortened since refuses the approving vote (nothing changes; the
-    approval lapses at its timeout, or a deny releases it), and the
-    reservation it makes ends no later than they do.
+    as they were when the payment was asked for: one revoked or ended since
+    refuses the approving vote (nothing changes; the approval lapses at its
+    timeout, or a deny releases it). The reservation it makes ends no later
+    than they do until a payment block claims it (``fx``, see
+    ``ledger/claims.py``): an approved payment nobody has begun to make
+    ends with the delegation, as a revocation ends it.
     """
     until = MAX_SCORE
     for head in heads:
