@@ -485,6 +485,72 @@ def test_an_approved_payment_a_block_began_keeps_its_whole_ttl_past_the_delegati
     assert used(engine, "research") == (5 * U, 0)  # expired unsettled after it was sent: spent
 
 
+def test_an_approved_payment_cannot_begin_after_a_delegation_end_moved_earlier(
+    backend: Backend,
+) -> None:
+    engine, clock = tree(backend, reservation_ttl=timedelta(hours=1))
+    research(engine)
+    shop = daily(5, approvalConfig=APPROVE_ABOVE_1)
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(minutes=30),
+                    by_parent=True)  # fmt: skip
+    d = engine.authorize(payment(3 * U, agent_id="shop"))
+    engine.decide(d.approval_id or "", "lead@x", "approve")
+    engine.delegate("research", "shop", shop, expires_at=T0 + timedelta(minutes=5),
+                    by_parent=True)  # fmt: skip
+    clock.advance(minutes=10)
+    assert engine.authorize(payment(1, agent_id="shop")).code == Code.DELEGATION_EXPIRED
+    resumed = engine.payment(payment(3 * U, agent_id="shop"), approval_id=d.approval_id)
+    with pytest.raises(PaymentDenied) as late, resumed:
+        pytest.fail("the block ran after the delegation ended")  # pragma: no cover
+    assert late.value.code == ErrorCode.RESERVATION_EXPIRED
+    rid = engine.get_approval(d.approval_id or "").reservation_id or ""
+    with pytest.raises(ConflictError) as refused:
+        engine.mark_sent(rid)
+    assert refused.value.code == ErrorCode.RESERVATION_EXPIRED
+    assert used(engine, "research") == (0, 3 * U)  # nothing changed: held until its end
+    clock.advance(minutes=20)
+    assert used(engine, "research") == (0, 0)
+
+
+@pytest.mark.parametrize("backend", ["redis", "redis-cluster", "postgres"], indirect=True)
+def test_a_claim_between_a_sweeps_scan_and_its_read_keeps_the_whole_ttl(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a store without one lock, a block's claim can land inside another process's sweep."""
+    from agentpolicy.ledger import runner
+    from agentpolicy.ledger.tallies import MAX_SCORE
+
+    engine, clock = tree(backend, reservation_ttl=timedelta(hours=1))
+    research(engine)
+    engine.delegate("research", "shop", daily(5, approvalConfig=APPROVE_ABOVE_1),
+                    expires_at=T0 + timedelta(minutes=30))  # fmt: skip
+    d = engine.authorize(payment(3 * U, agent_id="shop"))
+    engine.decide(d.approval_id or "", "lead@x", "approve")
+    rid = engine.get_approval(d.approval_id or "").reservation_id or ""
+    # the block's process reads its clock 1 ms before the delegation's end; the sweeper's at it
+    other = backend.engine(ManualClock(T0 + timedelta(minutes=30, milliseconds=-1)),
+                           reservation_ttl=timedelta(hours=1))  # fmt: skip
+    clock.advance(minutes=30)
+    scan, claimed = runner.View.scan, []
+
+    def claim_inside(view: runner.View, index: str, upto: int, limit: int) -> Any:
+        found = scan(view, index, upto, limit)
+        if index.startswith("o/") and upto < MAX_SCORE and found and not claimed:
+            claimed.append(other.claim(rid, "block"))  # commits between the scan and the read
+        return found
+
+    monkeypatch.setattr(runner.View, "scan", claim_inside)
+    swept = engine.sweep()
+    monkeypatch.setattr(runner.View, "scan", scan)
+    assert claimed[0].expires_at == T0 + timedelta(hours=1)
+    assert rid not in [r.id for r in swept.reservations]
+    assert engine.get_reservation(rid).status == "reserved"
+    assert used(engine, "research") == (0, 3 * U)  # the block pays with it: still held
+    clock.advance(minutes=30)
+    assert engine.get_reservation(rid).status == "expired"  # at its whole TTL, and only then
+    assert used(engine, "research") == (0, 0)
+
+
 def test_revoking_keeps_an_approved_payment_that_was_marked_sent(backend: Backend) -> None:
     engine, _ = tree(backend)
     research(engine)

@@ -277,7 +277,7 @@ def test_approving_from_the_cli_delivers_the_webhooks_before_it_exits(
         assert all(verify(r.body, r.headers, "s3cret") for r in receiver.received)
         listed = run(tmp_path, "webhooks", "list", env=hooks).stdout
         assert listed.count("delivered") == 3
-        assert receiver.url in listed
+        assert f"http://127.0.0.1:{receiver.port}/***" in listed  # a webhook URL's path: hidden
     finally:
         receiver.stop()
 
@@ -300,7 +300,7 @@ def test_undelivered_webhooks_are_reported_and_the_command_still_succeeds(
     assert "t0k" not in asked.stderr
     listed = run(tmp_path, "webhooks", "list", "--status", "pending", env=hooks).stdout
     assert "approval.created" in listed
-    assert f"http://user:***@127.0.0.1:{port}/h?token=***" in listed
+    assert f"http://user:***@127.0.0.1:{port}/***?token=***" in listed
     assert "pw@" not in listed
     assert "t0k" not in listed
 
@@ -308,7 +308,8 @@ def test_undelivered_webhooks_are_reported_and_the_command_still_succeeds(
     try:
         hooks["AGENT_POLICY_WEBHOOK_URL"] = refusing.url
         asked = run(tmp_path, "authorize", "agent-123", "500000000", "0xv", "eip155:1", env=hooks)
-        assert f"webhook approval.created to {refusing.url} failed: HTTP 400" in asked.stderr
+        shown = f"http://127.0.0.1:{refusing.port}/***"
+        assert f"webhook approval.created to {shown} failed: HTTP 400" in asked.stderr
     finally:
         refusing.stop()
 

@@ -269,11 +269,30 @@ def test_urls_are_shown_without_credentials_or_query_values(url: str, shown: str
     assert redact_url(url) == shown
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.slack.com/services/T0AB12/B0CD34/s3cr3tT0k3n",
+         "https://hooks.slack.com/***"),
+        ("https://discord.com/api/webhooks/123/s3cr3t?wait=true",
+         "https://discord.com/***?wait=***"),
+        ("https://u:p@hooks.example:8443/s3cr3t/", "https://u:***@hooks.example:8443/***"),
+        ("https://hooks.example", "https://hooks.example"),
+        ("https://hooks.example/", "https://hooks.example/"),
+    ],
+)  # fmt: skip
+def test_a_webhook_url_is_shown_without_its_path(url: str, shown: str) -> None:
+    """A webhook URL's path is often its secret: it is never shown, nor logged."""
+    endpoint = WebhookEndpoint(url, "s")
+    assert endpoint.shown_url == shown
+    assert "s3cr3t" not in repr(endpoint)
+
+
 def test_an_endpoint_url_with_credentials_is_never_logged_or_shown(
     receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver.default = 400
-    url = f"http://user:hunter2@127.0.0.1:{receiver.port}/hooks?token=s3cr3t"
+    url = f"http://user:hunter2@127.0.0.1:{receiver.port}/hooks/p4th?token=s3cr3t"
     endpoint = WebhookEndpoint(url, "s")
     assert "hunter2" not in repr(endpoint)
     assert "s3cr3t" not in repr(endpoint)
@@ -282,7 +301,7 @@ def test_an_endpoint_url_with_credentials_is_never_logged_or_shown(
     with caplog.at_level("INFO", logger="agentpolicy"):
         engine.authorize(payment(500_000_000, agent_id="agent-123"))
         assert engine.flush_webhooks(10)
-    assert receiver.requests == [("POST", "/hooks?token=s3cr3t")]
+    assert receiver.requests == [("POST", "/hooks/p4th?token=s3cr3t")]
     # the URL's credentials travel as HTTP Basic authentication
     assert receiver.last_headers["Authorization"] == "Basic dXNlcjpodW50ZXIy"
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -290,8 +309,10 @@ def test_an_endpoint_url_with_credentials_is_never_logged_or_shown(
     assert "user:***@127.0.0.1" in logged
     assert "hunter2" not in logged
     assert "s3cr3t" not in logged
+    assert "p4th" not in logged
     (failed,) = engine.webhook_deliveries("failed")
     assert "hunter2" not in str(failed.last_error)
+    assert "p4th" not in str(failed.last_error)
     engine.close()
 
 

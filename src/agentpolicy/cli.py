@@ -58,7 +58,6 @@ try:  # the command's modules, most of its start-up: Ctrl-C there is said as any
     from agentpolicy.examples import approval_example_policy
     from agentpolicy.requests import PaymentRequest
     from agentpolicy.signing import SigningKey
-    from agentpolicy.urls import redact_url
     from agentpolicy.views import (
         approval_data,
         approver_data,
@@ -561,7 +560,7 @@ def _where(settings: Settings) -> dict[str, Any]:
         "keyPrefix": None
         if settings.postgres_url or not settings.redis_url
         else settings.key_prefix,
-        "webhookEndpoints": [redact_url(e.url) for e in settings.webhook_endpoints],
+        "webhookEndpoints": [e.shown_url for e in settings.webhook_endpoints],
     }
 
 
@@ -776,7 +775,7 @@ def _history(args: argparse.Namespace, engine: PolicyEngine) -> dict[str, Any]:
 
 
 def _deliveries(args: argparse.Namespace, engine: PolicyEngine, settings: Settings) -> Any:
-    urls = {e.id: redact_url(e.url) for e in settings.webhook_endpoints}
+    urls = {e.id: e.shown_url for e in settings.webhook_endpoints}
     return {"deliveries": [
         {"id": w.event_id, "event": w.event, "endpoint": w.endpoint_id,
          "url": urls.get(w.endpoint_id), "approvalId": w.approval_id,
@@ -1028,7 +1027,7 @@ def _deliver_own_webhooks(
             break
         if dispatcher.run_once() == 0:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-    urls = {e.id: redact_url(e.url) for e in settings.webhook_endpoints}
+    urls = {e.id: e.shown_url for e in settings.webhook_endpoints}
     for d in mine:
         if d.status.value == "failed":
             _say(f"webhook {d.event} to {urls.get(d.endpoint_id, d.endpoint_id)} "

@@ -11,7 +11,7 @@ any other status is recorded as failed at once, redirects (3xx) included,
 which are never followed; after ``max_attempts`` tries an event is
 recorded as failed too. A 2xx is delivered once its status line and
 headers have arrived: its body is never read, nor waited for.
-Endpoint URLs are logged only redacted (:func:`agentpolicy.urls.redact_url`).
+Endpoint URLs are logged only as :attr:`~agentpolicy.webhooks.WebhookEndpoint.shown_url`.
 An endpoint's host name is looked up on a small pool of threads, bounded by
 the attempt's timeout, so a resolver that hangs never holds the worker past
 it.
@@ -45,7 +45,6 @@ import attrs
 from agentpolicy.codec import format_instant
 from agentpolicy.errors import PolicyError
 from agentpolicy.records import DeliveryStatus, WebhookDelivery
-from agentpolicy.urls import redact_url
 from agentpolicy.webhooks import WebhookEndpoint, sign
 
 __all__ = ["Outbox", "WebhookDispatcher"]
@@ -688,7 +687,7 @@ class WebhookDispatcher:
         try:
             self._post(endpoint, delivery)
         except _FinalError as refused:
-            where = redact_url(endpoint.url)
+            where = endpoint.shown_url
             log.warning("webhook %s to %s refused: %s", delivery.id, where, refused)
             return attrs.evolve(
                 delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=str(refused)
@@ -696,7 +695,7 @@ class WebhookDispatcher:
         except Exception as exc:  # retryable; anything unforeseen too: never stop the batch
             error = str(exc) if isinstance(exc, _RetryableError) else f"error: {type(exc).__name__}"
             if attempts >= endpoint.max_attempts:
-                where = redact_url(endpoint.url)
+                where = endpoint.shown_url
                 log.warning("webhook %s to %s failed for good: %s", delivery.id, where, error)
                 return attrs.evolve(
                     delivery, status=DeliveryStatus.FAILED, attempts=attempts, last_error=error

@@ -16,8 +16,14 @@ REDACTED = "***"
 """What a secret is replaced with."""
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: str, *, hide_path: bool = False) -> str:
     """``url`` with its password (or a user part alone) and every query value replaced.
+
+    ``hide_path=True`` replaces the path too (``https://hooks.example/***``),
+    for URLs that may carry a secret there, as webhook URLs often do
+    (``https://hooks.slack.com/services/T0/B0/<token>``, Discord's
+    ``/api/webhooks/<id>/<token>``); every webhook URL is shown so. A
+    storage URL's path, its database, is shown.
 
     ``https://user:pass@host/h?token=abc&x=1`` becomes
     ``https://user:***@host/h?token=***&x=***``; ``https://tok@host/h``
@@ -46,7 +52,8 @@ def redact_url(url: str) -> str:
     query = "&".join(
         f"{pair.partition('=')[0]}={REDACTED}" for pair in parts.query.split("&") if pair
     )
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, query, ""))
+    path = f"/{REDACTED}" if hide_path and parts.path not in ("", "/") else parts.path
+    return urllib.parse.urlunsplit((parts.scheme, host, path, query, ""))
 
 
 def _userinfo(rest: str) -> tuple[str | None, str]:

@@ -165,6 +165,10 @@ def _bracketed_ok(hostport: str) -> bool:
     return True
 
 
+def _shown(url: str) -> str:
+    return redact_url(url, hide_path=True)
+
+
 def _endpoint_id(url: str) -> str:
     return "wh_" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
@@ -177,11 +181,11 @@ class WebhookEndpoint:
     connecting to each address, and the exchange once connected (see
     ``docs/webhooks.md``); ``max_attempts`` bounds the tries of one event
     before it is recorded as failed. The secret never appears in a
-    repr, a log line or an error message, and the URL is shown only with its
-    credentials and query values redacted (:func:`agentpolicy.urls.redact_url`).
+    repr, a log line or an error message, and the URL is shown only as
+    :attr:`shown_url`: without its credentials, query values and path.
     """
 
-    url: str = attrs.field(repr=redact_url)
+    url: str = attrs.field(repr=_shown)
     secret: str = attrs.field(repr=False)
     events: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     timeout: timedelta = timedelta(seconds=5)
@@ -217,6 +221,16 @@ class WebhookEndpoint:
     def id(self) -> str:
         """A stable id for the endpoint (derived from its URL), under which deliveries are kept."""
         return _endpoint_id(self.url)
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as logs, listings and the CLI show it: credentials, query values and path hidden.
+
+        ``https://u:p@hooks.example/services/T0/B0/tok?k=v`` is shown as
+        ``https://u:***@hooks.example/***?k=***``: a webhook URL's path often
+        is its secret (Slack's, Discord's). :attr:`id` tells endpoints apart.
+        """
+        return _shown(self.url)
 
     def wants(self, event: str) -> bool:
         """Whether this endpoint subscribes to ``event``."""

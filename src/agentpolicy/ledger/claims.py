@@ -62,7 +62,7 @@ def claim(
                 "making (or made) its payment",
                 code=ErrorCode.RESERVATION_CLAIMED,
             )
-        claimed = _underway(txn, reservation_id, {**doc, "cl": holder})
+        claimed = _underway(view, txn, reservation_id, {**doc, "cl": holder}, now_us)
         txn.put[name] = claimed  # still open: no ttl (see operations._hold)
         txn.result = {"doc": claimed}
 
@@ -93,26 +93,42 @@ def mark_sent(
             )
         if "snt" in doc:
             return
-        sent = _underway(txn, reservation_id, {**doc, "snt": now_us})
+        sent = _underway(view, txn, reservation_id, {**doc, "snt": now_us}, now_us)
         txn.put[name] = sent  # still open: no ttl (see operations._hold)
         txn.result = {"doc": sent}
 
     return step
 
 
-def _underway(txn: Txn, reservation_id: str, doc: Body) -> Body:
+def _underway(view: View, txn: Txn, reservation_id: str, doc: Body, now_us: int) -> Body:
     """``doc`` with its whole TTL, if it is an approved one cut to a delegation's end.
 
     An approved reservation that nobody has begun to pay with ends when a
     delegation above it does (``fx`` holds the end its TTL gives it); once
     a block claims it, or it is marked sent, its payment may be under way,
     so it keeps that whole TTL, as an allowed authorize's reservation does.
+    A delegation that has ended by now (its end moved earlier since the
+    vote, or revoked) refuses that with ``RESERVATION_EXPIRED``: the
+    approved payment ended with it, and nothing changes.
     """
     whole = doc.pop("fx", None)
     if whole is None:
         return doc
+    levels = levels_of(doc)
+    names = [keys.head(level) for level in levels]
+    view.read(names, guess=names)
+    for level, name in zip(levels, names, strict=True):
+        head = view.doc(name)
+        dg = None if head is None else head.get("dg")
+        ended = None if dg is None else dg["rv"] if dg["rv"] is not None else dg["x"]
+        if ended is not None and ended <= now_us:
+            raise ConflictError(
+                f"reservation {reservation_id} expired: the delegation of {level}'s budget "
+                "ended before a payment began with this approved reservation",
+                code=ErrorCode.RESERVATION_EXPIRED,
+            )
     doc["x"] = whole
-    for level in levels_of(doc):
+    for level in levels:
         txn.index.append((keys.open_index(level), reservation_id, whole))
     return doc
 

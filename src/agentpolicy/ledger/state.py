@@ -352,8 +352,11 @@ def expire_due(
     expired: Closed = []
     held_for: list[str] = []
     for rid, name in zip(ripe, names, strict=True):
-        txn.index.append((index, rid, None))
         doc = _as_written(view, txn, name)
+        if doc is not None and doc["x"] > now and doc["st"] in ("held", "reserved"):
+            head.lower_due(doc["x"])  # given a later end after the scan (a claim: claims.py)
+            continue  # its index entry was moved with it
+        txn.index.append((index, rid, None))
         if doc is None or doc["st"] not in ("held", "reserved"):
             continue  # already closed (maybe by this step, under another budget): stale entry
         closed = close_reservation(txn, cfg, books, rid, doc, "expired", now)
