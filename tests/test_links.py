@@ -174,6 +174,33 @@ def test_approval_created_carries_the_links_added_when_sent_never_stored(
     engine.close()
 
 
+def test_an_endpoint_with_links_off_gets_approval_created_without_them(
+    receiver: Receiver,
+) -> None:
+    """An audit endpoint must not hold credentials to vote: ``"links": false`` leaves them out."""
+    relay = Receiver().start()
+    try:
+        engine = PolicyEngine(clock=ManualClock(), link_secret=SECRET, webhook_endpoints=[
+            {"url": receiver.url, "secret": "hook", "links": False},
+            {"url": relay.url + "/relay", "secret": "hook"},
+        ])  # fmt: skip
+        held(engine)
+        assert engine.flush_webhooks(10)
+        (audited,) = (json.loads(r.body) for r in receiver.received)
+        (relayed,) = (json.loads(r.body) for r in relay.received)
+        assert audited["event"] == relayed["event"] == "approval.created"
+        assert "links" not in audited
+        assert [x["approver"] for x in relayed["links"]] == ["alice", "bob", "carol", "ops"]
+        assert {k: v for k, v in relayed.items() if k != "links"} == audited
+        engine.close()
+    finally:
+        relay.stop()
+    for bad in ("false", 0, None):
+        with pytest.raises(PolicyValidationError) as refused:
+            PolicyEngine(webhook_endpoints=[{"url": receiver.url, "secret": "s", "links": bad}])
+        assert [p.path for p in refused.value.problems] == ["$.webhookEndpoints[0].links"]
+
+
 def test_the_longest_ids_make_tokens_that_are_read_back() -> None:
     """An approval of the longest agent id, for an approver of the longest name, gets a link."""
     from agentpolicy._checks import MAX_ID, MAX_RECORD_ID

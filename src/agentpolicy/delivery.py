@@ -497,7 +497,7 @@ class WebhookDispatcher:
     that dies holds up what it claimed no longer than ``2 * lease``.
     ``enrich`` (when given) makes the payload sent from a delivery's stored
     payload: the engine adds one-time approval links there, so they never
-    rest in the store's outbox.
+    rest in the store's outbox (not for an endpoint with ``links=False``).
     """
 
     def __init__(
@@ -724,7 +724,7 @@ class WebhookDispatcher:
         import urllib.request  # noqa: PLC0415
 
         timestamp = int(time.time())
-        if self.enrich is not None:
+        if self.enrich is not None and endpoint.links:
             try:
                 delivery = attrs.evolve(delivery, payload=self.enrich(delivery))
             except PolicyError as err:  # the store is down: try again later

@@ -180,7 +180,10 @@ class WebhookEndpoint:
     ``timeout`` bounds each step of one HTTP attempt: the host-name lookup,
     connecting to each address, and the exchange once connected (see
     ``docs/webhooks.md``); ``max_attempts`` bounds the tries of one event
-    before it is recorded as failed. The secret never appears in a
+    before it is recorded as failed. ``links=False`` sends this endpoint
+    ``approval.created`` events without their one-time approval links (an
+    audit log, say, that must not hold credentials to vote); by default the
+    endpoint relays them to the approvers. The secret never appears in a
     repr, a log line or an error message, and the URL is shown only as
     :attr:`shown_url`: without its credentials, query values and path.
     """
@@ -190,6 +193,7 @@ class WebhookEndpoint:
     events: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     timeout: timedelta = timedelta(seconds=5)
     max_attempts: int = 15
+    links: bool = True
 
     def __attrs_post_init__(self) -> None:
         problems: list[Problem] = []
@@ -214,6 +218,8 @@ class WebhookEndpoint:
         if not isinstance(self.timeout, timedelta) or self.timeout <= timedelta(0):
             problems.append(Problem("$.timeout", "must be a positive duration"))
         problems += check_int(self.max_attempts, "$.maxAttempts", 1, 100)
+        if type(self.links) is not bool:
+            problems.append(Problem("$.links", "must be true or false"))
         if problems:
             raise PolicyValidationError(problems)
 
@@ -247,7 +253,7 @@ def _endpoint(raw: object, path: str) -> WebhookEndpoint:
         return raw
     if not isinstance(raw, Mapping):
         raise PolicyValidationError.single(path, f"must be an object, not {type_name(raw)}")
-    known = {"url", "secret", "events", "timeout", "retries", "maxAttempts"}
+    known = {"url", "secret", "events", "timeout", "retries", "maxAttempts", "links"}
     extra = sorted(set(raw) - known)
     if extra:
         raise PolicyValidationError.single(f"{path}.{extra[0]}", "is not a known key")
@@ -276,6 +282,7 @@ def _endpoint(raw: object, path: str) -> WebhookEndpoint:
             events=frozenset(events),
             timeout=_timeout(raw.get("timeout", 5000), "$.timeout"),
             max_attempts=attempts,
+            links=raw.get("links", True),
         )
     except PolicyValidationError as err:
         raise err.under(path) from None
