@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 import threading
@@ -257,6 +258,39 @@ def test_connections_are_per_thread_and_all_closed(tmp_path: Path) -> None:
     worker.start()
     worker.join()
     assert len(storage._all) == 2
+    engine.close()
+    assert storage._all == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_a_thread_that_ended_leaves_no_connection_open(tmp_path: Path) -> None:
+    """A program that runs each call on a new thread held a connection per thread it ever ran."""
+    storage = SQLiteStorage(tmp_path / "t.db")
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("agent-1", {})
+    engine.authorize(payment())
+    before = _open_fds()
+    for _ in range(200):
+        worker = threading.Thread(target=lambda: engine.authorize(payment()))
+        worker.start()
+        worker.join()
+    assert len(storage._all) <= 2  # this thread's, and the last worker's until the next opens
+    assert _open_fds() - before <= 8  # the last one's, the checkpointer's; was 2 per thread
+    busy = threading.Event()
+    alive = threading.Thread(target=lambda: (engine.authorize(payment()), busy.wait(30)))
+    alive.start()
+    for _ in range(20):
+        worker = threading.Thread(target=lambda: engine.authorize(payment()))
+        worker.start()
+        worker.join()
+    assert alive in [thread for thread, _, _ in storage._all]  # a living thread's stays open
+    busy.set()
+    alive.join()
+    assert len(engine.history("agent-1", limit=1000)) == 223
     engine.close()
     assert storage._all == []
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+import os
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -15,6 +17,7 @@ from mcp import Client
 from agentpolicy import PaymentRequest, PolicyEngine
 from agentpolicy.serve.app import CSP
 from agentpolicy.serve.service import ServeOptions
+from agentpolicy.storage import SQLiteStorage
 from agentpolicy.testing import ManualClock
 from tests.faulty import FaultyStorage
 from tests.serve_helpers import LINK_SECRET, Served, mcp
@@ -195,6 +198,22 @@ def test_healthz_metrics_and_the_loopback_host_check(served: Served) -> None:
                       headers={"Authorization": f"Bearer {admin}"}).status_code == 200  # fmt: skip
     rebound = httpx2.get(served.url + "/healthz", headers={"Host": "evil.example:8402"})
     assert rebound.status_code == 421  # DNS rebinding: a loopback bind answers loopback names only
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_healthz_polled_on_a_sqlite_store_holds_no_descriptor_per_poll(tmp_path: Path) -> None:
+    """Each check ran on a new thread, whose SQLite connection stayed open: 10,000 polls took
+    the service to its descriptor limit, for good, without a token."""
+    engine = PolicyEngine(storage=SQLiteStorage(tmp_path / "s.db"), clock=ManualClock())
+    try:
+        with Served(engine, ServeOptions(sweep_seconds=3600.0)) as s, httpx2.Client() as client:
+            assert client.get(s.url + "/healthz").status_code == 200
+            before = len(os.listdir("/proc/self/fd"))
+            for _ in range(150):
+                assert client.get(s.url + "/healthz").status_code == 200
+            assert len(os.listdir("/proc/self/fd")) - before <= 8  # was 300 and more
+    finally:
+        engine.close()
 
 
 def test_healthz_is_503_when_the_store_is_down() -> None:

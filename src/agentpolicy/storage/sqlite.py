@@ -403,7 +403,8 @@ class SQLiteStorage:
         self._busy_timeout = busy_timeout
         self._busy_retries = busy_retries
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        # every connection opened, with its thread and process: a thread's is closed after it ends
+        self._all: list[tuple[threading.Thread, int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._commits_until_prune = _PRUNE_EVERY
         self._appends: dict[str, int] = {}
@@ -467,8 +468,29 @@ class SQLiteStorage:
             # Connection.execute makes (and drops) a new cursor for each statement.
             self._local.cur = conn.cursor()
             with self._all_lock:
-                self._all.append(conn)
+                self._all = self._living()
+                self._all.append((threading.current_thread(), os.getpid(), conn))
         return conn
+
+    def _living(self) -> list[tuple[threading.Thread, int, sqlite3.Connection]]:
+        """The connections of threads still running; those of threads that ended are closed.
+
+        Each thread has a connection of its own; one that ends leaves its
+        connection behind. Without this a program that runs each call on a new
+        thread (``/healthz`` did, a threaded server does) held a connection,
+        and a file descriptor or two, per thread it ever ran, until none were
+        left. Only this process's are closed: a forked child leaves its
+        parent's alone.
+        """
+        pid = os.getpid()
+        kept = []
+        for thread, owner, conn in self._all:
+            if owner == pid and not thread.is_alive():
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            else:
+                kept.append((thread, owner, conn))
+        return kept
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
         """Refuse a file that holds tables, none of them agentpolicy's schema, changing nothing."""
@@ -635,7 +657,7 @@ class SQLiteStorage:
         if checkpointer is not None and self._checkpointer_pid == os.getpid():
             checkpointer.stop()
         with self._all_lock:
-            for conn in self._all:
+            for _, _, conn in self._all:
                 conn.close()
             self._all.clear()
         self._local = threading.local()
