@@ -1097,7 +1097,7 @@ def test_the_async_store_prunes_old_operation_ids_and_expired_documents(pg_schem
         await ledger.set_policy("agent-1", {"limits": {"monthly": {"value": str(10**12)}}})
         for i in range(5):
             await ledger.authorize(payment(1, idempotency_key=f"day0-{i}"))
-        clock.advance(hours=25)
+        clock.advance(hours=49)  # deleted a day after their time (storage.base.PRUNE_SLACK_US)
         await ledger.authorize(payment(1, idempotency_key="day1"))
         storage._commits_until_prune = 1  # every 1,000 commits: now
         await ledger.authorize(payment(1))

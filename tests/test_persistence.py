@@ -105,7 +105,7 @@ def test_idempotency_entries_older_than_a_day_do_not_pile_up(tmp_path: Path, kin
     engine.set_policy("agent-1", {"limits": {"monthly": {"value": str(10**12)}}})
     for i in range(5):
         engine.authorize(payment(1, idempotency_key=f"day0-{i}"))
-    clock.advance(hours=25)
+    clock.advance(hours=49)  # SQLite deletes a day after their time (storage.base.PRUNE_SLACK_US)
     engine.authorize(payment(1, idempotency_key="day1"))
 
     def kept() -> int:
@@ -118,4 +118,27 @@ def test_idempotency_entries_older_than_a_day_do_not_pile_up(tmp_path: Path, kin
         return int(storage._connection().execute(query).fetchone()[0])
 
     assert kept() == 1
+    engine.close()
+
+
+def test_an_engine_whose_clock_runs_ahead_deletes_no_idempotency_entry_another_still_answers(
+    tmp_path: Path,
+) -> None:
+    """Housekeeping ran by the pruning engine's clock: two hours ahead, it deleted for the whole
+    store entries that engines with true clocks still answered with (one key, two payments)."""
+    true_clock = ManualClock()
+    storage = SQLiteStorage(tmp_path / "skew.db")
+    engine = PolicyEngine(storage=storage, clock=true_clock)
+    engine.set_policy("agent-y", {"limits": {"weekly": {"value": str(100 * 10**6)}}})
+    engine.set_policy("agent-x", {})
+    first = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
+    engine.confirm(first.reservation_id or "")
+    true_clock.advance(hours=23)
+    ahead = PolicyEngine(storage=SQLiteStorage(tmp_path / "skew.db"),
+                         clock=ManualClock(true_clock() + timedelta(hours=2)))  # fmt: skip
+    ahead.storage._commits_until_prune = 0  # type: ignore[attr-defined]  # housekeeping: now
+    ahead.authorize(payment(1, agent_id="agent-x"))
+    again = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
+    assert again == first  # the first decision, counted once
+    ahead.close()
     engine.close()

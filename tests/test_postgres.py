@@ -550,7 +550,7 @@ def test_old_operation_ids_and_documents_past_their_ttl_are_pruned(
     for i in range(5):
         engine.authorize(payment(1, idempotency_key=f"day0-{i}"))
     ops_before = sql(pg_schema, "SELECT count(*) FROM @s.ops")[0][0]
-    clock.advance(hours=25)
+    clock.advance(hours=49)  # deleted a day after their time (storage.base.PRUNE_SLACK_US)
     engine.authorize(payment(1, idempotency_key="day1"))
     storage._commits_until_prune = 1  # every 1,000 commits: now
     engine.authorize(payment(1))
@@ -558,6 +558,28 @@ def test_old_operation_ids_and_documents_past_their_ttl_are_pruned(
     assert keys == [("i/agent-1/day1",)]
     assert sql(pg_schema, "SELECT count(*) FROM @s.ops")[0][0] == 2  # today's two
     assert ops_before >= 6
+    engine.close()
+
+
+def test_an_engine_whose_clock_runs_ahead_deletes_no_idempotency_entry_another_still_answers(
+    storage: PostgresStorage, pg_schema: str
+) -> None:
+    """Housekeeping ran by the pruning engine's clock: two hours ahead, it deleted for the whole
+    store entries that engines with true clocks still answered with (one key, two payments)."""
+    true_clock = ManualClock()
+    engine = PolicyEngine(storage=storage, clock=true_clock)
+    engine.set_policy("agent-y", {"limits": {"weekly": {"value": str(100 * 10**6)}}})
+    engine.set_policy("agent-x", {})
+    first = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
+    engine.confirm(first.reservation_id or "")
+    true_clock.advance(hours=23)
+    other = PostgresStorage(pg_schema)
+    ahead = PolicyEngine(storage=other, clock=ManualClock(true_clock() + timedelta(hours=2)))
+    other._commits_until_prune = 1  # every 1,000 commits: now
+    ahead.authorize(payment(1, agent_id="agent-x"))
+    again = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
+    assert again == first  # the first decision, counted once
+    ahead.close()
     engine.close()
 
 

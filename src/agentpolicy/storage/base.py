@@ -50,6 +50,7 @@ __all__ = [
     "serial_random",
     "op_prefix",
     "OP_KEEP_US",
+    "PRUNE_SLACK_US",
     "AsyncSession",
     "AsyncStorage",
     "Doc",
@@ -67,6 +68,21 @@ NEXT_SEQ = -(2**63)
 
 OP_KEEP_US = 86_400_000_000
 """How long a store remembers an operation id and its result: one day, in microseconds."""
+
+PRUNE_SLACK_US = 86_400_000_000
+"""How much longer a store shared by processes keeps what its housekeeping deletes: a day.
+
+Housekeeping runs in whichever engine commits, by that engine's clock; the
+operation ids and documents it deletes were timed by other engines' clocks.
+An engine whose clock ran two hours ahead deleted, for the whole store, the
+idempotency entries of agents it never touched while another engine would
+still answer with them (a key retried within its 24 hours made a second
+payment). So SQLite and PostgreSQL delete an operation id a day after
+:data:`OP_KEEP_US` has passed, and a document a day after its ttl, by the
+clock of the engine pruning. Nothing reads a document past its time by
+its presence alone (the ledger checks the times it holds), so keeping it
+longer changes no answer.
+"""
 
 
 def op_prefix(at: int) -> str:

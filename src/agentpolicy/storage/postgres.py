@@ -95,6 +95,7 @@ from agentpolicy.storage.base import (
     CONFLICT,
     NEXT_SEQ,
     OP_KEEP_US,
+    PRUNE_SLACK_US,
     Doc,
     Encoded,
     Outcome,
@@ -1013,11 +1014,12 @@ class _PostgresBase:
         if self._commits_until_prune > 0:
             return
         self._commits_until_prune = _PRUNE_EVERY
+        old = at - PRUNE_SLACK_US  # by this engine's clock, which others' may trail
         with contextlib.suppress(psycopg.Error):  # housekeeping only: the next round tries again
             yield _Pipeline(
                 [
-                    (self.sql.prune_ops, (op_prefix(at - OP_KEEP_US), _PRUNE_BATCH)),
-                    (self.sql.prune_docs, (at, _PRUNE_BATCH)),
+                    (self.sql.prune_ops, (op_prefix(old - OP_KEEP_US), _PRUNE_BATCH)),
+                    (self.sql.prune_docs, (old, _PRUNE_BATCH)),
                 ],
                 rows=False,
             )

@@ -40,6 +40,7 @@ from agentpolicy.storage.base import (
     CONFLICT,
     NEXT_SEQ,
     OP_KEEP_US,
+    PRUNE_SLACK_US,
     Doc,
     Encoded,
     Outcome,
@@ -315,8 +316,9 @@ class _SQLiteSession:
             # range of the key; documents past their ttl are found by a scan (no index to
             # keep up to date on every commit).
             self.storage._commits_until_prune = _PRUNE_EVERY
-            c.execute("DELETE FROM ops WHERE op < ?", (op_prefix(txn.at - OP_KEEP_US),))
-            c.execute("DELETE FROM docs WHERE expires <= ?", (txn.at,))
+            old = txn.at - PRUNE_SLACK_US  # by this engine's clock, which others' may trail
+            c.execute("DELETE FROM ops WHERE op < ?", (op_prefix(old - OP_KEEP_US),))
+            c.execute("DELETE FROM docs WHERE expires <= ?", (old,))
         self.storage._commits_until_prune -= 1
         return Outcome(applied=True, replayed=False, result=txn.result)
 
