@@ -262,3 +262,28 @@ def test_an_async_payment_block_that_raises_after_marking_holds_and_then_spends(
         return held, after
 
     assert asyncio.run(main()) == ((0, 30 * U), (30 * U, 0))
+
+
+def test_an_engine_whose_clock_runs_ahead_cannot_make_a_payer_that_marks_sent_overspend(
+    backend: Backend,
+) -> None:
+    """Each engine judges a TTL by its own clock: one running ahead by more than a reservation
+    has left expires it early. A payer that marks sent before its payment leaves is safe both
+    ways: marked first, the early expiry counts it as spent; expired first, marking is refused
+    and nothing is sent."""
+    clock = ManualClock(T0)
+    payer = backend.engine(clock)
+    payer.set_policy("bot", daily(100))
+    ahead = backend.engine(ManualClock(T0 + timedelta(minutes=10)))  # past every TTL here
+    marked_first = reserve(payer, 100)
+    payer.mark_sent(marked_first)  # the payment leaves
+    denied = ahead.authorize(payment(100 * U, agent_id="bot"))  # expires it early, as spent
+    assert denied.code == "DAILY_LIMIT"
+    assert used(payer) == (100 * U, 0)
+    payer.set_policy("bot", daily(200))
+    expired_first = reserve(payer, 100)
+    assert ahead.authorize(payment(100 * U, agent_id="bot")).allowed  # it was given back early
+    with pytest.raises(ConflictError) as refused:
+        payer.mark_sent(expired_first)  # so the payer learns it before sending
+    assert refused.value.code == ErrorCode.RESERVATION_EXPIRED
+    assert used(payer) == (100 * U, 100 * U)  # 200 counted: what was sent, and the other's hold
