@@ -383,6 +383,38 @@ def test_a_request_that_does_not_arrive_whole_in_time_loses_its_connection(
         assert client.get("/healthz").json() == {"status": "ok"}
 
 
+def test_a_client_that_never_reads_its_answers_loses_its_connection(
+    monkeypatch: pytest.MonkeyPatch, served: Served
+) -> None:
+    """Pipelined requests whose answers are never read held the connection (and the task
+    writing it) for ever; a connection closed with answers unsent kept its descriptor."""
+    import socket
+    import time
+
+    from agentpolicy.serve import protocol
+
+    monkeypatch.setattr(protocol, "WRITE_SECONDS", 0.5)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        # more answers than the kernel's buffers on both sides hold (about 4 MB here)
+        sock.sendall(b"GET /static/style.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 1500)
+        time.sleep(2)  # reading nothing, in real time: the server looks every 0.5 s here
+        sock.settimeout(10)
+        received, began = 0, time.monotonic()
+        try:
+            while time.monotonic() - began < 10:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except ConnectionResetError:
+            pass  # aborted: the kernel may say so at once
+    with httpx2.Client(base_url=served.url, timeout=10) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+    one = len(httpx2.get(served.url + "/static/style.css").content)
+    assert received < 1500 * one  # dropped with answers unsent, not served to the end
+    assert time.monotonic() - began < 10  # ended by the server, not by this test's timeout
+
+
 def _form_value(page: str, name: str, after: str = "") -> str:
     match = re.search(rf'name="{name}" value="([^"]+)"', page[page.find(after) :])
     assert match is not None, f"no {name} in the page"

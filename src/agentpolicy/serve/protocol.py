@@ -10,6 +10,15 @@ again after each response, the next request must arrive whole (head and
 body) within :data:`REQUEST_SECONDS`, however its bytes trickle in; else the
 connection is closed. A request that has arrived whole is the application's
 from then on, whatever it takes to answer.
+
+The answer must also leave. A client that sends requests (many at once,
+pipelined, as small pages anyone may fetch) and never reads the answers
+held its connection, and the task writing to it, for ever: uvicorn waits
+without limit for a full send buffer to drain, and a connection closed
+with answers still unsent keeps its file descriptor until they are. So
+while answers wait to be sent, every :data:`WRITE_SECONDS` they must have
+moved; if nothing left in that time, the connection is dropped (aborted,
+its unsent answers discarded).
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["REQUEST_SECONDS", "DeadlineProtocol"]
+__all__ = ["REQUEST_SECONDS", "WRITE_SECONDS", "DeadlineProtocol"]
 
 REQUEST_SECONDS = 30.0
 """How long a client has to send a whole request (head and body) on a connection."""
+
+WRITE_SECONDS = 30.0
+"""How long answers waiting to be sent may stay without any of them leaving."""
 
 
 class DeadlineProtocol(H11Protocol):
@@ -32,11 +44,14 @@ class DeadlineProtocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes waiting to be sent at the last look
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Open the connection, and start the clock on its first request."""
+        """Open the connection, and start the clocks on its first request and on its answers."""
         super().connection_made(transport)
         self._arm()
+        self._watch = self.loop.call_later(WRITE_SECONDS, self._look_at_writes)
 
     def data_received(self, data: bytes) -> None:
         """Read, and stop the clock once the request has arrived whole."""
@@ -53,7 +68,20 @@ class DeadlineProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: no clock left running for it."""
         self._disarm()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         super().connection_lost(exc)
+
+    def _look_at_writes(self) -> None:
+        """Drop the connection if the answers waiting to be sent have not moved since last time."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and unsent == self._unsent:
+            self._watch = None
+            self.transport.abort()  # close() would wait for them to leave: they never do
+            return
+        self._unsent = unsent
+        self._watch = self.loop.call_later(WRITE_SECONDS, self._look_at_writes)
 
     def _arm(self) -> None:
         self._disarm()
