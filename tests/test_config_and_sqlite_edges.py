@@ -295,6 +295,61 @@ def test_a_thread_that_ended_leaves_no_connection_open(tmp_path: Path) -> None:
     assert storage._all == []
 
 
+@pytest.mark.parametrize("how", ["replaced", "recreated", "wal removed"])
+def test_a_file_replaced_while_open_is_storage_unavailable_not_a_second_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A storage working on a file nobody else sees any more spent a limit a second time."""
+    import shutil
+
+    from agentpolicy.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
+    path = tmp_path / "r.db"
+    engine = PolicyEngine(storage=SQLiteStorage(path), clock=ManualClock())
+    engine.set_policy("a1", {"limits": {"daily": {"value": "100"}}})
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(path) as source, sqlite3.connect(backup) as target:
+        source.backup(target)  # before any payment
+    engine.confirm(engine.authorize(payment(100, agent_id="a1")).reservation_id or "")
+    if how == "replaced":
+        os.replace(backup, path)
+    elif how == "recreated":
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            name.unlink()
+        shutil.copy(backup, path)
+    else:
+        for name in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+            name.unlink()
+    with pytest.raises(PolicyError) as refused:
+        engine.authorize(payment(100, agent_id="a1"))
+    assert refused.value.code == ErrorCode.STORAGE_UNAVAILABLE
+    assert "replaced or removed while this storage had it open" in refused.value.message
+    with pytest.raises(PolicyError):  # and every call after, not only the first
+        engine.budget("a1")
+    engine.close()
+
+
+def test_a_file_left_in_place_is_looked_at_without_a_false_alarm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentpolicy.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
+    storage = SQLiteStorage(tmp_path / "k.db")
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("a1", {})
+    other = PolicyEngine(storage=SQLiteStorage(tmp_path / "k.db"), clock=ManualClock())
+    for _ in range(300):  # checkpoints truncate the -wal: the same file
+        engine.confirm(engine.authorize(payment(1, agent_id="a1")).reservation_id or "")
+        other.authorize(payment(1, agent_id="a1"))
+    storage._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert engine.authorize(payment(1, agent_id="a1")).allowed
+    other.close()
+    assert engine.authorize(payment(1, agent_id="a1")).allowed  # another process closing too
+    engine.close()
+
+
 def _names(storage: SQLiteStorage) -> list[str]:
     with storage.session("", write=False) as session:
         return [row[0] for row in session.conn.execute("SELECT name FROM docs ORDER BY name")]

@@ -49,7 +49,7 @@ from agentpolicy.storage.base import (
     op_prefix,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStorage"]
+__all__ = ["LOOK_SECONDS", "SCHEMA_VERSION", "SQLiteStorage"]
 
 SCHEMA_VERSION = 3
 
@@ -116,6 +116,9 @@ _PRUNE_EVERY = 10_000
 _CHECKPOINT_EVERY = 100
 """Commits (of this storage object) between two wake-ups of the checkpoint thread."""
 _FALLBACK_AUTOCHECKPOINT = 10_000
+
+LOOK_SECONDS = 0.5
+"""How often (at most) a storage checks that its file is still the one it opened."""
 """WAL pages past which a commit checkpoints (what is left) and the WAL starts over."""
 
 
@@ -415,7 +418,11 @@ class SQLiteStorage:
         self._checkpointer: _Checkpointer | None = None
         self._checkpointer_pid = 0
         self._create_private()
+        self._identity: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None
+        self._next_look = 0.0
         self._init_schema()
+        if self.path != ":memory:":
+            self._identity = self._files()
 
     def _create_private(self) -> None:
         try:
@@ -607,6 +614,8 @@ class SQLiteStorage:
         Leaving it commits; an error in it rolls back (a SQLite error is raised
         as :class:`~agentpolicy.errors.StorageUnavailableError`).
         """
+        if self._identity is not None and time.monotonic() >= self._next_look:
+            self._look()
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None:
@@ -615,6 +624,43 @@ class SQLiteStorage:
         if cur is None or cur.connection is not conn:  # something put in the connection's place
             return _SQLiteSession(self, conn, conn, write)
         return _SQLiteSession(self, conn, cur, write)
+
+    def _files(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """Which files the path and its ``-wal`` are now (device, inode), ``None`` where none."""
+        found: list[tuple[int, int] | None] = []
+        for name in (self.path, self.path + "-wal"):
+            try:
+                st = os.stat(name)
+            except OSError:
+                found.append(None)
+            else:
+                found.append((st.st_dev, st.st_ino))
+        return found[0], found[1]
+
+    def _look(self) -> None:
+        """Refuse to go on when the file (or its ``-wal``) is no longer the one this opened.
+
+        A storage keeps its connections open: a file replaced under it (a
+        backup restored, the ``-wal`` and ``-shm`` cleaned up) left it
+        working on the old one, which nobody else sees, while a new process
+        opening the path saw none of its payments (a limit spent twice, the
+        history of one of them lost). Checked at most every
+        :data:`LOOK_SECONDS`, before a session.
+        """
+        self._next_look = time.monotonic() + LOOK_SECONDS
+        if self._identity is None:  # pragma: no cover - only called when it is set
+            return
+        (db, wal), (now_db, now_wal) = self._identity, self._files()
+        if now_db == db and (wal is None or now_wal == wal):
+            return
+        self._next_look = 0.0  # and every session after, until the storage is opened again
+        what = "file" if now_db != db else "-wal file"
+        raise StorageUnavailableError(
+            f"the SQLite {what} of {self.path} was replaced or removed while this storage had "
+            "it open, so what it would read and write is not what other processes see; nothing "
+            "was allowed or changed. Open the storage again (restart the engine); replace a "
+            "database file only while nothing has it open"
+        )
 
     def _wake_checkpointer(self) -> None:
         """Wake the checkpoint thread (a session calls it every ``_CHECKPOINT_EVERY`` commits).
