@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import sqlite3
 import stat
@@ -280,17 +281,34 @@ def test_a_thread_that_ended_leaves_no_connection_open(tmp_path: Path) -> None:
         worker.join()
     assert len(storage._all) <= 2  # this thread's, and the last worker's until the next opens
     assert _open_fds() - before <= 8  # the last one's, the checkpointer's; was 2 per thread
-    busy = threading.Event()
-    alive = threading.Thread(target=lambda: (engine.authorize(payment()), busy.wait(30)))
+    busy, held = threading.Event(), []
+
+    def stays() -> None:
+        engine.authorize(payment())
+        held.append(storage._local.conn)
+        busy.wait(30)
+
+    alive = threading.Thread(target=stays)
     alive.start()
     for _ in range(20):
         worker = threading.Thread(target=lambda: engine.authorize(payment()))
         worker.start()
         worker.join()
-    assert alive in [thread for thread, _, _ in storage._all]  # a living thread's stays open
+    assert held[0] in [conn for _, _, conn in storage._all]  # a living thread's stays open
+    assert held[0].execute("SELECT 1").fetchone() == (1,)
     busy.set()
     alive.join()
-    assert len(engine.history("agent-1", limit=1000)) == 223
+    # threads not started by threading (``_thread``, a C library's) end the same way
+    for _ in range(50):
+        done = _thread.allocate_lock()
+        done.acquire()
+        _thread.start_new_thread(
+            lambda lock: (engine.authorize(payment()), lock.release()), (done,)
+        )
+        done.acquire()
+        time.sleep(0.01)  # the thread's own end, after it released the lock
+    assert len(storage._all) <= 3
+    assert len(engine.history("agent-1", limit=1000)) == 273
     engine.close()
     assert storage._all == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -413,6 +414,61 @@ def test_a_client_that_never_reads_its_answers_loses_its_connection(
     one = len(httpx2.get(served.url + "/static/style.css").content)
     assert received < 1500 * one  # dropped with answers unsent, not served to the end
     assert time.monotonic() - began < 10  # ended by the server, not by this test's timeout
+
+
+def test_a_client_that_reads_its_answers_slowly_keeps_its_connection(
+    monkeypatch: pytest.MonkeyPatch, served: Served
+) -> None:
+    """asyncio's buffer moves only once the kernel's queue (megabytes) is half empty: watched
+    alone, it stood still for longer than the watch while a slow reader read."""
+    import socket
+    import time
+
+    from agentpolicy.serve import protocol
+
+    monkeypatch.setattr(protocol, "WRITE_SECONDS", 0.5)
+    one = len(httpx2.get(served.url + "/static/style.css").content)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(b"GET /static/style.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 1500)
+        received = 0
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                received += len(chunk)
+                time.sleep(0.03)  # about 2 MB a second, read steadily
+                if received > 1500 * one:
+                    sock.settimeout(1)  # the last answers' headers, then nothing more
+    assert received > 1500 * one  # every answer, bodies and headers
+
+
+def test_a_connection_taken_over_by_an_upgrade_leaves_no_watch_behind(
+    monkeypatch: pytest.MonkeyPatch, served: Served
+) -> None:
+    """Each WebSocket upgrade left its HTTP protocol watching writes, rescheduled for ever."""
+    import gc
+    import socket
+    import time
+
+    from agentpolicy.serve import protocol
+
+    monkeypatch.setattr(protocol, "WRITE_SECONDS", 0.05)
+    monkeypatch.setattr(protocol, "REQUEST_SECONDS", 0.05)
+    upgrade = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+            sock.sendall(upgrade)
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+    began = time.monotonic()
+    while time.monotonic() - began < 5:
+        gc.collect()
+        left = [o for o in gc.get_objects() if isinstance(o, protocol.DeadlineProtocol)]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert left == []
 
 
 def _form_value(page: str, name: str, after: str = "") -> str:

@@ -279,6 +279,9 @@ def test_urls_are_shown_without_credentials_or_query_values(url: str, shown: str
         ("https://u:p@hooks.example:8443/s3cr3t/", "https://u:***@hooks.example:8443/***"),
         ("https://hooks.example", "https://hooks.example"),
         ("https://hooks.example/", "https://hooks.example/"),
+        # with a port, an '@' in the path or query: all of it might be a password, shown as none
+        ("https://hooks.example:8443/services/T0/B0/abc@s3cr3tTAIL", "https://***"),
+        ("https://hooks.example:8443/hook?sig=abc@s3cr3tTAIL", "https://***"),
     ],
 )  # fmt: skip
 def test_a_webhook_url_is_shown_without_its_path(url: str, shown: str) -> None:

@@ -39,6 +39,8 @@ def redact_url(url: str, *, hide_path: bool = False) -> str:
     """
     scheme, sep, rest = url.partition("://")
     userinfo, remainder = _userinfo(rest) if sep else (None, rest)
+    if hide_path and userinfo is not None and "/" in userinfo:
+        return f"{scheme}://{REDACTED}"  # an '@' past the host: what follows it is the path
     try:
         parts = urllib.parse.urlsplit(f"{scheme}{sep}{remainder}")
     except (ValueError, TypeError):

@@ -152,7 +152,7 @@ def serve(args: ServeArgs, settings: Settings, say: Callable[[str], None] | None
         config = uvicorn.Config(
             app, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
             proxy_headers=args.behind_tls_proxy, forwarded_allow_ips=args.forwarded_allow_ips,
-            server_header=False, log_level="info", lifespan="on", http=DeadlineProtocol,
+            server_header=False, log_level="info", lifespan="on", http=DeadlineProtocol, ws="none",
         )  # fmt: skip
         try:
             config.load()  # reads the certificate and key now, not after "listening on"

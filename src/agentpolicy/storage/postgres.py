@@ -48,10 +48,11 @@ after a stall), else "unknown".
 **Housekeeping.** A document written with a ``ttl`` expires at its
 commit's time (the engine's clock) plus the ttl. Every 1,000 commits a
 storage deletes, right after a commit and outside its transaction, up to
-5,000 documents that expired before that commit's time (by an index on the
-expiry, skipping rows that are locked) and operation ids older than a day
-(by key range: ids begin with their time). History is never dropped unless
-the engine sets a retention.
+5,000 documents that expired a day before that commit's time (by an index
+on the expiry, skipping rows that are locked) and operation ids older than
+two days (by key range: ids begin with their time); the extra day is for
+engines whose clocks run ahead (``storage.base.PRUNE_SLACK_US``). History
+is never dropped unless the engine sets a retention.
 
 **Schema.** Tables live in the schema named by ``?schema=`` (default
 ``agentpolicy``), created on first use under a transaction-scoped advisory

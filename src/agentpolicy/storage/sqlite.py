@@ -30,6 +30,7 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -116,10 +117,16 @@ _PRUNE_EVERY = 10_000
 _CHECKPOINT_EVERY = 100
 """Commits (of this storage object) between two wake-ups of the checkpoint thread."""
 _FALLBACK_AUTOCHECKPOINT = 10_000
+"""WAL pages past which a commit checkpoints (what is left) and the WAL starts over."""
 
 LOOK_SECONDS = 0.5
 """How often (at most) a storage checks that its file is still the one it opened."""
-"""WAL pages past which a commit checkpoints (what is left) and the WAL starts over."""
+
+
+class _Token:
+    """Held only in a thread's local data: it goes when the thread ends."""
+
+    __slots__ = ("__weakref__",)
 
 
 def _busy(exc: sqlite3.Error) -> bool:
@@ -408,8 +415,9 @@ class SQLiteStorage:
         self._busy_timeout = busy_timeout
         self._busy_retries = busy_retries
         self._local = threading.local()
-        # every connection opened, with its thread and process: a thread's is closed after it ends
-        self._all: list[tuple[threading.Thread, int, sqlite3.Connection]] = []
+        # every connection opened, with its thread's token and its process: closed once the
+        # thread ended (its token, held only in the thread's local data, is gone then)
+        self._all: list[tuple[weakref.ref[_Token], int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._commits_until_prune = _PRUNE_EVERY
         self._appends: dict[str, int] = {}
@@ -476,29 +484,31 @@ class SQLiteStorage:
             # One cursor per connection runs every session's statements:
             # Connection.execute makes (and drops) a new cursor for each statement.
             self._local.cur = conn.cursor()
+            token = self._local.token = _Token()
             with self._all_lock:
                 self._all = self._living()
-                self._all.append((threading.current_thread(), os.getpid(), conn))
+                self._all.append((weakref.ref(token), os.getpid(), conn))
         return conn
 
-    def _living(self) -> list[tuple[threading.Thread, int, sqlite3.Connection]]:
+    def _living(self) -> list[tuple[weakref.ref[_Token], int, sqlite3.Connection]]:
         """The connections of threads still running; those of threads that ended are closed.
 
         Each thread has a connection of its own; one that ends leaves its
         connection behind. Without this a program that runs each call on a new
         thread (``/healthz`` did, a threaded server does) held a connection,
         and a file descriptor or two, per thread it ever ran, until none were
-        left. Only this process's are closed: a forked child leaves its
-        parent's alone.
+        left. A thread's end is seen by its local data going (whoever started
+        it: ``threading``, ``_thread`` or a C library). Only this process's
+        are closed: a forked child leaves its parent's alone.
         """
         pid = os.getpid()
         kept = []
-        for thread, owner, conn in self._all:
-            if owner == pid and not thread.is_alive():
+        for token, owner, conn in self._all:
+            if owner == pid and token() is None:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             else:
-                kept.append((thread, owner, conn))
+                kept.append((token, owner, conn))
         return kept
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
