@@ -432,3 +432,29 @@ def test_a_file_damaged_while_it_is_open_is_storage_unavailable(tmp_path: Path) 
         assert err.value.code == ErrorCode.STORAGE_UNAVAILABLE
         assert str(path) in err.value.message
     engine.close()
+
+
+def test_a_relative_path_stays_the_same_file_after_the_directory_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new thread's connection opened the name in the new working directory: another file."""
+    from agentpolicy.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    storage = SQLiteStorage("rel.db")
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("a1", {"limits": {"daily": {"value": "100"}}})
+    engine.authorize(payment(100, agent_id="a1"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    found: list[object] = []
+    worker = threading.Thread(
+        target=lambda: found.append(engine.authorize(payment(1, agent_id="a1")))
+    )
+    worker.start()
+    worker.join()
+    assert [getattr(d, "code", d) for d in found] == ["DAILY_LIMIT"]  # the same budget, spent
+    assert not (tmp_path / "elsewhere" / "rel.db").exists()
+    assert storage.path == "rel.db"  # shown as given
+    engine.close()

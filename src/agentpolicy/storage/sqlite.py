@@ -412,6 +412,8 @@ class SQLiteStorage:
         busy_retries: int = 8,
     ) -> None:
         self.path = str(path)
+        # the file itself, wherever the process's working directory goes after this
+        self._file = self.path if self.path in ("", ":memory:") else os.path.abspath(self.path)
         self._busy_timeout = busy_timeout
         self._busy_retries = busy_retries
         self._local = threading.local()
@@ -429,7 +431,7 @@ class SQLiteStorage:
         self._identity: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None
         self._next_look = 0.0
         self._init_schema()
-        if self.path != ":memory:":
+        if self.path not in ("", ":memory:"):
             self._identity = self._files()
 
     def _create_private(self) -> None:
@@ -441,7 +443,7 @@ class SQLiteStorage:
                 f"cannot open SQLite database {self.path[:200]!r}: {exc.strerror}"
             ) from None
         with contextlib.suppress(OSError):  # a missing folder is reported by connect()
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.close(os.open(self._file, os.O_CREAT | os.O_WRONLY, 0o600))
 
     def _connection(self, *, first: bool = False) -> sqlite3.Connection:
         """The calling thread's connection; ``first``: the storage's first, which checks the file.
@@ -455,7 +457,7 @@ class SQLiteStorage:
             ms = int(self._busy_timeout / timedelta(milliseconds=1))
             try:
                 conn = sqlite3.connect(
-                    self.path,
+                    self._file,
                     isolation_level=None,
                     timeout=(ms + 0.5) / 1000,
                     check_same_thread=False,
@@ -638,7 +640,7 @@ class SQLiteStorage:
     def _files(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """Which files the path and its ``-wal`` are now (device, inode), ``None`` where none."""
         found: list[tuple[int, int] | None] = []
-        for name in (self.path, self.path + "-wal"):
+        for name in (self._file, self._file + "-wal"):
             try:
                 st = os.stat(name)
             except OSError:
@@ -683,7 +685,7 @@ class SQLiteStorage:
         if checkpointer is None or self._checkpointer_pid != os.getpid():
             with self._all_lock:  # started on first need, and again in a forked child
                 if self._checkpointer is None or self._checkpointer_pid != os.getpid():
-                    self._checkpointer = _Checkpointer(self.path)
+                    self._checkpointer = _Checkpointer(self._file)
                     self._checkpointer_pid = os.getpid()
                 checkpointer = self._checkpointer
         checkpointer.wake.set()
