@@ -458,3 +458,17 @@ def test_a_relative_path_stays_the_same_file_after_the_directory_changes(
     assert not (tmp_path / "elsewhere" / "rel.db").exists()
     assert storage.path == "rel.db"  # shown as given
     engine.close()
+
+
+def test_a_storage_used_after_close_is_no_false_alarm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentpolicy.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
+    storage = SQLiteStorage(tmp_path / "c.db")
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("a1", {})
+    storage.close()  # the last connection: SQLite removes the -wal, and makes a new one on use
+    assert engine.authorize(payment(1, agent_id="a1")).allowed
+    engine.close()

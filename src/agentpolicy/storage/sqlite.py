@@ -721,3 +721,4 @@ class SQLiteStorage:
                 conn.close()
             self._all.clear()
         self._local = threading.local()
+        self._identity = None  # used again, it opens the file anew (its -wal may be a new one)
