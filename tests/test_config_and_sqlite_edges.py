@@ -313,7 +313,7 @@ def test_a_thread_that_ended_leaves_no_connection_open(tmp_path: Path) -> None:
     assert storage._all == []
 
 
-@pytest.mark.parametrize("how", ["replaced", "recreated", "wal removed"])
+@pytest.mark.parametrize("how", ["replaced", "recreated", "wal removed", "linked, wal removed"])
 def test_a_file_replaced_while_open_is_storage_unavailable_not_a_second_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
@@ -324,7 +324,12 @@ def test_a_file_replaced_while_open_is_storage_unavailable_not_a_second_budget(
 
     monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
     path = tmp_path / "r.db"
-    engine = PolicyEngine(storage=SQLiteStorage(path), clock=ManualClock())
+    opened = path
+    if how.startswith("linked"):  # SQLite keeps the -wal beside the file, not the link
+        opened = tmp_path / "link.db"
+        opened.symlink_to(path)
+        SQLiteStorage(path).close()
+    engine = PolicyEngine(storage=SQLiteStorage(opened), clock=ManualClock())
     engine.set_policy("a1", {"limits": {"daily": {"value": "100"}}})
     backup = tmp_path / "backup.db"
     with sqlite3.connect(path) as source, sqlite3.connect(backup) as target:

@@ -640,7 +640,8 @@ class SQLiteStorage:
     def _files(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """Which files the path and its ``-wal`` are now (device, inode), ``None`` where none."""
         found: list[tuple[int, int] | None] = []
-        for name in (self._file, self._file + "-wal"):
+        # SQLite keeps the -wal beside the file a symbolic link names, not beside the link
+        for name in (self._file, os.path.realpath(self._file) + "-wal"):
             try:
                 st = os.stat(name)
             except OSError:
@@ -692,6 +693,8 @@ class SQLiteStorage:
 
     def log(self, shard: str, name: str, limit: int) -> list[tuple[int, int, Any]]:
         """The newest ``limit`` entries of a log, newest first."""
+        if self._identity is not None and time.monotonic() >= self._next_look:
+            self._look()
         try:
             rows = (
                 self._connection()
