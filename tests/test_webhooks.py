@@ -291,6 +291,18 @@ def test_a_webhook_url_is_shown_without_its_path(url: str, shown: str) -> None:
     assert "s3cr3t" not in repr(endpoint)
 
 
+def test_one_receiver_spelled_in_two_cases_is_one_url_twice() -> None:
+    """Scheme and host are compared in any case: the receiver got every event twice."""
+    with pytest.raises(PolicyValidationError, match="lists one URL twice"):
+        PolicyEngine(webhook_endpoints=[{"url": "https://hooks.example/h", "secret": "s"},
+                                        {"url": "HTTPS://Hooks.Example/h", "secret": "s"}])  # fmt: skip
+    for other in ("https://hooks.example/H", "https://u:P@hooks.example/h"):  # may differ
+        engine = PolicyEngine(webhook_endpoints=[
+            {"url": "https://u:p@hooks.example/h", "secret": "s"}, {"url": other, "secret": "s"}])  # fmt: skip
+        assert engine.webhooks is not None
+        engine.close()
+
+
 def test_an_endpoint_url_with_credentials_is_never_logged_or_shown(
     receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -295,10 +295,27 @@ def to_endpoints(raw: Iterable[object] | None) -> tuple[WebhookEndpoint, ...]:
     secret) for anything invalid, or for two endpoints with the same URL.
     """
     endpoints = tuple(_endpoint(e, f"$.webhookEndpoints[{i}]") for i, e in enumerate(raw or ()))
-    urls = [e.url for e in endpoints]
+    urls = [_same_place(e.url) for e in endpoints]
     if len(set(urls)) != len(urls):
-        raise PolicyValidationError.single("$.webhookEndpoints", "lists one URL twice")
+        raise PolicyValidationError.single(
+            "$.webhookEndpoints", "lists one URL twice (scheme and host compared in any case)"
+        )
     return endpoints
+
+
+def _same_place(url: str) -> str:
+    """``url`` with its scheme and host in lower case: two spellings of one receiver.
+
+    ``https://Hooks.Example/h`` and ``https://hooks.example/h`` reach the same
+    receiver, which got every event twice as two endpoints. The path and
+    query are compared as written (a server may tell their cases apart).
+    """
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")  # credentials keep their case
+    netloc = f"{userinfo}{at}{host.lower()}"
+    return urllib.parse.urlunsplit(
+        (parts.scheme.lower(), netloc, parts.path, parts.query, parts.fragment)
+    )
 
 
 def endpoints_from_env(env: Mapping[str, str] | None = None) -> tuple[WebhookEndpoint, ...]:
