@@ -24,6 +24,7 @@ from agentpolicy.ledger import keys
 from agentpolicy.ledger.docs import Body, levels_of
 from agentpolicy.ledger.runner import View
 from agentpolicy.ledger.state import LedgerConfig
+from agentpolicy.ledger.trees import delegation_end
 from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import Txn
 
@@ -118,9 +119,7 @@ def _underway(view: View, txn: Txn, reservation_id: str, doc: Body, now_us: int)
     names = [keys.head(level) for level in levels]
     view.read(names, guess=names)
     for level, name in zip(levels, names, strict=True):
-        head = view.doc(name)
-        dg = None if head is None else head.get("dg")
-        ended = None if dg is None else dg["rv"] if dg["rv"] is not None else dg["x"]
+        ended = delegation_end(view.doc(name))
         if ended is not None and ended <= now_us:
             raise ConflictError(
                 f"reservation {reservation_id} expired: the delegation of {level}'s budget "

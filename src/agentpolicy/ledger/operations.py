@@ -50,6 +50,7 @@ from agentpolicy.ledger.trees import (
     PolicySource,
     RelocatedError,
     chain,
+    delegation_end,
     grant_deadline,
     placed_in,
 )
@@ -795,19 +796,17 @@ def _delegated_until(heads: list[Head], owner: str, now: int) -> int:
     """
     until = MAX_SCORE
     for head in heads:
-        dg = head.body.get("dg")
-        if dg is None:
+        ended = delegation_end(head.body)
+        if ended is None:
             continue
-        ended = dg["rv"] if dg["rv"] is not None else dg["x"]
-        if ended is not None and ended <= now:
+        if ended <= now:
             raise ConflictError(
                 f"the budget of {head.agent} is no longer delegated (it was revoked or its "
                 f"delegation ended), so this approval can no longer let {owner} pay; nothing "
                 "was changed, and the approval lapses at its timeout (or deny it)",
                 code=ErrorCode.BUDGET_CONFLICT,
             )
-        if dg["x"] is not None:
-            until = min(until, dg["x"])
+        until = min(until, ended)
     return until
 
 

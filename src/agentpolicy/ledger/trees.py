@@ -78,6 +78,7 @@ __all__ = [
     "RelocatedError",
     "cap_problems",
     "chain",
+    "delegation_end",
     "last_key_at",
     "place",
     "placed_in",
@@ -631,6 +632,15 @@ def revoke(
         txn.result = result
 
     return step
+
+
+def delegation_end(head: Body | None) -> int | None:
+    """When the delegation a head records ended or ends (its revocation first), or ``None``."""
+    dg = None if head is None else head.get("dg")
+    if dg is None:
+        return None
+    ended: int | None = dg["rv"] if dg["rv"] is not None else dg["x"]
+    return ended
 
 
 def grant_deadline(levels: Sequence[Delegation | None]) -> int | None:
