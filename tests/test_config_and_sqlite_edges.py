@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -476,4 +477,33 @@ def test_a_storage_used_after_close_is_no_false_alarm(
     engine.set_policy("a1", {})
     storage.close()  # the last connection: SQLite removes the -wal, and makes a new one on use
     assert engine.authorize(payment(1, agent_id="a1")).allowed
+    engine.close()
+
+
+def _child_pays(
+    engine: PolicyEngine, storage: SQLiteStorage, parent_conn: object, out: Any
+) -> None:
+    d = engine.authorize(payment(1, agent_id="a1"))
+    mine = storage._local.conn
+    out.put((d.allowed, mine is not parent_conn, len(storage._all)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    """The thread that forked went on in the child with its parent's connection."""
+    import multiprocessing
+
+    storage = SQLiteStorage(tmp_path / "f.db")
+    engine = PolicyEngine(storage=storage, clock=ManualClock())
+    engine.set_policy("a1", {"limits": {"daily": {"value": "3"}}})
+    engine.authorize(payment(1, agent_id="a1"))
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_child_pays, args=(engine, storage, storage._local.conn, out))
+    child.start()
+    allowed, own, connections = out.get(timeout=30)
+    child.join(30)
+    assert (allowed, own, connections, child.exitcode) == (True, True, 1, 0)
+    assert engine.authorize(payment(1, agent_id="a1")).allowed  # the parent goes on
+    assert engine.authorize(payment(1, agent_id="a1")).code == "DAILY_LIMIT"  # 3 in all
     engine.close()

@@ -129,6 +129,34 @@ class _Token:
     __slots__ = ("__weakref__",)
 
 
+_OPEN: weakref.WeakSet[SQLiteStorage] = weakref.WeakSet()
+"""Every storage of this process, for :func:`_forked`."""
+
+
+def _forked() -> None:
+    """In a forked child: forget the parent's connections, so every thread opens its own.
+
+    SQLite connections must not be used across ``fork``: the thread that
+    forked went on with its parent's connection (the other threads' are of
+    no thread here). They are left open, not closed (closing one could
+    upset the locks the parent holds), and the bookkeeping lock is made
+    anew (another thread may have held it at the fork).
+    """
+    for storage in list(_OPEN):
+        _INHERITED.append((storage._all, storage._local))  # kept from closing when dropped
+        storage._all_lock = threading.Lock()
+        storage._all = []
+        storage._local = threading.local()
+
+
+_INHERITED: list[object] = []
+"""A forked child's inherited connections: never used, never closed."""
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 def _busy(exc: sqlite3.Error) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -427,6 +455,7 @@ class SQLiteStorage:
         self._commits = 0
         self._checkpointer: _Checkpointer | None = None
         self._checkpointer_pid = 0
+        _OPEN.add(self)  # a forked child starts with no connection (see _forked)
         self._create_private()
         self._identity: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None
         self._next_look = 0.0
