@@ -314,16 +314,21 @@ def test_a_thread_that_ended_leaves_no_connection_open(tmp_path: Path) -> None:
     assert storage._all == []
 
 
+@pytest.fixture
+def looking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SQLite storage checks its file before every transaction (not at most every 0.5 s)."""
+    from agentpolicy.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
+
+
 @pytest.mark.parametrize("how", ["replaced", "recreated", "wal removed", "linked, wal removed"])
 def test_a_file_replaced_while_open_is_storage_unavailable_not_a_second_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    tmp_path: Path, looking: None, how: str
 ) -> None:
     """A storage working on a file nobody else sees any more spent a limit a second time."""
     import shutil
 
-    from agentpolicy.storage import sqlite
-
-    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
     path = tmp_path / "r.db"
     opened = path
     if how.startswith("linked"):  # SQLite keeps the -wal beside the file, not the link
@@ -355,11 +360,8 @@ def test_a_file_replaced_while_open_is_storage_unavailable_not_a_second_budget(
 
 
 def test_a_file_left_in_place_is_looked_at_without_a_false_alarm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, looking: None
 ) -> None:
-    from agentpolicy.storage import sqlite
-
-    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
     storage = SQLiteStorage(tmp_path / "k.db")
     engine = PolicyEngine(storage=storage, clock=ManualClock())
     engine.set_policy("a1", {})
@@ -441,12 +443,9 @@ def test_a_file_damaged_while_it_is_open_is_storage_unavailable(tmp_path: Path) 
 
 
 def test_a_relative_path_stays_the_same_file_after_the_directory_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, looking: None
 ) -> None:
     """A new thread's connection opened the name in the new working directory: another file."""
-    from agentpolicy.storage import sqlite
-
-    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path)
     storage = SQLiteStorage("rel.db")
@@ -466,12 +465,7 @@ def test_a_relative_path_stays_the_same_file_after_the_directory_changes(
     engine.close()
 
 
-def test_a_storage_used_after_close_is_no_false_alarm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from agentpolicy.storage import sqlite
-
-    monkeypatch.setattr(sqlite, "LOOK_SECONDS", 0.0)
+def test_a_storage_used_after_close_is_no_false_alarm(tmp_path: Path, looking: None) -> None:
     storage = SQLiteStorage(tmp_path / "c.db")
     engine = PolicyEngine(storage=storage, clock=ManualClock())
     engine.set_policy("a1", {})

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agentpolicy import ApprovalStatus, PolicyEngine, ReservationStatus
+from agentpolicy import ApprovalStatus, PolicyEngine, ReservationStatus, Storage
 from agentpolicy.storage import SQLiteStorage
 from agentpolicy.testing import ManualClock, payment
 from tests import workers
 from tests.backends import Backend
+from tests.skew import a_key_retried_after_housekeeping_ahead_answers_once
 
 ROOT = Path(__file__).resolve().parent.parent
 USDT = 1_000_000
@@ -124,21 +125,9 @@ def test_idempotency_entries_older_than_a_day_do_not_pile_up(tmp_path: Path, kin
 def test_an_engine_whose_clock_runs_ahead_deletes_no_idempotency_entry_another_still_answers(
     tmp_path: Path,
 ) -> None:
-    """Housekeeping ran by the pruning engine's clock: two hours ahead, it deleted for the whole
-    store entries that engines with true clocks still answered with (one key, two payments)."""
-    true_clock = ManualClock()
-    storage = SQLiteStorage(tmp_path / "skew.db")
-    engine = PolicyEngine(storage=storage, clock=true_clock)
-    engine.set_policy("agent-y", {"limits": {"weekly": {"value": str(100 * 10**6)}}})
-    engine.set_policy("agent-x", {})
-    first = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
-    engine.confirm(first.reservation_id or "")
-    true_clock.advance(hours=23)
-    ahead = PolicyEngine(storage=SQLiteStorage(tmp_path / "skew.db"),
-                         clock=ManualClock(true_clock() + timedelta(hours=2)))  # fmt: skip
-    ahead.storage._commits_until_prune = 0  # type: ignore[attr-defined]  # housekeeping: now
-    ahead.authorize(payment(1, agent_id="agent-x"))
-    again = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
-    assert again == first  # the first decision, counted once
-    ahead.close()
-    engine.close()
+    def prune_now(storage: Storage) -> None:
+        storage._commits_until_prune = 0  # type: ignore[attr-defined]  # every 10,000 commits
+
+    a_key_retried_after_housekeeping_ahead_answers_once(
+        SQLiteStorage(tmp_path / "skew.db"), SQLiteStorage(tmp_path / "skew.db"), prune_now
+    )

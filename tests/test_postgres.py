@@ -23,6 +23,7 @@ from agentpolicy import (
     PolicyError,
     PolicyValidationError,
     ReservationStatus,
+    Storage,
     open_storage,
 )
 from agentpolicy.config import read_settings, with_overrides
@@ -34,6 +35,7 @@ from agentpolicy.testing import ManualClock, payment
 from tests import workers
 from tests.postgres_servers import PostgresServer, drop_schema, with_schema
 from tests.redis_servers import free_port
+from tests.skew import a_key_retried_after_housekeeping_ahead_answers_once
 
 ROOT = Path(__file__).resolve().parent.parent
 USDT = 1_000_000
@@ -564,23 +566,12 @@ def test_old_operation_ids_and_documents_past_their_ttl_are_pruned(
 def test_an_engine_whose_clock_runs_ahead_deletes_no_idempotency_entry_another_still_answers(
     storage: PostgresStorage, pg_schema: str
 ) -> None:
-    """Housekeeping ran by the pruning engine's clock: two hours ahead, it deleted for the whole
-    store entries that engines with true clocks still answered with (one key, two payments)."""
-    true_clock = ManualClock()
-    engine = PolicyEngine(storage=storage, clock=true_clock)
-    engine.set_policy("agent-y", {"limits": {"weekly": {"value": str(100 * 10**6)}}})
-    engine.set_policy("agent-x", {})
-    first = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
-    engine.confirm(first.reservation_id or "")
-    true_clock.advance(hours=23)
-    other = PostgresStorage(pg_schema)
-    ahead = PolicyEngine(storage=other, clock=ManualClock(true_clock() + timedelta(hours=2)))
-    other._commits_until_prune = 1  # every 1,000 commits: now
-    ahead.authorize(payment(1, agent_id="agent-x"))
-    again = engine.authorize(payment(60 * 10**6, agent_id="agent-y", idempotency_key="order-42"))
-    assert again == first  # the first decision, counted once
-    ahead.close()
-    engine.close()
+    def prune_now(other: Storage) -> None:
+        other._commits_until_prune = 1  # type: ignore[attr-defined]  # every 1,000 commits
+
+    a_key_retried_after_housekeeping_ahead_answers_once(
+        storage, PostgresStorage(pg_schema), prune_now
+    )
 
 
 def test_a_closed_storage_refuses_calls(storage: PostgresStorage) -> None:

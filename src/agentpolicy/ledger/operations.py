@@ -55,7 +55,7 @@ from agentpolicy.ledger.trees import (
     placed_in,
 )
 from agentpolicy.policy import DEFAULT_APPROVAL_TIMEOUT_MS, AgentPolicy, ApprovalThreshold
-from agentpolicy.records import ApprovalStatus
+from agentpolicy.records import ApprovalStatus, Delegation
 from agentpolicy.requests import PaymentRequest
 from agentpolicy.rules import Assessment, BookKey, Tally, Verdict, assess, judge
 from agentpolicy.storage._time import instant, micros
@@ -245,9 +245,7 @@ def authorize(
         trials = rollout.try_shadows(shadows, view, txn, cfg, books, a, names, levels, grant,
                                      now, rec)  # fmt: skip
         if verdict.code in _PASSING:
-            deadline = None if grant is None and not levels else grant_deadline(
-                [grant, *(lv.grant for lv in levels)])  # fmt: skip
-            _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, deadline, now_us,
+            _hold(txn, cfg, shard, books, names, a, rec, verdict, levels, grant, now_us,
                   trials.extra, holder)  # fmt: skip
             _alerts(txn, cfg, shard, books, a, usage)
             record(txn, cfg, agent, rec)
@@ -367,7 +365,7 @@ def _hold(
     rec: Body,
     verdict: Verdict,
     levels: list[Level],
-    deadline: int | None,
+    grant: Delegation | None,
     now: int,
     extra: Iterable[rollout.Extra] = (),
     holder: str | None = None,
@@ -376,10 +374,11 @@ def _hold(
 
     The reservation is listed under the agent and every budget above it. A
     pending approval lapses no later than the earliest delegation among them
-    ends (``deadline``); a reservation keeps its whole TTL past that end, as
-    one keeps it past a revocation: its payment may be under way, and cutting
-    it short would give back, before any block could confirm it, an amount
-    that may have been paid (a delegation can be made to end in a second).
+    ends (the agent's ``grant``, the levels'); a reservation keeps its whole
+    TTL past that end, as one keeps it past a revocation: its payment may be
+    under way, and cutting it short would give back, before any block could
+    confirm it, an amount that may have been paid (a delegation can be made
+    to end in a second).
     ``extra`` are the counters only shadow policies keep: it counts there too.
     """
     request = a.request
@@ -396,6 +395,8 @@ def _hold(
             for _, _, p in wanted
         )  # fmt: skip
         expires = now + timeout_ms * 1000
+        deadline = None if grant is None and not levels else grant_deadline(
+            [grant, *(lv.grant for lv in levels)])  # fmt: skip
         if deadline is not None:
             expires = min(expires, deadline)
         approval_id = keys.new_id("apr", agent, token)

@@ -442,6 +442,8 @@ class SQLiteStorage:
         self.path = str(path)
         # the file itself, wherever the process's working directory goes after this
         self._file = self.path if self.path in ("", ":memory:") else os.path.abspath(self.path)
+        # SQLite keeps the -wal beside the file a symbolic link names, not beside the link
+        self._wal = os.path.realpath(self._file) + "-wal"
         self._busy_timeout = busy_timeout
         self._busy_retries = busy_retries
         self._local = threading.local()
@@ -669,8 +671,7 @@ class SQLiteStorage:
     def _files(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """Which files the path and its ``-wal`` are now (device, inode), ``None`` where none."""
         found: list[tuple[int, int] | None] = []
-        # SQLite keeps the -wal beside the file a symbolic link names, not beside the link
-        for name in (self._file, os.path.realpath(self._file) + "-wal"):
+        for name in (self._file, self._wal):
             try:
                 st = os.stat(name)
             except OSError:
