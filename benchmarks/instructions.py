@@ -60,6 +60,10 @@ def op():  # the same cycle with a new request each time, as a caller makes them
     d = engine.authorize(PaymentRequest(**fields))
     engine.confirm(d.reservation_id)
 """,
+    "floor": """
+from floor import floor_cycle
+op = floor_cycle()
+""",
     "counters": """
 from run import make_engine, cycle, full_policy, NOW, REQUEST
 from agentpolicy import load_policy
@@ -137,15 +141,19 @@ def main() -> None:
     print(f"instructions per operation (valgrind cachegrind, {high - low} operations)", flush=True)
     figures = {
         name: per_op(name, low, high, 300)
-        for name in ("limits", "rules", "counters", "memory", "fresh", "bare", "sqlite")
+        for name in ("limits", "floor", "rules", "counters", "memory", "fresh", "bare", "sqlite")
     }
     rows = [
         ("the rules alone (assess+judge, no ledger), every rule kind", "rules", "limits",
          "a limits moving-window hit on a fresh storage"),
         ("the calendar counters alone (12: six windows, its token's and every token's)",
          "counters", "limits", "a limits moving-window hit on a fresh storage"),
+        ("the same cycle's work hand-inlined on plain dicts (floor.py: a lower bound)",
+         "floor", "limits", "a limits moving-window hit on a fresh storage"),
         ("authorize+confirm, memory, every rule kind", "memory", "limits",
          "a limits moving-window hit on a fresh storage"),
+        ("authorize+confirm, memory, every rule kind", "memory", "floor",
+         "the hand-inlined floor"),
         ("the same with a new PaymentRequest each time (made by the caller)", "fresh", "limits",
          "a limits moving-window hit on a fresh storage"),
         ("authorize+confirm, SQLite file (WAL)", "sqlite", "bare",

@@ -146,6 +146,14 @@ def memory_vs_limits() -> None:
     row("authorize+confirm, memory, every rule kind", us(value),
         f"limits moving-window hit on a fresh storage {us(anchor)}", value / anchor,
         "<= 6x")  # fmt: skip
+    from floor import floor_cycle  # the same work hand-inlined on plain dicts (a lower bound)
+
+    floor = per_call(floor_cycle(), 5_000)
+    row("the same cycle's work hand-inlined on plain dicts (benchmarks/floor.py: a lower "
+        "bound, not the product)", us(floor), f"limits moving-window hit on a fresh storage "
+        f"{us(anchor)}", floor / anchor, "reported")  # fmt: skip
+    row("authorize+confirm, memory, every rule kind", us(value), f"the hand-inlined floor "
+        f"{us(floor)}", value / floor, "reported")  # fmt: skip
     crowded = limits_hit(20_000)
     row("the same anchor on one storage whose window holds up to 20,000 hits (as measured "
         "before 2026-12-03)", us(crowded), f"on a fresh storage {us(anchor)}", crowded / anchor,
