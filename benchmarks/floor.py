@@ -13,7 +13,7 @@ results as the engine:
 - the twelve calendar counters (six windows, the payment's token and every
   token) read, checked against the four limits with what is reserved, and
   moved twice (reserved on authorize, spent on confirm);
-- a reservation with a random id, an expiry index entry, one history record
+- a reservation with an id made as the ledger makes it, an expiry index entry, one history record
   and one operation id per call, the request's idempotency key looked up;
 - the :class:`~agentpolicy.Decision` and the :class:`~agentpolicy.Reservation`,
   made by position as the ledger makes them.
@@ -36,8 +36,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentpolicy import Code, Decision, PaymentRequest, Reservation, load_policy
+from agentpolicy.ledger.keys import new_id, new_token
 from agentpolicy.records import ReservationStatus
 from agentpolicy.rules import assess
+from agentpolicy.storage._time import micros
 from agentpolicy.storage.base import serial_random
 from run import NOW, REQUEST, full_policy
 
@@ -70,6 +72,7 @@ class Floor:
         self._keys: tuple[str, ...] = ()
         # the decision's windows, as the rules give them (worked out once: generous)
         self._windows = assess(load_policy(full_policy()), REQUEST, NOW).windows
+        self._window_names = tuple(w.key for w in self._windows)
 
     def _window_keys(self, now: datetime) -> tuple[str, ...]:
         hour = (now.year, now.month, now.day, now.hour)
@@ -113,7 +116,7 @@ class Floor:
                     return None
             for row in rows:
                 row[1] += units
-            rid = "res_" + serial_random()
+            rid = new_id("res", req.agent_id, new_token(micros(now)))
             expires = now + _TTL
             self._reservations[rid] = {
                 "st": "reserved", "agent": req.agent_id, "req": req, "rows": rows,
@@ -142,7 +145,7 @@ class Floor:
             self._ops[serial_random()] = rid
             req = doc["req"]
             return Reservation(
-                rid, doc["agent"], ReservationStatus.CONFIRMED, req.asset_amount, self._windows,
+                rid, doc["agent"], ReservationStatus.CONFIRMED, req.asset_amount, self._window_names,
                 doc["c"], doc["x"], now, req, 1, None, None,
             )  # fmt: skip
 
