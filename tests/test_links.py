@@ -112,6 +112,13 @@ def test_a_link_for_another_approval_or_altered_or_from_another_secret_is_refuse
     assert engine.redeem_link(genuine).votes[0].approver == "alice"
     with pytest.raises(PolicyValidationError):
         engine.redeem_link("x" * 9000)  # longer than any token minted
+    # not ASCII (a MAC, a body, a lone surrogate from a JSON escape): refused as altered, where
+    # comparing it raised TypeError and the engine answered STORAGE_UNAVAILABLE
+    for odd in (f"{head}.{body}.\u00e9", f"{head}.{body}\u00e9.{mac}", f"{head}.{body}.\udcff"):
+        refused(engine, aid, "APPROVER_NOT_AUTHORIZED", odd)
+        with pytest.raises(ForbiddenError) as caught:
+            engine.inspect_link(odd)
+        assert caught.value.code == "APPROVER_NOT_AUTHORIZED"
 
 
 def test_links_leave_out_requesters_registered_approvers_and_signed_only_approvals(

@@ -279,6 +279,8 @@ def test_the_vote_form_refuses_cross_site_posts_and_foreign_tokens(env: Env) -> 
         ({**form, "csrf": csrf}, {"Sec-Fetch-Site": "same-site"}),
         (form, {}),
         ({**form, "csrf": ""}, {}),
+        ({**form, "csrf": "\u00e9"}, {}),  # not ASCII: compare_digest raised, a 500 and a traceback
+        ({**form, "csrf": csrf[:-1] + "\u00e9"}, {}),
         ({**form, "csrf": signout}, {}),
         ({**form, "csrf": theirs}, {}),
         ({**form, "approval": other, "csrf": csrf}, {}),
@@ -300,6 +302,8 @@ def test_sign_in_needs_its_nonce_and_sign_out_needs_its_form(env: Env) -> None:
     assert b.post("/signin", data={"token": alice, "csrf": "x"}).status_code == 403
     form = b.get("/signin")
     csrf = _value(form.text, "csrf")
+    for odd in ("\u00e9", "%FF"):  # with the nonce cookie, anyone could have a 500 so
+        assert b.post("/signin", data={"token": alice, "csrf": odd}).status_code == 403
     r = b.post("/signin", data={"token": alice, "csrf": csrf},
                headers={"Origin": "https://evil.example"})  # fmt: skip
     assert r.status_code == 403
@@ -307,6 +311,7 @@ def test_sign_in_needs_its_nonce_and_sign_out_needs_its_form(env: Env) -> None:
     assert b.post("/signin", data={"token": alice, "csrf": csrf}).status_code == 303
     # a cross-site sign-out (without the header form's token) does not end the session
     assert b.post("/signout", data={}).status_code == 403
+    assert b.post("/signout", data={"csrf": "\u00e9"}).status_code == 403
     assert b.get("/approvals").status_code == 200
 
 

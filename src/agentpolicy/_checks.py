@@ -9,6 +9,7 @@ that nest values move them below their own path.
 from __future__ import annotations
 
 import functools
+import hmac
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -330,6 +331,18 @@ def utf8_text(text: str) -> bool:
     spell one with an escape; no reply, page or request could carry it.
     """
     return text.isascii() or _SURROGATE.search(text) is None
+
+
+def same_secret(presented: object, expected: str) -> bool:
+    """Whether ``presented`` is the secret ``expected`` (ASCII), compared in constant time.
+
+    ``hmac.compare_digest`` raises ``TypeError`` on a string that is not
+    ASCII; what a caller presents may be anything, so anything else (a
+    non-string, or a string that is not ASCII) is simply not the secret.
+    """
+    return (
+        type(presented) is str and presented.isascii() and hmac.compare_digest(presented, expected)
+    )
 
 
 def plain_text(value: object, max_len: int = MAX_TEXT) -> bool:

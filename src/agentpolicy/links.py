@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from agentpolicy._checks import same_secret
 from agentpolicy.approvals import DECISIONS
 from agentpolicy.errors import ErrorCode, ForbiddenError, PolicyValidationError
 
@@ -99,9 +100,9 @@ def read(key: bytes, token: object) -> LinkClaims:
     if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN:
         raise PolicyValidationError.single("$.token", "must be an approval link token")
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not token.isascii():  # minted: ASCII
         raise _refused()
-    if not hmac.compare_digest(_mac(key, parts[1]), parts[2]):
+    if not same_secret(parts[2], _mac(key, parts[1])):
         raise _refused()
     try:
         data: Any = json.loads(_unb64(parts[1]))

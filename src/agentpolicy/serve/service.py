@@ -23,7 +23,7 @@ import attrs
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from agentpolicy._checks import person
+from agentpolicy._checks import person, same_secret
 from agentpolicy.aio import AsyncPolicyEngine
 from agentpolicy.engine import PolicyEngine
 from agentpolicy.errors import NotFoundError
@@ -182,7 +182,7 @@ class Service:
         """Refuse a POST from another site, or whose CSRF token is not the one ``binding`` gives."""
         self.check_origin(request)
         expected = await self.csrf(binding)
-        if not isinstance(presented, str) or not hmac.compare_digest(presented, expected):
+        if not same_secret(presented, expected):  # anything that is not it, a non-ASCII one too
             raise Denied(403, "Refused", "This form has expired: reload the page and try again.")
 
     def cookie(self, response: Response, name: str, value: str, max_age: int | None) -> None:
