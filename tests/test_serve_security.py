@@ -403,6 +403,21 @@ def test_link_tokens_stay_out_of_logs_referers_and_caches(env: Env) -> None:
     assert page.headers.get_list("referrer-policy") == ["origin"]
     assert '<meta name="referrer" content="origin">' in page.text
     assert page.headers["cache-control"] == "no-store"
+    # a page refusing the link (another approval's id), and the sign-in page a signed-out
+    # /approvals?t= goes to (the token in its next=): their style and script fetches sent the
+    # whole URL, the valid token in it, as the Referer (Referrer-Policy and meta same-origin)
+    other = env.pending()
+    b = env.browser()
+    refused = b.get(f"/approvals/{other}", params={"t": link})
+    went = b.get("/approvals", params={"t": link}, headers={"Accept": "text/html"})
+    signin = b.get(went.headers["location"])
+    for answer in (refused, went, signin):
+        assert answer.headers.get_list("referrer-policy") == ["origin"], answer.url
+        assert '<meta name="referrer"' not in answer.text  # no meta to override the header
+    assert link in str(signin.url)
+    plain = b.get("/signin")  # no query: nothing to hide from its own origin
+    assert plain.headers.get_list("referrer-policy") == ["same-origin"]
+    assert '<meta name="referrer"' not in plain.text
     line = f'127.0.0.1:5000 - "GET /approvals/{approval}?x=1&t={link}&y=2 HTTP/1.1" 200'
     assert link not in redact_links(line)
     assert "t=***&y=2" in redact_links(line)

@@ -257,6 +257,9 @@ class _Guard:
         if route not in _ROUTES:  # a fixed set of labels, whatever paths callers send
             route = "other"
         hsts = self.options.hsts
+        # a URL with a query may hold a link token (``?t=``, or inside ``next=``): its page's
+        # fetches (style, script, the form) carry no path or query in their Referer
+        referrer = b"origin" if scope.get("query_string") else b"same-origin"
         started = False
 
         async def with_headers(message: Message) -> None:
@@ -266,8 +269,8 @@ class _Guard:
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
                 extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
-                if b"referrer-policy" not in names:  # a link's page sets its own, stricter one
-                    extra.append((b"referrer-policy", b"same-origin"))
+                if b"referrer-policy" not in names:  # a link's page sets its own
+                    extra.append((b"referrer-policy", referrer))
                 if any(k == b"content-type" and v.startswith(b"text/html") for k, v in headers):
                     extra.append((b"content-security-policy", CSP.encode()))
                 if b"cache-control" not in names:
