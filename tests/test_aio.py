@@ -285,9 +285,12 @@ def test_close_waits_for_a_payment_under_way_and_refuses_one_not_yet_sent() -> N
     engine.close()
 
 
-def test_close_begun_during_an_authorize_waits_for_the_block_it_lets_in() -> None:
+@pytest.mark.parametrize("key", [None, "order-1"])
+def test_close_begun_during_an_authorize_waits_for_the_block_it_lets_in(key: str | None) -> None:
     """close() during the authorize drained once its task ended, before the block was
-    registered: it closed the stores while the block paid, and the confirm was refused."""
+    registered: it closed the stores while the block paid, and the confirm was refused.
+    With an idempotency key, the claim after the authorize was refused by the closing engine:
+    the block never ran and its reservation stayed held until its TTL."""
     engine = PolicyEngine(clock=ManualClock())
     engine.set_policy("agent-1", DAILY_100)
     inside, go = threading.Event(), threading.Event()
@@ -305,7 +308,8 @@ def test_close_begun_during_an_authorize_waits_for_the_block_it_lets_in() -> Non
         aengine = AsyncPolicyEngine.from_engine(engine)
 
         async def pay() -> None:
-            async with aengine.payment(payment(30_000_000, agent_id="agent-1")):
+            request = payment(30_000_000, agent_id="agent-1", idempotency_key=key)
+            async with aengine.payment(request):
                 for _ in range(20):  # the payment is on its way
                     await asyncio.sleep(0)
                 outcomes.append("paid")
@@ -329,6 +333,26 @@ def test_close_begun_during_an_authorize_waits_for_the_block_it_lets_in() -> Non
     window = next(iter(engine.budget("agent-1").periods.values()))
     assert (window.spent.value, window.reserved.value) == (30_000_000, 0)  # confirmed
     engine.close()
+
+
+def test_close_drains_while_worker_threads_finish_calls() -> None:
+    """Worker threads removed their finished calls from the set close() was reading on the
+    loop's thread: "Set changed size during iteration", and close() gave up draining (the
+    stores and the threads left open, confirms it should have waited for refused)."""
+
+    async def once() -> None:
+        aengine = AsyncPolicyEngine(storage="memory://", clock=ManualClock(), max_workers=32)
+        await aengine.set_policy("bot", {"limits": {"daily": {"value": str(10**12)}}})
+        calls = [aengine.authorize(payment(1, agent_id="bot")) for _ in range(1_000)]
+        started = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0)  # handed to the pool
+        await aengine.close()  # raised RuntimeError in 1 of 1 to 3 tries before
+        assert aengine._pool._shutdown  # type: ignore[attr-defined]
+        answers = await asyncio.gather(*started, return_exceptions=True)
+        assert all(not isinstance(a, BaseException) for a in answers)  # each waited for
+
+    for _ in range(4):
+        asyncio.run(once())
 
 
 def test_close_waits_for_a_block_that_never_ends_no_longer_than_its_reservation_lives(

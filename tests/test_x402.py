@@ -607,6 +607,65 @@ def test_an_engine_closed_right_after_a_cancelled_x402_call_has_released_what_it
     assert [h.event for h in engine.history("bot", 1)] == ["release"]
 
 
+@pytest.mark.parametrize("ended_first", [False, True])
+def test_a_cancelled_x402_call_on_a_sync_engine_releases_even_as_the_loop_ends(
+    ended_first: bool,
+) -> None:
+    """With a sync engine, the release after a cancelled authorize was a task of its own:
+    asyncio.run ending cancelled it before it began, and the amount stayed held until its TTL.
+    Cancelled while the authorize runs (its thread releases), or after it ended but before the
+    task took its answer (a thread of its own releases)."""
+    engine = PolicyEngine(clock=ManualClock())
+    engine.set_policy("bot", BUDGET_FOR_5)
+    signer = CountingSigner()
+    inside, finished, go = threading.Event(), threading.Event(), threading.Event()
+    original = engine.authorize
+
+    def held(request: Any, **kw: Any) -> Any:  # in a thread of the default executor
+        inside.set()
+        go.wait(10)
+        try:
+            return original(request, **kw)
+        finally:
+            finished.set()
+
+    engine.authorize = held  # type: ignore[method-assign]
+    released_in: list[str] = []
+    release = engine.release
+
+    def watched(*args: Any, **kw: Any) -> Any:
+        released_in.append(threading.current_thread().name)
+        return release(*args, **kw)
+
+    engine.release = watched  # type: ignore[method-assign]
+
+    async def main() -> None:
+        client = x402Client()
+        client.register(NETWORK, ExactEvmClientScheme(signer))
+        guard_x402(client, engine, "bot")
+        task = asyncio.ensure_future(client.create_payment_payload(payment_required()))
+        await asyncio.get_running_loop().run_in_executor(None, inside.wait, 10)
+        if ended_first:
+            go.set()
+            assert finished.wait(10)  # the loop is blocked here: the task cannot take it yet
+            time.sleep(0.5)  # the thread hands its answer over (a few lines of Python)
+        task.cancel()
+        if not ended_first:  # the task takes the cancel while the authorize still waits
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        go.set()  # returning ends asyncio.run, which cancels every task left
+
+    asyncio.run(main())  # waits for the default executor's threads
+    for thread in threading.enumerate():
+        if thread.name == "agentpolicy-x402-release":
+            thread.join(10)
+    assert signer.signatures == 0
+    assert spent_and_reserved(engine) == (0, 0)
+    assert [h.event for h in engine.history("bot", 2)] == ["release", "decision"]
+    assert len(released_in) == 1
+    assert (released_in[0] == "agentpolicy-x402-release") is ended_first, released_in
+
+
 # --- wiring ----------------------------------------------------------------------------------------
 
 

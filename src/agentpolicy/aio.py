@@ -40,6 +40,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -190,6 +191,9 @@ class AsyncPolicyEngine:
         self._owned = owned
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="agentpolicy-aio")
         self._running: set[Future[Any]] = set()
+        """Calls running in the pool; each leaves from the thread that ran it, so the set is
+        only touched under ``_running_lock`` (close() reads it on the event loop's thread)."""
+        self._running_lock = threading.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         """Background work started for this engine (see :meth:`_spawn`); close awaits it."""
         self._blocks: dict[object, tuple[asyncio.Task[Any] | None, asyncio.Future[None]]] = {}
@@ -285,9 +289,15 @@ class AsyncPolicyEngine:
         self._check_open()
         context = contextvars.copy_context()
         future = self._pool.submit(context.run, functools.partial(call, *args, **kwargs))
-        self._running.add(future)
-        future.add_done_callback(self._running.discard)
+        with self._running_lock:
+            self._running.add(future)
+        future.add_done_callback(self._ran)
         return await asyncio.wrap_future(future)
+
+    def _ran(self, future: Future[Any]) -> None:
+        """A call in the pool ended (called in the thread that ran it)."""
+        with self._running_lock:
+            self._running.discard(future)
 
     @property
     def reservation_ttl(self) -> timedelta:
@@ -622,7 +632,9 @@ class AsyncPolicyEngine:
             skip = self._closers
             now = loop.time()
             waits: list[asyncio.Future[Any]] = [t for t in self._tasks if t not in skip]
-            waits += [asyncio.wrap_future(f) for f in self._running]
+            with self._running_lock:  # worker threads remove theirs meanwhile
+                running = list(self._running)
+            waits += [asyncio.wrap_future(f) for f in running]
             blocks = [
                 left
                 for task, left in self._blocks.values()

@@ -496,10 +496,13 @@ class AsyncPaymentGuard(_Guard):
         """
         rid, holder, engine = decision.reservation_id or "", self._holder, self._engine
         try:
+            # admitted while the engine closes, as a confirm is: the block entered before close()
+            # began (else its authorize or get_approval was refused), so close() waits for it
             return await _undone_if_cancelled(
                 engine.claim(rid, holder),
                 lambda _: engine.release(rid, holder=holder),
                 engine=engine,
+                settling=True,
             )
         except ConflictError as err:
             raise _refuse(decision, err) from None
@@ -604,13 +607,15 @@ async def _undone_if_cancelled(
     needed: Callable[[_T], bool] = lambda _: True,
     *,
     engine: AsyncPolicyEngine | None = None,
+    settling: bool = False,
 ) -> _T:
     """Await ``call``; if the caller is cancelled meanwhile, let it finish, then undo it.
 
     Once the call has succeeded after all, ``undo(result)`` runs in the
     background (when ``needed(result)``). The undo is started by the call's
     own task as it ends, so an engine closing meanwhile sees it before that
-    task is over, and waits for it.
+    task is over, and waits for it. ``settling``: the call is admitted while
+    the engine closes (see :func:`_start`).
     """
     import asyncio  # noqa: PLC0415 - only async code pays for importing asyncio
 
@@ -622,7 +627,7 @@ async def _undone_if_cancelled(
             _in_background(engine, lambda: undo(result))
         return result
 
-    task = _start(engine, call_then_undo(), settling=False)
+    task = _start(engine, call_then_undo(), settling=settling)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

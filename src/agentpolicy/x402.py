@@ -546,6 +546,9 @@ class X402Guard:
         """Authorize the selected requirements before anything is signed."""
         terms = _terms(ctx.selected_requirements)  # before anything can change them
         request = self._request(ctx)
+        if not isinstance(self.engine, AsyncPolicyEngine):
+            self._admit(ctx, request, terms, await self._authorize_in_thread(request))
+            return
         authorize = self._call("authorize", request)
         self._admit(
             ctx,
@@ -557,6 +560,46 @@ class X402Guard:
                 engine=self._async_engine(),
             ),
         )
+
+    async def _authorize_in_thread(self, request: PaymentRequest) -> Decision:
+        """Authorize on a sync engine in a thread; if the task is cancelled, release after it.
+
+        The release is started by a thread, not by a task: a task cancelled
+        meanwhile (``asyncio.run`` ending cancels every task) would never
+        start it, and the reservation would be held until its TTL. The
+        authorize's own thread releases when the cancel came first; when the
+        authorize ended first, a thread of its own does (a thread the
+        interpreter waits for at exit).
+        """
+        engine, holder = self._sync(), self._holder
+        lock = threading.Lock()
+        ended: list[Decision] = []
+        abandoned = False
+
+        def give_back(decision: Decision) -> None:
+            rid = decision.reservation_id
+            if decision.allowed and rid is not None:
+                self._quietly(lambda: engine.release(rid, holder=holder), rid)
+
+        def run() -> Decision:
+            decision = engine.authorize(request, holder=holder)
+            with lock:
+                ended.append(decision)
+                undo = abandoned
+            if undo:
+                give_back(decision)
+            return decision
+
+        try:
+            return await asyncio.to_thread(run)
+        except asyncio.CancelledError:
+            with lock:
+                abandoned = not ended  # the authorize's thread gives it back as it ends
+            if ended:  # it ended, its answer not taken: given back by a thread of its own
+                threading.Thread(
+                    target=give_back, args=(ended[0],), name="agentpolicy-x402-release"
+                ).start()
+            raise
 
     async def after_async(self, ctx: PaymentCreatedContext) -> None:
         """Check that what was signed is what was authorized (see :meth:`after_sync`)."""
