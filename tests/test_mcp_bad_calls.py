@@ -68,6 +68,11 @@ def test_the_tools_say_a_name_that_is_no_string_names_no_tool() -> None:
         assert found["error"] == {"code": "UNKNOWN_TOOL", "message": "a tool call's name must "
                                   f"be a string naming a tool, not {kind}"}  # fmt: skip
     assert app.call("agent_policy_nope", {})["error"]["code"] == "UNKNOWN_TOOL"
+    # a name of a million characters was echoed whole (three times in the MCP answer)
+    long = app.call("x" * 1_000_000, {})["error"]
+    assert long["code"] == "UNKNOWN_TOOL"
+    assert len(long["message"]) < 400
+    assert "1000002 characters" in long["message"]  # its repr, quotes included
 
 
 # -- over Streamable HTTP (agentpolicy serve) -----------------------------------------------

@@ -268,7 +268,7 @@ class AgentPolicyMcpServer:
             )
         tool = find_tool(name)
         if tool is None:
-            return _error(ErrorCode.UNKNOWN_TOOL, f"unknown tool {name!r}")
+            return _error(ErrorCode.UNKNOWN_TOOL, f"unknown tool {_brief(repr(name))}")
         if tool.admin_only and self.role != "admin":
             return _error(
                 ErrorCode.FORBIDDEN,

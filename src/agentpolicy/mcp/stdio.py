@@ -13,6 +13,7 @@ starts it.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import dataclasses
 import json
@@ -252,6 +253,21 @@ DRAIN_SECONDS = 120.0
 """How long, once stdin has ended, the server waits for calls under way to be answered."""
 
 
+def _call_key(request_id: Any) -> Any:
+    """A request id as the SDK correlates it: a string ``int()`` reads is that number.
+
+    The SDK cancels request ``11`` on ``notifications/cancelled`` naming
+    ``"11"`` (or ``"1_1"``, which ``int()`` reads too), as the TypeScript SDK
+    does; the drain must count the same call as cancelled.
+    """
+    if isinstance(request_id, str):
+        try:
+            return int(request_id)
+        except ValueError:
+            return request_id
+    return request_id
+
+
 async def _run(server: Server[Any], read: Any, write: Any) -> None:
     """Run ``server`` on the stdio streams, answering every line it would drop.
 
@@ -264,13 +280,18 @@ async def _run(server: Server[Any], read: Any, write: Any) -> None:
     """
     to_server, server_read = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     server_write, from_server = anyio.create_memory_object_stream[SessionMessage](0)
-    open_calls: set[str | int] = set()
+    # calls under way, counted by id as the SDK correlates them ("7" and 7 are one id), and
+    # counted, not merely noted: a client may send one id twice, and each call is answered
+    open_calls: collections.Counter[Any] = collections.Counter()
     changed = anyio.Event()
 
     def settled(request_id: Any) -> None:
         nonlocal changed
-        if request_id in open_calls:
-            open_calls.discard(request_id)
+        key = _call_key(request_id)
+        if open_calls[key] > 0:
+            open_calls[key] -= 1
+            if not open_calls[key]:
+                del open_calls[key]
             changed.set()
             changed = anyio.Event()
 
@@ -280,7 +301,7 @@ async def _run(server: Server[Any], read: Any, write: Any) -> None:
                 if not isinstance(item, Exception):
                     message = item.message
                     if isinstance(message, types.JSONRPCRequest):
-                        open_calls.add(message.id)
+                        open_calls[_call_key(message.id)] += 1
                     elif (
                         isinstance(message, types.JSONRPCNotification)
                         and message.method == "notifications/cancelled"
@@ -297,7 +318,7 @@ async def _run(server: Server[Any], read: Any, write: Any) -> None:
                     await changed.wait()
             if waiting.cancelled_caught:
                 log.warning("stdin ended; %d call(s) still unanswered after %g s",
-                            len(open_calls), DRAIN_SECONDS)  # fmt: skip
+                            open_calls.total(), DRAIN_SECONDS)  # fmt: skip
 
     async def answer() -> None:  # the server's messages to stdout; closes it after the last
         async with from_server, write:
