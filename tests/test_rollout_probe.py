@@ -767,6 +767,30 @@ def test_promote_with_set_at_promotes_only_the_shadow_that_was_reviewed(backend:
     assert (err.value.code, err.value.path) == (ErrorCode.INVALID_INPUT, "$.setAt")
 
 
+@pytest.mark.parametrize("behind", [0, 5])
+def test_shadows_set_in_one_instant_are_told_apart_by_set_at(backend: Backend, behind: int) -> None:
+    """Two shadows set in the same microsecond (a coarse clock, two administrators at once) had
+    one set_at, and promoting the reviewed one's set_at made the other, unreviewed, live. So
+    did one set by a clock behind, and one set after the reviewed one was cleared."""
+    clock = ManualClock()
+    admin_a = backend.engine(clock)
+    admin_b = backend.engine(ManualClock(clock.now - timedelta(seconds=behind)))
+    admin_a.set_policy("bot", {"limits": {"daily": {"value": "100"}}})
+    reviewed = admin_a.set_shadow_policy("bot", {"limits": {"daily": {"value": "50"}}})
+    replaced = admin_b.set_shadow_policy("bot", {"limits": {"daily": {"value": "100000"}}})
+    assert replaced.set_at > reviewed.set_at
+    admin_a.clear_shadow_policy("bot")
+    again = admin_b.set_shadow_policy("bot", {"limits": {"daily": {"value": "100000"}}})
+    assert again.set_at > replaced.set_at
+    assert admin_a.get_shadow_policy("bot") == again
+    for stale in (reviewed, replaced):
+        with pytest.raises(PolicyError) as err:
+            admin_a.promote_shadow_policy("bot", set_at=stale.set_at)
+        assert err.value.code == ErrorCode.SHADOW_OUTDATED
+    assert admin_a.get_policy("bot").version == 1  # type: ignore[union-attr]
+    assert admin_a.promote_shadow_policy("bot", set_at=again.set_at) == 2
+
+
 def test_promote_with_set_at_over_mcp_and_the_command_line(tmp_path: Path) -> None:
     from agentpolicy import cli
     from agentpolicy.codec import format_instant

@@ -374,7 +374,12 @@ def set_shadow(
             raise NotFoundError(f"no policy is set for agent {agent}", code=ErrorCode.NO_POLICY)
         _same_parent(agent, policy, policies(agent, version, view))
         serial = keys.new_token(now_us)
-        doc = {"policy": data, "at": now_us, "id": serial, "pv": version, "n": {}}
+        # set_at names the shadow a promotion was reviewed for: one set in the same microsecond
+        # as the one before it (or, by a clock behind, earlier) is stamped just after it, so no
+        # two shadows of an agent share an instant (a cleared or promoted one keeps its own)
+        before = view.doc(keys.shadow(agent))
+        at = now_us if before is None or before.get("at", -1) < now_us else before["at"] + 1
+        doc = {"policy": data, "at": at, "id": serial, "pv": version, "n": {}}
         txn.put[keys.shadow(agent)] = doc
         head.set("sh", serial)
         head.write(txn)
@@ -394,7 +399,8 @@ _CLEARED: Body = {"id": ""}
 """What :func:`keys.shadow` holds once its shadow is cleared or promoted: no shadow.
 
 Its ``id`` is no serial (nor ``None``, what a head without ``"sh"`` gives),
-so nothing takes it for a shadow.
+so nothing takes it for a shadow. Written, it keeps the ``at`` of the shadow
+it ends, so that the next shadow is stamped later (see ``set_shadow``).
 
 The document is overwritten, never deleted, so that its version only ever
 grows. A deleted document written again starts at version 1, and an
@@ -436,7 +442,7 @@ def clear_shadow(cfg: LedgerConfig, agent: str) -> Step:
             raise _no_shadow(agent)
         _drop(head)
         head.write(txn)
-        txn.put[name] = dict(_CLEARED)
+        txn.put[name] = {**_CLEARED, "at": doc["at"]}  # see set_shadow
         _ended(txn, cfg, agent, head.body["pv"], doc, "cleared")
         txn.result = doc
 
@@ -499,7 +505,7 @@ def promote_shadow(
         body = dict(txn.put[head_name])
         body.pop("sh", None)
         txn.put[head_name] = body
-        txn.put[name] = dict(_CLEARED)
+        txn.put[name] = {**_CLEARED, "at": doc["at"]}  # see set_shadow
         txn.result = {"version": version, "doc": doc}
 
     return step
