@@ -167,6 +167,27 @@ def _former_fold(name: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
 
 
+def test_approvers_filed_under_the_former_folding_are_listed_once_each(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier release filed a name holding a character that shows nothing under a folding
+    that kept it; list_approvers() read each entry at its name folded again, found nothing
+    there (or another approver's entry, listed twice) and left the approver out."""
+    engine = backend.engine(ManualClock())
+    with monkeypatch.context() as m:
+        m.setattr(registry, "person", _former_fold)
+        m.setattr(registry, "_former", lambda name: None)
+        engine.register_approver("Zoe\u0308\ufe0f", SigningKey.generate().public_key)
+        engine.register_approver("cfo\ufe00", SigningKey.generate().public_key)
+    engine.register_approver("bob", SigningKey.generate().public_key)
+    engine.register_approver("cfo", SigningKey.generate().public_key)
+    listed = [a.name for a in engine.list_approvers()]
+    assert sorted(listed) == sorted(["Zoe\u0308\ufe0f", "cfo\ufe00", "bob", "cfo"])
+    found = engine.get_approver("Zoe\u0308\ufe0f")
+    assert found is not None
+    assert found in engine.list_approvers()
+
+
 def test_an_approver_registered_under_the_former_folding_still_must_sign(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,7 +164,7 @@ class Voting:
     def _list_approvers(self) -> Flow[list[Approver]]:
         members = yield Scan(registry.SHARD, registry.INDEX, 0, 10_000_000)
         names = sorted(m for m, _ in members)
-        docs = yield Read(registry.SHARD, [registry.approver_doc_name(n) for n in names])
+        docs = yield Read(registry.SHARD, [registry.filed_doc_name(n) for n in names])
         return [registry.approver_record(d) for d in docs if d is not None]
 
     def _registered(self, names: Iterable[str]) -> Flow[dict[str, Approver]]:

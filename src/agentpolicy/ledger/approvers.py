@@ -62,6 +62,16 @@ def approver_doc_name(name: str) -> str:
     return _doc_at(person(name))
 
 
+def filed_doc_name(member: str) -> str:
+    """The document of a member of :data:`INDEX`: the name as folded when it was filed.
+
+    Not ``approver_doc_name(member)``: an entry an earlier release filed under
+    its former folding (a name holding a character that shows nothing) is
+    filed under a name that ``person`` folds to another.
+    """
+    return _doc_at(member)
+
+
 def _doc_at(folded: str) -> str:
     """The document of the approver whose folded name is ``folded``."""
     return "ap/" + _esc(folded)
