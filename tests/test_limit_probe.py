@@ -511,3 +511,35 @@ def test_random_sequences_keep_every_limit_at_every_level_on_every_store(
     for seed in (153, 373, 425):  # seeds that met the every-token counts defect
         found = _Probe(seed, storage).run(150)
         assert not found, f"seed {seed}:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("first", ["budget", "authorize"])
+def test_more_payments_leaving_a_rolling_window_than_one_step_moves_all_leave(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """A step moves a bounded batch of entries out of a rolling window. A second step at the
+    same instant moved the rest out of the index but did not write the counter (it was written
+    only when its instant changed): they stayed counted for good (4,097 payments leaving at
+    once, here 10 with a batch of 4). And the first step at that instant judged a payment with
+    the entries past its batch still counted (ROLLING_LIMIT where nothing was in the window)."""
+    from agentpolicy.ledger import tallies
+
+    monkeypatch.setattr(tallies, "_SCAN_MAX", 4)
+    clock = ManualClock()
+    engine = backend.engine(clock, reservation_ttl=timedelta(days=1))
+    engine.set_policy("a", {"limits": {"rolling": [{"window": "1h", "amount": {"value": "10"}}],
+                                       "counts": [{"window": "1h", "max": 10}]}})  # fmt: skip
+    for _ in range(10):
+        engine.confirm(engine.authorize(payment(1, agent_id="a")).reservation_id or "")
+    assert not engine.authorize(payment(1, agent_id="a")).allowed  # the window is full
+    clock.advance(hours=1)  # all ten leave the window now
+    if first == "budget":
+        for _ in range(2):  # two steps at this instant
+            spent = [(x.spent, x.count) for x in engine.budget("a").limits]
+            assert [(s.value if s else None, n) for s, n in spent] == [(0, None), (None, 0)]
+    decision = engine.authorize(payment(10, agent_id="a"))
+    assert decision.allowed, decision.reason
+    clock.advance(days=3)
+    spent = [(x.spent, x.count) for x in engine.budget("a").limits]
+    assert [(s.value if s else None, n) for s, n in spent] == [(0, None), (None, 0)]
+    assert engine.authorize(payment(10, agent_id="a")).allowed

@@ -884,7 +884,7 @@ class PolicyEngine(Voting):
         while attempt < _CLOCK_RETRIES:
             now = self._now()
             step = operations.authorize(self.config, shard, request, now, self._policy, [],
-                                        before=before)  # fmt: skip
+                                        before=before, batches=False)  # fmt: skip
             try:
                 result: Body = yield Run(shard, rollout.dry_run(step), at=micros(now), write=False)
             except ClockBehindError:

@@ -144,13 +144,18 @@ def _prepare(
     levels: list[Level],
     now: int,
     in_force: tuple[Window, ...],
+    *,
+    batches: bool = True,
 ) -> list[str]:
     """Bring every book the payment touches up to ``now``: expiries, ended windows, rolling.
 
     ``in_force`` are the calendar windows of the policies (live and shadow)
     that apply now: a counter is kept until the window under its key ends.
     Returns the agents whose heads still have expiries due (more than one
-    batch was): the step must then commit these and run again.
+    batch was), and the agent itself when more payments left a rolling
+    window than one step moves (unless ``batches`` is false: a step that is
+    never committed judges with what one batch moved, the rest still
+    counted): the step must then commit these and run again.
     """
     agent = books.head.agent
     books.need(names.values())
@@ -168,10 +173,13 @@ def _prepare(
     # it changed from): that book's own steps prune it, with its own windows
     for name in names.values():
         books[name].prune(now, cfg.counter_grace, in_force)
+    rolling_due = False  # more payments left a rolling window than one step moves
     for t in a.tallies:
         if t.seconds is not None:
             book = books[names[(t.owner, t.book)]]
-            book.advance(view, txn, t.key, t.seconds, now, cfg.counter_grace, agent)
+            rolling_due |= book.advance(view, txn, t.key, t.seconds, now, cfg.counter_grace, agent)
+    if rolling_due and batches and agent not in more:  # commit this batch, judge after the rest
+        more.append(agent)
     return more
 
 
@@ -187,13 +195,17 @@ def authorize(
     requested_by: str | None = None,
     holder: str | None = None,
     before: Body | None = None,
+    batches: bool = True,
 ) -> Step:
     """Decide a payment and hold its amount when it is allowed or needs approval.
 
     The result is ``{"rec": decision record}`` (with ``"replayed": True``
     for an idempotency key seen before), or ``{"more": [agent ids]}`` when
-    more expiries were due under those agents' heads than one step applies:
-    it committed a batch of them, and the call must run the step again. The
+    more expiries were due under those agents' heads than one step applies,
+    or more payments left a rolling window of the agent than one step moves:
+    it committed a batch of them, and the call must run the step again
+    (``batches=False``, for a dry run that commits nothing: a rolling
+    window's departures past one batch stay counted). The
     decision, with its ids, is appended to ``seen`` (its details are worded only when read). With
     ``shadows``, a shadow policy of the agent or of a budget above it judges
     the payment too (:func:`rollout.try_shadows`); the live verdict is the
@@ -234,7 +246,8 @@ def authorize(
         a = assess(policy, request, now, grant=grant, ancestors=ancestors)
         names = _book_names(agent, a)
         in_force = _in_force(shadows, view, books, a, levels, now)
-        more = _prepare(view, txn, cfg, shard, books, a, names, levels, now_us, in_force)
+        more = _prepare(view, txn, cfg, shard, books, a, names, levels, now_us, in_force,
+                        batches=batches)  # fmt: skip
         if more:  # expiries past one batch: commit these, and the call runs the step again
             books.write(txn)
             txn.result = {"more": more}
@@ -858,7 +871,8 @@ def refresh(
     group]}, "more_groups": [scopes with groups left out], "expired": ...,
     "lapsed": ...}``, or ``{"more": True,
     "expired": ..., "lapsed": ...}`` when more expiries were due than one
-    step applies: it committed a batch of them, and the call runs it again.
+    step applies, or more payments left a rolling window than one step
+    moves: it committed a batch of them, and the call runs it again.
     """
     now_us = micros(now)
 
@@ -881,6 +895,7 @@ def refresh(
             txn.result = {"more": True, "expired": expired, "lapsed": lapsed}
             return
         current = read_under is None or read_under == (head.body["pv"], head.body.get("sh"))
+        due = False
         for name in [head.name, *owners]:  # (expiry may have touched books of others)
             book = books[name]
             if current:
@@ -888,8 +903,11 @@ def refresh(
             counters = rolling if book is head else scopes.get(owners[name][0], [])
             for key, seconds in counters:
                 if now_us >= book.counters.get(key, {}).get("t", 0):  # a late read moves nothing
-                    book.advance(view, txn, key, seconds, now_us, cfg.counter_grace, agent)
+                    due |= book.advance(view, txn, key, seconds, now_us, cfg.counter_grace, agent)
         books.write(txn)
+        if due:  # more payments left a rolling window than one step moves: the rest next
+            txn.result = {"more": True, "expired": expired, "lapsed": lapsed}
+            return
         names = [head.name, *owners]
         txn.result = {
             "books": {n: books[n].body for n in names},

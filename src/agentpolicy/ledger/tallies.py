@@ -237,18 +237,25 @@ class Book:
 
     def advance(
         self, view: View, txn: Txn, key: str, seconds: int, now: int, grace: int, agent: str
-    ) -> None:
-        """Move the rolling counter to ``now``: entries that left the window go to grace."""
-        c = dict(self._rolling(key, seconds))
+    ) -> bool:
+        """Move the rolling counter to ``now``: entries that left the window go to grace.
+
+        At most :data:`_SCAN_MAX` entries leave (and as many leave grace) in
+        one call; returns whether more are due, in which case the counter
+        still holds them: the step should commit and run again before it
+        judges by this counter (``more``, as for expiries).
+        """
+        found = self._rolling(key, seconds)
+        c = dict(found)
         if now < c["t"]:
             if now < c["t"] - grace:
                 raise ClockBehindError(
                     f"this engine's clock is behind the latest payment of agent {agent} by "
                     "more than the counter grace period; nothing was allowed or changed"
                 )
-            return  # a late request: nothing leaves before the latest instant already seen
+            return False  # a late request: nothing leaves before the latest instant already seen
         edge = now - seconds * 1_000_000
-        changed = c["t"] != now
+        more = False
         c["t"] = now
         live, held = keys.rolling_live(self.name, key), keys.rolling_grace(self.name, key)
         if c["o"] is not None and c["o"] <= edge:
@@ -263,6 +270,7 @@ class Book:
                 c["go"] = score if c["go"] is None else min(c["go"], score)
             c["ev"] = edge if len(due) < _SCAN_MAX else due[-1][1] - 1
             c["o"] = _earliest_after(view, txn, live, due, edge)
+            more = c["o"] is not None and c["o"] <= edge
         cutoff = edge - grace
         if c["go"] is not None and c["go"] <= cutoff:
             pruned_due, pruned = _leaving(view, txn, held, cutoff)
@@ -273,8 +281,13 @@ class Book:
                 txn.index.append((held, member, None))
             c["pr"] = cutoff if len(pruned_due) < _SCAN_MAX else pruned_due[-1][1] - 1
             c["go"] = _earliest_after(view, txn, held, pruned_due, cutoff)
-        if changed or key not in self.counters:
+            more = more or (c["go"] is not None and c["go"] <= cutoff)
+        # written whenever anything moved: a second step at one instant (a batch past
+        # _SCAN_MAX, a re-run) moved entries out of the indexes, and a counter written only when
+        # its instant changed kept them counted for good
+        if c != found or key not in self.counters:
             self.own()["c"][key] = c
+        return more
 
     def rolling_used(self, key: str, now: int) -> tuple[int, int, int]:
         """``(value, decimals, count)`` of a rolling counter for a request at ``now``."""
