@@ -966,3 +966,94 @@ def test_an_empty_symbol_is_invalid_input(tmp_path: Path) -> None:
     done = run(tmp_path, "authorize", "bot", "1", "0xv", "eip155:1", "--symbol", "", "--dry-run")
     assert (done.returncode, done.stderr) == (
         2, "agentpolicy: INVALID_INPUT: $.symbol: must not be empty\n")  # fmt: skip
+
+
+def test_a_ctrl_c_as_the_demo_makes_its_folder_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C between the folder being made and the try that removes it left it behind."""
+    import io
+    import signal
+    import tempfile
+    import threading
+
+    from agentpolicy import cli
+
+    folder = tmp_path / "demo"
+
+    def make_folder(**_: object) -> str:
+        folder.mkdir()
+        # as the folder is made: Ctrl-C (to this thread: the command has no other, where a
+        # test worker's threads would take a signal sent to the process)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return str(folder)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", make_folder)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist's workers ignore it
+    try:
+        assert cli.main(["demo"], out=io.StringIO()) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert not folder.exists()
+
+
+def test_a_db_name_with_spaces_at_either_end_is_refused(tmp_path: Path) -> None:
+    """' /srv/ap.db' named './ /srv/ap.db', a new and empty store; '   ' a file named by spaces."""
+    for env, args in (
+        ({"AGENT_POLICY_DB": "   "}, ()),
+        ({"AGENT_POLICY_DB": f" {tmp_path}/c.db"}, ()),
+        ({}, ("--db", f" {tmp_path}/c.db")),
+        ({}, ("--db", f"{tmp_path}/c.db ")),
+    ):
+        done = run(tmp_path, *args, "policy", "list", env=env)
+        assert done.returncode == 2, done.stderr
+        assert "must not have whitespace at either end" in done.stderr
+        assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.strip() != p.name) == []
+    assert not (tmp_path / " ").exists()
+
+
+def test_a_redis_url_with_an_unbalanced_bracket_is_bad_input(tmp_path: Path) -> None:
+    for url in ("redis://u:S3CRET@[::1/0", "redis://h]:1/0"):
+        for args, env in ((("--redis-url", url), {}), ((), {"AGENT_POLICY_REDIS_URL": url})):
+            done = run(tmp_path, *args, "policy", "list", env=env)
+            assert done.returncode == 2, done.stderr
+            assert "INVALID_INPUT" in done.stderr
+            assert "unbalanced [ or ]" in done.stderr
+            assert "S3CRET" not in done.stderr
+
+
+def test_keygen_on_a_full_disk_says_so_and_leaves_no_empty_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import io
+    import os
+
+    from agentpolicy import cli
+
+    real = os.fdopen
+
+    class Full(io.RawIOBase):
+        def __init__(self, fd: int) -> None:
+            self.file = real(fd, "wb")
+
+        def fileno(self) -> int:
+            return self.file.fileno()
+
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(fd))
+    key = tmp_path / "a.key"
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    assert cli.main(["approver", "keygen", str(key)], out=io.StringIO()) == 2
+    assert "cannot write" in err.getvalue()
+    assert "No space left on device" in err.getvalue()
+    assert "INTERNAL" not in err.getvalue()
+    assert not key.exists()  # a retry is not refused for an empty file

@@ -312,6 +312,11 @@ def test_instants_parse_only_with_an_offset_and_format_in_utc() -> None:
     for bad in ("2026-01-20", "2026-01-20T00:00:00", 5, "x" * 100, "2026-13-01T00:00:00Z"):
         with pytest.raises(PolicyValidationError):
             parse_instant(bad)
+    for edge, words in (("9999-12-31T23:59:00-01:00", "past the end"),
+                        ("0001-01-01T00:00:00+01:00", "before the start")):  # fmt: skip
+        with pytest.raises(PolicyValidationError) as err:
+            parse_instant(edge)
+        assert f"is {words} of the calendar in UTC" in str(err.value)
 
 
 @pytest.mark.parametrize(

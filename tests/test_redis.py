@@ -402,6 +402,11 @@ def test_an_unreachable_redis_says_that_nothing_of_the_call_ran() -> None:
         ("redis://127.0.0.1:6379/0?unknown=1", "redis-py knows no option 'unknown'"),
         ("rediss+cluster://127.0.0.1:7000?sockettimeout=1", "knows no option 'sockettimeout'"),
         ("redis://127.0.0.1:6379/0?s-3cret=1&client_name=x", "redis-py knows no option of that"),
+        # a TLS option on redis:// (a plain connection takes none: the same TypeError), and a
+        # client name Redis refuses at the first connection (reported as a bug)
+        ("redis://127.0.0.1:6379/0?ssl_cert_reqs=none", "'ssl_cert_reqs' is for a TLS"),
+        ("redis://127.0.0.1:6379/0?client_name=x%00y", "client_name may hold no spaces"),
+        ("redis://127.0.0.1:6379/0?client_name=a%20b", "client_name may hold no spaces"),
     ],
 )
 def test_a_redis_url_that_cannot_be_read_is_invalid_input(url: str, message: str) -> None:

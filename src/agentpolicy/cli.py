@@ -565,14 +565,24 @@ def _where(settings: Settings) -> dict[str, Any]:
 
 
 def _demo(output: _Output, keep: bool) -> int:
-    folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
     shown = io.StringIO()
+    folder = ""
+    # Ctrl-C between making the folder and the try that removes it left it behind: SIGINT
+    # waits (POSIX) until the folder's name is held inside the try
+    masking = hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else set()
     try:
+        folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
+        if masking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            masking = False
         _walk_through(Path(folder) / "demo.db", shown)
     finally:
+        if masking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if keep:
             shown.write(f"\nkept {folder}\n")
-        else:
+        elif folder:
             shutil.rmtree(folder, ignore_errors=True)
         if output.as_json:  # the walk-through as its lines, so that --json is JSON here too
             lines = shown.getvalue().splitlines()
@@ -1205,7 +1215,13 @@ def _check_redis_userinfo(url: str, path: str) -> None:
     port: its error ("Port could not be cast to integer value as 'S3CR'")
     would show the start of the password.
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an unbalanced [ or ] ("Invalid IPv6 URL"): not shown, it may hold one
+        raise PolicyValidationError.single(
+            path, "the Redis URL is not a URL: an unbalanced [ or ] (an IPv6 host is written "
+            "[::1]; in a password write them as %5B, %5D; the URL is not shown)",
+        ) from None  # fmt: skip
     try:
         parts.port  # noqa: B018 - read for its ValueError
     except ValueError:

@@ -148,9 +148,10 @@ def parse_instant(raw: object, path: str = "$") -> datetime:
 def _in_utc(value: datetime, path: str) -> datetime:
     try:
         return value.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:59-01:00 is past the end of the calendar in UTC
+    except OverflowError:  # 9999-12-31T23:59-01:00 is past its end, 0001-01-01T00:00+01:00 before
+        edge = "before the start" if value.year == 1 else "past the end"
         raise PolicyValidationError.single(
-            path, f"is past the end of the calendar in UTC: {value.isoformat()}"
+            path, f"is {edge} of the calendar in UTC: {value.isoformat()}"
         ) from None
 
 

@@ -165,6 +165,18 @@ class Settings:
         return redact_url(url)
 
 
+def _db_problems(db: str, path: str) -> list[Problem]:
+    """A DB file name with spaces at either end: a mistake, where it would open another file.
+
+    ``AGENT_POLICY_DB=' /srv/ap.db'`` named ``./ /srv/ap.db``, a new and
+    empty store in the current folder, and ``'   '`` a file named by spaces.
+    """
+    if db != db.strip():
+        return [Problem(path, "must not have whitespace at either end (it would name another "
+                              "file, a new and empty store)")]  # fmt: skip
+    return []
+
+
 def _redis_url_problems(url: str, path: str) -> list[Problem]:
     if url.startswith(REDIS_SCHEMES):
         return []
@@ -203,6 +215,9 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
             ttl = parse_duration(raw_ttl, "AGENT_POLICY_RESERVATION_TTL")
         except PolicyValidationError as err:
             problems += err.problems
+    db = get("AGENT_POLICY_DB")
+    if db is not None:
+        problems += _db_problems(db, "$AGENT_POLICY_DB")
     redis_url = get("AGENT_POLICY_REDIS_URL")
     if redis_url is not None:
         problems += _redis_url_problems(redis_url, "$AGENT_POLICY_REDIS_URL")
@@ -235,7 +250,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         demo_mode=bool(demo),
         role=role,
-        db=get("AGENT_POLICY_DB"),
+        db=db,
         redis_url=redis_url,
         postgres_url=postgres_url,
         key_prefix=get("AGENT_POLICY_KEY_PREFIX") or "agent-policy:",
@@ -272,6 +287,9 @@ def with_overrides(
             raise PolicyValidationError(problems)
         return attrs.evolve(settings, redis_url=redis_url, postgres_url=None)
     if db:
+        problems = _db_problems(db, "$.db")
+        if problems:
+            raise PolicyValidationError(problems)
         return attrs.evolve(settings, db=db, redis_url=None, postgres_url=None)
     return settings
 

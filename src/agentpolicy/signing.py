@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import stat
@@ -321,10 +322,17 @@ class SigningKey:
             raise PolicyValidationError.single(
                 path, f"cannot create {where}: {exc.strerror}"
             ) from None
-        with os.fdopen(fd, "wb") as out:
-            if sys.platform != "win32":
-                os.fchmod(out.fileno(), 0o600)  # whatever the umask
-            out.write(self.pem())
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if sys.platform != "win32":
+                    os.fchmod(out.fileno(), 0o600)  # whatever the umask
+                out.write(self.pem())
+        except OSError as exc:  # a full disk: no key, and no empty file that refuses a retry
+            with contextlib.suppress(OSError):
+                os.unlink(where)
+            raise PolicyValidationError.single(
+                path, f"cannot write {where}: {exc.strerror or exc}"
+            ) from None
 
     @property
     def public_key(self) -> str:

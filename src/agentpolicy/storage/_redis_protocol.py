@@ -94,6 +94,18 @@ def cluster_url(url: str) -> tuple[bool, str]:
         raise PolicyValidationError.single(
             "$.storage", f"not a valid Redis URL: redis-py knows no option {said}"
         )
+    tls_only = sorted(given & _tls_options()) if parts.scheme == "redis" else []
+    if tls_only:  # a plain connection takes none: a TypeError at the first command, "damaged"
+        raise PolicyValidationError.single(
+            "$.storage", f"not a valid Redis URL: the option {tls_only[0]!r} is for a TLS "
+            "connection (rediss://), and this URL is redis://",
+        )  # fmt: skip
+    named = [value for name, value in parse_qsl(parts.query) if name == "client_name"]
+    if any(not re.fullmatch(r"[!-~]*", value) for value in named):  # Redis refuses it later
+        raise PolicyValidationError.single(
+            "$.storage", "not a valid Redis URL: client_name may hold no spaces, newlines or "
+            "characters other than printable ASCII",
+        )  # fmt: skip
     if cluster and database and int(database) != 0:
         raise PolicyValidationError.single(
             "$.storage", f"a Redis Cluster has only database 0, got {database[:64]!r}"
@@ -133,6 +145,15 @@ def _known_options() -> frozenset[str]:
             if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and name != "self":
                 names.add(name)
     return frozenset(names)
+
+
+@functools.cache
+def _tls_options() -> frozenset[str]:
+    """The options only a TLS connection takes (``ssl_cert_reqs``, ...): none for redis://."""
+    import redis.connection as conn  # noqa: PLC0415 - only when a URL is opened
+
+    tls = set(inspect.signature(conn.SSLConnection.__init__).parameters)
+    return frozenset(tls - set(inspect.signature(conn.Connection.__init__).parameters))
 
 
 def _bad_url(exc: ValueError) -> PolicyValidationError:
