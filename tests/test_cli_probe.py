@@ -497,6 +497,29 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path: Path, program: st
         assert done.stderr.rstrip().endswith("KeyboardInterrupt")
 
 
+def test_ctrl_c_as_the_store_commits_does_not_say_nothing_was_done(
+    here: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C as SQLite's COMMIT returned, before the answer: plain `interrupted` and 130, and
+    the policy was set (an authorize: the amount held). A retry made another version."""
+    from agentpolicy.engine import PolicyEngine
+
+    real = PolicyEngine.set_policy
+
+    def committed(self: PolicyEngine, *args: Any, **kwargs: Any) -> int:
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the change is in the store; its answer never came back
+
+    (here / "p.json").write_text(DAILY)
+    with monkeypatch.context() as patched:
+        patched.setattr(PolicyEngine, "set_policy", committed)
+        assert main("policy", "set", "bot", str(here / "p.json")) == (130, "")
+    assert capsys.readouterr().err == (
+        "agentpolicy: interrupted while the command was at the store: a change it makes may "
+        "have been made (look before running it again)\n")  # fmt: skip
+    assert main("policy", "list") == (0, "bot  v1  enabled\n")
+
+
 def test_ctrl_c_after_the_command_was_carried_out_says_so(
     here: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

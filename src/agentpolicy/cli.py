@@ -36,7 +36,7 @@ try:  # the command's modules, most of its start-up: Ctrl-C there is said as any
     from collections.abc import Callable, Iterator, Sequence
     from datetime import timedelta
     from pathlib import Path
-    from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+    from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
     from agentpolicy import __version__
     from agentpolicy import _json as bounded_json
@@ -837,6 +837,9 @@ class _Output:
         self.as_json = as_json
         self.lost: OSError | None = None
         self.status = 0  # the exit status of the result emitted (authorize: 3 when not allowed)
+        # the command's calls of the store began: a Ctrl-C from then on, before a result, may
+        # come as the store commits (the change made, its answer not yet back)
+        self.at_store = False
         self._shown: tuple[Any, Callable[[Any, TextIO], None]] | None = None
 
     def write(self, text: str) -> None:
@@ -1173,7 +1176,7 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
         engine = build_engine(settings)
     with engine:
         before = _delivery_ids(engine)
-        status = _run(args, engine, settings, output)
+        status = _run(args, cast(PolicyEngine, _AtStore(engine, output)), settings, output)
         try:
             _deliver_own_webhooks(engine, before, wait, settings)
         except PolicyError as err:  # the command itself is done: only say so
@@ -1185,6 +1188,31 @@ def _dispatch(args: argparse.Namespace, output: _Output) -> int:
                 "delivers what is pending (agentpolicy webhooks list --status pending)"
             )
         return status
+
+
+class _AtStore:
+    """The engine, for a command: a call of its methods marks the output ``at_store``.
+
+    Reading the command's input (a policy file, a FIFO that waits) comes
+    first, and a Ctrl-C then changed nothing; once a call of the engine
+    began, the store may commit before the Ctrl-C that stops it.
+    """
+
+    def __init__(self, engine: PolicyEngine, output: _Output) -> None:
+        self._engine = engine
+        self._output = output
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._engine, name)
+        if not callable(found):
+            return found
+        output = self._output
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            output.at_store = True
+            return found(*args, **kwargs)
+
+        return call
 
 
 def _check_store_flags(args: argparse.Namespace) -> None:
@@ -1282,7 +1310,11 @@ def _main(argv: Sequence[str] | None, out: TextIO | None) -> int:
     except KeyboardInterrupt:  # Ctrl-C; once the command was carried out, it says so
         done = None if output is None else output.carried_out()
         if output is None or done is None:
-            _say("interrupted")
+            if output is not None and output.at_store:  # no result yet: not said it was not done
+                _say("interrupted while the command was at the store: a change it makes may "
+                     "have been made (look before running it again)")  # fmt: skip
+            else:
+                _say("interrupted")
             return EXIT_INTERRUPTED
         _say(f"interrupted after the command was carried out ({done})")
         return output.finish(output.status)  # too late to stop it: its own status stands
