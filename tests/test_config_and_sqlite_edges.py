@@ -56,6 +56,14 @@ def test_bad_durations_and_booleans(raw: str) -> None:
             parse_bool(raw, "X")
 
 
+def test_a_huge_duration_setting_is_not_echoed_whole() -> None:
+    """AGENT_POLICY_RESERVATION_TTL of 100,000 digits gave an error line of 100 KB."""
+    with pytest.raises(PolicyValidationError) as err:
+        read_settings({"AGENT_POLICY_RESERVATION_TTL": "9" * 100_000})
+    assert len(str(err.value)) < 300
+    assert "(100002 characters)" in str(err.value)
+
+
 def test_redis_wins_over_the_db_and_the_state_dir_is_the_fallback(tmp_path: Path) -> None:
     both = read_settings({"AGENT_POLICY_REDIS_URL": "redis://h:1/0", "AGENT_POLICY_DB": "x.db"})
     assert both.storage_url(fallback_to_file=True) == "redis://h:1/0"

@@ -333,6 +333,12 @@ def utf8_text(text: str) -> bool:
     return text.isascii() or _SURROGATE.search(text) is None
 
 
+def quoted(value: object, max_len: int = 64) -> str:
+    """``repr(value)`` for a message, cut to ``max_len`` characters (a setting of 100 KB)."""
+    text = repr(value)
+    return text if len(text) <= max_len else f"{text[:max_len]}... ({len(text)} characters)"
+
+
 def same_secret(presented: object, expected: str) -> bool:
     """Whether ``presented`` is the secret ``expected`` (ASCII), compared in constant time.
 

@@ -13,6 +13,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Literal
 
+from agentpolicy._checks import quoted
 from agentpolicy.errors import PolicyValidationError
 
 __all__ = ["MAX_DURATION", "UNITS", "parse_duration", "parse_since"]
@@ -44,12 +45,12 @@ def parse_duration(raw: object, path: str, *, bare: Literal["ms", "s"] = "s") ->
         if match is not None:
             value = _make(int(match.group(1)), match.group(2) or bare, path)
     if value is not None and value > MAX_DURATION:
-        raise PolicyValidationError.single(path, f"is too long: {raw!r} (at most 36525d)")
+        raise PolicyValidationError.single(path, f"is too long: {quoted(raw)} (at most 36525d)")
     if value is None or value <= timedelta(0):
         raise PolicyValidationError.single(
             path,
             f"must be a positive duration such as 500ms, 30s, 5m, 1h or 7d "
-            f"(a bare number is {UNITS[bare]}), got {raw!r}",
+            f"(a bare number is {UNITS[bare]}), got {quoted(raw)}",
         )
     return value
 
@@ -77,5 +78,5 @@ def parse_since(raw: object, path: str) -> datetime | timedelta:
         raise PolicyValidationError.single(
             path,
             "must be a duration back from now such as 30d or 12h, or an ISO 8601 instant "
-            f"with an offset such as 2026-01-01T00:00:00Z, got {raw!r}",
+            f"with an offset such as 2026-01-01T00:00:00Z, got {quoted(raw)}",
         ) from None
