@@ -310,6 +310,8 @@ def test_undelivered_webhooks_are_reported_and_the_command_still_succeeds(
         asked = run(tmp_path, "authorize", "agent-123", "500000000", "0xv", "eip155:1", env=hooks)
         shown = f"http://127.0.0.1:{refusing.port}/***"
         assert f"webhook approval.created to {shown} failed: HTTP 400" in asked.stderr
+        # one line, not also the delivery's own log record (WARNING:agentpolicy.webhooks:...)
+        assert asked.stderr.count("\n") == 1, asked.stderr
     finally:
         refusing.stop()
 

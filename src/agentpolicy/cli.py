@@ -1033,13 +1033,20 @@ def _deliver_own_webhooks(
     if dispatcher is None:
         return
     deadline = time.monotonic() + wait.total_seconds()
-    while True:
-        mine = [d for d in engine.webhook_deliveries(None, _ALL) if d.id not in before]
-        pending = [d for d in mine if d.status.value == "pending"]
-        if not pending or time.monotonic() >= deadline:
-            break
-        if dispatcher.run_once() == 0:
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    # what failed or is left is said below, one line each: not also as the delivery's log record
+    quiet = logging.getLogger("agentpolicy.webhooks")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        while True:
+            mine = [d for d in engine.webhook_deliveries(None, _ALL) if d.id not in before]
+            pending = [d for d in mine if d.status.value == "pending"]
+            if not pending or time.monotonic() >= deadline:
+                break
+            if dispatcher.run_once() == 0:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    finally:
+        quiet.setLevel(level)
     urls = {e.id: e.shown_url for e in settings.webhook_endpoints}
     for d in mine:
         if d.status.value == "failed":
