@@ -444,9 +444,12 @@ def test_redis_url_options_redis_py_takes_still_open() -> None:
     from agentpolicy.storage import open_async_storage
     from agentpolicy.storage._redis_protocol import cluster_url
 
-    for query in ("client_name=x&socket_keepalive=true", "health_check_interval=5&protocol=2",
-                  "ssl_cert_reqs=none&retry_on_timeout=true"):  # fmt: skip
-        for scheme in ("redis", "rediss"):
+    for query, schemes in (
+        ("client_name=x&socket_keepalive=true", ("redis", "rediss")),
+        ("health_check_interval=5&protocol=2", ("redis", "rediss")),
+        ("ssl_cert_reqs=none&retry_on_timeout=true", ("rediss",)),  # TLS only (redis:// refused)
+    ):
+        for scheme in schemes:
             for opener in (open_storage, open_async_storage):
                 opener(f"{scheme}://127.0.0.1:1/0?{query}")  # nothing connects until used
-        cluster_url(f"redis+cluster://127.0.0.1:1?{query}")  # a Cluster client connects at once
+            cluster_url(f"{scheme}+cluster://127.0.0.1:1?{query}")  # a Cluster connects at once
