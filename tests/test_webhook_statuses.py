@@ -166,6 +166,18 @@ def test_a_status_that_is_not_three_ascii_digits_is_a_protocol_error_retried(lin
     assert receiver.connections == 3
 
 
+@pytest.mark.parametrize(
+    "line", [b"HTTP/0.9 200 OK", b"HTTP/1. 200 OK", b"HTTP/1.1junk 200 OK", b"HTTP/2 200"],
+    ids=repr,
+)  # fmt: skip
+def test_a_version_other_than_http_1_x_is_a_protocol_error_retried(line: bytes) -> None:
+    """http.client read HTTP/0.9 as 1.0 and anything starting HTTP/1. as 1.1: delivered."""
+    receiver = scripted(line + b"\r\nContent-Length: 0\r\n\r\n")
+    failed = one_event(receiver)
+    assert (failed.status, failed.attempts) == (DeliveryStatus.FAILED, 3)
+    assert failed.last_error == "protocol error: UnknownProtocol"
+
+
 def test_an_event_answered_plus_200_is_delivered_once_the_receiver_answers_200() -> None:
     receiver = scripted(b"HTTP/1.1 +200 OK\r\nContent-Length: 0\r\n\r\n", OK)
     delivered = one_event(receiver)

@@ -261,6 +261,9 @@ def test_standard_webhooks_verifiers_accept_our_deliveries(receiver: Receiver, k
         ("https://hooks.example/users/@me", "https://hooks.example/users/@me"),
         # with a port, all up to such an '@' might be a password: less is shown
         ("https://hooks.example:8443/h?e=a@b", "https://hooks.example:***@b"),
+        # a query part with no '=' is all value (it was shown whole: "?s3cr3tTOKEN=***")
+        ("https://hooks.example/h?s3cr3tTOKEN", "https://hooks.example/h?***"),
+        ("https://hooks.example/h?a%3Dsecret&b=2", "https://hooks.example/h?***&b=***"),
     ],
 )  # fmt: skip
 def test_urls_are_shown_without_credentials_or_query_values(url: str, shown: str) -> None:

@@ -58,6 +58,8 @@ then nothing or one space and the reason (ignored). http.client reads the status
 ``int()`` of a word split on any whitespace, so it took ``+200``, ``0200``, ``2_00``,
 ``HTTP/1.1  200`` and ``HTTP/1.1\\t200`` for a 200 (and ``+0101`` for a 101).
 """
+_HTTP_1 = re.compile(rb"HTTP/1\.[0-9]")
+"""The versions a receiver may answer with (RFC 9112: ``HTTP/`` DIGIT ``.`` DIGIT, major 1)."""
 _MAX_STATUS_LINE = 65536
 """The longest status line read, as http.client's own bound (``LineTooLong`` past it)."""
 _STALLED = "no answer in time"
@@ -415,6 +417,8 @@ def _opener() -> Any:
             if match is None:
                 raise http.client.BadStatusLine(str(line, "iso-8859-1"))
             version, status, reason = match.groups()
+            if not _HTTP_1.fullmatch(version):  # http.client took HTTP/0.9, HTTP/1. or HTTP/1.1x
+                raise http.client.UnknownProtocol(version.decode("ascii"))
             return version.decode("ascii"), int(status), str(reason or b"", "iso-8859-1")
 
     class Plain(http.client.HTTPConnection):

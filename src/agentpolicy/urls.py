@@ -51,8 +51,10 @@ def redact_url(url: str, *, hide_path: bool = False) -> str:
     if userinfo is not None:
         user, colon, _ = userinfo.partition(":")
         host = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
-    query = "&".join(
-        f"{pair.partition('=')[0]}={REDACTED}" for pair in parts.query.split("&") if pair
+    query = "&".join(  # a part with no '=' (?s3cr3tTOKEN) is all value: it is hidden whole
+        f"{pair.partition('=')[0]}={REDACTED}" if "=" in pair else REDACTED
+        for pair in parts.query.split("&")
+        if pair
     )
     path = f"/{REDACTED}" if hide_path and parts.path not in ("", "/") else parts.path
     return urllib.parse.urlunsplit((parts.scheme, host, path, query, ""))
