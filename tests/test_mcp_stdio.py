@@ -829,79 +829,12 @@ def test_calls_under_way_when_stdin_ends_are_answered_before_the_server_exits(
         engine.close()
 
 
-def test_two_calls_with_one_id_are_both_answered_before_the_server_exits() -> None:
-    """A client that sent one id twice, then closed stdin, got one answer: the first answer
-    ended the wait for that id while the other call (a payment reserved, say) was under way."""
-    from mcp.shared.message import SessionMessage
-    from mcp_types import JSONRPCMessage
-    from pydantic import TypeAdapter
-
-    from agentpolicy.mcp.stdio import _run
-
-    storage = HangingStorage()
-    app = AgentPolicyMcpServer(storage=storage, role="admin", clock=ManualClock())
-    app.call("agent_policy_set", {"agentId": "bot", "policy": {}})
-    storage.hang.set()
-    answered: list[Any] = []
-
-    async def run() -> None:
-        to_server, read = anyio.create_memory_object_stream[Any](10)
-        write, from_server = anyio.create_memory_object_stream[Any](10)
-
-        async def send(message: dict[str, Any]) -> None:
-            await to_server.send(
-                SessionMessage(TypeAdapter(JSONRPCMessage).validate_python(message))
-            )
-
-        async def collect() -> None:
-            async with from_server:
-                async for item in from_server:
-                    answered.append(item.message.id)
-
-        ended = anyio.Event()
-
-        async def serve() -> None:
-            async with read:
-                await _run(build_server(app), read, write)
-            ended.set()
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve)
-            tasks.start_soon(collect)
-            await send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "protocolVersion": "2025-06-18", "capabilities": {},
-                "clientInfo": {"name": "test", "version": "1"}}})  # fmt: skip
-            await send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-            await send({"jsonrpc": "2.0", "id": 12, "method": "tools/call", "params": {
-                "name": "agent_policy_get", "arguments": {"agentId": "bot"}}})  # fmt: skip
-            with anyio.fail_after(10):
-                while not storage.entered.is_set():
-                    await anyio.sleep(0.01)
-            await send({"jsonrpc": "2.0", "id": 12, "method": "ping"})  # answered at once
-            await to_server.aclose()  # stdin ends
-            with anyio.fail_after(10):
-                while 12 not in answered:
-                    await anyio.sleep(0.01)
-            storage.release.set()
-            with anyio.fail_after(60):  # DRAIN_SECONDS is 120
-                await ended.wait()
-
-    anyio.run(run)
-    assert sorted(answered) == [1, 12, 12]  # the ping's, then the tool call's
-
-
-@pytest.mark.parametrize(("call_id", "cancel_id"), [(2, 2), (2, "2"), (2, "0_2"), ("7", 7)])
-def test_a_call_the_client_cancelled_is_not_waited_for_once_stdin_ends(
-    call_id: int | str, cancel_id: int | str
-) -> None:
-    """Waiting for answers after stdin ends skips requests the client cancelled.
-
-    A cancelled request gets no answer, so waiting for one held the server
-    for the whole ``DRAIN_SECONDS`` after its client had gone. The SDK reads
-    an id ``"2"`` as ``2`` (as ``int()`` does) when it cancels; the wait
-    compared the ids as sent, and waited the whole 120 s.
-    """
-
+def _stdin_ends_during_a_hung_call(
+    call_id: int | str, then: dict[str, Any], answered_first: int | str | None = None
+) -> list[Any]:
+    """The ids the stdio server answers: a tool call ``call_id`` hangs in the store, the client
+    sends ``then`` and ends stdin (once ``answered_first`` is answered, if given), the store
+    goes on; the server must have exited within 60 s (``DRAIN_SECONDS`` is 120)."""
     from mcp.shared.message import SessionMessage
     from mcp_types import JSONRPCMessage
     from pydantic import TypeAdapter
@@ -947,12 +880,39 @@ def test_a_call_the_client_cancelled_is_not_waited_for_once_stdin_ends(
             with anyio.fail_after(10):
                 while not storage.entered.is_set():
                     await anyio.sleep(0.01)
-            await send({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                        "params": {"requestId": cancel_id}})  # fmt: skip
+            await send(then)
             await to_server.aclose()  # stdin ends
+            with anyio.fail_after(10):
+                while answered_first is not None and answered_first not in answered:
+                    await anyio.sleep(0.01)
             storage.release.set()
             with anyio.fail_after(60):  # DRAIN_SECONDS is 120
                 await ended.wait()
 
     anyio.run(run)
+    return answered
+
+
+def test_two_calls_with_one_id_are_both_answered_before_the_server_exits() -> None:
+    """A client that sent one id twice, then closed stdin, got one answer: the first answer
+    ended the wait for that id while the other call (a payment reserved, say) was under way."""
+    ping = {"jsonrpc": "2.0", "id": 12, "method": "ping"}  # answered at once
+    answered = _stdin_ends_during_a_hung_call(12, ping, answered_first=12)
+    assert sorted(answered) == [1, 12, 12]  # the ping's, then the tool call's
+
+
+@pytest.mark.parametrize(("call_id", "cancel_id"), [(2, 2), (2, "2"), (2, "0_2"), ("7", 7)])
+def test_a_call_the_client_cancelled_is_not_waited_for_once_stdin_ends(
+    call_id: int | str, cancel_id: int | str
+) -> None:
+    """Waiting for answers after stdin ends skips requests the client cancelled.
+
+    A cancelled request gets no answer, so waiting for one held the server
+    for the whole ``DRAIN_SECONDS`` after its client had gone. The SDK reads
+    an id ``"2"`` as ``2`` (as ``int()`` does) when it cancels; the wait
+    compared the ids as sent, and waited the whole 120 s.
+    """
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+              "params": {"requestId": cancel_id}}  # fmt: skip
+    answered = _stdin_ends_during_a_hung_call(call_id, cancel)
     assert answered[0] == 1

@@ -333,10 +333,14 @@ def utf8_text(text: str) -> bool:
     return text.isascii() or _SURROGATE.search(text) is None
 
 
+def cut(text: str, max_len: int) -> str:
+    """``text`` for a message, cut to ``max_len`` characters and saying how long it was."""
+    return text if len(text) <= max_len else f"{text[:max_len]}... ({len(text)} characters)"
+
+
 def quoted(value: object, max_len: int = 64) -> str:
     """``repr(value)`` for a message, cut to ``max_len`` characters (a setting of 100 KB)."""
-    text = repr(value)
-    return text if len(text) <= max_len else f"{text[:max_len]}... ({len(text)} characters)"
+    return cut(repr(value), max_len)
 
 
 def same_secret(presented: object, expected: str) -> bool:

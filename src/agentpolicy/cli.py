@@ -569,17 +569,16 @@ def _demo(output: _Output, keep: bool) -> int:
     folder = ""
     # Ctrl-C between making the folder and the try that removes it left it behind: SIGINT
     # waits (POSIX) until the folder's name is held inside the try
-    masking = hasattr(signal, "pthread_sigmask")
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else set()
+    posix = hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if posix else set()
     try:
-        folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
-        if masking:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            masking = False
+        try:
+            folder = tempfile.mkdtemp(prefix="agentpolicy-demo-")
+        finally:
+            if posix:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _walk_through(Path(folder) / "demo.db", shown)
     finally:
-        if masking:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if keep:
             shown.write(f"\nkept {folder}\n")
         elif folder:

@@ -29,7 +29,15 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from agentpolicy import _json as bounded_json
-from agentpolicy._checks import check_identifier, check_record_id, person, raise_if, type_name
+from agentpolicy._checks import (
+    check_identifier,
+    check_record_id,
+    cut,
+    person,
+    quoted,
+    raise_if,
+    type_name,
+)
 from agentpolicy.codec import dump_policy, format_instant, parse_instant
 from agentpolicy.config import ROLES, open_configured_storage, read_settings
 from agentpolicy.durations import parse_duration, parse_since
@@ -102,7 +110,7 @@ MAX_SHOWN = 300
 
 
 def _brief(text: str) -> str:
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
+    return cut(text, MAX_SHOWN)
 
 
 def _refusal(err: PolicyError) -> dict[str, Any]:
@@ -268,7 +276,7 @@ class AgentPolicyMcpServer:
             )
         tool = find_tool(name)
         if tool is None:
-            return _error(ErrorCode.UNKNOWN_TOOL, f"unknown tool {_brief(repr(name))}")
+            return _error(ErrorCode.UNKNOWN_TOOL, f"unknown tool {quoted(name, MAX_SHOWN)}")
         if tool.admin_only and self.role != "admin":
             return _error(
                 ErrorCode.FORBIDDEN,
